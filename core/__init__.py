@@ -1,0 +1,1 @@
+"""lora-scripts engine: config, data, models, training, export. Never imports the UI."""

@@ -1,0 +1,442 @@
+"""TrainConfig: the one contract between the UI, the CLI and the engine.
+
+The YAML a user saves from the Train tab runs unchanged with `train.py`, and the
+reverse. Every key of the original tool keeps its name and meaning. Each field carries
+its help text, group and allowed values in its metadata, so the GUI form and the
+validation are derived from this file instead of being copied by hand.
+
+Unknown keys, wrong types, missing paths and impossible values are refused before any
+model loads, all at once, each naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from core.atomic import atomic_write_text
+
+TASK_TYPES = ("image-generation", "text-generation")
+PRECISIONS = ("no", "fp16", "bf16")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
+LORA_VARIANTS = ("lora", "dora", "rslora", "pissa")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+CAPTION_SOURCES = ("auto", "metadata", "txt")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def _f(default: Any, help: str, group: str = "advanced", *, choices: tuple[str, ...] | None = None,
+       minimum: float | None = None, maximum: float | None = None, task: str = "both",
+       path: str | None = None) -> Any:
+    """A dataclass field with the metadata the validator and the GUI form read."""
+    meta = {"help": help, "group": group, "choices": choices, "min": minimum, "max": maximum,
+            "task": task, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting. Groups: basic (up front in the GUI) and the rest under Advanced."""
+
+    # --- the seed schema -------------------------------------------------------------
+    train_data_dir: str = _f("", "Folder with the training images (or the text data file / folder).",
+                             "basic", path="exists")
+    metadata_path: str = _f("", "Captions file: metadata.csv (filename,prompt). Empty: <train_data_dir>/"
+                            "metadata.csv if present, else .txt files beside the images.", "basic",
+                            path="file-or-empty", task="image")
+    base_model: str = _f("", "Base model: a .safetensors checkpoint, a diffusers/HF folder, a hub id, "
+                         "or a GGUF file (text). Empty for text: the bundled SmolLM2-135M.", "basic")
+    task_type: str = _f("image-generation", "What to train: an image LoRA (Stable Diffusion) or a text "
+                        "LoRA (LLM).", "basic", choices=TASK_TYPES)
+    lora_rank: int = _f(8, "LoRA rank (dim): capacity of the adapter. 4-16 for a style or a "
+                        "character; higher learns more detail and more noise.", "basic", minimum=1, maximum=1024)
+    lora_alpha: float = _f(16.0, "LoRA alpha: strength scale; the update is multiplied by alpha/rank.",
+                           "basic", minimum=0.0)
+    batch_size: int = _f(4, "Images (or examples) per step.", "basic", minimum=1, maximum=1024)
+    epochs: int = _f(10, "Passes over the data set (ignored when max_train_steps is set).", "basic",
+                     minimum=1, maximum=100000)
+    learning_rate: float = _f(1e-4, "Learning rate of the LoRA weights. 1e-4 to 2e-4 for images, "
+                              "1e-4 to 1e-3 for text.", "basic", minimum=0.0, maximum=1.0)
+    output_dir: str = _f("./output/my_lora", "Where the results, checkpoints and samples go.", "basic")
+    save_steps: int = _f(100, "Save a checkpoint every N optimizer steps (0: only at the end).", "basic",
+                         minimum=0)
+    resolution: int = _f(512, "Training resolution in pixels (multiple of 64). 512 for SD 1.x, "
+                         "768 for SD 2.x, 1024 for SDXL.", "basic", minimum=64, maximum=4096, task="image")
+    mixed_precision: str = _f("no", "Mixed precision: no (fp32), fp16, or bf16 (RTX 30xx and newer).",
+                              "basic", choices=PRECISIONS)
+    gradient_accumulation_steps: int = _f(1, "Steps whose gradients add up before one update; "
+                                          "simulates a larger batch.", "basic", minimum=1, maximum=1024)
+
+    # --- run -------------------------------------------------------------------------
+    output_name: str = _f("", "File name of the LoRA (without .safetensors). Empty: the output folder's "
+                          "name.", "basic")
+    preset: str = _f("", "A preset from presets/ merged under your values, or 'auto' to pick one that "
+                     "fits this machine's memory. Empty: none.", "basic")
+    seed: int = _f(42, "Random seed: the same seed and data give the same run.", "run", minimum=0)
+    max_train_steps: int = _f(0, "Stop after this many optimizer steps (0: use epochs).", "run", minimum=0)
+    resume_from: str = _f("", "Continue a run: a checkpoint folder, 'latest' (newest checkpoint in "
+                          "output_dir), or a LoRA .safetensors to keep training from its weights.", "run")
+    init_lora: str = _f("", "Start from the weights of an existing LoRA file (incremental training).", "run",
+                        path="file-or-empty")
+    keep_checkpoints: int = _f(0, "Keep only the newest N checkpoints (0: keep all).", "run", minimum=0)
+    auto_downshift: bool = _f(False, "On out-of-memory, retry from the last checkpoint with the next "
+                              "smaller preset instead of stopping.", "run")
+    allow_pickle: bool = _f(False, "Allow loading .ckpt/.bin/.pt files. They are pickles that can run "
+                            "code: only for files you trust.", "run")
+
+    # --- optimizer -------------------------------------------------------------------
+    optimizer: str = _f("adamw", "Optimizer. adamw8bit saves memory (needs bitsandbytes).", "optim",
+                        choices=OPTIMIZERS)
+    lr_scheduler: str = _f("constant", "How the learning rate changes over the run.", "optim",
+                           choices=SCHEDULERS)
+    lr_warmup_steps: int = _f(0, "Steps of linear warm-up at the start.", "optim", minimum=0)
+    weight_decay: float = _f(1e-2, "AdamW weight decay.", "optim", minimum=0.0, maximum=1.0)
+    max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0: no clipping).", "optim", minimum=0.0)
+    text_encoder_lr: float = _f(0.0, "Learning rate of the text-encoder LoRA (0: the same as "
+                                "learning_rate).", "optim", minimum=0.0, maximum=1.0, task="image")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less "
+                                      "memory, about 20-30% slower.", "optim")
+
+    # --- LoRA ------------------------------------------------------------------------
+    target_modules: list[str] = _f([], "Module names to adapt. Empty: attention projections (image) or "
+                                   "attention + MLP projections (text).", "lora")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", "lora", minimum=0.0, maximum=0.9)
+    lora_variant: str = _f("lora", "lora, dora (weight-decomposed), rslora (rank-stabilised scale), "
+                           "pissa (principal-singular-vector init).", "lora", choices=LORA_VARIANTS)
+    loraplus_lr_ratio: float = _f(0.0, "LoRA+: the B matrices learn this many times faster (e.g. 16). "
+                                  "0: off.", "lora", minimum=0.0, maximum=1000.0)
+    conv_rank: int = _f(0, "Rank of LoCon-style LoRA on the UNet's 3x3 convolutions (0: off).", "lora",
+                        minimum=0, maximum=1024, task="image")
+    conv_alpha: float = _f(0.0, "Alpha of the conv LoRA (0: same as conv_rank).", "lora", minimum=0.0,
+                           task="image")
+    train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", "lora", task="image")
+
+    # --- image data ------------------------------------------------------------------
+    caption_source: str = _f("auto", "Where captions come from: metadata.csv, .txt files beside the "
+                             "images, or auto (metadata.csv if present).", "data", choices=CAPTION_SOURCES,
+                             task="image")
+    caption_extension: str = _f(".txt", "Extension of kohya-style caption files.", "data", task="image")
+    trigger_word: str = _f("", "Word put in front of every caption (e.g. 'sks_character').", "data")
+    caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", "data",
+                                minimum=0.0, maximum=1.0, task="image")
+    repeats: int = _f(1, "How many times each image counts per epoch.", "data", minimum=1, maximum=1000,
+                      task="image")
+    bucketing: bool = _f(True, "Aspect-ratio buckets: wide and tall images keep their shape instead of "
+                         "being center-cropped to a square.", "data", task="image")
+    min_bucket_reso: int = _f(256, "Smallest bucket side in pixels.", "data", minimum=64, task="image")
+    max_bucket_reso: int = _f(2048, "Largest bucket side in pixels.", "data", minimum=64, task="image")
+    center_crop: bool = _f(True, "Crop at the center (otherwise a random crop each epoch; disables "
+                           "latent caching).", "data", task="image")
+    random_flip: bool = _f(False, "Mirror images at random (disables latent caching).", "data", task="image")
+    cache_latents: bool = _f(True, "Encode each image once with the VAE and keep the latents.", "data",
+                             task="image")
+    cache_latents_to_disk: bool = _f(True, "Keep cached latents on disk, reused by later runs.", "data",
+                                     task="image")
+    cache_text_encoder_outputs: bool = _f(True, "Encode each caption once when the text encoder is not "
+                                          "trained.", "data", task="image")
+
+    # --- image model / noise ---------------------------------------------------------
+    prediction_type: str = _f("auto", "Training target: auto (from the model), epsilon, or v_prediction "
+                              "(SD 2.x 768).", "model", choices=PREDICTION_TYPES, task="image")
+    noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", "model",
+                             minimum=0.0, maximum=1.0, task="image")
+    snr_gamma: float = _f(0.0, "Min-SNR weighting gamma (5 is usual; 0: off).", "model", minimum=0.0,
+                          task="image")
+    vae: str = _f("", "Optional separate VAE (.safetensors or diffusers folder).", "model", task="image")
+
+    # --- samples ---------------------------------------------------------------------
+    sample_steps: int = _f(0, "Make previews every N steps (0: only at the end if prompts are set).",
+                           "sample", minimum=0)
+    sample_prompts: list[str] = _f([], "Prompts for previews (images) or questions (text).", "sample")
+    sample_negative_prompt: str = _f("", "Negative prompt for image previews.", "sample", task="image")
+    sample_num_inference_steps: int = _f(20, "Denoising steps of image previews.", "sample", minimum=1,
+                                         maximum=200, task="image")
+    sample_guidance_scale: float = _f(7.0, "Guidance scale of image previews.", "sample", minimum=0.0,
+                                      maximum=50.0, task="image")
+    sample_seed: int = _f(1234, "Seed of previews (the same every time so they compare).", "sample",
+                          minimum=0)
+    sample_max_new_tokens: int = _f(96, "Length of text previews in tokens.", "sample", minimum=1,
+                                    maximum=4096, task="text")
+
+    # --- text --------------------------------------------------------------------------
+    max_seq_length: int = _f(512, "Longest training example in tokens; longer ones are cut (listed).",
+                             "text", minimum=16, maximum=131072, task="text")
+    chat_template: str = _f("", "Chat template: empty for the tokenizer's own, or chatml / llama2 / "
+                            "alpaca / plain.", "text", task="text")
+    validation_split: float = _f(0.0, "Share of the data held out for validation loss (0: none).", "text",
+                                 minimum=0.0, maximum=0.5)
+    validation_file: str = _f("", "A separate validation data file (overrides validation_split).", "text",
+                              path="file-or-empty")
+    save_merged_model: bool = _f(False, "Also save the base model with the LoRA merged in (for serving).",
+                                 "text", task="text")
+    gguf_file: str = _f("", "Name of the .gguf file inside base_model when it is a folder or hub id.",
+                        "text", task="text")
+
+    # --- output --------------------------------------------------------------------------
+    save_precision: str = _f("fp16", "Precision of the saved LoRA files.", "output", choices=SAVE_PRECISIONS)
+    logging_steps: int = _f(1, "Write loss to loss.csv / TensorBoard every N steps.", "output", minimum=1)
+    num_workers: int = _f(0, "Data-loader worker processes (0: load in the training process).", "output",
+                          minimum=0, maximum=64)
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def is_image(self) -> bool:
+        return self.task_type == "image-generation"
+
+    @property
+    def name(self) -> str:
+        """The LoRA's name: output_name, else the output folder's name."""
+        return self.output_name or Path(self.output_dir).name or "lora"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """One or more config values are wrong. `errors` maps each key to what is allowed."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = dict(errors)
+        lines = [f"  {key}: {message}" for key, message in self.errors.items()]
+        super().__init__("The config has problems:\n" + "\n".join(lines))
+
+    @property
+    def key(self) -> str:
+        return next(iter(self.errors))
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = get_type_hints(TrainConfig)
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def field_help(name: str) -> str:
+    return FIELDS[name].metadata.get("help", "")
+
+
+def _type_name(kind: Any) -> str:
+    if get_origin(kind) is list:
+        return "a list of text"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(kind, str(kind))
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML / form value into the field's type, or raise ValueError with what is allowed."""
+    kind = _TYPES[name]
+    if value is None:
+        default = FIELDS[name].default
+        if default is dataclasses.MISSING:
+            return FIELDS[name].default_factory()  # type: ignore[misc]
+        return default
+    if get_origin(kind) is list:
+        item = get_args(kind)[0]
+        if isinstance(value, str):
+            # A single string is one item for prompts; comma lists are common for module names.
+            return [v.strip() for v in value.split(",") if v.strip()] if name == "target_modules" else (
+                [value] if value.strip() else [])
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(v, (str, int, float)) for v in value):
+                raise ValueError(f"expected {_type_name(kind)}")
+            return [item(v) for v in value]
+        raise ValueError(f"expected {_type_name(kind)}, got {type(value).__name__}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a whole number, got {value!r}") from None
+            if number.is_integer():
+                return int(number)
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `2e-4` as a string; we read it as the number the user meant.
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number such as 2e-4, got {value!r}") from None
+        raise ValueError(f"expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else " See configs/*.yaml or the README for the keys."
+    return f"unknown key.{hint}"
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", value)) and not value.startswith((".", "/"))
+
+
+def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    for name, spec in FIELDS.items():
+        meta = spec.metadata
+        value = getattr(cfg, name)
+        if meta.get("choices") and value not in meta["choices"]:
+            errors[name] = f"{value!r} is not allowed; choose one of: {', '.join(meta['choices'])}."
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if meta.get("min") is not None and value < meta["min"]:
+                errors[name] = f"{value} is too small; the smallest allowed is {meta['min']}."
+            elif meta.get("max") is not None and value > meta["max"]:
+                errors[name] = f"{value} is too large; the largest allowed is {meta['max']}."
+    if cfg.is_image and cfg.resolution % 64 != 0 and "resolution" not in errors:
+        lower = max(64, cfg.resolution // 64 * 64)
+        errors["resolution"] = (f"{cfg.resolution} is not a multiple of 64 (the UNet halves the latent "
+                                f"three times). Use {lower} or {lower + 64}.")
+    if cfg.learning_rate == 0 and "learning_rate" not in errors:
+        errors["learning_rate"] = "0 would train nothing; use e.g. 1e-4."
+    if cfg.min_bucket_reso > cfg.max_bucket_reso:
+        errors["min_bucket_reso"] = f"must not be larger than max_bucket_reso ({cfg.max_bucket_reso})."
+    if cfg.is_image and not cfg.base_model:
+        errors["base_model"] = ("required for image training: a .safetensors checkpoint, a diffusers "
+                                "folder or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+    if not cfg.train_data_dir:
+        errors["train_data_dir"] = "required: the folder with your images (or your text data file)."
+    if not cfg.output_dir:
+        errors["output_dir"] = "required: where to save the LoRA."
+    if cfg.name and re.search(r'[<>:"|?*\\/]', cfg.name):
+        errors["output_name"] = f"{cfg.name!r} contains characters not allowed in file names."
+    if check_paths:
+        errors.update(_check_paths(cfg, errors))
+    return errors
+
+
+def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    if cfg.train_data_dir and "train_data_dir" not in known and not Path(cfg.train_data_dir).exists():
+        errors["train_data_dir"] = f"'{cfg.train_data_dir}' does not exist. Check the path."
+    for name in ("metadata_path", "init_lora", "validation_file", "vae"):
+        value = getattr(cfg, name)
+        if value and not Path(value).exists() and not (name == "vae" and _looks_like_hub_id(value)):
+            errors[name] = f"'{value}' does not exist. Check the path, or leave it empty."
+    model = cfg.base_model
+    if model:
+        path = Path(model)
+        if path.exists():
+            if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES and not cfg.allow_pickle:
+                if re.search(r"ggml", path.name, re.I):
+                    errors["base_model"] = (f"'{path.name}' is an old GGML file. GGML was replaced by GGUF "
+                                            "in 2023: convert it with llama.cpp's convert script, or download "
+                                            "the .gguf version of the model.")
+                else:
+                    errors["base_model"] = (f"'{path.name}' is a pickle file ({path.suffix}), which can run "
+                                            "code when loaded. Use a .safetensors version, or set "
+                                            "allow_pickle: true if you trust this file.")
+        elif not _looks_like_hub_id(model):
+            errors["base_model"] = (f"'{model}' is neither an existing file or folder nor a hub id "
+                                    "(owner/name). Check the path.")
+    if cfg.resume_from and cfg.resume_from != "latest" and not Path(cfg.resume_from).exists():
+        errors["resume_from"] = f"'{cfg.resume_from}' does not exist. Use a checkpoint folder, 'latest' or a LoRA file."
+    return errors
+
+
+def config_from_dict(raw: dict[str, Any] | None, *, check_paths: bool = True,
+                     apply_presets: bool = True) -> TrainConfig:
+    """Build and validate a TrainConfig from a plain dict (YAML, GUI form or CLI).
+
+    A `preset` is merged first, under the user's own values.
+    """
+    raw = dict(raw or {})
+    errors: dict[str, str] = {}
+    for key in list(raw):
+        if key not in FIELDS:
+            errors[str(key)] = _unknown_key_message(str(key))
+            del raw[key]
+    if apply_presets and raw.get("preset"):
+        from core import presets  # noqa: PLC0415  (the presets module reads the config's fields)
+
+        try:
+            raw = presets.apply_preset(raw)
+        except (ValueError, OSError) as exc:
+            errors["preset"] = str(exc)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            values[key] = _coerce(key, value)
+        except ValueError as exc:
+            errors[key] = f"{exc} ({_type_name(_TYPES[key])} expected)."
+    cfg = TrainConfig(**values)
+    for key, message in _check_values(cfg, check_paths).items():
+        errors.setdefault(key, message)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with messages a person can act on."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError({"config": f"'{file}' does not exist."})
+    text = file.read_text(encoding="utf-8-sig", errors="replace")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        hint = " YAML does not allow tabs for indenting: use spaces." if "\t" in text else ""
+        raise ConfigError({"config": f"{file.name} is not valid YAML{where}: "
+                                     f"{getattr(exc, 'problem', exc)}.{hint}"}) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError({"config": f"{file.name} must be a mapping of key: value lines."})
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *,
+                check_paths: bool = True) -> TrainConfig:
+    """Read a YAML config (plus optional overrides) into a validated TrainConfig."""
+    raw = read_yaml(path)
+    raw.update(overrides or {})
+    return config_from_dict(raw, check_paths=check_paths)
+
+
+def config_to_yaml(cfg: TrainConfig, *, only_changed: bool = False) -> str:
+    """The config as YAML, keys in declaration order (seed keys first)."""
+    data = cfg.to_dict()
+    if only_changed:
+        defaults = TrainConfig().to_dict()
+        seed = list(FIELDS)[:14]
+        data = {k: v for k, v in data.items() if k in seed or v != defaults[k]}
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+def save_config(cfg: TrainConfig, path: str | Path, *, only_changed: bool = False) -> Path:
+    """Write the config as YAML atomically; `train.py --config` reads it back unchanged."""
+    return atomic_write_text(path, config_to_yaml(cfg, only_changed=only_changed))
