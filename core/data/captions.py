@@ -29,6 +29,8 @@ class MetadataRead:
     captions: dict[str, str] = field(default_factory=dict)  # file name as written -> prompt
     warnings: list[str] = field(default_factory=list)
     encoding: str = "utf-8"
+    lines: dict[str, int] = field(default_factory=dict)  # file name -> line of its (last) row
+    duplicates: list[tuple[int, str]] = field(default_factory=list)  # (line, name) of repeated rows
 
 
 def decode_text(data: bytes, name: str) -> tuple[str, str, list[str]]:
@@ -71,9 +73,13 @@ def read_metadata_csv(path: str | Path) -> MetadataRead:
         if not name:
             result.warnings.append(f"{file.name}, line {number}: no file name; the row was skipped.")
             continue
-        if name in result.captions and result.captions[name] != prompt:
-            result.warnings.append(f"{file.name}, line {number}: {name} is listed twice; the last caption wins.")
+        if name in result.captions:
+            result.duplicates.append((number, name))
+            if result.captions[name] != prompt:
+                result.warnings.append(f"{file.name}, line {number}: {name} is listed twice; "
+                                       "the last caption wins.")
         result.captions[name] = prompt
+        result.lines[name] = number
     return result
 
 
@@ -114,11 +120,16 @@ def caption_txt_path(image_path: str | Path, extension: str = ".txt") -> Path:
 
 def read_caption_txt(image_path: str | Path, extension: str = ".txt") -> str | None:
     """The kohya-style caption beside an image, or None when there is no file."""
+    return read_caption_txt_checked(image_path, extension)[0]
+
+
+def read_caption_txt_checked(image_path: str | Path, extension: str = ".txt") -> tuple[str | None, list[str]]:
+    """Like `read_caption_txt`, plus the warnings about the file (not UTF-8, ...)."""
     file = caption_txt_path(image_path, extension)
     if not file.is_file():
-        return None
-    text, _, _ = decode_text(file.read_bytes(), file.name)
-    return " ".join(text.strip().splitlines()).strip()
+        return None, []
+    text, _, warnings = decode_text(file.read_bytes(), file.name)
+    return " ".join(text.strip().splitlines()).strip(), warnings
 
 
 def write_caption_txt(image_path: str | Path, caption: str, extension: str = ".txt",
