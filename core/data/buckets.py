@@ -27,13 +27,18 @@ def make_buckets(resolution: int, min_reso: int = 256, max_reso: int = 2048, ste
 
     For each width the tallest height that keeps the area is taken (the most pixels for that
     shape), plus its transpose. The square (resolution, resolution) is always there, even when
-    `resolution` is outside [min_reso, max_reso]. Sorted from the tallest to the widest.
+    `resolution` is outside [min_reso, max_reso]. A `min_reso` that leaves no room for any
+    shape but the square (at or above the resolution, e.g. the default 256 at resolution 128)
+    is lowered to half the resolution: otherwise bucketing would silently do nothing.
+    Sorted from the tallest to the widest.
     """
     if resolution <= 0 or step <= 0:
         raise ValueError(f"resolution ({resolution}) and step ({step}) must be positive.")
     area = resolution * resolution
     found: set[Bucket] = {(resolution, resolution)}
     low = math.ceil(min_reso / step) * step
+    if low >= resolution:
+        low = math.ceil(resolution // 2 / step) * step
     for width in range(max(step, low), max_reso + 1, step):
         height = min(max_reso, area // width // step * step)
         if height >= max(low, step) and width * height <= area:

@@ -75,7 +75,10 @@ def probe_image(path: str | Path) -> ImageInfo:
                 width, height = image.size
                 if width * height > MAX_PIXELS:  # Pillow itself only refuses beyond twice the limit
                     raise _too_large(file, width, height)
-                orientation = image.getexif().get(0x0112, 1)
+                # Pillow's PNG getexif() decodes the whole image looking for a late eXIf chunk;
+                # one before the pixel data (where writers put it) is already in info.
+                late_exif_only = image.format == "PNG" and "exif" not in image.info
+                orientation = 1 if late_exif_only else image.getexif().get(0x0112, 1)
                 if orientation in (5, 6, 7, 8):
                     width, height = height, width
                 transparency = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
