@@ -27,6 +27,7 @@ from core.events import DoneEvent, LogEvent, ProgressEvent, RunContext
 
 EXISTING_MODES = ("skip", "overwrite")
 CSV_FLUSH_SECONDS = 5.0
+DRAFT_SIZE = 1024
 
 
 class CaptionJobError(ValueError):
@@ -173,7 +174,8 @@ def _load_batch(paths: list[Path], needs_images: bool) -> list[tuple[Path, objec
     loaded: list[tuple[Path, object]] = []
     for path in paths:
         try:
-            loaded.append((path, load_rgb(path)))
+            # Big JPEGs decode at a reduced scale: every captioner resizes far below 1024 px.
+            loaded.append((path, load_rgb(path, draft_size=DRAFT_SIZE)))
         except ImageReadError as exc:
             loaded.append((path, exc))
     return loaded
