@@ -1,0 +1,73 @@
+"""The Train tab's form is derived from TrainConfig: every key, its help, limits and round trips."""
+from __future__ import annotations
+
+import pytest
+
+from core.config import FIELDS, ConfigError, TrainConfig, config_from_dict
+from ui import form
+
+
+def test_every_config_key_gets_exactly_one_widget_with_its_help_text():
+    specs = form.field_specs()
+    assert [s.name for s in specs] == list(FIELDS)
+    assert all(s.help for s in specs)
+    kinds = {s.name: s.kind for s in specs}
+    assert kinds["mixed_precision"] == "choice"
+    assert kinds["gradient_checkpointing"] == "bool"
+    assert kinds["lora_rank"] == "int" and kinds["learning_rate"] == "float"
+    assert kinds["sample_prompts"] == "list"
+
+
+def test_the_seed_keys_are_up_front_and_the_rest_under_advanced_groups():
+    grouped = form.groups(form.field_specs())
+    assert list(grouped)[0] == "basic"
+    basic = [s.name for s in grouped["basic"]]
+    for key in ("train_data_dir", "base_model", "lora_rank", "learning_rate", "resolution", "batch_size"):
+        assert key in basic
+    assert "snr_gamma" not in basic
+
+
+def test_image_only_keys_hide_for_a_text_run_and_come_back_for_images():
+    specs = {s.name: s for s in form.field_specs()}
+    assert not specs["resolution"].shown_for("text-generation")
+    assert specs["resolution"].shown_for("image-generation")
+    assert specs["max_seq_length"].shown_for("text-generation")
+    assert not specs["max_seq_length"].shown_for("image-generation")
+    assert specs["learning_rate"].shown_for("text-generation")
+
+
+def test_a_config_shown_in_the_form_and_read_back_is_the_same_config():
+    specs = form.field_specs()
+    cfg = TrainConfig(train_data_dir="data/x", base_model="models/m.safetensors", lora_rank=16, learning_rate=2e-4,
+                      sample_prompts=["a cat", "a dog, smiling"], target_modules=["to_q", "to_v"],
+                      gradient_checkpointing=True, mixed_precision="fp16")
+    values = form.config_values(specs, cfg)
+    raw = form.form_to_raw(specs, values)
+    assert config_from_dict(raw, check_paths=False, apply_presets=False) == cfg
+
+
+def test_an_emptied_number_field_falls_back_to_the_default_and_lists_split_per_line():
+    specs = {s.name: s for s in form.field_specs()}
+    assert form.from_widget(specs["lora_rank"], None) == 8
+    assert form.from_widget(specs["lora_rank"], 16.0) == 16
+    assert form.from_widget(specs["sample_prompts"], "a cat, sitting\n\n a dog ") == ["a cat, sitting", "a dog"]
+    assert form.from_widget(specs["target_modules"], "to_q, to_k\nto_v") == ["to_q", "to_k", "to_v"]
+
+
+def test_a_wrong_value_from_the_form_is_reported_under_its_key():
+    specs = form.field_specs()
+    raw = form.form_to_raw(specs, form.config_values(specs, {"train_data_dir": "d", "base_model": "m/x"}))
+    raw["resolution"] = 500
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, check_paths=False, apply_presets=False)
+    assert "resolution" in info.value.errors
+
+
+def test_the_command_line_runs_the_saved_yaml_with_train_py():
+    assert form.command_line("./configs/my lora.yaml") == "python train.py --config './configs/my lora.yaml'"
+
+
+def test_changed_keys_keeps_only_what_differs_from_the_defaults():
+    specs = form.field_specs()
+    raw = form.form_to_raw(specs, form.config_values(specs, {"lora_rank": 32}))
+    assert form.changed_keys(specs, raw) == {"lora_rank": 32}

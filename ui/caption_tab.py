@@ -1,0 +1,170 @@
+"""Caption tab: caption a folder with a chosen model, then read, edit and fix the captions.
+
+The captioning runs as a job of the one `ui.state.JOB` (kind "caption") through
+`core.caption.caption_folder`, so the page only polls; captions appear beside the
+thumbnails as metadata.csv fills. Edits, search/replace and saving use `ui.caption_edit`.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from core.job import JobBusyError
+from ui import catalog, state
+from ui.caption_edit import read_captions, save_captions, search_replace
+from ui.status import progress_html
+
+POLL_SECONDS = 2.0
+
+
+def captioner_choices() -> list[tuple[str, str]]:
+    from core.caption import CAPTIONERS  # noqa: PLC0415  (registry only: no torch)
+
+    return [(f"{spec.name} — {spec.description}", spec.name) for spec in CAPTIONERS.values()]
+
+
+def gallery_items(folder: Path, rows: list[list[str]]) -> list[tuple[str, str]]:
+    from ui.thumbs import thumbnail  # noqa: PLC0415
+
+    items = []
+    for name, caption in rows:
+        thumb = thumbnail(folder / name)
+        if thumb is not None:
+            items.append((str(thumb), f"{name}: {caption or '(no caption)'}"))
+    return items
+
+
+def create_caption_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
+    import gradio as gr  # noqa: PLC0415
+
+    with gr.Row():
+        folder = gr.Dropdown(choices=catalog.datasets(), value="", allow_custom_value=True, scale=3,
+                             label="Image folder", elem_id="cap-folder")
+        model = gr.Dropdown(choices=captioner_choices(), value="blip-base", allow_custom_value=True, scale=3,
+                            label="Captioner (or a path to a captioning model folder)", elem_id="cap-model")
+    with gr.Row():
+        trigger = gr.Textbox(label="Trigger word (put first in every caption)", max_lines=1, elem_id="cap-trigger")
+        prefix = gr.Textbox(label="Prefix", max_lines=1, elem_id="cap-prefix")
+        suffix = gr.Textbox(label="Suffix", max_lines=1, elem_id="cap-suffix")
+    with gr.Row():
+        existing = gr.Radio(["skip", "overwrite"], value="skip", label="Images that already have a caption",
+                            elem_id="cap-existing")
+        to_csv = gr.Checkbox(value=True, label="Write metadata.csv (backed up first)", elem_id="cap-csv")
+        to_txt = gr.Checkbox(value=False, label="Write .txt beside each image", elem_id="cap-txt")
+        batch = gr.Number(value=8, precision=0, minimum=1, maximum=256, label="Batch size", elem_id="cap-batch")
+    with gr.Row():
+        run_btn = gr.Button("Caption", variant="primary", elem_id="cap-run")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="cap-stop")
+        load_btn = gr.Button("Load captions", elem_id="cap-load")
+    message = gr.Markdown("", elem_id="cap-message")
+    progress = gr.HTML(progress_html(state.JOB.snapshot(), "caption"), elem_id="cap-progress")
+    gallery = gr.Gallery(label="Images with their captions", columns=6, height=320, allow_preview=True,
+                         elem_id="cap-gallery")
+    with gr.Row():
+        find = gr.Textbox(label="Find", max_lines=1, elem_id="cap-find")
+        replace = gr.Textbox(label="Replace with", max_lines=1, elem_id="cap-replace")
+        regex = gr.Checkbox(value=False, label="Regular expression")
+        replace_btn = gr.Button("Replace in all captions", elem_id="cap-replace-btn")
+    table = gr.Dataframe(headers=["file", "caption"], value=[], datatype=["str", "str"], interactive=True,
+                         wrap=True, label="Captions (click a caption to edit it)", elem_id="cap-table",
+                         column_widths=["25%", "75%"])
+    save_btn = gr.Button("Save captions", variant="primary", elem_id="cap-save")
+    memo = gr.State({})
+    timer = gr.Timer(POLL_SECONDS)
+
+    def folder_path(text: str) -> Path | None:
+        if not text:
+            return None
+        path = state.resolve_user_path(text)
+        return path if path.is_dir() else None
+
+    def load(text: str):
+        path = folder_path(text)
+        if path is None:
+            return gr.skip(), gr.skip(), "Choose an existing image folder first."
+        from core.caption import find_images  # noqa: PLC0415
+
+        state.allow_folder(path)
+        rows = read_captions(path, find_images(path))
+        done = sum(1 for _, c in rows if c)
+        return rows, gallery_items(path, rows), f"{len(rows)} images, {done} with a caption."
+
+    def run(text, model_name, trig, pre, suf, mode, csv_on, txt_on, batch_size):
+        path = folder_path(text)
+        if path is None:
+            return "Choose an existing image folder first."
+        if not csv_on and not txt_on:
+            return "Choose where to write the captions: metadata.csv, .txt files, or both."
+        from core.caption import CaptionOptions, caption_folder  # noqa: PLC0415
+
+        full_prefix = ", ".join(p for p in (trig.strip(), pre.strip()) if p)
+        name = model_name.strip()
+        model_arg = str(state.resolve_user_path(name)) if ("/" in name or "\\" in name) and \
+            state.resolve_user_path(name).exists() else name
+        options = CaptionOptions(input_dir=path, model=model_arg, write_csv=bool(csv_on), write_txt=bool(txt_on),
+                                 prefix=full_prefix, suffix=suf.strip(), existing=mode,
+                                 batch_size=int(batch_size or 8))
+        try:
+            state.JOB.run(lambda ctx: caption_folder(options, ctx), kind="caption", name=path.name)
+        except JobBusyError as exc:
+            return f"**{exc}**"
+        return f"Captioning `{html.escape(path.name)}` with {html.escape(name)} …"
+
+    def stop():
+        snap = state.JOB.snapshot()
+        if snap.kind == "caption" and state.JOB.stop():
+            return "Stopping after the current batch; captions so far are saved."
+        return "No captioning is running."
+
+    def do_replace(rows, find_text, replace_text, use_regex):
+        current = rows.values.tolist() if hasattr(rows, "values") else (rows or [])
+        try:
+            new_rows, changed = search_replace(current, find_text, replace_text or "", regex=bool(use_regex))
+        except ValueError as exc:
+            return gr.skip(), str(exc)
+        return new_rows, f"Changed {changed} captions. Press Save captions to write them."
+
+    def save(text, rows, csv_on, txt_on):
+        path = folder_path(text)
+        if path is None:
+            return "Choose an existing image folder first.", gr.skip()
+        current = rows.values.tolist() if hasattr(rows, "values") else (rows or [])
+        if not csv_on and not txt_on:
+            return "Choose metadata.csv, .txt files, or both.", gr.skip()
+        result = save_captions(path, current, to_csv=bool(csv_on), to_txt=bool(txt_on))
+        return result.summary(), gallery_items(path, current)
+
+    def poll(text: str, seen: dict):
+        snap = state.JOB.snapshot()
+        seen = dict(seen or {})
+        key = (snap.started_at, snap.progress.step if snap.progress else -1, snap.state) \
+            if snap.kind == "caption" else None
+        html_out = progress_html(snap, "caption")
+        if key == seen.get("key") or key is None:
+            return html_out, gr.skip(), gr.skip(), gr.skip(), seen
+        seen["key"] = key
+        path = folder_path(text)
+        if path is None:
+            return html_out, gr.skip(), gr.skip(), gr.skip(), seen
+        from core.caption import find_images  # noqa: PLC0415
+
+        rows = read_captions(path, find_images(path))
+        note = gr.skip()
+        if not snap.running:
+            note = snap.log[-1] if snap.log else ""
+            if snap.error is not None:
+                note = f"**{snap.error.message}**" + (f"  \n{snap.error.advice}" if snap.error.advice else "")
+        return html_out, rows, gallery_items(path, rows), note, seen
+
+    load_btn.click(load, folder, [table, gallery, message])
+    folder.select(load, folder, [table, gallery, message])
+    run_btn.click(run, [folder, model, trigger, prefix, suffix, existing, to_csv, to_txt, batch], message)
+    stop_btn.click(stop, None, message)
+    replace_btn.click(do_replace, [table, find, replace, regex], [table, message])
+    save_btn.click(save, [folder, table, to_csv, to_txt], [message, gallery])
+    timer.tick(poll, [folder, memo], [progress, table, gallery, message, memo], show_progress="hidden")
+    if data and "folder" in data:
+        data["folder"].change(lambda f: gr.update(value=f, choices=catalog.datasets()), data["folder"], folder).then(
+            load, folder, [table, gallery, message])
+    return {"folder": folder, "run": run_btn, "table": table}

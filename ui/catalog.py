@@ -1,0 +1,127 @@
+"""What the dropdowns offer: base models, LoRA files, data sets and runs found on disk.
+
+WebUI-style folders are searched: `models/Stable-diffusion/` (checkpoints and diffusers
+folders), `models/Lora/` (LoRA files), `models/llm/` (HF folders and GGUF files); data sets
+are the folders under `data/`, runs the folders under `output/`. Every list is plain
+paths, re-read each time a dropdown is refreshed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ui.state import DATA_DIR, MODEL_SUBDIRS, MODELS_DIR, OUTPUT_DIR, ROOT
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+TEXT_DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".txt", ".parquet")
+
+
+def _rel(path: Path) -> str:
+    """A path relative to the project when inside it (what a YAML should hold), else absolute."""
+    try:
+        return "./" + path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file()
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or any(path.glob("*.gguf"))
+
+
+def image_models(models_dir: Path = MODELS_DIR) -> list[str]:
+    """Single-file checkpoints and diffusers folders under models/Stable-diffusion/."""
+    folder = models_dir / MODEL_SUBDIRS["image"]
+    found: list[Path] = []
+    if folder.is_dir():
+        for item in sorted(folder.rglob("*")):
+            if item.is_file() and item.suffix.lower() in CHECKPOINT_SUFFIXES:
+                found.append(item)
+            elif item.is_dir() and _is_diffusers_folder(item):
+                found.append(item)
+    return [_rel(p) for p in found]
+
+
+def text_models(models_dir: Path = MODELS_DIR) -> list[str]:
+    """HF model folders and GGUF files under models/llm/."""
+    folder = models_dir / MODEL_SUBDIRS["text"]
+    found: list[Path] = []
+    if folder.is_dir():
+        for item in sorted(folder.iterdir()):
+            if item.is_file() and item.suffix.lower() == ".gguf":
+                found.append(item)
+            elif item.is_dir() and _is_hf_folder(item):
+                found.append(item)
+    return [_rel(p) for p in found]
+
+
+def base_models(task_type: str, models_dir: Path = MODELS_DIR) -> list[str]:
+    return text_models(models_dir) if task_type == "text-generation" else image_models(models_dir)
+
+
+def datasets(data_dir: Path = DATA_DIR) -> list[str]:
+    """Folders under data/ (image sets) and text data files directly in data/ or one level down."""
+    if not data_dir.is_dir():
+        return []
+    found = []
+    for item in sorted(data_dir.iterdir()):
+        if item.name.startswith("."):
+            continue
+        if item.is_dir() or item.suffix.lower() in TEXT_DATA_SUFFIXES:
+            found.append(_rel(item))
+    return found
+
+
+def run_folders(output_dir: Path = OUTPUT_DIR) -> list[str]:
+    if not output_dir.is_dir():
+        return []
+    return [_rel(p) for p in sorted(output_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def _loadable_lora(folder: Path) -> Path | None:
+    """The LoRA file of a run or checkpoint folder that a pipeline can load (not the PEFT resume files)."""
+    preferred = folder / "pytorch_lora_weights.safetensors"
+    if preferred.is_file():
+        return preferred
+    files = [p for p in sorted(folder.glob("*.safetensors")) if not p.stem.endswith("_peft")]
+    return files[0] if files else None
+
+
+def checkpoint_loras(lora_file: str | Path) -> list[tuple[int, Path]]:
+    """(step, LoRA file) of every checkpoint of the run that `lora_file` belongs to, oldest first."""
+    path = Path(lora_file)
+    run = path.parent.parent.parent if path.parent.parent.name == "checkpoints" else path.parent
+    found = []
+    for folder in sorted((run / "checkpoints").glob("step-*")):
+        try:
+            step = int(folder.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        lora = _loadable_lora(folder)
+        if lora is not None:
+            found.append((step, lora))
+    return sorted(found)
+
+
+def lora_files(models_dir: Path = MODELS_DIR, output_dir: Path = OUTPUT_DIR) -> list[str]:
+    """LoRA files to test: runs' final files and checkpoints, and every file in models/Lora/."""
+    found: list[Path] = []
+    if output_dir.is_dir():
+        for run in sorted(output_dir.iterdir()):
+            if not run.is_dir():
+                continue
+            found += [p for p in sorted(run.glob("*.safetensors")) if not p.stem.endswith("_peft")]
+            found += [p for p in sorted(run.glob("checkpoints/*/*.safetensors")) if not p.stem.endswith("_peft")]
+    lora_dir = models_dir / MODEL_SUBDIRS["lora"]
+    if lora_dir.is_dir():
+        found += sorted(lora_dir.rglob("*.safetensors"))
+    return [_rel(p) for p in found]
+
+
+def text_adapters(output_dir: Path = OUTPUT_DIR) -> list[str]:
+    """PEFT adapter folders (adapter_config.json) in runs and their checkpoints."""
+    if not output_dir.is_dir():
+        return []
+    return [_rel(p.parent) for p in sorted(output_dir.rglob("adapter_config.json"))]

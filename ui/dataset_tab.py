@@ -1,0 +1,151 @@
+"""Dataset tab: open or upload a data set, see it, and check its health before training.
+
+Images: a thumbnail gallery, counts of formats / modes / sizes / buckets, the health
+check table from `core.data.health` (unreadable files, too small, extreme shapes,
+near-duplicates, missing/empty/too long captions, conversions) and, for the picked
+image, the crop its bucket keeps. Text data (a CSV/JSONL/TXT file): the parsed rows and
+the same kind of checks from `core.data.text`.
+"""
+from __future__ import annotations
+
+import html
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ui import catalog, state
+from ui.catalog import TEXT_DATA_SUFFIXES
+
+GALLERY_LIMIT = 300
+HEALTH_HEADERS = ["severity", "file", "problem", "advice"]
+
+
+def summary_markdown(report: Any, folder: Path) -> str:
+    """Counts, formats, modes, size range and buckets of a HealthReport, in a few lines."""
+    sizes = [(w, h) for _, w, h in report.sizes]
+    lines = [f"**{html.escape(folder.name)}** — {report.image_count} images, {report.usable_count} usable; "
+             f"captions from {report.caption_source}."]
+    if report.formats:
+        lines.append("Formats: " + ", ".join(f"{k} {v}" for k, v in sorted(report.formats.items())))
+    if report.modes:
+        lines.append("Modes: " + ", ".join(f"{k} {v}" for k, v in sorted(report.modes.items())))
+    if sizes:
+        areas = sorted(sizes, key=lambda s: s[0] * s[1])
+        lines.append(f"Sizes: smallest {areas[0][0]}×{areas[0][1]}, largest {areas[-1][0]}×{areas[-1][1]}")
+    if report.buckets:
+        lines.append("Buckets: " + ", ".join(f"{k}: {v}" for k, v in sorted(report.buckets.items())))
+    counts = Counter(i.severity for i in report.issues)
+    lines.append(f"Health: {counts.get('error', 0)} errors (skipped), {counts.get('warning', 0)} warnings, "
+                 f"{counts.get('info', 0)} notes." if report.issues else "Health: no problems found.")
+    return "  \n".join(lines)
+
+
+def is_text_data(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in TEXT_DATA_SUFFIXES
+
+
+def text_preview(path: Path, max_seq_length: int = 512) -> tuple[list[list[str]], list[str], list[list[str]], str]:
+    """(rows, headers, issue rows, summary) for a text data file or folder."""
+    from ui.text_preview import preview_text_data  # noqa: PLC0415
+
+    result = preview_text_data(path, max_seq_length=max_seq_length)
+    issues = [[i.severity, i.file, i.problem, i.advice] for i in result.issues]
+    return result.rows, result.headers, issues, result.summary
+
+
+def create_dataset_tab() -> dict[str, Any]:
+    import gradio as gr  # noqa: PLC0415
+
+    gr.Markdown("Open a folder of images (or a text data file), or upload pictures / a zip into a new "
+                "data set under `data/`. The check below lists what training would skip or get wrong.")
+    with gr.Row():
+        folder = gr.Dropdown(choices=catalog.datasets(), value="", allow_custom_value=True, scale=4,
+                             label="Data set (a folder under data/, any folder path, or a .csv/.jsonl/.txt file)",
+                             elem_id="data-folder")
+        resolution = gr.Number(value=512, precision=0, minimum=64, maximum=4096, label="Training resolution",
+                               scale=1, elem_id="data-resolution")
+        open_btn = gr.Button("Open and check", variant="primary", scale=1, elem_id="data-open")
+    with gr.Accordion("Upload images, captions or a zip into a new data set", open=False):
+        with gr.Row():
+            new_name = gr.Textbox(label="New data set name", value="my_dataset", max_lines=1, elem_id="data-new-name")
+            uploads = gr.File(label="Files or a .zip", file_count="multiple", type="filepath", elem_id="data-upload")
+        create_btn = gr.Button("Create data set from the uploads", elem_id="data-create")
+    summary = gr.Markdown("", elem_id="data-summary")
+    gallery = gr.Gallery(label="Images (click one for its crop / bucket preview)", columns=6, height=360,
+                         allow_preview=False, elem_id="data-gallery")
+    with gr.Row():
+        crop = gr.Image(label="What training keeps (dimmed parts are cut off)", type="pil", height=300,
+                        interactive=False, elem_id="data-crop")
+        crop_text = gr.Markdown("", elem_id="data-crop-text")
+    health = gr.Dataframe(headers=HEALTH_HEADERS, value=[], label="Health check", wrap=True,
+                          interactive=False, elem_id="data-health")
+    rows_table = gr.Dataframe(value=[], label="Text data: parsed rows", wrap=True, interactive=False,
+                              visible=False, elem_id="data-text-rows")
+    image_paths = gr.State([])
+
+    def open_dataset(path_text: str, reso: float | None):
+        reso = int(reso or 512)
+        if not path_text:
+            return ("Choose or type a data set first.", [], [], gr.update(visible=False), [], None, "")
+        path = state.resolve_user_path(path_text)
+        if not path.exists():
+            return (f"`{html.escape(str(path))}` does not exist. Check the path.", [], [],
+                    gr.update(visible=False), [], None, "")
+        state.allow_folder(path if path.is_dir() else path.parent)
+        if is_text_data(path):
+            rows, headers, issues, text = text_preview(path)
+            return (text, [], issues, gr.update(visible=True, value=rows, headers=headers), [], None, "")
+        from core.data.health import health_check  # noqa: PLC0415
+        from core.data.images import DatasetError  # noqa: PLC0415
+
+        try:
+            report = health_check(path, resolution=reso)
+        except DatasetError as exc:
+            return (str(exc), [], [], gr.update(visible=False), [], None, "")
+        from ui.thumbs import thumbnail  # noqa: PLC0415
+
+        items, paths = [], []
+        for name, width, height in report.sizes[:GALLERY_LIMIT]:
+            source = path / name
+            thumb = thumbnail(source)
+            if thumb is not None:
+                items.append((str(thumb), f"{name} · {width}×{height}"))
+                paths.append(str(source))
+        more = f"  \nShowing the first {GALLERY_LIMIT}." if len(report.sizes) > GALLERY_LIMIT else ""
+        return (summary_markdown(report, path) + more, items, report.rows(), gr.update(visible=False), paths,
+                None, "")
+
+    def preview(paths: list[str], reso: float | None, evt: gr.SelectData):
+        from core.data.health import bucket_preview  # noqa: PLC0415
+        from core.data.image_io import ImageReadError  # noqa: PLC0415
+
+        if not paths or evt.index is None or evt.index >= len(paths):
+            return None, ""
+        try:
+            image, sentence = bucket_preview(paths[evt.index], int(reso or 512))
+        except ImageReadError as exc:
+            return None, str(exc)
+        return image, f"**{html.escape(Path(paths[evt.index]).name)}**: {html.escape(sentence)}"
+
+    preview.__annotations__["evt"] = gr.SelectData  # string annotations hide it from Gradio
+
+    def create(name: str, files: list[str] | None):
+        from ui.uploads import import_files  # noqa: PLC0415
+
+        if not files:
+            return gr.skip(), "Add some files or a zip first."
+        target = state.DATA_DIR / state.safe_name(name or "my_dataset", "my_dataset")
+        result = import_files(files, target)
+        rel = catalog._rel(target)  # noqa: SLF001
+        note = f"Saved {len(result.saved)} files into `{rel}`."
+        if result.skipped:
+            note += "  \nSkipped: " + "; ".join(html.escape(s) for s in result.skipped[:20])
+        return gr.update(choices=catalog.datasets(), value=rel), note
+
+    outputs = [summary, gallery, health, rows_table, image_paths, crop, crop_text]
+    open_btn.click(open_dataset, [folder, resolution], outputs)
+    folder.select(open_dataset, [folder, resolution], outputs)
+    gallery.select(preview, [image_paths, resolution], [crop, crop_text])
+    create_btn.click(create, [new_name, uploads], [folder, summary]).then(
+        open_dataset, [folder, resolution], outputs)
+    return {"folder": folder, "resolution": resolution, "open": open_btn}

@@ -1,0 +1,188 @@
+"""The Train tab's config form, derived from `core.config.TrainConfig`'s field metadata.
+
+Nothing here copies a widget list by hand: every key of the config becomes one widget
+(checkbox, dropdown, number or text) with its help text, limits and group read from the
+field's metadata, so a key added to the config appears in the form by itself. The pure
+functions (`field_specs`, `to_widget`, `from_widget`, `form_to_raw`, `command_line`)
+carry the logic and are tested without a browser; `build_form` makes the Gradio widgets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from dataclasses import dataclass
+from typing import Any, Callable, get_args, get_origin
+
+from core.config import FIELDS, TrainConfig, _TYPES  # noqa: PLC2701 - the config's own type table
+
+GROUP_TITLES = {
+    "basic": "Common settings",
+    "run": "Run: seed, steps, resume",
+    "optim": "Optimizer and learning rate",
+    "lora": "LoRA network",
+    "data": "Image data and captions",
+    "model": "Image model and noise",
+    "sample": "Sample previews",
+    "text": "Text data and model",
+    "output": "Output and logging",
+    "advanced": "Other",
+}
+TASK_OF = {"image-generation": "image", "text-generation": "text"}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What the form needs to know about one config key."""
+
+    name: str
+    kind: str  # bool | choice | int | float | list | str
+    default: Any
+    help: str
+    group: str
+    choices: tuple[str, ...] | None
+    minimum: float | None
+    maximum: float | None
+    task: str  # image | text | both
+
+    def shown_for(self, task_type: str) -> bool:
+        return self.task == "both" or self.task == TASK_OF.get(task_type, "image")
+
+
+def _kind(name: str, meta: dict) -> str:
+    hint = _TYPES[name]
+    if meta.get("choices"):
+        return "choice"
+    if get_origin(hint) is list:
+        return "list"
+    return {bool: "bool", int: "int", float: "float"}.get(hint, "str")
+
+
+def field_specs() -> list[FieldSpec]:
+    """One spec per config key, in the config's declaration order (seed keys first)."""
+    specs = []
+    for name, spec in FIELDS.items():
+        meta = spec.metadata
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
+        specs.append(FieldSpec(name=name, kind=_kind(name, meta), default=default, help=meta.get("help", ""),
+                               group=meta.get("group", "advanced"), choices=meta.get("choices"),
+                               minimum=meta.get("min"), maximum=meta.get("max"), task=meta.get("task", "both")))
+    return specs
+
+
+def groups(specs: list[FieldSpec]) -> dict[str, list[FieldSpec]]:
+    """Specs by group, groups in the order they first appear (basic first)."""
+    out: dict[str, list[FieldSpec]] = {}
+    for spec in specs:
+        out.setdefault(spec.group, []).append(spec)
+    return out
+
+
+def to_widget(spec: FieldSpec, value: Any) -> Any:
+    """A config value as its widget shows it (lists as one item per line)."""
+    if spec.kind == "list":
+        return "\n".join(str(v) for v in (value or []))
+    if value is None:
+        return spec.default
+    return value
+
+
+def from_widget(spec: FieldSpec, value: Any) -> Any:
+    """A widget's value as the config reads it; an emptied number field means the default."""
+    if spec.kind == "list":
+        text = str(value or "")
+        separators = text.replace(",", "\n") if spec.name == "target_modules" else text
+        return [line.strip() for line in separators.splitlines() if line.strip()]
+    if spec.kind in ("int", "float"):
+        if value is None or value == "":
+            return spec.default
+        if spec.kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+    if spec.kind == "str" or spec.kind == "choice":
+        return "" if value is None else str(value).strip()
+    return bool(value)
+
+
+def form_to_raw(specs: list[FieldSpec], values: list[Any]) -> dict[str, Any]:
+    """The form's widget values -> a raw dict for `config_from_dict` (every key)."""
+    return {spec.name: from_widget(spec, value) for spec, value in zip(specs, values)}
+
+
+def config_values(specs: list[FieldSpec], data: dict[str, Any] | TrainConfig) -> list[Any]:
+    """Widget values for a config or a (partial) dict; keys it lacks get their defaults."""
+    source = data.to_dict() if isinstance(data, TrainConfig) else dict(data)
+    return [to_widget(spec, source.get(spec.name, spec.default)) for spec in specs]
+
+
+def changed_keys(specs: list[FieldSpec], raw: dict[str, Any]) -> dict[str, Any]:
+    """Only the keys whose value differs from the default (what a tidy YAML holds)."""
+    return {s.name: raw[s.name] for s in specs if s.name in raw and raw[s.name] != s.default}
+
+
+def command_line(config_path: str, *, python: str = "python") -> str:
+    """The `train.py` command that runs the same config without the app."""
+    return f"{python} train.py --config {shlex.quote(str(config_path))}"
+
+
+def build_form(specs: list[FieldSpec], task_type: str = "image-generation",
+               custom: dict[str, Callable[[FieldSpec, str], Any]] | None = None) -> dict[str, Any]:
+    """Make one Gradio widget per spec: the basic group up front, the others in an "Advanced" accordion.
+
+    `custom` maps a key to a factory `(spec, label) -> component` for keys that need a
+    richer widget (the base model dropdown); everything else follows the metadata.
+    Must be called inside a Blocks context.
+    """
+    import gradio as gr  # noqa: PLC0415
+
+    custom = custom or {}
+    widgets: dict[str, Any] = {}
+
+    def make(spec: FieldSpec) -> Any:
+        label = spec.name
+        visible = spec.shown_for(task_type)
+        common = {"label": label, "info": spec.help, "visible": visible, "elem_id": f"cfg-{spec.name}"}
+        if spec.name in custom:
+            return custom[spec.name](spec, label)
+        if spec.kind == "bool":
+            return gr.Checkbox(value=bool(spec.default), **common)
+        if spec.kind == "choice":
+            return gr.Dropdown(choices=list(spec.choices or ()), value=spec.default, **common)
+        if spec.kind in ("int", "float"):
+            return gr.Number(value=spec.default, precision=0 if spec.kind == "int" else None,
+                             minimum=spec.minimum, maximum=spec.maximum, **common)
+        if spec.kind == "list":
+            return gr.Textbox(value=to_widget(spec, spec.default), lines=2, max_lines=8,
+                              placeholder="one per line", **common)
+        return gr.Textbox(value=spec.default, max_lines=1, **common)
+
+    grouped = groups(specs)
+    with gr.Row(equal_height=False):
+        basic = grouped.get("basic", [])
+        half = (len(basic) + 1) // 2
+        for column in (basic[:half], basic[half:]):
+            with gr.Column():
+                for spec in column:
+                    widgets[spec.name] = make(spec)
+    with gr.Accordion("Advanced (every other setting; the defaults are sound)", open=False):
+        for group, members in grouped.items():
+            if group == "basic":
+                continue
+            with gr.Accordion(GROUP_TITLES.get(group, group.title()), open=False):
+                with gr.Row(equal_height=False):
+                    for column in (members[0::2], members[1::2]):
+                        with gr.Column():
+                            for spec in column:
+                                widgets[spec.name] = make(spec)
+    return widgets
+
+
+def ordered(widgets: dict[str, Any], specs: list[FieldSpec]) -> list[Any]:
+    """The widgets in spec order (the order handlers receive their values)."""
+    return [widgets[s.name] for s in specs]
+
+
+def visibility_updates(specs: list[FieldSpec], task_type: str) -> list[Any]:
+    """gr.update(visible=...) per spec for a task switch (image fields hide for text and back)."""
+    import gradio as gr  # noqa: PLC0415
+
+    return [gr.update(visible=s.shown_for(task_type)) for s in specs]

@@ -1,0 +1,69 @@
+"""The live loss plot: raw loss, smoothed loss and learning rate against the step.
+
+Pure functions over the `losses` list of a JobSnapshot ([(step, loss, smoothed, lr)]),
+so the plot can be tested without a browser. matplotlib loads on the first plot only
+and draws with the Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+LossRow = tuple[int, float, "float | None", "float | None"]
+
+
+def ema(values: Sequence[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average, for runs whose events carry no smoothed loss."""
+    out, avg = [], 0.0
+    for i, value in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * value
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def loss_series(losses: Sequence[LossRow]) -> dict[str, list[float]]:
+    """Split rows into finite series; a missing smoothed value is filled with our own EMA."""
+    rows = [r for r in losses if r[1] is not None and math.isfinite(r[1])]
+    steps = [float(r[0]) for r in rows]
+    raw = [float(r[1]) for r in rows]
+    smoothed_given = [r[2] for r in rows]
+    if rows and all(s is not None and math.isfinite(s) for s in smoothed_given):
+        smoothed = [float(s) for s in smoothed_given]  # type: ignore[arg-type]
+    else:
+        smoothed = ema(raw)
+    lr_rows = [(float(r[0]), float(r[3])) for r in rows if r[3] is not None and math.isfinite(r[3])]
+    return {"step": steps, "loss": raw, "smoothed": smoothed,
+            "lr_step": [s for s, _ in lr_rows], "lr": [v for _, v in lr_rows]}
+
+
+def loss_figure(losses: Sequence[LossRow], title: str = "Training loss"):
+    """A matplotlib Figure: raw loss (thin), smoothed loss (bold), learning rate (right axis)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    data = loss_series(losses)
+    fig = Figure(figsize=(7, 3.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if not data["step"]:
+        ax.text(0.5, 0.5, "The loss appears here after the first steps.", ha="center", va="center",
+                transform=ax.transAxes, color="#6b7280")
+        return fig
+    ax.plot(data["step"], data["loss"], color="#93c5fd", linewidth=0.8, label="loss")
+    ax.plot(data["step"], data["smoothed"], color="#1d4ed8", linewidth=2.0, label="smoothed")
+    handles, labels = ax.get_legend_handles_labels()
+    if data["lr"]:
+        ax2 = ax.twinx()
+        ax2.plot(data["lr_step"], data["lr"], color="#f59e0b", linewidth=1.2, linestyle="--",
+                 label="learning rate")
+        ax2.set_ylabel("learning rate")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    return fig

@@ -1,0 +1,81 @@
+"""Process-wide state of the app: the one Job, the project folders, the folders a user opened.
+
+Training and captioning run in `JOB`'s background thread, never in a request handler;
+every tab polls `JOB.snapshot()`, so reloading the page (or opening a second window)
+shows the same run. Files are served only from the project's folders and the folders
+the user picked in the app (`allow_folder`), never from anywhere else on the disk.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+from core.job import Job
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "data"
+MODELS_DIR = ROOT / "models"
+OUTPUT_DIR = ROOT / "output"
+CACHE_DIR = ROOT / ".cache" / "ui"  # thumbnails, previews and compare grids made by the app
+MODEL_SUBDIRS = {"image": "Stable-diffusion", "lora": "Lora", "text": "llm"}
+
+JOB = Job()
+
+_allowed_lock = threading.Lock()
+_ALLOWED: list[Path] = []
+
+
+def project_folders() -> list[Path]:
+    """The folders the app may always serve files from."""
+    return [DATA_DIR, MODELS_DIR, OUTPUT_DIR, CACHE_DIR]
+
+
+def allowed_folders() -> list[str]:
+    """Absolute folders for Gradio's `allowed_paths` (shared list: folders opened later are added)."""
+    with _allowed_lock:
+        return [str(p) for p in project_folders() + _ALLOWED]
+
+
+def allow_folder(folder: str | Path, app: object | None = None) -> None:
+    """Let the app serve files from a folder the user chose (dataset or output outside the project)."""
+    path = Path(folder).expanduser().resolve()
+    with _allowed_lock:
+        if any(path == p or p in path.parents for p in project_folders() + _ALLOWED):
+            return
+        _ALLOWED.append(path)
+    blocks = app if app is not None else _APP.get("blocks")
+    if blocks is not None and isinstance(getattr(blocks, "allowed_paths", None), list):
+        blocks.allowed_paths.append(str(path))
+
+
+_APP: dict[str, object] = {}
+
+
+def register_app(blocks: object) -> None:
+    """Remember the running Blocks so folders opened later can be added to its allowed paths."""
+    _APP["blocks"] = blocks
+
+
+_UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
+
+
+def safe_name(name: str, fallback: str = "file") -> str:
+    """A file or folder name with no path parts, no control or shell characters, no leading dots."""
+    base = Path(str(name).replace("\\", "/")).name
+    cleaned = _UNSAFE.sub("_", base).strip(" .")
+    cleaned = cleaned[:120]
+    if not cleaned or cleaned in {".", ".."}:
+        return fallback
+    return cleaned
+
+
+def ensure_folders() -> None:
+    for folder in project_folders() + [MODELS_DIR / sub for sub in MODEL_SUBDIRS.values()]:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_user_path(text: str) -> Path:
+    """A path typed by the user: `~` expanded, relative paths taken from the project root."""
+    path = Path(str(text).strip().strip('"').strip("'")).expanduser()
+    return path if path.is_absolute() else (ROOT / path)

@@ -1,0 +1,268 @@
+"""Test tab: try the LoRA. Images: generate at a LoRA weight and compare weights x checkpoints
+in one labelled grid. Text: chat with the adapter, and the base and the LoRA side by side.
+
+Generation runs in the request (like WebUI's Generate) with Gradio's progress, but is
+refused while a training job holds the device; the pipelines load lazily in `core.sample`
+/ `core.sample_text` and are cached between clicks.
+"""
+from __future__ import annotations
+
+import html
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ui import catalog, state
+
+WEIGHTS = (0.0, 0.4, 0.6, 0.8, 1.0)
+DEFAULT_WEIGHT = 0.8
+
+
+class DeviceBusy(RuntimeError):
+    pass
+
+
+def ensure_device_free() -> None:
+    snap = state.JOB.snapshot()
+    if snap.running:
+        raise DeviceBusy(f"A {snap.kind or 'job'} run is using the device ({snap.name}). Stop it or wait for it "
+                         "to finish, then generate.")
+
+
+def webui_syntax(lora_path: str, weight: float) -> str:
+    """What to type in WebUI / Forge to use this LoRA: `<lora:name:0.8>`."""
+    if not lora_path:
+        return "<lora:your_lora:0.8>"
+    path = Path(lora_path)
+    name = path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
+    return f"<lora:{name}:{weight:g}>"
+
+
+def family_note(lora_path: str, base_model: str) -> str:
+    """'This LoRA was trained for SDXL' when the file's family and the base model's differ."""
+    if not lora_path or not base_model:
+        return ""
+    try:
+        from core.export import inspect as inspect_mod  # type: ignore[attr-defined]  # noqa: PLC0415
+        from core.model_info import detect_model  # noqa: PLC0415
+    except ImportError:
+        return ""
+    try:
+        info = inspect_mod.inspect_lora(state.resolve_user_path(lora_path))
+        model = detect_model(str(state.resolve_user_path(base_model)), "image-generation")
+        message = inspect_mod.lora_family_mismatch(info, getattr(model, "family", ""))
+    except Exception:  # noqa: BLE001 - a check that cannot run must not block generating
+        return ""
+    return f"⚠ {message}" if message else ""
+
+
+def compare_files(lora_path: str, with_checkpoints: bool) -> list[Path]:
+    """The chosen LoRA file, and before it the run's checkpoints (step 100, 200, ...) when asked."""
+    main = state.resolve_user_path(lora_path)
+    files = [p for _, p in catalog.checkpoint_loras(main)] if with_checkpoints else []
+    return [p for p in files if p.resolve() != main.resolve()] + [main]
+
+
+def grid_path(lora_path: str) -> Path:
+    stem = re.sub(r"[^\w.-]+", "_", Path(lora_path).stem or "lora")
+    return state.CACHE_DIR / "compare" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+
+
+def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
+    import gradio as gr  # noqa: PLC0415
+
+    task = gr.Radio(["image", "text"], value="image", label="What to test", elem_id="test-task")
+    with gr.Group(visible=True) as image_box:
+        with gr.Row():
+            base = gr.Dropdown(choices=catalog.image_models(), value="", allow_custom_value=True, scale=3,
+                               label="Base model", elem_id="test-base")
+            lora = gr.Dropdown(choices=catalog.lora_files(), value="", allow_custom_value=True, scale=3,
+                               label="LoRA (a run's file, a checkpoint, or models/Lora/)", elem_id="test-lora")
+            refresh = gr.Button("↻ Refresh lists", scale=1, elem_id="test-refresh")
+        family = gr.Markdown("", elem_id="test-family")
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="test-prompt")
+        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="test-negative")
+        with gr.Row():
+            weight = gr.Slider(0.0, 1.5, value=DEFAULT_WEIGHT, step=0.05, label="LoRA weight", elem_id="test-weight")
+            seed = gr.Number(value=1234, precision=0, minimum=0, label="Seed", elem_id="test-seed")
+            steps = gr.Number(value=20, precision=0, minimum=1, maximum=150, label="Steps", elem_id="test-steps")
+            guidance = gr.Number(value=7.0, minimum=0, maximum=30, label="Guidance", elem_id="test-guidance")
+            size = gr.Number(value=0, precision=0, minimum=0, maximum=2048, elem_id="test-size",
+                             label="Size in px (0: the model's own)")
+        syntax = gr.Textbox(value=webui_syntax("", DEFAULT_WEIGHT), label="In WebUI / Forge prompts, write",
+                            interactive=False, buttons=["copy"], elem_id="test-syntax")
+        with gr.Row():
+            generate_btn = gr.Button("Generate", variant="primary", elem_id="test-generate")
+            with_ckpts = gr.Checkbox(value=False, label="Compare over checkpoints too", elem_id="test-ckpts")
+            compare_btn = gr.Button("Compare weights 0 / 0.4 / 0.6 / 0.8 / 1.0", elem_id="test-compare")
+        image_message = gr.Markdown("", elem_id="test-message")
+        with gr.Row():
+            image_out = gr.Image(label="Result", type="pil", interactive=False, height=400, elem_id="test-image")
+            grid_out = gr.Image(label="Compare grid (saved as one PNG)", type="filepath", interactive=False,
+                                height=400, elem_id="test-grid")
+    with gr.Group(visible=False) as text_box:
+        with gr.Row():
+            text_base = gr.Dropdown(choices=catalog.text_models(), value="", allow_custom_value=True, scale=3,
+                                    label="Base model (empty: the bundled SmolLM2-135M)", elem_id="test-text-base")
+            adapter = gr.Dropdown(choices=catalog.text_adapters(), value="", allow_custom_value=True, scale=3,
+                                  label="Adapter (a run's adapter folder)", elem_id="test-adapter")
+            text_weight = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Adapter weight", scale=2,
+                                    elem_id="test-text-weight")
+        chat = gr.Chatbot(label="Chat with the LoRA", height=320, elem_id="test-chat")
+        with gr.Row():
+            question = gr.Textbox(label="Message", scale=5, elem_id="test-question")
+            send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="test-send")
+            side_btn = gr.Button("Base vs LoRA", scale=1, elem_id="test-side")
+        text_message = gr.Markdown("", elem_id="test-text-message")
+        with gr.Row():
+            base_answer = gr.Textbox(label="Base model", lines=6, interactive=False, elem_id="test-base-answer")
+            lora_answer = gr.Textbox(label="With the LoRA", lines=6, interactive=False, elem_id="test-lora-answer")
+
+    # -- image handlers -----------------------------------------------------------------
+    def paths(base_text: str, lora_text: str) -> tuple[str, str | None]:
+        if not base_text:
+            raise ValueError("Choose a base model first.")
+        base_path = state.resolve_user_path(base_text)
+        base_arg = str(base_path) if base_path.exists() else base_text
+        lora_arg = None
+        if lora_text:
+            lora_path = state.resolve_user_path(lora_text)
+            if not lora_path.is_file():
+                raise ValueError(f"{lora_text} does not exist.")
+            lora_arg = str(lora_path)
+        return base_arg, lora_arg
+
+    def generate(base_text, lora_text, prompt_text, negative_text, w, seed_v, steps_v, guidance_v, size_v,
+                 progress=gr.Progress()):
+        try:
+            ensure_device_free()
+            base_arg, lora_arg = paths(base_text, lora_text)
+        except (DeviceBusy, ValueError) as exc:
+            return None, str(exc)
+        from core.sample import generate_images  # noqa: PLC0415
+
+        progress(0.1, desc="Loading the model (the first time takes a while) …")
+        side = int(size_v or 0) or None
+        started = time.perf_counter()
+        try:
+            images = generate_images(base_arg, lora_arg, [prompt_text or ""], weight=float(w), seed=int(seed_v or 0),
+                                     steps=int(steps_v or 20), guidance=float(guidance_v or 0),
+                                     negative_prompt=negative_text or "", width=side, height=side)
+        except Exception as exc:  # noqa: BLE001 - show it in the page, not as a traceback
+            return None, f"**Could not generate:** {html.escape(str(exc))}"
+        note = f"Generated at LoRA weight {float(w):g} in {time.perf_counter() - started:.1f} s." if lora_arg \
+            else "Generated with the base model alone (no LoRA chosen)."
+        return images[0], note
+
+    def compare(base_text, lora_text, prompt_text, negative_text, seed_v, steps_v, guidance_v, size_v, ckpts,
+                progress=gr.Progress()):
+        try:
+            ensure_device_free()
+            base_arg, lora_arg = paths(base_text, lora_text)
+            if lora_arg is None:
+                raise ValueError("Choose a LoRA to compare.")
+        except (DeviceBusy, ValueError) as exc:
+            return None, str(exc)
+        from core.sample import compare_grid  # noqa: PLC0415
+
+        files = compare_files(lora_text, bool(ckpts))
+        progress(0.1, desc=f"Rendering {len(files) * len(WEIGHTS)} images …")
+        side = int(size_v or 0) or None
+        out = grid_path(lora_text)
+        try:
+            compare_grid(base_arg, [str(f) for f in files], [prompt_text or ""], out, weights=WEIGHTS,
+                         seed=int(seed_v or 0), steps=int(steps_v or 20), guidance=float(guidance_v or 0),
+                         negative_prompt=negative_text or "", width=side, height=side)
+        except Exception as exc:  # noqa: BLE001
+            return None, f"**Could not make the grid:** {html.escape(str(exc))}"
+        rows = ", ".join(Path(f).parent.name if Path(f).parent.name.startswith("step-") else "final" for f in files)
+        return str(out), f"Grid saved as `{catalog._rel(out)}` — columns: weights {', '.join(f'{w:g}' for w in WEIGHTS)}; rows: {rows}."  # noqa: SLF001
+
+    def on_lora(lora_text, base_text, w):
+        return webui_syntax(lora_text, float(w)), family_note(lora_text, base_text)
+
+    def on_refresh():
+        return (gr.update(choices=catalog.image_models()), gr.update(choices=catalog.lora_files()),
+                gr.update(choices=catalog.text_models()), gr.update(choices=catalog.text_adapters()))
+
+    # -- text handlers ------------------------------------------------------------------
+    def text_paths(base_text: str, adapter_text: str) -> tuple[str, str | None]:
+        base_arg = ""
+        if base_text:
+            p = state.resolve_user_path(base_text)
+            base_arg = str(p) if p.exists() else base_text
+        adapter_arg = None
+        if adapter_text:
+            p = state.resolve_user_path(adapter_text)
+            if not p.exists():
+                raise ValueError(f"{adapter_text} does not exist.")
+            adapter_arg = str(p)
+        return base_arg, adapter_arg
+
+    def send(base_text, adapter_text, w, history, message):
+        history = list(history or [])
+        if not (message or "").strip():
+            return history, "", "Type a message first."
+        try:
+            ensure_device_free()
+            base_arg, adapter_arg = text_paths(base_text, adapter_text)
+            from core import sample_text  # noqa: PLC0415
+        except (DeviceBusy, ValueError) as exc:
+            return history, message, str(exc)
+        except ImportError:
+            return history, message, "Text testing is not available yet (core.sample_text is missing)."
+        messages = [{"role": m["role"], "content": m["content"]} for m in history] + \
+            [{"role": "user", "content": message}]
+        try:
+            answer = sample_text.chat(base_arg, adapter_arg, messages, weight=float(w))
+        except Exception as exc:  # noqa: BLE001
+            return history, message, f"**Could not answer:** {html.escape(str(exc))}"
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+        return history, "", ""
+
+    def side_by_side(base_text, adapter_text, w, message):
+        if not (message or "").strip():
+            return gr.skip(), gr.skip(), "Type a message first."
+        try:
+            ensure_device_free()
+            base_arg, adapter_arg = text_paths(base_text, adapter_text)
+            if adapter_arg is None:
+                raise ValueError("Choose an adapter to compare with the base model.")
+            from core import sample_text  # noqa: PLC0415
+        except (DeviceBusy, ValueError) as exc:
+            return gr.skip(), gr.skip(), str(exc)
+        except ImportError:
+            return gr.skip(), gr.skip(), "Text testing is not available yet (core.sample_text is missing)."
+        try:
+            answers = sample_text.compare_answers(base_arg, adapter_arg, message, weight=float(w))
+        except Exception as exc:  # noqa: BLE001
+            return gr.skip(), gr.skip(), f"**Could not answer:** {html.escape(str(exc))}"
+        return answers.get("base", ""), answers.get("lora", ""), "Same prompt, same settings; greedy decoding."
+
+    # -- wiring -----------------------------------------------------------------------------
+    task.change(lambda t: (gr.update(visible=t == "image"), gr.update(visible=t == "text")), task,
+                [image_box, text_box])
+    image_inputs = [base, lora, prompt, negative, weight, seed, steps, guidance, size]
+    generate_btn.click(generate, image_inputs, [image_out, image_message], concurrency_limit=1,
+                       concurrency_id="device")
+    compare_btn.click(compare, [base, lora, prompt, negative, seed, steps, guidance, size, with_ckpts],
+                      [grid_out, image_message], concurrency_limit=1, concurrency_id="device")
+    lora.change(on_lora, [lora, base, weight], [syntax, family])
+    weight.change(lambda lo, w: webui_syntax(lo, float(w)), [lora, weight], syntax, show_progress="hidden")
+    refresh.click(on_refresh, None, [base, lora, text_base, adapter])
+    send_btn.click(send, [text_base, adapter, text_weight, chat, question], [chat, question, text_message],
+                   concurrency_limit=1, concurrency_id="device")
+    question.submit(send, [text_base, adapter, text_weight, chat, question], [chat, question, text_message],
+                    concurrency_limit=1, concurrency_id="device")
+    side_btn.click(side_by_side, [text_base, adapter, text_weight, question], [base_answer, lora_answer, text_message],
+                   concurrency_limit=1, concurrency_id="device")
+    if train and "widgets" in train:
+        # After a run, the Test tab offers its base model and its files without a refresh.
+        widgets = train["widgets"]
+        def follow(model: str, task_type: str):
+            return (gr.update(value=model), gr.skip()) if task_type == "image-generation" else \
+                (gr.skip(), gr.update(value=model))
+
+        widgets["base_model"].change(follow, [widgets["base_model"], widgets["task_type"]], [base, text_base])
+    return {"task": task, "base": base, "lora": lora, "refresh": refresh}

@@ -1,0 +1,39 @@
+"""Small thumbnails of data set images, cached under .cache/ui/thumbs by path, size and mtime.
+
+The gallery shows these instead of the originals: a folder of 20 MB photos stays fast,
+and the page never needs to read files outside the project's cache folder.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ui.state import CACHE_DIR
+
+THUMB_SIDE = 256
+
+
+def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Path | None:
+    """A cached WebP thumbnail of `path`, or None when the image cannot be read."""
+    from core.data.image_io import load_rgb  # noqa: PLC0415
+
+    source = Path(path)
+    try:
+        info = source.stat()
+    except OSError:
+        return None
+    key = hashlib.sha1(f"{source.resolve()}|{info.st_size}|{info.st_mtime_ns}|{side}".encode()).hexdigest()
+    target = CACHE_DIR / "thumbs" / f"{key[:2]}" / f"{key}.webp"
+    if target.is_file():
+        return target
+    try:
+        image = load_rgb(source, draft_size=side)
+    except Exception:  # noqa: BLE001 - an unreadable image has no thumbnail; the health check says why
+        return None
+    image.thumbnail((side, side))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from core.atomic import atomic_path  # noqa: PLC0415
+
+    with atomic_path(target) as tmp:
+        image.save(tmp, format="WEBP", quality=80)
+    return target
