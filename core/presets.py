@@ -1,32 +1,315 @@
-"""Presets: partial configs in presets/*.yaml merged under the user's own values."""
+"""Presets: partial configs in presets/*.yaml merged under the user's own values.
+
+Each preset is written for one (model family, memory tier): `sd15-8gb`, `sdxl-12gb`,
+`llm-24gb`, plus `cpu` and `mps`. Besides config keys a preset file has three keys
+of its own: `description` (shown in the UI), `family` (sd1 | sdxl | llm | any) and
+`memory_gb` (the GPU size it was written for).
+
+`preset: auto` detects the device (`detect_device`, the one call tests mock) and the
+base model (headers only, `core.model_info`), and picks the richest preset of the
+model's family that is meant for this GPU's size and that the memory estimate says
+fits in its free memory. `describe_choice` turns that choice into the sentence the
+Train tab and `train.py` print. Every value stays editable: the user's own values
+always win over the preset's.
+
+On a machine without bf16 a preset's bf16 becomes fp16, and without bitsandbytes its
+adamw8bit becomes adamw; values the user typed are never changed.
+"""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+from core import devices
+from core.config import FIELDS, TrainConfig, _coerce
+from core.devices import DeviceInfo
+from core.memory import MemoryEstimate, estimate_memory, format_changes
+from core.model_info import IMAGE_FAMILIES, ModelInfo, detect_model
 
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+META_KEYS = ("description", "family", "memory_gb")
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+# A "12 GB" card reports about 11.7 GiB, a laptop "8 GB" about 7.6: a tier is meant for a GPU
+# whose total memory is at least this share of the tier's size.
+TIER_SHARE = 0.9
+# Keys an out-of-memory downshift may change in the middle of a run. The LoRA's shape (rank,
+# targets, variant), the optimizer and what is trained stay, so the checkpoint still loads.
+DOWNSHIFT_KEYS = ("batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "resolution",
+                  "max_seq_length", "cache_latents", "cache_text_encoder_outputs")
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    name: str
+    family: str  # sd1 | sdxl | llm | any
+    memory_gb: float
+    description: str
+
+
+@dataclass
+class PresetChoice:
+    """What `preset: auto` picked, and why."""
+
+    name: str
+    values: dict[str, Any]
+    reason: str
+    device: DeviceInfo
+    model: ModelInfo
+    estimate: MemoryEstimate | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate is None or self.estimate.fits
+
+
+def detect_device() -> DeviceInfo:
+    """The device training will use (see core.devices; tests mock this one call)."""
+    return devices.detect_device()
+
+
+# --- reading presets -----------------------------------------------------------------------
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def _read(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown preset {name!r}; choose one of: auto, {', '.join(preset_names())}.")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    data.pop("description", None)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must be a mapping of key: value lines.")
     return data
 
 
+def load_preset(name: str) -> dict[str, Any]:
+    """The config values of preset `name` (its description/family/memory_gb removed)."""
+    data = _read(name)
+    for key in META_KEYS:
+        data.pop(key, None)
+    unknown = [k for k in data if k not in FIELDS]
+    if unknown:
+        raise ValueError(f"preset {name!r} has unknown keys: {', '.join(unknown)}.")
+    return data
+
+
+def preset_info(name: str) -> PresetInfo:
+    data = _read(name)
+    return PresetInfo(name, str(data.get("family", "any")), float(data.get("memory_gb", 0)),
+                      str(data.get("description", "")))
+
+
+def preset_family(model: ModelInfo | str) -> str:
+    """The preset family of a model family: SD 2.x uses the SD 1.x presets."""
+    family = model.family if isinstance(model, ModelInfo) else model
+    return {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "llm": "llm"}.get(family, "sd1")
+
+
+def family_presets(family: str) -> list[PresetInfo]:
+    """The GPU presets of a preset family, smallest memory tier first."""
+    infos = [preset_info(n) for n in preset_names()]
+    return sorted((i for i in infos if i.family == family), key=lambda i: i.memory_gb)
+
+
+def adapt_to_device(values: dict[str, Any], device: DeviceInfo) -> tuple[dict[str, Any], list[str]]:
+    """A preset's values made runnable here (bf16 -> fp16, adamw8bit -> adamw), with notes why."""
+    values = dict(values)
+    notes = []
+    if device.kind == "cuda" and values.get("mixed_precision") == "bf16" and not device.bf16:
+        values["mixed_precision"] = "fp16"
+        notes.append("fp16 because this GPU has no bf16")
+    if values.get("optimizer") == "adamw8bit" and not (device.kind == "cuda" and device.bitsandbytes):
+        values["optimizer"] = "adamw"
+        notes.append("AdamW because 8-bit AdamW needs bitsandbytes on a CUDA GPU"
+                     if device.kind == "cuda" else "AdamW (8-bit AdamW needs a CUDA GPU)")
+    return values, notes
+
+
+def loose_config(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from form/YAML values for estimating only: values it cannot read are left out."""
+    typed = {}
+    for key, value in values.items():
+        if key in FIELDS:
+            try:
+                typed[key] = _coerce(key, value)
+            except ValueError:
+                continue
+    return TrainConfig(**typed)
+
+
+def _model_for(raw: dict[str, Any]) -> ModelInfo:
+    return detect_model(str(raw.get("base_model") or ""), str(raw.get("task_type") or "image-generation"),
+                        str(raw.get("gguf_file") or ""))
+
+
+def _user_values(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in raw.items() if k != "preset" and v is not None}
+
+
+# --- choosing --------------------------------------------------------------------------------
+
+def _generic_values(name: str, model: ModelInfo, device: DeviceInfo) -> tuple[dict[str, Any], list[str]]:
+    values, notes = adapt_to_device(load_preset(name), device)
+    if model.family in NATIVE_RESOLUTION and "resolution" not in values:
+        values["resolution"] = NATIVE_RESOLUTION[model.family]
+    return values, notes
+
+
+def choose_preset(raw: dict[str, Any], device: DeviceInfo | None = None,
+                  model: ModelInfo | None = None) -> PresetChoice:
+    """The richest preset for this device and base model; user values in `raw` stay on top."""
+    device = device or detect_device()
+    model = model or _model_for(raw)
+    user = _user_values(raw)
+    about = f"{model.label}, read from {model.source}" if model.source else model.label
+    if device.kind in ("cpu", "mps"):
+        values, notes = _generic_values(device.kind, model, device)
+        estimate = estimate_memory(loose_config({**values, **user}), model, device)
+        if device.kind == "cpu":
+            reason = (f"Preset cpu: no CUDA or Apple GPU was found, so {about} trains on the CPU. That works "
+                      "but slowly (minutes per step for Stable Diffusion, seconds for a small LLM); predicted "
+                      f"peak RAM {estimate.summary()}, {device.free_gb:.0f} GB free.")
+        else:
+            reason = (f"Preset mps: {about} on {device.label}, in full precision; predicted peak "
+                      f"{estimate.summary()}.")
+        return PresetChoice(device.kind, values, _with_notes(reason, notes, estimate), device, model, estimate)
+
+    tiers = family_presets(preset_family(model))
+    if not tiers:
+        raise ValueError(f"no presets for {model.label} in {PRESET_DIR}.")
+    skipped: list[str] = []
+    for tier in reversed(tiers):
+        if tier.memory_gb > 0 and device.total_gb < tier.memory_gb * TIER_SHARE:
+            continue  # meant for a bigger GPU
+        values, notes = adapt_to_device(load_preset(tier.name), device)
+        estimate = estimate_memory(loose_config({**values, **user}), model, device)
+        if estimate.fits:
+            reason = (f"Preset {tier.name}: {about} on {device.label}; predicted peak {estimate.summary()}.")
+            if skipped:
+                reason += " " + " ".join(skipped)
+            return PresetChoice(tier.name, values, _with_notes(reason, notes, estimate), device, model, estimate)
+        skipped.append(f"{tier.name} was predicted to need {estimate.total_gb:.1f} GB, more than the "
+                       f"{estimate.budget_gb:.1f} GB usable.")
+    smallest = tiers[0]
+    values, notes = adapt_to_device(load_preset(smallest.name), device)
+    estimate = estimate_memory(loose_config({**values, **user}), model, device)
+    reason = (f"Preset {smallest.name}, the smallest for {about}, on {device.label}: predicted peak "
+              f"{estimate.summary()}, which is likely NOT to fit in {estimate.budget_gb:.1f} GB. "
+              f"{estimate.advice}")
+    return PresetChoice(smallest.name, values, _with_notes(reason, notes, estimate), device, model, estimate)
+
+
+def _with_notes(reason: str, notes: list[str], estimate: MemoryEstimate | None) -> str:
+    if notes:
+        reason = reason.rstrip(".") + f" ({'; '.join(notes)})."
+    return reason
+
+
 def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
-    """Return `raw` with the named preset's values filled in where the user set none."""
+    """Return `raw` with the named preset's values filled in where the user set none.
+
+    `preset: auto` is replaced by the name of the preset it chose, so the config saved
+    beside the results says exactly what ran.
+    """
     name = str(raw.get("preset") or "")
     if not name:
         return dict(raw)
-    merged = load_preset(name)
+    if name == "auto":
+        choice = choose_preset(raw)
+        merged = dict(choice.values)
+        merged.update(_user_values(raw))
+        merged["preset"] = choice.name
+        return merged
+    values = load_preset(name)
+    if any(k in values for k in ("mixed_precision", "optimizer")):
+        values, _ = adapt_to_device(values, detect_device())
+    merged = dict(values)
     merged.update(raw)
     return merged
+
+
+def describe_choice(cfg_raw: dict[str, Any] | TrainConfig, device: DeviceInfo | None = None) -> str:
+    """One sentence for the UI and train.py: which preset, why, and the predicted peak memory.
+
+    Works for `preset: auto`, a named preset (with a warning when it is meant for another
+    model family or a bigger GPU) and no preset (the estimate of the user's own values).
+    """
+    raw = cfg_raw.to_dict() if isinstance(cfg_raw, TrainConfig) else dict(cfg_raw)
+    name = str(raw.get("preset") or "")
+    device = device or detect_device()
+    model = _model_for(raw)
+    if name == "auto":
+        return choose_preset(raw, device, model).reason
+    if not name:
+        estimate = estimate_memory(loose_config(_user_values(raw)), model, device)
+        text = f"No preset: {model.label} on {device.label}; predicted peak {estimate.summary()}."
+        return text if estimate.fits else f"{text} That is likely NOT to fit. {estimate.advice}"
+    info = preset_info(name)
+    values, notes = adapt_to_device(load_preset(name), device)
+    estimate = estimate_memory(loose_config({**values, **_user_values(raw)}), model, device)
+    text = f"Preset {name}: {info.description} Predicted peak on {device.label}: {estimate.summary()}."
+    if info.family not in ("any", preset_family(model)):
+        text += f" Note: this preset is meant for {info.family.upper()} models, but the base model is {model.label}."
+    if device.kind == "cuda" and info.memory_gb and device.total_gb < info.memory_gb * TIER_SHARE:
+        text += f" It is meant for a {info.memory_gb:g} GB GPU."
+    if not estimate.fits:
+        text += f" That is likely NOT to fit. {estimate.advice}"
+    return _with_notes(text, notes, None)
+
+
+# --- smaller presets (out-of-memory recovery) ----------------------------------------------------
+
+def current_tier(cfg: TrainConfig, model: ModelInfo) -> float:
+    """The memory tier `cfg` runs at: its preset's, else the largest tier its estimate fits under."""
+    if cfg.preset and cfg.preset not in ("auto", "cpu", "mps"):
+        try:
+            info = preset_info(cfg.preset)
+            if info.family == preset_family(model):
+                return info.memory_gb
+        except ValueError:
+            pass
+    return float("inf")
+
+
+def next_smaller_preset(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo
+                        ) -> tuple[str, dict[str, Any]] | None:
+    """The next smaller preset's downshift values that lower the predicted peak, or None.
+
+    Only DOWNSHIFT_KEYS change (the LoRA's shape and the optimizer stay, so the last
+    checkpoint loads); gradient_accumulation_steps grows so the effective batch stays
+    the same and the step count and schedule do not move.
+    """
+    if device.kind in ("cpu", "mps"):
+        return None
+    before = estimate_memory(cfg, model, device).total_gb
+    tier = current_tier(cfg, model)
+    for info in reversed(family_presets(preset_family(model))):
+        if info.memory_gb >= tier:
+            continue
+        values = {k: v for k, v in load_preset(info.name).items() if k in DOWNSHIFT_KEYS}
+        if cfg.is_image:
+            values.pop("max_seq_length", None)
+        else:
+            for key in ("resolution", "cache_latents", "cache_text_encoder_outputs"):
+                values.pop(key, None)
+        if "batch_size" in values:
+            effective = cfg.batch_size * cfg.gradient_accumulation_steps
+            values["gradient_accumulation_steps"] = max(1, round(effective / values["batch_size"]))
+        changes = {k: v for k, v in values.items() if getattr(cfg, k) != v}
+        if not changes:
+            continue
+        smaller = dataclasses.replace(cfg, **changes)
+        if estimate_memory(smaller, model, device).total_gb < before:
+            changes["preset"] = info.name
+            return info.name, changes
+    return None
+
+
+def downshift_summary(cfg: TrainConfig, changes: dict[str, Any]) -> str:
+    """'batch_size 4 -> 2, gradient_accumulation_steps 1 -> 2' for the log and the advice."""
+    return format_changes([(k, getattr(cfg, k), v) for k, v in changes.items() if k != "preset"])

@@ -1,0 +1,267 @@
+"""Predicted peak memory of a training config, so a run that will not fit is flagged first.
+
+The estimate is a sum of parts a user can act on: frozen weights in their dtype, the
+LoRA parameters with their gradients and optimizer state, the activations kept for the
+backward pass (by resolution x batch, or tokens, with or without gradient
+checkpointing), a transient for the backward pass itself, and cached latents.
+
+Where the activation numbers come from: `bench/memory_calibration.py` runs the real
+architectures (SD 1.5 / SDXL UNets from their published configs, Llama-shaped decoders)
+on the `meta` device, with LoRA-like trainable attention weights and flash-style
+attention, and adds up every tensor autograd saves for the backward pass. That count
+is exact for what autograd keeps and linear in the number of latent pixels (or
+tokens); it is what `torch.cuda.max_memory_allocated` sees, minus allocator slack.
+The numbers below are those measurements; CUDA peaks are not measured yet (no GPU was
+available), see the README.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from core.config import TrainConfig
+from core import devices
+from core.devices import GIB, DeviceInfo
+from core.model_info import SD_VAE, ModelInfo, detect_model
+
+KIB = 1024
+
+# Bytes autograd saves per latent pixel per image, in a 16-bit dtype (bench/memory_calibration.py):
+# (no checkpointing, with checkpointing, largest checkpointed block recomputed, largest single tensor).
+UNET_ACTIVATION = {
+    "sd1": (190.1 * KIB, 35.6 * KIB, 14.5 * KIB, 5.0 * KIB),
+    "sd2": (190.1 * KIB, 35.6 * KIB, 14.5 * KIB, 5.0 * KIB),  # SD 2.x has SD 1.x's block layout
+    "sdxl": (333.0 * KIB, 29.1 * KIB, 7.5 * KIB, 2.5 * KIB),
+}
+# Sum of (in + out) features over the LoRA targets (to_q/k/v/out.0 of the UNet; q/k/v/out_proj of
+# the text encoders): LoRA parameters = rank x this.
+UNET_LORA_FEATURES = {"sd1": 199_296, "sd2": 199_296, "sdxl": 1_451_520}
+TE_LORA_FEATURES = {"sd1": 73_728, "sd2": 196_608, "sdxl": 73_728 + 327_680}
+# Activations of a text encoder being trained, per caption (77 tokens), in a 16-bit dtype.
+TE_ACTIVATION = {"sd1": 0.04 * GIB, "sd2": 0.1 * GIB, "sdxl": 0.2 * GIB}
+# Per LoRA parameter: fp32 weight + fp32 gradient + optimizer state.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "sgd": 4}
+# Allocator rounding, cuBLAS/cuDNN workspaces and the like, outside the parts above.
+RUNTIME_OVERHEAD_GB = 0.25
+# Share of the free memory a run may plan to use (fragmentation of the caching allocator).
+USABLE_SHARE = 0.92
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak memory in GiB, by part; `fits` compares it with the device's free memory."""
+
+    total_gb: float
+    parts: dict[str, float] = field(default_factory=dict)
+    fits: bool = True
+    advice: str = ""
+    budget_gb: float = 0.0
+
+    def describe(self) -> str:
+        """'about 6.9 GB (...) of 11.0 GB usable' plus the advice when it does not fit."""
+        text = f"{self.summary()} of {self.budget_gb:.1f} GB usable"
+        return text if self.fits else f"{text}: likely NOT to fit. {self.advice}"
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{name} {gb:.1f}" for name, gb in self.parts.items() if gb >= 0.05)
+        return f"about {self.total_gb:.1f} GB ({parts})"
+
+
+def dtype_bytes(cfg: TrainConfig, device: DeviceInfo | None = None) -> int:
+    if device is not None and device.kind == "cpu" and cfg.mixed_precision == "fp16":
+        return 4  # fp16 autocast is not used on the CPU
+    return 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
+
+
+def usable_gb(device: DeviceInfo) -> float:
+    """Memory a run may plan to use: the free memory less allocator slack."""
+    return max(0.0, device.free_gb * USABLE_SHARE)
+
+
+def _lora_state_bytes(cfg: TrainConfig, device: DeviceInfo) -> int:
+    optimizer = cfg.optimizer
+    if optimizer == "adamw8bit" and not (device.kind == "cuda" and device.bitsandbytes):
+        optimizer = "adamw"  # build_optimizer falls back to AdamW there
+    return 8 + OPTIMIZER_STATE_BYTES.get(optimizer, 8)
+
+
+def _count_images(folder: str) -> int:
+    path = Path(folder) if folder else None
+    if path is None or not path.is_dir():
+        return 0
+    from core.data.image_io import IMAGE_EXTENSIONS  # noqa: PLC0415
+
+    count = 0
+    for child in path.iterdir():
+        if child.suffix.lower() in IMAGE_EXTENSIONS:
+            count += 1
+            if count >= 100_000:
+                break
+    return count
+
+
+def _image_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, float]:
+    family = model.family if model.family in UNET_ACTIVATION else "sd1"
+    size = dtype_bytes(cfg, device)
+    scale = size / 2 * model.width / 320  # tiny test UNets are narrower than the real ones
+    pixels = (cfg.resolution // 8) ** 2 * cfg.batch_size
+    kept, kept_gc, block, largest = UNET_ACTIVATION[family]
+    parts: dict[str, float] = {"UNet weights": model.params * size}
+    text_encoders = max(0, model.extra_params - SD_VAE)
+    caching_latents = cfg.cache_latents and cfg.center_crop and not cfg.random_flip
+    if cfg.train_text_encoder or not cfg.cache_text_encoder_outputs:
+        parts["text encoder weights"] = text_encoders * size
+    if not caching_latents:
+        # SDXL's VAE runs in fp32 (fp16 overflows); the encode happens before the UNet's pass.
+        parts["VAE weights"] = SD_VAE * (4 if family == "sdxl" else size)
+    lora = UNET_LORA_FEATURES[family] * model.width / 320 * cfg.lora_rank
+    if cfg.train_text_encoder:
+        lora += TE_LORA_FEATURES[family] * cfg.lora_rank
+    parts["LoRA + optimizer"] = lora * _lora_state_bytes(cfg, device)
+    if cfg.gradient_checkpointing:
+        # What the checkpoints keep, plus one block recomputed during the backward pass.
+        activations = pixels * (kept_gc + block) * scale
+    else:
+        activations = pixels * kept * scale
+    if cfg.lora_variant == "dora":
+        activations *= 1.15  # DoRA keeps the merged weight norm of every adapted layer
+    if cfg.train_text_encoder:
+        activations += TE_ACTIVATION[family] * cfg.batch_size * size / 2
+    parts["activations"] = activations
+    parts["backward transient"] = 3 * pixels * largest * scale
+    if not caching_latents:
+        vae_encode = 4 * 128 * cfg.resolution**2 * cfg.batch_size * (4 if family == "sdxl" else size)
+        parts["backward transient"] = max(parts["backward transient"], vae_encode - activations)
+    if caching_latents:
+        parts["cached latents"] = _count_images(cfg.train_data_dir) * cfg.repeats * 4 * (cfg.resolution // 8) ** 2 * 4
+    return parts
+
+
+def _text_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, float]:
+    size = dtype_bytes(cfg, device)
+    h, layers = model.hidden_size or 2048, model.num_layers or 24
+    inter, vocab = model.intermediate_size or 4 * h, model.vocab_size or 32000
+    kv_dim = model.kv_dim or h
+    tokens = cfg.batch_size * cfg.max_seq_length
+    parts: dict[str, float] = {"model weights": model.params * size}
+    lora = cfg.lora_rank * layers * (9 * h + 2 * kv_dim + 3 * inter)
+    parts["LoRA + optimizer"] = lora * _lora_state_bytes(cfg, device)
+    per_token_layer = (10 * h + 4 * inter) * size  # measured: within 7% on three decoder shapes
+    if cfg.gradient_checkpointing:
+        activations = tokens * layers * 2 * h * size + tokens * per_token_layer
+    else:
+        activations = tokens * layers * per_token_layer
+    if cfg.lora_variant == "dora":
+        activations += (model.params - vocab * h) * size  # DoRA materialises each adapted weight
+    parts["activations"] = activations
+    # The loss keeps fp32 log-probabilities; its backward adds their gradient and the logits'.
+    parts["logits + loss"] = tokens * vocab * (12 + size)
+    parts["backward transient"] = 2 * tokens * inter * size + cfg.batch_size * cfg.max_seq_length**2 * size
+    return parts
+
+
+def estimate_memory(cfg: TrainConfig, model: ModelInfo | None = None,
+                    device: DeviceInfo | None = None) -> MemoryEstimate:
+    """Predicted peak memory of training `cfg` on `device`, by part, with what to change if too big.
+
+    Without `model` / `device` they are detected (headers of cfg.base_model; this machine).
+    """
+    if model is None:
+        model = detect_model(cfg.base_model, cfg.task_type, cfg.gguf_file)
+    if device is None:
+        device = devices.detect_device()
+    parts = _text_parts(cfg, model, device) if model.family == "llm" else _image_parts(cfg, model, device)
+    parts["runtime overhead"] = RUNTIME_OVERHEAD_GB * GIB if device.kind == "cuda" else 0.0
+    gb = {name: value / GIB for name, value in parts.items()}
+    total = sum(gb.values())
+    budget = usable_gb(device)
+    estimate = MemoryEstimate(total_gb=total, parts=gb, fits=total <= budget, budget_gb=budget)
+    if not estimate.fits:
+        estimate.advice = fitting_changes_advice(cfg, model, device)
+    return estimate
+
+
+# --- what to change --------------------------------------------------------------------------
+
+Change = tuple[str, Any, Any]  # (key, old value, new value)
+
+
+def _candidate_steps(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> list[Callable[[TrainConfig], dict]]:
+    """Changes that save memory without changing what is learned, the gentlest first."""
+    steps: list[Callable[[TrainConfig], dict]] = []
+    steps.append(lambda c: {"gradient_checkpointing": True} if not c.gradient_checkpointing else {})
+    if device.kind == "cuda":
+        steps.append(lambda c: {"mixed_precision": "bf16" if device.bf16 else "fp16"}
+                     if c.mixed_precision == "no" else {})
+        if device.bitsandbytes:
+            steps.append(lambda c: {"optimizer": "adamw8bit"} if c.optimizer == "adamw" else {})
+    if model.family != "llm":
+        steps.append(lambda c: {"cache_text_encoder_outputs": True, "train_text_encoder": False}
+                     if c.train_text_encoder or not c.cache_text_encoder_outputs else {})
+        steps.append(lambda c: {"cache_latents": True, "random_flip": False, "center_crop": True}
+                     if not (c.cache_latents and c.center_crop and not c.random_flip) else {})
+
+    def halve_batch(c: TrainConfig) -> dict:
+        if c.batch_size <= 1:
+            return {}
+        new = c.batch_size // 2
+        return {"batch_size": new, "gradient_accumulation_steps":
+                max(1, round(c.batch_size * c.gradient_accumulation_steps / new))}
+
+    for _ in range(6):
+        steps.append(halve_batch)
+    if model.family == "llm":
+        for _ in range(4):
+            steps.append(lambda c: {"max_seq_length": c.max_seq_length // 2} if c.max_seq_length > 256 else {})
+    else:
+        # Last resort (it changes what the LoRA sees): down to 768 for SDXL, 384 for SD 1.x/2.x.
+        floor = 768 if model.family == "sdxl" else 384
+        for _ in range(4):
+            steps.append(lambda c: {"resolution": max(floor, c.resolution - 128)} if c.resolution > floor else {})
+    return steps
+
+
+def fitting_changes(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> tuple[list[Change], bool]:
+    """The fewest gentle changes (in order) after which `cfg` is predicted to fit; and whether it does."""
+    current = cfg
+    changes: dict[str, list[Any]] = {}
+    for step in _candidate_steps(cfg, model, device):
+        if estimate_total(current, model, device) <= usable_gb(device):
+            break
+        update = {k: v for k, v in step(current).items() if getattr(current, k) != v}
+        if not update:
+            continue
+        for key, value in update.items():
+            changes.setdefault(key, [getattr(cfg, key), value])[1] = value
+        current = dataclasses.replace(current, **update)
+    fits = estimate_total(current, model, device) <= usable_gb(device)
+    return [(k, old, new) for k, (old, new) in changes.items() if old != new], fits
+
+
+def estimate_total(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> float:
+    parts = _text_parts(cfg, model, device) if model.family == "llm" else _image_parts(cfg, model, device)
+    overhead = RUNTIME_OVERHEAD_GB * GIB if device.kind == "cuda" else 0.0
+    return (sum(parts.values()) + overhead) / GIB
+
+
+def format_changes(changes: list[Change]) -> str:
+    """'batch_size 4 -> 2, gradient_checkpointing off -> on'."""
+    def show(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return str(value)
+
+    return ", ".join(f"{key} {show(old)} -> {show(new)}" for key, old, new in changes)
+
+
+def fitting_changes_advice(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> str:
+    changes, fits = fitting_changes(cfg, model, device)
+    if changes and fits:
+        return f"Change {format_changes(changes)} to fit in {usable_gb(device):.1f} GB."
+    if changes:
+        return (f"Even with {format_changes(changes)} it is predicted not to fit in {usable_gb(device):.1f} GB: "
+                f"use a smaller base model than {model.label}, or a device with more memory.")
+    return (f"{model.label} alone needs more than the {usable_gb(device):.1f} GB available: use a smaller "
+            "base model, or a device with more memory.")
