@@ -1,0 +1,126 @@
+"""Captioner registry, the from-filename captioner, caption joining, and the GIT / chat-VLM families."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from core.caption import (CAPTIONERS, CaptionerLoadError, CaptionerNotFoundError, CaptionOptions,
+                          caption_folder, caption_from_filename, find_images, join_caption, load_captioner,
+                          resolve_captioner)
+from core.caption.models import clean_caption
+from core.caption.registry import family_from_config
+from core.data.image_io import load_rgb
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("red_dragon_02.png", "red dragon"),
+    ("Blue-Car (3).jpg", "blue car"),
+    ("oldTownStreet.webp", "old town street"),
+    ("a 3d render v2 - Copy.png", "a 3d render"),
+    ("castle.at.night_0007.jpg", "castle at night"),
+    ("IMG_1234.jpg", ""),
+    ("PXL_20240101T123456.jpg", ""),
+    ("猫_01.png", "猫"),
+])
+def test_the_filename_captioner_turns_file_names_into_words(name, expected):
+    assert caption_from_filename(name) == expected
+
+
+@pytest.mark.parametrize("prefix, caption, suffix, expected", [
+    ("sks", "a cat on a mat", "", "sks, a cat on a mat"),
+    ("sks style,", "a cat, sitting", ", best quality", "sks style, a cat, sitting, best quality"),
+    ("", "  a cat  ", "", "a cat"),
+    ("sks", "sks, a cat", "", "sks, a cat"),  # already there: not stacked
+    ("sks", "a cat", "hd", "sks, a cat, hd"),
+])
+def test_prefix_and_suffix_join_a_caption_with_single_commas(prefix, caption, suffix, expected):
+    assert join_caption(prefix, caption, suffix) == expected
+
+
+def test_blip_artefacts_and_stray_spaces_are_cleaned_from_captions():
+    assert clean_caption("arafed man   riding a horse\n") == "man riding a horse"
+    assert clean_caption("there is a araffe dog ,") == "there is a dog"
+
+
+def test_every_short_name_maps_to_a_hub_id_and_a_family():
+    assert {"blip-base", "blip-large", "git-base", "git-large", "florence-2-base", "florence-2-large",
+            "filename"} <= set(CAPTIONERS)
+    assert any(spec.family == "vlm" for spec in CAPTIONERS.values())
+    for spec in CAPTIONERS.values():
+        if spec.family != "filename":
+            assert spec.model_id.count("/") == 1, spec
+        if spec.family in ("florence2", "vlm"):
+            assert spec.prompt, spec
+    assert CAPTIONERS["blip-base"].model_id == "Salesforce/blip-image-captioning-base"
+
+
+@pytest.mark.parametrize("model_type, family", [
+    ("blip", "blip"), ("git", "git"), ("florence2", "florence2"), ("smolvlm", "vlm"), ("qwen2_vl", "vlm"),
+    ("qwen2_5_vl", "vlm"), ("llava", "vlm")])
+def test_a_model_folder_family_is_read_from_its_config(model_type, family):
+    assert family_from_config({"model_type": model_type}, "x") == (family, False)
+
+
+def test_a_text_only_model_is_refused_as_a_captioner(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}), encoding="utf-8")
+    with pytest.raises(CaptionerNotFoundError, match="not an image captioner"):
+        resolve_captioner(str(tmp_path))
+
+
+def test_florence2_with_its_own_code_needs_an_explicit_opt_in(tmp_path):
+    # Microsoft's original Florence-2 repos carry Python code (auto_map); it must never run silently.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "florence2", "auto_map": {"AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration"}}),
+        encoding="utf-8")
+    resolved = resolve_captioner(str(tmp_path))
+    assert resolved.family == "florence2" and resolved.remote_code
+    with pytest.raises(CaptionerLoadError, match="--trust-remote-code"):
+        load_captioner(str(tmp_path), device="cpu")
+
+
+def test_native_florence2_is_available_in_the_installed_transformers():
+    import transformers
+
+    assert hasattr(transformers, "Florence2ForConditionalGeneration")
+
+
+def test_find_images_skips_hidden_files_and_other_files_and_can_recurse(tmp_path):
+    for name in ("b.png", "A.JPG", ".hidden.png", "notes.txt", "sub/c.webp", ".cache/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in find_images(tmp_path)] == ["A.JPG", "b.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path, recursive=True)] == [
+        "A.JPG", "b.png", "sub/c.webp"]
+
+
+def test_captions_of_images_in_sub_folders_use_relative_names(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "black_cat.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "white_dog.png")
+    result = caption_folder(CaptionOptions(input_dir=tmp_path, model="filename", recursive=True))
+    assert result.captions == {"cats/black_cat.png": "black cat", "white_dog.png": "white dog"}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_git_dir", "tiny_llava_dir"])
+def test_git_and_chat_vlm_captioners_batch_exactly_like_one_at_a_time(fixture, request, caption_photo_folder):
+    folder, names = caption_photo_folder
+    captioner = load_captioner(str(request.getfixturevalue(fixture)), device="cpu")
+    paths = [folder / name for name in names["good"]]
+    images = [load_rgb(path) for path in paths]
+    batched = captioner.caption_batch(paths, images, 8)
+    assert batched == [captioner.caption_batch([p], [i], 8)[0] for p, i in zip(paths, images)]
+    assert all(batched) and len(set(batched)) > 1
+    # the chat model's answer is cut after the prompt: no prompt words leak into the caption
+    assert not any("ASSISTANT" in caption or "Describe" in caption for caption in batched)
+
+
+def test_a_chat_vlm_captions_a_folder_through_the_same_job(tiny_llava_dir, caption_photo_folder):
+    folder, names = caption_photo_folder
+    result = caption_folder(CaptionOptions(input_dir=folder, model=str(tiny_llava_dir), max_length=6,
+                                           prompt="Describe this image in detail.", batch_size=4))
+    assert sorted(result.captions) == names["good"]
+    assert list(result.failed) == ["broken.jpg"]
