@@ -232,3 +232,29 @@ def test_item_modes_and_formats_are_reported_for_the_trainer(mixed_image_folder)
     assert items["chelsea.webp"].format == "WEBP"
     with Image.open(items["animated.gif"].path) as gif:
         assert gif.n_frames == 3
+
+
+def test_a_png_with_an_exif_rotation_is_measured_upright_without_decoding_it(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 CCW to display"
+    write_image(tmp_path, "turned.png", photo("coffee.png", 128), exif=exif.tobytes())
+    info = probe_image(tmp_path / "turned.png")
+    assert (info.width, info.height) == (85, 128)
+    assert load_rgb(tmp_path / "turned.png").size == (85, 128)
+
+
+def test_sixteen_bit_colour_pngs_are_recognised_from_the_header(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    width, height = 80, 70
+    rows = b"".join(b"\0" + bytes(width * 6) for _ in range(height))  # filter byte + 16-bit RGB zeros
+    (tmp_path / "deep.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    info = probe_image(tmp_path / "deep.png")
+    assert info.bits == 16 and info.mode == "RGB"
+    assert load_rgb(tmp_path / "deep.png").size == (80, 70)
