@@ -96,9 +96,9 @@ def oom() -> torch.OutOfMemoryError:
 
 
 def text_config(tmp_path: Path, **overrides) -> TrainConfig:
-    """A text run on the llm-12gb preset (batch 4 x 2), 8 steps, a checkpoint every 2."""
+    """A text run on the llm-12gb preset (batch 2 x 4), 8 steps, a checkpoint every 2."""
     values = dict(task_type="text-generation", train_data_dir=str(tmp_path), output_dir=str(tmp_path / "out"),
-                  preset="llm-12gb", batch_size=4, gradient_accumulation_steps=2, max_seq_length=1024,
+                  preset="llm-12gb", batch_size=2, gradient_accumulation_steps=4, max_seq_length=1024,
                   gradient_checkpointing=True, mixed_precision="bf16", max_train_steps=8, save_steps=2,
                   learning_rate=1e-2)
     values.update(overrides)
@@ -120,18 +120,18 @@ def test_out_of_memory_with_auto_downshift_resumes_from_the_last_checkpoint_with
 
     assert hits == [5]
     assert Path(result["weights"]).is_file()
-    # Steps 1-4 ran at batch 4; the retry resumed after the checkpoint at step 4 with llm-8gb's batch 2,
-    # accumulating 4 so the effective batch (and the schedule) stays 8.
-    assert record == [(1, 4, 2), (2, 4, 2), (3, 4, 2), (4, 4, 2), (5, 2, 4), (6, 2, 4), (7, 2, 4), (8, 2, 4)]
+    # Steps 1-4 ran at batch 2; the retry resumed after the checkpoint at step 4 with llm-8gb's batch 1,
+    # accumulating 8 so the effective batch (and the schedule) stays 8.
+    assert record == [(1, 2, 4), (2, 2, 4), (3, 2, 4), (4, 2, 4), (5, 1, 8), (6, 1, 8), (7, 1, 8), (8, 1, 8)]
     warning = next(e for e in events_of(events, WarningEvent) if "Out of memory" in e.message)
     assert "at step 5" in warning.message and "from the last checkpoint" in warning.message
-    assert "batch_size 4 -> 2" in warning.message and "gradient_accumulation_steps 2 -> 4" in warning.message
+    assert "batch_size 2 -> 1" in warning.message and "gradient_accumulation_steps 4 -> 8" in warning.message
     assert "llm-8gb" in warning.message
     # Nothing lost: loss.csv has every step exactly once, and config.yaml says what finished the run.
     steps = [int(line.split(",")[0]) for line in (tmp_path / "out" / "loss.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 9))
     saved = (tmp_path / "out" / "config.yaml").read_text()
-    assert "batch_size: 2" in saved and "preset: llm-8gb" in saved and "resume_from: latest" in saved
+    assert "batch_size: 1" in saved and "preset: llm-8gb" in saved and "resume_from: latest" in saved
 
 
 def test_out_of_memory_without_auto_downshift_stops_with_the_exact_settings_to_change(
@@ -144,9 +144,9 @@ def test_out_of_memory_without_auto_downshift_stops_with_the_exact_settings_to_c
 
     error = caught.value
     assert "at step 5" in str(error) and "RTX 3060" in str(error) and "step-000004" in str(error)
-    assert "batch_size 4 -> 2, gradient_accumulation_steps 2 -> 4 (preset llm-8gb)" in error.advice
+    assert "batch_size 2 -> 1, gradient_accumulation_steps 4 -> 8 (preset llm-8gb)" in error.advice
     assert "resume_from: latest" in error.advice and "auto_downshift: true" in error.advice
-    assert error.changes["batch_size"] == 2
+    assert error.changes["batch_size"] == 1
     assert runtime.latest_checkpoint(tmp_path / "out").name == "step-000004"  # what was done is kept
 
 
@@ -159,7 +159,7 @@ def test_out_of_memory_before_the_first_checkpoint_restarts_from_the_start_with_
     train_with_recovery(small_loop(record), text_config(tmp_path, auto_downshift=True),
                         RunContext(listeners=[events.append]))
 
-    assert [r[0] for r in record] == list(range(1, 9)) and {r[1] for r in record} == {2}
+    assert [r[0] for r in record] == list(range(1, 9)) and {r[1] for r in record} == {1}
     warning = next(e for e in events_of(events, WarningEvent) if "Out of memory" in e.message)
     assert "before the first step finished" in warning.message and "from the start" in warning.message
 
@@ -235,7 +235,7 @@ def test_an_out_of_memory_job_ends_with_an_error_event_naming_the_smaller_settin
     snap = job.wait(60)
 
     assert snap.state == "failed" and snap.error.error_type == "OutOfMemoryAdvice"
-    assert "batch_size 4 -> 2" in snap.error.advice
+    assert "batch_size 2 -> 1" in snap.error.advice
 
 
 def test_training_on_the_cpu_starts_with_a_clear_notice(tmp_path, monkeypatch):
