@@ -1,0 +1,108 @@
+"""diffusers' own LoRA file, `pytorch_lora_weights.safetensors`, with its alpha kept.
+
+Written by the pipeline class's `save_lora_weights`, so `pipe.load_lora_weights(dir)` reads
+it back. The LoraConfig of each component goes into the file's `lora_adapter_metadata`
+(`unet_lora_adapter_metadata=` / `text_encoder_lora_adapter_metadata=`): without it a loader
+assumes alpha = rank and a LoRA trained with alpha != rank loads at the wrong strength.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.atomic import atomic_path
+from core.export.kohya import LoraFormatError, canonical_text_encoder_path, group_peft_state_dict
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _pipeline_class(family: str):
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline  # noqa: PLC0415
+
+        return StableDiffusionXLPipeline
+    if family in ("sd1", "sd2"):
+        from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+
+        return StableDiffusionPipeline
+    raise LoraFormatError(f"Unknown model family '{family}' (sd1, sd2 or sdxl).")
+
+
+def _config_metadata(config: Any) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    meta = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    # JSON-safe: sets become lists (diffusers does that only at the top level).
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+
+
+# diffusers' naming of the two LoRA matrices, for every module (not only the attention
+# projections its `convert_state_dict_to_diffusers` renames). Its loader converts a state
+# dict back to PEFT names only when the FIRST key is not already in PEFT form, so a mix
+# (conv layers left as `lora_A`, attention as `lora.down`) loads without the attention part.
+_UNET_NAMES = ((".lora_A.", ".lora.down."), (".lora_B.", ".lora.up."))
+_TEXT_NAMES = ((".lora_A.", ".lora_linear_layer.down."), (".lora_B.", ".lora_linear_layer.up."))
+
+
+def _prepare(state: dict[str, Tensor], dtype: torch.dtype | None, *, text_encoder: bool) -> dict[str, Tensor]:
+    from diffusers.utils import convert_state_dict_to_diffusers  # noqa: PLC0415
+
+    group_peft_state_dict(state)  # validates the keys with a clear message
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if text_encoder:
+            # transformers 5 drops CLIPTextModel's `text_model` wrapper; files keep the usual names.
+            key = canonical_text_encoder_path(key)
+        value = value.detach().to("cpu")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        out[key] = value.contiguous()
+    converted = convert_state_dict_to_diffusers(out)
+    renames = _TEXT_NAMES if text_encoder else _UNET_NAMES
+    uniform: dict[str, Tensor] = {}
+    for key, value in converted.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        uniform[key] = value
+    return uniform
+
+
+def save_diffusers_lora(output_dir: str | Path, family: str, unet_lora: dict[str, Tensor],
+                        text_encoder_loras: list[dict[str, Tensor]], *, unet_lora_config: Any,
+                        text_encoder_lora_configs: list[Any] | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
+    """Write `output_dir/pytorch_lora_weights.safetensors` atomically; returns its path.
+
+    `unet_lora` / `text_encoder_loras` are PEFT state dicts (`get_peft_model_state_dict`);
+    the configs are the components' LoraConfigs (`model.peft_config["default"]`).
+    """
+    pipeline_cls = _pipeline_class(family)
+    te_names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    if len(text_encoder_loras) > len(te_names):
+        raise LoraFormatError(f"{family} has {len(te_names)} text encoder(s); got {len(text_encoder_loras)} LoRA dicts.")
+    te_configs = list(text_encoder_lora_configs or [])
+    if any(sd for sd in text_encoder_loras) and len(te_configs) < sum(1 for sd in text_encoder_loras if sd):
+        raise LoraFormatError("Pass a LoraConfig for each trained text encoder (text_encoder_lora_configs), "
+                              "so its alpha is stored in the file.")
+    kwargs: dict[str, Any] = {}
+    if unet_lora:
+        kwargs["unet_lora_layers"] = _prepare(unet_lora, dtype, text_encoder=False)
+        kwargs["unet_lora_adapter_metadata"] = _config_metadata(unet_lora_config)
+    for index, state in enumerate(text_encoder_loras):
+        if not state:
+            continue
+        name = te_names[index]
+        kwargs[f"{name}_lora_layers"] = _prepare(state, dtype, text_encoder=True)
+        kwargs[f"{name}_lora_adapter_metadata"] = _config_metadata(te_configs[index] if index < len(te_configs)
+                                                                   else None)
+    if not any(key.endswith("_lora_layers") for key in kwargs):
+        raise LoraFormatError(f"Nothing to save in {output_dir}: the LoRA has no tensors.")
+    target = Path(output_dir) / DIFFUSERS_WEIGHT_NAME
+    with atomic_path(target) as tmp:
+        # diffusers writes <save_directory>/<weight_name>: point it at the temporary name.
+        pipeline_cls.save_lora_weights(save_directory=str(tmp.parent), weight_name=tmp.name,
+                                       safe_serialization=True, **kwargs)
+    return target
