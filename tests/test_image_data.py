@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
@@ -258,3 +259,24 @@ def test_sixteen_bit_colour_pngs_are_recognised_from_the_header(tmp_path):
     info = probe_image(tmp_path / "deep.png")
     assert info.bits == 16 and info.mode == "RGB"
     assert load_rgb(tmp_path / "deep.png").size == (80, 70)
+
+
+def test_what_the_trainer_decodes_transparent_parts_white_and_deep_images_scaled(mixed_image_folder):
+    folder = mixed_image_folder.path
+    logo = np.asarray(load_rgb(folder / "logo_rgba.png"))
+    with Image.open(folder / "logo_rgba.png") as raw:
+        alpha = np.asarray(raw.getchannel("A"))
+    assert (logo[alpha == 0] == 255).all()  # transparent -> white, not black
+    horse = np.asarray(load_rgb(folder / "horse_palette.png"))
+    with Image.open(folder / "horse_palette.png") as raw:
+        see_through = np.asarray(raw) == raw.info["transparency"]
+    assert see_through.any() and (horse[see_through] == 255).all()
+    moon = np.asarray(load_rgb(folder / "moon_16bit.png"), dtype=np.int16)
+    expected = np.asarray(photo("moon.png", 128).convert("L"), dtype=np.int16)
+    assert np.abs(moon[..., 0] - expected).max() <= 1  # 16 bits scaled down, not clipped to white
+    first = np.asarray(load_rgb(folder / "animated.gif"), dtype=np.int16)
+    with Image.open(folder / "animated.gif") as gif:
+        gif.seek(1)
+        second = np.asarray(gif.convert("RGB"), dtype=np.int16)
+    assert np.abs(first - second).mean() > 5  # the first frame, not a later one
+    assert load_rgb(folder / "color_cmyk.jpg").mode == "RGB"
