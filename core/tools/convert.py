@@ -1,0 +1,360 @@
+"""Read any LoRA file into modules, and write it back as kohya/WebUI, diffusers or PEFT.
+
+Formats:
+  kohya      one .safetensors with `lora_unet_...` / `lora_te...` keys (WebUI, ComfyUI, sd-scripts)
+  diffusers  `pytorch_lora_weights.safetensors` (`unet.` / `text_encoder.` keys, alpha in the
+             `lora_adapter_metadata` header)
+  peft       an adapter folder (adapter_config.json + adapter_model.safetensors), or the single
+             file `peft_to_single_file` makes (the same keys, the config in the header)
+
+Image LoRAs are always held under their kohya names, so resize/merge see one naming scheme.
+Pickled files (.ckpt/.pt/.bin) are refused unless the caller passes `allow_pickle`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
+                                modules_to_kohya, modules_to_peft, peft_alpha)
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PICKLE_NAME = "adapter_model.bin"
+SINGLE_FILE_CONFIG_KEY = "adapter_config"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
+_DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_DIFFUSERS_SUFFIXES = [  # diffusers' on-disk names -> PEFT names
+    (".lora_linear_layer.down.weight", ".lora_A.weight"), (".lora_linear_layer.up.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight"),
+]
+
+
+@dataclass
+class LoraFile:
+    """A LoRA in memory: its modules (kohya names for image LoRAs, PEFT paths for text adapters)."""
+
+    format: str                      # kohya | diffusers | peft
+    family: str                      # sd1 | sd2 | sdxl | llm
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    peft_config: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def is_image(self) -> bool:
+        return self.family in ("sd1", "sd2", "sdxl")
+
+    @property
+    def has_dora(self) -> bool:
+        return any(m.dora_scale is not None for m in self.modules.values())
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    key = (name or "keep").lower()
+    if key not in DTYPES:
+        raise LoraToolError(f"Unknown precision '{name}'; use one of {', '.join(DTYPES)}.")
+    return DTYPES[key]
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise LoraToolError(f"'{path.name}' is a pickle file ({path.suffix}), which can run code when loaded. "
+                                "Use a .safetensors file, or pass --allow-pickle if you trust it.")
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        while isinstance(data, dict) and "state_dict" in data:
+            data = data["state_dict"]
+        return {k: v for k, v in data.items() if isinstance(v, Tensor)}, {}
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
+        raise LoraToolError(f"'{path}' is not a readable .safetensors file: {exc}") from exc
+
+
+def detect_format(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    keys = list(tensors)
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return "kohya"
+    if SINGLE_FILE_CONFIG_KEY in metadata or any(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    if any(k.split(".", 1)[0] in _DIFFUSERS_COMPONENTS for k in keys):
+        return "diffusers"
+    sample = ", ".join(keys[:3])
+    raise LoraToolError(f"Cannot tell the LoRA format from the keys ({sample} ...): expected kohya "
+                        "(lora_unet_...), diffusers (unet./text_encoder.) or PEFT (base_model.model.) keys.")
+
+
+def detect_image_family(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """sd1 | sd2 | sdxl of an image LoRA, from its metadata, then its keys and shapes."""
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    arch = metadata.get("modelspec.architecture", "")
+    if arch.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if arch.startswith("stable-diffusion-v2"):
+        return "sd2"
+    keys = list(tensors)
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        return "sdxl"
+    if any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k) for k in keys):
+        return "sdxl"
+    # The width of the cross-attention input tells the real families apart (768 / 1024 / 2048).
+    for key, value in tensors.items():
+        if "attn2" in key and "to_k" in key and key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight")):
+            width = int(value.shape[-1])
+            return {2048: "sdxl", 1024: "sd2"}.get(width, "sd1")
+    return "sd1"
+
+
+def _diffusers_to_peft_key(key: str) -> str:
+    for old, new in _DIFFUSERS_SUFFIXES:
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
+
+
+def _diffusers_alphas(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """{component: LoraConfig dict} from diffusers' `lora_adapter_metadata` header."""
+    raw = metadata.get(DIFFUSERS_METADATA_KEY)
+    if not raw:
+        return {}
+    flat = json.loads(raw)
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        component, _, name = key.partition(".")
+        configs.setdefault(component, {})[name] = value
+    return configs
+
+
+def diffusers_to_kohya_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], family: str
+                               ) -> dict[str, Tensor]:
+    """A diffusers LoRA state dict (+ header) -> kohya tensors (alpha from the header, else = rank)."""
+    from core.export.kohya import peft_to_kohya  # noqa: PLC0415
+
+    configs = _diffusers_alphas(metadata)
+    states: dict[str, dict[str, Tensor]] = {name: {} for name in _DIFFUSERS_COMPONENTS}
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        if component not in states or not rest:
+            raise LoraToolError(f"'{key}' is not a diffusers LoRA key (unet. / text_encoder. / text_encoder_2.).")
+        if re.search(r"(_lora\.(up|down)|\.processor\.)", rest):
+            raise LoraToolError(f"'{key}' is the old diffusers attention-processor format; load it with diffusers "
+                                "once and save it again with save_lora_weights, then convert that file.")
+        states[component][_diffusers_to_peft_key(rest)] = value
+    alphas: dict[str, float] = {}
+    for component, state in states.items():
+        config = configs.get(component)
+        for key, value in state.items():
+            if key.endswith(".lora_A.weight"):
+                path = key[: -len(".lora_A.weight")]
+                rank = int(value.shape[0])
+                alphas[f"{component}.{path}"] = peft_alpha(config, path, rank) if config else float(rank)
+    tes = [states["text_encoder"]] + ([states["text_encoder_2"]] if states["text_encoder_2"] else [])
+    if family != "sdxl" and states["text_encoder_2"]:
+        raise LoraToolError("The file has text_encoder_2 weights, so it is an SDXL LoRA; use family sdxl.")
+    return peft_to_kohya(states["unet"], tes, family, alphas=alphas)
+
+
+def read_lora(path: str | Path, *, family: str | None = None, allow_pickle: bool = False) -> LoraFile:
+    """Read a kohya / diffusers / PEFT LoRA (file or adapter folder) into a `LoraFile`."""
+    file = Path(path)
+    if file.is_dir():
+        return _read_peft_folder(file, allow_pickle)
+    if not file.is_file():
+        raise LoraToolError(f"The LoRA '{file}' does not exist.")
+    tensors, metadata = _load_tensors(file, allow_pickle)
+    if not tensors:
+        raise LoraToolError(f"'{file}' holds no tensors.")
+    kind = detect_format(tensors, metadata)
+    if kind == "peft":
+        config = json.loads(metadata.get(SINGLE_FILE_CONFIG_KEY, "{}"))
+        if not config:
+            raise LoraToolError(f"'{file.name}' has PEFT keys but no adapter_config; pass the adapter folder instead.")
+        return LoraFile("peft", "llm", modules_from_peft(tensors, config, file.name), metadata, config, str(file))
+    fam = family or detect_image_family(tensors, metadata)
+    if kind == "diffusers":
+        tensors = diffusers_to_kohya_tensors(tensors, metadata, fam)
+    return LoraFile(kind, fam, modules_from_kohya(tensors, file.name), metadata, {}, str(file))
+
+
+def _read_peft_folder(folder: Path, allow_pickle: bool) -> LoraFile:
+    config_file = folder / PEFT_CONFIG_NAME
+    if not config_file.is_file():
+        diffusers_file = folder / "pytorch_lora_weights.safetensors"
+        if diffusers_file.is_file():
+            return read_lora(diffusers_file, allow_pickle=allow_pickle)
+        raise LoraToolError(f"'{folder}' is a folder without {PEFT_CONFIG_NAME}: not a PEFT adapter.")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    weights = folder / PEFT_WEIGHTS_NAME
+    if not weights.is_file():
+        weights = folder / PEFT_PICKLE_NAME
+        if not weights.is_file():
+            raise LoraToolError(f"'{folder}' has no {PEFT_WEIGHTS_NAME}.")
+    tensors, metadata = _load_tensors(weights, allow_pickle)
+    return LoraFile("peft", "llm", modules_from_peft(tensors, config, str(folder)), metadata, config, str(folder))
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def _image_metadata(lora: LoraFile, extra: dict[str, str] | None) -> dict[str, str]:
+    from core.export.metadata import base_model_version, modelspec_architecture  # noqa: PLC0415
+
+    meta = {k: v for k, v in lora.metadata.items()
+            if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
+    ranks = Counter(m.rank for m in lora.modules.values() if not m.is_conv)
+    alphas = Counter(m.alpha for m in lora.modules.values() if not m.is_conv)
+    meta.setdefault("ss_base_model_version", base_model_version(lora.family))
+    meta.setdefault("ss_v2", str(lora.family == "sd2"))
+    meta.setdefault("modelspec.architecture", modelspec_architecture(lora.family))
+    meta.setdefault("modelspec.sai_model_spec", "1.0.1")
+    meta["ss_network_module"] = "networks.lora"
+    if ranks:
+        meta["ss_network_dim"] = str(ranks.most_common(1)[0][0])
+        meta["ss_network_alpha"] = f"{alphas.most_common(1)[0][0]:g}"
+    meta.update(extra or {})
+    return meta
+
+
+def write_kohya(lora: LoraFile, path: str | Path, *, dtype: torch.dtype | None = torch.float16,
+                metadata: dict[str, str] | None = None) -> Path:
+    """A WebUI/ComfyUI .safetensors (hashes and ss_* metadata included), written atomically."""
+    from core.export.kohya import save_kohya_lora  # noqa: PLC0415
+
+    if not lora.is_image:
+        raise LoraToolError("A text (LLM) adapter has no kohya/WebUI format; write it as a PEFT adapter.")
+    return save_kohya_lora(path, modules_to_kohya(lora.modules), _image_metadata(lora, metadata), dtype=dtype)
+
+
+def _diffusers_config(states: dict[str, Tensor], alphas: dict[str, float], dora: bool, text_encoder: bool):
+    from peft import LoraConfig  # noqa: PLC0415
+
+    ranks = {k[: -len(".lora_A.weight")]: int(v.shape[0]) for k, v in states.items() if k.endswith(".lora_A.weight")}
+    if not ranks:
+        return None
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas[p] for p in ranks).most_common(1)[0][0]
+
+    def pattern(path: str) -> str:
+        # Text encoders load with or without transformers' `text_model.` wrapper: match the tail.
+        return re.escape(path.removeprefix("text_model.") if text_encoder else path)
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(ranks), use_dora=dora,
+                      rank_pattern={pattern(p): v for p, v in ranks.items() if v != r},
+                      alpha_pattern={pattern(p): alphas[p] for p in ranks if alphas[p] != alpha})
+
+
+def write_diffusers(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """`folder/pytorch_lora_weights.safetensors` with each component's alpha in the header."""
+    from core.export.diffusers_format import save_diffusers_lora  # noqa: PLC0415
+    from core.export.kohya import kohya_to_peft  # noqa: PLC0415
+
+    if not lora.is_image:
+        raise LoraToolError("diffusers' LoRA file is for Stable Diffusion; a text adapter stays a PEFT adapter.")
+    unet, tes, alphas = kohya_to_peft(modules_to_kohya(lora.modules), lora.family)
+    names = ("text_encoder", "text_encoder_2")
+
+    def component_alphas(name: str) -> dict[str, float]:
+        return {k[len(name) + 1:]: v for k, v in alphas.items() if k.startswith(name + ".")}
+    unet_config = _diffusers_config(unet, component_alphas("unet"), lora.has_dora, False)
+    te_configs = [_diffusers_config(sd, component_alphas(names[i]), lora.has_dora, True) for i, sd in enumerate(tes)]
+    while tes and not tes[-1]:
+        tes.pop()
+        te_configs.pop()
+    return save_diffusers_lora(folder, lora.family, unet, tes, unet_lora_config=unet_config,
+                               text_encoder_lora_configs=te_configs, dtype=dtype)
+
+
+def write_peft(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), written atomically."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from core.atomic import atomic_dir  # noqa: PLC0415
+
+    if lora.format != "peft":
+        raise LoraToolError("Only text adapters are written as PEFT folders; image LoRAs go to kohya or diffusers.")
+    state, config = modules_to_peft(cast_modules(lora.modules, dtype), lora.peft_config)
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    return Path(folder)
+
+
+def peft_to_single_file(adapter: str | Path, output: str | Path, *, dtype: torch.dtype | None = None,
+                        allow_pickle: bool = False) -> Path:
+    """A PEFT adapter folder -> one .safetensors (the adapter's own keys, its config in the header).
+
+    The tensors are exactly PEFT's (`base_model.model....lora_A.weight`), so servers that take a
+    PEFT state dict (vLLM/LoRAX after `single_file_to_peft`, llama.cpp's convert_lora_to_gguf.py
+    after the same) read them; the header keeps `adapter_config` so nothing is lost.
+    """
+    from core.train.runtime import save_file_atomic  # noqa: PLC0415
+
+    folder = Path(adapter)
+    config_file = folder / PEFT_CONFIG_NAME
+    if not config_file.is_file():
+        raise LoraToolError(f"'{folder}' is not a PEFT adapter folder (no {PEFT_CONFIG_NAME}).")
+    lora = _read_peft_folder(folder, allow_pickle)
+    tensors, _ = _load_tensors(folder / PEFT_WEIGHTS_NAME if (folder / PEFT_WEIGHTS_NAME).is_file()
+                               else folder / PEFT_PICKLE_NAME, allow_pickle)
+    cast = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in tensors.items()}
+    ranks = Counter(m.rank for m in lora.modules.values())
+    metadata = {"format": "pt", SINGLE_FILE_CONFIG_KEY: json.dumps(lora.peft_config, sort_keys=True),
+                "lora_rank": str(ranks.most_common(1)[0][0]) if ranks else "0",
+                "lora_alpha": str(lora.peft_config.get("lora_alpha", "")),
+                "base_model": str(lora.peft_config.get("base_model_name_or_path") or "")}
+    return save_file_atomic(cast, output, metadata=metadata)
+
+
+def single_file_to_peft(path: str | Path, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """The reverse of `peft_to_single_file`: back to an adapter folder PeftModel.from_pretrained reads."""
+    lora = read_lora(path)
+    if lora.format != "peft":
+        raise LoraToolError(f"'{path}' is a {lora.format} LoRA, not a single-file PEFT adapter.")
+    return write_peft(lora, folder, dtype=dtype)
+
+
+def convert_lora(source: str | Path, output: str | Path, to: str, *, family: str | None = None,
+                 dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Path:
+    """Convert `source` to `to` (kohya | diffusers | peft | peft-single); returns what was written."""
+    if to == "peft-single":
+        return peft_to_single_file(source, output, dtype=dtype, allow_pickle=allow_pickle)
+    lora = read_lora(source, family=family, allow_pickle=allow_pickle)
+    if to == "kohya":
+        return write_kohya(lora, output, dtype=dtype)
+    if to == "diffusers":
+        return write_diffusers(lora, output, dtype=dtype)
+    if to == "peft":
+        return write_peft(lora, output, dtype=dtype)
+    raise LoraToolError(f"Unknown target format '{to}'; use kohya, diffusers, peft or peft-single.")
+
+
+def write_like(lora: LoraFile, output: str | Path, *, dtype: torch.dtype | None = None,
+               metadata: dict[str, str] | None = None) -> Path:
+    """Write `lora` in its own format (kohya stays kohya, a PEFT adapter a PEFT folder ...)."""
+    if lora.format == "peft":
+        if str(output).endswith(".safetensors"):
+            raise LoraToolError(f"'{output}': a PEFT adapter is written as a folder; give a folder name.")
+        return write_peft(lora, output, dtype=dtype)
+    if lora.format == "diffusers" and not str(output).endswith(".safetensors"):
+        return write_diffusers(lora, output, dtype=dtype)
+    return write_kohya(lora, output, dtype=dtype, metadata=metadata)
