@@ -1,0 +1,167 @@
+"""Single-file Stable Diffusion checkpoints (the WebUI kind): read, recognise, load.
+
+A `.safetensors` file is read directly; a pickle (`.ckpt` ...) only when the user opted
+in with `allow_pickle`, and then with `torch.load(weights_only=True)` first. The family
+(sd1 / sd2 / sdxl) and the prediction type come from the keys. Building the diffusers
+modules needs the model's configs and tokenizer: from `base_model_config` (a diffusers
+folder or hub id), else the standard hub repo of the family (cached or online).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+# Where the configs and tokenizer of each family live on the hub (used when none is given).
+DEFAULT_CONFIG_REPOS = {
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+
+
+class ModelLoadError(ValueError):
+    """A base model could not be loaded; the message says which file and what to do."""
+
+    def __init__(self, message: str, advice: str = ""):
+        super().__init__(message)
+        self.advice = advice
+
+
+def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a single-file checkpoint, with a clear error for damaged or unsafe files."""
+    file = Path(path)
+    if not file.is_file():
+        raise ModelLoadError(f"The base model file '{file}' does not exist.", "Check base_model.")
+    size = file.stat().st_size
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"'{file.name}' is a pickle file ({file.suffix}), which can run code when loaded.",
+                "Use a .safetensors version of the model, or set allow_pickle: true if you trust this file.")
+        try:
+            data: Any = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - old checkpoints hold non-tensor objects
+            if "weights_only" not in str(exc) and "Unsupported" not in str(exc):
+                raise ModelLoadError(f"'{file.name}' could not be read ({size / 2**20:.1f} MB): {exc}",
+                                     "The file is damaged or incomplete: download it again.") from exc
+            # allow_pickle is the user's explicit consent to run the full unpickler.
+            data = torch.load(file, map_location="cpu", weights_only=False)
+        while isinstance(data, dict) and "state_dict" in data:
+            data = data["state_dict"]
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"'{file.name}' holds no state dict.", "Use a Stable Diffusion checkpoint.")
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    try:
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        return load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ModelLoadError(
+            f"'{file.name}' is not a readable .safetensors file ({size / 2**20:.1f} MB): {exc}",
+            "The file is damaged or was not downloaded completely: download it again.") from exc
+
+
+def detect_family(keys: Mapping[str, Any] | list[str], name: str = "the checkpoint") -> str:
+    """sd1 | sd2 | sdxl from a single file's keys; raises ModelLoadError for anything else."""
+    keyset = set(keys)
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keyset):
+        raise ModelLoadError(f"{name} is a LoRA, not a base model.",
+                             "Set base_model to a Stable Diffusion checkpoint; use init_lora for a LoRA.")
+    if not any(k.startswith("model.diffusion_model.") for k in keyset):
+        raise ModelLoadError(f"{name} has no Stable Diffusion UNet (no model.diffusion_model.* keys).",
+                             "Use a full SD 1.x / 2.x / SDXL checkpoint, not a VAE or a LoRA.")
+    if any(k.startswith(("conditioner.embedders.1.", "conditioner.embedders.0.transformer.")) for k in keyset):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keyset):
+        raise ModelLoadError(f"{name} is an SDXL refiner, which is not trained with LoRA here.",
+                             "Use the SDXL base model.")
+    if any(k.startswith("cond_stage_model.model.") for k in keyset):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keyset):
+        return "sd1"
+    raise ModelLoadError(f"{name} has a UNet but no text encoder, so its family cannot be told.",
+                         "Use a full checkpoint that includes the text encoder.")
+
+
+def check_supported(checkpoint: Mapping[str, torch.Tensor], name: str) -> None:
+    conv_in = checkpoint.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != 4:
+        raise ModelLoadError(f"{name} is an inpainting/special model ({conv_in.shape[1]} input channels).",
+                             "Train LoRAs on a normal (non-inpainting) base model.")
+
+
+def detect_prediction_type(checkpoint: Mapping[str, Any], family: str, file_name: str) -> str | None:
+    """v_prediction / epsilon when the file tells; None when only the config can say."""
+    if "v_pred" in checkpoint:  # kohya/SAI marker tensor of v-prediction checkpoints
+        return "v_prediction"
+    if family == "sd2":
+        # SD 2.x 768 models are v-prediction, the 512 "base" ones epsilon; the weights look the same.
+        return "epsilon" if re.search(r"base|512", file_name, re.I) else "v_prediction"
+    return None
+
+
+def resolve_config_source(family: str, model_config: str) -> str:
+    """Where the diffusers configs + tokenizer for a single file come from."""
+    if model_config:
+        return model_config
+    bundled = Path(__file__).resolve().parent / "configs" / family
+    if (bundled / "tokenizer").is_dir():
+        return str(bundled)
+    return DEFAULT_CONFIG_REPOS[family]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_single_file_components(path: str | Path, *, family: str, checkpoint: dict[str, torch.Tensor],
+                                model_config: str = "") -> dict[str, Any]:
+    """unet, vae, text_encoders, tokenizers and scheduler_config built from a checkpoint dict."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm  # noqa: PLC0415
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: PLC0415
+
+    source = resolve_config_source(family, model_config)
+    local = Path(source).is_dir()
+    offline = _offline() and not local
+    try:
+        unet = UNet2DConditionModel.from_single_file(checkpoint, config=source, subfolder="unet",
+                                                     local_files_only=offline or local)
+        vae = AutoencoderKL.from_single_file(checkpoint, config=source, subfolder="vae",
+                                             local_files_only=offline or local)
+        encoders = [create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint, subfolder="text_encoder",
+                                                         config=source, local_files_only=offline or local)]
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=offline or local)]
+        if family == "sdxl":
+            encoders.append(create_diffusers_clip_model_from_ldm(
+                CLIPTextModelWithProjection, checkpoint, subfolder="text_encoder_2", config=source,
+                local_files_only=offline or local))
+            tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2",
+                                                            local_files_only=offline or local))
+        from diffusers import DDPMScheduler  # noqa: PLC0415
+
+        scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler",
+                                                          local_files_only=offline or local))
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as exc:
+        if local:
+            raise ModelLoadError(f"Loading '{Path(path).name}' with the configs in '{source}' failed: {exc}",
+                                 "base_model_config must be a diffusers folder of the same family "
+                                 f"({family}) with unet/, vae/, text_encoder/, tokenizer/ and scheduler/.") from exc
+        raise ModelLoadError(
+            f"'{Path(path).name}' is a single-file {family} checkpoint; building it needs the model's configs "
+            f"and tokenizer ({source} on the Hugging Face hub), which are not in the local cache"
+            f"{' and the hub is offline' if _offline() else ''}: {exc}",
+            "Set base_model_config to a local diffusers folder of the same family (for example a downloaded "
+            f"{source}), or run once with internet access so the small config files get cached.") from exc
+    for encoder in encoders:
+        encoder.eval()
+    return {"unet": unet, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers,
+            "scheduler_config": scheduler_config, "config_source": source}

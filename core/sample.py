@@ -1,0 +1,187 @@
+"""Image previews: during training (the UNet being trained) and in the Test tab (a LoRA file).
+
+Everything runs under `torch.no_grad()`; the VAE decodes in fp32 whatever the training
+precision (an fp16 SD VAE overflows into NaN and black images); an Euler sampler and,
+for SDXL, a 1024-class default size (SDXL at 512 px gives mush). Images are saved
+atomically. One pipeline is cached for the Test tab so repeated tries do not reload it.
+"""
+from __future__ import annotations
+
+import gc
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+from core.atomic import atomic_path
+
+DEFAULT_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+COMPARE_WEIGHTS = (0.0, 0.4, 0.6, 0.8, 1.0)
+_CACHE: dict[str, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def move(module: Any, device: Any, dtype: torch.dtype | None = None) -> Any:
+    """module.to(device[, dtype]) without diffusers' warning about casting (we cast on purpose)."""
+    if module is None:
+        return None
+    args = (device,) if dtype is None else (device, dtype)
+    return torch.nn.Module.to(module, *args)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_pipeline(family: str, *, unet: Any, vae: Any, text_encoders: Sequence[Any], tokenizers: Sequence[Any],
+                   scheduler_config: dict[str, Any], prediction_type: str) -> Any:
+    """A diffusers pipeline over existing modules (nothing copied), with an Euler sampler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: PLC0415
+
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    config["prediction_type"] = prediction_type
+    scheduler = EulerDiscreteScheduler.from_config(config)
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                         scheduler=scheduler)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@torch.no_grad()
+def decode_fp32(vae: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> PIL images with the VAE in fp32 (restored to its dtype afterwards)."""
+    dtype = vae.dtype
+    move(vae, vae.device, torch.float32)
+    try:
+        latents = latents.to(vae.device, torch.float32)
+        shift = getattr(vae.config, "shift_factor", None)
+        latents = latents / vae.config.scaling_factor + (shift or 0.0)
+        pixels = vae.decode(latents, return_dict=False)[0]
+    finally:
+        move(vae, vae.device, dtype)
+    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+@torch.no_grad()
+def run_pipeline(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
+                 negative_prompt: str = "", width: int, height: int) -> list[Image.Image]:
+    """One image per prompt, each from the same fixed seed so runs compare."""
+    images = []
+    device = pipe.unet.device
+    for prompt in prompts:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        latents = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                       guidance_scale=guidance, width=width, height=height, generator=generator,
+                       output_type="latent", return_dict=False)[0]
+        images.extend(decode_fp32(pipe.vae, latents.to(device)))
+        del latents
+        free_memory()
+    return images
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def sample_size(family: str, resolution: int, vae_scale_factor: int) -> tuple[int, int]:
+    """Preview size: the training resolution, but never below the family's class for SDXL."""
+    side = max(resolution, DEFAULT_SIZE["sdxl"]) if family == "sdxl" else resolution
+    step = vae_scale_factor * 8
+    side = max(step, side // step * step)
+    return side, side
+
+
+# --- the Test tab ---------------------------------------------------------------------------
+
+def load_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
+                  device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """(pipeline, SDModel) for `base_model`, cached: the same arguments reuse the loaded one."""
+    from core.models.sd import load_sd_model  # noqa: PLC0415
+
+    device = torch.device(device) if device else default_device()
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    path = Path(base_model)
+    stamp = path.stat().st_mtime_ns if path.exists() else 0
+    key = repr((str(base_model), stamp, vae, model_config, str(device), str(dtype)))
+    with _CACHE_LOCK:
+        if _CACHE.get("key") == key:
+            return _CACHE["pipe"], _CACHE["model"]
+        _CACHE.clear()
+        free_memory()
+        model = load_sd_model(base_model, allow_pickle=allow_pickle, vae=vae, model_config=model_config)
+        for module in [model.unet, *model.text_encoders]:
+            move(module, device, dtype)
+        move(model.vae, device, torch.float32)
+        pipe = build_pipeline(model.family, unet=model.unet, vae=model.vae, text_encoders=model.text_encoders,
+                              tokenizers=model.tokenizers, scheduler_config=model.scheduler_config,
+                              prediction_type=model.prediction_type)
+        pipe.set_progress_bar_config(disable=True)
+        _CACHE.update(key=key, pipe=pipe, model=model)
+        return pipe, model
+
+
+def clear_pipeline_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+    free_memory()
+
+
+def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequence[str], *, weight: float = 0.8,
+                    seed: int = 1234, steps: int = 20, guidance: float = 7.0, negative_prompt: str = "",
+                    width: int | None = None, height: int | None = None, allow_pickle: bool = False,
+                    model_config: str = "", device: str | torch.device | None = None) -> list[Image.Image]:
+    """Images for `prompts` from `base_model` with the LoRA at `weight` (None or 0: the base alone)."""
+    pipe, model = load_pipeline(base_model, allow_pickle=allow_pickle, model_config=model_config, device=device)
+    side = DEFAULT_SIZE[model.family]
+    width, height = width or side, height or side
+    use_lora = lora_path is not None and weight != 0
+    if use_lora:
+        pipe.load_lora_weights(str(lora_path), adapter_name="preview")
+        pipe.set_adapters(["preview"], adapter_weights=[weight])
+    try:
+        return run_pipeline(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
+                            negative_prompt=negative_prompt, width=width, height=height)
+    finally:
+        if use_lora:
+            pipe.delete_adapters("preview")
+        free_memory()
+
+
+def _label(image: Image.Image, text: str) -> Image.Image:
+    band = 18
+    canvas = Image.new("RGB", (image.width, image.height + band), "white")
+    canvas.paste(image, (0, band))
+    ImageDraw.Draw(canvas).text((4, 3), text, fill="black")
+    return canvas
+
+
+def compare_grid(base_model: str, lora_paths: str | Path | Sequence[str | Path], prompts: Sequence[str], out_path:
+                 str | Path, *, weights: Sequence[float] = COMPARE_WEIGHTS, **kwargs: Any) -> Path:
+    """One PNG: a row per (LoRA file, prompt), a column per LoRA weight, each cell labelled."""
+    files = [lora_paths] if isinstance(lora_paths, (str, Path)) else list(lora_paths)
+    rows: list[list[Image.Image]] = []
+    for file in files:
+        per_weight = [generate_images(base_model, file, prompts, weight=w, **kwargs) for w in weights]
+        for p in range(len(prompts)):
+            label = Path(file).parent.name if Path(file).name == "pytorch_lora_weights.safetensors" else Path(file).stem
+            rows.append([_label(per_weight[i][p], f"{label} w={w:g}") for i, w in enumerate(weights)])
+    cell_w, cell_h = rows[0][0].size
+    grid = Image.new("RGB", (cell_w * len(weights), cell_h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            grid.paste(cell, (c * cell_w, r * cell_h))
+    return save_image(grid, out_path)

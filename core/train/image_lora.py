@@ -1,0 +1,132 @@
+"""The LoRA side of image training: which modules get adapters, their state, init from a
+file, and writing the results through `core.export` (diffusers + kohya/WebUI formats).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.config import TrainConfig
+from core.lora import TEXT_ENCODER_MODULES, UNET_ATTENTION_MODULES, make_lora_config
+
+TE_NAMES = ("text_encoder", "text_encoder_2")
+# Exact PEFT weights inside each checkpoint, for a bit-exact resume.
+PEFT_FILES = ("unet_peft.safetensors", "text_encoder_peft.safetensors", "text_encoder_2_peft.safetensors")
+_CONV_PARENT = re.compile(r"^(down_blocks|up_blocks|mid_block)\.(\d+\.)?(resnets|downsamplers|upsamplers)\.")
+
+
+def conv_module_names(unet: nn.Module) -> list[str]:
+    """The UNet convolutions LoCon adapts (as kohya: ResNet blocks and the down/up samplers)."""
+    return [name for name, module in unet.named_modules()
+            if isinstance(module, nn.Conv2d) and _CONV_PARENT.match(name)]
+
+
+def add_unet_lora(unet: nn.Module, cfg: TrainConfig) -> Any:
+    """Add the LoRA adapter to the UNet (attention projections, plus conv layers when conv_rank > 0)."""
+    config = make_lora_config(cfg, UNET_ATTENTION_MODULES,
+                              conv_modules=conv_module_names(unet) if cfg.conv_rank > 0 else None)
+    unet.add_adapter(config)
+    return config
+
+
+def add_text_encoder_lora(encoder: nn.Module, cfg: TrainConfig, targets: list[str] | None = None) -> Any:
+    # The user's target_modules name UNet modules; text encoders keep their own projections.
+    config = make_lora_config(dataclasses.replace(cfg, target_modules=list(targets or [])), TEXT_ENCODER_MODULES)
+    encoder.add_adapter(config)
+    return config
+
+
+def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_peft_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
+    """Put LoRA weights into an adapted model; returns the adapter keys the file did not have."""
+    from peft.utils import set_peft_model_state_dict  # noqa: PLC0415
+
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"The LoRA weights for the {what} do not fit the model: {unexpected[:3]} ... "
+                         "(another base model family or different target modules).")
+    return missing
+
+
+# --- LoRA files we continue from ------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedLora:
+    unet: dict[str, torch.Tensor]
+    text_encoders: list[dict[str, torch.Tensor]]
+    alphas: dict[str, float]
+    rank: int
+    alpha: float
+
+
+def read_lora_file(path: str | Path, family: str) -> LoadedLora:
+    """A kohya or diffusers LoRA .safetensors -> PEFT state dicts (to continue training from it)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from core.export.kohya import kohya_to_peft  # noqa: PLC0415
+
+    file = Path(path)
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"'{file}' is not a readable LoRA .safetensors file: {exc}") from exc
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
+        unet, tes, alphas = kohya_to_peft(tensors, family)
+    else:
+        unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
+        tes = [{k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")} for n in TE_NAMES]
+        tes = [t for t in tes if t]
+        if not unet:
+            raise ValueError(f"'{file.name}' holds no UNet LoRA weights (neither kohya nor diffusers keys).")
+        alphas = {}
+    downs = [v for k, v in unet.items() if k.endswith("lora_A.weight")]
+    rank = int(downs[0].shape[0]) if downs else 0
+    alpha_values = [v for k, v in alphas.items() if k.startswith("unet.")]
+    alpha = float(alpha_values[0]) if alpha_values else float(rank)
+    return LoadedLora(unet, tes, alphas, rank, alpha)
+
+
+def module_paths(state: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({re.sub(r"\.(lora_A|lora_B|lora_magnitude_vector)(\..*)?$", "", k) for k in state})
+
+
+# --- writing results ------------------------------------------------------------------------
+
+def alphas_for(unet: nn.Module, encoders: list[nn.Module]) -> dict[str, float]:
+    from core.export.kohya import kohya_alphas_from_model  # noqa: PLC0415
+
+    alphas = {f"unet.{k}": v for k, v in kohya_alphas_from_model(unet).items()}
+    for name, encoder in zip(TE_NAMES, encoders):
+        alphas.update({f"{name}.{k}": v for k, v in kohya_alphas_from_model(encoder).items()})
+    return alphas
+
+
+def save_lora_outputs(folder: Path, name: str, *, family: str, unet: nn.Module, encoders: list[nn.Module],
+                      unet_config: Any, te_configs: list[Any], metadata: dict[str, Any],
+                      save_dtype: torch.dtype, diffusers_file: bool = True) -> dict[str, str]:
+    """Write <name>.safetensors (kohya/WebUI) and pytorch_lora_weights.safetensors (diffusers)."""
+    from core.export.kohya import peft_to_kohya, save_kohya_lora  # noqa: PLC0415
+
+    unet_state = peft_state(unet)
+    te_states = [peft_state(e) for e in encoders]
+    kohya = peft_to_kohya(unet_state, te_states, family, alphas=alphas_for(unet, encoders))
+    paths = {"kohya": str(save_kohya_lora(folder / f"{name}.safetensors", kohya, metadata, dtype=save_dtype))}
+    if diffusers_file:
+        from core.export.diffusers_format import save_diffusers_lora  # noqa: PLC0415
+
+        written = save_diffusers_lora(folder, family, unet_state, te_states, unet_lora_config=unet_config,
+                                      text_encoder_lora_configs=te_configs or None, dtype=save_dtype)
+        paths["diffusers"] = str(written)
+    return paths

@@ -1,0 +1,88 @@
+"""One image-LoRA training step: prompts -> embeddings, noise, the UNet pass and the loss.
+
+Pure functions with explicit parameters (the diffusers example's loop, split up):
+epsilon or v-prediction target, noise offset, min-SNR weighting, SDXL's pooled text
+embedding and size/crop time ids.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids [B, max_length], padded/truncated to the tokenizer's length (77 for CLIP)."""
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(family: str, text_encoders: Sequence[Any], tokenizers: Sequence[Any],
+                   captions: Sequence[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt embeddings [B, 77, D], pooled embedding [B, P] for SDXL else None)."""
+    if family != "sdxl":
+        ids = tokenize(tokenizers[0], captions).to(device)
+        return text_encoders[0](ids, return_dict=False)[0], None
+    hidden, pooled = [], None
+    for encoder, tokenizer in zip(text_encoders, tokenizers):
+        ids = tokenize(tokenizer, captions).to(device)
+        out = encoder(ids, output_hidden_states=True, return_dict=True)
+        # SDXL conditions on the penultimate layer of both encoders; pooled from the second.
+        hidden.append(out.hidden_states[-2])
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(original_sizes: Sequence[tuple[int, int]], crops: Sequence[tuple[int, int]],
+                  target_sizes: Sequence[tuple[int, int]], device: torch.device | str,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] per image."""
+    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crops, target_sizes)]
+    return torch.tensor(rows, device=device, dtype=dtype)
+
+
+def sample_latents(moments: torch.Tensor, scaling_factor: float, shift_factor: float | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents from cached VAE moments [B, 2C, h, w] (mean, logvar), like `latent_dist.sample()`."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if shift_factor is not None:
+        latents = latents - shift_factor
+    return latents * scaling_factor
+
+
+def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), as in diffusers' example."""
+    from diffusers.training_utils import compute_snr  # noqa: PLC0415
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr.clamp(min=1e-8)
+
+
+def diffusion_loss(unet: Any, noise_scheduler: Any, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, *,
+                   prediction_type: str, noise_offset: float = 0.0, snr_gamma: float = 0.0,
+                   added_cond: dict[str, torch.Tensor] | None = None, weight_dtype: torch.dtype = torch.float32
+                   ) -> torch.Tensor:
+    """The denoising loss of one batch (fp32), with the UNet run in `weight_dtype`."""
+    noise = torch.randn_like(latents)
+    if noise_offset > 0:
+        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                   device=latents.device, dtype=latents.dtype)
+    batch = latents.shape[0]
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), device=latents.device).long()
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    pred = unet(noisy.to(weight_dtype), timesteps, encoder_hidden_states.to(weight_dtype),
+                added_cond_kwargs=added_cond, return_dict=False)[0]
+    if snr_gamma > 0:
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (loss * snr_weights(noise_scheduler, timesteps, snr_gamma, prediction_type)).mean()
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")

@@ -1,0 +1,158 @@
+"""Encode each training image once: VAE latents in memory and on disk, captions once per run.
+
+The disk cache is keyed by the image file's content hash, its bucket, the crop mode and
+the VAE's identity, so a later run (another output folder, other settings) reuses it and
+an edited image or another VAE never gets stale latents. Files are written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from core.atomic import atomic_path
+from core.data.buckets import Bucket, prepare_image
+from core.data.image_io import ImageReadError, load_rgb
+
+CACHE_DIRNAME = ".lora_cache"
+
+
+@dataclass
+class CachedImage:
+    moments: torch.Tensor  # [2C, h, w] VAE mean and logvar, fp32, CPU
+    original_size: tuple[int, int]  # (h, w)
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+
+def file_hash(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def cache_dir_for(train_data_dir: str | Path, output_dir: str | Path, vae_id: str) -> Path:
+    """<data>/.lora_cache/latents/<vae id>, or under output_dir when the data folder is read-only."""
+    for root in (Path(train_data_dir) / CACHE_DIRNAME, Path(output_dir) / "cache"):
+        folder = root / "latents" / vae_id
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    raise OSError(f"No writable place for the latent cache under {train_data_dir} or {output_dir}.")
+
+
+def _cache_name(content: str, bucket: Bucket, center_crop: bool) -> str:
+    return f"{content}_{bucket[0]}x{bucket[1]}{'' if center_crop else '_rc'}.safetensors"
+
+
+def _read_cached(path: Path) -> CachedImage | None:
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = json.loads(handle.metadata()["info"])
+            moments = handle.get_tensor("moments").float()
+    except Exception:  # noqa: BLE001 - a damaged cache file is simply encoded again
+        return None
+    return CachedImage(moments, tuple(meta["original_size"]), tuple(meta["crop_top_left"]),
+                       tuple(meta["target_size"]))
+
+
+def _write_cached(path: Path, item: CachedImage) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    info = json.dumps({"original_size": item.original_size, "crop_top_left": item.crop_top_left,
+                       "target_size": item.target_size})
+    with atomic_path(path) as tmp:
+        save_file({"moments": item.moments.contiguous()}, str(tmp), metadata={"info": info})
+
+
+@torch.no_grad()
+def encode_moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE mean+logvar [B, 2C, h, w] of pixels [B, 3, H, W] in [-1, 1] (run in the VAE's dtype)."""
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    return dist.parameters.float().cpu()
+
+
+def encode_images(vae: Any, paths: Sequence[Path], buckets: Sequence[Bucket], *, center_crop: bool,
+                  cache_dir: Path | None, batch_size: int = 4,
+                  progress: Callable[[int, int], None] | None = None
+                  ) -> tuple[dict[int, CachedImage], list[tuple[str, str]], int]:
+    """Latents for every image: {index: CachedImage}, images that failed to decode, cache hits."""
+    results: dict[int, CachedImage] = {}
+    failed: list[tuple[str, str]] = []
+    todo: dict[Bucket, list[tuple[int, Path, str]]] = {}
+    hits = 0
+    for index, (path, bucket) in enumerate(zip(paths, buckets)):
+        try:
+            content = file_hash(path)
+        except OSError as exc:
+            failed.append((path.name, f"cannot be read: {exc}"))
+            continue
+        if cache_dir is not None:
+            cached = _read_cached(cache_dir / _cache_name(content, bucket, center_crop))
+            if cached is not None:
+                results[index] = cached
+                hits += 1
+                continue
+        todo.setdefault(tuple(bucket), []).append((index, path, content))
+    total, done = len(paths), hits
+    if progress:
+        progress(done, total)
+    for bucket, entries in todo.items():
+        for start in range(0, len(entries), batch_size):
+            chunk, prepared = [], []
+            for index, path, content in entries[start:start + batch_size]:
+                try:
+                    prepared.append(prepare_image(load_rgb(path), bucket, center_crop=center_crop))
+                    chunk.append((index, path, content))
+                except (ImageReadError, OSError, ValueError) as exc:
+                    failed.append((path.name, str(exc)))
+            if prepared:
+                moments = encode_moments(vae, torch.stack([p.pixels for p in prepared]))
+                for (index, path, content), prep, moment in zip(chunk, prepared, moments):
+                    item = CachedImage(moment.clone(), tuple(prep.original_size), tuple(prep.crop_top_left),
+                                       tuple(prep.target_size))
+                    results[index] = item
+                    if cache_dir is not None:
+                        _write_cached(cache_dir / _cache_name(content, bucket, center_crop), item)
+            done += len(entries[start:start + batch_size])
+            if progress:
+                progress(done, total)
+    return results, failed, hits
+
+
+class TextCache:
+    """Prompt embeddings per caption, computed once (text encoders frozen)."""
+
+    def __init__(self) -> None:
+        self.embeds: dict[str, torch.Tensor] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def build(self, captions: Sequence[str], encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]],
+              batch_size: int = 16) -> None:
+        unique = sorted(set(captions) - set(self.embeds))
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start:start + batch_size]
+            embeds, pooled = encode(chunk)
+            for i, caption in enumerate(chunk):
+                self.embeds[caption] = embeds[i].detach()
+                if pooled is not None:
+                    self.pooled[caption] = pooled[i].detach()
+
+    def batch(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeds = torch.stack([self.embeds[c] for c in captions])
+        pooled = torch.stack([self.pooled[c] for c in captions]) if self.pooled else None
+        return embeds, pooled
