@@ -151,6 +151,10 @@ class TrainConfig:
                              minimum=0.0, maximum=1.0, task="image")
     snr_gamma: float = _f(0.0, "Min-SNR weighting gamma (5 is usual; 0: off).", "model", minimum=0.0,
                           task="image")
+    base_model_config: str = _f("", "For a single-file checkpoint: a diffusers folder (or hub id) of the same "
+                                "family whose configs and tokenizer build it, to load offline. Empty: the "
+                                "family's standard hub repo (cached after the first online run).", "model",
+                                task="image")
     vae: str = _f("", "Optional separate VAE (.safetensors or diffusers folder).", "model", task="image")
 
     # --- samples ---------------------------------------------------------------------
