@@ -280,3 +280,10 @@ def test_what_the_trainer_decodes_transparent_parts_white_and_deep_images_scaled
         second = np.asarray(gif.convert("RGB"), dtype=np.int16)
     assert np.abs(first - second).mean() > 5  # the first frame, not a later one
     assert load_rgb(folder / "color_cmyk.jpg").mode == "RGB"
+
+
+def test_a_run_output_folder_inside_the_data_folder_is_not_trained_on(photo_image_folder):
+    output = photo_image_folder.path / "output" / "my_lora"
+    write_image(output / "samples", "step-000100-0.png", photo("rocket.jpg", 96))
+    dataset = scan(photo_image_folder.path, output_dir=str(output))
+    assert {item.relpath for item in dataset.items} == set(photo_image_folder.usable)

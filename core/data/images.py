@@ -66,16 +66,20 @@ def _skip_dir(name: str) -> bool:
     return name.startswith((".", "__")) or "backup" in lowered or lowered in {"_cache", "cache"}
 
 
-def find_image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
+def find_image_files(folder: str | Path, exclude: tuple[str | Path, ...] = ()) -> tuple[list[Path], list[Path]]:
     """Image files under `folder` (recursive, sorted by relative path) and the other files.
 
-    Hidden files and folders, backups (`x.png.bak-...`, `backup/`) and caches are left out.
+    Hidden files and folders, backups (`x.png.bak-...`, `backup/`), caches and the folders
+    in `exclude` (a run's output folder inside the data: its samples are not training data)
+    are left out.
     """
     root = Path(folder)
+    excluded = {Path(e).resolve() for e in exclude if str(e)}
     images: list[Path] = []
     others: list[Path] = []
     for current, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not _skip_dir(d))
+        dirs[:] = sorted(d for d in dirs if not _skip_dir(d)
+                         and (not excluded or (Path(current) / d).resolve() not in excluded))
         for name in files:
             if name.startswith("."):
                 continue  # macOS "._x.jpg" resource forks, editors' temp files
@@ -245,7 +249,7 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
     if not folder.is_dir():
         raise DatasetError(f"The training folder '{folder}' does not exist or is not a folder. "
                            "Set train_data_dir to the folder with your images.")
-    images, others = find_image_files(folder)
+    images, others = find_image_files(folder, exclude=(cfg.output_dir,) if cfg.output_dir else ())
     items: list[ImageItem] = []
     skipped: list[tuple[str, str]] = []
     infos: dict[Path, ImageInfo] = {}
