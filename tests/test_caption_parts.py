@@ -124,3 +124,47 @@ def test_a_chat_vlm_captions_a_folder_through_the_same_job(tiny_llava_dir, capti
                                            prompt="Describe this image in detail.", batch_size=4))
     assert sorted(result.captions) == names["good"]
     assert list(result.failed) == ["broken.jpg"]
+
+
+class _SmallMemoryCaptioner:
+    """A stand-in for a GPU captioner that runs out of memory above two images at once."""
+
+    name = family = "fake"
+    needs_images = True
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def caption_batch(self, paths, images=None, max_new_tokens=None, should_stop=None):
+        import torch
+
+        self.calls.append(len(paths))
+        if len(paths) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [f"picture of {Path(path).stem}" for path in paths]
+
+    def close(self) -> None:
+        pass
+
+
+def test_running_out_of_memory_retries_the_batch_in_halves_and_says_so(caption_photo_folder):
+    from core.events import RunContext, WarningEvent
+
+    folder, names = caption_photo_folder
+    events: list = []
+    fake = _SmallMemoryCaptioner()
+    result = caption_folder(CaptionOptions(input_dir=folder, batch_size=8), RunContext(listeners=[events.append]),
+                            captioner=fake)
+    assert result.captions == {name: f"picture of {Path(name).stem}" for name in names["good"]}
+    assert max(fake.calls) > 2 and fake.calls.count(8) == 0  # 7 good images in the first batch of 8
+    assert any(isinstance(e, WarningEvent) and "Out of memory" in e.message and e.advice for e in events)
+
+
+def test_captioner_status_tells_where_the_files_would_come_from(tmp_path):
+    from core.caption import captioner_status
+
+    assert captioner_status("filename") == "no model needed"
+    assert str(tmp_path / "captioners" / "blip-base") in captioner_status("blip-base", tmp_path)
+    (tmp_path / "captioners" / "git-base").mkdir(parents=True)
+    (tmp_path / "captioners" / "git-base" / "config.json").write_text("{}", encoding="utf-8")
+    assert captioner_status("git-base", tmp_path).startswith("local copy in")

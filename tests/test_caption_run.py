@@ -230,3 +230,21 @@ def test_an_unknown_captioner_lists_the_names_that_exist(tmp_path, capsys, name)
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     assert run_cli("--input", tmp_path, "--model", name) == 1
     assert "blip-base" in capsys.readouterr().err
+
+
+def test_a_stop_during_a_long_batch_ends_generation_at_once_and_drops_that_batch(tiny_blip_dir,
+                                                                                caption_photo_folder):
+    folder, names = caption_photo_folder
+    ctx = RunContext()
+    polls = {"n": 0}
+
+    def should_stop() -> bool:  # the user presses Stop while the first batch is generating
+        polls["n"] += 1
+        return polls["n"] > 3
+
+    ctx.should_stop = should_stop  # type: ignore[method-assign]
+    result = caption_folder(CaptionOptions(input_dir=folder, model=str(tiny_blip_dir), max_length=200,
+                                           batch_size=8), ctx)
+    assert result.stopped and result.captions == {}
+    assert polls["n"] < 20  # not 200 tokens' worth of polling: generation ended at once
+    assert not (folder / "metadata.csv").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -47,7 +48,8 @@ class FilenameCaptioner:
     needs_images = False
 
     def caption_batch(self, paths: list[Path], images: list[Image.Image] | None = None,
-                      max_new_tokens: int | None = None) -> list[str]:
+                      max_new_tokens: int | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> list[str]:
         return [caption_from_filename(path) for path in paths]
 
     def close(self) -> None:

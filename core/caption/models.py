@@ -21,12 +21,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from PIL import Image
 
 from core.caption.filename import FilenameCaptioner
 from core.caption.registry import NEEDED_FILES, ResolvedCaptioner, resolve_captioner
+from core.events import StopRequested
 
 # Default caption lengths in new tokens: short captioners write a line, the others a paragraph.
 DEFAULT_MAX_NEW_TOKENS = {"blip": 40, "git": 40, "florence2": 256, "vlm": 256}
@@ -47,7 +48,10 @@ class Captioner(Protocol):
     needs_images: bool
 
     def caption_batch(self, paths: list[Path], images: list[Image.Image] | None = None,
-                      max_new_tokens: int | None = None) -> list[str]: ...
+                      max_new_tokens: int | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> list[str]:
+        """One caption per path/image; raises StopRequested when `should_stop()` turns true meanwhile."""
+        ...
 
     def close(self) -> None: ...
 
@@ -165,6 +169,19 @@ def load_captioner(name: str, *, device: str = "auto", trust_remote_code: bool =
                           device=torch_device, dtype=dtype, prompt=prompt or resolved.prompt)
 
 
+def _stopping_criteria(should_stop: Callable[[], bool]) -> Any:
+    from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: PLC0415
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch  # noqa: PLC0415
+
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool,
+                              device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])
+
+
 @dataclass
 class ModelCaptioner:
     """A loaded transformers captioner; `caption_batch` runs one batched, greedy `generate`."""
@@ -180,20 +197,30 @@ class ModelCaptioner:
     needs_images: bool = True
 
     def caption_batch(self, paths: list[Path], images: list[Image.Image] | None = None,
-                      max_new_tokens: int | None = None) -> list[str]:
-        """Captions for `images` (RGB, same order); `paths` only name them."""
+                      max_new_tokens: int | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> list[str]:
+        """Captions for `images` (RGB, same order); `paths` only name them.
+
+        `should_stop` is polled after every generated token, so a stop does not wait for a
+        long batch (a VLM paragraph on the CPU can take minutes); the batch is then dropped.
+        """
         import torch  # noqa: PLC0415
 
         if not images:
             return []
         new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[self.family]
         inputs, prompt_length = self._inputs(images)
-        generate_kwargs = dict(max_new_tokens=new_tokens, num_beams=self.num_beams, do_sample=False)
+        generate_kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, num_beams=self.num_beams,
+                                               do_sample=False)
+        if should_stop is not None:
+            generate_kwargs["stopping_criteria"] = _stopping_criteria(should_stop)
         with torch.inference_mode():
             if self.family == "git":
                 output = self.model.generate(pixel_values=inputs["pixel_values"], **generate_kwargs)
             else:
                 output = self.model.generate(**inputs, **generate_kwargs)
+        if should_stop is not None and should_stop():
+            raise StopRequested("stopped while captioning a batch")
         if prompt_length:  # decoder-only chat models echo the prompt
             output = output[:, prompt_length:]
         texts = self.processor.batch_decode(output, skip_special_tokens=True)

@@ -96,6 +96,26 @@ def captioner_names() -> list[str]:
     return list(CAPTIONERS)
 
 
+def captioner_status(name: str, root: Path | None = None) -> str:
+    """Where a short name's files would come from, for the GUI's dropdown (never downloads)."""
+    spec = CAPTIONERS.get(name)
+    if spec is None:
+        return ""
+    if not spec.model_id:
+        return "no model needed"
+    if _has_model_files(offline_dir(name, root)):
+        return f"local copy in {offline_dir(name, root)}"
+    try:
+        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+
+        if isinstance(try_to_load_from_cache(spec.model_id, "config.json"), str):
+            return "in the Hugging Face cache"
+    except ImportError:
+        pass
+    return (f"downloads {spec.download_gb:.1f} GB from the hub on first use "
+            f"(offline: put the files in {offline_dir(name, root)})")
+
+
 def _has_model_files(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 

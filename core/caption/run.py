@@ -23,7 +23,7 @@ from core.caption.models import Captioner, load_captioner
 from core.data.captions import (CaptionFileError, format_metadata_csv, read_caption_txt,
                                 read_metadata_csv, write_caption_txt)
 from core.data.image_io import ImageReadError, is_image_file, load_rgb
-from core.events import DoneEvent, LogEvent, ProgressEvent, RunContext
+from core.events import DoneEvent, LogEvent, ProgressEvent, RunContext, StopRequested
 
 EXISTING_MODES = ("skip", "overwrite")
 CSV_FLUSH_SECONDS = 5.0
@@ -181,6 +181,40 @@ def _load_batch(paths: list[Path], needs_images: bool) -> list[tuple[Path, objec
     return loaded
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def _caption_with_backoff(captioner: Captioner, good: list[tuple[Path, object]], max_length: int | None,
+                          ctx: RunContext) -> list[str]:
+    """Caption `good` in one call; when the device runs out of memory, in halves (down to one image)."""
+    if not good:
+        return []
+    paths = [path for path, _ in good]
+    images = [image for _, image in good] if captioner.needs_images else None
+    try:
+        return captioner.caption_batch(paths, images, max_length, should_stop=ctx.should_stop)
+    except (RuntimeError, MemoryError) as exc:
+        if not _is_out_of_memory(exc) or len(good) == 1:
+            raise
+    _free_device_cache()
+    half = len(good) // 2
+    ctx.warn(f"Out of memory captioning {len(good)} images at once; trying {half} and {len(good) - half}.",
+             "Lower the batch size to avoid the retries.")
+    return (_caption_with_backoff(captioner, good[:half], max_length, ctx)
+            + _caption_with_backoff(captioner, good[half:], max_length, ctx))
+
+
+def _free_device_cache() -> None:
+    try:
+        import torch  # noqa: PLC0415
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
 def _existing_caption(name: str, path: Path, csv: _CsvWriter | None, options: CaptionOptions) -> str:
     if csv is not None and csv.rows.get(name, "").strip():
         return csv.rows[name].strip()
@@ -230,7 +264,7 @@ def caption_folder(options: CaptionOptions, ctx: RunContext | None = None, *,
             captioner.num_beams = options.num_beams
         ctx.log(f"Captioning {len(todo)} images with {options.model} in batches of {options.batch_size}.")
     try:
-        _caption_all(todo, folder, options, captioner, csv, result, ctx, started)
+        _caption_all(todo, folder, options, captioner, csv, result, ctx)
     finally:
         if csv is not None:
             csv.flush(force=True)
@@ -244,7 +278,7 @@ def caption_folder(options: CaptionOptions, ctx: RunContext | None = None, *,
 
 
 def _caption_all(todo: list[Path], folder: Path, options: CaptionOptions, captioner: Captioner | None,
-                 csv: _CsvWriter | None, result: CaptionResult, ctx: RunContext, started: float) -> None:
+                 csv: _CsvWriter | None, result: CaptionResult, ctx: RunContext) -> None:
     if not todo or captioner is None:
         return
     batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
@@ -267,9 +301,12 @@ def _caption_all(todo: list[Path], folder: Path, options: CaptionOptions, captio
                     name = path.relative_to(folder).as_posix()
                     result.failed[name] = str(error)
                     ctx.warn(f"skipped: {error}")
-            captions = captioner.caption_batch([p for p, _ in good],
-                                               [i for _, i in good] if captioner.needs_images else None,
-                                               options.max_length) if good else []
+            try:
+                captions = _caption_with_backoff(captioner, good, options.max_length, ctx)
+            except StopRequested:
+                result.stopped = True
+                ctx.emit(LogEvent(f"Stopped after {done} of {len(todo)} images; captions so far are saved."))
+                return
             for (path, _), caption in zip(good, captions):
                 name = path.relative_to(folder).as_posix()
                 if not caption.strip():
