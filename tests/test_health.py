@@ -236,3 +236,16 @@ def test_the_preview_of_an_unreadable_file_raises_a_friendly_error(mixed_image_f
     with pytest.raises(ImageReadError, match="corrupt.jpg"):
         bucket_preview(mixed_image_folder.path / "corrupt.jpg", 128)
 
+
+
+def test_a_real_clip_tokenizer_counts_the_tokens_the_text_encoder_sees(photo_image_folder):
+    from tests.fixtures.tiny_sd import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()  # a real CLIPTokenizer, one token per character
+    caption = "a cat sitting on a red sofa in the evening light, film grain, soft focus"
+    assert count_tokens(caption, tokenizer) == len(tokenizer(caption)["input_ids"]) > 50
+    (photo_image_folder.path / "metadata.csv").write_text(f'filename,prompt\ncoffee.png,"{caption}"\n',
+                                                         encoding="utf-8")
+    report = health_check(photo_image_folder.path, resolution=64, tokenizer=tokenizer, max_tokens=40)
+    [issue] = [i for i in report.issues if "tokens" in i.problem]
+    assert issue.file == "coffee.png" and f"is {count_tokens(caption, tokenizer)} tokens" in issue.problem
