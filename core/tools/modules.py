@@ -75,9 +75,10 @@ def factor_delta(delta: Tensor, rank: int, *, alpha: float | None = None) -> tup
     correction = math.sqrt(rank / alpha)  # so that alpha / rank * up @ down == the truncated delta
     up = u[:, :rank] * root * correction
     down = root[:, None] * vh[:rank] * correction
-    total = float(s.pow(2).sum())
-    kept = float(s[:rank].pow(2).sum())
-    error = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+    total = float(s.double().pow(2).sum())
+    # Sum what is dropped (not total - kept): no cancellation when the error is tiny.
+    dropped = float(s[rank:].double().pow(2).sum())
+    error = math.sqrt(dropped / total) if total > 0 else 0.0
     if delta.dim() == 4:
         down = down.reshape((rank,) + tuple(delta.shape[1:]))
         up = up.reshape(out, rank, 1, 1)
