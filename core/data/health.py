@@ -79,7 +79,8 @@ def dhash(image: Image.Image) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def near_duplicates(hashes: list[tuple[str, int]], max_distance: int = DUPLICATE_DISTANCE) -> list[tuple[str, str, int]]:
+def near_duplicates(hashes: list[tuple[str, int]],
+                    max_distance: int = DUPLICATE_DISTANCE) -> list[tuple[str, str, int]]:
     """Pairs (earlier file, later file, distance) whose hashes differ in at most `max_distance` bits."""
     if len(hashes) < 2:
         return []
@@ -136,7 +137,8 @@ def _conversion_notes(info: ImageInfo) -> list[tuple[str, str]]:
         notes.append(("has transparency: transparent parts become white",
                       "Fine for most subjects; put it on the background you want if white is wrong."))
     if info.mode == "CMYK":
-        notes.append(("CMYK (print) colours: converted to RGB", "Colours may shift slightly; export as sRGB to be sure."))
+        notes.append(("CMYK (print) colours: converted to RGB",
+                      "Colours may shift slightly; export as sRGB to be sure."))
     if info.mode in ("L", "LA", "1", "I;16", "I;16B", "I;16L", "I", "F"):
         notes.append(("greyscale: trained as a grey RGB image",
                       "Fine if you want grey results; mixed in with colour images it may wash out colours."))

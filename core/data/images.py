@@ -264,17 +264,17 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
     warnings: list[str] = []
     source, metadata_file = _choose_caption_source(cfg, folder, images)
     usable = [p for p in images if p in infos]
-    if source == "metadata":
-        assert metadata_file is not None
+    if source == "metadata" and metadata_file is not None:
         captions = _captions_from_metadata(metadata_file, folder, images, warnings)
     elif source == "txt":
         captions = _captions_from_txt(usable, cfg.caption_extension, warnings)
     else:
         captions = {}
+        alone = (f"the caption '{cfg.trigger_word}'. Write captions in the Caption tab to describe more."
+                 if cfg.trigger_word else "an empty caption. Write captions in the Caption tab, or set a "
+                 "trigger word.")
         warnings.append(f"No captions found in {folder} (no metadata.csv, no {cfg.caption_extension} files): "
-                        "every image trains with " + (f"the caption '{cfg.trigger_word}'." if cfg.trigger_word
-                                                      else "an empty caption.")
-                        + " Write captions in the Caption tab, or set a trigger word.")
+                        f"every image trains with {alone}")
 
     no_caption: list[str] = []
     empty_caption: list[str] = []
