@@ -86,12 +86,12 @@ def test_native_florence2_is_available_in_the_installed_transformers():
     assert hasattr(transformers, "Florence2ForConditionalGeneration")
 
 
-def test_find_images_skips_hidden_files_and_other_files_and_can_recurse(tmp_path):
+def test_find_images_reads_sub_folders_like_training_and_skips_hidden_and_other_files(tmp_path):
     for name in ("b.png", "A.JPG", ".hidden.png", "notes.txt", "sub/c.webp", ".cache/d.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    assert [p.name for p in find_images(tmp_path)] == ["A.JPG", "b.png"]
-    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path, recursive=True)] == [
+    assert [p.name for p in find_images(tmp_path, recursive=False)] == ["A.JPG", "b.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == [
         "A.JPG", "b.png", "sub/c.webp"]
 
 

@@ -99,6 +99,17 @@ def test_skip_existing_keeps_hand_edits_and_overwrite_captions_again_with_a_back
     assert "my own careful caption" in redone.csv_backup.read_text(encoding="utf-8")
 
 
+def test_an_image_listed_under_another_spelling_keeps_its_row_instead_of_getting_a_second(
+        tiny_blip_dir, caption_photo_folder):
+    folder, names = caption_photo_folder
+    (folder / "metadata.csv").write_text("filename,prompt\n./astronaut.png,hand written\n", encoding="utf-8")
+    result = caption_folder(CaptionOptions(input_dir=folder, model=str(tiny_blip_dir), max_length=4))
+    rows = csv_rows(folder / "metadata.csv")
+    assert result.kept == {"astronaut.png": "hand written"}
+    assert rows["./astronaut.png"] == "hand written" and "astronaut.png" not in rows
+    assert len(rows) == len(names["good"])
+
+
 def test_txt_output_writes_a_caption_beside_each_image_and_no_csv(tiny_blip_dir, caption_photo_folder):
     folder, names = caption_photo_folder
     assert run_cli("--input", folder, "--model", tiny_blip_dir, "--txt", "--prefix", "mychar",

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default=None,
                         help="instruction for vision-language models, or a Florence-2 task token "
                              "(default: 'Describe this image in detail.' / <DETAILED_CAPTION>)")
-    parser.add_argument("--recursive", "-r", action="store_true", help="also caption images in sub-folders")
+    parser.add_argument("--recursive", "-r", action=argparse.BooleanOptionalAction, default=True,
+                        help="also caption images in sub-folders, as training reads them (default: yes)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow models that ship their own Python code (e.g. microsoft/Florence-2-base)")
     return parser

@@ -23,6 +23,7 @@ from core.caption.models import Captioner, load_captioner
 from core.data.captions import (CaptionFileError, format_metadata_csv, read_caption_txt,
                                 read_metadata_csv, write_caption_txt)
 from core.data.image_io import ImageReadError, is_image_file, load_rgb
+from core.data.images import find_image_files, match_metadata_rows
 from core.events import DoneEvent, LogEvent, ProgressEvent, RunContext, StopRequested
 
 EXISTING_MODES = ("skip", "overwrite")
@@ -50,7 +51,7 @@ class CaptionOptions:
     batch_size: int = 8
     existing: str = "skip"  # skip: keep captions images already have | overwrite: caption again
     device: str = "auto"
-    recursive: bool = False
+    recursive: bool = True  # sub-folders too, as training reads them
     num_beams: int = 1
     prompt: str | None = None  # Florence-2 task token or VLM instruction; None -> the model's default
     trust_remote_code: bool = False
@@ -100,17 +101,13 @@ def join_caption(prefix: str, caption: str, suffix: str) -> str:
     return ", ".join(part for part in (head, caption, tail) if part)
 
 
-def find_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder` (sorted; hidden files and folders left out)."""
-    pattern = "**/*" if recursive else "*"
-    found = []
-    for path in folder.glob(pattern):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        if is_image_file(path):
-            found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix().lower())
+def find_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files in `folder`, sorted; by default the same set training reads (sub-folders too)."""
+    if recursive:
+        return find_image_files(folder)[0]
+    found = [path for path in folder.iterdir()
+             if path.is_file() and not path.name.startswith(".") and is_image_file(path)]
+    return sorted(found, key=lambda p: p.name.lower())
 
 
 def _check_options(options: CaptionOptions) -> tuple[Path, Path | None]:
@@ -134,26 +131,38 @@ def _check_options(options: CaptionOptions) -> tuple[Path, Path | None]:
 
 
 class _CsvWriter:
-    """Keeps all rows in memory (old ones first) and rewrites metadata.csv atomically."""
+    """Keeps all rows in memory (old ones first) and rewrites metadata.csv atomically.
 
-    def __init__(self, path: Path, ctx: RunContext) -> None:
+    An image already listed under another spelling (`./a.png`, `sub\\a.png`, an absolute
+    path, a bare name) keeps its row: the match is the one training uses.
+    """
+
+    def __init__(self, path: Path, folder: Path, images: list[Path], ctx: RunContext) -> None:
         self.path = path
         self.rows: dict[str, str] = {}
         self.backup: Path | None = None
+        self._row_of: dict[str, str] = {}  # our relative name -> the name as written in the old file
         self._backed_up = False
         self._dirty = False
         self._last_flush = time.monotonic()
         if path.is_file():
             try:
                 read = read_metadata_csv(path)
-                self.rows.update(read.captions)
-                for warning in read.warnings:
-                    ctx.warn(warning)
             except CaptionFileError as exc:
                 ctx.warn(f"{exc} Its rows cannot be kept; the file is backed up before it is replaced.")
+                return
+            self.rows.update(read.captions)
+            for warning in read.warnings:
+                ctx.warn(warning)
+            found, _ = match_metadata_rows(list(read.captions), images, folder, path)
+            for written, image in found.items():
+                self._row_of.setdefault(image.relative_to(folder).as_posix(), written)
+
+    def get(self, name: str) -> str:
+        return self.rows.get(self._row_of.get(name, name), "")
 
     def set(self, name: str, caption: str) -> None:
-        self.rows[name] = caption
+        self.rows[self._row_of.get(name, name)] = caption
         self._dirty = True
 
     def flush(self, force: bool = False) -> None:
@@ -216,8 +225,8 @@ def _free_device_cache() -> None:
 
 
 def _existing_caption(name: str, path: Path, csv: _CsvWriter | None, options: CaptionOptions) -> str:
-    if csv is not None and csv.rows.get(name, "").strip():
-        return csv.rows[name].strip()
+    if csv is not None and csv.get(name).strip():
+        return csv.get(name).strip()
     if options.write_txt or csv is None:
         return (read_caption_txt(path, options.txt_extension) or "").strip()
     return ""
@@ -237,7 +246,7 @@ def caption_folder(options: CaptionOptions, ctx: RunContext | None = None, *,
         raise CaptionJobError(f"{folder} holds no images (looked for .jpg, .jpeg, .png, .webp, .bmp, .gif, "
                               ".tif). Put the training images there or choose another folder.")
     result = CaptionResult(total=len(images), csv_path=csv_path)
-    csv = _CsvWriter(csv_path, ctx) if csv_path is not None else None
+    csv = _CsvWriter(csv_path, folder, images, ctx) if csv_path is not None else None
 
     todo: list[Path] = []
     for path in images:
@@ -248,7 +257,7 @@ def caption_folder(options: CaptionOptions, ctx: RunContext | None = None, *,
             continue
         result.kept[name] = existing
         # Keep both outputs in step: an image captioned only in its .txt gets its csv row, and back.
-        if csv is not None and not csv.rows.get(name, "").strip():
+        if csv is not None and not csv.get(name).strip():
             csv.set(name, existing)
         if options.write_txt and read_caption_txt(path, options.txt_extension) is None:
             result.txt_files.append(write_caption_txt(path, existing, options.txt_extension))
