@@ -168,3 +168,16 @@ def test_captioner_status_tells_where_the_files_would_come_from(tmp_path):
     (tmp_path / "captioners" / "git-base").mkdir(parents=True)
     (tmp_path / "captioners" / "git-base" / "config.json").write_text("{}", encoding="utf-8")
     assert captioner_status("git-base", tmp_path).startswith("local copy in")
+
+
+def test_kohya_txt_captions_count_as_existing_and_move_into_a_new_metadata_csv(tmp_path):
+    from PIL import Image
+
+    for name in ("cat_photo.png", "brown_dog.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "cat_photo.txt").write_text("my careful caption of a cat\n", encoding="utf-8")
+    result = caption_folder(CaptionOptions(input_dir=tmp_path, model="filename", prefix="sks"))
+    assert result.kept == {"cat_photo.png": "my careful caption of a cat"}
+    assert result.captions == {"brown_dog.png": "sks, brown dog"}
+    text = (tmp_path / "metadata.csv").read_text(encoding="utf-8")
+    assert text == "filename,prompt\ncat_photo.png,my careful caption of a cat\nbrown_dog.png,\"sks, brown dog\"\n"

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from core.caption import (CAPTIONERS, CaptionerLoadError, CaptionerNotFoundError,  # noqa: E402
-                          CaptionJobError, CaptionOptions, caption_folder, offline_dir)
+                          CaptionJobError, CaptionOptions, caption_folder, captioner_status)
 from core.events import Event, LogEvent, ProgressEvent, RunContext, WarningEvent  # noqa: E402
 
 
@@ -70,9 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def list_models() -> str:
     lines = ["Captioners (--model NAME; offline: put the files in models/captioners/NAME/):"]
     for spec in CAPTIONERS.values():
-        source = spec.model_id or "no model"
-        local = " [local copy found]" if spec.model_id and (offline_dir(spec.name) / "config.json").is_file() else ""
-        lines.append(f"  {spec.name:<16} {spec.description}  ({source}){local}")
+        source = f" ({spec.model_id})" if spec.model_id else ""
+        lines.append(f"  {spec.name:<17}{spec.description}{source}\n  {'':<17}-> {captioner_status(spec.name)}")
     lines.append("Any local model folder or hub id of a BLIP, GIT, Florence-2 or vision-language model works too.")
     return "\n".join(lines)
 

@@ -225,11 +225,10 @@ def _free_device_cache() -> None:
 
 
 def _existing_caption(name: str, path: Path, csv: _CsvWriter | None, options: CaptionOptions) -> str:
+    """The caption an image already has: its metadata.csv row, else its .txt (kohya) file."""
     if csv is not None and csv.get(name).strip():
         return csv.get(name).strip()
-    if options.write_txt or csv is None:
-        return (read_caption_txt(path, options.txt_extension) or "").strip()
-    return ""
+    return (read_caption_txt(path, options.txt_extension) or "").strip()
 
 
 def caption_folder(options: CaptionOptions, ctx: RunContext | None = None, *,
