@@ -204,3 +204,17 @@ def test_the_sampler_drives_a_torch_dataloader():
 def test_bad_sampler_settings_are_refused():
     with pytest.raises(ValueError):
         BucketBatchSampler(MIXED, batch_size=0, seed=0)
+
+
+def test_a_repeated_image_does_not_share_a_batch_with_itself_when_it_can_be_avoided():
+    sampler = BucketBatchSampler([(64, 64)] * 6, batch_size=4, seed=0, repeats=5)
+    for epoch in range(10):
+        batches = sampler.batches_for_epoch(epoch)
+        assert all(len(set(batch)) == len(batch) for batch in batches)
+        assert sorted(i for batch in batches for i in batch) == sorted(list(range(6)) * 5)
+        assert len(batches) == len(sampler) == 8
+
+
+def test_a_bucket_of_one_image_repeated_still_fills_whole_batches():
+    sampler = BucketBatchSampler([(64, 64)], batch_size=4, seed=0, repeats=10)
+    assert sorted(len(batch) for batch in sampler) == [2, 4, 4]

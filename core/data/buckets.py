@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -131,6 +132,30 @@ def prepare_image(image: Image.Image, bucket: Bucket, *, center_crop: bool = Tru
 
 # --- batches -----------------------------------------------------------------------------
 
+def _fill_batches(indices: list[int], size: int) -> list[list[int]]:
+    """Cut `indices` into batches of `size` in order, moving a repeated index to a later batch.
+
+    With `repeats`, the end of one pass and the start of the next can put the same image
+    twice in a batch; such an index waits for the next batch, but only while the rest of the
+    pool can still fill this one: every batch but the last stays full, so there are always
+    ceil(len / size) batches, and a bucket of one repeated image still makes full batches.
+    """
+    pool = deque(indices)
+    batches: list[list[int]] = []
+    while pool:
+        batch: list[int] = []
+        waiting: list[int] = []
+        while pool and len(batch) < size:
+            index = pool.popleft()
+            if index in batch and len(pool) >= size - len(batch) and len(waiting) < 4 * size:
+                waiting.append(index)
+            else:
+                batch.append(index)
+        pool.extendleft(reversed(waiting))
+        batches.append(batch)
+    return batches
+
+
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of dataset indices, every batch from one bucket.
 
@@ -171,7 +196,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
                 if self.shuffle:
                     rng.shuffle(chunk)
                 indices.extend(chunk)
-            batches.extend(indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size))
+            batches.extend(_fill_batches(indices, self.batch_size))
         if self.shuffle:
             rng.shuffle(batches)
         return batches
