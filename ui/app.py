@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ui import state  # noqa: PLC0415
 
+    os.chdir(state.WORK)  # relative paths in configs (./output/x) mean the same as in the form
     app = build_app()
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     app.queue(default_concurrency_limit=4)
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                prevent_thread_lock=True, allowed_paths=state.allowed_folders(), quiet=True,
                show_error=True, css=CSS)
     print(f"[lora-scripts] The app is open at {url}  (Ctrl+C to quit)", flush=True)
+    state.start_warmup()
     if not args.no_browser:
         threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
     try:

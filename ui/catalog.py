@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ui.state import DATA_DIR, MODEL_SUBDIRS, MODELS_DIR, OUTPUT_DIR, ROOT
+from ui.state import DATA_DIR, MODEL_SUBDIRS, MODELS_DIR, OUTPUT_DIR, WORK
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 TEXT_DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".txt", ".parquet")
@@ -18,7 +18,7 @@ TEXT_DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".txt", ".parquet")
 def _rel(path: Path) -> str:
     """A path relative to the project when inside it (what a YAML should hold), else absolute."""
     try:
-        return "./" + path.resolve().relative_to(ROOT).as_posix()
+        return "./" + path.resolve().relative_to(WORK).as_posix()
     except ValueError:
         return str(path)
 

@@ -7,6 +7,7 @@ the user picked in the app (`allow_folder`), never from anywhere else on the dis
 """
 from __future__ import annotations
 
+import os
 import re
 import threading
 from pathlib import Path
@@ -14,10 +15,12 @@ from pathlib import Path
 from core.job import Job
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = ROOT / "data"
-MODELS_DIR = ROOT / "models"
-OUTPUT_DIR = ROOT / "output"
-CACHE_DIR = ROOT / ".cache" / "ui"  # thumbnails, previews and compare grids made by the app
+# Where data/, models/, output/ live: the project folder, or LORA_SCRIPTS_WORKDIR (tests use a temp one).
+WORK = Path(os.environ.get("LORA_SCRIPTS_WORKDIR") or ROOT).resolve()
+DATA_DIR = WORK / "data"
+MODELS_DIR = WORK / "models"
+OUTPUT_DIR = WORK / "output"
+CACHE_DIR = WORK / ".cache" / "ui"  # thumbnails, previews and compare grids made by the app
 MODEL_SUBDIRS = {"image": "Stable-diffusion", "lora": "Lora", "text": "llm"}
 
 JOB = Job()
@@ -76,6 +79,41 @@ def ensure_folders() -> None:
 
 
 def resolve_user_path(text: str) -> Path:
-    """A path typed by the user: `~` expanded, relative paths taken from the project root."""
+    """A path typed by the user: `~` expanded, relative paths taken from the work folder."""
     path = Path(str(text).strip().strip('"').strip("'")).expanduser()
-    return path if path.is_absolute() else (ROOT / path)
+    return path if path.is_absolute() else (WORK / path)
+
+
+# -- device detection, warmed up in the background ---------------------------------------------
+# Detecting the device imports torch (seconds); it runs in a thread after the page is up, so
+# the first page load never waits for it, and the Train tab shows the result on its next poll.
+_DEVICE: dict[str, str] = {}
+_DEVICE_LOCK = threading.Lock()
+
+
+def device_line() -> str | None:
+    """'Detected: NVIDIA ... (8.0 GB, 7.1 GB free)', or None while detection is still running."""
+    return _DEVICE.get("line")
+
+
+def detect_device_now() -> str:
+    with _DEVICE_LOCK:
+        if "line" in _DEVICE:
+            return _DEVICE["line"]
+        try:
+            from core.presets import detect_device  # noqa: PLC0415
+
+            info = detect_device()
+            line = f"Detected: {info.label}."
+            if info.kind == "cpu":
+                line += " Training on the CPU works for tiny tests and text LoRAs of small models; images are slow."
+        except Exception as exc:  # noqa: BLE001 - the app must open even if detection fails
+            line = f"Device detection failed: {exc}"
+        _DEVICE["line"] = line
+        return line
+
+
+def start_warmup() -> threading.Thread:
+    thread = threading.Thread(target=detect_device_now, name="lora-warmup", daemon=True)
+    thread.start()
+    return thread

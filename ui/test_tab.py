@@ -109,6 +109,8 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
                                   label="Adapter (a run's adapter folder)", elem_id="test-adapter")
             text_weight = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Adapter weight", scale=2,
                                     elem_id="test-text-weight")
+            max_tokens = gr.Number(value=128, precision=0, minimum=1, maximum=4096, label="Max new tokens", scale=1,
+                                   elem_id="test-max-tokens")
         chat = gr.Chatbot(label="Chat with the LoRA", height=320, elem_id="test-chat")
         with gr.Row():
             question = gr.Textbox(label="Message", scale=5, elem_id="test-question")
@@ -200,7 +202,7 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
             adapter_arg = str(p)
         return base_arg, adapter_arg
 
-    def send(base_text, adapter_text, w, history, message):
+    def send(base_text, adapter_text, w, tokens, history, message):
         history = list(history or [])
         if not (message or "").strip():
             return history, "", "Type a message first."
@@ -215,13 +217,14 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
         messages = [{"role": m["role"], "content": m["content"]} for m in history] + \
             [{"role": "user", "content": message}]
         try:
-            answer = sample_text.chat(base_arg, adapter_arg, messages, weight=float(w))
+            answer = sample_text.chat(base_arg, adapter_arg, messages, weight=float(w),
+                                      max_new_tokens=int(tokens or 128))
         except Exception as exc:  # noqa: BLE001
             return history, message, f"**Could not answer:** {html.escape(str(exc))}"
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
         return history, "", ""
 
-    def side_by_side(base_text, adapter_text, w, message):
+    def side_by_side(base_text, adapter_text, w, tokens, message):
         if not (message or "").strip():
             return gr.skip(), gr.skip(), "Type a message first."
         try:
@@ -235,7 +238,8 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
         except ImportError:
             return gr.skip(), gr.skip(), "Text testing is not available yet (core.sample_text is missing)."
         try:
-            answers = sample_text.compare_answers(base_arg, adapter_arg, message, weight=float(w))
+            answers = sample_text.compare_answers(base_arg, adapter_arg, [message], weight=float(w),
+                                                  max_new_tokens=int(tokens or 128))[0]
         except Exception as exc:  # noqa: BLE001
             return gr.skip(), gr.skip(), f"**Could not answer:** {html.escape(str(exc))}"
         return answers.get("base", ""), answers.get("lora", ""), "Same prompt, same settings; greedy decoding."
@@ -251,11 +255,11 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     lora.change(on_lora, [lora, base, weight], [syntax, family])
     weight.change(lambda lo, w: webui_syntax(lo, float(w)), [lora, weight], syntax, show_progress="hidden")
     refresh.click(on_refresh, None, [base, lora, text_base, adapter])
-    send_btn.click(send, [text_base, adapter, text_weight, chat, question], [chat, question, text_message],
+    send_btn.click(send, [text_base, adapter, text_weight, max_tokens, chat, question], [chat, question, text_message],
                    concurrency_limit=1, concurrency_id="device")
-    question.submit(send, [text_base, adapter, text_weight, chat, question], [chat, question, text_message],
+    question.submit(send, [text_base, adapter, text_weight, max_tokens, chat, question], [chat, question, text_message],
                     concurrency_limit=1, concurrency_id="device")
-    side_btn.click(side_by_side, [text_base, adapter, text_weight, question], [base_answer, lora_answer, text_message],
+    side_btn.click(side_by_side, [text_base, adapter, text_weight, max_tokens, question], [base_answer, lora_answer, text_message],
                    concurrency_limit=1, concurrency_id="device")
     if train and "widgets" in train:
         # After a run, the Test tab offers its base model and its files without a refresh.

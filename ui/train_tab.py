@@ -17,27 +17,12 @@ from ui import catalog, form, state
 from ui.status import log_text, progress_html, sample_gallery, sample_texts_markdown
 
 POLL_SECONDS = 2.0
-CONFIG_DIR = state.ROOT / "configs"
+CONFIG_DIR = state.WORK / "configs"
 MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank", "mixed_precision",
                "gradient_checkpointing", "train_text_encoder", "optimizer", "cache_latents", "max_seq_length")
 
 
 # -- engine pieces that may not be there yet: each degrades to a plain sentence --------------
-def device_line() -> str:
-    """'Detected: NVIDIA RTX 4060 Laptop, 8.0 GB' (or the CPU), from core.presets."""
-    try:
-        from core import presets  # noqa: PLC0415
-
-        detect = getattr(presets, "detect_device", None)
-        if detect is None:
-            return "Device detection is not available in this version of core.presets."
-        info = detect()
-        describe = getattr(info, "describe", None)
-        return "Detected: " + (describe() if callable(describe) else str(info))
-    except Exception as exc:  # noqa: BLE001 - the tab must open even if detection fails
-        return f"Device detection failed: {exc}"
-
-
 def preset_choices() -> list[str]:
     try:
         from core.presets import preset_names  # noqa: PLC0415
@@ -72,22 +57,23 @@ def apply_preset_values(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 
 def memory_line(raw: dict[str, Any]) -> str:
-    """The memory estimate for the form's values, with a warning when it will not fit."""
+    """The predicted peak memory of the form's own values, with what to change when it will not fit."""
     try:
-        from core import memory  # noqa: PLC0415
-    except ImportError:
-        return "Memory estimate: not available yet (core.memory is missing)."
-    try:
-        cfg = config_from_dict(raw, check_paths=False, apply_presets=False)
-        estimate = memory.estimate_memory(cfg)
-    except ConfigError:
-        return "Memory estimate: fix the values marked above first."
+        from core.presets import describe_choice  # noqa: PLC0415
+
+        return "**Memory:** " + describe_choice(dict(raw, preset=""))
     except Exception as exc:  # noqa: BLE001 - an estimate must never break the form
-        return f"Memory estimate failed: {exc}"
-    text = getattr(estimate, "describe", None)
-    sentence = text() if callable(text) else str(estimate)
-    fits = getattr(estimate, "fits", True)
-    return ("⚠ " if fits is False else "") + "Memory estimate: " + sentence
+        return f"Memory estimate unavailable: {exc}"
+
+
+def free_test_models() -> None:
+    """Drop the Test tab's cached pipelines before a run needs the memory (only if they were loaded)."""
+    import sys  # noqa: PLC0415
+
+    for module, name in (("core.sample", "clear_pipeline_cache"), ("core.sample_text", "clear_cache")):
+        loaded = sys.modules.get(module)
+        if loaded is not None and callable(getattr(loaded, name, None)):
+            getattr(loaded, name)()
 
 
 def errors_markdown(errors: dict[str, str]) -> str:
@@ -121,7 +107,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
         return gr.Dropdown(choices=preset_choices(), value="", label=label, info=spec.help,
                            allow_custom_value=True, elem_id="cfg-preset")
 
-    gr.Markdown(device_line(), elem_id="train-device")
+    device_md = gr.Markdown(state.device_line() or "Detecting the device …", elem_id="train-device")
     preset_reason = gr.Markdown("", elem_id="train-preset-reason")
     widgets = form.build_form(specs, custom={"base_model": base_model_widget, "train_data_dir": data_widget,
                                              "preset": preset_widget})
@@ -186,6 +172,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
             return errors_markdown(exc.errors)
         try:
             state.allow_folder(cfg.output_dir)
+            free_test_models()
             state.JOB.start(cfg)
         except JobBusyError as exc:
             return f"**{exc}**"
@@ -253,6 +240,10 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     def poll(seen: dict):
         snap = state.JOB.snapshot()
         seen = dict(seen or {})
+        device_out: Any = gr.skip()
+        if not seen.get("device") and state.device_line():
+            device_out = state.device_line()
+            seen["device"] = True
         ours = snap.kind == "train"
         key_losses = (snap.started_at, len(snap.losses)) if ours else None
         key_samples = (snap.started_at, len(snap.samples)) if ours else None
@@ -269,7 +260,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
             texts_out = sample_texts_markdown(snap) if ours else ""
             seen["samples"] = key_samples
         log_out = log_text(snap) if ours else gr.skip()
-        return progress_html(snap, "train"), plot_out, gallery_out, texts_out, log_out, seen
+        return progress_html(snap, "train"), plot_out, gallery_out, texts_out, log_out, device_out, seen
 
     # -- wiring ---------------------------------------------------------------------------
     widgets["task_type"].change(on_task, [widgets["task_type"], *inputs], inputs)
@@ -284,7 +275,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     upload.upload(on_upload, upload, [message, *inputs])
     widgets["output_name"].change(on_output_name, [widgets["output_name"], widgets["output_dir"]],
                                   [widgets["output_dir"], config_path])
-    timer.tick(poll, memo, [progress, plot, samples, text_samples, log, memo], show_progress="hidden")
+    timer.tick(poll, memo, [progress, plot, samples, text_samples, log, device_md, memo], show_progress="hidden")
     if data and "folder" in data:
         def on_dataset(folder: str):
             return gr.update(value=folder or "", choices=catalog.datasets())

@@ -1,0 +1,55 @@
+"""Small helpers to drive Gradio widgets with Playwright by their elem_id."""
+from __future__ import annotations
+
+import re
+import time
+
+
+def field(page, elem_id: str):
+    return page.locator(f"#{elem_id}").locator("textarea, input:not([type=file]):not([type=checkbox])").first
+
+
+def fill(page, elem_id: str, value: str) -> None:
+    """Type into a textbox, number or (custom-value) dropdown and commit it like a user (blur)."""
+    box = field(page, elem_id)
+    box.scroll_into_view_if_needed()
+    box.click()
+    box.fill(str(value))
+    box.press("Enter" if box.evaluate("e => e.tagName") == "INPUT" else "Tab")
+    page.locator("body").click(position={"x": 2, "y": 2})
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick an option of a dropdown by its visible text."""
+    box = field(page, elem_id)
+    box.scroll_into_view_if_needed()
+    box.click()
+    page.get_by_role("option", name=option).first.click()
+
+
+def open_accordion(page, title: str) -> None:
+    button = page.get_by_role("button", name=re.compile(re.escape(title))).first
+    button.scroll_into_view_if_needed()
+    if button.get_attribute("aria-expanded") != "true":
+        button.click()
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+    time.sleep(0.5)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    """Poll `predicate()` until it returns something truthy; fail saying `what` did not happen."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} did not happen within {timeout:.0f} s (last: {last!r})")
+
+
+def text_of(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()

@@ -1,0 +1,118 @@
+"""A user's image story in a real browser: pictures -> captions -> a LoRA -> test images.
+
+The app runs as its own process (the way launch.py starts it) over a temporary work
+folder with a tiny SD 1.x model under models/Stable-diffusion/ and a tiny BLIP
+captioner; Chromium (Debian's) is driven by Playwright. Screenshots of every tab go to
+docs/screenshots/ for the README.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.ui.conftest import screenshot, start_app, stop_app
+from tests.ui.gradio_page import choose, fill, open_accordion, tab, text_of, wait_for
+
+
+
+@pytest.fixture
+def image_app(tmp_path, tiny_sd1, tiny_blip_dir):
+    work = tmp_path / "work"
+    shutil.copytree(tiny_sd1.folder, work / "models" / "Stable-diffusion" / "tiny-sd1")
+    shutil.copytree(tiny_blip_dir, work / "models" / "captioners" / "tiny-blip")
+    # The photos a user would drop in: real pictures from scikit-image, in a few sizes and modes.
+    from tests.fixtures.image_folders import photo
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    for index, name in enumerate(["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"]):
+        image = photo(name, 96)
+        image.convert("RGB" if index % 2 else image.mode).save(uploads / f"my photo {index}.png")
+    app = start_app(work, {"OMP_NUM_THREADS": "2"})
+    yield app, uploads
+    stop_app(app)
+
+
+def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
+    app, uploads = image_app
+    page.goto(app.url)
+
+    # Dataset: upload the pictures into a new data set, see the gallery and the health check.
+    open_accordion(page, "Upload images")
+    fill(page, "data-new-name", "cats")
+    page.locator("#data-upload input[type=file]").set_input_files(sorted(str(p) for p in uploads.iterdir()))
+    page.wait_for_timeout(1500)
+    page.locator("#data-create").click()
+    wait_for(lambda: "4 images" in text_of(page, "data-summary"), 120, "the data set summary")
+    assert (app.work / "data" / "cats" / "my photo 0.png").is_file()
+    assert "caption" in text_of(page, "data-health").lower()  # no captions yet: the check says so
+    page.locator("#data-gallery .thumbnail-item").first.click()
+    wait_for(lambda: "bucket" in text_of(page, "data-crop-text"), 60, "the crop / bucket preview")
+    assert page.locator("#data-crop img").count() == 1
+    screenshot(page, "dataset")
+
+    # Caption: the tiny BLIP captioner with a trigger word; captions appear in the table.
+    tab(page, "Caption")
+    fill(page, "cap-model", "./models/captioners/tiny-blip")
+    fill(page, "cap-trigger", "sks")
+    page.locator("#cap-run").click()
+    wait_for(lambda: text_of(page, "cap-table").count("sks") >= 4, 240, "captions with the trigger word")
+    assert "sks" in (app.work / "data" / "cats" / "metadata.csv").read_text(encoding="utf-8")
+    screenshot(page, "caption")
+
+    # Train: the base model comes from models/Stable-diffusion, the data set from the Dataset tab.
+    tab(page, "Train")
+    choose(page, "cfg-base_model", "tiny-sd1")
+    assert "cats" in field_value(page, "cfg-train_data_dir")
+    fill(page, "cfg-output_name", "cats_lora")
+    for key, value in {"resolution": 64, "batch_size": 1, "lora_rank": 4, "save_steps": 2, "epochs": 50}.items():
+        fill(page, f"cfg-{key}", str(value))
+    open_accordion(page, "Advanced")
+    open_accordion(page, "Sample previews")
+    fill(page, "cfg-sample_steps", "2")
+    fill(page, "cfg-sample_num_inference_steps", "2")
+    fill(page, "cfg-sample_prompts", "sks photo")
+    wait_for(lambda: "Memory" in text_of(page, "train-memory"), 60, "the memory estimate")
+    page.locator("#train-start").click()
+    wait_for(lambda: "Started" in text_of(page, "train-message"), 30, "the run to start")
+    steps = []
+    wait_for(lambda: steps.append(step_of(page)) or steps[-1] >= 1, 300, "the first step")
+    wait_for(lambda: page.locator("#train-loss-plot img, #train-loss-plot svg").count() > 0, 60, "the loss plot")
+    wait_for(lambda: page.locator("#train-samples img").count() > 0, 400, "a sample preview")
+    wait_for(lambda: step_of(page) > steps[0], 300, "the progress bar to move")
+    assert "step 2" in text_of(page, "train-samples") or page.locator("#train-samples img").count() > 0
+    screenshot(page, "train")
+    page.locator("#train-stop").click()
+    wait_for(lambda: "Stopped" in text_of(page, "train-progress"), 300, "the run to stop")
+    run = app.work / "output" / "cats_lora"
+    assert (run / "cats_lora.safetensors").is_file() and list((run / "checkpoints").glob("step-*"))
+
+    # Test: generate at weight 0.8 with the run's file, then a compare grid over weights.
+    tab(page, "Test")
+    page.locator("#test-refresh").click()
+    choose(page, "test-base", "tiny-sd1")
+    choose(page, "test-lora", "cats_lora/cats_lora.safetensors")
+    assert "<lora:cats_lora:0.8>" in field_value(page, "test-syntax")
+    fill(page, "test-prompt", "sks photo")
+    fill(page, "test-steps", "2")
+    fill(page, "test-size", "64")
+    page.locator("#test-generate").click()
+    wait_for(lambda: "weight 0.8" in text_of(page, "test-message"), 300, "a generated image")
+    assert page.locator("#test-image img").count() == 1
+    page.locator("#test-compare").click()
+    wait_for(lambda: "Grid saved" in text_of(page, "test-message"), 400, "the compare grid")
+    grids = list((app.work / ".cache" / "ui" / "compare").glob("*.png"))
+    assert len(grids) == 1
+    screenshot(page, "test")
+
+
+def field_value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").locator("textarea, input").first.input_value()
+
+
+def step_of(page) -> int:
+    found = re.search(r"data-step='?\"?(\d+)", page.locator("#train-progress").inner_html())
+    return int(found.group(1)) if found else 0
