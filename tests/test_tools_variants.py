@@ -1,0 +1,74 @@
+"""Every image LoRA variant, exported as the trainer exports it, loads in diffusers with the trained output.
+
+The in-memory PEFT model is the truth: diffusers' `load_lora_weights` on a fresh base pipeline
+must reproduce its UNet and text-encoder outputs from our files. Variants: plain LoRA, rsLoRA
+(scale alpha/sqrt(r) baked into the file's alpha), DoRA (diffusers file only: diffusers drops
+kohya's dora_scale), PiSSA (after converting to plain LoRA against the original base), all with
+LoCon conv layers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.tools.convert import read_lora, write_kohya
+from core.tools.pissa import pissa_to_lora
+from tests.fixtures.tool_loras import make_sd_lora
+from tests.test_tools_merge import text_out, unet_out
+
+
+def _fresh_pipe(folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _assert_same(pipe, model):
+    torch.testing.assert_close(unet_out(pipe.unet), unet_out(model.unet), rtol=1e-4, atol=1e-5)
+    if model.text_encoders and hasattr(model.text_encoders[0], "peft_config"):
+        torch.testing.assert_close(text_out(pipe.text_encoder), text_out(model.text_encoders[0]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+# DoRA: UNet only. diffusers 0.42 + transformers 5 load a text encoder's `lora_magnitude_vector`
+# only when the key ends in `.weight` (they look for `...lora_magnitude_vector.default_0.weight`).
+@pytest.mark.parametrize("variant,text_encoder", [("lora", True), ("rslora", True), ("dora", False)])
+def test_the_diffusers_file_of_each_variant_loads_in_diffusers_with_the_trained_output(tiny_sd1, tmp_path, variant,
+                                                                                       text_encoder):
+    made = make_sd_lora(tiny_sd1.folder, tmp_path, variant=variant, seed=7, text_encoder=text_encoder)
+    pipe = _fresh_pipe(tiny_sd1.folder)
+    pipe.load_lora_weights(str(made.diffusers.parent))
+    _assert_same(pipe, made.model)
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora"])
+def test_the_kohya_file_of_each_variant_loads_in_diffusers_with_the_trained_output(tiny_sd1, tmp_path, variant):
+    made = make_sd_lora(tiny_sd1.folder, tmp_path, variant=variant, seed=8)
+    lora = read_lora(made.kohya)
+    assert any(m.is_conv for m in lora.modules.values())  # the LoCon layers are in the file
+    pipe = _fresh_pipe(tiny_sd1.folder)
+    pipe.load_lora_weights(str(made.kohya))
+    _assert_same(pipe, made.model)
+
+
+def test_diffusers_drops_the_dora_scale_of_a_kohya_file_so_use_the_diffusers_file(tiny_sd1, tmp_path):
+    made = make_sd_lora(tiny_sd1.folder, tmp_path, variant="dora", conv_rank=0, seed=9)
+    assert read_lora(made.kohya).has_dora
+    pipe = _fresh_pipe(tiny_sd1.folder)
+    pipe.load_lora_weights(str(made.kohya))
+    # What the compatibility table states: the kohya DoRA file gives only the plain LoRA part in diffusers.
+    assert (unet_out(pipe.unet) - unet_out(made.model.unet)).abs().max() > 1e-4
+
+
+def test_a_pissa_lora_converted_to_plain_lora_works_on_the_original_base_model(tiny_sd1, tmp_path):
+    # PEFT has no PiSSA init for conv layers, so PiSSA runs without LoCon (conv_rank 0).
+    made = make_sd_lora(tiny_sd1.folder, tmp_path, variant="pissa", conv_rank=0, seed=10)
+    trained, initial = read_lora(made.kohya), read_lora(made.initial_kohya)
+    trained.modules = pissa_to_lora(trained.modules, initial.modules)
+    assert {m.rank for m in trained.modules.values()} == {8}  # twice the trained rank
+    converted = write_kohya(trained, tmp_path / "pissa_as_lora.safetensors", dtype=None)
+    pipe = _fresh_pipe(tiny_sd1.folder)  # the ORIGINAL weights, not PiSSA's residual
+    pipe.load_lora_weights(str(converted))
+    _assert_same(pipe, made.model)
