@@ -109,10 +109,10 @@ def test_captions_of_images_in_sub_folders_use_relative_names(tmp_path):
 def test_git_florence2_and_chat_vlm_captioners_batch_exactly_like_one_at_a_time(fixture, request, caption_photo_folder):
     folder, names = caption_photo_folder
     captioner = load_captioner(str(request.getfixturevalue(fixture)), device="cpu")
-    paths = [folder / name for name in names["good"]]
+    paths = [folder / name for name in names["good"][:5]]  # grey, RGB, 16-bit, EXIF-rotated, CMYK
     images = [load_rgb(path) for path in paths]
-    batched = captioner.caption_batch(paths, images, 8)
-    assert batched == [captioner.caption_batch([p], [i], 8)[0] for p, i in zip(paths, images)]
+    batched = captioner.caption_batch(paths, images, 6)
+    assert batched == [captioner.caption_batch([p], [i], 6)[0] for p, i in zip(paths, images)]
     assert all(batched) and len(set(batched)) > 1
     # the answer is cut after the prompt: no prompt words leak into the caption
     assert not any(word in caption for caption in batched for word in ("ASSISTANT", "Describe", "<image>"))
