@@ -7,6 +7,7 @@ checkpoint and end.
 """
 from __future__ import annotations
 
+import errno
 import threading
 import time
 import traceback
@@ -54,6 +55,10 @@ def friendly_error(exc: BaseException) -> ErrorEvent:
     advice = getattr(exc, "advice", "")
     message = str(exc) or type(exc).__name__
     text = f"{type(exc).__name__}: {exc}".lower()
+    if not advice and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" ({exc.filename})" if exc.filename else ""
+        advice = (f"The disk is full{where}. Free some space; the files saved before are untouched. "
+                  "Then run again with resume_from: latest to continue from the last checkpoint.")
     if not advice and ("out of memory" in text or isinstance(exc, MemoryError)):
         advice = ("Lower batch_size or resolution, turn on gradient_checkpointing, use mixed_precision "
                   "fp16/bf16, or choose a smaller preset.")

@@ -46,10 +46,18 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     """Create output_dir and save the exact config that runs there."""
     out = Path(cfg.output_dir)
     (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    clear_unfinished(out / CHECKPOINT_DIR)
     (out / "samples").mkdir(exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     save_config(cfg, out / "config.yaml")
     return out
+
+
+def clear_unfinished(folder: Path) -> None:
+    """Remove temporary folders a killed run left behind (never counted as checkpoints)."""
+    for child in folder.iterdir():
+        if child.is_dir() and child.name.startswith(".") and (child.name.endswith(".tmp") or ".old-" in child.name):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def seed_everything(seed: int) -> None:
