@@ -171,6 +171,16 @@ def _shape_issues(out: _Collector, name: str, info: ImageInfo, bucket: tuple[int
         out.add(name, "warning", problem, "Crop it to the part that matters, or split it into several images.")
 
 
+def _examine(path: Path) -> tuple[ImageInfo | None, int, str]:
+    """(header info, dHash, "") for a good image, (None, 0, message) for one that will be skipped."""
+    try:
+        info = inspect_image(path)
+        # Decode everything (small where the format allows) so damage deep inside a file is found too.
+        return info, dhash(load_rgb(path, draft_size=64)), ""
+    except ImageReadError as exc:
+        return None, 0, str(exc)
+
+
 def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: str = "",
                  caption_extension: str = ".txt", bucketing: bool = True, tokenizer: Any = None,
                  max_tokens: int = 77, min_reso: int = 256, max_reso: int = 2048) -> HealthReport:
@@ -187,18 +197,14 @@ def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: st
     buckets: Counter[str] = Counter()
     hashes: list[tuple[str, int]] = []
     usable: list[Path] = []
-    for path in images:
+    for path, (info, image_hash, error) in zip(images, map(_examine, images)):
         name = relative_name(path, root)
-        try:
-            info = inspect_image(path)
-            # The check decodes everything (small where it can) so damage deep inside a file is found too.
-            hashes.append((name, dhash(load_rgb(path, draft_size=64))))
-        except ImageReadError as exc:
-            message = str(exc)
-            reason = short_reason(message)
-            problem = message.split(": ", 1)[1] if message.startswith(f"{path.name}: ") else message
+        if info is None:
+            reason = short_reason(error)
+            problem = error.split(": ", 1)[1] if error.startswith(f"{path.name}: ") else error
             out.add(name, "error", f"will be skipped: {problem.split('. ')[0]}", _ADVICE[reason])
             continue
+        hashes.append((name, image_hash))
         usable.append(path)
         formats[info.format] += 1
         modes[info.mode] += 1
