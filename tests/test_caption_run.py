@@ -210,11 +210,18 @@ def test_an_empty_or_missing_folder_is_refused_with_the_folder_named(tmp_path, c
     assert "no images" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("variable, value", [("LORA_MODELS_DIR", "models"), ("LORA_SCRIPTS_WORKDIR", "."),
+                                             ("", "")])
 def test_a_short_name_loads_from_models_captioners_when_offline(tiny_blip_dir, caption_photo_folder,
-                                                               tmp_path, monkeypatch):
+                                                               tmp_path, monkeypatch, variable, value):
     import shutil
 
-    monkeypatch.setenv("LORA_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.delenv("LORA_MODELS_DIR", raising=False)
+    monkeypatch.delenv("LORA_SCRIPTS_WORKDIR", raising=False)
+    if variable:  # the GUI's work folder, or an explicit models folder
+        monkeypatch.setenv(variable, str(tmp_path / value))
+    else:  # the seed's ./models/... relative to the folder the command runs in
+        monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_blip_dir, tmp_path / "models" / "captioners" / "blip-base")
     folder, names = caption_photo_folder
     result = caption_folder(CaptionOptions(input_dir=folder, model="blip-base", max_length=4))

@@ -82,14 +82,38 @@ class ResolvedCaptioner:
     remote_code: bool = False  # the model ships its own Python code (auto_map in config.json)
 
 
+def models_roots() -> list[Path]:
+    """Folders that may hold `captioners/<name>/`, first match wins.
+
+    `LORA_MODELS_DIR` when set; else the app's work folder (`LORA_SCRIPTS_WORKDIR/models`,
+    as the GUI uses), the current folder's `models/` (the seed's `./models/...` paths), and
+    the project's `models/`.
+    """
+    if os.environ.get("LORA_MODELS_DIR"):
+        return [Path(os.environ["LORA_MODELS_DIR"])]
+    roots = []
+    if os.environ.get("LORA_SCRIPTS_WORKDIR"):
+        roots.append(Path(os.environ["LORA_SCRIPTS_WORKDIR"]) / "models")
+    roots += [Path.cwd() / "models", ROOT / "models"]
+    unique: list[Path] = []
+    for root in roots:
+        if all(root.resolve() != seen.resolve() for seen in unique):
+            unique.append(root)
+    return unique
+
+
 def models_root() -> Path:
-    """The folder holding `captioners/<name>/`; `LORA_MODELS_DIR` overrides `<project>/models`."""
-    return Path(os.environ.get("LORA_MODELS_DIR") or ROOT / "models")
+    """The folder the messages tell users to put files in (the first of `models_roots`)."""
+    return models_roots()[0]
 
 
 def offline_dir(name: str, root: Path | None = None) -> Path:
-    """Where the files of short name `name` go for offline use."""
-    return (root or models_root()) / "captioners" / name
+    """Where the files of short name `name` are (the first root holding them) or should go."""
+    roots = [root] if root is not None else models_roots()
+    for candidate in roots:
+        if _has_model_files(candidate / "captioners" / name):
+            return candidate / "captioners" / name
+    return roots[0] / "captioners" / name
 
 
 def captioner_names() -> list[str]:
