@@ -68,6 +68,8 @@ class _Run:
     trained_encoders: list = dataclasses.field(default_factory=list)
     dataset: Any = None
     started_at: float = dataclasses.field(default_factory=time.time)
+    # kohya's ss_session_id, fixed per run (drawn from a private RNG, never the training one).
+    session_id: int = dataclasses.field(default_factory=lambda: random.Random().randint(0, 2**31 - 1))
 
     @property
     def main(self) -> bool:

@@ -3,7 +3,9 @@ previews, stop, and the final LoRA files. Setup lives in `core.train.image`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ def _metadata(run: Any, steps: int, epoch: int) -> dict[str, Any]:
                           num_images=len(run.items), tag_frequency=run.dataset.tag_frequency(),
                           bucket_info=info, steps=steps, epochs=epoch, started_at=run.started_at,
                           dataset_dir=cfg.train_data_dir, prediction_type=run.model.prediction_type,
+                          session_id=run.session_id,
                           conv_dims=(cfg.conv_rank, cfg.conv_alpha or cfg.conv_rank) if cfg.conv_rank else None)
 
 
@@ -186,10 +189,21 @@ def run_loop(run: Any) -> dict[str, str]:
     return _finish(run, state, stopped, last_checkpoint)
 
 
+@contextlib.contextmanager
+def keep_rng():
+    """Saving and previews must not draw from the training RNG, or a resumed run would differ."""
+    state = runtime.rng_state()
+    try:
+        yield
+    finally:
+        runtime.set_rng_state(state)
+
+
 def _checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
     folder = None
     if run.main:
-        folder = save_checkpoint(run, state, optimizer, scheduler)
+        with keep_rng():
+            folder = save_checkpoint(run, state, optimizer, scheduler)
         run.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
     run.accelerator.wait_for_everyone()
     return folder
@@ -198,7 +212,8 @@ def _checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, scheduler: 
 def _samples(run: Any, step: int) -> None:
     if run.main and run.cfg.sample_prompts:
         run.log(f"Making {len(run.cfg.sample_prompts)} preview(s) at step {step}")
-        paths = make_samples(run, step)
+        with keep_rng():
+            paths = make_samples(run, step)
         run.ctx.emit(SampleEvent(step=step, images=paths))
     run.accelerator.wait_for_everyone()
 
