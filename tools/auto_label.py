@@ -134,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         listener.close()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (RuntimeError, MemoryError) as exc:
+        if "out of memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
+            raise
+        listener.close()
+        print(f"error: out of memory loading or running {args.model} ({exc}). Use a smaller captioner, "
+              "a smaller --batch-size, or --device cpu. Captions written so far are kept.", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGINT, previous)
     listener.close()

@@ -128,8 +128,8 @@ def _load_parts(resolved: ResolvedCaptioner, dtype: Any, trust_remote_code: bool
             raise CaptionerLoadError(
                 f"{resolved.source} ships its own Python code, which this app does not run unless you say "
                 "so. Use a model that transformers runs natively (for Florence-2: florence-2-base or "
-                "florence-2-large), or pass --trust-remote-code (GUI: 'Trust remote code') if you trust "
-                "its author.")
+                "florence-2-large), or allow it with --trust-remote-code (CaptionOptions.trust_remote_code) "
+                "if you trust its author.")
         if resolved.family != "florence2":
             raise CaptionerLoadError(f"{resolved.source}: only Florence-2 is supported with remote code; "
                                      "choose a model transformers supports natively.")
