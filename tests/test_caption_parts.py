@@ -181,3 +181,28 @@ def test_kohya_txt_captions_count_as_existing_and_move_into_a_new_metadata_csv(t
     assert result.captions == {"brown_dog.png": "sks, brown dog"}
     text = (tmp_path / "metadata.csv").read_text(encoding="utf-8")
     assert text == "filename,prompt\ncat_photo.png,my careful caption of a cat\nbrown_dog.png,\"sks, brown dog\"\n"
+
+
+def test_an_unreadable_old_metadata_csv_is_backed_up_before_it_is_replaced(tmp_path):
+    from PIL import Image
+
+    from core.events import RunContext, WarningEvent
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "red_car.png")
+    (tmp_path / "metadata.csv").write_text("these are my notes, not a caption table\n", encoding="utf-8")
+    events: list = []
+    result = caption_folder(CaptionOptions(input_dir=tmp_path, model="filename"), RunContext(listeners=[events.append]))
+    assert result.csv_backup is not None
+    assert result.csv_backup.read_text(encoding="utf-8") == "these are my notes, not a caption table\n"
+    assert (tmp_path / "metadata.csv").read_text(encoding="utf-8") == "filename,prompt\nred_car.png,red car\n"
+    assert any(isinstance(e, WarningEvent) and "backed up" in e.message for e in events)
+
+
+def test_a_gbk_metadata_csv_keeps_its_chinese_rows_and_is_rewritten_as_utf8(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "red_car.png")
+    (tmp_path / "metadata.csv").write_bytes("filename,prompt\n旧图.png,一只红色的猫\n".encode("gbk"))
+    caption_folder(CaptionOptions(input_dir=tmp_path, model="filename"))
+    assert (tmp_path / "metadata.csv").read_text(encoding="utf-8") == (
+        "filename,prompt\n旧图.png,一只红色的猫\nred_car.png,red car\n")
