@@ -60,29 +60,57 @@ class LoraModule:
         return (self.scale * (up @ down)).reshape(self.weight_shape)
 
 
-def factor_delta(delta: Tensor, rank: int, *, alpha: float | None = None) -> tuple[LoraModule, float]:
-    """Best rank-`rank` LoRA of a weight delta by SVD, and its relative Frobenius error.
+@dataclass
+class Svd:
+    """A delta as u @ diag(s) @ vh (thin), and the weight shape it came from."""
+
+    u: Tensor
+    s: Tensor
+    vh: Tensor
+    shape: tuple[int, ...]
+
+
+def svd_of_delta(delta: Tensor) -> Svd:
+    u, s, vh = torch.linalg.svd(delta.reshape(delta.shape[0], -1).double(), full_matrices=False)
+    return Svd(u, s, vh, tuple(delta.shape))
+
+
+def svd_of_module(module: LoraModule) -> Svd:
+    """The SVD of `scale * up @ down` through QR of the thin factors: O((out + in) r^2), not O(out in min)."""
+    up = module.up.flatten(1).double()
+    down = module.down.flatten(1).double()
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u, s, vh = torch.linalg.svd(module.scale * r_up @ r_down.T)
+    return Svd(q_up @ u, s, vh @ q_down.T, module.weight_shape)
+
+
+def truncate(svd: Svd, rank: int, *, alpha: float | None = None) -> tuple[LoraModule, float]:
+    """Best rank-`rank` LoRA of an SVD'd delta, and its relative Frobenius error.
 
     The singular values are split evenly (sqrt) between up and down so neither factor is tiny.
     `alpha` defaults to `rank` (scale 1); with another alpha the factors absorb rank / alpha.
     """
-    out = delta.shape[0]
-    matrix = delta.reshape(out, -1).float()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    rank = max(1, min(rank, s.numel()))
-    root = s[:rank].sqrt()
+    rank = max(1, min(rank, svd.s.numel()))
+    root = svd.s[:rank].sqrt()
     alpha = float(rank if alpha is None else alpha)
     correction = math.sqrt(rank / alpha)  # so that alpha / rank * up @ down == the truncated delta
-    up = u[:, :rank] * root * correction
-    down = root[:, None] * vh[:rank] * correction
-    total = float(s.double().pow(2).sum())
+    up = (svd.u[:, :rank] * root * correction).float()
+    down = (root[:, None] * svd.vh[:rank] * correction).float()
+    total = float(svd.s.pow(2).sum())
     # Sum what is dropped (not total - kept): no cancellation when the error is tiny.
-    dropped = float(s[rank:].double().pow(2).sum())
+    dropped = float(svd.s[rank:].pow(2).sum())
     error = math.sqrt(dropped / total) if total > 0 else 0.0
-    if delta.dim() == 4:
-        down = down.reshape((rank,) + tuple(delta.shape[1:]))
+    out = svd.shape[0]
+    if len(svd.shape) == 4:
+        down = down.reshape((rank,) + tuple(svd.shape[1:]))
         up = up.reshape(out, rank, 1, 1)
     return LoraModule(down.contiguous(), up.contiguous(), alpha), error
+
+
+def factor_delta(delta: Tensor, rank: int, *, alpha: float | None = None) -> tuple[LoraModule, float]:
+    """Best rank-`rank` LoRA of a full weight delta (see `truncate`)."""
+    return truncate(svd_of_delta(delta), rank, alpha=alpha)
 
 
 def rank_for_energy(singular_values: Tensor, ratio: float) -> int:

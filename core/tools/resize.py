@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from core.tools.modules import LoraModule, LoraToolError, factor_delta, rank_for_energy
+from core.tools.modules import LoraModule, LoraToolError, rank_for_energy, svd_of_delta, svd_of_module, truncate
 
 
 @dataclass
@@ -61,17 +61,12 @@ def resize_module(module: LoraModule, *, rank: int | None = None, energy: float 
                   max_rank: int | None = None) -> tuple[LoraModule, float, float]:
     """(resized module, relative error, ||delta||) for one module; never grows the rank."""
     _check_target(rank, energy)
-    delta = module.delta()
-    norm = float(delta.norm())
-    if energy is not None:
-        values = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1).float())
-        target = rank_for_energy(values, energy)
-    else:
-        target = int(rank)
+    svd = svd_of_module(module)
+    norm = float(svd.s.pow(2).sum().sqrt())
+    target = rank_for_energy(svd.s, energy) if energy is not None else int(rank)
     target = min(target, module.rank, max_rank or module.rank)
     # Same scale as before: alpha follows the rank, so "weight 0.8" still means the same.
-    alpha = module.scale * target
-    resized, error = factor_delta(delta, target, alpha=alpha)
+    resized, error = truncate(svd, target, alpha=module.scale * target)
     if module.dora_scale is not None:
         # The magnitude is per output channel and independent of the rank; the direction
         # changes by the truncation error, which the report already states.
@@ -128,11 +123,9 @@ def extract_modules(base: dict[str, Tensor], tuned: dict[str, Tensor], *, rank: 
         if float(delta.abs().max()) < min_diff:
             report.skipped_same.append(name)
             continue
-        target = limit
-        if energy is not None:
-            values = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))
-            target = min(limit, rank_for_energy(values, energy))
-        module, error = factor_delta(delta, target)
+        svd = svd_of_delta(delta)
+        target = limit if energy is None else min(limit, rank_for_energy(svd.s, energy))
+        module, error = truncate(svd, target)
         modules[name] = module
         report.modules.append(ModuleResize(name, int(min(delta.shape[0], delta[0].numel())), module.rank,
                                            error, float(delta.norm())))
