@@ -106,3 +106,47 @@ def save_diffusers_lora(output_dir: str | Path, family: str, unet_lora: dict[str
         pipeline_cls.save_lora_weights(save_directory=str(tmp.parent), weight_name=tmp.name,
                                        safe_serialization=True, **kwargs)
     return target
+
+
+_TO_PEFT = ((".lora.down.", ".lora_A."), (".lora.up.", ".lora_B."), (".lora_linear_layer.down.", ".lora_A."),
+            (".lora_linear_layer.up.", ".lora_B."), (".lora_down.", ".lora_A."), (".lora_up.", ".lora_B."))
+
+
+def diffusers_lora_to_peft(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
+                           ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]], dict[str, float]]:
+    """A diffusers LoRA state dict -> (UNet PEFT dict, [text_encoder, text_encoder_2 PEFT dicts], alphas).
+
+    Alphas (keyed `unet.<path>` / `text_encoder.<path>` ..., as `kohya_to_peft` returns them) come from
+    the file's adapter metadata; without it a module's alpha is its rank, as diffusers assumes.
+    Text encoder paths keep `text_model.`; `core.export.kohya.fit_keys_to_model` adapts them.
+    """
+    import json  # noqa: PLC0415
+    import math  # noqa: PLC0415
+
+    from core.export.inspect import _pattern_value  # noqa: PLC0415
+
+    components = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        if component not in components:
+            raise LoraFormatError(f"'{key}' is not a diffusers LoRA key (expected unet./text_encoder./text_encoder_2.).")
+        rest = f".{rest}"
+        for old, new in _TO_PEFT:
+            rest = rest.replace(old, new)
+        components[component][rest[1:]] = value
+    configs: dict[str, dict] = {}
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if raw:
+        for key, value in json.loads(raw).items():
+            component, _, name = key.partition(".")
+            configs.setdefault(component, {})[name] = value
+    alphas: dict[str, float] = {}
+    for component, state in components.items():
+        config = configs.get(component, {})
+        for path, parts in group_peft_state_dict(state).items():
+            rank = int(parts["A"].shape[0])
+            alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", rank)))
+            if config.get("use_rslora"):
+                alpha *= math.sqrt(rank)
+            alphas[f"{component}.{path}"] = alpha
+    return components["unet"], [components["text_encoder"], components["text_encoder_2"]], alphas

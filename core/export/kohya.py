@@ -43,6 +43,7 @@ from core.export.sgm_names import (
 Family = Literal["sd1", "sd2", "sdxl"]
 FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 UNET_PREFIX = "lora_unet"
+KOHYA_KEY_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # PEFT component names as diffusers' pipelines call them (also used as alpha-key prefixes).
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
