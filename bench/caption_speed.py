@@ -2,6 +2,7 @@
 """Images per second of batched captioning against one image at a time, in one process.
 
     .venv/bin/python bench/caption_speed.py [--images 32] [--batch-size 8] [--max-length 20] [--model DIR]
+                                            [--threads N]
 
 Without --model it builds the tests' tiny BLIP (random weights; greedy decoding gives the
 same captions in both modes, checked and printed, so both do the same work). Both runs go through
@@ -51,7 +52,13 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--model", default=None, help="a captioner (default: the tiny test BLIP)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = args.model or str(build_tiny_blip(work / "tiny-blip"))
@@ -63,8 +70,10 @@ def main() -> int:
         batched_s, batched = timed_run(folder, captioner, args.batch_size, args.max_length)
         captioner.close()
     same = sum(single[name] == batched.get(name) for name in single)
+    import torch  # noqa: PLC0415
+
     print(f"model: {args.model or 'tiny BLIP (random weights)'}; {args.images} images, "
-          f"max {args.max_length} new tokens")
+          f"max {args.max_length} new tokens; {torch.get_num_threads()} torch threads")
     print(f"one at a time : {single_s:7.2f} s  {args.images / single_s:7.2f} images/s")
     print(f"batch of {args.batch_size:<5}: {batched_s:7.2f} s  {args.images / batched_s:7.2f} images/s")
     print(f"ratio batched / one-at-a-time: {single_s / batched_s:.2f}x (target >= 2x); "
