@@ -1,0 +1,124 @@
+"""A trained LoRA does what it should: it lowers the loss on its images, its WebUI file gives
+in diffusers exactly the UNet that was trained, and previews / comparison grids show it."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
+
+torch.set_num_threads(1)  # two shared, busy cores
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd1, tmp_path_factory):
+    """One image, overfitted for a few steps with attention + LoCon conv LoRA, saved in fp32."""
+    root = tmp_path_factory.mktemp("sample_run")
+    data = make_image_folder(root / "one", count=1)
+    raw = tiny_run_config(tiny_sd1.folder, data, root / "out", batch_size=1, max_train_steps=12, save_steps=12,
+                          learning_rate=1e-2, conv_rank=2, conv_alpha=1, lora_rank=4, lora_alpha=8,
+                          output_name="overfit")
+    outputs, events = run_collect(raw)
+    return raw, outputs, data
+
+
+def _fixed_inputs(tiny_sd1, data: Path):
+    """Latents of the training image, its caption embedding, fixed noise and timesteps."""
+    from diffusers import StableDiffusionPipeline
+
+    from core.data.buckets import prepare_image
+    from core.data.image_io import load_rgb
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1.folder))
+    pixels = prepare_image(load_rgb(next(data.glob("*.png"))), (64, 64)).pixels[None]
+    caption = (data / "metadata.csv").read_text().splitlines()[1].split(",", 1)[1]
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds = pipe.encode_prompt(caption, "cpu", 1, False)[0]
+    generator = torch.Generator().manual_seed(0)
+    timesteps = torch.tensor([50, 200, 400, 600, 800])
+    latents = latents.repeat(len(timesteps), 1, 1, 1)
+    noise = torch.randn(latents.shape, generator=generator)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    return pipe, noisy, timesteps, embeds.repeat(len(timesteps), 1, 1), noise
+
+
+@torch.no_grad()
+def _unet_out(unet, noisy, timesteps, embeds):
+    return unet(noisy, timesteps, embeds).sample
+
+
+def test_the_webui_file_through_diffusers_is_the_trained_unet_and_lowers_the_loss(trained, tiny_sd1):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from core.config import config_from_dict
+    from core.train.image_lora import add_unet_lora, load_peft_state
+
+    raw, outputs, data = trained
+    kohya = load_file(outputs["lora"])
+    # LoCon: the conv layers are there, at their own rank and alpha.
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert kohya[f"{conv}.lora_down.weight"].shape[0] == 2 and float(kohya[f"{conv}.alpha"]) == 1.0
+    assert kohya["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 4
+
+    # The model as training left it: base UNet + the exact PEFT weights of the last checkpoint.
+    cfg = config_from_dict(raw)
+    trained_unet = UNet2DConditionModel.from_pretrained(str(tiny_sd1.folder), subfolder="unet")
+    add_unet_lora(trained_unet, cfg)
+    checkpoint = Path(outputs["checkpoint"])
+    load_peft_state(trained_unet, load_file(str(checkpoint / "unet_peft.safetensors")), "UNet")
+
+    pipe, noisy, timesteps, embeds, noise = _fixed_inputs(tiny_sd1, data)
+    base_out = _unet_out(pipe.unet, noisy, timesteps, embeds)
+    expected = _unet_out(trained_unet, noisy, timesteps, embeds)
+    pipe.load_lora_weights(outputs["lora"], adapter_name="webui")
+    got = _unet_out(pipe.unet, noisy, timesteps, embeds)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, base_out, atol=1e-3)
+    # Overfitting one image: the loss on fixed noise and timesteps falls.
+    base_loss = torch.nn.functional.mse_loss(base_out, noise)
+    lora_loss = torch.nn.functional.mse_loss(got, noise)
+    assert lora_loss < base_loss * 0.95, (float(base_loss), float(lora_loss))
+
+
+def test_previews_change_with_the_lora_weight_and_a_grid_compares_them(trained, tiny_sd1, tmp_path):
+    from core.sample import clear_pipeline_cache, compare_grid, generate_images
+
+    raw, outputs, data = trained
+    kwargs = dict(seed=3, steps=2, guidance=5.0, width=64, height=64)
+    base = generate_images(str(tiny_sd1.folder), None, ["a red thing"], **kwargs)
+    zero = generate_images(str(tiny_sd1.folder), outputs["lora"], ["a red thing"], weight=0.0, **kwargs)
+    full = generate_images(str(tiny_sd1.folder), outputs["lora"], ["a red thing"], weight=1.0, **kwargs)
+    again = generate_images(str(tiny_sd1.folder), None, ["a red thing"], **kwargs)
+    assert base[0].size == (64, 64)
+    assert base[0].tobytes() == zero[0].tobytes() == again[0].tobytes()  # no LoRA left behind
+    assert full[0].tobytes() != base[0].tobytes()
+
+    grid = compare_grid(str(tiny_sd1.folder), [outputs["diffusers"]], ["a red thing"], tmp_path / "grid.png",
+                        weights=(0.0, 1.0), **kwargs)
+    with Image.open(grid) as image:
+        assert image.size == (2 * 64, 64 + 18)
+        # The weight-1.0 cell of the diffusers file shows what the kohya file gave.
+        cell = image.crop((64, 18, 128, 82)).convert("RGB")
+    assert cell.tobytes() == full[0].tobytes()
+    clear_pipeline_cache()
+
+
+def test_training_previews_are_saved_per_step_with_the_fixed_seed(tiny_sd1, tmp_path):
+    data = make_image_folder(tmp_path / "imgs", count=2)
+    raw = tiny_run_config(tiny_sd1.folder, data, tmp_path / "out", max_train_steps=2, sample_steps=1,
+                          sample_prompts=["a red thing", "a blue thing"], learning_rate=1e-9)
+    _, events = run_collect(raw)
+    samples = [e for e in events if e.kind == "sample"]
+    assert [e.step for e in samples] == [1, 2]
+    assert [Path(p).name for p in samples[0].images] == ["step-000001-0.png", "step-000001-1.png"]
+    # Same seed, (almost) unchanged weights: the previews of both steps match.
+    first, second = (Image.open(p).convert("RGB") for p in (samples[0].images[0], samples[1].images[0]))
+    diff = max(abs(a - b) for a, b in zip(first.tobytes(), second.tobytes()))
+    assert diff <= 2
+    assert dataclasses.is_dataclass(samples[0])
