@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures.tool_loras import make_sd_lora
-from tools.export import _lora_arg, main
+from core.tools.merge import parse_lora_spec as _lora_arg
+from tools.export import main
 
 
 @pytest.fixture(scope="module")

@@ -27,19 +27,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from core.tools.convert import DTYPES, parse_dtype  # noqa: E402
+from core.tools.merge import parse_lora_spec  # noqa: E402
 
 PRECISION_HELP = "precision of the written tensors: fp16 (default for SD files, like kohya_ss), bf16, fp32, keep"
-
-
-def _lora_arg(text: str) -> tuple[str, float]:
-    """`path[:weight]` (a Windows drive letter is not a weight)."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head and tail and not tail.startswith(("\\", "/")):
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +121,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    loras = [_lora_arg(item) for item in args.lora]
+    loras = [parse_lora_spec(item) for item in args.lora]
     if args.base is None:
         from core.tools.convert import write_like  # noqa: PLC0415
         from core.tools.merge import combine_files  # noqa: PLC0415

@@ -38,6 +38,17 @@ class MergeReport:
         return text + "".join(f"\n  note: {n}" for n in self.notes)
 
 
+def parse_lora_spec(text: str) -> tuple[str, float]:
+    """`path[:weight]` -> (path, weight); a Windows drive letter or a path is never taken for a weight."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and tail and not tail.startswith(("\\", "/")):
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 # --- several LoRAs -> one -----------------------------------------------------------------------
 
 def _split_scale(value: float) -> tuple[float, float]:

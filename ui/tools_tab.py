@@ -1,0 +1,195 @@
+"""Tools tab: inspect, convert, resize and merge LoRA files (the GUI of tools/export.py).
+
+Every action is a plain function of the form's values that returns a message, so the same
+code runs from tests without a browser; the builder only lays the widgets out and wires
+them at the bottom. Heavy actions (merging into a base model) are refused while a training
+job holds the device.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ui import catalog, state
+
+FORMATS = {"WebUI / ComfyUI (kohya .safetensors)": "kohya", "diffusers folder": "diffusers",
+           "One .safetensors from a PEFT adapter (LLM servers)": "peft-single"}
+PRECISIONS = ["fp16", "bf16", "fp32", "keep"]
+
+
+def _path(text: str, what: str) -> Path:
+    if not text or not str(text).strip():
+        raise ValueError(f"Choose the {what} first.")
+    path = state.resolve_user_path(str(text).strip())
+    if not path.exists():
+        raise ValueError(f"{text} does not exist.")
+    return path
+
+
+def _output(text: str, default_name: str, source: Path) -> Path:
+    """The output path: as typed (relative to the working folder), or beside the source."""
+    if text and str(text).strip():
+        return state.resolve_user_path(str(text).strip())
+    return source.parent / default_name
+
+
+def _fail(exc: Exception) -> str:
+    advice = getattr(exc, "advice", "")
+    return f"❌ {exc}" + (f"\n\n{advice}" if advice else "")
+
+
+def _device_free() -> None:
+    snap = state.JOB.snapshot()
+    if snap.running:
+        raise ValueError(f"A {snap.kind or 'training'} run is using the device ({snap.name}); merge when it is done.")
+
+
+def inspect_action(lora: str, all_modules: bool = False) -> str:
+    """The inspect report of a LoRA (as `tools/export.py inspect` prints it), in a code block."""
+    from core.tools.describe import describe_lora  # noqa: PLC0415
+
+    try:
+        text = describe_lora(_path(lora, "LoRA file"), all_modules=all_modules)
+    except (ValueError, OSError) as exc:
+        return _fail(exc)
+    warning = "⚠ This LoRA holds NaN/inf weights: it is broken.\n\n" if "WARNING" in text else ""
+    return f"{warning}```\n{text}\n```"
+
+
+def convert_action(lora: str, target: str, output: str, precision: str) -> str:
+    from core.tools.convert import convert_lora, parse_dtype  # noqa: PLC0415
+
+    try:
+        source = _path(lora, "LoRA file or adapter folder")
+        to = FORMATS.get(target, target)
+        default = {"kohya": f"{source.stem}_webui.safetensors", "diffusers": f"{source.stem}_diffusers",
+                   "peft-single": f"{source.name}.safetensors"}[to]
+        out = convert_lora(source, _output(output, default, source), to, dtype=parse_dtype(precision))
+    except (ValueError, OSError, KeyError) as exc:
+        return _fail(exc)
+    return f"✅ Wrote `{out}`"
+
+
+def resize_action(lora: str, mode: str, rank: float, energy: float, output: str, precision: str) -> str:
+    from core.tools.convert import parse_dtype  # noqa: PLC0415
+    from core.tools.extract import resize_file  # noqa: PLC0415
+
+    try:
+        source = _path(lora, "LoRA file")
+        by_rank = mode == "rank"
+        suffix = f"_r{int(rank)}" if by_rank else f"_e{energy:g}"
+        out, report = resize_file(source, _output(output, f"{source.stem}{suffix}{source.suffix}", source),
+                                  rank=int(rank) if by_rank else None, energy=None if by_rank else float(energy),
+                                  dtype=parse_dtype(precision))
+    except (ValueError, OSError) as exc:
+        return _fail(exc)
+    return f"✅ Wrote `{out}`\n\n{report.summary()}"
+
+
+def parse_lora_lines(text: str) -> list[tuple[str, float]]:
+    """'path[:weight]' per line (blank lines and # comments skipped)."""
+    from core.tools.merge import parse_lora_spec  # noqa: PLC0415
+
+    items = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            path, weight = parse_lora_spec(line)
+            items.append((str(state.resolve_user_path(path)), weight))
+    if not items:
+        raise ValueError("List at least one LoRA, one per line, as path or path:weight.")
+    return items
+
+
+def merge_action(base: str, loras: str, output: str, precision: str, rank: float = 0) -> str:
+    """Bake the LoRAs into `base` (SD checkpoint / LLM folder), or, with no base, combine them into one LoRA."""
+    from core.tools.convert import parse_dtype, write_like  # noqa: PLC0415
+    from core.tools.merge import bake_into_llm, bake_into_sd, combine_files  # noqa: PLC0415
+
+    try:
+        items = parse_lora_lines(loras)
+        first = Path(items[0][0])
+        if not base or not str(base).strip():
+            merged, report = combine_files([p for p, _ in items], [w for _, w in items], rank=int(rank) or None)
+            name = f"{first.stem}_merged" + ("" if merged.format == "peft" else ".safetensors")
+            out = write_like(merged, _output(output, name, first), dtype=parse_dtype(precision),
+                             metadata=merged.metadata)
+            return f"✅ Combined {len(items)} LoRAs into `{out}`\n\n{report.summary()}"
+        _device_free()
+        base_arg = str(state.resolve_user_path(base)) if state.resolve_user_path(base).exists() else str(base)
+        if all((Path(p) / "adapter_config.json").is_file() for p, _ in items):
+            if len(items) != 1:
+                raise ValueError("Bake one text adapter at a time (combine several first, without a base model).")
+            out = bake_into_llm(base_arg, items[0][0], _output(output, f"{first.name}_merged_model", first),
+                                weight=items[0][1], dtype=parse_dtype(precision) if precision != "fp16" else None)
+            return f"✅ Wrote the merged model folder `{out}`"
+        out, report = bake_into_sd(base_arg, items, _output(output, f"{Path(base_arg).stem}_{first.stem}.safetensors",
+                                                            first), dtype=parse_dtype(precision))
+    except (ValueError, OSError) as exc:
+        return _fail(exc)
+    return f"✅ Wrote `{out}` (load it in WebUI/ComfyUI as a checkpoint)\n\n{report.summary()}"
+
+
+def create_tools_tab() -> dict[str, Any]:
+    import gradio as gr  # noqa: PLC0415
+
+    def lora_choices() -> list[str]:
+        return catalog.lora_files() + catalog.text_adapters()
+
+    gr.Markdown("Inspect, convert, resize and merge LoRA files. The same tools run from the command line: "
+                "`python tools/export.py --help`.")
+    with gr.Accordion("Inspect a LoRA", open=True):
+        with gr.Row():
+            inspect_file = gr.Dropdown(choices=lora_choices(), value="", allow_custom_value=True, scale=4,
+                                       label="LoRA file or adapter folder", elem_id="tools-inspect-file")
+            inspect_all = gr.Checkbox(value=False, label="List every module", scale=1, elem_id="tools-inspect-all")
+            inspect_btn = gr.Button("Inspect", variant="primary", scale=1, elem_id="tools-inspect")
+        inspect_out = gr.Markdown("", elem_id="tools-inspect-out")
+    with gr.Accordion("Convert", open=False):
+        with gr.Row():
+            convert_file = gr.Dropdown(choices=lora_choices(), value="", allow_custom_value=True, scale=3,
+                                       label="LoRA to convert", elem_id="tools-convert-file")
+            convert_to = gr.Dropdown(choices=list(FORMATS), value=list(FORMATS)[0], label="To", scale=2,
+                                     elem_id="tools-convert-to")
+            convert_precision = gr.Dropdown(PRECISIONS, value="fp16", label="Precision", scale=1,
+                                            elem_id="tools-convert-precision")
+        convert_output = gr.Textbox(label="Output (empty: beside the source)", elem_id="tools-convert-output")
+        convert_btn = gr.Button("Convert", variant="primary", elem_id="tools-convert")
+        convert_out = gr.Markdown("", elem_id="tools-convert-out")
+    with gr.Accordion("Resize (lower the rank by SVD)", open=False):
+        with gr.Row():
+            resize_file_box = gr.Dropdown(choices=lora_choices(), value="", allow_custom_value=True, scale=3,
+                                          label="LoRA to resize", elem_id="tools-resize-file")
+            resize_mode = gr.Radio(["rank", "energy"], value="rank", label="Target", scale=1,
+                                   elem_id="tools-resize-mode")
+            resize_rank = gr.Number(value=8, precision=0, minimum=1, maximum=1024, label="Rank", scale=1,
+                                    elem_id="tools-resize-rank")
+            resize_energy = gr.Slider(0.5, 1.0, value=0.95, step=0.01, label="Kept energy", scale=2,
+                                      elem_id="tools-resize-energy")
+            resize_precision = gr.Dropdown(PRECISIONS, value="fp16", label="Precision", scale=1,
+                                           elem_id="tools-resize-precision")
+        resize_output = gr.Textbox(label="Output (empty: beside the source)", elem_id="tools-resize-output")
+        resize_btn = gr.Button("Resize", variant="primary", elem_id="tools-resize")
+        resize_out = gr.Markdown("", elem_id="tools-resize-out")
+    with gr.Accordion("Merge", open=False):
+        merge_base = gr.Dropdown(choices=[""] + catalog.image_models() + catalog.text_models(), value="",
+                                 allow_custom_value=True, elem_id="tools-merge-base",
+                                 label="Base model to bake into (empty: combine the LoRAs into one LoRA)")
+        merge_loras = gr.Textbox(lines=3, label="LoRAs, one per line: path or path:weight", elem_id="tools-merge-loras",
+                                 placeholder="output/my_style/my_style.safetensors:0.8")
+        with gr.Row():
+            merge_rank = gr.Number(value=0, precision=0, minimum=0, maximum=1024, elem_id="tools-merge-rank",
+                                   label="Combined LoRA: SVD down to rank (0: exact)")
+            merge_precision = gr.Dropdown(PRECISIONS, value="fp16", label="Precision", elem_id="tools-merge-precision")
+        merge_output = gr.Textbox(label="Output (empty: beside the first LoRA)", elem_id="tools-merge-output")
+        merge_btn = gr.Button("Merge", variant="primary", elem_id="tools-merge")
+        merge_out = gr.Markdown("", elem_id="tools-merge-out")
+
+    inspect_btn.click(inspect_action, [inspect_file, inspect_all], inspect_out)
+    convert_btn.click(convert_action, [convert_file, convert_to, convert_output, convert_precision], convert_out)
+    resize_btn.click(resize_action, [resize_file_box, resize_mode, resize_rank, resize_energy, resize_output,
+                                     resize_precision], resize_out)
+    merge_btn.click(merge_action, [merge_base, merge_loras, merge_output, merge_precision, merge_rank], merge_out)
+    return {"inspect_file": inspect_file, "inspect_out": inspect_out, "convert_file": convert_file,
+            "convert_to": convert_to, "convert_out": convert_out, "resize_file": resize_file_box,
+            "resize_out": resize_out, "merge_base": merge_base, "merge_loras": merge_loras, "merge_out": merge_out}
