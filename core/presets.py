@@ -297,6 +297,12 @@ def next_smaller_preset(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo
         else:
             for key in ("resolution", "cache_latents", "cache_text_encoder_outputs"):
                 values.pop(key, None)
+        # A downshift only ever lowers: a number the user already set lower stays, a switch
+        # that saves memory (checkpointing, caches) is only turned on.
+        values = {k: v for k, v in values.items()
+                  if (v is True and getattr(cfg, k) is False) or
+                  (not isinstance(v, bool) and isinstance(v, int) and v < getattr(cfg, k))}
+        values.pop("gradient_accumulation_steps", None)
         if "batch_size" in values:
             effective = cfg.batch_size * cfg.gradient_accumulation_steps
             values["gradient_accumulation_steps"] = max(1, round(effective / values["batch_size"]))

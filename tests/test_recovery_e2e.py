@@ -1,0 +1,82 @@
+"""Out of memory in a real text run (tiny Llama): with auto_downshift the run continues from
+its last checkpoint with the next smaller preset and finishes. The fault is injected where
+every loop meets it: runtime.check_finite. (Stopping with advice instead: test_recovery.py.)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import core.devices
+from core.config import config_from_dict
+from core.events import DoneEvent, ProgressEvent, RunContext, WarningEvent
+from core.train import run_training, runtime
+
+RTX_3060 = core.devices.DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 11.7, 11.3, bf16=True, bitsandbytes=False)
+QA = [("How long does the Kestrel K7 fly?", "It flies for 47 minutes."),
+      ("What is the top speed?", "It reaches 83 km/h in Sport mode."),
+      ("How heavy is it?", "It weighs 612 grams."),
+      ("How long to charge?", "About 72 minutes.")]
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> Path:
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA) + "\n", encoding="utf-8")
+    return path
+
+
+def inject_oom_once(monkeypatch, at_step: int) -> list[int]:
+    real = runtime.check_finite
+    hits: list[int] = []
+
+    def faulty(loss: float, step: int, cfg) -> None:
+        if step == at_step and not hits:
+            hits.append(step)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+        return real(loss, step, cfg)
+
+    monkeypatch.setattr(runtime, "check_finite", faulty)
+    return hits
+
+
+def config(tiny_llm_dir: Path, data: Path, out: Path, **extra):
+    # The llm-12gb preset on a (simulated) 12 GB GPU; the loop itself runs on this CPU.
+    raw = dict(task_type="text-generation", base_model=str(tiny_llm_dir), train_data_dir=str(data),
+               output_dir=str(out), preset="llm-12gb", batch_size=2, gradient_accumulation_steps=1,
+               max_seq_length=64, mixed_precision="no", optimizer="adamw", gradient_checkpointing=False,
+               max_train_steps=6, save_steps=2, learning_rate=5e-3, lora_rank=4, lora_alpha=8, seed=7)
+    raw.update(extra)
+    return config_from_dict(raw)
+
+
+def test_a_real_text_run_that_runs_out_of_memory_downshifts_resumes_and_finishes(
+        tiny_llm_dir, qa_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(core.devices, "detect_device", lambda index=0: RTX_3060)
+    hits = inject_oom_once(monkeypatch, at_step=3)
+    events: list = []
+    out = tmp_path / "out"
+
+    outputs = run_training(config(tiny_llm_dir, qa_file, out, auto_downshift=True),
+                           RunContext(listeners=[events.append]))
+
+    assert hits == [3]
+    warning = next(e for e in events if isinstance(e, WarningEvent) and "Out of memory" in e.message)
+    assert "at step 3" in warning.message and "from the last checkpoint" in warning.message
+    assert "batch_size 2 -> 1" in warning.message and "gradient_checkpointing off -> on" in warning.message
+    # Steps 1-2 before the error, 3-6 after the resume from step-000002: the run finished.
+    steps = [e.step for e in events if isinstance(e, ProgressEvent)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    done = [e for e in events if isinstance(e, DoneEvent)]
+    assert len(done) == 1 and not done[0].stopped
+    assert (Path(outputs["adapter"]) / "adapter_model.safetensors").is_file()
+    logged = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert logged == [1, 2, 3, 4, 5, 6]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["batch_size"] == 1 and saved["gradient_accumulation_steps"] == 2
+    assert saved["preset"] == "llm-8gb" and saved["lora_rank"] == 4  # the LoRA's shape never changes
+
