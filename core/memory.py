@@ -114,8 +114,8 @@ def _image_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict
     if cfg.train_text_encoder or not cfg.cache_text_encoder_outputs:
         parts["text encoder weights"] = text_encoders * size
     if not caching_latents:
-        # SDXL's VAE runs in fp32 (fp16 overflows); the encode happens before the UNet's pass.
-        parts["VAE weights"] = SD_VAE * (4 if family == "sdxl" else size)
+        # The VAE runs in fp32 (an fp16 SD VAE can overflow); it encodes before the UNet's pass.
+        parts["VAE weights"] = SD_VAE * 4
     lora = UNET_LORA_FEATURES[family] * model.width / 320 * cfg.lora_rank
     if cfg.train_text_encoder:
         lora += TE_LORA_FEATURES[family] * cfg.lora_rank
@@ -132,10 +132,11 @@ def _image_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict
     parts["activations"] = activations
     parts["backward transient"] = 3 * pixels * largest * scale
     if not caching_latents:
-        vae_encode = 4 * 128 * cfg.resolution**2 * cfg.batch_size * (4 if family == "sdxl" else size)
+        vae_encode = 4 * 128 * cfg.resolution**2 * cfg.batch_size * 4
         parts["backward transient"] = max(parts["backward transient"], vae_encode - activations)
-    if caching_latents:
-        parts["cached latents"] = _count_images(cfg.train_data_dir) * cfg.repeats * 4 * (cfg.resolution // 8) ** 2 * 4
+    if caching_latents and device.kind != "cuda":
+        # Cached latents (VAE mean + logvar, fp32) live in RAM: they count where RAM is the memory.
+        parts["cached latents"] = _count_images(cfg.train_data_dir) * 8 * (cfg.resolution // 8) ** 2 * 4
     return parts
 
 
@@ -163,6 +164,13 @@ def _text_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[
     return parts
 
 
+def _parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, float]:
+    """Every part in bytes."""
+    parts = _text_parts(cfg, model, device) if model.family == "llm" else _image_parts(cfg, model, device)
+    parts["runtime overhead"] = RUNTIME_OVERHEAD_GB * GIB if device.kind == "cuda" else 0.0
+    return parts
+
+
 def estimate_memory(cfg: TrainConfig, model: ModelInfo | None = None,
                     device: DeviceInfo | None = None) -> MemoryEstimate:
     """Predicted peak memory of training `cfg` on `device`, by part, with what to change if too big.
@@ -173,9 +181,7 @@ def estimate_memory(cfg: TrainConfig, model: ModelInfo | None = None,
         model = detect_model(cfg.base_model, cfg.task_type, cfg.gguf_file)
     if device is None:
         device = devices.detect_device()
-    parts = _text_parts(cfg, model, device) if model.family == "llm" else _image_parts(cfg, model, device)
-    parts["runtime overhead"] = RUNTIME_OVERHEAD_GB * GIB if device.kind == "cuda" else 0.0
-    gb = {name: value / GIB for name, value in parts.items()}
+    gb = {name: value / GIB for name, value in _parts(cfg, model, device).items()}
     total = sum(gb.values())
     budget = usable_gb(device)
     estimate = MemoryEstimate(total_gb=total, parts=gb, fits=total <= budget, budget_gb=budget)
@@ -242,9 +248,7 @@ def fitting_changes(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> t
 
 
 def estimate_total(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> float:
-    parts = _text_parts(cfg, model, device) if model.family == "llm" else _image_parts(cfg, model, device)
-    overhead = RUNTIME_OVERHEAD_GB * GIB if device.kind == "cuda" else 0.0
-    return (sum(parts.values()) + overhead) / GIB
+    return sum(_parts(cfg, model, device).values()) / GIB
 
 
 def format_changes(changes: list[Change]) -> str:

@@ -20,7 +20,6 @@ from typing import Any, BinaryIO
 SD1_UNET, SD2_UNET, SDXL_UNET = 859_520_964, 865_910_724, 2_567_463_684
 CLIP_L, OPENCLIP_H, OPENCLIP_G, SD_VAE = 123_060_480, 340_387_840, 694_659_841, 83_653_863
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "llm": "LLM", "unknown": "unknown model"}
-IMAGE_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from core import devices
 from core.config import FIELDS, TrainConfig, _coerce
 from core.devices import DeviceInfo
 from core.memory import MemoryEstimate, estimate_memory, format_changes
-from core.model_info import IMAGE_FAMILIES, ModelInfo, detect_model
+from core.model_info import ModelInfo, detect_model
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 META_KEYS = ("description", "family", "memory_gb")
