@@ -218,6 +218,11 @@ def _validate(run: TextRun, log: runtime.RunLog, step: int) -> float | None:
 
 def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train a text LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        # Every rank would train the whole model and write the same files.
+        raise ValueError(f"Text LoRA training runs in one process; it was launched with {world}. "
+                         "Start it with `python train.py --config ...` (it uses one GPU or the CPU).")
     runtime.prepare_output_dir(cfg)
     runtime.seed_everything(cfg.seed)
     checkpoint, init_file = runtime.resolve_resume(cfg)
