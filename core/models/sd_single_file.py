@@ -1,7 +1,7 @@
 """Single-file Stable Diffusion checkpoints (the WebUI kind): read, recognise, load.
 
 A `.safetensors` file is read directly; a pickle (`.ckpt` ...) only when the user opted
-in with `allow_pickle`, and then with `torch.load(weights_only=True)` first. The family
+in with `allow_pickle`, and then only with `torch.load(weights_only=True)`. The family
 (sd1 / sd2 / sdxl) and the prediction type come from the keys. Building the diffusers
 modules needs the model's configs and tokenizer: from `base_model_config` (a diffusers
 folder or hub id), else the standard hub repo of the family (cached or online).
@@ -45,13 +45,18 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
                 f"'{file.name}' is a pickle file ({file.suffix}), which can run code when loaded.",
                 "Use a .safetensors version of the model, or set allow_pickle: true if you trust this file.")
         try:
+            # Even with the opt-in, only tensors and plain containers are unpickled: a
+            # checkpoint that needs arbitrary Python objects could run code, so it is refused.
             data: Any = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - old checkpoints hold non-tensor objects
-            if "weights_only" not in str(exc) and "Unsupported" not in str(exc):
-                raise ModelLoadError(f"'{file.name}' could not be read ({size / 2**20:.1f} MB): {exc}",
-                                     "The file is damaged or incomplete: download it again.") from exc
-            # allow_pickle is the user's explicit consent to run the full unpickler.
-            data = torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - torch raises several error types here
+            if "weights_only" in str(exc) or "Unsupported" in str(exc):
+                raise ModelLoadError(
+                    f"'{file.name}' holds Python objects besides the weights, and loading those could run "
+                    "code, so it was not loaded.",
+                    "Use the .safetensors version of this model (most models publish one), or convert "
+                    "the file to .safetensors with a tool you trust.") from exc
+            raise ModelLoadError(f"'{file.name}' could not be read ({size / 2**20:.1f} MB): {exc}",
+                                 "The file is damaged or incomplete: download it again.") from exc
         while isinstance(data, dict) and "state_dict" in data:
             data = data["state_dict"]
         if not isinstance(data, dict):
