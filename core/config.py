@@ -90,8 +90,8 @@ class TrainConfig:
     keep_checkpoints: int = _f(0, "Keep only the newest N checkpoints (0: keep all).", "run", minimum=0)
     auto_downshift: bool = _f(False, "On out-of-memory, retry from the last checkpoint with the next "
                               "smaller preset instead of stopping.", "run")
-    allow_pickle: bool = _f(False, "Allow loading .ckpt/.bin/.pt files. They are pickles that can run "
-                            "code: only for files you trust.", "run")
+    allow_pickle: bool = _f(False, "Allow reading .ckpt/.bin/.pt files (pickles). Only their tensors are "
+                            "read; a file that would run code is still refused.", "run")
 
     # --- optimizer -------------------------------------------------------------------
     optimizer: str = _f("adamw", "Optimizer. adamw8bit saves memory (needs bitsandbytes).", "optim",
