@@ -201,10 +201,39 @@ def cpu_check() -> None:
     F.scaled_dot_product_attention = real_sdpa
 
 
+def preset_table() -> None:
+    """The README table: each GPU preset's predicted peak on a GPU of its tier, by part."""
+    from core import presets  # noqa: PLC0415
+    from core.devices import DeviceInfo  # noqa: PLC0415
+    from core.memory import estimate_memory  # noqa: PLC0415
+    from core.model_info import SMOLLM2_135M, detect_model  # noqa: PLC0415
+
+    models = {"sd1": detect_model("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+              "sdxl": detect_model("stabilityai/stable-diffusion-xl-base-1.0"),
+              "llm": detect_model("meta-llama/Llama-3.2-1B", "text-generation")}
+    print("| preset | model | weights | LoRA + optimizer | activations | logits / transient | predicted peak "
+          "(GB) | measured on CUDA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for family in ("sd1", "sdxl", "llm"):
+        for info in presets.family_presets(family):
+            model = SMOLLM2_135M if family == "llm" and info.memory_gb <= 4 else models[family]
+            card = DeviceInfo("cuda", "", info.memory_gb, info.memory_gb, bf16=True, bitsandbytes=True)
+            values, _ = presets.adapt_to_device(presets.load_preset(info.name), card)
+            parts = estimate_memory(presets.loose_config(values), model, card).parts
+            weights = sum(v for k, v in parts.items() if "weights" in k)
+            other = parts.get("logits + loss", 0) + parts.get("backward transient", 0)
+            print(f"| {info.name} | {model.label} | {weights:.1f} | {parts['LoRA + optimizer']:.2f} | "
+                  f"{parts['activations']:.2f} | {other:.2f} | {sum(parts.values()):.1f} | not yet |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-cpu", action="store_true", help="only the meta-device measurements")
+    parser.add_argument("--table", action="store_true", help="only print the README's preset table")
     args = parser.parse_args()
+    if args.table:
+        preset_table()
+        return
     real_sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: FlashLikeAttention.apply(q, k, v)
     try:
