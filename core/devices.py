@@ -7,6 +7,7 @@ GPU by building one, or by mocking this single function.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -49,11 +50,15 @@ def has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def detect_device(index: int = 0) -> DeviceInfo:
-    """The device training will use: CUDA GPU `index`, else Apple MPS, else the CPU."""
+def detect_device(index: int | None = None) -> DeviceInfo:
+    """The device training will use: CUDA GPU `index` (default: this process's LOCAL_RANK, as
+    accelerate/torchrun assign it), else Apple MPS, else the CPU."""
     import torch  # noqa: PLC0415
 
     if torch.cuda.is_available():
+        if index is None:
+            rank = os.environ.get("LOCAL_RANK", "0")
+            index = int(rank) if rank.isdigit() and int(rank) < torch.cuda.device_count() else 0
         free, total = torch.cuda.mem_get_info(index)
         return DeviceInfo("cuda", torch.cuda.get_device_name(index), total / GIB, free / GIB,
                           bf16=bool(torch.cuda.is_bf16_supported()), bitsandbytes=has_bitsandbytes())

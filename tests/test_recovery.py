@@ -272,3 +272,12 @@ def test_downshift_keeps_the_lora_shape_and_optimizer_so_the_checkpoint_still_lo
     assert changes["gradient_checkpointing"] is True
     assert not {"lora_rank", "lora_alpha", "optimizer", "train_text_encoder"} & set(changes)
     assert changes.get("batch_size", 2) * changes.get("gradient_accumulation_steps", 2) == 4
+
+
+def test_a_multi_gpu_run_never_downshifts_alone_but_stops_every_process_with_advice(
+        tmp_path, monkeypatch, gpu_12gb):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    inject(monkeypatch, at_step=3, error=oom())
+    with pytest.raises(OutOfMemoryAdvice) as caught:
+        train_with_recovery(small_loop([]), text_config(tmp_path, auto_downshift=True), RunContext())
+    assert "multi-GPU" in str(caught.value) and "start all processes again" in caught.value.advice

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 from typing import Any, Callable
 
 import torch
@@ -122,6 +123,14 @@ def oom_advice(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> tuple[
     return "", {}
 
 
+def distributed() -> bool:
+    """True inside a multi-process run (torchrun / accelerate launch with several processes)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
 def _resume_value(cfg: TrainConfig) -> str:
     """Continue from this run's newest checkpoint; without one, from what the run started from."""
     return "latest" if runtime.latest_checkpoint(cfg.output_dir) is not None else cfg.resume_from
@@ -166,6 +175,12 @@ def train_with_recovery(train_fn: TrainFn, cfg: TrainConfig, ctx: RunContext, *,
                 f"Out of memory {where} on {device.label} ({failure}). {saved}",
                 f"Even the smallest settings for {model.label} do not fit: use a smaller base model or a GPU "
                 "with more memory.", {}, step)
+        if distributed():
+            # The other processes are still waiting in the same step: all must restart together.
+            raise OutOfMemoryAdvice(
+                f"Out of memory {where} on {device.label} ({failure}) in a multi-GPU run. {saved}",
+                f"Change {settings} in the config, then start all processes again with resume_from: latest.",
+                changes, step)
         if not cfg.auto_downshift or attempt == MAX_DOWNSHIFTS:
             raise OutOfMemoryAdvice(
                 f"Out of memory {where} on {device.label} ({failure}). {saved}",
