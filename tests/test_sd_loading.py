@@ -103,3 +103,12 @@ def test_sdxl_trains_with_text_encoder_lora_and_its_files_load_in_diffusers(tiny
         assert any("lora" in k for k in pipe.unet.state_dict())
         pipe.delete_adapters("test")
     assert all(torch.equal(base[k], v) for k, v in pipe.unet.state_dict().items() if k in base)
+
+
+def test_the_example_configs_are_valid():
+    import yaml
+
+    for name in ("image_example.yaml", "sdxl_example.yaml"):
+        path = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / name
+        cfg = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), check_paths=False)
+        assert cfg.is_image and cfg.sample_prompts
