@@ -67,8 +67,15 @@ class PresetChoice:
 
 
 def detect_device() -> DeviceInfo:
-    """The device training will use (see core.devices; tests mock this one call)."""
-    return devices.detect_device()
+    """The device training will use (see core.devices; tests mock `core.devices.detect_device`).
+
+    A broken driver must not make every config unreadable: it reads as the CPU, named so.
+    """
+    try:
+        return devices.detect_device()
+    except Exception as exc:  # noqa: BLE001 - e.g. a CUDA driver/runtime mismatch
+        total, free = devices._ram_gb()
+        return DeviceInfo("cpu", f"CPU (GPU detection failed: {type(exc).__name__}: {exc})", total, free)
 
 
 # --- reading presets -----------------------------------------------------------------------
@@ -171,7 +178,8 @@ def choose_preset(raw: dict[str, Any], device: DeviceInfo | None = None,
         values, notes = _generic_values(device.kind, model, device)
         estimate = estimate_memory(loose_config({**values, **user}), model, device)
         if device.kind == "cpu":
-            reason = (f"Preset cpu: no CUDA or Apple GPU was found, so {about} trains on the CPU. That works "
+            detail = f" ({device.name})" if device.name != "CPU" else ""
+            reason = (f"Preset cpu: no CUDA or Apple GPU was found{detail}, so {about} trains on the CPU. That works "
                       "but slowly (minutes per step for Stable Diffusion, seconds for a small LLM); predicted "
                       f"peak RAM {estimate.summary()}, {device.free_gb:.0f} GB free.")
         else:

@@ -249,3 +249,13 @@ def test_hub_ids_are_never_downloaded_only_read_by_name():
     assert detect_model("stabilityai/stable-diffusion-2-1").family == "sd2"
     info = detect_model("Qwen/Qwen2.5-0.5B-Instruct", "text-generation")
     assert info.params == 500_000_000 and "name" in info.source
+
+
+def test_a_broken_gpu_driver_reads_as_the_cpu_instead_of_breaking_every_config(monkeypatch):
+    def broken(index=0):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(core.devices, "detect_device", broken)
+    merged = presets.apply_preset({**SD15, "preset": "auto"})
+    assert merged["preset"] == "cpu"
+    assert "GPU detection failed" in presets.describe_choice({**SD15, "preset": "auto"})
