@@ -18,8 +18,13 @@ def unet_out(unet, seed: int = 0) -> torch.Tensor:
     dim = unet.config.cross_attention_dim
     latents = torch.randn(1, 4, 16, 16, generator=g)
     text = torch.randn(1, 8, dim, generator=g)
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop ids
+        time_dim = unet.config.addition_time_embed_dim
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * time_dim
+        added = {"text_embeds": torch.randn(1, pooled, generator=g), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])}
     with torch.no_grad():
-        return unet(latents, torch.tensor([10]), encoder_hidden_states=text).sample
+        return unet(latents, torch.tensor([10]), encoder_hidden_states=text, added_cond_kwargs=added).sample
 
 
 def text_out(encoder) -> torch.Tensor:
@@ -87,6 +92,21 @@ def test_a_dora_lora_bakes_into_the_same_weights_peft_fuses(tiny_sd1, tmp_path):
     torch.testing.assert_close(unet_out(merged.unet), unet_out(made.model.unet), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(text_out(merged.text_encoders[0]), text_out(made.model.text_encoders[0]),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_an_sdxl_lora_with_sgm_names_bakes_into_an_sdxl_checkpoint(tiny_sdxl, tmp_path):
+    from core.models.sd import load_sd_model
+
+    made = make_sd_lora(tiny_sdxl.folder, tmp_path / "xl", variant="lora", seed=13)
+    assert any("input_blocks" in n for n in read_lora(made.kohya).modules)  # WebUI's SDXL names
+    out, report = bake_into_sd(str(tiny_sdxl.folder), [(made.kohya, 0.6)], tmp_path / "xl.safetensors", dtype=None)
+    merged = load_sd_model(str(out), model_config=str(tiny_sdxl.folder))
+    assert merged.family == "sdxl"
+    for part in [made.model.unet] + made.model.text_encoders:
+        scale_peft_adapter(part, 0.6)
+    torch.testing.assert_close(unet_out(merged.unet), unet_out(made.model.unet), rtol=1e-4, atol=1e-5)
+    for mine, reference in zip(merged.text_encoders, made.model.text_encoders):
+        torch.testing.assert_close(text_out(mine), text_out(reference), rtol=1e-4, atol=1e-5)
 
 
 def test_an_sdxl_lora_is_refused_for_an_sd1_base_with_both_families_named(tiny_sd1, tiny_sdxl, tmp_path):

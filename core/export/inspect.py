@@ -186,6 +186,12 @@ def inspect_lora(path: str | Path) -> LoraFileInfo:
         raise LoraReadError(f"{file}: not a readable .safetensors file ({exc}). It may be truncated; "
                             "save or download it again.") from exc
     keys = list(tensors)
+    if adapter_config is None and metadata.get("adapter_config"):
+        # A single-file PEFT adapter (core.tools.convert.peft_to_single_file) keeps its config in the header.
+        try:
+            adapter_config = json.loads(metadata["adapter_config"])
+        except json.JSONDecodeError:
+            adapter_config = None
     try:
         fmt = _detect_format(keys, metadata, adapter_config)
     except LoraReadError as exc:

@@ -23,20 +23,15 @@ import torch
 from torch import Tensor
 
 from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
-                                modules_to_kohya, modules_to_peft, peft_alpha)
+                                modules_to_kohya, modules_to_peft)
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PICKLE_NAME = "adapter_model.bin"
 SINGLE_FILE_CONFIG_KEY = "adapter_config"
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
 _DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-_DIFFUSERS_SUFFIXES = [  # diffusers' on-disk names -> PEFT names
-    (".lora_linear_layer.down.weight", ".lora_A.weight"), (".lora_linear_layer.up.weight", ".lora_B.weight"),
-    (".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight"),
-]
 
 
 @dataclass
@@ -127,53 +122,16 @@ def detect_image_family(tensors: dict[str, Tensor], metadata: dict[str, str]) ->
     return "sd1"
 
 
-def _diffusers_to_peft_key(key: str) -> str:
-    for old, new in _DIFFUSERS_SUFFIXES:
-        if key.endswith(old):
-            return key[: -len(old)] + new
-    return key
-
-
-def _diffusers_alphas(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """{component: LoraConfig dict} from diffusers' `lora_adapter_metadata` header."""
-    raw = metadata.get(DIFFUSERS_METADATA_KEY)
-    if not raw:
-        return {}
-    flat = json.loads(raw)
-    configs: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        component, _, name = key.partition(".")
-        configs.setdefault(component, {})[name] = value
-    return configs
-
-
 def diffusers_to_kohya_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], family: str
                                ) -> dict[str, Tensor]:
     """A diffusers LoRA state dict (+ header) -> kohya tensors (alpha from the header, else = rank)."""
+    from core.export.diffusers_format import diffusers_lora_to_peft  # noqa: PLC0415
     from core.export.kohya import peft_to_kohya  # noqa: PLC0415
 
-    configs = _diffusers_alphas(metadata)
-    states: dict[str, dict[str, Tensor]] = {name: {} for name in _DIFFUSERS_COMPONENTS}
-    for key, value in tensors.items():
-        component, _, rest = key.partition(".")
-        if component not in states or not rest:
-            raise LoraToolError(f"'{key}' is not a diffusers LoRA key (unet. / text_encoder. / text_encoder_2.).")
-        if re.search(r"(_lora\.(up|down)|\.processor\.)", rest):
-            raise LoraToolError(f"'{key}' is the old diffusers attention-processor format; load it with diffusers "
-                                "once and save it again with save_lora_weights, then convert that file.")
-        states[component][_diffusers_to_peft_key(rest)] = value
-    alphas: dict[str, float] = {}
-    for component, state in states.items():
-        config = configs.get(component)
-        for key, value in state.items():
-            if key.endswith(".lora_A.weight"):
-                path = key[: -len(".lora_A.weight")]
-                rank = int(value.shape[0])
-                alphas[f"{component}.{path}"] = peft_alpha(config, path, rank) if config else float(rank)
-    tes = [states["text_encoder"]] + ([states["text_encoder_2"]] if states["text_encoder_2"] else [])
-    if family != "sdxl" and states["text_encoder_2"]:
+    unet, tes, alphas = diffusers_lora_to_peft(tensors, metadata)
+    if tes[1] and family != "sdxl":
         raise LoraToolError("The file has text_encoder_2 weights, so it is an SDXL LoRA; use family sdxl.")
-    return peft_to_kohya(states["unet"], tes, family, alphas=alphas)
+    return peft_to_kohya(unet, tes if tes[1] else tes[:1], family, alphas=alphas)
 
 
 def read_lora(path: str | Path, *, family: str | None = None, allow_pickle: bool = False) -> LoraFile:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from core.tools.convert import LoraFile, read_lora
 from core.tools.modules import LoraModule, LoraToolError, modules_to_kohya
