@@ -122,3 +122,23 @@ def test_training_previews_are_saved_per_step_with_the_fixed_seed(tiny_sd1, tmp_
     diff = max(abs(a - b) for a, b in zip(first.tobytes(), second.tobytes()))
     assert diff <= 2
     assert dataclasses.is_dataclass(samples[0])
+
+
+def test_a_pissa_lora_applies_to_the_original_base_model(tiny_sd1, tmp_path):
+    """PiSSA moves the LoRA's start out of the base weights; the exported file must not add it back.
+    Trained with a vanishing learning rate, the exported LoRA must leave the base output unchanged."""
+    data = make_image_folder(tmp_path / "imgs", count=1)
+    raw = tiny_run_config(tiny_sd1.folder, data, tmp_path / "out", batch_size=1, max_train_steps=1,
+                          learning_rate=1e-12, lora_variant="pissa", lora_rank=4, lora_alpha=4)
+    outputs, _ = run_collect(raw)
+    from safetensors.torch import load_file
+
+    tensors = load_file(outputs["lora"])
+    down = tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"]
+    assert down.shape[0] == 8  # rank 2r: [A; A0]
+    pipe, noisy, timesteps, embeds, _ = _fixed_inputs(tiny_sd1, data)
+    base_out = _unet_out(pipe.unet, noisy, timesteps, embeds)
+    for source in (outputs["lora"], outputs["diffusers"]):
+        pipe.load_lora_weights(source, adapter_name="pissa")
+        torch.testing.assert_close(_unet_out(pipe.unet, noisy, timesteps, embeds), base_out, rtol=1e-3, atol=1e-4)
+        pipe.delete_adapters("pissa")

@@ -191,8 +191,11 @@ class _Run:
         lora_cfg = cfg
         if init_file is not None:
             loaded = read_lora_file(init_file, m.family)
+            # A LoRA file already holds its update: it continues as a plain LoRA, whatever the variant.
+            variant = "lora" if cfg.lora_variant == "pissa" else cfg.lora_variant
             lora_cfg = dataclasses.replace(cfg, lora_rank=loaded.rank, lora_alpha=loaded.alpha,
-                                           target_modules=module_paths(loaded.unet), conv_rank=0)
+                                           target_modules=module_paths(loaded.unet), conv_rank=0,
+                                           lora_variant=variant)
             self.log(f"Continuing from the LoRA {init_file.name} (rank {loaded.rank}, alpha {loaded.alpha:g})")
         self.unet_config = add_unet_lora(m.unet, lora_cfg)
         if cfg.train_text_encoder:
@@ -201,6 +204,9 @@ class _Run:
                     loaded.text_encoders) and loaded.text_encoders[index] else None
                 self.te_configs.append(add_text_encoder_lora(encoder, lora_cfg, targets))
                 self.trained_encoders.append(encoder)
+        if lora_cfg.lora_variant == "pissa":
+            # PiSSA rewrote the base weights; keep its starting point to export a LoRA for the original.
+            self.pissa_init = [peft_state(m.unet)] + [peft_state(e) for e in self.trained_encoders]
         if loaded is not None:
             self._load_loaded(loaded)
         move(m.unet, self.device, self.weight_dtype)
@@ -280,6 +286,7 @@ class _Run:
     noise_scheduler: Any = None
     train_unet: Any = None  # the UNet as accelerate prepared it (DDP-wrapped on several GPUs)
     train_encoders: list = dataclasses.field(default_factory=list)  # trained text encoders, prepared
+    pissa_init: list | None = None
 
 
 def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:

@@ -40,7 +40,8 @@ def write_loras(run: Any, folder: Path, steps: int, epoch: int) -> dict[str, str
     encoders = [run.accelerator.unwrap_model(e) for e in run.train_encoders]
     return save_lora_outputs(folder, run.cfg.name, family=run.model.family, unet=unet, encoders=encoders,
                              unet_config=run.unet_config, te_configs=run.te_configs,
-                             metadata=_metadata(run, steps, epoch), save_dtype=_save_dtype(run.cfg))
+                             metadata=_metadata(run, steps, epoch), save_dtype=_save_dtype(run.cfg),
+                             pissa_init=run.pissa_init)
 
 
 def save_checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path:

@@ -113,15 +113,49 @@ def alphas_for(unet: nn.Module, encoders: list[nn.Module]) -> dict[str, float]:
     return alphas
 
 
+def pissa_to_lora(state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PiSSA moved the principal part out of the base weights; as a LoRA for the ORIGINAL base the
+    update is s(BA - B0A0), i.e. rank 2r with A' = [A; A0], B' = [B, -B0] (PEFT's own conversion)."""
+    out = {}
+    for key, value in state.items():
+        if ".lora_A." in key:
+            out[key] = torch.cat([value, initial[key]], dim=0)
+        elif ".lora_B." in key:
+            out[key] = torch.cat([value, -initial[key]], dim=1)
+        else:
+            out[key] = value
+    return out
+
+
+def doubled_config(config: Any) -> Any:
+    """The LoraConfig of a PiSSA LoRA converted to rank 2r (same scale: alpha doubles too)."""
+    return dataclasses.replace(config, r=config.r * 2, lora_alpha=config.lora_alpha * 2,
+                               rank_pattern={k: v * 2 for k, v in (config.rank_pattern or {}).items()},
+                               alpha_pattern={k: v * 2 for k, v in (config.alpha_pattern or {}).items()},
+                               init_lora_weights=True)
+
+
 def save_lora_outputs(folder: Path, name: str, *, family: str, unet: nn.Module, encoders: list[nn.Module],
                       unet_config: Any, te_configs: list[Any], metadata: dict[str, Any],
-                      save_dtype: torch.dtype, diffusers_file: bool = True) -> dict[str, str]:
-    """Write <name>.safetensors (kohya/WebUI) and pytorch_lora_weights.safetensors (diffusers)."""
+                      save_dtype: torch.dtype, diffusers_file: bool = True,
+                      pissa_init: list[dict[str, torch.Tensor]] | None = None) -> dict[str, str]:
+    """Write <name>.safetensors (kohya/WebUI) and pytorch_lora_weights.safetensors (diffusers).
+
+    `pissa_init`: the initial PEFT states [unet, *encoders] of a PiSSA run, to write a LoRA that
+    applies to the unmodified base model.
+    """
     from core.export.kohya import peft_to_kohya, save_kohya_lora  # noqa: PLC0415
 
     unet_state = peft_state(unet)
     te_states = [peft_state(e) for e in encoders]
-    kohya = peft_to_kohya(unet_state, te_states, family, alphas=alphas_for(unet, encoders))
+    alphas = alphas_for(unet, encoders)
+    if pissa_init:
+        unet_state = pissa_to_lora(unet_state, pissa_init[0])
+        te_states = [pissa_to_lora(s, i) for s, i in zip(te_states, pissa_init[1:])]
+        alphas = {k: v * 2 for k, v in alphas.items()}
+        unet_config = doubled_config(unet_config)
+        te_configs = [doubled_config(c) for c in te_configs]
+    kohya = peft_to_kohya(unet_state, te_states, family, alphas=alphas)
     paths = {"kohya": str(save_kohya_lora(folder / f"{name}.safetensors", kohya, metadata, dtype=save_dtype))}
     if diffusers_file:
         from core.export.diffusers_format import save_diffusers_lora  # noqa: PLC0415
