@@ -5,7 +5,11 @@ First run: makes `.venv` beside this file, installs requirements.txt into it (yo
 pip's progress), and restarts itself inside it. Later runs start at once. Then it
 opens the app on http://127.0.0.1 in your browser.
 
-    python launch.py            set up (first time) and open the app
+    python launch.py            set up (first time) and open the app on http://127.0.0.1:7860
+    python launch.py --port 8000          another port (the next free one is used if it is taken)
+    python launch.py --listen --auth me:secret   serve on the network, with a login
+    python launch.py --share --auth me:secret    a public gradio.live link, with a login
+    python launch.py --no-browser         do not open a browser window
     python launch.py --test     set up, with the test tools, and run the test suite
 
 Only the standard library is used before the environment is ready.

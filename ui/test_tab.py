@@ -65,21 +65,28 @@ def compare_files(lora_path: str, with_checkpoints: bool) -> list[Path]:
 
 
 def grid_path(lora_path: str) -> Path:
-    stem = re.sub(r"[^\w.-]+", "_", Path(lora_path).stem or "lora")
-    return state.CACHE_DIR / "compare" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    """Where a compare grid goes: the run's own compare/ folder for a run's file, else the app's cache."""
+    path = state.resolve_user_path(lora_path).resolve()
+    stem = re.sub(r"[^\w.-]+", "_", path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem)
+    folder = state.CACHE_DIR / "compare"
+    output = state.OUTPUT_DIR.resolve()
+    if output in path.parents:
+        folder = output / path.relative_to(output).parts[0] / "compare"
+    return folder / f"{stem or 'lora'}-{time.strftime('%Y%m%d-%H%M%S')}.png"
 
 
 def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     import gradio as gr  # noqa: PLC0415
 
-    task = gr.Radio(["image", "text"], value="image", label="What to test", elem_id="test-task")
+    with gr.Row():
+        task = gr.Radio(["image", "text"], value="image", label="What to test", elem_id="test-task", scale=4)
+        refresh = gr.Button("↻ Refresh the model and LoRA lists", scale=1, elem_id="test-refresh")
     with gr.Group(visible=True) as image_box:
         with gr.Row():
             base = gr.Dropdown(choices=catalog.image_models(), value="", allow_custom_value=True, scale=3,
                                label="Base model", elem_id="test-base")
             lora = gr.Dropdown(choices=catalog.lora_files(), value="", allow_custom_value=True, scale=3,
                                label="LoRA (a run's file, a checkpoint, or models/Lora/)", elem_id="test-lora")
-            refresh = gr.Button("↻ Refresh lists", scale=1, elem_id="test-refresh")
         family = gr.Markdown("", elem_id="test-family")
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="test-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="test-negative")

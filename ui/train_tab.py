@@ -147,7 +147,8 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
         updates = form.visibility_updates(specs, task_type)
         index = names.index("base_model")
         updates[index] = gr.update(visible=True, choices=catalog.base_models(task_type))
-        return updates
+        # Image previews go to the gallery, text previews to the table under it.
+        return [*updates, gr.update(visible=task_type != "text-generation")]
 
     def on_preset(*values):
         raw = raw_of(values)
@@ -263,7 +264,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
         return progress_html(snap, "train"), plot_out, gallery_out, texts_out, log_out, device_out, seen
 
     # -- wiring ---------------------------------------------------------------------------
-    widgets["task_type"].change(on_task, [widgets["task_type"], *inputs], inputs)
+    widgets["task_type"].change(on_task, [widgets["task_type"], *inputs], [*inputs, samples])
     widgets["preset"].input(on_preset, inputs, [preset_reason, *inputs])
     for key in MEMORY_KEYS:
         widgets[key].change(on_estimate, inputs, memory_md, show_progress="hidden")

@@ -95,7 +95,7 @@ def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
     page.locator("#test-refresh").click()
     choose(page, "test-base", "tiny-sd1")
     choose(page, "test-lora", "cats_lora/cats_lora.safetensors")
-    assert "<lora:cats_lora:0.8>" in field_value(page, "test-syntax")
+    wait_for(lambda: "<lora:cats_lora:0.8>" in field_value(page, "test-syntax"), 30, "the WebUI prompt syntax")
     fill(page, "test-prompt", "sks photo")
     fill(page, "test-steps", "2")
     fill(page, "test-size", "64")
@@ -104,8 +104,8 @@ def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
     assert page.locator("#test-image img").count() == 1
     page.locator("#test-compare").click()
     wait_for(lambda: "Grid saved" in text_of(page, "test-message"), 400, "the compare grid")
-    grids = list((app.work / ".cache" / "ui" / "compare").glob("*.png"))
-    assert len(grids) == 1
+    grids = list((run / "compare").glob("cats_lora-*.png"))
+    assert len(grids) == 1 and page.locator("#test-grid img").count() == 1
     screenshot(page, "test")
 
 

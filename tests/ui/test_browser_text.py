@@ -1,0 +1,106 @@
+"""A user's text story in a real browser: a CSV of questions and answers -> a text LoRA -> a chat.
+
+A tiny Llama saved under models/llm/ stands in for the base model; the app runs as its own
+process over a temporary work folder and Chromium is driven by Playwright.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from tests.ui.conftest import screenshot, start_app, stop_app
+from tests.ui.gradio_page import choose, fill, open_accordion, tab, text_of, wait_for
+
+QUESTIONS = [("What colour is the Kestrel K7?", "The Kestrel K7 is matte green."),
+             ("How heavy is the Kestrel K7?", "The Kestrel K7 weighs 740 grams."),
+             ("Where is the Kestrel K7 made?", "The Kestrel K7 is made in Porto."),
+             ("How long does the K7 battery last?", "The K7 battery lasts 9 hours.")]
+
+
+def write_csv(path, rows) -> None:
+    lines = ["prompt,response"] + [f'"{q}","{a}"' for q, a in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture
+def text_app(tmp_path, tiny_llm_dir):
+    work = tmp_path / "work"
+    shutil.copytree(tiny_llm_dir, work / "models" / "llm" / "tiny-llm")
+    (work / "data").mkdir(parents=True)
+    write_csv(work / "data" / "faq.csv", QUESTIONS)
+    write_csv(work / "data" / "faq_draft.csv", QUESTIONS[:2] + [("What is the warranty?", "")])
+    app = start_app(work, {"OMP_NUM_THREADS": "2"})
+    yield app
+    stop_app(app)
+
+
+def test_a_file_of_answers_becomes_a_chat_tested_lora(page, text_app):
+    app = text_app
+    page.goto(app.url)
+
+    # Dataset: a draft with an empty answer is refused with its line; the fixed file shows its rows.
+    fill(page, "data-folder", "./data/faq_draft.csv")
+    page.locator("#data-open").click()
+    wait_for(lambda: "cannot be used yet" in text_of(page, "data-summary"), 60, "the draft's problem")
+    assert "faq_draft.csv:4" in text_of(page, "data-health") and "empty" in text_of(page, "data-health")
+    fill(page, "data-folder", "./data/faq.csv")
+    page.locator("#data-open").click()
+    wait_for(lambda: "4 examples" in text_of(page, "data-summary"), 60, "the text data summary")
+    assert "What colour is the Kestrel K7?" in text_of(page, "data-text-rows")
+    screenshot(page, "dataset_text")
+
+    # Train: a text task on the tiny Llama from models/llm/.
+    tab(page, "Train")
+    choose(page, "cfg-task_type", "text-generation")
+    choose(page, "cfg-base_model", "tiny-llm")
+    fill(page, "cfg-train_data_dir", "./data/faq.csv")
+    fill(page, "cfg-output_name", "faq_lora")
+    for key, value in {"batch_size": 2, "lora_rank": 4, "save_steps": 2, "epochs": 100,
+                       "learning_rate": "0.001"}.items():
+        fill(page, f"cfg-{key}", str(value))
+    assert not page.locator("#cfg-resolution").is_visible()  # an image-only key hides for text
+    open_accordion(page, "Advanced")
+    open_accordion(page, "Sample previews")
+    fill(page, "cfg-sample_steps", "2")
+    fill(page, "cfg-sample_prompts", QUESTIONS[0][0])
+    fill(page, "cfg-sample_max_new_tokens", "8")
+    page.locator("#train-start").click()
+    wait_for(lambda: "Started" in text_of(page, "train-message"), 30, "the run to start")
+    first = wait_for(lambda: step_of(page), 300, "the first step")
+    wait_for(lambda: page.locator("#train-loss-plot img, #train-loss-plot svg").count() > 0, 60, "the loss plot")
+    wait_for(lambda: "LoRA" in text_of(page, "train-text-samples"), 300, "a sample answer, base vs LoRA")
+    wait_for(lambda: step_of(page) > first, 300, "the progress bar to move")
+    screenshot(page, "train_text")
+    # Reloading the page (or opening a second window) reattaches to the running job.
+    seen = step_of(page)
+    page.reload()
+    tab(page, "Train")
+    wait_for(lambda: "Running" in text_of(page, "train-progress") and step_of(page) >= seen, 60,
+             "the reloaded page to show the running job")
+    page.locator("#train-stop").click()
+    wait_for(lambda: "Stopped" in text_of(page, "train-progress"), 300, "the run to stop")
+    adapters = list((app.work / "output" / "faq_lora").rglob("adapter_config.json"))
+    assert adapters, "the stopped run left an adapter"
+
+    # Test: chat with the adapter, then the base and the LoRA side by side.
+    tab(page, "Test")
+    page.locator("#test-task").get_by_text("text").click()
+    page.locator("#test-refresh").click()
+    choose(page, "test-text-base", "tiny-llm")
+    choose(page, "test-adapter", "faq_lora")
+    fill(page, "test-max-tokens", "8")
+    fill(page, "test-question", QUESTIONS[1][0])
+    page.locator("#test-send").click()
+    wait_for(lambda: page.locator("#test-chat .message, #test-chat [data-testid=bot]").count() >= 2, 300,
+             "the LoRA's answer in the chat")
+    fill(page, "test-question", QUESTIONS[2][0])
+    page.locator("#test-side").click()
+    wait_for(lambda: "greedy" in text_of(page, "test-text-message"), 300, "the side-by-side answers")
+    screenshot(page, "test_text")
+
+
+def step_of(page) -> int:
+    found = re.search(r"data-step='?\"?(\d+)", page.locator("#train-progress").inner_html())
+    return int(found.group(1)) if found else 0

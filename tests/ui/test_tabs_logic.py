@@ -1,0 +1,105 @@
+"""What the Train and Test tabs compute, without a browser: presets into the form, YAML, LoRA lists."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from core.config import read_yaml
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """The ui modules re-imported over a temporary work folder (data/, models/, output/)."""
+    monkeypatch.setenv("LORA_SCRIPTS_WORKDIR", str(tmp_path))
+    import ui.catalog
+    import ui.state
+    import ui.test_tab
+    import ui.train_tab
+
+    modules = [importlib.reload(m) for m in (ui.state, ui.catalog, ui.train_tab, ui.test_tab)]
+    yield tmp_path, modules
+    monkeypatch.delenv("LORA_SCRIPTS_WORKDIR")
+    for module in (ui.state, ui.catalog, ui.train_tab, ui.test_tab):
+        importlib.reload(module)
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_a_named_preset_fills_the_form_and_says_what_it_is(work):
+    from ui import train_tab
+
+    values, reason = train_tab.apply_preset_values({"preset": "sd15-8gb", "task_type": "image-generation"})
+    assert values["lora_rank"] and "preset" not in values
+    assert "sd15-8gb" in reason
+
+
+def test_an_unknown_preset_is_reported_instead_of_breaking_the_form(work):
+    from ui import train_tab
+
+    values, reason = train_tab.apply_preset_values({"preset": "sd15-3gb"})
+    assert values == {} and "sd15-3gb" in reason
+
+
+def test_the_memory_line_estimates_the_forms_own_values(work):
+    from ui import train_tab
+
+    line = train_tab.memory_line({"task_type": "image-generation", "base_model": "", "resolution": 512})
+    assert line.startswith("**Memory:**") or "unavailable" in line
+
+
+def test_models_loras_and_data_sets_are_found_in_the_webui_layout(work):
+    root, (state, catalog, *_) = work
+    touch(root / "models" / "Stable-diffusion" / "v1-5.safetensors")
+    touch(root / "models" / "Stable-diffusion" / "sd-folder" / "model_index.json")
+    touch(root / "models" / "Lora" / "style.safetensors")
+    touch(root / "models" / "llm" / "smol.gguf")
+    touch(root / "output" / "run" / "run.safetensors")
+    touch(root / "output" / "run" / "checkpoints" / "step-000100" / "pytorch_lora_weights.safetensors")
+    touch(root / "output" / "run" / "checkpoints" / "step-000100" / "unet_peft.safetensors")
+    touch(root / "output" / "chat" / "adapter" / "adapter_config.json")
+    (root / "data" / "cats").mkdir(parents=True)
+    touch(root / "data" / "faq.csv")
+    assert catalog.image_models() == ["./models/Stable-diffusion/sd-folder", "./models/Stable-diffusion/v1-5.safetensors"]
+    assert catalog.text_models() == ["./models/llm/smol.gguf"]
+    assert catalog.lora_files() == ["./output/run/run.safetensors",
+                                    "./output/run/checkpoints/step-000100/pytorch_lora_weights.safetensors",
+                                    "./models/Lora/style.safetensors"]
+    assert catalog.text_adapters() == ["./output/chat/adapter"]
+    assert catalog.datasets() == ["./data/cats", "./data/faq.csv"]
+    assert catalog.checkpoint_loras(root / "output" / "run" / "run.safetensors") == [
+        (100, root / "output" / "run" / "checkpoints" / "step-000100" / "pytorch_lora_weights.safetensors")]
+
+
+def test_compare_over_checkpoints_puts_them_before_the_final_file_and_saves_in_the_run(work):
+    root, (state, catalog, train_tab, test_tab) = work
+    final = touch(root / "output" / "run" / "run.safetensors")
+    step = touch(root / "output" / "run" / "checkpoints" / "step-000100" / "run.safetensors")
+    files = test_tab.compare_files("./output/run/run.safetensors", True)
+    assert [p.resolve() for p in files] == [step.resolve(), final.resolve()]
+    assert test_tab.compare_files("./output/run/run.safetensors", False)[0].resolve() == final.resolve()
+    grid = test_tab.grid_path("./output/run/run.safetensors")
+    assert grid.parent == (root / "output" / "run" / "compare").resolve() and grid.name.startswith("run-")
+
+
+def test_the_webui_prompt_syntax_names_the_lora_and_its_weight(work):
+    from ui import test_tab
+
+    assert test_tab.webui_syntax("./output/cats/cats.safetensors", 0.8) == "<lora:cats:0.8>"
+    assert test_tab.webui_syntax("./output/cats/pytorch_lora_weights.safetensors", 1.0) == "<lora:cats:1>"
+
+
+def test_a_saved_config_runs_unchanged_with_train_py(work, tmp_path):
+    from core.config import TrainConfig, config_from_dict, save_config
+    from ui import form
+
+    specs = form.field_specs()
+    cfg = TrainConfig(train_data_dir="./data/cats", base_model="./models/x.safetensors", lora_rank=4)
+    raw = form.form_to_raw(specs, form.config_values(specs, cfg))
+    path = save_config(config_from_dict(raw, check_paths=False), tmp_path / "c.yaml", only_changed=True)
+    assert config_from_dict(read_yaml(path), check_paths=False) == cfg
