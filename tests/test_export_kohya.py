@@ -34,6 +34,8 @@ ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ATOL = 1e-4
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 def _lora(rank=4, alpha=8.0, targets=ATTENTION, **kw) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian", **kw)
@@ -46,7 +48,8 @@ def _conv_names(unet) -> list[str]:
 
 
 def _peft_states(pipe):
-    return get_peft_model_state_dict(pipe.unet), [get_peft_model_state_dict(e) for e in text_encoders(pipe)]
+    return get_peft_model_state_dict(pipe.unet), [get_peft_model_state_dict(e) if hasattr(e, "peft_config") else {}
+                                                  for e in text_encoders(pipe)]
 
 
 def _all_alphas(pipe) -> dict[str, float]:
@@ -313,7 +316,7 @@ def test_diffusers_file_keeps_alpha_so_it_loads_at_the_trained_strength(family, 
                                                                        tiny_sdxl_factory, tmp_path):
     factory = tiny_sdxl_factory if family == "sdxl" else tiny_sd1_factory
     pipe = factory()
-    conv = _conv_names(pipe.unet)
+    conv = _conv_names(pipe.unet)[:4]  # a few LoCon layers: DoRA on many convs is slow on CPU
     add_random_lora(pipe, _lora(4, 16.0, ATTENTION + conv, rank_pattern={f"^{conv[0]}$": 2},
                                 alpha_pattern={f"^{conv[0]}$": 7.0}, use_dora=family == "sdxl"),
                     _lora(4, 1.0, CLIP_ATTENTION + ["fc1", "fc2"]))
