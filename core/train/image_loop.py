@@ -109,7 +109,8 @@ def run_loop(run: Any) -> dict[str, str]:
     if run.main:
         runtime.prepare_output_dir(cfg)
     acc.wait_for_everyone()
-    runtime.seed_everything(cfg.seed)
+    # Each process draws its own noise (seed + rank); one process: exactly `seed`.
+    runtime.seed_everything(cfg.seed + acc.process_index)
     checkpoint, init_file = runtime.resolve_resume(cfg)
     if cfg.resume_from == "latest" and checkpoint is None:
         run.log("No checkpoint in the output folder yet: starting from the beginning.")
@@ -170,7 +171,7 @@ def run_loop(run: Any) -> dict[str, str]:
                     if state.global_step % cfg.logging_steps == 0:
                         log.log(state.global_step, loss_value, lr)
                     ctx.emit(meter.update(state.global_step, state.epoch + 1, loss_value, lr))
-                stopped = ctx.should_stop()
+                stopped = _any_process(acc, ctx.should_stop())
                 done = state.global_step >= total
                 if cfg.save_steps and state.global_step % cfg.save_steps == 0 and not done and not stopped:
                     last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
@@ -188,6 +189,14 @@ def run_loop(run: Any) -> dict[str, str]:
     if stopped or (cfg.save_steps and state.global_step % cfg.save_steps == 0):
         last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
     return _finish(run, state, stopped, last_checkpoint)
+
+
+def _any_process(acc: Any, flag: bool) -> bool:
+    """A stop pressed on the main process (the one with the console / GUI) reaches every process."""
+    if acc.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(value, reduction="sum").item() > 0)
 
 
 @contextlib.contextmanager
