@@ -80,6 +80,8 @@ def test_metadata_of_dora_and_rslora_runs_describes_what_the_file_holds():
     assert dora["modelspec.implementation"].startswith("https://github.com/Stability-AI")
     rs = _metadata("sd1", lora_variant="rslora")
     assert float(rs["ss_network_alpha"]) == pytest.approx(8 * math.sqrt(4))
+    pissa = _metadata("sd1", lora_variant="pissa")  # written as the rank-2r LoRA for the original base
+    assert (pissa["ss_network_dim"], pissa["ss_network_alpha"]) == ("8", "16")
 
 
 def test_v_prediction_sd2_is_named_like_sd_scripts_names_it():

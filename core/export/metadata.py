@@ -99,6 +99,9 @@ def kohya_metadata(cfg: TrainConfig, *, family: str, base_model_name: str, num_i
     rank, alpha = cfg.lora_rank, float(cfg.lora_alpha)
     if cfg.lora_variant == "rslora":
         alpha *= math.sqrt(rank)  # the file stores the alpha that gives PEFT's alpha/sqrt(rank) under alpha/rank
+    elif cfg.lora_variant == "pissa":
+        # A PiSSA run is written as the rank-2r LoRA s(BA - B0A0) for the unmodified base model.
+        rank, alpha = 2 * rank, 2 * alpha
     batch = cfg.batch_size * cfg.gradient_accumulation_steps
     ss: dict[str, Any] = {
         "ss_session_id": session_id if session_id is not None else random.randint(0, 2**32 - 1),
