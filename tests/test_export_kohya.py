@@ -268,6 +268,20 @@ def test_sd1_and_clip_module_names_survive_the_underscore_encoding(tiny_sd1_fact
                 assert underscored_to_path(path_to_underscored(name)) == name
 
 
+def test_a_peft_model_wrapped_text_encoder_converts_like_an_adapted_one():
+    from peft import get_peft_model
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2))
+    wrapped = get_peft_model(encoder, _lora(2, 4.0, ["q_proj"]))
+    state = get_peft_model_state_dict(wrapped)
+    assert next(iter(state)).startswith("base_model.model.")
+    alphas = {f"text_encoder.{k}": v for k, v in kohya_alphas_from_model(wrapped).items()}
+    tensors = peft_to_kohya({}, [state], "sd1", alphas=alphas)
+    assert tensors["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"].item() == 4.0
+
+
 def test_files_from_other_tools_that_peft_cannot_hold_are_refused_with_the_reason():
     loha = {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}
     with pytest.raises(LoraFormatError, match="LoHa"):

@@ -53,6 +53,7 @@ def _prepare(state: dict[str, Tensor], dtype: torch.dtype | None, *, text_encode
     group_peft_state_dict(state)  # validates the keys with a clear message
     out: dict[str, Tensor] = {}
     for key, value in state.items():
+        key = key.removeprefix("base_model.model.")  # a PeftModel's prefix
         if text_encoder:
             # transformers 5 drops CLIPTextModel's `text_model` wrapper; files keep the usual names.
             key = canonical_text_encoder_path(key)

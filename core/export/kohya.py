@@ -72,6 +72,8 @@ def group_peft_state_dict(state: dict[str, Tensor]) -> dict[str, dict[str, Tenso
     """{module path: {"A": lora_A, "B": lora_B, "magnitude": ...}} from a PEFT LoRA state dict."""
     modules: dict[str, dict[str, Tensor]] = {}
     for key, value in state.items():
+        # A PeftModel's own state dict is prefixed; diffusers' add_adapter models are not.
+        key = key.removeprefix("base_model.model.")
         m = _PEFT_KEY.match(key)
         if not m:
             raise LoraFormatError(
