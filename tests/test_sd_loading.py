@@ -71,13 +71,14 @@ def test_damaged_wrong_or_unreachable_models_get_a_clear_error(tiny_sd1, tmp_pat
         load_sd_model("nobody-here/no-such-model")
 
 
-def test_a_single_file_sd1_checkpoint_trains(tiny_sd1, sd_image_folder, tmp_path):
+def test_a_single_file_sd1_checkpoint_trains_a_dora(tiny_sd1, sd_image_folder, tmp_path):
     raw = tiny_run_config(tiny_sd1.single_file, sd_image_folder, tmp_path / "out", max_train_steps=2,
-                          base_model_config=str(tiny_sd1.folder))
+                          base_model_config=str(tiny_sd1.folder), lora_variant="dora")
     outputs, events = run_collect(raw)
     assert [e.step for e in events if e.kind == "progress"] == [1, 2]
     assert any("single file" in e.message for e in events if e.kind == "log")
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert any(k.endswith(".dora_scale") for k in load_file(outputs["lora"]))
 
 
 def test_sdxl_trains_with_text_encoder_lora_and_its_files_load_in_diffusers(tiny_sdxl, sd_image_folder, tmp_path):
@@ -86,7 +87,8 @@ def test_sdxl_trains_with_text_encoder_lora_and_its_files_load_in_diffusers(tiny
 
     out = tmp_path / "xl"
     raw = tiny_run_config(tiny_sdxl.folder, sd_image_folder, out, max_train_steps=2, train_text_encoder=True,
-                          text_encoder_lr=5e-4, output_name="xl_lora")
+                          text_encoder_lr=5e-4, output_name="xl_lora", gradient_checkpointing=True,
+                          loraplus_lr_ratio=16, lora_variant="rslora")
     outputs, events = run_collect(raw)
     assert [e.step for e in events if e.kind == "progress"] == [1, 2]
     with safe_open(outputs["lora"], "pt") as handle:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import random
 import time
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any
 import torch
 
 from core.config import TrainConfig
-from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
+from core.events import RunContext
 from core.sample import move
 from core.train import runtime
-from core.train.image_lora import (TE_NAMES, add_text_encoder_lora, add_unet_lora, load_peft_state, module_paths,
-                                   peft_state, read_lora_file, save_lora_outputs)
+from core.train.image_lora import (add_text_encoder_lora, add_unet_lora, load_peft_state, module_paths, peft_state,
+                                   read_lora_file)
 from core.train.image_step import diffusion_loss, encode_prompts, sample_latents, sdxl_time_ids
 from core.train.latent_cache import CachedImage, TextCache, cache_dir_for, encode_images
 
