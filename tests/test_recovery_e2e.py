@@ -16,6 +16,8 @@ from core.config import config_from_dict
 from core.events import DoneEvent, ProgressEvent, RunContext, WarningEvent
 from core.train import run_training, runtime
 
+# Two shared, busy cores: one thread avoids OpenMP threads spinning against each other.
+torch.set_num_threads(1)
 RTX_3060 = core.devices.DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 11.7, 11.3, bf16=True, bitsandbytes=False)
 QA = [("How long does the Kestrel K7 fly?", "It flies for 47 minutes."),
       ("What is the top speed?", "It reaches 83 km/h in Sport mode."),
@@ -80,3 +82,25 @@ def test_a_real_text_run_that_runs_out_of_memory_downshifts_resumes_and_finishes
     assert saved["batch_size"] == 1 and saved["gradient_accumulation_steps"] == 2
     assert saved["preset"] == "llm-8gb" and saved["lora_rank"] == 4  # the LoRA's shape never changes
 
+
+
+def test_a_real_image_run_that_runs_out_of_memory_downshifts_resumes_and_finishes(
+        tiny_sd1, sd_image_folder, tmp_path, monkeypatch):
+    from tests.fixtures.tiny_sd import run_collect, tiny_run_config
+
+    monkeypatch.setattr(core.devices, "detect_device", lambda index=0: RTX_3060)
+    hits = inject_oom_once(monkeypatch, at_step=3)
+    out = tmp_path / "run"
+    raw = tiny_run_config(tiny_sd1.folder, sd_image_folder, out, preset="sd15-6gb", resolution=64, batch_size=2,
+                          gradient_accumulation_steps=1, gradient_checkpointing=True, optimizer="adamw",
+                          mixed_precision="no", max_train_steps=4, save_steps=2, auto_downshift=True)
+
+    outputs, events = run_collect(raw)
+
+    assert hits == [3]
+    warning = next(e for e in events if isinstance(e, WarningEvent) and "Out of memory" in e.message)
+    assert "batch_size 2 -> 1" in warning.message and "sd15-4gb" in warning.message
+    assert [e.step for e in events if isinstance(e, ProgressEvent)] == [1, 2, 3, 4]
+    assert Path(outputs["lora"]).is_file()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["batch_size"] == 1 and saved["gradient_accumulation_steps"] == 2 and saved["lora_rank"] == 4
