@@ -27,7 +27,7 @@ import yaml
 from core import devices
 from core.config import FIELDS, TrainConfig, _coerce
 from core.devices import DeviceInfo
-from core.memory import MemoryEstimate, estimate_memory, format_changes
+from core.memory import MemoryEstimate, estimate_memory, fitting_changes, format_changes
 from core.model_info import ModelInfo, detect_model
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -177,14 +177,24 @@ def choose_preset(raw: dict[str, Any], device: DeviceInfo | None = None,
     if device.kind in ("cpu", "mps"):
         values, notes = _generic_values(device.kind, model, device)
         estimate = estimate_memory(loose_config({**values, **user}), model, device)
+        if not estimate.fits:  # e.g. SDXL in RAM: add the gentle savings the user has not overridden
+            changes, _ = fitting_changes(loose_config({**values, **user}), model, device)
+            extra = {key: new for key, _old, new in changes if key not in user}
+            if extra:
+                values.update(extra)
+                notes.append(f"{format_changes([(k, o, n) for k, o, n in changes if k in extra])} to fit "
+                             "in memory")
+                estimate = estimate_memory(loose_config({**values, **user}), model, device)
         if device.kind == "cpu":
             detail = f" ({device.name})" if device.name != "CPU" else ""
-            reason = (f"Preset cpu: no CUDA or Apple GPU was found{detail}, so {about} trains on the CPU. That works "
+            reason = (f"Preset cpu: no CUDA or Apple GPU was found{detail}; {about} trains on the CPU. That works "
                       "but slowly (minutes per step for Stable Diffusion, seconds for a small LLM); predicted "
                       f"peak RAM {estimate.summary()}, {device.free_gb:.0f} GB free.")
         else:
             reason = (f"Preset mps: {about} on {device.label}, in full precision; predicted peak "
                       f"{estimate.summary()}.")
+        if not estimate.fits:
+            reason += f" That is likely NOT to fit. {estimate.advice}"
         return PresetChoice(device.kind, values, _with_notes(reason, notes, estimate), device, model, estimate)
 
     tiers = family_presets(preset_family(model))

@@ -259,3 +259,12 @@ def test_a_broken_gpu_driver_reads_as_the_cpu_instead_of_breaking_every_config(m
     merged = presets.apply_preset({**SD15, "preset": "auto"})
     assert merged["preset"] == "cpu"
     assert "GPU detection failed" in presets.describe_choice({**SD15, "preset": "auto"})
+
+
+def test_on_the_cpu_a_model_too_big_for_the_ram_gets_gradient_checkpointing_unless_the_user_said_no(device):
+    device(DeviceInfo("cpu", "CPU", 24.0, 19.0))
+    choice = presets.choose_preset({**SDXL, "preset": "auto"})
+    assert choice.values["gradient_checkpointing"] is True and choice.fits
+    assert "gradient_checkpointing off -> on to fit in memory" in choice.reason
+    mine = presets.choose_preset({**SDXL, "preset": "auto", "gradient_checkpointing": False})
+    assert not mine.fits and "NOT to fit" in mine.reason
