@@ -167,6 +167,31 @@ def _generic_values(name: str, model: ModelInfo, device: DeviceInfo) -> tuple[di
     return values, notes
 
 
+def _choose_generic(raw: dict[str, Any], device: DeviceInfo, model: ModelInfo, about: str) -> PresetChoice:
+    """The cpu / mps preset, with the gentle savings the user has not overridden if RAM is short."""
+    user = _user_values(raw)
+    values, notes = _generic_values(device.kind, model, device)
+    estimate = estimate_memory(loose_config({**values, **user}), model, device)
+    if not estimate.fits:  # e.g. SDXL in RAM
+        changes, _ = fitting_changes(loose_config({**values, **user}), model, device)
+        extra = [(key, old, new) for key, old, new in changes if key not in user]
+        if extra:
+            values.update({key: new for key, _old, new in extra})
+            notes.append(f"{format_changes(extra)} to fit in memory")
+            estimate = estimate_memory(loose_config({**values, **user}), model, device)
+    if device.kind == "cpu":
+        detail = f" ({device.name})" if device.name != "CPU" else ""
+        reason = (f"Preset cpu: no CUDA or Apple GPU was found{detail}; {about} trains on the CPU. That works "
+                  "but slowly (minutes per step for Stable Diffusion, seconds for a small LLM); predicted "
+                  f"peak RAM {estimate.summary()}, {device.free_gb:.0f} GB free.")
+    else:
+        reason = f"Preset mps: {about} on {device.label}, in full precision; predicted peak {estimate.summary()}."
+    reason = _with_notes(reason, notes)
+    if not estimate.fits:
+        reason += f" That is likely NOT to fit. {estimate.advice}"
+    return PresetChoice(device.kind, values, reason, device, model, estimate)
+
+
 def choose_preset(raw: dict[str, Any], device: DeviceInfo | None = None,
                   model: ModelInfo | None = None) -> PresetChoice:
     """The richest preset for this device and base model; user values in `raw` stay on top."""
@@ -175,28 +200,7 @@ def choose_preset(raw: dict[str, Any], device: DeviceInfo | None = None,
     user = _user_values(raw)
     about = f"{model.label}, read from {model.source}" if model.source else model.label
     if device.kind in ("cpu", "mps"):
-        values, notes = _generic_values(device.kind, model, device)
-        estimate = estimate_memory(loose_config({**values, **user}), model, device)
-        if not estimate.fits:  # e.g. SDXL in RAM: add the gentle savings the user has not overridden
-            changes, _ = fitting_changes(loose_config({**values, **user}), model, device)
-            extra = {key: new for key, _old, new in changes if key not in user}
-            if extra:
-                values.update(extra)
-                notes.append(f"{format_changes([(k, o, n) for k, o, n in changes if k in extra])} to fit "
-                             "in memory")
-                estimate = estimate_memory(loose_config({**values, **user}), model, device)
-        if device.kind == "cpu":
-            detail = f" ({device.name})" if device.name != "CPU" else ""
-            reason = (f"Preset cpu: no CUDA or Apple GPU was found{detail}; {about} trains on the CPU. That works "
-                      "but slowly (minutes per step for Stable Diffusion, seconds for a small LLM); predicted "
-                      f"peak RAM {estimate.summary()}, {device.free_gb:.0f} GB free.")
-        else:
-            reason = (f"Preset mps: {about} on {device.label}, in full precision; predicted peak "
-                      f"{estimate.summary()}.")
-        if not estimate.fits:
-            reason += f" That is likely NOT to fit. {estimate.advice}"
-        return PresetChoice(device.kind, values, _with_notes(reason, notes, estimate), device, model, estimate)
-
+        return _choose_generic(raw, device, model, about)
     tiers = family_presets(preset_family(model))
     if not tiers:
         raise ValueError(f"no presets for {model.label} in {PRESET_DIR}.")
@@ -207,22 +211,22 @@ def choose_preset(raw: dict[str, Any], device: DeviceInfo | None = None,
         values, notes = adapt_to_device(load_preset(tier.name), device)
         estimate = estimate_memory(loose_config({**values, **user}), model, device)
         if estimate.fits:
-            reason = (f"Preset {tier.name}: {about} on {device.label}; predicted peak {estimate.summary()}.")
+            reason = f"Preset {tier.name}: {about} on {device.label}; predicted peak {estimate.summary()}."
             if skipped:
                 reason += " " + " ".join(skipped)
-            return PresetChoice(tier.name, values, _with_notes(reason, notes, estimate), device, model, estimate)
+            return PresetChoice(tier.name, values, _with_notes(reason, notes), device, model, estimate)
         skipped.append(f"{tier.name} was predicted to need {estimate.total_gb:.1f} GB, more than the "
                        f"{estimate.budget_gb:.1f} GB usable.")
     smallest = tiers[0]
     values, notes = adapt_to_device(load_preset(smallest.name), device)
     estimate = estimate_memory(loose_config({**values, **user}), model, device)
-    reason = (f"Preset {smallest.name}, the smallest for {about}, on {device.label}: predicted peak "
-              f"{estimate.summary()}, which is likely NOT to fit in {estimate.budget_gb:.1f} GB. "
-              f"{estimate.advice}")
-    return PresetChoice(smallest.name, values, _with_notes(reason, notes, estimate), device, model, estimate)
+    reason = _with_notes(f"Preset {smallest.name}, the smallest for {about}, on {device.label}: predicted peak "
+                         f"{estimate.summary()}.", notes)
+    reason += f" That is likely NOT to fit in {estimate.budget_gb:.1f} GB. {estimate.advice}"
+    return PresetChoice(smallest.name, values, reason, device, model, estimate)
 
 
-def _with_notes(reason: str, notes: list[str], estimate: MemoryEstimate | None) -> str:
+def _with_notes(reason: str, notes: list[str]) -> str:
     if notes:
         reason = reason.rstrip(".") + f" ({'; '.join(notes)})."
     return reason
@@ -270,14 +274,15 @@ def describe_choice(cfg_raw: dict[str, Any] | TrainConfig, device: DeviceInfo | 
     info = preset_info(name)
     values, notes = adapt_to_device(load_preset(name), device)
     estimate = estimate_memory(loose_config({**values, **_user_values(raw)}), model, device)
-    text = f"Preset {name}: {info.description} Predicted peak on {device.label}: {estimate.summary()}."
+    text = _with_notes(f"Preset {name}: {info.description} Predicted peak on {device.label}: "
+                       f"{estimate.summary()}.", notes)
     if info.family not in ("any", preset_family(model)):
         text += f" Note: this preset is meant for {info.family.upper()} models, but the base model is {model.label}."
     if device.kind == "cuda" and info.memory_gb and device.total_gb < info.memory_gb * TIER_SHARE:
         text += f" It is meant for a {info.memory_gb:g} GB GPU."
     if not estimate.fits:
         text += f" That is likely NOT to fit. {estimate.advice}"
-    return _with_notes(text, notes, None)
+    return text
 
 
 # --- smaller presets (out-of-memory recovery) ----------------------------------------------------
