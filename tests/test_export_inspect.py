@@ -106,6 +106,7 @@ def test_inspect_reports_format_family_ranks_alphas_and_metadata_of_a_kohya_file
     assert info.modules["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"] == (4, 8.0)
     assert info.modules["lora_unet_input_blocks_1_0_in_layers_2"] == (2, 1.0)
     assert info.has_text_encoder and info.has_conv and info.has_dora
+    assert any("per output channel" in note and "AUTOMATIC1111" in note for note in info.notes)
     assert info.metadata["ss_output_name"] == "cat_style" and "sshs_model_hash" in info.metadata
     assert info.num_tensors == len(tensors) and info.nonfinite == []
     assert lora_family_mismatch(info, "sdxl") is None

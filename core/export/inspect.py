@@ -242,10 +242,16 @@ def _kohya_modules(info: LoraFileInfo, tensors: dict[str, torch.Tensor]) -> None
     for module in info.modules:
         scale = tensors.get(f"{module}.dora_scale")
         up = tensors.get(f"{module}.lora_up.weight")
-        if scale is not None and up is not None and scale.shape[0] != up.shape[0]:
+        if scale is None or up is None:
+            continue
+        if scale.shape[0] != up.shape[0]:
             info.notes.append("DoRA scales are per input channel (LyCORIS wd_on_output=False): WebUI/ComfyUI "
                               "apply them, diffusers and PEFT cannot.")
-            break
+        else:
+            info.notes.append("DoRA scales are per output channel (PEFT / LyCORIS wd_on_output=True): LyCORIS and "
+                              "ComfyUI apply them; AUTOMATIC1111 WebUI only knows the per-input layout and "
+                              "distorts this LoRA; diffusers drops them and applies the plain LoRA part.")
+        break
 
 
 def _adapter_modules(info: LoraFileInfo, tensors: dict[str, torch.Tensor], fmt: str,
