@@ -91,6 +91,9 @@ def test_a_peft_adapter_becomes_one_safetensors_that_loads_with_the_same_output(
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir)), LoraConfig(**fields))
     set_peft_model_state_dict(model, tensors)
     torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    code, out, _ = run(capsys, "inspect", single)  # the header's config gives inspect the alpha
+    assert code == 0 and "PEFT adapter" in out and "a language model" in out
+    assert "rank    4  alpha 16  scale 4" in out  # rsLoRA: 8 / sqrt(4)
     # ...and back to a folder PeftModel reads, here in fp16.
     assert run(capsys, "convert", single, tmp_path / "again", "--to", "peft", "--precision", "fp16")[0] == 0
     again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir)), str(tmp_path / "again"))

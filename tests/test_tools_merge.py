@@ -198,6 +198,12 @@ def test_an_adapter_baked_into_an_llm_folder_loads_and_equals_peft_merge_and_unl
     torch.testing.assert_close(_logits(merged), _logits(expected), rtol=1e-5, atol=1e-5)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir))
     assert (_logits(base) - _logits(merged)).abs().max() > 1e-4
+    # A folder of other files is never replaced by a merge output.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(LoraToolError, match="already holds other files"):
+        bake_into_llm(str(tiny_llm_dir), adapter, tmp_path / "notes", weight=weight)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
 def test_two_text_adapters_combine_into_one_peft_folder_that_peft_loads(tiny_llm_dir, tmp_path):

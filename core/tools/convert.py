@@ -242,6 +242,20 @@ def write_diffusers(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | 
                                text_encoder_lora_configs=te_configs, dtype=dtype)
 
 
+def check_replaceable_folder(folder: str | Path, markers: tuple[str, ...]) -> None:
+    """Refuse to replace a non-empty folder that is not an earlier result of the same kind.
+
+    Folder outputs are written whole and renamed over the target, so a typo such as `--output output/`
+    must not wipe a folder of other files.
+    """
+    target = Path(folder)
+    if target.is_file():
+        raise LoraToolError(f"'{target}' is a file; give a folder name for this output.")
+    if target.is_dir() and any(target.iterdir()) and not any((target / m).exists() for m in markers):
+        raise LoraToolError(f"'{target}' already holds other files; choose a new or empty folder for the output "
+                            "(it would be replaced as a whole).")
+
+
 def write_peft(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), written atomically."""
     from safetensors.torch import save_file  # noqa: PLC0415
@@ -250,6 +264,7 @@ def write_peft(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | None 
 
     if lora.format != "peft":
         raise LoraToolError("Only text adapters are written as PEFT folders; image LoRAs go to kohya or diffusers.")
+    check_replaceable_folder(folder, (PEFT_CONFIG_NAME,))
     state, config = modules_to_peft(cast_modules(lora.modules, dtype), lora.peft_config)
     with atomic_dir(folder) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from core.tools.convert import LoraFile, read_lora
+from core.tools.convert import LoraFile, check_replaceable_folder, read_lora
 from core.tools.modules import LoraModule, LoraToolError, modules_to_kohya
 from core.tools.resize import ResizeReport, resize_modules
 
@@ -225,6 +225,7 @@ def bake_into_llm(base_model: str, adapter: str | Path, output: str | Path, *, w
     from core.atomic import atomic_dir  # noqa: PLC0415
     from core.models.llm import load_llm  # noqa: PLC0415
 
+    check_replaceable_folder(output, ("config.json",))
     model, tokenizer, _ = load_llm(base_model, gguf_file=gguf_file, allow_pickle=allow_pickle)
     adapter_path = Path(adapter)
     if not (adapter_path / "adapter_config.json").is_file():
