@@ -40,11 +40,24 @@ main(["--no-browser", "--port", sys.argv[1]])
 """
 
 IMPORT_CHECK = """
-import sys
+import sys, time
 sys.path.insert(0, {root!r})
+t0 = time.perf_counter()
+import gradio as gr
+t1 = time.perf_counter()
+with gr.Blocks() as bare:
+    with gr.Tabs():
+        for name in ("Dataset", "Caption", "Train", "Test"):
+            with gr.Tab(name):
+                pass
+t2 = time.perf_counter()
 from ui.app import build_app
+t3 = time.perf_counter()
 build_app()
+t4 = time.perf_counter()
 heavy = [m for m in ("torch", "diffusers", "transformers", "peft", "accelerate") if m in sys.modules]
+print(f"in one process: import gradio {{t1 - t0:.2f}} s; bare 4-tab Blocks {{t2 - t1:.2f}} s; "
+      f"import ui {{t3 - t2:.2f}} s; build our 4 tabs {{t4 - t3:.2f}} s")
 print(",".join(heavy) or "none")
 """
 
@@ -95,7 +108,12 @@ def main() -> None:
     print(f"difference {o - b:+.2f} s (target: within +2.00 s), ratio ours/bare {o / b:.2f}x")
     heavy = subprocess.run([sys.executable, "-c", IMPORT_CHECK.format(root=str(ROOT))], cwd=ROOT,
                            capture_output=True, text=True, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
-    print(f"heavy libraries imported while building the UI: {heavy.stdout.strip().splitlines()[-1] if heavy.stdout.strip() else heavy.stderr[-300:]}")
+    lines = heavy.stdout.strip().splitlines()
+    if len(lines) >= 2:
+        print(lines[-2])
+        print(f"heavy libraries imported while building the UI: {lines[-1]}")
+    else:
+        print(f"the import check failed: {heavy.stderr[-300:]}")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
                prevent_thread_lock=True, allowed_paths=state.allowed_folders(), quiet=True,
                show_error=True, css=CSS)
     print(f"[lora-scripts] The app is open at {url}  (Ctrl+C to quit)", flush=True)
-    state.start_warmup()
     if not args.no_browser:
         threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
     try:

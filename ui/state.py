@@ -113,7 +113,15 @@ def detect_device_now() -> str:
         return line
 
 
-def start_warmup() -> threading.Thread:
-    thread = threading.Thread(target=detect_device_now, name="lora-warmup", daemon=True)
+_WARMUP: list[threading.Thread] = []
+
+
+def start_warmup() -> None:
+    """Detect the device in the background, once; called by the first poll of an open page, so the
+    torch import never competes with serving the first page."""
+    with _allowed_lock:
+        if _WARMUP:
+            return
+        thread = threading.Thread(target=detect_device_now, name="lora-warmup", daemon=True)
+        _WARMUP.append(thread)
     thread.start()
-    return thread

@@ -57,6 +57,13 @@ def family_note(lora_path: str, base_model: str) -> str:
     return f"⚠ {message}" if message else ""
 
 
+def check_family(lora_path: str, base_model: str) -> None:
+    """Refuse to load a LoRA made for another model family (it would fail, or do nothing)."""
+    note = family_note(lora_path, base_model)
+    if note:
+        raise ValueError(note)
+
+
 def compare_files(lora_path: str, with_checkpoints: bool) -> list[Path]:
     """The chosen LoRA file, and before it the run's checkpoints (step 100, 200, ...) when asked."""
     main = state.resolve_user_path(lora_path)
@@ -147,6 +154,7 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
             ensure_device_free()
             base_arg, lora_arg = paths(base_text, lora_text)
+            check_family(lora_text, base_text)
         except (DeviceBusy, ValueError) as exc:
             return None, str(exc)
         from core.sample import generate_images  # noqa: PLC0415
@@ -171,6 +179,7 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
             base_arg, lora_arg = paths(base_text, lora_text)
             if lora_arg is None:
                 raise ValueError("Choose a LoRA to compare.")
+            check_family(lora_text, base_text)
         except (DeviceBusy, ValueError) as exc:
             return None, str(exc)
         from core.sample import compare_grid  # noqa: PLC0415
@@ -260,6 +269,7 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     compare_btn.click(compare, [base, lora, prompt, negative, seed, steps, guidance, size, with_ckpts],
                       [grid_out, image_message], concurrency_limit=1, concurrency_id="device")
     lora.change(on_lora, [lora, base, weight], [syntax, family])
+    base.change(lambda b, lo: family_note(lo, b), [base, lora], family)
     weight.change(lambda lo, w: webui_syntax(lo, float(w)), [lora, weight], syntax, show_progress="hidden")
     refresh.click(on_refresh, None, [base, lora, text_base, adapter])
     send_btn.click(send, [text_base, adapter, text_weight, max_tokens, chat, question], [chat, question, text_message],

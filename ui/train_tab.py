@@ -242,6 +242,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
         snap = state.JOB.snapshot()
         seen = dict(seen or {})
         device_out: Any = gr.skip()
+        state.start_warmup()
         if not seen.get("device") and state.device_line():
             device_out = state.device_line()
             seen["device"] = True

@@ -1,7 +1,6 @@
 """Small helpers to drive Gradio widgets with Playwright by their elem_id."""
 from __future__ import annotations
 
-import re
 import time
 
 
@@ -28,7 +27,7 @@ def choose(page, elem_id: str, option: str) -> None:
 
 
 def open_accordion(page, title: str) -> None:
-    button = page.get_by_role("button", name=re.compile(re.escape(title))).first
+    button = page.get_by_role("button", name=title).first
     button.scroll_into_view_if_needed()
     if button.get_attribute("aria-expanded") != "true":
         button.click()

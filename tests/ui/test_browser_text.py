@@ -66,6 +66,15 @@ def test_a_file_of_answers_becomes_a_chat_tested_lora(page, text_app):
     fill(page, "cfg-sample_steps", "2")
     fill(page, "cfg-sample_prompts", QUESTIONS[0][0])
     fill(page, "cfg-sample_max_new_tokens", "8")
+    # Save the form as YAML: the file runs unchanged with train.py, and the command is shown.
+    open_accordion(page, "Save / load the config")
+    page.locator("#train-save").click()
+    wait_for(lambda: "Saved" in text_of(page, "train-message"), 30, "the YAML to be saved")
+    assert "python train.py --config ./configs/faq_lora.yaml" in text_of(page, "train-command")
+    from core.config import config_from_dict, read_yaml
+
+    saved = config_from_dict(read_yaml(app.work / "configs" / "faq_lora.yaml"), check_paths=False)
+    assert (saved.task_type, saved.output_dir, saved.sample_max_new_tokens) == ("text-generation", "./output/faq_lora", 8)
     page.locator("#train-start").click()
     wait_for(lambda: "Started" in text_of(page, "train-message"), 30, "the run to start")
     first = wait_for(lambda: step_of(page), 300, "the first step")

@@ -103,3 +103,20 @@ def test_a_saved_config_runs_unchanged_with_train_py(work, tmp_path):
     raw = form.form_to_raw(specs, form.config_values(specs, cfg))
     path = save_config(config_from_dict(raw, check_paths=False), tmp_path / "c.yaml", only_changed=True)
     assert config_from_dict(read_yaml(path), check_paths=False) == cfg
+
+
+def test_an_sdxl_lora_on_an_sd1_model_is_refused_with_the_reason(work, tiny_sd1):
+    from safetensors.torch import save_file
+    import torch
+
+    root, (state, catalog, train_tab, test_tab) = work
+    lora = root / "models" / "Lora" / "xl_style.safetensors"
+    lora.parent.mkdir(parents=True)
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 64), f"{key}.lora_up.weight": torch.zeros(64, 4),
+               f"{key}.alpha": torch.tensor(4.0)}, str(lora),
+              metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"})
+    note = test_tab.family_note(str(lora), str(tiny_sd1.folder))
+    assert "trained for SDXL" in note and "SD 1.x" in note
+    with pytest.raises(ValueError, match="SDXL"):
+        test_tab.check_family(str(lora), str(tiny_sd1.folder))
