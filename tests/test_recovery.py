@@ -161,7 +161,7 @@ def test_out_of_memory_before_the_first_checkpoint_restarts_from_the_start_with_
 
     assert [r[0] for r in record] == list(range(1, 9)) and {r[1] for r in record} == {1}
     warning = next(e for e in events_of(events, WarningEvent) if "Out of memory" in e.message)
-    assert "before the first step finished" in warning.message and "from the start" in warning.message
+    assert "before the first step finished" in warning.message and "from where it started" in warning.message
 
 
 def test_repeated_out_of_memory_walks_down_every_smaller_preset_then_stops_with_advice(

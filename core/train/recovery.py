@@ -184,11 +184,12 @@ def train_with_recovery(train_fn: TrainFn, cfg: TrainConfig, ctx: RunContext, *,
         if not cfg.auto_downshift or attempt == MAX_DOWNSHIFTS:
             raise OutOfMemoryAdvice(
                 f"Out of memory {where} on {device.label} ({failure}). {saved}",
-                f"Change {settings}, then resume with resume_from: latest. Or set auto_downshift: true to "
-                "do this automatically.", changes, step)
+                f"Change {settings}, then resume with resume_from: latest."
+                + ("" if cfg.auto_downshift else " Or set auto_downshift: true to do this automatically."),
+                changes, step)
         resume = _resume_value(cfg)
         ctx.warn(f"Out of memory {where} on {device.label}. Continuing "
-                 f"{'from the last checkpoint' if resume == 'latest' else 'from the start'} with smaller "
+                 f"{'from the last checkpoint' if resume == 'latest' else 'from where it started'} with smaller "
                  f"settings: {settings}.",
                  "These values are saved in config.yaml in the output folder; use them for the next run.")
         cfg = dataclasses.replace(cfg, **changes, resume_from=resume)
