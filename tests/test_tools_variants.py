@@ -72,3 +72,11 @@ def test_a_pissa_lora_converted_to_plain_lora_works_on_the_original_base_model(t
     pipe = _fresh_pipe(tiny_sd1.folder)  # the ORIGINAL weights, not PiSSA's residual
     pipe.load_lora_weights(str(converted))
     _assert_same(pipe, made.model)
+    # The same conversion from the command line, to a diffusers folder.
+    from tools.export import main
+
+    assert main(["convert", str(made.kohya), str(tmp_path / "cli"), "--to", "diffusers",
+                 "--pissa-init", str(made.initial_kohya)]) == 0
+    pipe.delete_adapters(pipe.get_active_adapters())
+    pipe.load_lora_weights(str(tmp_path / "cli"))
+    _assert_same(pipe, made.model)

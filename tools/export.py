@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kohya: WebUI/ComfyUI file; diffusers: folder with pytorch_lora_weights.safetensors; "
                         "peft-single: one .safetensors from a PEFT adapter folder; peft: back to a folder")
     p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="model family when the file cannot tell")
+    p.add_argument("--pissa-init", metavar="INITIAL",
+                   help="PiSSA: the adapter saved right after initialisation; writes the equivalent plain LoRA "
+                        "for the ORIGINAL base model (twice the rank)")
     p.add_argument("--precision", choices=list(DTYPES), default="keep", help=PRECISION_HELP.replace(
         "fp16 (default for SD files, like kohya_ss)", "fp16") + " (default keep)")
 
@@ -115,7 +118,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from core.tools.convert import convert_lora  # noqa: PLC0415
 
     out = convert_lora(args.source, args.output, args.to, family=args.family, dtype=parse_dtype(args.precision),
-                       allow_pickle=args.allow_pickle)
+                       allow_pickle=args.allow_pickle, pissa_initial=args.pissa_init)
     print(f"Wrote {out}")
     return 0
 

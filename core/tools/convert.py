@@ -216,7 +216,8 @@ def _diffusers_config(states: dict[str, Tensor], alphas: dict[str, float], dora:
     def pattern(path: str) -> str:
         # Text encoders load with or without transformers' `text_model.` wrapper: match the tail.
         return re.escape(path.removeprefix("text_model.") if text_encoder else path)
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(ranks), use_dora=dora,
+    targets = sorted({p.removeprefix("text_model.") for p in ranks} if text_encoder else ranks)
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_dora=dora,
                       rank_pattern={pattern(p): v for p, v in ranks.items() if v != r},
                       alpha_pattern={pattern(p): alphas[p] for p in ranks if alphas[p] != alpha})
 
@@ -307,11 +308,23 @@ def single_file_to_peft(path: str | Path, folder: str | Path, *, dtype: torch.dt
 
 
 def convert_lora(source: str | Path, output: str | Path, to: str, *, family: str | None = None,
-                 dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Path:
-    """Convert `source` to `to` (kohya | diffusers | peft | peft-single); returns what was written."""
+                 dtype: torch.dtype | None = None, allow_pickle: bool = False,
+                 pissa_initial: str | Path | None = None) -> Path:
+    """Convert `source` to `to` (kohya | diffusers | peft | peft-single); returns what was written.
+
+    `pissa_initial`: the PiSSA adapter as it was right after initialisation; the result is then the
+    equivalent plain LoRA for the ORIGINAL base model (core.tools.pissa).
+    """
     if to == "peft-single":
+        if pissa_initial:
+            raise LoraToolError("Convert the PiSSA adapter to a PEFT folder first (--to peft), then to one file.")
         return peft_to_single_file(source, output, dtype=dtype, allow_pickle=allow_pickle)
     lora = read_lora(source, family=family, allow_pickle=allow_pickle)
+    if pissa_initial:
+        from core.tools.pissa import pissa_to_lora  # noqa: PLC0415
+
+        initial = read_lora(pissa_initial, family=lora.family if lora.is_image else None, allow_pickle=allow_pickle)
+        lora.modules = pissa_to_lora(lora.modules, initial.modules)
     if to == "kohya":
         return write_kohya(lora, output, dtype=dtype)
     if to == "diffusers":
