@@ -61,6 +61,17 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def serving_warnings(host: str, has_auth: bool, share: bool) -> list[str]:
+    """What to tell the user before serving beyond this computer without a login."""
+    warnings = []
+    if host not in ("127.0.0.1", "localhost", "::1") and not has_auth:
+        warnings.append(f"serving on {host} without --auth: anyone on your network can open the app, read your "
+                        "data sets and start runs. Add --auth user:password.")
+    if share and not has_auth:
+        warnings.append("--share makes a public link without a login; add --auth user:password.")
+    return warnings
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -142,12 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     auth = parse_auth(args.auth)
-    if host not in ("127.0.0.1", "localhost") and not auth:
-        print(f"[lora-scripts] WARNING: serving on {host} without --auth: anyone on your network can open "
-              "the app, read your data sets and start runs. Add --auth user:password.", flush=True)
-    if args.share and not auth:
-        print("[lora-scripts] WARNING: --share makes a public link without a login; add --auth user:password.",
-              flush=True)
+    for warning in serving_warnings(host, bool(auth), args.share):
+        print(f"[lora-scripts] WARNING: {warning}", flush=True)
     notice = cuda_notice()
     if notice:
         print(notice, flush=True)

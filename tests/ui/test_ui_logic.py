@@ -171,3 +171,10 @@ def test_the_cuda_notice_appears_only_for_an_nvidia_machine_with_cpu_torch():
 def test_the_default_flags_serve_on_localhost_only():
     args = app.parse_args([])
     assert not args.listen and not args.share and args.auth is None
+
+
+def test_serving_beyond_localhost_without_a_login_is_warned_about():
+    assert app.serving_warnings("127.0.0.1", False, False) == []
+    assert "without --auth" in app.serving_warnings("0.0.0.0", False, False)[0]
+    assert app.serving_warnings("0.0.0.0", True, False) == []
+    assert any("--share" in w for w in app.serving_warnings("127.0.0.1", False, True))
