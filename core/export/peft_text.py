@@ -82,6 +82,7 @@ def save_merged(peft_model: Any, tokenizer: Any, folder: str | Path) -> Path:
     """
     target = Path(folder)
     merged = peft_model.merge_and_unload(progressbar=False)
+    merged.config.use_cache = True  # training turned the KV cache off; serving wants it
     with atomic_dir(target) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:

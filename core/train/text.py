@@ -145,9 +145,6 @@ class TextRun:
 def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> TextRun:
     device = _device()
     precision = _precision(cfg, device, ctx)
-    if device.type == "cpu":
-        # One thread per physical core is the fastest for matmuls; more only adds contention.
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     ctx.log(f"Loading the text model {cfg.base_model or '(default: SmolLM2-135M-Instruct GGUF)'}")
     started = time.perf_counter()
     model, tokenizer, source = load_llm(cfg.base_model, gguf_file=cfg.gguf_file, allow_pickle=cfg.allow_pickle,
