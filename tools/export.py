@@ -26,8 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.tools.convert import DTYPES, parse_dtype  # noqa: E402
-from core.tools.merge import parse_lora_spec  # noqa: E402
+# Kept here so `--help` answers without importing torch.
+DTYPES = ("fp16", "bf16", "fp32", "keep")
+
+
+def parse_dtype(name: str | None):
+    from core.tools.convert import parse_dtype as parse  # noqa: PLC0415
+
+    return parse(name)
 
 PRECISION_HELP = "precision of the written tensors: fp16 (default for SD files, like kohya_ss), bf16, fp32, keep"
 
@@ -124,6 +130,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from core.tools.merge import parse_lora_spec  # noqa: PLC0415
+
     loras = [parse_lora_spec(item) for item in args.lora]
     if args.base is None:
         from core.tools.convert import write_like  # noqa: PLC0415
