@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--limit-val", type=int, default=30)
     parser.add_argument("--baseline-steps", type=int, default=-1,
                         help="time only this many baseline steps and extrapolate to the full run (no accuracy)")
+    parser.add_argument("--throughput-steps", type=int, default=0,
+                        help="short version: time N engine steps and N baseline steps, extrapolate both full "
+                             "runs; no accuracy (for a machine too busy for the whole bench)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value for the engine run")
     args = parser.parse_args()
     import torch
@@ -112,6 +115,8 @@ def main() -> None:
     base, tokenizer, source = load_llm("")
     apply_template(tokenizer, "")
     print(f"SmolLM2 GGUF loaded in {time.perf_counter() - started:.1f} s")
+    if args.throughput_steps:
+        return throughput(args, base, tokenizer, train_file, work, overrides)
     base_acc, base_answers = keyword_accuracy(base, tokenizer, val_rows)
     print(f"base model accuracy: {base_acc:.1%}  (e.g. {base_answers[0]!r})")
 
@@ -148,6 +153,30 @@ def main() -> None:
           f"in {train_s:.0f} s loop / {wall:.0f} s whole run")
     print(f"speed-up (baseline train / engine loop): {baseline_s / train_s:.2f}x; "
           f"(baseline train / engine whole run): {baseline_s / wall:.2f}x")
+
+
+def throughput(args, base, tokenizer, train_file: Path, work: Path, overrides: dict) -> None:
+    """Time N steps of each and extrapolate the full runs (engine: its config's epochs; baseline: 8)."""
+    from core.config import load_config
+
+    cfg = load_config(args.config, {"train_data_dir": str(train_file), "output_dir": str(work / "engine")})
+    steps = args.throughput_steps
+    _, train_s, info = run_engine(Path(args.config), train_file, work / "engine",
+                                  {**overrides, "max_train_steps": steps, "save_steps": 0})
+    examples = 150
+    engine_full = train_s / (steps * cfg.batch_size) * examples * cfg.epochs
+    print(f"engine: {steps} steps x batch {cfg.batch_size} in {train_s:.1f} s, {info['tokens_per_second']:.0f} "
+          f"tokens/s -> {cfg.epochs} epochs take about {engine_full:.0f} s")
+    hf_dir = work / "smollm2-hf"
+    base.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    baseline_s, _, _, done = run_baseline(hf_dir, train_file, args.baseline_epochs, work / "baseline", steps)
+    baseline_full = baseline_s / (done * 8) * examples * args.baseline_epochs
+    print(f"baseline: {done} steps x batch 8 in {baseline_s:.1f} s -> {args.baseline_epochs} epochs take about "
+          f"{baseline_full:.0f} s")
+    per_example = (baseline_s / (done * 8)) / (train_s / (steps * cfg.batch_size))
+    print(f"per-example speed-up {per_example:.2f}x; whole-run estimate {baseline_full / engine_full:.2f}x "
+          f"(accuracy not measured in this short version)")
 
 
 if __name__ == "__main__":
