@@ -34,7 +34,8 @@ CSS = """
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="launch.py", description="Open the lora-scripts app in your browser.")
+    parser = argparse.ArgumentParser(prog="launch.py", description="Open the lora-scripts app in your browser.",
+                                     epilog="python launch.py --test runs the test suite instead.")
     parser.add_argument("--listen", action="store_true",
                         help="Serve on all network interfaces (0.0.0.0) instead of only this computer.")
     parser.add_argument("--host", default=None, help="Exact address to bind (implies --listen when not 127.0.0.1).")

@@ -62,6 +62,14 @@ def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
     wait_for(lambda: text_of(page, "cap-table").count("sks") >= 4, 240, "captions with the trigger word")
     assert "sks" in (app.work / "data" / "cats" / "metadata.csv").read_text(encoding="utf-8")
     screenshot(page, "caption")
+    # Fix the trigger word everywhere with search and replace, then save (the old file is backed up).
+    fill(page, "cap-find", "sks,")
+    fill(page, "cap-replace", "sks cat,")
+    page.locator("#cap-replace-btn").click()
+    wait_for(lambda: "Changed 4 captions" in text_of(page, "cap-message"), 30, "the replacement")
+    page.locator("#cap-save").click()
+    wait_for(lambda: "backed up" in text_of(page, "cap-message"), 30, "the captions to be saved")
+    assert (app.work / "data" / "cats" / "metadata.csv").read_text(encoding="utf-8").count("sks cat,") == 4
 
     # Train: the base model comes from models/Stable-diffusion, the data set from the Dataset tab.
     tab(page, "Train")
