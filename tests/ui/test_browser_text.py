@@ -56,6 +56,9 @@ def test_a_file_of_answers_becomes_a_chat_tested_lora(page, text_app):
     choose(page, "cfg-task_type", "text-generation")
     choose(page, "cfg-base_model", "tiny-llm")
     fill(page, "cfg-train_data_dir", "./data/faq.csv")
+    # preset: auto fills the form with what fits this machine and says why; every value stays editable.
+    choose(page, "cfg-preset", "auto")
+    wait_for(lambda: "Preset " in text_of(page, "train-preset-reason"), 120, "the preset's reason")
     fill(page, "cfg-output_name", "faq_lora")
     for key, value in {"batch_size": 2, "lora_rank": 4, "save_steps": 2, "epochs": 100,
                        "learning_rate": "0.001"}.items():

@@ -120,3 +120,11 @@ def test_an_sdxl_lora_on_an_sd1_model_is_refused_with_the_reason(work, tiny_sd1)
     assert "trained for SDXL" in note and "SD 1.x" in note
     with pytest.raises(ValueError, match="SDXL"):
         test_tab.check_family(str(lora), str(tiny_sd1.folder))
+
+
+def test_auto_picks_a_preset_for_this_machine_and_says_why(work):
+    from ui import train_tab
+
+    values, reason = train_tab.apply_preset_values({"preset": "auto", "task_type": "text-generation"})
+    assert reason.startswith("Preset ") and "predicted peak" in reason
+    assert {"batch_size", "lora_rank", "mixed_precision"} <= set(values)
