@@ -73,24 +73,15 @@ class LoadedLora:
 
 def read_lora_file(path: str | Path, family: str) -> LoadedLora:
     """A kohya or diffusers LoRA .safetensors -> PEFT state dicts (to continue training from it)."""
-    from safetensors.torch import load_file  # noqa: PLC0415
-
-    from core.export.kohya import kohya_to_peft  # noqa: PLC0415
+    from core.export import load_lora_as_peft  # noqa: PLC0415
 
     file = Path(path)
     try:
-        tensors = load_file(str(file))
-    except Exception as exc:  # noqa: BLE001
+        unet, tes, alphas = load_lora_as_peft(file, family)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same plain message
         raise ValueError(f"'{file}' is not a readable LoRA .safetensors file: {exc}") from exc
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
-        unet, tes, alphas = kohya_to_peft(tensors, family)
-    else:
-        unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
-        tes = [{k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")} for n in TE_NAMES]
-        tes = [t for t in tes if t]
-        if not unet:
-            raise ValueError(f"'{file.name}' holds no UNet LoRA weights (neither kohya nor diffusers keys).")
-        alphas = {}
+    if not unet:
+        raise ValueError(f"'{file.name}' holds no UNet LoRA weights (neither kohya nor diffusers keys).")
     downs = [v for k, v in unet.items() if k.endswith("lora_A.weight")]
     rank = int(downs[0].shape[0]) if downs else 0
     alpha_values = [v for k, v in alphas.items() if k.startswith("unet.")]
