@@ -128,10 +128,10 @@ def cuda_notice(nvidia: bool | None = None, cuda: str | None | bool = False) -> 
 
 
 def build_app():
-    """The Blocks with the four tabs (Dataset, Caption, Train, Test)."""
+    """The Blocks with the four tabs of the work (Dataset, Caption, Train, Test) and the LoRA Tools."""
     import gradio as gr  # noqa: PLC0415
 
-    from ui import caption_tab, dataset_tab, state, test_tab, train_tab  # noqa: PLC0415
+    from ui import caption_tab, dataset_tab, state, test_tab, tools_tab, train_tab  # noqa: PLC0415
 
     state.ensure_folders()
     with gr.Blocks(title=TITLE) as app:
@@ -146,6 +146,8 @@ def build_app():
                 train = train_tab.create_train_tab(data)
             with gr.Tab("Test", id="test"):
                 test_tab.create_test_tab(train)
+            with gr.Tab("Tools", id="tools"):
+                tools_tab.create_tools_tab()
     state.register_app(app)
     return app
 
