@@ -57,7 +57,7 @@ build_app()
 t4 = time.perf_counter()
 heavy = [m for m in ("torch", "diffusers", "transformers", "peft", "accelerate") if m in sys.modules]
 print(f"in one process: import gradio {{t1 - t0:.2f}} s; bare 4-tab Blocks {{t2 - t1:.2f}} s; "
-      f"import ui {{t3 - t2:.2f}} s; build our 4 tabs {{t4 - t3:.2f}} s")
+      f"import ui {{t3 - t2:.2f}} s; build our five tabs {{t4 - t3:.2f}} s")
 print(",".join(heavy) or "none")
 """
 
