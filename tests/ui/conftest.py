@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -107,8 +108,10 @@ def page(browser):
 
 
 def screenshot(page, name: str) -> Path:
-    """Save a full-page screenshot for the README (docs/screenshots/<name>.png)."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    target = SCREENSHOTS / f"{name}.png"
+    """Save a full-page screenshot: into docs/screenshots/ for the README when
+    LORA_SCREENSHOTS=1 is set, else into a temporary folder (a test run leaves the tree as it was)."""
+    folder = SCREENSHOTS if os.environ.get("LORA_SCREENSHOTS") == "1" else Path(tempfile.gettempdir()) / "lora-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.png"
     page.screenshot(path=str(target), full_page=True)
     return target
