@@ -24,7 +24,9 @@ def sections() -> dict[str, str]:
     for name in ("app", "tools", "presets"):
         doc = ROOT / "docs" / f"{name}.md"
         if doc.is_file():
-            found[name] = doc.read_text(encoding="utf-8").strip() + "\n"
+            # Links in docs/*.md are relative to docs/; in the README they start at the root.
+            text = doc.read_text(encoding="utf-8").strip() + "\n"
+            found[name] = re.sub(r"\]\((?!https?:|/|#)([^)]+)\)", r"](docs/\1)", text)
     return found
 
 
