@@ -21,7 +21,7 @@ from tools.config_doc import config_table  # noqa: E402
 
 def sections() -> dict[str, str]:
     found = {"config-keys": config_table()}
-    for name in ("app", "tools", "presets"):
+    for name in ("app", "tools", "presets", "reliability", "benchmarks"):
         doc = ROOT / "docs" / f"{name}.md"
         if doc.is_file():
             # Links in docs/*.md are relative to docs/; in the README they start at the root.
