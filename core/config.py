@@ -324,6 +324,9 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
                                 f"three times). Use {lower} or {lower + 64}.")
     if cfg.learning_rate == 0 and "learning_rate" not in errors:
         errors["learning_rate"] = "0 would train nothing; use e.g. 1e-4."
+    if cfg.lora_variant == "pissa" and cfg.conv_rank > 0:
+        # PEFT has no PiSSA initialisation for convolutions.
+        errors["conv_rank"] = "PiSSA works on linear layers only: set conv_rank: 0, or use lora_variant: lora."
     if cfg.min_bucket_reso > cfg.max_bucket_reso:
         errors["min_bucket_reso"] = f"must not be larger than max_bucket_reso ({cfg.max_bucket_reso})."
     if cfg.is_image and not cfg.base_model:

@@ -105,3 +105,10 @@ def test_hub_ids_are_accepted_without_a_download(tmp_path):
 
 def test_defaults_are_valid():
     TrainConfig()  # constructing never raises; validation is separate
+
+
+def test_pissa_with_conv_layers_is_refused_before_any_model_loads(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"train_data_dir": str(tmp_path), "base_model": "org/model", "lora_variant": "pissa",
+                          "conv_rank": 4})
+    assert "conv_rank" in err.value.errors and "PiSSA" in err.value.errors["conv_rank"]

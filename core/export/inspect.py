@@ -95,7 +95,8 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
-def _family_from_keys(shapes: dict[str, tuple[int, ...]], fmt: str, adapter_config: dict | None) -> str:
+def family_from_keys(shapes: dict[str, tuple[int, ...]], fmt: str, adapter_config: dict | None) -> str:
+    """sd1 | sd2 | sdxl | llm | unknown from the key names and the widths of the LoRA tensors."""
     keys = list(shapes)
     if fmt == "peft":
         task = str((adapter_config or {}).get("task_type") or "")
@@ -197,7 +198,7 @@ def inspect_lora(path: str | Path) -> LoraFileInfo:
     except LoraReadError as exc:
         raise LoraReadError(f"{file}: {exc}") from exc
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    family = family_from_metadata(metadata) or _family_from_keys(shapes, fmt, adapter_config)
+    family = family_from_metadata(metadata) or family_from_keys(shapes, fmt, adapter_config)
     nonfinite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     info = LoraFileInfo(path=file, format=fmt, family=family, modules={}, metadata=metadata,
                         num_tensors=len(tensors), nonfinite=nonfinite, has_text_encoder=False, has_conv=False,

@@ -13,7 +13,6 @@ Pickled files (.ckpt/.pt/.bin) are refused unless the caller passes `allow_pickl
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,29 +96,11 @@ def detect_format(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
 
 def detect_image_family(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     """sd1 | sd2 | sdxl of an image LoRA, from its metadata, then its keys and shapes."""
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
-        return "sd2"
-    if version.startswith("sd_v1"):
-        return "sd1"
-    arch = metadata.get("modelspec.architecture", "")
-    if arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if arch.startswith("stable-diffusion-v2"):
-        return "sd2"
-    keys = list(tensors)
-    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
-        return "sdxl"
-    if any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k) for k in keys):
-        return "sdxl"
-    # The width of the cross-attention input tells the real families apart (768 / 1024 / 2048).
-    for key, value in tensors.items():
-        if "attn2" in key and "to_k" in key and key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight")):
-            width = int(value.shape[-1])
-            return {2048: "sdxl", 1024: "sd2"}.get(width, "sd1")
-    return "sd1"
+    from core.export.inspect import family_from_keys, family_from_metadata  # noqa: PLC0415
+
+    family = family_from_metadata(metadata) or family_from_keys(
+        {k: tuple(v.shape) for k, v in tensors.items()}, "kohya", None)
+    return family if family in ("sd1", "sd2", "sdxl") else "sd1"
 
 
 def diffusers_to_kohya_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], family: str
