@@ -13,6 +13,7 @@ Pickled files (.ckpt/.pt/.bin) are refused unless the caller passes `allow_pickl
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
