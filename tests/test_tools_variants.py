@@ -32,9 +32,9 @@ def _assert_same(pipe, model):
                                    rtol=1e-4, atol=1e-5)
 
 
-# DoRA: UNet only. diffusers 0.42 + transformers 5 load a text encoder's `lora_magnitude_vector`
-# only when the key ends in `.weight` (they look for `...lora_magnitude_vector.default_0.weight`).
-@pytest.mark.parametrize("variant,text_encoder", [("lora", True), ("rslora", True), ("dora", False)])
+# DoRA with the text encoder too: diffusers 0.42 + transformers 5 load a text encoder's
+# `lora_magnitude_vector` only under a `.weight` name, which the exporter writes.
+@pytest.mark.parametrize("variant,text_encoder", [("lora", True), ("rslora", True), ("dora", True)])
 def test_the_diffusers_file_of_each_variant_loads_in_diffusers_with_the_trained_output(tiny_sd1, tmp_path, variant,
                                                                                        text_encoder):
     made = make_sd_lora(tiny_sd1.folder, tmp_path, variant=variant, seed=7, text_encoder=text_encoder)

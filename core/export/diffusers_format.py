@@ -67,6 +67,10 @@ def _prepare(state: dict[str, Tensor], dtype: torch.dtype | None, *, text_encode
     for key, value in converted.items():
         for old, new in renames:
             key = key.replace(old, new)
+        if text_encoder and key.endswith(".lora_magnitude_vector"):
+            # diffusers (0.42, with transformers 5) loads a text encoder's DoRA magnitude only
+            # under a `.weight` name; without it the text encoder silently loses its DoRA part.
+            key += ".weight"
         uniform[key] = value
     return uniform
 
@@ -134,6 +138,8 @@ def diffusers_lora_to_peft(tensors: dict[str, Tensor], metadata: dict[str, str] 
         rest = f".{rest}"
         for old, new in _TO_PEFT:
             rest = rest.replace(old, new)
+        if rest.endswith(".lora_magnitude_vector.weight"):  # the text encoder's DoRA name on disk
+            rest = rest.removesuffix(".weight")
         components[component][rest[1:]] = value
     configs: dict[str, dict] = {}
     raw = (metadata or {}).get("lora_adapter_metadata")
