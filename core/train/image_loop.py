@@ -167,15 +167,12 @@ def run_loop(run: Any) -> dict[str, str]:
                 runtime.check_finite(loss_value, state.global_step, cfg)
                 lr = scheduler.get_last_lr()[0]
                 if run.main:
-                    if state.global_step % cfg.logging_steps == 0:
-                        log.log(state.global_step, loss_value, lr)
-                    ctx.emit(meter.update(state.global_step, state.epoch + 1, loss_value, lr))
+                    runtime.record_step(cfg, ctx, log, meter, state, loss_value, lr)
                 stopped = _any_process(acc, ctx.should_stop())
                 done = state.global_step >= total
-                if cfg.save_steps and state.global_step % cfg.save_steps == 0 and not done and not stopped:
+                if runtime.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
                     last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
-                wants_sample = cfg.sample_prompts and cfg.sample_steps and state.global_step % cfg.sample_steps == 0
-                if (wants_sample and not done) or ctx.take_sample_request():
+                if runtime.sample_due(cfg, ctx, state.global_step, done=done):
                     _samples(run, state.global_step)
                 if stopped or done:
                     break

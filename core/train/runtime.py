@@ -260,6 +260,25 @@ class ProgressMeter:
                              eta_seconds=per_step * max(0, self.total - step), vram_gb=vram_gb())
 
 
+def record_step(cfg: TrainConfig, ctx: RunContext, log: RunLog, meter: ProgressMeter, state: TrainState,
+                loss: float, lr: float) -> None:
+    """After an optimizer step: loss.csv / TensorBoard every `logging_steps`, and a ProgressEvent."""
+    if state.global_step % cfg.logging_steps == 0:
+        log.log(state.global_step, loss, lr)
+    ctx.emit(meter.update(state.global_step, state.epoch + 1, loss, lr))
+
+
+def checkpoint_due(cfg: TrainConfig, step: int, *, done: bool, stopped: bool) -> bool:
+    """A periodic checkpoint; the last step and a stop save theirs after the loop."""
+    return bool(cfg.save_steps) and step % cfg.save_steps == 0 and not done and not stopped
+
+
+def sample_due(cfg: TrainConfig, ctx: RunContext, step: int, *, done: bool) -> bool:
+    """Previews every `sample_steps` (the end makes its own), or when someone pressed "sample now"."""
+    periodic = bool(cfg.sample_prompts) and cfg.sample_steps > 0 and step % cfg.sample_steps == 0
+    return (periodic and not done) or ctx.take_sample_request()
+
+
 def vram_gb() -> float | None:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
