@@ -136,18 +136,24 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
             lora_answer = gr.Textbox(label="With the LoRA", lines=6, interactive=False, elem_id="test-lora-answer")
 
     # -- image handlers -----------------------------------------------------------------
+    def model_arg(text: str) -> str:
+        """A typed model: a local path when it exists, else the text as it is (a hub id)."""
+        path = state.resolve_user_path(text)
+        return str(path) if path.exists() else text
+
+    def existing_arg(text: str, *, file_only: bool) -> str | None:
+        """A LoRA file or adapter folder the user named, which must exist; None when empty."""
+        if not text:
+            return None
+        path = state.resolve_user_path(text)
+        if not (path.is_file() if file_only else path.exists()):
+            raise ValueError(f"{text} does not exist.")
+        return str(path)
+
     def paths(base_text: str, lora_text: str) -> tuple[str, str | None]:
         if not base_text:
             raise ValueError("Choose a base model first.")
-        base_path = state.resolve_user_path(base_text)
-        base_arg = str(base_path) if base_path.exists() else base_text
-        lora_arg = None
-        if lora_text:
-            lora_path = state.resolve_user_path(lora_text)
-            if not lora_path.is_file():
-                raise ValueError(f"{lora_text} does not exist.")
-            lora_arg = str(lora_path)
-        return base_arg, lora_arg
+        return model_arg(base_text), existing_arg(lora_text, file_only=True)
 
     def generate(base_text, lora_text, prompt_text, negative_text, w, seed_v, steps_v, guidance_v, size_v,
                  progress=gr.Progress()):
@@ -206,17 +212,8 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
 
     # -- text handlers ------------------------------------------------------------------
     def text_paths(base_text: str, adapter_text: str) -> tuple[str, str | None]:
-        base_arg = ""
-        if base_text:
-            p = state.resolve_user_path(base_text)
-            base_arg = str(p) if p.exists() else base_text
-        adapter_arg = None
-        if adapter_text:
-            p = state.resolve_user_path(adapter_text)
-            if not p.exists():
-                raise ValueError(f"{adapter_text} does not exist.")
-            adapter_arg = str(p)
-        return base_arg, adapter_arg
+        # An empty base model means the bundled default LLM.
+        return (model_arg(base_text) if base_text else ""), existing_arg(adapter_text, file_only=False)
 
     def send(base_text, adapter_text, w, tokens, history, message):
         history = list(history or [])
