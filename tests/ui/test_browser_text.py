@@ -60,7 +60,7 @@ def test_a_file_of_answers_becomes_a_chat_tested_lora(page, text_app):
     choose(page, "cfg-preset", "auto")
     wait_for(lambda: "Preset " in text_of(page, "train-preset-reason"), 120, "the preset's reason")
     fill(page, "cfg-output_name", "faq_lora")
-    for key, value in {"batch_size": 2, "lora_rank": 4, "save_steps": 2, "epochs": 100,
+    for key, value in {"batch_size": 2, "lora_rank": 4, "save_steps": 2, "epochs": 5000,
                        "learning_rate": "0.001"}.items():
         fill(page, f"cfg-{key}", str(value))
     assert not page.locator("#cfg-resolution").is_visible()  # an image-only key hides for text
@@ -91,6 +91,7 @@ def test_a_file_of_answers_becomes_a_chat_tested_lora(page, text_app):
     tab(page, "Train")
     wait_for(lambda: "Running" in text_of(page, "train-progress") and step_of(page) >= seen, 60,
              "the reloaded page to show the running job")
+    # The run is long (many epochs) so that it is still running here on a fast machine; Stop ends it.
     page.locator("#train-stop").click()
     wait_for(lambda: "Stopped" in text_of(page, "train-progress"), 300, "the run to stop")
     adapters = list((app.work / "output" / "faq_lora").rglob("adapter_config.json"))
