@@ -22,6 +22,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 MAX_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
+# Pillow warns about things we either check ourselves (bomb size) or that do not matter for
+# training (odd EXIF, palette transparency). One filter set at import, instead of
+# `warnings.catch_warnings()` around each open: that swaps the process-wide filter list and
+# is not thread-safe, and the app reads images from the UI thread and the training thread.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 
 class ImageReadError(ValueError):
     """An image file could not be used; the message says why and what to do."""
@@ -69,21 +76,19 @@ def probe_image(path: str | Path) -> ImageInfo:
     try:
         if file.stat().st_size == 0:
             raise ImageReadError(f"{file.name}: the file is empty (0 bytes). Delete it or copy it again.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(file) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:  # Pillow itself only refuses beyond twice the limit
-                    raise _too_large(file, width, height)
-                # Pillow's PNG getexif() decodes the whole image looking for a late eXIf chunk;
-                # one before the pixel data (where writers put it) is already in info.
-                late_exif_only = image.format == "PNG" and "exif" not in image.info
-                orientation = 1 if late_exif_only else image.getexif().get(0x0112, 1)
-                if orientation in (5, 6, 7, 8):
-                    width, height = height, width
-                transparency = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-                return ImageInfo(file, width, height, image.mode, image.format or "?",
-                                 getattr(image, "n_frames", 1), transparency, _stored_bits(image))
+        with Image.open(file) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:  # Pillow itself only refuses beyond twice the limit
+                raise _too_large(file, width, height)
+            # Pillow's PNG getexif() decodes the whole image looking for a late eXIf chunk;
+            # one before the pixel data (where writers put it) is already in info.
+            late_exif_only = image.format == "PNG" and "exif" not in image.info
+            orientation = 1 if late_exif_only else image.getexif().get(0x0112, 1)
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
+            transparency = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+            return ImageInfo(file, width, height, image.mode, image.format or "?",
+                             getattr(image, "n_frames", 1), transparency, _stored_bits(image))
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -117,22 +122,20 @@ def load_rgb(path: str | Path, *, draft_size: int | None = None) -> Image.Image:
     file = Path(path)
     probe_image(file)  # header errors get the friendly message
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(file) as image:
-                image.seek(0)  # animated GIF / WebP: the first frame
-                if draft_size and image.format == "JPEG":
-                    image.draft("RGB" if image.mode == "RGB" else None, (draft_size, draft_size))
-                image.load()
-                image = ImageOps.exif_transpose(image) or image
-                image = _to_8bit(image)
-                if image.mode == "P":
-                    image = image.convert("RGBA")
-                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
-                    rgba = image.convert("RGBA")
-                    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    return Image.alpha_composite(background, rgba).convert("RGB")
-                return image.convert("RGB")
+        with Image.open(file) as image:
+            image.seek(0)  # animated GIF / WebP: the first frame
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB" if image.mode == "RGB" else None, (draft_size, draft_size))
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            image = _to_8bit(image)
+            if image.mode == "P":
+                image = image.convert("RGBA")
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return image.convert("RGB")
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -179,10 +182,8 @@ def check_complete(path: str | Path, info: ImageInfo | None = None) -> None:
     if _tail_looks_complete(file, info.format):
         return
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(file) as image:
-                image.load()
+        with Image.open(file) as image:
+            image.load()
     except Image.DecompressionBombError as exc:
         raise _too_large(file, info.width, info.height) from exc
     except (OSError, SyntaxError, ValueError) as exc:
