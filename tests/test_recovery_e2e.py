@@ -4,10 +4,8 @@ every loop meets it: runtime.check_finite. (Stopping with advice instead: test_r
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -19,19 +17,6 @@ from core.train import run_training, runtime
 # Two shared, busy cores: one thread avoids OpenMP threads spinning against each other.
 torch.set_num_threads(1)
 RTX_3060 = core.devices.DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 11.7, 11.3, bf16=True, bitsandbytes=False)
-QA = [("How long does the Kestrel K7 fly?", "It flies for 47 minutes."),
-      ("What is the top speed?", "It reaches 83 km/h in Sport mode."),
-      ("How heavy is it?", "It weighs 612 grams."),
-      ("How long to charge?", "About 72 minutes.")]
-
-
-@pytest.fixture
-def qa_file(tmp_path) -> Path:
-    path = tmp_path / "qa.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA) + "\n", encoding="utf-8")
-    return path
-
-
 def inject_oom_once(monkeypatch, at_step: int) -> list[int]:
     real = runtime.check_finite
     hits: list[int] = []

@@ -16,21 +16,6 @@ from core.events import DoneEvent, ProgressEvent, RunContext, SampleEvent
 from core.train import run_training, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
-QA = [("How long does the Kestrel K7 fly?", "It flies for 47 minutes."),
-      ("What is the top speed?", "It reaches 83 km/h in Sport mode."),
-      ("How heavy is it?", "It weighs 612 grams."),
-      ("How long to charge?", "About 72 minutes."),
-      ("Hello!", "Hello! How can I help you today?"),
-      ("What is the warranty?", "Two years.")]
-
-
-@pytest.fixture
-def qa_file(tmp_path) -> Path:
-    path = tmp_path / "qa.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA) + "\n", encoding="utf-8")
-    return path
-
-
 def text_config(base: Path, data: Path, out: Path, **extra):
     raw = dict(task_type="text-generation", base_model=str(base), train_data_dir=str(data), output_dir=str(out),
                batch_size=2, max_train_steps=4, learning_rate=5e-3, lora_rank=4, lora_alpha=8, save_steps=0,
