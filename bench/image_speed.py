@@ -18,6 +18,9 @@ Measured on the shared 2-core CPU box (1 torch thread per side, load 5-10, noisy
   tiny SD, 30 steps:          steady 1.9-2.7x samples/s, whole run 0.85-1.4x (imports dominate), same RSS
   SD 1.5-shaped, 6 steps:     22.5 vs 43.4 s/step (1.93x), whole run 255 vs 437 s (1.71x),
                               peak RSS 4.63 vs 5.09 GiB
+Idle machine, --full-unet --steps 30 --threads 2 (the DESIGN.md target case):
+  ours 5.02 s/step, whole run 177 s, 4.59 GiB; naive 8.24 s/step, 258 s, 5.08 GiB
+  -> 1.64x per step, 1.46x whole run, 0.90x memory
   channels_last on the SD 1.5 UNet (fwd+bwd, alternating A/B): 21.3 vs 23.4 s median, within noise.
 """
 from __future__ import annotations
