@@ -12,11 +12,14 @@ import yaml
 import core.devices
 from core.config import config_from_dict
 from core.events import DoneEvent, ProgressEvent, RunContext, WarningEvent
+import core.train.text
 from core.train import run_training, runtime
 
 # Two shared, busy cores: one thread avoids OpenMP threads spinning against each other.
 torch.set_num_threads(1)
 RTX_3060 = core.devices.DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 11.7, 11.3, bf16=True, bitsandbytes=False)
+
+
 def inject_oom_once(monkeypatch, at_step: int) -> list[int]:
     real = runtime.check_finite
     hits: list[int] = []
@@ -45,6 +48,14 @@ def test_a_real_text_run_that_runs_out_of_memory_downshifts_resumes_and_finishes
         tiny_llm_dir, qa_file, tmp_path, monkeypatch):
     monkeypatch.setattr(core.devices, "detect_device", lambda index=0: RTX_3060)
     hits = inject_oom_once(monkeypatch, at_step=3)
+    rows: list[list[int]] = []  # the token rows of every forward pass, in order
+    real_loss = core.train.text.batch_loss_sum
+
+    def recording(model, batch, *args, **kwargs):
+        rows.append(batch.input_ids[0].tolist())
+        return real_loss(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(core.train.text, "batch_loss_sum", recording)
     events: list = []
     out = tmp_path / "out"
 
@@ -63,10 +74,12 @@ def test_a_real_text_run_that_runs_out_of_memory_downshifts_resumes_and_finishes
     assert (Path(outputs["adapter"]) / "adapter_model.safetensors").is_file()
     logged = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
     assert logged == [1, 2, 3, 4, 5, 6]
+    # The resume continues at the examples of the failed step (now one per batch), not two
+    # batches back: nothing in the epoch is trained twice.
+    assert rows[3] + rows[4] == rows[2]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["batch_size"] == 1 and saved["gradient_accumulation_steps"] == 2
     assert saved["preset"] == "llm-8gb" and saved["lora_rank"] == 4  # the LoRA's shape never changes
-
 
 
 def test_a_real_image_run_that_runs_out_of_memory_downshifts_resumes_and_finishes(

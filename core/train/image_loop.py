@@ -135,6 +135,7 @@ def run_loop(run: Any) -> dict[str, str]:
         restore_weights(run, checkpoint)
         state, _ = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
         state.total_steps = total
+        runtime.continue_at_same_example(state, cfg.batch_size)
         run.log(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1}, "
                 f"lr {scheduler.get_last_lr()[0]:.3g})")
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -123,6 +123,20 @@ class TrainState:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def continue_at_same_example(state: TrainState, batch_size: int) -> None:
+    """Re-express a resumed `step_in_epoch` in batches of the new `batch_size`.
+
+    An out-of-memory downshift resumes with a smaller batch (and more accumulation); the
+    checkpoint counted batches of the old size, so without this the run would replay part
+    of the epoch. Exact when the epoch order does not depend on the batch size (text runs);
+    image buckets regroup, so there it lands on the same share of the epoch.
+    """
+    old = int(state.config.get("batch_size") or batch_size)
+    if old != batch_size:
+        state.step_in_epoch = state.step_in_epoch * old // batch_size
+    state.config = {**state.config, "batch_size": batch_size}
+
+
 def save_checkpoint(output_dir: str | Path, state: TrainState, *, optimizer: torch.optim.Optimizer,
                     scheduler: Any, write_weights: Callable[[Path], None],
                     extra: dict[str, Any] | None = None, keep: int = 0) -> Path:

@@ -236,6 +236,7 @@ def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
         load_adapter_weights(run.model, checkpoint / peft_text.ADAPTER_DIR)
         state, extra = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
         state.total_steps = total
+        runtime.continue_at_same_example(state, cfg.batch_size)
         run.tokens_trained = int(extra.get("tokens_trained", 0))
         ctx.log(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1})")
     return _loop(run, state, optimizer, scheduler)
