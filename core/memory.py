@@ -38,6 +38,9 @@ UNET_ACTIVATION = {
 # Sum of (in + out) features over the LoRA targets (to_q/k/v/out.0 of the UNet; q/k/v/out_proj of
 # the text encoders): LoRA parameters = rank x this.
 UNET_LORA_FEATURES = {"sd1": 199_296, "sd2": 207_488, "sdxl": 1_451_520}
+# The same for LoCon (conv_rank): sum of (in x k x k + out) over the ResNet and sampler convs
+# (core.train.image_lora.conv_module_names) of the real UNets, counted on the meta device.
+UNET_CONV_LORA_FEATURES = {"sd1": 578_560, "sd2": 578_560, "sdxl": 378_880}
 TE_LORA_FEATURES = {"sd1": 73_728, "sd2": 196_608, "sdxl": 73_728 + 327_680}
 # Activations of a text encoder being trained, per caption (77 tokens), in a 16-bit dtype.
 TE_ACTIVATION = {"sd1": 0.04 * GIB, "sd2": 0.1 * GIB, "sdxl": 0.2 * GIB}
@@ -116,7 +119,8 @@ def _image_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict
     if not caching_latents:
         # The VAE runs in fp32 (an fp16 SD VAE can overflow); it encodes before the UNet's pass.
         parts["VAE weights"] = SD_VAE * 4
-    lora = UNET_LORA_FEATURES[family] * model.width / 320 * cfg.lora_rank
+    lora = (UNET_LORA_FEATURES[family] * cfg.lora_rank + UNET_CONV_LORA_FEATURES[family] * cfg.conv_rank) \
+        * model.width / 320
     if cfg.train_text_encoder:
         lora += TE_LORA_FEATURES[family] * cfg.lora_rank
     parts["LoRA + optimizer"] = lora * _lora_state_bytes(cfg, device)

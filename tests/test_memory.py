@@ -11,7 +11,7 @@ import torch
 
 from core.config import TrainConfig
 from core.devices import DeviceInfo
-from core.memory import UNET_LORA_FEATURES, estimate_memory, fitting_changes, format_changes
+from core.memory import UNET_CONV_LORA_FEATURES, UNET_LORA_FEATURES, estimate_memory, fitting_changes, format_changes
 from core.model_info import SD1_UNET, SDXL_UNET, detect_model, llm_from_shape
 
 SD15 = detect_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
@@ -44,7 +44,7 @@ def total(cfg: TrainConfig, model=SD15, device=GPU_24) -> float:
     ("resolution", 512, 768), ("batch_size", 1, 4), ("lora_rank", 4, 128),
     ("gradient_checkpointing", True, False), ("mixed_precision", "bf16", "no"),
     ("cache_text_encoder_outputs", True, False), ("cache_latents", True, False),
-    ("train_text_encoder", False, True),
+    ("train_text_encoder", False, True), ("conv_rank", 0, 32),
 ])
 @pytest.mark.parametrize("model", [SD15, SDXL], ids=["sd15", "sdxl"])
 def test_each_image_setting_moves_the_image_estimate_the_way_memory_moves(model, key, small, large):
@@ -148,6 +148,16 @@ def test_the_sd15_and_sdxl_constants_match_the_real_unets_built_on_the_meta_devi
     assert sum(p.numel() for p in sdxl.parameters()) == SDXL_UNET
     assert _lora_features(sd15) == UNET_LORA_FEATURES["sd1"]
     assert _lora_features(sdxl) == UNET_LORA_FEATURES["sdxl"]
+    assert _conv_lora_features(sd15) == UNET_CONV_LORA_FEATURES["sd1"]
+    assert _conv_lora_features(sdxl) == UNET_CONV_LORA_FEATURES["sdxl"]
+
+
+def _conv_lora_features(unet) -> int:
+    """LoCon parameters per unit of conv_rank: down conv (in x k x k) + up conv (out)."""
+    from core.train.image_lora import conv_module_names  # noqa: PLC0415
+
+    convs = [unet.get_submodule(name) for name in conv_module_names(unet)]
+    return sum(c.in_channels * c.kernel_size[0] * c.kernel_size[1] + c.out_channels for c in convs)
 
 
 def test_the_llm_activation_term_matches_what_autograd_keeps_on_real_cpu_tensors():

@@ -18,7 +18,7 @@ from ui.status import log_text, progress_html, sample_gallery, sample_texts_mark
 
 POLL_SECONDS = 2.0
 CONFIG_DIR = state.WORK / "configs"
-MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank", "mixed_precision",
+MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank", "conv_rank", "lora_variant", "mixed_precision",
                "gradient_checkpointing", "train_text_encoder", "optimizer", "cache_latents", "max_seq_length")
 
 
