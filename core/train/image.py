@@ -218,7 +218,7 @@ class _Run:
         if cfg.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
             for encoder in self.trained_encoders:
-                encoder.gradient_checkpointing_enable()
+                runtime.enable_activation_checkpointing(encoder)
         m.unet.train()
         for encoder in self.trained_encoders:
             encoder.train()

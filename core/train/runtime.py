@@ -299,6 +299,19 @@ def vram_gb() -> float | None:
     return None
 
 
+def enable_activation_checkpointing(model: Any, **kwargs: Any) -> None:
+    """Recompute a transformers model's activations in the backward pass.
+
+    transformers 5 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`
+    (the old name warns and goes in v6); take whichever this version has.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
 def check_finite(loss: float, step: int, cfg: TrainConfig) -> None:
     if not math.isfinite(loss):
         raise NonFiniteLossError(step, cfg)

@@ -158,7 +158,7 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     ctx.log(f"Data: {len(data.train)} training examples ({tokens} tokens, {trained} with loss)"
             + (f", {len(data.validation)} for validation" if data.validation else ""))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        runtime.enable_activation_checkpointing(model, use_reentrant=False)
     model.config.use_cache = False
     peft_model = add_lora(model, cfg).to(device)
     out = Path(cfg.output_dir)
