@@ -292,8 +292,15 @@ def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train an image LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
     from accelerate import Accelerator  # noqa: PLC0415
 
+    from core.train.recovery import distributed  # noqa: PLC0415
+
     precision = _precision(cfg, ctx)
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    # Launched as several processes on a machine without CUDA, accelerate only joins them into
+    # one (gloo) group when told it is on the CPU; otherwise each would train alone into the
+    # same output folder.
+    on_cpu = distributed() and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              cpu=on_cpu)
     run = _Run(cfg=cfg, ctx=ctx, accelerator=accelerator, out=Path(cfg.output_dir))
     run.weight_dtype = _weight_dtype(precision)
     try:

@@ -43,8 +43,12 @@ def write_loras(run: Any, folder: Path, steps: int, epoch: int) -> dict[str, str
                              pissa_init=run.pissa_init)
 
 
-def save_checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path:
-    """A checkpoint folder: exact PEFT weights for resume, both LoRA formats, optimizer/scheduler/RNG."""
+def save_checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, scheduler: Any,
+                    rng_by_rank: list[dict] | None = None) -> Path:
+    """A checkpoint folder: exact PEFT weights for resume, both LoRA formats, optimizer/scheduler/RNG.
+
+    `rng_by_rank`: every process's RNG state in a multi-process run (each draws its own noise).
+    """
     def write_weights(folder: Path) -> None:
         unet = run.accelerator.unwrap_model(run.train_unet)
         runtime.save_file_atomic(peft_state(unet), folder / PEFT_FILES[0])
@@ -53,7 +57,8 @@ def save_checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, schedul
         write_loras(run, folder, state.global_step, state.epoch)
 
     return runtime.save_checkpoint(run.cfg.output_dir, state, optimizer=optimizer, scheduler=scheduler,
-                                   write_weights=write_weights, keep=run.cfg.keep_checkpoints)
+                                   write_weights=write_weights, keep=run.cfg.keep_checkpoints,
+                                   extra={"rng_by_rank": rng_by_rank} if rng_by_rank else None)
 
 
 def restore_weights(run: Any, folder: Path) -> None:
@@ -133,7 +138,10 @@ def run_loop(run: Any) -> dict[str, str]:
     state = runtime.TrainState(total_steps=total, config=cfg.to_dict())
     if checkpoint is not None:
         restore_weights(run, checkpoint)
-        state, _ = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        state, extra = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        by_rank = extra.get("rng_by_rank") or []
+        if world > 1 and len(by_rank) == world:
+            runtime.set_rng_state(by_rank[rank])  # the file's top-level RNG is rank 0's
         state.total_steps = total
         runtime.continue_at_same_example(state, cfg.batch_size)
         run.log(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1}, "
@@ -208,9 +216,14 @@ def keep_rng():
 
 def _checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
     folder = None
+    ranks = None
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object  # noqa: PLC0415
+
+        ranks = gather_object([runtime.rng_state()])  # in rank order
     if run.main:
         with keep_rng():
-            folder = save_checkpoint(run, state, optimizer, scheduler)
+            folder = save_checkpoint(run, state, optimizer, scheduler, ranks)
         run.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
     run.accelerator.wait_for_everyone()
     return folder
