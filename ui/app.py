@@ -30,6 +30,8 @@ CSS = """
 .ls-status {font-size:0.95em}
 .ls-error {color:#b91c1c}
 .ls-warn {color:#b45309}
+.ls-invalid {border-color:#b91c1c !important;box-shadow:inset 0 0 0 1px #b91c1c}
+.ls-invalid .info-text {color:#b91c1c !important}
 """
 
 

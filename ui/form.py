@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 from dataclasses import dataclass
-from typing import Any, Callable, get_args, get_origin
+from typing import Any, Callable, get_origin
 
 from core.config import FIELDS, TrainConfig, _TYPES  # noqa: PLC2701 - the config's own type table
 
@@ -186,3 +186,22 @@ def visibility_updates(specs: list[FieldSpec], task_type: str) -> list[Any]:
     import gradio as gr  # noqa: PLC0415
 
     return [gr.update(visible=s.shown_for(task_type)) for s in specs]
+
+
+def error_marks(specs: list[FieldSpec], errors: dict[str, str], infos: dict[str, str],
+                marked: list[str]) -> list[dict[str, Any] | None]:
+    """Per field: what to change so each wrong key says what is wrong under it.
+
+    A key in `errors` gets the message as its info line and the `ls-invalid` class; a key
+    marked by an earlier attempt (`marked`) and fixed since gets its own help back; every
+    other field is left alone (None).
+    """
+    marks: list[dict[str, Any] | None] = []
+    for spec in specs:
+        if spec.name in errors:
+            marks.append({"info": f"⚠ {errors[spec.name]}", "elem_classes": ["ls-invalid"]})
+        elif spec.name in marked:
+            marks.append({"info": infos.get(spec.name, spec.help), "elem_classes": []})
+        else:
+            marks.append(None)
+    return marks

@@ -112,6 +112,8 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     widgets = form.build_form(specs, custom={"base_model": base_model_widget, "train_data_dir": data_widget,
                                              "preset": preset_widget})
     inputs = form.ordered(widgets, specs)
+    infos = {name: getattr(widget, "info", None) or "" for name, widget in widgets.items()}
+    marked = gr.State([])  # the keys marked wrong by the last Start / Save
     memory_md = gr.Markdown("", elem_id="train-memory")
     message = gr.Markdown("", elem_id="train-message")
     with gr.Row():
@@ -166,36 +168,45 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
         raw.pop("preset", None)  # the preset's values are already in the form
         return config_from_dict(raw)
 
-    def on_start(*values, resume: bool = False):
+    def marks(errors: dict[str, str], previously: list[str] | None) -> list[Any]:
+        """The wrong keys say so under their field; fixed ones get their help back; [..., marked]."""
+        updates = form.error_marks(specs, errors, infos, previously or [])
+        return [*(gr.update(**m) if m else gr.skip() for m in updates), sorted(errors)]
+
+    def on_start(*args, resume: bool = False):
+        *values, previously = args
         try:
-            cfg = validated(values, **({"resume_from": "latest"} if resume else {}))
+            cfg = validated(tuple(values), **({"resume_from": "latest"} if resume else {}))
         except ConfigError as exc:
-            return errors_markdown(exc.errors)
+            return [errors_markdown(exc.errors), *marks(exc.errors, previously)]
+        cleared = marks({}, previously)
         try:
             state.allow_folder(cfg.output_dir)
             free_test_models()
             state.JOB.start(cfg)
         except JobBusyError as exc:
-            return f"**{exc}**"
+            return [f"**{exc}**", *cleared]
         except Exception as exc:  # noqa: BLE001 - say it instead of freezing the page
-            return f"**Could not start:** {exc}"
+            return [f"**Could not start:** {exc}", *cleared]
         word = "Resuming" if resume else "Started"
-        return f"{word} **{cfg.name}** → `{cfg.output_dir}`. Progress, loss and previews update below."
+        return [f"{word} **{cfg.name}** → `{cfg.output_dir}`. Progress, loss and previews update below.", *cleared]
 
-    def on_resume(*values):
-        return on_start(*values, resume=True)
+    def on_resume(*args):
+        return on_start(*args, resume=True)
 
     def on_stop():
         if state.JOB.stop():
             return "Stopping: the current step finishes, a checkpoint is saved, then the run ends."
         return "Nothing is running."
 
-    def on_save(path_text: str, *values):
-        raw = raw_of(values)
+    def on_save(path_text: str, *args):
+        *values, previously = args
+        raw = raw_of(tuple(values))
         try:
             cfg = config_from_dict(raw, check_paths=False, apply_presets=False)
         except ConfigError as exc:
-            return errors_markdown(exc.errors), gr.skip(), gr.skip()
+            return [errors_markdown(exc.errors), gr.skip(), gr.skip(), *marks(exc.errors, previously)]
+        cleared = marks({}, previously)
         path = state.resolve_user_path(path_text or default_config_path(raw))
         if path.suffix.lower() not in (".yaml", ".yml"):
             path = path.with_suffix(".yaml")
@@ -203,7 +214,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
 
         save_config(cfg, path, only_changed=True)
         shown = catalog._rel(path)  # noqa: SLF001
-        return (f"Saved `{shown}`.", form.command_line(shown), config_to_yaml(cfg, only_changed=True))
+        return [f"Saved `{shown}`.", form.command_line(shown), config_to_yaml(cfg, only_changed=True), *cleared]
 
     def load_values(path: str | Path):
         try:
@@ -269,10 +280,12 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     widgets["preset"].input(on_preset, inputs, [preset_reason, *inputs])
     for key in MEMORY_KEYS:
         widgets[key].change(on_estimate, inputs, memory_md, show_progress="hidden")
-    start_btn.click(on_start, inputs, message)
-    resume_btn.click(on_resume, inputs, message)
+    # Start, Resume and Save also mark the fields a config error names (no spinner over the form).
+    start_btn.click(on_start, [*inputs, marked], [message, *inputs, marked], show_progress="hidden")
+    resume_btn.click(on_resume, [*inputs, marked], [message, *inputs, marked], show_progress="hidden")
     stop_btn.click(on_stop, None, message)
-    save_btn.click(on_save, [config_path, *inputs], [message, command, yaml_view])
+    save_btn.click(on_save, [config_path, *inputs, marked], [message, command, yaml_view, *inputs, marked],
+                   show_progress="hidden")
     load_btn.click(on_load, config_path, [message, *inputs])
     upload.upload(on_upload, upload, [message, *inputs])
     widgets["output_name"].change(on_output_name, [widgets["output_name"], widgets["output_dir"]],

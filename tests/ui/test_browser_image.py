@@ -73,6 +73,12 @@ def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
 
     # Train: the base model comes from models/Stable-diffusion, the data set from the Dataset tab.
     tab(page, "Train")
+    # A mistyped model path: Start refuses, and the field itself says what is wrong.
+    fill(page, "cfg-base_model", "./models/Stable-diffusion/tiny-sd1-typo")
+    page.locator("#train-start").click()
+    wait_for(lambda: "Please fix" in text_of(page, "train-message"), 30, "the config error")
+    wait_for(lambda: page.locator("#cfg-base_model.ls-invalid").count() == 1, 30, "the field to be marked")
+    assert "⚠" in text_of(page, "cfg-base_model")
     choose(page, "cfg-base_model", "tiny-sd1")
     assert "cats" in field_value(page, "cfg-train_data_dir")
     fill(page, "cfg-output_name", "cats_lora")
@@ -86,6 +92,7 @@ def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
     wait_for(lambda: "Memory" in text_of(page, "train-memory"), 60, "the memory estimate")
     page.locator("#train-start").click()
     wait_for(lambda: "Started" in text_of(page, "train-message"), 30, "the run to start")
+    assert page.locator("#cfg-base_model.ls-invalid").count() == 0  # fixed: the mark is gone
     steps = []
     wait_for(lambda: steps.append(step_of(page)) or steps[-1] >= 1, 300, "the first step")
     wait_for(lambda: page.locator("#train-loss-plot img, #train-loss-plot svg").count() > 0, 60, "the loss plot")

@@ -71,3 +71,22 @@ def test_changed_keys_keeps_only_what_differs_from_the_defaults():
     specs = form.field_specs()
     raw = form.form_to_raw(specs, form.config_values(specs, {"lora_rank": 32}))
     assert form.changed_keys(specs, raw) == {"lora_rank": 32}
+
+
+def test_a_wrong_key_says_so_under_its_field_and_gets_its_help_back_once_fixed():
+    specs = form.field_specs()
+    infos = {s.name: s.help for s in specs}
+    names = [s.name for s in specs]
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"base_model": "m", "train_data_dir": "d", "lora_rank": 0, "batch_size": 0},
+                         check_paths=False)
+    first = form.error_marks(specs, err.value.errors, infos, [])
+    rank = first[names.index("lora_rank")]
+    assert rank["elem_classes"] == ["ls-invalid"] and rank["info"].startswith("⚠ ")
+    assert err.value.errors["lora_rank"] in rank["info"]
+    assert first[names.index("resolution")] is None  # untouched fields are left alone
+
+    # Next attempt: the rank is fixed, the batch size still wrong.
+    second = form.error_marks(specs, {"batch_size": err.value.errors["batch_size"]}, infos, sorted(err.value.errors))
+    assert second[names.index("lora_rank")] == {"info": infos["lora_rank"], "elem_classes": []}
+    assert second[names.index("batch_size")]["elem_classes"] == ["ls-invalid"]
