@@ -2,15 +2,15 @@
 
 Rows come from `core.data.text.load_examples` (the same parser training uses), so what
 the table shows is what the run will see. Checks: empty answers, empty prompts, examples
-longer than `max_seq_length` (estimated at ~4 characters per token without loading a
-tokenizer; training cuts them), and exact duplicates.
+longer than `max_seq_length` (estimated without loading a tokenizer: a token per word or
+punctuation mark, two per Chinese, Japanese or Korean character; training cuts them), and
+exact duplicates.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHARS_PER_TOKEN = 4.0
 PREVIEW_ROWS = 200
 
 
@@ -31,7 +31,11 @@ class TextPreview:
 
 
 def estimate_tokens(text: str) -> int:
-    return int(len(text) / CHARS_PER_TOKEN + 0.999)
+    # The caption estimate suits LLM tokenizers too; a flat characters/4 would undercount
+    # Chinese by about four times, and a clinic's answers may well be in Chinese.
+    from core.data.health import estimate_tokens as words_and_marks  # noqa: PLC0415
+
+    return words_and_marks(text)
 
 
 def _role_text(messages: list[dict[str, str]], role: str) -> str:

@@ -128,3 +128,17 @@ def test_auto_picks_a_preset_for_this_machine_and_says_why(work):
     values, reason = train_tab.apply_preset_values({"preset": "auto", "task_type": "text-generation"})
     assert reason.startswith("Preset ") and "predicted peak" in reason
     assert {"batch_size", "lora_rank", "mixed_precision"} <= set(values)
+
+
+def test_a_long_chinese_answer_is_flagged_as_longer_than_max_seq_length(tmp_path):
+    from ui.text_preview import preview_text_data
+
+    long_answer = "空腹抽血前八小时不要进食，可以喝少量清水。" * 20  # 400 characters
+    data = tmp_path / "clinic.csv"
+    data.write_text("prompt,response\n"
+                    f"抽血前可以吃东西吗？,{long_answer}\n"
+                    "Can I drink water before the test?,Yes: plain water is fine.\n", encoding="utf-8")
+    result = preview_text_data(data, max_seq_length=512)
+    flagged = [issue for issue in result.issues if "max_seq_length" in issue.problem]
+    assert len(flagged) == 1 and "clinic.csv:2" in flagged[0].file
+    assert int(result.rows[1][-1]) < 30  # the short English pair is nowhere near
