@@ -47,3 +47,12 @@ def test_merging_into_a_base_model_writes_a_checkpoint(made, tiny_sd1, tmp_path)
     message = tools_tab.merge_action(str(tiny_sd1.folder), f"{made.kohya}:0.8", str(out), "fp16")
     assert message.startswith("✅") and out.is_file()
     assert tools_tab.merge_action(str(tiny_sd1.folder), "", str(out), "fp16").startswith("❌ List at least one LoRA")
+
+
+def test_a_dora_lora_is_made_plain_against_its_base_model_and_asks_for_it_first(tiny_sd1, tmp_path):
+    dora = make_sd_lora(tiny_sd1.folder, tmp_path / "dora", variant="dora", conv_rank=0, seed=32)
+    plain = "DoRA made plain: works the same in WebUI, ComfyUI, diffusers (needs the base model)"
+    assert "Choose the base model" in tools_tab.convert_action(str(dora.kohya), plain, "", "fp16", "")
+    message = tools_tab.convert_action(str(dora.kohya), plain, "", "fp16", str(tiny_sd1.folder))
+    assert message.startswith("✅") and "relative error overall" in message
+    assert (dora.kohya.parent / f"{dora.kohya.stem}_plain.safetensors").is_file()

@@ -80,3 +80,43 @@ def test_a_pissa_lora_converted_to_plain_lora_works_on_the_original_base_model(t
     pipe.delete_adapters(pipe.get_active_adapters())
     pipe.load_lora_weights(str(tmp_path / "cli"))
     _assert_same(pipe, made.model)
+
+
+def test_a_dora_lora_made_plain_gives_the_trained_output_in_diffusers_and_says_what_was_lost(tiny_sd1, tmp_path,
+                                                                                             capsys):
+    from tools.export import main
+
+    made = make_sd_lora(tiny_sd1.folder, tmp_path, variant="dora", conv_rank=0, seed=11)
+    truth = unet_out(made.model.unet)
+    as_is = _fresh_pipe(tiny_sd1.folder)
+    as_is.load_lora_weights(str(made.kohya))  # diffusers drops dora_scale: only the plain part
+    dropped = (unet_out(as_is.unet) - truth).abs().max()
+
+    # At the DoRA's own rank (the default) the plain file is closer than that, and the error is reported.
+    # (The fixture moves the magnitudes by up to 10%, a full-rank change; real runs move them far less.)
+    plain = tmp_path / "plain.safetensors"
+    assert main(["convert", str(made.kohya), str(plain), "--to", "plain", "--base", str(tiny_sd1.folder),
+                 "--precision", "fp32"]) == 0
+    assert "relative error overall" in capsys.readouterr().out
+    lora = read_lora(plain)
+    assert not lora.has_dora and {m.rank for m in lora.modules.values() if not m.is_conv} == {4}
+    pipe = _fresh_pipe(tiny_sd1.folder)
+    pipe.load_lora_weights(str(plain))
+    assert (unet_out(pipe.unet) - truth).abs().max() < dropped
+
+    # ...and at full rank it is exact, text encoder included (every layer of the tiny model is <= 64 wide).
+    full = tmp_path / "full.safetensors"
+    assert main(["convert", str(made.kohya), str(full), "--to", "plain", "--base", str(tiny_sd1.folder),
+                 "--rank", "64", "--precision", "fp32"]) == 0
+    pipe = _fresh_pipe(tiny_sd1.folder)
+    pipe.load_lora_weights(str(full))
+    _assert_same(pipe, made.model)
+
+
+def test_making_a_plain_lora_plain_is_refused_with_the_right_command(tiny_sd1, tmp_path):
+    from core.tools.modules import LoraToolError
+    from core.tools.undora import dora_to_lora
+
+    made = make_sd_lora(tiny_sd1.folder, tmp_path, variant="lora", conv_rank=0, seed=12)
+    with pytest.raises(LoraToolError, match="convert --to kohya"):
+        dora_to_lora(str(tiny_sd1.folder), made.kohya, tmp_path / "x.safetensors")

@@ -5,6 +5,7 @@
     python tools/export.py convert pytorch_lora_weights.safetensors my_lora.safetensors --to kohya
     python tools/export.py convert my_lora.safetensors out_dir --to diffusers --precision fp32
     python tools/export.py convert output/chat/adapter chat_lora.safetensors --to peft-single --precision fp16
+    python tools/export.py convert my_dora.safetensors my_plain.safetensors --to plain --base v1-5.safetensors
     python tools/export.py merge --base v1-5.safetensors --lora style.safetensors:0.8 --output v1-5-style.safetensors
     python tools/export.py merge --base SmolLM2 --lora output/chat/adapter --output merged_model/
     python tools/export.py merge --lora a.safetensors:0.7 --lora b.safetensors:0.5 --output ab.safetensors [--rank 16]
@@ -53,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="diffusers <-> kohya/WebUI; PEFT adapter folder <-> one .safetensors")
     p.add_argument("source", help="the LoRA file or adapter folder to convert")
     p.add_argument("output", help="the file (kohya, peft-single) or folder (diffusers, peft) to write")
-    p.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft", "peft-single"],
+    p.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft", "peft-single", "plain"],
                    help="kohya: WebUI/ComfyUI file; diffusers: folder with pytorch_lora_weights.safetensors; "
-                        "peft-single: one .safetensors from a PEFT adapter folder; peft: back to a folder")
+                        "peft-single: one .safetensors from a PEFT adapter folder; peft: back to a folder; "
+                        "plain: a DoRA image LoRA as a plain kohya LoRA that WebUI, ComfyUI and diffusers all "
+                        "apply the same way (needs --base, the model it was trained on)")
+    p.add_argument("--base", help="--to plain: the base model the DoRA LoRA was trained on")
+    p.add_argument("--rank", type=int, help="--to plain: rank of the plain modules (default: the DoRA's own)")
+    p.add_argument("--model-config", default="", help="--to plain: diffusers config folder for a single-file base")
     p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="model family when the file cannot tell")
     p.add_argument("--pissa-init", metavar="INITIAL",
                    help="PiSSA: the adapter saved right after initialisation; writes the equivalent plain LoRA "
@@ -123,6 +129,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from core.tools.convert import convert_lora  # noqa: PLC0415
 
+    if args.to == "plain":
+        from core.tools.undora import dora_to_lora  # noqa: PLC0415
+
+        if not args.base:
+            raise SystemExit("--to plain needs --base: the model the DoRA LoRA was trained on.")
+        precision = "fp16" if args.precision == "keep" else args.precision
+        out, report = dora_to_lora(args.base, args.source, args.output, rank=args.rank, dtype=parse_dtype(precision),
+                                   model_config=args.model_config, allow_pickle=args.allow_pickle)
+        print(f"DoRA modules made plain: {report.summary()}")
+        print(f"Wrote {out}")
+        return 0
     out = convert_lora(args.source, args.output, args.to, family=args.family, dtype=parse_dtype(args.precision),
                        allow_pickle=args.allow_pickle, pissa_initial=args.pissa_init)
     print(f"Wrote {out}")

@@ -13,7 +13,8 @@ from typing import Any
 from ui import catalog, state
 
 FORMATS = {"WebUI / ComfyUI (kohya .safetensors)": "kohya", "diffusers folder": "diffusers",
-           "One .safetensors from a PEFT adapter (LLM servers)": "peft-single"}
+           "One .safetensors from a PEFT adapter (LLM servers)": "peft-single",
+           "DoRA made plain: works the same in WebUI, ComfyUI, diffusers (needs the base model)": "plain"}
 PRECISIONS = ["fp16", "bf16", "fp32", "keep"]
 
 
@@ -56,14 +57,22 @@ def inspect_action(lora: str, all_modules: bool = False) -> str:
     return f"{warning}```\n{text}\n```"
 
 
-def convert_action(lora: str, target: str, output: str, precision: str) -> str:
+def convert_action(lora: str, target: str, output: str, precision: str, base: str = "") -> str:
     from core.tools.convert import convert_lora, parse_dtype  # noqa: PLC0415
 
     try:
         source = _path(lora, "LoRA file or adapter folder")
         to = FORMATS.get(target, target)
         default = {"kohya": f"{source.stem}_webui.safetensors", "diffusers": f"{source.stem}_diffusers",
-                   "peft-single": f"{source.name}.safetensors"}[to]
+                   "peft-single": f"{source.name}.safetensors", "plain": f"{source.stem}_plain.safetensors"}[to]
+        if to == "plain":
+            from core.tools.undora import dora_to_lora  # noqa: PLC0415
+
+            _device_free()
+            base_arg = str(_path(base, "base model the DoRA LoRA was trained on"))
+            out, report = dora_to_lora(base_arg, source, _output(output, default, source),
+                                       dtype=parse_dtype("fp16" if precision == "keep" else precision))
+            return f"✅ Wrote `{out}`\n\nDoRA modules made plain: {report.summary()}"
         out = convert_lora(source, _output(output, default, source), to, dtype=parse_dtype(precision))
     except (ValueError, OSError, KeyError) as exc:
         return _fail(exc)
@@ -153,6 +162,9 @@ def create_tools_tab() -> dict[str, Any]:
                                      elem_id="tools-convert-to")
             convert_precision = gr.Dropdown(PRECISIONS, value="fp16", label="Precision", scale=1,
                                             elem_id="tools-convert-precision")
+        convert_base = gr.Dropdown(choices=[""] + catalog.image_models(), value="", allow_custom_value=True,
+                                   label="Base model (only for 'DoRA made plain': the model it was trained on)",
+                                   elem_id="tools-convert-base")
         convert_output = gr.Textbox(label="Output (empty: beside the source)", elem_id="tools-convert-output")
         convert_btn = gr.Button("Convert", variant="primary", elem_id="tools-convert")
         convert_out = gr.Markdown("", elem_id="tools-convert-out")
@@ -186,7 +198,8 @@ def create_tools_tab() -> dict[str, Any]:
         merge_out = gr.Markdown("", elem_id="tools-merge-out")
 
     inspect_btn.click(inspect_action, [inspect_file, inspect_all], inspect_out)
-    convert_btn.click(convert_action, [convert_file, convert_to, convert_output, convert_precision], convert_out)
+    convert_btn.click(convert_action, [convert_file, convert_to, convert_output, convert_precision, convert_base],
+                      convert_out)
     resize_btn.click(resize_action, [resize_file_box, resize_mode, resize_rank, resize_energy, resize_output,
                                      resize_precision], resize_out)
     merge_btn.click(merge_action, [merge_base, merge_loras, merge_output, merge_precision, merge_rank], merge_out)

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -120,29 +120,44 @@ def combine_files(paths: Sequence[str | Path], weights: Sequence[float], *, rank
 
 # --- baking into a Stable Diffusion base model --------------------------------------------------
 
+def effective_delta(base: torch.Tensor, module: LoraModule, name: str) -> torch.Tensor:
+    """What `module` adds to the layer weight `base` (fp32); for DoRA this depends on `base`."""
+    if tuple(base.shape) != module.weight_shape:
+        raise LoraToolError(f"LoRA module '{name}' changes a weight of shape {module.weight_shape}, but the base "
+                            f"model's layer is {tuple(base.shape)}: the LoRA is for another base model.")
+    base = base.float()
+    delta = module.delta()
+    if module.dora_scale is None:
+        return delta
+    full = base + delta
+    # PEFT / LyCORIS (wd_on_output): one norm per output channel, over everything else.
+    norm = full.reshape(full.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (full.dim() - 1))
+    magnitude = module.dora_scale.float().reshape(norm.shape)
+    return magnitude * full / norm - base
+
+
 def _bake_module(layer: nn.Module, module: LoraModule, weight: float, name: str) -> None:
     target = layer.weight
-    if tuple(target.shape) != module.weight_shape:
-        raise LoraToolError(f"LoRA module '{name}' changes a weight of shape {module.weight_shape}, but the base "
-                            f"model's layer is {tuple(target.shape)}: the LoRA is for another base model.")
     with torch.no_grad():
-        base = target.float()
-        delta = module.delta()
-        if module.dora_scale is not None:
-            full = base + delta
-            # PEFT / LyCORIS (wd_on_output): one norm per output channel, over everything else.
-            norm = full.reshape(full.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (full.dim() - 1))
-            magnitude = module.dora_scale.float().reshape(norm.shape)
-            delta = magnitude * full / norm - base
-        target.copy_((base + weight * delta).to(target.dtype))
+        delta = effective_delta(target, module, name)
+        target.copy_((target.float() + weight * delta).to(target.dtype))
 
 
 def bake_into_modules(components: dict[str, nn.Module], lora: LoraFile, weight: float,
                       report: MergeReport | None = None) -> MergeReport:
     """Add `lora` at `weight` into the diffusers modules {"unet": ..., "text_encoder": ..., ...} in place."""
+    report = report or MergeReport()
+    for name, module, layer in paired_layers(components, lora):
+        _bake_module(layer, module, weight, name)
+        report.merged.append(name)
+    return report
+
+
+def paired_layers(components: dict[str, nn.Module], lora: LoraFile) -> list[tuple[str, LoraModule, nn.Module]]:
+    """(kohya name, module, the base model's layer it changes) for every module of an image LoRA."""
     from core.export.kohya import TEXT_ENCODER_NAMES, kohya_to_peft  # noqa: PLC0415
 
-    report = report or MergeReport()
+    pairs = []
     unet, tes, _ = kohya_to_peft(modules_to_kohya(lora.modules), lora.family)
     # kohya_to_peft tells us the diffusers path of every kohya name; pair them up by tensor identity.
     by_down = {id(m.down): (n, m) for n, m in lora.modules.items()}
@@ -165,9 +180,29 @@ def bake_into_modules(components: dict[str, nn.Module], lora: LoraFile, weight: 
             except AttributeError as exc:
                 raise LoraToolError(f"LoRA module '{name}' has no layer '{path}' in the base model's {component}: "
                                     "the LoRA was trained for another model family or architecture.") from exc
-            _bake_module(layer, module, weight, name)
-            report.merged.append(name)
-    return report
+            pairs.append((name, module, layer))
+    return pairs
+
+
+def sd_components(model: Any) -> dict[str, nn.Module]:
+    """{"unet", "text_encoder"[, "text_encoder_2"]} of a loaded SD model: what a LoRA can change."""
+    components: dict[str, nn.Module] = {"unet": model.unet}
+    for index, encoder in enumerate(model.text_encoders):
+        components["text_encoder" if index == 0 else "text_encoder_2"] = encoder
+    return components
+
+
+def read_image_lora_for(path: str | Path, family: str, *, allow_pickle: bool = False) -> LoraFile:
+    """Read an image LoRA meant for a `family` base model; a text adapter or another family is refused."""
+    lora = read_lora(path, allow_pickle=allow_pickle)
+    if not lora.is_image:
+        raise LoraToolError(f"'{path}' is a text (LLM) adapter; it cannot be used with a Stable Diffusion model.")
+    if lora.format == "diffusers" and lora.family != family:
+        # diffusers names do not depend on the family; the guess from shapes may be off for small models.
+        lora = read_lora(path, family=family, allow_pickle=allow_pickle)
+    if lora.family != family and {lora.family, family} != {"sd1", "sd2"}:
+        raise LoraToolError(f"'{Path(path).name}' is an {lora.family} LoRA but the base model is {family}.")
+    return lora
 
 
 def bake_into_sd(base_model: str, loras: Sequence[tuple[str | Path, float]], output: str | Path, *,
@@ -179,20 +214,11 @@ def bake_into_sd(base_model: str, loras: Sequence[tuple[str | Path, float]], out
     from core.train.runtime import save_file_atomic  # noqa: PLC0415
 
     model = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
-    components: dict[str, nn.Module] = {"unet": model.unet}
-    for index, encoder in enumerate(model.text_encoders):
-        components["text_encoder" if index == 0 else "text_encoder_2"] = encoder
+    components = sd_components(model)
     report = MergeReport()
     sources = []
     for path, weight in loras:
-        lora = read_lora(path, allow_pickle=allow_pickle)
-        if not lora.is_image:
-            raise LoraToolError(f"'{path}' is a text (LLM) adapter; it cannot be merged into a Stable Diffusion model.")
-        if lora.format == "diffusers" and lora.family != model.family:
-            # diffusers names do not depend on the family; the guess from shapes may be off for small models.
-            lora = read_lora(path, family=model.family, allow_pickle=allow_pickle)
-        if lora.family != model.family and {lora.family, model.family} != {"sd1", "sd2"}:
-            raise LoraToolError(f"'{Path(path).name}' is an {lora.family} LoRA but the base model is {model.family}.")
+        lora = read_image_lora_for(path, model.family, allow_pickle=allow_pickle)
         bake_into_modules(components, lora, weight, report)
         sources.append({"file": Path(path).name, "weight": weight})
     state = pipeline_to_single_file(model.family, unet=model.unet, vae=model.vae,
