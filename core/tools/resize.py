@@ -2,8 +2,8 @@
 
 Resizing works on each module's full delta `alpha / rank * up @ down`: the best rank-k
 approximation (Eckart-Young) is the truncated SVD, and the relative Frobenius error
-`||delta - approx|| / ||delta||` says what was lost. The resized module keeps the ORIGINAL
-scale (alpha scaled with the rank), so a user's usual LoRA weight still means the same.
+`||delta - approx|| / ||delta||` says what was lost. The resized module keeps its alpha (the
+factors absorb the new alpha / rank), so the delta and a user's usual LoRA weight mean the same.
 
 `extract_modules` builds a LoRA from the difference of two weight sets (a fine-tuned model
 minus its base) the same way, module by module.
@@ -65,8 +65,10 @@ def resize_module(module: LoraModule, *, rank: int | None = None, energy: float 
     norm = float(svd.s.pow(2).sum().sqrt())
     target = rank_for_energy(svd.s, energy) if energy is not None else int(rank)
     target = min(target, module.rank, max_rank or module.rank)
-    # Same scale as before: alpha follows the rank, so "weight 0.8" still means the same.
-    resized, error = truncate(svd, target, alpha=module.scale * target)
+    # The factors absorb any alpha, so the delta (and what "weight 0.8" means) is the same either
+    # way. Keeping the module's own alpha keeps it uniform across modules: diffusers' kohya loader
+    # mis-scales files whose alpha varies per module (as it would with per-module ranks here).
+    resized, error = truncate(svd, target, alpha=module.alpha)
     if module.dora_scale is not None:
         # The magnitude is per output channel and independent of the rank; the direction
         # changes by the truncation error, which the report already states.
@@ -125,7 +127,7 @@ def extract_modules(base: dict[str, Tensor], tuned: dict[str, Tensor], *, rank: 
             continue
         svd = svd_of_delta(delta)
         target = limit if energy is None else min(limit, rank_for_energy(svd.s, energy))
-        module, error = truncate(svd, target)
+        module, error = truncate(svd, target, alpha=float(limit))  # one alpha per kind (see resize_module)
         modules[name] = module
         report.modules.append(ModuleResize(name, int(min(delta.shape[0], delta[0].numel())), module.rank,
                                            error, float(delta.norm())))
