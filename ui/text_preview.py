@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The caption estimate (words, marks, CJK characters twice) suits LLM tokenizers too; a flat
+# characters/4 undercounts Chinese several times over, and a clinic's answers may be Chinese.
+from core.data.health import estimate_tokens
+
 PREVIEW_ROWS = 200
 
 
@@ -28,14 +32,6 @@ class TextPreview:
     rows: list[list[str]] = field(default_factory=list)
     issues: list[TextIssue] = field(default_factory=list)
     summary: str = ""
-
-
-def estimate_tokens(text: str) -> int:
-    # The caption estimate suits LLM tokenizers too; a flat characters/4 would undercount
-    # Chinese by about four times, and a clinic's answers may well be in Chinese.
-    from core.data.health import estimate_tokens as words_and_marks  # noqa: PLC0415
-
-    return words_and_marks(text)
 
 
 def _role_text(messages: list[dict[str, str]], role: str) -> str:
