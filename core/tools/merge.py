@@ -139,8 +139,8 @@ def effective_delta(base: torch.Tensor, module: LoraModule, name: str) -> torch.
 def _bake_module(layer: nn.Module, module: LoraModule, weight: float, name: str) -> None:
     target = layer.weight
     with torch.no_grad():
-        delta = effective_delta(target, module, name)
-        target.copy_((target.float() + weight * delta).to(target.dtype))
+        base = target.float()  # one fp32 copy, shared with effective_delta (a no-op .float() there)
+        target.copy_((base + weight * effective_delta(base, module, name)).to(target.dtype))
 
 
 def bake_into_modules(components: dict[str, nn.Module], lora: LoraFile, weight: float,
