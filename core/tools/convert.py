@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.export.inspect import DIFFUSERS_COMPONENTS, KOHYA_PREFIXES
 from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
                                 modules_to_kohya, modules_to_peft)
 
@@ -31,7 +32,6 @@ PEFT_PICKLE_NAME = "adapter_model.bin"
 SINGLE_FILE_CONFIG_KEY = "adapter_config"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
-_DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -84,11 +84,11 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], di
 
 def detect_format(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     keys = list(tensors)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
     if SINGLE_FILE_CONFIG_KEY in metadata or any(k.startswith("base_model.model.") for k in keys):
         return "peft"
-    if any(k.split(".", 1)[0] in _DIFFUSERS_COMPONENTS for k in keys):
+    if any(k.split(".", 1)[0] in DIFFUSERS_COMPONENTS for k in keys):
         return "diffusers"
     sample = ", ".join(keys[:3])
     raise LoraToolError(f"Cannot tell the LoRA format from the keys ({sample} ...): expected kohya "
