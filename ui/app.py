@@ -129,6 +129,14 @@ def cuda_notice(nvidia: bool | None = None, cuda: str | None | bool = False) -> 
             "(on Windows: .venv\\Scripts\\python.exe -m pip ...), then start launch.py again.")
 
 
+def library_notice() -> str | None:
+    """The libraries outside the tested set and the command that restores it, or None."""
+    from core.versions import library_problems, restore_advice, untested_message  # noqa: PLC0415
+
+    problems = library_problems()
+    return f"{untested_message(problems)} {restore_advice()}" if problems else None
+
+
 def build_app():
     """The Blocks with the four tabs of the work (Dataset, Caption, Train, Test) and the LoRA Tools."""
     import gradio as gr  # noqa: PLC0415
@@ -136,9 +144,12 @@ def build_app():
     from ui import caption_tab, dataset_tab, state, test_tab, tools_tab, train_tab  # noqa: PLC0415
 
     state.ensure_folders()
+    drift = library_notice()
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown("## lora-scripts — Dataset → Caption → Train → Test  \n"
                     "Everything runs on this computer; nothing is uploaded.")
+        if drift:
+            gr.Markdown(f"<span class='ls-warn'>⚠ {drift}</span>", elem_id="library-notice")
         with gr.Tabs():
             with gr.Tab("Dataset", id="dataset"):
                 data = dataset_tab.create_dataset_tab()
@@ -160,9 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     auth = parse_auth(args.auth)
     for warning in serving_warnings(host, bool(auth), args.share):
         print(f"[lora-scripts] WARNING: {warning}", flush=True)
-    notice = cuda_notice()
-    if notice:
-        print(notice, flush=True)
+    for notice in (cuda_notice(), library_notice()):
+        if notice:
+            print(notice if notice.startswith("[") else f"[lora-scripts] WARNING: {notice}", flush=True)
     port = find_free_port(host, args.port or DEFAULT_PORT)
     if args.port and port != args.port:
         print(f"[lora-scripts] Port {args.port} is taken; using {port}.", flush=True)

@@ -21,10 +21,22 @@ def train_task(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
 def run_training(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
     """Train `cfg` to the end (or until ctx asks to stop); returns the output paths.
 
-    Goes through core.train.recovery: the memory estimate is logged first, an
+    The installed libraries are checked against the tested set first (core.versions).
+    Then it goes through core.train.recovery: the memory estimate is logged first, an
     out-of-memory error ends with the settings to change or, with auto_downshift,
     resumes from the last checkpoint with the next smaller preset.
     """
     from core.train.recovery import train_with_recovery  # noqa: PLC0415
 
+    check_libraries(ctx)
     return train_with_recovery(train_task, cfg, ctx)
+
+
+def check_libraries(ctx: RunContext) -> None:
+    """Before any work: refuse libraries that cannot work together, warn about untested ones."""
+    from core.events import WarningEvent  # noqa: PLC0415
+    from core.versions import check_before_training, restore_advice, untested_message  # noqa: PLC0415
+
+    untested = check_before_training()
+    if untested:
+        ctx.emit(WarningEvent(message=untested_message(untested), advice=restore_advice()))

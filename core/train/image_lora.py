@@ -35,9 +35,18 @@ def add_unet_lora(unet: nn.Module, cfg: TrainConfig) -> Any:
 
 
 def add_text_encoder_lora(encoder: nn.Module, cfg: TrainConfig, targets: list[str] | None = None) -> Any:
+    """Add the LoRA adapter to a CLIP text encoder through PEFT itself.
+
+    Not `encoder.add_adapter`: that goes through transformers' PEFT integration, whose PEFT
+    floor moves with each transformers release (5.24 asks for a PEFT that does not exist
+    yet), while PEFT's own injection is what that method calls underneath.
+    """
+    from peft import inject_adapter_in_model  # noqa: PLC0415
+
     # The user's target_modules name UNet modules; text encoders keep their own projections.
     config = make_lora_config(dataclasses.replace(cfg, target_modules=list(targets or [])), TEXT_ENCODER_MODULES)
-    encoder.add_adapter(config)
+    config.base_model_name_or_path = getattr(encoder, "name_or_path", None)
+    inject_adapter_in_model(config, encoder, "default")
     return config
 
 
