@@ -15,13 +15,13 @@ def work(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_SCRIPTS_WORKDIR", str(tmp_path))
     import ui.catalog
     import ui.state
-    import ui.test_tab
+    import ui.tryout_tab
     import ui.train_tab
 
-    modules = [importlib.reload(m) for m in (ui.state, ui.catalog, ui.train_tab, ui.test_tab)]
+    modules = [importlib.reload(m) for m in (ui.state, ui.catalog, ui.train_tab, ui.tryout_tab)]
     yield tmp_path, modules
     monkeypatch.delenv("LORA_SCRIPTS_WORKDIR")
-    for module in (ui.state, ui.catalog, ui.train_tab, ui.test_tab):
+    for module in (ui.state, ui.catalog, ui.train_tab, ui.tryout_tab):
         importlib.reload(module)
 
 
@@ -77,21 +77,21 @@ def test_models_loras_and_data_sets_are_found_in_the_webui_layout(work):
 
 
 def test_compare_over_checkpoints_puts_them_before_the_final_file_and_saves_in_the_run(work):
-    root, (state, catalog, train_tab, test_tab) = work
+    root, (state, catalog, train_tab, tryout_tab) = work
     final = touch(root / "output" / "run" / "run.safetensors")
     step = touch(root / "output" / "run" / "checkpoints" / "step-000100" / "run.safetensors")
-    files = test_tab.compare_files("./output/run/run.safetensors", True)
+    files = tryout_tab.compare_files("./output/run/run.safetensors", True)
     assert [p.resolve() for p in files] == [step.resolve(), final.resolve()]
-    assert test_tab.compare_files("./output/run/run.safetensors", False)[0].resolve() == final.resolve()
-    grid = test_tab.grid_path("./output/run/run.safetensors")
+    assert tryout_tab.compare_files("./output/run/run.safetensors", False)[0].resolve() == final.resolve()
+    grid = tryout_tab.grid_path("./output/run/run.safetensors")
     assert grid.parent == (root / "output" / "run" / "compare").resolve() and grid.name.startswith("run-")
 
 
 def test_the_webui_prompt_syntax_names_the_lora_and_its_weight(work):
-    from ui import test_tab
+    from ui import tryout_tab
 
-    assert test_tab.webui_syntax("./output/cats/cats.safetensors", 0.8) == "<lora:cats:0.8>"
-    assert test_tab.webui_syntax("./output/cats/pytorch_lora_weights.safetensors", 1.0) == "<lora:cats:1>"
+    assert tryout_tab.webui_syntax("./output/cats/cats.safetensors", 0.8) == "<lora:cats:0.8>"
+    assert tryout_tab.webui_syntax("./output/cats/pytorch_lora_weights.safetensors", 1.0) == "<lora:cats:1>"
 
 
 def test_a_saved_config_runs_unchanged_with_train_py(work, tmp_path):
@@ -109,17 +109,17 @@ def test_an_sdxl_lora_on_an_sd1_model_is_refused_with_the_reason(work, tiny_sd1)
     from safetensors.torch import save_file
     import torch
 
-    root, (state, catalog, train_tab, test_tab) = work
+    root, (state, catalog, train_tab, tryout_tab) = work
     lora = root / "models" / "Lora" / "xl_style.safetensors"
     lora.parent.mkdir(parents=True)
     key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     save_file({f"{key}.lora_down.weight": torch.zeros(4, 64), f"{key}.lora_up.weight": torch.zeros(64, 4),
                f"{key}.alpha": torch.tensor(4.0)}, str(lora),
               metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"})
-    note = test_tab.family_note(str(lora), str(tiny_sd1.folder))
+    note = tryout_tab.family_note(str(lora), str(tiny_sd1.folder))
     assert "trained for SDXL" in note and "SD 1.x" in note
     with pytest.raises(ValueError, match="SDXL"):
-        test_tab.check_family(str(lora), str(tiny_sd1.folder))
+        tryout_tab.check_family(str(lora), str(tiny_sd1.folder))
 
 
 def test_auto_picks_a_preset_for_this_machine_and_says_why(work):

@@ -1,5 +1,5 @@
-"""Test tab: try the LoRA. Images: generate at a LoRA weight and compare weights x checkpoints
-in one labelled grid. Text: chat with the adapter, and the base and the LoRA side by side.
+"""The Test tab, where you try a LoRA. Images: generate at a LoRA weight and compare weights x
+checkpoints in one labelled grid. Text: chat with the adapter, and the base and the LoRA side by side.
 
 Generation runs in the request (like WebUI's Generate) with Gradio's progress, but is
 refused while a training job holds the device; the pipelines load lazily in `core.sample`
@@ -82,7 +82,7 @@ def grid_path(lora_path: str) -> Path:
     return folder / f"{stem or 'lora'}-{time.strftime('%Y%m%d-%H%M%S')}.png"
 
 
-def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
+def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     import gradio as gr  # noqa: PLC0415
 
     with gr.Row():
