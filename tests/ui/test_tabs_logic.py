@@ -142,3 +142,57 @@ def test_a_long_chinese_answer_is_flagged_as_longer_than_max_seq_length(tmp_path
     flagged = [issue for issue in result.issues if "max_seq_length" in issue.problem]
     assert len(flagged) == 1 and "clinic.csv:2" in flagged[0].file
     assert int(result.rows[1][-1]) < 30  # the short English pair is nowhere near
+
+
+# -- the tabs' handlers, called as Gradio calls them ---------------------------------------
+def test_a_wrong_key_is_marked_on_save_and_a_saved_yaml_loads_back_into_the_form(work):
+    from ui import form
+
+    root, (state, catalog, train_tab, tryout_tab) = work
+    specs = form.field_specs()
+    train_form = train_tab.TrainForm(specs, {})
+    values = form.config_values(specs, {"train_data_dir": "./data/cats", "base_model": "./models/x.safetensors",
+                                       "lora_rank": 4})
+    rank = [s.name for s in specs].index("lora_rank")
+    wrong = list(values)
+    wrong[rank] = -3
+    message, command, yaml_text, *marks = train_tab.on_save(train_form, "./configs/cats.yaml", *wrong, [])
+    assert "`lora_rank`" in message and marks[-1] == ["lora_rank"]
+    assert "ls-invalid" in marks[rank]["elem_classes"] and not (root / "configs" / "cats.yaml").exists()
+    message, command, yaml_text, *marks = train_tab.on_save(train_form, "./configs/cats", *values, ["lora_rank"])
+    assert message == "Saved `./configs/cats.yaml`." and "lora_rank: 4" in yaml_text
+    assert command == form.command_line("./configs/cats.yaml")
+    assert marks[-1] == [] and marks[rank]["elem_classes"] == []  # the fixed key gets its help back
+    note, *loaded = train_tab.on_load(specs, "./configs/cats.yaml")
+    assert note == "Loaded `cats.yaml`." and loaded == values
+
+
+def test_a_yaml_with_an_unknown_key_loads_the_rest_and_names_that_key(work):
+    from ui import form
+
+    root, (state, catalog, train_tab, tryout_tab) = work
+    path = root / "mine.yaml"
+    path.write_text("lora_rank: 16\nno_such_key: 1\n", encoding="utf-8")
+    specs = form.field_specs()
+    note, *loaded = train_tab.on_upload(specs, str(path))
+    assert "`no_such_key`: unknown key, not loaded" in note
+    assert loaded[[s.name for s in specs].index("lora_rank")] == 16
+    assert train_tab.on_upload(specs, None) == [train_tab.gr.skip()] * (len(specs) + 1)
+
+
+def test_the_run_name_names_its_output_folder_and_config_file(work):
+    _, (state, catalog, train_tab, tryout_tab) = work
+    assert train_tab.on_output_name("my cats") == ("./output/my cats", "./configs/my cats.yaml")
+    assert train_tab.on_output_name("../../etc") == ("./output/etc", "./configs/etc.yaml")
+
+
+def test_the_tryout_handlers_say_what_is_missing_before_loading_a_model(work):
+    _, (state, catalog, train_tab, tryout_tab) = work
+    assert tryout_tab.generate("", "", "a cat", "", 0.8, 1, 20, 7.0, 0) == (None, "Choose a base model first.")
+    image, message = tryout_tab.compare("./models/x", "", "a cat", "", 1, 20, 7.0, 0, False)
+    assert image is None and message == "Choose a LoRA to compare."
+    assert tryout_tab.send("", "", 1.0, 16, [], "  ") == ([], "", "Type a message first.")
+    *_, note = tryout_tab.side_by_side("", "", 1.0, 16, "hello")
+    assert note == "Choose an adapter to compare with the base model."
+    *_, note = tryout_tab.send("", "./output/nope/adapter", 1.0, 16, [], "hello")
+    assert note == "./output/nope/adapter does not exist."
