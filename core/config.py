@@ -30,6 +30,20 @@ PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CAPTION_SOURCES = ("auto", "metadata", "txt")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# The title of each field group, in the order the form's Advanced section and the README's
+# key table show them (the form's accordions and tools/config_doc.py both read this one).
+GROUP_TITLES = {
+    "basic": "Common settings",
+    "run": "Run: seed, steps, resume",
+    "optim": "Optimizer and learning rate",
+    "lora": "LoRA network",
+    "data": "Image data and captions",
+    "model": "Image model and noise",
+    "sample": "Sample previews",
+    "text": "Text data and model",
+    "output": "Output and logging",
+    "advanced": "Other",
+}
 
 
 def _f(default: Any, help: str, group: str = "advanced", *, choices: tuple[str, ...] | None = None,

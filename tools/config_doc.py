@@ -12,11 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.config import FIELDS, TrainConfig  # noqa: E402
-
-GROUP_TITLES = {"basic": "Basic (the seed's keys and the ones most runs touch)", "run": "Run",
-                "optim": "Optimizer", "lora": "LoRA", "data": "Image data", "model": "Image model and noise",
-                "sample": "Previews", "text": "Text", "output": "Output", "advanced": "Advanced"}
+from core.config import FIELDS, GROUP_TITLES, TrainConfig  # noqa: E402
 
 
 def _default(name: str) -> str:

@@ -141,7 +141,7 @@ def build_app():
     """The Blocks with the four tabs of the work (Dataset, Caption, Train, Test) and the LoRA Tools."""
     import gradio as gr  # noqa: PLC0415
 
-    from ui import caption_tab, dataset_tab, state, test_tab, tools_tab, train_tab  # noqa: PLC0415
+    from ui import caption_tab, dataset_tab, state, tools_tab, train_tab, tryout_tab  # noqa: PLC0415
 
     state.ensure_folders()
     drift = library_notice()
@@ -158,7 +158,7 @@ def build_app():
             with gr.Tab("Train", id="train"):
                 train = train_tab.create_train_tab(data)
             with gr.Tab("Test", id="test"):
-                test_tab.create_test_tab(train)
+                tryout_tab.create_tryout_tab(train)
             with gr.Tab("Tools", id="tools"):
                 tools_tab.create_tools_tab()
     state.register_app(app)

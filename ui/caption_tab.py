@@ -3,6 +3,9 @@
 The captioning runs as a job of the one `ui.state.JOB` (kind "caption") through
 `core.caption.caption_folder`, so the page only polls; captions appear beside the
 thumbnails as metadata.csv fills. Edits, search/replace and saving use `ui.caption_edit`.
+
+The handlers are module functions of the widgets' values; `create_caption_tab` only lays
+the widgets out and wires them. `core.caption` loads PIL, so it is imported on use.
 """
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ import html
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
+
 from core.job import JobBusyError
 from ui import catalog, state
 from ui.caption_edit import read_captions, save_captions, search_replace
 from ui.status import progress_html
+from ui.thumbs import thumbnail
 
 POLL_SECONDS = 2.0
 
@@ -25,8 +31,6 @@ def captioner_choices() -> list[tuple[str, str]]:
 
 
 def gallery_items(folder: Path, rows: list[list[str]]) -> list[tuple[str, str]]:
-    from ui.thumbs import thumbnail  # noqa: PLC0415
-
     items = []
     for name, caption in rows:
         thumb = thumbnail(folder / name)
@@ -35,9 +39,115 @@ def gallery_items(folder: Path, rows: list[list[str]]) -> list[tuple[str, str]]:
     return items
 
 
-def create_caption_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
-    import gradio as gr  # noqa: PLC0415
+def folder_path(text: str) -> Path | None:
+    """The image folder the user named, or None when it is empty or not a folder."""
+    if not text:
+        return None
+    path = state.resolve_user_path(text)
+    return path if path.is_dir() else None
 
+
+def table_rows(rows: Any) -> list[list[str]]:
+    """The caption table's value as rows (Gradio hands a DataFrame, tests a list)."""
+    return rows.values.tolist() if hasattr(rows, "values") else (rows or [])
+
+
+def load_folder(text: str) -> tuple[Any, Any, str]:
+    """(table, gallery, message): the folder's images and their captions."""
+    path = folder_path(text)
+    if path is None:
+        return gr.skip(), gr.skip(), "Choose an existing image folder first."
+    from core.caption import find_images  # noqa: PLC0415
+
+    state.allow_folder(path)
+    rows = read_captions(path, find_images(path))
+    done = sum(1 for _, c in rows if c)
+    return rows, gallery_items(path, rows), f"{len(rows)} images, {done} with a caption."
+
+
+def start_captioning(text: str, model_name: str, trigger: str, prefix: str, suffix: str, existing: str,
+                     to_csv: bool, to_txt: bool, batch_size: float | None) -> str:
+    """Start a caption job on the folder; the message says what runs (or why not)."""
+    path = folder_path(text)
+    if path is None:
+        return "Choose an existing image folder first."
+    if not to_csv and not to_txt:
+        return "Choose where to write the captions: metadata.csv, .txt files, or both."
+    from core.caption import CaptionOptions, caption_folder  # noqa: PLC0415
+
+    full_prefix = ", ".join(p for p in (trigger.strip(), prefix.strip()) if p)
+    name = model_name.strip()
+    # A path-like name that exists is a local model folder; anything else is a captioner's name or a hub id.
+    model_arg = str(state.resolve_user_path(name)) if ("/" in name or "\\" in name) and \
+        state.resolve_user_path(name).exists() else name
+    options = CaptionOptions(input_dir=path, model=model_arg, write_csv=bool(to_csv), write_txt=bool(to_txt),
+                             prefix=full_prefix, suffix=suffix.strip(), existing=existing,
+                             batch_size=int(batch_size or 8))
+    try:
+        state.JOB.run(lambda ctx: caption_folder(options, ctx), kind="caption", name=path.name)
+    except JobBusyError as exc:
+        return f"**{exc}**"
+    return f"Captioning `{html.escape(path.name)}` with {html.escape(name)} …"
+
+
+def stop_captioning() -> str:
+    snap = state.JOB.snapshot()
+    if snap.kind == "caption" and state.JOB.stop():
+        return "Stopping after the current batch; captions so far are saved."
+    return "No captioning is running."
+
+
+def replace_in_captions(rows: Any, find_text: str, replace_text: str, use_regex: bool) -> tuple[Any, str]:
+    """(table, message): find/replace over every caption in the table (saved only by Save)."""
+    try:
+        new_rows, changed = search_replace(table_rows(rows), find_text, replace_text or "", regex=bool(use_regex))
+    except ValueError as exc:
+        return gr.skip(), str(exc)
+    return new_rows, f"Changed {changed} captions. Press Save captions to write them."
+
+
+def save_table(text: str, rows: Any, to_csv: bool, to_txt: bool) -> tuple[str, Any]:
+    """(message, gallery): the table's captions written to metadata.csv and/or .txt files."""
+    path = folder_path(text)
+    if path is None:
+        return "Choose an existing image folder first.", gr.skip()
+    current = table_rows(rows)
+    if not to_csv and not to_txt:
+        return "Choose metadata.csv, .txt files, or both.", gr.skip()
+    result = save_captions(path, current, to_csv=bool(to_csv), to_txt=bool(to_txt))
+    return result.summary(), gallery_items(path, current)
+
+
+def poll(text: str, seen: dict | None) -> tuple[Any, ...]:
+    """(progress, table, gallery, message, seen): the captions are re-read as a caption job advances."""
+    snap = state.JOB.snapshot()
+    seen = dict(seen or {})
+    key = (snap.started_at, snap.progress.step if snap.progress else -1, snap.state) \
+        if snap.kind == "caption" else None
+    html_out = progress_html(snap, "caption")
+    if key == seen.get("key") or key is None:
+        return html_out, gr.skip(), gr.skip(), gr.skip(), seen
+    seen["key"] = key
+    path = folder_path(text)
+    if path is None:
+        return html_out, gr.skip(), gr.skip(), gr.skip(), seen
+    from core.caption import find_images  # noqa: PLC0415
+
+    rows = read_captions(path, find_images(path))
+    note: Any = gr.skip()
+    if not snap.running:
+        note = snap.log[-1] if snap.log else ""
+        if snap.error is not None:
+            note = f"**{snap.error.message}**" + (f"  \n{snap.error.advice}" if snap.error.advice else "")
+    return html_out, rows, gallery_items(path, rows), note, seen
+
+
+def follow_dataset(folder: str) -> Any:
+    """A data set opened in the Dataset tab becomes the folder to caption."""
+    return gr.update(value=folder, choices=catalog.datasets())
+
+
+def create_caption_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     with gr.Row():
         folder = gr.Dropdown(choices=catalog.datasets(), value="", allow_custom_value=True, scale=3,
                              label="Image folder", elem_id="cap-folder")
@@ -73,98 +183,14 @@ def create_caption_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     memo = gr.State({})
     timer = gr.Timer(POLL_SECONDS)
 
-    def folder_path(text: str) -> Path | None:
-        if not text:
-            return None
-        path = state.resolve_user_path(text)
-        return path if path.is_dir() else None
-
-    def load(text: str):
-        path = folder_path(text)
-        if path is None:
-            return gr.skip(), gr.skip(), "Choose an existing image folder first."
-        from core.caption import find_images  # noqa: PLC0415
-
-        state.allow_folder(path)
-        rows = read_captions(path, find_images(path))
-        done = sum(1 for _, c in rows if c)
-        return rows, gallery_items(path, rows), f"{len(rows)} images, {done} with a caption."
-
-    def run(text, model_name, trig, pre, suf, mode, csv_on, txt_on, batch_size):
-        path = folder_path(text)
-        if path is None:
-            return "Choose an existing image folder first."
-        if not csv_on and not txt_on:
-            return "Choose where to write the captions: metadata.csv, .txt files, or both."
-        from core.caption import CaptionOptions, caption_folder  # noqa: PLC0415
-
-        full_prefix = ", ".join(p for p in (trig.strip(), pre.strip()) if p)
-        name = model_name.strip()
-        model_arg = str(state.resolve_user_path(name)) if ("/" in name or "\\" in name) and \
-            state.resolve_user_path(name).exists() else name
-        options = CaptionOptions(input_dir=path, model=model_arg, write_csv=bool(csv_on), write_txt=bool(txt_on),
-                                 prefix=full_prefix, suffix=suf.strip(), existing=mode,
-                                 batch_size=int(batch_size or 8))
-        try:
-            state.JOB.run(lambda ctx: caption_folder(options, ctx), kind="caption", name=path.name)
-        except JobBusyError as exc:
-            return f"**{exc}**"
-        return f"Captioning `{html.escape(path.name)}` with {html.escape(name)} …"
-
-    def stop():
-        snap = state.JOB.snapshot()
-        if snap.kind == "caption" and state.JOB.stop():
-            return "Stopping after the current batch; captions so far are saved."
-        return "No captioning is running."
-
-    def do_replace(rows, find_text, replace_text, use_regex):
-        current = rows.values.tolist() if hasattr(rows, "values") else (rows or [])
-        try:
-            new_rows, changed = search_replace(current, find_text, replace_text or "", regex=bool(use_regex))
-        except ValueError as exc:
-            return gr.skip(), str(exc)
-        return new_rows, f"Changed {changed} captions. Press Save captions to write them."
-
-    def save(text, rows, csv_on, txt_on):
-        path = folder_path(text)
-        if path is None:
-            return "Choose an existing image folder first.", gr.skip()
-        current = rows.values.tolist() if hasattr(rows, "values") else (rows or [])
-        if not csv_on and not txt_on:
-            return "Choose metadata.csv, .txt files, or both.", gr.skip()
-        result = save_captions(path, current, to_csv=bool(csv_on), to_txt=bool(txt_on))
-        return result.summary(), gallery_items(path, current)
-
-    def poll(text: str, seen: dict):
-        snap = state.JOB.snapshot()
-        seen = dict(seen or {})
-        key = (snap.started_at, snap.progress.step if snap.progress else -1, snap.state) \
-            if snap.kind == "caption" else None
-        html_out = progress_html(snap, "caption")
-        if key == seen.get("key") or key is None:
-            return html_out, gr.skip(), gr.skip(), gr.skip(), seen
-        seen["key"] = key
-        path = folder_path(text)
-        if path is None:
-            return html_out, gr.skip(), gr.skip(), gr.skip(), seen
-        from core.caption import find_images  # noqa: PLC0415
-
-        rows = read_captions(path, find_images(path))
-        note = gr.skip()
-        if not snap.running:
-            note = snap.log[-1] if snap.log else ""
-            if snap.error is not None:
-                note = f"**{snap.error.message}**" + (f"  \n{snap.error.advice}" if snap.error.advice else "")
-        return html_out, rows, gallery_items(path, rows), note, seen
-
-    load_btn.click(load, folder, [table, gallery, message])
-    folder.select(load, folder, [table, gallery, message])
-    run_btn.click(run, [folder, model, trigger, prefix, suffix, existing, to_csv, to_txt, batch], message)
-    stop_btn.click(stop, None, message)
-    replace_btn.click(do_replace, [table, find, replace, regex], [table, message])
-    save_btn.click(save, [folder, table, to_csv, to_txt], [message, gallery])
+    load_btn.click(load_folder, folder, [table, gallery, message])
+    folder.select(load_folder, folder, [table, gallery, message])
+    run_btn.click(start_captioning, [folder, model, trigger, prefix, suffix, existing, to_csv, to_txt, batch], message)
+    stop_btn.click(stop_captioning, None, message)
+    replace_btn.click(replace_in_captions, [table, find, replace, regex], [table, message])
+    save_btn.click(save_table, [folder, table, to_csv, to_txt], [message, gallery])
     timer.tick(poll, [folder, memo], [progress, table, gallery, message, memo], show_progress="hidden")
     if data and "folder" in data:
-        data["folder"].change(lambda f: gr.update(value=f, choices=catalog.datasets()), data["folder"], folder).then(
-            load, folder, [table, gallery, message])
+        data["folder"].change(follow_dataset, data["folder"], folder).then(
+            load_folder, folder, [table, gallery, message])
     return {"folder": folder, "run": run_btn, "table": table}

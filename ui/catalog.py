@@ -74,12 +74,6 @@ def datasets(data_dir: Path = DATA_DIR) -> list[str]:
     return found
 
 
-def run_folders(output_dir: Path = OUTPUT_DIR) -> list[str]:
-    if not output_dir.is_dir():
-        return []
-    return [_rel(p) for p in sorted(output_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-
-
 def _loadable_lora(folder: Path) -> Path | None:
     """The LoRA file of a run or checkpoint folder that a pipeline can load (not the PEFT resume files)."""
     preferred = folder / "pytorch_lora_weights.safetensors"

@@ -5,6 +5,10 @@ check table from `core.data.health` (unreadable files, too small, extreme shapes
 near-duplicates, missing/empty/too long captions, conversions) and, for the picked
 image, the crop its bucket keeps. Text data (a CSV/JSONL/TXT file): the parsed rows and
 the same kind of checks from `core.data.text`.
+
+The handlers are module functions of the widgets' values; `create_dataset_tab` only lays
+the widgets out and wires them. The health check loads torch and PIL, so it is imported
+when a data set is opened, not when the app starts.
 """
 from __future__ import annotations
 
@@ -13,8 +17,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
+
 from ui import catalog, state
 from ui.catalog import TEXT_DATA_SUFFIXES
+from ui.thumbs import thumbnail
+from ui.uploads import import_files
 
 GALLERY_LIMIT = 300
 HEALTH_HEADERS = ["severity", "file", "problem", "advice"]
@@ -53,9 +61,66 @@ def text_preview(path: Path, max_seq_length: int = 512) -> tuple[list[list[str]]
     return result.rows, result.headers, issues, result.summary
 
 
-def create_dataset_tab() -> dict[str, Any]:
-    import gradio as gr  # noqa: PLC0415
+def open_dataset(path_text: str, resolution: float | None) -> tuple[Any, ...]:
+    """(summary, gallery, health rows, text rows table, image paths, crop, crop text) of a data set."""
+    resolution = int(resolution or 512)
+    if not path_text:
+        return ("Choose or type a data set first.", [], [], gr.update(visible=False), [], None, "")
+    path = state.resolve_user_path(path_text)
+    if not path.exists():
+        return (f"`{html.escape(str(path))}` does not exist. Check the path.", [], [],
+                gr.update(visible=False), [], None, "")
+    state.allow_folder(path if path.is_dir() else path.parent)
+    if is_text_data(path):
+        rows, headers, issues, text = text_preview(path)
+        return (text, [], issues, gr.update(visible=True, value=rows, headers=headers), [], None, "")
+    from core.data.health import health_check  # noqa: PLC0415 - imports torch
+    from core.data.images import DatasetError  # noqa: PLC0415
 
+    try:
+        report = health_check(path, resolution=resolution)
+    except DatasetError as exc:
+        return (str(exc), [], [], gr.update(visible=False), [], None, "")
+    items, paths = [], []
+    for name, width, height in report.sizes[:GALLERY_LIMIT]:
+        source = path / name
+        thumb = thumbnail(source)
+        if thumb is not None:
+            items.append((str(thumb), f"{name} · {width}×{height}"))
+            paths.append(str(source))
+    more = f"  \nShowing the first {GALLERY_LIMIT}." if len(report.sizes) > GALLERY_LIMIT else ""
+    return (summary_markdown(report, path) + more, items, report.rows(), gr.update(visible=False), paths,
+            None, "")
+
+
+def crop_preview(paths: list[str], resolution: float | None, evt: gr.SelectData) -> tuple[Any, str]:
+    """(image, sentence): what training keeps of the clicked image (Gradio fills `evt` from the annotation)."""
+    from core.data.health import bucket_preview  # noqa: PLC0415 - imports torch
+    from core.data.image_io import ImageReadError  # noqa: PLC0415
+
+    if not paths or evt.index is None or evt.index >= len(paths):
+        return None, ""
+    try:
+        image, sentence = bucket_preview(paths[evt.index], int(resolution or 512))
+    except ImageReadError as exc:
+        return None, str(exc)
+    return image, f"**{html.escape(Path(paths[evt.index]).name)}**: {html.escape(sentence)}"
+
+
+def create_from_uploads(name: str, files: list[str] | None) -> tuple[Any, str]:
+    """(data set choice, message): the uploads saved into a new folder under data/."""
+    if not files:
+        return gr.skip(), "Add some files or a zip first."
+    target = state.DATA_DIR / state.safe_name(name or "my_dataset", "my_dataset")
+    result = import_files(files, target)
+    rel = catalog._rel(target)  # noqa: SLF001
+    note = f"Saved {len(result.saved)} files into `{rel}`."
+    if result.skipped:
+        note += "  \nSkipped: " + "; ".join(html.escape(s) for s in result.skipped[:20])
+    return gr.update(choices=catalog.datasets(), value=rel), note
+
+
+def create_dataset_tab() -> dict[str, Any]:
     gr.Markdown("Open a folder of images (or a text data file), or upload pictures / a zip into a new "
                 "data set under `data/`. The check below lists what training would skip or get wrong.")
     with gr.Row():
@@ -83,69 +148,10 @@ def create_dataset_tab() -> dict[str, Any]:
                               visible=False, elem_id="data-text-rows")
     image_paths = gr.State([])
 
-    def open_dataset(path_text: str, reso: float | None):
-        reso = int(reso or 512)
-        if not path_text:
-            return ("Choose or type a data set first.", [], [], gr.update(visible=False), [], None, "")
-        path = state.resolve_user_path(path_text)
-        if not path.exists():
-            return (f"`{html.escape(str(path))}` does not exist. Check the path.", [], [],
-                    gr.update(visible=False), [], None, "")
-        state.allow_folder(path if path.is_dir() else path.parent)
-        if is_text_data(path):
-            rows, headers, issues, text = text_preview(path)
-            return (text, [], issues, gr.update(visible=True, value=rows, headers=headers), [], None, "")
-        from core.data.health import health_check  # noqa: PLC0415
-        from core.data.images import DatasetError  # noqa: PLC0415
-
-        try:
-            report = health_check(path, resolution=reso)
-        except DatasetError as exc:
-            return (str(exc), [], [], gr.update(visible=False), [], None, "")
-        from ui.thumbs import thumbnail  # noqa: PLC0415
-
-        items, paths = [], []
-        for name, width, height in report.sizes[:GALLERY_LIMIT]:
-            source = path / name
-            thumb = thumbnail(source)
-            if thumb is not None:
-                items.append((str(thumb), f"{name} · {width}×{height}"))
-                paths.append(str(source))
-        more = f"  \nShowing the first {GALLERY_LIMIT}." if len(report.sizes) > GALLERY_LIMIT else ""
-        return (summary_markdown(report, path) + more, items, report.rows(), gr.update(visible=False), paths,
-                None, "")
-
-    def preview(paths: list[str], reso: float | None, evt: gr.SelectData):
-        from core.data.health import bucket_preview  # noqa: PLC0415
-        from core.data.image_io import ImageReadError  # noqa: PLC0415
-
-        if not paths or evt.index is None or evt.index >= len(paths):
-            return None, ""
-        try:
-            image, sentence = bucket_preview(paths[evt.index], int(reso or 512))
-        except ImageReadError as exc:
-            return None, str(exc)
-        return image, f"**{html.escape(Path(paths[evt.index]).name)}**: {html.escape(sentence)}"
-
-    preview.__annotations__["evt"] = gr.SelectData  # string annotations hide it from Gradio
-
-    def create(name: str, files: list[str] | None):
-        from ui.uploads import import_files  # noqa: PLC0415
-
-        if not files:
-            return gr.skip(), "Add some files or a zip first."
-        target = state.DATA_DIR / state.safe_name(name or "my_dataset", "my_dataset")
-        result = import_files(files, target)
-        rel = catalog._rel(target)  # noqa: SLF001
-        note = f"Saved {len(result.saved)} files into `{rel}`."
-        if result.skipped:
-            note += "  \nSkipped: " + "; ".join(html.escape(s) for s in result.skipped[:20])
-        return gr.update(choices=catalog.datasets(), value=rel), note
-
     outputs = [summary, gallery, health, rows_table, image_paths, crop, crop_text]
     open_btn.click(open_dataset, [folder, resolution], outputs)
     folder.select(open_dataset, [folder, resolution], outputs)
-    gallery.select(preview, [image_paths, resolution], [crop, crop_text])
-    create_btn.click(create, [new_name, uploads], [folder, summary]).then(
+    gallery.select(crop_preview, [image_paths, resolution], [crop, crop_text])
+    create_btn.click(create_from_uploads, [new_name, uploads], [folder, summary]).then(
         open_dataset, [folder, resolution], outputs)
     return {"folder": folder, "resolution": resolution, "open": open_btn}

@@ -13,20 +13,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Callable, get_origin
 
-from core.config import FIELDS, TrainConfig, _TYPES  # noqa: PLC2701 - the config's own type table
+from core.config import FIELDS, GROUP_TITLES, TrainConfig, _TYPES  # noqa: PLC2701 - the config's own type table
 
-GROUP_TITLES = {
-    "basic": "Common settings",
-    "run": "Run: seed, steps, resume",
-    "optim": "Optimizer and learning rate",
-    "lora": "LoRA network",
-    "data": "Image data and captions",
-    "model": "Image model and noise",
-    "sample": "Sample previews",
-    "text": "Text data and model",
-    "output": "Output and logging",
-    "advanced": "Other",
-}
 TASK_OF = {"image-generation": "image", "text-generation": "text"}
 
 

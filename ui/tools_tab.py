@@ -139,11 +139,13 @@ def merge_action(base: str, loras: str, output: str, precision: str, rank: float
     return f"✅ Wrote `{out}` (load it in WebUI/ComfyUI as a checkpoint)\n\n{report.summary()}"
 
 
+def lora_choices() -> list[str]:
+    """Every LoRA file and text adapter the app knows of, for the tools' file boxes."""
+    return catalog.lora_files() + catalog.text_adapters()
+
+
 def create_tools_tab() -> dict[str, Any]:
     import gradio as gr  # noqa: PLC0415
-
-    def lora_choices() -> list[str]:
-        return catalog.lora_files() + catalog.text_adapters()
 
     gr.Markdown("Inspect, convert, resize and merge LoRA files. The same tools run from the command line: "
                 "`python tools/export.py --help`.")

@@ -4,38 +4,40 @@ The form comes from `ui.form` (derived from TrainConfig). Start validates the fo
 `core.config.config_from_dict` (errors shown per key) and hands the config to the one
 `ui.state.JOB`; the page then only polls `JOB.snapshot()` every 2 s with a `gr.Timer`,
 so training never runs in a request handler and a reloaded page reattaches.
+
+The handlers are module functions of the form's values (tested without a browser);
+`create_train_tab` only lays the widgets out and wires them at the bottom.
 """
 from __future__ import annotations
 
 import html
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from core.config import ConfigError, config_from_dict, config_to_yaml, read_yaml
+import gradio as gr
+
+from core import presets
+from core.config import ConfigError, TrainConfig, config_from_dict, config_to_yaml, read_yaml, save_config
 from core.job import JobBusyError
 from ui import catalog, form, state
+from ui.plots import loss_figure
 from ui.status import log_text, progress_html, sample_gallery, sample_texts_markdown
+from ui.wiring import bind
 
 POLL_SECONDS = 2.0
-CONFIG_DIR = state.WORK / "configs"
 MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank", "conv_rank", "lora_variant", "mixed_precision",
                "gradient_checkpointing", "train_text_encoder", "optimizer", "cache_latents", "max_seq_length")
 
 
-# -- engine pieces that may not be there yet: each degrades to a plain sentence --------------
+# -- what the form's values mean ------------------------------------------------------
 def preset_choices() -> list[str]:
-    try:
-        from core.presets import preset_names  # noqa: PLC0415
-
-        return ["", "auto", *preset_names()]
-    except Exception:  # noqa: BLE001
-        return ["", "auto"]
+    return ["", "auto", *presets.preset_names()]
 
 
 def apply_preset_values(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The preset's values merged under nothing but the task/model keys, and the reason sentence."""
-    from core import presets  # noqa: PLC0415
-
     name = raw.get("preset") or ""
     if not name:
         return {}, "No preset: every value is yours."
@@ -44,13 +46,10 @@ def apply_preset_values(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
         merged = presets.apply_preset(keep)
     except (ValueError, OSError) as exc:
         return {}, f"Preset problem: {exc}"
-    describe = getattr(presets, "describe_choice", None)
-    reason = ""
-    if callable(describe):
-        try:
-            reason = str(describe(keep))
-        except Exception as exc:  # noqa: BLE001
-            reason = f"(could not explain the choice: {exc})"
+    try:
+        reason = str(presets.describe_choice(keep))
+    except Exception as exc:  # noqa: BLE001 - the values apply even when the explanation fails
+        reason = f"(could not explain the choice: {exc})"
     values = {k: v for k, v in merged.items() if k in form.FIELDS and k not in ("preset",)}
     chosen = merged.get("preset", name)
     return values, reason or f"Preset {chosen}: its values are now in the form; change any of them."
@@ -59,21 +58,20 @@ def apply_preset_values(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
 def memory_line(raw: dict[str, Any]) -> str:
     """The predicted peak memory of the form's own values, with what to change when it will not fit."""
     try:
-        from core.presets import describe_choice  # noqa: PLC0415
-
-        return "**Memory:** " + describe_choice(dict(raw, preset=""))
+        return "**Memory:** " + presets.describe_choice(dict(raw, preset=""))
     except Exception as exc:  # noqa: BLE001 - an estimate must never break the form
         return f"Memory estimate unavailable: {exc}"
 
 
-def free_test_models() -> None:
-    """Drop the Test tab's cached pipelines before a run needs the memory (only if they were loaded)."""
-    import sys  # noqa: PLC0415
+def free_tryout_models() -> None:
+    """Drop the Test tab's cached pipelines before a run needs the memory.
 
-    for module, name in (("core.sample", "clear_pipeline_cache"), ("core.sample_text", "clear_cache")):
-        loaded = sys.modules.get(module)
-        if loaded is not None and callable(getattr(loaded, name, None)):
-            getattr(loaded, name)()
+    Only modules already imported are asked: importing them here would load torch for nothing.
+    """
+    if "core.sample" in sys.modules:
+        sys.modules["core.sample"].clear_pipeline_cache()
+    if "core.sample_text" in sys.modules:
+        sys.modules["core.sample_text"].clear_cache()
 
 
 def errors_markdown(errors: dict[str, str]) -> str:
@@ -87,32 +85,196 @@ def default_config_path(raw: dict[str, Any]) -> str:
     return f"./configs/{name}.yaml"
 
 
+@dataclass(frozen=True)
+class TrainForm:
+    """The form as its handlers see it: the specs in widget order, and each field's own help
+    line (given back to a field once the error shown in its place is fixed)."""
+
+    specs: list[form.FieldSpec]
+    infos: dict[str, str]
+
+    def raw(self, values: Sequence[Any]) -> dict[str, Any]:
+        return form.form_to_raw(self.specs, list(values))
+
+
+def validated(train_form: TrainForm, values: Sequence[Any], **changes: Any) -> TrainConfig:
+    raw = train_form.raw(values)
+    raw.update(changes)
+    raw.pop("preset", None)  # the preset's values are already in the form
+    return config_from_dict(raw)
+
+
+def marks(train_form: TrainForm, errors: dict[str, str], previously: list[str] | None) -> list[Any]:
+    """The wrong keys say so under their field; fixed ones get their help back; [..., marked]."""
+    updates = form.error_marks(train_form.specs, errors, train_form.infos, previously or [])
+    return [*(gr.update(**m) if m else gr.skip() for m in updates), sorted(errors)]
+
+
+# -- handlers: outputs in the order the wiring at the bottom lists them ----------------
+def on_task(specs: list[form.FieldSpec], task_type: str) -> list[Any]:
+    """[one update per field, the sample gallery]: the fields of the other task hide."""
+    updates = form.visibility_updates(specs, task_type)
+    index = [s.name for s in specs].index("base_model")
+    updates[index] = gr.update(visible=True, choices=catalog.base_models(task_type))
+    # Image previews go to the gallery, text previews to the table under it.
+    return [*updates, gr.update(visible=task_type != "text-generation")]
+
+
+def on_preset(train_form: TrainForm, *values: Any) -> list[Any]:
+    """[reason, one update per field]: the preset's values fill the form."""
+    preset_values, reason = apply_preset_values(train_form.raw(values))
+    out = [gr.update(value=form.to_widget(s, preset_values[s.name])) if s.name in preset_values else gr.skip()
+           for s in train_form.specs]
+    return [reason, *out]
+
+
+def on_estimate(train_form: TrainForm, *values: Any) -> str:
+    return memory_line(train_form.raw(values))
+
+
+def on_start(train_form: TrainForm, *args: Any, resume: bool = False) -> list[Any]:
+    """args: the field values, then the keys marked by the last attempt. -> [message, *marks]."""
+    *values, previously = args
+    try:
+        cfg = validated(train_form, values, **({"resume_from": "latest"} if resume else {}))
+    except ConfigError as exc:
+        return [errors_markdown(exc.errors), *marks(train_form, exc.errors, previously)]
+    cleared = marks(train_form, {}, previously)
+    try:
+        state.allow_folder(cfg.output_dir)
+        free_tryout_models()
+        state.JOB.start(cfg)
+    except JobBusyError as exc:
+        return [f"**{exc}**", *cleared]
+    except Exception as exc:  # noqa: BLE001 - say it instead of freezing the page
+        return [f"**Could not start:** {exc}", *cleared]
+    word = "Resuming" if resume else "Started"
+    return [f"{word} **{cfg.name}** → `{cfg.output_dir}`. Progress, loss and previews update below.", *cleared]
+
+
+def on_resume(train_form: TrainForm, *args: Any) -> list[Any]:
+    return on_start(train_form, *args, resume=True)
+
+
+def on_stop() -> str:
+    if state.JOB.stop():
+        return "Stopping: the current step finishes, a checkpoint is saved, then the run ends."
+    return "Nothing is running."
+
+
+def on_save(train_form: TrainForm, path_text: str, *args: Any) -> list[Any]:
+    """args: the field values, then the marked keys. -> [message, command, yaml, *marks]."""
+    *values, previously = args
+    raw = train_form.raw(values)
+    try:
+        cfg = config_from_dict(raw, check_paths=False, apply_presets=False)
+    except ConfigError as exc:
+        return [errors_markdown(exc.errors), gr.skip(), gr.skip(), *marks(train_form, exc.errors, previously)]
+    cleared = marks(train_form, {}, previously)
+    path = state.resolve_user_path(path_text or default_config_path(raw))
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        path = path.with_suffix(".yaml")
+    save_config(cfg, path, only_changed=True)
+    shown = catalog._rel(path)  # noqa: SLF001
+    return [f"Saved `{shown}`.", form.command_line(shown), config_to_yaml(cfg, only_changed=True), *cleared]
+
+
+def load_values(specs: list[form.FieldSpec], path: str | Path) -> list[Any]:
+    """[message, one value per field] from a YAML file; keys it cannot take are listed, not loaded."""
+    try:
+        loaded = read_yaml(path)
+    except ConfigError as exc:
+        return [errors_markdown(exc.errors)] + [gr.skip()] * len(specs)
+    unknown = {k: "unknown key, not loaded" for k in loaded if k not in form.FIELDS}
+    known = {k: v for k, v in loaded.items() if k in form.FIELDS}
+    try:
+        cfg = config_from_dict(known, check_paths=False, apply_presets=False)
+        values = form.config_values(specs, cfg)
+        note = f"Loaded `{Path(path).name}`."
+    except ConfigError as exc:
+        values = form.config_values(specs, {k: v for k, v in known.items() if k not in exc.errors})
+        unknown.update(exc.errors)
+        note = f"Loaded `{Path(path).name}` except the keys below."
+    if unknown:
+        note += "\n\n" + errors_markdown(unknown)
+    return [note, *values]
+
+
+def on_load(specs: list[form.FieldSpec], path_text: str) -> list[Any]:
+    return load_values(specs, state.resolve_user_path(path_text))
+
+
+def on_upload(specs: list[form.FieldSpec], file_path: str | None) -> list[Any]:
+    if not file_path:
+        return [gr.skip()] * (len(specs) + 1)
+    return load_values(specs, file_path)
+
+
+def on_output_name(name: str) -> tuple[Any, Any]:
+    """(output_dir, config path) follow the run's name."""
+    if not name:
+        return gr.skip(), gr.skip()
+    clean = state.safe_name(name, "my_lora")
+    return f"./output/{clean}", f"./configs/{clean}.yaml"
+
+
+def poll(seen: dict | None) -> tuple[Any, ...]:
+    """(progress, plot, gallery, text samples, log, device line, seen): only what changed is redrawn."""
+    snap = state.JOB.snapshot()
+    seen = dict(seen or {})
+    device_out: Any = gr.skip()
+    state.start_warmup()
+    if not seen.get("device") and state.device_line():
+        device_out = state.device_line()
+        seen["device"] = True
+    ours = snap.kind == "train"
+    key_losses = (snap.started_at, len(snap.losses)) if ours else None
+    key_samples = (snap.started_at, len(snap.samples)) if ours else None
+    plot_out: Any = gr.skip()
+    gallery_out: Any = gr.skip()
+    texts_out: Any = gr.skip()
+    if key_losses != seen.get("losses"):
+        plot_out = loss_figure(snap.losses if ours else [])
+        seen["losses"] = key_losses
+    if key_samples != seen.get("samples"):
+        gallery_out = sample_gallery(snap) if ours else []
+        texts_out = sample_texts_markdown(snap) if ours else ""
+        seen["samples"] = key_samples
+    log_out = log_text(snap) if ours else gr.skip()
+    return progress_html(snap, "train"), plot_out, gallery_out, texts_out, log_out, device_out, seen
+
+
+def on_dataset(folder: str) -> Any:
+    """A data set opened in the Dataset tab becomes the one to train on."""
+    return gr.update(value=folder or "", choices=catalog.datasets())
+
+
+# -- widgets richer than the metadata gives ---------------------------------------------
+def base_model_widget(spec: form.FieldSpec, label: str) -> gr.Dropdown:
+    return gr.Dropdown(choices=catalog.base_models("image-generation"), value="", label=label,
+                       info=spec.help + " Found under models/ (WebUI layout); or type a path or hub id.",
+                       allow_custom_value=True, elem_id="cfg-base_model")
+
+
+def data_widget(spec: form.FieldSpec, label: str) -> gr.Dropdown:
+    return gr.Dropdown(choices=catalog.datasets(), value="", label=label, info=spec.help,
+                       allow_custom_value=True, elem_id="cfg-train_data_dir")
+
+
+def preset_widget(spec: form.FieldSpec, label: str) -> gr.Dropdown:
+    return gr.Dropdown(choices=preset_choices(), value="", label=label, info=spec.help,
+                       allow_custom_value=True, elem_id="cfg-preset")
+
+
 # -- the tab ----------------------------------------------------------------------------
 def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
-    import gradio as gr  # noqa: PLC0415
-
     specs = form.field_specs()
-    names = [s.name for s in specs]
-
-    def base_model_widget(spec: form.FieldSpec, label: str):
-        return gr.Dropdown(choices=catalog.base_models("image-generation"), value="", label=label,
-                           info=spec.help + " Found under models/ (WebUI layout); or type a path or hub id.",
-                           allow_custom_value=True, elem_id="cfg-base_model")
-
-    def data_widget(spec: form.FieldSpec, label: str):
-        return gr.Dropdown(choices=catalog.datasets(), value="", label=label, info=spec.help,
-                           allow_custom_value=True, elem_id="cfg-train_data_dir")
-
-    def preset_widget(spec: form.FieldSpec, label: str):
-        return gr.Dropdown(choices=preset_choices(), value="", label=label, info=spec.help,
-                           allow_custom_value=True, elem_id="cfg-preset")
-
     device_md = gr.Markdown(state.device_line() or "Detecting the device …", elem_id="train-device")
     preset_reason = gr.Markdown("", elem_id="train-preset-reason")
     widgets = form.build_form(specs, custom={"base_model": base_model_widget, "train_data_dir": data_widget,
                                              "preset": preset_widget})
     inputs = form.ordered(widgets, specs)
-    infos = {name: getattr(widget, "info", None) or "" for name, widget in widgets.items()}
+    train_form = TrainForm(specs, {name: getattr(widget, "info", None) or "" for name, widget in widgets.items()})
     marked = gr.State([])  # the keys marked wrong by the last Start / Save
     memory_md = gr.Markdown("", elem_id="train-memory")
     message = gr.Markdown("", elem_id="train-message")
@@ -141,160 +303,23 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     memo = gr.State({})
     timer = gr.Timer(POLL_SECONDS)
 
-    # -- handlers -------------------------------------------------------------------------
-    def raw_of(values: tuple) -> dict[str, Any]:
-        return form.form_to_raw(specs, list(values))
-
-    def on_task(task_type: str, *values):
-        updates = form.visibility_updates(specs, task_type)
-        index = names.index("base_model")
-        updates[index] = gr.update(visible=True, choices=catalog.base_models(task_type))
-        # Image previews go to the gallery, text previews to the table under it.
-        return [*updates, gr.update(visible=task_type != "text-generation")]
-
-    def on_preset(*values):
-        raw = raw_of(values)
-        preset_values, reason = apply_preset_values(raw)
-        out = [gr.update(value=form.to_widget(s, preset_values[s.name])) if s.name in preset_values else gr.skip()
-               for s in specs]
-        return [reason, *out]
-
-    def on_estimate(*values):
-        return memory_line(raw_of(values))
-
-    def validated(values: tuple, **changes: Any):
-        raw = raw_of(values)
-        raw.update(changes)
-        raw.pop("preset", None)  # the preset's values are already in the form
-        return config_from_dict(raw)
-
-    def marks(errors: dict[str, str], previously: list[str] | None) -> list[Any]:
-        """The wrong keys say so under their field; fixed ones get their help back; [..., marked]."""
-        updates = form.error_marks(specs, errors, infos, previously or [])
-        return [*(gr.update(**m) if m else gr.skip() for m in updates), sorted(errors)]
-
-    def on_start(*args, resume: bool = False):
-        *values, previously = args
-        try:
-            cfg = validated(tuple(values), **({"resume_from": "latest"} if resume else {}))
-        except ConfigError as exc:
-            return [errors_markdown(exc.errors), *marks(exc.errors, previously)]
-        cleared = marks({}, previously)
-        try:
-            state.allow_folder(cfg.output_dir)
-            free_test_models()
-            state.JOB.start(cfg)
-        except JobBusyError as exc:
-            return [f"**{exc}**", *cleared]
-        except Exception as exc:  # noqa: BLE001 - say it instead of freezing the page
-            return [f"**Could not start:** {exc}", *cleared]
-        word = "Resuming" if resume else "Started"
-        return [f"{word} **{cfg.name}** → `{cfg.output_dir}`. Progress, loss and previews update below.", *cleared]
-
-    def on_resume(*args):
-        return on_start(*args, resume=True)
-
-    def on_stop():
-        if state.JOB.stop():
-            return "Stopping: the current step finishes, a checkpoint is saved, then the run ends."
-        return "Nothing is running."
-
-    def on_save(path_text: str, *args):
-        *values, previously = args
-        raw = raw_of(tuple(values))
-        try:
-            cfg = config_from_dict(raw, check_paths=False, apply_presets=False)
-        except ConfigError as exc:
-            return [errors_markdown(exc.errors), gr.skip(), gr.skip(), *marks(exc.errors, previously)]
-        cleared = marks({}, previously)
-        path = state.resolve_user_path(path_text or default_config_path(raw))
-        if path.suffix.lower() not in (".yaml", ".yml"):
-            path = path.with_suffix(".yaml")
-        from core.config import save_config  # noqa: PLC0415
-
-        save_config(cfg, path, only_changed=True)
-        shown = catalog._rel(path)  # noqa: SLF001
-        return [f"Saved `{shown}`.", form.command_line(shown), config_to_yaml(cfg, only_changed=True), *cleared]
-
-    def load_values(path: str | Path):
-        try:
-            loaded = read_yaml(path)
-        except ConfigError as exc:
-            return [errors_markdown(exc.errors)] + [gr.skip()] * len(specs)
-        unknown = {k: "unknown key, not loaded" for k in loaded if k not in form.FIELDS}
-        known = {k: v for k, v in loaded.items() if k in form.FIELDS}
-        try:
-            cfg = config_from_dict(known, check_paths=False, apply_presets=False)
-            values = form.config_values(specs, cfg)
-            note = f"Loaded `{Path(path).name}`."
-        except ConfigError as exc:
-            values = form.config_values(specs, {k: v for k, v in known.items() if k not in exc.errors})
-            unknown.update(exc.errors)
-            note = f"Loaded `{Path(path).name}` except the keys below."
-        if unknown:
-            note += "\n\n" + errors_markdown(unknown)
-        return [note, *values]
-
-    def on_load(path_text: str):
-        return load_values(state.resolve_user_path(path_text))
-
-    def on_upload(file_path: str | None):
-        if not file_path:
-            return [gr.skip()] * (len(specs) + 1)
-        return load_values(file_path)
-
-    def on_output_name(name: str, output_dir: str):
-        if not name:
-            return gr.skip(), gr.skip()
-        clean = state.safe_name(name, "my_lora")
-        return f"./output/{clean}", f"./configs/{clean}.yaml"
-
-    def poll(seen: dict):
-        snap = state.JOB.snapshot()
-        seen = dict(seen or {})
-        device_out: Any = gr.skip()
-        state.start_warmup()
-        if not seen.get("device") and state.device_line():
-            device_out = state.device_line()
-            seen["device"] = True
-        ours = snap.kind == "train"
-        key_losses = (snap.started_at, len(snap.losses)) if ours else None
-        key_samples = (snap.started_at, len(snap.samples)) if ours else None
-        plot_out: Any = gr.skip()
-        gallery_out: Any = gr.skip()
-        texts_out: Any = gr.skip()
-        if key_losses != seen.get("losses"):
-            from ui.plots import loss_figure  # noqa: PLC0415
-
-            plot_out = loss_figure(snap.losses if ours else [])
-            seen["losses"] = key_losses
-        if key_samples != seen.get("samples"):
-            gallery_out = sample_gallery(snap) if ours else []
-            texts_out = sample_texts_markdown(snap) if ours else ""
-            seen["samples"] = key_samples
-        log_out = log_text(snap) if ours else gr.skip()
-        return progress_html(snap, "train"), plot_out, gallery_out, texts_out, log_out, device_out, seen
-
     # -- wiring ---------------------------------------------------------------------------
-    widgets["task_type"].change(on_task, [widgets["task_type"], *inputs], [*inputs, samples])
-    widgets["preset"].input(on_preset, inputs, [preset_reason, *inputs])
+    widgets["task_type"].change(bind(on_task, specs), widgets["task_type"], [*inputs, samples])
+    widgets["preset"].input(bind(on_preset, train_form), inputs, [preset_reason, *inputs])
     for key in MEMORY_KEYS:
-        widgets[key].change(on_estimate, inputs, memory_md, show_progress="hidden")
+        widgets[key].change(bind(on_estimate, train_form), inputs, memory_md, show_progress="hidden")
     # Start, Resume and Save also mark the fields a config error names (no spinner over the form).
-    start_btn.click(on_start, [*inputs, marked], [message, *inputs, marked], show_progress="hidden")
-    resume_btn.click(on_resume, [*inputs, marked], [message, *inputs, marked], show_progress="hidden")
+    start_btn.click(bind(on_start, train_form), [*inputs, marked], [message, *inputs, marked], show_progress="hidden")
+    resume_btn.click(bind(on_resume, train_form), [*inputs, marked], [message, *inputs, marked],
+                     show_progress="hidden")
     stop_btn.click(on_stop, None, message)
-    save_btn.click(on_save, [config_path, *inputs, marked], [message, command, yaml_view, *inputs, marked],
-                   show_progress="hidden")
-    load_btn.click(on_load, config_path, [message, *inputs])
-    upload.upload(on_upload, upload, [message, *inputs])
-    widgets["output_name"].change(on_output_name, [widgets["output_name"], widgets["output_dir"]],
-                                  [widgets["output_dir"], config_path])
+    save_btn.click(bind(on_save, train_form), [config_path, *inputs, marked],
+                   [message, command, yaml_view, *inputs, marked], show_progress="hidden")
+    load_btn.click(bind(on_load, specs), config_path, [message, *inputs])
+    upload.upload(bind(on_upload, specs), upload, [message, *inputs])
+    widgets["output_name"].change(on_output_name, widgets["output_name"], [widgets["output_dir"], config_path])
     timer.tick(poll, memo, [progress, plot, samples, text_samples, log, device_md, memo], show_progress="hidden")
     if data and "folder" in data:
-        def on_dataset(folder: str):
-            return gr.update(value=folder or "", choices=catalog.datasets())
-
         data["folder"].change(on_dataset, data["folder"], widgets["train_data_dir"])
     return {"widgets": widgets, "specs": specs, "start": start_btn, "stop": stop_btn, "message": message,
             "progress": progress, "timer": timer}

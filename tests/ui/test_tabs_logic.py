@@ -15,13 +15,13 @@ def work(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_SCRIPTS_WORKDIR", str(tmp_path))
     import ui.catalog
     import ui.state
-    import ui.test_tab
+    import ui.tryout_tab
     import ui.train_tab
 
-    modules = [importlib.reload(m) for m in (ui.state, ui.catalog, ui.train_tab, ui.test_tab)]
+    modules = [importlib.reload(m) for m in (ui.state, ui.catalog, ui.train_tab, ui.tryout_tab)]
     yield tmp_path, modules
     monkeypatch.delenv("LORA_SCRIPTS_WORKDIR")
-    for module in (ui.state, ui.catalog, ui.train_tab, ui.test_tab):
+    for module in (ui.state, ui.catalog, ui.train_tab, ui.tryout_tab):
         importlib.reload(module)
 
 
@@ -77,21 +77,21 @@ def test_models_loras_and_data_sets_are_found_in_the_webui_layout(work):
 
 
 def test_compare_over_checkpoints_puts_them_before_the_final_file_and_saves_in_the_run(work):
-    root, (state, catalog, train_tab, test_tab) = work
+    root, (state, catalog, train_tab, tryout_tab) = work
     final = touch(root / "output" / "run" / "run.safetensors")
     step = touch(root / "output" / "run" / "checkpoints" / "step-000100" / "run.safetensors")
-    files = test_tab.compare_files("./output/run/run.safetensors", True)
+    files = tryout_tab.compare_files("./output/run/run.safetensors", True)
     assert [p.resolve() for p in files] == [step.resolve(), final.resolve()]
-    assert test_tab.compare_files("./output/run/run.safetensors", False)[0].resolve() == final.resolve()
-    grid = test_tab.grid_path("./output/run/run.safetensors")
+    assert tryout_tab.compare_files("./output/run/run.safetensors", False)[0].resolve() == final.resolve()
+    grid = tryout_tab.grid_path("./output/run/run.safetensors")
     assert grid.parent == (root / "output" / "run" / "compare").resolve() and grid.name.startswith("run-")
 
 
 def test_the_webui_prompt_syntax_names_the_lora_and_its_weight(work):
-    from ui import test_tab
+    from ui import tryout_tab
 
-    assert test_tab.webui_syntax("./output/cats/cats.safetensors", 0.8) == "<lora:cats:0.8>"
-    assert test_tab.webui_syntax("./output/cats/pytorch_lora_weights.safetensors", 1.0) == "<lora:cats:1>"
+    assert tryout_tab.webui_syntax("./output/cats/cats.safetensors", 0.8) == "<lora:cats:0.8>"
+    assert tryout_tab.webui_syntax("./output/cats/pytorch_lora_weights.safetensors", 1.0) == "<lora:cats:1>"
 
 
 def test_a_saved_config_runs_unchanged_with_train_py(work, tmp_path):
@@ -109,17 +109,17 @@ def test_an_sdxl_lora_on_an_sd1_model_is_refused_with_the_reason(work, tiny_sd1)
     from safetensors.torch import save_file
     import torch
 
-    root, (state, catalog, train_tab, test_tab) = work
+    root, (state, catalog, train_tab, tryout_tab) = work
     lora = root / "models" / "Lora" / "xl_style.safetensors"
     lora.parent.mkdir(parents=True)
     key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     save_file({f"{key}.lora_down.weight": torch.zeros(4, 64), f"{key}.lora_up.weight": torch.zeros(64, 4),
                f"{key}.alpha": torch.tensor(4.0)}, str(lora),
               metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"})
-    note = test_tab.family_note(str(lora), str(tiny_sd1.folder))
+    note = tryout_tab.family_note(str(lora), str(tiny_sd1.folder))
     assert "trained for SDXL" in note and "SD 1.x" in note
     with pytest.raises(ValueError, match="SDXL"):
-        test_tab.check_family(str(lora), str(tiny_sd1.folder))
+        tryout_tab.check_family(str(lora), str(tiny_sd1.folder))
 
 
 def test_auto_picks_a_preset_for_this_machine_and_says_why(work):
@@ -142,3 +142,57 @@ def test_a_long_chinese_answer_is_flagged_as_longer_than_max_seq_length(tmp_path
     flagged = [issue for issue in result.issues if "max_seq_length" in issue.problem]
     assert len(flagged) == 1 and "clinic.csv:2" in flagged[0].file
     assert int(result.rows[1][-1]) < 30  # the short English pair is nowhere near
+
+
+# -- the tabs' handlers, called as Gradio calls them ---------------------------------------
+def test_a_wrong_key_is_marked_on_save_and_a_saved_yaml_loads_back_into_the_form(work):
+    from ui import form
+
+    root, (state, catalog, train_tab, tryout_tab) = work
+    specs = form.field_specs()
+    train_form = train_tab.TrainForm(specs, {})
+    values = form.config_values(specs, {"train_data_dir": "./data/cats", "base_model": "./models/x.safetensors",
+                                       "lora_rank": 4})
+    rank = [s.name for s in specs].index("lora_rank")
+    wrong = list(values)
+    wrong[rank] = -3
+    message, command, yaml_text, *marks = train_tab.on_save(train_form, "./configs/cats.yaml", *wrong, [])
+    assert "`lora_rank`" in message and marks[-1] == ["lora_rank"]
+    assert "ls-invalid" in marks[rank]["elem_classes"] and not (root / "configs" / "cats.yaml").exists()
+    message, command, yaml_text, *marks = train_tab.on_save(train_form, "./configs/cats", *values, ["lora_rank"])
+    assert message == "Saved `./configs/cats.yaml`." and "lora_rank: 4" in yaml_text
+    assert command == form.command_line("./configs/cats.yaml")
+    assert marks[-1] == [] and marks[rank]["elem_classes"] == []  # the fixed key gets its help back
+    note, *loaded = train_tab.on_load(specs, "./configs/cats.yaml")
+    assert note == "Loaded `cats.yaml`." and loaded == values
+
+
+def test_a_yaml_with_an_unknown_key_loads_the_rest_and_names_that_key(work):
+    from ui import form
+
+    root, (state, catalog, train_tab, tryout_tab) = work
+    path = root / "mine.yaml"
+    path.write_text("lora_rank: 16\nno_such_key: 1\n", encoding="utf-8")
+    specs = form.field_specs()
+    note, *loaded = train_tab.on_upload(specs, str(path))
+    assert "`no_such_key`: unknown key, not loaded" in note
+    assert loaded[[s.name for s in specs].index("lora_rank")] == 16
+    assert train_tab.on_upload(specs, None) == [train_tab.gr.skip()] * (len(specs) + 1)
+
+
+def test_the_run_name_names_its_output_folder_and_config_file(work):
+    _, (state, catalog, train_tab, tryout_tab) = work
+    assert train_tab.on_output_name("my cats") == ("./output/my cats", "./configs/my cats.yaml")
+    assert train_tab.on_output_name("../../etc") == ("./output/etc", "./configs/etc.yaml")
+
+
+def test_the_tryout_handlers_say_what_is_missing_before_loading_a_model(work):
+    _, (state, catalog, train_tab, tryout_tab) = work
+    assert tryout_tab.generate("", "", "a cat", "", 0.8, 1, 20, 7.0, 0) == (None, "Choose a base model first.")
+    image, message = tryout_tab.compare("./models/x", "", "a cat", "", 1, 20, 7.0, 0, False)
+    assert image is None and message == "Choose a LoRA to compare."
+    assert tryout_tab.send("", "", 1.0, 16, [], "  ") == ([], "", "Type a message first.")
+    *_, note = tryout_tab.side_by_side("", "", 1.0, 16, "hello")
+    assert note == "Choose an adapter to compare with the base model."
+    *_, note = tryout_tab.send("", "./output/nope/adapter", 1.0, 16, [], "hello")
+    assert note == "./output/nope/adapter does not exist."

@@ -145,6 +145,33 @@ def test_saved_captions_go_to_metadata_csv_with_a_backup_and_to_txt_files(tmp_pa
     assert "b.png" in result.summary()
 
 
+def test_the_caption_tabs_handlers_edit_the_table_and_save_it(tmp_path):
+    import pandas as pd
+
+    from ui import caption_tab
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    table = pd.DataFrame([["a.png", "a cat"], ["b.png", "a dog"]], columns=["file", "caption"])
+    rows, message = caption_tab.replace_in_captions(table, "cat", "tiger", False)
+    assert rows == [["a.png", "a tiger"], ["b.png", "a dog"]] and message.startswith("Changed 1 captions.")
+    assert "not a valid regular expression" in caption_tab.replace_in_captions(rows, "(", "", True)[1]
+    assert caption_tab.save_table(str(tmp_path), rows, False, False)[0] == "Choose metadata.csv, .txt files, or both."
+    message, gallery = caption_tab.save_table(str(tmp_path), rows, False, True)
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8").strip() == "a tiger" and len(gallery) == 2
+    assert caption_tab.load_folder(str(tmp_path / "missing"))[-1] == "Choose an existing image folder first."
+    assert caption_tab.start_captioning(str(tmp_path), "blip-base", "", "", "", "skip", False, False, 8) == \
+        "Choose where to write the captions: metadata.csv, .txt files, or both."
+
+
+def test_the_dataset_tab_says_what_to_open_before_checking_anything(tmp_path):
+    from ui import dataset_tab
+
+    assert dataset_tab.open_dataset("", 512)[0] == "Choose or type a data set first."
+    assert "does not exist" in dataset_tab.open_dataset(str(tmp_path / "nope"), 512)[0]
+    assert dataset_tab.create_from_uploads("cats", [])[1] == "Add some files or a zip first."
+
+
 # -- launch flags ----------------------------------------------------------------------------
 def test_auth_pairs_are_parsed_and_a_pair_without_password_is_refused():
     assert app.parse_auth("alice:pw,bob:p:w") == [("alice", "pw"), ("bob", "p:w")]

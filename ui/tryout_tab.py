@@ -1,0 +1,321 @@
+"""The Test tab, where you try a LoRA. Images: generate at a LoRA weight and compare weights x
+checkpoints in one labelled grid. Text: chat with the adapter, and the base and the LoRA side by side.
+
+Generation runs in the request (like WebUI's Generate) with Gradio's progress, but is
+refused while a training job holds the device; the pipelines load lazily in `core.sample`
+/ `core.sample_text` and are cached between clicks. Those modules import torch, so they
+are imported in the handlers that use them, never when the app starts.
+
+The handlers are module functions of the widgets' values (tested without a browser);
+`create_tryout_tab` only lays the widgets out and wires them at the bottom.
+"""
+from __future__ import annotations
+
+import html
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from core.model_info import detect_model
+from ui import catalog, state
+
+DEFAULT_WEIGHT = 0.8
+
+
+class DeviceBusy(RuntimeError):
+    pass
+
+
+def ensure_device_free() -> None:
+    snap = state.JOB.snapshot()
+    if snap.running:
+        raise DeviceBusy(f"A {snap.kind or 'job'} run is using the device ({snap.name}). Stop it or wait for it "
+                         "to finish, then generate.")
+
+
+def webui_syntax(lora_path: str, weight: float) -> str:
+    """What to type in WebUI / Forge to use this LoRA: `<lora:name:0.8>`."""
+    if not lora_path:
+        return "<lora:your_lora:0.8>"
+    path = Path(lora_path)
+    name = path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
+    return f"<lora:{name}:{weight:g}>"
+
+
+def family_note(lora_path: str, base_model: str) -> str:
+    """'This LoRA was trained for SDXL' when the file's family and the base model's differ."""
+    if not lora_path or not base_model:
+        return ""
+    from core.export import inspect as inspect_mod  # noqa: PLC0415 - imports torch
+
+    try:
+        info = inspect_mod.inspect_lora(state.resolve_user_path(lora_path))
+        model = detect_model(str(state.resolve_user_path(base_model)), "image-generation")
+        message = inspect_mod.lora_family_mismatch(info, model.family)
+    except Exception:  # noqa: BLE001 - a check that cannot run must not block generating
+        return ""
+    return f"⚠ {message}" if message else ""
+
+
+def check_family(lora_path: str, base_model: str) -> None:
+    """Refuse to load a LoRA made for another model family (it would fail, or do nothing)."""
+    note = family_note(lora_path, base_model)
+    if note:
+        raise ValueError(note)
+
+
+def compare_files(lora_path: str, with_checkpoints: bool) -> list[Path]:
+    """The chosen LoRA file, and before it the run's checkpoints (step 100, 200, ...) when asked."""
+    main = state.resolve_user_path(lora_path)
+    files = [p for _, p in catalog.checkpoint_loras(main)] if with_checkpoints else []
+    return [p for p in files if p.resolve() != main.resolve()] + [main]
+
+
+def grid_path(lora_path: str) -> Path:
+    """Where a compare grid goes: the run's own compare/ folder for a run's file, else the app's cache."""
+    path = state.resolve_user_path(lora_path).resolve()
+    stem = re.sub(r"[^\w.-]+", "_", path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem)
+    folder = state.CACHE_DIR / "compare"
+    output = state.OUTPUT_DIR.resolve()
+    if output in path.parents:
+        folder = output / path.relative_to(output).parts[0] / "compare"
+    return folder / f"{stem or 'lora'}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+
+
+def model_arg(text: str) -> str:
+    """A typed model: a local path when it exists, else the text as it is (a hub id)."""
+    path = state.resolve_user_path(text)
+    return str(path) if path.exists() else text
+
+
+def existing_arg(text: str, *, file_only: bool) -> str | None:
+    """A LoRA file or adapter folder the user named, which must exist; None when empty."""
+    if not text:
+        return None
+    path = state.resolve_user_path(text)
+    if not (path.is_file() if file_only else path.exists()):
+        raise ValueError(f"{text} does not exist.")
+    return str(path)
+
+
+def image_paths(base_text: str, lora_text: str) -> tuple[str, str | None]:
+    """(base model, LoRA file or None) as the pipeline takes them."""
+    if not base_text:
+        raise ValueError("Choose a base model first.")
+    return model_arg(base_text), existing_arg(lora_text, file_only=True)
+
+
+def text_paths(base_text: str, adapter_text: str) -> tuple[str, str | None]:
+    """(base model, adapter folder or None); an empty base model means the bundled default LLM."""
+    return (model_arg(base_text) if base_text else ""), existing_arg(adapter_text, file_only=False)
+
+
+# -- image handlers ---------------------------------------------------------------------
+def generate(base_text: str, lora_text: str, prompt_text: str, negative_text: str, weight: float, seed: float,
+             steps: float, guidance: float, size: float, progress: gr.Progress = gr.Progress()) -> tuple[Any, str]:
+    """(image or None, message): one image at the LoRA weight (or from the base model alone)."""
+    try:
+        ensure_device_free()
+        base_arg, lora_arg = image_paths(base_text, lora_text)
+        check_family(lora_text, base_text)
+    except (DeviceBusy, ValueError) as exc:
+        return None, str(exc)
+    from core.sample import generate_images  # noqa: PLC0415 - imports torch
+
+    progress(0.1, desc="Loading the model (the first time takes a while) …")
+    side = int(size or 0) or None
+    started = time.perf_counter()
+    try:
+        images = generate_images(base_arg, lora_arg, [prompt_text or ""], weight=float(weight), seed=int(seed or 0),
+                                 steps=int(steps or 20), guidance=float(guidance or 0),
+                                 negative_prompt=negative_text or "", width=side, height=side)
+    except Exception as exc:  # noqa: BLE001 - show it in the page, not as a traceback
+        return None, f"**Could not generate:** {html.escape(str(exc))}"
+    note = f"Generated at LoRA weight {float(weight):g} in {time.perf_counter() - started:.1f} s." if lora_arg \
+        else "Generated with the base model alone (no LoRA chosen)."
+    return images[0], note
+
+
+def compare(base_text: str, lora_text: str, prompt_text: str, negative_text: str, seed: float, steps: float,
+            guidance: float, size: float, with_checkpoints: bool,
+            progress: gr.Progress = gr.Progress()) -> tuple[str | None, str]:
+    """(grid PNG path or None, message): the LoRA (and its checkpoints) at each compare weight."""
+    try:
+        ensure_device_free()
+        base_arg, lora_arg = image_paths(base_text, lora_text)
+        if lora_arg is None:
+            raise ValueError("Choose a LoRA to compare.")
+        check_family(lora_text, base_text)
+    except (DeviceBusy, ValueError) as exc:
+        return None, str(exc)
+    from core.sample import COMPARE_WEIGHTS, compare_grid  # noqa: PLC0415 - imports torch
+
+    files = compare_files(lora_text, bool(with_checkpoints))
+    progress(0.1, desc=f"Rendering {len(files) * len(COMPARE_WEIGHTS)} images …")
+    side = int(size or 0) or None
+    out = grid_path(lora_text)
+    try:
+        compare_grid(base_arg, [str(f) for f in files], [prompt_text or ""], out, weights=COMPARE_WEIGHTS,
+                     seed=int(seed or 0), steps=int(steps or 20), guidance=float(guidance or 0),
+                     negative_prompt=negative_text or "", width=side, height=side)
+    except Exception as exc:  # noqa: BLE001
+        return None, f"**Could not make the grid:** {html.escape(str(exc))}"
+    rows = ", ".join(Path(f).parent.name if Path(f).parent.name.startswith("step-") else "final" for f in files)
+    weights = ", ".join(f"{w:g}" for w in COMPARE_WEIGHTS)
+    shown = catalog._rel(out)  # noqa: SLF001
+    return str(out), f"Grid saved as `{shown}` — columns: weights {weights}; rows: {rows}."
+
+
+def on_lora(lora_text: str, base_text: str, weight: float) -> tuple[str, str]:
+    """(WebUI syntax, family warning) for the chosen LoRA."""
+    return webui_syntax(lora_text, float(weight)), family_note(lora_text, base_text)
+
+
+def on_base(base_text: str, lora_text: str) -> str:
+    return family_note(lora_text, base_text)
+
+
+def on_weight(lora_text: str, weight: float) -> str:
+    return webui_syntax(lora_text, float(weight))
+
+
+def on_refresh() -> tuple[Any, Any, Any, Any]:
+    """New choices for (image model, LoRA, text model, adapter)."""
+    return (gr.update(choices=catalog.image_models()), gr.update(choices=catalog.lora_files()),
+            gr.update(choices=catalog.text_models()), gr.update(choices=catalog.text_adapters()))
+
+
+def on_task(task: str) -> tuple[Any, Any]:
+    """(image box, text box): only the chosen kind of test shows."""
+    return gr.update(visible=task == "image"), gr.update(visible=task == "text")
+
+
+def follow_trained_model(model: str, task_type: str) -> tuple[Any, Any]:
+    """(image base, text base): the Train tab's base model goes to the box of its task."""
+    if task_type == "image-generation":
+        return gr.update(value=model), gr.skip()
+    return gr.skip(), gr.update(value=model)
+
+
+# -- text handlers ----------------------------------------------------------------------
+def send(base_text: str, adapter_text: str, weight: float, tokens: float, history: list[dict] | None,
+         message: str) -> tuple[list[dict], str, str]:
+    """(chat history, message box, note): the adapter's answer is added to the chat."""
+    history = list(history or [])
+    if not (message or "").strip():
+        return history, "", "Type a message first."
+    try:
+        ensure_device_free()
+        base_arg, adapter_arg = text_paths(base_text, adapter_text)
+    except (DeviceBusy, ValueError) as exc:
+        return history, message, str(exc)
+    from core import sample_text  # noqa: PLC0415 - imports torch
+
+    messages = [{"role": m["role"], "content": m["content"]} for m in history] + \
+        [{"role": "user", "content": message}]
+    try:
+        answer = sample_text.chat(base_arg, adapter_arg, messages, weight=float(weight),
+                                  max_new_tokens=int(tokens or 128))
+    except Exception as exc:  # noqa: BLE001
+        return history, message, f"**Could not answer:** {html.escape(str(exc))}"
+    history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+    return history, "", ""
+
+
+def side_by_side(base_text: str, adapter_text: str, weight: float, tokens: float, message: str) -> tuple[Any, Any, str]:
+    """(base answer, LoRA answer, note) for the same message."""
+    if not (message or "").strip():
+        return gr.skip(), gr.skip(), "Type a message first."
+    try:
+        ensure_device_free()
+        base_arg, adapter_arg = text_paths(base_text, adapter_text)
+        if adapter_arg is None:
+            raise ValueError("Choose an adapter to compare with the base model.")
+    except (DeviceBusy, ValueError) as exc:
+        return gr.skip(), gr.skip(), str(exc)
+    from core import sample_text  # noqa: PLC0415 - imports torch
+
+    try:
+        answers = sample_text.compare_answers(base_arg, adapter_arg, [message], weight=float(weight),
+                                              max_new_tokens=int(tokens or 128))[0]
+    except Exception as exc:  # noqa: BLE001
+        return gr.skip(), gr.skip(), f"**Could not answer:** {html.escape(str(exc))}"
+    return answers.get("base", ""), answers.get("lora", ""), "Same prompt, same settings; greedy decoding."
+
+
+# -- the tab ----------------------------------------------------------------------------
+def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
+    with gr.Row():
+        task = gr.Radio(["image", "text"], value="image", label="What to test", elem_id="test-task", scale=4)
+        refresh = gr.Button("↻ Refresh the model and LoRA lists", scale=1, elem_id="test-refresh")
+    with gr.Group(visible=True) as image_box:
+        with gr.Row():
+            base = gr.Dropdown(choices=catalog.image_models(), value="", allow_custom_value=True, scale=3,
+                               label="Base model", elem_id="test-base")
+            lora = gr.Dropdown(choices=catalog.lora_files(), value="", allow_custom_value=True, scale=3,
+                               label="LoRA (a run's file, a checkpoint, or models/Lora/)", elem_id="test-lora")
+        family = gr.Markdown("", elem_id="test-family")
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="test-prompt")
+        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="test-negative")
+        with gr.Row():
+            weight = gr.Slider(0.0, 1.5, value=DEFAULT_WEIGHT, step=0.05, label="LoRA weight", elem_id="test-weight")
+            seed = gr.Number(value=1234, precision=0, minimum=0, label="Seed", elem_id="test-seed")
+            steps = gr.Number(value=20, precision=0, minimum=1, maximum=150, label="Steps", elem_id="test-steps")
+            guidance = gr.Number(value=7.0, minimum=0, maximum=30, label="Guidance", elem_id="test-guidance")
+            size = gr.Number(value=0, precision=0, minimum=0, maximum=2048, elem_id="test-size",
+                             label="Size in px (0: the model's own)")
+        syntax = gr.Textbox(value=webui_syntax("", DEFAULT_WEIGHT), label="In WebUI / Forge prompts, write",
+                            interactive=False, buttons=["copy"], elem_id="test-syntax")
+        with gr.Row():
+            generate_btn = gr.Button("Generate", variant="primary", elem_id="test-generate")
+            with_ckpts = gr.Checkbox(value=False, label="Compare over checkpoints too", elem_id="test-ckpts")
+            compare_btn = gr.Button("Compare weights", elem_id="test-compare")
+        image_message = gr.Markdown("", elem_id="test-message")
+        with gr.Row():
+            image_out = gr.Image(label="Result", type="pil", interactive=False, height=400, elem_id="test-image")
+            grid_out = gr.Image(label="Compare grid (saved as one PNG)", type="filepath", interactive=False,
+                                height=400, elem_id="test-grid")
+    with gr.Group(visible=False) as text_box:
+        with gr.Row():
+            text_base = gr.Dropdown(choices=catalog.text_models(), value="", allow_custom_value=True, scale=3,
+                                    label="Base model (empty: the bundled SmolLM2-135M)", elem_id="test-text-base")
+            adapter = gr.Dropdown(choices=catalog.text_adapters(), value="", allow_custom_value=True, scale=3,
+                                  label="Adapter (a run's adapter folder)", elem_id="test-adapter")
+            text_weight = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Adapter weight", scale=2,
+                                    elem_id="test-text-weight")
+            max_tokens = gr.Number(value=128, precision=0, minimum=1, maximum=4096, label="Max new tokens", scale=1,
+                                   elem_id="test-max-tokens")
+        chat = gr.Chatbot(label="Chat with the LoRA", height=320, elem_id="test-chat")
+        with gr.Row():
+            question = gr.Textbox(label="Message", scale=5, elem_id="test-question")
+            send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="test-send")
+            side_btn = gr.Button("Base vs LoRA", scale=1, elem_id="test-side")
+        text_message = gr.Markdown("", elem_id="test-text-message")
+        with gr.Row():
+            base_answer = gr.Textbox(label="Base model", lines=6, interactive=False, elem_id="test-base-answer")
+            lora_answer = gr.Textbox(label="With the LoRA", lines=6, interactive=False, elem_id="test-lora-answer")
+
+    # -- wiring -----------------------------------------------------------------------------
+    task.change(on_task, task, [image_box, text_box])
+    generate_btn.click(generate, [base, lora, prompt, negative, weight, seed, steps, guidance, size],
+                       [image_out, image_message], concurrency_limit=1, concurrency_id="device")
+    compare_btn.click(compare, [base, lora, prompt, negative, seed, steps, guidance, size, with_ckpts],
+                      [grid_out, image_message], concurrency_limit=1, concurrency_id="device")
+    lora.change(on_lora, [lora, base, weight], [syntax, family])
+    base.change(on_base, [base, lora], family)
+    weight.change(on_weight, [lora, weight], syntax, show_progress="hidden")
+    refresh.click(on_refresh, None, [base, lora, text_base, adapter])
+    chat_inputs = [text_base, adapter, text_weight, max_tokens, chat, question]
+    send_btn.click(send, chat_inputs, [chat, question, text_message], concurrency_limit=1, concurrency_id="device")
+    question.submit(send, chat_inputs, [chat, question, text_message], concurrency_limit=1, concurrency_id="device")
+    side_btn.click(side_by_side, [text_base, adapter, text_weight, max_tokens, question],
+                   [base_answer, lora_answer, text_message], concurrency_limit=1, concurrency_id="device")
+    if train and "widgets" in train:
+        # After a run, the Test tab offers its base model and its files without a refresh.
+        widgets = train["widgets"]
+        widgets["base_model"].change(follow_trained_model, [widgets["base_model"], widgets["task_type"]],
+                                     [base, text_base])
+    return {"task": task, "base": base, "lora": lora, "refresh": refresh}
