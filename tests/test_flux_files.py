@@ -376,3 +376,40 @@ def test_kohya_file_header_names_the_model_family(tmp_path, variant, version, ar
     assert "lora_adapter_metadata" not in meta  # diffusers must take it for a kohya file
     assert dtypes == {torch.bfloat16}
     json.dumps(meta)  # every value a string
+
+
+def test_comfyui_named_file_and_text_encoder_keys_read_as_the_transformer_lora(tmp_path):
+    # ComfyUI also writes `diffusion_model.<BFL path>.lora_A/B.weight`; files from other trainers may
+    # carry CLIP-L / T5 LoRAs (lora_te1_ / lora_te3_) that this module does not convert.
+    model = _tiny_with_lora("flux-schnell")
+    kohya = flux_peft_to_kohya(_peft_state(model), alpha=8.0)
+    dotted = {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.img_mlp.0",
+              "double_blocks.0.img_mlp.2", "double_blocks.0.img_mod.lin", "double_blocks.0.txt_attn.qkv",
+              "double_blocks.0.txt_attn.proj", "double_blocks.0.txt_mlp.0", "double_blocks.0.txt_mlp.2",
+              "double_blocks.0.txt_mod.lin", "single_blocks.0.linear1", "single_blocks.0.linear2",
+              "single_blocks.0.modulation.lin"}
+    comfy = {}
+    for bfl in dotted:
+        name = "lora_unet_" + bfl.replace(".", "_")
+        comfy[f"diffusion_model.{bfl}.lora_A.weight"] = kohya[f"{name}.lora_down.weight"]
+        comfy[f"diffusion_model.{bfl}.lora_B.weight"] = kohya[f"{name}.lora_up.weight"]
+        comfy[f"diffusion_model.{bfl}.alpha"] = kohya[f"{name}.alpha"]
+    from_kohya, _ = flux_kohya_to_peft({k: v for k, v in kohya.items() if "_blocks_" in k})
+    from_comfy, alphas = flux_kohya_to_peft(comfy)
+    assert set(from_comfy) == set(from_kohya) and len(from_comfy) == 2 * 20  # q, k, v, mlp split
+    for key, value in from_kohya.items():
+        assert torch.equal(from_comfy[key], value), key
+
+    kohya["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(2, 8)
+    with pytest.raises(LoraFormatError, match="text encoder"):
+        flux_kohya_to_peft(kohya)
+    peft, _ = flux_kohya_to_peft(kohya, ignore_text_encoders=True)
+    assert not [k for k in peft if "text_model" in k]
+
+
+def test_dora_is_refused_rather_than_written_as_plain_lora():
+    state = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
+             "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2),
+             "transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.ones(8)}
+    with pytest.raises(LoraFormatError, match="DoRA"):
+        flux_peft_to_kohya(state, alpha=2.0)
