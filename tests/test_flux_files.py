@@ -86,8 +86,8 @@ PATTERNS = {"flux-dev": {"rank_pattern": {"add_k_proj": 2}, "alpha_pattern": {"t
 
 def _tiny(variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    common = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                  num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8])
+    common = {"patch_size": 1, "in_channels": 4, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+              "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": [4, 4, 8]}
     if variant == "chroma":
         from diffusers import ChromaTransformer2DModel
 
@@ -395,7 +395,7 @@ def test_comfyui_named_file_and_text_encoder_keys_read_as_the_transformer_lora(t
         comfy[f"diffusion_model.{bfl}.lora_B.weight"] = kohya[f"{name}.lora_up.weight"]
         comfy[f"diffusion_model.{bfl}.alpha"] = kohya[f"{name}.alpha"]
     from_kohya, _ = flux_kohya_to_peft({k: v for k, v in kohya.items() if "_blocks_" in k})
-    from_comfy, alphas = flux_kohya_to_peft(comfy)
+    from_comfy, _ = flux_kohya_to_peft(comfy)
     assert set(from_comfy) == set(from_kohya) and len(from_comfy) == 2 * 20  # q, k, v, mlp split
     for key, value in from_kohya.items():
         assert torch.equal(from_comfy[key], value), key
@@ -405,6 +405,17 @@ def test_comfyui_named_file_and_text_encoder_keys_read_as_the_transformer_lora(t
         flux_kohya_to_peft(kohya)
     peft, _ = flux_kohya_to_peft(kohya, ignore_text_encoders=True)
     assert not [k for k in peft if "text_model" in k]
+
+
+def test_a_lora_labelled_with_the_wrong_variant_is_refused(tmp_path):
+    dev_state = _peft_state(_tiny_with_lora("flux-dev"))  # has guidance_embedder and modulation LoRAs
+    for variant, match in (("flux-schnell", "guidance_embedder"), ("chroma", "norm")):
+        with pytest.raises(LoraFormatError, match=match):
+            write_flux_kohya_file(dev_state, tmp_path / f"{variant}.safetensors", variant=variant, alpha=8.0)
+        assert not (tmp_path / f"{variant}.safetensors").exists()
+    chroma_state = _peft_state(_tiny_with_lora("chroma"))
+    with pytest.raises(LoraFormatError, match="distilled_guidance_layer"):
+        write_flux_kohya_file(chroma_state, tmp_path / "dev.safetensors", variant="flux-dev", alpha=8.0)
 
 
 def test_dora_is_refused_rather_than_written_as_plain_lora():

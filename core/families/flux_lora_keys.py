@@ -23,12 +23,14 @@ double blocks' `img_mod.lin` / `txt_mod.lin` and the single blocks' `modulation.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -375,6 +377,26 @@ def _check_variant(variant: str) -> None:
         raise LoraFormatError(f"Unknown FLUX variant '{variant}'; expected one of {', '.join(VARIANTS)}.")
 
 
+def _foreign_module(path: str, variant: str) -> bool:
+    """True for a module the variant's transformer does not have (a LoRA labelled with the wrong variant)."""
+    if variant == "chroma":
+        # Chroma replaced FLUX's modulation layers and time/text/guidance embedders by one approximator.
+        return path.endswith(("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear")) or \
+            path.startswith("time_text_embed.")
+    if path.startswith("distilled_guidance_layer."):
+        return True
+    return variant == "flux-schnell" and path.startswith("time_text_embed.guidance_embedder.")
+
+
+def check_modules_match_variant(paths: list[str], variant: Variant) -> None:
+    """Refuse a LoRA whose modules do not exist in `variant`, so no file is labelled for the wrong model."""
+    _check_variant(variant)
+    foreign = sorted(p for p in (_strip_prefixes(p) for p in paths) if _foreign_module(p, variant))
+    if foreign:
+        raise LoraFormatError(f"{', '.join(foreign[:3])} is not part of a {variant} transformer; "
+                              "choose the variant the LoRA was trained on.")
+
+
 def _num(value: float) -> str:
     value = float(value)
     return str(int(value)) if value.is_integer() else repr(value)
@@ -387,11 +409,8 @@ def flux_kohya_metadata(variant: Variant, *, rank: int, alpha: float, title: str
     `alpha` is the alpha of an unfused module (fused qkv / linear1 modules store it times the number
     of parts). No `modelspec.prediction_type`: sd-scripts leaves it out for FLUX.
     """
-    import datetime  # noqa: PLC0415
-    import time  # noqa: PLC0415
-
     _check_variant(variant)
-    started = time.time() if started_at is None else started_at
+    started = datetime.datetime.now().timestamp() if started_at is None else started_at
     meta = {
         "ss_base_model_version": _BASE_MODEL_VERSION[variant],
         "ss_v2": "False",
@@ -421,9 +440,9 @@ def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *,
     `metadata` adds or overrides descriptive keys (`ss_output_name`, `modelspec.title`, ...); the keys
     naming the family, network and rank/alpha always come from here. `dtype=None` keeps each tensor's dtype.
     """
-    _check_variant(variant)
-    tensors = flux_peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
     modules = group_flux_peft(peft_state)
+    check_modules_match_variant(list(modules), variant)
+    tensors = flux_peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
     ranks = [parts["A"].shape[0] for parts in modules.values()]
     rank = int(_most_common(ranks))
     alphas = [_alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
