@@ -13,8 +13,6 @@ import yaml
 from tests.fixtures.tiny_sd import run_collect, tiny_run_config
 from tests.helpers import read_loss_csv
 
-# Two shared, busy cores: one thread avoids OpenMP threads spinning against each other.
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -16,8 +16,6 @@ import core.train.text
 from core.train import run_training, runtime
 from tests.helpers import read_loss_csv
 
-# Two shared, busy cores: one thread avoids OpenMP threads spinning against each other.
-torch.set_num_threads(1)
 RTX_3060 = core.devices.DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 11.7, 11.3, bf16=True, bitsandbytes=False)
 
 
