@@ -17,6 +17,7 @@ from tests.fixtures.tiny_sd import tiny_run_config
 from tests.helpers import read_loss_csv
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # four train.py processes, two runs
 
 
 def launch_two(config: Path, cwd: Path) -> subprocess.CompletedProcess:

@@ -48,6 +48,7 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
+@pytest.mark.slow  # two train.py runs in subprocesses
 def test_kill_9_mid_training_then_resume_latest_finishes_the_run(tiny_sd1, sd_image_folder, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_run_config(tiny_sd1.folder, sd_image_folder, out,
@@ -67,6 +68,7 @@ def test_kill_9_mid_training_then_resume_latest_finishes_the_run(tiny_sd1, sd_im
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow  # two train.py runs in subprocesses
 def test_kill_9_inside_a_checkpoint_save_leaves_the_previous_checkpoint_usable(tiny_sd1, sd_image_folder, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_run_config(tiny_sd1.folder, sd_image_folder, out,
