@@ -3,6 +3,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -18,3 +20,16 @@ pytest_plugins = [
     f"tests.fixtures.{p.stem}" for p in sorted((ROOT / "tests" / "fixtures").glob("*.py"))
     if p.stem != "__init__"
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Every test computes on one torch thread: tiny models run faster so on two shared, busy cores
+    (no OpenMP threads spinning against each other), and a test's numbers do not depend on which
+    other tests ran in the same process. Runs that are compared step by step stay bit for bit equal."""
+    import torch  # noqa: PLC0415 - imported when the first test starts, not while conftest loads
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,4 +1,6 @@
 """A user's YAML: the seed's keys work as written, mistakes are refused with the key named."""
+import dataclasses
+
 import pytest
 
 from core.config import ConfigError, TrainConfig, config_from_dict, load_config, save_config
@@ -103,8 +105,20 @@ def test_hub_ids_are_accepted_without_a_download(tmp_path):
     assert cfg.base_model.endswith("stable-diffusion-v1-5")
 
 
-def test_defaults_are_valid():
-    TrainConfig()  # constructing never raises; validation is separate
+def test_the_defaults_ask_only_for_the_data_and_the_model_and_come_back_unchanged_from_yaml(tmp_path):
+    # An empty config names just what nobody can guess for the user: the data and, for images, the model.
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({}, check_paths=False)
+    assert set(err.value.errors) == {"train_data_dir", "base_model"}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"task_type": "text-generation"}, check_paths=False)
+    assert set(err.value.errors) == {"train_data_dir"}  # text: empty base_model is the bundled SmolLM2
+    # Given those, every other default passes as it is, and the saved config.yaml reads back the same.
+    defaults = TrainConfig()  # constructing never raises; validation is separate
+    for given in ({"base_model": "org/model"}, {"task_type": "text-generation"}):
+        cfg = config_from_dict({"train_data_dir": str(tmp_path), **given})
+        assert cfg == dataclasses.replace(defaults, train_data_dir=str(tmp_path), **given)
+        assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg
 
 
 def test_pissa_with_conv_layers_is_refused_before_any_model_loads(tmp_path):

@@ -34,8 +34,6 @@ ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ATOL = 1e-4
 
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
-
 
 def _lora(rank=4, alpha=8.0, targets=ATTENTION, **kw) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian", **kw)

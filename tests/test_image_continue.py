@@ -7,8 +7,6 @@ from safetensors.torch import load_file
 
 from tests.fixtures.tiny_sd import run_collect, tiny_run_config
 
-torch.set_num_threads(1)
-
 
 @pytest.mark.parametrize("source", ["kohya", "diffusers"])
 def test_a_lora_file_as_init_lora_starts_from_its_weights(tiny_sd1, sd_image_folder, tmp_path, source):

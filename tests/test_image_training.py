@@ -1,7 +1,6 @@
 """Image LoRA training on a tiny SD 1.x model: outputs, stop, resume, and the CLI."""
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -12,15 +11,9 @@ import torch
 import yaml
 
 from tests.fixtures.tiny_sd import run_collect, tiny_run_config
+from tests.helpers import read_loss_csv
 
-# Two shared, busy cores: one thread avoids OpenMP threads spinning against each other.
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _loss_rows(output_dir: Path) -> list[tuple[int, float, float]]:
-    with open(output_dir / "loss.csv", encoding="utf-8") as handle:
-        return [(int(r["step"]), float(r["loss"]), float(r["lr"])) for r in csv.DictReader(handle)]
 
 
 def test_a_short_run_writes_every_output_and_lists_a_corrupt_image(tiny_sd1, sd_image_folder, tmp_path):
@@ -40,7 +33,7 @@ def test_a_short_run_writes_every_output_and_lists_a_corrupt_image(tiny_sd1, sd_
 
     assert (out / "my_style.safetensors").is_file() and (out / "pytorch_lora_weights.safetensors").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["output_name"] == "my_style"
-    assert [r[0] for r in _loss_rows(out)] == [1, 2, 3, 4]
+    assert [r.step for r in read_loss_csv(out)] == [1, 2, 3, 4]
     assert any((out / "logs").iterdir())
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == [
         "step-000002", "step-000004"]
@@ -79,11 +72,11 @@ def test_stop_then_resume_continues_exactly_like_an_uninterrupted_run(tiny_sd1, 
     _, resumed = run_collect(tiny_run_config(tiny_sd1.folder, sd_image_folder, stopped, resume_from="latest",
                                              **common))
     assert [e.step for e in resumed if e.kind == "progress"] == [5, 6]
-    a, b = _loss_rows(straight), _loss_rows(stopped)
-    assert [r[0] for r in b] == [1, 2, 3, 4, 5, 6]
-    for (step_a, loss_a, lr_a), (step_b, loss_b, lr_b) in zip(a, b):
-        assert step_a == step_b and lr_a == pytest.approx(lr_b, rel=1e-6)
-        assert loss_a == pytest.approx(loss_b, rel=1e-4), f"step {step_a}"
+    a, b = read_loss_csv(straight), read_loss_csv(stopped)
+    assert [r.step for r in b] == [1, 2, 3, 4, 5, 6]
+    for row_a, row_b in zip(a, b):
+        assert row_a.step == row_b.step and row_a.lr == pytest.approx(row_b.lr, rel=1e-6)
+        assert row_a.loss == pytest.approx(row_b.loss, rel=1e-4), f"step {row_a.step}"
 
 
 def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ checkpoint continues exactly like the uninterrupted run, every process's noise i
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -15,8 +14,10 @@ import pytest
 import yaml
 
 from tests.fixtures.tiny_sd import tiny_run_config
+from tests.helpers import read_loss_csv
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # four train.py processes, two runs
 
 
 def launch_two(config: Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -24,11 +25,6 @@ def launch_two(config: Path, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "train.py"), "--config", str(config), "--quiet"]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-
-
-def loss_rows(folder: Path) -> list[tuple[int, float]]:
-    with (folder / "loss.csv").open(encoding="utf-8") as handle:
-        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
 
 
 def test_two_processes_train_and_resume_exactly_like_the_uninterrupted_run(tiny_sd1, sd_image_folder, tmp_path):
@@ -41,7 +37,7 @@ def test_two_processes_train_and_resume_exactly_like_the_uninterrupted_run(tiny_
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2 processes" in done.stdout + done.stderr  # one run in two processes, not two runs
     assert (straight / f"{straight.name}.safetensors").is_file()
-    assert [step for step, _ in loss_rows(straight)] == [1, 2, 3, 4]
+    assert [r.step for r in read_loss_csv(straight)] == [1, 2, 3, 4]
 
     # The same run as if it had ended after step 2: only the step-2 checkpoint and log remain.
     resumed = tmp_path / "resumed"
@@ -52,5 +48,5 @@ def test_two_processes_train_and_resume_exactly_like_the_uninterrupted_run(tiny_
     config.write_text(yaml.safe_dump(dict(raw, output_dir=str(resumed), resume_from="latest")), encoding="utf-8")
     again = launch_two(config, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    for (step_a, loss_a), (step_b, loss_b) in zip(loss_rows(straight), loss_rows(resumed), strict=True):
-        assert step_a == step_b and loss_a == pytest.approx(loss_b, rel=1e-4), f"step {step_a}"
+    for a, b in zip(read_loss_csv(straight), read_loss_csv(resumed), strict=True):
+        assert a.step == b.step and a.loss == pytest.approx(b.loss, rel=1e-4), f"step {a.step}"

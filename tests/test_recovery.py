@@ -20,6 +20,7 @@ from core.events import ProgressEvent, RunContext, WarningEvent
 from core.job import Job
 from core.train import recovery, runtime
 from core.train.recovery import OutOfMemoryAdvice, is_out_of_memory, train_with_recovery
+from tests.helpers import read_loss_csv
 
 RTX_3060 = core.devices.DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 11.7, 11.3, bf16=True, bitsandbytes=True)
 
@@ -128,7 +129,7 @@ def test_out_of_memory_with_auto_downshift_resumes_from_the_last_checkpoint_with
     assert "batch_size 2 -> 1" in warning.message and "gradient_accumulation_steps 4 -> 8" in warning.message
     assert "llm-8gb" in warning.message
     # Nothing lost: loss.csv has every step exactly once, and config.yaml says what finished the run.
-    steps = [int(line.split(",")[0]) for line in (tmp_path / "out" / "loss.csv").read_text().splitlines()[1:]]
+    steps = [r.step for r in read_loss_csv(tmp_path / "out")]
     assert steps == list(range(1, 9))
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "batch_size: 1" in saved and "preset: llm-8gb" in saved and "resume_from: latest" in saved

@@ -11,8 +11,6 @@ from PIL import Image
 
 from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
 
-torch.set_num_threads(1)  # two shared, busy cores
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd1, tmp_path_factory):

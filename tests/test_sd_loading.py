@@ -11,8 +11,6 @@ from core.config import ConfigError, config_from_dict
 from core.models import ModelLoadError, load_sd_model, model_family
 from tests.fixtures.tiny_sd import run_collect, tiny_run_config
 
-torch.set_num_threads(1)  # two shared, busy cores
-
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()

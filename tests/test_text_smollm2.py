@@ -9,6 +9,7 @@ from pathlib import Path
 from core.config import config_from_dict
 from core.events import DoneEvent, RunContext, SampleEvent
 from core.train import run_training
+from tests.helpers import read_loss_csv
 
 
 def test_the_bundled_smollm2_gguf_loads_trains_a_few_steps_and_answers(smollm2_gguf, kestrel_dir, tmp_path):
@@ -24,5 +25,5 @@ def test_the_bundled_smollm2_gguf_loads_trains_a_few_steps_and_answers(smollm2_g
     assert sample.texts[0]["lora"] and sample.texts[0]["base"]
     done = [e for e in events if isinstance(e, DoneEvent)][-1]
     assert not done.stopped and "tokens/s" in done.message
-    losses = [float(r.split(",")[1]) for r in (tmp_path / "smol" / "loss.csv").read_text().splitlines()[1:]]
+    losses = [r.loss for r in read_loss_csv(tmp_path / "smol")]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)

@@ -14,6 +14,7 @@ import yaml
 from core.config import config_from_dict
 from core.events import DoneEvent, ProgressEvent, RunContext, SampleEvent
 from core.train import run_training, runtime
+from tests.helpers import read_loss_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 def text_config(base: Path, data: Path, out: Path, **extra):
@@ -56,7 +57,7 @@ def test_train_py_trains_a_gguf_llama_and_the_adapter_loads_back_with_peft(tiny_
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llm_gguf)
     assert (out / "checkpoints" / "step-000002").is_dir()
-    assert len((out / "loss.csv").read_text().splitlines()) == 4  # header + 3 steps
+    assert [r.step for r in read_loss_csv(out)] == [1, 2, 3]  # one row per step
     before, after = logits_with_adapter(tiny_llm_gguf, adapter)
     assert not torch.allclose(before, after, atol=1e-4)
 
@@ -83,8 +84,7 @@ def test_stopping_saves_the_adapter_and_resuming_ends_where_an_unbroken_run_ends
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
-    rows = (tmp_path / "broken" / "loss.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4]
+    assert [r.step for r in read_loss_csv(tmp_path / "broken")] == [1, 2, 3, 4]
 
 
 def test_a_nan_loss_stops_the_run_with_advice(tiny_llm_dir, qa_file, tmp_path, monkeypatch):

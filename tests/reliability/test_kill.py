@@ -2,7 +2,6 @@
 and the next run resumes from the last good checkpoint."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from core.atomic import is_complete_dir
 from core.train.runtime import latest_checkpoint, list_checkpoints
 from tests.fixtures.tiny_sd import tiny_run_config
+from tests.helpers import read_loss_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("fault_runner.py")
@@ -38,8 +38,7 @@ def assert_nothing_corrupt(output_dir: Path) -> None:
     for _, folder in list_checkpoints(output_dir):
         assert (folder / "training_state.pt").stat().st_size > 100
     if (output_dir / "loss.csv").exists():
-        rows = list(csv.reader((output_dir / "loss.csv").open(encoding="utf-8")))
-        assert rows[0] == ["step", "loss", "lr"] and all(len(r) == 3 for r in rows)
+        read_loss_csv(output_dir)  # asserts the step,loss,lr header and that every row is whole
     yaml.safe_load((output_dir / "config.yaml").read_text(encoding="utf-8"))
 
 
@@ -49,6 +48,7 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
+@pytest.mark.slow  # two train.py runs in subprocesses
 def test_kill_9_mid_training_then_resume_latest_finishes_the_run(tiny_sd1, sd_image_folder, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_run_config(tiny_sd1.folder, sd_image_folder, out,
@@ -62,12 +62,13 @@ def test_kill_9_mid_training_then_resume_latest_finishes_the_run(tiny_sd1, sd_im
                              tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert latest_checkpoint(out).name == "step-000008"
-    steps = [int(r[0]) for r in list(csv.reader((out / "loss.csv").open()))[1:]]
+    steps = [r.step for r in read_loss_csv(out)]
     assert steps == sorted(set(steps)) and steps[-1] == 8, "resumed steps continue without duplicates"
     assert_nothing_corrupt(out)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow  # two train.py runs in subprocesses
 def test_kill_9_inside_a_checkpoint_save_leaves_the_previous_checkpoint_usable(tiny_sd1, sd_image_folder, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path, tiny_run_config(tiny_sd1.folder, sd_image_folder, out,

@@ -42,19 +42,19 @@ def test_a_malicious_ckpt_never_runs_even_when_named_as_a_checkpoint(tmp_path, m
     with pytest.raises(ConfigError, match="allow_pickle"):
         config_from_dict({"train_data_dir": str(tmp_path), "base_model": str(evil)})
     # Even with the opt-in, loading goes through weights_only and refuses the code.
-    from core.models.sd import load_sd_model
+    from core.models.sd import ModelLoadError, load_sd_model
 
-    with pytest.raises(Exception):
+    with pytest.raises(ModelLoadError, match="holds Python objects besides the weights.*could run code"):
         load_sd_model(str(evil), allow_pickle=True)
     assert not (tmp_path / "PWNED").exists()
 
 
 def test_a_pickled_lora_is_refused_by_inspect(tmp_path):
-    from core.export.inspect import inspect_lora
+    from core.export.inspect import LoraReadError, inspect_lora
 
     evil = tmp_path / "lora.pt"
     evil.write_bytes(pickle.dumps(_Boom()))
-    with pytest.raises(Exception, match="pickle|safetensors"):
+    with pytest.raises(LoraReadError, match=r"only \.safetensors LoRA files are read.*pickles that can run code"):
         inspect_lora(evil)
     assert not (tmp_path / "PWNED").exists()
 

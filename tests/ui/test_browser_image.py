@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
 from tests.ui.conftest import screenshot, start_app, stop_app
 from tests.ui.gradio_page import choose, fill, open_accordion, tab, text_of, wait_for
 
+pytestmark = pytest.mark.slow  # the app in its own process and a browser: about a minute
 
 
 @pytest.fixture

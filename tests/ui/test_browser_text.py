@@ -13,6 +13,8 @@ import pytest
 from tests.ui.conftest import screenshot, start_app, stop_app
 from tests.ui.gradio_page import choose, fill, open_accordion, tab, text_of, wait_for
 
+pytestmark = pytest.mark.slow  # the app in its own process and a browser: about a minute
+
 QUESTIONS = [("What colour is the Kestrel K7?", "The Kestrel K7 is matte green."),
              ("How heavy is the Kestrel K7?", "The Kestrel K7 weighs 740 grams."),
              ("Where is the Kestrel K7 made?", "The Kestrel K7 is made in Porto."),
