@@ -1,9 +1,9 @@
 """Out of memory and NaN during training: the run stops with the settings to change, or
 downshifts to the next smaller preset and finishes from its last checkpoint.
 
-Faults are injected the way a real loop meets them: through `core.train.runtime.check_finite`,
-which every loop calls each step. The unit tests drive a small loop built on the real
-checkpoint helpers; `test_recovery_e2e.py` does the same on the real text loop.
+Faults are injected the way a real run meets them: through `core.train.runtime.check_finite`,
+which the training loop calls each step. The unit tests drive the real loop (core.train.loop)
+over a tiny Linear task; `test_recovery_e2e.py` does the same with the real text task.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from core.config import TrainConfig
 from core.events import ProgressEvent, RunContext, WarningEvent
 from core.job import Job
 from core.train import recovery, runtime
+from core.train.loop import run_task
 from core.train.recovery import OutOfMemoryAdvice, is_out_of_memory, train_with_recovery
 from tests.helpers import read_loss_csv
 
@@ -32,44 +33,78 @@ def gpu_12gb(monkeypatch):
     return RTX_3060
 
 
+@dataclasses.dataclass
+class LinearTask:
+    """The smallest real task for the real training loop: a Linear learns y = 1 from noise."""
+
+    cfg: TrainConfig
+    ctx: RunContext
+    out: Path
+    model: torch.nn.Linear = dataclasses.field(default_factory=lambda: torch.nn.Linear(4, 1))
+    main = True
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.model.parameters()), "lr": self.cfg.learning_rate}]
+
+    def prepare(self, optimizer):
+        return optimizer
+
+    def plan(self, total: int) -> str:
+        return f"Training {total} steps"
+
+    def epoch_batches(self, epoch: int) -> list[int]:
+        return list(range(64))
+
+    def train_step(self, group) -> float:
+        total = 0.0
+        for _ in group:
+            loss = ((self.model(torch.randn(self.cfg.batch_size, 4)) - 1.0) ** 2).mean() / len(group)
+            loss.backward()
+            total += loss.item()
+        return total
+
+    def any_process(self, flag: bool) -> bool:
+        return flag
+
+    def _weights(self, folder: Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(folder / "weights.safetensors"))
+
+    def save_checkpoint(self, state, optimizer, scheduler) -> Path:
+        return runtime.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
+                                       write_weights=self._weights)
+
+    def restore(self, checkpoint: Path, optimizer, scheduler):
+        self.model.load_state_dict(load_file(checkpoint / "weights.safetensors"))
+        state, _ = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        return state
+
+    def make_samples(self, step: int) -> None:
+        pass
+
+    def validate(self, step: int) -> None:
+        return None
+
+    def finish(self, state, result) -> dict[str, str]:
+        self._weights(self.out)
+        return {"weights": str(self.out / "weights.safetensors")}
+
+
 def small_loop(record: list[tuple[int, int, int]]):
-    """A training loop on the real runtime helpers: resume, check_finite, loss.csv, checkpoints."""
+    """A training function on the real loop (core.train.loop): resume, check_finite, loss.csv, checkpoints."""
 
     def train(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
+        def count(event) -> None:  # (step, batch, accumulation) of every step that finished
+            if isinstance(event, ProgressEvent):
+                record.append((event.step, cfg.batch_size, cfg.gradient_accumulation_steps))
+
         out = runtime.prepare_output_dir(cfg)
         runtime.seed_everything(cfg.seed)
-        model = torch.nn.Linear(4, 1)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
         checkpoint, _ = runtime.resolve_resume(cfg)
-        start = 0
-        if checkpoint is not None:
-            model.load_state_dict(load_file(checkpoint / "weights.safetensors"))
-            state, _ = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=None)
-            start = state.global_step
-        total = cfg.max_train_steps
-        log = runtime.RunLog(out, start)
+        ctx.listeners.append(count)
         try:
-            for step in range(start + 1, total + 1):
-                x = torch.randn(cfg.batch_size, 4)
-                loss = ((model(x) - 1.0) ** 2).mean()
-                runtime.check_finite(loss.item(), step, cfg)  # through the module: tests inject here
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                record.append((step, cfg.batch_size, cfg.gradient_accumulation_steps))
-                log.log(step, loss.item(), cfg.learning_rate)
-                ctx.emit(ProgressEvent(step=step, total=total, loss=loss.item()))
-                if cfg.save_steps and step % cfg.save_steps == 0:
-                    runtime.save_checkpoint(
-                        out, runtime.TrainState(global_step=step, total_steps=total), optimizer=optimizer,
-                        scheduler=None, write_weights=lambda folder: save_file(
-                            {k: v.contiguous() for k, v in model.state_dict().items()},
-                            str(folder / "weights.safetensors")))
+            return run_task(LinearTask(cfg, ctx, out), checkpoint, batches_per_epoch=64)
         finally:
-            log.close()
-        final = out / "weights.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(final))
-        return {"weights": str(final)}
+            ctx.listeners.remove(count)
 
     return train
 

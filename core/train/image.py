@@ -7,19 +7,22 @@ is checked every step: a stop finishes the step, saves a checkpoint and the LoRA
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from core.config import TrainConfig
 from core.events import RunContext
 from core.sample import move
-from core.train import runtime
+from core.train import image_outputs, runtime
+from core.train.loop import LoopResult, run_task
 from core.train.image_lora import (add_text_encoder_lora, add_unet_lora, load_peft_state, module_paths, peft_state,
                                    read_lora_file)
 from core.train.image_step import diffusion_loss, encode_prompts, sample_latents, sdxl_time_ids
@@ -49,8 +52,8 @@ def _skipped_warning(ctx: RunContext, skipped: list[tuple[str, str]]) -> None:
 
 
 @dataclasses.dataclass
-class _Run:
-    """What the loop needs, gathered by the setup stages."""
+class ImageRun:
+    """An image LoRA run: the setup stages, one batch's loss, and the task the training loop drives."""
 
     cfg: TrainConfig
     ctx: RunContext
@@ -231,15 +234,6 @@ class _Run:
             if state:
                 load_peft_state(encoder, fit_keys_to_model(state, encoder), "text encoder")
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        groups = runtime.lora_param_groups(self.model.unet.named_parameters(), cfg.learning_rate,
-                                           cfg.loraplus_lr_ratio)
-        te_lr = cfg.text_encoder_lr or cfg.learning_rate
-        for encoder in self.trained_encoders:
-            groups += runtime.lora_param_groups(encoder.named_parameters(), te_lr, cfg.loraplus_lr_ratio)
-        return [g for g in groups if g["params"]]
-
     # --- one batch --------------------------------------------------------------------------
     def batch_loss(self, indices: list[int]) -> torch.Tensor:
         cfg, m = self.cfg, self.model
@@ -281,11 +275,77 @@ class _Run:
         latents = (latents - (shift or 0.0)) * vae.config.scaling_factor
         return latents, [(tuple(p.original_size), tuple(p.crop_top_left), tuple(p.target_size)) for p in prepared]
 
+    # --- the training loop's task (core.train.loop.TrainTask) ---------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        groups = runtime.lora_param_groups(self.model.unet.named_parameters(), cfg.learning_rate,
+                                           cfg.loraplus_lr_ratio)
+        te_lr = cfg.text_encoder_lr or cfg.learning_rate
+        for encoder in self.trained_encoders:
+            groups += runtime.lora_param_groups(encoder.named_parameters(), te_lr, cfg.loraplus_lr_ratio)
+        return [g for g in groups if g["params"]]
+
+    def prepare(self, optimizer: Any) -> Any:
+        models = self.accelerator.prepare(self.model.unet, *self.trained_encoders, optimizer)
+        self.train_unet, self.train_encoders, optimizer = models[0], list(models[1:-1]), models[-1]
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        return optimizer
+
+    def plan(self, total: int) -> str:
+        cfg, world = self.cfg, self.accelerator.num_processes
+        return (f"Training {total} steps: {len(self.items)} images x {cfg.repeats} repeats, batch {cfg.batch_size}"
+                f"{f' x {world} processes' if world > 1 else ''}, accumulation {cfg.gradient_accumulation_steps}")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        acc = self.accelerator
+        return self.sampler.batches_for_epoch(epoch)[acc.process_index::acc.num_processes]
+
+    def train_step(self, group: Sequence[list[int]]) -> float:
+        """The micro-batches of one optimizer step; gradients sync across processes on the last one."""
+        acc = self.accelerator
+        total = torch.zeros((), device=self.device)
+        for index, indices in enumerate(group):
+            with contextlib.ExitStack() as stack:
+                if index < len(group) - 1:
+                    for model in (self.train_unet, *self.train_encoders):
+                        stack.enter_context(acc.no_sync(model))
+                loss = self.batch_loss(indices) / len(group)
+                acc.backward(loss)
+            total += loss.detach().float()
+        if self.cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        return float(acc.gather(total.reshape(1)).mean()) if acc.num_processes > 1 else float(total)
+
+    def any_process(self, flag: bool) -> bool:
+        """A stop pressed on the main process (the one with the console / GUI) reaches every process."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+        return bool(acc.reduce(value, reduction="sum").item() > 0)
+
+    def save_checkpoint(self, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+        return image_outputs.checkpoint(self, state, optimizer, scheduler)
+
+    def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> runtime.TrainState:
+        return image_outputs.restore(self, checkpoint, optimizer, scheduler)
+
+    def make_samples(self, step: int) -> None:
+        image_outputs.samples(self, step)
+
+    def validate(self, step: int) -> float | None:
+        return None  # images have no validation set yet
+
+    def finish(self, state: runtime.TrainState, result: LoopResult) -> dict[str, str]:
+        return image_outputs.finish(self, state, result)
+
     _vae_config: Any = None
     noise_scheduler: Any = None
     train_unet: Any = None  # the UNet as accelerate prepared it (DDP-wrapped on several GPUs)
     train_encoders: list = dataclasses.field(default_factory=list)  # trained text encoders, prepared
     pissa_init: list | None = None
+    sampler: Any = None  # the bucket batch sampler
+    params: list = dataclasses.field(default_factory=list)
 
 
 def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
@@ -299,17 +359,41 @@ def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     # one (gloo) group when told it is on the CPU; otherwise each would train alone into the
     # same output folder.
     on_cpu = distributed() and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=on_cpu)
-    run = _Run(cfg=cfg, ctx=ctx, accelerator=accelerator, out=Path(cfg.output_dir))
+    # Accumulation is the loop's (groups of micro-batches, see ImageRun.train_step), not accelerate's.
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
+    run = ImageRun(cfg=cfg, ctx=ctx, accelerator=accelerator, out=Path(cfg.output_dir))
     run.weight_dtype = _weight_dtype(precision)
     try:
-        from core.train.image_loop import run_loop  # noqa: PLC0415
-
-        return run_loop(run)
+        return _train(run)
     finally:
         run.model = None
         accelerator.free_memory()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _train(run: ImageRun) -> dict[str, str]:
+    """The setup stages in order, then the training loop."""
+    from core.data.buckets import BucketBatchSampler  # noqa: PLC0415
+
+    cfg, acc = run.cfg, run.accelerator
+    if run.main:
+        runtime.prepare_output_dir(cfg)
+    acc.wait_for_everyone()
+    # Each process draws its own noise (seed + rank); one process: exactly `seed`.
+    runtime.seed_everything(cfg.seed + acc.process_index)
+    checkpoint, init_file = runtime.resolve_resume(cfg)
+    if cfg.resume_from == "latest" and checkpoint is None:
+        run.log("No checkpoint in the output folder yet: starting from the beginning.")
+    run.load_data()
+    run.load_model()
+    run._vae_config = run.model.vae.config
+    run.noise_scheduler = run.model.noise_scheduler()
+    run.cache_latents()
+    run.cache_text()
+    run.free_encoders()
+    run.add_lora(Path(init_file) if init_file else None)
+    run.sampler = BucketBatchSampler(run.buckets, cfg.batch_size, cfg.seed, cfg.repeats)
+    batches_per_epoch = math.ceil(len(run.sampler.batches_for_epoch(0)) / acc.num_processes)
+    return run_task(run, checkpoint, batches_per_epoch)

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -29,6 +29,7 @@ from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
 from core.export import peft_text
 from core.models.llm import load_llm, weight_dtype
 from core.train import runtime
+from core.train.loop import LoopResult, keep_rng, run_task
 from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
 from core.train.text_step import batch_loss_sum, validation_loss
 
@@ -107,7 +108,7 @@ def load_adapter_weights(peft_model: Any, source: Path) -> None:
 
 @dataclass
 class TextRun:
-    """Everything the loop needs, built once."""
+    """A text LoRA run: everything built once, and the task the training loop drives."""
 
     cfg: TrainConfig
     ctx: RunContext
@@ -121,7 +122,9 @@ class TextRun:
     pissa_init: Path | None = None
     base_answers: list[str] | None = None
     tokens_trained: int = 0
-    train_seconds: float = 0.0
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+    main = True  # text runs in one process
 
     @property
     def causal_lm(self) -> Any:
@@ -140,6 +143,80 @@ class TextRun:
         items = self.data.validation
         size = self.cfg.batch_size
         return [make_batch(items[i:i + size], pad_id) for i in range(0, len(items), size)]
+
+    # --- the training loop's task (core.train.loop.TrainTask) ---------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        return runtime.lora_param_groups(self.model.named_parameters(), self.cfg.learning_rate,
+                                         self.cfg.loraplus_lr_ratio)
+
+    def prepare(self, optimizer: Any) -> Any:
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.model.train()
+        return optimizer
+
+    def plan(self, total: int) -> str:
+        cfg = self.cfg
+        return (f"Training {total} steps: batch {cfg.batch_size}, accumulation {cfg.gradient_accumulation_steps}, "
+                f"lr {cfg.learning_rate:g}, on {self.device.type}")
+
+    epoch_batches = batches
+
+    def train_step(self, group: Sequence[TextBatch]) -> float:
+        """Each micro-batch's summed token loss, over the tokens with loss in the whole group."""
+        labelled = max(1, sum(b.trained_tokens for b in group))
+        loss_total = 0.0
+        for batch in group:
+            loss = batch_loss_sum(self.causal_lm, batch, self.device, self.precision)
+            (loss / labelled).backward()
+            loss_total += float(loss.detach())
+            self.tokens_trained += batch.tokens
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        return loss_total / labelled
+
+    def any_process(self, flag: bool) -> bool:
+        return flag
+
+    def save_checkpoint(self, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path:
+        def write_weights(folder: Path) -> None:
+            # Checkpoints keep the adapter exactly as trained (no PiSSA conversion) for resume.
+            self.model.save_pretrained(str(folder / peft_text.ADAPTER_DIR), safe_serialization=True,
+                                       save_embedding_layers=False)
+
+        folder = runtime.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
+                                         write_weights=write_weights, keep=self.cfg.keep_checkpoints,
+                                         extra={"tokens_trained": self.tokens_trained})
+        self.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
+        return folder
+
+    def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> runtime.TrainState:
+        load_adapter_weights(self.model, checkpoint / peft_text.ADAPTER_DIR)
+        state, extra = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        self.tokens_trained = int(extra.get("tokens_trained", 0))
+        return state
+
+    def make_samples(self, step: int) -> None:
+        from core.sample_text import compare_with_model  # noqa: PLC0415
+
+        prompts = list(self.cfg.sample_prompts)
+        self.ctx.log(f"Answering {len(prompts)} sample prompt(s) at step {step}")
+        results = compare_with_model(self.model, self.tokenizer, prompts, self.cfg.sample_max_new_tokens,
+                                     base_answers=self.base_answers)
+        # The base model does not change: its answers are computed once.
+        self.base_answers = [r["base"] for r in results]
+        path = self.out / "samples" / f"step-{step:06d}.json"
+        atomic_write_text(path, json.dumps(results, indent=1, ensure_ascii=False))
+        lines = [f"## {r['prompt']}\nLoRA: {r['lora']}\nBase: {r['base']}\n" for r in results]
+        atomic_write_text(path.with_suffix(".txt"), "\n".join(lines))
+        self.ctx.emit(SampleEvent(step=step, texts=results))
+
+    def validate(self, step: int) -> float | None:
+        if not self.data.validation:
+            return None
+        return validation_loss(self.causal_lm, self.validation_batches(), self.device, self.precision)
+
+    def finish(self, state: runtime.TrainState, result: LoopResult) -> dict[str, str]:
+        return _finish(self, state, result)
 
 
 def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> TextRun:
@@ -173,46 +250,6 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     return TextRun(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init)
 
 
-def _checkpoint(run: TextRun, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path:
-    def write_weights(folder: Path) -> None:
-        # Checkpoints keep the adapter exactly as trained (no PiSSA conversion) for resume.
-        run.model.save_pretrained(str(folder / peft_text.ADAPTER_DIR), safe_serialization=True,
-                                   save_embedding_layers=False)
-
-    folder = runtime.save_checkpoint(run.out, state, optimizer=optimizer, scheduler=scheduler,
-                                     write_weights=write_weights, keep=run.cfg.keep_checkpoints,
-                                     extra={"tokens_trained": run.tokens_trained})
-    run.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
-    return folder
-
-
-def _samples(run: TextRun, step: int) -> None:
-    from core.sample_text import compare_with_model  # noqa: PLC0415
-
-    prompts = list(run.cfg.sample_prompts)
-    if not prompts:
-        return
-    run.ctx.log(f"Answering {len(prompts)} sample prompt(s) at step {step}")
-    results = compare_with_model(run.model, run.tokenizer, prompts, run.cfg.sample_max_new_tokens,
-                                 base_answers=run.base_answers)
-    # The base model does not change: its answers are computed once.
-    run.base_answers = [r["base"] for r in results]
-    path = run.out / "samples" / f"step-{step:06d}.json"
-    atomic_write_text(path, json.dumps(results, indent=1, ensure_ascii=False))
-    lines = [f"## {r['prompt']}\nLoRA: {r['lora']}\nBase: {r['base']}\n" for r in results]
-    atomic_write_text(path.with_suffix(".txt"), "\n".join(lines))
-    run.ctx.emit(SampleEvent(step=step, texts=results))
-
-
-def _validate(run: TextRun, log: runtime.RunLog, step: int) -> float | None:
-    if not run.data.validation:
-        return None
-    loss = validation_loss(run.causal_lm, run.validation_batches(), run.device, run.precision)
-    log.scalar("val/loss", loss, step)
-    run.ctx.log(f"Validation loss at step {step}: {loss:.4f}")
-    return loss
-
-
 def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train a text LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -226,94 +263,25 @@ def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     if cfg.resume_from == "latest" and checkpoint is None:
         ctx.log("No checkpoint in the output folder yet: starting from the beginning.")
     run = _build_run(cfg, ctx, init_file)
-    optimizer = runtime.build_optimizer(
-        runtime.lora_param_groups(run.model.named_parameters(), cfg.learning_rate, cfg.loraplus_lr_ratio), cfg, ctx)
     batches_per_epoch = math.ceil(len(run.data.train) / cfg.batch_size)
-    total, _ = runtime.total_steps_for(cfg, batches_per_epoch)
-    scheduler = runtime.build_scheduler(optimizer, cfg, total)
-    state = runtime.TrainState(total_steps=total, config=cfg.to_dict())
-    if checkpoint is not None:
-        load_adapter_weights(run.model, checkpoint / peft_text.ADAPTER_DIR)
-        state, extra = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
-        state.total_steps = total
-        runtime.continue_at_same_example(state, cfg.batch_size)
-        run.tokens_trained = int(extra.get("tokens_trained", 0))
-        ctx.log(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1})")
-    return _loop(run, state, optimizer, scheduler)
+    return run_task(run, checkpoint, batches_per_epoch)
 
 
-def _loop(run: TextRun, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> dict[str, str]:
-    cfg, ctx = run.cfg, run.ctx
-    total = state.total_steps
-    accumulation = cfg.gradient_accumulation_steps
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    log = runtime.RunLog(run.out, resume_step=state.global_step)
-    meter = runtime.ProgressMeter(total, start_step=state.global_step)
-    ctx.log(f"Training {total} steps: batch {cfg.batch_size}, accumulation {accumulation}, "
-            f"lr {cfg.learning_rate:g}, on {run.device.type}")
-    run.model.train()
-    stopped = False
-    last_checkpoint: Path | None = None
-    try:
-        while state.global_step < total and not stopped:
-            batches = run.batches(state.epoch)
-            while state.step_in_epoch < len(batches):
-                started = time.perf_counter()
-                group = batches[state.step_in_epoch:state.step_in_epoch + accumulation]
-                labelled = sum(b.trained_tokens for b in group)
-                loss_total = 0.0
-                for batch in group:
-                    loss = batch_loss_sum(run.causal_lm, batch, run.device, run.precision)
-                    (loss / max(1, labelled)).backward()
-                    loss_total += float(loss.detach())
-                    run.tokens_trained += batch.tokens
-                state.step_in_epoch += len(group)
-                loss_value = loss_total / max(1, labelled)
-                runtime.check_finite(loss_value, state.global_step + 1, cfg)
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state.global_step += 1
-                run.train_seconds += time.perf_counter() - started
-                lr = scheduler.get_last_lr()[0]
-                runtime.record_step(cfg, ctx, log, meter, state, loss_value, lr)
-                stopped = ctx.should_stop()
-                done = state.global_step >= total
-                if runtime.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
-                    last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
-                if runtime.sample_due(cfg, ctx, state.global_step, done=done):
-                    _samples(run, state.global_step)
-                if stopped or done:
-                    break
-            else:
-                state.epoch += 1
-                state.step_in_epoch = 0
-                if state.global_step < total:
-                    _validate(run, log, state.global_step)
-        val_loss = _validate(run, log, state.global_step)
-    finally:
-        log.close()
-    if stopped or (cfg.save_steps and state.global_step % cfg.save_steps == 0):
-        last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
-    return _finish(run, state, stopped, last_checkpoint, val_loss)
-
-
-def _finish(run: TextRun, state: runtime.TrainState, stopped: bool, checkpoint: Path | None,
-            val_loss: float | None) -> dict[str, str]:
+def _finish(run: TextRun, state: runtime.TrainState, result: LoopResult) -> dict[str, str]:
     cfg = run.cfg
     adapter = peft_text.save_adapter(run.model, run.out / peft_text.ADAPTER_DIR, base_model=run.base_model_display,
                                      save_precision="fp32", pissa_init=run.pissa_init)
     outputs = {"output_dir": str(run.out), "adapter": str(adapter), "config": str(run.out / "config.yaml"),
                "loss_csv": str(run.out / "loss.csv")}
+    stopped, checkpoint, val_loss = result.stopped, result.checkpoint, result.validation_loss
     if checkpoint is not None:
         outputs["checkpoint"] = str(checkpoint)
     if cfg.sample_prompts and not stopped:
-        _samples(run, state.global_step)
-    rate = run.tokens_trained / run.train_seconds if run.train_seconds else 0.0
+        with keep_rng():
+            run.make_samples(state.global_step)
+    rate = run.tokens_trained / result.train_seconds if result.train_seconds else 0.0
     summary = {"steps": state.global_step, "tokens_trained": run.tokens_trained,
-               "train_seconds": round(run.train_seconds, 2), "tokens_per_second": round(rate, 1),
+               "train_seconds": round(result.train_seconds, 2), "tokens_per_second": round(rate, 1),
                "validation_loss": val_loss}
     atomic_write_text(run.out / "train_summary.json", json.dumps(summary, indent=1))
     outputs["summary"] = str(run.out / "train_summary.json")

@@ -1,0 +1,183 @@
+"""One training loop for every task: image LoRAs of every model family, and text LoRAs.
+
+The loop owns the flow that every run shares: the optimizer and schedule, resume from a
+checkpoint at the same example, epochs of batches, gradient accumulation as groups of
+micro-batches, the NaN check, loss.csv and progress events, stop (finish the step, save,
+end), periodic checkpoints and previews, validation, and the final files. A task says
+only what is its own, through `TrainTask`: its batches, one optimizer step's forward and
+backward, its weights in a checkpoint, its previews and its outputs (the split OneTrainer
+makes between its GenericTrainer and a model setup's predict / loss).
+
+Faults are injected in tests through `runtime.check_finite`, which this loop calls through
+the module on every step.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from core.config import TrainConfig
+from core.events import RunContext
+from core.train import runtime
+
+
+class TrainTask(Protocol):
+    """What a task gives the loop. `main` is the process that writes files and sends events."""
+
+    cfg: TrainConfig
+    ctx: RunContext
+    out: Path
+
+    @property
+    def main(self) -> bool: ...
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters with their learning rates."""
+
+    def prepare(self, optimizer: Any) -> Any:
+        """Wrap models and optimizer for the devices (accelerate); returns the optimizer to step."""
+
+    def plan(self, total: int) -> str:
+        """One line on what the run will do (steps, batch, accumulation...)."""
+
+    def epoch_batches(self, epoch: int) -> Sequence[Any]:
+        """This process's micro-batches of `epoch`, in order (the same for the same seed and epoch)."""
+
+    def train_step(self, group: Sequence[Any]) -> float:
+        """Forward and backward of one optimizer step's micro-batches, gradients clipped.
+
+        Returns the step's loss, averaged over every process.
+        """
+
+    def any_process(self, flag: bool) -> bool:
+        """True when `flag` is true on any process (a stop pressed on the main one reaches all)."""
+
+    def save_checkpoint(self, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+        """Write a checkpoint (on the main process) and send its event; None on the others."""
+
+    def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> runtime.TrainState:
+        """Load a checkpoint's weights, optimizer, scheduler and RNG; returns its counters."""
+
+    def make_samples(self, step: int) -> None:
+        """Previews at `step` (the task sends the SampleEvent)."""
+
+    def validate(self, step: int) -> float | None:
+        """The validation loss at `step`, or None when the task has no validation data."""
+
+    def finish(self, state: runtime.TrainState, result: LoopResult) -> dict[str, str]:
+        """Write the final files, send DoneEvent; returns the output paths."""
+
+
+@dataclass
+class LoopResult:
+    """How the loop ended: what `finish` needs beyond the counters."""
+
+    stopped: bool
+    checkpoint: Path | None
+    validation_loss: float | None
+    train_seconds: float
+
+
+@contextlib.contextmanager
+def keep_rng():
+    """Saving, previews and validation must not draw from the training RNG, or a resumed run would differ."""
+    state = runtime.rng_state()
+    try:
+        yield
+    finally:
+        runtime.set_rng_state(state)
+
+
+def run_task(task: TrainTask, checkpoint: Path | None, batches_per_epoch: int) -> dict[str, str]:
+    """Train `task` to the end (or to a stop); resume from `checkpoint` when given."""
+    cfg, ctx = task.cfg, task.ctx
+    optimizer = runtime.build_optimizer(task.param_groups(), cfg, ctx if task.main else None)
+    total, _ = runtime.total_steps_for(cfg, batches_per_epoch)
+    scheduler = runtime.build_scheduler(optimizer, cfg, total)
+    optimizer = task.prepare(optimizer)
+    state = runtime.TrainState(total_steps=total, config=cfg.to_dict())
+    if checkpoint is not None:
+        state = task.restore(checkpoint, optimizer, scheduler)
+        state.total_steps = total
+        runtime.continue_at_same_example(state, cfg.batch_size)
+        if task.main:
+            ctx.log(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1}, "
+                    f"lr {scheduler.get_last_lr()[0]:.3g})")
+    if task.main:
+        ctx.log(task.plan(total))
+    result = _steps(task, state, optimizer, scheduler)
+    return task.finish(state, result)
+
+
+def _steps(task: TrainTask, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> LoopResult:
+    cfg, ctx = task.cfg, task.ctx
+    total = state.total_steps
+    accumulation = max(1, cfg.gradient_accumulation_steps)
+    log = runtime.RunLog(cfg.output_dir, resume_step=state.global_step) if task.main else None
+    meter = runtime.ProgressMeter(total, start_step=state.global_step)
+    stopped = False
+    checkpoint: Path | None = None
+    seconds = 0.0
+    validation: float | None = None
+    try:
+        while state.global_step < total and not stopped:
+            batches = task.epoch_batches(state.epoch)
+            while state.step_in_epoch < len(batches):
+                started = time.perf_counter()
+                group = batches[state.step_in_epoch:state.step_in_epoch + accumulation]
+                loss = task.train_step(group)
+                state.step_in_epoch += len(group)
+                runtime.check_finite(loss, state.global_step + 1, cfg)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state.global_step += 1
+                seconds += time.perf_counter() - started
+                if task.main:
+                    runtime.record_step(cfg, ctx, log, meter, state, loss, scheduler.get_last_lr()[0])
+                stopped = task.any_process(ctx.should_stop())
+                done = state.global_step >= total
+                if runtime.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
+                    checkpoint = _checkpoint(task, state, optimizer, scheduler)
+                if runtime.sample_due(cfg, ctx, state.global_step, done=done):
+                    _samples(task, state.global_step)
+                if stopped or done:
+                    break
+            else:
+                state.epoch += 1
+                state.step_in_epoch = 0
+                if state.global_step < total:
+                    _validate(task, log, state.global_step)
+        validation = _validate(task, log, state.global_step)
+    finally:
+        if log is not None:
+            log.close()
+    if stopped or (cfg.save_steps and state.global_step % cfg.save_steps == 0):
+        checkpoint = _checkpoint(task, state, optimizer, scheduler)
+    return LoopResult(stopped=stopped, checkpoint=checkpoint, validation_loss=validation, train_seconds=seconds)
+
+
+def _checkpoint(task: TrainTask, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+    with keep_rng():
+        return task.save_checkpoint(state, optimizer, scheduler)
+
+
+def _samples(task: TrainTask, step: int) -> None:
+    if task.cfg.sample_prompts:
+        with keep_rng():
+            task.make_samples(step)
+
+
+def _validate(task: TrainTask, log: runtime.RunLog | None, step: int) -> float | None:
+    with keep_rng(), torch.no_grad():
+        loss = task.validate(step)
+    if loss is not None and task.main:
+        if log is not None:
+            log.scalar("val/loss", loss, step)
+        task.ctx.log(f"Validation loss at step {step}: {loss:.4f}")
+    return loss
