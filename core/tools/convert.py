@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.atomic import atomic_dir, save_file_atomic
 from core.export.inspect import DIFFUSERS_COMPONENTS, KOHYA_PREFIXES
 from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
                                 modules_to_kohya, modules_to_peft)
@@ -243,8 +244,6 @@ def write_peft(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | None 
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), written atomically."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    from core.atomic import atomic_dir  # noqa: PLC0415
-
     if lora.format != "peft":
         raise LoraToolError("Only text adapters are written as PEFT folders; image LoRAs go to kohya or diffusers.")
     check_replaceable_folder(folder, (PEFT_CONFIG_NAME,))
@@ -263,8 +262,6 @@ def peft_to_single_file(adapter: str | Path, output: str | Path, *, dtype: torch
     PEFT state dict (vLLM/LoRAX after `single_file_to_peft`, llama.cpp's convert_lora_to_gguf.py
     after the same) read them; the header keeps `adapter_config` so nothing is lost.
     """
-    from core.train.runtime import save_file_atomic  # noqa: PLC0415
-
     folder = Path(adapter)
     config_file = folder / PEFT_CONFIG_NAME
     if not config_file.is_file():

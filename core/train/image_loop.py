@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from core.events import CheckpointEvent, DoneEvent, SampleEvent
+from core.atomic import save_file_atomic
 from core.sample import move
 from core.train import runtime
 from core.train.image_lora import PEFT_FILES, TE_NAMES, load_peft_state, peft_state, save_lora_outputs
@@ -51,9 +52,9 @@ def save_checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, schedul
     """
     def write_weights(folder: Path) -> None:
         unet = run.accelerator.unwrap_model(run.train_unet)
-        runtime.save_file_atomic(peft_state(unet), folder / PEFT_FILES[0])
+        save_file_atomic(peft_state(unet), folder / PEFT_FILES[0])
         for index, encoder in enumerate(run.train_encoders):
-            runtime.save_file_atomic(peft_state(run.accelerator.unwrap_model(encoder)), folder / PEFT_FILES[1 + index])
+            save_file_atomic(peft_state(run.accelerator.unwrap_model(encoder)), folder / PEFT_FILES[1 + index])
         write_loras(run, folder, state.global_step, state.epoch)
 
     return runtime.save_checkpoint(run.cfg.output_dir, state, optimizer=optimizer, scheduler=scheduler,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from core.atomic import atomic_dir, atomic_path, atomic_write_text, is_complete_dir
+from core.atomic import atomic_dir, atomic_write_text, is_complete_dir
 from core.config import TrainConfig, save_config
 from core.events import ProgressEvent, RunContext
 
@@ -380,16 +380,6 @@ def lora_param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], lr: float
     if b_params:
         groups.append({"params": b_params, "lr": lr * loraplus_ratio})
     return groups
-
-
-def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """safetensors.save_file through a temporary name."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    return Path(path)
 
 
 def env_flag(name: str) -> bool:
