@@ -219,7 +219,7 @@ class ConfigError(ValueError):
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = get_type_hints(TrainConfig)
+TYPES = get_type_hints(TrainConfig)
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -234,9 +234,9 @@ def _type_name(kind: Any) -> str:
     return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(kind, str(kind))
 
 
-def _coerce(name: str, value: Any) -> Any:
+def coerce(name: str, value: Any) -> Any:
     """Turn a YAML / form value into the field's type, or raise ValueError with what is allowed."""
-    kind = _TYPES[name]
+    kind = TYPES[name]
     if value is None:
         default = FIELDS[name].default
         if default is dataclasses.MISSING:
@@ -394,9 +394,9 @@ def config_from_dict(raw: dict[str, Any] | None, *, check_paths: bool = True,
     values: dict[str, Any] = {}
     for key, value in raw.items():
         try:
-            values[key] = _coerce(key, value)
+            values[key] = coerce(key, value)
         except ValueError as exc:
-            errors[key] = f"{exc} ({_type_name(_TYPES[key])} expected)."
+            errors[key] = f"{exc} ({_type_name(TYPES[key])} expected)."
     cfg = TrainConfig(**values)
     for key, message in _check_values(cfg, check_paths).items():
         errors.setdefault(key, message)

@@ -36,7 +36,7 @@ class DeviceInfo:
         return f"{self.name} ({self.total_gb:.1f} GB, {self.free_gb:.1f} GB free)"
 
 
-def _ram_gb() -> tuple[float, float]:
+def ram_gb() -> tuple[float, float]:
     try:
         import psutil  # noqa: PLC0415
 
@@ -62,7 +62,7 @@ def detect_device(index: int | None = None) -> DeviceInfo:
         free, total = torch.cuda.mem_get_info(index)
         return DeviceInfo("cuda", torch.cuda.get_device_name(index), total / GIB, free / GIB,
                           bf16=bool(torch.cuda.is_bf16_supported()), bitsandbytes=has_bitsandbytes())
-    total, free = _ram_gb()
+    total, free = ram_gb()
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return DeviceInfo("mps", "Apple Silicon GPU (MPS)", total, free)

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from core import devices
-from core.config import FIELDS, TrainConfig, _coerce
+from core.config import FIELDS, TrainConfig, coerce
 from core.devices import DeviceInfo
 from core.memory import MemoryEstimate, estimate_memory, fitting_changes, format_changes
 from core.model_info import ModelInfo, detect_model
@@ -74,7 +74,7 @@ def detect_device() -> DeviceInfo:
     try:
         return devices.detect_device()
     except Exception as exc:  # noqa: BLE001 - e.g. a CUDA driver/runtime mismatch
-        total, free = devices._ram_gb()
+        total, free = devices.ram_gb()
         return DeviceInfo("cpu", f"CPU (GPU detection failed: {type(exc).__name__}: {exc})", total, free)
 
 
@@ -143,7 +143,7 @@ def loose_config(values: dict[str, Any]) -> TrainConfig:
     for key, value in values.items():
         if key in FIELDS:
             try:
-                typed[key] = _coerce(key, value)
+                typed[key] = coerce(key, value)
             except ValueError:
                 continue
     return TrainConfig(**typed)

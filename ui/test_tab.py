@@ -201,7 +201,7 @@ def create_test_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001
             return None, f"**Could not make the grid:** {html.escape(str(exc))}"
         rows = ", ".join(Path(f).parent.name if Path(f).parent.name.startswith("step-") else "final" for f in files)
-        return str(out), f"Grid saved as `{catalog._rel(out)}` — columns: weights {', '.join(f'{w:g}' for w in WEIGHTS)}; rows: {rows}."  # noqa: SLF001
+        return str(out), f"Grid saved as `{catalog.rel(out)}` — columns: weights {', '.join(f'{w:g}' for w in WEIGHTS)}; rows: {rows}."
 
     def on_lora(lora_text, base_text, w):
         return webui_syntax(lora_text, float(w)), family_note(lora_text, base_text)

@@ -213,7 +213,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
         from core.config import save_config  # noqa: PLC0415
 
         save_config(cfg, path, only_changed=True)
-        shown = catalog._rel(path)  # noqa: SLF001
+        shown = catalog.rel(path)
         return [f"Saved `{shown}`.", form.command_line(shown), config_to_yaml(cfg, only_changed=True), *cleared]
 
     def load_values(path: str | Path):
