@@ -372,11 +372,11 @@ def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
     return errors
 
 
-def config_from_dict(raw: dict[str, Any] | None, *, check_paths: bool = True,
-                     apply_presets: bool = True) -> TrainConfig:
+def config_from_dict(raw: dict[str, Any] | None, *, check_paths: bool = True) -> TrainConfig:
     """Build and validate a TrainConfig from a plain dict (YAML, GUI form or CLI).
 
-    A `preset` is merged first, under the user's own values.
+    `preset` is only checked as text here: merging a preset needs the device and the model
+    (`core.presets.resolve_config`), which this module must not import.
     """
     raw = dict(raw or {})
     errors: dict[str, str] = {}
@@ -384,13 +384,6 @@ def config_from_dict(raw: dict[str, Any] | None, *, check_paths: bool = True,
         if key not in FIELDS:
             errors[str(key)] = _unknown_key_message(str(key))
             del raw[key]
-    if apply_presets and raw.get("preset"):
-        from core import presets  # noqa: PLC0415  (the presets module reads the config's fields)
-
-        try:
-            raw = presets.apply_preset(raw)
-        except (ValueError, OSError) as exc:
-            errors["preset"] = str(exc)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         try:
@@ -428,7 +421,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *,
                 check_paths: bool = True) -> TrainConfig:
-    """Read a YAML config (plus optional overrides) into a validated TrainConfig."""
+    """Read a YAML config (plus optional overrides) into a validated TrainConfig (no preset merged)."""
     raw = read_yaml(path)
     raw.update(overrides or {})
     return config_from_dict(raw, check_paths=check_paths)

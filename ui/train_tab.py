@@ -203,7 +203,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
         *values, previously = args
         raw = raw_of(tuple(values))
         try:
-            cfg = config_from_dict(raw, check_paths=False, apply_presets=False)
+            cfg = config_from_dict(raw, check_paths=False)
         except ConfigError as exc:
             return [errors_markdown(exc.errors), gr.skip(), gr.skip(), *marks(exc.errors, previously)]
         cleared = marks({}, previously)
@@ -224,7 +224,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
         unknown = {k: "unknown key, not loaded" for k in loaded if k not in form.FIELDS}
         known = {k: v for k, v in loaded.items() if k in form.FIELDS}
         try:
-            cfg = config_from_dict(known, check_paths=False, apply_presets=False)
+            cfg = config_from_dict(known, check_paths=False)
             values = form.config_values(specs, cfg)
             note = f"Loaded `{Path(path).name}`."
         except ConfigError as exc:
