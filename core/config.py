@@ -33,11 +33,9 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
 def _f(default: Any, help: str, group: str = "advanced", *, choices: tuple[str, ...] | None = None,
-       minimum: float | None = None, maximum: float | None = None, task: str = "both",
-       path: str | None = None) -> Any:
+       minimum: float | None = None, maximum: float | None = None, task: str = "both") -> Any:
     """A dataclass field with the metadata the validator and the GUI form read."""
-    meta = {"help": help, "group": group, "choices": choices, "min": minimum, "max": maximum,
-            "task": task, "path": path}
+    meta = {"help": help, "group": group, "choices": choices, "min": minimum, "max": maximum, "task": task}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -48,11 +46,9 @@ class TrainConfig:
     """Every training setting. Groups: basic (up front in the GUI) and the rest under Advanced."""
 
     # --- the seed schema -------------------------------------------------------------
-    train_data_dir: str = _f("", "Folder with the training images (or the text data file / folder).",
-                             "basic", path="exists")
+    train_data_dir: str = _f("", "Folder with the training images (or the text data file / folder).", "basic")
     metadata_path: str = _f("", "Captions file: metadata.csv (filename,prompt). Empty: <train_data_dir>/"
-                            "metadata.csv if present, else .txt files beside the images.", "basic",
-                            path="file-or-empty", task="image")
+                            "metadata.csv if present, else .txt files beside the images.", "basic", task="image")
     base_model: str = _f("", "Base model: a .safetensors checkpoint, a diffusers/HF folder, a hub id, "
                          "or a GGUF file (text). Empty for text: the bundled SmolLM2-135M.", "basic")
     task_type: str = _f("image-generation", "What to train: an image LoRA (Stable Diffusion) or a text "
@@ -85,8 +81,7 @@ class TrainConfig:
     max_train_steps: int = _f(0, "Stop after this many optimizer steps (0: use epochs).", "run", minimum=0)
     resume_from: str = _f("", "Continue a run: a checkpoint folder, 'latest' (newest checkpoint in "
                           "output_dir), or a LoRA .safetensors to keep training from its weights.", "run")
-    init_lora: str = _f("", "Start from the weights of an existing LoRA file (incremental training).", "run",
-                        path="file-or-empty")
+    init_lora: str = _f("", "Start from the weights of an existing LoRA file (incremental training).", "run")
     keep_checkpoints: int = _f(0, "Keep only the newest N checkpoints (0: keep all).", "run", minimum=0)
     auto_downshift: bool = _f(False, "On out-of-memory, retry from the last checkpoint with the next "
                               "smaller preset instead of stopping.", "run")
@@ -178,8 +173,7 @@ class TrainConfig:
                             "alpaca / plain.", "text", task="text")
     validation_split: float = _f(0.0, "Share of the data held out for validation loss (0: none).", "text",
                                  minimum=0.0, maximum=0.5)
-    validation_file: str = _f("", "A separate validation data file (overrides validation_split).", "text",
-                              path="file-or-empty")
+    validation_file: str = _f("", "A separate validation data file (overrides validation_split).", "text")
     save_merged_model: bool = _f(False, "Also save the base model with the LoRA merged in (for serving).",
                                  "text", task="text")
     gguf_file: str = _f("", "Name of the .gguf file inside base_model when it is a folder or hub id.",
@@ -222,10 +216,6 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Tr
 TYPES = get_type_hints(TrainConfig)
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
-
-
-def field_help(name: str) -> str:
-    return FIELDS[name].metadata.get("help", "")
 
 
 def _type_name(kind: Any) -> str:

@@ -114,10 +114,6 @@ class Job:
             self._log.append("Stop requested: finishing the current step and saving a checkpoint.")
         return True
 
-    def request_sample(self) -> None:
-        if self._ctx is not None:
-            self._ctx.sample_flag.set()
-
     def wait(self, timeout: float | None = None) -> JobSnapshot:
         if self._thread is not None:
             self._thread.join(timeout)
@@ -193,8 +189,3 @@ class Job:
                 self._ctx = None
             _CURRENT = None
             _RUN_LOCK.release()
-
-
-def current_job() -> Job | None:
-    """The job running in this process, if any (for a page that reattaches)."""
-    return _CURRENT

@@ -8,7 +8,6 @@ weights during training; the converted adapter works on the original base model)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +87,3 @@ def save_merged(peft_model: Any, tokenizer: Any, folder: str | Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return target
-
-
-def adapter_summary(folder: str | Path) -> dict[str, Any]:
-    """What an adapter folder holds (for the Test tab and tools): base model, rank, modules."""
-    config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
-    return {"base_model": config.get("base_model_name_or_path", ""), "rank": config.get("r"),
-            "alpha": config.get("lora_alpha"), "target_modules": config.get("target_modules"),
-            "use_dora": config.get("use_dora", False), "use_rslora": config.get("use_rslora", False)}

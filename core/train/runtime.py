@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -287,10 +286,9 @@ def checkpoint_due(cfg: TrainConfig, step: int, *, done: bool, stopped: bool) ->
     return bool(cfg.save_steps) and step % cfg.save_steps == 0 and not done and not stopped
 
 
-def sample_due(cfg: TrainConfig, ctx: RunContext, step: int, *, done: bool) -> bool:
-    """Previews every `sample_steps` (the end makes its own), or when someone pressed "sample now"."""
-    periodic = bool(cfg.sample_prompts) and cfg.sample_steps > 0 and step % cfg.sample_steps == 0
-    return (periodic and not done) or ctx.take_sample_request()
+def sample_due(cfg: TrainConfig, step: int, *, done: bool) -> bool:
+    """Previews every `sample_steps`; the end makes its own."""
+    return bool(cfg.sample_prompts) and cfg.sample_steps > 0 and step % cfg.sample_steps == 0 and not done
 
 
 def vram_gb() -> float | None:
@@ -363,10 +361,6 @@ def total_steps_for(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, int]
     return per_epoch * cfg.epochs, per_epoch
 
 
-def trainable_parameters(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Parameter]:
-    return [p for m in modules for p in m.parameters() if p.requires_grad]
-
-
 def lora_param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], lr: float,
                       loraplus_ratio: float) -> list[dict[str, Any]]:
     """Parameter groups; with LoRA+ the B ("lora_B" / "lora_up") matrices get lr * ratio."""
@@ -380,7 +374,3 @@ def lora_param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], lr: float
     if b_params:
         groups.append({"params": b_params, "lr": lr * loraplus_ratio})
     return groups
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}

@@ -283,7 +283,7 @@ def _loop(run: TextRun, state: runtime.TrainState, optimizer: Any, scheduler: An
                 done = state.global_step >= total
                 if runtime.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
                     last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
-                if runtime.sample_due(cfg, ctx, state.global_step, done=done):
+                if runtime.sample_due(cfg, state.global_step, done=done):
                     _samples(run, state.global_step)
                 if stopped or done:
                     break
