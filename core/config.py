@@ -30,6 +30,9 @@ PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CAPTION_SOURCES = ("auto", "metadata", "txt")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# Keys earlier versions wrote into every run's config.yaml but nothing ever read: accepted and
+# dropped, so an old run's saved config still runs unchanged with train.py.
+RETIRED_KEYS = frozenset({"num_workers"})
 
 
 def _f(default: Any, help: str, group: str = "advanced", *, choices: tuple[str, ...] | None = None,
@@ -182,8 +185,6 @@ class TrainConfig:
     # --- output --------------------------------------------------------------------------
     save_precision: str = _f("fp16", "Precision of the saved LoRA files.", "output", choices=SAVE_PRECISIONS)
     logging_steps: int = _f(1, "Write loss to loss.csv / TensorBoard every N steps.", "output", minimum=1)
-    num_workers: int = _f(0, "Data-loader worker processes (0: load in the training process).", "output",
-                          minimum=0, maximum=64)
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -371,7 +372,9 @@ def config_from_dict(raw: dict[str, Any] | None, *, check_paths: bool = True) ->
     raw = dict(raw or {})
     errors: dict[str, str] = {}
     for key in list(raw):
-        if key not in FIELDS:
+        if key in RETIRED_KEYS:
+            del raw[key]
+        elif key not in FIELDS:
             errors[str(key)] = _unknown_key_message(str(key))
             del raw[key]
     values: dict[str, Any] = {}
