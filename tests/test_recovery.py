@@ -18,7 +18,7 @@ import core.devices
 from core.config import TrainConfig
 from core.events import ProgressEvent, RunContext, WarningEvent
 from core.job import Job
-from core.train import recovery, runtime
+from core.train import checkpoints, recovery, run_log, runtime
 from core.train.recovery import OutOfMemoryAdvice, is_out_of_memory, train_with_recovery
 
 RTX_3060 = core.devices.DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 11.7, 11.3, bf16=True, bitsandbytes=True)
@@ -35,18 +35,18 @@ def small_loop(record: list[tuple[int, int, int]]):
     """A training loop on the real runtime helpers: resume, check_finite, loss.csv, checkpoints."""
 
     def train(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
-        out = runtime.prepare_output_dir(cfg)
-        runtime.seed_everything(cfg.seed)
+        out = checkpoints.prepare_output_dir(cfg)
+        checkpoints.seed_everything(cfg.seed)
         model = torch.nn.Linear(4, 1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
-        checkpoint, _ = runtime.resolve_resume(cfg)
+        checkpoint, _ = checkpoints.resolve_resume(cfg)
         start = 0
         if checkpoint is not None:
             model.load_state_dict(load_file(checkpoint / "weights.safetensors"))
-            state, _ = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=None)
+            state, _ = checkpoints.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=None)
             start = state.global_step
         total = cfg.max_train_steps
-        log = runtime.RunLog(out, start)
+        log = run_log.RunLog(out, start)
         try:
             for step in range(start + 1, total + 1):
                 x = torch.randn(cfg.batch_size, 4)
@@ -59,8 +59,8 @@ def small_loop(record: list[tuple[int, int, int]]):
                 log.log(step, loss.item(), cfg.learning_rate)
                 ctx.emit(ProgressEvent(step=step, total=total, loss=loss.item()))
                 if cfg.save_steps and step % cfg.save_steps == 0:
-                    runtime.save_checkpoint(
-                        out, runtime.TrainState(global_step=step, total_steps=total), optimizer=optimizer,
+                    checkpoints.save_checkpoint(
+                        out, checkpoints.TrainState(global_step=step, total_steps=total), optimizer=optimizer,
                         scheduler=None, write_weights=lambda folder: save_file(
                             {k: v.contiguous() for k, v in model.state_dict().items()},
                             str(folder / "weights.safetensors")))
@@ -147,7 +147,7 @@ def test_out_of_memory_without_auto_downshift_stops_with_the_exact_settings_to_c
     assert "batch_size 2 -> 1, gradient_accumulation_steps 4 -> 8 (preset llm-8gb)" in error.advice
     assert "resume_from: latest" in error.advice and "auto_downshift: true" in error.advice
     assert error.changes["batch_size"] == 1
-    assert runtime.latest_checkpoint(tmp_path / "out").name == "step-000004"  # what was done is kept
+    assert checkpoints.latest_checkpoint(tmp_path / "out").name == "step-000004"  # what was done is kept
 
 
 def test_out_of_memory_before_the_first_checkpoint_restarts_from_the_start_with_smaller_settings(

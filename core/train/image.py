@@ -19,7 +19,7 @@ import torch
 from core.config import TrainConfig
 from core.events import RunContext
 from core.sample import move
-from core.train import runtime
+from core.train import optim, runtime
 from core.train.image_lora import (add_text_encoder_lora, add_unet_lora, load_peft_state, module_paths, peft_state,
                                    read_lora_file)
 from core.train.image_step import diffusion_loss, encode_prompts, sample_latents, sdxl_time_ids
@@ -233,11 +233,11 @@ class _Run:
 
     def param_groups(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        groups = runtime.lora_param_groups(self.model.unet.named_parameters(), cfg.learning_rate,
+        groups = optim.lora_param_groups(self.model.unet.named_parameters(), cfg.learning_rate,
                                            cfg.loraplus_lr_ratio)
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
         for encoder in self.trained_encoders:
-            groups += runtime.lora_param_groups(encoder.named_parameters(), te_lr, cfg.loraplus_lr_ratio)
+            groups += optim.lora_param_groups(encoder.named_parameters(), te_lr, cfg.loraplus_lr_ratio)
         return [g for g in groups if g["params"]]
 
     # --- one batch --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from core.events import CheckpointEvent, DoneEvent, SampleEvent
 from core.atomic import save_file_atomic
 from core.sample import move
-from core.train import runtime
+from core.train import checkpoints, optim, run_log, runtime
 from core.train.image_lora import PEFT_FILES, TE_NAMES, load_peft_state, peft_state, save_lora_outputs
 
 
@@ -44,7 +44,7 @@ def write_loras(run: Any, folder: Path, steps: int, epoch: int) -> dict[str, str
                              pissa_init=run.pissa_init)
 
 
-def save_checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, scheduler: Any,
+def save_checkpoint(run: Any, state: checkpoints.TrainState, optimizer: Any, scheduler: Any,
                     rng_by_rank: list[dict] | None = None) -> Path:
     """A checkpoint folder: exact PEFT weights for resume, both LoRA formats, optimizer/scheduler/RNG.
 
@@ -57,7 +57,7 @@ def save_checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, schedul
             save_file_atomic(peft_state(run.accelerator.unwrap_model(encoder)), folder / PEFT_FILES[1 + index])
         write_loras(run, folder, state.global_step, state.epoch)
 
-    return runtime.save_checkpoint(run.cfg.output_dir, state, optimizer=optimizer, scheduler=scheduler,
+    return checkpoints.save_checkpoint(run.cfg.output_dir, state, optimizer=optimizer, scheduler=scheduler,
                                    write_weights=write_weights, keep=run.cfg.keep_checkpoints,
                                    extra={"rng_by_rank": rng_by_rank} if rng_by_rank else None)
 
@@ -112,11 +112,11 @@ def run_loop(run: Any) -> dict[str, str]:
 
     cfg, ctx, acc = run.cfg, run.ctx, run.accelerator
     if run.main:
-        runtime.prepare_output_dir(cfg)
+        checkpoints.prepare_output_dir(cfg)
     acc.wait_for_everyone()
     # Each process draws its own noise (seed + rank); one process: exactly `seed`.
-    runtime.seed_everything(cfg.seed + acc.process_index)
-    checkpoint, init_file = runtime.resolve_resume(cfg)
+    checkpoints.seed_everything(cfg.seed + acc.process_index)
+    checkpoint, init_file = checkpoints.resolve_resume(cfg)
     if cfg.resume_from == "latest" and checkpoint is None:
         run.log("No checkpoint in the output folder yet: starting from the beginning.")
     run.load_data()
@@ -128,28 +128,28 @@ def run_loop(run: Any) -> dict[str, str]:
     run.free_encoders()
     run.add_lora(Path(init_file) if init_file else None)
 
-    optimizer = runtime.build_optimizer(run.param_groups(), cfg, ctx if run.main else None)
+    optimizer = optim.build_optimizer(run.param_groups(), cfg, ctx if run.main else None)
     sampler = BucketBatchSampler(run.buckets, cfg.batch_size, cfg.seed, cfg.repeats)
     world, rank = acc.num_processes, acc.process_index
     batches_per_epoch = math.ceil(len(sampler.batches_for_epoch(0)) / world)
-    total, _ = runtime.total_steps_for(cfg, batches_per_epoch)
-    scheduler = runtime.build_scheduler(optimizer, cfg, total)
+    total, _ = optim.total_steps_for(cfg, batches_per_epoch)
+    scheduler = optim.build_scheduler(optimizer, cfg, total)
     models = acc.prepare(run.model.unet, *run.trained_encoders, optimizer)
     run.train_unet, run.train_encoders, optimizer = models[0], list(models[1:-1]), models[-1]
-    state = runtime.TrainState(total_steps=total, config=cfg.to_dict())
+    state = checkpoints.TrainState(total_steps=total, config=cfg.to_dict())
     if checkpoint is not None:
         restore_weights(run, checkpoint)
-        state, extra = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        state, extra = checkpoints.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
         by_rank = extra.get("rng_by_rank") or []
         if world > 1 and len(by_rank) == world:
-            runtime.set_rng_state(by_rank[rank])  # the file's top-level RNG is rank 0's
+            checkpoints.set_rng_state(by_rank[rank])  # the file's top-level RNG is rank 0's
         state.total_steps = total
-        runtime.continue_at_same_example(state, cfg.batch_size)
+        checkpoints.continue_at_same_example(state, cfg.batch_size)
         run.log(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1}, "
                 f"lr {scheduler.get_last_lr()[0]:.3g})")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    log = runtime.RunLog(cfg.output_dir, resume_step=state.global_step) if run.main else None
-    meter = runtime.ProgressMeter(total, start_step=state.global_step)
+    log = run_log.RunLog(cfg.output_dir, resume_step=state.global_step) if run.main else None
+    meter = run_log.ProgressMeter(total, start_step=state.global_step)
     run.log(f"Training {total} steps: {len(run.items)} images x {cfg.repeats} repeats, batch {cfg.batch_size}"
             f"{f' x {world} processes' if world > 1 else ''}, accumulation {cfg.gradient_accumulation_steps}")
     stopped = False
@@ -177,12 +177,12 @@ def run_loop(run: Any) -> dict[str, str]:
                 runtime.check_finite(loss_value, state.global_step, cfg)
                 lr = scheduler.get_last_lr()[0]
                 if run.main:
-                    runtime.record_step(cfg, ctx, log, meter, state, loss_value, lr)
+                    run_log.record_step(cfg, ctx, log, meter, state, loss_value, lr)
                 stopped = _any_process(acc, ctx.should_stop())
                 done = state.global_step >= total
-                if runtime.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
+                if run_log.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
                     last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
-                if runtime.sample_due(cfg, state.global_step, done=done):
+                if run_log.sample_due(cfg, state.global_step, done=done):
                     _samples(run, state.global_step)
                 if stopped or done:
                     break
@@ -208,20 +208,20 @@ def _any_process(acc: Any, flag: bool) -> bool:
 @contextlib.contextmanager
 def keep_rng():
     """Saving and previews must not draw from the training RNG, or a resumed run would differ."""
-    state = runtime.rng_state()
+    state = checkpoints.rng_state()
     try:
         yield
     finally:
-        runtime.set_rng_state(state)
+        checkpoints.set_rng_state(state)
 
 
-def _checkpoint(run: Any, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+def _checkpoint(run: Any, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
     folder = None
     ranks = None
     if run.accelerator.num_processes > 1:
         from accelerate.utils import gather_object  # noqa: PLC0415
 
-        ranks = gather_object([runtime.rng_state()])  # in rank order
+        ranks = gather_object([checkpoints.rng_state()])  # in rank order
     if run.main:
         with keep_rng():
             folder = save_checkpoint(run, state, optimizer, scheduler, ranks)
@@ -239,7 +239,7 @@ def _samples(run: Any, step: int) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def _finish(run: Any, state: runtime.TrainState, stopped: bool, checkpoint: Path | None) -> dict[str, str]:
+def _finish(run: Any, state: checkpoints.TrainState, stopped: bool, checkpoint: Path | None) -> dict[str, str]:
     cfg = run.cfg
     outputs: dict[str, str] = {}
     if run.main:

@@ -30,7 +30,7 @@ from core.config import TrainConfig
 from core.devices import DeviceInfo
 from core.events import Event, ProgressEvent, RunContext
 from core.model_info import ModelInfo, detect_model
-from core.train import runtime
+from core.train import checkpoints
 
 TrainFn = Callable[[TrainConfig, RunContext], dict[str, Any]]
 MAX_DOWNSHIFTS = 6
@@ -133,7 +133,7 @@ def distributed() -> bool:
 
 def _resume_value(cfg: TrainConfig) -> str:
     """Continue from this run's newest checkpoint; without one, from what the run started from."""
-    return "latest" if runtime.latest_checkpoint(cfg.output_dir) is not None else cfg.resume_from
+    return "latest" if checkpoints.latest_checkpoint(cfg.output_dir) is not None else cfg.resume_from
 
 
 def train_with_recovery(train_fn: TrainFn, cfg: TrainConfig, ctx: RunContext, *,
@@ -166,7 +166,7 @@ def train_with_recovery(train_fn: TrainFn, cfg: TrainConfig, ctx: RunContext, *,
         free_memory()
         step = tracker.last_step + 1
         where = f"at step {step}" if tracker.last_step else "before the first step finished"
-        checkpoint = runtime.latest_checkpoint(cfg.output_dir)
+        checkpoint = checkpoints.latest_checkpoint(cfg.output_dir)
         saved = (f"The last checkpoint is {checkpoint} (step {checkpoint.name.split('-')[-1].lstrip('0') or 0})."
                  if checkpoint is not None else "No checkpoint was saved yet.")
         settings, changes = oom_advice(cfg, model, device)

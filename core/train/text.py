@@ -28,7 +28,7 @@ from core.data.chat_templates import apply_template
 from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
 from core.export import peft_text
 from core.models.llm import load_llm, weight_dtype
-from core.train import runtime
+from core.train import checkpoints, optim, run_log, runtime
 from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
 from core.train.text_step import batch_loss_sum, validation_loss
 
@@ -164,7 +164,7 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     out = Path(cfg.output_dir)
     pissa_init = None
     if cfg.lora_variant == "pissa":
-        pissa_init = peft_text.save_pissa_init(peft_model, out / runtime.CHECKPOINT_DIR / peft_text.PISSA_INIT_DIR)
+        pissa_init = peft_text.save_pissa_init(peft_model, out / checkpoints.CHECKPOINT_DIR / peft_text.PISSA_INIT_DIR)
     if init_file is not None:
         load_adapter_weights(peft_model, init_file)
         ctx.log(f"Starting from the LoRA weights in {init_file}")
@@ -173,13 +173,13 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     return TextRun(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init)
 
 
-def _checkpoint(run: TextRun, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path:
+def _checkpoint(run: TextRun, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path:
     def write_weights(folder: Path) -> None:
         # Checkpoints keep the adapter exactly as trained (no PiSSA conversion) for resume.
         run.model.save_pretrained(str(folder / peft_text.ADAPTER_DIR), safe_serialization=True,
                                    save_embedding_layers=False)
 
-    folder = runtime.save_checkpoint(run.out, state, optimizer=optimizer, scheduler=scheduler,
+    folder = checkpoints.save_checkpoint(run.out, state, optimizer=optimizer, scheduler=scheduler,
                                      write_weights=write_weights, keep=run.cfg.keep_checkpoints,
                                      extra={"tokens_trained": run.tokens_trained})
     run.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
@@ -204,7 +204,7 @@ def _samples(run: TextRun, step: int) -> None:
     run.ctx.emit(SampleEvent(step=step, texts=results))
 
 
-def _validate(run: TextRun, log: runtime.RunLog, step: int) -> float | None:
+def _validate(run: TextRun, log: run_log.RunLog, step: int) -> float | None:
     if not run.data.validation:
         return None
     loss = validation_loss(run.causal_lm, run.validation_batches(), run.device, run.precision)
@@ -220,35 +220,35 @@ def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
         # Every rank would train the whole model and write the same files.
         raise ValueError(f"Text LoRA training runs in one process; it was launched with {world}. "
                          "Start it with `python train.py --config ...` (it uses one GPU or the CPU).")
-    runtime.prepare_output_dir(cfg)
-    runtime.seed_everything(cfg.seed)
-    checkpoint, init_file = runtime.resolve_resume(cfg)
+    checkpoints.prepare_output_dir(cfg)
+    checkpoints.seed_everything(cfg.seed)
+    checkpoint, init_file = checkpoints.resolve_resume(cfg)
     if cfg.resume_from == "latest" and checkpoint is None:
         ctx.log("No checkpoint in the output folder yet: starting from the beginning.")
     run = _build_run(cfg, ctx, init_file)
-    optimizer = runtime.build_optimizer(
-        runtime.lora_param_groups(run.model.named_parameters(), cfg.learning_rate, cfg.loraplus_lr_ratio), cfg, ctx)
+    optimizer = optim.build_optimizer(
+        optim.lora_param_groups(run.model.named_parameters(), cfg.learning_rate, cfg.loraplus_lr_ratio), cfg, ctx)
     batches_per_epoch = math.ceil(len(run.data.train) / cfg.batch_size)
-    total, _ = runtime.total_steps_for(cfg, batches_per_epoch)
-    scheduler = runtime.build_scheduler(optimizer, cfg, total)
-    state = runtime.TrainState(total_steps=total, config=cfg.to_dict())
+    total, _ = optim.total_steps_for(cfg, batches_per_epoch)
+    scheduler = optim.build_scheduler(optimizer, cfg, total)
+    state = checkpoints.TrainState(total_steps=total, config=cfg.to_dict())
     if checkpoint is not None:
         load_adapter_weights(run.model, checkpoint / peft_text.ADAPTER_DIR)
-        state, extra = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        state, extra = checkpoints.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
         state.total_steps = total
-        runtime.continue_at_same_example(state, cfg.batch_size)
+        checkpoints.continue_at_same_example(state, cfg.batch_size)
         run.tokens_trained = int(extra.get("tokens_trained", 0))
         ctx.log(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1})")
     return _loop(run, state, optimizer, scheduler)
 
 
-def _loop(run: TextRun, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> dict[str, str]:
+def _loop(run: TextRun, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> dict[str, str]:
     cfg, ctx = run.cfg, run.ctx
     total = state.total_steps
     accumulation = cfg.gradient_accumulation_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    log = runtime.RunLog(run.out, resume_step=state.global_step)
-    meter = runtime.ProgressMeter(total, start_step=state.global_step)
+    log = run_log.RunLog(run.out, resume_step=state.global_step)
+    meter = run_log.ProgressMeter(total, start_step=state.global_step)
     ctx.log(f"Training {total} steps: batch {cfg.batch_size}, accumulation {accumulation}, "
             f"lr {cfg.learning_rate:g}, on {run.device.type}")
     run.model.train()
@@ -278,12 +278,12 @@ def _loop(run: TextRun, state: runtime.TrainState, optimizer: Any, scheduler: An
                 state.global_step += 1
                 run.train_seconds += time.perf_counter() - started
                 lr = scheduler.get_last_lr()[0]
-                runtime.record_step(cfg, ctx, log, meter, state, loss_value, lr)
+                run_log.record_step(cfg, ctx, log, meter, state, loss_value, lr)
                 stopped = ctx.should_stop()
                 done = state.global_step >= total
-                if runtime.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
+                if run_log.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
                     last_checkpoint = _checkpoint(run, state, optimizer, scheduler)
-                if runtime.sample_due(cfg, state.global_step, done=done):
+                if run_log.sample_due(cfg, state.global_step, done=done):
                     _samples(run, state.global_step)
                 if stopped or done:
                     break
@@ -300,7 +300,7 @@ def _loop(run: TextRun, state: runtime.TrainState, optimizer: Any, scheduler: An
     return _finish(run, state, stopped, last_checkpoint, val_loss)
 
 
-def _finish(run: TextRun, state: runtime.TrainState, stopped: bool, checkpoint: Path | None,
+def _finish(run: TextRun, state: checkpoints.TrainState, stopped: bool, checkpoint: Path | None,
             val_loss: float | None) -> dict[str, str]:
     cfg = run.cfg
     adapter = peft_text.save_adapter(run.model, run.out / peft_text.ADAPTER_DIR, base_model=run.base_model_display,
