@@ -19,7 +19,8 @@ from core.config import TrainConfig
 from core.events import ProgressEvent, RunContext, WarningEvent
 from core.job import Job
 from core.train import checkpoints, recovery, run_log, runtime
-from core.train.recovery import OutOfMemoryAdvice, is_out_of_memory, train_with_recovery
+from core.devices import is_out_of_memory
+from core.train.recovery import OutOfMemoryAdvice, train_with_recovery
 
 RTX_3060 = core.devices.DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 11.7, 11.3, bf16=True, bitsandbytes=True)
 

@@ -14,14 +14,11 @@ from typing import Any
 import torch
 
 from core.atomic import atomic_dir
+from core.devices import torch_dtype
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 PISSA_INIT_DIR = "pissa_init"
-
-
-def _cast_state(dtype_name: str) -> torch.dtype | None:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype_name)
 
 
 def save_adapter(peft_model: Any, folder: str | Path, *, base_model: str = "", save_precision: str = "fp32",
@@ -42,9 +39,8 @@ def save_adapter(peft_model: Any, folder: str | Path, *, base_model: str = "", s
             if pissa_init is not None:
                 kwargs["path_initial_model_for_weight_conversion"] = str(pissa_init)
             peft_model.save_pretrained(str(tmp), **kwargs)
-            dtype = _cast_state(save_precision)
-            if dtype is not None:
-                _recast_safetensors(tmp / "adapter_model.safetensors", dtype)
+            if save_precision in ("fp16", "bf16"):  # fp32: PEFT's own file as written
+                _recast_safetensors(tmp / "adapter_model.safetensors", torch_dtype(save_precision))
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
     finally:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from core.atomic import atomic_dir, save_file_atomic
+from core.devices import torch_dtype
 from core.export.inspect import DIFFUSERS_COMPONENTS, KOHYA_PREFIXES
 from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
                                 modules_to_kohya, modules_to_peft)
@@ -32,7 +33,7 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PICKLE_NAME = "adapter_model.bin"
 SINGLE_FILE_CONFIG_KEY = "adapter_config"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
+DTYPES = ("fp16", "bf16", "fp32", "keep")  # keep: each tensor's own dtype
 
 
 @dataclass
@@ -59,7 +60,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     key = (name or "keep").lower()
     if key not in DTYPES:
         raise LoraToolError(f"Unknown precision '{name}'; use one of {', '.join(DTYPES)}.")
-    return DTYPES[key]
+    return None if key == "keep" else torch_dtype(key)
 
 
 # --- reading ------------------------------------------------------------------------------------

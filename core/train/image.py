@@ -8,7 +8,6 @@ is checked every step: a stop finishes the step, saves a checkpoint and the LoRA
 from __future__ import annotations
 
 import dataclasses
-import gc
 import random
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from core.config import TrainConfig
+from core.devices import free_memory, torch_dtype
 from core.events import RunContext
 from core.sample import move
 from core.train import optim, runtime
@@ -25,19 +25,12 @@ from core.train.image_lora import (add_text_encoder_lora, add_unet_lora, load_pe
 from core.train.image_step import diffusion_loss, encode_prompts, sample_latents, sdxl_time_ids
 from core.train.latent_cache import CachedImage, TextCache, cache_dir_for, encode_images
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 def _precision(cfg: TrainConfig, ctx: RunContext) -> str:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         ctx.warn("fp16 mixed precision needs a CUDA GPU; training in fp32 on this machine.",
                  "Use mixed_precision: no (or bf16) on the CPU.")
         return "no"
     return cfg.mixed_precision
-
-
-def _weight_dtype(precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def _skipped_warning(ctx: RunContext, skipped: list[tuple[str, str]]) -> None:
@@ -180,9 +173,7 @@ class _Run:
                 move(encoder, "cpu")
             if not keep:
                 m.text_encoders = [None] * len(m.text_encoders)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     def add_lora(self, init_file: Path | None) -> None:
         cfg, m = self.cfg, self.model
@@ -302,7 +293,7 @@ def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               cpu=on_cpu)
     run = _Run(cfg=cfg, ctx=ctx, accelerator=accelerator, out=Path(cfg.output_dir))
-    run.weight_dtype = _weight_dtype(precision)
+    run.weight_dtype = torch_dtype(precision)
     try:
         from core.train.image_loop import run_loop  # noqa: PLC0415
 
@@ -310,6 +301,4 @@ def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     finally:
         run.model = None
         accelerator.free_memory()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()

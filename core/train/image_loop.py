@@ -12,6 +12,7 @@ import torch
 
 from core.events import CheckpointEvent, DoneEvent, SampleEvent
 from core.atomic import save_file_atomic
+from core.devices import free_memory, torch_dtype
 from core.sample import move
 from core.train import checkpoints, optim, run_log, runtime
 from core.train.image_lora import PEFT_FILES, TE_NAMES, load_peft_state, peft_state, save_lora_outputs
@@ -31,16 +32,12 @@ def _metadata(run: Any, steps: int, epoch: int) -> dict[str, Any]:
                           conv_dims=(cfg.conv_rank, cfg.conv_alpha or cfg.conv_rank) if cfg.conv_rank else None)
 
 
-def _save_dtype(cfg: Any) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.save_precision, torch.float32)
-
-
 def write_loras(run: Any, folder: Path, steps: int, epoch: int) -> dict[str, str]:
     unet = run.accelerator.unwrap_model(run.train_unet)
     encoders = [run.accelerator.unwrap_model(e) for e in run.train_encoders]
     return save_lora_outputs(folder, run.cfg.name, family=run.model.family, unet=unet, encoders=encoders,
                              unet_config=run.unet_config, te_configs=run.te_configs,
-                             metadata=_metadata(run, steps, epoch), save_dtype=_save_dtype(run.cfg),
+                             metadata=_metadata(run, steps, epoch), save_dtype=torch_dtype(run.cfg.save_precision),
                              pissa_init=run.pissa_init)
 
 
@@ -76,7 +73,7 @@ def restore_weights(run: Any, folder: Path) -> None:
 
 def make_samples(run: Any, step: int) -> list[str]:
     """Previews with the UNet being trained; VAE/text encoders visit the device only meanwhile."""
-    from core.sample import build_pipeline, free_memory, run_pipeline, sample_size, save_image  # noqa: PLC0415
+    from core.sample import build_pipeline, run_pipeline, sample_size, save_image  # noqa: PLC0415
 
     cfg, m = run.cfg, run.model
     unet = run.accelerator.unwrap_model(run.train_unet)

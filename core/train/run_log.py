@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from core.atomic import atomic_write_text
 from core.config import TrainConfig
+from core.devices import peak_vram_gb
 from core.events import ProgressEvent, RunContext
 from core.train.checkpoints import TrainState
 
@@ -83,7 +82,7 @@ class ProgressMeter:
         per_step = sum(times) / len(times)
         return ProgressEvent(step=step, total=self.total, epoch=epoch, loss=loss,
                              smoothed_loss=self.smoothed, lr=lr, seconds_per_step=per_step,
-                             eta_seconds=per_step * max(0, self.total - step), vram_gb=vram_gb())
+                             eta_seconds=per_step * max(0, self.total - step), vram_gb=peak_vram_gb())
 
 
 def record_step(cfg: TrainConfig, ctx: RunContext, log: RunLog, meter: ProgressMeter, state: TrainState,
@@ -103,8 +102,3 @@ def sample_due(cfg: TrainConfig, step: int, *, done: bool) -> bool:
     """Previews every `sample_steps`; the end makes its own."""
     return bool(cfg.sample_prompts) and cfg.sample_steps > 0 and step % cfg.sample_steps == 0 and not done
 
-
-def vram_gb() -> float | None:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return None

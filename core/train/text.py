@@ -25,6 +25,7 @@ from core.atomic import atomic_write_text
 from core.config import TrainConfig
 from core.data import text as text_data
 from core.data.chat_templates import apply_template
+from core.devices import pick_device
 from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
 from core.export import peft_text
 from core.models.llm import load_llm, weight_dtype
@@ -37,10 +38,6 @@ from core.train.text_step import batch_loss_sum, validation_loss
 class TextData:
     train: list[text_data.TokenizedExample]
     validation: list[text_data.TokenizedExample] = field(default_factory=list)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _precision(cfg: TrainConfig, device: torch.device, ctx: RunContext) -> str:
@@ -143,7 +140,7 @@ class TextRun:
 
 
 def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> TextRun:
-    device = _device()
+    device = pick_device(mps=False)
     precision = _precision(cfg, device, ctx)
     ctx.log(f"Loading the text model {cfg.base_model or '(default: SmolLM2-135M-Instruct GGUF)'}")
     started = time.perf_counter()
