@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from core.events import CheckpointEvent, DoneEvent, SampleEvent
 from core.atomic import save_file_atomic
 from core.devices import free_memory, torch_dtype
+from core.events import CheckpointEvent, DoneEvent, SampleEvent
 from core.sample import move
 from core.train import checkpoints, optim, run_log, runtime
 from core.train.image_lora import PEFT_FILES, TE_NAMES, load_peft_state, peft_state, save_lora_outputs
