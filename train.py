@@ -138,10 +138,11 @@ def print_settings(cfg: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    from core.config import ConfigError, load_config  # noqa: PLC0415
+    from core.config import ConfigError, read_yaml  # noqa: PLC0415
+    from core.presets import resolve_config  # noqa: PLC0415 - the preset is merged here, not in core.config
 
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = resolve_config({**read_yaml(args.config), **overrides})
     except ConfigError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         print("Fix these keys in the config (or the --key overrides) and run again.", file=sys.stderr)

@@ -13,7 +13,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:  # torch is imported only by the one writer that needs it
+    import torch
 
 COMPLETE_MARKER = ".complete"
 
@@ -63,6 +66,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
+                     metadata: dict[str, str] | None = None) -> Path:
+    """safetensors.save_file through a temporary name (tensors moved to the CPU, made contiguous)."""
+    from safetensors.torch import save_file  # noqa: PLC0415 - keeps this module free of torch
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def _allows_empty(target: Path) -> bool:

@@ -44,14 +44,15 @@ GROUP_TITLES = {
     "output": "Output and logging",
     "advanced": "Other",
 }
+# Keys earlier versions wrote into every run's config.yaml but nothing ever read: accepted and
+# dropped, so an old run's saved config still runs unchanged with train.py.
+RETIRED_KEYS = frozenset({"num_workers"})
 
 
 def _f(default: Any, help: str, group: str = "advanced", *, choices: tuple[str, ...] | None = None,
-       minimum: float | None = None, maximum: float | None = None, task: str = "both",
-       path: str | None = None) -> Any:
+       minimum: float | None = None, maximum: float | None = None, task: str = "both") -> Any:
     """A dataclass field with the metadata the validator and the GUI form read."""
-    meta = {"help": help, "group": group, "choices": choices, "min": minimum, "max": maximum,
-            "task": task, "path": path}
+    meta = {"help": help, "group": group, "choices": choices, "min": minimum, "max": maximum, "task": task}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,11 +63,9 @@ class TrainConfig:
     """Every training setting. Groups: basic (up front in the GUI) and the rest under Advanced."""
 
     # --- the seed schema -------------------------------------------------------------
-    train_data_dir: str = _f("", "Folder with the training images (or the text data file / folder).",
-                             "basic", path="exists")
+    train_data_dir: str = _f("", "Folder with the training images (or the text data file / folder).", "basic")
     metadata_path: str = _f("", "Captions file: metadata.csv (filename,prompt). Empty: <train_data_dir>/"
-                            "metadata.csv if present, else .txt files beside the images.", "basic",
-                            path="file-or-empty", task="image")
+                            "metadata.csv if present, else .txt files beside the images.", "basic", task="image")
     base_model: str = _f("", "Base model: a .safetensors checkpoint, a diffusers/HF folder, a hub id, "
                          "or a GGUF file (text). Empty for text: the bundled SmolLM2-135M.", "basic")
     task_type: str = _f("image-generation", "What to train: an image LoRA (Stable Diffusion) or a text "
@@ -99,8 +98,7 @@ class TrainConfig:
     max_train_steps: int = _f(0, "Stop after this many optimizer steps (0: use epochs).", "run", minimum=0)
     resume_from: str = _f("", "Continue a run: a checkpoint folder, 'latest' (newest checkpoint in "
                           "output_dir), or a LoRA .safetensors to keep training from its weights.", "run")
-    init_lora: str = _f("", "Start from the weights of an existing LoRA file (incremental training).", "run",
-                        path="file-or-empty")
+    init_lora: str = _f("", "Start from the weights of an existing LoRA file (incremental training).", "run")
     keep_checkpoints: int = _f(0, "Keep only the newest N checkpoints (0: keep all).", "run", minimum=0)
     auto_downshift: bool = _f(False, "On out-of-memory, retry from the last checkpoint with the next "
                               "smaller preset instead of stopping.", "run")
@@ -192,8 +190,7 @@ class TrainConfig:
                             "alpaca / plain.", "text", task="text")
     validation_split: float = _f(0.0, "Share of the data held out for validation loss (0: none).", "text",
                                  minimum=0.0, maximum=0.5)
-    validation_file: str = _f("", "A separate validation data file (overrides validation_split).", "text",
-                              path="file-or-empty")
+    validation_file: str = _f("", "A separate validation data file (overrides validation_split).", "text")
     save_merged_model: bool = _f(False, "Also save the base model with the LoRA merged in (for serving).",
                                  "text", task="text")
     gguf_file: str = _f("", "Name of the .gguf file inside base_model when it is a folder or hub id.",
@@ -202,8 +199,6 @@ class TrainConfig:
     # --- output --------------------------------------------------------------------------
     save_precision: str = _f("fp16", "Precision of the saved LoRA files.", "output", choices=SAVE_PRECISIONS)
     logging_steps: int = _f(1, "Write loss to loss.csv / TensorBoard every N steps.", "output", minimum=1)
-    num_workers: int = _f(0, "Data-loader worker processes (0: load in the training process).", "output",
-                          minimum=0, maximum=64)
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -233,13 +228,9 @@ class ConfigError(ValueError):
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = get_type_hints(TrainConfig)
+TYPES = get_type_hints(TrainConfig)
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
-
-
-def field_help(name: str) -> str:
-    return FIELDS[name].metadata.get("help", "")
 
 
 def _type_name(kind: Any) -> str:
@@ -248,9 +239,9 @@ def _type_name(kind: Any) -> str:
     return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(kind, str(kind))
 
 
-def _coerce(name: str, value: Any) -> Any:
+def coerce(name: str, value: Any) -> Any:
     """Turn a YAML / form value into the field's type, or raise ValueError with what is allowed."""
-    kind = _TYPES[name]
+    kind = TYPES[name]
     if value is None:
         default = FIELDS[name].default
         if default is dataclasses.MISSING:
@@ -386,31 +377,26 @@ def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
     return errors
 
 
-def config_from_dict(raw: dict[str, Any] | None, *, check_paths: bool = True,
-                     apply_presets: bool = True) -> TrainConfig:
+def config_from_dict(raw: dict[str, Any] | None, *, check_paths: bool = True) -> TrainConfig:
     """Build and validate a TrainConfig from a plain dict (YAML, GUI form or CLI).
 
-    A `preset` is merged first, under the user's own values.
+    `preset` is only checked as text here: merging a preset needs the device and the model
+    (`core.presets.resolve_config`), which this module must not import.
     """
     raw = dict(raw or {})
     errors: dict[str, str] = {}
     for key in list(raw):
-        if key not in FIELDS:
+        if key in RETIRED_KEYS:
+            del raw[key]
+        elif key not in FIELDS:
             errors[str(key)] = _unknown_key_message(str(key))
             del raw[key]
-    if apply_presets and raw.get("preset"):
-        from core import presets  # noqa: PLC0415  (the presets module reads the config's fields)
-
-        try:
-            raw = presets.apply_preset(raw)
-        except (ValueError, OSError) as exc:
-            errors["preset"] = str(exc)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         try:
-            values[key] = _coerce(key, value)
+            values[key] = coerce(key, value)
         except ValueError as exc:
-            errors[key] = f"{exc} ({_type_name(_TYPES[key])} expected)."
+            errors[key] = f"{exc} ({_type_name(TYPES[key])} expected)."
     cfg = TrainConfig(**values)
     for key, message in _check_values(cfg, check_paths).items():
         errors.setdefault(key, message)
@@ -442,7 +428,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *,
                 check_paths: bool = True) -> TrainConfig:
-    """Read a YAML config (plus optional overrides) into a validated TrainConfig."""
+    """Read a YAML config (plus optional overrides) into a validated TrainConfig (no preset merged)."""
     raw = read_yaml(path)
     raw.update(overrides or {})
     return config_from_dict(raw, check_paths=check_paths)

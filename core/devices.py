@@ -1,16 +1,29 @@
-"""The training device as the presets see it: kind, name, memory, bf16, bitsandbytes.
+"""The device: what it is (kind, name, memory, bf16, bitsandbytes), which torch device and
+dtype to use, freeing its memory and recognising when it ran out.
 
-`detect_device()` is the one call that asks the hardware; everything else (preset
-choice, the memory estimate, OOM advice) takes a `DeviceInfo`, so tests simulate any
-GPU by building one, or by mocking this single function.
+`detect_device()` is the one call that asks the hardware for the presets; everything else
+(preset choice, the memory estimate, OOM advice) takes a `DeviceInfo`, so tests simulate
+any GPU by building one, or by mocking this single function.
+
+torch is imported inside the functions that need it: validating a config and choosing a
+preset's tier read this module without loading torch.
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 GIB = 2**30
+# Lower-cased fragments of the errors CUDA, MPS and the allocators raise when memory runs out.
+_OOM_TEXT = ("out of memory", "outofmemory", "cuda error: out of memory", "mps backend out of memory",
+             "cublas_status_alloc_failed", "failed to allocate memory")
 
 
 @dataclass(frozen=True)
@@ -36,7 +49,7 @@ class DeviceInfo:
         return f"{self.name} ({self.total_gb:.1f} GB, {self.free_gb:.1f} GB free)"
 
 
-def _ram_gb() -> tuple[float, float]:
+def ram_gb() -> tuple[float, float]:
     try:
         import psutil  # noqa: PLC0415
 
@@ -62,8 +75,91 @@ def detect_device(index: int | None = None) -> DeviceInfo:
         free, total = torch.cuda.mem_get_info(index)
         return DeviceInfo("cuda", torch.cuda.get_device_name(index), total / GIB, free / GIB,
                           bf16=bool(torch.cuda.is_bf16_supported()), bitsandbytes=has_bitsandbytes())
-    total, free = _ram_gb()
+    total, free = ram_gb()
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return DeviceInfo("mps", "Apple Silicon GPU (MPS)", total, free)
     return DeviceInfo("cpu", "CPU", total, free)
+
+
+def _mps_available(torch_module: object) -> bool:
+    mps = getattr(getattr(torch_module, "backends", None), "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def pick_device(name: str | torch.device = "auto", *, mps: bool = True) -> torch.device:
+    """The torch device for `name`: `auto` is CUDA when present, else Apple MPS, else the CPU.
+
+    `mps=False` keeps `auto` to CUDA or the CPU: the text trainer and the previews have only
+    ever run there (their fp16/bf16 paths are CUDA's). Any other name ('cpu', 'cuda:1', 'mps')
+    goes to torch; ValueError says why one cannot be used.
+    """
+    import torch  # noqa: PLC0415
+
+    if isinstance(name, torch.device):
+        return name
+    key = (name or "auto").strip().lower()
+    if key == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps and _mps_available(torch):
+            return torch.device("mps")
+        return torch.device("cpu")
+    if key.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA GPU is visible to PyTorch. Use --device cpu, "
+                         "or install the CUDA build of torch.")
+    try:
+        return torch.device(key)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a device torch knows (try auto, cpu, cuda, "
+                         "cuda:1, mps).") from exc
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The dtype of a precision name: 'fp16' and 'bf16' as named; 'fp32', 'no' and the rest float32."""
+    import torch  # noqa: PLC0415
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+def free_memory(*, reset_peak: bool = False) -> None:
+    """Give the device back what dropped objects held: collect, then empty the CUDA / MPS caches.
+
+    `reset_peak` also restarts CUDA's peak-memory counter (a new attempt measures its own peak).
+    """
+    gc.collect()
+    torch_module = sys.modules.get("torch")
+    if torch_module is None:  # nothing was ever put on a device
+        return
+    if torch_module.cuda.is_available():
+        torch_module.cuda.empty_cache()
+        if reset_peak:
+            torch_module.cuda.reset_peak_memory_stats()
+    if _mps_available(torch_module) and getattr(torch_module, "mps", None) is not None:
+        torch_module.mps.empty_cache()
+
+
+def peak_vram_gb() -> float | None:
+    """The most CUDA memory this process has held (None off CUDA)."""
+    torch_module = sys.modules.get("torch")
+    if torch_module is not None and torch_module.cuda.is_available():
+        return torch_module.cuda.max_memory_allocated() / GIB
+    return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/MPS/CPU out-of-memory errors, also when wrapped in another exception."""
+    torch_module = sys.modules.get("torch")  # no torch loaded: no torch error to look for
+    oom_types: tuple[type[BaseException], ...] = (MemoryError,)
+    if torch_module is not None:
+        oom_types += (torch_module.OutOfMemoryError,)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, oom_types):
+            return True
+        if isinstance(current, Exception) and any(t in str(current).lower() for t in _OOM_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

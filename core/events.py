@@ -123,7 +123,6 @@ class RunContext:
 
     listeners: list[Listener] = field(default_factory=list)
     stop_flag: threading.Event = field(default_factory=threading.Event)
-    sample_flag: threading.Event = field(default_factory=threading.Event)
     errors_in_listeners: list[str] = field(default_factory=list)
 
     def emit(self, event: Event) -> None:
@@ -141,10 +140,3 @@ class RunContext:
 
     def should_stop(self) -> bool:
         return self.stop_flag.is_set()
-
-    def take_sample_request(self) -> bool:
-        """True once after someone pressed "sample now"."""
-        if self.sample_flag.is_set():
-            self.sample_flag.clear()
-            return True
-        return False

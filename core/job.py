@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from core.devices import is_out_of_memory
 from core.events import (CheckpointEvent, DoneEvent, ErrorEvent, Event, Listener, LogEvent,
                          ProgressEvent, RunContext, SampleEvent, StopRequested, WarningEvent)
 
@@ -54,12 +55,11 @@ def friendly_error(exc: BaseException) -> ErrorEvent:
     """Turn an exception into an ErrorEvent with advice; engines may attach `.advice`."""
     advice = getattr(exc, "advice", "")
     message = str(exc) or type(exc).__name__
-    text = f"{type(exc).__name__}: {exc}".lower()
     if not advice and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = f" ({exc.filename})" if exc.filename else ""
         advice = (f"The disk is full{where}. Free some space; the files saved before are untouched. "
                   "Then run again with resume_from: latest to continue from the last checkpoint.")
-    if not advice and ("out of memory" in text or isinstance(exc, MemoryError)):
+    if not advice and is_out_of_memory(exc):
         advice = ("Lower batch_size or resolution, turn on gradient_checkpointing, use mixed_precision "
                   "fp16/bf16, or choose a smaller preset.")
     return ErrorEvent(message=message, advice=advice, error_type=type(exc).__name__)
@@ -113,10 +113,6 @@ class Job:
             self._snapshot.state = "stopping"
             self._log.append("Stop requested: finishing the current step and saving a checkpoint.")
         return True
-
-    def request_sample(self) -> None:
-        if self._ctx is not None:
-            self._ctx.sample_flag.set()
 
     def wait(self, timeout: float | None = None) -> JobSnapshot:
         if self._thread is not None:
@@ -193,8 +189,3 @@ class Job:
                 self._ctx = None
             _CURRENT = None
             _RUN_LOCK.release()
-
-
-def current_job() -> Job | None:
-    """The job running in this process, if any (for a page that reattaches)."""
-    return _CURRENT

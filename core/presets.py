@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from core import devices
-from core.config import FIELDS, TrainConfig, _coerce
+from core.config import FIELDS, ConfigError, TrainConfig, coerce, config_from_dict
 from core.devices import DeviceInfo
 from core.memory import MemoryEstimate, estimate_memory, fitting_changes, format_changes
 from core.model_info import ModelInfo, detect_model
@@ -74,7 +74,7 @@ def detect_device() -> DeviceInfo:
     try:
         return devices.detect_device()
     except Exception as exc:  # noqa: BLE001 - e.g. a CUDA driver/runtime mismatch
-        total, free = devices._ram_gb()
+        total, free = devices.ram_gb()
         return DeviceInfo("cpu", f"CPU (GPU detection failed: {type(exc).__name__}: {exc})", total, free)
 
 
@@ -143,7 +143,7 @@ def loose_config(values: dict[str, Any]) -> TrainConfig:
     for key, value in values.items():
         if key in FIELDS:
             try:
-                typed[key] = _coerce(key, value)
+                typed[key] = coerce(key, value)
             except ValueError:
                 continue
     return TrainConfig(**typed)
@@ -253,6 +253,35 @@ def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
     merged = dict(values)
     merged.update(raw)
     return merged
+
+
+def resolve_config(raw: dict[str, Any] | None, *, check_paths: bool = True) -> TrainConfig:
+    """`config_from_dict` with the `preset` merged first, under the user's own values.
+
+    What train.py (and any caller that runs a user's YAML) validates with; core.config
+    itself knows nothing of presets. A preset problem is reported with the other keys'
+    problems, in the order config_from_dict gives them (unknown keys first).
+    """
+    raw = dict(raw or {})
+    preset_error = ""
+    if raw.get("preset"):
+        unknown = {k: v for k, v in raw.items() if k not in FIELDS}
+        try:
+            raw = {**unknown, **apply_preset({k: v for k, v in raw.items() if k in FIELDS})}
+        except (ValueError, OSError) as exc:
+            preset_error = str(exc)
+    try:
+        cfg = config_from_dict(raw, check_paths=check_paths)
+    except ConfigError as exc:
+        if not preset_error:
+            raise
+        errors = {k: v for k, v in exc.errors.items() if k not in FIELDS}
+        errors["preset"] = exc.errors.get("preset", preset_error)
+        errors.update({k: v for k, v in exc.errors.items() if k in FIELDS and k != "preset"})
+        raise ConfigError(errors) from None
+    if preset_error:
+        raise ConfigError({"preset": preset_error})
+    return cfg
 
 
 def describe_choice(cfg_raw: dict[str, Any] | TrainConfig, device: DeviceInfo | None = None) -> str:

@@ -7,7 +7,6 @@ atomically. One pipeline is cached for the Test tab so repeated tries do not rel
 """
 from __future__ import annotations
 
-import gc
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,17 +15,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from core.atomic import atomic_path
+from core.devices import free_memory, pick_device
 
 DEFAULT_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 COMPARE_WEIGHTS = (0.0, 0.4, 0.6, 0.8, 1.0)
 _CACHE: dict[str, Any] = {}
 _CACHE_LOCK = threading.Lock()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def move(module: Any, device: Any, dtype: torch.dtype | None = None) -> Any:
@@ -35,10 +29,6 @@ def move(module: Any, device: Any, dtype: torch.dtype | None = None) -> Any:
         return None
     args = (device,) if dtype is None else (device, dtype)
     return torch.nn.Module.to(module, *args)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_pipeline(family: str, *, unet: Any, vae: Any, text_encoders: Sequence[Any], tokenizers: Sequence[Any],
@@ -112,7 +102,7 @@ def load_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "",
     """(pipeline, SDModel) for `base_model`, cached: the same arguments reuse the loaded one."""
     from core.models.sd import load_sd_model  # noqa: PLC0415
 
-    device = torch.device(device) if device else default_device()
+    device = pick_device(device or "auto", mps=False)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = Path(base_model)
     stamp = path.stat().st_mtime_ns if path.exists() else 0

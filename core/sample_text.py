@@ -18,12 +18,9 @@ from typing import Any, Iterator
 
 import torch
 
+from core.devices import pick_device
 _CACHE_LOCK = threading.Lock()
 _CACHE: dict[str, Any] = {"base_key": None, "model": None, "tokenizer": None, "adapter_key": None}
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def as_messages(prompt: str | list[dict[str, str]], system: str = "") -> list[dict[str, str]]:
@@ -101,7 +98,7 @@ def _load(base_model: str, adapter_dir: str | Path | None, gguf_file: str, chat_
     if _CACHE["base_key"] != base_key:
         _CACHE.update(base_key=None, model=None, tokenizer=None, adapter_key=None)
         model, tokenizer, _ = load_llm(base_model, gguf_file=gguf_file)
-        _CACHE.update(base_key=base_key, model=model.to(_device()), tokenizer=tokenizer)
+        _CACHE.update(base_key=base_key, model=model.to(pick_device(mps=False)), tokenizer=tokenizer)
     apply_template(_CACHE["tokenizer"], chat_template)
     if adapter_dir:
         key = _adapter_key(adapter_dir)

@@ -126,3 +126,9 @@ def test_pissa_with_conv_layers_is_refused_before_any_model_loads(tmp_path):
         config_from_dict({"train_data_dir": str(tmp_path), "base_model": "org/model", "lora_variant": "pissa",
                           "conv_rank": 4})
     assert "conv_rank" in err.value.errors and "PiSSA" in err.value.errors["conv_rank"]
+
+
+def test_a_saved_config_with_the_retired_num_workers_key_still_loads(tmp_path):
+    # Every run's config.yaml used to carry num_workers, which nothing read.
+    cfg = config_from_dict({"train_data_dir": str(tmp_path), "base_model": "org/model", "num_workers": 4})
+    assert "num_workers" not in cfg.to_dict()

@@ -78,7 +78,7 @@ def test_auto_picks_the_richest_preset_that_fits_each_machine(device, model, mac
 
 def test_the_users_own_values_win_over_the_chosen_preset(device):
     device(RTX_3060)
-    cfg = config_from_dict({**SD15, "preset": "auto", "batch_size": 7, "train_data_dir": "x"}, check_paths=False)
+    cfg = presets.resolve_config({**SD15, "preset": "auto", "batch_size": 7, "train_data_dir": "x"}, check_paths=False)
     assert cfg.preset == "sd15-12gb"
     assert cfg.batch_size == 7  # the user's
     assert cfg.lora_rank == 32 and cfg.gradient_checkpointing is False  # the preset's
@@ -140,7 +140,7 @@ def test_describe_choice_without_preset_estimates_the_users_values(device):
 
 def test_an_unknown_preset_is_refused_with_the_names_that_exist():
     with pytest.raises(Exception) as caught:
-        config_from_dict({**SD15, "preset": "sd15-9gb", "train_data_dir": "x"}, check_paths=False)
+        presets.resolve_config({**SD15, "preset": "sd15-9gb", "train_data_dir": "x"}, check_paths=False)
     assert "sd15-8gb" in str(caught.value) and "auto" in str(caught.value)
 
 

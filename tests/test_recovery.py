@@ -18,7 +18,7 @@ import core.devices
 from core.config import TrainConfig
 from core.events import ProgressEvent, RunContext, WarningEvent
 from core.job import Job
-from core.train import recovery, runtime
+from core.train import checkpoints, recovery, runtime
 from core.train.loop import run_task
 from core.train.recovery import OutOfMemoryAdvice, is_out_of_memory, train_with_recovery
 from tests.helpers import read_loss_csv
@@ -70,12 +70,12 @@ class LinearTask:
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(folder / "weights.safetensors"))
 
     def save_checkpoint(self, state, optimizer, scheduler) -> Path:
-        return runtime.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
+        return checkpoints.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
                                        write_weights=self._weights)
 
     def restore(self, checkpoint: Path, optimizer, scheduler):
         self.model.load_state_dict(load_file(checkpoint / "weights.safetensors"))
-        state, _ = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        state, _ = checkpoints.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
         return state
 
     def make_samples(self, step: int) -> None:
@@ -97,9 +97,9 @@ def small_loop(record: list[tuple[int, int, int]]):
             if isinstance(event, ProgressEvent):
                 record.append((event.step, cfg.batch_size, cfg.gradient_accumulation_steps))
 
-        out = runtime.prepare_output_dir(cfg)
-        runtime.seed_everything(cfg.seed)
-        checkpoint, _ = runtime.resolve_resume(cfg)
+        out = checkpoints.prepare_output_dir(cfg)
+        checkpoints.seed_everything(cfg.seed)
+        checkpoint, _ = checkpoints.resolve_resume(cfg)
         ctx.listeners.append(count)
         try:
             return run_task(LinearTask(cfg, ctx, out), checkpoint, batches_per_epoch=64)
@@ -183,7 +183,7 @@ def test_out_of_memory_without_auto_downshift_stops_with_the_exact_settings_to_c
     assert "batch_size 2 -> 1, gradient_accumulation_steps 4 -> 8 (preset llm-8gb)" in error.advice
     assert "resume_from: latest" in error.advice and "auto_downshift: true" in error.advice
     assert error.changes["batch_size"] == 1
-    assert runtime.latest_checkpoint(tmp_path / "out").name == "step-000004"  # what was done is kept
+    assert checkpoints.latest_checkpoint(tmp_path / "out").name == "step-000004"  # what was done is kept
 
 
 def test_out_of_memory_before_the_first_checkpoint_restarts_from_the_start_with_smaller_settings(

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 import core.devices
-from core.config import config_from_dict
 from core.events import DoneEvent, ProgressEvent, RunContext, WarningEvent
+from core.presets import resolve_config
 import core.train.text
 from core.train import run_training, runtime
 from tests.helpers import read_loss_csv
@@ -40,7 +40,7 @@ def config(tiny_llm_dir: Path, data: Path, out: Path, **extra):
                max_seq_length=64, mixed_precision="no", optimizer="adamw", gradient_checkpointing=False,
                max_train_steps=6, save_steps=2, learning_rate=5e-3, lora_rank=4, lora_alpha=8, seed=7)
     raw.update(extra)
-    return config_from_dict(raw)
+    return resolve_config(raw)
 
 
 def test_a_real_text_run_that_runs_out_of_memory_downshifts_resumes_and_finishes(

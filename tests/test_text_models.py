@@ -67,4 +67,3 @@ def test_a_single_file_that_is_not_gguf_is_refused_with_what_a_text_model_can_be
 def test_an_empty_base_model_means_the_bundled_smollm2(smollm2_gguf):
     source = llm.resolve_source("")
     assert source.is_gguf and source.display == str(smollm2_gguf)
-    assert llm.default_text_model_or_empty() == str(smollm2_gguf)

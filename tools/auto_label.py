@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 
 from core.caption import (CAPTIONERS, CaptionerLoadError, CaptionerNotFoundError,  # noqa: E402
                           CaptionJobError, CaptionOptions, caption_folder, captioner_status)
+from core.devices import is_out_of_memory  # noqa: E402
 from core.events import Event, LogEvent, ProgressEvent, RunContext, WarningEvent  # noqa: E402
 
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (RuntimeError, MemoryError) as exc:
-        if "out of memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
+        if not is_out_of_memory(exc):
             raise
         listener.close()
         print(f"error: out of memory loading or running {args.model} ({exc}). Use a smaller captioner, "

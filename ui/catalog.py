@@ -15,7 +15,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 TEXT_DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".txt", ".parquet")
 
 
-def _rel(path: Path) -> str:
+def rel(path: Path) -> str:
     """A path relative to the project when inside it (what a YAML should hold), else absolute."""
     try:
         return "./" + path.resolve().relative_to(WORK).as_posix()
@@ -41,7 +41,7 @@ def image_models(models_dir: Path = MODELS_DIR) -> list[str]:
                 found.append(item)
             elif item.is_dir() and _is_diffusers_folder(item):
                 found.append(item)
-    return [_rel(p) for p in found]
+    return [rel(p) for p in found]
 
 
 def text_models(models_dir: Path = MODELS_DIR) -> list[str]:
@@ -54,7 +54,7 @@ def text_models(models_dir: Path = MODELS_DIR) -> list[str]:
                 found.append(item)
             elif item.is_dir() and _is_hf_folder(item):
                 found.append(item)
-    return [_rel(p) for p in found]
+    return [rel(p) for p in found]
 
 
 def base_models(task_type: str, models_dir: Path = MODELS_DIR) -> list[str]:
@@ -70,7 +70,7 @@ def datasets(data_dir: Path = DATA_DIR) -> list[str]:
         if item.name.startswith("."):
             continue
         if item.is_dir() or item.suffix.lower() in TEXT_DATA_SUFFIXES:
-            found.append(_rel(item))
+            found.append(rel(item))
     return found
 
 
@@ -111,11 +111,11 @@ def lora_files(models_dir: Path = MODELS_DIR, output_dir: Path = OUTPUT_DIR) -> 
     lora_dir = models_dir / MODEL_SUBDIRS["lora"]
     if lora_dir.is_dir():
         found += sorted(lora_dir.rglob("*.safetensors"))
-    return [_rel(p) for p in found]
+    return [rel(p) for p in found]
 
 
 def text_adapters(output_dir: Path = OUTPUT_DIR) -> list[str]:
     """PEFT adapter folders (adapter_config.json) in runs and their checkpoints."""
     if not output_dir.is_dir():
         return []
-    return [_rel(p.parent) for p in sorted(output_dir.rglob("adapter_config.json"))]
+    return [rel(p.parent) for p in sorted(output_dir.rglob("adapter_config.json"))]

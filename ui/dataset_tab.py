@@ -113,7 +113,7 @@ def create_from_uploads(name: str, files: list[str] | None) -> tuple[Any, str]:
         return gr.skip(), "Add some files or a zip first."
     target = state.DATA_DIR / state.safe_name(name or "my_dataset", "my_dataset")
     result = import_files(files, target)
-    rel = catalog._rel(target)  # noqa: SLF001
+    rel = catalog.rel(target)
     note = f"Saved {len(result.saved)} files into `{rel}`."
     if result.skipped:
         note += "  \nSkipped: " + "; ".join(html.escape(s) for s in result.skipped[:20])

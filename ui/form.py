@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Callable, get_origin
 
-from core.config import FIELDS, GROUP_TITLES, TrainConfig, _TYPES  # noqa: PLC2701 - the config's own type table
+from core.config import FIELDS, GROUP_TITLES, TYPES, TrainConfig
 
 TASK_OF = {"image-generation": "image", "text-generation": "text"}
 
@@ -37,7 +37,7 @@ class FieldSpec:
 
 
 def _kind(name: str, meta: dict) -> str:
-    hint = _TYPES[name]
+    hint = TYPES[name]
     if meta.get("choices"):
         return "choice"
     if get_origin(hint) is list:

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import gradio as gr
 
 from core import presets
-from core.config import ConfigError, TrainConfig, config_from_dict, config_to_yaml, read_yaml, save_config
+from core.config import (RETIRED_KEYS, ConfigError, TrainConfig, config_from_dict, config_to_yaml, read_yaml,
+                         save_config)
 from core.job import JobBusyError
 from ui import catalog, form, state
 from ui.plots import loss_figure
@@ -167,7 +168,7 @@ def on_save(train_form: TrainForm, path_text: str, *args: Any) -> list[Any]:
     *values, previously = args
     raw = train_form.raw(values)
     try:
-        cfg = config_from_dict(raw, check_paths=False, apply_presets=False)
+        cfg = config_from_dict(raw, check_paths=False)
     except ConfigError as exc:
         return [errors_markdown(exc.errors), gr.skip(), gr.skip(), *marks(train_form, exc.errors, previously)]
     cleared = marks(train_form, {}, previously)
@@ -175,7 +176,7 @@ def on_save(train_form: TrainForm, path_text: str, *args: Any) -> list[Any]:
     if path.suffix.lower() not in (".yaml", ".yml"):
         path = path.with_suffix(".yaml")
     save_config(cfg, path, only_changed=True)
-    shown = catalog._rel(path)  # noqa: SLF001
+    shown = catalog.rel(path)
     return [f"Saved `{shown}`.", form.command_line(shown), config_to_yaml(cfg, only_changed=True), *cleared]
 
 
@@ -185,10 +186,11 @@ def load_values(specs: list[form.FieldSpec], path: str | Path) -> list[Any]:
         loaded = read_yaml(path)
     except ConfigError as exc:
         return [errors_markdown(exc.errors)] + [gr.skip()] * len(specs)
-    unknown = {k: "unknown key, not loaded" for k in loaded if k not in form.FIELDS}
+    # Keys older versions wrote and nothing reads are dropped quietly, as train.py does.
+    unknown = {k: "unknown key, not loaded" for k in loaded if k not in form.FIELDS and k not in RETIRED_KEYS}
     known = {k: v for k, v in loaded.items() if k in form.FIELDS}
     try:
-        cfg = config_from_dict(known, check_paths=False, apply_presets=False)
+        cfg = config_from_dict(known, check_paths=False)
         values = form.config_values(specs, cfg)
         note = f"Loaded `{Path(path).name}`."
     except ConfigError as exc:

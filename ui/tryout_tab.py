@@ -165,7 +165,7 @@ def compare(base_text: str, lora_text: str, prompt_text: str, negative_text: str
         return None, f"**Could not make the grid:** {html.escape(str(exc))}"
     rows = ", ".join(Path(f).parent.name if Path(f).parent.name.startswith("step-") else "final" for f in files)
     weights = ", ".join(f"{w:g}" for w in COMPARE_WEIGHTS)
-    shown = catalog._rel(out)  # noqa: SLF001
+    shown = catalog.rel(out)
     return str(out), f"Grid saved as `{shown}` — columns: weights {weights}; rows: {rows}."
 
 

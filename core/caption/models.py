@@ -16,7 +16,6 @@ none works, `CaptionerLoadError` says where to put the files.
 """
 from __future__ import annotations
 
-import gc
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from PIL import Image
 
 from core.caption.filename import FilenameCaptioner
 from core.caption.registry import NEEDED_FILES, ResolvedCaptioner, resolve_captioner
+from core.devices import free_memory, pick_device
 from core.events import StopRequested
 
 # Default caption lengths in new tokens: short captioners write a line, the others a paragraph.
@@ -54,27 +54,6 @@ class Captioner(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def pick_device(device: str = "auto") -> "Any":
-    """`auto` -> CUDA when present, else Apple MPS, else CPU; anything else is passed to torch."""
-    import torch  # noqa: PLC0415
-
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CaptionerLoadError(f"device {device!r}: no CUDA GPU is visible to PyTorch. Use --device cpu, "
-                                 "or install the CUDA build of torch.")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise CaptionerLoadError(f"device {device!r} is not a device torch knows (try auto, cpu, cuda, "
-                                 "cuda:1, mps).") from exc
 
 
 def pick_dtype(device: Any, family: str) -> Any:
@@ -154,7 +133,10 @@ def load_captioner(name: str, *, device: str = "auto", trust_remote_code: bool =
     resolved = resolve_captioner(name, root)
     if resolved.family == "filename":
         return FilenameCaptioner()
-    torch_device = pick_device(device)
+    try:
+        torch_device = pick_device(device)
+    except ValueError as exc:
+        raise CaptionerLoadError(str(exc)) from exc
     dtype = pick_dtype(torch_device, resolved.family)
     try:
         model, processor = _load_parts(resolved, dtype, trust_remote_code)
@@ -245,9 +227,5 @@ class ModelCaptioner:
 
     def close(self) -> None:
         """Free the model's memory (GPU memory too)."""
-        import torch  # noqa: PLC0415
-
         self.model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()

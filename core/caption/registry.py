@@ -102,11 +102,6 @@ def models_roots() -> list[Path]:
     return unique
 
 
-def models_root() -> Path:
-    """The folder the messages tell users to put files in (the first of `models_roots`)."""
-    return models_roots()[0]
-
-
 def offline_dir(name: str, root: Path | None = None) -> Path:
     """Where the files of short name `name` are (the first root holding them) or should go."""
     roots = [root] if root is not None else models_roots()

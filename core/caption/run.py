@@ -24,6 +24,7 @@ from core.data.captions import (CaptionFileError, format_metadata_csv, read_capt
                                 read_metadata_csv, write_caption_txt)
 from core.data.image_io import ImageReadError, is_image_file, load_rgb
 from core.data.images import find_image_files, match_metadata_rows
+from core.devices import free_memory, is_out_of_memory
 from core.events import DoneEvent, LogEvent, ProgressEvent, RunContext, StopRequested
 
 EXISTING_MODES = ("skip", "overwrite")
@@ -190,10 +191,6 @@ def _load_batch(paths: list[Path], needs_images: bool) -> list[tuple[Path, objec
     return loaded
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-
-
 def _caption_with_backoff(captioner: Captioner, good: list[tuple[Path, object]], max_length: int | None,
                           ctx: RunContext) -> list[str]:
     """Caption `good` in one call; when the device runs out of memory, in halves (down to one image)."""
@@ -204,24 +201,14 @@ def _caption_with_backoff(captioner: Captioner, good: list[tuple[Path, object]],
     try:
         return captioner.caption_batch(paths, images, max_length, should_stop=ctx.should_stop)
     except (RuntimeError, MemoryError) as exc:
-        if not _is_out_of_memory(exc) or len(good) == 1:
+        if not is_out_of_memory(exc) or len(good) == 1:
             raise
-    _free_device_cache()
+    free_memory()
     half = len(good) // 2
     ctx.warn(f"Out of memory captioning {len(good)} images at once; trying {half} and {len(good) - half}.",
              "Lower the batch size to avoid the retries.")
     return (_caption_with_backoff(captioner, good[:half], max_length, ctx)
             + _caption_with_backoff(captioner, good[half:], max_length, ctx))
-
-
-def _free_device_cache() -> None:
-    try:
-        import torch  # noqa: PLC0415
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
 def _existing_caption(name: str, path: Path, csv: _CsvWriter | None, options: CaptionOptions) -> str:

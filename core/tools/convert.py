@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.atomic import atomic_dir, save_file_atomic
+from core.devices import torch_dtype
 from core.export.inspect import DIFFUSERS_COMPONENTS, KOHYA_PREFIXES
 from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
                                 modules_to_kohya, modules_to_peft)
@@ -31,7 +33,7 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PICKLE_NAME = "adapter_model.bin"
 SINGLE_FILE_CONFIG_KEY = "adapter_config"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
+DTYPES = ("fp16", "bf16", "fp32", "keep")  # keep: each tensor's own dtype
 
 
 @dataclass
@@ -58,7 +60,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     key = (name or "keep").lower()
     if key not in DTYPES:
         raise LoraToolError(f"Unknown precision '{name}'; use one of {', '.join(DTYPES)}.")
-    return DTYPES[key]
+    return None if key == "keep" else torch_dtype(key)
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -243,8 +245,6 @@ def write_peft(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | None 
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), written atomically."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    from core.atomic import atomic_dir  # noqa: PLC0415
-
     if lora.format != "peft":
         raise LoraToolError("Only text adapters are written as PEFT folders; image LoRAs go to kohya or diffusers.")
     check_replaceable_folder(folder, (PEFT_CONFIG_NAME,))
@@ -263,8 +263,6 @@ def peft_to_single_file(adapter: str | Path, output: str | Path, *, dtype: torch
     PEFT state dict (vLLM/LoRAX after `single_file_to_peft`, llama.cpp's convert_lora_to_gguf.py
     after the same) read them; the header keeps `adapter_config` so nothing is lost.
     """
-    from core.train.runtime import save_file_atomic  # noqa: PLC0415
-
     folder = Path(adapter)
     config_file = folder / PEFT_CONFIG_NAME
     if not config_file.is_file():

@@ -4,7 +4,6 @@ The facts come from `core.export.inspect.inspect_lora`; this module only lays th
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -83,7 +82,3 @@ def info_as_dict(info: LoraFileInfo) -> dict:
             "modules": {k: {"rank": r, "alpha": a} for k, (r, a) in info.modules.items()},
             "metadata": info.metadata, "nonfinite": info.nonfinite, "has_text_encoder": info.has_text_encoder,
             "has_conv": info.has_conv, "has_dora": info.has_dora, "notes": info.notes}
-
-
-def info_json(path: str | Path) -> str:
-    return json.dumps(info_as_dict(inspect_lora(path)), indent=2, ensure_ascii=False)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from core.atomic import atomic_dir, save_file_atomic
 from core.tools.convert import LoraFile, check_replaceable_folder, read_lora
 from core.tools.modules import LoraModule, LoraToolError, modules_to_kohya
 from core.tools.resize import ResizeReport, resize_modules
@@ -211,7 +212,6 @@ def bake_into_sd(base_model: str, loras: Sequence[tuple[str | Path, float]], out
     """Bake LoRAs at their weights into an SD base model; save a single-file checkpoint (original layout)."""
     from core.models.sd import load_sd_model  # noqa: PLC0415
     from core.models.sd_convert import pipeline_to_single_file  # noqa: PLC0415
-    from core.train.runtime import save_file_atomic  # noqa: PLC0415
 
     model = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
     components = sd_components(model)
@@ -248,7 +248,6 @@ def bake_into_llm(base_model: str, adapter: str | Path, output: str | Path, *, w
     """Merge a PEFT adapter into its causal LM at `weight` and save an HF folder (model + tokenizer)."""
     from peft import PeftModel  # noqa: PLC0415
 
-    from core.atomic import atomic_dir  # noqa: PLC0415
     from core.models.llm import load_llm  # noqa: PLC0415
 
     check_replaceable_folder(output, ("config.json",))

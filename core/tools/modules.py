@@ -256,13 +256,3 @@ def cast_modules(modules: dict[str, LoraModule], dtype: torch.dtype | None) -> d
     return {n: replace(m, down=m.down.to(dtype), up=m.up.to(dtype),
                        dora_scale=None if m.dora_scale is None else m.dora_scale.to(dtype))
             for n, m in modules.items()}
-
-
-def has_nonfinite(modules: dict[str, LoraModule]) -> list[str]:
-    """Names of modules with NaN or inf in any tensor."""
-    bad = []
-    for name, module in modules.items():
-        tensors = [module.down, module.up] + ([module.dora_scale] if module.dora_scale is not None else [])
-        if not all(torch.isfinite(t.float()).all() for t in tensors) or not math.isfinite(module.alpha):
-            bad.append(name)
-    return bad

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from core.tools.modules import LoraModule, LoraToolError, rank_for_energy, svd_of_delta, svd_of_module, truncate

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import math
 import random
 import time
@@ -21,15 +20,13 @@ import torch
 from core.config import TrainConfig
 from core.events import RunContext
 from core.sample import move
-from core.train import image_outputs, runtime
+from core.devices import free_memory, torch_dtype
+from core.train import checkpoints, image_outputs, optim, runtime
 from core.train.loop import LoopResult, run_task
 from core.train.image_lora import (add_text_encoder_lora, add_unet_lora, load_peft_state, module_paths, peft_state,
                                    read_lora_file)
 from core.train.image_step import diffusion_loss, encode_prompts, sample_latents, sdxl_time_ids
 from core.train.latent_cache import CachedImage, TextCache, cache_dir_for, encode_images
-
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 def _precision(cfg: TrainConfig, ctx: RunContext) -> str:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -37,10 +34,6 @@ def _precision(cfg: TrainConfig, ctx: RunContext) -> str:
                  "Use mixed_precision: no (or bf16) on the CPU.")
         return "no"
     return cfg.mixed_precision
-
-
-def _weight_dtype(precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def _skipped_warning(ctx: RunContext, skipped: list[tuple[str, str]]) -> None:
@@ -183,9 +176,7 @@ class ImageRun:
                 move(encoder, "cpu")
             if not keep:
                 m.text_encoders = [None] * len(m.text_encoders)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     def add_lora(self, init_file: Path | None) -> None:
         cfg, m = self.cfg, self.model
@@ -278,11 +269,11 @@ class ImageRun:
     # --- the training loop's task (core.train.loop.TrainTask) ---------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        groups = runtime.lora_param_groups(self.model.unet.named_parameters(), cfg.learning_rate,
+        groups = optim.lora_param_groups(self.model.unet.named_parameters(), cfg.learning_rate,
                                            cfg.loraplus_lr_ratio)
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
         for encoder in self.trained_encoders:
-            groups += runtime.lora_param_groups(encoder.named_parameters(), te_lr, cfg.loraplus_lr_ratio)
+            groups += optim.lora_param_groups(encoder.named_parameters(), te_lr, cfg.loraplus_lr_ratio)
         return [g for g in groups if g["params"]]
 
     def prepare(self, optimizer: Any) -> Any:
@@ -324,10 +315,10 @@ class ImageRun:
         value = torch.tensor([1.0 if flag else 0.0], device=acc.device)
         return bool(acc.reduce(value, reduction="sum").item() > 0)
 
-    def save_checkpoint(self, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+    def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
         return image_outputs.checkpoint(self, state, optimizer, scheduler)
 
-    def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> runtime.TrainState:
+    def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> checkpoints.TrainState:
         return image_outputs.restore(self, checkpoint, optimizer, scheduler)
 
     def make_samples(self, step: int) -> None:
@@ -336,7 +327,7 @@ class ImageRun:
     def validate(self, step: int) -> float | None:
         return None  # images have no validation set yet
 
-    def finish(self, state: runtime.TrainState, result: LoopResult) -> dict[str, str]:
+    def finish(self, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
         return image_outputs.finish(self, state, result)
 
     _vae_config: Any = None
@@ -362,15 +353,13 @@ def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     # Accumulation is the loop's (groups of micro-batches, see ImageRun.train_step), not accelerate's.
     accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
     run = ImageRun(cfg=cfg, ctx=ctx, accelerator=accelerator, out=Path(cfg.output_dir))
-    run.weight_dtype = _weight_dtype(precision)
+    run.weight_dtype = torch_dtype(precision)
     try:
         return _train(run)
     finally:
         run.model = None
         accelerator.free_memory()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 def _train(run: ImageRun) -> dict[str, str]:
@@ -379,11 +368,11 @@ def _train(run: ImageRun) -> dict[str, str]:
 
     cfg, acc = run.cfg, run.accelerator
     if run.main:
-        runtime.prepare_output_dir(cfg)
+        checkpoints.prepare_output_dir(cfg)
     acc.wait_for_everyone()
     # Each process draws its own noise (seed + rank); one process: exactly `seed`.
-    runtime.seed_everything(cfg.seed + acc.process_index)
-    checkpoint, init_file = runtime.resolve_resume(cfg)
+    checkpoints.seed_everything(cfg.seed + acc.process_index)
+    checkpoint, init_file = checkpoints.resolve_resume(cfg)
     if cfg.resume_from == "latest" and checkpoint is None:
         run.log("No checkpoint in the output folder yet: starting from the beginning.")
     run.load_data()

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from core.atomic import save_file_atomic
+from core.devices import free_memory, torch_dtype
 from core.events import CheckpointEvent, DoneEvent, SampleEvent
 from core.sample import move
-from core.train import runtime
+from core.train import checkpoints
 from core.train.image_lora import PEFT_FILES, TE_NAMES, load_peft_state, peft_state, save_lora_outputs
 from core.train.loop import LoopResult, keep_rng
 
@@ -33,20 +35,16 @@ def _metadata(run: ImageRun, steps: int, epoch: int) -> dict[str, Any]:
                           conv_dims=(cfg.conv_rank, cfg.conv_alpha or cfg.conv_rank) if cfg.conv_rank else None)
 
 
-def _save_dtype(cfg: Any) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.save_precision, torch.float32)
-
-
 def write_loras(run: ImageRun, folder: Path, steps: int, epoch: int) -> dict[str, str]:
     unet = run.accelerator.unwrap_model(run.train_unet)
     encoders = [run.accelerator.unwrap_model(e) for e in run.train_encoders]
     return save_lora_outputs(folder, run.cfg.name, family=run.model.family, unet=unet, encoders=encoders,
                              unet_config=run.unet_config, te_configs=run.te_configs,
-                             metadata=_metadata(run, steps, epoch), save_dtype=_save_dtype(run.cfg),
+                             metadata=_metadata(run, steps, epoch), save_dtype=torch_dtype(run.cfg.save_precision),
                              pissa_init=run.pissa_init)
 
 
-def save_checkpoint(run: ImageRun, state: runtime.TrainState, optimizer: Any, scheduler: Any,
+def save_checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any, scheduler: Any,
                     rng_by_rank: list[dict] | None = None) -> Path:
     """A checkpoint folder: exact PEFT weights for resume, both LoRA formats, optimizer/scheduler/RNG.
 
@@ -54,12 +52,12 @@ def save_checkpoint(run: ImageRun, state: runtime.TrainState, optimizer: Any, sc
     """
     def write_weights(folder: Path) -> None:
         unet = run.accelerator.unwrap_model(run.train_unet)
-        runtime.save_file_atomic(peft_state(unet), folder / PEFT_FILES[0])
+        save_file_atomic(peft_state(unet), folder / PEFT_FILES[0])
         for index, encoder in enumerate(run.train_encoders):
-            runtime.save_file_atomic(peft_state(run.accelerator.unwrap_model(encoder)), folder / PEFT_FILES[1 + index])
+            save_file_atomic(peft_state(run.accelerator.unwrap_model(encoder)), folder / PEFT_FILES[1 + index])
         write_loras(run, folder, state.global_step, state.epoch)
 
-    return runtime.save_checkpoint(run.cfg.output_dir, state, optimizer=optimizer, scheduler=scheduler,
+    return checkpoints.save_checkpoint(run.cfg.output_dir, state, optimizer=optimizer, scheduler=scheduler,
                                    write_weights=write_weights, keep=run.cfg.keep_checkpoints,
                                    extra={"rng_by_rank": rng_by_rank} if rng_by_rank else None)
 
@@ -78,7 +76,7 @@ def restore_weights(run: ImageRun, folder: Path) -> None:
 
 def make_samples(run: ImageRun, step: int) -> list[str]:
     """Previews with the UNet being trained; VAE/text encoders visit the device only meanwhile."""
-    from core.sample import build_pipeline, free_memory, run_pipeline, sample_size, save_image  # noqa: PLC0415
+    from core.sample import build_pipeline, run_pipeline, sample_size, save_image  # noqa: PLC0415
 
     cfg, m = run.cfg, run.model
     unet = run.accelerator.unwrap_model(run.train_unet)
@@ -109,14 +107,14 @@ def make_samples(run: ImageRun, step: int) -> list[str]:
     return paths
 
 
-def checkpoint(run: ImageRun, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+def checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
     """Every process's RNG goes in; the main process writes the folder and sends its event."""
     folder = None
     ranks = None
     if run.accelerator.num_processes > 1:
         from accelerate.utils import gather_object  # noqa: PLC0415
 
-        ranks = gather_object([runtime.rng_state()])  # in rank order
+        ranks = gather_object([checkpoints.rng_state()])  # in rank order
     if run.main:
         folder = save_checkpoint(run, state, optimizer, scheduler, ranks)
         run.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
@@ -124,14 +122,14 @@ def checkpoint(run: ImageRun, state: runtime.TrainState, optimizer: Any, schedul
     return folder
 
 
-def restore(run: ImageRun, folder: Path, optimizer: Any, scheduler: Any) -> runtime.TrainState:
+def restore(run: ImageRun, folder: Path, optimizer: Any, scheduler: Any) -> checkpoints.TrainState:
     """The LoRA weights, optimizer, scheduler and this process's RNG from a checkpoint."""
     restore_weights(run, folder)
-    state, extra = runtime.load_checkpoint_state(folder, optimizer=optimizer, scheduler=scheduler)
+    state, extra = checkpoints.load_checkpoint_state(folder, optimizer=optimizer, scheduler=scheduler)
     by_rank = extra.get("rng_by_rank") or []
     world = run.accelerator.num_processes
     if world > 1 and len(by_rank) == world:
-        runtime.set_rng_state(by_rank[run.accelerator.process_index])  # the file's top-level RNG is rank 0's
+        checkpoints.set_rng_state(by_rank[run.accelerator.process_index])  # the file's top-level RNG is rank 0's
     return state
 
 
@@ -142,7 +140,7 @@ def samples(run: ImageRun, step: int) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def finish(run: ImageRun, state: runtime.TrainState, result: LoopResult) -> dict[str, str]:
+def finish(run: ImageRun, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
     """The final LoRA files, the last previews and the DoneEvent."""
     cfg = run.cfg
     stopped, checkpoint = result.stopped, result.checkpoint

@@ -23,7 +23,7 @@ import torch
 
 from core.config import TrainConfig
 from core.events import RunContext
-from core.train import runtime
+from core.train import checkpoints, optim, run_log, runtime
 
 
 class TrainTask(Protocol):
@@ -57,10 +57,10 @@ class TrainTask(Protocol):
     def any_process(self, flag: bool) -> bool:
         """True when `flag` is true on any process (a stop pressed on the main one reaches all)."""
 
-    def save_checkpoint(self, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+    def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
         """Write a checkpoint (on the main process) and send its event; None on the others."""
 
-    def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> runtime.TrainState:
+    def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> checkpoints.TrainState:
         """Load a checkpoint's weights, optimizer, scheduler and RNG; returns its counters."""
 
     def make_samples(self, step: int) -> None:
@@ -69,7 +69,7 @@ class TrainTask(Protocol):
     def validate(self, step: int) -> float | None:
         """The validation loss at `step`, or None when the task has no validation data."""
 
-    def finish(self, state: runtime.TrainState, result: LoopResult) -> dict[str, str]:
+    def finish(self, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
         """Write the final files, send DoneEvent; returns the output paths."""
 
 
@@ -86,25 +86,25 @@ class LoopResult:
 @contextlib.contextmanager
 def keep_rng():
     """Saving, previews and validation must not draw from the training RNG, or a resumed run would differ."""
-    state = runtime.rng_state()
+    state = checkpoints.rng_state()
     try:
         yield
     finally:
-        runtime.set_rng_state(state)
+        checkpoints.set_rng_state(state)
 
 
 def run_task(task: TrainTask, checkpoint: Path | None, batches_per_epoch: int) -> dict[str, str]:
     """Train `task` to the end (or to a stop); resume from `checkpoint` when given."""
     cfg, ctx = task.cfg, task.ctx
-    optimizer = runtime.build_optimizer(task.param_groups(), cfg, ctx if task.main else None)
-    total, _ = runtime.total_steps_for(cfg, batches_per_epoch)
-    scheduler = runtime.build_scheduler(optimizer, cfg, total)
+    optimizer = optim.build_optimizer(task.param_groups(), cfg, ctx if task.main else None)
+    total, _ = optim.total_steps_for(cfg, batches_per_epoch)
+    scheduler = optim.build_scheduler(optimizer, cfg, total)
     optimizer = task.prepare(optimizer)
-    state = runtime.TrainState(total_steps=total, config=cfg.to_dict())
+    state = checkpoints.TrainState(total_steps=total, config=cfg.to_dict())
     if checkpoint is not None:
         state = task.restore(checkpoint, optimizer, scheduler)
         state.total_steps = total
-        runtime.continue_at_same_example(state, cfg.batch_size)
+        checkpoints.continue_at_same_example(state, cfg.batch_size)
         if task.main:
             ctx.log(f"Resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch + 1}, "
                     f"lr {scheduler.get_last_lr()[0]:.3g})")
@@ -114,12 +114,12 @@ def run_task(task: TrainTask, checkpoint: Path | None, batches_per_epoch: int) -
     return task.finish(state, result)
 
 
-def _steps(task: TrainTask, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> LoopResult:
+def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> LoopResult:
     cfg, ctx = task.cfg, task.ctx
     total = state.total_steps
     accumulation = max(1, cfg.gradient_accumulation_steps)
-    log = runtime.RunLog(cfg.output_dir, resume_step=state.global_step) if task.main else None
-    meter = runtime.ProgressMeter(total, start_step=state.global_step)
+    log = run_log.RunLog(cfg.output_dir, resume_step=state.global_step) if task.main else None
+    meter = run_log.ProgressMeter(total, start_step=state.global_step)
     stopped = False
     checkpoint: Path | None = None
     seconds = 0.0
@@ -139,12 +139,12 @@ def _steps(task: TrainTask, state: runtime.TrainState, optimizer: Any, scheduler
                 state.global_step += 1
                 seconds += time.perf_counter() - started
                 if task.main:
-                    runtime.record_step(cfg, ctx, log, meter, state, loss, scheduler.get_last_lr()[0])
+                    run_log.record_step(cfg, ctx, log, meter, state, loss, scheduler.get_last_lr()[0])
                 stopped = task.any_process(ctx.should_stop())
                 done = state.global_step >= total
-                if runtime.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
+                if run_log.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
                     checkpoint = _checkpoint(task, state, optimizer, scheduler)
-                if runtime.sample_due(cfg, ctx, state.global_step, done=done):
+                if run_log.sample_due(cfg, state.global_step, done=done):
                     _samples(task, state.global_step)
                 if stopped or done:
                     break
@@ -162,7 +162,7 @@ def _steps(task: TrainTask, state: runtime.TrainState, optimizer: Any, scheduler
     return LoopResult(stopped=stopped, checkpoint=checkpoint, validation_loss=validation, train_seconds=seconds)
 
 
-def _checkpoint(task: TrainTask, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+def _checkpoint(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
     with keep_rng():
         return task.save_checkpoint(state, optimizer, scheduler)
 
@@ -173,7 +173,7 @@ def _samples(task: TrainTask, step: int) -> None:
             task.make_samples(step)
 
 
-def _validate(task: TrainTask, log: runtime.RunLog | None, step: int) -> float | None:
+def _validate(task: TrainTask, log: run_log.RunLog | None, step: int) -> float | None:
     with keep_rng(), torch.no_grad():
         loss = task.validate(step)
     if loss is not None and task.main:

@@ -20,22 +20,17 @@ step count and the learning-rate schedule continue where they were.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 from typing import Any, Callable
 
-import torch
-
 from core.config import TrainConfig
-from core.devices import DeviceInfo
+from core.devices import DeviceInfo, free_memory, is_out_of_memory
 from core.events import Event, ProgressEvent, RunContext
 from core.model_info import ModelInfo, detect_model
-from core.train import runtime
+from core.train import checkpoints
 
 TrainFn = Callable[[TrainConfig, RunContext], dict[str, Any]]
 MAX_DOWNSHIFTS = 6
-_OOM_TEXT = ("out of memory", "outofmemory", "cuda error: out of memory", "mps backend out of memory",
-             "cublas_status_alloc_failed", "failed to allocate memory")
 
 
 class OutOfMemoryAdvice(RuntimeError):
@@ -46,31 +41,6 @@ class OutOfMemoryAdvice(RuntimeError):
         self.advice = advice
         self.changes = dict(changes or {})
         self.step = step
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA/MPS/CPU out-of-memory errors, also when wrapped in another exception."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (torch.OutOfMemoryError, MemoryError)):
-            return True
-        if isinstance(current, RuntimeError) and any(t in str(current).lower() for t in _OOM_TEXT):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def free_memory() -> None:
-    """Give back what the failed attempt held (call it after its exception is gone)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    mps = getattr(torch, "mps", None)
-    if mps is not None and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        mps.empty_cache()
 
 
 class _StepTracker:
@@ -133,7 +103,7 @@ def distributed() -> bool:
 
 def _resume_value(cfg: TrainConfig) -> str:
     """Continue from this run's newest checkpoint; without one, from what the run started from."""
-    return "latest" if runtime.latest_checkpoint(cfg.output_dir) is not None else cfg.resume_from
+    return "latest" if checkpoints.latest_checkpoint(cfg.output_dir) is not None else cfg.resume_from
 
 
 def train_with_recovery(train_fn: TrainFn, cfg: TrainConfig, ctx: RunContext, *,
@@ -163,10 +133,10 @@ def train_with_recovery(train_fn: TrainFn, cfg: TrainConfig, ctx: RunContext, *,
         finally:
             ctx.listeners.remove(tracker)
         # Outside the except block: the exception and the frames holding the run's tensors are gone.
-        free_memory()
+        free_memory(reset_peak=True)  # the next attempt measures its own peak
         step = tracker.last_step + 1
         where = f"at step {step}" if tracker.last_step else "before the first step finished"
-        checkpoint = runtime.latest_checkpoint(cfg.output_dir)
+        checkpoint = checkpoints.latest_checkpoint(cfg.output_dir)
         saved = (f"The last checkpoint is {checkpoint} (step {checkpoint.name.split('-')[-1].lstrip('0') or 0})."
                  if checkpoint is not None else "No checkpoint was saved yet.")
         settings, changes = oom_advice(cfg, model, device)

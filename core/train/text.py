@@ -25,10 +25,11 @@ from core.atomic import atomic_write_text
 from core.config import TrainConfig
 from core.data import text as text_data
 from core.data.chat_templates import apply_template
+from core.devices import pick_device
 from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
 from core.export import peft_text
 from core.models.llm import load_llm, weight_dtype
-from core.train import runtime
+from core.train import checkpoints, optim, runtime
 from core.train.loop import LoopResult, keep_rng, run_task
 from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
 from core.train.text_step import batch_loss_sum, validation_loss
@@ -38,10 +39,6 @@ from core.train.text_step import batch_loss_sum, validation_loss
 class TextData:
     train: list[text_data.TokenizedExample]
     validation: list[text_data.TokenizedExample] = field(default_factory=list)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _precision(cfg: TrainConfig, device: torch.device, ctx: RunContext) -> str:
@@ -146,7 +143,7 @@ class TextRun:
 
     # --- the training loop's task (core.train.loop.TrainTask) ---------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        return runtime.lora_param_groups(self.model.named_parameters(), self.cfg.learning_rate,
+        return optim.lora_param_groups(self.model.named_parameters(), self.cfg.learning_rate,
                                          self.cfg.loraplus_lr_ratio)
 
     def prepare(self, optimizer: Any) -> Any:
@@ -177,21 +174,21 @@ class TextRun:
     def any_process(self, flag: bool) -> bool:
         return flag
 
-    def save_checkpoint(self, state: runtime.TrainState, optimizer: Any, scheduler: Any) -> Path:
+    def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path:
         def write_weights(folder: Path) -> None:
             # Checkpoints keep the adapter exactly as trained (no PiSSA conversion) for resume.
             self.model.save_pretrained(str(folder / peft_text.ADAPTER_DIR), safe_serialization=True,
                                        save_embedding_layers=False)
 
-        folder = runtime.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
+        folder = checkpoints.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
                                          write_weights=write_weights, keep=self.cfg.keep_checkpoints,
                                          extra={"tokens_trained": self.tokens_trained})
         self.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
         return folder
 
-    def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> runtime.TrainState:
+    def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> checkpoints.TrainState:
         load_adapter_weights(self.model, checkpoint / peft_text.ADAPTER_DIR)
-        state, extra = runtime.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        state, extra = checkpoints.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
         self.tokens_trained = int(extra.get("tokens_trained", 0))
         return state
 
@@ -215,12 +212,12 @@ class TextRun:
             return None
         return validation_loss(self.causal_lm, self.validation_batches(), self.device, self.precision)
 
-    def finish(self, state: runtime.TrainState, result: LoopResult) -> dict[str, str]:
+    def finish(self, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
         return _finish(self, state, result)
 
 
 def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> TextRun:
-    device = _device()
+    device = pick_device(mps=False)
     precision = _precision(cfg, device, ctx)
     ctx.log(f"Loading the text model {cfg.base_model or '(default: SmolLM2-135M-Instruct GGUF)'}")
     started = time.perf_counter()
@@ -241,7 +238,7 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     out = Path(cfg.output_dir)
     pissa_init = None
     if cfg.lora_variant == "pissa":
-        pissa_init = peft_text.save_pissa_init(peft_model, out / runtime.CHECKPOINT_DIR / peft_text.PISSA_INIT_DIR)
+        pissa_init = peft_text.save_pissa_init(peft_model, out / checkpoints.CHECKPOINT_DIR / peft_text.PISSA_INIT_DIR)
     if init_file is not None:
         load_adapter_weights(peft_model, init_file)
         ctx.log(f"Starting from the LoRA weights in {init_file}")
@@ -257,9 +254,9 @@ def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
         # Every rank would train the whole model and write the same files.
         raise ValueError(f"Text LoRA training runs in one process; it was launched with {world}. "
                          "Start it with `python train.py --config ...` (it uses one GPU or the CPU).")
-    runtime.prepare_output_dir(cfg)
-    runtime.seed_everything(cfg.seed)
-    checkpoint, init_file = runtime.resolve_resume(cfg)
+    checkpoints.prepare_output_dir(cfg)
+    checkpoints.seed_everything(cfg.seed)
+    checkpoint, init_file = checkpoints.resolve_resume(cfg)
     if cfg.resume_from == "latest" and checkpoint is None:
         ctx.log("No checkpoint in the output folder yet: starting from the beginning.")
     run = _build_run(cfg, ctx, init_file)
@@ -267,7 +264,7 @@ def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     return run_task(run, checkpoint, batches_per_epoch)
 
 
-def _finish(run: TextRun, state: runtime.TrainState, result: LoopResult) -> dict[str, str]:
+def _finish(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
     cfg = run.cfg
     adapter = peft_text.save_adapter(run.model, run.out / peft_text.ADAPTER_DIR, base_model=run.base_model_display,
                                      save_precision="fp32", pissa_init=run.pissa_init)

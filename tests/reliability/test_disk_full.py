@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 
-import pytest
 import safetensors.torch
 
 from core.config import config_from_dict

@@ -14,7 +14,7 @@ import yaml
 from safetensors import safe_open
 
 from core.atomic import is_complete_dir
-from core.train.runtime import latest_checkpoint, list_checkpoints
+from core.train.checkpoints import latest_checkpoint, list_checkpoints
 from tests.fixtures.tiny_sd import tiny_run_config
 from tests.helpers import read_loss_csv
 

@@ -43,7 +43,7 @@ def test_a_config_shown_in_the_form_and_read_back_is_the_same_config():
                       gradient_checkpointing=True, mixed_precision="fp16")
     values = form.config_values(specs, cfg)
     raw = form.form_to_raw(specs, values)
-    assert config_from_dict(raw, check_paths=False, apply_presets=False) == cfg
+    assert config_from_dict(raw, check_paths=False) == cfg
 
 
 def test_an_emptied_number_field_falls_back_to_the_default_and_lists_split_per_line():
@@ -59,7 +59,7 @@ def test_a_wrong_value_from_the_form_is_reported_under_its_key():
     raw = form.form_to_raw(specs, form.config_values(specs, {"train_data_dir": "d", "base_model": "m/x"}))
     raw["resolution"] = 500
     with pytest.raises(ConfigError) as info:
-        config_from_dict(raw, check_paths=False, apply_presets=False)
+        config_from_dict(raw, check_paths=False)
     assert "resolution" in info.value.errors
 
 

@@ -180,6 +180,18 @@ def test_a_yaml_with_an_unknown_key_loads_the_rest_and_names_that_key(work):
     assert train_tab.on_upload(specs, None) == [train_tab.gr.skip()] * (len(specs) + 1)
 
 
+def test_an_old_runs_config_with_a_retired_key_loads_without_complaint(work):
+    from ui import form
+
+    root, (state, catalog, train_tab, tryout_tab) = work
+    path = root / "old.yaml"
+    path.write_text("lora_rank: 8\nnum_workers: 0\n", encoding="utf-8")
+    specs = form.field_specs()
+    note, *loaded = train_tab.on_upload(specs, str(path))
+    assert note == "Loaded `old.yaml`."
+    assert loaded[[s.name for s in specs].index("lora_rank")] == 8
+
+
 def test_the_run_name_names_its_output_folder_and_config_file(work):
     _, (state, catalog, train_tab, tryout_tab) = work
     assert train_tab.on_output_name("my cats") == ("./output/my cats", "./configs/my cats.yaml")
