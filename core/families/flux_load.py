@@ -223,8 +223,12 @@ def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
 
 
 def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: torch.dtype = torch.float32,
-                          variant: str | None = None) -> Any:
-    """A FLUX.1 / Chroma transformer from a BFL single file (any prefix, fp8 upcast to `dtype`)."""
+                          variant: str | None = None, quantization_config: Any = None) -> Any:
+    """A FLUX.1 / Chroma transformer from a BFL single file (any prefix, fp8 upcast to `dtype`).
+
+    `quantization_config` (e.g. `flux_memory.nf4_config()`) quantizes it while loading.
+    """
+    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel  # noqa: PLC0415
 
     variant = variant or variant_from_keys(safetensors_keys(path))
@@ -241,7 +245,7 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
             # Chroma keeps diffusers' own converter (the real widths are the only ones in use).
             return ChromaTransformer2DModel.from_single_file(
                 strip_prefix(state), config=source, subfolder=_sub(source, "transformer"), torch_dtype=dtype,
-                local_files_only=local_only)
+                local_files_only=local_only, **quant)
         # Diffusers-named single files load as they are; BFL names are converted first.
         converted = bfl_to_diffusers(state) if any("double_blocks." in k for k in state) else state
         del state
@@ -251,7 +255,7 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
         return FluxTransformer2DModel.from_single_file(
             converted, config=source, subfolder=_sub(source, "transformer"), torch_dtype=dtype,
             local_files_only=local_only, num_layers=len(layers), num_single_layers=len(singles),
-            guidance_embeds=variant == "flux-dev")
+            guidance_embeds=variant == "flux-dev", **quant)
     except (OSError, EnvironmentError) as exc:
         raise _load_error("transformer", source, exc) from exc
 
@@ -328,7 +332,8 @@ def _scheduler_config(source: str, local_only: bool) -> dict[str, Any]:
                 "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
 
-def load_flux_folder(source: str, *, dtype: torch.dtype = torch.float32) -> FluxModel:
+def load_flux_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None
+                     ) -> FluxModel:
     """A FLUX.1 / Chroma diffusers folder or hub id, component by component, eval mode, on the CPU."""
     from diffusers import AutoencoderKL, ChromaTransformer2DModel, DiffusionPipeline, FluxTransformer2DModel  # noqa: PLC0415
     from transformers import CLIPTextModel, T5EncoderModel  # noqa: PLC0415
@@ -346,12 +351,15 @@ def load_flux_folder(source: str, *, dtype: torch.dtype = torch.float32) -> Flux
     if variant is None:
         raise ModelLoadError(f"'{source}' is a {index.get('_class_name', 'diffusers')} folder, not FLUX or Chroma.",
                              "Choose the family that matches the model.")
+    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     try:
         if variant == "chroma":
-            transformer = ChromaTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **kw)
+            transformer = ChromaTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
+                                                                   **kw, **quant)
             text_encoder, t5 = None, T5EncoderModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
         else:
-            transformer = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **kw)
+            transformer = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
+                                                                 **kw, **quant)
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw).eval()
             t5 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
@@ -364,7 +372,8 @@ def load_flux_folder(source: str, *, dtype: torch.dtype = torch.float32) -> Flux
 
 
 def load_flux_single_file(transformer_file: str | Path, *, config_source: str = "", clip_l: str = "",
-                          t5: str = "", vae: str = "", dtype: torch.dtype = torch.float32) -> FluxModel:
+                          t5: str = "", vae: str = "", dtype: torch.dtype = torch.float32,
+                          quantization_config: Any = None) -> FluxModel:
     """ComfyUI layout: the transformer file plus CLIP-L, T5-XXL and AE found next to it (or given)."""
     path = Path(transformer_file)
     if not path.is_file():
@@ -380,7 +389,8 @@ def load_flux_single_file(transformer_file: str | Path, *, config_source: str = 
     vae_file = find_part(root, "vae", vae)
     source, local_only = _config_source(variant, config_source)
     tokenizer, tokenizer_2 = _tokenizers(variant, source, local_only)
-    transformer = load_transformer_file(path, config_source=source, dtype=dtype, variant=variant)
+    transformer = load_transformer_file(path, config_source=source, dtype=dtype, variant=variant,
+                                        quantization_config=quantization_config)
     text_encoder = None if clip_file is None else load_text_encoder_file(
         clip_file, "clip_l", config_source=source, variant=variant, dtype=dtype)
     t5_model = load_text_encoder_file(t5_file, "t5", config_source=source, variant=variant, dtype=dtype)
@@ -393,11 +403,11 @@ def load_flux_single_file(transformer_file: str | Path, *, config_source: str = 
 
 
 def load_flux_model(base_model: str, *, config_source: str = "", clip_l: str = "", t5: str = "", vae: str = "",
-                    dtype: torch.dtype = torch.float32) -> FluxModel:
+                    dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> FluxModel:
     """Any FLUX / Chroma source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id."""
     if Path(base_model).is_file():
         return load_flux_single_file(base_model, config_source=config_source, clip_l=clip_l, t5=t5, vae=vae,
-                                     dtype=dtype)
+                                     dtype=dtype, quantization_config=quantization_config)
     if base_model.lower().endswith(".safetensors"):
         raise ModelLoadError(f"The FLUX model file '{base_model}' does not exist.", "Check base_model.")
-    return load_flux_folder(base_model, dtype=dtype)
+    return load_flux_folder(base_model, dtype=dtype, quantization_config=quantization_config)
