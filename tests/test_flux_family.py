@@ -450,7 +450,7 @@ def test_a_tiny_flux_learns_one_image(tiny_flux_dev):
     assert len(targets) == 17
     batch = _batch(model, ["sks a tiny flux learns one image"], seed=4)
     before, after, losses = _train(model.transformer, batch)
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # 4.08 -> 3.17 here
     assert sum(losses[-5:]) < sum(losses[:5])
     # Only the LoRA trained: every base weight is unchanged.
     state = model.transformer.state_dict()
@@ -464,7 +464,8 @@ def test_fp8_storage_trains_on_the_cpu_with_the_lora_in_fp32(tiny_flux_dev):
     with pytest.raises(ValueError, match="Add the LoRA"):
         flux.enable_fp8_storage(model.transformer, torch.float32)
     flux.add_flux_lora(model.transformer, rank=4)
-    cast = flux.enable_fp8_storage(model.transformer, torch.float32)
+    # The realistic setup: bf16 compute (what stays out of fp8 moves to bf16), the LoRA in fp32.
+    cast = flux.enable_fp8_storage(model.transformer, torch.bfloat16)
     flux.enable_gradient_checkpointing(model.transformer)
     blocks = model.transformer.transformer_blocks[0]
     assert blocks.attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
@@ -472,11 +473,11 @@ def test_fp8_storage_trains_on_the_cpu_with_the_lora_in_fp32(tiny_flux_dev):
     # diffusers' default: every Linear but norm* (incl. the modulation ones) and the final proj_out:
     # the 17 LoRA'd base layers + 8 embedder Linears (x, context, time, text, guidance).
     assert cast == 17 + 8
-    assert blocks.norm1.linear.weight.dtype == torch.float32
+    assert blocks.norm1.linear.weight.dtype == torch.bfloat16
     assert {p.dtype for p in flux.lora_parameters(model.transformer)} == {torch.float32}
     assert model.transformer.gradient_checkpointing
     batch = _batch(model, ["sks a tiny flux learns one image"], seed=4)
-    before, after, losses = _train(model.transformer, batch, steps=10)
+    before, after, losses = _train(model.transformer, batch, steps=10, dtype=torch.bfloat16)
     assert all(torch.isfinite(torch.tensor(losses))) and after < before
     assert blocks.attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn  # still stored in fp8 after steps
 

@@ -98,6 +98,11 @@ def enable_fp8_storage(transformer: Any, compute_dtype: torch.dtype, *, cast_mod
 
     if not any("lora_" in name for name, _ in transformer.named_parameters()):
         raise ValueError("Add the LoRA before enabling fp8 storage: a LoRA added later would be stored in fp8 too.")
+    # What is not cast (norms, modulation, embedders) must already be in the compute dtype, or a
+    # model loaded in fp32 meets bf16 activations; the LoRA itself stays as it is (fp32).
+    for name, param in transformer.named_parameters():
+        if "lora_" not in name and param.dtype != compute_dtype:
+            param.data = param.data.to(compute_dtype)
     if cast_modulation:
         patterns = ("pos_embed", "^proj_out$", "norm_out", "norm_q", "norm_k", "norm_added", "x_embedder",
                     "context_embedder", "time_text_embed", "distilled_guidance_layer", "lora_")

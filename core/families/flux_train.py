@@ -156,7 +156,8 @@ def transformer_inputs(transformer: Any, packed: torch.Tensor, sigmas: torch.Ten
     kwargs: dict[str, Any] = dict(
         hidden_states=packed.to(dtype), timestep=sigmas.to(device, dtype),
         encoder_hidden_states=prompts.prompt_embeds.to(device, dtype),
-        txt_ids=prompts.text_ids.to(device, dtype), img_ids=latent_image_ids(height, width, device, dtype),
+        # Position ids stay fp32: bf16 holds integers exactly only up to 256 patches per side.
+        txt_ids=prompts.text_ids.to(device, torch.float32), img_ids=latent_image_ids(height, width, device),
         return_dict=False)
     if is_chroma(transformer):
         if prompts.attention_mask is not None:
@@ -178,7 +179,7 @@ def flux_loss(transformer: Any, batch: FluxBatch, generator: torch.Generator | N
               timestep_sampling: str = "shift", shift: float = DEFAULT_SHIFT, sigmoid_scale: float = 1.0,
               guidance: float | None = 1.0, dtype: torch.dtype = torch.float32,
               sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Flow-matching MSE of one batch in fp32, the transformer run in `dtype`.
+    """Flow-matching MSE of one batch in fp32, the transformer run in `dtype` (autocast unless fp32).
 
     `sigmas` / `noise` may be given (validation loss on fixed noise); otherwise they are
     drawn from `generator`, so a seeded generator makes the step reproducible.
@@ -194,7 +195,10 @@ def flux_loss(transformer: Any, batch: FluxBatch, generator: torch.Generator | N
     noise = noise.float().to(x0.device)
     packed = pack_latents(noisy_latents(x0, noise, sigmas))
     kwargs = transformer_inputs(transformer, packed, sigmas, batch.prompts, h, w, guidance=guidance, dtype=dtype)
-    pred = transformer(**kwargs)[0]
+    # Under autocast an fp32 LoRA meets bf16 base layers: diffusers' fp8 storage switches off
+    # PEFT's own input casting, so without it a bf16 activation would hit the fp32 lora_A.
+    with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        pred = transformer(**kwargs)[0]
     return F.mse_loss(pred.float(), pack_latents(flow_target(x0, noise)), reduction="mean")
 
 
