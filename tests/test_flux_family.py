@@ -522,3 +522,18 @@ def test_real_flux1_parameter_counts_from_the_meta_device():
     schnell = flux.flux_param_counts("flux-schnell", rank=16)
     assert schnell["total"] < counts["total"] and schnell["lora"] == counts["lora"]
     assert flux.flux_param_counts("flux-dev", rank=16, preset="single_blocks")["lora"] == 38 * single
+
+
+def test_another_models_vae_is_refused_by_name(tiny_flux_dev, tmp_path):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from core.models.sd_convert import vae_to_ldm
+
+    # An SD-style VAE (4 latent channels) where the FLUX AE belongs.
+    sd_vae = AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=4, norm_num_groups=1)
+    path = tmp_path / "sdxl_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(sd_vae.state_dict(), dict(sd_vae.config)).items()}, str(path))
+    with pytest.raises(ModelLoadError, match="'sdxl_vae.safetensors' is not the FLUX autoencoder") as info:
+        flux.load_vae_file(path, config_source=str(tiny_flux_dev.folder), variant="flux-dev")
+    assert "ae.safetensors" in info.value.advice

@@ -256,8 +256,13 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
             converted, config=source, subfolder=_sub(source, "transformer"), torch_dtype=dtype,
             local_files_only=local_only, num_layers=len(layers), num_single_layers=len(singles),
             guidance_embeds=variant == "flux-dev", **quant)
-    except (OSError, EnvironmentError) as exc:
+    except OSError as exc:
         raise _load_error("transformer", source, exc) from exc
+    except (KeyError, ValueError, RuntimeError) as exc:
+        # Unknown tensors or shapes that do not fit the config: a damaged file or another model's config.
+        raise ModelLoadError(f"'{Path(path).name}' does not fit the {variant} config from '{source}': {exc}",
+                             "Check that base_model_config is a diffusers folder of the same model, and that "
+                             "the file is a complete FLUX transformer.") from exc
 
 
 def _strip_encoder_prefix(state: dict[str, torch.Tensor], marker: str) -> dict[str, torch.Tensor]:
@@ -304,8 +309,13 @@ def load_vae_file(path: str | Path, *, config_source: str, variant: str, dtype: 
     try:
         return AutoencoderKL.from_single_file(str(path), config=source, subfolder=_sub(source, "vae"),
                                               torch_dtype=dtype, local_files_only=local_only)
-    except (OSError, EnvironmentError) as exc:
+    except OSError as exc:
         raise _load_error("vae", source, exc) from exc
+    except (KeyError, ValueError, RuntimeError) as exc:
+        # Typically an SD/SDXL VAE (4 latent channels) where FLUX's 16-channel AE belongs.
+        raise ModelLoadError(f"'{Path(path).name}' is not the FLUX autoencoder: {exc}",
+                             "Use ae.safetensors from the FLUX.1 release (models/vae/ae.safetensors), or give "
+                             "its path in the vae setting.") from exc
 
 
 def _tokenizers(variant: str, source: str, local_only: bool) -> tuple[Any | None, Any]:
