@@ -176,10 +176,47 @@ def test_scaled_fp8_files_are_rescaled(tmp_path):
     assert set(state) == {"layer.weight"} and torch.equal(state["layer.weight"], weight)
 
 
-def test_chroma_folder_loads_without_clip(tiny_chroma):
+def test_chroma_loads_without_clip_from_both_layouts(tiny_chroma):
     model = flux.load_flux_model(str(tiny_chroma.folder))
     assert model.variant == "chroma" and model.text_encoder is None and model.tokenizer is None
     assert not model.has_guidance
+    assert not (tiny_chroma.comfy_root / "text_encoders" / "clip_l.safetensors").exists()
+    single = flux.load_flux_model(str(tiny_chroma.comfy_transformer), config_source=str(tiny_chroma.folder))
+    assert single.variant == "chroma" and single.text_encoder is None
+    assert _same_weights(model.transformer, single.transformer) and _same_weights(model.vae, single.vae)
+    assert _same_weights(model.text_encoder_2, single.text_encoder_2, atol=2e-3)
+
+
+def _chroma_from_flux_state(state: dict[str, torch.Tensor], inner: int = 3072, cols: int = 2):
+    """Chroma's BFL layout from FLUX's: no modulation / guidance / vector inputs, plus the approximator."""
+    g = torch.Generator().manual_seed(1)
+    drop = ("time_in.", "vector_in.", "guidance_in.", "final_layer.adaLN_modulation.")
+    out = {k: v for k, v in state.items() if not k.startswith(drop) and "_mod.lin" not in k
+           and "modulation.lin" not in k}
+    out["distilled_guidance_layer.in_proj.weight"] = torch.randn(5120, cols, generator=g)
+    out["distilled_guidance_layer.in_proj.bias"] = torch.randn(5120, generator=g)
+    out["distilled_guidance_layer.out_proj.weight"] = torch.randn(inner, cols, generator=g)
+    out["distilled_guidance_layer.out_proj.bias"] = torch.randn(inner, generator=g)
+    for i in range(2):
+        for name in ("in_layer", "out_layer"):
+            out[f"distilled_guidance_layer.layers.{i}.{name}.weight"] = torch.randn(5120, cols, generator=g)
+            out[f"distilled_guidance_layer.layers.{i}.{name}.bias"] = torch.randn(5120, generator=g)
+        out[f"distilled_guidance_layer.norms.{i}.scale"] = torch.randn(5120, generator=g)
+    return out
+
+
+def test_chroma_conversion_matches_diffusers_converter_on_real_widths():
+    from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
+
+    state = _chroma_from_flux_state(_real_width_bfl_state())
+    assert flux.variant_from_keys(state) == "chroma"
+    theirs = convert_chroma_transformer_checkpoint_to_diffusers({f"model.diffusion_model.{k}": v
+                                                                 for k, v in state.items()})
+    ours = flux.bfl_to_diffusers(state)
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    back = flux.diffusers_to_bfl(ours)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
 # --- prompts -----------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""FLUX.1 transformer weights: Black Forest Labs (ComfyUI / WebUI) names <-> diffusers names.
+"""FLUX.1 / Chroma transformer weights: Black Forest Labs (ComfyUI / WebUI) names <-> diffusers.
 
-diffusers' own converter (`convert_flux_transformer_checkpoint_to_diffusers`) hard-codes
-the FLUX.1 width (3072), so it cannot read a narrower model; this one takes the width
-from the weights, and goes both ways (tests write tiny BFL files with `diffusers_to_bfl`).
-The test suite checks that `bfl_to_diffusers` gives exactly what diffusers' converter
-gives on real widths.
+diffusers' own converters (`convert_flux_transformer_checkpoint_to_diffusers`, and the
+Chroma one) hard-code the FLUX.1 width (3072), so they cannot read a narrower model;
+this one takes the width from the weights, and goes both ways (tests write tiny BFL
+files with `diffusers_to_bfl`). Chroma is FLUX without the per-block modulation Linears
+and the final adaLN, plus its `distilled_guidance_layer`. The test suite checks that
+`bfl_to_diffusers` gives exactly what diffusers' converters give on real widths.
 """
 from __future__ import annotations
 
@@ -65,6 +66,19 @@ def strip_prefix(keys_or_state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+# Chroma's approximator (distilled_guidance_layer.layers.N.<x> / .norms.N.<x>): BFL -> diffusers part names.
+_APPROXIMATOR = {"in_layer": "linear_1", "out_layer": "linear_2", "scale": "weight"}
+_MODULATION = ("img_mod.lin", "txt_mod.lin", "modulation.lin")
+
+
+def _rename_approximator(key: str, names: dict[str, str]) -> str:
+    # Only the part after the layer index changes; in_proj / out_proj keep their names.
+    parts = key.split(".")
+    if len(parts) >= 4 and parts[1] in ("layers", "norms"):
+        parts[3] = names.get(parts[3], parts[3])
+    return ".".join(parts)
+
+
 def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     # BFL's final adaLN gives (shift, scale); diffusers' AdaLayerNormContinuous wants (scale, shift).
     first, second = tensor.chunk(2, dim=0)
@@ -91,10 +105,16 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if f"{bfl}.{kind}" in src:
                 out[f"{diff}.{kind}"] = take(f"{bfl}.{kind}")
     for kind in ("weight", "bias"):
-        out[f"norm_out.linear.{kind}"] = _swap_halves(take(f"final_layer.adaLN_modulation.1.{kind}"))
+        if f"final_layer.adaLN_modulation.1.{kind}" in src:  # FLUX only; Chroma has no final adaLN
+            out[f"norm_out.linear.{kind}"] = _swap_halves(take(f"final_layer.adaLN_modulation.1.{kind}"))
+    for key in src:
+        if key.startswith("distilled_guidance_layer."):
+            out[_rename_approximator(key, _APPROXIMATOR)] = take(key)
     keys = list(src)
     for i in _block_indices(keys, "double_blocks."):
         for bfl, diff in _DOUBLE.items():
+            if bfl.startswith(_MODULATION) and f"double_blocks.{i}.{bfl}" not in src:
+                continue  # Chroma: the modulation comes from the approximator, not per block
             out[f"transformer_blocks.{i}.{diff}"] = take(f"double_blocks.{i}.{bfl}")
         for bfl, names in _DOUBLE_FUSED.items():
             for kind in ("weight", "bias"):
@@ -102,6 +122,8 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                     out[f"transformer_blocks.{i}.{name}.{kind}"] = part
     for i in _block_indices(keys, "single_blocks."):
         for bfl, diff in _SINGLE.items():
+            if bfl.startswith(_MODULATION) and f"single_blocks.{i}.{bfl}" not in src:
+                continue
             out[f"single_transformer_blocks.{i}.{diff}"] = take(f"single_blocks.{i}.{bfl}")
         for kind in ("weight", "bias"):
             fused = take(f"single_blocks.{i}.linear1.{kind}")
@@ -122,10 +144,16 @@ def diffusers_to_bfl(state: dict[str, torch.Tensor], prefix: str = "") -> dict[s
             if f"{diff}.{kind}" in state:
                 out[f"{bfl}.{kind}"] = state[f"{diff}.{kind}"]
     for kind in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(state[f"norm_out.linear.{kind}"])
+        if f"norm_out.linear.{kind}" in state:
+            out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(state[f"norm_out.linear.{kind}"])
+    for key, value in state.items():
+        if key.startswith("distilled_guidance_layer."):
+            out[_rename_approximator(key, {v: k for k, v in _APPROXIMATOR.items()})] = value
     keys = list(state)
     for i in _block_indices(keys, "transformer_blocks."):
         for bfl, diff in _DOUBLE.items():
+            if f"transformer_blocks.{i}.{diff}" not in state and bfl.startswith(_MODULATION):
+                continue
             out[f"double_blocks.{i}.{bfl}"] = state[f"transformer_blocks.{i}.{diff}"]
         for bfl, names in _DOUBLE_FUSED.items():
             for kind in ("weight", "bias"):
@@ -133,6 +161,8 @@ def diffusers_to_bfl(state: dict[str, torch.Tensor], prefix: str = "") -> dict[s
                     [state[f"transformer_blocks.{i}.{n}.{kind}"] for n in names], dim=0)
     for i in _block_indices(keys, "single_transformer_blocks."):
         for bfl, diff in _SINGLE.items():
+            if f"single_transformer_blocks.{i}.{diff}" not in state and bfl.startswith(_MODULATION):
+                continue
             out[f"single_blocks.{i}.{bfl}"] = state[f"single_transformer_blocks.{i}.{diff}"]
         for kind in ("weight", "bias"):
             out[f"single_blocks.{i}.linear1.{kind}"] = torch.cat(

@@ -228,9 +228,9 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
 
     `quantization_config` (e.g. `flux_memory.nf4_config()`) quantizes it while loading.
     """
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel  # noqa: PLC0415
 
+    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     variant = variant or variant_from_keys(safetensors_keys(path))
     if variant is None:
         raise ModelLoadError(f"'{Path(path).name}' is not a FLUX.1 or Chroma transformer.",
@@ -241,21 +241,20 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
         # An all-in-one checkpoint also holds the VAE and text encoders: keep the diffusion model only.
         state = {k: v for k, v in state.items() if k.startswith(BFL_PREFIXES)}
     try:
-        if variant == "chroma":
-            # Chroma keeps diffusers' own converter (the real widths are the only ones in use).
-            return ChromaTransformer2DModel.from_single_file(
-                strip_prefix(state), config=source, subfolder=_sub(source, "transformer"), torch_dtype=dtype,
-                local_files_only=local_only, **quant)
         # Diffusers-named single files load as they are; BFL names are converted first.
         converted = bfl_to_diffusers(state) if any("double_blocks." in k for k in state) else state
         del state
-        layers = {int(k.split(".")[1]) for k in converted if k.startswith("transformer_blocks.")}
-        singles = {int(k.split(".")[1]) for k in converted if k.startswith("single_transformer_blocks.")}
-        # The file decides depth and the guidance input, so a dev config folder also loads schnell.
+        depth = {"num_layers": len({int(k.split(".")[1]) for k in converted if k.startswith("transformer_blocks.")}),
+                 "num_single_layers": len({int(k.split(".")[1]) for k in converted
+                                           if k.startswith("single_transformer_blocks.")})}
+        # The file decides depth (and the guidance input), so a dev config folder also loads schnell.
+        if variant == "chroma":
+            return ChromaTransformer2DModel.from_single_file(
+                converted, config=source, subfolder=_sub(source, "transformer"), torch_dtype=dtype,
+                local_files_only=local_only, **depth, **quant)
         return FluxTransformer2DModel.from_single_file(
             converted, config=source, subfolder=_sub(source, "transformer"), torch_dtype=dtype,
-            local_files_only=local_only, num_layers=len(layers), num_single_layers=len(singles),
-            guidance_embeds=variant == "flux-dev", **quant)
+            local_files_only=local_only, guidance_embeds=variant == "flux-dev", **depth, **quant)
     except OSError as exc:
         raise _load_error("transformer", source, exc) from exc
     except (KeyError, ValueError, RuntimeError) as exc:
