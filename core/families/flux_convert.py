@@ -118,7 +118,7 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"transformer_blocks.{i}.{diff}"] = take(f"double_blocks.{i}.{bfl}")
         for bfl, names in _DOUBLE_FUSED.items():
             for kind in ("weight", "bias"):
-                for name, part in zip(names, take(f"double_blocks.{i}.{bfl}.{kind}").chunk(3, dim=0)):
+                for name, part in zip(names, take(f"double_blocks.{i}.{bfl}.{kind}").chunk(3, dim=0), strict=True):
                     out[f"transformer_blocks.{i}.{name}.{kind}"] = part
     for i in _block_indices(keys, "single_blocks."):
         for bfl, diff in _SINGLE.items():
@@ -128,7 +128,7 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for kind in ("weight", "bias"):
             fused = take(f"single_blocks.{i}.linear1.{kind}")
             sizes = (inner, inner, inner, fused.shape[0] - 3 * inner)
-            for name, part in zip(_SINGLE_FUSED, torch.split(fused, sizes, dim=0)):
+            for name, part in zip(_SINGLE_FUSED, torch.split(fused, sizes, dim=0), strict=True):
                 out[f"single_transformer_blocks.{i}.{name}.{kind}"] = part
     left = sorted(set(src) - used)
     if left:
