@@ -169,6 +169,26 @@ def test_fp8_transformer_file_loads_upcast_to_the_compute_dtype(tiny_flux_dev, t
     assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
 
 
+def test_an_all_in_one_checkpoint_gives_its_diffusion_model(tiny_flux_dev, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_flux_dev.comfy_transformer))
+    state["vae.decoder.conv_in.weight"] = torch.zeros(2, 2)  # what ComfyUI's all-in-one files add
+    state["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "flux1-dev-aio.safetensors"))
+    model = flux.load_transformer_file(tmp_path / "flux1-dev-aio.safetensors", config_source=str(tiny_flux_dev.folder))
+    reference = flux.load_transformer_file(tiny_flux_dev.comfy_transformer, config_source=str(tiny_flux_dev.folder))
+    assert _same_weights(model, reference)
+
+
+@pytest.mark.parametrize("layout", ["models/diffusion_models", "models/unet", "models/diffusion_models/flux"])
+def test_comfy_models_root_is_found_from_the_transformer_folder(tmp_path, layout):
+    folder = tmp_path / "ComfyUI" / layout
+    folder.mkdir(parents=True)
+    assert flux.comfy_models_root(folder / "flux1-dev.safetensors") == (tmp_path / "ComfyUI" / "models").resolve()
+    assert flux.comfy_models_root(tmp_path / "elsewhere" / "flux1-dev.safetensors") is None
+
+
 def test_scaled_fp8_files_are_rescaled(tmp_path):
     from safetensors.torch import save_file
 

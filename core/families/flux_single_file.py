@@ -146,7 +146,8 @@ def load_vae_file(path: str | Path, *, config_source: str, variant: str, dtype: 
 
     source, local_only = _config_source(variant, config_source)
     try:
-        return AutoencoderKL.from_single_file(str(path), config=source, subfolder=_sub(source, "vae"),
+        # Read through read_upcast like the other parts, so an fp8 AE loads too.
+        return AutoencoderKL.from_single_file(read_upcast(path, dtype), config=source, subfolder=_sub(source, "vae"),
                                               torch_dtype=dtype, local_files_only=local_only)
     except OSError as exc:
         raise _load_error("vae", source, exc) from exc
