@@ -17,9 +17,9 @@ from core.families.flux_single_file import (comfy_models_root, find_part, load_f
 from core.families.flux_text import (MAX_SEQUENCE_LENGTH, PromptEmbeds, cache_prompt_embeds, chroma_mask,
                                      encode_prompts, encoder_identity, free_text_encoders, stack_embeds, text_ids)
 from core.families.flux_train import (DEFAULT_SHIFT, TIMESTEP_SAMPLING, VARIANT_DEFAULTS, FluxBatch, encode_latents,
-                                      flow_target, flux_loss, image_seq_len, latent_image_ids, latents_for_decode,
-                                      latents_from_moments, noisy_latents, pack_latents, sample_sigmas, shift_sigmas,
-                                      transformer_inputs, unpack_latents, vae_scale)
+                                      flow_target, flux_loss, image_seq_len, is_chroma, latent_image_ids,
+                                      latents_for_decode, latents_from_moments, noisy_latents, pack_latents,
+                                      sample_sigmas, shift_sigmas, transformer_inputs, unpack_latents, vae_scale)
 
 __all__ = [
     "bfl_to_diffusers",
@@ -69,6 +69,7 @@ __all__ = [
     "flow_target",
     "flux_loss",
     "image_seq_len",
+    "is_chroma",
     "latent_image_ids",
     "latents_for_decode",
     "latents_from_moments",
