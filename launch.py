@@ -10,7 +10,7 @@ opens the app on http://127.0.0.1 in your browser.
     python launch.py --listen --auth me:secret   serve on the network, with a login
     python launch.py --share --auth me:secret    a public gradio.live link, with a login
     python launch.py --no-browser         do not open a browser window
-    python launch.py --test     set up, with the test tools, and run the test suite
+    python launch.py --test     set up, with the test tools, and run the lint and the test suite
     python launch.py --restore  reinstall exactly the tested library versions (requirements-lock.txt)
 
 Only the standard library is used before the environment is ready.
@@ -99,8 +99,13 @@ def ensure_environment(test: bool, restore: bool = False) -> None:
 
 
 def run_tests(extra: list[str]) -> int:
-    """The project's test command: the whole pytest suite."""
-    import pytest  # noqa: PLC0415
+    """The project's test command: the lint (ruff, settings in pyproject.toml), then the whole pytest suite."""
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], cwd=ROOT)
+    if lint.returncode != 0:
+        print("[lora-scripts] The lint found the problems above; fix them (many with "
+              "`python -m ruff check --fix .`) and run the tests again.", flush=True)
+        return lint.returncode
+    import pytest
 
     code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests"), *extra])
     return 0 if code == pytest.ExitCode.OK else int(code) or 1
@@ -115,7 +120,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if test:
         sys.exit(run_tests([a for a in args if a != "--test"]))
-    from ui.app import main as app_main  # noqa: PLC0415
+    from ui.app import main as app_main
 
     app_main(args)
 

@@ -60,7 +60,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
         overrides[key] = "true"
     for name, value in overrides.items():
         if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
-            import yaml  # noqa: PLC0415
+            import yaml
 
             overrides[name] = yaml.safe_load(value)
     return args, overrides
@@ -73,7 +73,7 @@ class ConsoleListener:
         self.quiet = quiet
         self.bar = None
 
-    def _write(self, text: str) -> None:
+    def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
         else:
@@ -84,15 +84,15 @@ class ConsoleListener:
         if kind == "progress":
             self._progress(event)
         elif kind == "log":
-            self._write(f"  {event.message}")
+            self.write(f"  {event.message}")
         elif kind == "warning":
-            self._write(f"WARNING: {event.message}" + (f"\n         {event.advice}" if event.advice else ""))
+            self.write(f"WARNING: {event.message}" + (f"\n         {event.advice}" if event.advice else ""))
         elif kind == "error":
-            self._write(f"ERROR: {event.message}" + (f"\n       {event.advice}" if event.advice else ""))
+            self.write(f"ERROR: {event.message}" + (f"\n       {event.advice}" if event.advice else ""))
         elif kind == "checkpoint":
-            self._write(f"  checkpoint at step {event.step}: {event.path}")
+            self.write(f"  checkpoint at step {event.step}: {event.path}")
         elif kind == "sample":
-            self._write(f"  previews at step {event.step}: " + ", ".join(event.images or [t.get('lora', '') for t in event.texts]))
+            self.write(f"  previews at step {event.step}: " + ", ".join(event.images or [t.get('lora', '') for t in event.texts]))
         elif kind == "done":
             self.close()
             print(event.message or "Done.", flush=True)
@@ -103,7 +103,7 @@ class ConsoleListener:
         if self.quiet:
             return
         if self.bar is None:
-            from tqdm.auto import tqdm  # noqa: PLC0415
+            from tqdm.auto import tqdm
 
             self.bar = tqdm(total=event.total, initial=max(0, event.step - 1), unit="step", dynamic_ncols=True)
         self.bar.total = event.total
@@ -138,8 +138,8 @@ def print_settings(cfg: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    from core.config import ConfigError, read_yaml  # noqa: PLC0415
-    from core.presets import resolve_config  # noqa: PLC0415 - the preset is merged here, not in core.config
+    from core.config import ConfigError, read_yaml
+    from core.presets import resolve_config
 
     try:
         cfg = resolve_config({**read_yaml(args.config), **overrides})
@@ -150,23 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = os.environ.get("RANK", "0") in ("", "0") and os.environ.get("LOCAL_RANK", "0") in ("", "0")
     if rank0:
         print_settings(cfg)
-    from core.events import RunContext  # noqa: PLC0415
+    from core.events import RunContext
 
     listener = ConsoleListener(quiet=args.quiet)
     ctx = RunContext(listeners=[listener] if rank0 else [])
     presses = {"count": 0}
 
-    def on_interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
+    def on_interrupt(signum: int, frame: Any) -> None:
         presses["count"] += 1
         if presses["count"] > 1:
             raise KeyboardInterrupt
-        listener._write("Stopping after this step and saving a checkpoint (Ctrl+C again to abort at once)...")
+        listener.write("Stopping after this step and saving a checkpoint (Ctrl+C again to abort at once)...")
         ctx.stop_flag.set()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_interrupt)
-    from core.job import friendly_error  # noqa: PLC0415
-    from core.train import run_training  # noqa: PLC0415
+    from core.job import friendly_error
+    from core.train import run_training
 
     try:
         run_training(cfg, ctx)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         listener.close()
         print("Aborted; the last saved checkpoint is kept (resume_from: latest).", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 - every failure is reported in plain words
+    except Exception as exc:
         listener.close()
         event = friendly_error(exc)
         print(f"ERROR: {event.message}", file=sys.stderr)

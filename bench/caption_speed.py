@@ -56,7 +56,7 @@ def main() -> int:
                         help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args()
     if args.threads:
-        import torch  # noqa: PLC0415
+        import torch
 
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +70,7 @@ def main() -> int:
         batched_s, batched = timed_run(folder, captioner, args.batch_size, args.max_length)
         captioner.close()
     same = sum(single[name] == batched.get(name) for name in single)
-    import torch  # noqa: PLC0415
+    import torch
 
     print(f"model: {args.model or 'tiny BLIP (random weights)'}; {args.images} images, "
           f"max {args.max_length} new tokens; {torch.get_num_threads()} torch threads")

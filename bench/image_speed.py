@@ -228,7 +228,7 @@ def main() -> None:
     print(f"  speed-up (whole run):        {naive['whole_run_s'] / ours['whole_run_s']:.2f}x")
     print(f"  memory ratio (ours/naive):   {ours['peak_rss_gib'] / naive['peak_rss_gib']:.2f}")
     if not opts.keep:
-        import shutil  # noqa: PLC0415
+        import shutil
 
         shutil.rmtree(work, ignore_errors=True)
 

@@ -44,14 +44,14 @@ class FlashLikeAttention(torch.autograd.Function):
     """Saves what flash attention saves: q, k, v, the output and a float32 log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, k, v):  # noqa: D102
+    def forward(ctx, q, k, v):
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         raise NotImplementedError("meta-device measurement only")
 
 
@@ -84,10 +84,10 @@ def lora_like(module: torch.nn.Module, targets: tuple[str, ...]) -> int:
 
 
 def measure_unet(name: str, config: dict, emb: int) -> None:
-    from diffusers import UNet2DConditionModel  # noqa: PLC0415
+    from diffusers import UNet2DConditionModel
 
-    from core import memory  # noqa: PLC0415
-    from core.model_info import ModelInfo  # noqa: PLC0415
+    from core import memory
+    from core.model_info import ModelInfo
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
@@ -119,8 +119,8 @@ def measure_unet(name: str, config: dict, emb: int) -> None:
 
 
 def measure_llm(hidden: int, inter: int, layers: int, vocab: int, heads: int, kv_heads: int) -> None:
-    import transformers.masking_utils as masking  # noqa: PLC0415
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+    import transformers.masking_utils as masking
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     masking.find_packed_sequence_indices = lambda *a, **k: None  # calls .item(), impossible on meta
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
@@ -145,17 +145,17 @@ def measure_llm(hidden: int, inter: int, layers: int, vocab: int, heads: int, kv
 
 
 def _gpu():
-    from core.devices import DeviceInfo  # noqa: PLC0415
+    from core.devices import DeviceInfo
 
     return DeviceInfo("cuda", "simulated", 24.0, 24.0, bf16=True)
 
 
 def cpu_check() -> None:
     """Real tensors on the CPU: the same count as on meta, per decoder layer, and peak RSS."""
-    import resource  # noqa: PLC0415
+    import resource
 
-    import transformers.masking_utils as masking  # noqa: PLC0415
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+    import transformers.masking_utils as masking
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     masking.find_packed_sequence_indices = lambda *a, **k: None
     real_sdpa = F.scaled_dot_product_attention
@@ -203,10 +203,10 @@ def cpu_check() -> None:
 
 def preset_table() -> None:
     """The README table: each GPU preset's predicted peak on a GPU of its tier, by part."""
-    from core import presets  # noqa: PLC0415
-    from core.devices import DeviceInfo  # noqa: PLC0415
-    from core.memory import estimate_memory  # noqa: PLC0415
-    from core.model_info import SMOLLM2_135M, detect_model  # noqa: PLC0415
+    from core import presets
+    from core.devices import DeviceInfo
+    from core.memory import estimate_memory
+    from core.model_info import SMOLLM2_135M, detect_model
 
     models = {"sd1": detect_model("stable-diffusion-v1-5/stable-diffusion-v1-5"),
               "sdxl": detect_model("stabilityai/stable-diffusion-xl-base-1.0"),

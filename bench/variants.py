@@ -43,18 +43,18 @@ def _peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import resource  # noqa: PLC0415
+    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(args: argparse.Namespace) -> None:
     """Train one variant and print one JSON line with its numbers."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from core.config import config_from_dict  # noqa: PLC0415
-    from core.events import ProgressEvent, RunContext  # noqa: PLC0415
-    from core.train import run_training  # noqa: PLC0415
+    from core.config import config_from_dict
+    from core.events import ProgressEvent, RunContext
+    from core.train import run_training
 
     values = {"task_type": "image-generation", "base_model": args.model, "train_data_dir": args.data,
               "output_dir": str(Path(args.out) / args.child), "resolution": args.resolution, "batch_size": 2,
@@ -97,7 +97,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from tests.fixtures.tiny_sd import build_tiny_sd, make_image_folder  # noqa: PLC0415
+    from tests.fixtures.tiny_sd import build_tiny_sd, make_image_folder
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(names) - set(VARIANTS)

@@ -13,7 +13,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 if TYPE_CHECKING:  # torch is imported only by the one writer that needs it
     import torch
@@ -71,7 +72,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
                      metadata: dict[str, str] | None = None) -> Path:
     """safetensors.save_file through a temporary name (tensors moved to the CPU, made contiguous)."""
-    from safetensors.torch import save_file  # noqa: PLC0415 - keeps this module free of torch
+    from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)

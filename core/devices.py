@@ -51,7 +51,7 @@ class DeviceInfo:
 
 def ram_gb() -> tuple[float, float]:
     try:
-        import psutil  # noqa: PLC0415
+        import psutil
 
         mem = psutil.virtual_memory()
         return mem.total / GIB, mem.available / GIB
@@ -66,7 +66,7 @@ def has_bitsandbytes() -> bool:
 def detect_device(index: int | None = None) -> DeviceInfo:
     """The device training will use: CUDA GPU `index` (default: this process's LOCAL_RANK, as
     accelerate/torchrun assign it), else Apple MPS, else the CPU."""
-    import torch  # noqa: PLC0415
+    import torch
 
     if torch.cuda.is_available():
         if index is None:
@@ -94,7 +94,7 @@ def pick_device(name: str | torch.device = "auto", *, mps: bool = True) -> torch
     ever run there (their fp16/bf16 paths are CUDA's). Any other name ('cpu', 'cuda:1', 'mps')
     goes to torch; ValueError says why one cannot be used.
     """
-    import torch  # noqa: PLC0415
+    import torch
 
     if isinstance(name, torch.device):
         return name
@@ -117,7 +117,7 @@ def pick_device(name: str | torch.device = "auto", *, mps: bool = True) -> torch
 
 def torch_dtype(precision: str) -> torch.dtype:
     """The dtype of a precision name: 'fp16' and 'bf16' as named; 'fp32', 'no' and the rest float32."""
-    import torch  # noqa: PLC0415
+    import torch
 
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 

@@ -13,7 +13,8 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from core.devices import is_out_of_memory
 from core.events import (CheckpointEvent, DoneEvent, ErrorEvent, Event, Listener, LogEvent,
@@ -21,7 +22,7 @@ from core.events import (CheckpointEvent, DoneEvent, ErrorEvent, Event, Listener
 
 # Shared by every Job in the process: the GPU (or the CPU) runs one job at a time.
 _RUN_LOCK = threading.Lock()
-_CURRENT: "Job | None" = None
+_CURRENT: Job | None = None
 
 
 class JobBusyError(RuntimeError):
@@ -82,7 +83,7 @@ class Job:
     # -- control -------------------------------------------------------------------------
     def start(self, config: Any) -> None:
         """Start training `config` (a TrainConfig) in the background."""
-        from core.train import run_training  # noqa: PLC0415  (heavy imports only when training)
+        from core.train import run_training
 
         self.run(lambda ctx: run_training(config, ctx), kind="train", name=getattr(config, "name", ""))
 
@@ -90,7 +91,7 @@ class Job:
         """Run `target(ctx)` in a background thread. Refused while any job is running."""
         global _CURRENT
         if not _RUN_LOCK.acquire(blocking=False):
-            busy = _CURRENT._snapshot.name if _CURRENT else ""
+            busy = _CURRENT.snapshot().name if _CURRENT else ""
             raise JobBusyError(f"A job is already running{f' ({busy})' if busy else ''}. Stop it or "
                                "wait for it to finish before starting another.")
         _CURRENT = self

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from core.config import TrainConfig
 from core import devices
@@ -94,7 +95,7 @@ def _count_images(folder: str) -> int:
     path = Path(folder) if folder else None
     if path is None or not path.is_dir():
         return 0
-    from core.data.image_io import IMAGE_EXTENSIONS  # noqa: PLC0415
+    from core.data.image_io import IMAGE_EXTENSIONS
 
     count = 0
     for child in path.iterdir():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -34,7 +35,7 @@ def move(module: Any, device: Any, dtype: torch.dtype | None = None) -> Any:
 def build_pipeline(family: str, *, unet: Any, vae: Any, text_encoders: Sequence[Any], tokenizers: Sequence[Any],
                    scheduler_config: dict[str, Any], prediction_type: str) -> Any:
     """A diffusers pipeline over existing modules (nothing copied), with an Euler sampler."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: PLC0415
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     config["prediction_type"] = prediction_type
@@ -100,7 +101,7 @@ def sample_size(family: str, resolution: int, vae_scale_factor: int) -> tuple[in
 def load_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
                   device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """(pipeline, SDModel) for `base_model`, cached: the same arguments reuse the loaded one."""
-    from core.models.sd import load_sd_model  # noqa: PLC0415
+    from core.models.sd import load_sd_model
 
     device = pick_device(device or "auto", mps=False)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -89,10 +90,10 @@ def _adapter_key(adapter_dir: str | Path) -> str:
 
 def _load(base_model: str, adapter_dir: str | Path | None, gguf_file: str, chat_template: str) -> tuple[Any, Any]:
     """The (model, tokenizer) for these settings, loading only what changed since last time."""
-    from peft import PeftModel  # noqa: PLC0415
+    from peft import PeftModel
 
-    from core.data.chat_templates import apply_template  # noqa: PLC0415
-    from core.models.llm import load_llm  # noqa: PLC0415
+    from core.data.chat_templates import apply_template
+    from core.models.llm import load_llm
 
     base_key = f"{base_model}|{gguf_file}"
     if _CACHE["base_key"] != base_key:
@@ -115,7 +116,7 @@ def _load(base_model: str, adapter_dir: str | Path | None, gguf_file: str, chat_
 @contextlib.contextmanager
 def _adapter_weight(model: Any, weight: float, enabled: bool) -> Iterator[None]:
     """Run with the LoRA scaled by `weight` (1.0: as trained), or switched off."""
-    from peft import PeftModel  # noqa: PLC0415
+    from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         yield

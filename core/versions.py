@@ -21,7 +21,7 @@ import importlib.metadata
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_FILE = ROOT / "requirements-lock.txt"
@@ -115,7 +115,7 @@ def version_at_least(version: str, floor: str) -> bool:
 
 def declared_peft_floors() -> dict[str, str]:
     """The PEFT floor each installed library declares (imports them: call before training only)."""
-    import importlib  # noqa: PLC0415
+    import importlib
 
     floors = {}
     for library, module, constant in PEFT_FLOORS:

@@ -27,7 +27,7 @@ def one_torch_thread():
     """Every test computes on one torch thread: tiny models run faster so on two shared, busy cores
     (no OpenMP threads spinning against each other), and a test's numbers do not depend on which
     other tests ran in the same process. Runs that are compared step by step stay bit for bit equal."""
-    import torch  # noqa: PLC0415 - imported when the first test starts, not while conftest loads
+    import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -91,7 +91,7 @@ class _TqdmListener:
     """Draws a progress bar from ProgressEvents and prints warnings above it."""
 
     def __init__(self) -> None:
-        from tqdm import tqdm  # noqa: PLC0415
+        from tqdm import tqdm
 
         self._tqdm = tqdm
         self.bar = None

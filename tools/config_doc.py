@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.config import FIELDS, GROUP_TITLES, TrainConfig  # noqa: E402
+from core.config import FIELDS, GROUP_TITLES, TrainConfig
 
 
 def _default(name: str) -> str:

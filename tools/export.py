@@ -32,7 +32,7 @@ DTYPES = ("fp16", "bf16", "fp32", "keep")
 
 
 def parse_dtype(name: str | None):
-    from core.tools.convert import parse_dtype as parse  # noqa: PLC0415
+    from core.tools.convert import parse_dtype as parse
 
     return parse(name)
 
@@ -113,10 +113,10 @@ def _is_text_adapter(path: str) -> bool:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import json  # noqa: PLC0415
+    import json
 
-    from core.export.inspect import inspect_lora  # noqa: PLC0415
-    from core.tools.describe import describe_info, info_as_dict  # noqa: PLC0415
+    from core.export.inspect import inspect_lora
+    from core.tools.describe import describe_info, info_as_dict
 
     info = inspect_lora(args.file)
     if args.json:
@@ -127,10 +127,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from core.tools.convert import convert_lora  # noqa: PLC0415
+    from core.tools.convert import convert_lora
 
     if args.to == "plain":
-        from core.tools.undora import dora_to_lora  # noqa: PLC0415
+        from core.tools.undora import dora_to_lora
 
         if not args.base:
             raise SystemExit("--to plain needs --base: the model the DoRA LoRA was trained on.")
@@ -147,12 +147,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from core.tools.merge import parse_lora_spec  # noqa: PLC0415
+    from core.tools.merge import parse_lora_spec
 
     loras = [parse_lora_spec(item) for item in args.lora]
     if args.base is None:
-        from core.tools.convert import write_like  # noqa: PLC0415
-        from core.tools.merge import combine_files  # noqa: PLC0415
+        from core.tools.convert import write_like
+        from core.tools.merge import combine_files
 
         merged, report = combine_files([p for p, _ in loras], [w for _, w in loras], rank=args.rank,
                                        energy=args.energy, allow_pickle=args.allow_pickle)
@@ -163,7 +163,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.rank or args.energy:
         raise SystemExit("--rank / --energy apply to combining LoRAs (without --base), not to baking into a model.")
     if all(_is_text_adapter(p) for p, _ in loras):
-        from core.tools.merge import bake_into_llm  # noqa: PLC0415
+        from core.tools.merge import bake_into_llm
 
         if len(loras) != 1:
             raise SystemExit("Bake one text adapter at a time (combine several first: merge without --base).")
@@ -172,7 +172,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                             allow_pickle=args.allow_pickle)
         print(f"Wrote the merged model to {out} (adapter at weight {weight:g})")
         return 0
-    from core.tools.merge import bake_into_sd  # noqa: PLC0415
+    from core.tools.merge import bake_into_sd
 
     out, report = bake_into_sd(args.base, loras, args.output, dtype=parse_dtype(args.precision or "fp16"),
                                allow_pickle=args.allow_pickle, model_config=args.model_config)
@@ -188,7 +188,7 @@ def _print_report(report, verbose: bool) -> None:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from core.tools.extract import resize_file  # noqa: PLC0415
+    from core.tools.extract import resize_file
 
     if args.max_rank and args.rank:
         raise SystemExit("--max-rank goes with --energy; with --rank the rank is already fixed.")
@@ -200,7 +200,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from core.tools.extract import extract_llm, extract_sd  # noqa: PLC0415
+    from core.tools.extract import extract_llm, extract_sd
 
     if args.llm:
         out, report = extract_llm(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,

@@ -33,7 +33,7 @@ def sections() -> dict[str, str]:
 def render(readme: str) -> str:
     for name, body in sections().items():
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
-        readme = pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), readme)
+        readme = pattern.sub(lambda m, body=body: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), readme)
     return readme
 
 

@@ -131,7 +131,7 @@ def cuda_notice(nvidia: bool | None = None, cuda: str | None | bool = False) -> 
 
 def library_notice() -> str | None:
     """The libraries outside the tested set and the command that restores it, or None."""
-    from core.versions import library_problems, restore_advice, untested_message  # noqa: PLC0415
+    from core.versions import library_problems, restore_advice, untested_message
 
     problems = library_problems()
     return f"{untested_message(problems)} {restore_advice()}" if problems else None
@@ -139,9 +139,9 @@ def library_notice() -> str | None:
 
 def build_app():
     """The Blocks with the four tabs of the work (Dataset, Caption, Train, Test) and the LoRA Tools."""
-    import gradio as gr  # noqa: PLC0415
+    import gradio as gr
 
-    from ui import caption_tab, dataset_tab, state, tools_tab, train_tab, tryout_tab  # noqa: PLC0415
+    from ui import caption_tab, dataset_tab, state, tools_tab, train_tab, tryout_tab
 
     state.ensure_folders()
     drift = library_notice()
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.port and port != args.port:
         print(f"[lora-scripts] Port {args.port} is taken; using {port}.", flush=True)
 
-    from ui import state  # noqa: PLC0415
+    from ui import state
 
     os.chdir(state.WORK)  # relative paths in configs (./output/x) mean the same as in the form
     app = build_app()

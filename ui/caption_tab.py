@@ -25,7 +25,7 @@ POLL_SECONDS = 2.0
 
 
 def captioner_choices() -> list[tuple[str, str]]:
-    from core.caption import CAPTIONERS  # noqa: PLC0415  (registry only: no torch)
+    from core.caption import CAPTIONERS
 
     return [(f"{spec.name} — {spec.description}", spec.name) for spec in CAPTIONERS.values()]
 
@@ -57,7 +57,7 @@ def load_folder(text: str) -> tuple[Any, Any, str]:
     path = folder_path(text)
     if path is None:
         return gr.skip(), gr.skip(), "Choose an existing image folder first."
-    from core.caption import find_images  # noqa: PLC0415
+    from core.caption import find_images
 
     state.allow_folder(path)
     rows = read_captions(path, find_images(path))
@@ -73,7 +73,7 @@ def start_captioning(text: str, model_name: str, trigger: str, prefix: str, suff
         return "Choose an existing image folder first."
     if not to_csv and not to_txt:
         return "Choose where to write the captions: metadata.csv, .txt files, or both."
-    from core.caption import CaptionOptions, caption_folder  # noqa: PLC0415
+    from core.caption import CaptionOptions, caption_folder
 
     full_prefix = ", ".join(p for p in (trigger.strip(), prefix.strip()) if p)
     name = model_name.strip()
@@ -131,7 +131,7 @@ def poll(text: str, seen: dict | None) -> tuple[Any, ...]:
     path = folder_path(text)
     if path is None:
         return html_out, gr.skip(), gr.skip(), gr.skip(), seen
-    from core.caption import find_images  # noqa: PLC0415
+    from core.caption import find_images
 
     rows = read_captions(path, find_images(path))
     note: Any = gr.skip()

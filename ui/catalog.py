@@ -37,9 +37,7 @@ def image_models(models_dir: Path = MODELS_DIR) -> list[str]:
     found: list[Path] = []
     if folder.is_dir():
         for item in sorted(folder.rglob("*")):
-            if item.is_file() and item.suffix.lower() in CHECKPOINT_SUFFIXES:
-                found.append(item)
-            elif item.is_dir() and _is_diffusers_folder(item):
+            if item.is_file() and item.suffix.lower() in CHECKPOINT_SUFFIXES or item.is_dir() and _is_diffusers_folder(item):
                 found.append(item)
     return [rel(p) for p in found]
 
@@ -50,9 +48,7 @@ def text_models(models_dir: Path = MODELS_DIR) -> list[str]:
     found: list[Path] = []
     if folder.is_dir():
         for item in sorted(folder.iterdir()):
-            if item.is_file() and item.suffix.lower() == ".gguf":
-                found.append(item)
-            elif item.is_dir() and _is_hf_folder(item):
+            if item.is_file() and item.suffix.lower() == ".gguf" or item.is_dir() and _is_hf_folder(item):
                 found.append(item)
     return [rel(p) for p in found]
 

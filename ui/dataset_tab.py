@@ -54,7 +54,7 @@ def is_text_data(path: Path) -> bool:
 
 def text_preview(path: Path, max_seq_length: int = 512) -> tuple[list[list[str]], list[str], list[list[str]], str]:
     """(rows, headers, issue rows, summary) for a text data file or folder."""
-    from ui.text_preview import preview_text_data  # noqa: PLC0415
+    from ui.text_preview import preview_text_data
 
     result = preview_text_data(path, max_seq_length=max_seq_length)
     issues = [[i.severity, i.file, i.problem, i.advice] for i in result.issues]
@@ -74,8 +74,8 @@ def open_dataset(path_text: str, resolution: float | None) -> tuple[Any, ...]:
     if is_text_data(path):
         rows, headers, issues, text = text_preview(path)
         return (text, [], issues, gr.update(visible=True, value=rows, headers=headers), [], None, "")
-    from core.data.health import health_check  # noqa: PLC0415 - imports torch
-    from core.data.images import DatasetError  # noqa: PLC0415
+    from core.data.health import health_check
+    from core.data.images import DatasetError
 
     try:
         report = health_check(path, resolution=resolution)
@@ -95,8 +95,8 @@ def open_dataset(path_text: str, resolution: float | None) -> tuple[Any, ...]:
 
 def crop_preview(paths: list[str], resolution: float | None, evt: gr.SelectData) -> tuple[Any, str]:
     """(image, sentence): what training keeps of the clicked image (Gradio fills `evt` from the annotation)."""
-    from core.data.health import bucket_preview  # noqa: PLC0415 - imports torch
-    from core.data.image_io import ImageReadError  # noqa: PLC0415
+    from core.data.health import bucket_preview
+    from core.data.image_io import ImageReadError
 
     if not paths or evt.index is None or evt.index >= len(paths):
         return None, ""

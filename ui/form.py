@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import shlex
 from dataclasses import dataclass
-from typing import Any, Callable, get_origin
+from typing import Any, get_origin
+from collections.abc import Callable
 
 from core.config import FIELDS, GROUP_TITLES, TYPES, TrainConfig
 
@@ -120,7 +121,7 @@ def build_form(specs: list[FieldSpec], task_type: str = "image-generation",
     richer widget (the base model dropdown); everything else follows the metadata.
     Must be called inside a Blocks context.
     """
-    import gradio as gr  # noqa: PLC0415
+    import gradio as gr
 
     custom = custom or {}
     widgets: dict[str, Any] = {}
@@ -171,7 +172,7 @@ def ordered(widgets: dict[str, Any], specs: list[FieldSpec]) -> list[Any]:
 
 def visibility_updates(specs: list[FieldSpec], task_type: str) -> list[Any]:
     """gr.update(visible=...) per spec for a task switch (image fields hide for text and back)."""
-    import gradio as gr  # noqa: PLC0415
+    import gradio as gr
 
     return [gr.update(visible=s.shown_for(task_type)) for s in specs]
 

@@ -7,7 +7,7 @@ and draws with the Agg backend (no display needed).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 LossRow = tuple[int, float, "float | None", "float | None"]
 
@@ -38,10 +38,10 @@ def loss_series(losses: Sequence[LossRow]) -> dict[str, list[float]]:
 
 def loss_figure(losses: Sequence[LossRow], title: str = "Training loss"):
     """A matplotlib Figure: raw loss (thin), smoothed loss (bold), learning rate (right axis)."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.figure import Figure
 
     data = loss_series(losses)
     fig = Figure(figsize=(7, 3.2), dpi=100, layout="constrained")

@@ -101,7 +101,7 @@ def detect_device_now() -> str:
         if "line" in _DEVICE:
             return _DEVICE["line"]
         try:
-            from core.presets import detect_device  # noqa: PLC0415
+            from core.presets import detect_device
 
             info = detect_device()
             line = f"Detected: {info.label}."

@@ -40,7 +40,7 @@ def _role_text(messages: list[dict[str, str]], role: str) -> str:
 
 def preview_text_data(path: str | Path, max_seq_length: int = 512, limit: int = PREVIEW_ROWS) -> TextPreview:
     """Parse the data file/folder and check every example; a broken file becomes one error row."""
-    from core.data.text import TextDataError, load_examples  # noqa: PLC0415
+    from core.data.text import TextDataError, load_examples
 
     result = TextPreview(headers=["where", "system", "prompt", "response", "≈ tokens"])
     try:

@@ -15,7 +15,7 @@ THUMB_SIDE = 256
 
 def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Path | None:
     """A cached WebP thumbnail of `path`, or None when the image cannot be read."""
-    from core.data.image_io import load_rgb  # noqa: PLC0415
+    from core.data.image_io import load_rgb
 
     source = Path(path)
     try:
@@ -32,7 +32,7 @@ def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Path | None:
         return None
     image.thumbnail((side, side))
     target.parent.mkdir(parents=True, exist_ok=True)
-    from core.atomic import atomic_path  # noqa: PLC0415
+    from core.atomic import atomic_path
 
     with atomic_path(target) as tmp:
         image.save(tmp, format="WEBP", quality=80)

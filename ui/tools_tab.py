@@ -47,7 +47,7 @@ def _device_free() -> None:
 
 def inspect_action(lora: str, all_modules: bool = False) -> str:
     """The inspect report of a LoRA (as `tools/export.py inspect` prints it), in a code block."""
-    from core.tools.describe import describe_lora  # noqa: PLC0415
+    from core.tools.describe import describe_lora
 
     try:
         text = describe_lora(_path(lora, "LoRA file"), all_modules=all_modules)
@@ -58,7 +58,7 @@ def inspect_action(lora: str, all_modules: bool = False) -> str:
 
 
 def convert_action(lora: str, target: str, output: str, precision: str, base: str = "") -> str:
-    from core.tools.convert import convert_lora, parse_dtype  # noqa: PLC0415
+    from core.tools.convert import convert_lora, parse_dtype
 
     try:
         source = _path(lora, "LoRA file or adapter folder")
@@ -66,7 +66,7 @@ def convert_action(lora: str, target: str, output: str, precision: str, base: st
         default = {"kohya": f"{source.stem}_webui.safetensors", "diffusers": f"{source.stem}_diffusers",
                    "peft-single": f"{source.name}.safetensors", "plain": f"{source.stem}_plain.safetensors"}[to]
         if to == "plain":
-            from core.tools.undora import dora_to_lora  # noqa: PLC0415
+            from core.tools.undora import dora_to_lora
 
             _device_free()
             base_arg = str(_path(base, "base model the DoRA LoRA was trained on"))
@@ -80,8 +80,8 @@ def convert_action(lora: str, target: str, output: str, precision: str, base: st
 
 
 def resize_action(lora: str, mode: str, rank: float, energy: float, output: str, precision: str) -> str:
-    from core.tools.convert import parse_dtype  # noqa: PLC0415
-    from core.tools.extract import resize_file  # noqa: PLC0415
+    from core.tools.convert import parse_dtype
+    from core.tools.extract import resize_file
 
     try:
         source = _path(lora, "LoRA file")
@@ -97,7 +97,7 @@ def resize_action(lora: str, mode: str, rank: float, energy: float, output: str,
 
 def parse_lora_lines(text: str) -> list[tuple[str, float]]:
     """'path[:weight]' per line (blank lines and # comments skipped)."""
-    from core.tools.merge import parse_lora_spec  # noqa: PLC0415
+    from core.tools.merge import parse_lora_spec
 
     items = []
     for line in (text or "").splitlines():
@@ -112,8 +112,8 @@ def parse_lora_lines(text: str) -> list[tuple[str, float]]:
 
 def merge_action(base: str, loras: str, output: str, precision: str, rank: float = 0) -> str:
     """Bake the LoRAs into `base` (SD checkpoint / LLM folder), or, with no base, combine them into one LoRA."""
-    from core.tools.convert import parse_dtype, write_like  # noqa: PLC0415
-    from core.tools.merge import bake_into_llm, bake_into_sd, combine_files  # noqa: PLC0415
+    from core.tools.convert import parse_dtype, write_like
+    from core.tools.merge import bake_into_llm, bake_into_sd, combine_files
 
     try:
         items = parse_lora_lines(loras)
@@ -145,7 +145,7 @@ def lora_choices() -> list[str]:
 
 
 def create_tools_tab() -> dict[str, Any]:
-    import gradio as gr  # noqa: PLC0415
+    import gradio as gr
 
     gr.Markdown("Inspect, convert, resize and merge LoRA files. The same tools run from the command line: "
                 "`python tools/export.py --help`.")

@@ -49,7 +49,7 @@ def family_note(lora_path: str, base_model: str) -> str:
     """'This LoRA was trained for SDXL' when the file's family and the base model's differ."""
     if not lora_path or not base_model:
         return ""
-    from core.export import inspect as inspect_mod  # noqa: PLC0415 - imports torch
+    from core.export import inspect as inspect_mod
 
     try:
         info = inspect_mod.inspect_lora(state.resolve_user_path(lora_path))
@@ -123,7 +123,7 @@ def generate(base_text: str, lora_text: str, prompt_text: str, negative_text: st
         check_family(lora_text, base_text)
     except (DeviceBusy, ValueError) as exc:
         return None, str(exc)
-    from core.sample import generate_images  # noqa: PLC0415 - imports torch
+    from core.sample import generate_images
 
     progress(0.1, desc="Loading the model (the first time takes a while) …")
     side = int(size or 0) or None
@@ -151,7 +151,7 @@ def compare(base_text: str, lora_text: str, prompt_text: str, negative_text: str
         check_family(lora_text, base_text)
     except (DeviceBusy, ValueError) as exc:
         return None, str(exc)
-    from core.sample import COMPARE_WEIGHTS, compare_grid  # noqa: PLC0415 - imports torch
+    from core.sample import COMPARE_WEIGHTS, compare_grid
 
     files = compare_files(lora_text, bool(with_checkpoints))
     progress(0.1, desc=f"Rendering {len(files) * len(COMPARE_WEIGHTS)} images …")
@@ -212,7 +212,7 @@ def send(base_text: str, adapter_text: str, weight: float, tokens: float, histor
         base_arg, adapter_arg = text_paths(base_text, adapter_text)
     except (DeviceBusy, ValueError) as exc:
         return history, message, str(exc)
-    from core import sample_text  # noqa: PLC0415 - imports torch
+    from core import sample_text
 
     messages = [{"role": m["role"], "content": m["content"]} for m in history] + \
         [{"role": "user", "content": message}]
@@ -236,7 +236,7 @@ def side_by_side(base_text: str, adapter_text: str, weight: float, tokens: float
             raise ValueError("Choose an adapter to compare with the base model.")
     except (DeviceBusy, ValueError) as exc:
         return gr.skip(), gr.skip(), str(exc)
-    from core import sample_text  # noqa: PLC0415 - imports torch
+    from core import sample_text
 
     try:
         answers = sample_text.compare_answers(base_arg, adapter_arg, [message], weight=float(weight),

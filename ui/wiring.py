@@ -6,7 +6,8 @@ give them what they need from the layout, such as the form's field specs, with `
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 
 def bind(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> partial:

@@ -20,7 +20,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 from PIL import Image
 
@@ -58,7 +59,7 @@ class Captioner(Protocol):
 
 def pick_dtype(device: Any, family: str) -> Any:
     """fp16 on CUDA (bf16 for chat VLMs where supported: fp16 overflows in some); fp32 elsewhere."""
-    import torch  # noqa: PLC0415
+    import torch
 
     if device.type != "cuda":
         return torch.float32
@@ -100,7 +101,7 @@ def _where_to_put(resolved: ResolvedCaptioner) -> str:
 
 
 def _load_parts(resolved: ResolvedCaptioner, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any]:
-    import transformers  # noqa: PLC0415
+    import transformers
 
     if resolved.remote_code:
         if not trust_remote_code:
@@ -152,11 +153,11 @@ def load_captioner(name: str, *, device: str = "auto", trust_remote_code: bool =
 
 
 def _stopping_criteria(should_stop: Callable[[], bool]) -> Any:
-    from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: PLC0415
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            import torch  # noqa: PLC0415
+            import torch
 
             return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool,
                               device=input_ids.device)
@@ -186,7 +187,7 @@ class ModelCaptioner:
         `should_stop` is polled after every generated token, so a stop does not wait for a
         long batch (a VLM paragraph on the CPU can take minutes); the batch is then dropped.
         """
-        import torch  # noqa: PLC0415
+        import torch
 
         if not images:
             return []

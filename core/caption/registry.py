@@ -125,7 +125,7 @@ def captioner_status(name: str, root: Path | None = None) -> str:
     if _has_model_files(offline_dir(name, root)):
         return f"local copy in {offline_dir(name, root)}"
     try:
-        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+        from huggingface_hub import try_to_load_from_cache
 
         if isinstance(try_to_load_from_cache(spec.model_id, "config.json"), str):
             return "in the Hugging Face cache"
@@ -149,7 +149,7 @@ def family_from_config(config: dict, where: str) -> tuple[str, bool]:
         return "git", False
     if model_type == "florence2":
         return "florence2", remote
-    from transformers.models.auto.modeling_auto import (  # noqa: PLC0415
+    from transformers.models.auto.modeling_auto import (
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
@@ -172,7 +172,7 @@ def _read_config(folder: Path) -> dict:
 def _hub_config(model_id: str) -> dict | None:
     """config.json of a hub model from the local cache, or from the hub when online; None if neither."""
     try:
-        from huggingface_hub import hf_hub_download  # noqa: PLC0415
+        from huggingface_hub import hf_hub_download
     except ImportError:
         return None
     for local_only in (True, False):

@@ -17,8 +17,8 @@ def load_lora_as_peft(path: str | Path, family: str
     Alphas are keyed `unet.<path>` / `text_encoder.<path>` / `text_encoder_2.<path>`; the text encoder
     list has one entry per text encoder of the family (empty dicts where the file has none).
     """
-    from core.export.diffusers_format import diffusers_lora_to_peft  # noqa: PLC0415
-    from core.export.kohya import KOHYA_KEY_PREFIXES, kohya_to_peft, load_kohya_lora, text_encoder_prefixes  # noqa: PLC0415
+    from core.export.diffusers_format import diffusers_lora_to_peft
+    from core.export.kohya import KOHYA_KEY_PREFIXES, kohya_to_peft, load_kohya_lora, text_encoder_prefixes
 
     tensors, metadata = load_kohya_lora(path)
     if tensors and all(k.startswith(KOHYA_KEY_PREFIXES) for k in tensors):

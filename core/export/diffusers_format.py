@@ -21,11 +21,11 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 def _pipeline_class(family: str):
     if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline  # noqa: PLC0415
+        from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline
     if family in ("sd1", "sd2"):
-        from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+        from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline
     raise LoraFormatError(f"Unknown model family '{family}' (sd1, sd2 or sdxl).")
@@ -48,7 +48,7 @@ _TEXT_NAMES = ((".lora_A.", ".lora_linear_layer.down."), (".lora_B.", ".lora_lin
 
 
 def _prepare(state: dict[str, Tensor], dtype: torch.dtype | None, *, text_encoder: bool) -> dict[str, Tensor]:
-    from diffusers.utils import convert_state_dict_to_diffusers  # noqa: PLC0415
+    from diffusers.utils import convert_state_dict_to_diffusers
 
     group_peft_state_dict(state)  # validates the keys with a clear message
     out: dict[str, Tensor] = {}
@@ -125,10 +125,10 @@ def diffusers_lora_to_peft(tensors: dict[str, Tensor], metadata: dict[str, str] 
     the file's adapter metadata; without it a module's alpha is its rank, as diffusers assumes.
     Text encoder paths keep `text_model.`; `core.export.kohya.fit_keys_to_model` adapts them.
     """
-    import json  # noqa: PLC0415
-    import math  # noqa: PLC0415
+    import json
+    import math
 
-    from core.export.inspect import _pattern_value  # noqa: PLC0415
+    from core.export.inspect import _pattern_value
 
     components = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
     for key, value in tensors.items():

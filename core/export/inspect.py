@@ -133,7 +133,7 @@ def _detect_format(keys: list[str], metadata: dict[str, str], adapter_config: di
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    from peft.utils.other import get_pattern_key  # noqa: PLC0415
+    from peft.utils.other import get_pattern_key
 
     if not patterns:
         return default
@@ -168,7 +168,7 @@ def _diffusers_configs(metadata: dict[str, str]) -> dict[str, dict]:
 
 def inspect_lora(path: str | Path) -> LoraFileInfo:
     """Read a LoRA file (or a diffusers/PEFT folder) and describe it."""
-    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open
 
     file, config_path = _resolve_file(Path(path))
     adapter_config = None
@@ -181,7 +181,7 @@ def inspect_lora(path: str | Path) -> LoraFileInfo:
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 tensors[key] = handle.get_tensor(key)
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraReadError(f"{file}: not a readable .safetensors file ({exc}). It may be truncated; "

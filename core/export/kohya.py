@@ -326,7 +326,7 @@ def save_kohya_lora(path: str | Path, tensors: dict[str, Tensor], metadata: dict
     with the `ss_*` metadata only); the model hash covers only the tensor bytes, so it equals what
     WebUI computes from the written file. `dtype=None` keeps each tensor's dtype.
     """
-    from safetensors.torch import save as safetensors_save  # noqa: PLC0415
+    from safetensors.torch import save as safetensors_save
 
     if not tensors:
         raise LoraFormatError(f"Nothing to save to {path}: the LoRA has no tensors.")
@@ -345,7 +345,7 @@ def save_kohya_lora(path: str | Path, tensors: dict[str, Tensor], metadata: dict
 
 def load_kohya_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a .safetensors LoRA (never unpickles anything)."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -353,6 +353,6 @@ def load_kohya_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     tensors: dict[str, Tensor] = {}
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
             tensors[key] = handle.get_tensor(key)
     return tensors, metadata

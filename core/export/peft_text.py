@@ -49,7 +49,7 @@ def save_adapter(peft_model: Any, folder: str | Path, *, base_model: str = "", s
 
 
 def _recast_safetensors(path: Path, dtype: torch.dtype) -> None:
-    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+    from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(path))
     metadata = {"format": "pt"}

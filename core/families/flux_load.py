@@ -11,7 +11,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import torch
 
@@ -76,12 +77,12 @@ def variant_from_keys(keys: Iterable[str]) -> str | None:
 
 def safetensors_keys(path: str | Path) -> list[str]:
     """Tensor names of a .safetensors file (the header only: no tensor is read)."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
             return list(handle.keys())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelLoadError(f"'{Path(path).name}' is not a readable .safetensors file: {exc}",
                              "The file is damaged or incomplete: download it again.") from exc
 
@@ -119,10 +120,10 @@ def detect_variant(source: str | Path) -> str | None:
 
 def file_has_fp8(path: str | Path) -> bool:
     """True when any tensor of the file is stored as float8 (reads the header only)."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:
-        return any(handle.get_slice(k).get_dtype().startswith("F8") for k in handle.keys())
+        return any(handle.get_slice(k).get_dtype().startswith("F8") for k in handle.keys())  # noqa: SIM118 - safe_open is not iterable
 
 
 # --- reading weights ---------------------------------------------------------------------------
@@ -134,12 +135,12 @@ def read_upcast(path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
     ComfyUI's "scaled fp8" files store `<layer>.scale_weight` next to each fp8 weight: the
     real weight is fp8 * scale. Their bookkeeping tensors (`scaled_fp8`, `scale_input`) go.
     """
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     with safe_open(str(path), "pt") as handle:
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
             tensor = handle.get_tensor(key)
             if key.endswith(".scale_weight"):
                 scales[key[: -len(".scale_weight")] + ".weight"] = tensor
@@ -178,7 +179,7 @@ def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
 
 
 def _tokenizers(variant: str, source: str, local_only: bool) -> tuple[Any | None, Any]:
-    from transformers import AutoTokenizer, CLIPTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer, CLIPTokenizer
 
     try:
         if variant == "chroma":
@@ -190,7 +191,7 @@ def _tokenizers(variant: str, source: str, local_only: bool) -> tuple[Any | None
 
 
 def _scheduler_config(source: str, local_only: bool) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     try:
         return dict(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler",
@@ -204,9 +205,9 @@ def _scheduler_config(source: str, local_only: bool) -> dict[str, Any]:
 def load_flux_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None
                      ) -> FluxModel:
     """A FLUX.1 / Chroma diffusers folder or hub id, component by component, eval mode, on the CPU."""
-    from diffusers import (AutoencoderKL, ChromaTransformer2DModel, DiffusionPipeline,  # noqa: PLC0415
+    from diffusers import (AutoencoderKL, ChromaTransformer2DModel, DiffusionPipeline,
                            FluxTransformer2DModel)
-    from transformers import CLIPTextModel, T5EncoderModel  # noqa: PLC0415
+    from transformers import CLIPTextModel, T5EncoderModel
 
     local_only = Path(source).is_dir() or _offline()
     kw = {"local_files_only": local_only}
@@ -245,7 +246,7 @@ def load_flux_model(base_model: str, *, config_source: str = "", clip_l: str = "
                     dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> FluxModel:
     """Any FLUX / Chroma source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id."""
     if Path(base_model).is_file():
-        from core.families.flux_single_file import load_flux_single_file  # noqa: PLC0415 - it imports this module
+        from core.families.flux_single_file import load_flux_single_file
 
         return load_flux_single_file(base_model, config_source=config_source, clip_l=clip_l, t5=t5, vae=vae,
                                      dtype=dtype, quantization_config=quantization_config)

@@ -455,7 +455,7 @@ def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *,
 
 
 def _config_dict(lora_config: Any) -> dict[str, Any]:
-    from core.export.diffusers_format import _config_metadata  # noqa: PLC0415
+    from core.export.diffusers_format import _config_metadata
 
     meta = _config_metadata(lora_config)
     if not meta or "r" not in meta or "lora_alpha" not in meta:
@@ -471,7 +471,7 @@ def write_flux_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str 
     or a dict with r, lora_alpha, ...) goes into `lora_adapter_metadata`, so diffusers loads the LoRA
     with its real alpha instead of assuming alpha = rank. ChromaPipeline reads the same file.
     """
-    from diffusers import FluxPipeline  # noqa: PLC0415
+    from diffusers import FluxPipeline
 
     modules = group_flux_peft(peft_state)
     layers: dict[str, Tensor] = {}
@@ -500,10 +500,10 @@ def read_flux_lora(path: str | Path, *, ignore_text_encoders: bool = False
     Alphas are as alpha / rank needs them (rsLoRA included). A diffusers file without adapter
     metadata gets alpha = rank, as diffusers assumes.
     """
-    import json  # noqa: PLC0415
+    import json
 
-    from core.export.inspect import _config_alpha  # noqa: PLC0415
-    from core.export.kohya import load_kohya_lora  # noqa: PLC0415
+    from core.export.inspect import _config_alpha
+    from core.export.kohya import load_kohya_lora
 
     tensors, metadata = load_kohya_lora(path)
     if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):

@@ -65,7 +65,7 @@ def add_flux_lora(transformer: Any, rank: int, alpha: float | None = None, prese
 
     The base weights are frozen; only the LoRA parameters require gradients.
     """
-    from peft import LoraConfig  # noqa: PLC0415
+    from peft import LoraConfig
 
     targets = flux_lora_targets(transformer, preset, include_norms=include_norms)
     transformer.requires_grad_(False)
@@ -93,8 +93,8 @@ def enable_fp8_storage(transformer: Any, compute_dtype: torch.dtype, *, cast_mod
     `cast_modulation` those go to fp8 too (what sd-scripts' fp8_base does), the RMSNorm
     weights and the embedders still stay in the compute dtype.
     """
-    from diffusers.hooks import apply_layerwise_casting  # noqa: PLC0415
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN  # noqa: PLC0415
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
     if not any("lora_" in name for name, _ in transformer.named_parameters()):
         raise ValueError("Add the LoRA before enabling fp8 storage: a LoRA added later would be stored in fp8 too.")
@@ -139,7 +139,7 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> Any:
         raise ValueError("NF4 quantization needs a CUDA GPU; use fp8 storage on this machine instead.")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("NF4 quantization needs the bitsandbytes package; install it or use fp8 storage.")
-    from diffusers import BitsAndBytesConfig  # noqa: PLC0415
+    from diffusers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
@@ -148,7 +148,7 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> Any:
 
 
 def _meta_transformer(variant: str) -> torch.nn.Module:
-    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel  # noqa: PLC0415
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 
     with torch.device("meta"):
         if variant == "chroma":

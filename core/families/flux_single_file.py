@@ -68,7 +68,7 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
 
     `quantization_config` (e.g. `flux_memory.nf4_config()`) quantizes it while loading.
     """
-    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel  # noqa: PLC0415
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 
     quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     variant = variant or variant_from_keys(safetensors_keys(path))
@@ -116,7 +116,7 @@ def _strip_encoder_prefix(state: dict[str, torch.Tensor], marker: str) -> dict[s
 def load_text_encoder_file(path: str | Path, kind: str, *, config_source: str, variant: str,
                            dtype: torch.dtype = torch.float32) -> Any:
     """CLIP-L (`kind="clip_l"`) or T5-XXL (`kind="t5"`) from a single HF-format file."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: PLC0415
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     source, local_only = _config_source(variant, config_source)
     # Chroma's pipeline has the T5 as text_encoder; FLUX has it as text_encoder_2.
@@ -142,7 +142,7 @@ def load_text_encoder_file(path: str | Path, kind: str, *, config_source: str, v
 
 def load_vae_file(path: str | Path, *, config_source: str, variant: str, dtype: torch.dtype = torch.float32) -> Any:
     """The FLUX AE from ae.safetensors (BFL/LDM names) with the pipeline's VAE config."""
-    from diffusers import AutoencoderKL  # noqa: PLC0415
+    from diffusers import AutoencoderKL
 
     source, local_only = _config_source(variant, config_source)
     try:

@@ -13,7 +13,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,7 +33,7 @@ class PromptEmbeds:
     text_ids: torch.Tensor               # [S, 3] zeros: text tokens have no 2-D position
     attention_mask: torch.Tensor | None  # [B, S] 1 = attend; Chroma only
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PromptEmbeds":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
         def move(t: torch.Tensor | None, cast: bool = True) -> torch.Tensor | None:
             if t is None:
                 return None
@@ -119,7 +120,7 @@ def _cache_file(cache_dir: Path, caption: str, identity: str) -> Path:
 
 
 def _read_entry(path: Path, caption: str) -> PromptEmbeds | None:
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
@@ -134,7 +135,7 @@ def _read_entry(path: Path, caption: str) -> PromptEmbeds | None:
 
 
 def _write_entry(path: Path, caption: str, entry: PromptEmbeds) -> None:
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
     tensors = {"prompt_embeds": entry.prompt_embeds, "text_ids": entry.text_ids}
     if entry.pooled is not None:

@@ -48,7 +48,7 @@ def encode_latents(vae: Any, pixels: torch.Tensor, generator: torch.Generator | 
 def latents_from_moments(moments: torch.Tensor, vae_config: Any, generator: torch.Generator | None = None
                          ) -> torch.Tensor:
     """Training latents from cached VAE moments [B, 2C, h, w] (the project's latent cache format)."""
-    from core.train.image_step import sample_latents  # noqa: PLC0415
+    from core.train.image_step import sample_latents
 
     return sample_latents(moments, float(vae_config.scaling_factor), float(vae_config.shift_factor or 0.0),
                           generator)
@@ -105,7 +105,7 @@ def sample_sigmas(batch_size: int, method: str = "shift", *, shift: float = DEFA
     shift: sigmoid(scale * randn) then the time shift; sigmoid: sigmoid(scale * randn);
     logit_normal: sigmoid(N(mean, std)) (SD3's); uniform: U(0, 1).
     """
-    from diffusers.training_utils import compute_density_for_timestep_sampling  # noqa: PLC0415
+    from diffusers.training_utils import compute_density_for_timestep_sampling
 
     gen_device = generator.device if generator is not None else device
     if method in ("shift", "sigmoid"):

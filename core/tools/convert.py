@@ -74,13 +74,13 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], di
         while isinstance(data, dict) and "state_dict" in data:
             data = data["state_dict"]
         return {k: v for k, v in data.items() if isinstance(v, Tensor)}, {}
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
+            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata  # noqa: SIM118 - safe_open is not iterable
+    except Exception as exc:
         raise LoraToolError(f"'{path}' is not a readable .safetensors file: {exc}") from exc
 
 
@@ -99,7 +99,7 @@ def detect_format(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
 
 def detect_image_family(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     """sd1 | sd2 | sdxl of an image LoRA, from its metadata, then its keys and shapes."""
-    from core.export.inspect import family_from_keys, family_from_metadata  # noqa: PLC0415
+    from core.export.inspect import family_from_keys, family_from_metadata
 
     family = family_from_metadata(metadata) or family_from_keys(
         {k: tuple(v.shape) for k, v in tensors.items()}, "kohya", None)
@@ -109,8 +109,8 @@ def detect_image_family(tensors: dict[str, Tensor], metadata: dict[str, str]) ->
 def diffusers_to_kohya_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], family: str
                                ) -> dict[str, Tensor]:
     """A diffusers LoRA state dict (+ header) -> kohya tensors (alpha from the header, else = rank)."""
-    from core.export.diffusers_format import diffusers_lora_to_peft  # noqa: PLC0415
-    from core.export.kohya import peft_to_kohya  # noqa: PLC0415
+    from core.export.diffusers_format import diffusers_lora_to_peft
+    from core.export.kohya import peft_to_kohya
 
     unet, tes, alphas = diffusers_lora_to_peft(tensors, metadata)
     if tes[1] and family != "sdxl":
@@ -160,7 +160,7 @@ def _read_peft_folder(folder: Path, allow_pickle: bool) -> LoraFile:
 # --- writing ------------------------------------------------------------------------------------
 
 def _image_metadata(lora: LoraFile, extra: dict[str, str] | None) -> dict[str, str]:
-    from core.export.metadata import base_model_version, modelspec_architecture  # noqa: PLC0415
+    from core.export.metadata import base_model_version, modelspec_architecture
 
     meta = {k: v for k, v in lora.metadata.items()
             if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
@@ -181,7 +181,7 @@ def _image_metadata(lora: LoraFile, extra: dict[str, str] | None) -> dict[str, s
 def write_kohya(lora: LoraFile, path: str | Path, *, dtype: torch.dtype | None = torch.float16,
                 metadata: dict[str, str] | None = None) -> Path:
     """A WebUI/ComfyUI .safetensors (hashes and ss_* metadata included), written atomically."""
-    from core.export.kohya import save_kohya_lora  # noqa: PLC0415
+    from core.export.kohya import save_kohya_lora
 
     if not lora.is_image:
         raise LoraToolError("A text (LLM) adapter has no kohya/WebUI format; write it as a PEFT adapter.")
@@ -189,7 +189,7 @@ def write_kohya(lora: LoraFile, path: str | Path, *, dtype: torch.dtype | None =
 
 
 def _diffusers_config(states: dict[str, Tensor], alphas: dict[str, float], dora: bool, text_encoder: bool):
-    from peft import LoraConfig  # noqa: PLC0415
+    from peft import LoraConfig
 
     ranks = {k[: -len(".lora_A.weight")]: int(v.shape[0]) for k, v in states.items() if k.endswith(".lora_A.weight")}
     if not ranks:
@@ -208,8 +208,8 @@ def _diffusers_config(states: dict[str, Tensor], alphas: dict[str, float], dora:
 
 def write_diffusers(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """`folder/pytorch_lora_weights.safetensors` with each component's alpha in the header."""
-    from core.export.diffusers_format import save_diffusers_lora  # noqa: PLC0415
-    from core.export.kohya import kohya_to_peft  # noqa: PLC0415
+    from core.export.diffusers_format import save_diffusers_lora
+    from core.export.kohya import kohya_to_peft
 
     if not lora.is_image:
         raise LoraToolError("diffusers' LoRA file is for Stable Diffusion; a text adapter stays a PEFT adapter.")
@@ -243,7 +243,7 @@ def check_replaceable_folder(folder: str | Path, markers: tuple[str, ...]) -> No
 
 def write_peft(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), written atomically."""
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
     if lora.format != "peft":
         raise LoraToolError("Only text adapters are written as PEFT folders; image LoRAs go to kohya or diffusers.")
@@ -301,7 +301,7 @@ def convert_lora(source: str | Path, output: str | Path, to: str, *, family: str
         return peft_to_single_file(source, output, dtype=dtype, allow_pickle=allow_pickle)
     lora = read_lora(source, family=family, allow_pickle=allow_pickle)
     if pissa_initial:
-        from core.tools.pissa import pissa_to_lora  # noqa: PLC0415
+        from core.tools.pissa import pissa_to_lora
 
         initial = read_lora(pissa_initial, family=lora.family if lora.is_image else None, allow_pickle=allow_pickle)
         lora.modules = pissa_to_lora(lora.modules, initial.modules)

@@ -24,8 +24,8 @@ def layer_weights(model: nn.Module, *, convs: bool) -> dict[str, torch.Tensor]:
 
 
 def _to_kohya_modules(component_modules: dict[str, dict[str, LoraModule]], family: str) -> dict[str, LoraModule]:
-    from core.export.kohya import peft_to_kohya  # noqa: PLC0415
-    from core.tools.modules import modules_from_kohya  # noqa: PLC0415
+    from core.export.kohya import peft_to_kohya
+    from core.tools.modules import modules_from_kohya
 
     states: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
@@ -43,7 +43,7 @@ def extract_sd(base_model: str, tuned_model: str, output: str | Path, *, rank: i
                energy: float | None = None, dtype: torch.dtype | None = torch.float16, model_config: str = "",
                allow_pickle: bool = False) -> tuple[Path, ExtractReport]:
     """A kohya LoRA of `tuned_model - base_model` (both SD of the same family)."""
-    from core.models.sd import load_sd_model  # noqa: PLC0415
+    from core.models.sd import load_sd_model
 
     base = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
     tuned = load_sd_model(tuned_model, allow_pickle=allow_pickle, model_config=model_config)
@@ -74,7 +74,7 @@ def extract_sd(base_model: str, tuned_model: str, output: str | Path, *, rank: i
 def extract_llm(base_model: str, tuned_model: str, output: str | Path, *, rank: int, energy: float | None = None,
                 dtype: torch.dtype | None = None, allow_pickle: bool = False) -> tuple[Path, ExtractReport]:
     """A PEFT adapter folder of `tuned_model - base_model` (two causal LMs of one architecture)."""
-    from core.models.llm import load_llm  # noqa: PLC0415
+    from core.models.llm import load_llm
 
     base, _, _ = load_llm(base_model, allow_pickle=allow_pickle, with_tokenizer=False)
     tuned, _, _ = load_llm(tuned_model, allow_pickle=allow_pickle, with_tokenizer=False)
@@ -91,7 +91,8 @@ def extract_llm(base_model: str, tuned_model: str, output: str | Path, *, rank: 
 
 
 def resize_file(source: str | Path, output: str | Path, *, rank: int | None = None, energy: float | None = None,
-                max_rank: int | None = None, dtype: torch.dtype | None = torch.float16, allow_pickle: bool = False) -> tuple[Path, ResizeReport]:
+                max_rank: int | None = None, dtype: torch.dtype | None = torch.float16,
+                allow_pickle: bool = False) -> tuple[Path, ResizeReport]:
     """Resize a LoRA file (any format) and write it in the same format; returns (path, report)."""
     lora = read_lora(source, allow_pickle=allow_pickle)
     lora.modules, report = resize_modules(lora.modules, rank=rank, energy=energy, max_rank=max_rank or rank)

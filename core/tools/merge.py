@@ -15,7 +15,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -156,7 +157,7 @@ def bake_into_modules(components: dict[str, nn.Module], lora: LoraFile, weight: 
 
 def paired_layers(components: dict[str, nn.Module], lora: LoraFile) -> list[tuple[str, LoraModule, nn.Module]]:
     """(kohya name, module, the base model's layer it changes) for every module of an image LoRA."""
-    from core.export.kohya import TEXT_ENCODER_NAMES, kohya_to_peft  # noqa: PLC0415
+    from core.export.kohya import TEXT_ENCODER_NAMES, kohya_to_peft
 
     pairs = []
     unet, tes, _ = kohya_to_peft(modules_to_kohya(lora.modules), lora.family)
@@ -210,8 +211,8 @@ def bake_into_sd(base_model: str, loras: Sequence[tuple[str | Path, float]], out
                  dtype: torch.dtype | None = torch.float16, allow_pickle: bool = False,
                  model_config: str = "") -> tuple[Path, MergeReport]:
     """Bake LoRAs at their weights into an SD base model; save a single-file checkpoint (original layout)."""
-    from core.models.sd import load_sd_model  # noqa: PLC0415
-    from core.models.sd_convert import pipeline_to_single_file  # noqa: PLC0415
+    from core.models.sd import load_sd_model
+    from core.models.sd_convert import pipeline_to_single_file
 
     model = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
     components = sd_components(model)
@@ -246,9 +247,9 @@ def scale_peft_adapter(model: nn.Module, weight: float, adapter_name: str = "def
 def bake_into_llm(base_model: str, adapter: str | Path, output: str | Path, *, weight: float = 1.0,
                   dtype: torch.dtype | None = None, gguf_file: str = "", allow_pickle: bool = False) -> Path:
     """Merge a PEFT adapter into its causal LM at `weight` and save an HF folder (model + tokenizer)."""
-    from peft import PeftModel  # noqa: PLC0415
+    from peft import PeftModel
 
-    from core.models.llm import load_llm  # noqa: PLC0415
+    from core.models.llm import load_llm
 
     check_replaceable_folder(output, ("config.json",))
     model, tokenizer, _ = load_llm(base_model, gguf_file=gguf_file, allow_pickle=allow_pickle)

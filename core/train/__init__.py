@@ -10,10 +10,10 @@ from core.events import RunContext
 def train_task(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
     """One attempt of the image or text loop, without out-of-memory recovery."""
     if cfg.task_type == "text-generation":
-        from core.train.text import train_text  # noqa: PLC0415
+        from core.train.text import train_text
 
         return train_text(cfg, ctx)
-    from core.train.image import train_image  # noqa: PLC0415
+    from core.train.image import train_image
 
     return train_image(cfg, ctx)
 
@@ -26,7 +26,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
     out-of-memory error ends with the settings to change or, with auto_downshift,
     resumes from the last checkpoint with the next smaller preset.
     """
-    from core.train.recovery import train_with_recovery  # noqa: PLC0415
+    from core.train.recovery import train_with_recovery
 
     check_libraries(ctx)
     return train_with_recovery(train_task, cfg, ctx)
@@ -34,8 +34,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
 
 def check_libraries(ctx: RunContext) -> None:
     """Before any work: refuse libraries that cannot work together, warn about untested ones."""
-    from core.events import WarningEvent  # noqa: PLC0415
-    from core.versions import check_before_training, restore_advice, untested_message  # noqa: PLC0415
+    from core.events import WarningEvent
+    from core.versions import check_before_training, restore_advice, untested_message
 
     untested = check_before_training()
     if untested:

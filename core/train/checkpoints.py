@@ -9,7 +9,8 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import ast  # noqa: PLC0415
+    import ast
 
     random.setstate(ast.literal_eval(state["python"]))
     kind, keys, pos, has_gauss, gauss = json.loads(state["numpy"])

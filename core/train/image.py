@@ -13,7 +13,8 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -80,8 +81,8 @@ class ImageRun:
 
     # --- setup ------------------------------------------------------------------------------
     def load_data(self) -> None:
-        from core.data.buckets import bucket_for  # noqa: PLC0415
-        from core.data.images import scan_image_dataset  # noqa: PLC0415
+        from core.data.buckets import bucket_for
+        from core.data.images import scan_image_dataset
 
         self.log(f"Scanning {self.cfg.train_data_dir}")
         self.dataset = scan_image_dataset(self.cfg)
@@ -95,7 +96,7 @@ class ImageRun:
                  f"{len(set(self.buckets))} bucket(s)")
 
     def load_model(self) -> None:
-        from core.models.sd import FAMILY_NAMES, load_sd_model  # noqa: PLC0415
+        from core.models.sd import FAMILY_NAMES, load_sd_model
 
         cfg = self.cfg
         self.log(f"Loading model {cfg.base_model}")
@@ -120,7 +121,7 @@ class ImageRun:
         if cfg.random_flip or not cfg.center_crop:
             self.log("Latent caching is off: random_flip / random crops change the image every epoch.")
             return
-        from core.models.sd import module_identity  # noqa: PLC0415
+        from core.models.sd import module_identity
 
         move(m.vae, self.device, torch.float32)  # fp32: an fp16 SD VAE can overflow to NaN
         cache_dir = None
@@ -205,7 +206,7 @@ class ImageRun:
         move(m.unet, self.device, self.weight_dtype)
         for encoder in self.trained_encoders:
             move(encoder, self.device, self.weight_dtype)
-        from diffusers.training_utils import cast_training_params  # noqa: PLC0415
+        from diffusers.training_utils import cast_training_params
 
         # Frozen weights stay in the weight dtype; the trainable LoRA weights are fp32.
         cast_training_params([m.unet, *self.trained_encoders], dtype=torch.float32)
@@ -218,7 +219,7 @@ class ImageRun:
             encoder.train()
 
     def _load_loaded(self, loaded: Any) -> None:
-        from core.export.kohya import fit_keys_to_model  # noqa: PLC0415
+        from core.export.kohya import fit_keys_to_model
 
         load_peft_state(self.model.unet, loaded.unet, "UNet")
         for encoder, state in zip(self.trained_encoders, loaded.text_encoders):
@@ -230,7 +231,7 @@ class ImageRun:
         cfg, m = self.cfg, self.model
         captions = ["" if cfg.caption_dropout > 0 and random.random() < cfg.caption_dropout else self.items[i].caption
                     for i in indices]
-        vae_config = self._vae_config
+        vae_config = self.vae_config
         if self.latents is not None:
             infos = [self.latents[i] for i in indices]
             moments = torch.stack([info.moments for info in infos]).to(self.device)
@@ -252,8 +253,8 @@ class ImageRun:
                               snr_gamma=cfg.snr_gamma, added_cond=added, weight_dtype=self.weight_dtype)
 
     def _encode_batch(self, indices: list[int]) -> tuple[torch.Tensor, list]:
-        from core.data.buckets import prepare_image  # noqa: PLC0415
-        from core.data.image_io import load_rgb  # noqa: PLC0415
+        from core.data.buckets import prepare_image
+        from core.data.image_io import load_rgb
 
         prepared = [prepare_image(load_rgb(self.items[i].path), self.buckets[i], center_crop=self.cfg.center_crop,
                                   flip=self.cfg.random_flip and random.random() < 0.5, rng=random)
@@ -330,7 +331,7 @@ class ImageRun:
     def finish(self, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
         return image_outputs.finish(self, state, result)
 
-    _vae_config: Any = None
+    vae_config: Any = None
     noise_scheduler: Any = None
     train_unet: Any = None  # the UNet as accelerate prepared it (DDP-wrapped on several GPUs)
     train_encoders: list = dataclasses.field(default_factory=list)  # trained text encoders, prepared
@@ -341,9 +342,9 @@ class ImageRun:
 
 def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train an image LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
-    from accelerate import Accelerator  # noqa: PLC0415
+    from accelerate import Accelerator
 
-    from core.train.recovery import distributed  # noqa: PLC0415
+    from core.train.recovery import distributed
 
     precision = _precision(cfg, ctx)
     # Launched as several processes on a machine without CUDA, accelerate only joins them into
@@ -364,7 +365,7 @@ def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
 
 def _train(run: ImageRun) -> dict[str, str]:
     """The setup stages in order, then the training loop."""
-    from core.data.buckets import BucketBatchSampler  # noqa: PLC0415
+    from core.data.buckets import BucketBatchSampler
 
     cfg, acc = run.cfg, run.accelerator
     if run.main:
@@ -377,7 +378,7 @@ def _train(run: ImageRun) -> dict[str, str]:
         run.log("No checkpoint in the output folder yet: starting from the beginning.")
     run.load_data()
     run.load_model()
-    run._vae_config = run.model.vae.config
+    run.vae_config = run.model.vae.config
     run.noise_scheduler = run.model.noise_scheduler()
     run.cache_latents()
     run.cache_text()

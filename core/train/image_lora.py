@@ -41,7 +41,7 @@ def add_text_encoder_lora(encoder: nn.Module, cfg: TrainConfig, targets: list[st
     floor moves with each transformers release (5.24 asks for a PEFT that does not exist
     yet), while PEFT's own injection is what that method calls underneath.
     """
-    from peft import inject_adapter_in_model  # noqa: PLC0415
+    from peft import inject_adapter_in_model
 
     # The user's target_modules name UNet modules; text encoders keep their own projections.
     config = make_lora_config(dataclasses.replace(cfg, target_modules=list(targets or [])), TEXT_ENCODER_MODULES)
@@ -51,14 +51,14 @@ def add_text_encoder_lora(encoder: nn.Module, cfg: TrainConfig, targets: list[st
 
 
 def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415
+    from peft.utils import get_peft_model_state_dict
 
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_peft_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
     """Put LoRA weights into an adapted model; returns the adapter keys the file did not have."""
-    from peft.utils import set_peft_model_state_dict  # noqa: PLC0415
+    from peft.utils import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(model, state)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
@@ -82,12 +82,12 @@ class LoadedLora:
 
 def read_lora_file(path: str | Path, family: str) -> LoadedLora:
     """A kohya or diffusers LoRA .safetensors -> PEFT state dicts (to continue training from it)."""
-    from core.export import load_lora_as_peft  # noqa: PLC0415
+    from core.export import load_lora_as_peft
 
     file = Path(path)
     try:
         unet, tes, alphas = load_lora_as_peft(file, family)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same plain message
+    except Exception as exc:
         raise ValueError(f"'{file}' is not a readable LoRA .safetensors file: {exc}") from exc
     if not unet:
         raise ValueError(f"'{file.name}' holds no UNet LoRA weights (neither kohya nor diffusers keys).")
@@ -105,7 +105,7 @@ def module_paths(state: dict[str, torch.Tensor]) -> list[str]:
 # --- writing results ------------------------------------------------------------------------
 
 def alphas_for(unet: nn.Module, encoders: list[nn.Module]) -> dict[str, float]:
-    from core.export.kohya import kohya_alphas_from_model  # noqa: PLC0415
+    from core.export.kohya import kohya_alphas_from_model
 
     alphas = {f"unet.{k}": v for k, v in kohya_alphas_from_model(unet).items()}
     for name, encoder in zip(TE_NAMES, encoders):
@@ -144,7 +144,7 @@ def save_lora_outputs(folder: Path, name: str, *, family: str, unet: nn.Module, 
     `pissa_init`: the initial PEFT states [unet, *encoders] of a PiSSA run, to write a LoRA that
     applies to the unmodified base model.
     """
-    from core.export.kohya import peft_to_kohya, save_kohya_lora  # noqa: PLC0415
+    from core.export.kohya import peft_to_kohya, save_kohya_lora
 
     unet_state = peft_state(unet)
     te_states = [peft_state(e) for e in encoders]
@@ -158,7 +158,7 @@ def save_lora_outputs(folder: Path, name: str, *, family: str, unet: nn.Module, 
     kohya = peft_to_kohya(unet_state, te_states, family, alphas=alphas)
     paths = {"kohya": str(save_kohya_lora(folder / f"{name}.safetensors", kohya, metadata, dtype=save_dtype))}
     if diffusers_file:
-        from core.export.diffusers_format import save_diffusers_lora  # noqa: PLC0415
+        from core.export.diffusers_format import save_diffusers_lora
 
         written = save_diffusers_lora(folder, family, unet_state, te_states, unet_lora_config=unet_config,
                                       text_encoder_lora_configs=te_configs or None, dtype=save_dtype)

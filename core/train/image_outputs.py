@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 
 def _metadata(run: ImageRun, steps: int, epoch: int) -> dict[str, Any]:
-    from core.data.buckets import bucket_info  # noqa: PLC0415
-    from core.export.metadata import kohya_metadata  # noqa: PLC0415
+    from core.data.buckets import bucket_info
+    from core.export.metadata import kohya_metadata
 
     cfg = run.cfg
     info = bucket_info([(i.width, i.height) for i in run.items], run.buckets)
@@ -63,7 +63,7 @@ def save_checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any
 
 
 def restore_weights(run: ImageRun, folder: Path) -> None:
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors.torch import load_file
 
     load_peft_state(run.accelerator.unwrap_model(run.train_unet), load_file(str(folder / PEFT_FILES[0])), "UNet")
     for index, encoder in enumerate(run.train_encoders):
@@ -76,7 +76,7 @@ def restore_weights(run: ImageRun, folder: Path) -> None:
 
 def make_samples(run: ImageRun, step: int) -> list[str]:
     """Previews with the UNet being trained; VAE/text encoders visit the device only meanwhile."""
-    from core.sample import build_pipeline, run_pipeline, sample_size, save_image  # noqa: PLC0415
+    from core.sample import build_pipeline, run_pipeline, sample_size, save_image
 
     cfg, m = run.cfg, run.model
     unet = run.accelerator.unwrap_model(run.train_unet)
@@ -112,7 +112,7 @@ def checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any, sch
     folder = None
     ranks = None
     if run.accelerator.num_processes > 1:
-        from accelerate.utils import gather_object  # noqa: PLC0415
+        from accelerate.utils import gather_object
 
         ranks = gather_object([checkpoints.rng_state()])  # in rank order
     if run.main:

@@ -6,7 +6,8 @@ embedding and size/crop time ids.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def sample_latents(moments: torch.Tensor, scaling_factor: float, shift_factor: f
 
 def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), as in diffusers' example."""
-    from diffusers.training_utils import compute_snr  # noqa: PLC0415
+    from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))

@@ -11,7 +11,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -56,7 +57,7 @@ def _cache_name(content: str, bucket: Bucket, center_crop: bool) -> str:
 
 
 def _read_cached(path: Path) -> CachedImage | None:
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
@@ -69,7 +70,7 @@ def _read_cached(path: Path) -> CachedImage | None:
 
 
 def _write_cached(path: Path, item: CachedImage) -> None:
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
     info = json.dumps({"original_size": item.original_size, "crop_top_left": item.crop_top_left,
                        "target_size": item.target_size})
@@ -121,7 +122,7 @@ def encode_images(vae: Any, paths: Sequence[Path], buckets: Sequence[Bucket], *,
                     failed.append((path.name, str(exc)))
             if prepared:
                 moments = encode_moments(vae, torch.stack([p.pixels for p in prepared]))
-                for (index, path, content), prep, moment in zip(chunk, prepared, moments):
+                for (index, _path, content), prep, moment in zip(chunk, prepared, moments):
                     item = CachedImage(moment.clone(), tuple(prep.original_size), tuple(prep.crop_top_left),
                                        tuple(prep.target_size))
                     results[index] = item

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import torch
 
@@ -16,7 +17,7 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig, ctx: R
     name = cfg.optimizer
     if name == "adamw8bit":
         try:
-            import bitsandbytes as bnb  # noqa: PLC0415
+            import bitsandbytes as bnb
 
             if torch.cuda.is_available():
                 return bnb.optim.AdamW8bit(param_groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -27,7 +28,7 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig, ctx: R
                      "pip install bitsandbytes on a CUDA machine to save optimizer memory.")
         name = "adamw"
     if name == "adafactor":
-        from transformers.optimization import Adafactor  # noqa: PLC0415
+        from transformers.optimization import Adafactor
 
         return Adafactor(param_groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
                          warmup_init=False, weight_decay=cfg.weight_decay)
@@ -40,7 +41,7 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig, ctx: R
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
-    from diffusers.optimization import get_scheduler  # noqa: PLC0415
+    from diffusers.optimization import get_scheduler
 
     return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                          num_training_steps=max(1, total_steps))

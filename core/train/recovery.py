@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from core.config import TrainConfig
 from core.devices import DeviceInfo, free_memory, is_out_of_memory
@@ -56,7 +57,7 @@ class _StepTracker:
 
 def preflight(cfg: TrainConfig, ctx: RunContext, device: DeviceInfo, model: ModelInfo) -> None:
     """Log the memory estimate; warn before a run that will not fit, and on the CPU."""
-    from core.memory import estimate_memory  # noqa: PLC0415
+    from core.memory import estimate_memory
 
     estimate = estimate_memory(cfg, model, device)
     ctx.log(f"Memory: {model.label} on {device.label}; predicted peak {estimate.summary()}.")
@@ -75,8 +76,8 @@ def preflight(cfg: TrainConfig, ctx: RunContext, device: DeviceInfo, model: Mode
 
 def oom_advice(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> tuple[str, dict[str, Any]]:
     """What to change after an out-of-memory error: the next smaller preset, else gentler steps."""
-    from core import presets  # noqa: PLC0415
-    from core.memory import USABLE_SHARE, estimate_memory, fitting_changes, format_changes  # noqa: PLC0415
+    from core import presets
+    from core.memory import USABLE_SHARE, estimate_memory, fitting_changes, format_changes
 
     shift = presets.next_smaller_preset(cfg, model, device)
     if shift is not None:
@@ -109,7 +110,7 @@ def _resume_value(cfg: TrainConfig) -> str:
 def train_with_recovery(train_fn: TrainFn, cfg: TrainConfig, ctx: RunContext, *,
                         device: DeviceInfo | None = None, model: ModelInfo | None = None) -> dict[str, Any]:
     """Run `train_fn(cfg, ctx)`; on out of memory stop with advice or downshift and resume."""
-    from core import presets  # noqa: PLC0415
+    from core import presets
 
     try:
         device = device or presets.detect_device()

@@ -32,7 +32,7 @@ class RunLog:
         self._csv = open(self.csv_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._tb = None
         try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+            from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "logs"), purge_step=resume_step or None)
         except Exception:  # noqa: BLE001 - TensorBoard is optional for the run itself

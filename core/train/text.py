@@ -17,7 +17,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -73,9 +74,9 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, ctx: RunContext) -> TextData:
 
 def add_lora(model: Any, cfg: TrainConfig) -> Any:
     """Wrap `model` with a PEFT LoRA (attention + MLP projections unless target_modules says)."""
-    from peft import get_peft_model  # noqa: PLC0415
+    from peft import get_peft_model
 
-    from core.lora import LLM_MODULES, make_lora_config  # noqa: PLC0415
+    from core.lora import LLM_MODULES, make_lora_config
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [m for m in LLM_MODULES if m in names] or ["all-linear"]
@@ -89,8 +90,8 @@ def add_lora(model: Any, cfg: TrainConfig) -> Any:
 
 def load_adapter_weights(peft_model: Any, source: Path) -> None:
     """Load LoRA weights from an adapter folder or its .safetensors file into `peft_model`."""
-    from peft import set_peft_model_state_dict  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     file = source / "adapter_model.safetensors" if source.is_dir() else source
     if not file.is_file():
@@ -193,7 +194,7 @@ class TextRun:
         return state
 
     def make_samples(self, step: int) -> None:
-        from core.sample_text import compare_with_model  # noqa: PLC0415
+        from core.sample_text import compare_with_model
 
         prompts = list(self.cfg.sample_prompts)
         self.ctx.log(f"Answering {len(prompts)} sample prompt(s) at step {step}")
