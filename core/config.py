@@ -30,6 +30,9 @@ PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CAPTION_SOURCES = ("auto", "metadata", "txt")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+TIMESTEP_SAMPLINGS = ("auto", "shift", "sigmoid", "logit_normal", "uniform")
+LORA_BLOCKS = ("all", "attention", "single_blocks")
+BASE_QUANTIZATIONS = ("none", "nf4")
 # The title of each field group, in the order the form's Advanced section and the README's
 # key table show them (the form's accordions and tools/config_doc.py both read this one).
 GROUP_TITLES = {
@@ -39,6 +42,7 @@ GROUP_TITLES = {
     "lora": "LoRA network",
     "data": "Image data and captions",
     "model": "Image model and noise",
+    "flux": "FLUX.1 and Chroma",
     "sample": "Sample previews",
     "text": "Text data and model",
     "output": "Output and logging",
@@ -167,7 +171,31 @@ class TrainConfig:
                                 "family whose configs and tokenizer build it, to load offline. Empty: the "
                                 "family's standard hub repo (cached after the first online run).", "model",
                                 task="image")
-    vae: str = _f("", "Optional separate VAE (.safetensors or diffusers folder).", "model", task="image")
+    vae: str = _f("", "Optional separate VAE (.safetensors or diffusers folder); FLUX: ae.safetensors.", "model",
+                  task="image")
+    # --- FLUX.1 / Chroma (flow-matching transformers) -------------------------------------
+    clip_l: str = _f("", "FLUX with a single-file transformer: the CLIP-L text encoder file (ComfyUI's "
+                     "models/clip or models/text_encoders; found there when empty).", "flux", task="image")
+    t5: str = _f("", "FLUX / Chroma with a single-file transformer: the T5-XXL text encoder file (fp16 or fp8; "
+                 "found in models/clip or models/text_encoders when empty).", "flux", task="image")
+    timestep_sampling: str = _f("auto", "How training picks noise levels for flow-matching models: shift (FLUX "
+                                "default), sigmoid (Chroma default), logit_normal, uniform; auto: the family's.",
+                                "flux", choices=TIMESTEP_SAMPLINGS, task="image")
+    discrete_flow_shift: float = _f(3.1582, "The shift of `timestep_sampling: shift` (kohya's and FluxGym's "
+                                    "3.1582 for FLUX.1).", "flux", minimum=0.1, maximum=20.0, task="image")
+    train_guidance: float = _f(1.0, "The guidance value fed to FLUX.1-dev's guidance embedding while training "
+                               "(1.0 as kohya and FluxGym; ignored by schnell and Chroma).", "flux",
+                               minimum=0.0, maximum=10.0, task="image")
+    lora_blocks: str = _f("all", "Which FLUX blocks get LoRA: all, attention (attention projections only), or "
+                          "single_blocks (FluxGym's 12 GB mode).", "flux", choices=LORA_BLOCKS, task="image")
+    fp8_base: bool = _f(False, "Store the frozen FLUX transformer in fp8 (half the memory of bf16; the LoRA "
+                        "stays in full precision). Needs a GPU with bf16.", "flux", task="image")
+    base_quantization: str = _f("none", "Quantize the frozen FLUX transformer: nf4 (4-bit, QLoRA, about 9 GB) or "
+                                "none. Needs CUDA and bitsandbytes.", "flux", choices=BASE_QUANTIZATIONS,
+                                task="image")
+    blocks_to_swap: int = _f(0, "FLUX: keep this many transformer blocks in CPU memory and bring each to the GPU "
+                             "when it runs (kohya's blocks_to_swap; slower, much less VRAM). Needs CUDA.", "flux",
+                             minimum=0, maximum=57, task="image")
 
     # --- samples ---------------------------------------------------------------------
     sample_steps: int = _f(0, "Make previews every N steps (0: only at the end if prompts are set).",

@@ -1,0 +1,23 @@
+"""The family table: every family the trainer knows, with sizes that match the real networks."""
+import pytest
+
+from core.families.registry import FAMILIES, family_info, family_label
+
+
+@pytest.mark.parametrize("name", ["flux-dev", "flux-schnell", "chroma"])
+def test_the_flux_sizes_are_the_real_transformers_built_on_the_meta_device(name):
+    from core.families.flux_memory import flux_param_counts
+
+    assert family_info(name).trained_params == flux_param_counts(name, 4, "all")["total"]
+
+
+def test_every_family_has_a_name_for_people_and_for_webui():
+    for info in FAMILIES.values():
+        assert info.label and info.ss_base_model_version and info.modelspec_architecture
+        assert info.kind in ("unet", "flux") and info.native_resolution in (512, 768, 1024)
+    assert family_label("sdxl") == "SDXL" and family_label("llm") == "LLM"
+
+
+def test_an_unknown_family_is_named_with_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown model family 'sd4'.*sd1, sd2, sdxl, flux-dev"):
+        family_info("sd4")
