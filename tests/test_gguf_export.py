@@ -1,0 +1,145 @@
+"""GGUF out: text LoRAs for llama.cpp, Ollama and LM Studio.
+
+The reference is llama.cpp itself: its `convert_lora_to_gguf.py` / `convert_hf_to_gguf.py`
+from the llama-cpp-python sdist that the test install downloads into
+.cache/llama-cpp-python (see core/export/llama_cpp.py). Tests that need it skip without it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.export import llama_cpp
+from core.export.gguf_adapter import write_gguf_adapter
+from core.export.gguf_arch import GGUFExportError, hf_config_for_llama_cpp
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_KEYS = ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_dir() -> Path:
+    folder = llama_cpp.find_llama_cpp()
+    if folder is None:
+        pytest.skip(f"llama.cpp's converters are not in {llama_cpp.CACHE}; the test install gets them with "
+                    f"`{llama_cpp.INSTALL_HINT}`")
+    return folder
+
+
+def _randomise_lora_b(peft_model, seed: int = 1) -> None:
+    # PEFT starts B at zero; a trained adapter has non-zero B, and zeros would hide a wrong permutation.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+
+
+def make_adapter(model, folder: Path, *, targets=tuple(ALL_LINEAR), rank: int = 4, alpha: float = 8, **extra) -> Path:
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), **extra))
+    _randomise_lora_b(peft_model)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_qwen2(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_adapter(tiny_llm_dir, tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir))
+    return make_adapter(model, tmp_path_factory.mktemp("llama_lora") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_base(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_qwen2")
+    tiny_qwen2().save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    import gguf  # noqa: PLC0415
+
+    reader = gguf.GGUFReader(str(path))
+    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    tensors = {t.name: (t.tensor_type.name, np.array(t.data)) for t in reader.tensors}
+    return fields, tensors
+
+
+def llama_cpp_lora(llama_cpp_dir: Path, adapter: Path, base_dir: Path, out: Path, outtype: str = "f32") -> Path:
+    llama_cpp.run_converter("convert_lora_to_gguf.py", ["--base", str(base_dir), "--outtype", outtype,
+                                                        "--outfile", str(out), str(adapter)], folder=llama_cpp_dir)
+    return out
+
+
+def assert_same_adapter(ours: Path, theirs: Path) -> None:
+    our_fields, our_tensors = read_gguf(ours)
+    their_fields, their_tensors = read_gguf(theirs)
+    assert {k: our_fields.get(k) for k in ADAPTER_KEYS} == {k: their_fields.get(k) for k in ADAPTER_KEYS}
+    assert sorted(our_tensors) == sorted(their_tensors)
+    for name, (kind, data) in their_tensors.items():
+        assert our_tensors[name][0] == kind, name
+        assert our_tensors[name][1].shape == data.shape, name
+        np.testing.assert_array_equal(our_tensors[name][1], data, err_msg=name)
+
+
+def test_a_tiny_llama_lora_converts_to_the_same_gguf_adapter_as_llama_cpps_converter(
+        tiny_llama_adapter, tiny_llm_dir, llama_cpp_dir, tmp_path):
+    result = write_gguf_adapter(tiny_llama_adapter, tmp_path / "ours.gguf", base=str(tiny_llm_dir))
+    theirs = llama_cpp_lora(llama_cpp_dir, tiny_llama_adapter, tiny_llm_dir, tmp_path / "theirs.gguf")
+    assert result.arch == "llama" and result.modules == 2 * len(ALL_LINEAR) and not result.rescaled
+    assert_same_adapter(result.path, theirs)
+    # The permutation is not a no-op on these shapes: q's lora_b differs from PEFT's B.
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    peft_b = load_file(str(tiny_llama_adapter / "adapter_model.safetensors"))[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert not np.array_equal(read_gguf(result.path)[1]["blk.0.attn_q.weight.lora_b"][1], peft_b)
+
+
+def test_a_tiny_qwen2_lora_converts_like_llama_cpp_without_the_qk_permutation(tiny_qwen2_base, tmp_path,
+                                                                              llama_cpp_dir):
+    from safetensors.numpy import load_file  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_base)), tmp_path / "adapter",
+                           targets=("q_proj", "k_proj", "v_proj", "o_proj"), rank=8, alpha=16)
+    result = write_gguf_adapter(adapter, tmp_path / "ours.gguf", base=str(tiny_qwen2_base))
+    theirs = llama_cpp_lora(llama_cpp_dir, adapter, tiny_qwen2_base, tmp_path / "theirs.gguf")
+    assert result.arch == "qwen2" and result.alpha == 16
+    assert_same_adapter(result.path, theirs)
+    peft_b = load_file(str(adapter / "adapter_model.safetensors"))[
+        "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
+    np.testing.assert_array_equal(read_gguf(result.path)[1]["blk.1.attn_k.weight.lora_b"][1], peft_b)
+
+
+def test_a_lora_on_a_gguf_base_takes_the_architecture_from_the_gguf_and_matches_llama_cpp(
+        tiny_llm_gguf, tiny_llama_adapter, llama_cpp_dir, tmp_path):
+    result = write_gguf_adapter(tiny_llama_adapter, tmp_path / "ours.f16.gguf", base=str(tiny_llm_gguf),
+                                out_type="f16")
+    # llama.cpp's converter reads an HF config.json; one derived from the GGUF needs `architectures` added.
+    config = hf_config_for_llama_cpp(str(tiny_llm_gguf))
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    base_dir = tmp_path / "base_config"
+    base_dir.mkdir()
+    (base_dir / "config.json").write_text(json.dumps(config))
+    theirs = llama_cpp_lora(llama_cpp_dir, tiny_llama_adapter, base_dir, tmp_path / "theirs.gguf", outtype="f16")
+    assert_same_adapter(result.path, theirs)
+    assert read_gguf(result.path)[1]["blk.0.attn_q.weight.lora_a"][0] == "F16"
