@@ -143,3 +143,51 @@ def test_a_lora_on_a_gguf_base_takes_the_architecture_from_the_gguf_and_matches_
     theirs = llama_cpp_lora(llama_cpp_dir, tiny_llama_adapter, base_dir, tmp_path / "theirs.gguf", outtype="f16")
     assert_same_adapter(result.path, theirs)
     assert read_gguf(result.path)[1]["blk.0.attn_q.weight.lora_a"][0] == "F16"
+
+
+def _delta_in_llama_cpp(path: Path, name: str) -> np.ndarray:
+    # What llama.cpp adds to the weight: (alpha / rank) * B @ A, with rank read from lora_a.
+    fields, tensors = read_gguf(path)
+    lora_a, lora_b = tensors[f"{name}.lora_a"][1], tensors[f"{name}.lora_b"][1]
+    return fields["adapter.lora.alpha"] / lora_a.shape[0] * lora_b @ lora_a
+
+
+def test_rslora_and_per_module_alpha_are_folded_so_llama_cpp_applies_the_trained_change(tiny_qwen2_base, tmp_path):
+    from peft import PeftModel  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_base))
+    adapter = make_adapter(base, tmp_path / "adapter", targets=("q_proj", "v_proj"), rank=4, alpha=8,
+                           use_rslora=True, alpha_pattern={"v_proj": 2})
+    result = write_gguf_adapter(adapter, tmp_path / "rs.gguf", base=str(tiny_qwen2_base))
+    assert len(result.rescaled) == 4  # q and v in both layers
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_base)), str(adapter))
+    for module, gguf_name in (("q_proj", "attn_q"), ("v_proj", "attn_v")):
+        layer = peft_model.base_model.model.model.layers[1].self_attn
+        expected = getattr(layer, module).get_delta_weight("default").detach().numpy()
+        np.testing.assert_allclose(_delta_in_llama_cpp(result.path, f"blk.1.{gguf_name}.weight"), expected,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"targets": ("q_proj", "embed_tokens")}, "embed_tokens"),
+    ({"targets": ("q_proj", "lm_head")}, "lm_head"),
+    ({"targets": ("q_proj",), "use_dora": True}, "DoRA"),
+])
+def test_adapters_llama_cpp_cannot_apply_are_refused_with_what_to_do(tiny_qwen2_base, tmp_path, extra, message):
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_base)), tmp_path / "adapter", **extra)
+    with pytest.raises(GGUFExportError, match=message) as caught:
+        write_gguf_adapter(adapter, tmp_path / "out.gguf", base=str(tiny_qwen2_base))
+    assert "merge" in caught.value.advice
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_an_unknown_architecture_is_refused_naming_the_supported_ones(tmp_path, tiny_llama_adapter):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 4}))
+    with pytest.raises(GGUFExportError, match="gpt2") as caught:
+        write_gguf_adapter(tiny_llama_adapter, tmp_path / "out.gguf", base=str(base))
+    assert "qwen2" in caught.value.advice
