@@ -191,3 +191,111 @@ def test_an_unknown_architecture_is_refused_naming_the_supported_ones(tmp_path, 
     with pytest.raises(GGUFExportError, match="gpt2") as caught:
         write_gguf_adapter(tiny_llama_adapter, tmp_path / "out.gguf", base=str(base))
     assert "qwen2" in caught.value.advice
+
+
+# --- Ollama Modelfile --------------------------------------------------------------------------------------------
+
+TWO_TURNS = [{"role": "user", "content": "How long does the Kestrel K7 fly?"},
+             {"role": "assistant", "content": "It flies for 47 minutes."},
+             {"role": "user", "content": "And how long to charge?"}]
+
+
+def parse_modelfile(path: Path) -> dict[str, list[str]]:
+    """Modelfile instructions -> values (triple-quoted values may span lines), as Ollama reads them."""
+    found: dict[str, list[str]] = {}
+    text = path.read_text()
+    while text:
+        line, _, rest = text.partition("\n")
+        if line.strip() and not line.startswith("#"):
+            command, _, value = line.partition(" ")
+            if value.startswith('"""'):
+                value, _, rest = (value[3:] + "\n" + rest).partition('"""')
+                rest = rest.partition("\n")[2]
+            found.setdefault(command.upper(), []).append(value)
+        text = rest
+    return found
+
+
+def ollama_prompt(modelfile: Path, messages: list[dict[str, str]]) -> str:
+    from core.export import go_template  # noqa: PLC0415
+
+    parsed = parse_modelfile(modelfile)
+    return go_template.render(parsed["TEMPLATE"][0], messages, system=parsed.get("SYSTEM", [""])[0])
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    from core.models.llm import load_tokenizer, resolve_source  # noqa: PLC0415
+
+    return load_tokenizer(resolve_source(str(smollm2_gguf)))
+
+
+def test_the_modelfile_template_renders_a_two_turn_chat_exactly_as_the_tiny_tokenizer_does(tmp_path):
+    from core.export.modelfile import write_modelfile  # noqa: PLC0415
+    from tests.fixtures.tiny_llm import build_tokenizer  # noqa: PLC0415
+
+    tokenizer = build_tokenizer()
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    path, match = write_modelfile(tmp_path / "model.gguf", tokenizer=tokenizer)
+    assert match.format.name == "chatml" and match.system == ""
+    parsed = parse_modelfile(path)
+    assert parsed["FROM"] == ["./model.gguf"] and "ADAPTER" not in parsed and "SYSTEM" not in parsed
+    assert parsed["PARAMETER"] == ['stop "<|im_end|>"']
+    expected = tokenizer.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
+    assert ollama_prompt(path, TWO_TURNS) == expected
+    system_chat = [{"role": "system", "content": "Be brief."}, *TWO_TURNS]
+    assert ollama_prompt(path, system_chat) == tokenizer.apply_chat_template(system_chat, tokenize=False,
+                                                                             add_generation_prompt=True)
+
+
+def test_smollm2s_default_system_prompt_becomes_the_modelfile_system_and_the_chat_renders_the_same(
+        smollm2_gguf, smollm2_tokenizer, tmp_path):
+    from core.export.modelfile import write_modelfile  # noqa: PLC0415
+
+    (tmp_path / "lora.gguf").write_bytes(b"GGUF")
+    path, match = write_modelfile(tmp_path / "lora.gguf", tokenizer=smollm2_tokenizer, base_gguf=smollm2_gguf)
+    parsed = parse_modelfile(path)
+    assert parsed["FROM"] == [str(smollm2_gguf.resolve())] and parsed["ADAPTER"] == ["./lora.gguf"]
+    assert parsed["SYSTEM"] == ["You are a helpful AI assistant named SmolLM, trained by Hugging Face"]
+    for chat in (TWO_TURNS, [{"role": "system", "content": "Answer in French."}, *TWO_TURNS]):
+        assert ollama_prompt(path, chat) == smollm2_tokenizer.apply_chat_template(chat, tokenize=False,
+                                                                                  add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", ["alpaca", "plain"])
+def test_the_projects_own_chat_templates_get_matching_ollama_templates(name, tmp_path):
+    from core.data.chat_templates import TEMPLATES  # noqa: PLC0415
+    from core.export.modelfile import write_modelfile  # noqa: PLC0415
+    from tests.fixtures.tiny_llm import build_tokenizer  # noqa: PLC0415
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = TEMPLATES[name]
+    path, match = write_modelfile(tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert match.format.name == name
+    assert ollama_prompt(path, TWO_TURNS) == tokenizer.apply_chat_template(TWO_TURNS, tokenize=False,
+                                                                           add_generation_prompt=True)
+
+
+def test_an_unrecognised_chat_format_leaves_template_out_and_says_why(tmp_path):
+    from core.data.chat_templates import TEMPLATES  # noqa: PLC0415
+    from core.export.modelfile import write_modelfile  # noqa: PLC0415
+    from tests.fixtures.tiny_llm import build_tokenizer  # noqa: PLC0415
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = TEMPLATES["llama2"]
+    path, match = write_modelfile(tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert match.format is None
+    text = path.read_text()
+    assert "TEMPLATE" not in parse_modelfile(path) and "chat format was not recognised" in text
+
+
+def test_the_go_template_renderer_refuses_what_it_does_not_implement():
+    from core.export import go_template  # noqa: PLC0415
+
+    chat = [{"role": "user", "content": "hi"}]
+    assert go_template.render("{{- range .Messages -}}\n  [{{ .Role }}] {{ .Content -}}\n\n{{ end }}!", chat) == \
+        "[user] hi!"
+    for bad in ("{{ range .Messages }}{{ .Content | trim }}{{ end }}", "{{ if .System }}x",
+                "{{ template \"x\" }}", "{{ range .Messages }}{{ .Missing }}{{ end }}"):
+        with pytest.raises(go_template.TemplateError):
+            go_template.render(bad, chat)
