@@ -37,7 +37,7 @@ def _randomise_lora_b(peft_model, seed: int = 1) -> None:
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator))
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
 
 
 def make_adapter(model, folder: Path, *, targets=tuple(ALL_LINEAR), rank: int = 4, alpha: float = 8, **extra) -> Path:
@@ -299,3 +299,84 @@ def test_the_go_template_renderer_refuses_what_it_does_not_implement():
                 "{{ template \"x\" }}", "{{ range .Messages }}{{ .Missing }}{{ end }}"):
         with pytest.raises(go_template.TemplateError):
             go_template.render(bad, chat)
+
+
+# --- merged model as GGUF ----------------------------------------------------------------------------------------
+
+def _logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _load_gguf_model(path: Path):
+    from core.models.llm import load_llm  # noqa: PLC0415
+
+    model, tokenizer, _ = load_llm(str(path))
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_merged_reference(tiny_llm_dir, tiny_llama_adapter, tmp_path_factory) -> Path:
+    from core.tools.merge import bake_into_llm  # noqa: PLC0415
+
+    return bake_into_llm(str(tiny_llm_dir), tiny_llama_adapter, tmp_path_factory.mktemp("merged") / "hf")
+
+
+def test_the_merged_q8_0_gguf_carries_the_chat_template_and_the_bases_tokenizer(
+        tiny_llm_gguf, tiny_llama_adapter, tiny_merged_reference, tmp_path):
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    from core.export.gguf_model import export_merged_gguf  # noqa: PLC0415
+    from tests.fixtures.tiny_llm import CHATML  # noqa: PLC0415
+
+    result = export_merged_gguf(str(tiny_llm_gguf), tiny_llama_adapter, tmp_path / "chat.q8_0.gguf", out_type="q8_0")
+    assert result.route == "gguf"  # a GGUF base: its tokenizer is copied as it is
+    fields, tensors = read_gguf(result.path)
+    base_fields, _ = read_gguf(tiny_llm_gguf)
+    assert fields["tokenizer.chat_template"] == CHATML
+    for key in [k for k in base_fields if k.startswith("tokenizer.ggml.")]:
+        assert fields[key] == base_fields[key], key
+    assert fields["general.file_type"] == 7  # MOSTLY_Q8_0
+    assert tensors["blk.0.attn_q.weight"][0] == "Q8_0" and tensors["blk.0.attn_norm.weight"][0] == "F32"
+    # Read back (transformers dequantizes it, as for any GGUF), it is the merged model up to Q8_0 rounding.
+    merged, tokenizer = _load_gguf_model(result.path)
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_merged_reference))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "How long does the Kestrel K7 fly?"}],
+                                        tokenize=True, add_generation_prompt=True, return_dict=False)
+    got, want = _logits(merged, ids), _logits(reference, ids)
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_a_merged_f16_gguf_of_an_hf_base_reads_back_as_the_merged_model(tiny_llm_dir, tiny_llama_adapter,
+                                                                        tiny_merged_reference, tmp_path):
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    from core.export.gguf_model import export_merged_gguf  # noqa: PLC0415
+
+    result = export_merged_gguf(str(tiny_llm_dir), tiny_llama_adapter, tmp_path / "m.f16.gguf", route="gguf")
+    assert result.notes and "pre-tokenizer" in result.notes[0]
+    merged, _ = _load_gguf_model(result.path)
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_merged_reference))
+    ids = list(range(3, 40))
+    np.testing.assert_allclose(_logits(merged, ids), _logits(reference, ids), atol=2e-3, rtol=1e-2)
+    # ...and the LoRA is in it: the base model answers differently.
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir))
+    assert np.abs(_logits(base, ids) - _logits(merged, ids)).max() > 0.1
+
+
+def test_the_chat_template_the_lora_was_trained_with_goes_into_the_merged_gguf(tiny_llm_gguf, tiny_llama_adapter,
+                                                                               tmp_path):
+    from core.data.chat_templates import TEMPLATES  # noqa: PLC0415
+    from core.export.gguf_model import export_merged_gguf  # noqa: PLC0415
+
+    result = export_merged_gguf(str(tiny_llm_gguf), tiny_llama_adapter, tmp_path / "a.gguf", chat_template="alpaca")
+    assert read_gguf(result.path)[0]["tokenizer.chat_template"] == TEMPLATES["alpaca"]
+
+
+def test_k_quants_are_refused_with_the_llama_quantize_step(tiny_llm_gguf, tiny_llama_adapter, tmp_path):
+    from core.export.gguf_model import export_merged_gguf  # noqa: PLC0415
+
+    with pytest.raises(GGUFExportError, match="q4_k_m") as caught:
+        export_merged_gguf(str(tiny_llm_gguf), tiny_llama_adapter, tmp_path / "a.gguf", out_type="q4_k_m")
+    assert "llama-quantize" in caught.value.advice
