@@ -380,3 +380,56 @@ def test_k_quants_are_refused_with_the_llama_quantize_step(tiny_llm_gguf, tiny_l
     with pytest.raises(GGUFExportError, match="q4_k_m") as caught:
         export_merged_gguf(str(tiny_llm_gguf), tiny_llama_adapter, tmp_path / "a.gguf", out_type="q4_k_m")
     assert "llama-quantize" in caught.value.advice
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    from tools.export import main  # noqa: PLC0415
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_converts_an_adapter_to_gguf_with_a_modelfile_that_uses_the_runs_chat_template(
+        tiny_llama_adapter, tiny_llm_gguf, tmp_path, capsys):
+    import shutil  # noqa: PLC0415
+
+    # A training run's output folder: the adapter and the config.yaml that named the chat template.
+    run_dir = tmp_path / "kestrel"
+    shutil.copytree(tiny_llama_adapter, run_dir / "adapter")
+    (run_dir / "config.yaml").write_text("task_type: text-generation\nchat_template: alpaca\n")
+    out = run_dir / "kestrel.gguf"
+    code, stdout, stderr = cli(capsys, "convert", run_dir / "adapter", out, "--to", "gguf", "--base", tiny_llm_gguf)
+    assert code == 0, stderr
+    assert read_gguf(out)[0]["general.type"] == "adapter"
+    modelfile = run_dir / "Modelfile"
+    parsed = parse_modelfile(modelfile)
+    assert parsed["FROM"] == [str(tiny_llm_gguf.resolve())] and parsed["ADAPTER"] == ["./kestrel.gguf"]
+    assert parsed["TEMPLATE"][0].startswith("{{ range .Messages }}") and "### Instruction:" in parsed["TEMPLATE"][0]
+    assert f"ollama create kestrel -f {modelfile}" in stdout
+
+
+def test_cli_merges_into_a_q8_0_gguf_with_a_modelfile(tiny_llama_adapter, tiny_llm_gguf, tmp_path, capsys):
+    out = tmp_path / "chat.q8_0.gguf"
+    code, stdout, stderr = cli(capsys, "merge", "--base", tiny_llm_gguf, "--lora", tiny_llama_adapter, "--output", out,
+                               "--type", "q8_0")
+    assert code == 0, stderr
+    assert read_gguf(out)[1]["blk.1.ffn_up.weight"][0] == "Q8_0"
+    parsed = parse_modelfile(tmp_path / "Modelfile")
+    assert parsed["FROM"] == ["./chat.q8_0.gguf"] and "ADAPTER" not in parsed
+    assert ollama_prompt(tmp_path / "Modelfile", TWO_TURNS) == (
+        "<|im_start|>user\nHow long does the Kestrel K7 fly?<|im_end|>\n<|im_start|>assistant\n"
+        "It flies for 47 minutes.<|im_end|>\n<|im_start|>user\nAnd how long to charge?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert "by gguf" in stdout and "ollama create chat -f" in stdout
+
+
+def test_cli_explains_an_adapter_llama_cpp_cannot_hold(tiny_qwen2_base, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_base)), tmp_path / "adapter",
+                           targets=("q_proj", "lm_head"))
+    code, _, stderr = cli(capsys, "convert", adapter, tmp_path / "x.gguf", "--to", "gguf", "--base", tiny_qwen2_base)
+    assert code == 2 and "lm_head" in stderr and "merge --base" in stderr

@@ -49,6 +49,7 @@ class MergedExport:
     out_type: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+    tokenizer: Any = None  # the merged model's tokenizer (for the Modelfile's chat template)
 
     def summary(self) -> str:
         size = self.path.stat().st_size / 1e6
@@ -236,15 +237,17 @@ def convert_with_llama_cpp(hf_dir: str | Path, output: str | Path, *, out_type: 
         run_converter("convert_hf_to_gguf.py", ["--outtype", out_type, "--outfile", str(tmp), str(hf_dir)])
 
 
-def _set_chat_template(folder: Path, chat_template: str) -> None:
-    """Save the tokenizer in `folder` with the chat template the LoRA was trained with."""
+def _final_tokenizer(folder: Path, chat_template: str) -> Any:
+    """The merged folder's tokenizer, saved again with `chat_template` (the one the LoRA was trained with)."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     from core.data.chat_templates import apply_template  # noqa: PLC0415
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    apply_template(tokenizer, chat_template)
-    tokenizer.save_pretrained(str(folder))
+    if chat_template:
+        apply_template(tokenizer, chat_template)
+        tokenizer.save_pretrained(str(folder))
+    return tokenizer
 
 
 def export_merged_gguf(base: str, adapter: str | Path, output: str | Path, *, out_type: str = "f16",
@@ -270,8 +273,7 @@ def export_merged_gguf(base: str, adapter: str | Path, output: str | Path, *, ou
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         hf_dir = bake_into_llm(base, adapter, work / "merged", weight=weight, allow_pickle=allow_pickle)
-        if chat_template:
-            _set_chat_template(hf_dir, chat_template)
+        tokenizer = _final_tokenizer(hf_dir, chat_template)
         notes: list[str] = []
         if route == "llama.cpp":
             convert_with_llama_cpp(hf_dir, target, out_type=out_type)
@@ -280,4 +282,4 @@ def export_merged_gguf(base: str, adapter: str | Path, output: str | Path, *, ou
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return MergedExport(path=target, route=route, out_type=out_type, seconds=time.perf_counter() - started,
-                        notes=notes)
+                        notes=notes, tokenizer=tokenizer)

@@ -26,8 +26,12 @@ INSTALL_HINT = ("pip download llama-cpp-python==0.3.36 --no-deps --no-binary :al
 _SCRIPTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")
 
 
-class LlamaCppMissing(RuntimeError):
+class LlamaCppMissing(ValueError):
     """llama.cpp's converters are not available here."""
+
+
+class ConverterFailed(ValueError):
+    """A llama.cpp converter exited with an error; the message ends with its output."""
 
 
 def _is_llama_cpp(folder: Path) -> bool:
@@ -79,7 +83,7 @@ def require_llama_cpp() -> Path:
 
 def run_converter(script: str, args: list[str], *, folder: Path | None = None,
                   timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    """Run one of llama.cpp's converter scripts with this interpreter; raises with its output on failure."""
+    """Run one of llama.cpp's converter scripts with this interpreter; ConverterFailed with its output."""
     folder = folder or require_llama_cpp()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(folder / "gguf-py"), str(folder)])
@@ -90,5 +94,5 @@ def run_converter(script: str, args: list[str], *, folder: Path | None = None,
                             capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise RuntimeError(f"llama.cpp's {script} failed (exit {result.returncode}):\n{tail}")
+        raise ConverterFailed(f"llama.cpp's {script} failed (exit {result.returncode}):\n{tail}")
     return result
