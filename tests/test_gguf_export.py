@@ -433,3 +433,31 @@ def test_cli_explains_an_adapter_llama_cpp_cannot_hold(tiny_qwen2_base, tmp_path
                            targets=("q_proj", "lm_head"))
     code, _, stderr = cli(capsys, "convert", adapter, tmp_path / "x.gguf", "--to", "gguf", "--base", tiny_qwen2_base)
     assert code == 2 and "lm_head" in stderr and "merge --base" in stderr
+
+
+# --- Tools tab ---------------------------------------------------------------------------------------------------
+
+def test_the_tools_tab_writes_a_gguf_adapter_and_a_merged_q8_0_beside_the_run(tiny_llama_adapter, tiny_llm_gguf,
+                                                                              tmp_path):
+    import shutil  # noqa: PLC0415
+
+    import gradio as gr  # noqa: PLC0415
+
+    from ui import tools_tab  # noqa: PLC0415
+
+    with gr.Blocks():
+        parts = tools_tab.create_tools_tab()
+    assert {"gguf_adapter", "gguf_out"} <= set(parts)
+    adapter = tmp_path / "kestrel" / "adapter"
+    shutil.copytree(tiny_llama_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tiny_llm_gguf)  # as training on a GGUF base records it
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    message = tools_tab.gguf_action(str(adapter), list(tools_tab.GGUF_MODES)[0])
+    assert message.startswith("✅") and "ollama create kestrel" in message
+    assert read_gguf(tmp_path / "kestrel" / "kestrel.lora.gguf")[0]["general.type"] == "adapter"
+    message = tools_tab.gguf_action(str(adapter), "Merged model, q8_0 (.gguf, half the size)")
+    assert message.startswith("✅"), message
+    assert read_gguf(tmp_path / "kestrel" / "kestrel.q8_0.gguf")[0]["general.file_type"] == 7
+    assert parse_modelfile(tmp_path / "kestrel" / "Modelfile")["FROM"] == ["./kestrel.q8_0.gguf"]
+    assert tools_tab.gguf_action(str(tmp_path), "Merged model, f16 (.gguf)").startswith("❌")

@@ -64,7 +64,8 @@ def _tokenizer_for(base: str, chat_template: str) -> Any:
     return tokenizer
 
 
-def _adapter_base(adapter_dir: str | Path, base: str) -> str:
+def adapter_base(adapter_dir: str | Path, base: str) -> str:
+    """`base` when given, else the base model the adapter names."""
     import json  # noqa: PLC0415
 
     from core.export.gguf_arch import GGUFExportError  # noqa: PLC0415
@@ -83,7 +84,7 @@ def adapter_to_gguf(adapter_dir: str | Path, output: str | Path, *, base: str = 
     """Write the adapter as GGUF at `output` and, with `modelfile`, an Ollama Modelfile beside it."""
     from core.export.gguf_adapter import write_gguf_adapter  # noqa: PLC0415
 
-    base_name = _adapter_base(adapter_dir, base)
+    base_name = adapter_base(adapter_dir, base)
     result = write_gguf_adapter(adapter_dir, output, base=base_name, out_type=out_type)
     if not modelfile:
         return GGUFResult(result.path, None, result.summary(), None)
@@ -98,9 +99,10 @@ def adapter_to_gguf(adapter_dir: str | Path, output: str | Path, *, base: str = 
 def merged_to_gguf(base: str, adapter_dir: str | Path, output: str | Path, *, out_type: str = "f16",
                    route: str = "auto", weight: float = 1.0, chat_template: str | None = None,
                    modelfile: bool = True, allow_pickle: bool = False) -> GGUFResult:
-    """Bake the adapter into `base`, write one GGUF model at `output` and, with `modelfile`, a Modelfile."""
+    """Bake the adapter into `base` ('' for the one it names), write one GGUF model and, with `modelfile`, a Modelfile."""
     from core.export.gguf_model import export_merged_gguf  # noqa: PLC0415
 
+    base = adapter_base(adapter_dir, base)
     template = trained_chat_template(adapter_dir) if chat_template is None else chat_template
     result = export_merged_gguf(base, adapter_dir, output, out_type=out_type, route=route, weight=weight,
                                 chat_template=template, allow_pickle=allow_pickle)
