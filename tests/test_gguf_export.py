@@ -254,6 +254,7 @@ def test_smollm2s_default_system_prompt_becomes_the_modelfile_system_and_the_cha
 
     (tmp_path / "lora.gguf").write_bytes(b"GGUF")
     path, match = write_modelfile(tmp_path / "lora.gguf", tokenizer=smollm2_tokenizer, base_gguf=smollm2_gguf)
+    assert match.format.name == "chatml"
     parsed = parse_modelfile(path)
     assert parsed["FROM"] == [str(smollm2_gguf.resolve())] and parsed["ADAPTER"] == ["./lora.gguf"]
     assert parsed["SYSTEM"] == ["You are a helpful AI assistant named SmolLM, trained by Hugging Face"]
@@ -519,3 +520,16 @@ def test_a_smollm2_merged_q8_0_gguf_equals_llama_cpps_conversion_and_carries_the
     assert our_fields["tokenizer.chat_template"] == smollm2_tokenizer.chat_template
     print(f"SmolLM2 merged q8_0: ours {ours_seconds:.1f} s, "
           f"{(tmp_path / 'ours.q8_0.gguf').stat().st_size / 1e6:.1f} MB")
+
+
+def test_auto_falls_back_to_our_writer_when_llama_cpp_does_not_know_the_tokenizer(
+        tiny_llm_dir, tiny_llama_adapter, llama_cpp_dir, tmp_path):
+    from core.export.gguf_model import export_merged_gguf  # noqa: PLC0415
+    from core.export.llama_cpp import ConverterFailed  # noqa: PLC0415
+
+    # The tiny fixture's BPE tokenizer was trained for the tests, so llama.cpp has no hash for it.
+    with pytest.raises(ConverterFailed, match="pre-tokenizer"):
+        export_merged_gguf(str(tiny_llm_dir), tiny_llama_adapter, tmp_path / "strict.gguf", route="llama.cpp")
+    result = export_merged_gguf(str(tiny_llm_dir), tiny_llama_adapter, tmp_path / "auto.gguf")
+    assert result.route == "gguf" and "did not recognise" in result.notes[0]
+    assert read_gguf(result.path)[0]["general.file_type"] == 1  # MOSTLY_F16

@@ -16,7 +16,8 @@ by one of two routes:
   q/k row permutation, 1-D tensors in F32, 2-D tensors in F16 or Q8_0 (Q8_0 quantized in
   numpy by `gguf.quants`, falling back to F16 for rows that are not a multiple of 32).
 
-`auto` takes llama.cpp when it is installed and the base is an HF folder, else our writer.
+`auto` takes llama.cpp when it is installed and the base is an HF folder, else our writer
+(also when llama.cpp's converter does not know the tokenizer's pre-tokenizer).
 The chat template that the LoRA was trained with goes in as `tokenizer.chat_template`.
 """
 from __future__ import annotations
@@ -254,7 +255,7 @@ def export_merged_gguf(base: str, adapter: str | Path, output: str | Path, *, ou
                        route: str = "auto", weight: float = 1.0, chat_template: str = "",
                        allow_pickle: bool = False) -> MergedExport:
     """Bake `adapter` into `base` and write one GGUF model file at `output`."""
-    from core.export.llama_cpp import find_llama_cpp  # noqa: PLC0415
+    from core.export.llama_cpp import ConverterFailed, find_llama_cpp  # noqa: PLC0415
     from core.models.llm import resolve_source  # noqa: PLC0415
     from core.tools.merge import bake_into_llm  # noqa: PLC0415
 
@@ -266,7 +267,8 @@ def export_merged_gguf(base: str, adapter: str | Path, output: str | Path, *, ou
     started = time.perf_counter()
     source = resolve_source(base)
     base_gguf = Path(source.display) if source.is_gguf else None
-    if route == "auto":
+    chosen_automatically = route == "auto"
+    if chosen_automatically:
         route = "llama.cpp" if base_gguf is None and find_llama_cpp() is not None else "gguf"
     target = Path(output)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -276,9 +278,17 @@ def export_merged_gguf(base: str, adapter: str | Path, output: str | Path, *, ou
         tokenizer = _final_tokenizer(hf_dir, chat_template)
         notes: list[str] = []
         if route == "llama.cpp":
-            convert_with_llama_cpp(hf_dir, target, out_type=out_type)
-        else:
-            notes = write_model_gguf(hf_dir, target, out_type=out_type, base_gguf=base_gguf)
+            try:
+                convert_with_llama_cpp(hf_dir, target, out_type=out_type)
+            except ConverterFailed as exc:
+                # llama.cpp knows tokenizers by a hash of their pre-tokenizer; a tokenizer it has not
+                # catalogued stops its converter. Under `auto`, our writer takes over and says so.
+                if not chosen_automatically or "pre-tokenizer was not recognized" not in str(exc):
+                    raise
+                route = "gguf"
+                notes = ["llama.cpp's converter did not recognise the tokenizer's pre-tokenizer"]
+        if route == "gguf":
+            notes += write_model_gguf(hf_dir, target, out_type=out_type, base_gguf=base_gguf)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return MergedExport(path=target, route=route, out_type=out_type, seconds=time.perf_counter() - started,
