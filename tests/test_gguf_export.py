@@ -405,7 +405,7 @@ def test_cli_converts_an_adapter_to_gguf_with_a_modelfile_that_uses_the_runs_cha
     code, stdout, stderr = cli(capsys, "convert", run_dir / "adapter", out, "--to", "gguf", "--base", tiny_llm_gguf)
     assert code == 0, stderr
     assert read_gguf(out)[0]["general.type"] == "adapter"
-    modelfile = run_dir / "Modelfile"
+    modelfile = run_dir / "kestrel.Modelfile"
     parsed = parse_modelfile(modelfile)
     assert parsed["FROM"] == [str(tiny_llm_gguf.resolve())] and parsed["ADAPTER"] == ["./kestrel.gguf"]
     assert parsed["TEMPLATE"][0].startswith("{{ range .Messages }}") and "### Instruction:" in parsed["TEMPLATE"][0]
@@ -418,9 +418,9 @@ def test_cli_merges_into_a_q8_0_gguf_with_a_modelfile(tiny_llama_adapter, tiny_l
                                "--type", "q8_0")
     assert code == 0, stderr
     assert read_gguf(out)[1]["blk.1.ffn_up.weight"][0] == "Q8_0"
-    parsed = parse_modelfile(tmp_path / "Modelfile")
+    parsed = parse_modelfile(tmp_path / "chat.q8_0.Modelfile")
     assert parsed["FROM"] == ["./chat.q8_0.gguf"] and "ADAPTER" not in parsed
-    assert ollama_prompt(tmp_path / "Modelfile", TWO_TURNS) == (
+    assert ollama_prompt(tmp_path / "chat.q8_0.Modelfile", TWO_TURNS) == (
         "<|im_start|>user\nHow long does the Kestrel K7 fly?<|im_end|>\n<|im_start|>assistant\n"
         "It flies for 47 minutes.<|im_end|>\n<|im_start|>user\nAnd how long to charge?<|im_end|>\n"
         "<|im_start|>assistant\n")
@@ -460,7 +460,9 @@ def test_the_tools_tab_writes_a_gguf_adapter_and_a_merged_q8_0_beside_the_run(ti
     message = tools_tab.gguf_action(str(adapter), "Merged model, q8_0 (.gguf, half the size)")
     assert message.startswith("✅"), message
     assert read_gguf(tmp_path / "kestrel" / "kestrel.q8_0.gguf")[0]["general.file_type"] == 7
-    assert parse_modelfile(tmp_path / "kestrel" / "Modelfile")["FROM"] == ["./kestrel.q8_0.gguf"]
+    # The adapter's Modelfile is still there: each GGUF has its own.
+    assert parse_modelfile(tmp_path / "kestrel" / "kestrel.q8_0.Modelfile")["FROM"] == ["./kestrel.q8_0.gguf"]
+    assert parse_modelfile(tmp_path / "kestrel" / "kestrel.lora.Modelfile")["ADAPTER"] == ["./kestrel.lora.gguf"]
     assert tools_tab.gguf_action(str(tmp_path), "Merged model, f16 (.gguf)").startswith("❌")
 
 

@@ -1,4 +1,4 @@
-"""GGUF out, as the CLI and the Tools tab use it: the GGUF file plus an Ollama Modelfile beside it.
+"""GGUF out, as the CLI and the Tools tab use it: the GGUF file plus an Ollama `<name>.Modelfile` beside it.
 
 - `adapter_to_gguf`: a PEFT adapter as a GGUF LoRA adapter (core/export/gguf_adapter.py);
   the Modelfile says `FROM <base>` and `ADAPTER <adapter.gguf>`.

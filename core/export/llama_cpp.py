@@ -50,7 +50,10 @@ def _unpack(archive: Path) -> Path | None:
                    if m.name.startswith(wanted) and (m.isfile() or m.isdir())
                    and (m.name.endswith(".py") or "/gguf-py/" in m.name or m.isdir())]
         # The C++ sources are not needed to convert; skip them (the sdist is mostly C++).
-        tar.extractall(archive.parent, members=members, filter="data")
+        try:
+            tar.extractall(archive.parent, members=members, filter="data")
+        except TypeError:  # Python before 3.11.4 has no extraction filters
+            tar.extractall(archive.parent, members=members)  # noqa: S202 - members checked above
     return target if _is_llama_cpp(target) else None
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from core.atomic import atomic_write_text
 from core.export import go_template
 
-MODELFILE = "Modelfile"
+MODELFILE_SUFFIX = ".Modelfile"
 _PROBE_SYSTEM = "You answer questions about the Kestrel K7 drone."
 _PROBES = [
     [{"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": "How long does it fly?"},
@@ -113,10 +113,17 @@ def _quote(text: str) -> str:
     return f'"""{text}"""'
 
 
+def modelfile_path(gguf_path: str | Path) -> Path:
+    """`<name>.Modelfile` beside `<name>.gguf`: an adapter and a merged model of one run can share a folder."""
+    path = Path(gguf_path)
+    stem = path.name[:-5] if path.name.lower().endswith(".gguf") else path.name
+    return path.parent / f"{stem}{MODELFILE_SUFFIX}"
+
+
 def modelfile_text(model: str, *, adapter: str = "", match: TemplateMatch | None = None,
-                   extra_stops: tuple[str, ...] = ()) -> str:
+                   extra_stops: tuple[str, ...] = (), filename: str = "Modelfile") -> str:
     """The Modelfile for `model` (a GGUF path, relative to the Modelfile when beside it)."""
-    lines = [f"# Made by lora-scripts. Create the Ollama model with: ollama create NAME -f {MODELFILE}",
+    lines = [f"# Made by lora-scripts. Create the Ollama model with: ollama create NAME -f {filename}",
              f"FROM {model}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
@@ -137,7 +144,7 @@ def modelfile_text(model: str, *, adapter: str = "", match: TemplateMatch | None
 
 def write_modelfile(gguf_path: str | Path, *, tokenizer: Any = None, base_gguf: str | Path | None = None) -> tuple[
         Path, TemplateMatch | None]:
-    """Write `Modelfile` beside `gguf_path`; with `base_gguf`, `gguf_path` is an adapter on that base.
+    """Write `<name>.Modelfile` beside `gguf_path`; with `base_gguf`, `gguf_path` is an adapter on that base.
 
     Paths inside are relative when the files sit in the same folder, so the folder can move.
     """
@@ -150,11 +157,14 @@ def write_modelfile(gguf_path: str | Path, *, tokenizer: Any = None, base_gguf: 
 
     match = match_chat_format(tokenizer) if tokenizer is not None else None
     eos = str(getattr(tokenizer, "eos_token", "") or "") if tokenizer is not None else ""
+    destination = folder / modelfile_path(target).name
+    stops = (eos,) if eos else ()
     if base_gguf is not None:
-        text = modelfile_text(where(base_gguf), adapter=where(target), match=match, extra_stops=(eos,) if eos else ())
+        text = modelfile_text(where(base_gguf), adapter=where(target), match=match, extra_stops=stops,
+                              filename=destination.name)
     else:
-        text = modelfile_text(where(target), match=match, extra_stops=(eos,) if eos else ())
-    path = atomic_write_text(folder / MODELFILE, text)
+        text = modelfile_text(where(target), match=match, extra_stops=stops, filename=destination.name)
+    path = atomic_write_text(destination, text)
     return path, match
 
 
