@@ -535,3 +535,23 @@ def test_auto_falls_back_to_our_writer_when_llama_cpp_does_not_know_the_tokenize
     result = export_merged_gguf(str(tiny_llm_dir), tiny_llama_adapter, tmp_path / "auto.gguf")
     assert result.route == "gguf" and "did not recognise" in result.notes[0]
     assert read_gguf(result.path)[0]["general.file_type"] == 1  # MOSTLY_F16
+
+
+TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+
+@pytest.mark.parametrize("kind, arch", [("mistral", "llama"), ("qwen3", "qwen3"), ("gemma", "gemma"),
+                                        ("gemma2", "gemma2")])
+def test_mistral_qwen3_and_gemma_loras_convert_as_llama_cpp_converts_them(kind, arch, llama_cpp_dir, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    extra = {"head_dim": 16} if kind.startswith("gemma") or kind == "qwen3" else {}
+    config = AutoConfig.for_model(kind, **TINY, **extra)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(base), safe_serialization=True)
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(str(base)), tmp_path / "adapter")
+    result = write_gguf_adapter(adapter, tmp_path / "ours.gguf", base=str(base))
+    assert result.arch == arch
+    assert_same_adapter(result.path, llama_cpp_lora(llama_cpp_dir, adapter, base, tmp_path / "theirs.gguf"))
