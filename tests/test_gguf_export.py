@@ -542,12 +542,12 @@ TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 @pytest.mark.parametrize("kind, arch", [("mistral", "llama"), ("qwen3", "qwen3"), ("gemma", "gemma"),
-                                        ("gemma2", "gemma2")])
-def test_mistral_qwen3_and_gemma_loras_convert_as_llama_cpp_converts_them(kind, arch, llama_cpp_dir, tmp_path):
+                                        ("gemma2", "gemma2"), ("gemma3_text", "gemma3")])
+def test_mistral_qwen3_and_gemma_1_2_3_loras_convert_as_llama_cpp_converts_them(kind, arch, llama_cpp_dir, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
 
     torch.manual_seed(0)
-    extra = {"head_dim": 16} if kind.startswith("gemma") or kind == "qwen3" else {}
+    extra = {"head_dim": 16} if kind != "mistral" else {}
     config = AutoConfig.for_model(kind, **TINY, **extra)
     base = tmp_path / "base"
     AutoModelForCausalLM.from_config(config).save_pretrained(str(base), safe_serialization=True)
