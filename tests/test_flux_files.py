@@ -365,7 +365,7 @@ def test_kohya_file_header_names_the_model_family(tmp_path, variant, version, ar
                                            "ss_num_train_images": 12})
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
-        dtypes = {handle.get_tensor(k).dtype for k in handle.keys() if not k.endswith(".alpha")}  # noqa: SIM118 - safe_open is not iterable
+        dtypes = {handle.get_tensor(k).dtype for k in handle.keys() if not k.endswith(".alpha")}
     assert meta["ss_base_model_version"] == version
     assert meta["modelspec.architecture"] == architecture  # a caller's stale value does not win
     assert meta["ss_network_module"] == "networks.lora_flux"

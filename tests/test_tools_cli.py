@@ -86,7 +86,7 @@ def test_a_peft_adapter_becomes_one_safetensors_that_loads_with_the_same_output(
 
     with safe_open(str(single), "pt") as handle:
         config = json.loads(handle.metadata()["adapter_config"])
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     fields = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir)), LoraConfig(**fields))
     set_peft_model_state_dict(model, tensors)

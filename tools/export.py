@@ -7,14 +7,17 @@
     python tools/export.py convert output/chat/adapter chat_lora.safetensors --to peft-single --precision fp16
     python tools/export.py convert my_dora.safetensors my_plain.safetensors --to plain --base v1-5.safetensors
     python tools/export.py merge --base v1-5.safetensors --lora style.safetensors:0.8 --output v1-5-style.safetensors
+    python tools/export.py convert output/chat/adapter chat_lora.gguf --to gguf [--base SmolLM2.gguf]
     python tools/export.py merge --base SmolLM2 --lora output/chat/adapter --output merged_model/
+    python tools/export.py merge --base SmolLM2.gguf --lora output/chat/adapter --output chat.gguf --type q8_0
     python tools/export.py merge --lora a.safetensors:0.7 --lora b.safetensors:0.5 --output ab.safetensors [--rank 16]
     python tools/export.py resize my_lora.safetensors --rank 8 --output my_lora_r8.safetensors
     python tools/export.py resize my_lora.safetensors --energy 0.95 --output my_lora_small.safetensors
     python tools/export.py extract --base v1-5.safetensors --tuned finetune.safetensors --rank 32 --output diff.safetensors
 
 Formats are recognised from the keys: kohya/WebUI (`lora_unet_...`), diffusers
-(`unet.` / `text_encoder.`), PEFT (an adapter folder). Every output is written to a temporary
+(`unet.` / `text_encoder.`), PEFT (an adapter folder). GGUF outputs (for llama.cpp, Ollama,
+LM Studio) get an Ollama `Modelfile` beside them. Every output is written to a temporary
 name and renamed into place. Pickled files (.ckpt/.pt/.bin) are refused unless --allow-pickle.
 """
 from __future__ import annotations
@@ -54,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="diffusers <-> kohya/WebUI; PEFT adapter folder <-> one .safetensors")
     p.add_argument("source", help="the LoRA file or adapter folder to convert")
     p.add_argument("output", help="the file (kohya, peft-single) or folder (diffusers, peft) to write")
-    p.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft", "peft-single", "plain"],
+    p.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft", "peft-single", "plain", "gguf"],
                    help="kohya: WebUI/ComfyUI file; diffusers: folder with pytorch_lora_weights.safetensors; "
                         "peft-single: one .safetensors from a PEFT adapter folder; peft: back to a folder; "
                         "plain: a DoRA image LoRA as a plain kohya LoRA that WebUI, ComfyUI and diffusers all "
-                        "apply the same way (needs --base, the model it was trained on)")
-    p.add_argument("--base", help="--to plain: the base model the DoRA LoRA was trained on")
+                        "apply the same way (needs --base, the model it was trained on); "
+                        "gguf: a text adapter as a GGUF LoRA for llama.cpp / Ollama / LM Studio, plus a Modelfile")
+    p.add_argument("--base", help="--to plain: the base model the DoRA LoRA was trained on; --to gguf: the base "
+                                  "model (default: the one the adapter names)")
     p.add_argument("--rank", type=int, help="--to plain: rank of the plain modules (default: the DoRA's own)")
     p.add_argument("--model-config", default="", help="--to plain: diffusers config folder for a single-file base")
     p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="model family when the file cannot tell")
@@ -67,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PiSSA: the adapter saved right after initialisation; writes the equivalent plain LoRA "
                         "for the ORIGINAL base model (twice the rank)")
     p.add_argument("--precision", choices=list(DTYPES), default="keep", help=PRECISION_HELP.replace(
-        "fp16 (default for SD files, like kohya_ss)", "fp16") + " (default keep)")
+        "fp16 (default for SD files, like kohya_ss)", "fp16") + " (default keep; --to gguf: fp32 or fp16)")
+    _gguf_options(p)
 
     p = sub.add_parser("merge", help="bake LoRAs into a base model, or combine several LoRAs into one")
     p.add_argument("--base", help="base model: SD single file / diffusers folder, or an LLM folder / .gguf. "
@@ -80,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                    " (LLM merge and combined LoRAs default to keep)")
     p.add_argument("--model-config", default="", help="diffusers folder with the configs of a single-file SD base "
                                                       "(needed offline; same as base_model_config)")
+    p.add_argument("--type", choices=["f16", "q8_0"], default="f16",
+                   help="--output *.gguf: the merged model's GGUF type (default f16; Q4_K_M needs llama.cpp's "
+                        "llama-quantize on the f16 file)")
+    p.add_argument("--route", choices=["auto", "llama.cpp", "gguf"], default="auto",
+                   help="--output *.gguf: llama.cpp's convert_hf_to_gguf.py, or our writer (default auto: ours "
+                        "for GGUF bases, llama.cpp's for HF bases when installed)")
+    _gguf_options(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--rank", type=int, help="combined LoRA: SVD back down to this rank (default: exact, "
                                                 "ranks added up)")
@@ -106,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", default="", help="diffusers config folder for single-file SD models")
     p.add_argument("--precision", choices=list(DTYPES), default=None, help=PRECISION_HELP)
     return parser
+
+
+def _gguf_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", default=None,
+                   help="GGUF: the chat template the LoRA was trained with (chatml, alpaca, ... or Jinja); default: "
+                        "the training run's config.yaml, else the tokenizer's own")
+    p.add_argument("--no-modelfile", action="store_true", help="GGUF: do not write an Ollama Modelfile beside it")
 
 
 def _is_text_adapter(path: str) -> bool:
@@ -140,6 +160,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"DoRA modules made plain: {report.summary()}")
         print(f"Wrote {out}")
         return 0
+    if args.to == "gguf":
+        from core.export.gguf_out import adapter_to_gguf
+
+        if args.precision not in ("keep", "fp32", "fp16"):
+            raise SystemExit("--to gguf writes fp32 (default) or fp16 adapters.")
+        result = adapter_to_gguf(args.source, args.output, base=args.base or "",
+                                 out_type="f16" if args.precision == "fp16" else "f32",
+                                 chat_template=args.chat_template, modelfile=not args.no_modelfile)
+        print(result.report())
+        return 0
     out = convert_lora(args.source, args.output, args.to, family=args.family, dtype=parse_dtype(args.precision),
                        allow_pickle=args.allow_pickle, pissa_initial=args.pissa_init)
     print(f"Wrote {out}")
@@ -168,6 +198,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if len(loras) != 1:
             raise SystemExit("Bake one text adapter at a time (combine several first: merge without --base).")
         path, weight = loras[0]
+        if args.output.lower().endswith(".gguf"):
+            from core.export.gguf_out import merged_to_gguf
+
+            result = merged_to_gguf(args.base, path, args.output, out_type=args.type, route=args.route, weight=weight,
+                                    chat_template=args.chat_template, modelfile=not args.no_modelfile,
+                                    allow_pickle=args.allow_pickle)
+            print(result.report())
+            return 0
         out = bake_into_llm(args.base, path, args.output, weight=weight, dtype=parse_dtype(args.precision or "keep"),
                             allow_pickle=args.allow_pickle)
         print(f"Wrote the merged model to {out} (adapter at weight {weight:g})")

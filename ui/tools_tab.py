@@ -1,4 +1,4 @@
-"""Tools tab: inspect, convert, resize and merge LoRA files (the GUI of tools/export.py).
+"""Tools tab: inspect, convert, resize and merge LoRA files, and GGUF out (the GUI of tools/export.py).
 
 Every action is a plain function of the form's values that returns a message, so the same
 code runs from tests without a browser; the builder only lays the widgets out and wires
@@ -144,6 +144,36 @@ def lora_choices() -> list[str]:
     return catalog.lora_files() + catalog.text_adapters()
 
 
+GGUF_MODES = {"LoRA adapter (.gguf, used with the base model)": "adapter",
+              "Merged model, f16 (.gguf)": "f16", "Merged model, q8_0 (.gguf, half the size)": "q8_0"}
+
+
+def gguf_action(adapter: str, mode: str, base: str = "", output: str = "") -> str:
+    """A text adapter as GGUF for llama.cpp / Ollama / LM Studio (adapter or merged model), with a Modelfile."""
+    from core.export.gguf_out import adapter_to_gguf, merged_to_gguf
+
+    try:
+        source = _path(adapter, "text adapter folder")
+        if not (source / "adapter_config.json").is_file():
+            raise ValueError(f"{adapter} is not a text adapter folder (no adapter_config.json).")
+        kind = GGUF_MODES.get(mode, mode)
+        base_arg = ""
+        if base and str(base).strip():
+            resolved = state.resolve_user_path(str(base).strip())
+            base_arg = str(resolved) if resolved.exists() else str(base).strip()
+        # The adapter folder sits inside its run folder: the GGUF goes beside it, named after the run.
+        run_name = source.parent.name if source.name == "adapter" else source.name
+        if kind == "adapter":
+            result = adapter_to_gguf(source, _output(output, f"{run_name}.lora.gguf", source), base=base_arg)
+        else:
+            _device_free()
+            result = merged_to_gguf(base_arg, source, _output(output, f"{run_name}.{kind}.gguf", source),
+                                    out_type=kind)
+    except (ValueError, OSError) as exc:
+        return _fail(exc)
+    return "✅ " + result.report().replace("\n", "\n\n")
+
+
 def create_tools_tab() -> dict[str, Any]:
     import gradio as gr
 
@@ -199,12 +229,27 @@ def create_tools_tab() -> dict[str, Any]:
         merge_btn = gr.Button("Merge", variant="primary", elem_id="tools-merge")
         merge_out = gr.Markdown("", elem_id="tools-merge-out")
 
+    with gr.Accordion("GGUF for llama.cpp / Ollama / LM Studio", open=False):
+        with gr.Row():
+            gguf_adapter = gr.Dropdown(choices=catalog.text_adapters(), value="", allow_custom_value=True, scale=3,
+                                       label="Text adapter folder", elem_id="tools-gguf-adapter")
+            gguf_mode = gr.Dropdown(choices=list(GGUF_MODES), value=list(GGUF_MODES)[0], label="Write", scale=2,
+                                    elem_id="tools-gguf-mode")
+        gguf_base = gr.Dropdown(choices=[""] + catalog.text_models(), value="", allow_custom_value=True,
+                                label="Base model (empty: the one the adapter was trained on)", elem_id="tools-gguf-base")
+        gguf_output = gr.Textbox(label="Output .gguf (empty: beside the adapter); an Ollama Modelfile goes beside it",
+                                 elem_id="tools-gguf-output")
+        gguf_btn = gr.Button("Write GGUF", variant="primary", elem_id="tools-gguf")
+        gguf_out = gr.Markdown("", elem_id="tools-gguf-out")
+
     inspect_btn.click(inspect_action, [inspect_file, inspect_all], inspect_out)
     convert_btn.click(convert_action, [convert_file, convert_to, convert_output, convert_precision, convert_base],
                       convert_out)
     resize_btn.click(resize_action, [resize_file_box, resize_mode, resize_rank, resize_energy, resize_output,
                                      resize_precision], resize_out)
     merge_btn.click(merge_action, [merge_base, merge_loras, merge_output, merge_precision, merge_rank], merge_out)
+    gguf_btn.click(gguf_action, [gguf_adapter, gguf_mode, gguf_base, gguf_output], gguf_out)
     return {"inspect_file": inspect_file, "inspect_out": inspect_out, "convert_file": convert_file,
             "convert_to": convert_to, "convert_out": convert_out, "resize_file": resize_file_box,
-            "resize_out": resize_out, "merge_base": merge_base, "merge_loras": merge_loras, "merge_out": merge_out}
+            "resize_out": resize_out, "merge_base": merge_base, "merge_loras": merge_loras, "merge_out": merge_out,
+            "gguf_adapter": gguf_adapter, "gguf_out": gguf_out}

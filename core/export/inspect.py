@@ -181,7 +181,7 @@ def inspect_lora(path: str | Path) -> LoraFileInfo:
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+            for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraReadError(f"{file}: not a readable .safetensors file ({exc}). It may be truncated; "

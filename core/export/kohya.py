@@ -353,6 +353,6 @@ def load_kohya_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     tensors: dict[str, Tensor] = {}
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
-        for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+        for key in handle.keys():
             tensors[key] = handle.get_tensor(key)
     return tensors, metadata

@@ -123,7 +123,7 @@ def file_has_fp8(path: str | Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:
-        return any(handle.get_slice(k).get_dtype().startswith("F8") for k in handle.keys())  # noqa: SIM118 - safe_open is not iterable
+        return any(handle.get_slice(k).get_dtype().startswith("F8") for k in handle.keys())
 
 
 # --- reading weights ---------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def read_upcast(path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
     out: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     with safe_open(str(path), "pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+        for key in handle.keys():
             tensor = handle.get_tensor(key)
             if key.endswith(".scale_weight"):
                 scales[key[: -len(".scale_weight")] + ".weight"] = tensor

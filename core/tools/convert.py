@@ -79,7 +79,7 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], di
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata  # noqa: SIM118 - safe_open is not iterable
+            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
     except Exception as exc:
         raise LoraToolError(f"'{path}' is not a readable .safetensors file: {exc}") from exc
 
