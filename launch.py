@@ -61,6 +61,16 @@ def _pip(python: Path, *args: str) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
+def _download_source(python: Path, requirement: str, folder: Path) -> None:
+    """A package's source archive, unbuilt, into `folder` (skipped when it is there already)."""
+    if folder.is_dir() and any(folder.iterdir()):
+        return
+    command = [str(python), "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
+               "--no-binary", ":all:", "-d", str(folder), requirement]
+    print("[lora-scripts] $", " ".join(command[2:]), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
 def install(python: Path, test: bool) -> None:
     """Install the requirements through the lock, so every library is at its tested version."""
     lock = ["-c", str(LOCK)]
@@ -73,9 +83,7 @@ def install(python: Path, test: bool) -> None:
         _pip(python, "-r", str(ROOT / "requirements-dev.txt"), *lock)
         # llama.cpp's own converters (pure Python, vendor/llama.cpp inside the sdist, no compiler
         # needed): the reference the GGUF export tests compare our files with.
-        subprocess.run([str(python), "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
-                        "--no-binary", ":all:", "-d", str(ROOT / ".cache" / "llama-cpp-python"),
-                        LLAMA_CPP_SDIST], check=True, cwd=ROOT)
+        _download_source(python, LLAMA_CPP_SDIST, ROOT / ".cache" / "llama-cpp-python")
 
 
 def ensure_environment(test: bool, restore: bool = False) -> None:
