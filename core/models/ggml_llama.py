@@ -66,11 +66,6 @@ def hf_name(ggml_name: str) -> str:
                           "(LLaMA, Llama 2, CodeLlama and their fine-tunes) load.")
 
 
-def llama_n_ff(n_embd: int, n_mult: int) -> int:
-    """llama.cpp's feed-forward width from n_mult: 2/3 of 4*n_embd rounded up to a multiple of n_mult."""
-    return ((2 * (4 * n_embd) // 3 + n_mult - 1) // n_mult) * n_mult
-
-
 def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """Undo the q/k row order of GGML llama files (Meta's interleaved rotary pairs) for HF's half-split order.
 
@@ -90,8 +85,8 @@ def llama_shape(ggml: GGMLFile) -> LlamaShape:
     if hp.n_rot != head_dim:
         raise GGMLFormatError(f"'{ggml.path.name}' rotates {hp.n_rot} of {head_dim} head dimensions; only full "
                               "rotary (llama) files load.")
-    # The shapes are the truth: n_ff from n_mult was a formula with exceptions (70B), and the
-    # number of key/value heads (GQA) is not in the hparams at all.
+    # The shapes are the truth: llama.cpp derived n_ff from n_mult (2/3 of 4*n_embd rounded up to a
+    # multiple of n_mult), which the 70B files broke, and the key/value heads (GQA) are not in the hparams.
     intermediate = tensors["layers.0.feed_forward.w1.weight"].shape[0]
     kv_rows = tensors["layers.0.attention.wk.weight"].shape[0]
     vocab = tensors["tok_embeddings.weight"].shape[0]
