@@ -72,6 +72,16 @@ def test_the_reader_gives_the_hparams_vocabulary_and_tensor_table(tiny_ggml_llam
     assert all(t.offset % 32 == 0 for t in ggml.tensors.values())
 
 
+def test_the_memory_estimate_reads_the_shape_from_the_header(tiny_ggml_llama, ggml_files):
+    from core.model_info import detect_model
+
+    model, _, _ = tiny_ggml_llama
+    info = detect_model(str(ggml_files["q4_0"]), "text-generation")
+    assert info.params == sum(p.numel() for p in model.parameters())  # not the file size: q4_0 is ~1/7 of fp32
+    assert (info.hidden_size, info.num_layers, info.intermediate_size, info.kv_dim) == (64, 2, 128, 32)
+    assert "GGML v3 header" in info.source
+
+
 @pytest.mark.parametrize("qtype", ["f32", "f16"])
 def test_float_files_give_the_original_logits(tiny_ggml_llama, ggml_files, qtype):
     model, _, _ = tiny_ggml_llama
