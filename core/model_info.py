@@ -209,9 +209,13 @@ def gguf_info(path: str | Path) -> ModelInfo:
                           int(meta.get(f"{arch}.feed_forward_length") or 4 * h), vocab, h * kv_heads // heads)
 
 
-def _is_ggml_v3(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(8) == b"tjgg" + struct.pack("<I", 3)  # the ggjt magic, little-endian, version 3
+def is_ggml_v3_file(path: str | Path) -> bool:
+    """A GGML v3 llama file by its first 8 bytes (light: for catalogs and estimates, no core.models import)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == b"tjgg" + struct.pack("<I", 3)  # the ggjt magic, little-endian, version 3
+    except OSError:
+        return False
 
 
 def ggml_info(path: str | Path) -> ModelInfo:
@@ -306,7 +310,7 @@ def detect_model(base_model: str, task_type: str = "image-generation", gguf_file
             suffix = path.suffix.lower()
             if suffix == ".gguf":
                 return gguf_info(path)
-            if task_type == "text-generation" and _is_ggml_v3(path):
+            if task_type == "text-generation" and is_ggml_v3_file(path):
                 return ggml_info(path)
             if suffix == ".safetensors":
                 shapes = {k: v["shape"] for k, v in safetensors_header(path).items()}

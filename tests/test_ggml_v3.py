@@ -82,6 +82,19 @@ def test_the_memory_estimate_reads_the_shape_from_the_header(tiny_ggml_llama, gg
     assert "GGML v3 header" in info.source
 
 
+def test_the_text_model_dropdown_lists_ggml_v3_files_and_not_other_bins(ggml_files, tmp_path):
+    import shutil
+
+    from ui.catalog import text_models
+
+    folder = tmp_path / "models" / "llm"
+    folder.mkdir(parents=True)
+    shutil.copy(ggml_files["q4_0"], folder / "llama-2-7b-chat.ggmlv3.q4_0.bin")
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    (folder / "old.ggml.bin").write_bytes(b"tjgg" + struct.pack("<I", 1))
+    assert [Path(p).name for p in text_models(tmp_path / "models")] == ["llama-2-7b-chat.ggmlv3.q4_0.bin"]
+
+
 @pytest.mark.parametrize("qtype", ["f32", "f16"])
 def test_float_files_give_the_original_logits(tiny_ggml_llama, ggml_files, qtype):
     model, _, _ = tiny_ggml_llama
