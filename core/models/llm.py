@@ -17,9 +17,9 @@ import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -146,7 +146,7 @@ def resolve_source(base_model: str, gguf_file: str = "") -> LLMSource:
 def _check_weights_format(source: LLMSource, allow_pickle: bool) -> bool:
     """Whether safetensors must be used; refuses pickle-only folders unless allowed."""
     folder = Path(source.location)
-    if source.is_gguf or source.ggml_v3 or not folder.is_dir():
+    if source.is_gguf or not folder.is_dir():
         return not allow_pickle
     has_safetensors = any(folder.glob("*.safetensors"))
     has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
