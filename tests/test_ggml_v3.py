@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +252,44 @@ def test_a_tensor_type_ggml_v3_never_held_is_named(tmp_path):
         write_record(handle, "w", 4, (1, 32), b"\0" * 20)  # 4 was q4_2, removed before v3
     with pytest.raises(GGMLFormatError, match="type 4"):
         read_ggml(path)
+
+
+# llama.cpp's GGML -> GGUF converter, run as it is, except that it hands gguf-py element shapes
+# where today's gguf-py wants byte shapes for raw tensors (a bug of the legacy converter, which
+# llama.cpp no longer maintains); this shim passes the shape as gguf-py expects.
+_CONVERTER_SHIM = """
+import runpy, sys
+folder = sys.argv[1]
+sys.path.insert(0, folder + "/gguf-py")
+import gguf
+original = gguf.GGUFWriter.add_tensor
+def add_tensor(self, name, tensor, raw_shape=None, raw_dtype=None, **kwargs):
+    if raw_shape is not None and raw_dtype is not None:
+        raw_shape = gguf.quant_shape_to_byte_shape(raw_shape, raw_dtype)
+    return original(self, name, tensor, raw_shape=raw_shape, raw_dtype=raw_dtype, **kwargs)
+gguf.GGUFWriter.add_tensor = add_tensor
+sys.argv = [folder + "/convert_llama_ggml_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q4_0"])
+def test_the_load_equals_llama_cpps_own_ggml_to_gguf_conversion(ggml_files, tmp_path, qtype):
+    """llama.cpp reads the same file independently; transformers then loads its GGUF with its own
+    q/k un-permutation and SentencePiece tokenizer. Both must agree with ours exactly."""
+    from core.export import llama_cpp
+
+    folder = llama_cpp.find_llama_cpp()
+    if folder is None or not (folder / "convert_llama_ggml_to_gguf.py").is_file():
+        pytest.skip(f"llama.cpp's converters are not in {llama_cpp.CACHE}; get them with `{llama_cpp.INSTALL_HINT}`")
+    shim = tmp_path / "convert.py"
+    shim.write_text(_CONVERTER_SHIM, encoding="utf-8")
+    converted = tmp_path / f"tiny.{qtype}.gguf"
+    result = subprocess.run([sys.executable, str(shim), str(folder), "--input", str(ggml_files[qtype]), "--output",
+                             str(converted), "--gqa", "2", "--eps", "1e-5"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ours, our_tokenizer, _ = llm.load_llm(str(ggml_files[qtype]))
+    theirs, their_tokenizer, _ = llm.load_llm(str(converted))
+    assert torch.equal(logits(ours), logits(theirs))
+    for text in ["The Kestrel K7 flies for 47 minutes.", "Hello! Café déjà vu\n  two  spaces", "<s>[INST] hi [/INST]"]:
+        assert our_tokenizer(text).input_ids == their_tokenizer(text).input_ids, text
