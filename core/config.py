@@ -376,6 +376,13 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
     return errors
 
 
+def _is_ggml_v3(path: Path) -> bool:
+    """A GGML v3 llama .bin is raw binary read by core.models.ggml_v3 (found by its magic bytes), not a pickle."""
+    from core.models.ggml_v3 import is_ggml_v3  # imported here: core.models pulls in torch and diffusers
+
+    return is_ggml_v3(path)
+
+
 def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
     errors: dict[str, str] = {}
     if cfg.train_data_dir and "train_data_dir" not in known and not Path(cfg.train_data_dir).exists():
@@ -388,11 +395,12 @@ def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
     if model:
         path = Path(model)
         if path.exists():
-            if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES and not cfg.allow_pickle:
+            if (path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES and not cfg.allow_pickle
+                    and not _is_ggml_v3(path)):
                 if re.search(r"ggml", path.name, re.I):
-                    errors["base_model"] = (f"'{path.name}' is an old GGML file. GGML was replaced by GGUF "
-                                            "in 2023: convert it with llama.cpp's convert script, or download "
-                                            "the .gguf version of the model.")
+                    errors["base_model"] = (f"'{path.name}' is an old GGML file but not GGML v3 (the only GGML "
+                                            "version that loads). GGML was replaced by GGUF in 2023: convert it "
+                                            "with llama.cpp's convert script, or download the .gguf version.")
                 else:
                     errors["base_model"] = (f"'{path.name}' is a pickle file ({path.suffix}), which can run "
                                             "code when loaded. Use a .safetensors version, or set "

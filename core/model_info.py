@@ -209,6 +209,29 @@ def gguf_info(path: str | Path) -> ModelInfo:
                           int(meta.get(f"{arch}.feed_forward_length") or 4 * h), vocab, h * kv_heads // heads)
 
 
+def is_ggml_v3_file(path: str | Path) -> bool:
+    """A GGML v3 llama file by its first 8 bytes (light: for catalogs and estimates, no core.models import)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == b"tjgg" + struct.pack("<I", 3)  # the ggjt magic, little-endian, version 3
+    except OSError:
+        return False
+
+
+def ggml_info(path: str | Path) -> ModelInfo:
+    """Shape and size of a GGML v3 llama file from its header and tensor table (no weights read)."""
+    from core.models.ggml_v3 import read_ggml  # imported here: core.models pulls in torch and diffusers
+
+    ggml = read_ggml(path)
+    hp, shapes = ggml.hparams, {name: list(t.shape) for name, t in ggml.tensors.items()}
+    # The file counts quantized weights; training holds them dequantized, so the count is what matters.
+    params = sum(_numel(s) for s in shapes.values())
+    ffn = shapes.get("layers.0.feed_forward.w1.weight") or [4 * hp.n_embd]
+    keys = shapes.get("layers.0.attention.wk.weight") or [hp.n_embd]  # GQA (70B) shows in its rows
+    return llm_from_shape(params, f"the GGML v3 header of {Path(path).name}", hp.n_embd, hp.n_layer, ffn[0],
+                          hp.n_vocab, keys[0])
+
+
 # --- folders and hub ids ----------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -287,6 +310,8 @@ def detect_model(base_model: str, task_type: str = "image-generation", gguf_file
             suffix = path.suffix.lower()
             if suffix == ".gguf":
                 return gguf_info(path)
+            if task_type == "text-generation" and is_ggml_v3_file(path):
+                return ggml_info(path)
             if suffix == ".safetensors":
                 shapes = {k: v["shape"] for k, v in safetensors_header(path).items()}
                 info = _from_tensor_table(shapes, f"the header of {path.name}")

@@ -1,7 +1,7 @@
 """What the dropdowns offer: base models, LoRA files, data sets and runs found on disk.
 
 WebUI-style folders are searched: `models/Stable-diffusion/` (checkpoints and diffusers
-folders), `models/Lora/` (LoRA files), `models/llm/` (HF folders and GGUF files); data sets
+folders), `models/Lora/` (LoRA files), `models/llm/` (HF folders, GGUF and GGML v3 files); data sets
 are the folders under `data/`, runs the folders under `output/`. Every list is plain
 paths, re-read each time a dropdown is refreshed.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.model_info import is_ggml_v3_file
 from ui.state import DATA_DIR, MODEL_SUBDIRS, MODELS_DIR, OUTPUT_DIR, WORK
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -43,12 +44,14 @@ def image_models(models_dir: Path = MODELS_DIR) -> list[str]:
 
 
 def text_models(models_dir: Path = MODELS_DIR) -> list[str]:
-    """HF model folders and GGUF files under models/llm/."""
+    """HF model folders, GGUF files and GGML v3 llama .bin files (by their magic bytes) under models/llm/."""
     folder = models_dir / MODEL_SUBDIRS["text"]
     found: list[Path] = []
     if folder.is_dir():
         for item in sorted(folder.iterdir()):
-            if item.is_file() and item.suffix.lower() == ".gguf" or item.is_dir() and _is_hf_folder(item):
+            single_file = item.is_file() and (item.suffix.lower() == ".gguf"
+                                              or item.suffix.lower() == ".bin" and is_ggml_v3_file(item))
+            if single_file or item.is_dir() and _is_hf_folder(item):
                 found.append(item)
     return [rel(p) for p in found]
 

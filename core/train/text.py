@@ -223,7 +223,7 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     ctx.log(f"Loading the text model {cfg.base_model or '(default: SmolLM2-135M-Instruct GGUF)'}")
     started = time.perf_counter()
     model, tokenizer, source = load_llm(cfg.base_model, gguf_file=cfg.gguf_file, allow_pickle=cfg.allow_pickle,
-                                        dtype=weight_dtype(precision))
+                                        dtype=weight_dtype(precision), log=ctx.log)
     ctx.log(f"Model loaded in {time.perf_counter() - started:.1f} s ({source.display})")
     template = apply_template(tokenizer, cfg.chat_template, ctx.log)
     ctx.log(f"Chat template: {template}")
