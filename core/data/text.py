@@ -19,7 +19,8 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 TEXT_EXTENSIONS = (".csv", ".jsonl", ".json", ".txt")
 IGNORE_INDEX = -100

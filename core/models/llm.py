@@ -165,9 +165,9 @@ def _fast_gguf_parsing() -> Iterator[None]:
     the tensor-name map once per tensor; for SmolLM2 that is ~30 s of 40 s. Both are pure
     functions of their inputs, so they are memoised for the duration of the load.
     """
-    global _PARSING_DEPTH  # noqa: PLW0603 - re-entrant: nested loads share the outer cache
+    global _PARSING_DEPTH
     try:
-        import gguf  # noqa: PLC0415
+        import gguf
     except ImportError:
         yield
         return
@@ -204,7 +204,7 @@ def weight_dtype(mixed_precision: str = "no") -> torch.dtype:
 
 
 def load_tokenizer(source: LLMSource) -> Any:
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer
 
     if source.ggml_v3:
         return _ggml_v3_tokenizer(source)
@@ -223,8 +223,8 @@ def load_llm(base_model: str, *, gguf_file: str = "", allow_pickle: bool = False
 
     `log` (a run's ctx.log) hears what was read from a GGML file; without it the line goes to `logging`.
     """
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     source = resolve_source(base_model, gguf_file)
     if source.ggml_v3:

@@ -48,7 +48,7 @@ class SDModel:
 
     def noise_scheduler(self) -> Any:
         """The DDPM scheduler training adds noise with (the model's betas, our prediction type)."""
-        from diffusers import DDPMScheduler  # noqa: PLC0415
+        from diffusers import DDPMScheduler
 
         config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
         config["prediction_type"] = self.prediction_type
@@ -73,17 +73,17 @@ def model_family(base_model: str, *, allow_pickle: bool = False) -> str:
     path = Path(base_model)
     if path.is_file():
         if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open  # noqa: PLC0415
+            from safetensors import safe_open
 
             try:
                 with safe_open(str(path), "pt") as handle:
                     keys = list(handle.keys())
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise ModelLoadError(f"'{path.name}' is not a readable .safetensors file: {exc}",
                                      "The file is damaged or incomplete: download it again.") from exc
             return detect_family(keys, f"'{path.name}'")
         return detect_family(read_checkpoint(path, allow_pickle=allow_pickle), f"'{path.name}'")
-    from diffusers import DiffusionPipeline, UNet2DConditionModel  # noqa: PLC0415
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     local = path.is_dir()
     try:
@@ -107,8 +107,8 @@ def _folder_error(base_model: str, exc: Exception) -> ModelLoadError:
 
 
 def _load_diffusers(base_model: str) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel  # noqa: PLC0415
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: PLC0415
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     local = Path(base_model).is_dir()
     kw = {"local_files_only": local or _offline()}
@@ -133,7 +133,7 @@ def _load_diffusers(base_model: str) -> dict[str, Any]:
 
 def load_vae(vae: str, *, config_source: str | None = None) -> Any:
     """A separate VAE: a diffusers folder (with or without vae/), a hub id, or a single file."""
-    from diffusers import AutoencoderKL  # noqa: PLC0415
+    from diffusers import AutoencoderKL
 
     path = Path(vae)
     try:

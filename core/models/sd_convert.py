@@ -14,7 +14,8 @@ Layout written (what WebUI, ComfyUI and diffusers' own reader expect):
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 

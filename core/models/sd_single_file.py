@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 
@@ -48,7 +49,7 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
             # Even with the opt-in, only tensors and plain containers are unpickled: a
             # checkpoint that needs arbitrary Python objects could run code, so it is refused.
             data: Any = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises several error types here
+        except Exception as exc:
             if "weights_only" in str(exc) or "Unsupported" in str(exc):
                 raise ModelLoadError(
                     f"'{file.name}' holds Python objects besides the weights, and loading those could run "
@@ -63,10 +64,10 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
             raise ModelLoadError(f"'{file.name}' holds no state dict.", "Use a Stable Diffusion checkpoint.")
         return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     try:
-        from safetensors.torch import load_file  # noqa: PLC0415
+        from safetensors.torch import load_file
 
         return load_file(str(file))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as exc:
         raise ModelLoadError(
             f"'{file.name}' is not a readable .safetensors file ({size / 2**20:.1f} MB): {exc}",
             "The file is damaged or was not downloaded completely: download it again.") from exc
@@ -128,9 +129,9 @@ def _offline() -> bool:
 def load_single_file_components(path: str | Path, *, family: str, checkpoint: dict[str, torch.Tensor],
                                 model_config: str = "") -> dict[str, Any]:
     """unet, vae, text_encoders, tokenizers and scheduler_config built from a checkpoint dict."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm  # noqa: PLC0415
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: PLC0415
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source = resolve_config_source(family, model_config)
     local = Path(source).is_dir()
@@ -149,7 +150,7 @@ def load_single_file_components(path: str | Path, *, family: str, checkpoint: di
                 local_files_only=offline or local))
             tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2",
                                                             local_files_only=offline or local))
-        from diffusers import DDPMScheduler  # noqa: PLC0415
+        from diffusers import DDPMScheduler
 
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler",
                                                           local_files_only=offline or local))
