@@ -30,7 +30,8 @@ from ui.wiring import bind
 
 POLL_SECONDS = 2.0
 MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank", "conv_rank", "lora_variant", "mixed_precision",
-               "gradient_checkpointing", "train_text_encoder", "optimizer", "cache_latents", "max_seq_length")
+               "gradient_checkpointing", "train_text_encoder", "optimizer", "cache_latents", "max_seq_length",
+               "cache_text_encoder_outputs", "fp8_base", "blocks_to_swap", "base_quantization", "lora_blocks")
 
 
 # -- what the form's values mean ------------------------------------------------------

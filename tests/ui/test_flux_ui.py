@@ -104,3 +104,18 @@ def test_the_tools_tab_inspects_converts_and_resizes_a_flux_lora(tmp_path):
     message = tools_tab.resize_action(str(file), "rank", 2, 0.95, "", "fp16")
     assert message.startswith("✅"), message
     assert "FLUX.1-dev" in tools_tab.inspect_action(str(tmp_path / "flux_r2.safetensors"))
+
+
+def test_the_memory_line_follows_the_flux_switches(work, monkeypatch):
+    import core.devices
+    from core.devices import DeviceInfo
+
+    _root, (_state, _catalog, train_tab) = work
+    card = DeviceInfo("cuda", "RTX 4090 24GB", 23.6, 23.2, bf16=True, bitsandbytes=True)
+    monkeypatch.setattr(core.devices, "detect_device", lambda index=0: card)
+    raw = {"task_type": "image-generation", "base_model": "black-forest-labs/FLUX.1-dev", "resolution": 1024,
+           "batch_size": 1, "gradient_checkpointing": True, "cache_text_encoder_outputs": True,
+           "mixed_precision": "bf16"}
+    assert {"fp8_base", "blocks_to_swap", "base_quantization", "lora_blocks"} <= set(train_tab.MEMORY_KEYS)
+    plain, fp8 = train_tab.memory_line(raw), train_tab.memory_line({**raw, "fp8_base": True})
+    assert "transformer weights 22.2" in plain and "transformer weights 11.1" in fp8
