@@ -16,11 +16,10 @@ LoRA sizes are closed forms of the architecture (tests/test_flux_memory.py check
 """
 from __future__ import annotations
 
-from typing import Any
-
 from core.config import TrainConfig
 from core.devices import GIB, DeviceInfo
-from core.families.registry import FLUX_AE, family_info
+from core.families.registry import FLUX_AE
+from core.model_info import ModelInfo
 
 # Tokens of the measurement: (1024 / 16)^2 packed image tokens + 512 text tokens.
 MEASURED_TOKENS = 64 * 64 + 512
@@ -38,8 +37,9 @@ WEIGHT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}
 LORA_FEATURES_PER_H = {"all": (8 * 2 + 2 * (5 + 5), 3 * 2 + 5 + 6),
                        "attention": (8 * 2, 3 * 2),
                        "single_blocks": (0, 3 * 2 + 5 + 6)}
-# Weights per block in units of h^2: FLUX.1 (with the adaLN modulation Linears) and Chroma (without).
-BLOCK_WEIGHTS_PER_H2 = {"flux": (36, 15), "chroma": (24, 12)}
+# (double, single) block weights in units of h^2, by family: FLUX.1 with the adaLN modulation
+# Linears, Chroma without them (its one approximator replaces them).
+BLOCK_WEIGHTS_PER_H2 = {"flux-dev": (36, 15), "flux-schnell": (36, 15), "chroma": (24, 12)}
 
 
 def flux_lora_params(rank: int, lora_blocks: str = "all", width: int = REAL_WIDTH) -> int:
@@ -50,7 +50,7 @@ def flux_lora_params(rank: int, lora_blocks: str = "all", width: int = REAL_WIDT
 
 def block_params(family: str, width: int = REAL_WIDTH) -> tuple[int, int]:
     """(one double block, one single block) weight counts, biases left out (under 0.1%)."""
-    double, single = BLOCK_WEIGHTS_PER_H2["chroma" if family == "chroma" else "flux"]
+    double, single = BLOCK_WEIGHTS_PER_H2.get(family, BLOCK_WEIGHTS_PER_H2["flux-dev"])
     return double * width * width, single * width * width
 
 
@@ -73,7 +73,7 @@ def swapped_params(cfg: TrainConfig, family: str, width: int, params: int) -> fl
     return max(0.0, share - 2 * double)
 
 
-def flux_parts(cfg: TrainConfig, model: Any, device: DeviceInfo, *, compute_bytes: int,
+def flux_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute_bytes: int,
                lora_state_bytes: int, cached_images: int) -> dict[str, float]:
     """Every part in bytes (the caller adds the runtime overhead)."""
     width = model.width or REAL_WIDTH
@@ -109,9 +109,3 @@ def flux_parts(cfg: TrainConfig, model: Any, device: DeviceInfo, *, compute_byte
         parts["cached latents"] = cached_images * 32 * (cfg.resolution // 8) ** 2 * 4
     return parts
 
-
-def is_flux(family: str) -> bool:
-    try:
-        return family_info(family).kind == "flux"
-    except ValueError:
-        return False
