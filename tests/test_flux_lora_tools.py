@@ -135,3 +135,16 @@ def test_the_cli_family_choices_come_from_the_family_table(flux_file, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "inspect", str(flux_file)],
                          capture_output=True, text=True, check=True).stdout
     assert "FLUX.1-dev" in out
+
+
+def test_a_chroma_lora_keeps_its_family_through_diffusers_when_told(tmp_path):
+    file = write_flux_kohya_file(_peft_state("chroma"), tmp_path / "chroma.safetensors", variant="chroma", alpha=4,
+                                 dtype=torch.float32)
+    written = convert_lora(file, tmp_path / "diffusers", "diffusers")
+    # The diffusers file does not say Chroma (FluxPipeline and ChromaPipeline read the same keys).
+    back = convert_lora(written, tmp_path / "back.safetensors", "kohya", family="chroma")
+    meta = read_lora(back).metadata
+    assert meta["ss_base_model_version"] == "chroma" and meta["modelspec.architecture"] == "chroma/lora"
+    before, after = _deltas(read_lora(file)), _deltas(read_lora(back))
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-6)
