@@ -118,6 +118,55 @@ def measure_unet(name: str, config: dict, emb: int) -> None:
                   f"pixel; estimator activations {parts['activations'] / 2**30:.3f} GiB")
 
 
+def measure_flux(variant: str = "flux-dev", image_tokens: int = 4096, text_tokens: int = 512) -> None:
+    """FLUX.1 / Chroma transformer at 1024 px (4096 packed image tokens + 512 T5 tokens), bf16:
+    what core/memory_flux.py's FLUX_ACTIVATION holds (whole model, with and without gradient
+    checkpointing, and one double block alone for the recompute)."""
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
+
+    from core.families.flux_memory import flux_lora_targets
+
+    with torch.device("meta"):
+        model = ChromaTransformer2DModel() if variant == "chroma" else \
+            FluxTransformer2DModel(guidance_embeds=variant == "flux-dev")
+    model.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in flux_lora_targets(model, "all"):
+        modules[name].weight.requires_grad_(True)
+    model.to(torch.bfloat16)
+
+    def empty(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    inputs = dict(hidden_states=empty(1, image_tokens, 64), encoder_hidden_states=empty(1, text_tokens, 4096),
+                  timestep=empty(1), img_ids=empty(image_tokens, 3, dtype=torch.float32),
+                  txt_ids=empty(text_tokens, 3, dtype=torch.float32), return_dict=False)
+    if variant != "chroma":
+        inputs["pooled_projections"] = empty(1, 768)
+    if variant == "flux-dev":
+        inputs["guidance"] = empty(1)
+    tokens = image_tokens + text_tokens
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        counter = SavedTensors(model)
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            model(**inputs)
+        print(f"{variant}, checkpointing {'on ' if checkpointing else 'off'}: saved {counter.total() / 2**30:.3f} GiB "
+              f"({counter.total() / tokens:,.0f} bytes per token)")
+    if variant == "chroma":
+        return  # its blocks take the approximator's modulation instead of temb; same shapes otherwise
+    model.disable_gradient_checkpointing()
+    counter = SavedTensors(model)
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    rope = (torch.empty(tokens, 128, device="meta"), torch.empty(tokens, 128, device="meta"))
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        model.transformer_blocks[0](hidden_states=empty(1, image_tokens, width).requires_grad_(),
+                                    encoder_hidden_states=empty(1, text_tokens, width).requires_grad_(),
+                                    temb=empty(1, width), image_rotary_emb=rope)
+    print(f"  one double block (recomputed with checkpointing): {counter.total() / 2**30:.3f} GiB")
+
+
 def measure_llm(hidden: int, inter: int, layers: int, vocab: int, heads: int, kv_heads: int) -> None:
     import transformers.masking_utils as masking
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -210,11 +259,12 @@ def preset_table() -> None:
 
     models = {"sd1": detect_model("stable-diffusion-v1-5/stable-diffusion-v1-5"),
               "sdxl": detect_model("stabilityai/stable-diffusion-xl-base-1.0"),
+              "flux": detect_model("black-forest-labs/FLUX.1-dev"),
               "llm": detect_model("meta-llama/Llama-3.2-1B", "text-generation")}
     print("| preset | model | weights | LoRA + optimizer | activations | logits / transient | predicted peak "
           "(GB) | measured on CUDA |")
     print("|---|---|---|---|---|---|---|---|")
-    for family in ("sd1", "sdxl", "llm"):
+    for family in ("sd1", "sdxl", "flux", "llm"):
         for info in presets.family_presets(family):
             model = SMOLLM2_135M if family == "llm" and info.memory_gb <= 4 else models[family]
             card = DeviceInfo("cuda", "", info.memory_gb, info.memory_gb, bf16=True, bitsandbytes=True)
@@ -235,8 +285,10 @@ def main() -> None:
         preset_table()
         return
     real_sdpa = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: FlashLikeAttention.apply(q, k, v)
+    # Keyword names too: diffusers' FLUX attention calls it with query=, key=, value=.
+    F.scaled_dot_product_attention = lambda query, key, value, *a, **kw: FlashLikeAttention.apply(query, key, value)
     try:
+        measure_flux("flux-dev")
         measure_unet("SD 1.5", SD15, 768)
         measure_unet("SD 2.1", SD21, 1024)
         measure_unet("SDXL", SDXL, 2048)

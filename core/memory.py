@@ -12,7 +12,8 @@ attention, and adds up every tensor autograd saves for the backward pass. That c
 is exact for what autograd keeps and linear in the number of latent pixels (or
 tokens); it is what `torch.cuda.max_memory_allocated` sees, minus allocator slack.
 The numbers below are those measurements; CUDA peaks are not measured yet (no GPU was
-available), see the README.
+available), see the README. FLUX.1 / Chroma have their own parts (core.memory_flux); the
+per-family numbers here are UNet calibration data, keyed by family name.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from core.config import TrainConfig
 from core import devices
 from core.devices import GIB, DeviceInfo
+from core.memory_flux import flux_parts
 from core.model_info import SD_VAE, ModelInfo, detect_model
 
 KIB = 1024
@@ -171,7 +173,15 @@ def _text_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[
 
 def _parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, float]:
     """Every part in bytes."""
-    parts = _text_parts(cfg, model, device) if model.family == "llm" else _image_parts(cfg, model, device)
+    if model.family == "llm":
+        parts = _text_parts(cfg, model, device)
+    elif model.kind == "flux":
+        caching = cfg.cache_latents and cfg.center_crop and not cfg.random_flip
+        parts = flux_parts(cfg, model, device, compute_bytes=dtype_bytes(cfg, device),
+                           lora_state_bytes=_lora_state_bytes(cfg, device),
+                           cached_images=_count_images(cfg.train_data_dir) if caching and device.kind != "cuda" else 0)
+    else:
+        parts = _image_parts(cfg, model, device)
     parts["runtime overhead"] = RUNTIME_OVERHEAD_GB * GIB if device.kind == "cuda" else 0.0
     return parts
 
@@ -214,6 +224,14 @@ def _candidate_steps(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> 
                      if c.train_text_encoder or not c.cache_text_encoder_outputs else {})
         steps.append(lambda c: {"cache_latents": True, "random_flip": False, "center_crop": True}
                      if not (c.cache_latents and c.center_crop and not c.random_flip) else {})
+    if model.kind == "flux" and device.kind == "cuda":
+        # fp8 storage, then blocks in CPU memory, then NF4: none changes the LoRA's shape.
+        if device.bf16:
+            steps.append(lambda c: {"fp8_base": True} if not c.fp8_base and c.base_quantization == "none" else {})
+        for _ in range(5):
+            steps.append(lambda c: {"blocks_to_swap": c.blocks_to_swap + 8} if c.blocks_to_swap < 40 else {})
+        if device.bitsandbytes:
+            steps.append(lambda c: {"base_quantization": "nf4"} if c.base_quantization == "none" else {})
 
     def halve_batch(c: TrainConfig) -> dict:
         if c.batch_size <= 1:
@@ -228,8 +246,8 @@ def _candidate_steps(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> 
         for _ in range(4):
             steps.append(lambda c: {"max_seq_length": c.max_seq_length // 2} if c.max_seq_length > 256 else {})
     else:
-        # Last resort (it changes what the LoRA sees): down to 768 for SDXL, 384 for SD 1.x/2.x.
-        floor = 768 if model.family == "sdxl" else 384
+        # Last resort (it changes what the LoRA sees): down to 768 for SDXL, 512 for FLUX, 384 for SD 1.x/2.x.
+        floor = 768 if model.family == "sdxl" else 512 if model.kind == "flux" else 384
         for _ in range(4):
             steps.append(lambda c: {"resolution": max(floor, c.resolution - 128)} if c.resolution > floor else {})
     return steps

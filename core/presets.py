@@ -1,9 +1,10 @@
 """Presets: partial configs in presets/*.yaml merged under the user's own values.
 
 Each preset is written for one (model family, memory tier): `sd15-8gb`, `sdxl-12gb`,
-`llm-24gb`, plus `cpu` and `mps`. Besides config keys a preset file has three keys
-of its own: `description` (shown in the UI), `family` (sd1 | sdxl | llm | any) and
-`memory_gb` (the GPU size it was written for).
+`flux-16gb`, `llm-24gb`, plus `cpu` and `mps`. Besides config keys a preset file has three
+keys of its own: `description` (shown in the UI), `family` (a preset family of
+core.families.registry: sd1 | sdxl | flux, or llm | any) and `memory_gb` (the GPU size it
+was written for).
 
 `preset: auto` detects the device (`detect_device`, the one call tests mock) and the
 base model (headers only, `core.model_info`), and picks the richest preset of the
@@ -28,24 +29,28 @@ from core import devices
 from core.config import FIELDS, ConfigError, TrainConfig, coerce, config_from_dict
 from core.devices import DeviceInfo
 from core.memory import MemoryEstimate, estimate_memory, fitting_changes, format_changes
+from core.families.registry import FAMILIES
 from core.model_info import ModelInfo, detect_model
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 META_KEYS = ("description", "family", "memory_gb")
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+NATIVE_RESOLUTION = {name: info.native_resolution for name, info in FAMILIES.items()}
 # A "12 GB" card reports about 11.7 GiB, a laptop "8 GB" about 7.6: a tier is meant for a GPU
 # whose total memory is at least this share of the tier's size.
 TIER_SHARE = 0.9
 # Keys an out-of-memory downshift may change in the middle of a run. The LoRA's shape (rank,
 # targets, variant), the optimizer and what is trained stay, so the checkpoint still loads.
+# FLUX's frozen-base switches are among them (fp8 storage, blocks in CPU memory, NF4): the LoRA stays.
 DOWNSHIFT_KEYS = ("batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "resolution",
-                  "max_seq_length", "cache_latents", "cache_text_encoder_outputs")
+                  "max_seq_length", "cache_latents", "cache_text_encoder_outputs", "fp8_base", "blocks_to_swap",
+                  "base_quantization")
+FLUX_KEYS = ("fp8_base", "blocks_to_swap", "base_quantization")
 
 
 @dataclass(frozen=True)
 class PresetInfo:
     name: str
-    family: str  # sd1 | sdxl | llm | any
+    family: str  # sd1 | sdxl | flux | llm | any
     memory_gb: float
     description: str
 
@@ -112,9 +117,13 @@ def preset_info(name: str) -> PresetInfo:
 
 
 def preset_family(model: ModelInfo | str) -> str:
-    """The preset family of a model family: SD 2.x uses the SD 1.x presets."""
+    """The preset family of a model family (the registry's: SD 2.x uses the SD 1.x presets, every
+    FLUX.1 / Chroma variant the flux ones); llm for language models."""
     family = model.family if isinstance(model, ModelInfo) else model
-    return {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "llm": "llm"}.get(family, "sd1")
+    if family == "llm":
+        return "llm"
+    info = FAMILIES.get(family)
+    return info.preset_family if info else "sd1"
 
 
 def family_presets(family: str) -> list[PresetInfo]:
@@ -134,6 +143,12 @@ def adapt_to_device(values: dict[str, Any], device: DeviceInfo) -> tuple[dict[st
         values["optimizer"] = "adamw"
         notes.append("AdamW because 8-bit AdamW needs bitsandbytes on a CUDA GPU"
                      if device.kind == "cuda" else "AdamW (8-bit AdamW needs a CUDA GPU)")
+    if values.get("base_quantization") == "nf4" and not (device.kind == "cuda" and device.bitsandbytes):
+        # The same memory tier without bitsandbytes: fp8 storage and more blocks in CPU memory.
+        values["base_quantization"] = "none"
+        values["fp8_base"] = True
+        values["blocks_to_swap"] = max(int(values.get("blocks_to_swap") or 0), 40)
+        notes.append("fp8 base with 40 blocks in CPU memory because NF4 needs bitsandbytes on a CUDA GPU")
     return values, notes
 
 
@@ -349,11 +364,10 @@ def next_smaller_preset(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo
         else:
             for key in ("resolution", "cache_latents", "cache_text_encoder_outputs"):
                 values.pop(key, None)
-        # A downshift only ever lowers: a number the user already set lower stays, a switch
-        # that saves memory (checkpointing, caches) is only turned on.
-        values = {k: v for k, v in values.items()
-                  if (v is True and getattr(cfg, k) is False) or
-                  (not isinstance(v, bool) and isinstance(v, int) and v < getattr(cfg, k))}
+        if model.kind != "flux":
+            for key in FLUX_KEYS:
+                values.pop(key, None)
+        values = {k: v for k, v in values.items() if _saves_memory(k, v, getattr(cfg, k))}
         values.pop("gradient_accumulation_steps", None)
         if "batch_size" in values:
             effective = cfg.batch_size * cfg.gradient_accumulation_steps
@@ -366,6 +380,19 @@ def next_smaller_preset(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo
             changes["preset"] = info.name
             return info.name, changes
     return None
+
+
+def _saves_memory(key: str, new: Any, old: Any) -> bool:
+    """A downshift only ever saves: a switch that saves memory (checkpointing, caches, fp8) is only
+    turned on, a number the user already set lower stays, more blocks go to CPU memory, never
+    fewer, and the base is quantized, never de-quantized."""
+    if key == "blocks_to_swap":
+        return int(new) > int(old)
+    if key == "base_quantization":
+        return new != "none" and old == "none"
+    if isinstance(new, bool):
+        return new is True and old is False
+    return isinstance(new, int) and new < old
 
 
 def downshift_summary(cfg: TrainConfig, changes: dict[str, Any]) -> str:

@@ -148,7 +148,7 @@ def test_an_unknown_preset_is_refused_with_the_names_that_exist():
 def test_every_preset_file_has_a_description_a_family_a_tier_and_only_config_keys(name):
     raw = yaml.safe_load((presets.PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
     assert len(raw["description"]) > 30
-    assert raw["family"] in ("sd1", "sdxl", "llm", "any")
+    assert raw["family"] in ("sd1", "sdxl", "flux", "llm", "any")
     values = presets.load_preset(name)
     assert set(values) <= set(FIELDS)
     for key in ("batch_size", "gradient_accumulation_steps", "lora_rank", "mixed_precision",
@@ -162,6 +162,7 @@ def test_every_preset_file_has_a_description_a_family_a_tier_and_only_config_key
 def test_every_gpu_preset_fits_its_own_tier_with_the_real_model(name):
     info = presets.preset_info(name)
     model = {"sd1": detect_model(SD15["base_model"]), "sdxl": detect_model(SDXL["base_model"]),
+             "flux": detect_model("black-forest-labs/FLUX.1-dev"),
              "llm": detect_model(LLAMA_1B["base_model"], "text-generation")}[info.family]
     if info.family == "llm" and info.memory_gb <= 4:
         model = SMOLLM2_135M
@@ -174,7 +175,7 @@ def test_every_gpu_preset_fits_its_own_tier_with_the_real_model(name):
 
 
 def test_effective_batch_is_the_same_across_a_familys_tiers_so_a_downshift_keeps_the_schedule():
-    for family in ("sd1", "sdxl", "llm"):
+    for family in ("sd1", "sdxl", "flux", "llm"):
         effective = {info.name: presets.load_preset(info.name)["batch_size"]
                      * presets.load_preset(info.name)["gradient_accumulation_steps"]
                      for info in presets.family_presets(family)}

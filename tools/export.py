@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from core.families.registry import FAMILIES  # noqa: E402 - standard library only, after the path
+
 # Kept here so `--help` answers without importing torch.
 DTYPES = ("fp16", "bf16", "fp32", "keep")
 
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "model (default: the one the adapter names)")
     p.add_argument("--rank", type=int, help="--to plain: rank of the plain modules (default: the DoRA's own)")
     p.add_argument("--model-config", default="", help="--to plain: diffusers config folder for a single-file base")
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="model family when the file cannot tell")
+    p.add_argument("--family", choices=list(FAMILIES), help="model family when the file cannot tell (e.g. chroma "
+                   "for a diffusers FLUX file, which does not say)")
     p.add_argument("--pissa-init", metavar="INITIAL",
                    help="PiSSA: the adapter saved right after initialisation; writes the equivalent plain LoRA "
                         "for the ORIGINAL base model (twice the rank)")

@@ -1,7 +1,8 @@
 """What the dropdowns offer: base models, LoRA files, data sets and runs found on disk.
 
 WebUI-style folders are searched: `models/Stable-diffusion/` (checkpoints and diffusers
-folders), `models/Lora/` (LoRA files), `models/llm/` (HF folders, GGUF and GGML v3 files); data sets
+folders), ComfyUI's `models/diffusion_models/` and `models/unet/` (FLUX.1 / Chroma transformer
+files), `models/Lora/` (LoRA files), `models/llm/` (HF folders, GGUF and GGML v3 files); data sets
 are the folders under `data/`, runs the folders under `output/`. Every list is plain
 paths, re-read each time a dropdown is refreshed.
 """
@@ -13,6 +14,8 @@ from core.model_info import is_ggml_v3_file
 from ui.state import DATA_DIR, MODEL_SUBDIRS, MODELS_DIR, OUTPUT_DIR, WORK
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+# ComfyUI keeps the FLUX.1 / Chroma transformer apart from its text encoders and VAE.
+COMFY_IMAGE_SUBDIRS = ("diffusion_models", "unet")
 TEXT_DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".txt", ".parquet")
 
 
@@ -32,14 +35,26 @@ def _is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() or any(path.glob("*.gguf"))
 
 
-def image_models(models_dir: Path = MODELS_DIR) -> list[str]:
-    """Single-file checkpoints and diffusers folders under models/Stable-diffusion/."""
-    folder = models_dir / MODEL_SUBDIRS["image"]
+def _image_models_in(folder: Path) -> list[Path]:
+    """Checkpoint files and diffusers folders under `folder`; a diffusers folder is one model, so
+    its parts (unet/, transformer/, text_encoder/ ... files) are never listed."""
     found: list[Path] = []
-    if folder.is_dir():
-        for item in sorted(folder.rglob("*")):
-            if item.is_file() and item.suffix.lower() in CHECKPOINT_SUFFIXES or item.is_dir() and _is_diffusers_folder(item):
-                found.append(item)
+    for item in sorted(folder.iterdir()):
+        if item.is_dir():
+            found += [item] if _is_diffusers_folder(item) else _image_models_in(item)
+        elif item.suffix.lower() in CHECKPOINT_SUFFIXES:
+            found.append(item)
+    return found
+
+
+def image_models(models_dir: Path = MODELS_DIR) -> list[str]:
+    """Single files and diffusers folders under models/Stable-diffusion/, then ComfyUI's
+    models/diffusion_models/ and models/unet/."""
+    found: list[Path] = []
+    for sub in (MODEL_SUBDIRS["image"], *COMFY_IMAGE_SUBDIRS):
+        folder = models_dir / sub
+        if folder.is_dir():
+            found += _image_models_in(folder)
     return [rel(p) for p in found]
 
 

@@ -15,8 +15,11 @@ from typing import Any, get_origin
 from collections.abc import Callable
 
 from core.config import FIELDS, GROUP_TITLES, TYPES, TrainConfig
+from core.families.registry import FAMILIES
 
 TASK_OF = {"image-generation": "image", "text-generation": "text"}
+# A config group named after a family kind (the "flux" keys) is shown only for base models of that kind.
+KIND_GROUPS = frozenset(info.kind for info in FAMILIES.values())
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,10 @@ class FieldSpec:
     maximum: float | None
     task: str  # image | text | both
 
-    def shown_for(self, task_type: str) -> bool:
+    def shown_for(self, task_type: str, kind: str = "") -> bool:
+        """Shown for this task, and for a kind group ("flux") only when the base model is of that kind."""
+        if self.group in KIND_GROUPS and self.group != kind:
+            return False
         return self.task == "both" or self.task == TASK_OF.get(task_type, "image")
 
 
@@ -170,11 +176,17 @@ def ordered(widgets: dict[str, Any], specs: list[FieldSpec]) -> list[Any]:
     return [widgets[s.name] for s in specs]
 
 
-def visibility_updates(specs: list[FieldSpec], task_type: str) -> list[Any]:
-    """gr.update(visible=...) per spec for a task switch (image fields hide for text and back)."""
+def visibility_updates(specs: list[FieldSpec], task_type: str, kind: str = "") -> list[Any]:
+    """gr.update(visible=...) per spec for a task switch (image fields hide for text and back) or
+    a base model of another kind (the FLUX keys show for FLUX.1 / Chroma only)."""
     import gradio as gr
 
-    return [gr.update(visible=s.shown_for(task_type)) for s in specs]
+    return [gr.update(visible=s.shown_for(task_type, kind)) for s in specs]
+
+
+def kind_specs(specs: list[FieldSpec]) -> list[FieldSpec]:
+    """The specs whose visibility depends on the base model's kind."""
+    return [s for s in specs if s.group in KIND_GROUPS]
 
 
 def error_marks(specs: list[FieldSpec], errors: dict[str, str], infos: dict[str, str],

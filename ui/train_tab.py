@@ -30,7 +30,8 @@ from ui.wiring import bind
 
 POLL_SECONDS = 2.0
 MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank", "conv_rank", "lora_variant", "mixed_precision",
-               "gradient_checkpointing", "train_text_encoder", "optimizer", "cache_latents", "max_seq_length")
+               "gradient_checkpointing", "train_text_encoder", "optimizer", "cache_latents", "max_seq_length",
+               "cache_text_encoder_outputs", "fp8_base", "blocks_to_swap", "base_quantization", "lora_blocks")
 
 
 # -- what the form's values mean ------------------------------------------------------
@@ -113,9 +114,32 @@ def marks(train_form: TrainForm, errors: dict[str, str], previously: list[str] |
 
 
 # -- handlers: outputs in the order the wiring at the bottom lists them ----------------
-def on_task(specs: list[form.FieldSpec], task_type: str) -> list[Any]:
+def model_kind_and_line(task_type: str, base_model: str) -> tuple[str, str]:
+    """(the base model's family kind, a sentence naming its family and size) from headers only."""
+    from core.model_info import detect_model
+
+    if not base_model:
+        return "", ""
+    local = state.resolve_user_path(base_model)
+    try:
+        # A path under the work folder (what the dropdown lists), else a hub id (only its name is read).
+        info = detect_model(str(local) if local.exists() else base_model, task_type or "image-generation")
+    except Exception as exc:  # noqa: BLE001 - a model line must never break the form
+        return "", f"Base model: could not be read ({exc})."
+    source = f", read from {info.source}" if info.source else ""
+    return info.kind, f"**Base model:** {info.label}{source}."
+
+
+def on_base_model(specs: list[form.FieldSpec], task_type: str, base_model: str) -> list[Any]:
+    """[the family line, one update per kind-group field]: the FLUX keys show for FLUX.1 / Chroma."""
+    kind, line = model_kind_and_line(task_type, base_model)
+    return [line, *(gr.update(visible=s.shown_for(task_type, kind)) for s in form.kind_specs(specs))]
+
+
+def on_task(specs: list[form.FieldSpec], task_type: str, base_model: str = "") -> list[Any]:
     """[one update per field, the sample gallery]: the fields of the other task hide."""
-    updates = form.visibility_updates(specs, task_type)
+    kind = model_kind_and_line(task_type, base_model)[0] if task_type != "text-generation" else ""
+    updates = form.visibility_updates(specs, task_type, kind)
     index = [s.name for s in specs].index("base_model")
     updates[index] = gr.update(visible=True, choices=catalog.base_models(task_type))
     # Image previews go to the gallery, text previews to the table under it.
@@ -274,6 +298,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     specs = form.field_specs()
     device_md = gr.Markdown(state.device_line() or "Detecting the device …", elem_id="train-device")
     preset_reason = gr.Markdown("", elem_id="train-preset-reason")
+    model_md = gr.Markdown("", elem_id="train-base-model")
     widgets = form.build_form(specs, custom={"base_model": base_model_widget, "train_data_dir": data_widget,
                                              "preset": preset_widget})
     inputs = form.ordered(widgets, specs)
@@ -307,7 +332,11 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     timer = gr.Timer(POLL_SECONDS)
 
     # -- wiring ---------------------------------------------------------------------------
-    widgets["task_type"].change(bind(on_task, specs), widgets["task_type"], [*inputs, samples])
+    widgets["task_type"].change(bind(on_task, specs), [widgets["task_type"], widgets["base_model"]],
+                                [*inputs, samples])
+    kind_widgets = [widgets[s.name] for s in form.kind_specs(specs)]
+    widgets["base_model"].change(bind(on_base_model, specs), [widgets["task_type"], widgets["base_model"]],
+                                 [model_md, *kind_widgets], show_progress="hidden")
     widgets["preset"].input(bind(on_preset, train_form), inputs, [preset_reason, *inputs])
     for key in MEMORY_KEYS:
         widgets[key].change(bind(on_estimate, train_form), inputs, memory_md, show_progress="hidden")

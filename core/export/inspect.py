@@ -1,8 +1,11 @@
 """What is in a LoRA file: format, model family, modules with rank/alpha, metadata, broken tensors.
 
 Reads only with safetensors (and a PEFT folder's adapter_config.json); pickled files are
-refused. The base of `tools/export.py inspect` and of the "this LoRA is for another model"
-check before a LoRA is applied.
+refused. Family names and labels come from the family table (core.families.registry);
+FLUX.1 / Chroma files (BFL kohya names, ComfyUI's `diffusion_model.` keys, diffusers'
+`transformer.` keys) are read through core.families.flux_lora_keys. The base of
+`tools/export.py inspect` and of the "this LoRA is for another model" check before a LoRA
+is applied.
 """
 from __future__ import annotations
 
@@ -15,9 +18,16 @@ from typing import Any
 
 import torch
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "llm": "a language model"}
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+from core.families.registry import FAMILIES, family_label
+
+FAMILY_NAMES = {**{name: family_label(name) for name in FAMILIES}, "llm": "a language model"}
+# lora_te3_ is FLUX's T5 (lora_te1_ its CLIP-L).
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+COMFY_PREFIX = "diffusion_model."
+DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+# Keys only a FLUX.1 / Chroma LoRA has: BFL block names (kohya, ComfyUI) or diffusers' transformer blocks.
+_FLUX_KEY = re.compile(r"^(lora_unet_(double|single)_blocks_\d|diffusion_model\.(double|single)_blocks\.|"
+                       r"transformer\.single_transformer_blocks\.)")  # SD3 has transformer_blocks only
 ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 # Cross-attention context width of each family's UNet, and hidden width of its (first) text encoder.
 _CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -37,8 +47,8 @@ class LoraReadError(ValueError):
 @dataclass
 class LoraFileInfo:
     path: Path
-    format: str                              # "kohya" | "diffusers" | "peft"
-    family: str                              # "sd1" | "sd2" | "sdxl" | "llm" | "unknown"
+    format: str                              # "kohya" | "comfyui" | "diffusers" | "peft"
+    family: str                              # a registry family ("sdxl", "flux-dev" ...) | "llm" | "unknown"
     modules: dict[str, tuple[int, float]]    # module -> (rank, alpha), scale = alpha / rank
     metadata: dict[str, str]
     num_tensors: int
@@ -74,8 +84,21 @@ def _resolve_file(path: Path) -> tuple[Path, Path | None]:
     return path, config if path.name == "adapter_model.safetensors" and config.is_file() else None
 
 
+def _flux_family_from_metadata(metadata: dict[str, str]) -> str | None:
+    """A FLUX.1 / Chroma family from modelspec.architecture (names the variant), else ss_base_model_version
+    (flux1 is dev or schnell: the first family of the table with it, FLUX.1-dev)."""
+    arch = metadata.get("modelspec.architecture", "").removesuffix("/lora")
+    version = metadata.get("ss_base_model_version", "")
+    flux = [info for info in FAMILIES.values() if info.kind == "flux"]
+    return next((i.name for i in flux if arch == i.modelspec_architecture), None) or \
+        next((i.name for i in flux if version == i.ss_base_model_version), None)
+
+
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
     """The family WebUI would see (ss_base_model_version / ss_v2), else from modelspec.architecture."""
+    flux = _flux_family_from_metadata(metadata)
+    if flux:
+        return flux
     version = metadata.get("ss_base_model_version", "")
     if version.startswith("sdxl_"):
         return "sdxl"
@@ -98,6 +121,11 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
 def family_from_keys(shapes: dict[str, tuple[int, ...]], fmt: str, adapter_config: dict | None) -> str:
     """sd1 | sd2 | sdxl | llm | unknown from the key names and the widths of the LoRA tensors."""
     keys = list(shapes)
+    if any(_FLUX_KEY.match(k) for k in keys):
+        # Chroma has no modulation layers but an approximator; the LoRA keys rarely tell dev from schnell.
+        if any("distilled_guidance_layer" in k for k in keys):
+            return "chroma"
+        return "flux-dev"
     if fmt == "peft":
         task = str((adapter_config or {}).get("task_type") or "")
         if task.startswith("CAUSAL_LM") or any(".layers." in k and ("self_attn" in k or "mlp" in k) for k in keys):
@@ -122,14 +150,17 @@ def family_from_keys(shapes: dict[str, tuple[int, ...]], fmt: str, adapter_confi
 def _detect_format(keys: list[str], metadata: dict[str, str], adapter_config: dict | None) -> str:
     if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
+    if keys and all(k.startswith((COMFY_PREFIX, *KOHYA_PREFIXES)) for k in keys):
+        return "comfyui"
     if adapter_config is not None or any(k.startswith("base_model.model.") for k in keys):
         return "peft"
     if "lora_adapter_metadata" in metadata or any(k.split(".", 1)[0] in DIFFUSERS_COMPONENTS for k in keys):
         return "diffusers"
     if any(_ADAPTER_PART.match(k) for k in keys):
         return "peft"
-    raise LoraReadError("no LoRA weights recognised (expected kohya lora_unet_/lora_te_ keys, diffusers "
-                        "unet./text_encoder. keys, or PEFT lora_A/lora_B keys)")
+    raise LoraReadError("no LoRA weights recognised (expected kohya lora_unet_/lora_te_ keys, ComfyUI "
+                        "diffusion_model. keys, diffusers unet./transformer./text_encoder. keys, or PEFT "
+                        "lora_A/lora_B keys)")
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -203,7 +234,9 @@ def inspect_lora(path: str | Path) -> LoraFileInfo:
     info = LoraFileInfo(path=file, format=fmt, family=family, modules={}, metadata=metadata,
                         num_tensors=len(tensors), nonfinite=nonfinite, has_text_encoder=False, has_conv=False,
                         has_dora=any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys))
-    if fmt == "kohya":
+    if is_flux_family(family) and fmt in ("kohya", "comfyui", "diffusers"):
+        _flux_modules(info, file, tensors)
+    elif fmt == "kohya":
         _kohya_modules(info, tensors)
     else:
         _adapter_modules(info, tensors, fmt, adapter_config)
@@ -234,7 +267,7 @@ def _kohya_modules(info: LoraFileInfo, tensors: dict[str, torch.Tensor]) -> None
         else:
             alpha, missing_alpha = float(rank), missing_alpha + 1
         info.modules[module] = (rank, alpha)
-        info.has_text_encoder |= module.startswith(("lora_te_", "lora_te1_", "lora_te2_"))
+        info.has_text_encoder |= module.startswith(KOHYA_PREFIXES[1:])
         info.has_conv |= down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
     if missing_alpha:
         info.notes.append(f"{missing_alpha} module(s) have no alpha: alpha = rank (scale 1).")
@@ -253,6 +286,37 @@ def _kohya_modules(info: LoraFileInfo, tensors: dict[str, torch.Tensor]) -> None
                               "ComfyUI apply them; AUTOMATIC1111 WebUI only knows the per-input layout and "
                               "distorts this LoRA; diffusers drops them and applies the plain LoRA part.")
         break
+
+
+def is_flux_family(family: str) -> bool:
+    info = FAMILIES.get(family)
+    return info is not None and info.kind == "flux"
+
+
+def _flux_modules(info: LoraFileInfo, file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Modules of a FLUX / Chroma LoRA under diffusers' names, with the rank and alpha of each part:
+    a fused BFL module (qkv, linear1) is split back into q, k, v (, proj_mlp) by read_flux_lora."""
+    from core.export.kohya import LoraFormatError
+    from core.families.flux_lora_keys import read_flux_lora
+
+    try:
+        peft, alphas, _ = read_flux_lora(file, ignore_text_encoders=True)
+    except (LoraFormatError, ValueError) as exc:
+        info.notes.append(f"Read as plain kohya modules (the FLUX reader refused it: {exc}).")
+        _kohya_modules(info, {k: v for k, v in tensors.items() if k.startswith(KOHYA_PREFIXES)})
+        return
+    for path, alpha in sorted(alphas.items()):
+        info.modules[f"transformer.{path}"] = (int(peft[f"{path}.lora_A.weight"].shape[0]), float(alpha))
+    encoders = {k: v for k, v in tensors.items() if k.startswith(("lora_te", "text_encoder"))}
+    if encoders and info.format != "diffusers":
+        _kohya_modules(info, encoders)
+    elif encoders:
+        info.has_text_encoder = True
+        info.notes.append(f"{len(encoders)} text encoder tensor(s) are not listed module by module.")
+    if info.format != "diffusers" and any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_",
+                                                         COMFY_PREFIX)) for k in tensors):
+        info.notes.append("BFL module names (WebUI / Forge / ComfyUI); fused qkv / linear1 modules are listed as "
+                          "their q, k, v (, proj_mlp) parts.")
 
 
 def _adapter_modules(info: LoraFileInfo, tensors: dict[str, torch.Tensor], fmt: str,
@@ -284,6 +348,9 @@ def lora_family_mismatch(info: LoraFileInfo, model_family: str) -> str | None:
     """A sentence when the LoRA was made for another model family than `model_family`, else None."""
     if info.family == "unknown" or model_family not in FAMILY_NAMES or info.family == model_family:
         return None
+    lora_info, model_info = FAMILIES.get(info.family), FAMILIES.get(model_family)
+    if lora_info and model_info and lora_info.ss_base_model_version == model_info.ss_base_model_version:
+        return None  # FLUX.1-dev and -schnell LoRAs are one kind (flux1), used on either
     lora_name = FAMILY_NAMES.get(info.family, info.family)
     model_name = FAMILY_NAMES[model_family]
     return (f"This LoRA ({info.path.name}) was trained for {lora_name}; the loaded model is {model_name}. "

@@ -7,7 +7,9 @@ Formats:
   peft       an adapter folder (adapter_config.json + adapter_model.safetensors), or the single
              file `peft_to_single_file` makes (the same keys, the config in the header)
 
-Image LoRAs are always held under their kohya names, so resize/merge see one naming scheme.
+Image LoRAs are always held under their kohya names, so resize/merge see one naming scheme;
+FLUX.1 / Chroma LoRAs under BFL's kohya names (core.tools.flux_files). Families come from
+the family table (core.families.registry).
 Pickled files (.ckpt/.pt/.bin) are refused unless the caller passes `allow_pickle`.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ from torch import Tensor
 
 from core.atomic import atomic_dir, save_file_atomic
 from core.devices import torch_dtype
-from core.export.inspect import DIFFUSERS_COMPONENTS, KOHYA_PREFIXES
+from core.export.inspect import COMFY_PREFIX, DIFFUSERS_COMPONENTS, KOHYA_PREFIXES, is_flux_family
+from core.families.registry import FAMILIES
 from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
                                 modules_to_kohya, modules_to_peft)
 
@@ -41,7 +44,7 @@ class LoraFile:
     """A LoRA in memory: its modules (kohya names for image LoRAs, PEFT paths for text adapters)."""
 
     format: str                      # kohya | diffusers | peft
-    family: str                      # sd1 | sd2 | sdxl | llm
+    family: str                      # a registry family (sd1 ... flux-dev, chroma) | llm
     modules: dict[str, LoraModule]
     metadata: dict[str, str] = field(default_factory=dict)
     peft_config: dict[str, Any] = field(default_factory=dict)
@@ -49,7 +52,11 @@ class LoraFile:
 
     @property
     def is_image(self) -> bool:
-        return self.family in ("sd1", "sd2", "sdxl")
+        return self.family in FAMILIES
+
+    @property
+    def is_flux(self) -> bool:
+        return is_flux_family(self.family)
 
     @property
     def has_dora(self) -> bool:
@@ -86,8 +93,8 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], di
 
 def detect_format(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     keys = list(tensors)
-    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
-        return "kohya"
+    if any(k.startswith((*KOHYA_PREFIXES, COMFY_PREFIX)) for k in keys):
+        return "kohya"  # ComfyUI's diffusion_model.<BFL name> keys are kohya's modules too
     if SINGLE_FILE_CONFIG_KEY in metadata or any(k.startswith("base_model.model.") for k in keys):
         return "peft"
     if any(k.split(".", 1)[0] in DIFFUSERS_COMPONENTS for k in keys):
@@ -98,12 +105,12 @@ def detect_format(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
 
 
 def detect_image_family(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
-    """sd1 | sd2 | sdxl of an image LoRA, from its metadata, then its keys and shapes."""
+    """The image family (sd1 ... flux-dev, chroma) of a LoRA, from its metadata, then its keys and shapes."""
     from core.export.inspect import family_from_keys, family_from_metadata
 
     family = family_from_metadata(metadata) or family_from_keys(
         {k: tuple(v.shape) for k, v in tensors.items()}, "kohya", None)
-    return family if family in ("sd1", "sd2", "sdxl") else "sd1"
+    return family if family in FAMILIES else "sd1"
 
 
 def diffusers_to_kohya_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], family: str
@@ -135,6 +142,11 @@ def read_lora(path: str | Path, *, family: str | None = None, allow_pickle: bool
             raise LoraToolError(f"'{file.name}' has PEFT keys but no adapter_config; pass the adapter folder instead.")
         return LoraFile("peft", "llm", modules_from_peft(tensors, config, file.name), metadata, config, str(file))
     fam = family or detect_image_family(tensors, metadata)
+    if is_flux_family(fam):
+        from core.tools.flux_files import read_flux_kohya_tensors
+
+        return LoraFile(kind, fam, modules_from_kohya(read_flux_kohya_tensors(file, tensors), file.name), metadata,
+                        {}, str(file))
     if kind == "diffusers":
         tensors = diffusers_to_kohya_tensors(tensors, metadata, fam)
     return LoraFile(kind, fam, modules_from_kohya(tensors, file.name), metadata, {}, str(file))
@@ -185,6 +197,11 @@ def write_kohya(lora: LoraFile, path: str | Path, *, dtype: torch.dtype | None =
 
     if not lora.is_image:
         raise LoraToolError("A text (LLM) adapter has no kohya/WebUI format; write it as a PEFT adapter.")
+    if lora.is_flux:
+        from core.tools.flux_files import write_flux_kohya
+
+        return write_flux_kohya(lora.modules, path, variant=lora.family, metadata={**lora.metadata, **(metadata or {})},
+                                dtype=dtype)
     return save_kohya_lora(path, modules_to_kohya(lora.modules), _image_metadata(lora, metadata), dtype=dtype)
 
 
@@ -212,7 +229,11 @@ def write_diffusers(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | 
     from core.export.kohya import kohya_to_peft
 
     if not lora.is_image:
-        raise LoraToolError("diffusers' LoRA file is for Stable Diffusion; a text adapter stays a PEFT adapter.")
+        raise LoraToolError("diffusers' LoRA file is for image models; a text adapter stays a PEFT adapter.")
+    if lora.is_flux:
+        from core.tools.flux_files import write_flux_diffusers
+
+        return write_flux_diffusers(lora.modules, folder, dtype=dtype)
     unet, tes, alphas = kohya_to_peft(modules_to_kohya(lora.modules), lora.family)
     names = ("text_encoder", "text_encoder_2")
 

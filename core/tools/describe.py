@@ -10,6 +10,7 @@ from pathlib import Path
 from core.export.inspect import FAMILY_NAMES, LoraFileInfo, inspect_lora
 
 FORMAT_NAMES = {"kohya": "kohya / WebUI / ComfyUI (lora_unet_... keys)",
+                "comfyui": "ComfyUI (diffusion_model.<BFL name> keys)",
                 "diffusers": "diffusers (pytorch_lora_weights.safetensors)",
                 "peft": "PEFT adapter (adapter_model.safetensors)"}
 # The metadata WebUI shows or uses, first; the rest is listed by name only unless asked for.
@@ -22,7 +23,8 @@ KEY_METADATA = ("ss_output_name", "ss_base_model_version", "ss_sd_model_name", "
 
 def component_of(module: str) -> str:
     for prefix, name in (("lora_unet_", "UNet"), ("lora_te1_", "text encoder 1"), ("lora_te2_", "text encoder 2"),
-                         ("lora_te_", "text encoder"), ("unet.", "UNet"), ("text_encoder_2.", "text encoder 2"),
+                         ("lora_te3_", "text encoder 3 (T5)"), ("lora_te_", "text encoder"), ("unet.", "UNet"),
+                         ("transformer.", "transformer"), ("text_encoder_2.", "text encoder 2"),
                          ("text_encoder.", "text encoder")):
         if module.startswith(prefix):
             return name
