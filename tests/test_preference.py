@@ -169,6 +169,23 @@ def test_jsonl_chat_form_and_question_key_are_read_and_only_the_final_answer_car
     assert pair.chosen.input_ids[:-len(learned)] != [] and pair.rejected.trained_tokens > 0
 
 
+def test_packed_and_padded_comparisons_score_each_answer_as_if_it_were_alone(tiny_llm_dir, comparisons):
+    from core.models.llm import load_llm
+    from core.train.preference_step import answer_logps, make_pair_batch
+
+    model, tokenizer, _ = load_llm(str(tiny_llm_dir))
+    pairs = tokenize_pairs(tokenizer, load_preference_examples(comparisons[0])[:3], 64).pairs
+    cpu = torch.device("cpu")
+    packed_batch, padded_batch = make_pair_batch(pairs, 0), make_pair_batch(pairs, 0, max_packed=0)
+    assert packed_batch.batch.attention_mask is None and padded_batch.batch.attention_mask is not None
+    with torch.no_grad():
+        alone = [answer_logps(model, make_pair_batch([p], 0), cpu) for p in pairs]
+        for scored in (answer_logps(model, packed_batch, cpu), answer_logps(model, padded_batch, cpu)):
+            assert scored.chosen_tokens.tolist() == [p.chosen.trained_tokens for p in pairs]
+            assert torch.allclose(scored.chosen, torch.cat([a.chosen for a in alone]), atol=1e-4)
+            assert torch.allclose(scored.rejected, torch.cat([a.rejected for a in alone]), atol=1e-4)
+
+
 def test_a_cut_comparison_is_warned_about_like_sft(tiny_llm_dir, tmp_path):
     rows = [comparison(t) for t in TRAIN_THINGS[:4]]
     rows[1]["prompt"] = "Please explain " * 30 + "the warranty?"

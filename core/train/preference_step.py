@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from core.data.preference import TokenizedPair
-from core.train.text_batches import TextBatch, make_batch
+from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, make_batch
 from core.train.text_step import answer_logits
 
 
@@ -55,9 +55,9 @@ class PreferenceLoss:
     margins: torch.Tensor  # (n,), detached
 
 
-def make_pair_batch(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
+def make_pair_batch(pairs: list[TokenizedPair], pad_id: int, max_packed: int = MAX_PACKED_TOKENS) -> PairBatch:
     sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    batch = make_batch(sequences, pad_id)
+    batch = make_batch(sequences, pad_id, max_packed)
     if batch.attention_mask is None:  # packed into one row, back to back
         segments = torch.tensor([[i for i, seq in enumerate(sequences) for _ in range(len(seq))]])
     else:  # one sequence per row
