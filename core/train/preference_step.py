@@ -49,7 +49,8 @@ class AnswerLogps:
 
 @dataclass
 class PreferenceLoss:
-    """Per-comparison losses and margins (the margin is positive when chosen wins)."""
+    """Per-comparison losses and margins, positive when chosen wins (DPO: beta times the reward margin;
+    ORPO: the log odds ratio)."""
 
     losses: torch.Tensor  # (n,), with gradients
     margins: torch.Tensor  # (n,), detached
