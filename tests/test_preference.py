@@ -95,6 +95,12 @@ def test_after_a_short_run_the_policy_prefers_chosen_on_held_out_pairs_more_than
     assert summary["text_method"] == method and summary["validation_accuracy"] == 1.0
     losses = [r.loss for r in read_loss_csv(tmp_path / method)]
     assert len(losses) == 8 and losses[-1] < losses[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / method / "logs"))
+    events.Reload()
+    accuracy = [e.value for e in events.Scalars("preference/accuracy")]
+    assert len(accuracy) == 8 and len(events.Scalars("preference/margin")) == 8 and accuracy[-1] == 1.0
 
 
 def test_stop_then_resume_from_latest_gives_the_uninterrupted_runs_losses_for_dpo(
