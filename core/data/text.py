@@ -19,8 +19,8 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from collections.abc import Iterable
+from typing import Any, TypeVar
 
 TEXT_EXTENSIONS = (".csv", ".jsonl", ".json", ".txt")
 IGNORE_INDEX = -100
@@ -28,6 +28,7 @@ IGNORE_INDEX = -100
 _PAIR_COLUMNS = (("prompt", "response"), ("instruction", "output"), ("question", "answer"),
                  ("input", "output"), ("prompt", "completion"))
 _EXPECTED = ("prompt,response (or instruction,output / question,answer)")
+Example = TypeVar("Example")  # split_validation also splits preference pairs
 
 
 class TextDataError(ValueError):
@@ -78,7 +79,7 @@ def data_files(path: str | Path) -> list[Path]:
     raise TextDataError(f"{root}: the data file or folder does not exist.")
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
     raw = path.read_bytes()
     for encoding in ("utf-8-sig", "cp1252"):
         try:
@@ -93,22 +94,22 @@ def _pair_to_messages(record: dict[str, Any], where: str) -> list[dict[str, str]
     keys = {str(k).strip().lower(): v for k, v in record.items() if k is not None}
     for question_key, answer_key in _PAIR_COLUMNS:
         if question_key in keys and answer_key in keys:
-            question = _as_text(keys[question_key], where, question_key)
+            question = as_text(keys[question_key], where, question_key)
             if question_key == "instruction" and keys.get("input"):
-                question = f"{question}\n\n{_as_text(keys['input'], where, 'input')}"
-            answer = _as_text(keys[answer_key], where, answer_key)
+                question = f"{question}\n\n{as_text(keys['input'], where, 'input')}"
+            answer = as_text(keys[answer_key], where, answer_key)
             if not question.strip() or not answer.strip():
                 empty = question_key if not question.strip() else answer_key
                 raise TextDataError(f"{where}: the '{empty}' value is empty.")
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             system = keys.get("system")
             if system:
-                messages.insert(0, {"role": "system", "content": _as_text(system, where, "system")})
+                messages.insert(0, {"role": "system", "content": as_text(system, where, "system")})
             return messages
     return None
 
 
-def _as_text(value: Any, where: str, key: str) -> str:
+def as_text(value: Any, where: str, key: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -116,7 +117,7 @@ def _as_text(value: Any, where: str, key: str) -> str:
     raise TextDataError(f"{where}: '{key}' must be text, got {type(value).__name__}.")
 
 
-def _chat_messages(raw: Any, where: str) -> list[dict[str, str]]:
+def chat_messages(raw: Any, where: str, need_answer: bool = True) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
         raise TextDataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}}.")
     messages = []
@@ -130,7 +131,7 @@ def _chat_messages(raw: Any, where: str) -> list[dict[str, str]]:
             raise TextDataError(f"{where}: message {index + 1} needs a role (system, user or assistant) "
                                 f"and text content; got role={role!r}.")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
         raise TextDataError(f"{where}: the conversation has no assistant message, so there is nothing to "
                             "learn.")
     return messages
@@ -141,18 +142,25 @@ def _record_to_example(record: Any, where: str) -> TextExample:
         raise TextDataError(f"{where}: expected a JSON object, got {type(record).__name__}.")
     for key in ("messages", "conversations"):
         if key in record:
-            return TextExample(where, messages=_chat_messages(record[key], where))
+            return TextExample(where, messages=chat_messages(record[key], where))
     messages = _pair_to_messages(record, where)
     if messages is not None:
         return TextExample(where, messages=messages)
     if isinstance(record.get("text"), str):
         return TextExample(where, text=record["text"])
     found = ", ".join(map(str, record)) or "nothing"
-    raise TextDataError(f"{where}: expected 'messages', {_EXPECTED} or 'text'; found {found}.")
+    raise TextDataError(f"{where}: expected 'messages', {_EXPECTED} or 'text'; found {found}."
+                        f"{_preference_hint([str(k).lower() for k in record])}")
+
+
+def _preference_hint(columns: list[str]) -> str:
+    if "chosen" in columns and "rejected" in columns:
+        return " This is preference data (chosen/rejected): train it with text_method: dpo or orpo."
+    return ""
 
 
 def _read_jsonl(path: Path) -> list[TextExample]:
-    text = _read_text(path)
+    text = read_text_file(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -174,7 +182,7 @@ def _read_jsonl(path: Path) -> list[TextExample]:
 
 
 def _read_csv(path: Path) -> list[TextExample]:
-    text = _read_text(path)
+    text = read_text_file(path)
     sample = text[:4096]
     try:
         dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
@@ -184,7 +192,7 @@ def _read_csv(path: Path) -> list[TextExample]:
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     if not any(q in header and a in header for q, a in _PAIR_COLUMNS):
         raise TextDataError(f"{path.name}:1: expected the columns {_EXPECTED}; the header has "
-                            f"{', '.join(header) or 'no columns'}.")
+                            f"{', '.join(header) or 'no columns'}.{_preference_hint(header)}")
     examples = []
     for record in reader:
         where = f"{path.name}:{reader.line_num}"
@@ -202,7 +210,7 @@ def _read_csv(path: Path) -> list[TextExample]:
 
 
 def _read_txt(path: Path) -> list[TextExample]:
-    text = _read_text(path)
+    text = read_text_file(path)
     return [TextExample(f"{path.name}", text=text)] if text.strip() else []
 
 
@@ -222,8 +230,7 @@ def load_examples(path: str | Path) -> list[TextExample]:
     return examples
 
 
-def split_validation(examples: list[TextExample], share: float, seed: int
-                     ) -> tuple[list[TextExample], list[TextExample]]:
+def split_validation(examples: list[Example], share: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out `share` of the examples (at least one, seeded) for validation loss."""
     if share <= 0 or len(examples) < 2:
         return examples, []
@@ -271,9 +278,11 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[st
     return full, spans
 
 
-def tokenize_chat(tokenizer: Any, example: TextExample) -> TokenizedExample:
-    """Token ids and labels for a chat; only assistant turns are labelled."""
+def tokenize_chat(tokenizer: Any, example: TextExample, last_turn_only: bool = False) -> TokenizedExample:
+    """Token ids and labels for a chat; only assistant turns (or only the last one) are labelled."""
     full, spans = _assistant_spans(tokenizer, example.messages)
+    if last_turn_only:
+        spans = spans[-1:]
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(encoded["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)

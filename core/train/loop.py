@@ -140,7 +140,8 @@ def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, sched
                 state.global_step += 1
                 seconds += time.perf_counter() - started
                 if task.main:
-                    run_log.record_step(cfg, ctx, log, meter, state, loss, scheduler.get_last_lr()[0])
+                    run_log.record_step(cfg, ctx, log, meter, state, loss, scheduler.get_last_lr()[0],
+                                        _step_scalars(task))
                 stopped = task.any_process(ctx.should_stop())
                 done = state.global_step >= total
                 if run_log.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
@@ -161,6 +162,13 @@ def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, sched
     if stopped or (cfg.save_steps and state.global_step % cfg.save_steps == 0):
         checkpoint = _checkpoint(task, state, optimizer, scheduler)
     return LoopResult(stopped=stopped, checkpoint=checkpoint, validation_loss=validation, train_seconds=seconds)
+
+
+def _step_scalars(task: TrainTask) -> dict[str, float] | None:
+    # Optional: a task may report more than its loss for TensorBoard (preference tuning's margins);
+    # loss.csv keeps its step,loss,lr columns.
+    scalars = getattr(task, "step_scalars", None)
+    return scalars() if callable(scalars) else None
 
 
 def _checkpoint(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:

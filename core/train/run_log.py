@@ -86,10 +86,11 @@ class ProgressMeter:
 
 
 def record_step(cfg: TrainConfig, ctx: RunContext, log: RunLog, meter: ProgressMeter, state: TrainState,
-                loss: float, lr: float) -> None:
-    """After an optimizer step: loss.csv / TensorBoard every `logging_steps`, and a ProgressEvent."""
+                loss: float, lr: float, extra: dict[str, float] | None = None) -> None:
+    """After an optimizer step: loss.csv / TensorBoard every `logging_steps` (with the task's `extra`
+    TensorBoard scalars), and a ProgressEvent."""
     if state.global_step % cfg.logging_steps == 0:
-        log.log(state.global_step, loss, lr)
+        log.log(state.global_step, loss, lr, extra)
     ctx.emit(meter.update(state.global_step, state.epoch + 1, loss, lr))
 
 

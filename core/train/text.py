@@ -41,6 +41,12 @@ class TextData:
     train: list[text_data.TokenizedExample]
     validation: list[text_data.TokenizedExample] = field(default_factory=list)
 
+    def describe(self) -> str:
+        tokens = sum(len(e) for e in self.train)
+        trained = sum(e.trained_tokens for e in self.train)
+        return (f"{len(self.train)} training examples ({tokens} tokens, {trained} with loss)"
+                + (f", {len(self.validation)} for validation" if self.validation else ""))
+
 
 def _precision(cfg: TrainConfig, device: torch.device, ctx: RunContext) -> str:
     if cfg.mixed_precision == "fp16" and device.type != "cuda":
@@ -58,18 +64,21 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, ctx: RunContext) -> TextData:
         train, held = text_data.split_validation(examples, cfg.validation_split, cfg.seed)
     train_set = text_data.tokenize_examples(tokenizer, train, cfg.max_seq_length)
     val_set = text_data.tokenize_examples(tokenizer, held, cfg.max_seq_length)
-    cut = train_set.truncated + val_set.truncated
+    warn_cut(cfg, ctx, train_set.truncated + val_set.truncated, train_set.dropped + val_set.dropped)
+    if not train_set.examples:
+        raise text_data.TextDataError(f"{cfg.train_data_dir}: no usable training examples remain.")
+    return TextData(train_set.examples, val_set.examples)
+
+
+def warn_cut(cfg: TrainConfig, ctx: RunContext, cut: list[str], dropped: list[str]) -> None:
+    """Warn about examples cut at max_seq_length and those skipped for having no answer left."""
     if cut:
         ctx.warn(f"{len(cut)} example(s) are longer than max_seq_length ({cfg.max_seq_length} tokens) and were "
                  f"cut: {text_data.describe_sources(cut)}.",
                  "Raise max_seq_length (more memory) or shorten these examples.")
-    dropped = train_set.dropped + val_set.dropped
     if dropped:
         ctx.warn(f"{len(dropped)} example(s) have no answer left after cutting and are skipped: "
                  f"{text_data.describe_sources(dropped)}.", "Raise max_seq_length or shorten their prompts.")
-    if not train_set.examples:
-        raise text_data.TextDataError(f"{cfg.train_data_dir}: no usable training examples remain.")
-    return TextData(train_set.examples, val_set.examples)
 
 
 def add_lora(model: Any, cfg: TrainConfig) -> Any:
@@ -216,8 +225,25 @@ class TextRun:
     def finish(self, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
         return _finish(self, state, result)
 
+    def summary_extra(self) -> dict[str, Any]:
+        """What train_summary.json holds beyond the counters every text run has."""
+        return {}
+
+
+def _preference_module(cfg: TrainConfig) -> Any:
+    """core.train.preference for dpo / orpo runs (imported here: it builds on this module), else None."""
+    if cfg.text_method == "sft":
+        return None
+    from core.train import preference
+
+    return preference
+
 
 def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> TextRun:
+    preference = _preference_module(cfg)
+    if preference is not None:
+        # Read before the model loads, so data without chosen/rejected columns fails at once.
+        comparisons = preference.read_data(cfg)
     device = pick_device(mps=False)
     precision = _precision(cfg, device, ctx)
     ctx.log(f"Loading the text model {cfg.base_model or '(default: SmolLM2-135M-Instruct GGUF)'}")
@@ -227,11 +253,11 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     ctx.log(f"Model loaded in {time.perf_counter() - started:.1f} s ({source.display})")
     template = apply_template(tokenizer, cfg.chat_template, ctx.log)
     ctx.log(f"Chat template: {template}")
-    data = prepare_data(cfg, tokenizer, ctx)
-    tokens = sum(len(e) for e in data.train)
-    trained = sum(e.trained_tokens for e in data.train)
-    ctx.log(f"Data: {len(data.train)} training examples ({tokens} tokens, {trained} with loss)"
-            + (f", {len(data.validation)} for validation" if data.validation else ""))
+    if preference is not None:
+        data: Any = preference.prepare_data(cfg, comparisons, tokenizer, ctx)
+    else:
+        data = prepare_data(cfg, tokenizer, ctx)
+    ctx.log(f"Data: {data.describe()}")
     if cfg.gradient_checkpointing:
         runtime.enable_activation_checkpointing(model, use_reentrant=False)
     model.config.use_cache = False
@@ -245,7 +271,8 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
         ctx.log(f"Starting from the LoRA weights in {init_file}")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     ctx.log(f"LoRA ({cfg.lora_variant}) rank {cfg.lora_rank}: {trainable / 1e6:.2f} M trainable parameters")
-    return TextRun(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init)
+    run_class = preference.PreferenceRun if preference is not None else TextRun
+    return run_class(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init)
 
 
 def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
@@ -280,7 +307,7 @@ def _finish(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> 
     rate = run.tokens_trained / result.train_seconds if result.train_seconds else 0.0
     summary = {"steps": state.global_step, "tokens_trained": run.tokens_trained,
                "train_seconds": round(result.train_seconds, 2), "tokens_per_second": round(rate, 1),
-               "validation_loss": val_loss}
+               "validation_loss": val_loss, **run.summary_extra()}
     atomic_write_text(run.out / "train_summary.json", json.dumps(summary, indent=1))
     outputs["summary"] = str(run.out / "train_summary.json")
     if cfg.save_merged_model and not stopped:

@@ -36,6 +36,13 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 def batch_loss_sum(causal_lm: Any, batch: TextBatch, device: torch.device, precision: str = "no"
                    ) -> torch.Tensor:
     """Sum of the token losses of `batch` (divide by the labelled-token count for the mean)."""
+    logits, targets, _ = answer_logits(causal_lm, batch, device, precision)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def answer_logits(causal_lm: Any, batch: TextBatch, device: torch.device, precision: str = "no"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp32 logits, target ids) of the labelled positions only, and the mask that selected them."""
     labels = batch.labels.to(device)
     inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
               "attention_mask": None if batch.attention_mask is None else batch.attention_mask.to(device),
@@ -48,7 +55,7 @@ def batch_loss_sum(causal_lm: Any, batch: TextBatch, device: torch.device, preci
             logits = causal_lm.get_output_embeddings()(hidden[selected])
         else:
             logits = causal_lm(**inputs).logits[selected]
-    return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+    return logits.float(), labels[selected], selected
 
 
 @torch.no_grad()

@@ -1,0 +1,148 @@
+"""Preference tuning of a text LoRA (text_method dpo or orpo) through the one training loop.
+
+A `PreferenceRun` is a `TextRun` whose batches are comparisons (a prompt with a chosen
+and a rejected answer) and whose step loss is DPO's or ORPO's (core.train.preference_step).
+Everything else is the text run's: the model and adapter, checkpoints and resume, stop,
+previews and the final files. Validation is the same preference loss on the held-out
+comparisons; the share of them where the chosen answer wins and the mean margin are
+logged beside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from collections.abc import Sequence
+
+import torch
+
+from core.config import TrainConfig
+from core.data import preference as pref_data
+from core.data import text as text_data
+from core.events import RunContext
+from core.train.preference_step import PairBatch, make_pair_batch, pair_loss
+from core.train.text import TextRun, warn_cut
+from core.train.text_batches import MAX_PACKED_TOKENS, epoch_batches
+
+
+@dataclass
+class Comparisons:
+    """The comparisons as read (before tokenizing): training and validation."""
+
+    train: list[pref_data.PreferenceExample]
+    validation: list[pref_data.PreferenceExample]
+
+
+@dataclass
+class PreferenceData:
+    train: list[pref_data.TokenizedPair]
+    validation: list[pref_data.TokenizedPair] = field(default_factory=list)
+
+    def describe(self) -> str:
+        tokens = sum(len(p) for p in self.train)
+        return (f"{len(self.train)} comparisons ({tokens} tokens, chosen and rejected)"
+                + (f", {len(self.validation)} for validation" if self.validation else ""))
+
+
+def read_data(cfg: TrainConfig) -> Comparisons:
+    """Read and split the comparisons; TextDataError names the file when the columns are missing."""
+    examples = pref_data.load_preference_examples(cfg.train_data_dir)
+    if cfg.validation_file:
+        return Comparisons(examples, pref_data.load_preference_examples(cfg.validation_file))
+    train, held = text_data.split_validation(examples, cfg.validation_split, cfg.seed)
+    return Comparisons(train, held)
+
+
+def prepare_data(cfg: TrainConfig, comparisons: Comparisons, tokenizer: Any, ctx: RunContext) -> PreferenceData:
+    """Tokenize both answers of each comparison; warn about cut ones as SFT does."""
+    train = pref_data.tokenize_pairs(tokenizer, comparisons.train, cfg.max_seq_length)
+    held = pref_data.tokenize_pairs(tokenizer, comparisons.validation, cfg.max_seq_length)
+    warn_cut(cfg, ctx, train.truncated + held.truncated, train.dropped + held.dropped)
+    if not train.pairs:
+        raise text_data.TextDataError(f"{cfg.train_data_dir}: no usable comparisons remain.")
+    return PreferenceData(train.pairs, held.pairs)
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.float().mean()) if values.numel() else 0.0
+
+
+@dataclass
+class PreferenceRun(TextRun):
+    """A text run that learns to prefer the chosen answers (DPO or ORPO)."""
+
+    last_scalars: dict[str, float] = field(default_factory=dict)
+    validation_stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.cfg.text_method
+
+    def batches(self, epoch: int) -> list[PairBatch]:  # type: ignore[override]
+        lengths = [len(p) for p in self.data.train]
+        grouped = lengths if max(lengths) * self.cfg.batch_size > MAX_PACKED_TOKENS else None
+        order = epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped)
+        pad_id = self.tokenizer.pad_token_id or 0
+        return [make_pair_batch([self.data.train[i] for i in indices], pad_id) for indices in order]
+
+    epoch_batches = batches  # type: ignore[assignment]
+
+    def validation_batches(self) -> list[PairBatch]:  # type: ignore[override]
+        pad_id = self.tokenizer.pad_token_id or 0
+        items, size = self.data.validation, self.cfg.batch_size
+        return [make_pair_batch(items[i:i + size], pad_id) for i in range(0, len(items), size)]
+
+    def plan(self, total: int) -> str:
+        weight = "beta" if self.method == "dpo" else "lambda"
+        return (f"{super().plan(total)}; {self.method.upper()} on {len(self.data.train)} comparisons, "
+                f"{weight} {self.cfg.preference_beta:g}")
+
+    def train_step(self, group: Sequence[PairBatch]) -> float:  # type: ignore[override]
+        """Each micro-batch's summed comparison losses, over the comparisons of the whole group."""
+        total = max(1, sum(b.pairs for b in group))
+        loss_total = 0.0
+        margins = []
+        for pair_batch in group:
+            result = pair_loss(self.method, self.model, pair_batch, self.device, self.precision,
+                               self.cfg.preference_beta)
+            (result.losses.sum() / total).backward()
+            loss_total += float(result.losses.detach().sum())
+            margins.append(result.margins)
+            self.tokens_trained += pair_batch.batch.tokens
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        margin = torch.cat(margins)
+        self.last_scalars = {"preference/margin": _mean(margin), "preference/accuracy": _mean(margin > 0)}
+        return loss_total / total
+
+    def step_scalars(self) -> dict[str, float]:
+        """TensorBoard scalars of the last step (core.train.loop reads them)."""
+        return self.last_scalars
+
+    def validate(self, step: int) -> float | None:
+        if not self.data.validation:
+            return None
+        causal_lm = self.causal_lm
+        was_training = causal_lm.training
+        causal_lm.eval()
+        losses, margins = [], []
+        try:
+            with torch.no_grad():
+                for pair_batch in self.validation_batches():
+                    result = pair_loss(self.method, self.model, pair_batch, self.device, self.precision,
+                                       self.cfg.preference_beta)
+                    losses.append(result.losses)
+                    margins.append(result.margins)
+        finally:
+            if was_training:
+                causal_lm.train()
+        margin = torch.cat(margins)
+        self.validation_stats = {"validation_accuracy": round(_mean(margin > 0), 4),
+                                 "validation_margin": round(_mean(margin), 4)}
+        self.ctx.log(f"Validation at step {step}: chosen preferred in "
+                     f"{self.validation_stats['validation_accuracy']:.0%} of {margin.numel()} comparisons, "
+                     f"mean margin {self.validation_stats['validation_margin']:.3f}")
+        return _mean(torch.cat(losses))
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {"text_method": self.method, "preference_beta": self.cfg.preference_beta,
+                "comparisons": len(self.data.train), **self.validation_stats}
