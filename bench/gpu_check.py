@@ -1,0 +1,222 @@
+"""One script for the first hour on a GPU: speed per precision, each preset's real peak VRAM
+beside the estimate, and an out-of-memory that recovers.
+
+    python bench/gpu_check.py                # on a CUDA GPU: about 5-8 minutes
+    python bench/gpu_check.py --toy          # tiny models on any machine (the tests run this)
+    python bench/gpu_check.py --json out.json
+
+What it does, all through the product's own path (`core.train.run_training` on configs, as
+`train.py` does):
+
+1. **Speed**: an SD 1.5-shaped model (published configs, random weights) and a FLUX-width
+   transformer with few blocks train a few steps in each precision the device has
+   (fp16 and bf16 on CUDA; fp32 on the CPU): seconds per step, steady state.
+2. **Presets**: every SD 1.x preset, and the FLUX presets, run 3 steps on those models;
+   the real peak (CUDA max allocated) is printed beside `core.memory`'s estimate for the
+   same config and model. The FLUX model here has few blocks: its estimate is computed
+   for the same cut-down model, read from its own files.
+3. **Out of memory**: memory is filled until the SD 1.5 run with the richest preset no
+   longer fits, with `auto_downshift: true`; the run must downshift and finish. On the
+   CPU (where no real out-of-memory is safe to provoke) one step raises torch's own
+   OutOfMemoryError instead, through the same hook the tests use.
+
+Each result is a line; `--json` also writes them to a file. Nothing is timed in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.flux_speed import build_model as build_flux  # noqa: E402
+from bench.image_speed import build_full_sd15  # noqa: E402
+
+SD_PRESETS = ("sd15-4gb", "sd15-6gb", "sd15-8gb", "sd15-12gb", "sd15-24gb")
+FLUX_PRESETS = ("flux-8gb", "flux-12gb", "flux-16gb", "flux-24gb")
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def precisions() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["no"]
+    return ["fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+
+
+def build_models(work: Path, toy: bool) -> dict[str, Path]:
+    """The SD 1.5-shaped and the FLUX-width models as diffusers folders, and a folder of images."""
+    from tests.fixtures.tiny_sd import build_tiny_sd, make_image_folder
+
+    sd = build_tiny_sd(work / "sd", "sd1").folder if toy else build_full_sd15(work / "sd15")
+    flux = build_flux(work / "flux", double=1, single=2, t5_layers=1, toy=toy)
+    data = make_image_folder(work / "data", count=4, size=(64, 64) if toy else (512, 512))
+    return {"sd": Path(sd), "flux": Path(flux), "data": Path(data)}
+
+
+def run(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """Train `raw` (preset merged) and return (outputs, events); resets the CUDA peak first."""
+    import torch
+
+    from core.events import RunContext
+    from core.presets import resolve_config
+    from core.train import run_training
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    events: list[Any] = []
+    outputs = run_training(resolve_config(raw, check_paths=True), RunContext(listeners=[events.append]))
+    return outputs, events
+
+
+def seconds_per_step(events: list[Any]) -> float:
+    steps = [e for e in events if e.kind == "progress"]
+    return steps[-1].seconds_per_step if steps else float("nan")
+
+
+def peak_gb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def base_config(model: Path, data: Path, out: Path, toy: bool, **overrides: Any) -> dict[str, Any]:
+    raw = dict(base_model=str(model), train_data_dir=str(data), output_dir=str(out), max_train_steps=3,
+               save_steps=0, learning_rate=1e-4, seed=0, save_precision="fp16", mixed_precision="no")
+    if toy:
+        raw.update(resolution=64, min_bucket_reso=64, max_bucket_reso=128, batch_size=1)
+    raw.update(overrides)
+    return raw
+
+
+def speed(models: dict[str, Path], work: Path, toy: bool, report: list[dict]) -> None:
+    for name in ("sd", "flux"):
+        for precision in precisions():
+            overrides = {"mixed_precision": precision, "max_train_steps": 4}
+            if not toy:
+                overrides.update(resolution=512 if name == "sd" else 256, batch_size=1)
+            _, events = run(base_config(models[name], models["data"], work / f"speed-{name}-{precision}", toy,
+                                        **overrides))
+            report.append({"check": "speed", "model": name, "precision": precision,
+                           "s_per_step": round(seconds_per_step(events), 3), "peak_gb": peak_gb()})
+            print(f"speed  {name:5s} {precision:4s} {seconds_per_step(events):8.3f} s/step  peak {peak_gb()}",
+                  flush=True)
+
+
+def presets(models: dict[str, Path], work: Path, toy: bool, report: list[dict]) -> None:
+    from core.config import config_from_dict
+    from core.memory import estimate_memory
+    from core.presets import load_preset
+
+    for name, names in (("sd", SD_PRESETS), ("flux", FLUX_PRESETS)):
+        for preset in names:
+            values = load_preset(preset)
+            if not cuda():
+                # The CPU cannot run fp16, fp8 storage, NF4 or offload: the check here is that the run goes.
+                values.update(mixed_precision="no", fp8_base=False, base_quantization="none", blocks_to_swap=0,
+                              optimizer="adamw")
+            if toy:
+                values.update(resolution=64, batch_size=1, gradient_accumulation_steps=1)
+            raw = base_config(models[name], models["data"], work / f"preset-{preset}", toy, **values)
+            estimate = estimate_memory(config_from_dict(raw, check_paths=False))
+            run(raw)
+            real = peak_gb()
+            report.append({"check": "preset", "preset": preset, "estimate_gb": round(estimate.total_gb, 2),
+                           "peak_gb": None if real is None else round(real, 2)})
+            print(f"preset {preset:10s} estimate {estimate.total_gb:6.2f} GB   real peak "
+                  f"{'-' if real is None else f'{real:6.2f} GB'}", flush=True)
+
+
+@contextlib.contextmanager
+def memory_squeezed(leave_gb: float):
+    """Hold all but `leave_gb` of the GPU's free memory in one tensor for the duration."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    hold = max(0, int(free - leave_gb * 2**30))
+    block = torch.empty(hold, dtype=torch.uint8, device="cuda")
+    try:
+        yield
+    finally:
+        del block
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def one_oom_at(step: int):
+    """CPU stand-in for a real out-of-memory: torch's own error, once, at `step` (the tests' hook)."""
+    import torch
+
+    from core.train import runtime
+
+    real = runtime.check_finite
+    fired: list[int] = []
+
+    def check(loss: float, at: int, cfg: Any) -> None:
+        if at == step and not fired:
+            fired.append(at)
+            raise torch.OutOfMemoryError("CUDA out of memory (provoked by bench/gpu_check.py)")
+        real(loss, at, cfg)
+
+    runtime.check_finite = check
+    try:
+        yield fired
+    finally:
+        runtime.check_finite = real
+
+
+def out_of_memory(models: dict[str, Path], work: Path, toy: bool, report: list[dict]) -> None:
+    raw = base_config(models["sd"], models["data"], work / "oom", toy, preset="sd15-24gb", auto_downshift=True,
+                      max_train_steps=4, save_steps=1)
+    if toy or not cuda():
+        raw.update(mixed_precision="no", optimizer="adamw")
+        if toy:
+            raw.update(resolution=64, batch_size=2, gradient_accumulation_steps=1)
+    started = time.perf_counter()
+    if cuda():
+        with memory_squeezed(leave_gb=3.0):
+            outputs, events = run(raw)
+    else:
+        with one_oom_at(2):
+            outputs, events = run(raw)
+    downshifts = [e.message for e in events if e.kind == "warning" and "Out of memory" in e.message]
+    done = [e for e in events if e.kind == "done"]
+    ok = bool(downshifts) and bool(done) and Path(outputs.get("lora", "")).is_file()
+    report.append({"check": "out_of_memory", "recovered": ok, "downshifts": downshifts,
+                   "seconds": round(time.perf_counter() - started, 1)})
+    print(f"oom    recovered={ok}: {downshifts[0] if downshifts else 'no downshift happened'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--toy", action="store_true", help="tiny models: any machine, a minute or two")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "presets", "oom"])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    models = build_models(work, args.toy)
+    report: list[dict] = []
+    for name, check in (("speed", speed), ("presets", presets), ("oom", out_of_memory)):
+        if name not in args.skip:
+            check(models, work, args.toy, report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()
