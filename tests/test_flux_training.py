@@ -117,15 +117,35 @@ def test_chroma_trains_with_sigmoid_sampling_and_no_guidance(tiny_chroma, two_im
 
     monkeypatch.setattr(flux_train, "flux_loss", spy)
     out = tmp_path / "chroma"
-    outputs, events = run_collect(_config(tiny_chroma.folder, two_images, out, sample_prompts=["a red thing"],
+    # ComfyUI's layout: the BFL transformer file; T5 and AE found in models/, configs from the folder.
+    outputs, events = run_collect(_config(tiny_chroma.comfy_transformer, two_images, out,
+                                          base_model_config=str(tiny_chroma.folder), sample_prompts=["a red thing"],
                                           sample_guidance_scale=2.0, sample_negative_prompt="blue"))
     assert [e.step for e in events if e.kind == "progress"] == [1, 2]
+    logs = [e.message for e in events if e.kind == "log"]
+    assert any(m.startswith("Model: Chroma (single file)") for m in logs), logs
     assert seen and all(k["timestep_sampling"] == "sigmoid" and k["guidance"] is None for k in seen)
     keys, meta = _header(Path(outputs["lora"]))
     assert meta["ss_base_model_version"] == "chroma" and meta["modelspec.architecture"] == "chroma/lora"
     assert all(k.startswith("lora_unet_") for k in keys) and not any("guidance_in" in k for k in keys)
     assert ChromaPipeline.lora_state_dict(outputs["diffusers"])
     assert (out / "samples" / "step-000002-0.png").is_file()  # previews from the cached prompt encodings
+
+
+def test_a_flux_lora_file_as_init_lora_starts_from_its_weights(tiny_flux_dev, two_images, tmp_path):
+    from core.families.flux_lora_keys import read_flux_lora
+
+    first, _ = run_collect(_config(tiny_flux_dev.folder, two_images, tmp_path / "first", lora_blocks="attention"))
+    # A learning rate too small to move anything: the continued LoRA equals the file it started from.
+    second, events = run_collect(_config(tiny_flux_dev.folder, two_images, tmp_path / "second", max_train_steps=1,
+                                         learning_rate=1e-12, weight_decay=0.0, init_lora=first["lora"]))
+    assert any("Continuing from the LoRA" in getattr(e, "message", "") for e in events)
+    before, alphas_before, _ = read_flux_lora(first["lora"])
+    after, alphas_after, _ = read_flux_lora(second["lora"])
+    assert set(after) == set(before) and alphas_after == alphas_before
+    assert not any("proj_mlp" in k for k in after)  # the attention-only modules of the file, no others
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=1e-5)
 
 
 def test_fp8_base_trains_on_the_cpu(tiny_flux_dev, two_images, tmp_path):
