@@ -63,7 +63,7 @@ def load_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "",
 
     The family (SD 1.x/2.x/SDXL, FLUX.1, Chroma) is read from the model's files.
     """
-    from core.families.base import detect_image_family, family_impl
+    from core.families.base import family_for_model
 
     device = pick_device(device or "auto", mps=False)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -75,7 +75,7 @@ def load_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "",
             return _CACHE["pipe"], _CACHE["model"], _CACHE["family"]
         _CACHE.clear()
         free_memory()
-        family = family_impl(detect_image_family(base_model, allow_pickle=allow_pickle))
+        family = family_for_model(base_model)
         pipe, model = family.tryout_pipeline(base_model, allow_pickle=allow_pickle, vae=vae,
                                              model_config=model_config, device=device, dtype=dtype)
         _CACHE.update(key=key, pipe=pipe, model=model, family=family)

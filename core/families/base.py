@@ -4,9 +4,9 @@
 (core.sample) ask an `ImageFamily` for everything that differs between SD 1.x/2.x/SDXL
 and FLUX.1/Chroma, and never test a family's name themselves. `ImageFamily` is a frozen
 dataclass of plain functions; `core.families.sd.SD` and `core.families.flux_family.FLUX`
-are its two instances, and `family_impl(name)` picks one by a family name of the
-registry (`core.families.registry`). `detect_image_family` names the family of a
-`base_model` from its files.
+are its two instances: `family_impl(name)` picks one by a family name of the registry
+(`core.families.registry`), `family_for_model(base_model)` by the model's files.
+`detect_image_family` names the family of a `base_model` from its files.
 """
 from __future__ import annotations
 
@@ -119,16 +119,35 @@ def family_impl(name: str) -> ImageFamily:
     return SD
 
 
-def detect_image_family(base_model: str, *, allow_pickle: bool = False) -> str:
-    """The registry family of `base_model` (file, diffusers folder or hub id), from its files' headers.
-
-    FLUX/Chroma first (`detect_variant`, and a hub pipeline's model_index), then the SD detectors.
-    """
+def flux_variant_of(base_model: str) -> str | None:
+    """"flux-dev" / "flux-schnell" / "chroma" for a FLUX-family file, folder or cached hub id; else None."""
     from core.families.flux_load import detect_variant
 
     variant = detect_variant(base_model)
     if variant is None and not Path(base_model).exists() and not base_model.lower().endswith(".safetensors"):
         variant = _hub_flux_variant(base_model)
+    return variant
+
+
+def family_for_model(base_model: str) -> ImageFamily:
+    """The behaviour that serves `base_model`, from its headers / configs only (nothing is loaded).
+
+    Which SD family (1.x, 2.x, XL) is settled when the SD loader reads the file, so a pickled
+    checkpoint is not read twice.
+    """
+    from core.families.registry import IMAGE_FAMILIES
+
+    variant = flux_variant_of(base_model)
+    return family_impl(variant if variant is not None else IMAGE_FAMILIES[0])
+
+
+def detect_image_family(base_model: str, *, allow_pickle: bool = False) -> str:
+    """The registry family name of `base_model` (file, diffusers folder or hub id).
+
+    FLUX/Chroma first (`detect_variant`, and a hub pipeline's model_index), then the SD
+    detectors (which read a whole pickled checkpoint: prefer `family_for_model` to train).
+    """
+    variant = flux_variant_of(base_model)
     if variant is not None:
         return variant
     from core.models.sd import model_family
@@ -144,8 +163,8 @@ def _hub_flux_variant(repo: str) -> str | None:
 
     try:
         index = dict(DiffusionPipeline.load_config(repo, local_files_only=_offline()))
-    except (OSError, ValueError):
-        return None  # the SD loader reports what is wrong with it
+    except Exception:  # noqa: BLE001 - not a reachable pipeline: the SD loader reports what is wrong with it
+        return None
     if not any(word in str(index.get("_class_name", "")) for word in ("Flux", "Chroma")):
         return None
     try:

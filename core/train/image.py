@@ -22,14 +22,14 @@ import torch
 
 from core.config import TrainConfig
 from core.events import RunContext
-from core.sample import move
 from core.devices import free_memory, torch_dtype
-from core.train import checkpoints, image_outputs, optim
-from core.train.loop import LoopResult, run_task
 from core.families.base import Adapted, Batch, ImageFamily
 from core.families.registry import family_info
+from core.sample import move
+from core.train import checkpoints, image_outputs, optim
 from core.train.image_step import sample_latents
 from core.train.latent_cache import CachedImage, cache_dir_for, encode_images
+from core.train.loop import LoopResult, run_task
 
 def _precision(cfg: TrainConfig, ctx: RunContext) -> str:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -84,10 +84,9 @@ class ImageRun:
     # --- setup ------------------------------------------------------------------------------
     def choose_family(self) -> None:
         """Name the family from the model's files and let it refuse what cannot run, before any loading."""
-        from core.families.base import detect_image_family, family_impl
+        from core.families.base import family_for_model
 
-        self.family_name = detect_image_family(self.cfg.base_model, allow_pickle=self.cfg.allow_pickle)
-        self.family = family_impl(self.family_name)
+        self.family = family_for_model(self.cfg.base_model)
         for warning in self.family.check(self.cfg):
             if self.main:
                 self.ctx.warn(warning)
