@@ -196,3 +196,15 @@ def test_gpu_only_settings_on_a_cpu_machine_say_so_before_loading_anything(tiny_
         run_training(resolve_config(_config(tiny_flux_dev.folder, two_images, tmp_path / "out", **setting)), ctx)
     logs = [e.message for e in events if e.kind == "log"]
     assert not any(m.startswith(("Scanning", "Loading model")) for m in logs), logs
+
+
+def test_the_family_is_read_from_the_models_files(tiny_flux_dev, tiny_chroma, tiny_sd1):
+    from core.families.base import detect_image_family, family_for_model
+    from core.families.flux_family import FLUX
+    from core.families.sd import SD
+
+    assert detect_image_family(str(tiny_flux_dev.folder)) == "flux-dev"
+    assert detect_image_family(str(tiny_flux_dev.comfy_transformer)) == "flux-dev"
+    assert detect_image_family(str(tiny_chroma.comfy_transformer)) == "chroma"
+    assert detect_image_family(str(tiny_sd1.folder)) == "sd1"
+    assert family_for_model(str(tiny_chroma.folder)) is FLUX and family_for_model(str(tiny_sd1.folder)) is SD

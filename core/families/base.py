@@ -71,7 +71,6 @@ class ImageFamily:
     only reads its `vae` attribute directly.
     """
 
-    kind: str
     # Refuse what cannot work, before anything is loaded; returns warnings to show.
     check: Callable[[TrainConfig], list[str]]
     load: Callable[[TrainConfig], Any]

@@ -167,8 +167,13 @@ def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> 
     else:
         add_flux_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_blocks,
                       lora_dropout=cfg.lora_dropout, use_rslora=cfg.lora_variant == "rslora")
+    config = transformer.peft_config["default"]
+    guidance = train_guidance(cfg, model.variant)
+    log(f"LoRA rank {config.r} on {len(config.target_modules)} transformer layers; flow matching with "
+        f"{timestep_sampling(cfg, model.variant)} timestep sampling, "
+        f"{'guidance ' + format(guidance, 'g') if guidance is not None else 'no guidance input'}")
     placed = [transformer] if cfg.base_quantization == "nf4" else []  # bitsandbytes placed it on the GPU
-    return Adapted([transformer], ["transformer"], [transformer.peft_config["default"]], placed=placed)
+    return Adapted([transformer], ["transformer"], [config], placed=placed)
 
 
 def low_memory(model: Any, adapted: Adapted, cfg: TrainConfig, dtype: torch.dtype, log: Log) -> None:
@@ -339,7 +344,7 @@ def default_size(model: Any) -> int:
 
 
 FLUX = ImageFamily(
-    kind="flux", prompt_cache_optional=False, check=check, load=load, describe=describe,
+    prompt_cache_optional=False, check=check, load=load, describe=describe,
     name_of=lambda m: m.variant, network=lambda m: m.transformer, text_encoders=_encoders,
     park_text_encoders=park_text_encoders, encode_prompts=encode_prompts, cache_prompts=cache_prompts,
     add_lora=add_lora, low_memory=low_memory, make_loss=make_loss, write_loras=write_loras, previews=previews,

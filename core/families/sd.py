@@ -278,7 +278,7 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
 
 
 SD = ImageFamily(
-    kind="unet", check=check, load=load, describe=describe, name_of=lambda m: m.family,
+    check=check, load=load, describe=describe, name_of=lambda m: m.family,
     network=lambda m: m.unet, text_encoders=lambda m: list(m.text_encoders), park_text_encoders=park_text_encoders,
     encode_prompts=encode_prompts, cache_prompts=cache_prompts, add_lora=add_lora, low_memory=low_memory,
     make_loss=make_loss, write_loras=write_loras, previews=previews, tryout_pipeline=tryout_pipeline,
