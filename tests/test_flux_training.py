@@ -45,7 +45,8 @@ def test_a_tiny_flux_dev_trains_from_a_yaml_with_train_py_and_writes_both_files(
     out = tmp_path / "out"
     config = tmp_path / "flux.yaml"
     config.write_text(yaml.safe_dump(_config(tiny_flux_dev.folder, two_images, out, output_name="my_flux",
-                                             sample_prompts=["a red thing"], sample_steps=2, save_steps=2)))
+                                             lora_alpha=2, sample_prompts=["a red thing"], sample_steps=2,
+                                             save_steps=2)))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config)], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=600)
@@ -69,7 +70,9 @@ def test_a_tiny_flux_dev_trains_from_a_yaml_with_train_py_and_writes_both_files(
     assert {f"transformer.{k}" for k in from_kohya} == set(from_diffusers)
     for key, value in from_kohya.items():
         torch.testing.assert_close(value, from_diffusers[f"transformer.{key}"].float(), atol=1e-6, rtol=1e-5)
-    assert set(alphas.values()) == {4.0}
+    # alpha 2 with rank 4 is kept in both files (diffusers would assume alpha = rank without it).
+    assert set(alphas.values()) == {2.0} and set(read_flux_lora(diffusers_file)[1].values()) == {2.0}
+    assert meta["ss_network_alpha"] == "2"
 
     # The Test tab's path: the LoRA at weight 0 is the base model, at 1 it changes the image.
     kwargs = dict(seed=3, steps=2, guidance=3.5, width=32, height=32)
