@@ -162,10 +162,12 @@ def test_fp8_base_trains_on_the_cpu(tiny_flux_dev, two_images, tmp_path, monkeyp
         return real(transformer, *args, **kwargs)
 
     monkeypatch.setattr(flux_memory, "enable_fp8_storage", keep)
+    ae = tiny_flux_dev.comfy_root / "vae" / "ae.safetensors"  # a separate AE file with a diffusers folder
     outputs, events = run_collect(_config(tiny_flux_dev.folder, two_images, tmp_path / "fp8", fp8_base=True,
-                                          gradient_checkpointing=True))
+                                          gradient_checkpointing=True, vae=str(ae)))
     logs = [e.message for e in events if e.kind == "log"]
     assert any(m.startswith("fp8 storage:") for m in logs), logs
+    assert f"AE from {ae}" in logs
     losses = [e.loss for e in events if e.kind == "progress"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     # After the steps: the frozen base weights are stored in float8, the trained LoRA is fp32 and moved.

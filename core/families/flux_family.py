@@ -80,8 +80,16 @@ def load(cfg: TrainConfig) -> Any:
     if cfg.base_quantization == "nf4":
         dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.bfloat16
         quant = nf4_config(dtype)
-    return load_flux_model(cfg.base_model, config_source=cfg.base_model_config, clip_l=cfg.clip_l, t5=cfg.t5,
-                           vae=cfg.vae, dtype=dtype, quantization_config=quant)
+    model = load_flux_model(cfg.base_model, config_source=cfg.base_model_config, clip_l=cfg.clip_l, t5=cfg.t5,
+                            vae=cfg.vae, dtype=dtype, quantization_config=quant)
+    if cfg.vae and not model.is_single_file:
+        # A diffusers folder brings its own AE; `vae:` replaces it (the single-file loader took it already).
+        from core.families.flux_single_file import load_vae_file
+
+        model.vae = load_vae_file(cfg.vae, config_source=cfg.base_model_config or cfg.base_model,
+                                  variant=model.variant, dtype=dtype)
+        model.notes.append(f"AE from {cfg.vae}")
+    return model
 
 
 def describe(model: Any) -> list[str]:

@@ -165,7 +165,9 @@ class ImageRun:
             return
         captions = [i.caption for i in self.items] + ([""] if cfg.caption_dropout > 0 else [])
         self.log(f"Encoding {len(set(captions))} caption(s) once")
-        self.text_cache = family.cache_prompts(m, captions, cfg, self.device, self.log)
+        # Rank 0 writes any disk cache first; the others then read it.
+        with self.accelerator.main_process_first():
+            self.text_cache = family.cache_prompts(m, captions, cfg, self.device, self.log)
 
     def free_encoders(self) -> None:
         """Take the VAE and frozen text encoders off the device while the network trains."""
