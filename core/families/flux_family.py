@@ -180,7 +180,8 @@ def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> 
     log(f"LoRA rank {config.r} on {len(config.target_modules)} transformer layers; flow matching with "
         f"{timestep_sampling(cfg, model.variant)} timestep sampling, "
         f"{'guidance ' + format(guidance, 'g') if guidance is not None else 'no guidance input'}")
-    placed = [transformer] if cfg.base_quantization == "nf4" else []  # bitsandbytes placed it on the GPU
+    # bitsandbytes put an NF4 transformer on the GPU already; block offload keeps it in CPU memory.
+    placed = [transformer] if cfg.base_quantization == "nf4" or cfg.blocks_to_swap > 0 else []
     return Adapted([transformer], ["transformer"], [config], placed=placed)
 
 
@@ -195,6 +196,11 @@ def low_memory(model: Any, adapted: Adapted, cfg: TrainConfig, dtype: torch.dtyp
         cast = enable_fp8_storage(transformer, dtype)
         log(f"fp8 storage: {cast} frozen layers stored in float8_e4m3fn, the LoRA in fp32.")
     if cfg.blocks_to_swap > 0:
+        if not cfg.fp8_base:
+            # The run left it in CPU memory (not moved, not cast): the frozen weights take the compute dtype here.
+            for name, param in transformer.named_parameters():
+                if "lora_" not in name:
+                    param.data = param.data.to(dtype)
         _, message = apply_group_offload(transformer)
         log(message)
 

@@ -240,7 +240,12 @@ class ImageRun:
         return [g for g in groups if g["params"]]
 
     def prepare(self, optimizer: Any) -> Any:
-        models = self.accelerator.prepare(*self.adapted.modules, optimizer)
+        modules, placed = self.adapted.modules, self.adapted.placed
+        if placed:  # NF4 / block offload: accelerate must not move them to the device as a whole
+            flags = [not any(m is p for p in placed) for m in modules] + [True]
+            models = self.accelerator.prepare(*modules, optimizer, device_placement=flags)
+        else:
+            models = self.accelerator.prepare(*modules, optimizer)
         self.train_network, self.train_encoders, optimizer = models[0], list(models[1:-1]), models[-1]
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         return optimizer
