@@ -1,9 +1,10 @@
-"""Image previews: during training (the UNet being trained) and in the Test tab (a LoRA file).
+"""Image previews: the shared helpers, and the Test tab's images of a base model + a LoRA file.
 
 Everything runs under `torch.no_grad()`; the VAE decodes in fp32 whatever the training
-precision (an fp16 SD VAE overflows into NaN and black images); an Euler sampler and,
-for SDXL, a 1024-class default size (SDXL at 512 px gives mush). Images are saved
-atomically. One pipeline is cached for the Test tab so repeated tries do not reload it.
+precision (an fp16 SD VAE overflows into NaN and black images). Each model family builds
+its own pipeline and default size (`core.families.sd`, `core.families.flux_family`); the
+previews during training are the family's too. Images are saved atomically. One pipeline
+is cached for the Test tab so repeated tries do not reload it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from PIL import Image, ImageDraw
 from core.atomic import atomic_path
 from core.devices import free_memory, pick_device
 
-DEFAULT_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 COMPARE_WEIGHTS = (0.0, 0.4, 0.6, 0.8, 1.0)
 _CACHE: dict[str, Any] = {}
 _CACHE_LOCK = threading.Lock()
@@ -30,23 +30,6 @@ def move(module: Any, device: Any, dtype: torch.dtype | None = None) -> Any:
         return None
     args = (device,) if dtype is None else (device, dtype)
     return torch.nn.Module.to(module, *args)
-
-
-def build_pipeline(family: str, *, unet: Any, vae: Any, text_encoders: Sequence[Any], tokenizers: Sequence[Any],
-                   scheduler_config: dict[str, Any], prediction_type: str) -> Any:
-    """A diffusers pipeline over existing modules (nothing copied), with an Euler sampler."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    config["prediction_type"] = prediction_type
-    scheduler = EulerDiscreteScheduler.from_config(config)
-    if family == "sdxl":
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
-                                         scheduler=scheduler)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
 
 
 @torch.no_grad()
@@ -65,43 +48,22 @@ def decode_fp32(vae: Any, latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-@torch.no_grad()
-def run_pipeline(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
-                 negative_prompt: str = "", width: int, height: int) -> list[Image.Image]:
-    """One image per prompt, each from the same fixed seed so runs compare."""
-    images = []
-    device = pipe.unet.device
-    for prompt in prompts:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        latents = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                       guidance_scale=guidance, width=width, height=height, generator=generator,
-                       output_type="latent", return_dict=False)[0]
-        images.extend(decode_fp32(pipe.vae, latents.to(device)))
-        del latents
-        free_memory()
-    return images
-
-
 def save_image(image: Image.Image, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)
 
 
-def sample_size(family: str, resolution: int, vae_scale_factor: int) -> tuple[int, int]:
-    """Preview size: the training resolution, but never below the family's class for SDXL."""
-    side = max(resolution, DEFAULT_SIZE["sdxl"]) if family == "sdxl" else resolution
-    step = vae_scale_factor * 8
-    side = max(step, side // step * step)
-    return side, side
-
-
 # --- the Test tab ---------------------------------------------------------------------------
 
 def load_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
-                  device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """(pipeline, SDModel) for `base_model`, cached: the same arguments reuse the loaded one."""
-    from core.models.sd import load_sd_model
+                  device: str | torch.device | None = None, dtype: torch.dtype | None = None
+                  ) -> tuple[Any, Any, Any]:
+    """(pipeline, model, its ImageFamily) for `base_model`, cached: the same arguments reuse the loaded one.
+
+    The family (SD 1.x/2.x/SDXL, FLUX.1, Chroma) is read from the model's files.
+    """
+    from core.families.base import family_for_model
 
     device = pick_device(device or "auto", mps=False)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -110,19 +72,14 @@ def load_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "",
     key = repr((str(base_model), stamp, vae, model_config, str(device), str(dtype)))
     with _CACHE_LOCK:
         if _CACHE.get("key") == key:
-            return _CACHE["pipe"], _CACHE["model"]
+            return _CACHE["pipe"], _CACHE["model"], _CACHE["family"]
         _CACHE.clear()
         free_memory()
-        model = load_sd_model(base_model, allow_pickle=allow_pickle, vae=vae, model_config=model_config)
-        for module in [model.unet, *model.text_encoders]:
-            move(module, device, dtype)
-        move(model.vae, device, torch.float32)
-        pipe = build_pipeline(model.family, unet=model.unet, vae=model.vae, text_encoders=model.text_encoders,
-                              tokenizers=model.tokenizers, scheduler_config=model.scheduler_config,
-                              prediction_type=model.prediction_type)
-        pipe.set_progress_bar_config(disable=True)
-        _CACHE.update(key=key, pipe=pipe, model=model)
-        return pipe, model
+        family = family_for_model(base_model)
+        pipe, model = family.tryout_pipeline(base_model, allow_pickle=allow_pickle, vae=vae,
+                                             model_config=model_config, device=device, dtype=dtype)
+        _CACHE.update(key=key, pipe=pipe, model=model, family=family)
+        return pipe, model, family
 
 
 def clear_pipeline_cache() -> None:
@@ -136,16 +93,17 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
                     width: int | None = None, height: int | None = None, allow_pickle: bool = False,
                     model_config: str = "", device: str | torch.device | None = None) -> list[Image.Image]:
     """Images for `prompts` from `base_model` with the LoRA at `weight` (None or 0: the base alone)."""
-    pipe, model = load_pipeline(base_model, allow_pickle=allow_pickle, model_config=model_config, device=device)
-    side = DEFAULT_SIZE[model.family]
+    pipe, model, family = load_pipeline(base_model, allow_pickle=allow_pickle, model_config=model_config,
+                                        device=device)
+    side = family.default_size(model)
     width, height = width or side, height or side
     use_lora = lora_path is not None and weight != 0
     if use_lora:
         pipe.load_lora_weights(str(lora_path), adapter_name="preview")
         pipe.set_adapters(["preview"], adapter_weights=[weight])
     try:
-        return run_pipeline(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
-                            negative_prompt=negative_prompt, width=width, height=height)
+        return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
+                               negative_prompt=negative_prompt, width=width, height=height)
     finally:
         if use_lora:
             pipe.delete_adapters("preview")

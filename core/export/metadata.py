@@ -27,7 +27,11 @@ IMPL_DIFFUSERS = "diffusers"
 def base_model_version(family: str, v_prediction: bool = False) -> str:
     """`ss_base_model_version` as sd-scripts names it (`sd_v2_v` for a v-prediction SD 2.x)."""
     if family not in SS_BASE_MODEL_VERSION:
-        raise ValueError(f"Unknown model family '{family}' for LoRA metadata (sd1, sd2 or sdxl).")
+        from core.families.registry import FAMILIES
+
+        if family in FAMILIES:  # FLUX.1 / Chroma: "flux1", "chroma"
+            return FAMILIES[family].ss_base_model_version
+        raise ValueError(f"Unknown model family '{family}' for LoRA metadata ({', '.join(FAMILIES)}).")
     version = SS_BASE_MODEL_VERSION[family]
     if v_prediction and family in ("sd1", "sd2"):
         version += "_v"
@@ -35,7 +39,11 @@ def base_model_version(family: str, v_prediction: bool = False) -> str:
 
 
 def modelspec_architecture(family: str, v_prediction: bool = False) -> str:
-    if family == "sdxl":
+    from core.families.registry import FAMILIES
+
+    if family in FAMILIES and FAMILIES[family].is_flow_matching:
+        arch = FAMILIES[family].modelspec_architecture
+    elif family == "sdxl":
         arch = "stable-diffusion-xl-v1-base"
     elif family == "sd2":
         arch = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"

@@ -142,9 +142,14 @@ class FluxBatch:
     prompts: PromptEmbeds
 
 
+def _config(transformer: Any) -> Any:
+    # Under DistributedDataParallel (several processes) the model and its config are `.module`.
+    return getattr(transformer, "module", transformer).config
+
+
 def is_chroma(transformer: Any) -> bool:
     """Chroma's config has the approximator (its replacement for FLUX's modulation MLPs)."""
-    return "approximator_num_channels" in dict(transformer.config)
+    return "approximator_num_channels" in dict(_config(transformer))
 
 
 def transformer_inputs(transformer: Any, packed: torch.Tensor, sigmas: torch.Tensor, prompts: PromptEmbeds,
@@ -168,7 +173,7 @@ def transformer_inputs(transformer: Any, packed: torch.Tensor, sigmas: torch.Ten
     if prompts.pooled is None:
         raise ValueError("FLUX.1 needs CLIP-L's pooled prompt embedding; it is missing from the batch.")
     kwargs["pooled_projections"] = prompts.pooled.to(device, dtype)
-    has_guidance = bool(getattr(transformer.config, "guidance_embeds", False))
+    has_guidance = bool(getattr(_config(transformer), "guidance_embeds", False))
     # dev was distilled with a guidance input and must get one; schnell has no guidance embedding.
     kwargs["guidance"] = (torch.full((batch,), 1.0 if guidance is None else guidance, device=device,
                                      dtype=torch.float32) if has_guidance else None)

@@ -1,9 +1,11 @@
-"""Image LoRA training (SD 1.x / 2.x / SDXL) on HF Accelerate: the loop the Job and train.py run.
+"""Image LoRA training (SD 1.x / 2.x / SDXL, FLUX.1, Chroma) on HF Accelerate: the loop the Job and train.py run.
 
-Stages: scan the folder -> load the model -> encode every image and caption once (cached)
--> free the VAE / text encoders from the device -> train the LoRA with checkpoints,
-previews and events -> write the diffusers and kohya/WebUI files. `ctx.should_stop()`
-is checked every step: a stop finishes the step, saves a checkpoint and the LoRA files.
+Stages: name the model's family from its files and refuse what cannot run -> scan the
+folder -> load the model -> encode every image and caption once (cached) -> free the VAE /
+text encoders from the device -> train the LoRA with checkpoints, previews and events ->
+write the diffusers and kohya/WebUI files. `ctx.should_stop()` is checked every step: a
+stop finishes the step, saves a checkpoint and the LoRA files. What differs between model
+families is asked of `run.family` (core.families.base.ImageFamily); nothing here names one.
 """
 from __future__ import annotations
 
@@ -20,14 +22,14 @@ import torch
 
 from core.config import TrainConfig
 from core.events import RunContext
-from core.sample import move
 from core.devices import free_memory, torch_dtype
-from core.train import checkpoints, image_outputs, optim, runtime
+from core.families.base import Adapted, Batch, ImageFamily
+from core.families.registry import family_info
+from core.sample import move
+from core.train import checkpoints, image_outputs, optim
+from core.train.image_step import sample_latents
+from core.train.latent_cache import CachedImage, cache_dir_for, encode_images
 from core.train.loop import LoopResult, run_task
-from core.train.image_lora import (add_text_encoder_lora, add_unet_lora, load_peft_state, module_paths, peft_state,
-                                   read_lora_file)
-from core.train.image_step import diffusion_loss, encode_prompts, sample_latents, sdxl_time_ids
-from core.train.latent_cache import CachedImage, TextCache, cache_dir_for, encode_images
 
 def _precision(cfg: TrainConfig, ctx: RunContext) -> str:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -53,15 +55,15 @@ class ImageRun:
     ctx: RunContext
     accelerator: Any
     out: Path
+    family: ImageFamily | None = None
+    family_name: str = ""
     model: Any = None
     items: list = dataclasses.field(default_factory=list)
     buckets: list = dataclasses.field(default_factory=list)
     latents: dict[int, CachedImage] | None = None
-    text_cache: TextCache | None = None
+    text_cache: Any = None  # captions -> their batched conditioning, when the prompts were encoded once
     weight_dtype: torch.dtype = torch.float32
-    unet_config: Any = None
-    te_configs: list = dataclasses.field(default_factory=list)
-    trained_encoders: list = dataclasses.field(default_factory=list)
+    adapted: Adapted | None = None
     dataset: Any = None
     started_at: float = dataclasses.field(default_factory=time.time)
     # kohya's ss_session_id, fixed per run (drawn from a private RNG, never the training one).
@@ -80,6 +82,15 @@ class ImageRun:
             self.ctx.log(message)
 
     # --- setup ------------------------------------------------------------------------------
+    def choose_family(self) -> None:
+        """Name the family from the model's files and let it refuse what cannot run, before any loading."""
+        from core.families.base import family_for_model
+
+        self.family = family_for_model(self.cfg.base_model)
+        for warning in self.family.check(self.cfg):
+            if self.main:
+                self.ctx.warn(warning)
+
     def load_data(self) -> None:
         from core.data.buckets import bucket_for
         from core.data.images import scan_image_dataset
@@ -96,22 +107,18 @@ class ImageRun:
                  f"{len(set(self.buckets))} bucket(s)")
 
     def load_model(self) -> None:
-        from core.models.sd import FAMILY_NAMES, load_sd_model
-
-        cfg = self.cfg
+        cfg, family = self.cfg, self.family
         self.log(f"Loading model {cfg.base_model}")
-        self.model = load_sd_model(cfg.base_model, allow_pickle=cfg.allow_pickle, vae=cfg.vae,
-                                   prediction_type=cfg.prediction_type, model_config=cfg.base_model_config)
-        m = self.model
-        self.log(f"Model: {FAMILY_NAMES[m.family]} ({'single file' if m.is_single_file else 'diffusers'}), "
-                 f"prediction {m.prediction_type}")
-        for note in m.notes:
-            self.log(note)
-        if self.main and cfg.resolution < 0.7 * m.default_resolution:
-            self.ctx.warn(f"resolution {cfg.resolution} is small for {FAMILY_NAMES[m.family]} "
-                          f"(made for {m.default_resolution} px); results may be blurry.",
-                          f"Use resolution: {m.default_resolution} if memory allows.")
-        for module in [m.unet, m.vae, *m.text_encoders]:
+        self.model = family.load(cfg)
+        self.family_name = family.name_of(self.model)
+        for line in family.describe(self.model):
+            self.log(line)
+        info = family_info(self.family_name)
+        if self.main and cfg.resolution < 0.7 * info.native_resolution:
+            self.ctx.warn(f"resolution {cfg.resolution} is small for {info.label} "
+                          f"(made for {info.native_resolution} px); results may be blurry.",
+                          f"Use resolution: {info.native_resolution} if memory allows.")
+        for module in [family.network(self.model), self.model.vae, *family.text_encoders(self.model)]:
             module.requires_grad_(False)
 
     def cache_latents(self) -> None:
@@ -147,23 +154,23 @@ class ImageRun:
         if not self.items:
             raise ValueError("No image could be decoded for training; see the warnings above.")
 
-    def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        m = self.model
-        return encode_prompts(m.family, m.text_encoders, m.tokenizers, captions, self.device)
+    def encode_prompts(self, captions: list[str]) -> Any:
+        return self.family.encode_prompts(self.model, captions, self.device)
 
     def cache_text(self) -> None:
-        cfg, m = self.cfg, self.model
-        for encoder in m.text_encoders:
+        cfg, m, family = self.cfg, self.model, self.family
+        for encoder in family.text_encoders(m):
             move(encoder, self.device, self.weight_dtype)
-        if cfg.train_text_encoder or not cfg.cache_text_encoder_outputs:
+        if family.prompt_cache_optional and (cfg.train_text_encoder or not cfg.cache_text_encoder_outputs):
             return
         captions = [i.caption for i in self.items] + ([""] if cfg.caption_dropout > 0 else [])
         self.log(f"Encoding {len(set(captions))} caption(s) once")
-        self.text_cache = TextCache()
-        self.text_cache.build(captions, self.encode_prompts)
+        # Rank 0 writes any disk cache first; the others then read it.
+        with self.accelerator.main_process_first():
+            self.text_cache = family.cache_prompts(m, captions, cfg, self.device, self.log)
 
     def free_encoders(self) -> None:
-        """Take the VAE and frozen text encoders off the device while the UNet trains."""
+        """Take the VAE and frozen text encoders off the device while the network trains."""
         cfg, m = self.cfg, self.model
         keep = bool(cfg.sample_prompts)  # previews need them back later
         if self.latents is not None:
@@ -173,62 +180,27 @@ class ImageRun:
         else:
             move(m.vae, self.device, torch.float32)
         if self.text_cache is not None:
-            for encoder in m.text_encoders:
-                move(encoder, "cpu")
-            if not keep:
-                m.text_encoders = [None] * len(m.text_encoders)
+            self.family.park_text_encoders(m, keep)
         free_memory()
 
     def add_lora(self, init_file: Path | None) -> None:
-        cfg, m = self.cfg, self.model
-        loaded = None
-        lora_cfg = cfg
-        if init_file is not None:
-            loaded = read_lora_file(init_file, m.family)
-            # A LoRA file already holds its update: it continues as a plain LoRA, whatever the variant.
-            variant = "lora" if cfg.lora_variant == "pissa" else cfg.lora_variant
-            lora_cfg = dataclasses.replace(cfg, lora_rank=loaded.rank, lora_alpha=loaded.alpha,
-                                           target_modules=module_paths(loaded.unet), conv_rank=0,
-                                           lora_variant=variant)
-            self.log(f"Continuing from the LoRA {init_file.name} (rank {loaded.rank}, alpha {loaded.alpha:g})")
-        self.unet_config = add_unet_lora(m.unet, lora_cfg)
-        if cfg.train_text_encoder:
-            for index, encoder in enumerate(m.text_encoders):
-                targets = module_paths(loaded.text_encoders[index]) if loaded and index < len(
-                    loaded.text_encoders) and loaded.text_encoders[index] else None
-                self.te_configs.append(add_text_encoder_lora(encoder, lora_cfg, targets))
-                self.trained_encoders.append(encoder)
-        if lora_cfg.lora_variant == "pissa":
-            # PiSSA rewrote the base weights; keep its starting point to export a LoRA for the original.
-            self.pissa_init = [peft_state(m.unet)] + [peft_state(e) for e in self.trained_encoders]
-        if loaded is not None:
-            self._load_loaded(loaded)
-        move(m.unet, self.device, self.weight_dtype)
-        for encoder in self.trained_encoders:
-            move(encoder, self.device, self.weight_dtype)
+        cfg, family = self.cfg, self.family
+        self.adapted = adapted = family.add_lora(self.model, cfg, init_file, self.log)
+        for module in adapted.modules:
+            if not any(module is p for p in adapted.placed):
+                move(module, self.device, self.weight_dtype)
         from diffusers.training_utils import cast_training_params
 
         # Frozen weights stay in the weight dtype; the trainable LoRA weights are fp32.
-        cast_training_params([m.unet, *self.trained_encoders], dtype=torch.float32)
-        if cfg.gradient_checkpointing:
-            m.unet.enable_gradient_checkpointing()
-            for encoder in self.trained_encoders:
-                runtime.enable_activation_checkpointing(encoder)
-        m.unet.train()
-        for encoder in self.trained_encoders:
-            encoder.train()
-
-    def _load_loaded(self, loaded: Any) -> None:
-        from core.export.kohya import fit_keys_to_model
-
-        load_peft_state(self.model.unet, loaded.unet, "UNet")
-        for encoder, state in zip(self.trained_encoders, loaded.text_encoders):
-            if state:
-                load_peft_state(encoder, fit_keys_to_model(state, encoder), "text encoder")
+        cast_training_params(adapted.modules, dtype=torch.float32)
+        family.low_memory(self.model, adapted, cfg, self.weight_dtype, self.log)
+        for module in adapted.modules:
+            module.train()
+        self.loss_fn = family.make_loss(self.model, cfg, self.weight_dtype)
 
     # --- one batch --------------------------------------------------------------------------
     def batch_loss(self, indices: list[int]) -> torch.Tensor:
-        cfg, m = self.cfg, self.model
+        cfg = self.cfg
         captions = ["" if cfg.caption_dropout > 0 and random.random() < cfg.caption_dropout else self.items[i].caption
                     for i in indices]
         vae_config = self.vae_config
@@ -239,18 +211,8 @@ class ImageRun:
             sizes = [(i.original_size, i.crop_top_left, i.target_size) for i in infos]
         else:
             latents, sizes = self._encode_batch(indices)
-        if self.text_cache is not None:
-            embeds, pooled = self.text_cache.batch(captions)
-        else:
-            embeds, pooled = self.encode_prompts(captions)
-        added = None
-        if m.family == "sdxl":
-            time_ids = sdxl_time_ids([s[0] for s in sizes], [s[1] for s in sizes], [s[2] for s in sizes],
-                                     self.device, self.weight_dtype)
-            added = {"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids}
-        return diffusion_loss(self.train_unet, self.noise_scheduler,
-                              latents, embeds, prediction_type=m.prediction_type, noise_offset=cfg.noise_offset,
-                              snr_gamma=cfg.snr_gamma, added_cond=added, weight_dtype=self.weight_dtype)
+        cond = self.text_cache(captions) if self.text_cache is not None else self.encode_prompts(captions)
+        return self.loss_fn(self.train_network, Batch(latents, cond, sizes))
 
     def _encode_batch(self, indices: list[int]) -> tuple[torch.Tensor, list]:
         from core.data.buckets import prepare_image
@@ -270,16 +232,21 @@ class ImageRun:
     # --- the training loop's task (core.train.loop.TrainTask) ---------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        groups = optim.lora_param_groups(self.model.unet.named_parameters(), cfg.learning_rate,
-                                           cfg.loraplus_lr_ratio)
+        network, *encoders = self.adapted.modules
+        groups = optim.lora_param_groups(network.named_parameters(), cfg.learning_rate, cfg.loraplus_lr_ratio)
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
-        for encoder in self.trained_encoders:
+        for encoder in encoders:
             groups += optim.lora_param_groups(encoder.named_parameters(), te_lr, cfg.loraplus_lr_ratio)
         return [g for g in groups if g["params"]]
 
     def prepare(self, optimizer: Any) -> Any:
-        models = self.accelerator.prepare(self.model.unet, *self.trained_encoders, optimizer)
-        self.train_unet, self.train_encoders, optimizer = models[0], list(models[1:-1]), models[-1]
+        modules, placed = self.adapted.modules, self.adapted.placed
+        if placed:  # NF4 / block offload: accelerate must not move them to the device as a whole
+            flags = [not any(m is p for p in placed) for m in modules] + [True]
+            models = self.accelerator.prepare(*modules, optimizer, device_placement=flags)
+        else:
+            models = self.accelerator.prepare(*modules, optimizer)
+        self.train_network, self.train_encoders, optimizer = models[0], list(models[1:-1]), models[-1]
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         return optimizer
 
@@ -299,7 +266,7 @@ class ImageRun:
         for index, indices in enumerate(group):
             with contextlib.ExitStack() as stack:
                 if index < len(group) - 1:
-                    for model in (self.train_unet, *self.train_encoders):
+                    for model in (self.train_network, *self.train_encoders):
                         stack.enter_context(acc.no_sync(model))
                 loss = self.batch_loss(indices) / len(group)
                 acc.backward(loss)
@@ -332,10 +299,9 @@ class ImageRun:
         return image_outputs.finish(self, state, result)
 
     vae_config: Any = None
-    noise_scheduler: Any = None
-    train_unet: Any = None  # the UNet as accelerate prepared it (DDP-wrapped on several GPUs)
+    loss_fn: Any = None  # the family's loss of one Batch
+    train_network: Any = None  # the UNet / transformer as accelerate prepared it (DDP-wrapped on several GPUs)
     train_encoders: list = dataclasses.field(default_factory=list)  # trained text encoders, prepared
-    pissa_init: list | None = None
     sampler: Any = None  # the bucket batch sampler
     params: list = dataclasses.field(default_factory=list)
 
@@ -368,6 +334,7 @@ def _train(run: ImageRun) -> dict[str, str]:
     from core.data.buckets import BucketBatchSampler
 
     cfg, acc = run.cfg, run.accelerator
+    run.choose_family()  # GPU-only settings on a machine without CUDA stop here, before anything loads
     if run.main:
         checkpoints.prepare_output_dir(cfg)
     acc.wait_for_everyone()
@@ -379,7 +346,6 @@ def _train(run: ImageRun) -> dict[str, str]:
     run.load_data()
     run.load_model()
     run.vae_config = run.model.vae.config
-    run.noise_scheduler = run.model.noise_scheduler()
     run.cache_latents()
     run.cache_text()
     run.free_encoders()

@@ -15,8 +15,6 @@ from core.config import TrainConfig
 from core.lora import TEXT_ENCODER_MODULES, UNET_ATTENTION_MODULES, make_lora_config
 
 TE_NAMES = ("text_encoder", "text_encoder_2")
-# Exact PEFT weights inside each checkpoint, for a bit-exact resume.
-PEFT_FILES = ("unet_peft.safetensors", "text_encoder_peft.safetensors", "text_encoder_2_peft.safetensors")
 _CONV_PARENT = re.compile(r"^(down_blocks|up_blocks|mid_block)\.(\d+\.)?(resnets|downsamplers|upsamplers)\.")
 
 

@@ -4,6 +4,7 @@ and the final LoRA files in the diffusers and kohya/WebUI formats. The run itsel
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,36 +13,40 @@ import torch
 from core.atomic import save_file_atomic
 from core.devices import free_memory, torch_dtype
 from core.events import CheckpointEvent, DoneEvent, SampleEvent
+from core.families.base import Adapted, RunFacts
 from core.sample import move
 from core.train import checkpoints
-from core.train.image_lora import PEFT_FILES, TE_NAMES, load_peft_state, peft_state, save_lora_outputs
+from core.train.image_lora import load_peft_state, peft_state
 from core.train.loop import LoopResult, keep_rng
 
 if TYPE_CHECKING:
     from core.train.image import ImageRun
 
 
-def _metadata(run: ImageRun, steps: int, epoch: int) -> dict[str, Any]:
+def _facts(run: ImageRun, steps: int, epoch: int) -> RunFacts:
     from core.data.buckets import bucket_info
-    from core.export.metadata import kohya_metadata
 
-    cfg = run.cfg
-    info = bucket_info([(i.width, i.height) for i in run.items], run.buckets)
-    return kohya_metadata(cfg, family=run.model.family, base_model_name=Path(cfg.base_model).name,
-                          num_images=len(run.items), tag_frequency=run.dataset.tag_frequency(),
-                          bucket_info=info, steps=steps, epochs=epoch, started_at=run.started_at,
-                          dataset_dir=cfg.train_data_dir, prediction_type=run.model.prediction_type,
-                          session_id=run.session_id,
-                          conv_dims=(cfg.conv_rank, cfg.conv_alpha or cfg.conv_rank) if cfg.conv_rank else None)
+    return RunFacts(base_model_name=Path(run.cfg.base_model).name, num_images=len(run.items),
+                    tag_frequency=run.dataset.tag_frequency(),
+                    bucket_info=bucket_info([(i.width, i.height) for i in run.items], run.buckets),
+                    steps=steps, epochs=epoch, started_at=run.started_at, session_id=run.session_id)
+
+
+def _unwrapped(run: ImageRun) -> Adapted:
+    """The run's adapted modules as they are under accelerate's wrappers."""
+    acc = run.accelerator
+    modules = [acc.unwrap_model(m) for m in (run.train_network, *run.train_encoders)]
+    return dataclasses.replace(run.adapted, modules=modules)
+
+
+def peft_file(name: str) -> str:
+    """The checkpoint file of one adapted module's exact PEFT weights (for a bit-exact resume)."""
+    return f"{name}_peft.safetensors"
 
 
 def write_loras(run: ImageRun, folder: Path, steps: int, epoch: int) -> dict[str, str]:
-    unet = run.accelerator.unwrap_model(run.train_unet)
-    encoders = [run.accelerator.unwrap_model(e) for e in run.train_encoders]
-    return save_lora_outputs(folder, run.cfg.name, family=run.model.family, unet=unet, encoders=encoders,
-                             unet_config=run.unet_config, te_configs=run.te_configs,
-                             metadata=_metadata(run, steps, epoch), save_dtype=torch_dtype(run.cfg.save_precision),
-                             pissa_init=run.pissa_init)
+    return run.family.write_loras(folder, run.cfg, run.model, _unwrapped(run), _facts(run, steps, epoch),
+                                  torch_dtype(run.cfg.save_precision))
 
 
 def save_checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any, scheduler: Any,
@@ -51,10 +56,9 @@ def save_checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any
     `rng_by_rank`: every process's RNG state in a multi-process run (each draws its own noise).
     """
     def write_weights(folder: Path) -> None:
-        unet = run.accelerator.unwrap_model(run.train_unet)
-        save_file_atomic(peft_state(unet), folder / PEFT_FILES[0])
-        for index, encoder in enumerate(run.train_encoders):
-            save_file_atomic(peft_state(run.accelerator.unwrap_model(encoder)), folder / PEFT_FILES[1 + index])
+        adapted = _unwrapped(run)
+        for module, name in zip(adapted.modules, adapted.names):
+            save_file_atomic(peft_state(module), folder / peft_file(name))
         write_loras(run, folder, state.global_step, state.epoch)
 
     return checkpoints.save_checkpoint(run.cfg.output_dir, state, optimizer=optimizer, scheduler=scheduler,
@@ -65,44 +69,32 @@ def save_checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any
 def restore_weights(run: ImageRun, folder: Path) -> None:
     from safetensors.torch import load_file
 
-    load_peft_state(run.accelerator.unwrap_model(run.train_unet), load_file(str(folder / PEFT_FILES[0])), "UNet")
-    for index, encoder in enumerate(run.train_encoders):
-        path = folder / PEFT_FILES[1 + index]
-        if not path.is_file():
+    adapted = _unwrapped(run)
+    for index, (module, name) in enumerate(zip(adapted.modules, adapted.names)):
+        path = folder / peft_file(name)
+        if index > 0 and not path.is_file():
             raise ValueError(f"{folder} has no text-encoder LoRA ({path.name}); it was saved by a run with "
                              "train_text_encoder off. Resume with the same settings.")
-        load_peft_state(run.accelerator.unwrap_model(encoder), load_file(str(path)), TE_NAMES[index])
+        if not path.is_file():
+            raise ValueError(f"{folder} has no {name} LoRA ({path.name}); it was saved for another model family.")
+        load_peft_state(module, load_file(str(path)), name)
 
 
 def make_samples(run: ImageRun, step: int) -> list[str]:
-    """Previews with the UNet being trained; VAE/text encoders visit the device only meanwhile."""
-    from core.sample import build_pipeline, run_pipeline, sample_size, save_image
+    """Previews with the network being trained; the VAE (and parked encoders) visit the device only meanwhile."""
+    from core.sample import save_image
 
-    cfg, m = run.cfg, run.model
-    unet = run.accelerator.unwrap_model(run.train_unet)
-    # Frozen encoders were parked on the CPU only when their outputs were cached.
-    moved = [e for e in m.text_encoders if e is not None] if run.text_cache is not None else []
-    for encoder in moved:
-        move(encoder, run.device, run.weight_dtype)
-    move(m.vae, run.device, torch.float32)
-    was_training = unet.training
-    unet.eval()
+    network = run.accelerator.unwrap_model(run.train_network)
+    move(run.model.vae, run.device, torch.float32)
+    was_training = network.training
+    network.eval()
     try:
-        pipe = build_pipeline(m.family, unet=unet, vae=m.vae, text_encoders=m.text_encoders,
-                              tokenizers=m.tokenizers, scheduler_config=m.scheduler_config,
-                              prediction_type=m.prediction_type)
-        pipe.set_progress_bar_config(disable=True)
-        width, height = sample_size(m.family, cfg.resolution, m.vae_scale_factor)
-        images = run_pipeline(pipe, cfg.sample_prompts, seed=cfg.sample_seed,
-                              steps=cfg.sample_num_inference_steps, guidance=cfg.sample_guidance_scale,
-                              negative_prompt=cfg.sample_negative_prompt, width=width, height=height)
+        images = run.family.previews(run.model, network, run.cfg, run.device, run.weight_dtype, run.text_cache)
         paths = [str(save_image(img, run.out / "samples" / f"step-{step:06d}-{i}.png")) for i, img in enumerate(images)]
     finally:
-        unet.train(was_training)
+        network.train(was_training)
         if run.latents is not None:
-            move(m.vae, "cpu")
-        for encoder in moved:
-            move(encoder, "cpu")
+            move(run.model.vae, "cpu")
         free_memory()
     return paths
 

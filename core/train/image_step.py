@@ -1,46 +1,15 @@
-"""One image-LoRA training step: prompts -> embeddings, noise, the UNet pass and the loss.
+"""One UNet training step: latents from cached VAE moments, noise, the UNet pass and the loss.
 
 Pure functions with explicit parameters (the diffusers example's loop, split up):
-epsilon or v-prediction target, noise offset, min-SNR weighting, SDXL's pooled text
-embedding and size/crop time ids.
+epsilon or v-prediction target, noise offset, min-SNR weighting. The prompts and SDXL's
+added conditioning come from the family (`core.families.sd`).
 """
 from __future__ import annotations
 
 from typing import Any
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-
-def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids [B, max_length], padded/truncated to the tokenizer's length (77 for CLIP)."""
-    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
-def encode_prompts(family: str, text_encoders: Sequence[Any], tokenizers: Sequence[Any],
-                   captions: Sequence[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(prompt embeddings [B, 77, D], pooled embedding [B, P] for SDXL else None)."""
-    if family != "sdxl":
-        ids = tokenize(tokenizers[0], captions).to(device)
-        return text_encoders[0](ids, return_dict=False)[0], None
-    hidden, pooled = [], None
-    for encoder, tokenizer in zip(text_encoders, tokenizers):
-        ids = tokenize(tokenizer, captions).to(device)
-        out = encoder(ids, output_hidden_states=True, return_dict=True)
-        # SDXL conditions on the penultimate layer of both encoders; pooled from the second.
-        hidden.append(out.hidden_states[-2])
-        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def sdxl_time_ids(original_sizes: Sequence[tuple[int, int]], crops: Sequence[tuple[int, int]],
-                  target_sizes: Sequence[tuple[int, int]], device: torch.device | str,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """SDXL's micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] per image."""
-    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crops, target_sizes)]
-    return torch.tensor(rows, device=device, dtype=dtype)
 
 
 def sample_latents(moments: torch.Tensor, scaling_factor: float, shift_factor: float | None = None,

@@ -39,17 +39,26 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def cache_dir_for(train_data_dir: str | Path, output_dir: str | Path, vae_id: str) -> Path:
-    """<data>/.lora_cache/latents/<vae id>, or under output_dir when the data folder is read-only."""
+def _writable_folder(train_data_dir: str | Path, output_dir: str | Path, sub: Path, what: str) -> Path:
     for root in (Path(train_data_dir) / CACHE_DIRNAME, Path(output_dir) / "cache"):
-        folder = root / "latents" / vae_id
+        folder = root / sub
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if os.access(folder, os.W_OK):
                 return folder
         except OSError:
             continue
-    raise OSError(f"No writable place for the latent cache under {train_data_dir} or {output_dir}.")
+    raise OSError(f"No writable place for the {what} cache under {train_data_dir} or {output_dir}.")
+
+
+def cache_dir_for(train_data_dir: str | Path, output_dir: str | Path, vae_id: str) -> Path:
+    """<data>/.lora_cache/latents/<vae id>, or under output_dir when the data folder is read-only."""
+    return _writable_folder(train_data_dir, output_dir, Path("latents") / vae_id, "latent")
+
+
+def cache_root_for(train_data_dir: str | Path, output_dir: str | Path, kind: str) -> Path:
+    """<data>/.lora_cache/<kind> (e.g. "text"), or under output_dir when the data folder is read-only."""
+    return _writable_folder(train_data_dir, output_dir, Path(kind), kind)
 
 
 def _cache_name(content: str, bucket: Bucket, center_crop: bool) -> str:
