@@ -1,0 +1,29 @@
+"""The GPU check and the FLUX benchmark run on this machine at toy sizes, so the first time a GPU is
+there they work: every check reports, and the provoked out-of-memory recovers."""
+import pytest
+
+pytestmark = pytest.mark.slow  # a dozen short training runs
+
+
+def test_gpu_check_runs_every_check_on_the_cpu_at_toy_sizes(tmp_path):
+    import json
+
+    from bench import gpu_check
+
+    report = gpu_check.main(["--toy", "--json", str(tmp_path / "report.json")])
+    checks = {r["check"] for r in report}
+    assert checks == {"speed", "preset", "out_of_memory"}
+    presets = [r for r in report if r["check"] == "preset"]
+    assert {r["preset"] for r in presets} == set(gpu_check.SD_PRESETS + gpu_check.FLUX_PRESETS)
+    assert all(r["estimate_gb"] > 0 for r in presets)
+    oom = next(r for r in report if r["check"] == "out_of_memory")
+    assert oom["recovered"] and "Out of memory at step 2" in oom["downshifts"][0]
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+
+
+def test_the_flux_benchmark_runs_both_sides_at_toy_sizes():
+    from bench import flux_speed
+
+    results = flux_speed.main(["--toy", "--steps", "3", "--resolution", "64", "--threads", "1"])
+    assert set(results) == {"ours", "peer", "ratios"}
+    assert all(results[side]["s_per_step"] > 0 for side in ("ours", "peer"))
