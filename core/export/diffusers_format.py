@@ -14,21 +14,19 @@ import torch
 from torch import Tensor
 
 from core.atomic import atomic_path
+from core.families.registry import UNET_FAMILIES, family_info
 from core.export.kohya import LoraFormatError, canonical_text_encoder_path, group_peft_state_dict
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def _pipeline_class(family: str):
-    if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
+    """The diffusers pipeline whose `save_lora_weights` writes this family's file."""
+    import diffusers
 
-        return StableDiffusionXLPipeline
-    if family in ("sd1", "sd2"):
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline
-    raise LoraFormatError(f"Unknown model family '{family}' (sd1, sd2 or sdxl).")
+    if family not in UNET_FAMILIES:
+        raise LoraFormatError(f"Unknown model family '{family}' ({', '.join(UNET_FAMILIES)}).")
+    return getattr(diffusers, family_info(family).pipeline_class)
 
 
 def _config_metadata(config: Any) -> dict[str, Any] | None:
@@ -85,7 +83,7 @@ def save_diffusers_lora(output_dir: str | Path, family: str, unet_lora: dict[str
     the configs are the components' LoraConfigs (`model.peft_config["default"]`).
     """
     pipeline_cls = _pipeline_class(family)
-    te_names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    te_names = list(family_info(family).text_encoders)
     if len(text_encoder_loras) > len(te_names):
         raise LoraFormatError(f"{family} has {len(te_names)} text encoder(s); got {len(text_encoder_loras)} LoRA dicts.")
     te_configs = list(text_encoder_lora_configs or [])

@@ -27,12 +27,12 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from core.atomic import save_file_atomic
+from core.families.registry import UNET_FAMILIES, family_info
 from core.export.sgm_names import (
     ModuleNameError,
     diffusers_to_sgm,
@@ -41,8 +41,8 @@ from core.export.sgm_names import (
     underscored_to_path,
 )
 
-Family = Literal["sd1", "sd2", "sdxl"]
-FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+# The UNet families this converter serves (FLUX/Chroma files: core.families.flux_lora_keys).
+FAMILIES: tuple[str, ...] = UNET_FAMILIES
 UNET_PREFIX = "lora_unet"
 KOHYA_KEY_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # PEFT component names as diffusers' pipelines call them (also used as alpha-key prefixes).
@@ -61,7 +61,7 @@ class LoraFormatError(ValueError):
 def text_encoder_prefixes(family: str) -> tuple[str, ...]:
     """kohya prefixes of the text encoders, in pipeline order."""
     _check_family(family)
-    return ("lora_te1", "lora_te2") if family == "sdxl" else ("lora_te",)
+    return family_info(family).kohya_te_prefixes
 
 
 def _check_family(family: str) -> None:
@@ -132,7 +132,7 @@ def _alpha_for(component: str, path: str, alphas: dict[str, float], default_alph
     raise LoraFormatError(f"No alpha given for LoRA module '{component}.{path}' (pass it in `alphas`).")
 
 
-def peft_to_kohya(unet_lora: dict[str, Tensor], text_encoder_loras: list[dict[str, Tensor]], family: Family,
+def peft_to_kohya(unet_lora: dict[str, Tensor], text_encoder_loras: list[dict[str, Tensor]], family: str,
                   *, alphas: dict[str, float], default_alpha: float | None = None,
                   use_rslora: bool = False) -> dict[str, Tensor]:
     """PEFT state dicts of the UNet and text encoder(s) -> one kohya state dict.
@@ -152,7 +152,7 @@ def peft_to_kohya(unet_lora: dict[str, Tensor], text_encoder_loras: list[dict[st
     for component, prefix, state in jobs:
         for path, parts in group_peft_state_dict(state).items():
             if component == "unet":
-                name_path = diffusers_to_sgm(path) if family == "sdxl" else path
+                name_path = diffusers_to_sgm(path) if family_info(family).sgm_unet_names else path
             else:
                 name_path = canonical_text_encoder_path(path)
             name = f"{prefix}_{path_to_underscored(name_path)}"
@@ -177,14 +177,14 @@ def _kohya_name_to_path(prefix: str, rest: str, family: str) -> str:
         return canonical_text_encoder_path(path)
     is_sgm = path.split(".", 1)[0] in {"input_blocks", "middle_block", "output_blocks", "time_embed",
                                         "label_emb", "out"}
-    if family == "sdxl" and is_sgm:
+    if family_info(family).sgm_unet_names and is_sgm:
         return sgm_to_diffusers(path)
     if is_sgm:
         raise LoraFormatError(f"'lora_unet_{rest}' uses SDXL/sgm block names, but the model family is {family}.")
     return path
 
 
-def kohya_to_peft(tensors: dict[str, Tensor], family: Family
+def kohya_to_peft(tensors: dict[str, Tensor], family: str
                   ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]], dict[str, float]]:
     """A kohya state dict -> (UNet PEFT dict, [text encoder PEFT dicts], alphas).
 

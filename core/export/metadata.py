@@ -17,38 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from core.config import TrainConfig
+from core.families.registry import family_info
 
-SS_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_VERSION = "1.0.1"  # what sd-scripts' library/sai_model_spec.py writes today
-IMPL_SAI = "https://github.com/Stability-AI/generative-models"
-IMPL_DIFFUSERS = "diffusers"
 
 
 def base_model_version(family: str, v_prediction: bool = False) -> str:
     """`ss_base_model_version` as sd-scripts names it (`sd_v2_v` for a v-prediction SD 2.x)."""
-    if family not in SS_BASE_MODEL_VERSION:
-        from core.families.registry import FAMILIES
-
-        if family in FAMILIES:  # FLUX.1 / Chroma: "flux1", "chroma"
-            return FAMILIES[family].ss_base_model_version
-        raise ValueError(f"Unknown model family '{family}' for LoRA metadata ({', '.join(FAMILIES)}).")
-    version = SS_BASE_MODEL_VERSION[family]
-    if v_prediction and family in ("sd1", "sd2"):
-        version += "_v"
-    return version
+    info = family_info(family)
+    version = info.ss_base_model_version
+    return version + "_v" if v_prediction and info.v_prediction_suffix else version
 
 
 def modelspec_architecture(family: str, v_prediction: bool = False) -> str:
-    from core.families.registry import FAMILIES
-
-    if family in FAMILIES and FAMILIES[family].is_flow_matching:
-        arch = FAMILIES[family].modelspec_architecture
-    elif family == "sdxl":
-        arch = "stable-diffusion-xl-v1-base"
-    elif family == "sd2":
-        arch = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
-    else:
-        arch = "stable-diffusion-v1"
+    info = family_info(family)
+    arch = info.modelspec_architecture_v if v_prediction and info.modelspec_architecture_v else \
+        info.modelspec_architecture
     return arch + "/lora"
 
 
@@ -117,7 +101,7 @@ def kohya_metadata(cfg: TrainConfig, *, family: str, base_model_name: str, num_i
         "ss_training_finished_at": finished,
         "ss_output_name": cfg.name,
         "ss_base_model_version": base_model_version(family, v_pred),
-        "ss_v2": family == "sd2",
+        "ss_v2": family_info(family).ss_base_model_version == "sd_v2",
         "ss_sd_model_name": Path(base_model_name).name if base_model_name else "",
         "ss_network_module": "lycoris.kohya" if cfg.lora_variant == "dora" else "networks.lora",
         "ss_network_dim": rank,
@@ -176,7 +160,7 @@ def modelspec_metadata(cfg: TrainConfig, *, family: str, started_at: float, v_pr
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": modelspec_architecture(family, v_prediction),
         # sd-scripts: SDXL LoRAs are on the SAI implementation (sgm names), SD 1/2 on diffusers names.
-        "modelspec.implementation": IMPL_SAI if family == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.implementation": family_info(family).modelspec_implementation,
         "modelspec.title": cfg.name,
         "modelspec.date": datetime.datetime.fromtimestamp(int(started_at)).isoformat(),
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",

@@ -33,6 +33,10 @@ class FamilyInfo:
     sample_size_floor: int = 0            # previews never smaller than this (SDXL, FLUX)
     has_guidance_embedding: bool = False  # FLUX.1-dev's distilled guidance input
     default_timestep_sampling: str = ""   # flow-matching families: how noise levels are drawn
+    sgm_unet_names: bool = False          # kohya/WebUI UNet keys in SAI's sgm names (SDXL), not diffusers'
+    v_prediction_suffix: bool = False     # sd-scripts writes `<version>_v` for a v-prediction model
+    modelspec_architecture_v: str = ""    # the architecture of its v-prediction variant, when it differs
+    modelspec_implementation: str = "diffusers"
 
     @property
     def is_flow_matching(self) -> bool:
@@ -49,14 +53,16 @@ T5_XXL_ENCODER, FLUX_AE = 4_762_310_656, 83_819_683
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
                ("text_encoder",), "StableDiffusionPipeline", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-               SD1_UNET, CLIP_L + SD_VAE),
+               SD1_UNET, CLIP_L + SD_VAE, v_prediction_suffix=True),
     FamilyInfo("sd2", "SD 2.x", "unet", 768, "sd1", "sd_v2", "stable-diffusion-v2-512", ("lora_te",),
                ("text_encoder",), "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1",
-               SD2_UNET, OPENCLIP_H + SD_VAE),
+               SD2_UNET, OPENCLIP_H + SD_VAE, v_prediction_suffix=True,
+               modelspec_architecture_v="stable-diffusion-v2-768-v"),
     FamilyInfo("sdxl", "SDXL", "unet", 1024, "sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
                ("lora_te1", "lora_te2"), ("text_encoder", "text_encoder_2"), "StableDiffusionXLPipeline",
                "stabilityai/stable-diffusion-xl-base-1.0", SDXL_UNET, CLIP_L + OPENCLIP_G + SD_VAE,
-               sample_size_floor=1024),
+               sample_size_floor=1024, sgm_unet_names=True,
+               modelspec_implementation="https://github.com/Stability-AI/generative-models"),
     FamilyInfo("flux-dev", "FLUX.1-dev", "flux", 1024, "flux", "flux1", "flux-1-dev", ("lora_te1", "lora_te3"),
                ("text_encoder", "text_encoder_2"), "FluxPipeline", "black-forest-labs/FLUX.1-dev",
                FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE, sample_size_floor=512,
@@ -70,6 +76,7 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                sample_size_floor=512, default_timestep_sampling="sigmoid"),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
+UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
 
 
 def family_info(name: str) -> FamilyInfo:

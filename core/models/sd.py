@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from core.families.registry import UNET_FAMILIES, family_info
 from core.models.sd_single_file import (PICKLE_SUFFIXES, ModelLoadError, check_supported, detect_family,
                                         detect_prediction_type, load_single_file_components, read_checkpoint)
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILIES = UNET_FAMILIES
 
 
 @dataclass
@@ -44,7 +44,7 @@ class SDModel:
 
     @property
     def default_resolution(self) -> int:
-        return {"sd1": 512, "sd2": 768, "sdxl": 1024}[self.family]
+        return family_info(self.family).native_resolution
 
     def noise_scheduler(self) -> Any:
         """The DDPM scheduler training adds noise with (the model's betas, our prediction type)."""

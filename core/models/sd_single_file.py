@@ -16,14 +16,10 @@ from collections.abc import Mapping
 
 import torch
 
+from core.families.registry import family_info
+
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
-# Where the configs and tokenizer of each family live on the hub (used when none is given).
-DEFAULT_CONFIG_REPOS = {
-    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd2": "stabilityai/stable-diffusion-2-1",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
 
 
 class ModelLoadError(ValueError):
@@ -119,7 +115,7 @@ def resolve_config_source(family: str, model_config: str) -> str:
     bundled = Path(__file__).resolve().parent / "configs" / family
     if (bundled / "tokenizer").is_dir():
         return str(bundled)
-    return DEFAULT_CONFIG_REPOS[family]
+    return family_info(family).hub_repo  # where its configs and tokenizer live on the hub
 
 
 def _offline() -> bool:
