@@ -194,8 +194,10 @@ class TrainConfig:
     base_quantization: str = _f("none", "Quantize the frozen FLUX transformer: nf4 (4-bit, QLoRA, about 9 GB) or "
                                 "none. Needs CUDA and bitsandbytes.", "flux", choices=BASE_QUANTIZATIONS,
                                 task="image")
-    blocks_to_swap: int = _f(0, "FLUX: keep this many transformer blocks in CPU memory and bring each to the GPU "
-                             "when it runs (kohya's blocks_to_swap; slower, much less VRAM). Needs CUDA.", "flux",
+    blocks_to_swap: int = _f(0, "FLUX: above 0, the transformer blocks stay in CPU memory and each visits the GPU "
+                             "when it runs (diffusers' group offload, like kohya's blocks_to_swap; slower, much less "
+                             "VRAM). The estimate counts this many blocks off the GPU, so it errs high. Needs CUDA.",
+                             "flux",
                              minimum=0, maximum=57, task="image")
 
     # --- samples ---------------------------------------------------------------------
