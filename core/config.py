@@ -237,6 +237,10 @@ class TrainConfig:
     # --- output --------------------------------------------------------------------------
     save_precision: str = _f("fp16", "Precision of the saved LoRA files.", "output", choices=SAVE_PRECISIONS)
     logging_steps: int = _f(1, "Write loss to loss.csv / TensorBoard every N steps.", "output", minimum=1)
+    validation_steps: int = _f(0, "Every N steps, a validation loss that compares over the run (loss.csv's val_loss, "
+                               "the live plot, TensorBoard). Images: up to 4 training images with the same noise and "
+                               "noise levels every time; text: the validation split. 0: text after each epoch, "
+                               "images not at all.", "output", minimum=0)
 
     # ---------------------------------------------------------------------------------------
     @property

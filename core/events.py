@@ -38,6 +38,7 @@ class ProgressEvent(Event):
     eta_seconds: float | None = None
     vram_gb: float | None = None
     message: str = ""  # e.g. the current file while captioning
+    validation_loss: float | None = None  # on the steps that measured one
 
     def __post_init__(self) -> None:
         self.kind = "progress"

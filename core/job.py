@@ -39,7 +39,8 @@ class JobSnapshot:
     started_at: float | None = None
     finished_at: float | None = None
     progress: ProgressEvent | None = None
-    losses: list[tuple[int, float, float | None, float | None]] = field(default_factory=list)
+    # (step, loss, smoothed, lr, validation loss or None)
+    losses: list[tuple[int, float, float | None, float | None, float | None]] = field(default_factory=list)
     samples: list[SampleEvent] = field(default_factory=list)
     checkpoints: list[CheckpointEvent] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -148,7 +149,8 @@ class Job:
             if isinstance(event, ProgressEvent):
                 snap.progress = event
                 if event.loss is not None:
-                    snap.losses.append((event.step, event.loss, event.smoothed_loss, event.lr))
+                    snap.losses.append((event.step, event.loss, event.smoothed_loss, event.lr,
+                                        event.validation_loss))
             elif isinstance(event, SampleEvent):
                 snap.samples.append(event)
                 self._log.append(f"{stamp} samples at step {event.step}")

@@ -5,20 +5,22 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-LOSS_CSV_HEADER = ["step", "loss", "lr"]
+LOSS_CSV_HEADER = ["step", "loss", "lr", "val_loss"]
 
 
 @dataclass(frozen=True)
 class LossRow:
-    """One line of loss.csv: the optimizer step, its loss and its learning rate."""
+    """One line of loss.csv: the optimizer step, its loss, its learning rate and, on the steps that
+    measured one, the validation loss."""
 
     step: int
     loss: float
     lr: float
+    val_loss: float | None = None
 
 
 def read_loss_csv(output_dir: str | Path) -> list[LossRow]:
-    """The rows of `output_dir/loss.csv` (written by the run log: `step,loss,lr`, one line per logged step).
+    """The rows of `output_dir/loss.csv` (written by the run log: `step,loss,lr,val_loss`, one line per logged step).
 
     Fails with the line at fault when the file is not whole: a wrong header, or a row that is cut
     short or does not parse, which is what a user's spreadsheet or plot would trip over.
@@ -31,7 +33,8 @@ def read_loss_csv(output_dir: str | Path) -> list[LossRow]:
     for number, fields in enumerate(lines[1:], start=2):
         assert len(fields) == len(LOSS_CSV_HEADER), f"{path}, line {number}: {fields}"
         try:
-            rows.append(LossRow(int(fields[0]), float(fields[1]), float(fields[2])))
+            rows.append(LossRow(int(fields[0]), float(fields[1]), float(fields[2]),
+                                float(fields[3]) if fields[3] else None))
         except ValueError:
-            raise AssertionError(f"{path}, line {number}: {fields} does not parse as step,loss,lr") from None
+            raise AssertionError(f"{path}, line {number}: {fields} does not parse as step,loss,lr,val_loss") from None
     return rows

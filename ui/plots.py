@@ -1,6 +1,6 @@
-"""The live loss plot: raw loss, smoothed loss and learning rate against the step.
+"""The live loss plot: raw loss, smoothed loss, validation loss and learning rate against the step.
 
-Pure functions over the `losses` list of a JobSnapshot ([(step, loss, smoothed, lr)]),
+Pure functions over the `losses` list of a JobSnapshot ([(step, loss, smoothed, lr, validation)]),
 so the plot can be tested without a browser. matplotlib loads on the first plot only
 and draws with the Agg backend (no display needed).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-LossRow = tuple[int, float, "float | None", "float | None"]
+LossRow = tuple  # (step, loss, smoothed | None, lr | None[, validation loss | None])
 
 
 def ema(values: Sequence[float], beta: float = 0.9) -> list[float]:
@@ -32,12 +32,16 @@ def loss_series(losses: Sequence[LossRow]) -> dict[str, list[float]]:
     else:
         smoothed = ema(raw)
     lr_rows = [(float(r[0]), float(r[3])) for r in rows if r[3] is not None and math.isfinite(r[3])]
+    val_rows = [(float(r[0]), float(r[4])) for r in rows
+                if len(r) > 4 and r[4] is not None and math.isfinite(r[4])]
     return {"step": steps, "loss": raw, "smoothed": smoothed,
-            "lr_step": [s for s, _ in lr_rows], "lr": [v for _, v in lr_rows]}
+            "lr_step": [s for s, _ in lr_rows], "lr": [v for _, v in lr_rows],
+            "val_step": [s for s, _ in val_rows], "val": [v for _, v in val_rows]}
 
 
 def loss_figure(losses: Sequence[LossRow], title: str = "Training loss"):
-    """A matplotlib Figure: raw loss (thin), smoothed loss (bold), learning rate (right axis)."""
+    """A matplotlib Figure: raw loss (thin), smoothed loss (bold), validation loss (dots), learning rate
+    (right axis)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -56,6 +60,10 @@ def loss_figure(losses: Sequence[LossRow], title: str = "Training loss"):
         return fig
     ax.plot(data["step"], data["loss"], color="#93c5fd", linewidth=0.8, label="loss")
     ax.plot(data["step"], data["smoothed"], color="#1d4ed8", linewidth=2.0, label="smoothed")
+    if data["val"]:
+        # Fixed noise and noise levels: unlike the raw loss, successive points compare.
+        ax.plot(data["val_step"], data["val"], color="#16a34a", linewidth=1.6, marker="o", markersize=3,
+                label="validation")
     handles, labels = ax.get_legend_handles_labels()
     if data["lr"]:
         ax2 = ax.twinx()

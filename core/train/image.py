@@ -47,6 +47,9 @@ def _skipped_warning(ctx: RunContext, skipped: list[tuple[str, str]]) -> None:
                  "Fix or remove these files; training goes on with the others.")
 
 
+VALIDATION_IMAGES, VALIDATION_DRAWS = 4, 2
+
+
 @dataclasses.dataclass
 class ImageRun:
     """An image LoRA run: the setup stages, one batch's loss, and the task the training loop drives."""
@@ -199,10 +202,10 @@ class ImageRun:
         self.loss_fn = family.make_loss(self.model, cfg, self.weight_dtype)
 
     # --- one batch --------------------------------------------------------------------------
-    def batch_loss(self, indices: list[int]) -> torch.Tensor:
+    def batch_loss(self, indices: list[int], *, caption_dropout: bool = True) -> torch.Tensor:
         cfg = self.cfg
-        captions = ["" if cfg.caption_dropout > 0 and random.random() < cfg.caption_dropout else self.items[i].caption
-                    for i in indices]
+        drop = cfg.caption_dropout if caption_dropout else 0.0
+        captions = ["" if drop > 0 and random.random() < drop else self.items[i].caption for i in indices]
         vae_config = self.vae_config
         if self.latents is not None:
             infos = [self.latents[i] for i in indices]
@@ -293,7 +296,20 @@ class ImageRun:
         image_outputs.samples(self, step)
 
     def validate(self, step: int) -> float | None:
-        return None  # images have no validation set yet
+        """The loss on up to 4 training images, each at 2 draws of noise and noise level that are the
+        same at every validation (seeded), without caption dropout: unlike the training loss, which is
+        mostly the luck of the drawn noise level, successive values compare."""
+        if self.cfg.validation_steps <= 0:
+            return None
+        count = min(VALIDATION_IMAGES, len(self.items))
+        losses = []
+        for index in range(count):
+            for draw in range(VALIDATION_DRAWS):
+                # Seeding inside the loop's saved RNG state: the training RNG is untouched.
+                random.seed(self.cfg.seed * 1000 + index * VALIDATION_DRAWS + draw)
+                torch.manual_seed(self.cfg.seed * 1000 + index * VALIDATION_DRAWS + draw)
+                losses.append(float(self.batch_loss([index], caption_dropout=False)))
+        return sum(losses) / len(losses)
 
     def finish(self, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
         return image_outputs.finish(self, state, result)

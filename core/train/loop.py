@@ -139,11 +139,16 @@ def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, sched
                 scheduler.step()
                 state.global_step += 1
                 seconds += time.perf_counter() - started
+                done = state.global_step >= total
+                measured = None
+                if _validation_due(cfg, state.global_step, epoch_done=state.step_in_epoch >= len(batches),
+                                   last=done):
+                    measured = validation = _validate(task, state.global_step)
                 if task.main:
                     run_log.record_step(cfg, ctx, log, meter, state, loss, scheduler.get_last_lr()[0],
-                                        _step_scalars(task))
+                                        _step_scalars(task), validation=measured)
+                # After the step's event: a stop pressed while it was reported ends the run here.
                 stopped = task.any_process(ctx.should_stop())
-                done = state.global_step >= total
                 if run_log.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
                     checkpoint = _checkpoint(task, state, optimizer, scheduler)
                 if run_log.sample_due(cfg, state.global_step, done=done):
@@ -153,9 +158,6 @@ def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, sched
             else:
                 state.epoch += 1
                 state.step_in_epoch = 0
-                if state.global_step < total:
-                    _validate(task, log, state.global_step)
-        validation = _validate(task, log, state.global_step)
     finally:
         if log is not None:
             log.close()
@@ -164,9 +166,17 @@ def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, sched
     return LoopResult(stopped=stopped, checkpoint=checkpoint, validation_loss=validation, train_seconds=seconds)
 
 
+def _validation_due(cfg: TrainConfig, step: int, *, epoch_done: bool, last: bool) -> bool:
+    """Every `validation_steps` when set, else at each epoch's end; always at the last step (a stop
+    ends without one: it should be quick, and the last measured value stands)."""
+    if last:
+        return True
+    return step % cfg.validation_steps == 0 if cfg.validation_steps > 0 else epoch_done
+
+
 def _step_scalars(task: TrainTask) -> dict[str, float] | None:
     # Optional: a task may report more than its loss for TensorBoard (preference tuning's margins);
-    # loss.csv keeps its step,loss,lr columns.
+    # loss.csv keeps its step,loss,lr,val_loss columns.
     scalars = getattr(task, "step_scalars", None)
     return scalars() if callable(scalars) else None
 
@@ -182,11 +192,10 @@ def _samples(task: TrainTask, step: int) -> None:
             task.make_samples(step)
 
 
-def _validate(task: TrainTask, log: run_log.RunLog | None, step: int) -> float | None:
+def _validate(task: TrainTask, step: int) -> float | None:
+    """The task's validation loss (None: it has none); logged to loss.csv with the step by the caller."""
     with keep_rng(), torch.no_grad():
         loss = task.validate(step)
     if loss is not None and task.main:
-        if log is not None:
-            log.scalar("val/loss", loss, step)
         task.ctx.log(f"Validation loss at step {step}: {loss:.4f}")
     return loss

@@ -13,21 +13,25 @@ from core.events import ProgressEvent, RunContext
 from core.train.checkpoints import TrainState
 
 
+LOSS_CSV_HEADER = "step,loss,lr,val_loss"
+
+
 class RunLog:
-    """loss.csv (step, loss, lr) and TensorBoard scalars under output_dir/logs.
+    """loss.csv (step, loss, lr, val_loss) and TensorBoard scalars under output_dir/logs.
 
     loss.csv is append-only; on resume the rows after the resumed step are dropped so
-    the curve has no duplicates.
+    the curve has no duplicates. `val_loss` is empty on the steps without a validation.
     """
 
     def __init__(self, output_dir: str | Path, resume_step: int = 0):
         self.csv_path = Path(output_dir) / "loss.csv"
-        kept = ["step,loss,lr\n"]
+        kept = [LOSS_CSV_HEADER + "\n"]
         if resume_step > 0 and self.csv_path.is_file():
             for line in self.csv_path.read_text(encoding="utf-8").splitlines()[1:]:
                 head = line.split(",", 1)[0]
                 if head.isdigit() and int(head) <= resume_step:
-                    kept.append(line + "\n")
+                    # A run started by an older version wrote three columns: pad them.
+                    kept.append(line + ("," if line.count(",") == 2 else "") + "\n")
         atomic_write_text(self.csv_path, "".join(kept))
         self._csv = open(self.csv_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._tb = None
@@ -38,12 +42,15 @@ class RunLog:
         except Exception:  # noqa: BLE001 - TensorBoard is optional for the run itself
             self._tb = None
 
-    def log(self, step: int, loss: float, lr: float, extra: dict[str, float] | None = None) -> None:
-        self._csv.write(f"{step},{loss:.6g},{lr:.6g}\n")
+    def log(self, step: int, loss: float, lr: float, extra: dict[str, float] | None = None,
+            validation: float | None = None) -> None:
+        self._csv.write(f"{step},{loss:.6g},{lr:.6g},{'' if validation is None else f'{validation:.6g}'}\n")
         self._csv.flush()
         if self._tb is not None:
             self._tb.add_scalar("train/loss", loss, step)
             self._tb.add_scalar("train/lr", lr, step)
+            if validation is not None:
+                self._tb.add_scalar("val/loss", validation, step)
             for key, value in (extra or {}).items():
                 self._tb.add_scalar(key, value, step)
 
@@ -69,7 +76,8 @@ class ProgressMeter:
         self._last = time.perf_counter()
         self.start_step = start_step
 
-    def update(self, step: int, epoch: int, loss: float, lr: float) -> ProgressEvent:
+    def update(self, step: int, epoch: int, loss: float, lr: float,
+               validation: float | None = None) -> ProgressEvent:
         now = time.perf_counter()
         self._times.append(now - self._last)
         self._times = self._times[-20:]
@@ -82,16 +90,18 @@ class ProgressMeter:
         per_step = sum(times) / len(times)
         return ProgressEvent(step=step, total=self.total, epoch=epoch, loss=loss,
                              smoothed_loss=self.smoothed, lr=lr, seconds_per_step=per_step,
-                             eta_seconds=per_step * max(0, self.total - step), vram_gb=peak_vram_gb())
+                             eta_seconds=per_step * max(0, self.total - step), vram_gb=peak_vram_gb(),
+                             validation_loss=validation)
 
 
 def record_step(cfg: TrainConfig, ctx: RunContext, log: RunLog, meter: ProgressMeter, state: TrainState,
-                loss: float, lr: float, extra: dict[str, float] | None = None) -> None:
-    """After an optimizer step: loss.csv / TensorBoard every `logging_steps` (with the task's `extra`
-    TensorBoard scalars), and a ProgressEvent."""
-    if state.global_step % cfg.logging_steps == 0:
-        log.log(state.global_step, loss, lr, extra)
-    ctx.emit(meter.update(state.global_step, state.epoch + 1, loss, lr))
+                loss: float, lr: float, extra: dict[str, float] | None = None, *,
+                validation: float | None = None) -> None:
+    """After an optimizer step: loss.csv / TensorBoard every `logging_steps` (and on every step with a
+    validation loss; the task's `extra` TensorBoard scalars too), and a ProgressEvent."""
+    if state.global_step % cfg.logging_steps == 0 or validation is not None:
+        log.log(state.global_step, loss, lr, extra, validation)
+    ctx.emit(meter.update(state.global_step, state.epoch + 1, loss, lr, validation))
 
 
 def checkpoint_due(cfg: TrainConfig, step: int, *, done: bool, stopped: bool) -> bool:

@@ -38,7 +38,7 @@ def assert_nothing_corrupt(output_dir: Path) -> None:
     for _, folder in list_checkpoints(output_dir):
         assert (folder / "training_state.pt").stat().st_size > 100
     if (output_dir / "loss.csv").exists():
-        read_loss_csv(output_dir)  # asserts the step,loss,lr header and that every row is whole
+        read_loss_csv(output_dir)  # asserts the step,loss,lr,val_loss header and that every row is whole
     yaml.safe_load((output_dir / "config.yaml").read_text(encoding="utf-8"))
 
 
