@@ -7,7 +7,6 @@ is checked every step: a stop finishes the step, saves a checkpoint and the LoRA
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -22,7 +21,7 @@ from core.config import TrainConfig
 from core.events import RunContext
 from core.sample import move
 from core.devices import free_memory, torch_dtype
-from core.train import checkpoints, image_outputs, optim, runtime
+from core.train import checkpoints, distributed, image_outputs, optim, runtime
 from core.train.loop import LoopResult, run_task
 from core.train.image_lora import (add_text_encoder_lora, add_unet_lora, load_peft_state, module_paths, peft_state,
                                    read_lora_file)
@@ -297,10 +296,7 @@ class ImageRun:
         acc = self.accelerator
         total = torch.zeros((), device=self.device)
         for index, indices in enumerate(group):
-            with contextlib.ExitStack() as stack:
-                if index < len(group) - 1:
-                    for model in (self.train_unet, *self.train_encoders):
-                        stack.enter_context(acc.no_sync(model))
+            with distributed.sync_on_last(acc, (self.train_unet, *self.train_encoders), index, len(group)):
                 loss = self.batch_loss(indices) / len(group)
                 acc.backward(loss)
             total += loss.detach().float()
@@ -310,11 +306,7 @@ class ImageRun:
 
     def any_process(self, flag: bool) -> bool:
         """A stop pressed on the main process (the one with the console / GUI) reaches every process."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=acc.device)
-        return bool(acc.reduce(value, reduction="sum").item() > 0)
+        return distributed.any_process(self.accelerator, flag)
 
     def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
         return image_outputs.checkpoint(self, state, optimizer, scheduler)
@@ -342,17 +334,8 @@ class ImageRun:
 
 def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train an image LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
-    from accelerate import Accelerator
-
-    from core.train.recovery import distributed
-
     precision = _precision(cfg, ctx)
-    # Launched as several processes on a machine without CUDA, accelerate only joins them into
-    # one (gloo) group when told it is on the CPU; otherwise each would train alone into the
-    # same output folder.
-    on_cpu = distributed() and not torch.cuda.is_available()
-    # Accumulation is the loop's (groups of micro-batches, see ImageRun.train_step), not accelerate's.
-    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
+    accelerator = distributed.make_accelerator(precision)
     run = ImageRun(cfg=cfg, ctx=ctx, accelerator=accelerator, out=Path(cfg.output_dir))
     run.weight_dtype = torch_dtype(precision)
     try:
