@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from collections.abc import Sequence
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from core.atomic import atomic_write_text
 from core.config import TrainConfig
@@ -30,10 +30,10 @@ from core.devices import pick_device
 from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
 from core.export import peft_text
 from core.models.llm import load_llm, weight_dtype
-from core.train import checkpoints, optim, runtime
+from core.train import checkpoints, distributed, optim, runtime
 from core.train.loop import LoopResult, keep_rng, run_task
 from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
-from core.train.text_step import batch_loss_sum, validation_loss
+from core.train.text_step import AnswerModel, batch_loss_sum, validation_loss
 
 
 @dataclass
@@ -127,21 +127,42 @@ class TextRun:
     data: TextData
     base_model_display: str
     pissa_init: Path | None = None
+    accelerator: Any = None  # None: one process, no accelerate (what direct callers and old tests build)
     base_answers: list[str] | None = None
-    tokens_trained: int = 0
+    tokens_trained: int = 0  # over every process
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    trained: Any = None  # the AnswerModel as accelerate prepared it (DDP-wrapped in several processes)
 
-    main = True  # text runs in one process
+    @property
+    def main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return 1 if self.accelerator is None else self.accelerator.num_processes
 
     @property
     def causal_lm(self) -> Any:
+        # self.model is the unwrapped PeftModel (accelerate wraps the AnswerModel around it).
         return self.model.get_base_model()
+
+    def shard(self, batches: list[Any]) -> list[Any]:
+        """This process's share of the epoch's batches: every world-th from its rank, in the global order.
+
+        Each process gets as many batches (the list is filled up from its start, as torch's
+        DistributedSampler does), so all reach every step's gradient sync together.
+        """
+        world = self.world
+        if world == 1:
+            return batches
+        filled = batches + batches[:(-len(batches)) % world]
+        return filled[self.accelerator.process_index::world]
 
     def batches(self, epoch: int) -> list[TextBatch]:
         lengths = [len(e) for e in self.data.train]
         longest = max(lengths) * self.cfg.batch_size
         grouped = lengths if longest > MAX_PACKED_TOKENS else None
-        order = epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped)
+        order = self.shard(epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped))
         pad_id = self.tokenizer.pad_token_id or 0
         return [make_batch([self.data.train[i] for i in indices], pad_id) for indices in order]
 
@@ -159,50 +180,108 @@ class TextRun:
     def prepare(self, optimizer: Any) -> Any:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.model.train()
+        self.trained = AnswerModel(self.model, self.device, self.precision)
+        if self.accelerator is not None:
+            # Every process loads the same frozen base from the same file: DDP needs to broadcast
+            # and sync only the LoRA weights (not gigabytes of base, nor 4-bit ones it cannot copy).
+            frozen = [name for name, p in self.trained.named_parameters() if not p.requires_grad]
+            frozen += [name for name, _ in self.trained.named_buffers()]
+            # (torch's own static helper for this; DDP reads the list when accelerate wraps the model)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.trained, frozen)  # noqa: SLF001
+            # The model is already on this process's device; the optimizer is the loop's own.
+            self.trained = self.accelerator.prepare(self.trained, device_placement=[False])
         return optimizer
 
     def plan(self, total: int) -> str:
-        cfg = self.cfg
-        return (f"Training {total} steps: batch {cfg.batch_size}, accumulation {cfg.gradient_accumulation_steps}, "
-                f"lr {cfg.learning_rate:g}, on {self.device.type}")
+        cfg, world = self.cfg, self.world
+        return (f"Training {total} steps: batch {cfg.batch_size}{f' x {world} processes' if world > 1 else ''}, "
+                f"accumulation {cfg.gradient_accumulation_steps}, lr {cfg.learning_rate:g}, on {self.device.type}")
 
     epoch_batches = batches
 
+    def step_weights(self, group_weight: float) -> float:
+        """The divisor of a step's summed losses that makes its gradient the mean over every process's items.
+
+        Each process sums its own token (or comparison) losses; DDP then averages the gradients
+        over the processes. Dividing by (items over all processes / processes) makes that average
+        the token-weighted mean over the whole global batch, exactly what one process training on
+        all of it would get. In one process it is the group's own count, as before.
+        """
+        if self.world == 1:
+            return max(1, group_weight)
+        total = distributed.sum_over_processes(self.accelerator, [group_weight])[0]
+        return max(1.0, total) / self.world
+
+    def step_loss(self, loss_sum: float, tokens: int, divisor: float, *extra: float) -> tuple[float, list[float]]:
+        """(the step's loss over every process, `extra` summed over every process); counts the tokens trained.
+
+        The loss is the global batch's token-weighted mean (divisor x processes = all labelled items).
+        """
+        if self.world == 1:
+            self.tokens_trained += tokens
+            return loss_sum / divisor, list(extra)
+        loss_sum, tokens_all, *summed = distributed.sum_over_processes(self.accelerator, [loss_sum, tokens, *extra])
+        self.tokens_trained += int(tokens_all)
+        return loss_sum / (divisor * self.world), summed
+
     def train_step(self, group: Sequence[TextBatch]) -> float:
-        """Each micro-batch's summed token loss, over the tokens with loss in the whole group."""
-        labelled = max(1, sum(b.trained_tokens for b in group))
+        """Each micro-batch's summed token loss, over the tokens with loss in the whole group (all processes)."""
+        divisor = self.step_weights(sum(b.trained_tokens for b in group))
         loss_total = 0.0
-        for batch in group:
-            loss = batch_loss_sum(self.causal_lm, batch, self.device, self.precision)
-            (loss / labelled).backward()
+        tokens = 0
+        for index, batch in enumerate(group):
+            with distributed.sync_on_last(self.accelerator, [self.trained], index, len(group)):
+                loss = batch_loss_sum(self.trained, batch, self.device, self.precision)
+                (loss / divisor).backward()
             loss_total += float(loss.detach())
-            self.tokens_trained += batch.tokens
+            tokens += batch.tokens
         if self.cfg.max_grad_norm > 0:
+            # After the sync every process holds the same gradients, so each clips the same way.
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        return loss_total / labelled
+        return self.step_loss(loss_total, tokens, divisor)[0]
 
     def any_process(self, flag: bool) -> bool:
-        return flag
+        return flag if self.accelerator is None else distributed.any_process(self.accelerator, flag)
 
-    def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path:
-        def write_weights(folder: Path) -> None:
-            # Checkpoints keep the adapter exactly as trained (no PiSSA conversion) for resume.
-            self.model.save_pretrained(str(folder / peft_text.ADAPTER_DIR), safe_serialization=True,
-                                       save_embedding_layers=False)
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
 
-        folder = checkpoints.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
-                                         write_weights=write_weights, keep=self.cfg.keep_checkpoints,
-                                         extra={"tokens_trained": self.tokens_trained})
-        self.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
+    def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+        """The main process writes the folder, with every process's RNG state (each draws its own dropout)."""
+        ranks = None if self.accelerator is None else distributed.gather_rng(self.accelerator)
+        folder = None
+        if self.main:
+            def write_weights(folder: Path) -> None:
+                # Checkpoints keep the adapter exactly as trained (no PiSSA conversion) for resume.
+                self.model.save_pretrained(str(folder / peft_text.ADAPTER_DIR), safe_serialization=True,
+                                           save_embedding_layers=False)
+
+            extra: dict[str, Any] = {"tokens_trained": self.tokens_trained}
+            if ranks:
+                extra["rng_by_rank"] = ranks
+            folder = checkpoints.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
+                                                 write_weights=write_weights, keep=self.cfg.keep_checkpoints,
+                                                 extra=extra)
+            self.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
+        self.barrier()
         return folder
 
     def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> checkpoints.TrainState:
         load_adapter_weights(self.model, checkpoint / peft_text.ADAPTER_DIR)
         state, extra = checkpoints.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        if self.accelerator is not None:
+            distributed.restore_rng(self.accelerator, extra.get("rng_by_rank"))
         self.tokens_trained = int(extra.get("tokens_trained", 0))
         return state
 
     def make_samples(self, step: int) -> None:
+        """Previews on the main process only (the others wait: nothing of theirs changes meanwhile)."""
+        if self.main:
+            self.answer_samples(step)
+        self.barrier()
+
+    def answer_samples(self, step: int) -> None:
         from core.sample_text import compare_with_model
 
         prompts = list(self.cfg.sample_prompts)
@@ -218,7 +297,12 @@ class TextRun:
         self.ctx.emit(SampleEvent(step=step, texts=results))
 
     def validate(self, step: int) -> float | None:
-        if not self.data.validation:
+        """The held-out loss, computed on the main process alone (the others return None at once).
+
+        Every process holds the same weights, so the main one's number is the run's; no
+        collective is needed and it equals what one process would compute.
+        """
+        if not self.data.validation or not self.main:
             return None
         return validation_loss(self.causal_lm, self.validation_batches(), self.device, self.precision)
 
@@ -239,12 +323,13 @@ def _preference_module(cfg: TrainConfig) -> Any:
     return preference
 
 
-def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> TextRun:
+def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accelerator: Any) -> TextRun:
     preference = _preference_module(cfg)
     if preference is not None:
         # Read before the model loads, so data without chosen/rejected columns fails at once.
         comparisons = preference.read_data(cfg)
-    device = pick_device(mps=False)
+    # Several processes: each its own GPU (or the CPU); one: CUDA or the CPU, as ever (never MPS).
+    device = accelerator.device if accelerator.num_processes > 1 else pick_device(mps=False)
     precision = _precision(cfg, device, ctx)
     ctx.log(f"Loading the text model {cfg.base_model or '(default: SmolLM2-135M-Instruct GGUF)'}")
     started = time.perf_counter()
@@ -264,7 +349,7 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     peft_model = add_lora(model, cfg).to(device)
     out = Path(cfg.output_dir)
     pissa_init = None
-    if cfg.lora_variant == "pissa":
+    if cfg.lora_variant == "pissa" and accelerator.is_main_process:  # only the main process writes files
         pissa_init = peft_text.save_pissa_init(peft_model, out / checkpoints.CHECKPOINT_DIR / peft_text.PISSA_INIT_DIR)
     if init_file is not None:
         load_adapter_weights(peft_model, init_file)
@@ -272,27 +357,41 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     ctx.log(f"LoRA ({cfg.lora_variant}) rank {cfg.lora_rank}: {trainable / 1e6:.2f} M trainable parameters")
     run_class = preference.PreferenceRun if preference is not None else TextRun
-    return run_class(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init)
+    return run_class(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init,
+                     accelerator)
 
 
 def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train a text LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        # Every rank would train the whole model and write the same files.
-        raise ValueError(f"Text LoRA training runs in one process; it was launched with {world}. "
-                         "Start it with `python train.py --config ...` (it uses one GPU or the CPU).")
-    checkpoints.prepare_output_dir(cfg)
-    checkpoints.seed_everything(cfg.seed)
+    # Mixed precision stays the text step's own autocast (core.train.text_step), as in one process.
+    accelerator = distributed.make_accelerator("no")
+    main = accelerator.is_main_process
+    if main:
+        checkpoints.prepare_output_dir(cfg)
+    accelerator.wait_for_everyone()
+    # Each process its own dropout (seed + rank); one process: exactly `seed`.
+    checkpoints.seed_everything(cfg.seed + accelerator.process_index)
     checkpoint, init_file = checkpoints.resolve_resume(cfg)
-    if cfg.resume_from == "latest" and checkpoint is None:
+    if cfg.resume_from == "latest" and checkpoint is None and main:
         ctx.log("No checkpoint in the output folder yet: starting from the beginning.")
-    run = _build_run(cfg, ctx, init_file)
-    batches_per_epoch = math.ceil(len(run.data.train) / cfg.batch_size)
-    return run_task(run, checkpoint, batches_per_epoch)
+    try:
+        run = _build_run(cfg, ctx, init_file, accelerator)
+        batches = math.ceil(len(run.data.train) / cfg.batch_size)
+        return run_task(run, checkpoint, math.ceil(batches / accelerator.num_processes))
+    finally:
+        accelerator.free_memory()
 
 
 def _finish(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
+    """The main process writes the adapter, previews, summary and merged model; the others wait."""
+    outputs: dict[str, str] = {}
+    if run.main:
+        outputs = _write_outputs(run, state, result)
+    run.barrier()
+    return outputs
+
+
+def _write_outputs(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
     cfg = run.cfg
     adapter = peft_text.save_adapter(run.model, run.out / peft_text.ADAPTER_DIR, base_model=run.base_model_display,
                                      save_precision="fp32", pissa_init=run.pissa_init)
@@ -303,7 +402,7 @@ def _finish(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> 
         outputs["checkpoint"] = str(checkpoint)
     if cfg.sample_prompts and not stopped:
         with keep_rng():
-            run.make_samples(state.global_step)
+            run.answer_samples(state.global_step)
     rate = run.tokens_trained / result.train_seconds if result.train_seconds else 0.0
     summary = {"steps": state.global_step, "tokens_trained": run.tokens_trained,
                "train_seconds": round(result.train_seconds, 2), "tokens_per_second": round(rate, 1),
