@@ -30,6 +30,7 @@ from core.devices import pick_device
 from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
 from core.export import peft_text
 from core.models.llm import load_llm, weight_dtype
+from core.models.llm_quant import prepare_nf4_model
 from core.train import checkpoints, distributed, optim, runtime
 from core.train.loop import LoopResult, keep_rng, run_task
 from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
@@ -333,9 +334,14 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accele
     precision = _precision(cfg, device, ctx)
     ctx.log(f"Loading the text model {cfg.base_model or '(default: SmolLM2-135M-Instruct GGUF)'}")
     started = time.perf_counter()
+    quantized = cfg.base_quantization == "nf4"
     model, tokenizer, source = load_llm(cfg.base_model, gguf_file=cfg.gguf_file, allow_pickle=cfg.allow_pickle,
-                                        dtype=weight_dtype(precision), log=ctx.log)
-    ctx.log(f"Model loaded in {time.perf_counter() - started:.1f} s ({source.display})")
+                                        dtype=weight_dtype(precision), log=ctx.log,
+                                        quantization=cfg.base_quantization, mixed_precision=precision, device=device)
+    ctx.log(f"Model loaded in {time.perf_counter() - started:.1f} s ({source.display}"
+            f"{', 4-bit NF4 (QLoRA)' if quantized else ''})")
+    if quantized:
+        model = prepare_nf4_model(model)
     template = apply_template(tokenizer, cfg.chat_template, ctx.log)
     ctx.log(f"Chat template: {template}")
     if preference is not None:
@@ -346,7 +352,9 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accele
     if cfg.gradient_checkpointing:
         runtime.enable_activation_checkpointing(model, use_reentrant=False)
     model.config.use_cache = False
-    peft_model = add_lora(model, cfg).to(device)
+    peft_model = add_lora(model, cfg)
+    if not quantized:  # a 4-bit base is already on its GPU (device_map at load)
+        peft_model = peft_model.to(device)
     out = Path(cfg.output_dir)
     pissa_init = None
     if cfg.lora_variant == "pissa" and accelerator.is_main_process:  # only the main process writes files
@@ -409,7 +417,11 @@ def _write_outputs(run: TextRun, state: checkpoints.TrainState, result: LoopResu
                "validation_loss": val_loss, **run.summary_extra()}
     atomic_write_text(run.out / "train_summary.json", json.dumps(summary, indent=1))
     outputs["summary"] = str(run.out / "train_summary.json")
-    if cfg.save_merged_model and not stopped:
+    if cfg.save_merged_model and not stopped and cfg.base_quantization == "nf4":
+        # Merged into 4-bit weights the LoRA would be rounded away; the full-precision base is needed.
+        run.ctx.warn("No merged model: the base was loaded in 4 bits (QLoRA).",
+                     "Merge the adapter into the full-precision base with the LoRA tools (merge).")
+    elif cfg.save_merged_model and not stopped:
         run.ctx.log("Merging the LoRA into the base model for serving")
         outputs["merged"] = str(peft_text.save_merged(run.model, run.tokenizer, run.out / peft_text.MERGED_DIR))
     if stopped:
