@@ -1,10 +1,17 @@
 """Text LoRA training: an LLM (HF folder, hub id or GGUF) learns from dialogues or text.
 
-load the model (GGUF dequantized) -> read and tokenize the data (chat template, loss on
-the answers only) -> add LoRA through PEFT -> a plain PyTorch loop over packed batches
-(no Trainer: it refuses GGUF-loaded models, and packing needs no padding) -> checkpoints,
-previews (answers with the adapter on and off), validation loss -> the PEFT adapter folder
-and, on request, a merged model.
+load the model (GGUF dequantized, or in 4 bits with base_quantization: nf4) -> read and
+tokenize the data (chat template, loss on the answers only) -> add LoRA through PEFT -> the
+one training loop over packed batches (no Trainer: it refuses GGUF-loaded models, and packing
+needs no padding) -> checkpoints, previews (answers with the adapter on and off), validation
+loss -> the PEFT adapter folder and, on request, a merged model.
+
+Several processes (accelerate launch / torchrun) train one run with Accelerate DDP, as image
+runs do (core.train.distributed): each takes every world-th batch of the same global epoch
+order, gradients sync on a step's last micro-batch, and each process divides its summed token
+losses by (labelled tokens over all processes / processes), so DDP's gradient average is the
+token-weighted mean over the global batch. The main process alone writes files, makes
+previews and computes the validation loss (every process holds the same weights).
 
 `ctx.should_stop()` is checked after every step: the run then saves a checkpoint and the
 adapter and ends with DoneEvent(stopped=True).
