@@ -83,3 +83,29 @@ def test_two_processes_train_one_text_lora_and_resume_exactly(tiny_llm_dir, qa_d
         assert a.step == b.step and a.loss == pytest.approx(b.loss, rel=1e-4), f"step {a.step}"
     assert (json.loads((two / "train_summary.json").read_text(encoding="utf-8"))["tokens_trained"]
             == json.loads((one / "train_summary.json").read_text(encoding="utf-8"))["tokens_trained"])
+
+
+def test_dpo_in_two_processes_trains_like_one_process_on_the_whole_batch(tiny_llm_dir, tmp_path):
+    from tests.test_preference import HELD_THINGS, TRAIN_THINGS, comparison, write_csv
+
+    train = write_csv(tmp_path / "prefs.csv", [comparison(t) for t in TRAIN_THINGS[:8]])
+    held = write_csv(tmp_path / "held.csv", [comparison(t) for t in HELD_THINGS[:2]])
+    raw = dict(task_type="text-generation", base_model=str(tiny_llm_dir), train_data_dir=str(train),
+               validation_file=str(held), text_method="dpo", preference_beta=0.1, batch_size=2,
+               gradient_accumulation_steps=1, max_train_steps=3, learning_rate=5e-3, lora_rank=4, lora_alpha=8,
+               save_steps=0, seed=7, max_seq_length=64, mixed_precision="no", optimizer="adamw",
+               gradient_checkpointing=False)
+    # Two processes x batch 2 and one process x batch 2 x 2 accumulated see the same four comparisons a step.
+    one = tmp_path / "one"
+    run_training(resolve_config(dict(raw, output_dir=str(one), gradient_accumulation_steps=2)), RunContext())
+    two = tmp_path / "two"
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml.safe_dump(dict(raw, output_dir=str(two))), encoding="utf-8")
+    done = launch_two(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x 2 processes" in done.stdout + done.stderr
+    for a, b in zip(read_loss_csv(one), read_loss_csv(two), strict=True):
+        assert a.step == b.step and a.loss == pytest.approx(b.loss, rel=1e-4), f"step {a.step}"
+    summaries = [json.loads((out / "train_summary.json").read_text(encoding="utf-8")) for out in (one, two)]
+    assert summaries[1]["validation_loss"] == pytest.approx(summaries[0]["validation_loss"], rel=1e-4)
+    assert summaries[1]["validation_accuracy"] == summaries[0]["validation_accuracy"]
