@@ -23,10 +23,17 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
     output folder. Gradient accumulation is the loop's (groups of micro-batches), not accelerate's.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from core.train.recovery import distributed
 
-    return Accelerator(mixed_precision=mixed_precision, cpu=distributed() and not torch.cuda.is_available())
+    several = distributed()
+    if not several:
+        # Accelerate keeps its settings process-wide and refuses a second Accelerator with another
+        # mixed precision; the app trains run after run in one process (an image run in bf16, then a
+        # text run), so a single-process run starts from fresh settings (the device state stays).
+        AcceleratorState._reset_state()  # noqa: SLF001
+    return Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available())
 
 
 def sync_on_last(accelerator: Any, models: Sequence[Any], index: int, count: int) -> contextlib.ExitStack:
