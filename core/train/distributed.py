@@ -36,10 +36,13 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
     return Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available())
 
 
-def sync_on_last(accelerator: Any, models: Sequence[Any], index: int, count: int) -> contextlib.ExitStack:
-    """A context for micro-batch `index` of `count`: DDP syncs gradients only on the last one."""
+def sync_on_last(accelerator: Any | None, models: Sequence[Any], index: int, count: int) -> contextlib.ExitStack:
+    """A context for micro-batch `index` of `count`: DDP syncs gradients only on the last one.
+
+    Without an accelerator (a task built for one process) there is nothing to sync.
+    """
     stack = contextlib.ExitStack()
-    if index < count - 1:
+    if accelerator is not None and index < count - 1:
         for model in models:
             stack.enter_context(accelerator.no_sync(model))
     return stack

@@ -99,7 +99,7 @@ class PreferenceRun(TextRun):
 
     def train_step(self, group: Sequence[PairBatch]) -> float:  # type: ignore[override]
         """Each micro-batch's summed comparison losses, over the comparisons of the whole group (all processes)."""
-        divisor = self.step_weights(sum(b.pairs for b in group))
+        divisor = self.step_divisor(sum(b.pairs for b in group))
         loss_total = 0.0
         tokens = 0
         margins = []

@@ -207,7 +207,7 @@ class TextRun:
 
     epoch_batches = batches
 
-    def step_weights(self, group_weight: float) -> float:
+    def step_divisor(self, group_weight: float) -> float:
         """The divisor of a step's summed losses that makes its gradient the mean over every process's items.
 
         Each process sums its own token (or comparison) losses; DDP then averages the gradients
@@ -234,7 +234,7 @@ class TextRun:
 
     def train_step(self, group: Sequence[TextBatch]) -> float:
         """Each micro-batch's summed token loss, over the tokens with loss in the whole group (all processes)."""
-        divisor = self.step_weights(sum(b.trained_tokens for b in group))
+        divisor = self.step_divisor(sum(b.trained_tokens for b in group))
         loss_total = 0.0
         tokens = 0
         for index, batch in enumerate(group):
@@ -359,7 +359,10 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accele
     if cfg.gradient_checkpointing:
         runtime.enable_activation_checkpointing(model, use_reentrant=False)
     model.config.use_cache = False
-    peft_model = add_lora(model, cfg)
+    peft_model = add_lora(model, cfg)  # seeds torch with cfg.seed: the same initial adapter on every process
+    if accelerator.process_index > 0:
+        # ...then each other process its own dropout; the main one (and a one-process run) as ever.
+        torch.manual_seed(cfg.seed + accelerator.process_index)
     if not quantized:  # a 4-bit base is already on its GPU (device_map at load)
         peft_model = peft_model.to(device)
     out = Path(cfg.output_dir)
@@ -384,7 +387,7 @@ def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     if main:
         checkpoints.prepare_output_dir(cfg)
     accelerator.wait_for_everyone()
-    # Each process its own dropout (seed + rank); one process: exactly `seed`.
+    # Each process its own random stream (seed + rank); one process: exactly `seed`.
     checkpoints.seed_everything(cfg.seed + accelerator.process_index)
     checkpoint, init_file = checkpoints.resolve_resume(cfg)
     if cfg.resume_from == "latest" and checkpoint is None and main:
