@@ -20,3 +20,14 @@ def test_in_one_process_the_collectives_are_the_local_values(monkeypatch):
     assert distributed.any_process(accelerator, False) is False
     assert distributed.sum_over_processes(accelerator, [1.5, 7.0]) == [1.5, 7.0]
     assert distributed.gather_rng(accelerator) is None
+
+
+def test_a_shard_is_every_world_th_batch_and_all_processes_get_as_many():
+    class Rank:
+        def __init__(self, index: int, world: int):
+            self.process_index, self.num_processes = index, world
+
+    batches = list("abcde")
+    assert [distributed.shard(Rank(r, 2), batches) for r in (0, 1)] == [["a", "c", "e"], ["b", "d", "a"]]
+    assert [distributed.shard(Rank(r, 3), batches) for r in (0, 1, 2)] == [["a", "d"], ["b", "e"], ["c", "a"]]
+    assert distributed.shard(Rank(0, 1), batches) == batches

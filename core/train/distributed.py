@@ -36,6 +36,19 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
     return Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available())
 
 
+def shard(accelerator: Any, batches: list[Any]) -> list[Any]:
+    """This process's share of an epoch's batches: every world-th from its rank, in the global order.
+
+    Each process gets as many (the list is filled up from its start, as torch's
+    DistributedSampler does), so all reach every step's gradient sync together.
+    """
+    world = accelerator.num_processes
+    if world == 1:
+        return batches
+    filled = batches + batches[:(-len(batches)) % world]
+    return filled[accelerator.process_index::world]
+
+
 def sync_on_last(accelerator: Any | None, models: Sequence[Any], index: int, count: int) -> contextlib.ExitStack:
     """A context for micro-batch `index` of `count`: DDP syncs gradients only on the last one.
 

@@ -155,16 +155,8 @@ class TextRun:
         return self.model.get_base_model()
 
     def shard(self, batches: list[Any]) -> list[Any]:
-        """This process's share of the epoch's batches: every world-th from its rank, in the global order.
-
-        Each process gets as many batches (the list is filled up from its start, as torch's
-        DistributedSampler does), so all reach every step's gradient sync together.
-        """
-        world = self.world
-        if world == 1:
-            return batches
-        filled = batches + batches[:(-len(batches)) % world]
-        return filled[self.accelerator.process_index::world]
+        """This process's share of the epoch's batches (core.train.distributed.shard)."""
+        return batches if self.accelerator is None else distributed.shard(self.accelerator, batches)
 
     def batches(self, epoch: int) -> list[TextBatch]:
         lengths = [len(e) for e in self.data.train]
