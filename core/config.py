@@ -191,9 +191,9 @@ class TrainConfig:
                           "single_blocks (FluxGym's 12 GB mode).", "flux", choices=LORA_BLOCKS, task="image")
     fp8_base: bool = _f(False, "Store the frozen FLUX transformer in fp8 (half the memory of bf16; the LoRA "
                         "stays in full precision). Needs a GPU with bf16.", "flux", task="image")
-    base_quantization: str = _f("none", "Quantize the frozen FLUX transformer: nf4 (4-bit, QLoRA, about 9 GB) or "
-                                "none. Needs CUDA and bitsandbytes.", "flux", choices=BASE_QUANTIZATIONS,
-                                task="image")
+    base_quantization: str = _f("none", "Quantize the frozen base model (FLUX transformer or LLM): nf4 (4-bit, "
+                                "QLoRA; FLUX about 9 GB) or none. Needs CUDA and bitsandbytes.", "flux",
+                                choices=BASE_QUANTIZATIONS)
     blocks_to_swap: int = _f(0, "FLUX: above 0, the transformer blocks stay in CPU memory and each visits the GPU "
                              "when it runs (diffusers' group offload, like kohya's blocks_to_swap; slower, much less "
                              "VRAM). The estimate counts this many blocks off the GPU, so it errs high. Needs CUDA.",

@@ -218,15 +218,22 @@ def load_tokenizer(source: LLMSource) -> Any:
 
 def load_llm(base_model: str, *, gguf_file: str = "", allow_pickle: bool = False,
              dtype: torch.dtype = torch.float32, with_tokenizer: bool = True,
-             log: Callable[[str], None] | None = None) -> tuple[Any, Any, LLMSource]:
+             log: Callable[[str], None] | None = None, quantization: str = "none",
+             mixed_precision: str = "no", device: torch.device | None = None) -> tuple[Any, Any, LLMSource]:
     """Load (model, tokenizer, source). The model is in eval mode with SDPA attention.
 
     `log` (a run's ctx.log) hears what was read from a GGML file; without it the line goes to `logging`.
+    `quantization` nf4: the weights load in 4 bits onto `device` (a CUDA GPU), computing in
+    `mixed_precision`'s dtype (core.models.llm_quant); ValueError before loading where that cannot work.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from core.models import llm_quant
+
     source = resolve_source(base_model, gguf_file)
+    if quantization == "nf4":
+        llm_quant.check_nf4(quantized_file=source.is_gguf or source.ggml_v3)
     if source.ggml_v3:
         return _load_ggml_v3(source, dtype, with_tokenizer, log or _LOG.info)
     safetensors_only = _check_weights_format(source, allow_pickle)
@@ -235,6 +242,8 @@ def load_llm(base_model: str, *, gguf_file: str = "", allow_pickle: bool = False
         kwargs["gguf_file"] = source.gguf_file
     elif safetensors_only:
         kwargs["use_safetensors"] = True
+    if quantization == "nf4":
+        kwargs.update(llm_quant.nf4_load_kwargs(mixed_precision, device or torch.device("cuda")))
     hf_logging.disable_progress_bar()
     try:
         with _fast_gguf_parsing():

@@ -9,7 +9,6 @@ families is asked of `run.family` (core.families.base.ImageFamily); nothing here
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -26,7 +25,7 @@ from core.devices import free_memory, torch_dtype
 from core.families.base import Adapted, Batch, ImageFamily
 from core.families.registry import family_info
 from core.sample import move
-from core.train import checkpoints, image_outputs, optim
+from core.train import checkpoints, distributed, image_outputs, optim
 from core.train.image_step import sample_latents
 from core.train.latent_cache import CachedImage, cache_dir_for, encode_images
 from core.train.loop import LoopResult, run_task
@@ -259,18 +258,15 @@ class ImageRun:
                 f"{f' x {world} processes' if world > 1 else ''}, accumulation {cfg.gradient_accumulation_steps}")
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        acc = self.accelerator
-        return self.sampler.batches_for_epoch(epoch)[acc.process_index::acc.num_processes]
+        # Filled up to a multiple of the processes, so no rank waits at a gradient sync the others skip.
+        return distributed.shard(self.accelerator, self.sampler.batches_for_epoch(epoch))
 
     def train_step(self, group: Sequence[list[int]]) -> float:
         """The micro-batches of one optimizer step; gradients sync across processes on the last one."""
         acc = self.accelerator
         total = torch.zeros((), device=self.device)
         for index, indices in enumerate(group):
-            with contextlib.ExitStack() as stack:
-                if index < len(group) - 1:
-                    for model in (self.train_network, *self.train_encoders):
-                        stack.enter_context(acc.no_sync(model))
+            with distributed.sync_on_last(acc, (self.train_network, *self.train_encoders), index, len(group)):
                 loss = self.batch_loss(indices) / len(group)
                 acc.backward(loss)
             total += loss.detach().float()
@@ -280,11 +276,7 @@ class ImageRun:
 
     def any_process(self, flag: bool) -> bool:
         """A stop pressed on the main process (the one with the console / GUI) reaches every process."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=acc.device)
-        return bool(acc.reduce(value, reduction="sum").item() > 0)
+        return distributed.any_process(self.accelerator, flag)
 
     def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
         return image_outputs.checkpoint(self, state, optimizer, scheduler)
@@ -324,17 +316,8 @@ class ImageRun:
 
 def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train an image LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
-    from accelerate import Accelerator
-
-    from core.train.recovery import distributed
-
     precision = _precision(cfg, ctx)
-    # Launched as several processes on a machine without CUDA, accelerate only joins them into
-    # one (gloo) group when told it is on the CPU; otherwise each would train alone into the
-    # same output folder.
-    on_cpu = distributed() and not torch.cuda.is_available()
-    # Accumulation is the loop's (groups of micro-batches, see ImageRun.train_step), not accelerate's.
-    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
+    accelerator = distributed.make_accelerator(precision)
     run = ImageRun(cfg=cfg, ctx=ctx, accelerator=accelerator, out=Path(cfg.output_dir))
     run.weight_dtype = torch_dtype(precision)
     try:

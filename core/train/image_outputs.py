@@ -15,7 +15,7 @@ from core.devices import free_memory, torch_dtype
 from core.events import CheckpointEvent, DoneEvent, SampleEvent
 from core.families.base import Adapted, RunFacts
 from core.sample import move
-from core.train import checkpoints
+from core.train import checkpoints, distributed
 from core.train.image_lora import load_peft_state, peft_state
 from core.train.loop import LoopResult, keep_rng
 
@@ -102,11 +102,7 @@ def make_samples(run: ImageRun, step: int) -> list[str]:
 def checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
     """Every process's RNG goes in; the main process writes the folder and sends its event."""
     folder = None
-    ranks = None
-    if run.accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        ranks = gather_object([checkpoints.rng_state()])  # in rank order
+    ranks = distributed.gather_rng(run.accelerator)
     if run.main:
         folder = save_checkpoint(run, state, optimizer, scheduler, ranks)
         run.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
@@ -118,10 +114,7 @@ def restore(run: ImageRun, folder: Path, optimizer: Any, scheduler: Any) -> chec
     """The LoRA weights, optimizer, scheduler and this process's RNG from a checkpoint."""
     restore_weights(run, folder)
     state, extra = checkpoints.load_checkpoint_state(folder, optimizer=optimizer, scheduler=scheduler)
-    by_rank = extra.get("rng_by_rank") or []
-    world = run.accelerator.num_processes
-    if world > 1 and len(by_rank) == world:
-        checkpoints.set_rng_state(by_rank[run.accelerator.process_index])  # the file's top-level RNG is rank 0's
+    distributed.restore_rng(run.accelerator, extra.get("rng_by_rank"))
     return state
 
 

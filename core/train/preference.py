@@ -19,6 +19,7 @@ from core.config import TrainConfig
 from core.data import preference as pref_data
 from core.data import text as text_data
 from core.events import RunContext
+from core.train import distributed
 from core.train.preference_step import PairBatch, make_pair_batch, pair_loss
 from core.train.text import TextRun, warn_cut
 from core.train.text_batches import MAX_PACKED_TOKENS, epoch_batches
@@ -80,7 +81,7 @@ class PreferenceRun(TextRun):
     def batches(self, epoch: int) -> list[PairBatch]:  # type: ignore[override]
         lengths = [len(p) for p in self.data.train]
         grouped = lengths if max(lengths) * self.cfg.batch_size > MAX_PACKED_TOKENS else None
-        order = epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped)
+        order = self.shard(epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped))
         pad_id = self.tokenizer.pad_token_id or 0
         return [make_pair_batch([self.data.train[i] for i in indices], pad_id) for indices in order]
 
@@ -97,29 +98,40 @@ class PreferenceRun(TextRun):
                 f"{weight} {self.cfg.preference_beta:g}")
 
     def train_step(self, group: Sequence[PairBatch]) -> float:  # type: ignore[override]
-        """Each micro-batch's summed comparison losses, over the comparisons of the whole group."""
-        total = max(1, sum(b.pairs for b in group))
+        """Each micro-batch's summed comparison losses, over the comparisons of the whole group (all processes)."""
+        divisor = self.step_divisor(sum(b.pairs for b in group))
         loss_total = 0.0
+        tokens = 0
         margins = []
-        for pair_batch in group:
-            result = pair_loss(self.method, self.model, pair_batch, self.device, self.precision,
-                               self.cfg.preference_beta)
-            (result.losses.sum() / total).backward()
+        for index, pair_batch in enumerate(group):
+            with distributed.sync_on_last(self.accelerator, [self.trained], index, len(group)):
+                result = pair_loss(self.method, self.model, pair_batch, self.device, self.precision,
+                                   self.cfg.preference_beta, policy_model=self.trained)
+                (result.losses.sum() / divisor).backward()
             loss_total += float(result.losses.detach().sum())
             margins.append(result.margins)
-            self.tokens_trained += pair_batch.batch.tokens
+            tokens += pair_batch.batch.tokens
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         margin = torch.cat(margins)
-        self.last_scalars = {"preference/margin": _mean(margin), "preference/accuracy": _mean(margin > 0)}
-        return loss_total / total
+        if self.world == 1:
+            loss, _ = self.step_loss(loss_total, tokens, divisor)
+            self.last_scalars = {"preference/margin": _mean(margin), "preference/accuracy": _mean(margin > 0)}
+            return loss
+        # The margins of every process's comparisons: their sum, wins and count.
+        loss, (margin_sum, wins, count) = self.step_loss(loss_total, tokens, divisor, float(margin.sum()),
+                                                         float((margin > 0).sum()), float(margin.numel()))
+        self.last_scalars = {"preference/margin": margin_sum / max(1.0, count),
+                             "preference/accuracy": wins / max(1.0, count)}
+        return loss
 
     def step_scalars(self) -> dict[str, float]:
         """TensorBoard scalars of the last step (core.train.loop reads them)."""
         return self.last_scalars
 
     def validate(self, step: int) -> float | None:
-        if not self.data.validation:
+        """The preference loss on the held-out comparisons, on the main process alone (as TextRun.validate)."""
+        if not self.data.validation or not self.main:
             return None
         causal_lm = self.causal_lm
         was_training = causal_lm.training

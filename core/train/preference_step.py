@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from core.data.preference import TokenizedPair
 from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, make_batch
-from core.train.text_step import answer_logits
+from core.train.text_step import labelled_logits
 
 
 @dataclass
@@ -68,8 +68,8 @@ def make_pair_batch(pairs: list[TokenizedPair], pad_id: int, max_packed: int = M
 
 def answer_logps(causal_lm: Any, pair_batch: PairBatch, device: torch.device, precision: str = "no"
                  ) -> AnswerLogps:
-    """Each answer's summed token log-probability under `causal_lm` as it is now."""
-    logits, targets, selected = answer_logits(causal_lm, pair_batch.batch, device, precision)
+    """Each answer's summed token log-probability under `causal_lm` (or an `AnswerModel`) as it is now."""
+    logits, targets, selected = labelled_logits(causal_lm, pair_batch.batch, device, precision)
     token_logps = -F.cross_entropy(logits, targets, reduction="none")
     owner = pair_batch.segments.to(device)[selected]
     count = 2 * pair_batch.pairs
@@ -106,10 +106,15 @@ def orpo_loss(policy: AnswerLogps, lam: float) -> PreferenceLoss:
 
 
 def pair_loss(method: str, peft_model: Any, pair_batch: PairBatch, device: torch.device, precision: str,
-              beta: float) -> PreferenceLoss:
-    """The `method` (dpo | orpo) loss of each comparison in `pair_batch`, with the policy's gradients."""
+              beta: float, policy_model: Any = None) -> PreferenceLoss:
+    """The `method` (dpo | orpo) loss of each comparison in `pair_batch`, with the policy's gradients.
+
+    `policy_model`: what the policy's forward goes through when training (the trained
+    `AnswerModel`, DDP-wrapped in several processes); by default the PEFT model itself.
+    """
     reference = reference_logps(peft_model, pair_batch, device, precision) if method == "dpo" else None
-    policy = answer_logps(peft_model.get_base_model(), pair_batch, device, precision)
+    policy = answer_logps(policy_model if policy_model is not None else peft_model.get_base_model(),
+                          pair_batch, device, precision)
     if reference is not None:
         return dpo_loss(policy, reference, beta)
     return orpo_loss(policy, beta)

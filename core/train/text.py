@@ -1,10 +1,17 @@
 """Text LoRA training: an LLM (HF folder, hub id or GGUF) learns from dialogues or text.
 
-load the model (GGUF dequantized) -> read and tokenize the data (chat template, loss on
-the answers only) -> add LoRA through PEFT -> a plain PyTorch loop over packed batches
-(no Trainer: it refuses GGUF-loaded models, and packing needs no padding) -> checkpoints,
-previews (answers with the adapter on and off), validation loss -> the PEFT adapter folder
-and, on request, a merged model.
+load the model (GGUF dequantized, or in 4 bits with base_quantization: nf4) -> read and
+tokenize the data (chat template, loss on the answers only) -> add LoRA through PEFT -> the
+one training loop over packed batches (no Trainer: it refuses GGUF-loaded models, and packing
+needs no padding) -> checkpoints, previews (answers with the adapter on and off), validation
+loss -> the PEFT adapter folder and, on request, a merged model.
+
+Several processes (accelerate launch / torchrun) train one run with Accelerate DDP, as image
+runs do (core.train.distributed): each takes every world-th batch of the same global epoch
+order, gradients sync on a step's last micro-batch, and each process divides its summed token
+losses by (labelled tokens over all processes / processes), so DDP's gradient average is the
+token-weighted mean over the global batch. The main process alone writes files, makes
+previews and computes the validation loss (every process holds the same weights).
 
 `ctx.should_stop()` is checked after every step: the run then saves a checkpoint and the
 adapter and ends with DoneEvent(stopped=True).
@@ -13,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +27,7 @@ from typing import Any
 from collections.abc import Sequence
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from core.atomic import atomic_write_text
 from core.config import TrainConfig
@@ -30,10 +37,11 @@ from core.devices import pick_device
 from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
 from core.export import peft_text
 from core.models.llm import load_llm, weight_dtype
-from core.train import checkpoints, optim, runtime
+from core.models.llm_quant import prepare_nf4_model
+from core.train import checkpoints, distributed, optim, runtime
 from core.train.loop import LoopResult, keep_rng, run_task
 from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
-from core.train.text_step import batch_loss_sum, validation_loss
+from core.train.text_step import AnswerModel, batch_loss_sum, validation_loss
 
 
 @dataclass
@@ -127,21 +135,34 @@ class TextRun:
     data: TextData
     base_model_display: str
     pissa_init: Path | None = None
+    accelerator: Any = None  # None: one process, no accelerate (what direct callers and old tests build)
     base_answers: list[str] | None = None
-    tokens_trained: int = 0
+    tokens_trained: int = 0  # over every process
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    trained: Any = None  # the AnswerModel as accelerate prepared it (DDP-wrapped in several processes)
 
-    main = True  # text runs in one process
+    @property
+    def main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return 1 if self.accelerator is None else self.accelerator.num_processes
 
     @property
     def causal_lm(self) -> Any:
+        # self.model is the unwrapped PeftModel (accelerate wraps the AnswerModel around it).
         return self.model.get_base_model()
+
+    def shard(self, batches: list[Any]) -> list[Any]:
+        """This process's share of the epoch's batches (core.train.distributed.shard)."""
+        return batches if self.accelerator is None else distributed.shard(self.accelerator, batches)
 
     def batches(self, epoch: int) -> list[TextBatch]:
         lengths = [len(e) for e in self.data.train]
         longest = max(lengths) * self.cfg.batch_size
         grouped = lengths if longest > MAX_PACKED_TOKENS else None
-        order = epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped)
+        order = self.shard(epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped))
         pad_id = self.tokenizer.pad_token_id or 0
         return [make_batch([self.data.train[i] for i in indices], pad_id) for indices in order]
 
@@ -159,50 +180,108 @@ class TextRun:
     def prepare(self, optimizer: Any) -> Any:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.model.train()
+        self.trained = AnswerModel(self.model, self.device, self.precision)
+        if self.accelerator is not None:
+            # Every process loads the same frozen base from the same file: DDP needs to broadcast
+            # and sync only the LoRA weights (not gigabytes of base, nor 4-bit ones it cannot copy).
+            frozen = [name for name, p in self.trained.named_parameters() if not p.requires_grad]
+            frozen += [name for name, _ in self.trained.named_buffers()]
+            # (torch's own static helper for this; DDP reads the list when accelerate wraps the model)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.trained, frozen)  # noqa: SLF001
+            # The model is already on this process's device; the optimizer is the loop's own.
+            self.trained = self.accelerator.prepare(self.trained, device_placement=[False])
         return optimizer
 
     def plan(self, total: int) -> str:
-        cfg = self.cfg
-        return (f"Training {total} steps: batch {cfg.batch_size}, accumulation {cfg.gradient_accumulation_steps}, "
-                f"lr {cfg.learning_rate:g}, on {self.device.type}")
+        cfg, world = self.cfg, self.world
+        return (f"Training {total} steps: batch {cfg.batch_size}{f' x {world} processes' if world > 1 else ''}, "
+                f"accumulation {cfg.gradient_accumulation_steps}, lr {cfg.learning_rate:g}, on {self.device.type}")
 
     epoch_batches = batches
 
+    def step_divisor(self, group_weight: float) -> float:
+        """The divisor of a step's summed losses that makes its gradient the mean over every process's items.
+
+        Each process sums its own token (or comparison) losses; DDP then averages the gradients
+        over the processes. Dividing by (items over all processes / processes) makes that average
+        the token-weighted mean over the whole global batch, exactly what one process training on
+        all of it would get. In one process it is the group's own count, as before.
+        """
+        if self.world == 1:
+            return max(1, group_weight)
+        total = distributed.sum_over_processes(self.accelerator, [group_weight])[0]
+        return max(1.0, total) / self.world
+
+    def step_loss(self, loss_sum: float, tokens: int, divisor: float, *extra: float) -> tuple[float, list[float]]:
+        """(the step's loss over every process, `extra` summed over every process); counts the tokens trained.
+
+        The loss is the global batch's token-weighted mean (divisor x processes = all labelled items).
+        """
+        if self.world == 1:
+            self.tokens_trained += tokens
+            return loss_sum / divisor, list(extra)
+        loss_sum, tokens_all, *summed = distributed.sum_over_processes(self.accelerator, [loss_sum, tokens, *extra])
+        self.tokens_trained += int(tokens_all)
+        return loss_sum / (divisor * self.world), summed
+
     def train_step(self, group: Sequence[TextBatch]) -> float:
-        """Each micro-batch's summed token loss, over the tokens with loss in the whole group."""
-        labelled = max(1, sum(b.trained_tokens for b in group))
+        """Each micro-batch's summed token loss, over the tokens with loss in the whole group (all processes)."""
+        divisor = self.step_divisor(sum(b.trained_tokens for b in group))
         loss_total = 0.0
-        for batch in group:
-            loss = batch_loss_sum(self.causal_lm, batch, self.device, self.precision)
-            (loss / labelled).backward()
+        tokens = 0
+        for index, batch in enumerate(group):
+            with distributed.sync_on_last(self.accelerator, [self.trained], index, len(group)):
+                loss = batch_loss_sum(self.trained, batch, self.device, self.precision)
+                (loss / divisor).backward()
             loss_total += float(loss.detach())
-            self.tokens_trained += batch.tokens
+            tokens += batch.tokens
         if self.cfg.max_grad_norm > 0:
+            # After the sync every process holds the same gradients, so each clips the same way.
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        return loss_total / labelled
+        return self.step_loss(loss_total, tokens, divisor)[0]
 
     def any_process(self, flag: bool) -> bool:
-        return flag
+        return flag if self.accelerator is None else distributed.any_process(self.accelerator, flag)
 
-    def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path:
-        def write_weights(folder: Path) -> None:
-            # Checkpoints keep the adapter exactly as trained (no PiSSA conversion) for resume.
-            self.model.save_pretrained(str(folder / peft_text.ADAPTER_DIR), safe_serialization=True,
-                                       save_embedding_layers=False)
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
 
-        folder = checkpoints.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
-                                         write_weights=write_weights, keep=self.cfg.keep_checkpoints,
-                                         extra={"tokens_trained": self.tokens_trained})
-        self.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
+    def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+        """The main process writes the folder, with every process's RNG state (each draws its own dropout)."""
+        ranks = None if self.accelerator is None else distributed.gather_rng(self.accelerator)
+        folder = None
+        if self.main:
+            def write_weights(folder: Path) -> None:
+                # Checkpoints keep the adapter exactly as trained (no PiSSA conversion) for resume.
+                self.model.save_pretrained(str(folder / peft_text.ADAPTER_DIR), safe_serialization=True,
+                                           save_embedding_layers=False)
+
+            extra: dict[str, Any] = {"tokens_trained": self.tokens_trained}
+            if ranks:
+                extra["rng_by_rank"] = ranks
+            folder = checkpoints.save_checkpoint(self.out, state, optimizer=optimizer, scheduler=scheduler,
+                                                 write_weights=write_weights, keep=self.cfg.keep_checkpoints,
+                                                 extra=extra)
+            self.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
+        self.barrier()
         return folder
 
     def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> checkpoints.TrainState:
         load_adapter_weights(self.model, checkpoint / peft_text.ADAPTER_DIR)
         state, extra = checkpoints.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        if self.accelerator is not None:
+            distributed.restore_rng(self.accelerator, extra.get("rng_by_rank"))
         self.tokens_trained = int(extra.get("tokens_trained", 0))
         return state
 
     def make_samples(self, step: int) -> None:
+        """Previews on the main process only (the others wait: nothing of theirs changes meanwhile)."""
+        if self.main:
+            self.answer_samples(step)
+        self.barrier()
+
+    def answer_samples(self, step: int) -> None:
         from core.sample_text import compare_with_model
 
         prompts = list(self.cfg.sample_prompts)
@@ -218,7 +297,12 @@ class TextRun:
         self.ctx.emit(SampleEvent(step=step, texts=results))
 
     def validate(self, step: int) -> float | None:
-        if not self.data.validation:
+        """The held-out loss, computed on the main process alone (the others return None at once).
+
+        Every process holds the same weights, so the main one's number is the run's; no
+        collective is needed and it equals what one process would compute.
+        """
+        if not self.data.validation or not self.main:
             return None
         return validation_loss(self.causal_lm, self.validation_batches(), self.device, self.precision)
 
@@ -239,18 +323,24 @@ def _preference_module(cfg: TrainConfig) -> Any:
     return preference
 
 
-def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> TextRun:
+def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accelerator: Any) -> TextRun:
     preference = _preference_module(cfg)
     if preference is not None:
         # Read before the model loads, so data without chosen/rejected columns fails at once.
         comparisons = preference.read_data(cfg)
-    device = pick_device(mps=False)
+    # Several processes: each its own GPU (or the CPU); one: CUDA or the CPU, as ever (never MPS).
+    device = accelerator.device if accelerator.num_processes > 1 else pick_device(mps=False)
     precision = _precision(cfg, device, ctx)
     ctx.log(f"Loading the text model {cfg.base_model or '(default: SmolLM2-135M-Instruct GGUF)'}")
     started = time.perf_counter()
+    quantized = cfg.base_quantization == "nf4"
     model, tokenizer, source = load_llm(cfg.base_model, gguf_file=cfg.gguf_file, allow_pickle=cfg.allow_pickle,
-                                        dtype=weight_dtype(precision), log=ctx.log)
-    ctx.log(f"Model loaded in {time.perf_counter() - started:.1f} s ({source.display})")
+                                        dtype=weight_dtype(precision), log=ctx.log,
+                                        quantization=cfg.base_quantization, mixed_precision=precision, device=device)
+    ctx.log(f"Model loaded in {time.perf_counter() - started:.1f} s ({source.display}"
+            f"{', 4-bit NF4 (QLoRA)' if quantized else ''})")
+    if quantized:
+        model = prepare_nf4_model(model)
     template = apply_template(tokenizer, cfg.chat_template, ctx.log)
     ctx.log(f"Chat template: {template}")
     if preference is not None:
@@ -261,10 +351,15 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     if cfg.gradient_checkpointing:
         runtime.enable_activation_checkpointing(model, use_reentrant=False)
     model.config.use_cache = False
-    peft_model = add_lora(model, cfg).to(device)
+    peft_model = add_lora(model, cfg)  # seeds torch with cfg.seed: the same initial adapter on every process
+    if accelerator.process_index > 0:
+        # ...then each other process its own dropout; the main one (and a one-process run) as ever.
+        torch.manual_seed(cfg.seed + accelerator.process_index)
+    if not quantized:  # a 4-bit base is already on its GPU (device_map at load)
+        peft_model = peft_model.to(device)
     out = Path(cfg.output_dir)
     pissa_init = None
-    if cfg.lora_variant == "pissa":
+    if cfg.lora_variant == "pissa" and accelerator.is_main_process:  # only the main process writes files
         pissa_init = peft_text.save_pissa_init(peft_model, out / checkpoints.CHECKPOINT_DIR / peft_text.PISSA_INIT_DIR)
     if init_file is not None:
         load_adapter_weights(peft_model, init_file)
@@ -272,27 +367,41 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None) -> Tex
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     ctx.log(f"LoRA ({cfg.lora_variant}) rank {cfg.lora_rank}: {trainable / 1e6:.2f} M trainable parameters")
     run_class = preference.PreferenceRun if preference is not None else TextRun
-    return run_class(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init)
+    return run_class(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init,
+                     accelerator)
 
 
 def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train a text LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        # Every rank would train the whole model and write the same files.
-        raise ValueError(f"Text LoRA training runs in one process; it was launched with {world}. "
-                         "Start it with `python train.py --config ...` (it uses one GPU or the CPU).")
-    checkpoints.prepare_output_dir(cfg)
-    checkpoints.seed_everything(cfg.seed)
+    # Mixed precision stays the text step's own autocast (core.train.text_step), as in one process.
+    accelerator = distributed.make_accelerator("no")
+    main = accelerator.is_main_process
+    if main:
+        checkpoints.prepare_output_dir(cfg)
+    accelerator.wait_for_everyone()
+    # Each process its own random stream (seed + rank); one process: exactly `seed`.
+    checkpoints.seed_everything(cfg.seed + accelerator.process_index)
     checkpoint, init_file = checkpoints.resolve_resume(cfg)
-    if cfg.resume_from == "latest" and checkpoint is None:
+    if cfg.resume_from == "latest" and checkpoint is None and main:
         ctx.log("No checkpoint in the output folder yet: starting from the beginning.")
-    run = _build_run(cfg, ctx, init_file)
-    batches_per_epoch = math.ceil(len(run.data.train) / cfg.batch_size)
-    return run_task(run, checkpoint, batches_per_epoch)
+    try:
+        run = _build_run(cfg, ctx, init_file, accelerator)
+        batches = math.ceil(len(run.data.train) / cfg.batch_size)
+        return run_task(run, checkpoint, math.ceil(batches / accelerator.num_processes))
+    finally:
+        accelerator.free_memory()
 
 
 def _finish(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
+    """The main process writes the adapter, previews, summary and merged model; the others wait."""
+    outputs: dict[str, str] = {}
+    if run.main:
+        outputs = _write_outputs(run, state, result)
+    run.barrier()
+    return outputs
+
+
+def _write_outputs(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
     cfg = run.cfg
     adapter = peft_text.save_adapter(run.model, run.out / peft_text.ADAPTER_DIR, base_model=run.base_model_display,
                                      save_precision="fp32", pissa_init=run.pissa_init)
@@ -303,14 +412,18 @@ def _finish(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> 
         outputs["checkpoint"] = str(checkpoint)
     if cfg.sample_prompts and not stopped:
         with keep_rng():
-            run.make_samples(state.global_step)
+            run.answer_samples(state.global_step)
     rate = run.tokens_trained / result.train_seconds if result.train_seconds else 0.0
     summary = {"steps": state.global_step, "tokens_trained": run.tokens_trained,
                "train_seconds": round(result.train_seconds, 2), "tokens_per_second": round(rate, 1),
                "validation_loss": val_loss, **run.summary_extra()}
     atomic_write_text(run.out / "train_summary.json", json.dumps(summary, indent=1))
     outputs["summary"] = str(run.out / "train_summary.json")
-    if cfg.save_merged_model and not stopped:
+    if cfg.save_merged_model and not stopped and cfg.base_quantization == "nf4":
+        # Merged into 4-bit weights the LoRA would be rounded away; the full-precision base is needed.
+        run.ctx.warn("No merged model: the base was loaded in 4 bits (QLoRA).",
+                     "Merge the adapter into the full-precision base with the LoRA tools (merge).")
+    elif cfg.save_merged_model and not stopped:
         run.ctx.log("Merging the LoRA into the base model for serving")
         outputs["merged"] = str(peft_text.save_merged(run.model, run.tokenizer, run.out / peft_text.MERGED_DIR))
     if stopped:

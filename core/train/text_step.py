@@ -35,9 +35,38 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 def batch_loss_sum(causal_lm: Any, batch: TextBatch, device: torch.device, precision: str = "no"
                    ) -> torch.Tensor:
-    """Sum of the token losses of `batch` (divide by the labelled-token count for the mean)."""
-    logits, targets, _ = answer_logits(causal_lm, batch, device, precision)
+    """Sum of the token losses of `batch` (divide by the labelled-token count for the mean).
+
+    `causal_lm` is a causal LM, or the trained `AnswerModel` (DDP-wrapped in several processes).
+    """
+    logits, targets, _ = labelled_logits(causal_lm, batch, device, precision)
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class AnswerModel(torch.nn.Module):
+    """The PEFT model as the module DDP wraps: its forward gives the labelled positions' logits.
+
+    DDP syncs gradients only for a forward that goes through its wrapper, and the PEFT model's
+    own forward would compute the head on every position; this forward is `answer_logits`.
+    """
+
+    def __init__(self, peft_model: Any, device: torch.device, precision: str):
+        super().__init__()
+        self.peft_model = peft_model
+        self.device, self.precision = device, precision
+
+    def forward(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return answer_logits(self.peft_model.get_base_model(), batch, self.device, self.precision)
+
+
+def labelled_logits(model: Any, batch: TextBatch, device: torch.device, precision: str = "no"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`answer_logits` of a causal LM, or through an `AnswerModel` (and its DDP wrapper) when given one."""
+    from accelerate.utils import extract_model_from_parallel
+
+    if isinstance(extract_model_from_parallel(model), AnswerModel):
+        return model(batch)
+    return answer_logits(model, batch, device, precision)
 
 
 def answer_logits(causal_lm: Any, batch: TextBatch, device: torch.device, precision: str = "no"
