@@ -24,6 +24,7 @@ from core.config import (RETIRED_KEYS, ConfigError, TrainConfig, config_from_dic
                          save_config)
 from core.job import JobBusyError
 from ui import catalog, form, state
+from ui.memory_line import memory_line
 from ui.plots import loss_figure
 from ui.status import log_text, progress_html, sample_gallery, sample_texts_markdown
 from ui.wiring import bind
@@ -56,14 +57,6 @@ def apply_preset_values(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
     values = {k: v for k, v in merged.items() if k in form.FIELDS and k not in ("preset",)}
     chosen = merged.get("preset", name)
     return values, reason or f"Preset {chosen}: its values are now in the form; change any of them."
-
-
-def memory_line(raw: dict[str, Any]) -> str:
-    """The predicted peak memory of the form's own values, with what to change when it will not fit."""
-    try:
-        return "**Memory:** " + presets.describe_choice(dict(raw, preset=""))
-    except Exception as exc:  # noqa: BLE001 - an estimate must never break the form
-        return f"Memory estimate unavailable: {exc}"
 
 
 def free_tryout_models() -> None:

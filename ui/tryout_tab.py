@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 
 from core.model_info import detect_model
-from ui import catalog, state
+from ui import catalog, lists, state
 
 DEFAULT_WEIGHT = 0.8
 
@@ -182,12 +182,6 @@ def on_weight(lora_text: str, weight: float) -> str:
     return webui_syntax(lora_text, float(weight))
 
 
-def on_refresh() -> tuple[Any, Any, Any, Any]:
-    """New choices for (image model, LoRA, text model, adapter)."""
-    return (gr.update(choices=catalog.image_models()), gr.update(choices=catalog.lora_files()),
-            gr.update(choices=catalog.text_models()), gr.update(choices=catalog.text_adapters()))
-
-
 def on_task(task: str) -> tuple[Any, Any]:
     """(image box, text box): only the chosen kind of test shows."""
     return gr.update(visible=task == "image"), gr.update(visible=task == "text")
@@ -250,7 +244,7 @@ def side_by_side(base_text: str, adapter_text: str, weight: float, tokens: float
 def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     with gr.Row():
         task = gr.Radio(["image", "text"], value="image", label="What to test", elem_id="test-task", scale=4)
-        refresh = gr.Button("↻ Refresh the model and LoRA lists", scale=1, elem_id="test-refresh")
+        refresh = lists.refresh_button("test-refresh")  # rescans the four lists (also done on selecting the tab)
     with gr.Group(visible=True) as image_box:
         with gr.Row():
             base = gr.Dropdown(choices=catalog.image_models(), value="", allow_custom_value=True, scale=3,
@@ -307,7 +301,9 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     lora.change(on_lora, [lora, base, weight], [syntax, family])
     base.change(on_base, [base, lora], family)
     weight.change(on_weight, [lora, weight], syntax, show_progress="hidden")
-    refresh.click(on_refresh, None, [base, lora, text_base, adapter])
+    live = [lists.LiveList(base, catalog.image_models), lists.LiveList(lora, catalog.lora_files),
+            lists.LiveList(text_base, catalog.text_models), lists.LiveList(adapter, catalog.text_adapters)]
+    lists.wire(refresh, live)
     chat_inputs = [text_base, adapter, text_weight, max_tokens, chat, question]
     send_btn.click(send, chat_inputs, [chat, question, text_message], concurrency_limit=1, concurrency_id="device")
     question.submit(send, chat_inputs, [chat, question, text_message], concurrency_limit=1, concurrency_id="device")
@@ -318,4 +314,4 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
         widgets = train["widgets"]
         widgets["base_model"].change(follow_trained_model, [widgets["base_model"], widgets["task_type"]],
                                      [base, text_base])
-    return {"task": task, "base": base, "lora": lora, "refresh": refresh}
+    return {"task": task, "base": base, "lora": lora, "refresh": refresh, "lists": live}

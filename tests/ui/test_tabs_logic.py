@@ -208,3 +208,74 @@ def test_the_tryout_handlers_say_what_is_missing_before_loading_a_model(work):
     assert note == "Choose an adapter to compare with the base model."
     *_, note = tryout_tab.send("", "./output/nope/adapter", 1.0, 16, [], "hello")
     assert note == "./output/nope/adapter does not exist."
+
+
+# -- live lists --------------------------------------------------------------------------------
+def test_a_model_copied_in_while_the_app_runs_is_listed_on_the_next_rescan_and_parts_never_are(work):
+    from ui import lists
+
+    root, (state, catalog, *_) = work
+    touch(root / "models" / "Stable-diffusion" / "v1-5.safetensors")
+    live = [lists.LiveList(None, catalog.image_models), lists.LiveList(None, catalog.text_models)]
+    before = lists.rescan([(item.choices, 0) for item in live])
+    assert before[0]["choices"] == ["./models/Stable-diffusion/v1-5.safetensors"] and before[1]["choices"] == []
+    # A diffusers folder copied in part by part: while model_index.json is missing nothing is listed;
+    # once it is there the folder is one model and its parts never appear.
+    tiny = root / "models" / "Stable-diffusion" / "tiny-sd"
+    touch(tiny / "unet" / "config.json")
+    touch(tiny / "unet" / "diffusion_pytorch_model.safetensors")
+    touch(tiny / "text_encoder" / "config.json")
+    touch(tiny / "text_encoder" / "model.safetensors")
+    assert catalog.image_models() == ["./models/Stable-diffusion/v1-5.safetensors"]
+    touch(tiny / "model_index.json")
+    touch(root / "models" / "diffusion_models" / "flux1-dev.safetensors")
+    touch(root / "models" / "diffusion_models" / "flux-diffusers" / "transformer" / "config.json")
+    touch(root / "models" / "diffusion_models" / "flux-diffusers" / "transformer" /
+          "diffusion_pytorch_model-00001-of-00003.safetensors")
+    touch(root / "models" / "Stable-diffusion" / "styles" / "anime.ckpt")  # WebUI's sub-folders are searched
+    touch(root / "models" / "llm" / "tiny-llm" / "config.json")
+    touch(root / "models" / "llm" / "tiny-llm" / "model.safetensors")
+    touch(root / "models" / "llm" / "q4.gguf")
+    touch(root / "models" / "llm" / "notes.txt")
+    touch(root / "models" / "llm" / "stray.safetensors")
+    touch(root / "models" / "Lora" / "new.safetensors")
+    after = lists.rescan([(item.choices, 0) for item in live] + [(catalog.lora_files, 0)])
+    assert after[0]["choices"] == ["./models/Stable-diffusion/styles/anime.ckpt", "./models/Stable-diffusion/tiny-sd",
+                                   "./models/Stable-diffusion/v1-5.safetensors",
+                                   "./models/diffusion_models/flux1-dev.safetensors"]
+    assert after[1]["choices"] == ["./models/llm/q4.gguf", "./models/llm/tiny-llm"]
+    assert after[2]["choices"] == ["./models/Lora/new.safetensors"]
+
+
+def test_the_train_tabs_base_model_list_follows_the_task_type(work):
+    from ui import lists
+
+    root, (state, catalog, *_) = work
+    touch(root / "models" / "Stable-diffusion" / "v1-5.safetensors")
+    touch(root / "models" / "llm" / "q4.gguf")
+    updates = lists.rescan([(catalog.base_models, 1), (catalog.datasets, 0)], "text-generation")
+    assert updates[0]["choices"] == ["./models/llm/q4.gguf"] and updates[1]["choices"] == []
+    assert lists.rescan([(catalog.base_models, 1)], "image-generation")[0]["choices"] == [
+        "./models/Stable-diffusion/v1-5.safetensors"]
+
+
+# -- the memory line ---------------------------------------------------------------------------
+def test_the_memory_line_says_the_estimate_of_the_form_in_plain_words(work, monkeypatch):
+    from core.devices import DeviceInfo
+    from core.memory import MemoryEstimate
+    from ui import memory_line
+
+    fits = MemoryEstimate(total_gb=9.8, parts={"UNet weights": 3.2, "activations": 6.6}, fits=True, budget_gb=11.0)
+    line = memory_line.memory_words(fits, "SD 1.x", "RTX 3060 (12.0 GB, 11.9 GB free)")
+    assert line.startswith("**Memory:** Estimated peak memory: 9.8 GB of your 11.0 GB usable (fits) — SD 1.x on RTX")
+    tight = MemoryEstimate(total_gb=14.0, fits=False, budget_gb=11.0, advice="Change batch_size 4 -> 2 to fit.")
+    assert "(will likely NOT fit)" in memory_line.memory_words(tight, "SDXL", "x") and "batch_size 4 -> 2" in \
+        memory_line.memory_words(tight, "SDXL", "x")
+    # After `preset: auto` filled the form, the line is the form's estimate, never "No preset: ...".
+    import core.presets
+
+    monkeypatch.setattr(core.presets, "detect_device", lambda: DeviceInfo("cuda", "RTX 3060", 12.0, 11.9))
+    line = memory_line.memory_line({"preset": "auto", "task_type": "image-generation", "base_model": "",
+                                    "resolution": 512, "batch_size": 1, "gradient_checkpointing": True})
+    assert line.startswith("**Memory:** Estimated peak memory: ") and "No preset" not in line
+    assert "of your 10.9 GB usable" in line and "RTX 3060" in line
