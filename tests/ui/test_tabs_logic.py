@@ -279,3 +279,35 @@ def test_the_memory_line_says_the_estimate_of_the_form_in_plain_words(work, monk
                                     "resolution": 512, "batch_size": 1, "gradient_checkpointing": True})
     assert line.startswith("**Memory:** Estimated peak memory: ") and "No preset" not in line
     assert "of your 10.9 GB usable" in line and "RTX 3060" in line
+
+
+# -- generate and compare as jobs -------------------------------------------------------------
+def test_generating_runs_as_a_job_a_reloaded_page_sees_and_a_stop_ends(work, tiny_sd1):
+    root, (state, catalog, train_tab, tryout_tab) = work
+    state.JOB.subscribe(lambda event: event.kind == "sample" and state.JOB.stop())  # Stop after the first image
+    image, message = tryout_tab.generate(str(tiny_sd1.folder), "", "a cat", "", 0.8, 1, 2, 1.0, 64, 3)
+    assert image is None and message == "Generating 3 image(s) …"
+    progress, *_ = tryout_tab.poll(None)  # a page (re)loaded now shows the job, not an empty bar
+    assert "data-state='running'" in progress or "data-state='stopping'" in progress
+    snap = state.JOB.wait(300)
+    assert snap.kind == "generate" and snap.state == "stopped"
+    written = sorted((root / ".cache" / "ui" / "generate").glob("*.png"))
+    assert len(written) == 1 and snap.progress.step == 1 and snap.progress.total == 3
+    progress, image, grid, message, seen = tryout_tab.poll({})
+    assert image == str(written[0]) and message.startswith("Stopped: Generated 1 of 3 image(s)")
+    assert "data-state='stopped'" in progress
+    assert tryout_tab.poll(seen)[1:4] == (tryout_tab.gr.skip(),) * 3  # nothing redrawn twice
+    assert tryout_tab.stop_tryout() == "No image job is running."
+
+
+def test_a_stopped_compare_saves_no_grid_with_holes(work, tiny_sd1):
+    root, (state, catalog, train_tab, tryout_tab) = work
+    lora = touch(root / "output" / "run" / "run.safetensors")
+    state.JOB.subscribe(lambda event: event.kind == "progress" and state.JOB.stop())
+    grid, message = tryout_tab.compare(str(tiny_sd1.folder), "./output/run/run.safetensors", "a cat", "", 1, 2,
+                                       1.0, 64, False)
+    assert grid is None and message.startswith("Rendering 5 images into `./output/run/compare/run-")
+    snap = state.JOB.wait(60)
+    assert snap.kind == "compare" and snap.state == "stopped" and lora.is_file()
+    assert not list((root / "output" / "run" / "compare").glob("*.png"))
+    assert tryout_tab.poll({})[3] == "Stopped after 0 of 5 images; no grid saved."
