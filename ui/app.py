@@ -32,6 +32,9 @@ CSS = """
 .ls-warn {color:#b45309}
 .ls-invalid {border-color:#b91c1c !important;box-shadow:inset 0 0 0 1px #b91c1c}
 .ls-invalid .info-text {color:#b91c1c !important}
+.ls-refresh {align-self:center; max-width:48px}
+/* The Train tab's live view stays in sight while the form beside it scrolls. */
+#train-live {position:sticky; top:8px; align-self:flex-start; max-height:calc(100vh - 16px); overflow-y:auto}
 """
 
 
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        state.QUEUE.close()  # queued runs do not start while the app quits
         if state.JOB.running:
             print("[lora-scripts] Stopping the running job and saving a checkpoint ...", flush=True)
             state.JOB.stop()

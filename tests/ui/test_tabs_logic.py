@@ -311,3 +311,41 @@ def test_a_stopped_compare_saves_no_grid_with_holes(work, tiny_sd1):
     assert snap.kind == "compare" and snap.state == "stopped" and lora.is_file()
     assert not list((root / "output" / "run" / "compare").glob("*.png"))
     assert tryout_tab.poll({})[3] == "Stopped after 0 of 5 images; no grid saved."
+
+
+# -- the queue in the Train tab ---------------------------------------------------------------
+def test_add_to_queue_lists_the_run_in_the_table_and_a_queued_one_can_be_removed(work, tiny_sd1, sd_image_folder):
+    from ui import form
+
+    root, (state, catalog, train_tab, tryout_tab) = work
+    state.QUEUE.close()  # the entries stay queued: this test looks at the table, not at training
+    specs = form.field_specs()
+    train_form = train_tab.TrainForm(specs, {})
+    values = form.config_values(specs, {"train_data_dir": str(sd_image_folder), "base_model": str(tiny_sd1.folder),
+                                        "output_dir": "./output/cats", "output_name": "cats"})
+    message, *marks = train_tab.on_queue(train_form, *values, [])
+    assert message.startswith("Queued **cats** (#1) → `./output/cats`") and marks[-1] == []
+    message, *_ = train_tab.on_queue(train_form, *values, [])
+    assert "**cats-2** (#2) → `./output/cats-2`" in message  # the same settings again: its own folder
+    *_, table, seen = train_tab.poll(None)
+    assert table["value"] == [["1", "cats", "queued", "./output/cats"], ["2", "cats-2", "queued", "./output/cats-2"]]
+    assert table["visible"] is True
+    assert train_tab.on_remove(1) == "Removed #1 from the queue."
+    assert train_tab.on_remove(1).startswith("#1 is not waiting") and train_tab.on_remove(None).startswith("Type")
+    *_, table, seen = train_tab.poll(seen)
+    assert table["value"] == [["2", "cats-2", "queued", "./output/cats-2"]]
+    assert train_tab.poll(seen)[-2] == train_tab.gr.skip()  # unchanged: not redrawn
+    wrong = list(values)
+    wrong[[s.name for s in specs].index("lora_rank")] = 0
+    message, *_ = train_tab.on_queue(train_form, *wrong, [])
+    assert "Please fix" in message and len(state.QUEUE.entries()) == 1
+
+
+def test_the_train_form_reads_in_words_with_the_yaml_key_beside_them():
+    from ui import form
+
+    assert form.field_label("learning_rate") == "Learning rate · learning_rate"
+    assert form.field_label("train_data_dir") == "Data set · train_data_dir"
+    assert form.human_label("sample_max_new_tokens") == "Preview answer length (tokens)"
+    assert form.human_label("some_new_lr_key") == "Some new learning rate key"  # a new key labels itself
+    assert all(form.field_label(s.name).endswith(f" · {s.name}") for s in form.field_specs())
