@@ -4,7 +4,7 @@ WebUI-style folders are searched: `models/Stable-diffusion/` (checkpoints and di
 folders), ComfyUI's `models/diffusion_models/` and `models/unet/` (FLUX.1 / Chroma transformer
 files), `models/Lora/` (LoRA files), `models/llm/` (HF folders, GGUF and GGML v3 files); data sets
 are the folders under `data/`, runs the folders under `output/`. Every list is plain
-paths, re-read each time a dropdown is refreshed (its tab is selected, or its 🔄 pressed).
+paths, re-read each time a dropdown is refreshed (its tab is selected, or its ↻ pressed).
 
 A folder holding `model_index.json` is one diffusers model, and a folder holding `config.json`
 is a part of one (unet/, text_encoder/, transformer/) or an HF model: the weight files inside

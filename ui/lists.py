@@ -1,5 +1,5 @@
 """Live lists: every dropdown of models, LoRAs, data sets and runs rescans the disk when its tab
-is selected and when its 🔄 button is pressed (WebUI's habit), so a model copied into models/
+is selected and when its ↻ button is pressed (WebUI's 🔄 habit), so a model copied into models/
 while the app runs shows up without a restart.
 
 A tab says which of its dropdowns are live with `LiveList`s; `rescan` is the one handler that
@@ -39,16 +39,23 @@ def rescan(listers: Sequence[tuple[Lister, int]], *values: Any) -> list[Any]:
     return updates
 
 
+def rescan_one(lister: tuple[Lister, int], *values: Any) -> Any:
+    """The update of a single list: Gradio takes a one-output handler's whole return value as that
+    output's value, so a one-item list would become the dropdown's value."""
+    return rescan([lister], *values)[0]
+
+
 def refresh_button(elem_id: str) -> gr.Button:
-    """The small 🔄 beside a dropdown; must be made inside the dropdown's Row."""
-    return gr.Button("🔄", size="sm", scale=0, min_width=44, elem_id=elem_id, elem_classes=["ls-refresh"])
+    """The small ↻ beside a dropdown; must be made inside the dropdown's Row."""
+    return gr.Button("↻", size="sm", scale=0, min_width=44, elem_id=elem_id, elem_classes=["ls-refresh"])
 
 
 def wire(trigger: Any, lists: Sequence[LiveList]) -> None:
     """`trigger` (a button's click, a tab's select) rescans `lists`."""
     if not lists:
         return
-    handler = bind(rescan, [(item.choices, len(item.inputs)) for item in lists])
+    listers = [(item.choices, len(item.inputs)) for item in lists]
+    handler = bind(rescan_one, listers[0]) if len(listers) == 1 else bind(rescan, listers)
     inputs = [widget for item in lists for widget in item.inputs]
     event = trigger.click if isinstance(trigger, gr.Button) else trigger.select
     event(handler, inputs or None, [item.dropdown for item in lists], show_progress="hidden")

@@ -272,7 +272,7 @@ def create_tools_tab() -> dict[str, Any]:
     live += [lists.LiveList(convert_base, image_model_choices), lists.LiveList(merge_base, any_model_choices),
              lists.LiveList(gguf_adapter, catalog.text_adapters), lists.LiveList(gguf_base, text_model_choices)]
     for button in refreshers:
-        lists.wire(button, live)  # each 🔄 rescans every list of the tab: one look at the disk
+        lists.wire(button, live)  # each ↻ rescans every list of the tab: one look at the disk
     inspect_btn.click(inspect_action, [inspect_file, inspect_all], inspect_out)
     convert_btn.click(convert_action, [convert_file, convert_to, convert_output, convert_precision, convert_base],
                       convert_out)

@@ -352,10 +352,11 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
                 yaml_view = gr.Code(value="", language="yaml", label="YAML", interactive=False)
         with gr.Column(scale=2, elem_id="train-live"):
             with gr.Row():
-                start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
-                stop_btn = gr.Button("Stop (save a checkpoint)", variant="stop", elem_id="train-stop")
-                resume_btn = gr.Button("Resume latest", elem_id="train-resume")
-                queue_btn = gr.Button("Add to queue", elem_id="train-queue-add")
+                start_btn = gr.Button("Start", variant="primary", size="md", elem_id="train-start")
+                stop_btn = gr.Button("Stop (save a checkpoint)", variant="stop", size="md", elem_id="train-stop")
+            with gr.Row():
+                resume_btn = gr.Button("Resume latest", size="md", elem_id="train-resume")
+                queue_btn = gr.Button("Add to queue", size="md", elem_id="train-queue-add")
             message = gr.Markdown("", elem_id="train-message")
             memory_md = gr.Markdown("", elem_id="train-memory")
             progress = gr.HTML(progress_html(state.JOB.snapshot(), "train"), elem_id="train-progress")
