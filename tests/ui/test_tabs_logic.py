@@ -245,6 +245,10 @@ def test_a_model_copied_in_while_the_app_runs_is_listed_on_the_next_rescan_and_p
                                    "./models/diffusion_models/flux1-dev.safetensors"]
     assert after[1]["choices"] == ["./models/llm/q4.gguf", "./models/llm/tiny-llm"]
     assert after[2]["choices"] == ["./models/Lora/new.safetensors"]
+    # A tab with a single live dropdown gets the update itself: Gradio would take a one-item list
+    # returned for one output as that dropdown's value.
+    single = lists.rescan_one((catalog.lora_files, 0))
+    assert isinstance(single, dict) and single["choices"] == ["./models/Lora/new.safetensors"]
 
 
 def test_the_train_tabs_base_model_list_follows_the_task_type(work):
