@@ -360,9 +360,11 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
             message = gr.Markdown("", elem_id="train-message")
             memory_md = gr.Markdown("", elem_id="train-memory")
             progress = gr.HTML(progress_html(state.JOB.snapshot(), "train"), elem_id="train-progress")
-            plot = gr.Plot(label="Loss (raw, smoothed) and learning rate", elem_id="train-loss-plot")
+            # The figure names its own lines; Gradio's label would sit over its title.
+            plot = gr.Plot(label="Loss (raw, smoothed) and learning rate", show_label=False,
+                           elem_id="train-loss-plot")
             samples = gr.Gallery(label="Sample previews by step (newest first)", columns=4, height=160,
-                                 elem_id="train-samples", allow_preview=True)
+                                 object_fit="contain", elem_id="train-samples", allow_preview=True)
             text_samples = gr.Markdown("", elem_id="train-text-samples")
             log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=6, autoscroll=True, interactive=False,
                              elem_id="train-log")
