@@ -32,6 +32,9 @@ CSS = """
 .ls-warn {color:#b45309}
 .ls-invalid {border-color:#b91c1c !important;box-shadow:inset 0 0 0 1px #b91c1c}
 .ls-invalid .info-text {color:#b91c1c !important}
+.ls-refresh {align-self:center; max-width:48px}
+/* The Train tab's live view stays in sight while the form beside it scrolls. */
+#train-live {position:sticky; top:8px; align-self:flex-start; max-height:calc(100vh - 16px); overflow-y:auto}
 """
 
 
@@ -141,7 +144,7 @@ def build_app():
     """The Blocks with the four tabs of the work (Dataset, Caption, Train, Test) and the LoRA Tools."""
     import gradio as gr
 
-    from ui import caption_tab, dataset_tab, state, tools_tab, train_tab, tryout_tab
+    from ui import caption_tab, dataset_tab, lists, state, tools_tab, train_tab, tryout_tab
 
     state.ensure_folders()
     drift = library_notice()
@@ -151,16 +154,20 @@ def build_app():
         if drift:
             gr.Markdown(f"<span class='ls-warn'>⚠ {drift}</span>", elem_id="library-notice")
         with gr.Tabs():
-            with gr.Tab("Dataset", id="dataset"):
+            with gr.Tab("Dataset", id="dataset") as data_page:
                 data = dataset_tab.create_dataset_tab()
-            with gr.Tab("Caption", id="caption"):
-                caption_tab.create_caption_tab(data)
-            with gr.Tab("Train", id="train"):
+            with gr.Tab("Caption", id="caption") as caption_page:
+                caption = caption_tab.create_caption_tab(data)
+            with gr.Tab("Train", id="train") as train_page:
                 train = train_tab.create_train_tab(data)
-            with gr.Tab("Test", id="test"):
-                tryout_tab.create_tryout_tab(train)
-            with gr.Tab("Tools", id="tools"):
-                tools_tab.create_tools_tab()
+            with gr.Tab("Test", id="test") as test_page:
+                test = tryout_tab.create_tryout_tab(train)
+            with gr.Tab("Tools", id="tools") as tools_page:
+                tools = tools_tab.create_tools_tab()
+        # Selecting a tab rescans its dropdowns: a model copied into models/ meanwhile shows up.
+        for page, built in ((data_page, data), (caption_page, caption), (train_page, train), (test_page, test),
+                            (tools_page, tools)):
+            lists.wire(page, built.get("lists", []))
     state.register_app(app)
     return app
 
@@ -195,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        state.QUEUE.close()  # queued runs do not start while the app quits
         if state.JOB.running:
             print("[lora-scripts] Stopping the running job and saving a checkpoint ...", flush=True)
             state.JOB.stop()

@@ -16,7 +16,7 @@ from typing import Any
 import gradio as gr
 
 from core.job import JobBusyError
-from ui import catalog, state
+from ui import catalog, lists, state
 from ui.caption_edit import read_captions, save_captions, search_replace
 from ui.status import progress_html
 from ui.thumbs import thumbnail
@@ -151,6 +151,7 @@ def create_caption_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     with gr.Row():
         folder = gr.Dropdown(choices=catalog.datasets(), value="", allow_custom_value=True, scale=3,
                              label="Image folder", elem_id="cap-folder")
+        refresh = lists.refresh_button("cap-refresh")
         model = gr.Dropdown(choices=captioner_choices(), value="blip-base", allow_custom_value=True, scale=3,
                             label="Captioner (or a path to a captioning model folder)", elem_id="cap-model")
     with gr.Row():
@@ -193,4 +194,6 @@ def create_caption_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     if data and "folder" in data:
         data["folder"].change(follow_dataset, data["folder"], folder).then(
             load_folder, folder, [table, gallery, message])
-    return {"folder": folder, "run": run_btn, "table": table}
+    live = [lists.LiveList(folder, catalog.datasets)]
+    lists.wire(refresh, live)
+    return {"folder": folder, "run": run_btn, "table": table, "lists": live}

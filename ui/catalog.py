@@ -4,7 +4,12 @@ WebUI-style folders are searched: `models/Stable-diffusion/` (checkpoints and di
 folders), ComfyUI's `models/diffusion_models/` and `models/unet/` (FLUX.1 / Chroma transformer
 files), `models/Lora/` (LoRA files), `models/llm/` (HF folders, GGUF and GGML v3 files); data sets
 are the folders under `data/`, runs the folders under `output/`. Every list is plain
-paths, re-read each time a dropdown is refreshed.
+paths, re-read each time a dropdown is refreshed (its tab is selected, or its ↻ pressed).
+
+A folder holding `model_index.json` is one diffusers model, and a folder holding `config.json`
+is a part of one (unet/, text_encoder/, transformer/) or an HF model: the weight files inside
+are never offered as checkpoints of their own, even while a copy is still in progress and the
+`model_index.json` beside them has not arrived yet.
 """
 from __future__ import annotations
 
@@ -35,13 +40,23 @@ def _is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() or any(path.glob("*.gguf"))
 
 
+def _is_model_part(path: Path) -> bool:
+    """A diffusers component or HF model folder: its weights belong to a model, not to the list."""
+    return (path / "config.json").is_file()
+
+
 def _image_models_in(folder: Path) -> list[Path]:
     """Checkpoint files and diffusers folders under `folder`; a diffusers folder is one model, so
     its parts (unet/, transformer/, text_encoder/ ... files) are never listed."""
     found: list[Path] = []
     for item in sorted(folder.iterdir()):
+        if item.name.startswith("."):
+            continue
         if item.is_dir():
-            found += [item] if _is_diffusers_folder(item) else _image_models_in(item)
+            if _is_diffusers_folder(item):
+                found.append(item)
+            elif not _is_model_part(item):
+                found += _image_models_in(item)
         elif item.suffix.lower() in CHECKPOINT_SUFFIXES:
             found.append(item)
     return found

@@ -19,7 +19,7 @@ from typing import Any
 
 import gradio as gr
 
-from ui import catalog, state
+from ui import catalog, lists, state
 from ui.catalog import TEXT_DATA_SUFFIXES
 from ui.thumbs import thumbnail
 from ui.uploads import import_files
@@ -127,6 +127,7 @@ def create_dataset_tab() -> dict[str, Any]:
         folder = gr.Dropdown(choices=catalog.datasets(), value="", allow_custom_value=True, scale=4,
                              label="Data set (a folder under data/, any folder path, or a .csv/.jsonl/.txt file)",
                              elem_id="data-folder")
+        refresh = lists.refresh_button("data-refresh")
         resolution = gr.Number(value=512, precision=0, minimum=64, maximum=4096, label="Training resolution",
                                scale=1, elem_id="data-resolution")
         open_btn = gr.Button("Open and check", variant="primary", scale=1, elem_id="data-open")
@@ -154,4 +155,6 @@ def create_dataset_tab() -> dict[str, Any]:
     gallery.select(crop_preview, [image_paths, resolution], [crop, crop_text])
     create_btn.click(create_from_uploads, [new_name, uploads], [folder, summary]).then(
         open_dataset, [folder, resolution], outputs)
-    return {"folder": folder, "resolution": resolution, "open": open_btn}
+    live = [lists.LiveList(folder, catalog.datasets)]
+    lists.wire(refresh, live)
+    return {"folder": folder, "resolution": resolution, "open": open_btn, "lists": live}

@@ -21,6 +21,48 @@ TASK_OF = {"image-generation": "image", "text-generation": "text"}
 # A config group named after a family kind (the "flux" keys) is shown only for base models of that kind.
 KIND_GROUPS = frozenset(info.kind for info in FAMILIES.values())
 
+# The words a person reads for a key, where the key's own words are not enough; every other key is
+# read from its name (`human_label`), so a key added to the config gets a label by itself.
+LABELS = {
+    "train_data_dir": "Data set", "metadata_path": "Captions file", "task_type": "What to train",
+    "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha", "epochs": "Epochs", "output_dir": "Output folder",
+    "save_steps": "Save a checkpoint every N steps", "resolution": "Resolution (px)",
+    "gradient_accumulation_steps": "Gradient accumulation steps", "output_name": "Run name",
+    "preset": "Preset (memory-aware defaults)", "max_train_steps": "Stop after N steps",
+    "resume_from": "Resume from", "init_lora": "Start from a LoRA", "keep_checkpoints": "Checkpoints to keep",
+    "auto_downshift": "Downshift when out of memory", "allow_pickle": "Allow pickled checkpoints (.ckpt)",
+    "lr_scheduler": "Learning rate schedule", "lr_warmup_steps": "Warm-up steps", "max_grad_norm": "Gradient clipping",
+    "text_encoder_lr": "Text encoder learning rate", "loraplus_lr_ratio": "LoRA+ learning rate ratio",
+    "conv_rank": "Conv rank (LoCon)", "conv_alpha": "Conv alpha (LoCon)", "repeats": "Repeats per image",
+    "bucketing": "Aspect-ratio buckets", "min_bucket_reso": "Smallest bucket (px)",
+    "max_bucket_reso": "Largest bucket (px)", "snr_gamma": "Min-SNR gamma", "base_model_config": "Base model config",
+    "vae": "VAE", "clip_l": "CLIP-L text encoder", "t5": "T5 text encoder", "sample_steps": "Preview every N steps",
+    "sample_prompts": "Preview prompts", "sample_negative_prompt": "Preview negative prompt",
+    "sample_num_inference_steps": "Preview sampling steps", "sample_guidance_scale": "Preview guidance",
+    "sample_seed": "Preview seed", "sample_max_new_tokens": "Preview answer length (tokens)",
+    "max_seq_length": "Max sequence length (tokens)", "save_merged_model": "Also save the merged model",
+    "gguf_file": "GGUF file in the folder", "save_precision": "Save precision", "logging_steps": "Log every N steps",
+}
+# Abbreviations kept as people write them when a label is read from a key's name.
+WORDS = {"lr": "learning rate", "lora": "LoRA", "te": "text encoder", "vae": "VAE", "fp8": "FP8", "fp16": "FP16",
+         "bf16": "BF16", "snr": "SNR", "ema": "EMA", "gguf": "GGUF", "dora": "DoRA", "dir": "folder",
+         "reso": "resolution", "num": "number of", "t5": "T5", "llm": "LLM", "dpo": "DPO", "orpo": "ORPO",
+         "kl": "KL", "id": "ID", "url": "URL"}
+
+
+def human_label(name: str) -> str:
+    """'learning_rate' -> 'Learning rate': the LABELS entry, else the key's words with the usual spellings."""
+    if name in LABELS:
+        return LABELS[name]
+    words = [WORDS.get(word, word) for word in name.split("_") if word]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
+
+def field_label(name: str) -> str:
+    """What a field's label says: the words, then the YAML key, so the form still maps to the file."""
+    return f"{human_label(name)} · {name}"
+
 
 @dataclass(frozen=True)
 class FieldSpec:
@@ -133,7 +175,7 @@ def build_form(specs: list[FieldSpec], task_type: str = "image-generation",
     widgets: dict[str, Any] = {}
 
     def make(spec: FieldSpec) -> Any:
-        label = spec.name
+        label = field_label(spec.name)
         visible = spec.shown_for(task_type)
         common = {"label": label, "info": spec.help, "visible": visible, "elem_id": f"cfg-{spec.name}"}
         if spec.name in custom:

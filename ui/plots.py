@@ -48,7 +48,7 @@ def loss_figure(losses: Sequence[LossRow], title: str = "Training loss"):
     from matplotlib.figure import Figure
 
     data = loss_series(losses)
-    fig = Figure(figsize=(7, 3.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(7, 2.8), dpi=100, layout="constrained")  # fits beside the form
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")

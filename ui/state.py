@@ -1,6 +1,7 @@
 """Process-wide state of the app: the one Job, the project folders, the folders a user opened.
 
-Training and captioning run in `JOB`'s background thread, never in a request handler;
+Training and captioning run in `JOB`'s background thread, never in a request handler (runs
+queued with `QUEUE` start there one after another);
 every tab polls `JOB.snapshot()`, so reloading the page (or opening a second window)
 shows the same run. Files are served only from the project's folders and the folders
 the user picked in the app (`allow_folder`), never from anywhere else on the disk.
@@ -13,6 +14,7 @@ import threading
 from pathlib import Path
 
 from core.job import Job
+from core.queue import RunQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where data/, models/, output/ live: the project folder, or LORA_SCRIPTS_WORKDIR (tests use a temp one).
@@ -24,6 +26,16 @@ CACHE_DIR = WORK / ".cache" / "ui"  # thumbnails, previews and compare grids mad
 MODEL_SUBDIRS = {"image": "Stable-diffusion", "lora": "Lora", "text": "llm"}
 
 JOB = Job()
+
+
+def _start_queued(job: Job, config: object) -> None:
+    # The Train tab's start (serve the output folder, free the Test tab's models) for queued runs too.
+    from ui.train_tab import start_run
+
+    start_run(job, config)
+
+
+QUEUE = RunQueue(JOB, _start_queued)  # runs added while another trains; they start one after another
 
 _allowed_lock = threading.Lock()
 _ALLOWED: list[Path] = []

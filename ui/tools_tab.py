@@ -144,6 +144,19 @@ def lora_choices() -> list[str]:
     return catalog.lora_files() + catalog.text_adapters()
 
 
+def image_model_choices() -> list[str]:
+    """Image base models, after an empty choice (no base model)."""
+    return ["", *catalog.image_models()]
+
+
+def text_model_choices() -> list[str]:
+    return ["", *catalog.text_models()]
+
+
+def any_model_choices() -> list[str]:
+    return ["", *catalog.image_models(), *catalog.text_models()]
+
+
 GGUF_MODES = {"LoRA adapter (.gguf, used with the base model)": "adapter",
               "Merged model, f16 (.gguf)": "f16", "Merged model, q8_0 (.gguf, half the size)": "q8_0"}
 
@@ -177,12 +190,15 @@ def gguf_action(adapter: str, mode: str, base: str = "", output: str = "") -> st
 def create_tools_tab() -> dict[str, Any]:
     import gradio as gr
 
+    from ui import lists
+
     gr.Markdown("Inspect, convert, resize and merge LoRA files. The same tools run from the command line: "
                 "`python tools/export.py --help`.")
     with gr.Accordion("Inspect a LoRA", open=True):
         with gr.Row():
             inspect_file = gr.Dropdown(choices=lora_choices(), value="", allow_custom_value=True, scale=4,
                                        label="LoRA file or adapter folder", elem_id="tools-inspect-file")
+            refreshers = [lists.refresh_button("tools-inspect-refresh")]
             inspect_all = gr.Checkbox(value=False, label="List every module", scale=1, elem_id="tools-inspect-all")
             inspect_btn = gr.Button("Inspect", variant="primary", scale=1, elem_id="tools-inspect")
         inspect_out = gr.Markdown("", elem_id="tools-inspect-out")
@@ -190,13 +206,16 @@ def create_tools_tab() -> dict[str, Any]:
         with gr.Row():
             convert_file = gr.Dropdown(choices=lora_choices(), value="", allow_custom_value=True, scale=3,
                                        label="LoRA to convert", elem_id="tools-convert-file")
+            refreshers.append(lists.refresh_button("tools-convert-refresh"))
             convert_to = gr.Dropdown(choices=list(FORMATS), value=list(FORMATS)[0], label="To", scale=2,
                                      elem_id="tools-convert-to")
             convert_precision = gr.Dropdown(PRECISIONS, value="fp16", label="Precision", scale=1,
                                             elem_id="tools-convert-precision")
-        convert_base = gr.Dropdown(choices=[""] + catalog.image_models(), value="", allow_custom_value=True,
-                                   label="Base model (only for 'DoRA made plain': the model it was trained on)",
-                                   elem_id="tools-convert-base")
+        with gr.Row():
+            convert_base = gr.Dropdown(choices=image_model_choices(), value="", allow_custom_value=True, scale=8,
+                                       label="Base model (only for 'DoRA made plain': the model it was trained on)",
+                                       elem_id="tools-convert-base")
+            refreshers.append(lists.refresh_button("tools-convert-base-refresh"))
         convert_output = gr.Textbox(label="Output (empty: beside the source)", elem_id="tools-convert-output")
         convert_btn = gr.Button("Convert", variant="primary", elem_id="tools-convert")
         convert_out = gr.Markdown("", elem_id="tools-convert-out")
@@ -204,6 +223,7 @@ def create_tools_tab() -> dict[str, Any]:
         with gr.Row():
             resize_file_box = gr.Dropdown(choices=lora_choices(), value="", allow_custom_value=True, scale=3,
                                           label="LoRA to resize", elem_id="tools-resize-file")
+            refreshers.append(lists.refresh_button("tools-resize-refresh"))
             resize_mode = gr.Radio(["rank", "energy"], value="rank", label="Target", scale=1,
                                    elem_id="tools-resize-mode")
             resize_rank = gr.Number(value=8, precision=0, minimum=1, maximum=1024, label="Rank", scale=1,
@@ -216,9 +236,11 @@ def create_tools_tab() -> dict[str, Any]:
         resize_btn = gr.Button("Resize", variant="primary", elem_id="tools-resize")
         resize_out = gr.Markdown("", elem_id="tools-resize-out")
     with gr.Accordion("Merge", open=False):
-        merge_base = gr.Dropdown(choices=[""] + catalog.image_models() + catalog.text_models(), value="",
-                                 allow_custom_value=True, elem_id="tools-merge-base",
-                                 label="Base model to bake into (empty: combine the LoRAs into one LoRA)")
+        with gr.Row():
+            merge_base = gr.Dropdown(choices=any_model_choices(), value="", scale=8,
+                                     allow_custom_value=True, elem_id="tools-merge-base",
+                                     label="Base model to bake into (empty: combine the LoRAs into one LoRA)")
+            refreshers.append(lists.refresh_button("tools-merge-refresh"))
         merge_loras = gr.Textbox(lines=3, label="LoRAs, one per line: path or path:weight", elem_id="tools-merge-loras",
                                  placeholder="output/my_style/my_style.safetensors:0.8")
         with gr.Row():
@@ -233,15 +255,24 @@ def create_tools_tab() -> dict[str, Any]:
         with gr.Row():
             gguf_adapter = gr.Dropdown(choices=catalog.text_adapters(), value="", allow_custom_value=True, scale=3,
                                        label="Text adapter folder", elem_id="tools-gguf-adapter")
+            refreshers.append(lists.refresh_button("tools-gguf-refresh"))
             gguf_mode = gr.Dropdown(choices=list(GGUF_MODES), value=list(GGUF_MODES)[0], label="Write", scale=2,
                                     elem_id="tools-gguf-mode")
-        gguf_base = gr.Dropdown(choices=[""] + catalog.text_models(), value="", allow_custom_value=True,
-                                label="Base model (empty: the one the adapter was trained on)", elem_id="tools-gguf-base")
+        with gr.Row():
+            gguf_base = gr.Dropdown(choices=text_model_choices(), value="", allow_custom_value=True, scale=8,
+                                    label="Base model (empty: the one the adapter was trained on)",
+                                    elem_id="tools-gguf-base")
+            refreshers.append(lists.refresh_button("tools-gguf-base-refresh"))
         gguf_output = gr.Textbox(label="Output .gguf (empty: beside the adapter); an Ollama Modelfile goes beside it",
                                  elem_id="tools-gguf-output")
         gguf_btn = gr.Button("Write GGUF", variant="primary", elem_id="tools-gguf")
         gguf_out = gr.Markdown("", elem_id="tools-gguf-out")
 
+    live = [lists.LiveList(box, lora_choices) for box in (inspect_file, convert_file, resize_file_box)]
+    live += [lists.LiveList(convert_base, image_model_choices), lists.LiveList(merge_base, any_model_choices),
+             lists.LiveList(gguf_adapter, catalog.text_adapters), lists.LiveList(gguf_base, text_model_choices)]
+    for button in refreshers:
+        lists.wire(button, live)  # each ↻ rescans every list of the tab: one look at the disk
     inspect_btn.click(inspect_action, [inspect_file, inspect_all], inspect_out)
     convert_btn.click(convert_action, [convert_file, convert_to, convert_output, convert_precision, convert_base],
                       convert_out)
@@ -252,4 +283,4 @@ def create_tools_tab() -> dict[str, Any]:
     return {"inspect_file": inspect_file, "inspect_out": inspect_out, "convert_file": convert_file,
             "convert_to": convert_to, "convert_out": convert_out, "resize_file": resize_file_box,
             "resize_out": resize_out, "merge_base": merge_base, "merge_loras": merge_loras, "merge_out": merge_out,
-            "gguf_adapter": gguf_adapter, "gguf_out": gguf_out}
+            "gguf_adapter": gguf_adapter, "gguf_out": gguf_out, "lists": live}

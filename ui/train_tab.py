@@ -1,4 +1,5 @@
-"""Train tab: the config form, the VRAM-aware preset, YAML save/load, Start/Stop/Resume and the live view.
+"""Train tab: the config form beside the live view of the run (Start/Stop/Resume, queue, progress, loss,
+previews, log), the VRAM-aware preset and the memory line, YAML save/load.
 
 The form comes from `ui.form` (derived from TrainConfig). Start validates the form with
 `core.config.config_from_dict` (errors shown per key) and hands the config to the one
@@ -23,12 +24,16 @@ from core import presets
 from core.config import (RETIRED_KEYS, ConfigError, TrainConfig, config_from_dict, config_to_yaml, read_yaml,
                          save_config)
 from core.job import JobBusyError
-from ui import catalog, form, state
+from ui import catalog, form, lists, state
+from ui.memory_line import memory_line
 from ui.plots import loss_figure
+from ui.queue_view import HEADERS as QUEUE_HEADERS
+from ui.queue_view import queue_rows
 from ui.status import log_text, progress_html, sample_gallery, sample_texts_markdown
 from ui.wiring import bind
 
 POLL_SECONDS = 2.0
+LOG_LINES = 40  # the last lines of the log beside the form; the full log is in the run folder
 MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank", "conv_rank", "lora_variant", "mixed_precision",
                "gradient_checkpointing", "train_text_encoder", "optimizer", "cache_latents", "max_seq_length",
                "cache_text_encoder_outputs", "fp8_base", "blocks_to_swap", "base_quantization", "lora_blocks")
@@ -56,14 +61,6 @@ def apply_preset_values(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
     values = {k: v for k, v in merged.items() if k in form.FIELDS and k not in ("preset",)}
     chosen = merged.get("preset", name)
     return values, reason or f"Preset {chosen}: its values are now in the form; change any of them."
-
-
-def memory_line(raw: dict[str, Any]) -> str:
-    """The predicted peak memory of the form's own values, with what to change when it will not fit."""
-    try:
-        return "**Memory:** " + presets.describe_choice(dict(raw, preset=""))
-    except Exception as exc:  # noqa: BLE001 - an estimate must never break the form
-        return f"Memory estimate unavailable: {exc}"
 
 
 def free_tryout_models() -> None:
@@ -158,33 +155,57 @@ def on_estimate(train_form: TrainForm, *values: Any) -> str:
     return memory_line(train_form.raw(values))
 
 
-def on_start(train_form: TrainForm, *args: Any, resume: bool = False) -> list[Any]:
-    """args: the field values, then the keys marked by the last attempt. -> [message, *marks]."""
+def start_run(job: Any, cfg: TrainConfig) -> None:
+    """Start `cfg` on `job`: its output folder becomes servable and the Test tab's models leave the device."""
+    state.allow_folder(cfg.output_dir)
+    free_tryout_models()
+    job.start(cfg)
+
+
+def on_start(train_form: TrainForm, *args: Any, resume: bool = False, queue: bool = False) -> list[Any]:
+    """args: the field values, then the keys marked by the last attempt. -> [message, *marks].
+
+    `queue`: add the run to the queue instead (it starts when the runs before it have ended)."""
     *values, previously = args
     try:
         cfg = validated(train_form, values, **({"resume_from": "latest"} if resume else {}))
     except ConfigError as exc:
         return [errors_markdown(exc.errors), *marks(train_form, exc.errors, previously)]
     cleared = marks(train_form, {}, previously)
+    if queue:
+        entry = state.QUEUE.add(cfg)
+        return [f"Queued **{entry.name}** (#{entry.id}) → `{entry.output_dir}`; it starts when the device is "
+                "free. The queue is under the log.", *cleared]
     try:
-        state.allow_folder(cfg.output_dir)
-        free_tryout_models()
-        state.JOB.start(cfg)
+        start_run(state.JOB, cfg)
     except JobBusyError as exc:
-        return [f"**{exc}**", *cleared]
+        return [f"**{exc}** Or press *Add to queue*: it starts when this one ends.", *cleared]
     except Exception as exc:  # noqa: BLE001 - say it instead of freezing the page
         return [f"**Could not start:** {exc}", *cleared]
     word = "Resuming" if resume else "Started"
-    return [f"{word} **{cfg.name}** → `{cfg.output_dir}`. Progress, loss and previews update below.", *cleared]
+    return [f"{word} **{cfg.name}** → `{cfg.output_dir}`. Progress, loss and previews update here.", *cleared]
 
 
 def on_resume(train_form: TrainForm, *args: Any) -> list[Any]:
     return on_start(train_form, *args, resume=True)
 
 
+def on_queue(train_form: TrainForm, *args: Any) -> list[Any]:
+    return on_start(train_form, *args, queue=True)
+
+
+def on_remove(entry_id: float | None) -> str:
+    """Take a waiting run out of the queue by its #."""
+    if entry_id is None or entry_id == "":
+        return "Type the # of a queued run first."
+    if state.QUEUE.remove(int(entry_id)):
+        return f"Removed #{int(entry_id)} from the queue."
+    return f"#{int(entry_id)} is not waiting in the queue (a running one is stopped with Stop)."
+
+
 def on_stop() -> str:
     if state.JOB.stop():
-        return "Stopping: the current step finishes, a checkpoint is saved, then the run ends."
+        return "Stopping: the current step finishes, a checkpoint is saved, then the run ends (queued runs go on)."
     return "Nothing is running."
 
 
@@ -246,9 +267,14 @@ def on_output_name(name: str) -> tuple[Any, Any]:
 
 
 def poll(seen: dict | None) -> tuple[Any, ...]:
-    """(progress, plot, gallery, text samples, log, device line, seen): only what changed is redrawn."""
+    """(progress, plot, gallery, text samples, log, device line, queue, seen): only what changed is redrawn."""
     snap = state.JOB.snapshot()
     seen = dict(seen or {})
+    rows = queue_rows(state.QUEUE.entries())
+    queue_out: Any = gr.skip()
+    if rows != seen.get("queue"):
+        queue_out = gr.update(value=rows, visible=bool(rows))
+        seen["queue"] = rows
     device_out: Any = gr.skip()
     state.start_warmup()
     if not seen.get("device") and state.device_line():
@@ -267,8 +293,8 @@ def poll(seen: dict | None) -> tuple[Any, ...]:
         gallery_out = sample_gallery(snap) if ours else []
         texts_out = sample_texts_markdown(snap) if ours else ""
         seen["samples"] = key_samples
-    log_out = log_text(snap) if ours else gr.skip()
-    return progress_html(snap, "train"), plot_out, gallery_out, texts_out, log_out, device_out, seen
+    log_out = log_text(snap, LOG_LINES) if ours else gr.skip()
+    return progress_html(snap, "train"), plot_out, gallery_out, texts_out, log_out, device_out, queue_out, seen
 
 
 def on_dataset(folder: str) -> Any:
@@ -277,15 +303,21 @@ def on_dataset(folder: str) -> Any:
 
 
 # -- widgets richer than the metadata gives ---------------------------------------------
-def base_model_widget(spec: form.FieldSpec, label: str) -> gr.Dropdown:
-    return gr.Dropdown(choices=catalog.base_models("image-generation"), value="", label=label,
-                       info=spec.help + " Found under models/ (WebUI layout); or type a path or hub id.",
-                       allow_custom_value=True, elem_id="cfg-base_model")
+def base_model_widget(refreshers: list[Any], spec: form.FieldSpec, label: str) -> gr.Dropdown:
+    with gr.Row(equal_height=True):
+        dropdown = gr.Dropdown(choices=catalog.base_models("image-generation"), value="", label=label,
+                               info=spec.help + " Found under models/ (WebUI layout); or type a path or hub id.",
+                               allow_custom_value=True, elem_id="cfg-base_model", scale=8)
+        refreshers.append(lists.refresh_button("train-refresh-models"))
+    return dropdown
 
 
-def data_widget(spec: form.FieldSpec, label: str) -> gr.Dropdown:
-    return gr.Dropdown(choices=catalog.datasets(), value="", label=label, info=spec.help,
-                       allow_custom_value=True, elem_id="cfg-train_data_dir")
+def data_widget(refreshers: list[Any], spec: form.FieldSpec, label: str) -> gr.Dropdown:
+    with gr.Row(equal_height=True):
+        dropdown = gr.Dropdown(choices=catalog.datasets(), value="", label=label, info=spec.help,
+                               allow_custom_value=True, elem_id="cfg-train_data_dir", scale=8)
+        refreshers.append(lists.refresh_button("train-refresh-data"))
+    return dropdown
 
 
 def preset_widget(spec: form.FieldSpec, label: str) -> gr.Dropdown:
@@ -295,39 +327,56 @@ def preset_widget(spec: form.FieldSpec, label: str) -> gr.Dropdown:
 
 # -- the tab ----------------------------------------------------------------------------
 def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One screen: the form on the left, the run (Start/Stop, progress, loss, previews, log, queue)
+    on the right, beside it, so the run is watched while the settings are read."""
     specs = form.field_specs()
-    device_md = gr.Markdown(state.device_line() or "Detecting the device …", elem_id="train-device")
-    preset_reason = gr.Markdown("", elem_id="train-preset-reason")
-    model_md = gr.Markdown("", elem_id="train-base-model")
-    widgets = form.build_form(specs, custom={"base_model": base_model_widget, "train_data_dir": data_widget,
-                                             "preset": preset_widget})
+    refreshers: list[Any] = []
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, elem_id="train-form"):
+            device_md = gr.Markdown(state.device_line() or "Detecting the device …", elem_id="train-device")
+            preset_reason = gr.Markdown("", elem_id="train-preset-reason")
+            model_md = gr.Markdown("", elem_id="train-base-model")
+            widgets = form.build_form(specs, custom={"base_model": bind(base_model_widget, refreshers),
+                                                     "train_data_dir": bind(data_widget, refreshers),
+                                                     "preset": preset_widget})
+            with gr.Accordion("Save / load the config (YAML) and the command line", open=False):
+                with gr.Row():
+                    config_path = gr.Textbox(value="./configs/my_lora.yaml", label="Config file", max_lines=1,
+                                             elem_id="train-config-path", scale=3)
+                    save_btn = gr.Button("Save YAML", elem_id="train-save", scale=1)
+                    load_btn = gr.Button("Load YAML", elem_id="train-load", scale=1)
+                upload = gr.File(label="…or drop a YAML file here to load it", file_types=[".yaml", ".yml"],
+                                 type="filepath", height=80)
+                command = gr.Code(value=form.command_line("./configs/my_lora.yaml"), language="shell",
+                                  label="The same run without the app", interactive=False, elem_id="train-command")
+                yaml_view = gr.Code(value="", language="yaml", label="YAML", interactive=False)
+        with gr.Column(scale=2, elem_id="train-live"):
+            with gr.Row():
+                start_btn = gr.Button("Start", variant="primary", size="md", elem_id="train-start")
+                stop_btn = gr.Button("Stop (save a checkpoint)", variant="stop", size="md", elem_id="train-stop")
+            with gr.Row():
+                resume_btn = gr.Button("Resume latest", size="md", elem_id="train-resume")
+                queue_btn = gr.Button("Add to queue", size="md", elem_id="train-queue-add")
+            message = gr.Markdown("", elem_id="train-message")
+            memory_md = gr.Markdown("", elem_id="train-memory")
+            progress = gr.HTML(progress_html(state.JOB.snapshot(), "train"), elem_id="train-progress")
+            # The figure names its own lines; Gradio's label would sit over its title.
+            plot = gr.Plot(label="Loss (raw, smoothed) and learning rate", show_label=False,
+                           elem_id="train-loss-plot")
+            samples = gr.Gallery(label="Sample previews by step (newest first)", columns=4, height=160,
+                                 object_fit="contain", elem_id="train-samples", allow_preview=True)
+            text_samples = gr.Markdown("", elem_id="train-text-samples")
+            log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=6, autoscroll=True, interactive=False,
+                             elem_id="train-log")
+            queue_table = gr.Dataframe(headers=QUEUE_HEADERS, value=[], label="Queue: runs start one after another",
+                                       interactive=False, wrap=True, visible=False, elem_id="train-queue")
+            with gr.Row():
+                remove_id = gr.Number(value=None, precision=0, minimum=1, label="# to remove", scale=1,
+                                      elem_id="train-queue-id")
+                remove_btn = gr.Button("Remove from the queue", scale=2, elem_id="train-queue-remove")
     inputs = form.ordered(widgets, specs)
     train_form = TrainForm(specs, {name: getattr(widget, "info", None) or "" for name, widget in widgets.items()})
     marked = gr.State([])  # the keys marked wrong by the last Start / Save
-    memory_md = gr.Markdown("", elem_id="train-memory")
-    message = gr.Markdown("", elem_id="train-message")
-    with gr.Row():
-        start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
-        stop_btn = gr.Button("Stop (save a checkpoint)", variant="stop", elem_id="train-stop")
-        resume_btn = gr.Button("Resume latest", elem_id="train-resume")
-    with gr.Accordion("Save / load the config (YAML) and the command line", open=False):
-        with gr.Row():
-            config_path = gr.Textbox(value="./configs/my_lora.yaml", label="Config file", max_lines=1,
-                                     elem_id="train-config-path", scale=3)
-            save_btn = gr.Button("Save YAML", elem_id="train-save", scale=1)
-            load_btn = gr.Button("Load YAML", elem_id="train-load", scale=1)
-        upload = gr.File(label="…or drop a YAML file here to load it", file_types=[".yaml", ".yml"],
-                         type="filepath", height=80)
-        command = gr.Code(value=form.command_line("./configs/my_lora.yaml"), language="shell",
-                          label="The same run without the app", interactive=False, elem_id="train-command")
-        yaml_view = gr.Code(value="", language="yaml", label="YAML", interactive=False)
-    progress = gr.HTML(progress_html(state.JOB.snapshot(), "train"), elem_id="train-progress")
-    with gr.Row():
-        plot = gr.Plot(label="Loss (raw, smoothed) and learning rate", elem_id="train-loss-plot")
-        samples = gr.Gallery(label="Sample previews by step", columns=3, height=300, elem_id="train-samples",
-                             allow_preview=True)
-    text_samples = gr.Markdown("", elem_id="train-text-samples")
-    log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
     memo = gr.State({})
     timer = gr.Timer(POLL_SECONDS)
 
@@ -340,18 +389,24 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     widgets["preset"].input(bind(on_preset, train_form), inputs, [preset_reason, *inputs])
     for key in MEMORY_KEYS:
         widgets[key].change(bind(on_estimate, train_form), inputs, memory_md, show_progress="hidden")
-    # Start, Resume and Save also mark the fields a config error names (no spinner over the form).
-    start_btn.click(bind(on_start, train_form), [*inputs, marked], [message, *inputs, marked], show_progress="hidden")
-    resume_btn.click(bind(on_resume, train_form), [*inputs, marked], [message, *inputs, marked],
+    # Start, Resume, Queue and Save also mark the fields a config error names (no spinner over the form).
+    for button, handler in ((start_btn, on_start), (resume_btn, on_resume), (queue_btn, on_queue)):
+        button.click(bind(handler, train_form), [*inputs, marked], [message, *inputs, marked],
                      show_progress="hidden")
     stop_btn.click(on_stop, None, message)
+    remove_btn.click(on_remove, remove_id, message)
     save_btn.click(bind(on_save, train_form), [config_path, *inputs, marked],
                    [message, command, yaml_view, *inputs, marked], show_progress="hidden")
     load_btn.click(bind(on_load, specs), config_path, [message, *inputs])
     upload.upload(bind(on_upload, specs), upload, [message, *inputs])
     widgets["output_name"].change(on_output_name, widgets["output_name"], [widgets["output_dir"], config_path])
-    timer.tick(poll, memo, [progress, plot, samples, text_samples, log, device_md, memo], show_progress="hidden")
+    timer.tick(poll, memo, [progress, plot, samples, text_samples, log, device_md, queue_table, memo],
+               show_progress="hidden")
     if data and "folder" in data:
         data["folder"].change(on_dataset, data["folder"], widgets["train_data_dir"])
+    live = [lists.LiveList(widgets["base_model"], catalog.base_models, (widgets["task_type"],)),
+            lists.LiveList(widgets["train_data_dir"], catalog.datasets)]
+    for button in refreshers:
+        lists.wire(button, live)
     return {"widgets": widgets, "specs": specs, "start": start_btn, "stop": stop_btn, "message": message,
-            "progress": progress, "timer": timer}
+            "progress": progress, "timer": timer, "lists": live, "queue": queue_table}

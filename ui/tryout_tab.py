@@ -1,9 +1,11 @@
 """The Test tab, where you try a LoRA. Images: generate at a LoRA weight and compare weights x
 checkpoints in one labelled grid. Text: chat with the adapter, and the base and the LoRA side by side.
 
-Generation runs in the request (like WebUI's Generate) with Gradio's progress, but is
-refused while a training job holds the device; the pipelines load lazily in `core.sample`
-/ `core.sample_text` and are cached between clicks. Those modules import torch, so they
+Generating images and the compare grid run as jobs on the one `ui.state.JOB`
+(`core.tryout` targets, one image at a time) with a progress bar and a Stop button; the page
+polls the job, so a reloaded page shows the one still running and then its result. The chat
+answers in the request. Both are refused while another job holds the device; the pipelines
+load lazily in `core.sample` / `core.sample_text` and are cached between clicks. Those modules import torch, so they
 are imported in the handlers that use them, never when the app starts.
 
 The handlers are module functions of the widgets' values (tested without a browser);
@@ -19,10 +21,14 @@ from typing import Any
 
 import gradio as gr
 
+from core.job import JobBusyError, JobSnapshot
 from core.model_info import detect_model
-from ui import catalog, state
+from ui import catalog, lists, state
+from ui.status import STATE_WORDS, progress_html
 
 DEFAULT_WEIGHT = 0.8
+POLL_SECONDS = 2.0
+TRYOUT_KINDS = ("generate", "compare")  # the Job kinds this tab starts and shows
 
 
 class DeviceBusy(RuntimeError):
@@ -113,36 +119,47 @@ def text_paths(base_text: str, adapter_text: str) -> tuple[str, str | None]:
     return (model_arg(base_text) if base_text else ""), existing_arg(adapter_text, file_only=False)
 
 
-# -- image handlers ---------------------------------------------------------------------
+# -- image handlers: generating and comparing run as jobs ------------------------------------
+def generated_paths(lora_text: str, count: int) -> list[Path]:
+    """Where generated images go: the app's cache, one file per image, named after the LoRA and the time."""
+    stem = re.sub(r"[^\w.-]+", "_", Path(lora_text).stem if lora_text else "base") or "image"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return [state.CACHE_DIR / "generate" / f"{stem}-{stamp}-{index + 1}.png" for index in range(count)]
+
+
+def start_job(target: Any, kind: str, name: str) -> str:
+    """Hand the work to the one Job; '' when it started, else why not."""
+    try:
+        state.JOB.run(target, kind=kind, name=name)
+    except JobBusyError as exc:
+        return str(exc)
+    return ""
+
+
 def generate(base_text: str, lora_text: str, prompt_text: str, negative_text: str, weight: float, seed: float,
-             steps: float, guidance: float, size: float, progress: gr.Progress = gr.Progress()) -> tuple[Any, str]:
-    """(image or None, message): one image at the LoRA weight (or from the base model alone)."""
+             steps: float, guidance: float, size: float, count: float = 1) -> tuple[Any, str]:
+    """(cleared image, message): `count` images at the LoRA weight (or from the base model alone), as a job."""
     try:
         ensure_device_free()
         base_arg, lora_arg = image_paths(base_text, lora_text)
         check_family(lora_text, base_text)
     except (DeviceBusy, ValueError) as exc:
         return None, str(exc)
-    from core.sample import generate_images
+    from core.tryout import generate_target
 
-    progress(0.1, desc="Loading the model (the first time takes a while) …")
     side = int(size or 0) or None
-    started = time.perf_counter()
-    try:
-        images = generate_images(base_arg, lora_arg, [prompt_text or ""], weight=float(weight), seed=int(seed or 0),
-                                 steps=int(steps or 20), guidance=float(guidance or 0),
-                                 negative_prompt=negative_text or "", width=side, height=side)
-    except Exception as exc:  # noqa: BLE001 - show it in the page, not as a traceback
-        return None, f"**Could not generate:** {html.escape(str(exc))}"
-    note = f"Generated at LoRA weight {float(weight):g} in {time.perf_counter() - started:.1f} s." if lora_arg \
-        else "Generated with the base model alone (no LoRA chosen)."
-    return images[0], note
+    number = max(1, int(count or 1))
+    target = generate_target(base_arg, lora_arg, prompt_text or "", generated_paths(lora_text, number),
+                             weight=float(weight), seed=int(seed or 0), steps=int(steps or 20),
+                             guidance=float(guidance or 0), negative_prompt=negative_text or "", width=side,
+                             height=side)
+    refused = start_job(target, "generate", webui_syntax(lora_text, float(weight)) if lora_arg else "base model")
+    return None, refused or f"Generating {number} image(s) …"
 
 
 def compare(base_text: str, lora_text: str, prompt_text: str, negative_text: str, seed: float, steps: float,
-            guidance: float, size: float, with_checkpoints: bool,
-            progress: gr.Progress = gr.Progress()) -> tuple[str | None, str]:
-    """(grid PNG path or None, message): the LoRA (and its checkpoints) at each compare weight."""
+            guidance: float, size: float, with_checkpoints: bool) -> tuple[Any, str]:
+    """(cleared grid, message): the LoRA (and its checkpoints) at each compare weight, as a job."""
     try:
         ensure_device_free()
         base_arg, lora_arg = image_paths(base_text, lora_text)
@@ -151,22 +168,68 @@ def compare(base_text: str, lora_text: str, prompt_text: str, negative_text: str
         check_family(lora_text, base_text)
     except (DeviceBusy, ValueError) as exc:
         return None, str(exc)
-    from core.sample import COMPARE_WEIGHTS, compare_grid
+    from core.sample import COMPARE_WEIGHTS
+    from core.tryout import compare_target
 
     files = compare_files(lora_text, bool(with_checkpoints))
-    progress(0.1, desc=f"Rendering {len(files) * len(COMPARE_WEIGHTS)} images …")
     side = int(size or 0) or None
     out = grid_path(lora_text)
-    try:
-        compare_grid(base_arg, [str(f) for f in files], [prompt_text or ""], out, weights=COMPARE_WEIGHTS,
-                     seed=int(seed or 0), steps=int(steps or 20), guidance=float(guidance or 0),
-                     negative_prompt=negative_text or "", width=side, height=side)
-    except Exception as exc:  # noqa: BLE001
-        return None, f"**Could not make the grid:** {html.escape(str(exc))}"
+    target = compare_target(base_arg, [str(f) for f in files], prompt_text or "", out, weights=COMPARE_WEIGHTS,
+                            seed=int(seed or 0), steps=int(steps or 20), guidance=float(guidance or 0),
+                            negative_prompt=negative_text or "", width=side, height=side)
+    refused = start_job(target, "compare", Path(lora_text).name)
+    if refused:
+        return None, refused
     rows = ", ".join(Path(f).parent.name if Path(f).parent.name.startswith("step-") else "final" for f in files)
     weights = ", ".join(f"{w:g}" for w in COMPARE_WEIGHTS)
-    shown = catalog.rel(out)
-    return str(out), f"Grid saved as `{shown}` — columns: weights {weights}; rows: {rows}."
+    return None, (f"Rendering {len(files) * len(COMPARE_WEIGHTS)} images into `{catalog.rel(out)}` — "
+                  f"columns: weights {weights}; rows: {rows} …")
+
+
+def stop_tryout() -> str:
+    snap = state.JOB.snapshot()
+    if snap.kind in TRYOUT_KINDS and state.JOB.stop():
+        return "Stopping after the image being drawn."
+    return "No image job is running."
+
+
+def result_message(snap: JobSnapshot, result: Any) -> str:
+    """The sentence under the buttons once a generate / compare job has ended."""
+    if snap.state == "failed":
+        error = snap.error.message if snap.error else "unknown error"
+        what = "make the grid" if snap.kind == "compare" else "generate"
+        return f"**Could not {what}:** {html.escape(error)}"
+    message = getattr(result, "message", "") or STATE_WORDS.get(snap.state, snap.state)
+    if snap.kind == "compare" and getattr(result, "paths", None):
+        message = f"Grid saved as `{catalog.rel(Path(result.paths[0]))}`. {message}"
+    return message
+
+
+def poll(seen: dict | None) -> tuple[Any, ...]:
+    """(progress, image, grid, message, seen): the running or last generate / compare job, redrawn when
+    it changes, so a reloaded page shows the job still running and then its result."""
+    snap = state.JOB.snapshot()
+    seen = dict(seen or {})
+    ours = snap.kind in TRYOUT_KINDS
+    if not ours:
+        shown = progress_html(snap, "generate") if snap.running else ""
+        return shown, gr.skip(), gr.skip(), gr.skip(), seen
+    image_out: Any = gr.skip()
+    grid_out: Any = gr.skip()
+    message_out: Any = gr.skip()
+    images = [path for event in snap.samples for path in event.images]
+    key_images = (snap.started_at, len(images))
+    if snap.kind == "generate" and images and key_images != seen.get("images"):
+        image_out = images[-1]  # the newest image, as soon as it is drawn
+        seen["images"] = key_images
+    key_end = (snap.started_at, snap.state)
+    if not snap.running and key_end != seen.get("end"):
+        result = state.JOB.result
+        if snap.kind == "compare" and getattr(result, "paths", None):
+            grid_out = result.paths[0]
+        message_out = result_message(snap, result)
+        seen["end"] = key_end
+    return progress_html(snap), image_out, grid_out, message_out, seen
 
 
 def on_lora(lora_text: str, base_text: str, weight: float) -> tuple[str, str]:
@@ -180,12 +243,6 @@ def on_base(base_text: str, lora_text: str) -> str:
 
 def on_weight(lora_text: str, weight: float) -> str:
     return webui_syntax(lora_text, float(weight))
-
-
-def on_refresh() -> tuple[Any, Any, Any, Any]:
-    """New choices for (image model, LoRA, text model, adapter)."""
-    return (gr.update(choices=catalog.image_models()), gr.update(choices=catalog.lora_files()),
-            gr.update(choices=catalog.text_models()), gr.update(choices=catalog.text_adapters()))
 
 
 def on_task(task: str) -> tuple[Any, Any]:
@@ -250,7 +307,7 @@ def side_by_side(base_text: str, adapter_text: str, weight: float, tokens: float
 def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     with gr.Row():
         task = gr.Radio(["image", "text"], value="image", label="What to test", elem_id="test-task", scale=4)
-        refresh = gr.Button("↻ Refresh the model and LoRA lists", scale=1, elem_id="test-refresh")
+        refresh = lists.refresh_button("test-refresh")  # rescans the four lists (also done on selecting the tab)
     with gr.Group(visible=True) as image_box:
         with gr.Row():
             base = gr.Dropdown(choices=catalog.image_models(), value="", allow_custom_value=True, scale=3,
@@ -270,12 +327,17 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
         syntax = gr.Textbox(value=webui_syntax("", DEFAULT_WEIGHT), label="In WebUI / Forge prompts, write",
                             interactive=False, buttons=["copy"], elem_id="test-syntax")
         with gr.Row():
-            generate_btn = gr.Button("Generate", variant="primary", elem_id="test-generate")
-            with_ckpts = gr.Checkbox(value=False, label="Compare over checkpoints too", elem_id="test-ckpts")
-            compare_btn = gr.Button("Compare weights", elem_id="test-compare")
+            count = gr.Number(value=1, precision=0, minimum=1, maximum=64, label="Images", scale=1,
+                              elem_id="test-count")
+            generate_btn = gr.Button("Generate", variant="primary", scale=2, elem_id="test-generate")
+            with_ckpts = gr.Checkbox(value=False, label="Compare over checkpoints too", scale=2, elem_id="test-ckpts")
+            compare_btn = gr.Button("Compare weights", scale=2, elem_id="test-compare")
+            stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="test-stop")
+        progress = gr.HTML(progress_html(state.JOB.snapshot(), "generate"), elem_id="test-progress")
         image_message = gr.Markdown("", elem_id="test-message")
         with gr.Row():
-            image_out = gr.Image(label="Result", type="pil", interactive=False, height=400, elem_id="test-image")
+            image_out = gr.Image(label="Result (the newest image)", type="filepath", interactive=False, height=400,
+                                 elem_id="test-image")
             grid_out = gr.Image(label="Compare grid (saved as one PNG)", type="filepath", interactive=False,
                                 height=400, elem_id="test-grid")
     with gr.Group(visible=False) as text_box:
@@ -300,14 +362,21 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
 
     # -- wiring -----------------------------------------------------------------------------
     task.change(on_task, task, [image_box, text_box])
-    generate_btn.click(generate, [base, lora, prompt, negative, weight, seed, steps, guidance, size],
-                       [image_out, image_message], concurrency_limit=1, concurrency_id="device")
+    memo = gr.State({})
+    timer = gr.Timer(POLL_SECONDS)
+    # Generate and Compare only start a job (the page polls it), so a long grid never holds a request.
+    generate_btn.click(generate, [base, lora, prompt, negative, weight, seed, steps, guidance, size, count],
+                       [image_out, image_message])
     compare_btn.click(compare, [base, lora, prompt, negative, seed, steps, guidance, size, with_ckpts],
-                      [grid_out, image_message], concurrency_limit=1, concurrency_id="device")
+                      [grid_out, image_message])
+    stop_btn.click(stop_tryout, None, image_message)
+    timer.tick(poll, memo, [progress, image_out, grid_out, image_message, memo], show_progress="hidden")
     lora.change(on_lora, [lora, base, weight], [syntax, family])
     base.change(on_base, [base, lora], family)
     weight.change(on_weight, [lora, weight], syntax, show_progress="hidden")
-    refresh.click(on_refresh, None, [base, lora, text_base, adapter])
+    live = [lists.LiveList(base, catalog.image_models), lists.LiveList(lora, catalog.lora_files),
+            lists.LiveList(text_base, catalog.text_models), lists.LiveList(adapter, catalog.text_adapters)]
+    lists.wire(refresh, live)
     chat_inputs = [text_base, adapter, text_weight, max_tokens, chat, question]
     send_btn.click(send, chat_inputs, [chat, question, text_message], concurrency_limit=1, concurrency_id="device")
     question.submit(send, chat_inputs, [chat, question, text_message], concurrency_limit=1, concurrency_id="device")
@@ -318,4 +387,4 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
         widgets = train["widgets"]
         widgets["base_model"].change(follow_trained_model, [widgets["base_model"], widgets["task_type"]],
                                      [base, text_base])
-    return {"task": task, "base": base, "lora": lora, "refresh": refresh}
+    return {"task": task, "base": base, "lora": lora, "refresh": refresh, "lists": live}

@@ -52,3 +52,28 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
 
 def text_of(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id}").inner_text()
+
+
+def in_viewport(page, elem_id: str) -> bool:
+    """The element is shown and lies wholly inside the window as it is now, without scrolling."""
+    element = page.locator(f"#{elem_id}")
+    if not element.is_visible():
+        return False
+    box = element.bounding_box()
+    height = page.viewport_size["height"]
+    return box is not None and box["height"] > 0 and box["y"] >= 0 and box["y"] + box["height"] <= height
+
+
+def has_option(page, elem_id: str, option: str) -> bool:
+    """Open the dropdown and tell whether `option` is among its choices (closed again afterwards)."""
+    box = field(page, elem_id)
+    box.scroll_into_view_if_needed()
+    box.click()
+    try:
+        page.get_by_role("option", name=option).first.wait_for(timeout=5_000)
+        return True
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError: the option is not there
+        return False
+    finally:
+        box.press("Escape")
+        page.locator("body").click(position={"x": 2, "y": 2})

@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from tests.ui.conftest import screenshot, start_app, stop_app
-from tests.ui.gradio_page import choose, fill, open_accordion, tab, text_of, wait_for
+from tests.ui.gradio_page import choose, fill, has_option, in_viewport, open_accordion, tab, text_of, wait_for
 
 pytestmark = pytest.mark.slow  # the app in its own process and a browser: about a minute
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow  # the app in its own process and a browser: about
 def image_app(tmp_path, tiny_sd1, tiny_blip_dir):
     work = tmp_path / "work"
     shutil.copytree(tiny_sd1.folder, work / "models" / "Stable-diffusion" / "tiny-sd1")
+    shutil.copy(tiny_sd1.single_file, tmp_path / "tiny-sd1.safetensors")  # copied into models/ later, while the app runs
     shutil.copytree(tiny_blip_dir, work / "models" / "captioners" / "tiny-blip")
     # The photos a user would drop in: real pictures from scikit-image, in a few sizes and modes.
     from tests.fixtures.image_folders import photo
@@ -73,6 +74,12 @@ def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
 
     # Train: the base model comes from models/Stable-diffusion, the data set from the Dataset tab.
     tab(page, "Train")
+    # A checkpoint copied into models/ while the app runs appears in the list after pressing 🔄.
+    late = app.work / "models" / "Stable-diffusion" / "late-model.safetensors"
+    assert not has_option(page, "cfg-base_model", "late-model")
+    shutil.copy(tiny_sd1_single(app), late)
+    page.locator("#train-refresh-models").click()
+    wait_for(lambda: has_option(page, "cfg-base_model", "late-model"), 30, "the copied model in the list")
     # A mistyped model path: Start refuses, and the field itself says what is wrong.
     fill(page, "cfg-base_model", "./models/Stable-diffusion/tiny-sd1-typo")
     page.locator("#train-start").click()
@@ -96,6 +103,9 @@ def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
     steps = []
     wait_for(lambda: steps.append(step_of(page)) or steps[-1] >= 1, 300, "the first step")
     wait_for(lambda: page.locator("#train-loss-plot img, #train-loss-plot svg").count() > 0, 60, "the loss plot")
+    # The run is watched beside the settings: progress, loss and Stop in the window without scrolling.
+    for elem_id in ("train-progress", "train-loss-plot", "train-stop", "train-start"):
+        assert in_viewport(page, elem_id), f"#{elem_id} is not in the window after Start"
     wait_for(lambda: page.locator("#train-samples img").count() > 0, 400, "a sample preview")
     wait_for(lambda: step_of(page) > steps[0], 300, "the progress bar to move")
     assert "step 2" in text_of(page, "train-samples") or page.locator("#train-samples img").count() > 0
@@ -107,7 +117,10 @@ def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
     assert (run / "cats_lora.safetensors").is_file() and list((run / "checkpoints").glob("step-*"))
 
     # Test: generate at weight 0.8 with the run's file, then a compare grid over weights.
+    # A LoRA copied into models/Lora/ shows up when the tab is selected (the tab rescans its lists).
+    shutil.copy(run / "cats_lora.safetensors", app.work / "models" / "Lora" / "copied_style.safetensors")
     tab(page, "Test")
+    wait_for(lambda: has_option(page, "test-lora", "copied_style"), 30, "the copied LoRA in the Test tab's list")
     page.locator("#test-refresh").click()
     choose(page, "test-base", "tiny-sd1")
     choose(page, "test-lora", "cats_lora/cats_lora.safetensors")
@@ -118,11 +131,17 @@ def test_pictures_become_a_tested_lora_without_a_terminal(page, image_app):
     page.locator("#test-generate").click()
     wait_for(lambda: "weight 0.8" in text_of(page, "test-message"), 300, "a generated image")
     assert page.locator("#test-image img").count() == 1
+    assert "Finished" in text_of(page, "test-progress")  # generating ran as a job with a progress bar
     page.locator("#test-compare").click()
     wait_for(lambda: "Grid saved" in text_of(page, "test-message"), 400, "the compare grid")
     grids = list((run / "compare").glob("cats_lora-*.png"))
     assert len(grids) == 1 and page.locator("#test-grid img").count() == 1
     screenshot(page, "test")
+
+
+def tiny_sd1_single(app) -> str:
+    """The tiny model's single-file checkpoint, copied into the work folder by the fixture below."""
+    return str(app.work.parent / "tiny-sd1.safetensors")
 
 
 def field_value(page, elem_id: str) -> str:

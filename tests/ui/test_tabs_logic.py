@@ -208,3 +208,148 @@ def test_the_tryout_handlers_say_what_is_missing_before_loading_a_model(work):
     assert note == "Choose an adapter to compare with the base model."
     *_, note = tryout_tab.send("", "./output/nope/adapter", 1.0, 16, [], "hello")
     assert note == "./output/nope/adapter does not exist."
+
+
+# -- live lists --------------------------------------------------------------------------------
+def test_a_model_copied_in_while_the_app_runs_is_listed_on_the_next_rescan_and_parts_never_are(work):
+    from ui import lists
+
+    root, (state, catalog, *_) = work
+    touch(root / "models" / "Stable-diffusion" / "v1-5.safetensors")
+    live = [lists.LiveList(None, catalog.image_models), lists.LiveList(None, catalog.text_models)]
+    before = lists.rescan([(item.choices, 0) for item in live])
+    assert before[0]["choices"] == ["./models/Stable-diffusion/v1-5.safetensors"] and before[1]["choices"] == []
+    # A diffusers folder copied in part by part: while model_index.json is missing nothing is listed;
+    # once it is there the folder is one model and its parts never appear.
+    tiny = root / "models" / "Stable-diffusion" / "tiny-sd"
+    touch(tiny / "unet" / "config.json")
+    touch(tiny / "unet" / "diffusion_pytorch_model.safetensors")
+    touch(tiny / "text_encoder" / "config.json")
+    touch(tiny / "text_encoder" / "model.safetensors")
+    assert catalog.image_models() == ["./models/Stable-diffusion/v1-5.safetensors"]
+    touch(tiny / "model_index.json")
+    touch(root / "models" / "diffusion_models" / "flux1-dev.safetensors")
+    touch(root / "models" / "diffusion_models" / "flux-diffusers" / "transformer" / "config.json")
+    touch(root / "models" / "diffusion_models" / "flux-diffusers" / "transformer" /
+          "diffusion_pytorch_model-00001-of-00003.safetensors")
+    touch(root / "models" / "Stable-diffusion" / "styles" / "anime.ckpt")  # WebUI's sub-folders are searched
+    touch(root / "models" / "llm" / "tiny-llm" / "config.json")
+    touch(root / "models" / "llm" / "tiny-llm" / "model.safetensors")
+    touch(root / "models" / "llm" / "q4.gguf")
+    touch(root / "models" / "llm" / "notes.txt")
+    touch(root / "models" / "llm" / "stray.safetensors")
+    touch(root / "models" / "Lora" / "new.safetensors")
+    after = lists.rescan([(item.choices, 0) for item in live] + [(catalog.lora_files, 0)])
+    assert after[0]["choices"] == ["./models/Stable-diffusion/styles/anime.ckpt", "./models/Stable-diffusion/tiny-sd",
+                                   "./models/Stable-diffusion/v1-5.safetensors",
+                                   "./models/diffusion_models/flux1-dev.safetensors"]
+    assert after[1]["choices"] == ["./models/llm/q4.gguf", "./models/llm/tiny-llm"]
+    assert after[2]["choices"] == ["./models/Lora/new.safetensors"]
+    # A tab with a single live dropdown gets the update itself: Gradio would take a one-item list
+    # returned for one output as that dropdown's value.
+    single = lists.rescan_one((catalog.lora_files, 0))
+    assert isinstance(single, dict) and single["choices"] == ["./models/Lora/new.safetensors"]
+
+
+def test_the_train_tabs_base_model_list_follows_the_task_type(work):
+    from ui import lists
+
+    root, (state, catalog, *_) = work
+    touch(root / "models" / "Stable-diffusion" / "v1-5.safetensors")
+    touch(root / "models" / "llm" / "q4.gguf")
+    updates = lists.rescan([(catalog.base_models, 1), (catalog.datasets, 0)], "text-generation")
+    assert updates[0]["choices"] == ["./models/llm/q4.gguf"] and updates[1]["choices"] == []
+    assert lists.rescan([(catalog.base_models, 1)], "image-generation")[0]["choices"] == [
+        "./models/Stable-diffusion/v1-5.safetensors"]
+
+
+# -- the memory line ---------------------------------------------------------------------------
+def test_the_memory_line_says_the_estimate_of_the_form_in_plain_words(work, monkeypatch):
+    from core.devices import DeviceInfo
+    from core.memory import MemoryEstimate
+    from ui import memory_line
+
+    fits = MemoryEstimate(total_gb=9.8, parts={"UNet weights": 3.2, "activations": 6.6}, fits=True, budget_gb=11.0)
+    line = memory_line.memory_words(fits, "SD 1.x", "RTX 3060 (12.0 GB, 11.9 GB free)")
+    assert line.startswith("**Memory:** Estimated peak memory: 9.8 GB of your 11.0 GB usable (fits) — SD 1.x on RTX")
+    tight = MemoryEstimate(total_gb=14.0, fits=False, budget_gb=11.0, advice="Change batch_size 4 -> 2 to fit.")
+    assert "(will likely NOT fit)" in memory_line.memory_words(tight, "SDXL", "x") and "batch_size 4 -> 2" in \
+        memory_line.memory_words(tight, "SDXL", "x")
+    # After `preset: auto` filled the form, the line is the form's estimate, never "No preset: ...".
+    import core.presets
+
+    monkeypatch.setattr(core.presets, "detect_device", lambda: DeviceInfo("cuda", "RTX 3060", 12.0, 11.9))
+    line = memory_line.memory_line({"preset": "auto", "task_type": "image-generation", "base_model": "",
+                                    "resolution": 512, "batch_size": 1, "gradient_checkpointing": True})
+    assert line.startswith("**Memory:** Estimated peak memory: ") and "No preset" not in line
+    assert "of your 10.9 GB usable" in line and "RTX 3060" in line
+
+
+# -- generate and compare as jobs -------------------------------------------------------------
+def test_generating_runs_as_a_job_a_reloaded_page_sees_and_a_stop_ends(work, tiny_sd1):
+    root, (state, catalog, train_tab, tryout_tab) = work
+    state.JOB.subscribe(lambda event: event.kind == "sample" and state.JOB.stop())  # Stop after the first image
+    image, message = tryout_tab.generate(str(tiny_sd1.folder), "", "a cat", "", 0.8, 1, 2, 1.0, 64, 3)
+    assert image is None and message == "Generating 3 image(s) …"
+    progress, *_ = tryout_tab.poll(None)  # a page (re)loaded now shows the job, not an empty bar
+    assert "data-state='running'" in progress or "data-state='stopping'" in progress
+    snap = state.JOB.wait(300)
+    assert snap.kind == "generate" and snap.state == "stopped"
+    written = sorted((root / ".cache" / "ui" / "generate").glob("*.png"))
+    assert len(written) == 1 and snap.progress.step == 1 and snap.progress.total == 3
+    progress, image, grid, message, seen = tryout_tab.poll({})
+    assert image == str(written[0]) and message.startswith("Stopped: Generated 1 of 3 image(s)")
+    assert "data-state='stopped'" in progress
+    assert tryout_tab.poll(seen)[1:4] == (tryout_tab.gr.skip(),) * 3  # nothing redrawn twice
+    assert tryout_tab.stop_tryout() == "No image job is running."
+
+
+def test_a_stopped_compare_saves_no_grid_with_holes(work, tiny_sd1):
+    root, (state, catalog, train_tab, tryout_tab) = work
+    lora = touch(root / "output" / "run" / "run.safetensors")
+    state.JOB.subscribe(lambda event: event.kind == "progress" and state.JOB.stop())
+    grid, message = tryout_tab.compare(str(tiny_sd1.folder), "./output/run/run.safetensors", "a cat", "", 1, 2,
+                                       1.0, 64, False)
+    assert grid is None and message.startswith("Rendering 5 images into `./output/run/compare/run-")
+    snap = state.JOB.wait(60)
+    assert snap.kind == "compare" and snap.state == "stopped" and lora.is_file()
+    assert not list((root / "output" / "run" / "compare").glob("*.png"))
+    assert tryout_tab.poll({})[3] == "Stopped after 0 of 5 images; no grid saved."
+
+
+# -- the queue in the Train tab ---------------------------------------------------------------
+def test_add_to_queue_lists_the_run_in_the_table_and_a_queued_one_can_be_removed(work, tiny_sd1, sd_image_folder):
+    from ui import form
+
+    root, (state, catalog, train_tab, tryout_tab) = work
+    state.QUEUE.close()  # the entries stay queued: this test looks at the table, not at training
+    specs = form.field_specs()
+    train_form = train_tab.TrainForm(specs, {})
+    values = form.config_values(specs, {"train_data_dir": str(sd_image_folder), "base_model": str(tiny_sd1.folder),
+                                        "output_dir": "./output/cats", "output_name": "cats"})
+    message, *marks = train_tab.on_queue(train_form, *values, [])
+    assert message.startswith("Queued **cats** (#1) → `./output/cats`") and marks[-1] == []
+    message, *_ = train_tab.on_queue(train_form, *values, [])
+    assert "**cats-2** (#2) → `./output/cats-2`" in message  # the same settings again: its own folder
+    *_, table, seen = train_tab.poll(None)
+    assert table["value"] == [["1", "cats", "queued", "./output/cats"], ["2", "cats-2", "queued", "./output/cats-2"]]
+    assert table["visible"] is True
+    assert train_tab.on_remove(1) == "Removed #1 from the queue."
+    assert train_tab.on_remove(1).startswith("#1 is not waiting") and train_tab.on_remove(None).startswith("Type")
+    *_, table, seen = train_tab.poll(seen)
+    assert table["value"] == [["2", "cats-2", "queued", "./output/cats-2"]]
+    assert train_tab.poll(seen)[-2] == train_tab.gr.skip()  # unchanged: not redrawn
+    wrong = list(values)
+    wrong[[s.name for s in specs].index("lora_rank")] = 0
+    message, *_ = train_tab.on_queue(train_form, *wrong, [])
+    assert "Please fix" in message and len(state.QUEUE.entries()) == 1
+
+
+def test_the_train_form_reads_in_words_with_the_yaml_key_beside_them():
+    from ui import form
+
+    assert form.field_label("learning_rate") == "Learning rate · learning_rate"
+    assert form.field_label("train_data_dir") == "Data set · train_data_dir"
+    assert form.human_label("sample_max_new_tokens") == "Preview answer length (tokens)"
+    assert form.human_label("some_new_lr_key") == "Some new learning rate key"  # a new key labels itself
+    assert all(form.field_label(s.name).endswith(f" · {s.name}") for s in form.field_specs())
