@@ -110,10 +110,13 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
         free_memory()
 
 
-def _label(image: Image.Image, text: str) -> Image.Image:
+def label_cell(image: Image.Image, text: str) -> Image.Image:
+    """The image under a caption band. A cell is at least as wide as its caption (the image centred),
+    so the captions of neighbouring columns never run into each other, whatever the image size."""
     band = 18
-    canvas = Image.new("RGB", (image.width, image.height + band), "white")
-    canvas.paste(image, (0, band))
+    width = max(image.width, int(ImageDraw.Draw(image).textlength(text)) + 8)
+    canvas = Image.new("RGB", (width, image.height + band), "white")
+    canvas.paste(image, ((width - image.width) // 2, band))
     ImageDraw.Draw(canvas).text((4, 3), text, fill="black")
     return canvas
 
@@ -127,7 +130,7 @@ def compare_grid(base_model: str, lora_paths: str | Path | Sequence[str | Path],
         per_weight = [generate_images(base_model, file, prompts, weight=w, **kwargs) for w in weights]
         for p in range(len(prompts)):
             label = Path(file).parent.name if Path(file).name == "pytorch_lora_weights.safetensors" else Path(file).stem
-            rows.append([_label(per_weight[i][p], f"{label} w={w:g}") for i, w in enumerate(weights)])
+            rows.append([label_cell(per_weight[i][p], f"{label} w={w:g}") for i, w in enumerate(weights)])
     cell_w, cell_h = rows[0][0].size
     grid = Image.new("RGB", (cell_w * len(weights), cell_h * len(rows)), "white")
     for r, row in enumerate(rows):

@@ -92,8 +92,8 @@ def compare_target(base_model: str, lora_paths: Sequence[str | Path], prompt: st
     """
 
     def target(ctx: RunContext) -> TryoutResult:
-        # _label is core.sample's own cell caption, so the grid looks like compare_grid's.
-        from core.sample import _label, generate_images, save_image
+        # core.sample's own cell caption, so the grid looks like compare_grid's.
+        from core.sample import generate_images, label_cell, save_image
 
         total = len(lora_paths) * len(weights)
         ctx.emit(ProgressEvent(step=0, total=total, message="loading the model (the first time takes a while)"))
@@ -108,7 +108,7 @@ def compare_target(base_model: str, lora_paths: Sequence[str | Path], prompt: st
                     ctx.emit(DoneEvent(stopped=True, message=message))
                     return TryoutResult([], message, True)
                 image = generate_images(base_model, str(file), [prompt], weight=weight, **options)[0]
-                row.append(_label(image, f"{lora_label(file)} w={weight:g}"))
+                row.append(label_cell(image, f"{lora_label(file)} w={weight:g}"))
                 done += 1
                 _progress(ctx, done, total, started, f"{lora_label(file)} at weight {weight:g}")
             rows.append(row)

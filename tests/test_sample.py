@@ -100,11 +100,28 @@ def test_previews_change_with_the_lora_weight_and_a_grid_compares_them(trained, 
     grid = compare_grid(str(tiny_sd1.folder), [outputs["diffusers"]], ["a red thing"], tmp_path / "grid.png",
                         weights=(0.0, 1.0), **kwargs)
     with Image.open(grid) as image:
-        assert image.size == (2 * 64, 64 + 18)
-        # The weight-1.0 cell of the diffusers file shows what the kohya file gave.
-        cell = image.crop((64, 18, 128, 82)).convert("RGB")
+        column = image.width // 2  # two equal columns, each at least as wide as its caption
+        assert image.height == 64 + 18 and column >= 64
+        # The weight-1.0 cell of the diffusers file shows what the kohya file gave (centred in its column).
+        left = column + (column - 64) // 2
+        cell = image.crop((left, 18, left + 64, 82)).convert("RGB")
     assert cell.tobytes() == full[0].tobytes()
     clear_pipeline_cache()
+
+
+def test_grid_captions_stay_legible_at_small_sizes():
+    """At 64 px a caption like 'my_style_lora w=0.4' is wider than the image: the cell widens instead of
+    letting the captions of neighbouring columns run into each other."""
+    from PIL import ImageDraw
+
+    from core.sample import label_cell
+
+    caption = "my_style_lora-step-000200 w=0.4"
+    cell = label_cell(Image.new("RGB", (64, 64), "red"), caption)
+    assert cell.width >= ImageDraw.Draw(cell).textlength(caption) + 8 > 64
+    assert cell.height == 64 + 18
+    big = label_cell(Image.new("RGB", (512, 512), "red"), caption)
+    assert big.size == (512, 512 + 18)  # wide images keep their size
 
 
 def test_training_previews_are_saved_per_step_with_the_fixed_seed(tiny_sd1, tmp_path):

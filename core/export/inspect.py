@@ -351,6 +351,8 @@ def lora_family_mismatch(info: LoraFileInfo, model_family: str) -> str | None:
     lora_info, model_info = FAMILIES.get(info.family), FAMILIES.get(model_family)
     if lora_info and model_info and lora_info.ss_base_model_version == model_info.ss_base_model_version:
         return None  # FLUX.1-dev and -schnell LoRAs are one kind (flux1), used on either
+    if lora_info and model_info and lora_info.kind == model_info.kind == "flux" and info.format == "diffusers":
+        return None  # a diffusers FLUX file does not say whether it is for Chroma: only its keys could
     lora_name = FAMILY_NAMES.get(info.family, info.family)
     model_name = FAMILY_NAMES[model_family]
     return (f"This LoRA ({info.path.name}) was trained for {lora_name}; the loaded model is {model_name}. "
