@@ -83,7 +83,7 @@ def compare_with_model(peft_model: Any, tokenizer: Any, prompts: list[str], max_
 
 def _adapter_key(adapter_dir: str | Path) -> str:
     folder = Path(adapter_dir)
-    weights = folder / "adapter_model.safetensors"
+    weights = folder if folder.is_file() else folder / "adapter_model.safetensors"
     stamp = weights.stat().st_mtime_ns if weights.is_file() else 0
     return f"{folder.resolve()}@{stamp}"
 
@@ -107,7 +107,12 @@ def _load(base_model: str, adapter_dir: str | Path | None, gguf_file: str, chat_
         if _CACHE["adapter_key"] != key:
             if isinstance(model, PeftModel):
                 model = model.unload()  # back to the untouched base (LoRA layers removed)
-            model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="default")
+            if Path(adapter_dir).suffix.lower() == ".gguf":  # the file llama.cpp / Ollama are given
+                from core.export.gguf_adapter_read import apply_gguf_adapter
+
+                model = apply_gguf_adapter(model, adapter_dir)
+            else:
+                model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="default")
             model.eval()
             _CACHE.update(model=model, adapter_key=key)
     return _CACHE["model"], _CACHE["tokenizer"]

@@ -555,3 +555,40 @@ def test_mistral_qwen3_and_gemma_1_2_3_loras_convert_as_llama_cpp_converts_them(
     result = write_gguf_adapter(adapter, tmp_path / "ours.gguf", base=str(base))
     assert result.arch == arch
     assert_same_adapter(result.path, llama_cpp_lora(llama_cpp_dir, adapter, base, tmp_path / "theirs.gguf"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_gguf_adapter_loads_back_in_the_test_tabs_chat_with_the_trained_change(kind, tiny_llama_adapter,
+                                                                                 tiny_llm_dir, tiny_qwen2_base,
+                                                                                 tmp_path):
+    """The .lora.gguf users give llama.cpp or Ollama, opened in the Test tab: the same logits as the
+    PEFT adapter it came from (q/k rows back in Hugging Face's order for Llama, none to undo for Qwen2)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from core.export.gguf_adapter_read import apply_gguf_adapter
+
+    if kind == "llama":
+        base, adapter = tiny_llm_dir, tiny_llama_adapter
+    else:
+        base = tiny_qwen2_base
+        adapter = make_adapter(AutoModelForCausalLM.from_pretrained(str(base)), tmp_path / "adapter", rank=4, alpha=16)
+    gguf_file = write_gguf_adapter(adapter, tmp_path / "my.lora.gguf", base=str(base)).path
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(base))(input_ids=ids).logits
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))(
+            input_ids=ids).logits
+        got = apply_gguf_adapter(AutoModelForCausalLM.from_pretrained(str(base)), gguf_file)(input_ids=ids).logits
+    assert not torch.allclose(expected, plain, atol=1e-4)  # the adapter changes the answer
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_gguf_model_file_is_not_taken_for_an_adapter(tiny_llm_gguf, tiny_llm_dir):
+    from transformers import AutoModelForCausalLM
+
+    from core.export.gguf_adapter_read import apply_gguf_adapter
+
+    with pytest.raises(GGUFExportError, match="is not a GGUF LoRA adapter"):
+        apply_gguf_adapter(AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir)), tiny_llm_gguf)

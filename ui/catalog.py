@@ -144,7 +144,9 @@ def lora_files(models_dir: Path = MODELS_DIR, output_dir: Path = OUTPUT_DIR) -> 
 
 
 def text_adapters(output_dir: Path = OUTPUT_DIR) -> list[str]:
-    """PEFT adapter folders (adapter_config.json) in runs and their checkpoints."""
+    """PEFT adapter folders (adapter_config.json) in runs and their checkpoints, and the GGUF adapters
+    written for llama.cpp / Ollama (`*.lora.gguf`, as Tools > GGUF names them)."""
     if not output_dir.is_dir():
         return []
-    return [rel(p.parent) for p in sorted(output_dir.rglob("adapter_config.json"))]
+    return ([rel(p.parent) for p in sorted(output_dir.rglob("adapter_config.json"))]
+            + [rel(p) for p in sorted(output_dir.rglob("*.lora.gguf"))])

@@ -84,7 +84,7 @@ def from_hf_config(config: dict[str, Any], source: str = "config.json") -> BaseA
                     n_layers=int(config["num_hidden_layers"]), permute_qk=permute, source=source)
 
 
-def _field(reader: Any, key: str) -> Any:
+def gguf_field(reader: Any, key: str) -> Any:
     field = reader.fields.get(key)
     return None if field is None else field.contents()
 
@@ -94,13 +94,13 @@ def from_gguf(path: str | Path) -> BaseArch:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch not in _GGUF_ARCHES:
         raise _unsupported(str(arch), str(path))
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    kv = _field(reader, f"{arch}.attention.head_count_kv")
+    heads = int(gguf_field(reader, f"{arch}.attention.head_count"))
+    kv = gguf_field(reader, f"{arch}.attention.head_count_kv")
     return BaseArch(arch=arch, n_head=heads, n_head_kv=int(kv) if kv is not None else heads,
-                    n_layers=int(_field(reader, f"{arch}.block_count")), permute_qk=_GGUF_ARCHES[arch],
+                    n_layers=int(gguf_field(reader, f"{arch}.block_count")), permute_qk=_GGUF_ARCHES[arch],
                     source=str(path))
 
 
