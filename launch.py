@@ -71,6 +71,28 @@ def _download_source(python: Path, requirement: str, folder: Path) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
+def _build_llama_cpp(python: Path) -> None:
+    """llama-cpp-python (llama.cpp itself, for the tests that run our GGUF files in it), built from the
+    sdist fetched above: the package index has no wheel of it. Needs cmake and a C++ compiler and a
+    few minutes; when it cannot be built, those tests say so and skip, and nothing else depends on it."""
+    done = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True, cwd=ROOT)
+    sdists = sorted((ROOT / ".cache" / "llama-cpp-python").glob("llama_cpp_python-*.tar.gz"))
+    if done.returncode == 0 or not sdists:
+        return
+    # CPU build without the example programs and servers: only the library the Python package loads.
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2),
+               CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
+                          "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_BLAS=OFF")
+    print("[lora-scripts] Building llama-cpp-python from source for the llama.cpp tests (a few minutes) ...",
+          flush=True)
+    try:
+        subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-deps",
+                        str(sdists[-1])], check=True, cwd=ROOT, env=env, timeout=40 * 60)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        print(f"[lora-scripts] llama-cpp-python could not be built ({exc}); the llama.cpp client tests will "
+              "skip.", flush=True)
+
+
 def install(python: Path, test: bool) -> None:
     """Install the requirements through the lock, so every library is at its tested version."""
     lock = ["-c", str(LOCK)]
@@ -84,6 +106,7 @@ def install(python: Path, test: bool) -> None:
         # llama.cpp's own converters (pure Python, vendor/llama.cpp inside the sdist, no compiler
         # needed): the reference the GGUF export tests compare our files with.
         _download_source(python, LLAMA_CPP_SDIST, ROOT / ".cache" / "llama-cpp-python")
+        _build_llama_cpp(python)
 
 
 def ensure_environment(test: bool, restore: bool = False) -> None:

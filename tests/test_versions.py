@@ -100,8 +100,10 @@ def test_launch_installs_through_the_lock_and_brings_the_default_text_model(monk
     monkeypatch.setattr(launch, "_pip", lambda python, *args: calls.append(args))
     fetched: list[str] = []
     monkeypatch.setattr(launch, "_download_source", lambda python, requirement, folder: fetched.append(requirement))
+    monkeypatch.setattr(launch, "_build_llama_cpp", lambda python: fetched.append("built"))
     launch.install(Path(sys.executable), test=True)
-    assert fetched == [launch.LLAMA_CPP_SDIST]  # llama.cpp's converters, the GGUF tests' reference
+    # llama.cpp's converters (the GGUF tests' reference), then llama.cpp itself built from them.
+    assert fetched == [launch.LLAMA_CPP_SDIST, "built"]
     lock = str(ROOT / "requirements-lock.txt")
     installs = [c for c in calls if "--upgrade" not in c]
     assert installs and all(c[-2:] == ("-c", lock) for c in installs)
