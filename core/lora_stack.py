@@ -30,6 +30,17 @@ LoraSpec = tuple[str | Path, float]
 FUSABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def fuse_pays(device: torch.device) -> bool:
+    """Whether fusing is faster than PEFT layers for one generate on `device`.
+
+    Measured (bench/lora_overhead.py, docs/benchmarks.md): on the CPU an SD 1.5-sized UNet spends
+    ~1% more per step on a rank-16 LoRA's layers (its big matmuls dominate) while snapshot + fuse
+    cost ~3 s, so 20 unfused steps are cheaper. On a GPU the big matmuls are fast, PEFT's extra
+    small kernels are not, and fusing is a pass over the weights at memory speed.
+    """
+    return device.type != "cpu"
+
+
 def active(loras: Sequence[LoraSpec]) -> list[tuple[str, float]]:
     """The (file, weight) pairs that change anything: weight 0 is the same as no LoRA."""
     return [(str(path), float(weight)) for path, weight in loras if path and float(weight) != 0.0]

@@ -101,7 +101,7 @@ def lora_list(lora_path: str | Path | None, weight: float, loras: Sequence[LoraS
 
 
 def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequence[str], *, weight: float = 0.8,
-                    loras: Sequence[LoraSpec] | None = None, fuse: bool = True, seed: int = 1234,
+                    loras: Sequence[LoraSpec] | None = None, fuse: bool | None = None, seed: int = 1234,
                     steps: int = 20, guidance: float = 7.0, negative_prompt: str = "", width: int | None = None,
                     height: int | None = None, allow_pickle: bool = False, model_config: str = "",
                     device: str | torch.device | None = None) -> list[Image.Image]:
@@ -109,10 +109,10 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
 
     `loras=[(file, weight), ...]` (WebUI's `<lora:a:0.8> <lora:b:0.5>`), or the single `lora_path` at
     `weight`; none, or all at weight 0: the base alone. `fuse`: add the LoRAs into the base weights for
-    this call (faster steps, the base restored bit for bit after; see core.lora_stack), else run them
-    as PEFT layers.
+    this call (the base restored bit for bit after; see core.lora_stack), else run them as PEFT
+    layers; None: whichever is faster on the pipeline's device (`fuse_pays`).
     """
-    from core.lora_stack import applied
+    from core.lora_stack import applied, fuse_pays
 
     specs = lora_list(lora_path, weight, loras)
     pipe, model, family = load_pipeline(base_model, allow_pickle=allow_pickle, model_config=model_config,
@@ -120,7 +120,7 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
     side = family.default_size(model)
     width, height = width or side, height or side
     try:
-        with applied(pipe, specs, fuse=fuse):
+        with applied(pipe, specs, fuse=fuse_pays(pipe.device) if fuse is None else fuse):
             return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
                                    negative_prompt=negative_prompt, width=width, height=height)
     finally:
