@@ -4,7 +4,8 @@ Everything runs under `torch.no_grad()`; the VAE decodes in fp32 whatever the tr
 precision (an fp16 SD VAE overflows into NaN and black images). Each model family builds
 its own pipeline and default size (`core.families.sd`, `core.families.flux_family`); the
 previews during training are the family's too. Images are saved atomically. One pipeline
-is cached for the Test tab so repeated tries do not reload it.
+is cached for the Test tab so repeated tries do not reload it; the LoRAs of a try (one or several,
+each at its weight) are put on it and taken off again by `core.lora_stack`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from core.atomic import atomic_path
 from core.devices import free_memory, pick_device
 
 COMPARE_WEIGHTS = (0.0, 0.4, 0.6, 0.8, 1.0)
+LoraSpec = tuple[str | Path, float]  # (LoRA file, weight), as core.lora_stack takes them
 _CACHE: dict[str, Any] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -88,25 +90,40 @@ def clear_pipeline_cache() -> None:
     free_memory()
 
 
+def lora_list(lora_path: str | Path | None, weight: float, loras: Sequence[LoraSpec] | None
+              ) -> list[LoraSpec]:
+    """The (file, weight) pairs asked for: `loras`, or the single `lora_path` at `weight` (not both)."""
+    if loras is not None:
+        if lora_path is not None:
+            raise ValueError("Give either lora_path (and weight) or loras, not both.")
+        return list(loras)
+    return [] if lora_path is None else [(lora_path, weight)]
+
+
 def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequence[str], *, weight: float = 0.8,
-                    seed: int = 1234, steps: int = 20, guidance: float = 7.0, negative_prompt: str = "",
-                    width: int | None = None, height: int | None = None, allow_pickle: bool = False,
-                    model_config: str = "", device: str | torch.device | None = None) -> list[Image.Image]:
-    """Images for `prompts` from `base_model` with the LoRA at `weight` (None or 0: the base alone)."""
+                    loras: Sequence[LoraSpec] | None = None, fuse: bool | None = None, seed: int = 1234,
+                    steps: int = 20, guidance: float = 7.0, negative_prompt: str = "", width: int | None = None,
+                    height: int | None = None, allow_pickle: bool = False, model_config: str = "",
+                    device: str | torch.device | None = None) -> list[Image.Image]:
+    """Images for `prompts` from `base_model` with LoRAs applied together, each at its weight.
+
+    `loras=[(file, weight), ...]` (WebUI's `<lora:a:0.8> <lora:b:0.5>`), or the single `lora_path` at
+    `weight`; none, or all at weight 0: the base alone. `fuse`: add the LoRAs into the base weights for
+    this call (the base restored bit for bit after; see core.lora_stack), else run them as PEFT
+    layers; None: whichever is faster on the pipeline's device (`fuse_pays`).
+    """
+    from core.lora_stack import applied, fuse_pays
+
+    specs = lora_list(lora_path, weight, loras)
     pipe, model, family = load_pipeline(base_model, allow_pickle=allow_pickle, model_config=model_config,
                                         device=device)
     side = family.default_size(model)
     width, height = width or side, height or side
-    use_lora = lora_path is not None and weight != 0
-    if use_lora:
-        pipe.load_lora_weights(str(lora_path), adapter_name="preview")
-        pipe.set_adapters(["preview"], adapter_weights=[weight])
     try:
-        return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
-                               negative_prompt=negative_prompt, width=width, height=height)
+        with applied(pipe, specs, fuse=fuse_pays(pipe.device) if fuse is None else fuse):
+            return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
+                                   negative_prompt=negative_prompt, width=width, height=height)
     finally:
-        if use_lora:
-            pipe.delete_adapters("preview")
         free_memory()
 
 
@@ -122,12 +139,17 @@ def label_cell(image: Image.Image, text: str) -> Image.Image:
 
 
 def compare_grid(base_model: str, lora_paths: str | Path | Sequence[str | Path], prompts: Sequence[str], out_path:
-                 str | Path, *, weights: Sequence[float] = COMPARE_WEIGHTS, **kwargs: Any) -> Path:
-    """One PNG: a row per (LoRA file, prompt), a column per LoRA weight, each cell labelled."""
+                 str | Path, *, weights: Sequence[float] = COMPARE_WEIGHTS, others: Sequence[LoraSpec] = (),
+                 **kwargs: Any) -> Path:
+    """One PNG: a row per (LoRA file, prompt), a column per LoRA weight, each cell labelled.
+
+    The row's LoRA is swept over `weights` while the LoRAs in `others` stay at their own weights.
+    """
     files = [lora_paths] if isinstance(lora_paths, (str, Path)) else list(lora_paths)
     rows: list[list[Image.Image]] = []
     for file in files:
-        per_weight = [generate_images(base_model, file, prompts, weight=w, **kwargs) for w in weights]
+        per_weight = [generate_images(base_model, None, prompts, loras=[(file, w), *others], **kwargs)
+                      for w in weights]
         for p in range(len(prompts)):
             label = Path(file).parent.name if Path(file).name == "pytorch_lora_weights.safetensors" else Path(file).stem
             rows.append([label_cell(per_weight[i][p], f"{label} w={w:g}") for i, w in enumerate(weights)])

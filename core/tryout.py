@@ -16,6 +16,8 @@ from typing import Any
 
 from core.events import DoneEvent, ProgressEvent, RunContext, SampleEvent
 
+LoraSpec = tuple[str | Path, float]  # (LoRA file, weight)
+
 
 @dataclass
 class TryoutResult:
@@ -32,12 +34,24 @@ def _progress(ctx: RunContext, done: int, total: int, started: float, message: s
                            eta_seconds=per_image * (total - done), message=message))
 
 
-def generate_target(base_model: str, lora_path: str | None, prompt: str, out_paths: Sequence[Path], *,
-                    weight: float, seed: int, **options: Any) -> Callable[[RunContext], TryoutResult]:
+def loras_said(loras: Sequence[LoraSpec]) -> str:
+    """How a message names the LoRAs used: 'at LoRA weight 0.8', or 'with LoRAs a at 0.8 and b at 0.5'."""
+    if not loras:
+        return "with the base model alone (no LoRA chosen)"
+    if len(loras) == 1:
+        return f"at LoRA weight {float(loras[0][1]):g}"
+    named = [f"{lora_label(path)} at {float(weight):g}" for path, weight in loras]
+    return f"with LoRAs {', '.join(named[:-1])} and {named[-1]}"
+
+
+def generate_target(base_model: str, loras: Sequence[LoraSpec], prompt: str, out_paths: Sequence[Path], *,
+                    seed: int, **options: Any) -> Callable[[RunContext], TryoutResult]:
     """A job target writing one image per path in `out_paths`, seeds seed, seed+1, ...
 
-    `options` go to `core.sample.generate_images` (steps, guidance, negative_prompt, width, height).
+    `loras`: (file, weight) pairs applied together (none: the base model alone). `options` go to
+    `core.sample.generate_images` (steps, guidance, negative_prompt, width, height).
     """
+    loras = [(str(path), float(weight)) for path, weight in loras]
 
     def target(ctx: RunContext) -> TryoutResult:
         from core.sample import generate_images, save_image
@@ -49,14 +63,13 @@ def generate_target(base_model: str, lora_path: str | None, prompt: str, out_pat
         for index, path in enumerate(out_paths):
             if ctx.should_stop():
                 break
-            image = generate_images(base_model, lora_path, [prompt], weight=weight, seed=seed + index, **options)[0]
+            image = generate_images(base_model, None, [prompt], loras=loras, seed=seed + index, **options)[0]
             written.append(str(save_image(image, path)))
             _progress(ctx, index + 1, total, started, f"image {index + 1} of {total}")
             ctx.emit(SampleEvent(step=index + 1, images=[written[-1]]))
         seconds = time.perf_counter() - started
         stopped = ctx.should_stop() and len(written) < total
-        how = f"at LoRA weight {weight:g}" if lora_path else "with the base model alone (no LoRA chosen)"
-        message = f"Generated {len(written)} of {total} image(s) {how} in {seconds:.1f} s."
+        message = f"Generated {len(written)} of {total} image(s) {loras_said(loras)} in {seconds:.1f} s."
         if stopped:
             message = f"Stopped: {message}"
         ctx.emit(DoneEvent(outputs={"image": written[-1]} if written else {}, stopped=stopped, message=message))
@@ -84,9 +97,11 @@ def lora_label(path: str | Path) -> str:
 
 
 def compare_target(base_model: str, lora_paths: Sequence[str | Path], prompt: str, out_path: Path, *,
-                   weights: Sequence[float], **options: Any) -> Callable[[RunContext], TryoutResult]:
+                   weights: Sequence[float], others: Sequence[LoraSpec] = (), **options: Any
+                   ) -> Callable[[RunContext], TryoutResult]:
     """A job target writing one PNG: a row per LoRA file, a column per weight, each cell labelled.
 
+    Each row's file is swept over `weights`; the LoRAs in `others` stay at their weights in every cell.
     The cells are rendered one by one (a progress event and a stop check between them); a
     stopped grid is not saved, since a grid with holes compares nothing.
     """
@@ -107,7 +122,8 @@ def compare_target(base_model: str, lora_paths: Sequence[str | Path], prompt: st
                     message = f"Stopped after {done} of {total} images; no grid saved."
                     ctx.emit(DoneEvent(stopped=True, message=message))
                     return TryoutResult([], message, True)
-                image = generate_images(base_model, str(file), [prompt], weight=weight, **options)[0]
+                image = generate_images(base_model, None, [prompt], loras=[(str(file), weight), *others],
+                                        **options)[0]
                 row.append(label_cell(image, f"{lora_label(file)} w={weight:g}"))
                 done += 1
                 _progress(ctx, done, total, started, f"{lora_label(file)} at weight {weight:g}")

@@ -27,3 +27,13 @@ def test_the_flux_benchmark_runs_both_sides_at_toy_sizes():
     results = flux_speed.main(["--toy", "--steps", "3", "--resolution", "64", "--threads", "1"])
     assert set(results) == {"ours", "peer", "ratios"}
     assert all(results[side]["s_per_step"] > 0 for side in ("ours", "peer"))
+
+
+def test_the_lora_overhead_benchmark_times_all_three_ways_and_restores_the_base():
+    from bench import lora_overhead
+
+    result = lora_overhead.main(["--steps", "3", "--rounds", "1", "--loras", "2", "--rank", "4", "--threads", "1"])
+    assert all(result["s_per_it"][mode] > 0 for mode in ("base", "unfused", "fused"))
+    assert result["base_weights_restored_bit_for_bit"] and result["base_image_after_equal"]
+    # Fused and unfused agree far more closely than the LoRAs move the latents.
+    assert result["fused_vs_unfused_max_abs"] < 0.01 * result["lora_vs_base_max_abs"]

@@ -1,4 +1,5 @@
-"""The Test tab, where you try a LoRA. Images: generate at a LoRA weight and compare weights x
+"""The Test tab, where you try a LoRA. Images: generate at a LoRA weight (with up to two more LoRAs
+applied together, each at its own weight, as WebUI's `<lora:a:0.8> <lora:b:0.5>`) and compare weights x
 checkpoints in one labelled grid. Text: chat with the adapter, and the base and the LoRA side by side.
 
 Generating images and the compare grid run as jobs on the one `ui.state.JOB`
@@ -27,6 +28,7 @@ from ui import catalog, lists, state
 from ui.status import STATE_WORDS, progress_html
 
 DEFAULT_WEIGHT = 0.8
+EXTRA_LORAS = 2  # rows for more LoRAs applied together with the first (WebUI's <lora:a:0.8> <lora:b:0.5>)
 POLL_SECONDS = 2.0
 TRYOUT_KINDS = ("generate", "compare")  # the Job kinds this tab starts and shows
 
@@ -51,6 +53,19 @@ def webui_syntax(lora_path: str, weight: float) -> str:
     return f"<lora:{name}:{weight:g}>"
 
 
+def chosen_loras(*pairs: Any) -> list[tuple[str, float]]:
+    """The (LoRA text, weight) rows that name a LoRA, from lora1, weight1, lora2, weight2, ..."""
+    rows = zip(pairs[0::2], pairs[1::2])
+    return [(str(text), float(weight if weight is not None else DEFAULT_WEIGHT)) for text, weight in rows if text]
+
+
+def webui_prompt(loras: list[tuple[str, float]]) -> str:
+    """What to type in WebUI / Forge for all the chosen LoRAs: `<lora:a:0.8> <lora:b:0.5>`."""
+    if not loras:
+        return webui_syntax("", DEFAULT_WEIGHT)
+    return " ".join(webui_syntax(text, weight) for text, weight in loras)
+
+
 def family_note(lora_path: str, base_model: str) -> str:
     """'This LoRA was trained for SDXL' when the file's family and the base model's differ."""
     if not lora_path or not base_model:
@@ -71,6 +86,22 @@ def check_family(lora_path: str, base_model: str) -> None:
     note = family_note(lora_path, base_model)
     if note:
         raise ValueError(note)
+
+
+def family_notes(base_model: str, *lora_texts: str) -> str:
+    """The family warning of each chosen LoRA that does not fit the base model, one per line."""
+    notes = [family_note(text, base_model) for text in lora_texts if text]
+    return "\n\n".join(note for note in notes if note)
+
+
+def lora_args(loras: list[tuple[str, float]], base_text: str) -> list[tuple[str, float]]:
+    """(file, weight) for each chosen LoRA, each checked: it exists and fits the base model's family."""
+    checked = []
+    for text, weight in loras:
+        path = existing_arg(text, file_only=True)
+        check_family(text, base_text)
+        checked.append((str(path), weight))
+    return checked
 
 
 def compare_files(lora_path: str, with_checkpoints: bool) -> list[Path]:
@@ -137,35 +168,40 @@ def start_job(target: Any, kind: str, name: str) -> str:
 
 
 def generate(base_text: str, lora_text: str, prompt_text: str, negative_text: str, weight: float, seed: float,
-             steps: float, guidance: float, size: float, count: float = 1) -> tuple[Any, str]:
-    """(cleared image, message): `count` images at the LoRA weight (or from the base model alone), as a job."""
+             steps: float, guidance: float, size: float, count: float = 1, *more: Any) -> tuple[Any, str]:
+    """(cleared image, message): `count` images with the chosen LoRAs at their weights (or from the base
+    model alone), as a job. `more`: the extra rows' LoRA and weight, lora2, weight2, ..."""
+    loras = chosen_loras(lora_text, weight, *more)
     try:
         ensure_device_free()
-        base_arg, lora_arg = image_paths(base_text, lora_text)
-        check_family(lora_text, base_text)
+        base_arg, _ = image_paths(base_text, "")
+        lora_list = lora_args(loras, base_text)
     except (DeviceBusy, ValueError) as exc:
         return None, str(exc)
     from core.tryout import generate_target
 
     side = int(size or 0) or None
     number = max(1, int(count or 1))
-    target = generate_target(base_arg, lora_arg, prompt_text or "", generated_paths(lora_text, number),
-                             weight=float(weight), seed=int(seed or 0), steps=int(steps or 20),
-                             guidance=float(guidance or 0), negative_prompt=negative_text or "", width=side,
-                             height=side)
-    refused = start_job(target, "generate", webui_syntax(lora_text, float(weight)) if lora_arg else "base model")
+    target = generate_target(base_arg, lora_list, prompt_text or "",
+                             generated_paths(loras[0][0] if loras else "", number), seed=int(seed or 0),
+                             steps=int(steps or 20), guidance=float(guidance or 0),
+                             negative_prompt=negative_text or "", width=side, height=side)
+    refused = start_job(target, "generate", webui_prompt(loras) if loras else "base model")
     return None, refused or f"Generating {number} image(s) …"
 
 
 def compare(base_text: str, lora_text: str, prompt_text: str, negative_text: str, seed: float, steps: float,
-            guidance: float, size: float, with_checkpoints: bool) -> tuple[Any, str]:
-    """(cleared grid, message): the LoRA (and its checkpoints) at each compare weight, as a job."""
+            guidance: float, size: float, with_checkpoints: bool, *more: Any) -> tuple[Any, str]:
+    """(cleared grid, message): the first LoRA (and its checkpoints) at each compare weight, as a job;
+    the LoRAs of the extra rows (`more`: lora2, weight2, ...) stay at their weights in every cell."""
+    others = chosen_loras(*more)
     try:
         ensure_device_free()
         base_arg, lora_arg = image_paths(base_text, lora_text)
         if lora_arg is None:
             raise ValueError("Choose a LoRA to compare.")
         check_family(lora_text, base_text)
+        fixed = lora_args(others, base_text)
     except (DeviceBusy, ValueError) as exc:
         return None, str(exc)
     from core.sample import COMPARE_WEIGHTS
@@ -176,14 +212,15 @@ def compare(base_text: str, lora_text: str, prompt_text: str, negative_text: str
     out = grid_path(lora_text)
     target = compare_target(base_arg, [str(f) for f in files], prompt_text or "", out, weights=COMPARE_WEIGHTS,
                             seed=int(seed or 0), steps=int(steps or 20), guidance=float(guidance or 0),
-                            negative_prompt=negative_text or "", width=side, height=side)
+                            negative_prompt=negative_text or "", width=side, height=side, others=fixed)
     refused = start_job(target, "compare", Path(lora_text).name)
     if refused:
         return None, refused
     rows = ", ".join(Path(f).parent.name if Path(f).parent.name.startswith("step-") else "final" for f in files)
     weights = ", ".join(f"{w:g}" for w in COMPARE_WEIGHTS)
+    kept = f"; in every cell {webui_prompt(others)}" if others else ""
     return None, (f"Rendering {len(files) * len(COMPARE_WEIGHTS)} images into `{catalog.rel(out)}` — "
-                  f"columns: weights {weights}; rows: {rows} …")
+                  f"columns: weights {weights}; rows: {rows}{kept} …")
 
 
 def stop_tryout() -> str:
@@ -232,17 +269,14 @@ def poll(seen: dict | None) -> tuple[Any, ...]:
     return progress_html(snap), image_out, grid_out, message_out, seen
 
 
-def on_lora(lora_text: str, base_text: str, weight: float) -> tuple[str, str]:
-    """(WebUI syntax, family warning) for the chosen LoRA."""
-    return webui_syntax(lora_text, float(weight)), family_note(lora_text, base_text)
+def on_loras(base_text: str, *pairs: Any) -> tuple[str, str]:
+    """(WebUI prompt line, family warnings) for the chosen LoRAs; `pairs`: lora1, weight1, lora2, ..."""
+    return webui_prompt(chosen_loras(*pairs)), family_notes(base_text, *pairs[0::2])
 
 
-def on_base(base_text: str, lora_text: str) -> str:
-    return family_note(lora_text, base_text)
-
-
-def on_weight(lora_text: str, weight: float) -> str:
-    return webui_syntax(lora_text, float(weight))
+def on_weights(*pairs: Any) -> str:
+    """The WebUI prompt line again when a weight moves (the files, and so the warnings, are the same)."""
+    return webui_prompt(chosen_loras(*pairs))
 
 
 def on_task(task: str) -> tuple[Any, Any]:
@@ -314,6 +348,15 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
                                label="Base model", elem_id="test-base")
             lora = gr.Dropdown(choices=catalog.lora_files(), value="", allow_custom_value=True, scale=3,
                                label="LoRA (a run's file, a checkpoint, or models/Lora/)", elem_id="test-lora")
+        with gr.Accordion("More LoRAs, applied together with the first (each at its own weight)", open=False,
+                          elem_id="test-more-loras"):
+            extra = []
+            for row in range(2, EXTRA_LORAS + 2):
+                with gr.Row():
+                    extra.append(gr.Dropdown(choices=catalog.lora_files(), value="", allow_custom_value=True,
+                                             scale=3, label=f"LoRA {row}", elem_id=f"test-lora-{row}"))
+                    extra.append(gr.Slider(0.0, 1.5, value=DEFAULT_WEIGHT, step=0.05, scale=2,
+                                           label=f"LoRA {row} weight", elem_id=f"test-weight-{row}"))
         family = gr.Markdown("", elem_id="test-family")
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="test-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="test-negative")
@@ -365,16 +408,19 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     memo = gr.State({})
     timer = gr.Timer(POLL_SECONDS)
     # Generate and Compare only start a job (the page polls it), so a long grid never holds a request.
-    generate_btn.click(generate, [base, lora, prompt, negative, weight, seed, steps, guidance, size, count],
+    generate_btn.click(generate, [base, lora, prompt, negative, weight, seed, steps, guidance, size, count, *extra],
                        [image_out, image_message])
-    compare_btn.click(compare, [base, lora, prompt, negative, seed, steps, guidance, size, with_ckpts],
+    compare_btn.click(compare, [base, lora, prompt, negative, seed, steps, guidance, size, with_ckpts, *extra],
                       [grid_out, image_message])
     stop_btn.click(stop_tryout, None, image_message)
     timer.tick(poll, memo, [progress, image_out, grid_out, image_message, memo], show_progress="hidden")
-    lora.change(on_lora, [lora, base, weight], [syntax, family])
-    base.change(on_base, [base, lora], family)
-    weight.change(on_weight, [lora, weight], syntax, show_progress="hidden")
+    pairs = [lora, weight, *extra]  # lora1, weight1, lora2, weight2, ...
+    for box in (base, *pairs[0::2]):
+        box.change(on_loras, [base, *pairs], [syntax, family])
+    for slider in pairs[1::2]:
+        slider.change(on_weights, pairs, syntax, show_progress="hidden")
     live = [lists.LiveList(base, catalog.image_models), lists.LiveList(lora, catalog.lora_files),
+            *[lists.LiveList(box, catalog.lora_files) for box in extra[0::2]],
             lists.LiveList(text_base, catalog.text_models), lists.LiveList(adapter, catalog.text_adapters)]
     lists.wire(refresh, live)
     chat_inputs = [text_base, adapter, text_weight, max_tokens, chat, question]

@@ -92,6 +92,12 @@ def test_the_webui_prompt_syntax_names_the_lora_and_its_weight(work):
 
     assert tryout_tab.webui_syntax("./output/cats/cats.safetensors", 0.8) == "<lora:cats:0.8>"
     assert tryout_tab.webui_syntax("./output/cats/pytorch_lora_weights.safetensors", 1.0) == "<lora:cats:1>"
+    # Several LoRAs: one line with all of them, the rows left empty skipped.
+    rows = ("./output/cats/cats.safetensors", 0.8, "", 1.0, "./models/Lora/style.safetensors", 0.5)
+    assert tryout_tab.chosen_loras(*rows) == [("./output/cats/cats.safetensors", 0.8),
+                                              ("./models/Lora/style.safetensors", 0.5)]
+    assert tryout_tab.on_weights(*rows) == "<lora:cats:0.8> <lora:style:0.5>"
+    assert tryout_tab.on_weights("", 0.8, "", 0.8) == "<lora:your_lora:0.8>"
 
 
 def test_a_saved_config_runs_unchanged_with_train_py(work, tmp_path):
@@ -120,6 +126,16 @@ def test_an_sdxl_lora_on_an_sd1_model_is_refused_with_the_reason(work, tiny_sd1)
     assert "trained for SDXL" in note and "SD 1.x" in note
     with pytest.raises(ValueError, match="SDXL"):
         tryout_tab.check_family(str(lora), str(tiny_sd1.folder))
+    # Each LoRA is checked: as the second LoRA it is refused too, before any job starts.
+    syntax, note = tryout_tab.on_loras(str(tiny_sd1.folder), "", 0.8, str(lora), 0.5)
+    assert syntax == "<lora:xl_style:0.5>" and "trained for SDXL" in note
+    image, message = tryout_tab.generate(str(tiny_sd1.folder), "", "a cat", "", 0.8, 1, 2, 1.0, 64, 1, str(lora), 0.5)
+    assert image is None and "trained for SDXL" in message
+    first = touch(root / "output" / "run" / "run.safetensors")
+    grid, message = tryout_tab.compare(str(tiny_sd1.folder), str(first), "a cat", "", 1, 2, 1.0, 64, False,
+                                       str(lora), 0.5)
+    assert grid is None and "trained for SDXL" in message
+    assert state.JOB.snapshot().state == "idle"
 
 
 def test_auto_picks_a_preset_for_this_machine_and_says_why(work):
