@@ -29,7 +29,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.image_speed import peak_memory  # noqa: E402  (the one peak RSS / CUDA peak reading)
 
 # FLUX.1's published configs (black-forest-labs/FLUX.1-dev: transformer, vae), blocks cut down.
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
@@ -96,15 +97,6 @@ def make_images(folder: Path, count: int, size: int) -> Path:
     from tests.fixtures.tiny_sd import make_image_folder
 
     return make_image_folder(folder, count=count, size=(size, size))
-
-
-def peak_memory() -> dict[str, float]:
-    import torch
-
-    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if torch.cuda.is_available():
-        out["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
 
 
 def steady(times: list[float]) -> float:
