@@ -49,6 +49,8 @@ SD1_UNET, SD2_UNET, SDXL_UNET = 859_520_964, 865_910_724, 2_567_463_684
 CLIP_L, OPENCLIP_H, OPENCLIP_G, SD_VAE = 123_060_480, 340_387_840, 694_659_841, 83_653_863
 FLUX_DEV, FLUX_SCHNELL, CHROMA = 11_901_408_320, 11_891_178_560, 8_899_983_424
 T5_XXL_ENCODER, FLUX_AE = 4_762_310_656, 83_819_683
+# Qwen-Image (and Edit, same transformer): the 60-block MMDiT, Qwen2.5-VL-7B (with its vision tower), the video VAE.
+QWEN_IMAGE, QWEN25_VL_7B, QWEN_IMAGE_VAE = 20_430_401_088, 8_292_166_656, 126_892_531
 
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
@@ -74,6 +76,15 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("chroma", "Chroma", "flux", 1024, "flux", "chroma", "chroma", ("lora_te3",),
                ("text_encoder",), "ChromaPipeline", "lodestones/Chroma1-HD", CHROMA, T5_XXL_ENCODER + FLUX_AE,
                sample_size_floor=512, default_timestep_sampling="sigmoid"),
+    # musubi-tuner's qwen_image / qwen_image_edit architecture names; ComfyUI's model names are diffusers'.
+    FamilyInfo("qwen-image", "Qwen-Image", "dit", 1328, "qwen-image", "qwen_image", "Qwen-Image", (),
+               ("text_encoder",), "QwenImagePipeline", "Qwen/Qwen-Image", QWEN_IMAGE, QWEN25_VL_7B + QWEN_IMAGE_VAE,
+               sample_size_floor=512, default_timestep_sampling="dynamic",
+               modelspec_implementation="https://github.com/QwenLM/Qwen-Image"),
+    FamilyInfo("qwen-image-edit", "Qwen-Image-Edit", "dit", 1024, "qwen-image", "qwen_image_edit", "Qwen-Image-Edit",
+               (), ("text_encoder",), "QwenImageEditPipeline", "Qwen/Qwen-Image-Edit", QWEN_IMAGE,
+               QWEN25_VL_7B + QWEN_IMAGE_VAE, sample_size_floor=512, default_timestep_sampling="dynamic",
+               modelspec_implementation="https://github.com/QwenLM/Qwen-Image"),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
