@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import Tensor
 
 from core.families.qwen_image import FP8_DTYPES, HUB_CONFIGS, QwenModel, _offline, strip_prefix
@@ -82,7 +83,7 @@ def load_transformer_file(path: str | Path, *, variant: str, config_source: str 
                                                               local_files_only=_offline() or Path(source).is_dir()))
     except (OSError, ValueError):
         config = transformer_config_from_keys(state)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # buffers (RoPE tables) are not in the files
         model = QwenImageTransformer2DModel.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
@@ -124,7 +125,7 @@ def load_text_encoder_file(path: str | Path, *, variant: str, config_source: str
     config = AutoConfig.from_pretrained(source, subfolder="text_encoder",
                                         local_files_only=_offline() or Path(source).is_dir())
     state = text_encoder_from_comfy(dequantize(read_safetensors(path), dtype))
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # buffers (RoPE tables) are not in the files
         model = Qwen2_5_VLForConditionalGeneration(config)
     if "lm_head.weight" not in state:  # ComfyUI's files may leave the unused LM head out
         state["lm_head.weight"] = torch.zeros(model.lm_head.weight.shape, dtype=dtype)
@@ -192,7 +193,7 @@ def load_vae_file(path: str | Path, *, config_source: str = "", variant: str = "
                                                          local_files_only=_offline() or Path(source).is_dir()))
     except (OSError, ValueError):
         config = {}
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # buffers (RoPE tables) are not in the files
         model = AutoencoderKLQwenImage.from_config(config)
     state = {k.removeprefix("first_stage_model.").removeprefix("vae."): v
              for k, v in dequantize(read_safetensors(path), torch.float32).items()}

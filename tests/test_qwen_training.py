@@ -1,0 +1,186 @@
+"""Qwen-Image LoRAs train end to end through ImageRun: both files written and loadable by diffusers
+(every key) in ComfyUI's key layout, the same dW in both, stop + resume exact, fp8 storage on the CPU,
+GPU-only settings refused before loading, previews from the cached prompt encodings."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
+from tests.helpers import read_loss_csv
+
+
+@pytest.fixture
+def two_images(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data", count=2)
+
+
+def _config(model: Path, data: Path, out: Path, **overrides) -> dict:
+    return tiny_run_config(model, data, out, **{"batch_size": 1, "max_train_steps": 2, **overrides})
+
+
+def _header(path: Path) -> tuple[list[str], dict[str, str]]:
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys()), handle.metadata()
+
+
+def comfy_key_map(model_keys: list[str]) -> dict[str, str]:
+    """ComfyUI's LoRA key map for a Qwen-Image model (comfy/lora.py model_lora_keys_unet, reimplemented):
+    every `diffusion_model.<m>.weight` of the model is reachable as `lora_unet_<m with _>`,
+    `diffusion_model.<m>`, `<m>`, `transformer.<m>` and `lycoris_<m with _>`."""
+    out = {}
+    for key in model_keys:
+        if not key.endswith(".weight"):
+            continue
+        module = key[:-len(".weight")]
+        full = f"diffusion_model.{key}"
+        for name in (f"lora_unet_{module.replace('.', '_')}", f"diffusion_model.{module}", module,
+                     f"transformer.{module}", f"lycoris_{module.replace('.', '_')}"):
+            out[name] = full
+    return out
+
+
+def comfy_loaded(lora_keys: list[str], key_map: dict[str, str]) -> set[str]:
+    """The keys ComfyUI's load_lora consumes (lora_up / lora_down / alpha of a mapped name)."""
+    used = set()
+    for name in key_map:
+        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha"):
+            if name + suffix in lora_keys:
+                used.add(name + suffix)
+    return used
+
+
+def test_a_tiny_qwen_image_trains_and_writes_both_files(tiny_qwen_image, two_images, tmp_path):
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    from core.families.qwen_image_files import read_lora
+
+    out = tmp_path / "out"
+    outputs, events = run_collect(_config(tiny_qwen_image.folder, two_images, out, output_name="my_qwen",
+                                          lora_alpha=2, sample_prompts=["a red thing"], sample_steps=2,
+                                          save_steps=2))
+    logs = [e.message for e in events if e.kind == "log"]
+    assert any(m.startswith("Model: Qwen-Image (diffusers)") for m in logs), logs
+    losses = [e.loss for e in events if e.kind == "progress"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    kohya, diffusers_file = out / "my_qwen.safetensors", out / "pytorch_lora_weights.safetensors"
+    assert outputs["lora"] == str(kohya)
+    keys, meta = _header(kohya)
+    assert meta["ss_base_model_version"] == "qwen_image" and meta["modelspec.architecture"] == "Qwen-Image/lora"
+    assert meta["ss_network_module"] == "networks.lora_qwen_image" and meta["ss_network_alpha"] == "2"
+    assert "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight" in keys
+    assert "lora_unet_transformer_blocks_1_img_mlp_net_0_proj.lora_up.weight" in keys
+    assert not any("_mod_" in k for k in keys)  # no modulation Linears, as musubi-tuner
+    assert (out / "samples" / "step-000002-0.png").is_file()
+
+    # ComfyUI: every key of our file maps to a weight of the model, key for key.
+    transformer = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_image.folder, subfolder="transformer")
+    used = comfy_loaded(keys, comfy_key_map(list(transformer.state_dict())))
+    assert used == set(keys)
+
+    # diffusers reads every key of both files into the same modules and values.
+    from_diffusers = QwenImagePipeline.lora_state_dict(str(diffusers_file))
+    from_kohya = QwenImagePipeline.lora_state_dict(str(kohya))
+    ours, alphas, _ = read_lora(kohya)
+    assert {f"transformer.{k}" for k in ours} == {k for k in from_diffusers if "lora_" in k}
+    assert len(from_diffusers) == len(ours)
+    assert set(alphas.values()) == {2.0} and set(read_lora(diffusers_file)[1].values()) == {2.0}
+
+    # Same dW: diffusers' converter folds alpha / rank into the kohya file's down weights.
+    for key, value in ours.items():
+        torch.testing.assert_close(value, from_diffusers[f"transformer.{key}"].float(), atol=1e-6, rtol=1e-5)
+    for module in {k.rsplit(".lora_", 1)[0] for k in ours}:
+        a, b = from_kohya[f"transformer.{module}.lora_A.weight"], from_kohya[f"transformer.{module}.lora_B.weight"]
+        da, db = ours[f"{module}.lora_A.weight"], ours[f"{module}.lora_B.weight"]
+        torch.testing.assert_close((b.float() @ a.float()), (db @ da) * 2 / da.shape[0], atol=1e-6, rtol=1e-5)
+
+    # Both files give the trained model's output: loaded into the pipeline, same transformer output.
+    torch.manual_seed(0)
+    hidden, text = torch.randn(1, 16, 16), torch.randn(1, 5, 16)
+    results = []
+    for path in (diffusers_file, kohya):
+        pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image.folder)
+        pipe.load_lora_weights(str(path))
+        with torch.no_grad():
+            results.append(pipe.transformer(hidden_states=hidden, encoder_hidden_states=text,
+                                            encoder_hidden_states_mask=torch.ones(1, 5, dtype=torch.long),
+                                            timestep=torch.tensor([0.5]), img_shapes=[(1, 4, 4)],
+                                            return_dict=False)[0])
+    base = QwenImagePipeline.from_pretrained(tiny_qwen_image.folder).transformer
+    with torch.no_grad():
+        plain = base(hidden_states=hidden, encoder_hidden_states=text,
+                     encoder_hidden_states_mask=torch.ones(1, 5, dtype=torch.long), timestep=torch.tensor([0.5]),
+                     img_shapes=[(1, 4, 4)], return_dict=False)[0]
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(results[0], plain)
+
+
+def test_stop_and_resume_gives_the_uninterrupted_runs_losses(tiny_qwen_image, two_images, tmp_path):
+    common = dict(max_train_steps=4, save_steps=2, lr_scheduler="cosine", lr_warmup_steps=1, caption_dropout=0.3)
+    straight = tmp_path / "straight"
+    first, _ = run_collect(_config(tiny_qwen_image.folder, two_images, straight, **common))
+    stopped = tmp_path / "stopped"
+    _, events = run_collect(_config(tiny_qwen_image.folder, two_images, stopped, **common), stop_at=2)
+    assert [e for e in events if e.kind == "done"][0].stopped
+    second, resumed = run_collect(_config(tiny_qwen_image.folder, two_images, stopped, resume_from="latest",
+                                          **common))
+    assert [e.step for e in resumed if e.kind == "progress"] == [3, 4]
+    a, b = read_loss_csv(straight), read_loss_csv(stopped)
+    assert [r.step for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b):
+        assert row_a.loss == pytest.approx(row_b.loss, rel=1e-5), f"step {row_a.step}"
+    from core.families.qwen_image_files import read_lora
+
+    x, y = read_lora(first["lora"])[0], read_lora(second["lora"])[0]
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=1e-5)
+
+
+def test_the_comfyui_layout_trains_with_fp8_storage(tiny_qwen_image, two_images, tmp_path):
+    outputs, events = run_collect(_config(tiny_qwen_image.comfy_transformer, two_images, tmp_path / "fp8",
+                                          base_model_config=str(tiny_qwen_image.folder), fp8_base=True,
+                                          gradient_checkpointing=True))
+    logs = [e.message for e in events if e.kind == "log"]
+    assert any(m.startswith("Model: Qwen-Image (single file)") for m in logs), logs
+    assert any(m.startswith("fp8 storage:") for m in logs), logs
+    losses = [e.loss for e in events if e.kind == "progress"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    keys, _ = _header(Path(outputs["lora"]))
+    assert keys and all(re.match(r"lora_unet_transformer_blocks_\d+_", k) for k in keys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+@pytest.mark.parametrize("setting, words", [({"base_quantization": "nf4"}, "NF4 quantization needs a CUDA GPU"),
+                                            ({"blocks_to_swap": 4}, "blocks_to_swap needs a CUDA GPU")])
+def test_gpu_only_settings_are_refused_before_loading(tiny_qwen_image, two_images, tmp_path, monkeypatch, setting,
+                                                      words):
+    from core.events import RunContext
+    from core.families import qwen_image
+    from core.presets import resolve_config
+    from core.train import run_training
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(qwen_image, "load_qwen_model", never)
+    with pytest.raises(ValueError, match=words):
+        run_training(resolve_config(_config(tiny_qwen_image.folder, two_images, tmp_path / "out", **setting)),
+                     RunContext())
+
+
+def test_the_family_is_read_from_the_models_files(tiny_qwen_image, tiny_qwen_edit):
+    from core.families.base import detect_image_family, family_for_model
+    from core.families.qwen_image_family import FAMILY
+    from core.model_info import detect_model as model_info
+
+    assert detect_image_family(str(tiny_qwen_image.folder)) == "qwen-image"
+    assert detect_image_family(str(tiny_qwen_image.comfy_transformer)) == "qwen-image"
+    assert detect_image_family(str(tiny_qwen_edit.folder)) == "qwen-image-edit"
+    assert family_for_model(str(tiny_qwen_image.folder)) is FAMILY
+    assert model_info(str(tiny_qwen_image.folder)).family == "qwen-image"
+    assert model_info(str(tiny_qwen_image.comfy_transformer)).family == "qwen-image"
+    assert model_info("Qwen/Qwen-Image-Edit").family == "qwen-image-edit"
