@@ -394,33 +394,38 @@ def default_size(model: QwenModel) -> int:
 # --- LoRA files for the tools ------------------------------------------------------------------------
 
 def _to_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from core.families.qwen_image_files import kohya_to_peft, peft_to_kohya
+    """Any form of a Qwen-Image LoRA file -> kohya tensors (`lora_unet_<module>`; alphas from the
+    diffusers file's adapter metadata where it has them)."""
+    from core.families.qwen_image_files import peft_to_kohya, read_lora
 
-    peft, alphas = kohya_to_peft(tensors)
-    if not peft:
-        from core.families.qwen_image_files import read_lora
-
-        peft, alphas, _ = read_lora(path)
+    peft, alphas, _ = read_lora(path)
     return peft_to_kohya(peft, alpha=alphas)
 
 
-def _modules_to_peft(modules: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _modules_to_peft(modules: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The tools' LoraModules (kohya names) -> the diffusers-named PEFT state and alpha per module."""
     from core.families.qwen_image_files import kohya_to_peft
+    from core.tools.modules import LoraToolError, modules_to_kohya
 
-    return kohya_to_peft(modules)
+    if any(getattr(m, "dora_scale", None) is not None for m in modules.values()):
+        raise LoraToolError("A Qwen-Image DoRA LoRA cannot be converted here; only plain LoRA modules are.")
+    return kohya_to_peft(modules_to_kohya(modules))
 
 
-def _write_kohya(modules: dict[str, torch.Tensor], path: str | Path, *, variant: str = "qwen-image",
-                 metadata: dict[str, Any] | None = None, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+def _write_kohya(modules: dict[str, Any], path: str | Path, *, variant: str = "qwen-image",
+                 metadata: dict[str, str] | None = None, dtype: torch.dtype | None = torch.bfloat16) -> Path:
     from core.families.qwen_image_files import write_kohya_file
 
     peft, alphas = _modules_to_peft(modules)
-    return write_kohya_file(peft, path, variant=variant if variant in ("qwen-image", "qwen-image-edit")
-                            else "qwen-image", alpha=alphas, metadata=metadata, dtype=dtype)
+    kept = {k: v for k, v in (metadata or {}).items()
+            if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
+    variant = variant if variant in ("qwen-image", "qwen-image-edit") else "qwen-image"
+    return write_kohya_file(peft, path, variant=variant, alpha=alphas, metadata=kept, dtype=dtype)
 
 
-def _write_diffusers(modules: dict[str, torch.Tensor], folder: str | Path, *,
-                     dtype: torch.dtype | None = None) -> Path:
+def _write_diffusers(modules: dict[str, Any], folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    import re
+
     from core.families.qwen_image_files import write_diffusers_file
 
     peft, alphas = _modules_to_peft(modules)
@@ -428,8 +433,8 @@ def _write_diffusers(modules: dict[str, torch.Tensor], folder: str | Path, *,
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(ranks),
-              "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
-              "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha}}
+              "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+              "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha}}
     return write_diffusers_file(peft, folder, lora_config=config, dtype=dtype)
 
 
