@@ -184,3 +184,56 @@ def test_the_family_is_read_from_the_models_files(tiny_qwen_image, tiny_qwen_edi
     assert model_info(str(tiny_qwen_image.folder)).family == "qwen-image"
     assert model_info(str(tiny_qwen_image.comfy_transformer)).family == "qwen-image"
     assert model_info("Qwen/Qwen-Image-Edit").family == "qwen-image-edit"
+
+
+def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders(tiny_qwen_edit, tmp_path,
+                                                                                 monkeypatch):
+    from core.families import qwen_image
+    from tests.test_pairs import make_pairs
+
+    data = make_pairs(tmp_path / "pairs", count=2)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "lonely.png")  # a target without a control: skipped
+    seen_batches, seen_images = [], []
+    real_loss, real_encode = qwen_image.qwen_loss, qwen_image.encode_prompt_list
+
+    def spy_loss(transformer, batch, generator=None, **kwargs):
+        seen_batches.append(batch)
+        return real_loss(transformer, batch, generator, **kwargs)
+
+    def spy_encode(*args, images=None, **kwargs):
+        seen_images.append(images)
+        return real_encode(*args, images=images, **kwargs)
+
+    monkeypatch.setattr(qwen_image, "qwen_loss", spy_loss)
+    monkeypatch.setattr(qwen_image, "encode_prompt_list", spy_encode)
+    out = tmp_path / "edit"
+    outputs, events = run_collect(_config(tiny_qwen_edit.folder, data, out, caption_dropout=0.5))
+    logs = [e.message for e in events if e.kind == "log"]
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert any(m.startswith("Model: Qwen-Image-Edit (diffusers)") for m in logs), logs
+    assert any("lonely.png (no control image)" in w for w in warnings), warnings
+    losses = [e.loss for e in events if e.kind == "progress"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    # The transformer got the control latents (same bucket as the target), the VL encoder the control images.
+    assert seen_batches and all(b.control is not None and b.control.shape == b.latents.shape for b in seen_batches)
+    assert seen_images and all(imgs and all(i is not None for i in imgs) for imgs in seen_images)
+    _, meta = _header(Path(outputs["lora"]))
+    assert meta["ss_base_model_version"] == "qwen_image_edit" and meta["modelspec.architecture"] == \
+        "Qwen-Image-Edit/lora"
+
+
+def test_an_edit_model_without_pairs_says_how_to_give_them(tiny_qwen_edit, two_images, tmp_path):
+    with pytest.raises(ValueError, match="control/ folder"):
+        run_collect(_config(tiny_qwen_edit.folder, two_images, tmp_path / "out"))
+
+
+def test_edit_pairs_train_without_the_latent_cache_too(tiny_qwen_edit, tmp_path):
+    from tests.test_pairs import make_pairs
+
+    data = make_pairs(tmp_path / "pairs", count=2)
+    _, events = run_collect(_config(tiny_qwen_edit.folder, data, tmp_path / "out", cache_latents=False,
+                                    random_flip=True))
+    losses = [e.loss for e in events if e.kind == "progress"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

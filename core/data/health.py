@@ -188,7 +188,9 @@ def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: st
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"'{root}' does not exist or is not a folder. Choose the folder with your images.")
-    images, _ = find_image_files(root)
+    from core.data.pairs import control_dir, pair_issues
+
+    images, _ = find_image_files(root, exclude=(control_dir(root),))
     out = _Collector()
     report = HealthReport(image_count=len(images))
     bucket_list = make_buckets(resolution, min_reso, max_reso)
@@ -222,6 +224,8 @@ def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: st
 
     report.caption_source = _check_captions(out, root, images, usable, metadata_path, caption_extension,
                                             tokenizer, max_tokens)
+    for file, severity, problem, advice in pair_issues(root, usable, resolve_metadata_path(root, metadata_path)):
+        out.add(file, severity, problem, advice)
     order = {severity: i for i, severity in enumerate(SEVERITIES)}
     report.issues = sorted(out.issues, key=lambda issue: order.get(issue.severity, 9))
     report.usable_count = len(usable)

@@ -38,6 +38,7 @@ class ImageItem:
     relpath: str = ""  # path inside the training folder, with "/" (as metadata.csv names it)
     format: str = ""
     mode: str = ""
+    control: Path | None = None  # a paired data set's control image (core.data.pairs)
 
 
 @dataclass
@@ -249,7 +250,11 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
     if not folder.is_dir():
         raise DatasetError(f"The training folder '{folder}' does not exist or is not a folder. "
                            "Set train_data_dir to the folder with your images.")
-    images, others = find_image_files(folder, exclude=(cfg.output_dir,) if cfg.output_dir else ())
+    from core.data.pairs import control_dir, find_controls
+
+    # A paired data set's control/ folder holds the controls, not training targets.
+    exclude = (control_dir(folder),) + ((cfg.output_dir,) if cfg.output_dir else ())
+    images, others = find_image_files(folder, exclude=exclude)
     items: list[ImageItem] = []
     skipped: list[tuple[str, str]] = []
     infos: dict[Path, ImageInfo] = {}
@@ -290,6 +295,11 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
         items.append(ImageItem(path=path, caption=apply_trigger(raw or "", cfg.trigger_word),
                                width=info.width, height=info.height, relpath=name,
                                format=info.format, mode=info.mode))
+    pairs = find_controls(folder, [i.path for i in items], resolve_metadata_path(folder, cfg.metadata_path))
+    used_as_control = {p.resolve() for p in pairs.controls.values()}
+    items = [i for i in items if i.path.resolve() not in used_as_control]  # a control is not a target too
+    for item in items:
+        item.control = pairs.controls.get(item.path)
     where = metadata_file.name if source == "metadata" and metadata_file else f"a {cfg.caption_extension} file"
     if no_caption:
         warnings.append(f"{len(no_caption)} image(s) have no caption in {where}: {_listing(no_caption)}. "

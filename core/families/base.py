@@ -63,6 +63,7 @@ class Batch:
     cond: Any                                                # what `encode_prompts` returned, batched
     sizes: list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] = field(default_factory=list)
     # (original size, crop top-left, target size) per image, for SDXL's micro-conditioning
+    control: torch.Tensor | None = None                      # [B, C, h, w] control latents (needs_control families)
 
 
 def vae_moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:

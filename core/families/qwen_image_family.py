@@ -95,10 +95,15 @@ def _controls(model: QwenModel, keys: Sequence[Any]) -> tuple[list[str], list[An
         return captions, None
     from core.data.image_io import load_rgb
 
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
     images = []
     for key in keys:
         path = key[1] if isinstance(key, tuple) else None
-        images.append(load_rgb(Path(path)) if path else Image.new("RGB", (64, 64), (0, 0, 0)))
+        image = load_rgb(Path(path)) if path else Image.new("RGB", (64, 64), (0, 0, 0))
+        # The Edit pipeline gives the VL encoder the control resized to about 1 megapixel, its aspect kept.
+        width, height, _ = calculate_dimensions(1024 * 1024, image.size[0] / image.size[1])
+        images.append(image.resize((width, height), Image.LANCZOS))
     return captions, images
 
 

@@ -56,6 +56,9 @@ class FamilyInfo:
     resolution_floor: int = 384           # the out-of-memory ladder never goes below this resolution
     memory_parts: str = ""                # "module:function" of its memory parts (empty: the UNet's)
     lora_key_markers: tuple[str, ...] = ()  # regexes of LoRA-file keys only this family's files have
+    # Trains on (control, target, caption) triples (edit models): the run feeds each image's control
+    # latents (Batch.control) and prompt keys (caption, control path) to the family.
+    needs_control: bool = False
 
     @property
     def is_flow_matching(self) -> bool:
@@ -121,7 +124,7 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                modelspec_implementation="https://github.com/QwenLM/Qwen-Image", impl="core.families.qwen_image_family",
                diffusers_class_names=("QwenImageEditPipeline",), name_words=("qwen-image-edit", "qwen_image_edit"),
                width=3072, config_groups=("flow",), resolution_floor=512,
-               memory_parts="core.families.qwen_memory:qwen_parts"),
+               memory_parts="core.families.qwen_memory:qwen_parts", needs_control=True),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")

@@ -63,6 +63,8 @@ class ImageRun:
     items: list = dataclasses.field(default_factory=list)
     buckets: list = dataclasses.field(default_factory=list)
     latents: dict[int, CachedImage] | None = None
+    control_latents: dict[int, CachedImage] | None = None  # paired data: each target's control, cached alike
+    needs_control: bool = False  # the family trains on (control, target, caption) triples
     text_cache: Any = None  # captions -> their batched conditioning, when the prompts were encoded once
     weight_dtype: torch.dtype = torch.float32
     adapted: Adapted | None = None
@@ -122,6 +124,22 @@ class ImageRun:
                           f"Use resolution: {info.native_resolution} if memory allows.")
         for module in [family.network(self.model), self.model.vae, *family.text_encoders(self.model)]:
             module.requires_grad_(False)
+        self.needs_control = info.needs_control
+        if self.needs_control:
+            self._keep_pairs(info.label)
+
+    def _keep_pairs(self, label: str) -> None:
+        """A paired family trains only the images that have a control image (core.data.pairs)."""
+        unpaired = [i for i in self.items if i.control is None]
+        if len(unpaired) == len(self.items):
+            raise ValueError(f"{label} trains on pairs: put each image's control image in a control/ folder "
+                             f"beside it (same file name) or name it in a control column of metadata.csv; "
+                             f"none of the {len(self.items)} image(s) has one.")
+        if unpaired and self.main:
+            _skipped_warning(self.ctx, [(i.relpath or i.path.name, "no control image") for i in unpaired])
+        keep = [n for n, i in enumerate(self.items) if i.control is not None]
+        self.items = [self.items[n] for n in keep]
+        self.buckets = [self.buckets[n] for n in keep]
 
     def cache_latents(self) -> None:
         cfg, m = self.cfg, self.model
@@ -146,18 +164,32 @@ class ImageRun:
                                                   center_crop=cfg.center_crop, cache_dir=cache_dir,
                                                   progress=progress if self.main else None,
                                                   moments_of=self.family.encode_moments)
+            controls: dict[int, CachedImage] = {}
+            if self.needs_control:
+                # The control images, at their target's bucket, in the same cache.
+                controls, failed_controls, control_hits = encode_images(
+                    m.vae, [i.control for i in self.items], self.buckets, center_crop=cfg.center_crop,
+                    cache_dir=cache_dir, progress=None, moments_of=self.family.encode_moments)
+                failed += [(f"control image {name}", reason) for name, reason in failed_controls]
+                hits += control_hits
         if hits:
             self.log(f"{hits} latent(s) reused from the disk cache {cache_dir}")
         if failed and self.main:
             _skipped_warning(self.ctx, failed)
-        keep = [i for i in range(len(self.items)) if i in latents]
+        keep = [i for i in range(len(self.items)) if i in latents and (not self.needs_control or i in controls)]
         self.latents = {new: latents[old] for new, old in enumerate(keep)}
+        if self.needs_control:
+            self.control_latents = {new: controls[old] for new, old in enumerate(keep)}
         self.items = [self.items[i] for i in keep]
         self.buckets = [self.buckets[i] for i in keep]
         if not self.items:
             raise ValueError("No image could be decoded for training; see the warnings above.")
 
-    def encode_prompts(self, captions: list[str]) -> Any:
+    def prompt_key(self, caption: str, index: int) -> Any:
+        """What the family's prompt encoding is keyed by: the caption, or (caption, control path) for pairs."""
+        return (caption, str(self.items[index].control)) if self.needs_control else caption
+
+    def encode_prompts(self, captions: list[Any]) -> Any:
         return self.family.encode_prompts(self.model, captions, self.device)
 
     def cache_text(self) -> None:
@@ -166,7 +198,9 @@ class ImageRun:
             move(encoder, self.device, self.weight_dtype)
         if family.prompt_cache_optional and (cfg.train_text_encoder or not cfg.cache_text_encoder_outputs):
             return
-        captions = [i.caption for i in self.items] + ([""] if cfg.caption_dropout > 0 else [])
+        captions = [self.prompt_key(i.caption, n) for n, i in enumerate(self.items)]
+        if cfg.caption_dropout > 0:
+            captions += [self.prompt_key("", n) for n in range(len(self.items))] if self.needs_control else [""]
         self.log(f"Encoding {len(set(captions))} caption(s) once")
         # Rank 0 writes any disk cache first; the others then read it.
         with self.accelerator.main_process_first():
@@ -205,31 +239,46 @@ class ImageRun:
     def batch_loss(self, indices: list[int], *, caption_dropout: bool = True) -> torch.Tensor:
         cfg = self.cfg
         drop = cfg.caption_dropout if caption_dropout else 0.0
-        captions = ["" if drop > 0 and random.random() < drop else self.items[i].caption for i in indices]
+        captions = [self.prompt_key("" if drop > 0 and random.random() < drop else self.items[i].caption, i)
+                    for i in indices]
         vae_config = self.vae_config
+        control = None
         if self.latents is not None:
             infos = [self.latents[i] for i in indices]
             moments = torch.stack([info.moments for info in infos]).to(self.device)
             latents = self.family.normalize_latents(vae_config, sample_latents(moments, 1.0))
             sizes = [(i.original_size, i.crop_top_left, i.target_size) for i in infos]
+            if self.control_latents is not None:
+                # The control image's latent mean, as edit pipelines encode it (argmax, no noise).
+                means = torch.stack([self.control_latents[i].moments for i in indices]).to(self.device)
+                control = self.family.normalize_latents(vae_config, means.chunk(2, dim=1)[0])
         else:
-            latents, sizes = self._encode_batch(indices)
+            latents, sizes, control = self._encode_batch(indices)
         cond = self.text_cache(captions) if self.text_cache is not None else self.encode_prompts(captions)
-        return self.loss_fn(self.train_network, Batch(latents, cond, sizes))
+        return self.loss_fn(self.train_network, Batch(latents, cond, sizes, control))
 
-    def _encode_batch(self, indices: list[int]) -> tuple[torch.Tensor, list]:
+    def _encode_batch(self, indices: list[int]) -> tuple[torch.Tensor, list, torch.Tensor | None]:
         from core.data.buckets import prepare_image
         from core.data.image_io import load_rgb
 
+        flips = [self.cfg.random_flip and random.random() < 0.5 for _ in indices]
         prepared = [prepare_image(load_rgb(self.items[i].path), self.buckets[i], center_crop=self.cfg.center_crop,
-                                  flip=self.cfg.random_flip and random.random() < 0.5, rng=random)
-                    for i in indices]
+                                  flip=flip, rng=random)
+                    for i, flip in zip(indices, flips)]
         vae = self.model.vae
+        control = None
         with torch.no_grad():
             pixels = torch.stack([p.pixels for p in prepared]).to(self.device, torch.float32)
             latents = sample_latents(self.family.encode_moments(vae, pixels), 1.0)
+            if self.needs_control:
+                # The control flipped with its target, center-cropped to the same bucket.
+                controls = [prepare_image(load_rgb(self.items[i].control), self.buckets[i], center_crop=True,
+                                          flip=flip, rng=random).pixels for i, flip in zip(indices, flips)]
+                moments = self.family.encode_moments(vae, torch.stack(controls).to(self.device, torch.float32))
+                control = self.family.normalize_latents(vae.config, moments.chunk(2, dim=1)[0])
         latents = self.family.normalize_latents(vae.config, latents)
-        return latents, [(tuple(p.original_size), tuple(p.crop_top_left), tuple(p.target_size)) for p in prepared]
+        sizes = [(tuple(p.original_size), tuple(p.crop_top_left), tuple(p.target_size)) for p in prepared]
+        return latents, sizes, control
 
     # --- the training loop's task (core.train.loop.TrainTask) ---------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
