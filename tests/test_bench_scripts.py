@@ -37,3 +37,11 @@ def test_the_lora_overhead_benchmark_times_all_three_ways_and_restores_the_base(
     assert result["base_weights_restored_bit_for_bit"] and result["base_image_after_equal"]
     # Fused and unfused agree far more closely than the LoRAs move the latents.
     assert result["fused_vs_unfused_max_abs"] < 0.01 * result["lora_vs_base_max_abs"]
+
+
+def test_the_qwen_image_benchmark_runs_both_sides_at_toy_sizes():
+    from bench import qwen_speed
+
+    results = qwen_speed.main(["--toy", "--steps", "3", "--resolution", "64", "--threads", "1"])
+    assert set(results) == {"ours", "peer", "ratios"}
+    assert all(results[side]["s_per_step"] > 0 for side in ("ours", "peer"))
