@@ -139,8 +139,10 @@ def cache_prompts(model: QwenModel, keys: list[Any], cfg: TrainConfig, device: t
     from core.families.qwen_image import encode_prompt_list, stack_prompts
     from core.train.latent_cache import cache_root_for
 
-    prompts = list(keys) + list(cfg.sample_prompts) + ([cfg.sample_negative_prompt or ""] if cfg.sample_prompts
-                                                       else [])
+    # Sample prompts for Qwen-Image's previews (Edit makes none: it needs an image to edit).
+    samples = [] if model.needs_control or not cfg.sample_prompts else \
+        list(cfg.sample_prompts) + [cfg.sample_negative_prompt or ""]
+    prompts = list(keys) + samples
     folder = None
     if cfg.cache_latents_to_disk:
         folder = Path(cache_root_for(cfg.train_data_dir, cfg.output_dir, "text")) / _identity(model)
