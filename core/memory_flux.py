@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from core.config import TrainConfig
 from core.devices import GIB, DeviceInfo
-from core.families.registry import FLUX_AE
+from core.families.registry import FAMILIES, FLUX_AE
 from core.model_info import ModelInfo
 
 # Tokens of the measurement: (1024 / 16)^2 packed image tokens + 512 text tokens.
@@ -90,7 +90,9 @@ def flux_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comput
     lora = flux_lora_params(cfg.lora_rank, cfg.lora_blocks, width)
     parts["LoRA + optimizer"] = lora * lora_state_bytes
     scale = compute_bytes / 2 * width / REAL_WIDTH  # tiny test models are narrower than the real ones
-    tokens = ((cfg.resolution // 16) ** 2 + TEXT_TOKENS) * cfg.batch_size
+    # A pair-trained variant (FLUX.1 Kontext) appends the control image's tokens to the target's.
+    pairs = 2 if getattr(FAMILIES.get(model.family), "needs_control", False) else 1
+    tokens = ((cfg.resolution // 16) ** 2 * pairs + TEXT_TOKENS) * cfg.batch_size
     kept, kept_gc, block = FLUX_ACTIVATION
     activations = tokens * ((kept_gc + block) if cfg.gradient_checkpointing else kept) * scale
     if cfg.lora_variant == "dora":

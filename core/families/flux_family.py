@@ -132,9 +132,15 @@ def _encoders(model: Any) -> list[Any]:
 
 # --- prompts ---------------------------------------------------------------------------------------
 
-def encode_prompts(model: Any, captions: list[str], device: torch.device) -> Any:
+def _caption(key: Any) -> str:
+    """A prompt key's caption: FLUX.1 Kontext's keys are (caption, control path); its text encoders see only text."""
+    return key[0] if isinstance(key, tuple) else key
+
+
+def encode_prompts(model: Any, captions: list[Any], device: torch.device) -> Any:
     from core.families.flux_text import MAX_SEQUENCE_LENGTH, encode_prompts as encode
 
+    captions = [_caption(c) for c in captions]
     return encode(model.text_encoder, model.tokenizer, model.text_encoder_2, model.tokenizer_2, captions,
                   max_sequence_length=MAX_SEQUENCE_LENGTH[model.variant], chroma=model.variant == "chroma")
 
@@ -145,8 +151,8 @@ def cache_prompts(model: Any, captions: list[str], cfg: TrainConfig, device: tor
     from core.families.flux_text import MAX_SEQUENCE_LENGTH, cache_prompt_embeds, encoder_identity, stack_embeds
     from core.train.latent_cache import cache_root_for
 
-    prompts = list(captions) + list(cfg.sample_prompts) + ([cfg.sample_negative_prompt or ""]
-                                                           if cfg.sample_prompts else [])
+    prompts = list(dict.fromkeys(_caption(c) for c in captions)) + list(cfg.sample_prompts) + (
+        [cfg.sample_negative_prompt or ""] if cfg.sample_prompts else [])
     folder = cache_root_for(cfg.train_data_dir, cfg.output_dir, "text") if cfg.cache_latents_to_disk else None
     identity = encoder_identity(model.text_encoder, model.text_encoder_2,
                                 max_sequence_length=MAX_SEQUENCE_LENGTH[model.variant], variant=model.variant)
@@ -155,8 +161,8 @@ def cache_prompts(model: Any, captions: list[str], cfg: TrainConfig, device: tor
     if hits:
         log(f"{hits} prompt encoding(s) reused from the disk cache {folder}")
 
-    def lookup(batch: list[str]) -> Any:
-        return stack_embeds([entries[c] for c in batch])
+    def lookup(batch: list[Any]) -> Any:
+        return stack_embeds([entries[_caption(c)] for c in batch])
 
     return lookup
 
@@ -244,7 +250,7 @@ def make_loss(model: Any, cfg: TrainConfig, dtype: torch.dtype) -> Callable[[nn.
     guidance = train_guidance(cfg, model.variant)
 
     def loss(transformer: nn.Module, batch: Batch) -> torch.Tensor:
-        return flux_loss(transformer, FluxBatch(batch.latents, batch.cond), timestep_sampling=sampling,
+        return flux_loss(transformer, FluxBatch(batch.latents, batch.cond, batch.control), timestep_sampling=sampling,
                          shift=cfg.discrete_flow_shift, guidance=guidance, dtype=dtype)
 
     return loss
@@ -282,7 +288,7 @@ def write_loras(folder: Path, cfg: TrainConfig, model: Any, adapted: Adapted, fa
 
 def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     """FluxPipeline / ChromaPipeline over the model's modules (text encoders may be freed: None)."""
-    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
@@ -291,7 +297,9 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
         pipe = ChromaPipeline(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder_2,
                               tokenizer=model.tokenizer_2, transformer=transformer)
     else:
-        pipe = FluxPipeline(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder,
+        # FLUX.1 Kontext's pipeline also makes images from text alone (no image given).
+        kind = FluxKontextPipeline if model.variant == "flux-kontext" else FluxPipeline
+        pipe = kind(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder,
                             tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
                             tokenizer_2=model.tokenizer_2, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
@@ -363,7 +371,10 @@ def preview_size(model: Any, resolution: int) -> tuple[int, int]:
 
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              cached: Any) -> list[Image.Image]:
-    """Previews with the transformer being trained, from the cached prompt encodings."""
+    """Previews with the transformer being trained, from the cached prompt encodings (none for Kontext:
+    an edit needs an image to edit)."""
+    if family_info(model.variant).needs_control:
+        return []
     pipe = build_pipeline(model, transformer)
     width, height = preview_size(model, cfg.resolution)
     return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,

@@ -19,9 +19,10 @@ import torch
 from core.families.flux_convert import strip_prefix
 from core.models.sd_single_file import ModelLoadError
 
-VARIANTS = ("flux-dev", "flux-schnell", "chroma")
+VARIANTS = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
 # Where configs + tokenizers come from when a single file is given without config_source.
 HUB_CONFIGS = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+               "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",
                "chroma": "lodestones/Chroma1-HD"}
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -92,6 +93,8 @@ def variant_from_folder_configs(index: dict[str, Any] | None, transformer_config
     names = " ".join(str(d.get("_class_name", "")) for d in (index or {}, transformer_config))
     if "Chroma" in names:
         return "chroma"
+    if "FluxKontext" in names:
+        return "flux-kontext"
     if "Flux" not in names:
         return None
     return "flux-dev" if transformer_config.get("guidance_embeds") else "flux-schnell"
@@ -110,7 +113,9 @@ def detect_variant(source: str | Path) -> str | None:
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             return None
-        return variant_from_keys(safetensors_keys(path))
+        variant = variant_from_keys(safetensors_keys(path))
+        # Kontext has FLUX.1-dev's tensors: only its file name tells (flux1-kontext-dev.safetensors).
+        return "flux-kontext" if variant == "flux-dev" and "kontext" in path.name.lower() else variant
     if path.is_dir():
         index = _read_json(path / "model_index.json")
         transformer = _read_json(path / "transformer" / "config.json") or _read_json(path / "config.json") or {}

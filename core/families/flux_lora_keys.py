@@ -39,8 +39,8 @@ from core.atomic import atomic_path
 from core.export.kohya import LoraFormatError, group_peft_state_dict, save_kohya_lora
 from core.export.metadata import MODELSPEC_VERSION
 
-Variant = Literal["flux-dev", "flux-schnell", "chroma"]
-VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma")
+Variant = Literal["flux-dev", "flux-schnell", "chroma", "flux-kontext"]
+VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
 UNET_PREFIX = "lora_unet_"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -361,12 +361,14 @@ def flux_kohya_to_peft(tensors: Mapping[str, Tensor], *, ignore_text_encoders: b
 # Metadata and files
 # ---------------------------------------------------------------------------------------------
 
-_BASE_MODEL_VERSION = {"flux-dev": "flux1", "flux-schnell": "flux1", "chroma": "chroma"}
-_ARCHITECTURE = {"flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell", "chroma": "chroma"}
+_BASE_MODEL_VERSION = {"flux-dev": "flux1", "flux-schnell": "flux1", "chroma": "chroma", "flux-kontext": "flux1"}
+_ARCHITECTURE = {"flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell", "chroma": "chroma",
+                 "flux-kontext": "flux-1-kontext-dev"}
 # sd-scripts' library/sai_model_spec.py IMPL_FLUX / IMPL_CHROMA.
 _IMPLEMENTATION = {"flux-dev": "https://github.com/black-forest-labs/flux",
                    "flux-schnell": "https://github.com/black-forest-labs/flux",
-                   "chroma": "https://huggingface.co/lodestones/Chroma"}
+                   "chroma": "https://huggingface.co/lodestones/Chroma",
+                   "flux-kontext": "https://github.com/black-forest-labs/flux"}
 # The keys that say what the file is; a caller's metadata cannot override them.
 _IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                   "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")

@@ -154,7 +154,7 @@ def _meta_transformer(variant: str) -> torch.nn.Module:
         if variant == "chroma":
             return ChromaTransformer2DModel()  # the class defaults are Chroma1's real config
         # The class defaults are FLUX.1's real config (19 double, 38 single blocks, width 3072).
-        return FluxTransformer2DModel(guidance_embeds=variant == "flux-dev")
+        return FluxTransformer2DModel(guidance_embeds=variant in ("flux-dev", "flux-kontext"))
 
 
 def lora_param_count(transformer: torch.nn.Module, rank: int, preset: str = "all", *,

@@ -94,7 +94,7 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
                 local_files_only=local_only, **depth, **quant)
         return FluxTransformer2DModel.from_single_file(
             converted, config=source, subfolder=_sub(source, "transformer"), torch_dtype=dtype,
-            local_files_only=local_only, guidance_embeds=variant == "flux-dev", **depth, **quant)
+            local_files_only=local_only, guidance_embeds=variant in ("flux-dev", "flux-kontext"), **depth, **quant)
     except OSError as exc:
         raise _load_error("transformer", source, exc) from exc
     except (KeyError, ValueError, RuntimeError) as exc:

@@ -21,7 +21,7 @@ import torch
 from core.atomic import atomic_path
 
 # T5 tokens per prompt: FLUX.1-dev and Chroma were trained with 512, schnell with 256.
-MAX_SEQUENCE_LENGTH = {"flux-dev": 512, "flux-schnell": 256, "chroma": 512}
+MAX_SEQUENCE_LENGTH = {"flux-dev": 512, "flux-schnell": 256, "chroma": 512, "flux-kontext": 512}
 
 
 @dataclass

@@ -23,6 +23,7 @@ DEFAULT_SHIFT = 3.1582  # sd-scripts' / FluxGym's discrete_flow_shift for FLUX.1
 # Per-variant training defaults (field notes: dev guidance 1.0 + shift; Chroma sigmoid, no guidance).
 VARIANT_DEFAULTS = {
     "flux-dev": {"timestep_sampling": "shift", "guidance": 1.0},
+    "flux-kontext": {"timestep_sampling": "shift", "guidance": 1.0},
     "flux-schnell": {"timestep_sampling": "shift", "guidance": None},
     "chroma": {"timestep_sampling": "sigmoid", "guidance": None},
 }
@@ -140,6 +141,7 @@ class FluxBatch:
 
     latents: torch.Tensor
     prompts: PromptEmbeds
+    control: torch.Tensor | None = None  # FLUX.1 Kontext: the control image's latents [B, C, h, w]
 
 
 def _config(transformer: Any) -> Any:
@@ -199,12 +201,22 @@ def flux_loss(transformer: Any, batch: FluxBatch, generator: torch.Generator | N
                                generator=generator, device=x0.device)
     noise = noise.float().to(x0.device)
     packed = pack_latents(noisy_latents(x0, noise, sigmas))
+    tokens = packed.shape[1]
+    if batch.control is not None:
+        # Kontext: the control's packed tokens after the target's, their position ids' first coordinate 1
+        # (FluxKontextPipeline.prepare_latents); the prediction of the target's tokens is kept.
+        control = batch.control.float().to(x0.device)
+        packed = torch.cat([packed, pack_latents(control)], dim=1)
     kwargs = transformer_inputs(transformer, packed, sigmas, batch.prompts, h, w, guidance=guidance, dtype=dtype)
+    if batch.control is not None:
+        ids = latent_image_ids(control.shape[2], control.shape[3], x0.device)
+        ids[:, 0] = 1
+        kwargs["img_ids"] = torch.cat([kwargs["img_ids"], ids], dim=0)
     # Under autocast an fp32 LoRA meets bf16 base layers: diffusers' fp8 storage switches off
     # PEFT's own input casting, so without it a bf16 activation would hit the fp32 lora_A.
     with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
         pred = transformer(**kwargs)[0]
-    return F.mse_loss(pred.float(), pack_latents(flow_target(x0, noise)), reduction="mean")
+    return F.mse_loss(pred[:, :tokens].float(), pack_latents(flow_target(x0, noise)), reduction="mean")
 
 
 def image_seq_len(height_px: int, width_px: int, vae_scale_factor: int = 8) -> int:

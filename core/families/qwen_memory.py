@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from core.config import TrainConfig
 from core.devices import GIB, DeviceInfo
-from core.families.registry import QWEN25_VL_7B, QWEN_IMAGE_VAE
+from core.families.registry import FAMILIES, QWEN25_VL_7B, QWEN_IMAGE_VAE
 from core.model_info import ModelInfo
 
 MEASURED_TOKENS = 64 * 64 + 256
@@ -65,7 +65,8 @@ def qwen_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comput
     blocks = BLOCKS if width == REAL_WIDTH else max(1, round(model.params / (BLOCK_WEIGHTS_PER_H2 * width * width)))
     parts["LoRA + optimizer"] = qwen_lora_params(cfg.lora_rank, width, blocks) * lora_state_bytes
     scale = compute_bytes / 2 * width / REAL_WIDTH
-    image_tokens = (cfg.resolution // 16) ** 2 * (2 if model.family == "qwen-image-edit" else 1)
+    image_tokens = (cfg.resolution // 16) ** 2 * (2 if getattr(FAMILIES.get(model.family), "needs_control", False)
+                                                  else 1)
     tokens = (image_tokens + TEXT_TOKENS) * cfg.batch_size
     kept, kept_gc, block = QWEN_ACTIVATION
     parts["activations"] = tokens * ((kept_gc + block) if cfg.gradient_checkpointing else kept) * scale

@@ -109,6 +109,15 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                width=3072, config_groups=("flow", "flux"), resolution_floor=512,
                memory_parts="core.memory_flux:flux_parts",
                diffusers_class_names=("ChromaPipeline", "ChromaTransformer2DModel"), name_words=("chroma",)),
+    # FLUX.1 Kontext [dev]: FLUX.1-dev's transformer trained on (control, target, caption) pairs; its
+    # LoRA files are FLUX LoRAs (flux1, BFL names), the control image's tokens carry position id 1.
+    FamilyInfo("flux-kontext", "FLUX.1 Kontext", "flux", 1024, "flux", "flux1", "flux-1-kontext-dev",
+               ("lora_te1", "lora_te3"), ("text_encoder", "text_encoder_2"), "FluxKontextPipeline",
+               "black-forest-labs/FLUX.1-Kontext-dev", FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE,
+               sample_size_floor=512, has_guidance_embedding=True, default_timestep_sampling="shift",
+               impl="core.families.flux_family", width=3072, config_groups=("flow", "flux"), resolution_floor=512,
+               memory_parts="core.memory_flux:flux_parts", diffusers_class_names=("FluxKontextPipeline",),
+               name_words=("kontext",), needs_control=True),
     # musubi-tuner's qwen_image / qwen_image_edit architecture names; ComfyUI's model names are diffusers'.
     FamilyInfo("qwen-image", "Qwen-Image", "dit", 1328, "qwen-image", "qwen_image", "Qwen-Image", (),
                ("text_encoder",), "QwenImagePipeline", "Qwen/Qwen-Image", QWEN_IMAGE, QWEN25_VL_7B + QWEN_IMAGE_VAE,
