@@ -40,7 +40,7 @@ class FamilyInfo:
 
     @property
     def is_flow_matching(self) -> bool:
-        return self.kind == "flux"
+        return self.kind in ("flux", "dit")
 
 
 # Published sizes of the real networks (counted from their configs on the meta device; the
@@ -49,6 +49,9 @@ SD1_UNET, SD2_UNET, SDXL_UNET = 859_520_964, 865_910_724, 2_567_463_684
 CLIP_L, OPENCLIP_H, OPENCLIP_G, SD_VAE = 123_060_480, 340_387_840, 694_659_841, 83_653_863
 FLUX_DEV, FLUX_SCHNELL, CHROMA = 11_901_408_320, 11_891_178_560, 8_899_983_424
 T5_XXL_ENCODER, FLUX_AE = 4_762_310_656, 83_819_683
+# SD3.5 medium / large MMDiT; CLIP-L and CLIP-G with their projections; the 16-channel VAE (FLUX's AE shape).
+SD35_MEDIUM, SD35_LARGE, CLIP_L_PROJ, CLIP_G_PROJ = 2_243_171_520, 8_056_627_520, 123_650_304, 694_659_840
+SD3_ENCODERS = CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL_ENCODER + FLUX_AE
 
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
@@ -74,6 +77,17 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("chroma", "Chroma", "flux", 1024, "flux", "chroma", "chroma", ("lora_te3",),
                ("text_encoder",), "ChromaPipeline", "lodestones/Chroma1-HD", CHROMA, T5_XXL_ENCODER + FLUX_AE,
                sample_size_floor=512, default_timestep_sampling="sigmoid"),
+    # sd-scripts names SD3 models by library/sd3_utils' model_type ("medium", "5-medium", "5-large"):
+    # ss_base_model_version is that, modelspec.architecture "stable-diffusion-3-" + it (sd3_lora_files
+    # writes SD3 medium's own type when an SD3 medium is trained under the "sd3" row).
+    FamilyInfo("sd3", "SD3.5 / SD3 Medium", "dit", 1024, "sd3", "5-medium", "stable-diffusion-3-5-medium",
+               ("lora_te1", "lora_te2", "lora_te3"), ("text_encoder", "text_encoder_2", "text_encoder_3"),
+               "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium", SD35_MEDIUM, SD3_ENCODERS,
+               sample_size_floor=512, default_timestep_sampling="shift"),
+    FamilyInfo("sd35-large", "SD3.5 Large", "dit", 1024, "sd3", "5-large", "stable-diffusion-3-5-large",
+               ("lora_te1", "lora_te2", "lora_te3"), ("text_encoder", "text_encoder_2", "text_encoder_3"),
+               "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-large", SD35_LARGE, SD3_ENCODERS,
+               sample_size_floor=512, default_timestep_sampling="shift"),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
