@@ -116,7 +116,7 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                width=1536, config_groups=("flow",), resolution_floor=512,
                memory_parts="core.families.sd3_memory:sd3_parts",
                diffusers_class_names=("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
-               single_file_markers=("joint_blocks.0.context_block.attn.qkv.weight",),
+               single_file_markers=("joint_blocks.0.x_block.attn.proj.weight",),
                name_words=("sd3", "sd3.5", "sd35", "stable-diffusion-3"),
                lora_key_markers=(r"^lora_unet_joint_blocks_\d+_", r"^(diffusion_model\.)?joint_blocks\.\d+\.",
                                  r"^transformer\.transformer_blocks\.\d+\.(attn\.add_q_proj|attn2\.)")),

@@ -372,8 +372,20 @@ def default_size(model: Any) -> int:
     return family_info(model.variant).native_resolution * vae_scale_factor(model) // 8
 
 
+def detect(base_model: str) -> str | None:
+    from core.families.sd3_load import detect as detect_sd3
+
+    return detect_sd3(base_model)
+
+
+def _lora_files() -> Any:
+    from core.families.sd3_lora_files import lora_file_format
+
+    return lora_file_format()
+
+
 FAMILY = ImageFamily(
-    prompt_cache_optional=False, check=check, load=load, describe=describe,
+    detect=detect, lora_files=_lora_files(), prompt_cache_optional=False, check=check, load=load, describe=describe,
     name_of=lambda m: m.variant, network=lambda m: m.transformer, text_encoders=_encoders,
     park_text_encoders=park_text_encoders, encode_prompts=encode_prompts, cache_prompts=cache_prompts,
     add_lora=add_lora, low_memory=low_memory, make_loss=make_loss, write_loras=write_loras, previews=previews,
