@@ -119,7 +119,7 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                single_file_markers=("joint_blocks.0.x_block.attn.proj.weight",),
                name_words=("sd3", "sd3.5", "sd35", "stable-diffusion-3"),
                lora_key_markers=(r"^lora_unet_joint_blocks_\d+_", r"^(diffusion_model\.)?joint_blocks\.\d+\.",
-                                 r"^transformer\.transformer_blocks\.\d+\.(attn\.add_q_proj|attn2\.)")),
+                                 r"^transformer\.transformer_blocks\.\d+\.attn2\.")),
     FamilyInfo("sd35-large", "SD3.5 Large", "dit", 1024, "sd3", "5-large", "stable-diffusion-3-5-large",
                ("lora_te1", "lora_te2", "lora_te3"), ("text_encoder", "text_encoder_2", "text_encoder_3"),
                "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-large", SD35_LARGE, SD3_ENCODERS,
