@@ -365,7 +365,36 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
     for module in (model.transformer, *_encoders(model)):
         move(module, device, dtype)
     move(model.vae, device, torch.float32)
-    return build_pipeline(model), model
+    pipe = build_pipeline(model)
+    pipe.load_lora_weights = _reading_every_form(pipe.load_lora_weights)
+    return pipe, model
+
+
+def _reading_every_form(load: Callable[..., Any]) -> Callable[..., Any]:
+    """`load_lora_weights` that also takes our WebUI / ComfyUI file (sd-scripts' MMDiT names), which
+    diffusers' SD3 loader has no converter for: it gets the diffusers-named state, alpha / rank folded
+    into lora_B (diffusers then assumes alpha = rank, so the delta is the file's)."""
+
+    def load_any(source: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(source, (str, Path)) and Path(source).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(source), "pt") as handle:
+                native = any(k.startswith(("lora_unet_", "diffusion_model.")) for k in handle.keys())
+            if native:
+                from core.families.sd3_lora_files import read_lora
+
+                peft, alphas, _ = read_lora(source)
+                state = {}
+                for key, value in peft.items():
+                    module = key.rsplit(".lora_", 1)[0]
+                    if key.endswith("lora_B.weight"):
+                        value = value * (alphas[module] / peft[f"{module}.lora_A.weight"].shape[0])
+                    state[f"transformer.{key}"] = value
+                source = state
+        return load(source, *args, **kwargs)
+
+    return load_any
 
 
 def default_size(model: Any) -> int:
