@@ -161,3 +161,11 @@ def test_gpu_only_settings_on_a_cpu_machine_say_so_before_loading_anything(tiny_
     ctx = RunContext()
     with pytest.raises(ValueError, match=words):
         run_training(resolve_config(_config(tiny_sd3.folder, two_images, tmp_path / "out", **setting)), ctx)
+
+
+def test_the_sd3_benchmark_runs_both_sides_at_toy_sizes():
+    from bench import sd3_speed
+
+    results = sd3_speed.main(["--toy", "--steps", "3", "--resolution", "64", "--threads", "1"])
+    assert set(results) == {"ours", "peer", "ratios"}
+    assert all(results[side]["s_per_step"] > 0 for side in ("ours", "peer"))
