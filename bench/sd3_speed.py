@@ -88,6 +88,10 @@ def build_model(folder: Path, *, blocks: int, clip_g_layers: int, t5_layers: int
     return folder
 
 
+def _build(folder: Path, kwargs: dict, queue) -> None:
+    queue.put(str(build_model(folder, **kwargs)))
+
+
 def run_ours(model: str, data: str, args: argparse.Namespace, queue) -> None:
     import torch
 
@@ -189,8 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=("ours", "peer"), help="run one side")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="sd3-bench-"))
-    model = str(build_model(work / "model", blocks=args.blocks, clip_g_layers=args.clip_g_layers,
-                            t5_layers=args.t5_layers, toy=args.toy))
+    # Built in a process of its own: a child's peak RSS starts at its parent's (Linux copies the
+    # high-water mark on fork), so the parent must never hold the model.
+    model = measure(_build, work / "model", dict(blocks=args.blocks, clip_g_layers=args.clip_g_layers,
+                                                  t5_layers=args.t5_layers, toy=args.toy))
     data = str(make_images(work / "data", args.images, max(args.resolution, 64)))
     results = {}
     for name, target in (("ours", run_ours), ("peer", run_peer)):

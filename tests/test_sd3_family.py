@@ -289,3 +289,24 @@ def test_lora_tools_read_convert_and_write_both_ways(tiny_sd3, tmp_path):
     assert meta_b["ss_base_model_version"] in ("medium", "5-medium")
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_merging_two_sd3_loras_adds_their_deltas_and_stays_sd3(tiny_sd3, tmp_path):
+    from core.export.inspect import inspect_lora
+    from core.families.sd3_lora_files import write_kohya_file
+    from core.tools.convert import read_lora as read_tool_lora, write_like
+    from core.tools.merge import combine_files
+    from core.train.image_lora import peft_state
+
+    files = []
+    for seed in (0, 1):
+        transformer, _ = _trained_lora(tiny_sd3.folder, seed=seed)
+        files.append(write_kohya_file(peft_state(transformer), tmp_path / f"l{seed}.safetensors",
+                                      model_type="5-medium", alpha=2.0, dtype=None))
+    merged, _ = combine_files(files, [1.0, 0.5])
+    a, b = read_tool_lora(files[0]), read_tool_lora(files[1])
+    for name, module in merged.modules.items():
+        torch.testing.assert_close(module.delta(), a.modules[name].delta() + 0.5 * b.modules[name].delta(),
+                                   rtol=1e-4, atol=1e-5)
+    out = write_like(merged, tmp_path / "merged.safetensors", dtype=None)
+    assert inspect_lora(out).family == "sd3"
