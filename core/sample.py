@@ -138,6 +138,21 @@ def label_cell(image: Image.Image, text: str) -> Image.Image:
     return canvas
 
 
+def grid_image(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
+    """Cells pasted row by row into one image, in equal columns as wide as the widest cell, each centred.
+
+    Cells differ in width when a caption is wider than a small image ('w=0' vs 'w=0.25' at 64 px);
+    columns the width of the first cell would let the wider cells overlap their neighbours.
+    """
+    cell_w = max(cell.width for row in rows for cell in row)
+    cell_h = max(cell.height for row in rows for cell in row)
+    grid = Image.new("RGB", (cell_w * max(len(r) for r in rows), cell_h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            grid.paste(cell, (c * cell_w + (cell_w - cell.width) // 2, r * cell_h))
+    return grid
+
+
 def compare_grid(base_model: str, lora_paths: str | Path | Sequence[str | Path], prompts: Sequence[str], out_path:
                  str | Path, *, weights: Sequence[float] = COMPARE_WEIGHTS, others: Sequence[LoraSpec] = (),
                  **kwargs: Any) -> Path:
@@ -153,9 +168,4 @@ def compare_grid(base_model: str, lora_paths: str | Path | Sequence[str | Path],
         for p in range(len(prompts)):
             label = Path(file).parent.name if Path(file).name == "pytorch_lora_weights.safetensors" else Path(file).stem
             rows.append([label_cell(per_weight[i][p], f"{label} w={w:g}") for i, w in enumerate(weights)])
-    cell_w, cell_h = rows[0][0].size
-    grid = Image.new("RGB", (cell_w * len(weights), cell_h * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            grid.paste(cell, (c * cell_w, r * cell_h))
-    return save_image(grid, out_path)
+    return save_image(grid_image(rows), out_path)

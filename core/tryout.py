@@ -79,15 +79,10 @@ def generate_target(base_model: str, loras: Sequence[LoraSpec], prompt: str, out
 
 
 def grid_image(rows: Sequence[Sequence[Any]]) -> Any:
-    """Cells (equal-sized PIL images) pasted row by row into one image."""
-    from PIL import Image
+    """Cells (PIL images) pasted row by row into one image, in equal columns (core.sample.grid_image)."""
+    from core.sample import grid_image as paste
 
-    cell_w, cell_h = rows[0][0].size
-    grid = Image.new("RGB", (cell_w * max(len(r) for r in rows), cell_h * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            grid.paste(cell, (c * cell_w, r * cell_h))
-    return grid
+    return paste(rows)
 
 
 def lora_label(path: str | Path) -> str:
