@@ -310,3 +310,18 @@ def test_merging_two_sd3_loras_adds_their_deltas_and_stays_sd3(tiny_sd3, tmp_pat
                                    rtol=1e-4, atol=1e-5)
     out = write_like(merged, tmp_path / "merged.safetensors", dtype=None)
     assert inspect_lora(out).family == "sd3"
+
+
+def test_text_encoder_files_and_vae_name_the_parts_of_a_bare_transformer_file(tiny_sd3, tmp_path):
+    from core.models.sd_single_file import ModelLoadError
+
+    target = tmp_path / "elsewhere" / "sd3.5_medium.safetensors"
+    target.parent.mkdir()
+    shutil.copy(tiny_sd3.comfy_transformer, target)
+    encoders = tiny_sd3.comfy_root / "text_encoders"
+    files = f"{encoders / 't5xxl_fp16.safetensors'}, {encoders / 'clip_g.safetensors'},{encoders / 'clip_l.safetensors'}"
+    model = sd3_load.load_sd3_model(str(target), config_source=str(tiny_sd3.folder), text_encoder_files=files,
+                                    vae=str(tiny_sd3.comfy_root / "vae" / "sd35_vae.safetensors"))
+    assert model.text_encoder_3 is not None and any(n == "CLIP-G: clip_g.safetensors" for n in model.notes)
+    with pytest.raises(ModelLoadError, match="not named as CLIP-L"):
+        sd3_load.text_encoder_parts("a/encoder.safetensors")

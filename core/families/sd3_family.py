@@ -98,8 +98,8 @@ def load(cfg: TrainConfig) -> Any:
     if cfg.base_quantization == "nf4":
         dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.bfloat16
         quant = nf4_config(dtype)
-    return load_sd3_model(cfg.base_model, config_source=cfg.base_model_config, vae=cfg.vae, dtype=dtype,
-                          quantization_config=quant)
+    return load_sd3_model(cfg.base_model, config_source=cfg.base_model_config, vae=cfg.vae,
+                          text_encoder_files=cfg.text_encoder_files, dtype=dtype, quantization_config=quant)
 
 
 def describe(model: Any) -> list[str]:

@@ -352,12 +352,27 @@ def load_sd3_single_file(path: str | Path, *, config_source: str = "", clip_l: s
                     notes=notes)
 
 
-def load_sd3_model(base_model: str, *, config_source: str = "", vae: str = "", dtype: torch.dtype = torch.float32,
-                   quantization_config: Any = None) -> SD3Model:
+def text_encoder_parts(files: str) -> dict[str, str]:
+    """`text_encoder_files` ("a/clip_l.safetensors, b/clip_g.safetensors, ...") -> {part: path}, by file name."""
+    out: dict[str, str] = {}
+    for item in (f.strip() for f in files.split(",") if f.strip()):
+        name = Path(item).name.lower()
+        part = next((p for p in ("clip_l", "clip_g", "t5") if any(w in name for w in PART_WORDS[p])), None)
+        if part is None:
+            raise ModelLoadError(f"'{Path(item).name}' in text_encoder_files is not named as CLIP-L, CLIP-G or T5-XXL.",
+                                 "Keep the usual names (clip_l..., clip_g..., t5xxl...), one file per encoder.")
+        if part in out:
+            raise ModelLoadError(f"text_encoder_files names two {part} files.", "Give one file per text encoder.")
+        out[part] = item
+    return out
+
+
+def load_sd3_model(base_model: str, *, config_source: str = "", vae: str = "", text_encoder_files: str = "",
+                   dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> SD3Model:
     """Any SD3 source: a single .safetensors (ComfyUI layouts), a diffusers folder or a hub id."""
     if Path(base_model).is_file():
         return load_sd3_single_file(base_model, config_source=config_source, vae=vae, dtype=dtype,
-                                    quantization_config=quantization_config)
+                                    quantization_config=quantization_config, **text_encoder_parts(text_encoder_files))
     if base_model.lower().endswith(".safetensors"):
         raise ModelLoadError(f"The SD3 model file '{base_model}' does not exist.", "Check base_model.")
     model = load_sd3_folder(base_model, dtype=dtype, quantization_config=quantization_config)
