@@ -40,7 +40,7 @@ class FamilyInfo:
 
     @property
     def is_flow_matching(self) -> bool:
-        return self.kind == "flux"
+        return self.kind in ("flux", "dit")
 
 
 # Published sizes of the real networks (counted from their configs on the meta device; the
@@ -49,6 +49,7 @@ SD1_UNET, SD2_UNET, SDXL_UNET = 859_520_964, 865_910_724, 2_567_463_684
 CLIP_L, OPENCLIP_H, OPENCLIP_G, SD_VAE = 123_060_480, 340_387_840, 694_659_841, 83_653_863
 FLUX_DEV, FLUX_SCHNELL, CHROMA = 11_901_408_320, 11_891_178_560, 8_899_983_424
 T5_XXL_ENCODER, FLUX_AE = 4_762_310_656, 83_819_683
+Z_IMAGE, QWEN3_4B = 6_154_908_736, 4_022_468_096  # ZImageTransformer2DModel; Qwen3Model (no LM head)
 
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
@@ -74,6 +75,14 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("chroma", "Chroma", "flux", 1024, "flux", "chroma", "chroma", ("lora_te3",),
                ("text_encoder",), "ChromaPipeline", "lodestones/Chroma1-HD", CHROMA, T5_XXL_ENCODER + FLUX_AE,
                sample_size_floor=512, default_timestep_sampling="sigmoid"),
+    FamilyInfo("z-image-turbo", "Z-Image-Turbo", "dit", 1024, "z-image", "z_image_turbo", "Z-Image", (),
+               ("text_encoder",), "ZImagePipeline", "Tongyi-MAI/Z-Image-Turbo", Z_IMAGE, QWEN3_4B + FLUX_AE,
+               sample_size_floor=512, default_timestep_sampling="shift",
+               modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image"),
+    FamilyInfo("z-image", "Z-Image", "dit", 1024, "z-image", "z_image", "Z-Image", (),
+               ("text_encoder",), "ZImagePipeline", "Tongyi-MAI/Z-Image", Z_IMAGE, QWEN3_4B + FLUX_AE,
+               sample_size_floor=512, default_timestep_sampling="shift",
+               modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image"),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")

@@ -1,0 +1,212 @@
+"""Z-Image (Turbo and base): registry sizes from the real configs, loading a diffusers folder and ComfyUI's
+single files, Qwen3 prompts as ZImagePipeline encodes them, training through ImageRun (stop + resume exact),
+and both LoRA files: ComfyUI's key map (reimplemented from comfy/lora.py) and diffusers' loader read every
+key, and both give the trained model's dW."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
+from tests.helpers import read_loss_csv
+
+
+@pytest.fixture
+def zimage_run(monkeypatch):
+    """Route ImageRun to the Z-Image family (until the family layer's `detect` hook is on this branch)."""
+    import core.families.base as base
+    from core.families.zimage_family import ZIMAGE
+
+    real = base.family_for_model
+    monkeypatch.setattr(base, "family_for_model",
+                        lambda m: ZIMAGE if __import__("core.families.zimage", fromlist=["detect"]).detect(m)
+                        else real(m))
+
+
+@pytest.fixture
+def two_images(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data", count=2)
+
+
+def _config(model, data, out, **overrides) -> dict:
+    return tiny_run_config(model, data, out, **{"batch_size": 1, "max_train_steps": 2, **overrides})
+
+
+def test_registry_sizes_are_the_real_configs_counted_on_the_meta_device():
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from core.families.registry import FLUX_AE, QWEN3_4B, Z_IMAGE, family_info
+
+    with torch.device("meta"):
+        transformer = ZImageTransformer2DModel()  # diffusers' defaults are Z-Image's config (dim 3840, 30 layers)
+        qwen = Qwen3Model(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                      vocab_size=151936, tie_word_embeddings=True))
+    assert sum(p.numel() for p in transformer.parameters()) == Z_IMAGE
+    assert sum(p.numel() for p in qwen.parameters()) == QWEN3_4B
+    for name in ("z-image-turbo", "z-image"):
+        info = family_info(name)
+        assert info.kind == "dit" and info.is_flow_matching and info.preset_family == "z-image"
+        assert info.trained_params == Z_IMAGE and info.frozen_params == QWEN3_4B + FLUX_AE
+        assert info.pipeline_class == "ZImagePipeline"
+    assert family_info("z-image-turbo").hub_repo == "Tongyi-MAI/Z-Image-Turbo"
+
+
+def test_folder_and_comfy_single_files_load_the_same_model_and_are_detected(tiny_zimage):
+    from core.families.zimage import detect, load_model, variant_from_name
+
+    assert detect(str(tiny_zimage.folder)) == "z-image-turbo"
+    assert detect(str(tiny_zimage.comfy_transformer)) == "z-image-turbo"
+    assert detect("Tongyi-MAI/Z-Image") == "z-image" and variant_from_name("z_image_bf16.safetensors") == "z-image"
+    assert detect(str(tiny_zimage.comfy_root / "vae" / "ae.safetensors")) is None
+    folder = load_model(str(tiny_zimage.folder))
+    single = load_model(str(tiny_zimage.comfy_transformer), config_source=str(tiny_zimage.folder))
+    assert single.is_single_file and any("qwen_3_4b" in n for n in single.notes)
+    a, b = folder.transformer.state_dict(), single.transformer.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    va, vb = folder.vae.state_dict(), single.vae.state_dict()
+    assert all(torch.allclose(va[k], vb[k]) for k in va)
+    ta, tb = folder.text_encoder.state_dict(), single.text_encoder.state_dict()
+    assert set(ta) == set(tb)  # the fp16 file: equal up to fp16 rounding
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-3) for k in ta)
+
+
+def test_prompts_are_encoded_as_the_pipeline_does(tiny_zimage):
+    from diffusers import ZImagePipeline
+
+    from core.families.zimage import encode_prompts, load_model
+
+    model = load_model(str(tiny_zimage.folder))
+    ours = encode_prompts(model.text_encoder, model.tokenizer, ["a red thing", "a photo of a cat"])
+    pipe = ZImagePipeline.from_pretrained(str(tiny_zimage.folder))
+    theirs, _ = pipe.encode_prompt(["a red thing", "a photo of a cat"], do_classifier_free_guidance=False)
+    assert [t.shape[1] for t in ours] == [16, 16] and ours[0].shape[0] != ours[1].shape[0]  # padding cut off
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_the_loss_is_the_diffusers_scripts_objective(tiny_zimage):
+    """model(x_s, 1 - s) ~ x0 - noise, i.e. -model ~ noise - x0 as train_dreambooth_lora_z_image.py has it."""
+    from core.families.zimage import ZImageBatch, load_model, zimage_loss
+
+    model = load_model(str(tiny_zimage.folder))
+    x0, noise = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    sigmas = torch.tensor([0.3, 0.8])
+    caps = [torch.randn(5, 16), torch.randn(3, 16)]
+    ours = zimage_loss(model.transformer, ZImageBatch(x0, caps), sigmas=sigmas, noise=noise)
+    noisy = (1 - sigmas.view(-1, 1, 1, 1)) * x0 + sigmas.view(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        out = model.transformer(list(noisy.unsqueeze(2).unbind(0)), (1000 - sigmas * 1000) / 1000, caps,
+                                return_dict=False)[0]
+    pred = -torch.stack(out).squeeze(2)
+    torch.testing.assert_close(ours.detach(), torch.nn.functional.mse_loss(pred, noise - x0))
+
+
+def _comfy_key_map(native_weights: list[str]) -> dict[str, str]:
+    """ComfyUI's model_lora_keys_unet for a Lumina2 model, generic part (from comfy/lora.py): every weight
+    `diffusion_model.<k>.weight` is reachable as `lora_unet_<k with _>` and as `diffusion_model.<k>`."""
+    key_map = {}
+    for weight in native_weights:
+        k = f"diffusion_model.{weight}"
+        key_map["lora_unet_" + weight[: -len(".weight")].replace(".", "_")] = k
+        key_map[k[: -len(".weight")]] = k
+    return key_map
+
+
+def _dw(peft: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, a in peft.items():
+        if key.endswith(".lora_A.weight"):
+            path = key[: -len(".lora_A.weight")]
+            b = peft[f"{path}.lora_B.weight"]
+            out[path.removeprefix("transformer.")] = (b.float() @ a.float()) * alphas[path] / a.shape[0]
+    return out
+
+
+def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, two_images, tmp_path, zimage_run):
+    from diffusers import ZImagePipeline
+    from safetensors import safe_open
+
+    from core.families.zimage_lora_keys import read_lora
+    from tests.fixtures.tiny_zimage import native_transformer_state
+
+    out = tmp_path / "out"
+    outputs, events = run_collect(_config(tiny_zimage.folder, two_images, out, output_name="zi", lora_alpha=2,
+                                          sample_prompts=["a red thing"], sample_steps=2, save_steps=2))
+    losses = [e.loss for e in events if e.kind == "progress"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    logs = [e.message for e in events if e.kind == "log"]
+    assert "Model: Z-Image-Turbo (diffusers), flow matching" in logs
+    assert any(m.startswith("LoRA rank 4 on 28 transformer layers") for m in logs), logs
+    assert (out / "samples" / "step-000002-0.png").is_file()
+
+    kohya = Path(outputs["lora"])
+    with safe_open(str(kohya), "pt") as handle:
+        keys, meta = list(handle.keys()), handle.metadata()
+    assert meta["ss_base_model_version"] == "z_image_turbo" and meta["modelspec.architecture"] == "Z-Image/lora"
+    assert meta["ss_network_alpha"] == "2" and meta["ss_steps"] == "2"
+    assert "lora_unet_layers_0_attention_qkv.lora_down.weight" in keys
+    assert "lora_unet_context_refiner_0_feed_forward_w2.alpha" in keys
+    # ComfyUI: every module of the file is a key of its map, pointing at a weight of the native model.
+    native = list(native_transformer_state(ZImagePipeline.from_pretrained(str(tiny_zimage.folder))
+                                           .transformer.state_dict()))
+    comfy = _comfy_key_map([k for k in native if k.endswith(".weight")])
+    modules = {re.sub(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", "", k) for k in keys}
+    assert modules <= set(comfy), sorted(modules - set(comfy))[:5]
+    assert comfy["lora_unet_layers_0_attention_qkv"] == "diffusion_model.layers.0.attention.qkv.weight"
+
+    # diffusers: both files load with every key, and give the same dW as the trained LoRA.
+    trained, trained_alphas, _ = read_lora(outputs["diffusers"])
+    from_kohya, kohya_alphas, _ = read_lora(kohya)
+    expect = _dw(trained, trained_alphas)
+    for name, path in (("kohya", kohya), ("diffusers", Path(outputs["diffusers"]))):
+        pipe = ZImagePipeline.from_pretrained(str(tiny_zimage.folder))
+        state = ZImagePipeline.lora_state_dict(str(path))
+        pipe.load_lora_weights(str(path), adapter_name="z")
+        loaded = {k.removeprefix("transformer."): v for k, v in state.items()}
+        assert len({k.rsplit(".lora_", 1)[0] for k in loaded}) == 28, name
+        # every state key became a parameter of the transformer (none dropped)
+        params = dict(pipe.transformer.named_parameters())
+        assert all(k.replace(".lora_A.weight", ".lora_A.z.weight").replace(".lora_B.weight", ".lora_B.z.weight")
+                   in params for k in loaded), name
+        got = {}
+        for module_name, module in pipe.transformer.named_modules():
+            if hasattr(module, "lora_A") and "z" in getattr(module, "lora_A", {}):
+                got[module_name] = module.get_delta_weight("z")
+        assert set(got) == set(expect), name
+        for path_ in expect:
+            torch.testing.assert_close(got[path_].float(), expect[path_], atol=1e-5, rtol=1e-4)
+    for path_ in expect:
+        torch.testing.assert_close(_dw(from_kohya, kohya_alphas)[path_], expect[path_], atol=1e-6, rtol=1e-5)
+
+
+def test_stop_and_resume_give_the_uninterrupted_runs_losses_from_comfy_files(tiny_zimage, two_images, tmp_path,
+                                                                             zimage_run):
+    common = dict(max_train_steps=4, save_steps=2, lr_scheduler="cosine", lr_warmup_steps=1,
+                  base_model_config=str(tiny_zimage.folder))
+    model = tiny_zimage.comfy_transformer
+    straight = tmp_path / "straight"
+    _, events = run_collect(_config(model, two_images, straight, **common))
+    assert any(getattr(e, "message", "").startswith("Model: Z-Image-Turbo (single file)") for e in events)
+    stopped = tmp_path / "stopped"
+    run_collect(_config(model, two_images, stopped, **common), stop_at=2)
+    _, resumed = run_collect(_config(model, two_images, stopped, resume_from="latest", **common))
+    assert [e.step for e in resumed if e.kind == "progress"] == [3, 4]
+    a, b = read_loss_csv(straight), read_loss_csv(stopped)
+    assert [r.step for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b):
+        assert row_a.loss == pytest.approx(row_b.loss, rel=1e-5), f"step {row_a.step}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+def test_gpu_only_settings_are_refused_on_the_cpu():
+    from core.config import TrainConfig
+    from core.families.zimage_family import check
+
+    with pytest.raises(ValueError, match="blocks_to_swap needs a CUDA GPU"):
+        check(TrainConfig(base_model="x", train_data_dir="y", blocks_to_swap=4))
+    with pytest.raises(ValueError, match="CUDA"):
+        check(TrainConfig(base_model="x", train_data_dir="y", base_quantization="nf4"))
