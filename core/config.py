@@ -43,6 +43,7 @@ GROUP_TITLES = {
     "lora": "LoRA network",
     "data": "Image data and captions",
     "model": "Image model and noise",
+    "flow": "Flow-matching transformers (FLUX.1, Chroma, ...)",
     "flux": "FLUX.1 and Chroma",
     "sample": "Sample previews",
     "text": "Text data and model",
@@ -174,30 +175,33 @@ class TrainConfig:
                                 task="image")
     vae: str = _f("", "Optional separate VAE (.safetensors or diffusers folder); FLUX: ae.safetensors.", "model",
                   task="image")
-    # --- FLUX.1 / Chroma (flow-matching transformers) -------------------------------------
+    # --- flow-matching transformers ("flow": FLUX.1, Chroma and the others; "flux": FLUX.1 / Chroma only) ---
     clip_l: str = _f("", "FLUX with a single-file transformer: the CLIP-L text encoder file (ComfyUI's "
                      "models/clip or models/text_encoders; found there when empty).", "flux", task="image")
     t5: str = _f("", "FLUX / Chroma with a single-file transformer: the T5-XXL text encoder file (fp16 or fp8; "
                  "found in models/clip or models/text_encoders when empty).", "flux", task="image")
+    text_encoder_file: str = _f("", "A flow-matching transformer with a single-file model and one text encoder "
+                                "(Z-Image: ComfyUI's qwen_3_4b.safetensors): that file; found in models/text_encoders "
+                                "when empty.", "flow", task="image")
     timestep_sampling: str = _f("auto", "How training picks noise levels for flow-matching models: shift (FLUX "
                                 "default), sigmoid (Chroma default), logit_normal, uniform; auto: the family's.",
-                                "flux", choices=TIMESTEP_SAMPLINGS, task="image")
+                                "flow", choices=TIMESTEP_SAMPLINGS, task="image")
     discrete_flow_shift: float = _f(3.1582, "The shift of `timestep_sampling: shift` (kohya's and FluxGym's "
-                                    "3.1582 for FLUX.1).", "flux", minimum=0.1, maximum=20.0, task="image")
+                                    "3.1582 for FLUX.1).", "flow", minimum=0.1, maximum=20.0, task="image")
     train_guidance: float = _f(1.0, "The guidance value fed to FLUX.1-dev's guidance embedding while training "
                                "(1.0 as kohya and FluxGym; ignored by schnell and Chroma).", "flux",
                                minimum=0.0, maximum=10.0, task="image")
     lora_blocks: str = _f("all", "Which FLUX blocks get LoRA: all, attention (attention projections only), or "
                           "single_blocks (FluxGym's 12 GB mode).", "flux", choices=LORA_BLOCKS, task="image")
-    fp8_base: bool = _f(False, "Store the frozen FLUX transformer in fp8 (half the memory of bf16; the LoRA "
-                        "stays in full precision). Needs a GPU with bf16.", "flux", task="image")
-    base_quantization: str = _f("none", "Quantize the frozen base model (FLUX transformer or LLM): nf4 (4-bit, "
-                                "QLoRA; FLUX about 9 GB) or none. Needs CUDA and bitsandbytes.", "flux",
+    fp8_base: bool = _f(False, "Store the frozen transformer in fp8 (half the memory of bf16; the LoRA "
+                        "stays in full precision). Needs a GPU with bf16.", "flow", task="image")
+    base_quantization: str = _f("none", "Quantize the frozen base model (transformer or LLM): nf4 (4-bit, "
+                                "QLoRA; FLUX about 9 GB) or none. Needs CUDA and bitsandbytes.", "flow",
                                 choices=BASE_QUANTIZATIONS)
-    blocks_to_swap: int = _f(0, "FLUX: above 0, the transformer blocks stay in CPU memory and each visits the GPU "
+    blocks_to_swap: int = _f(0, "Above 0, the transformer blocks stay in CPU memory and each visits the GPU "
                              "when it runs (diffusers' group offload, like kohya's blocks_to_swap; slower, much less "
                              "VRAM). The estimate counts this many blocks off the GPU, so it errs high. Needs CUDA.",
-                             "flux",
+                             "flow",
                              minimum=0, maximum=57, task="image")
 
     # --- samples ---------------------------------------------------------------------

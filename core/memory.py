@@ -12,12 +12,14 @@ attention, and adds up every tensor autograd saves for the backward pass. That c
 is exact for what autograd keeps and linear in the number of latent pixels (or
 tokens); it is what `torch.cuda.max_memory_allocated` sees, minus allocator slack.
 The numbers below are those measurements; CUDA peaks are not measured yet (no GPU was
-available), see the README. FLUX.1 / Chroma have their own parts (core.memory_flux); the
+available), see the README. The transformer families have their own parts (the `memory_parts` of
+their registry row, e.g. core.memory_flux for FLUX.1 / Chroma); the
 per-family numbers here are UNet calibration data, keyed by family name.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from core.config import TrainConfig
 from core import devices
 from core.devices import GIB, DeviceInfo
-from core.memory_flux import flux_parts
+from core.families.registry import FAMILIES
 from core.model_info import SD_VAE, ModelInfo, detect_model
 
 KIB = 1024
@@ -171,15 +173,24 @@ def _text_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[
     return parts
 
 
+def _family_parts(model: ModelInfo) -> Callable[..., dict[str, float]] | None:
+    """The family's own parts function (`memory_parts` of its registry row), None for the UNets / LLMs."""
+    info = FAMILIES.get(model.family)
+    if info is None or not info.memory_parts:
+        return None
+    module, function = info.memory_parts.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, float]:
     """Every part in bytes."""
     if model.family == "llm":
         parts = _text_parts(cfg, model, device)
-    elif model.kind == "flux":
+    elif _family_parts(model) is not None:
         caching = cfg.cache_latents and cfg.center_crop and not cfg.random_flip
-        parts = flux_parts(cfg, model, device, compute_bytes=dtype_bytes(cfg, device),
-                           lora_state_bytes=_lora_state_bytes(cfg, device),
-                           cached_images=_count_images(cfg.train_data_dir) if caching and device.kind != "cuda" else 0)
+        parts = _family_parts(model)(
+            cfg, model, device, compute_bytes=dtype_bytes(cfg, device), lora_state_bytes=_lora_state_bytes(cfg, device),
+            cached_images=_count_images(cfg.train_data_dir) if caching and device.kind != "cuda" else 0)
     else:
         parts = _image_parts(cfg, model, device)
     parts["runtime overhead"] = RUNTIME_OVERHEAD_GB * GIB if device.kind == "cuda" else 0.0
@@ -224,7 +235,7 @@ def _candidate_steps(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> 
                      if c.train_text_encoder or not c.cache_text_encoder_outputs else {})
         steps.append(lambda c: {"cache_latents": True, "random_flip": False, "center_crop": True}
                      if not (c.cache_latents and c.center_crop and not c.random_flip) else {})
-    if model.kind == "flux" and device.kind == "cuda":
+    if FAMILIES.get(model.family) and FAMILIES[model.family].is_flow_matching and device.kind == "cuda":
         # fp8 storage, then blocks in CPU memory, then NF4: none changes the LoRA's shape.
         if device.bf16:
             steps.append(lambda c: {"fp8_base": True} if not c.fp8_base and c.base_quantization == "none" else {})
@@ -246,8 +257,9 @@ def _candidate_steps(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> 
         for _ in range(4):
             steps.append(lambda c: {"max_seq_length": c.max_seq_length // 2} if c.max_seq_length > 256 else {})
     else:
-        # Last resort (it changes what the LoRA sees): down to 768 for SDXL, 512 for FLUX, 384 for SD 1.x/2.x.
-        floor = 768 if model.family == "sdxl" else 512 if model.kind == "flux" else 384
+        # Last resort (it changes what the LoRA sees): down to the family's floor (768 SDXL, 512 FLUX, 384 SD 1.x/2.x).
+        info = FAMILIES.get(model.family)
+        floor = info.resolution_floor if info else 384
         for _ in range(4):
             steps.append(lambda c: {"resolution": max(floor, c.resolution - 128)} if c.resolution > floor else {})
     return steps

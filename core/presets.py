@@ -29,7 +29,7 @@ from core import devices
 from core.config import FIELDS, ConfigError, TrainConfig, coerce, config_from_dict
 from core.devices import DeviceInfo
 from core.memory import MemoryEstimate, estimate_memory, fitting_changes, format_changes
-from core.families.registry import FAMILIES
+from core.families.registry import FAMILIES, config_groups_of
 from core.model_info import ModelInfo, detect_model
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -44,7 +44,7 @@ TIER_SHARE = 0.9
 DOWNSHIFT_KEYS = ("batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "resolution",
                   "max_seq_length", "cache_latents", "cache_text_encoder_outputs", "fp8_base", "blocks_to_swap",
                   "base_quantization")
-FLUX_KEYS = ("fp8_base", "blocks_to_swap", "base_quantization")
+FLOW_KEYS = ("fp8_base", "blocks_to_swap", "base_quantization")
 
 
 @dataclass(frozen=True)
@@ -364,8 +364,8 @@ def next_smaller_preset(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo
         else:
             for key in ("resolution", "cache_latents", "cache_text_encoder_outputs"):
                 values.pop(key, None)
-        if model.kind != "flux":
-            for key in FLUX_KEYS:
+        if "flow" not in config_groups_of(model.family):
+            for key in FLOW_KEYS:
                 values.pop(key, None)
         values = {k: v for k, v in values.items() if _saves_memory(k, v, getattr(cfg, k))}
         values.pop("gradient_accumulation_steps", None)

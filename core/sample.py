@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -35,15 +35,23 @@ def move(module: Any, device: Any, dtype: torch.dtype | None = None) -> Any:
 
 
 @torch.no_grad()
-def decode_fp32(vae: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """Latents -> PIL images with the VAE in fp32 (restored to its dtype afterwards)."""
+def decode_fp32(vae: Any, latents: torch.Tensor,
+                denormalize: Callable[[Any, torch.Tensor], torch.Tensor] | None = None) -> list[Image.Image]:
+    """Latents -> PIL images with the VAE in fp32 (restored to its dtype afterwards).
+
+    `denormalize(vae_config, latents)`: the family's inverse of its latent normalization
+    (default: AutoencoderKL's scaling / shift factors); a 5-D (video VAE) output keeps its first frame.
+    """
+    from core.families.base import denormalize_latents
+
     dtype = vae.dtype
     move(vae, vae.device, torch.float32)
     try:
         latents = latents.to(vae.device, torch.float32)
-        shift = getattr(vae.config, "shift_factor", None)
-        latents = latents / vae.config.scaling_factor + (shift or 0.0)
+        latents = (denormalize or denormalize_latents)(vae.config, latents)
         pixels = vae.decode(latents, return_dict=False)[0]
+        if pixels.dim() == 5:
+            pixels = pixels[:, :, 0]
     finally:
         move(vae, vae.device, dtype)
     pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -148,7 +148,9 @@ def test_an_unknown_preset_is_refused_with_the_names_that_exist():
 def test_every_preset_file_has_a_description_a_family_a_tier_and_only_config_keys(name):
     raw = yaml.safe_load((presets.PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
     assert len(raw["description"]) > 30
-    assert raw["family"] in ("sd1", "sdxl", "flux", "llm", "any")
+    from core.families.registry import FAMILIES
+
+    assert raw["family"] in {info.preset_family for info in FAMILIES.values()} | {"llm", "any"}
     values = presets.load_preset(name)
     assert set(values) <= set(FIELDS)
     for key in ("batch_size", "gradient_accumulation_steps", "lora_rank", "mixed_precision",
@@ -161,9 +163,13 @@ def test_every_preset_file_has_a_description_a_family_a_tier_and_only_config_key
 @pytest.mark.parametrize("name", [n for n in presets.preset_names() if n not in ("cpu", "mps")])
 def test_every_gpu_preset_fits_its_own_tier_with_the_real_model(name):
     info = presets.preset_info(name)
-    model = {"sd1": detect_model(SD15["base_model"]), "sdxl": detect_model(SDXL["base_model"]),
-             "flux": detect_model("black-forest-labs/FLUX.1-dev"),
-             "llm": detect_model(LLAMA_1B["base_model"], "text-generation")}[info.family]
+    from core.families.registry import FAMILIES
+
+    models = {"sd1": SD15["base_model"], "sdxl": SDXL["base_model"], "flux": "black-forest-labs/FLUX.1-dev"}
+    # Any other image family: its first row's hub repo, read from the name (nothing is downloaded).
+    repo = models.get(info.family) or next((f.hub_repo for f in FAMILIES.values() if f.preset_family == info.family),
+                                           "")
+    model = detect_model(LLAMA_1B["base_model"], "text-generation") if info.family == "llm" else detect_model(repo)
     if info.family == "llm" and info.memory_gb <= 4:
         model = SMOLLM2_135M
     card = gpu(f"{info.memory_gb:g} GB card", info.memory_gb * 0.96)

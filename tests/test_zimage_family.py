@@ -15,18 +15,6 @@ from tests.helpers import read_loss_csv
 
 
 @pytest.fixture
-def zimage_run(monkeypatch):
-    """Route ImageRun to the Z-Image family (until the family layer's `detect` hook is on this branch)."""
-    import core.families.base as base
-    from core.families.zimage_family import ZIMAGE
-
-    real = base.family_for_model
-    monkeypatch.setattr(base, "family_for_model",
-                        lambda m: ZIMAGE if __import__("core.families.zimage", fromlist=["detect"]).detect(m)
-                        else real(m))
-
-
-@pytest.fixture
 def two_images(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data", count=2)
 
@@ -126,7 +114,7 @@ def _dw(peft: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, to
     return out
 
 
-def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, two_images, tmp_path, zimage_run):
+def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, two_images, tmp_path):
     from diffusers import ZImagePipeline
     from safetensors import safe_open
 
@@ -183,8 +171,7 @@ def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, t
         torch.testing.assert_close(_dw(from_kohya, kohya_alphas)[path_], expect[path_], atol=1e-6, rtol=1e-5)
 
 
-def test_stop_and_resume_give_the_uninterrupted_runs_losses_from_comfy_files(tiny_zimage, two_images, tmp_path,
-                                                                             zimage_run):
+def test_stop_and_resume_give_the_uninterrupted_runs_losses_from_comfy_files(tiny_zimage, two_images, tmp_path):
     common = dict(max_train_steps=4, save_steps=2, lr_scheduler="cosine", lr_warmup_steps=1,
                   base_model_config=str(tiny_zimage.folder))
     model = tiny_zimage.comfy_transformer
@@ -210,3 +197,19 @@ def test_gpu_only_settings_are_refused_on_the_cpu():
         check(TrainConfig(base_model="x", train_data_dir="y", blocks_to_swap=4))
     with pytest.raises(ValueError, match="CUDA"):
         check(TrainConfig(base_model="x", train_data_dir="y", base_quantization="nf4"))
+
+
+def test_the_family_layer_names_z_image_from_its_files_and_headers(tiny_zimage, tmp_path):
+    from core.export.inspect import family_from_keys
+    from core.families.base import detect_image_family, family_for_model
+    from core.families.zimage_family import ZIMAGE
+    from core.model_info import detect_model
+
+    assert detect_image_family(str(tiny_zimage.folder)) == "z-image-turbo"
+    assert detect_image_family(str(tiny_zimage.comfy_transformer)) == "z-image-turbo"
+    assert family_for_model(str(tiny_zimage.comfy_transformer)) is ZIMAGE
+    assert detect_model(str(tiny_zimage.comfy_transformer)).family == "z-image-turbo"
+    assert detect_model(str(tiny_zimage.folder)).family == "z-image-turbo"
+    assert detect_model("Tongyi-MAI/Z-Image").family == "z-image"
+    assert family_from_keys({"lora_unet_layers_0_attention_qkv.lora_down.weight": (4, 32)}, "kohya",
+                            None) == "z-image-turbo"

@@ -15,11 +15,11 @@ from typing import Any, get_origin
 from collections.abc import Callable
 
 from core.config import FIELDS, GROUP_TITLES, TYPES, TrainConfig
-from core.families.registry import FAMILIES
+from core.families.registry import FAMILY_CONFIG_GROUPS, config_groups_of
 
 TASK_OF = {"image-generation": "image", "text-generation": "text"}
-# A config group named after a family kind (the "flux" keys) is shown only for base models of that kind.
-KIND_GROUPS = frozenset(info.kind for info in FAMILIES.values())
+# The family-specific config groups ("flow", "flux") show only for base models whose family lists them.
+KIND_GROUPS = FAMILY_CONFIG_GROUPS
 
 # The words a person reads for a key, where the key's own words are not enough; every other key is
 # read from its name (`human_label`), so a key added to the config gets a label by itself.
@@ -78,9 +78,10 @@ class FieldSpec:
     maximum: float | None
     task: str  # image | text | both
 
-    def shown_for(self, task_type: str, kind: str = "") -> bool:
-        """Shown for this task, and for a kind group ("flux") only when the base model is of that kind."""
-        if self.group in KIND_GROUPS and self.group != kind:
+    def shown_for(self, task_type: str, family: str = "") -> bool:
+        """Shown for this task, and for a family group ("flow", "flux") only when the base model's family
+        (a registry name) lists it."""
+        if self.group in KIND_GROUPS and self.group not in config_groups_of(family):
             return False
         return self.task == "both" or self.task == TASK_OF.get(task_type, "image")
 
@@ -218,16 +219,16 @@ def ordered(widgets: dict[str, Any], specs: list[FieldSpec]) -> list[Any]:
     return [widgets[s.name] for s in specs]
 
 
-def visibility_updates(specs: list[FieldSpec], task_type: str, kind: str = "") -> list[Any]:
+def visibility_updates(specs: list[FieldSpec], task_type: str, family: str = "") -> list[Any]:
     """gr.update(visible=...) per spec for a task switch (image fields hide for text and back) or
-    a base model of another kind (the FLUX keys show for FLUX.1 / Chroma only)."""
+    a base model of another family (the FLUX keys show for FLUX.1 / Chroma only)."""
     import gradio as gr
 
-    return [gr.update(visible=s.shown_for(task_type, kind)) for s in specs]
+    return [gr.update(visible=s.shown_for(task_type, family)) for s in specs]
 
 
 def kind_specs(specs: list[FieldSpec]) -> list[FieldSpec]:
-    """The specs whose visibility depends on the base model's kind."""
+    """The specs whose visibility depends on the base model's family."""
     return [s for s in specs if s.group in KIND_GROUPS]
 
 

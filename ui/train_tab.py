@@ -111,8 +111,8 @@ def marks(train_form: TrainForm, errors: dict[str, str], previously: list[str] |
 
 
 # -- handlers: outputs in the order the wiring at the bottom lists them ----------------
-def model_kind_and_line(task_type: str, base_model: str) -> tuple[str, str]:
-    """(the base model's family kind, a sentence naming its family and size) from headers only."""
+def model_family_and_line(task_type: str, base_model: str) -> tuple[str, str]:
+    """(the base model's registry family, a sentence naming its family and size) from headers only."""
     from core.model_info import detect_model
 
     if not base_model:
@@ -124,19 +124,19 @@ def model_kind_and_line(task_type: str, base_model: str) -> tuple[str, str]:
     except Exception as exc:  # noqa: BLE001 - a model line must never break the form
         return "", f"Base model: could not be read ({exc})."
     source = f", read from {info.source}" if info.source else ""
-    return info.kind, f"**Base model:** {info.label}{source}."
+    return info.family, f"**Base model:** {info.label}{source}."
 
 
 def on_base_model(specs: list[form.FieldSpec], task_type: str, base_model: str) -> list[Any]:
-    """[the family line, one update per kind-group field]: the FLUX keys show for FLUX.1 / Chroma."""
-    kind, line = model_kind_and_line(task_type, base_model)
-    return [line, *(gr.update(visible=s.shown_for(task_type, kind)) for s in form.kind_specs(specs))]
+    """[the family line, one update per family-group field]: the FLUX keys show for FLUX.1 / Chroma."""
+    family, line = model_family_and_line(task_type, base_model)
+    return [line, *(gr.update(visible=s.shown_for(task_type, family)) for s in form.kind_specs(specs))]
 
 
 def on_task(specs: list[form.FieldSpec], task_type: str, base_model: str = "") -> list[Any]:
     """[one update per field, the sample gallery]: the fields of the other task hide."""
-    kind = model_kind_and_line(task_type, base_model)[0] if task_type != "text-generation" else ""
-    updates = form.visibility_updates(specs, task_type, kind)
+    family = model_family_and_line(task_type, base_model)[0] if task_type != "text-generation" else ""
+    updates = form.visibility_updates(specs, task_type, family)
     index = [s.name for s in specs].index("base_model")
     updates[index] = gr.update(visible=True, choices=catalog.base_models(task_type))
     # Image previews go to the gallery, text previews to the table under it.

@@ -84,21 +84,21 @@ def _resolve_file(path: Path) -> tuple[Path, Path | None]:
     return path, config if path.name == "adapter_model.safetensors" and config.is_file() else None
 
 
-def _flux_family_from_metadata(metadata: dict[str, str]) -> str | None:
-    """A FLUX.1 / Chroma family from modelspec.architecture (names the variant), else ss_base_model_version
-    (flux1 is dev or schnell: the first family of the table with it, FLUX.1-dev)."""
+def _transformer_family_from_metadata(metadata: dict[str, str]) -> str | None:
+    """A transformer family (FLUX.1, Chroma, ...) from modelspec.architecture (names the variant), else
+    ss_base_model_version (flux1 is dev or schnell: the first family of the table with it, FLUX.1-dev)."""
     arch = metadata.get("modelspec.architecture", "").removesuffix("/lora")
     version = metadata.get("ss_base_model_version", "")
-    flux = [info for info in FAMILIES.values() if info.kind == "flux"]
-    return next((i.name for i in flux if arch == i.modelspec_architecture), None) or \
-        next((i.name for i in flux if version == i.ss_base_model_version), None)
+    transformers = [info for info in FAMILIES.values() if info.kind != "unet"]
+    return next((i.name for i in transformers if arch == i.modelspec_architecture), None) or \
+        next((i.name for i in transformers if version == i.ss_base_model_version), None)
 
 
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
     """The family WebUI would see (ss_base_model_version / ss_v2), else from modelspec.architecture."""
-    flux = _flux_family_from_metadata(metadata)
-    if flux:
-        return flux
+    family = _transformer_family_from_metadata(metadata)
+    if family:
+        return family
     version = metadata.get("ss_base_model_version", "")
     if version.startswith("sdxl_"):
         return "sdxl"
@@ -121,6 +121,9 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
 def family_from_keys(shapes: dict[str, tuple[int, ...]], fmt: str, adapter_config: dict | None) -> str:
     """sd1 | sd2 | sdxl | llm | unknown from the key names and the widths of the LoRA tensors."""
     keys = list(shapes)
+    for info in FAMILIES.values():  # the families whose LoRA keys are their own (table order)
+        if info.lora_key_markers and any(re.search(m, k) for m in info.lora_key_markers for k in keys):
+            return info.name
     if any(_FLUX_KEY.match(k) for k in keys):
         # Chroma has no modulation layers but an approximator; the LoRA keys rarely tell dev from schnell.
         if any("distilled_guidance_layer" in k for k in keys):
@@ -234,8 +237,8 @@ def inspect_lora(path: str | Path) -> LoraFileInfo:
     info = LoraFileInfo(path=file, format=fmt, family=family, modules={}, metadata=metadata,
                         num_tensors=len(tensors), nonfinite=nonfinite, has_text_encoder=False, has_conv=False,
                         has_dora=any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys))
-    if is_flux_family(family) and fmt in ("kohya", "comfyui", "diffusers"):
-        _flux_modules(info, file, tensors)
+    if lora_files_of(family) is not None and fmt in ("kohya", "comfyui", "diffusers"):
+        _transformer_modules(info, file, tensors)
     elif fmt == "kohya":
         _kohya_modules(info, tensors)
     else:
@@ -288,21 +291,25 @@ def _kohya_modules(info: LoraFileInfo, tensors: dict[str, torch.Tensor]) -> None
         break
 
 
-def is_flux_family(family: str) -> bool:
+def lora_files_of(family: str) -> Any:
+    """The family's own LoRA file layout (`core.families.base.LoraFileFormat`), None for the UNet families."""
     info = FAMILIES.get(family)
-    return info is not None and info.kind == "flux"
+    if info is None or info.kind == "unet":
+        return None
+    from core.families.base import family_impl
+
+    return family_impl(family).lora_files
 
 
-def _flux_modules(info: LoraFileInfo, file: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Modules of a FLUX / Chroma LoRA under diffusers' names, with the rank and alpha of each part:
-    a fused BFL module (qkv, linear1) is split back into q, k, v (, proj_mlp) by read_flux_lora."""
+def _transformer_modules(info: LoraFileInfo, file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Modules of a transformer family's LoRA under diffusers' names, with the rank and alpha of each part:
+    a fused native module (FLUX's qkv, linear1) is split back into its diffusers parts by the family."""
     from core.export.kohya import LoraFormatError
-    from core.families.flux_lora_keys import read_flux_lora
 
     try:
-        peft, alphas, _ = read_flux_lora(file, ignore_text_encoders=True)
+        peft, alphas = lora_files_of(info.family).to_peft(file)
     except (LoraFormatError, ValueError) as exc:
-        info.notes.append(f"Read as plain kohya modules (the FLUX reader refused it: {exc}).")
+        info.notes.append(f"Read as plain kohya modules (the {family_label(info.family)} reader refused it: {exc}).")
         _kohya_modules(info, {k: v for k, v in tensors.items() if k.startswith(KOHYA_PREFIXES)})
         return
     for path, alpha in sorted(alphas.items()):
@@ -313,10 +320,9 @@ def _flux_modules(info: LoraFileInfo, file: Path, tensors: dict[str, torch.Tenso
     elif encoders:
         info.has_text_encoder = True
         info.notes.append(f"{len(encoders)} text encoder tensor(s) are not listed module by module.")
-    if info.format != "diffusers" and any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_",
-                                                         COMFY_PREFIX)) for k in tensors):
-        info.notes.append("BFL module names (WebUI / Forge / ComfyUI); fused qkv / linear1 modules are listed as "
-                          "their q, k, v (, proj_mlp) parts.")
+    if info.format != "diffusers" and any(k.startswith(("lora_unet_", COMFY_PREFIX)) for k in tensors):
+        info.notes.append("Native module names (WebUI / Forge / ComfyUI); fused modules (FLUX's qkv / linear1) "
+                          "are listed as their diffusers parts.")
 
 
 def _adapter_modules(info: LoraFileInfo, tensors: dict[str, torch.Tensor], fmt: str,
@@ -351,8 +357,9 @@ def lora_family_mismatch(info: LoraFileInfo, model_family: str) -> str | None:
     lora_info, model_info = FAMILIES.get(info.family), FAMILIES.get(model_family)
     if lora_info and model_info and lora_info.ss_base_model_version == model_info.ss_base_model_version:
         return None  # FLUX.1-dev and -schnell LoRAs are one kind (flux1), used on either
-    if lora_info and model_info and lora_info.kind == model_info.kind == "flux" and info.format == "diffusers":
-        return None  # a diffusers FLUX file does not say whether it is for Chroma: only its keys could
+    if lora_info and model_info and lora_info.kind != "unet" and lora_info.impl == model_info.impl \
+            and info.format == "diffusers":
+        return None  # a diffusers file does not name the variant (FLUX.1 or Chroma): only its keys could
     lora_name = FAMILY_NAMES.get(info.family, info.family)
     model_name = FAMILY_NAMES[model_family]
     return (f"This LoRA ({info.path.name}) was trained for {lora_name}; the loaded model is {model_name}. "

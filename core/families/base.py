@@ -1,12 +1,12 @@
 """The one interface between the image training path and a model family's behaviour.
 
-`ImageRun` (core.train.image), its outputs (core.train.image_outputs) and the previews
-(core.sample) ask an `ImageFamily` for everything that differs between SD 1.x/2.x/SDXL
-and FLUX.1/Chroma, and never test a family's name themselves. `ImageFamily` is a frozen
-dataclass of plain functions; `core.families.sd.SD` and `core.families.flux_family.FLUX`
-are its two instances: `family_impl(name)` picks one by a family name of the registry
-(`core.families.registry`), `family_for_model(base_model)` by the model's files.
-`detect_image_family` names the family of a `base_model` from its files.
+`ImageRun` (core.train.image), its outputs (core.train.image_outputs), the previews
+(core.sample) and the LoRA tools ask an `ImageFamily` for everything that differs between
+families, and never test a family's name themselves. `ImageFamily` is a frozen dataclass of
+plain functions; each registry row names the module holding its instance (`impl`, attribute
+`FAMILY`): `core.families.sd.SD`, `core.families.flux_family.FLUX`, ... `family_impl(name)`
+picks one by a registry name, `family_for_model(base_model)` by the model's files (each
+family's `detect`, SD last). `detect_image_family` names the family of a `base_model`.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import importlib
 
 import torch
 from torch import nn
@@ -63,6 +65,41 @@ class Batch:
     # (original size, crop top-left, target size) per image, for SDXL's micro-conditioning
 
 
+def vae_moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """An AutoencoderKL's latent moments [B, 2C, h, w] (mean and logvar) of pixels in [-1, 1]."""
+    return vae.encode(pixels).latent_dist.parameters
+
+
+def normalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Sampled VAE latents -> what the network is trained on: (x - shift) * scale."""
+    shift = getattr(vae_config, "shift_factor", None)
+    return (latents - (shift or 0.0)) * vae_config.scaling_factor
+
+
+def denormalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of `normalize_latents`, before decoding."""
+    shift = getattr(vae_config, "shift_factor", None)
+    return latents / vae_config.scaling_factor + (shift or 0.0)
+
+
+@dataclass(frozen=True)
+class LoraFileFormat:
+    """What the LoRA tools (inspect, convert, resize, merge) need from a family with its own file layout.
+
+    The tools hold every image LoRA under kohya names (`lora_unet_...`); for these families the
+    names are of the family's native modules (what WebUI / ComfyUI load), fused modules kept fused.
+    """
+
+    # (path, its tensors) -> kohya-named tensors, from any form of the family's LoRA file.
+    to_kohya: Callable[[Path, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    # (modules, path, *, variant, metadata, dtype) -> the WebUI / ComfyUI file.
+    write_kohya: Callable[..., Path]
+    # (modules, folder, *, dtype) -> folder/pytorch_lora_weights.safetensors.
+    write_diffusers: Callable[..., Path]
+    # path -> (diffusers-named PEFT state, alpha per module): what `inspect` lists.
+    to_peft: Callable[[Path], tuple[dict[str, torch.Tensor], dict[str, float]]]
+
+
 @dataclass(frozen=True)
 class ImageFamily:
     """What the training path and the previews need from one kind of image model.
@@ -102,30 +139,38 @@ class ImageFamily:
     default_size: Callable[[Any], int]
     # False: the prompts are always encoded once and the encoders freed (FLUX's T5 is too large to keep).
     prompt_cache_optional: bool = True
+    # base_model -> the registry family when this module serves it, else None (from files / configs only).
+    detect: Callable[[str], str | None] | None = None
+    # (vae, pixels [B, 3, H, W] in [-1, 1]) -> latent moments [B, 2C, h, w]: what the latent cache stores.
+    encode_moments: Callable[[Any, torch.Tensor], torch.Tensor] = vae_moments
+    normalize_latents: Callable[[Any, torch.Tensor], torch.Tensor] = normalize_latents
+    denormalize_latents: Callable[[Any, torch.Tensor], torch.Tensor] = denormalize_latents
+    lora_files: LoraFileFormat | None = None            # None: the tools' SD (kohya UNet) handling
 
 
 def family_impl(name: str) -> ImageFamily:
     """The behaviour of registry family `name` ("sd1", "sdxl", "flux-dev", "chroma", ...)."""
     from core.families.registry import family_info
 
-    kind = family_info(name).kind
-    if kind == "flux":
-        from core.families.flux_family import FLUX
-
-        return FLUX
-    from core.families.sd import SD
-
-    return SD
+    return importlib.import_module(family_info(name).impl).FAMILY
 
 
-def flux_variant_of(base_model: str) -> str | None:
-    """"flux-dev" / "flux-schnell" / "chroma" for a FLUX-family file, folder or cached hub id; else None."""
-    from core.families.flux_load import detect_variant
+def _detectors() -> list[ImageFamily]:
+    """The families that recognise their own files, once each, in table order (SD is the fallback)."""
+    from core.families.registry import FAMILIES
 
-    variant = detect_variant(base_model)
-    if variant is None and not Path(base_model).exists() and not base_model.lower().endswith(".safetensors"):
-        variant = _hub_flux_variant(base_model)
-    return variant
+    modules = dict.fromkeys(info.impl for info in FAMILIES.values() if info.kind != "unet")
+    return [importlib.import_module(m).FAMILY for m in modules]
+
+
+def transformer_family_of(base_model: str) -> str | None:
+    """The registry family of `base_model` when a non-UNet family recognises it; else None."""
+    for family in _detectors():
+        if family.detect is not None:
+            name = family.detect(base_model)
+            if name is not None:
+                return name
+    return None
 
 
 def family_for_model(base_model: str) -> ImageFamily:
@@ -136,38 +181,33 @@ def family_for_model(base_model: str) -> ImageFamily:
     """
     from core.families.registry import IMAGE_FAMILIES
 
-    variant = flux_variant_of(base_model)
-    return family_impl(variant if variant is not None else IMAGE_FAMILIES[0])
+    name = transformer_family_of(base_model)
+    return family_impl(name if name is not None else IMAGE_FAMILIES[0])
 
 
 def detect_image_family(base_model: str, *, allow_pickle: bool = False) -> str:
     """The registry family name of `base_model` (file, diffusers folder or hub id).
 
-    FLUX/Chroma first (`detect_variant`, and a hub pipeline's model_index), then the SD
-    detectors (which read a whole pickled checkpoint: prefer `family_for_model` to train).
+    The transformer families first (each family's `detect`), then the SD detectors (which read
+    a whole pickled checkpoint: prefer `family_for_model` to train).
     """
-    variant = flux_variant_of(base_model)
-    if variant is not None:
-        return variant
+    name = transformer_family_of(base_model)
+    if name is not None:
+        return name
     from core.models.sd import model_family
 
     return model_family(base_model, allow_pickle=allow_pickle)
 
 
-def _hub_flux_variant(repo: str) -> str | None:
-    """A hub id's FLUX variant from its (cached) model_index.json and transformer config, else None."""
+def hub_family(repo: str, class_names: dict[str, str]) -> str | None:
+    """A cached hub pipeline's family from its model_index.json `_class_name`, by `class_names`
+    (class name -> registry name); None when not reachable offline or not one of them."""
     from diffusers import DiffusionPipeline
 
-    from core.families.flux_load import _offline, variant_from_folder_configs
+    from core.families.flux_load import _offline
 
     try:
         index = dict(DiffusionPipeline.load_config(repo, local_files_only=_offline()))
     except Exception:  # noqa: BLE001 - not a reachable pipeline: the SD loader reports what is wrong with it
         return None
-    if not any(word in str(index.get("_class_name", "")) for word in ("Flux", "Chroma")):
-        return None
-    try:
-        transformer = dict(DiffusionPipeline.load_config(repo, subfolder="transformer", local_files_only=_offline()))
-    except (OSError, ValueError):
-        transformer = {}
-    return variant_from_folder_configs(index, transformer)
+    return class_names.get(str(index.get("_class_name", "")))

@@ -47,6 +47,35 @@ def train_guidance(cfg: TrainConfig, variant: str) -> float | None:
 
 # --- before loading ------------------------------------------------------------------------------
 
+def detect(base_model: str) -> str | None:
+    """"flux-dev" / "flux-schnell" / "chroma" for a FLUX-family file, folder or cached hub id; else None."""
+    from core.families.flux_load import detect_variant
+
+    variant = detect_variant(base_model)
+    if variant is None and not Path(base_model).exists() and not base_model.lower().endswith(".safetensors"):
+        variant = _hub_variant(base_model)
+    return variant
+
+
+def _hub_variant(repo: str) -> str | None:
+    """A hub id's FLUX variant from its (cached) model_index.json and transformer config, else None."""
+    from diffusers import DiffusionPipeline
+
+    from core.families.flux_load import _offline, variant_from_folder_configs
+
+    try:
+        index = dict(DiffusionPipeline.load_config(repo, local_files_only=_offline()))
+    except Exception:  # noqa: BLE001 - not a reachable pipeline: the SD loader reports what is wrong with it
+        return None
+    if not any(word in str(index.get("_class_name", "")) for word in ("Flux", "Chroma")):
+        return None
+    try:
+        transformer = dict(DiffusionPipeline.load_config(repo, subfolder="transformer", local_files_only=_offline()))
+    except (OSError, ValueError):
+        transformer = {}
+    return variant_from_folder_configs(index, transformer)
+
+
 def check(cfg: TrainConfig) -> list[str]:
     """Refuse GPU-only switches on a machine without CUDA and unsupported LoRA kinds; warn on ignored keys."""
     from core.families.flux_memory import nf4_config
@@ -359,10 +388,20 @@ def default_size(model: Any) -> int:
     return family_info(model.variant).native_resolution * vae_scale_factor(model) // 8
 
 
+def _lora_files() -> Any:
+    from core.families.base import LoraFileFormat
+    from core.tools import flux_files
+
+    return LoraFileFormat(to_kohya=flux_files.read_flux_kohya_tensors, write_kohya=flux_files.write_flux_kohya,
+                          write_diffusers=flux_files.write_flux_diffusers, to_peft=flux_files.read_flux_peft)
+
+
 FLUX = ImageFamily(
-    prompt_cache_optional=False, check=check, load=load, describe=describe,
+    detect=detect, lora_files=_lora_files(), prompt_cache_optional=False, check=check, load=load, describe=describe,
     name_of=lambda m: m.variant, network=lambda m: m.transformer, text_encoders=_encoders,
     park_text_encoders=park_text_encoders, encode_prompts=encode_prompts, cache_prompts=cache_prompts,
     add_lora=add_lora, low_memory=low_memory, make_loss=make_loss, write_loras=write_loras, previews=previews,
     tryout_pipeline=tryout_pipeline, generate=generate, default_size=default_size,
 )
+
+FAMILY = FLUX  # what the registry row's `impl` names

@@ -1,10 +1,11 @@
 """What the code needs to know about each image model family, in one table.
 
 A family is one architecture a LoRA is trained for and loaded into: SD 1.x, SD 2.x, SDXL,
-FLUX.1-dev, FLUX.1-schnell, Chroma. This module holds the facts that are plain data (names,
-sizes, file labels, defaults); the family modules hold the behaviour (`core.families.sd`
-for the UNet families, `core.families.flux` for the flow-matching transformers). Code
-outside `core/families/` asks `family_info(name)` instead of testing family names.
+FLUX.1-dev, FLUX.1-schnell, Chroma, ... This module holds the facts that are plain data (names,
+sizes, file labels, defaults, how its files are recognised); the module named by `impl` holds
+the behaviour (its `FAMILY`, a `core.families.base.ImageFamily`). Code outside
+`core/families/` asks `family_info(name)` instead of testing family names, so a new family is
+one row here plus its own modules.
 
 Standard library only: the config check, the form and the memory estimate read it.
 """
@@ -15,7 +16,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class FamilyInfo:
-    """The data of one family. `kind` says which training code serves it: "unet" or "flux"."""
+    """The data of one family.
+
+    `kind`: "unet" (SD 1.x/2.x/SDXL), "flux" (FLUX.1 / Chroma) or "dit" (the other flow-matching
+    transformers); the memory estimate and the form read the fields below, not the kind.
+    """
 
     name: str
     label: str
@@ -37,10 +42,24 @@ class FamilyInfo:
     v_prediction_suffix: bool = False     # sd-scripts writes `<version>_v` for a v-prediction model
     modelspec_architecture_v: str = ""    # the architecture of its v-prediction variant, when it differs
     modelspec_implementation: str = "diffusers"
+    impl: str = "core.families.sd"        # the module whose `FAMILY` is this family's behaviour
+    # How headers name it (core.model_info reads these without torch): `_class_name`s of a diffusers
+    # folder's model_index.json or transformer/config.json; tensor names of a single file (after
+    # `model.diffusion_model.` / `diffusion_model.`); words of a hub id or file name.
+    diffusers_class_names: tuple[str, ...] = ()
+    single_file_markers: tuple[str, ...] = ()
+    name_words: tuple[str, ...] = ()
+    width: int = 320                      # the real network's width: the activation estimate scales by it
+    # The config groups of family-specific keys the form shows for it ("flow": every flow-matching
+    # transformer; "flux": FLUX.1 / Chroma's own). Keys of the other groups are reset by presets.
+    config_groups: tuple[str, ...] = ()
+    resolution_floor: int = 384           # the out-of-memory ladder never goes below this resolution
+    memory_parts: str = ""                # "module:function" of its memory parts (empty: the UNet's)
+    lora_key_markers: tuple[str, ...] = ()  # regexes of LoRA-file keys only this family's files have
 
     @property
     def is_flow_matching(self) -> bool:
-        return self.kind in ("flux", "dit")
+        return self.kind != "unet"
 
 
 # Published sizes of the real networks (counted from their configs on the meta device; the
@@ -62,30 +81,49 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sdxl", "SDXL", "unet", 1024, "sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
                ("lora_te1", "lora_te2"), ("text_encoder", "text_encoder_2"), "StableDiffusionXLPipeline",
                "stabilityai/stable-diffusion-xl-base-1.0", SDXL_UNET, CLIP_L + OPENCLIP_G + SD_VAE,
-               sample_size_floor=1024, sgm_unet_names=True,
+               sample_size_floor=1024, sgm_unet_names=True, resolution_floor=768,
                modelspec_implementation="https://github.com/Stability-AI/generative-models"),
     FamilyInfo("flux-dev", "FLUX.1-dev", "flux", 1024, "flux", "flux1", "flux-1-dev", ("lora_te1", "lora_te3"),
                ("text_encoder", "text_encoder_2"), "FluxPipeline", "black-forest-labs/FLUX.1-dev",
                FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE, sample_size_floor=512,
-               has_guidance_embedding=True, default_timestep_sampling="shift"),
+               has_guidance_embedding=True, default_timestep_sampling="shift", impl="core.families.flux_family",
+               width=3072, config_groups=("flow", "flux"), resolution_floor=512,
+               memory_parts="core.memory_flux:flux_parts",
+               diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("flux",)),
     FamilyInfo("flux-schnell", "FLUX.1-schnell", "flux", 1024, "flux", "flux1", "flux-1-schnell",
                ("lora_te1", "lora_te3"), ("text_encoder", "text_encoder_2"), "FluxPipeline",
                "black-forest-labs/FLUX.1-schnell", FLUX_SCHNELL, CLIP_L + T5_XXL_ENCODER + FLUX_AE,
-               sample_size_floor=512, default_timestep_sampling="shift"),
+               sample_size_floor=512, default_timestep_sampling="shift", impl="core.families.flux_family",
+               width=3072, config_groups=("flow", "flux"), resolution_floor=512,
+               memory_parts="core.memory_flux:flux_parts",
+               diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("schnell",)),
     FamilyInfo("chroma", "Chroma", "flux", 1024, "flux", "chroma", "chroma", ("lora_te3",),
                ("text_encoder",), "ChromaPipeline", "lodestones/Chroma1-HD", CHROMA, T5_XXL_ENCODER + FLUX_AE,
-               sample_size_floor=512, default_timestep_sampling="sigmoid"),
-    FamilyInfo("z-image-turbo", "Z-Image-Turbo", "dit", 1024, "z-image", "z_image_turbo", "Z-Image", (),
-               ("text_encoder",), "ZImagePipeline", "Tongyi-MAI/Z-Image-Turbo", Z_IMAGE, QWEN3_4B + FLUX_AE,
-               sample_size_floor=512, default_timestep_sampling="shift",
-               modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image"),
-    FamilyInfo("z-image", "Z-Image", "dit", 1024, "z-image", "z_image", "Z-Image", (),
-               ("text_encoder",), "ZImagePipeline", "Tongyi-MAI/Z-Image", Z_IMAGE, QWEN3_4B + FLUX_AE,
-               sample_size_floor=512, default_timestep_sampling="shift",
-               modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image"),
+               sample_size_floor=512, default_timestep_sampling="sigmoid", impl="core.families.flux_family",
+               width=3072, config_groups=("flow", "flux"), resolution_floor=512,
+               memory_parts="core.memory_flux:flux_parts",
+               diffusers_class_names=("ChromaPipeline", "ChromaTransformer2DModel"), name_words=("chroma",)),
+    # Z-Image: Turbo and base share every shape; the name tells them apart (the longest name word wins).
+    *(FamilyInfo(name, label, "dit", 1024, "z-image", version, "Z-Image", (), ("text_encoder",), "ZImagePipeline",
+                 repo, Z_IMAGE, QWEN3_4B + FLUX_AE, sample_size_floor=512, default_timestep_sampling="shift",
+                 modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image",
+                 impl="core.families.zimage_family", width=3840, config_groups=("flow",), resolution_floor=512,
+                 memory_parts="core.families.zimage_memory:zimage_parts",
+                 diffusers_class_names=("ZImagePipeline", "ZImageTransformer2DModel"),
+                 single_file_markers=("noise_refiner.0.attention.out.weight",
+                                      "noise_refiner.0.attention.to_out.0.weight"),
+                 name_words=words, lora_key_markers=(
+                     r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_(attention_qkv|attention_out|feed_forward_w[123])\.",
+                     r"^(transformer\.|diffusion_model\.)?(noise_refiner|context_refiner)\.\d+\.(attention|feed_forward)\."))
+      for name, label, version, repo, words in (
+          ("z-image-turbo", "Z-Image-Turbo", "z_image_turbo", "Tongyi-MAI/Z-Image-Turbo",
+           ("z-image-turbo", "z_image_turbo", "zimage-turbo", "zimage_turbo")),
+          ("z-image", "Z-Image", "z_image", "Tongyi-MAI/Z-Image", ("z-image", "z_image", "zimage")))),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
+# Every config group a family shows only for itself (the form hides them for the others).
+FAMILY_CONFIG_GROUPS = frozenset(g for info in FAMILIES.values() for g in info.config_groups)
 
 
 def family_info(name: str) -> FamilyInfo:
@@ -94,6 +132,12 @@ def family_info(name: str) -> FamilyInfo:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"Unknown model family '{name}'; known: {', '.join(FAMILIES)}.") from None
+
+
+def config_groups_of(name: str) -> tuple[str, ...]:
+    """The family-specific config groups shown for family `name` (none for an LLM or unknown model)."""
+    info = FAMILIES.get(name)
+    return info.config_groups if info else ()
 
 
 def family_label(name: str) -> str:

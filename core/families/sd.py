@@ -284,3 +284,5 @@ SD = ImageFamily(
     make_loss=make_loss, write_loras=write_loras, previews=previews, tryout_pipeline=tryout_pipeline,
     generate=generate, default_size=lambda m: family_info(m.family).native_resolution,
 )
+
+FAMILY = SD  # what the registry row's `impl` names

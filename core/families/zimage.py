@@ -208,7 +208,8 @@ def find_part(models_root: Path | None, part: str, explicit: str = "") -> Path:
         hint = {"text_encoder": "qwen_3_4b.safetensors (Qwen3-4B) in models/text_encoders",
                 "vae": "ae.safetensors (FLUX's autoencoder) in models/vae"}[part]
         raise ModelLoadError(f"Z-Image needs {hint}, and none was found.",
-                             f"Put the file there, or give its path in the {'t5' if part == 'text_encoder' else part} "
+                             f"Put the file there, or give its path in the "
+                             f"{'text_encoder_file' if part == 'text_encoder' else part} "
                              "setting.")
     return found[0]
 

@@ -50,7 +50,7 @@ def check(cfg: TrainConfig) -> list[str]:
     warnings = []
     ignored = [k for k, default in _UNET_ONLY.items() if getattr(cfg, k) != default]
     if cfg.target_modules:
-        ignored.append("target_modules (Z-Image uses lora_blocks: all or attention)")
+        ignored.append("target_modules (Z-Image trains the attention and MLP layers of every block)")
     if ignored:
         warnings.append(f"{', '.join(ignored)} only apply to SD models; ignored for Z-Image.")
     if not cfg.cache_text_encoder_outputs:
@@ -67,9 +67,8 @@ def load(cfg: TrainConfig) -> Any:
     if cfg.base_quantization == "nf4":
         dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.bfloat16
         quant = nf4_config(dtype)
-    # `t5:` names the text encoder file of a single-file model (FLUX's key; Qwen3 here).
-    return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=cfg.t5, vae=cfg.vae,
-                      dtype=dtype, quantization_config=quant)
+    return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=cfg.text_encoder_file, vae=cfg.vae,
+                          dtype=dtype, quantization_config=quant)
 
 
 def describe(model: Any) -> list[str]:
@@ -135,11 +134,10 @@ def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> 
         load_peft_state(transformer, peft, "transformer")
         log(f"Continuing from the LoRA {init_file.name} (rank {config.r}, alpha {config.lora_alpha:g})")
     else:
-        preset = cfg.lora_blocks if cfg.lora_blocks in ("all", "attention") else "all"
         transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
                                            lora_dropout=cfg.lora_dropout, init_lora_weights=True,
                                            use_rslora=cfg.lora_variant == "rslora",
-                                           target_modules=lora_targets(transformer, preset)))
+                                           target_modules=lora_targets(transformer)))
     config = transformer.peft_config["default"]
     layers = sum(1 for name, _ in transformer.named_modules() if name.endswith(".lora_A"))
     log(f"LoRA rank {config.r} on {layers} transformer layers; flow matching with "
@@ -287,8 +285,22 @@ def default_size(model: Any) -> int:
     return family_info(model.variant).native_resolution * vae_scale_factor(model) // 8
 
 
+def _lora_files() -> Any:
+    from core.families import zimage_lora_keys as keys
+    from core.families.base import LoraFileFormat
+
+    return LoraFileFormat(to_kohya=keys.tools_to_kohya, write_kohya=keys.tools_write_kohya,
+                          write_diffusers=keys.tools_write_diffusers, to_peft=keys.tools_to_peft)
+
+
+def _detect(base_model: str) -> str | None:
+    from core.families.zimage import detect
+
+    return detect(base_model)
+
+
 ZIMAGE = ImageFamily(
-    prompt_cache_optional=False, check=check, load=load, describe=describe,
+    detect=_detect, lora_files=_lora_files(), prompt_cache_optional=False, check=check, load=load, describe=describe,
     name_of=lambda m: m.variant, network=lambda m: m.transformer,
     text_encoders=lambda m: [m.text_encoder] if m.text_encoder is not None else [],
     park_text_encoders=park_text_encoders, encode_prompts=encode_prompts, cache_prompts=cache_prompts,

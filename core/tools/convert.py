@@ -26,7 +26,7 @@ from torch import Tensor
 
 from core.atomic import atomic_dir, save_file_atomic
 from core.devices import torch_dtype
-from core.export.inspect import COMFY_PREFIX, DIFFUSERS_COMPONENTS, KOHYA_PREFIXES, is_flux_family
+from core.export.inspect import COMFY_PREFIX, DIFFUSERS_COMPONENTS, KOHYA_PREFIXES, lora_files_of
 from core.families.registry import FAMILIES
 from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
                                 modules_to_kohya, modules_to_peft)
@@ -55,8 +55,9 @@ class LoraFile:
         return self.family in FAMILIES
 
     @property
-    def is_flux(self) -> bool:
-        return is_flux_family(self.family)
+    def own_format(self) -> Any:
+        """The family's own LoRA file layout (FLUX.1, Chroma, ...), None for the UNet families."""
+        return lora_files_of(self.family)
 
     @property
     def has_dora(self) -> bool:
@@ -142,10 +143,9 @@ def read_lora(path: str | Path, *, family: str | None = None, allow_pickle: bool
             raise LoraToolError(f"'{file.name}' has PEFT keys but no adapter_config; pass the adapter folder instead.")
         return LoraFile("peft", "llm", modules_from_peft(tensors, config, file.name), metadata, config, str(file))
     fam = family or detect_image_family(tensors, metadata)
-    if is_flux_family(fam):
-        from core.tools.flux_files import read_flux_kohya_tensors
-
-        return LoraFile(kind, fam, modules_from_kohya(read_flux_kohya_tensors(file, tensors), file.name), metadata,
+    own = lora_files_of(fam)
+    if own is not None:
+        return LoraFile(kind, fam, modules_from_kohya(own.to_kohya(file, tensors), file.name), metadata,
                         {}, str(file))
     if kind == "diffusers":
         tensors = diffusers_to_kohya_tensors(tensors, metadata, fam)
@@ -197,11 +197,9 @@ def write_kohya(lora: LoraFile, path: str | Path, *, dtype: torch.dtype | None =
 
     if not lora.is_image:
         raise LoraToolError("A text (LLM) adapter has no kohya/WebUI format; write it as a PEFT adapter.")
-    if lora.is_flux:
-        from core.tools.flux_files import write_flux_kohya
-
-        return write_flux_kohya(lora.modules, path, variant=lora.family, metadata={**lora.metadata, **(metadata or {})},
-                                dtype=dtype)
+    if lora.own_format is not None:
+        return lora.own_format.write_kohya(lora.modules, path, variant=lora.family,
+                                           metadata={**lora.metadata, **(metadata or {})}, dtype=dtype)
     return save_kohya_lora(path, modules_to_kohya(lora.modules), _image_metadata(lora, metadata), dtype=dtype)
 
 
@@ -230,10 +228,8 @@ def write_diffusers(lora: LoraFile, folder: str | Path, *, dtype: torch.dtype | 
 
     if not lora.is_image:
         raise LoraToolError("diffusers' LoRA file is for image models; a text adapter stays a PEFT adapter.")
-    if lora.is_flux:
-        from core.tools.flux_files import write_flux_diffusers
-
-        return write_flux_diffusers(lora.modules, folder, dtype=dtype)
+    if lora.own_format is not None:
+        return lora.own_format.write_diffusers(lora.modules, folder, dtype=dtype)
     unet, tes, alphas = kohya_to_peft(modules_to_kohya(lora.modules), lora.family)
     names = ("text_encoder", "text_encoder_2")
 

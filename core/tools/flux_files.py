@@ -104,3 +104,11 @@ def write_flux_diffusers(modules: dict[str, LoraModule], folder: str | Path, *,
                             "transformer only. Keep it as a kohya file.")
     peft, alphas = _transformer_peft(modules, ignore_text_encoders=False)
     return write_flux_diffusers_file(peft, folder, lora_config=_lora_config(peft, alphas), dtype=dtype)
+
+
+def read_flux_peft(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The transformer's diffusers-named PEFT state and alpha per module of a FLUX LoRA in any form."""
+    from core.families.flux_lora_keys import read_flux_lora
+
+    peft, alphas, _ = read_flux_lora(path, ignore_text_encoders=True)
+    return peft, alphas

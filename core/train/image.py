@@ -144,7 +144,8 @@ class ImageRun:
         with self.accelerator.main_process_first():
             latents, failed, hits = encode_images(m.vae, [i.path for i in self.items], self.buckets,
                                                   center_crop=cfg.center_crop, cache_dir=cache_dir,
-                                                  progress=progress if self.main else None)
+                                                  progress=progress if self.main else None,
+                                                  moments_of=self.family.encode_moments)
         if hits:
             self.log(f"{hits} latent(s) reused from the disk cache {cache_dir}")
         if failed and self.main:
@@ -209,7 +210,7 @@ class ImageRun:
         if self.latents is not None:
             infos = [self.latents[i] for i in indices]
             moments = torch.stack([info.moments for info in infos]).to(self.device)
-            latents = sample_latents(moments, vae_config.scaling_factor, getattr(vae_config, "shift_factor", None))
+            latents = self.family.normalize_latents(vae_config, sample_latents(moments, 1.0))
             sizes = [(i.original_size, i.crop_top_left, i.target_size) for i in infos]
         else:
             latents, sizes = self._encode_batch(indices)
@@ -226,9 +227,8 @@ class ImageRun:
         vae = self.model.vae
         with torch.no_grad():
             pixels = torch.stack([p.pixels for p in prepared]).to(self.device, torch.float32)
-            latents = vae.encode(pixels).latent_dist.sample()
-        shift = getattr(vae.config, "shift_factor", None)
-        latents = (latents - (shift or 0.0)) * vae.config.scaling_factor
+            latents = sample_latents(self.family.encode_moments(vae, pixels), 1.0)
+        latents = self.family.normalize_latents(vae.config, latents)
         return latents, [(tuple(p.original_size), tuple(p.crop_top_left), tuple(p.target_size)) for p in prepared]
 
     # --- the training loop's task (core.train.loop.TrainTask) ---------------------------------

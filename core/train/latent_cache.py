@@ -88,16 +88,22 @@ def _write_cached(path: Path, item: CachedImage) -> None:
 
 
 @torch.no_grad()
-def encode_moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE mean+logvar [B, 2C, h, w] of pixels [B, 3, H, W] in [-1, 1] (run in the VAE's dtype)."""
+def encode_moments(vae: Any, pixels: torch.Tensor,
+                   moments_of: Callable[[Any, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """VAE mean+logvar [B, 2C, h, w] of pixels [B, 3, H, W] in [-1, 1] (run in the VAE's dtype).
+
+    `moments_of(vae, pixels)`: the family's own encoder call (core.families.base.ImageFamily.encode_moments).
+    """
     param = next(vae.parameters())
-    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-    return dist.parameters.float().cpu()
+    pixels = pixels.to(param.device, param.dtype)
+    moments = moments_of(vae, pixels) if moments_of is not None else vae.encode(pixels).latent_dist.parameters
+    return moments.float().cpu()
 
 
 def encode_images(vae: Any, paths: Sequence[Path], buckets: Sequence[Bucket], *, center_crop: bool,
                   cache_dir: Path | None, batch_size: int = 4,
-                  progress: Callable[[int, int], None] | None = None
+                  progress: Callable[[int, int], None] | None = None,
+                  moments_of: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
                   ) -> tuple[dict[int, CachedImage], list[tuple[str, str]], int]:
     """Latents for every image: {index: CachedImage}, images that failed to decode, cache hits."""
     results: dict[int, CachedImage] = {}
@@ -130,7 +136,7 @@ def encode_images(vae: Any, paths: Sequence[Path], buckets: Sequence[Bucket], *,
                 except (ImageReadError, OSError, ValueError) as exc:
                     failed.append((path.name, str(exc)))
             if prepared:
-                moments = encode_moments(vae, torch.stack([p.pixels for p in prepared]))
+                moments = encode_moments(vae, torch.stack([p.pixels for p in prepared]), moments_of)
                 for (index, _path, content), prep, moment in zip(chunk, prepared, moments):
                     item = CachedImage(moment.clone(), tuple(prep.original_size), tuple(prep.crop_top_left),
                                        tuple(prep.target_size))

@@ -57,11 +57,11 @@ def test_flux_keys_show_only_for_a_flux_kind_base_model_and_an_image_task():
     specs = {s.name: s for s in form.field_specs()}
     flux_keys = [s.name for s in form.kind_specs(list(specs.values()))]
     assert {"clip_l", "t5", "fp8_base", "blocks_to_swap", "base_quantization", "lora_blocks"} <= set(flux_keys)
-    assert specs["fp8_base"].shown_for("image-generation", "flux")
-    assert not specs["fp8_base"].shown_for("image-generation", "unet")
+    assert specs["fp8_base"].shown_for("image-generation", "flux-dev")
+    assert not specs["fp8_base"].shown_for("image-generation", "sd1")
     assert not specs["fp8_base"].shown_for("image-generation")
-    assert not specs["fp8_base"].shown_for("text-generation", "flux")
-    assert specs["resolution"].shown_for("image-generation", "flux")  # other image keys stay
+    assert not specs["fp8_base"].shown_for("text-generation", "flux-dev")
+    assert specs["resolution"].shown_for("image-generation", "flux-dev")  # other image keys stay
 
 
 def test_the_train_tab_names_the_family_and_toggles_the_flux_keys(work, tiny_flux_dev):
