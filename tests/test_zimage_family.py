@@ -213,3 +213,43 @@ def test_the_family_layer_names_z_image_from_its_files_and_headers(tiny_zimage, 
     assert detect_model("Tongyi-MAI/Z-Image").family == "z-image"
     assert family_from_keys({"lora_unet_layers_0_attention_qkv.lora_down.weight": (4, 32)}, "kohya",
                             None) == "z-image-turbo"
+
+
+def test_the_test_tab_makes_images_with_both_files_and_weight_0_is_the_base(tiny_zimage, two_images, tmp_path):
+    import numpy as np
+
+    from core.sample import clear_pipeline_cache, generate_images
+
+    outputs, _ = run_collect(_config(tiny_zimage.folder, two_images, tmp_path / "out", learning_rate=5e-2))
+    kwargs = dict(seed=3, steps=2, guidance=0.0, width=32, height=32)
+    model = str(tiny_zimage.folder)
+    try:
+        base = np.asarray(generate_images(model, None, ["a red thing"], **kwargs)[0])
+        zero = np.asarray(generate_images(model, outputs["diffusers"], ["a red thing"], weight=0.0, **kwargs)[0])
+        full = np.asarray(generate_images(model, outputs["diffusers"], ["a red thing"], weight=1.0, **kwargs)[0])
+        comfy = np.asarray(generate_images(model, outputs["lora"], ["a red thing"], weight=1.0, **kwargs)[0])
+        cfg = generate_images(model, None, ["a red thing"], **{**kwargs, "guidance": 3.0}, negative_prompt="blue")
+    finally:
+        clear_pipeline_cache()
+    assert base.shape == (32, 32, 3) and np.array_equal(zero, base)
+    assert not np.array_equal(full, base)
+    assert np.abs(full.astype(int) - comfy.astype(int)).max() <= 1  # the same LoRA from either file
+    assert cfg[0].size == (32, 32)
+
+
+def test_the_benchmark_runs_both_sides_at_toy_sizes():
+    from bench import zimage_speed
+
+    results = zimage_speed.main(["--toy", "--steps", "3", "--resolution", "64", "--threads", "1"])
+    assert set(results) == {"ours", "peer", "ratios"}
+    assert all(results[side]["s_per_step"] > 0 for side in ("ours", "peer"))
+
+
+def test_turbo_previews_run_without_cfg_unless_asked_and_base_previews_keep_it():
+    from core.config import TrainConfig
+    from core.families.zimage_family import preview_guidance
+
+    cfg = TrainConfig(base_model="x", train_data_dir="y")
+    assert preview_guidance(cfg, "z-image-turbo") == 0.0 and preview_guidance(cfg, "z-image") == 7.0
+    assert preview_guidance(TrainConfig(base_model="x", train_data_dir="y", sample_guidance_scale=2.0),
+                            "z-image-turbo") == 2.0

@@ -260,13 +260,23 @@ def preview_size(model: Any, resolution: int) -> tuple[int, int]:
     return side, side
 
 
+def preview_guidance(cfg: TrainConfig, variant: str) -> float:
+    """The configured guidance; for Turbo left at the config's default, 0 (no CFG: how Turbo is used)."""
+    import dataclasses
+
+    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "sample_guidance_scale")
+    if variant == "z-image-turbo" and cfg.sample_guidance_scale == default:
+        return 0.0
+    return cfg.sample_guidance_scale
+
+
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              cached: Any) -> list[Image.Image]:
     pipe = build_pipeline(model, transformer)
     width, height = preview_size(model, cfg.resolution)
     return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                    guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
-                    height=height, embeds=cached, dtype=dtype)
+                    guidance=preview_guidance(cfg, model.variant), negative_prompt=cfg.sample_negative_prompt,
+                    width=width, height=height, embeds=cached, dtype=dtype)
 
 
 def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
