@@ -253,3 +253,38 @@ def test_turbo_previews_run_without_cfg_unless_asked_and_base_previews_keep_it()
     assert preview_guidance(cfg, "z-image-turbo") == 0.0 and preview_guidance(cfg, "z-image") == 7.0
     assert preview_guidance(TrainConfig(base_model="x", train_data_dir="y", sample_guidance_scale=2.0),
                             "z-image-turbo") == 2.0
+
+
+def test_fp8_base_with_checkpointing_trains_on_the_cpu_and_a_lora_file_continues(tiny_zimage, two_images, tmp_path,
+                                                                                monkeypatch):
+    from core.families import flux_memory
+    from core.families.zimage_lora_keys import read_lora
+
+    trained = []
+    real = flux_memory.enable_fp8_storage
+
+    def keep(transformer, *args, **kwargs):
+        trained.append(transformer)
+        return real(transformer, *args, **kwargs)
+
+    monkeypatch.setattr(flux_memory, "enable_fp8_storage", keep)
+    first, events = run_collect(_config(tiny_zimage.folder, two_images, tmp_path / "fp8", fp8_base=True,
+                                        gradient_checkpointing=True))
+    assert any(getattr(e, "message", "").startswith("fp8 storage:") for e in events)
+    losses = [e.loss for e in events if e.kind == "progress"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    block = trained[0].layers[0]
+    assert block.attention.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert block.adaLN_modulation[0].weight.dtype == torch.float8_e4m3fn
+    assert trained[0].cap_embedder[1].weight.dtype != torch.float8_e4m3fn  # precision-sensitive: kept
+    assert {p.dtype for n, p in trained[0].named_parameters() if "lora_" in n} == {torch.float32}
+
+    # init_lora: the ComfyUI file as the starting point; a learning rate too small to move anything.
+    second, events = run_collect(_config(tiny_zimage.folder, two_images, tmp_path / "second", max_train_steps=1,
+                                         learning_rate=1e-12, weight_decay=0.0, init_lora=first["lora"]))
+    assert any("Continuing from the LoRA" in getattr(e, "message", "") for e in events)
+    before, alphas_before, _ = read_lora(first["lora"])
+    after, alphas_after, _ = read_lora(second["lora"])
+    assert set(after) == set(before) and alphas_after == alphas_before
+    for key in before:
+        torch.testing.assert_close(after[key].float(), before[key].float(), atol=1e-6, rtol=1e-5)

@@ -153,7 +153,9 @@ def low_memory(model: Any, adapted: Adapted, cfg: TrainConfig, dtype: torch.dtyp
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(transformer)
     if cfg.fp8_base:
-        cast = enable_fp8_storage(transformer, dtype, cast_modulation=True)
+        # diffusers' default skips (norms, and Z-Image's own t_embedder / cap_embedder) already cast the
+        # adaLN modulation Linears: its names hold no "norm".
+        cast = enable_fp8_storage(transformer, dtype)
         log(f"fp8 storage: {cast} frozen layers stored in float8_e4m3fn, the LoRA in fp32.")
     if cfg.blocks_to_swap > 0:
         if not cfg.fp8_base:
