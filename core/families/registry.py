@@ -71,6 +71,7 @@ T5_XXL_ENCODER, FLUX_AE = 4_762_310_656, 83_819_683
 # SD3.5 medium / large MMDiT; CLIP-L and CLIP-G with their projections; the 16-channel VAE (FLUX's AE shape).
 SD35_MEDIUM, SD35_LARGE, CLIP_L_PROJ, CLIP_G_PROJ = 2_243_171_520, 8_056_627_520, 123_650_304, 694_659_840
 SD3_ENCODERS = CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL_ENCODER + FLUX_AE
+Z_IMAGE, QWEN3_4B = 6_154_908_736, 4_022_468_096  # ZImageTransformer2DModel; Qwen3Model (no LM head)
 
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
@@ -127,6 +128,22 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                width=2432, config_groups=("flow",), resolution_floor=512,
                memory_parts="core.families.sd3_memory:sd3_parts", name_words=("sd3.5_large", "sd3.5-large",
                                                                                "stable-diffusion-3.5-large")),
+    # Z-Image: Turbo and base share every shape; the name tells them apart (the longest name word wins).
+    *(FamilyInfo(name, label, "dit", 1024, "z-image", version, "Z-Image", (), ("text_encoder",), "ZImagePipeline",
+                 repo, Z_IMAGE, QWEN3_4B + FLUX_AE, sample_size_floor=512, default_timestep_sampling="shift",
+                 modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image",
+                 impl="core.families.zimage_family", width=3840, config_groups=("flow",), resolution_floor=512,
+                 memory_parts="core.families.zimage_memory:zimage_parts",
+                 diffusers_class_names=("ZImagePipeline", "ZImageTransformer2DModel"),
+                 single_file_markers=("noise_refiner.0.attention.out.weight",
+                                      "noise_refiner.0.attention.to_out.0.weight"),
+                 name_words=words, lora_key_markers=(
+                     r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_(attention_qkv|attention_out|feed_forward_w[123])\.",
+                     r"^(transformer\.|diffusion_model\.)?(noise_refiner|context_refiner)\.\d+\.(attention|feed_forward)\."))
+      for name, label, version, repo, words in (
+          ("z-image-turbo", "Z-Image-Turbo", "z_image_turbo", "Tongyi-MAI/Z-Image-Turbo",
+           ("z-image-turbo", "z_image_turbo", "zimage-turbo", "zimage_turbo")),
+          ("z-image", "Z-Image", "z_image", "Tongyi-MAI/Z-Image", ("z-image", "z_image", "zimage")))),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
