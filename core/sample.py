@@ -10,9 +10,10 @@ each at its weight) are put on it and taken off again by `core.lora_stack`.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -108,6 +109,42 @@ def lora_list(lora_path: str | Path | None, weight: float, loras: Sequence[LoraS
     return [] if lora_path is None else [(lora_path, weight)]
 
 
+# Options that choose the pipeline and how the LoRAs go on it, as against how one image is drawn.
+LOAD_OPTIONS = ("allow_pickle", "model_config", "device", "fuse")
+
+
+@contextmanager
+def drawing(base_model: str, loras: Sequence[LoraSpec] = (), *, fuse: bool | None = None, allow_pickle: bool = False,
+            model_config: str = "", device: str | torch.device | None = None
+            ) -> Iterator[Callable[..., list[Image.Image]]]:
+    """`draw(prompts, seed=, steps=, guidance=, negative_prompt=, width=, height=)` for the block, on the cached
+    pipeline with `loras` loaded once for every image drawn in it, and removed when the block ends.
+
+    `fuse`: add the LoRAs into the base weights (the base restored bit for bit after; see
+    core.lora_stack), else run them as PEFT layers; None: whichever is faster on the pipeline's
+    device (`fuse_pays`).
+    """
+    from core.lora_stack import applied, fuse_pays
+
+    pipe, model, family = load_pipeline(base_model, allow_pickle=allow_pickle, model_config=model_config,
+                                        device=device)
+    side = family.default_size(model)
+
+    def draw(prompts: Sequence[str], *, seed: int = 1234, steps: int = 20, guidance: float = 7.0,
+             negative_prompt: str = "", width: int | None = None, height: int | None = None) -> list[Image.Image]:
+        try:
+            return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
+                                   negative_prompt=negative_prompt, width=width or side, height=height or side)
+        finally:
+            free_memory()
+
+    try:
+        with applied(pipe, loras, fuse=fuse_pays(pipe.device) if fuse is None else fuse):
+            yield draw
+    finally:
+        free_memory()
+
+
 def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequence[str], *, weight: float = 0.8,
                     loras: Sequence[LoraSpec] | None = None, fuse: bool | None = None, seed: int = 1234,
                     steps: int = 20, guidance: float = 7.0, negative_prompt: str = "", width: int | None = None,
@@ -116,23 +153,14 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
     """Images for `prompts` from `base_model` with LoRAs applied together, each at its weight.
 
     `loras=[(file, weight), ...]` (WebUI's `<lora:a:0.8> <lora:b:0.5>`), or the single `lora_path` at
-    `weight`; none, or all at weight 0: the base alone. `fuse`: add the LoRAs into the base weights for
-    this call (the base restored bit for bit after; see core.lora_stack), else run them as PEFT
-    layers; None: whichever is faster on the pipeline's device (`fuse_pays`).
+    `weight`; none, or all at weight 0: the base alone. `fuse`: see `drawing`, which draws many images
+    with the LoRAs loaded once.
     """
-    from core.lora_stack import applied, fuse_pays
-
     specs = lora_list(lora_path, weight, loras)
-    pipe, model, family = load_pipeline(base_model, allow_pickle=allow_pickle, model_config=model_config,
-                                        device=device)
-    side = family.default_size(model)
-    width, height = width or side, height or side
-    try:
-        with applied(pipe, specs, fuse=fuse_pays(pipe.device) if fuse is None else fuse):
-            return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
-                                   negative_prompt=negative_prompt, width=width, height=height)
-    finally:
-        free_memory()
+    with drawing(base_model, specs, fuse=fuse, allow_pickle=allow_pickle, model_config=model_config,
+                 device=device) as draw:
+        return draw(prompts, seed=seed, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                    width=width, height=height)
 
 
 def label_cell(image: Image.Image, text: str) -> Image.Image:
@@ -144,6 +172,21 @@ def label_cell(image: Image.Image, text: str) -> Image.Image:
     canvas.paste(image, ((width - image.width) // 2, band))
     ImageDraw.Draw(canvas).text((4, 3), text, fill="black")
     return canvas
+
+
+def grid_image(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
+    """Cells pasted row by row into one image, in equal columns as wide as the widest cell, each centred.
+
+    Cells differ in width when a caption is wider than a small image ('w=0' vs 'w=0.25' at 64 px);
+    columns the width of the first cell would let the wider cells overlap their neighbours.
+    """
+    cell_w = max(cell.width for row in rows for cell in row)
+    cell_h = max(cell.height for row in rows for cell in row)
+    grid = Image.new("RGB", (cell_w * max(len(r) for r in rows), cell_h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            grid.paste(cell, (c * cell_w + (cell_w - cell.width) // 2, r * cell_h))
+    return grid
 
 
 def compare_grid(base_model: str, lora_paths: str | Path | Sequence[str | Path], prompts: Sequence[str], out_path:
@@ -161,9 +204,4 @@ def compare_grid(base_model: str, lora_paths: str | Path | Sequence[str | Path],
         for p in range(len(prompts)):
             label = Path(file).parent.name if Path(file).name == "pytorch_lora_weights.safetensors" else Path(file).stem
             rows.append([label_cell(per_weight[i][p], f"{label} w={w:g}") for i, w in enumerate(weights)])
-    cell_w, cell_h = rows[0][0].size
-    grid = Image.new("RGB", (cell_w * len(weights), cell_h * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            grid.paste(cell, (c * cell_w, r * cell_h))
-    return save_image(grid, out_path)
+    return save_image(grid_image(rows), out_path)

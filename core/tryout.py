@@ -48,25 +48,30 @@ def generate_target(base_model: str, loras: Sequence[LoraSpec], prompt: str, out
                     seed: int, **options: Any) -> Callable[[RunContext], TryoutResult]:
     """A job target writing one image per path in `out_paths`, seeds seed, seed+1, ...
 
-    `loras`: (file, weight) pairs applied together (none: the base model alone). `options` go to
-    `core.sample.generate_images` (steps, guidance, negative_prompt, width, height).
+    `loras`: (file, weight) pairs applied together (none: the base model alone), loaded once for all the
+    images. `options` are `core.sample.generate_images`'s (steps, guidance, negative_prompt, width, height;
+    fuse, model_config, ...).
     """
     loras = [(str(path), float(weight)) for path, weight in loras]
 
     def target(ctx: RunContext) -> TryoutResult:
-        from core.sample import generate_images, save_image
+        from core.sample import LOAD_OPTIONS, drawing, save_image
 
         total = len(out_paths)
         ctx.emit(ProgressEvent(step=0, total=total, message="loading the model (the first time takes a while)"))
         started = time.perf_counter()
         written: list[str] = []
-        for index, path in enumerate(out_paths):
-            if ctx.should_stop():
-                break
-            image = generate_images(base_model, None, [prompt], loras=loras, seed=seed + index, **options)[0]
-            written.append(str(save_image(image, path)))
-            _progress(ctx, index + 1, total, started, f"image {index + 1} of {total}")
-            ctx.emit(SampleEvent(step=index + 1, images=[written[-1]]))
+        load = {key: value for key, value in options.items() if key in LOAD_OPTIONS}
+        each = {key: value for key, value in options.items() if key not in LOAD_OPTIONS}
+        # The LoRAs go on the pipeline once for the whole job, not once per image.
+        with drawing(base_model, loras, **load) as draw:
+            for index, path in enumerate(out_paths):
+                if ctx.should_stop():
+                    break
+                image = draw([prompt], seed=seed + index, **each)[0]
+                written.append(str(save_image(image, path)))
+                _progress(ctx, index + 1, total, started, f"image {index + 1} of {total}")
+                ctx.emit(SampleEvent(step=index + 1, images=[written[-1]]))
         seconds = time.perf_counter() - started
         stopped = ctx.should_stop() and len(written) < total
         message = f"Generated {len(written)} of {total} image(s) {loras_said(loras)} in {seconds:.1f} s."
@@ -79,15 +84,10 @@ def generate_target(base_model: str, loras: Sequence[LoraSpec], prompt: str, out
 
 
 def grid_image(rows: Sequence[Sequence[Any]]) -> Any:
-    """Cells (equal-sized PIL images) pasted row by row into one image."""
-    from PIL import Image
+    """Cells (PIL images) pasted row by row into one image, in equal columns (core.sample.grid_image)."""
+    from core.sample import grid_image as paste
 
-    cell_w, cell_h = rows[0][0].size
-    grid = Image.new("RGB", (cell_w * max(len(r) for r in rows), cell_h * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            grid.paste(cell, (c * cell_w, r * cell_h))
-    return grid
+    return paste(rows)
 
 
 def lora_label(path: str | Path) -> str:

@@ -173,3 +173,29 @@ def test_a_missing_second_lora_file_leaves_no_lora_behind(tiny_sd1, two_loras, t
     with pytest.raises((OSError, ValueError)):
         generate_images(folder, None, PROMPT, loras=[(a, 0.8), (tmp_path / "nope.safetensors", 0.5)], **SETTINGS)
     assert same_weights(before, pipe)  # the first one, already loaded, was taken off again
+
+
+def test_a_generate_job_of_three_images_loads_each_lora_once_and_draws_what_single_generates_draw(
+        tiny_sd1, two_loras, tmp_path, monkeypatch):
+    from core.events import RunContext
+    from core.sample import generate_images, load_pipeline
+    from core.tryout import generate_target
+
+    a, b = two_loras
+    folder = str(tiny_sd1.folder)
+    both = [(str(a), 0.8), (str(b), 0.5)]
+    options = {k: v for k, v in SETTINGS.items() if k != "seed"}
+    expected = [generate_images(folder, None, PROMPT, loras=both, seed=seed, **options)[0] for seed in (3, 4, 5)]
+    pipe, _, _ = load_pipeline(folder)  # the cached pipeline the job uses
+    before = weights_of(pipe)
+    loads = []
+    real_load = pipe.load_lora_weights
+    monkeypatch.setattr(pipe, "load_lora_weights", lambda *args, **kw: loads.append(args[0]) or real_load(*args, **kw))
+    outs = [tmp_path / f"gen-{index}.png" for index in range(3)]
+    done = generate_target(folder, both, PROMPT[0], outs, seed=3, **options)(RunContext())
+    assert done.message.startswith("Generated 3 of 3 image(s) with LoRAs style_a at 0.8 and style_b at 0.5")
+    assert loads == [str(a), str(b)]  # once per job, not once per image
+    for out, want in zip(outs, expected):
+        with Image.open(out) as written:
+            assert written.convert("RGB").tobytes() == want.tobytes()
+    assert same_weights(before, pipe)  # and taken off after the job

@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 import core.devices
 from core import presets
-from core.families.registry import FAMILIES
 from core.config import FIELDS, config_from_dict
 from core.devices import DeviceInfo
 from core.model_info import SMOLLM2_135M, detect_model
+from core.families.registry import FAMILIES
 
 
 def gpu(name: str, total: float, *, bf16: bool = True, bnb: bool = True, used: float = 0.4) -> DeviceInfo:
@@ -149,7 +149,7 @@ def test_an_unknown_preset_is_refused_with_the_names_that_exist():
 def test_every_preset_file_has_a_description_a_family_a_tier_and_only_config_keys(name):
     raw = yaml.safe_load((presets.PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
     assert len(raw["description"]) > 30
-    assert raw["family"] in {"llm", "any"} | {f.preset_family for f in FAMILIES.values()}
+    assert raw["family"] in {i.preset_family for i in FAMILIES.values()} | {"llm", "any"}
     values = presets.load_preset(name)
     assert set(values) <= set(FIELDS)
     for key in ("batch_size", "gradient_accumulation_steps", "lora_rank", "mixed_precision",
@@ -165,8 +165,9 @@ def test_every_gpu_preset_fits_its_own_tier_with_the_real_model(name):
     model = {"sd1": detect_model(SD15["base_model"]), "sdxl": detect_model(SDXL["base_model"]),
              "flux": detect_model("black-forest-labs/FLUX.1-dev"),
              "llm": detect_model(LLAMA_1B["base_model"], "text-generation")}.get(info.family)
-    if model is None:  # another family of the table: its real model, by its hub id
-        model = detect_model(next(f.hub_repo for f in FAMILIES.values() if f.preset_family == info.family))
+    if model is None:  # another family's presets: the largest model of the table they serve
+        model = max((detect_model(i.hub_repo) for i in FAMILIES.values() if i.preset_family == info.family),
+                    key=lambda m: m.params)
     if info.family == "llm" and info.memory_gb <= 4:
         model = SMOLLM2_135M
     card = gpu(f"{info.memory_gb:g} GB card", info.memory_gb * 0.96)
@@ -178,7 +179,7 @@ def test_every_gpu_preset_fits_its_own_tier_with_the_real_model(name):
 
 
 def test_effective_batch_is_the_same_across_a_familys_tiers_so_a_downshift_keeps_the_schedule():
-    for family in ("sd1", "sdxl", "flux", "llm"):
+    for family in {"llm"} | {i.preset_family for i in FAMILIES.values()}:
         effective = {info.name: presets.load_preset(info.name)["batch_size"]
                      * presets.load_preset(info.name)["gradient_accumulation_steps"]
                      for info in presets.family_presets(family)}

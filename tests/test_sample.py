@@ -124,6 +124,25 @@ def test_grid_captions_stay_legible_at_small_sizes():
     assert big.size == (512, 512 + 18)  # wide images keep their size
 
 
+def test_a_grid_of_cells_with_captions_of_different_widths_keeps_every_image_whole():
+    """At 64 px 'style_a w=0.4' is wider than 'style_a w=0': the columns are as wide as the widest cell, so
+    no cell is pasted over its neighbour (the compare grid's weights 0, 0.4, 0.6, 0.8, 1)."""
+    import numpy as np
+
+    from core.sample import COMPARE_WEIGHTS, grid_image, label_cell
+
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (0, 200, 200)]
+    cells = [label_cell(Image.new("RGB", (64, 64), colour), f"style_a w={w:g}")
+             for colour, w in zip(colours, COMPARE_WEIGHTS)]
+    assert len({cell.width for cell in cells}) > 1  # the case that overlapped
+    grid = np.asarray(grid_image([cells]).convert("RGB"))
+    column = max(cell.width for cell in cells)
+    assert grid.shape[1] == column * len(cells)
+    for index, colour in enumerate(colours):
+        left = index * column + (column - 64) // 2
+        assert (grid[18:82, left:left + 64] == colour).all(), f"the image at weight {COMPARE_WEIGHTS[index]} is cut"
+
+
 def test_training_previews_are_saved_per_step_with_the_fixed_seed(tiny_sd1, tmp_path):
     data = make_image_folder(tmp_path / "imgs", count=2)
     raw = tiny_run_config(tiny_sd1.folder, data, tmp_path / "out", max_train_steps=2, sample_steps=1,

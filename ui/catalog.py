@@ -19,8 +19,9 @@ from core.model_info import is_ggml_v3_file
 from ui.state import DATA_DIR, MODEL_SUBDIRS, MODELS_DIR, OUTPUT_DIR, WORK
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-# ComfyUI keeps the FLUX.1 / Chroma transformer apart from its text encoders and VAE.
-COMFY_IMAGE_SUBDIRS = ("diffusion_models", "unet")
+# ComfyUI keeps the FLUX.1 / Chroma / SD3 transformer apart from its text encoders and VAE; its
+# checkpoints/ folder holds the all-in-one files (SAI's sd3.5_medium.safetensors, SD 1.x / SDXL).
+COMFY_IMAGE_SUBDIRS = ("diffusion_models", "unet", "checkpoints")
 TEXT_DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".txt", ".parquet")
 
 
@@ -64,7 +65,7 @@ def _image_models_in(folder: Path) -> list[Path]:
 
 def image_models(models_dir: Path = MODELS_DIR) -> list[str]:
     """Single files and diffusers folders under models/Stable-diffusion/, then ComfyUI's
-    models/diffusion_models/ and models/unet/."""
+    models/diffusion_models/, models/unet/ and models/checkpoints/."""
     found: list[Path] = []
     for sub in (MODEL_SUBDIRS["image"], *COMFY_IMAGE_SUBDIRS):
         folder = models_dir / sub

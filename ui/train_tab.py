@@ -371,7 +371,8 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
             queue_table = gr.Dataframe(headers=QUEUE_HEADERS, value=[], label="Queue: runs start one after another",
                                        interactive=False, wrap=True, visible=False, elem_id="train-queue")
             with gr.Row():
-                remove_id = gr.Number(value=None, precision=0, minimum=1, label="# to remove", scale=1,
+                # No `minimum`: an empty box would show as an invalid 0 before anything is typed; on_remove checks.
+                remove_id = gr.Number(value=None, precision=0, label="# to remove", scale=1,
                                       elem_id="train-queue-id")
                 remove_btn = gr.Button("Remove from the queue", scale=2, elem_id="train-queue-remove")
     inputs = form.ordered(widgets, specs)

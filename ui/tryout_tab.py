@@ -415,10 +415,13 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     stop_btn.click(stop_tryout, None, image_message)
     timer.tick(poll, memo, [progress, image_out, grid_out, image_message, memo], show_progress="hidden")
     pairs = [lora, weight, *extra]  # lora1, weight1, lora2, weight2, ...
+    # One queue for both, in the order they were triggered: the first on_loras imports torch to read the
+    # files (seconds), and a weight moved meanwhile must not be overwritten by its older line.
+    in_order = {"concurrency_id": "test-loras", "concurrency_limit": 1}
     for box in (base, *pairs[0::2]):
-        box.change(on_loras, [base, *pairs], [syntax, family])
+        box.change(on_loras, [base, *pairs], [syntax, family], **in_order)
     for slider in pairs[1::2]:
-        slider.change(on_weights, pairs, syntax, show_progress="hidden")
+        slider.change(on_weights, pairs, syntax, show_progress="hidden", **in_order)
     live = [lists.LiveList(base, catalog.image_models), lists.LiveList(lora, catalog.lora_files),
             *[lists.LiveList(box, catalog.lora_files) for box in extra[0::2]],
             lists.LiveList(text_base, catalog.text_models), lists.LiveList(adapter, catalog.text_adapters)]

@@ -113,8 +113,10 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
         return "sd2"
     if arch.startswith("stable-diffusion-v1"):
         return "sd1"
-    if metadata.get("ss_v2") == "False" and metadata.get("ss_network_module"):
-        return "sd1"  # older sd-scripts files without ss_base_model_version
+    if metadata.get("ss_v2") == "False" and metadata.get("ss_network_module") and not arch:
+        # Older sd-scripts files without ss_base_model_version (and without modelspec); a file naming an
+        # architecture the table does not list (SD3 medium's "stable-diffusion-3-medium") goes on to its keys.
+        return "sd1"
     return None
 
 

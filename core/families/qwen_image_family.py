@@ -72,8 +72,10 @@ def load(cfg: TrainConfig) -> QwenModel:
     if cfg.base_quantization == "nf4":
         dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.bfloat16
         quant = nf4_config(dtype)
-    return load_qwen_model(cfg.base_model, config_source=cfg.base_model_config, vae=cfg.vae, dtype=dtype,
-                           quantization_config=quant)
+    # A single transformer file: Qwen2.5-VL's file is the first of `text_encoder_files` (else found in models/).
+    text_encoder = next((f.strip() for f in cfg.text_encoder_files.split(",") if f.strip()), "")
+    return load_qwen_model(cfg.base_model, config_source=cfg.base_model_config, vae=cfg.vae,
+                           text_encoder=text_encoder, dtype=dtype, quantization_config=quant)
 
 
 def describe(model: QwenModel) -> list[str]:

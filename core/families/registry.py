@@ -75,6 +75,10 @@ T5_XXL_ENCODER, FLUX_AE = 4_762_310_656, 83_819_683
 QWEN_IMAGE, QWEN25_VL_7B, QWEN_IMAGE_VAE = 20_430_401_088, 8_292_166_656, 126_892_531
 # Keys only a Qwen-Image LoRA has, in any of the forms ComfyUI loads (`.` or `_` separated).
 _QWEN_LORA_KEYS = (r"transformer_blocks[._]\d+[._](img|txt)_mlp[._]net[._]", r"transformer_blocks[._]\d+[._](img|txt)_mod[._]1")
+# SD3.5 medium / large MMDiT; CLIP-L and CLIP-G with their projections; the 16-channel VAE (FLUX's AE shape).
+SD35_MEDIUM, SD35_LARGE, CLIP_L_PROJ, CLIP_G_PROJ = 2_243_171_520, 8_056_627_520, 123_650_304, 694_659_840
+SD3_ENCODERS = CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL_ENCODER + FLUX_AE
+Z_IMAGE, QWEN3_4B = 6_154_908_736, 4_022_468_096  # ZImageTransformer2DModel; Qwen3Model (no LM head)
 
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
@@ -134,6 +138,44 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                diffusers_class_names=("QwenImageEditPipeline",), name_words=("qwen-image-edit", "qwen_image_edit"),
                width=3072, config_groups=("flow",), resolution_floor=512,
                memory_parts="core.families.qwen_memory:qwen_parts", needs_control=True),
+    # sd-scripts names SD3 models by library/sd3_utils' model_type ("medium", "5-medium", "5-large"):
+    # ss_base_model_version is that, modelspec.architecture "stable-diffusion-3-" + it (sd3_lora_files
+    # writes SD3 medium's own type when an SD3 medium is trained under the "sd3" row). Medium and large
+    # are told apart by their blocks (sd3_load.model_type_from_keys), so only the "sd3" row lists markers.
+    FamilyInfo("sd3", "SD3.5 / SD3 Medium", "dit", 1024, "sd3", "5-medium", "stable-diffusion-3-5-medium",
+               ("lora_te1", "lora_te2", "lora_te3"), ("text_encoder", "text_encoder_2", "text_encoder_3"),
+               "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium", SD35_MEDIUM, SD3_ENCODERS,
+               sample_size_floor=512, default_timestep_sampling="shift", impl="core.families.sd3_family",
+               width=1536, config_groups=("flow",), resolution_floor=512,
+               memory_parts="core.families.sd3_memory:sd3_parts",
+               diffusers_class_names=("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+               single_file_markers=("joint_blocks.0.x_block.attn.proj.weight",),
+               name_words=("sd3", "sd3.5", "sd35", "stable-diffusion-3"),
+               lora_key_markers=(r"^lora_unet_joint_blocks_\d+_", r"^(diffusion_model\.)?joint_blocks\.\d+\.",
+                                 r"^transformer\.transformer_blocks\.\d+\.attn2\.")),
+    FamilyInfo("sd35-large", "SD3.5 Large", "dit", 1024, "sd3", "5-large", "stable-diffusion-3-5-large",
+               ("lora_te1", "lora_te2", "lora_te3"), ("text_encoder", "text_encoder_2", "text_encoder_3"),
+               "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-large", SD35_LARGE, SD3_ENCODERS,
+               sample_size_floor=512, default_timestep_sampling="shift", impl="core.families.sd3_family",
+               width=2432, config_groups=("flow",), resolution_floor=512,
+               memory_parts="core.families.sd3_memory:sd3_parts", name_words=("sd3.5_large", "sd3.5-large",
+                                                                               "stable-diffusion-3.5-large")),
+    # Z-Image: Turbo and base share every shape; the name tells them apart (the longest name word wins).
+    *(FamilyInfo(name, label, "dit", 1024, "z-image", version, "Z-Image", (), ("text_encoder",), "ZImagePipeline",
+                 repo, Z_IMAGE, QWEN3_4B + FLUX_AE, sample_size_floor=512, default_timestep_sampling="shift",
+                 modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image",
+                 impl="core.families.zimage_family", width=3840, config_groups=("flow",), resolution_floor=512,
+                 memory_parts="core.families.zimage_memory:zimage_parts",
+                 diffusers_class_names=("ZImagePipeline", "ZImageTransformer2DModel"),
+                 single_file_markers=("noise_refiner.0.attention.out.weight",
+                                      "noise_refiner.0.attention.to_out.0.weight"),
+                 name_words=words, lora_key_markers=(
+                     r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_(attention_qkv|attention_out|feed_forward_w[123])\.",
+                     r"^(transformer\.|diffusion_model\.)?(noise_refiner|context_refiner)\.\d+\.(attention|feed_forward)\."))
+      for name, label, version, repo, words in (
+          ("z-image-turbo", "Z-Image-Turbo", "z_image_turbo", "Tongyi-MAI/Z-Image-Turbo",
+           ("z-image-turbo", "z_image_turbo", "zimage-turbo", "zimage_turbo")),
+          ("z-image", "Z-Image", "z_image", "Tongyi-MAI/Z-Image", ("z-image", "z_image", "zimage")))),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")

@@ -151,3 +151,57 @@ def field_value(page, elem_id: str) -> str:
 def step_of(page) -> int:
     found = re.search(r"data-step='?\"?(\d+)", page.locator("#train-progress").inner_html())
     return int(found.group(1)) if found else 0
+
+
+def test_three_loras_together_in_the_test_tab_and_a_grid_over_one_with_the_others_fixed(page, image_app, tmp_path):
+    """Three LoRAs from models/Lora/ at their own weights: the WebUI line names all three, the image is drawn
+    with all three, and the compare grid sweeps the first while the other two stay at theirs in every cell."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.fixtures.tool_loras import make_sd_lora
+
+    app, _ = image_app
+    base = app.work / "models" / "Stable-diffusion" / "tiny-sd1"
+    for seed, name in ((3, "style_a"), (11, "style_b"), (17, "style_c")):
+        made = make_sd_lora(base, tmp_path / name, seed=seed, name=name)
+        shutil.copy(made.kohya, app.work / "models" / "Lora" / f"{name}.safetensors")
+    page.goto(app.url)
+    tab(page, "Test")  # selecting the tab rescans its lists: the three files are offered
+    choose(page, "test-base", "tiny-sd1")
+    choose(page, "test-lora", "style_a")
+    open_accordion(page, "More LoRAs, applied together with the first")
+    choose(page, "test-lora-2", "style_b")
+    fill(page, "test-weight-2", "0.5")
+    choose(page, "test-lora-3", "style_c")
+    fill(page, "test-weight-3", "1.2")
+    line = "<lora:style_a:0.8> <lora:style_b:0.5> <lora:style_c:1.2>"
+    wait_for(lambda: field_value(page, "test-syntax") == line, 30, "the WebUI prompt line with all three")
+    fill(page, "test-prompt", "a red thing")
+    fill(page, "test-steps", "2")
+    fill(page, "test-size", "64")
+    page.locator("#test-generate").click()
+    wait_for(lambda: "with LoRAs style_a at 0.8, style_b at 0.5 and style_c at 1.2" in text_of(page, "test-message"),
+             300, "an image with the three LoRAs")
+    assert page.locator("#test-image img").count() == 1
+    generated = sorted((app.work / ".cache" / "ui" / "generate").glob("style_a-*.png"))
+    assert len(generated) == 1
+    screenshot(page, "test_multi_lora")
+    # The grid sweeps style_a over the compare weights; style_b and style_c stay at 0.5 and 1.2 in every cell.
+    page.locator("#test-compare").click()
+    wait_for(lambda: "Grid saved" in text_of(page, "test-message"), 400, "the compare grid")
+    assert page.locator("#test-grid img").count() == 1
+    grids = list((app.work / ".cache" / "ui" / "compare").glob("style_a-*.png"))
+    assert len(grids) == 1
+    # Its weight-0.8 cell is the generated image (same seed, same three LoRAs) and no other cell is:
+    # had the other two not been applied in the grid, no cell would match.
+    with Image.open(generated[0]) as image:
+        want = np.asarray(image.convert("RGB"), dtype=np.int16)
+    with Image.open(grids[0]) as image:
+        grid = np.asarray(image.convert("RGB"), dtype=np.int16)
+    from core.sample import COMPARE_WEIGHTS
+
+    column = grid.shape[1] // len(COMPARE_WEIGHTS)
+    matches = [x // column for x in range(grid.shape[1] - 63)
+               if np.abs(grid[18:82, x:x + 64] - want).max() <= 1]
+    assert matches == [COMPARE_WEIGHTS.index(0.8)], matches

@@ -119,3 +119,109 @@ def test_a_file_of_answers_becomes_a_chat_tested_lora(page, text_app):
 def step_of(page) -> int:
     found = re.search(r"data-step='?\"?(\d+)", page.locator("#train-progress").inner_html())
     return int(found.group(1)) if found else 0
+
+
+def form_for_text_run(page, name: str, epochs: int) -> None:
+    """The Train tab's form for a small text run on the tiny Llama (no preset: every value typed)."""
+    choose(page, "cfg-task_type", "text-generation")
+    choose(page, "cfg-base_model", "tiny-llm")
+    fill(page, "cfg-train_data_dir", "./data/faq.csv")
+    fill(page, "cfg-output_name", name)
+    for key, value in {"batch_size": 2, "lora_rank": 4, "save_steps": 0, "epochs": epochs,
+                       "learning_rate": "0.001"}.items():
+        fill(page, f"cfg-{key}", str(value))
+
+
+def queue_table(page) -> dict[str, list[str]]:
+    """The queue table the page shows: {run name: [#, run, state, output]}."""
+    rows = {}
+    for row in page.locator("#train-queue [role=row]:has([role=gridcell])").all():
+        cells = [cell.inner_text().strip() for cell in row.locator("[role=gridcell]").all()]
+        if len(cells) >= 4:
+            rows[cells[1]] = cells
+    return rows
+
+
+def states(page) -> dict[str, str]:
+    return {name: cells[2] for name, cells in queue_table(page).items()}
+
+
+def test_a_second_run_added_to_the_queue_waits_then_trains_after_the_first_is_stopped(page, text_app):
+    app = text_app
+    page.goto(app.url)
+    tab(page, "Train")
+    # The first run is long (many epochs); Add to queue starts it at once, the device being free.
+    form_for_text_run(page, "first", 5000)
+    page.locator("#train-queue-add").click()
+    wait_for(lambda: "Queued first" in text_of(page, "train-message"), 30, "the first run to be queued")
+    wait_for(lambda: states(page).get("first") == "running", 60, "the first run to run")
+    # While it trains, a second, short run is added: it waits in the table, in its own folder.
+    fill(page, "cfg-output_name", "second")
+    fill(page, "cfg-epochs", "2")
+    page.locator("#train-queue-add").click()
+    wait_for(lambda: states(page) == {"first": "running", "second": "queued"}, 60, "both runs in the queue table")
+    table = queue_table(page)
+    assert table["first"][3] == "./output/first" and table["second"][3] == "./output/second", table
+    wait_for(lambda: step_of(page) >= 1, 300, "the first run's first step")
+    screenshot(page, "train_queue")
+    # Stop ends only the running one: the queued run starts by itself and runs to its end.
+    page.locator("#train-stop").click()
+    wait_for(lambda: states(page).get("first") == "stopped", 300, "the first run to stop")
+    wait_for(lambda: states(page).get("second") in ("running", "done"), 60, "the second run to start")
+    wait_for(lambda: states(page).get("second") == "done", 300, "the second run to finish")
+    assert states(page) == {"first": "stopped", "second": "done"}
+    for name in ("first", "second"):
+        run = app.work / "output" / name
+        assert list(run.rglob("adapter_config.json")), f"{name} left no adapter in its own folder"
+        assert (run / "loss.csv").is_file()
+    # Neither run measured a validation loss, and the plot draws no validation line (the check below).
+    assert green_pixels(plot_image(page)) == 0
+
+
+VALIDATION_GREEN = (0x16, 0xA3, 0x4A)  # ui.plots draws the validation loss (line, dots, legend mark) in this colour
+
+
+def plot_image(page):
+    """The loss plot exactly as the page received it: the PNG behind `#train-loss-plot img`."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    src = page.locator("#train-loss-plot img").first.get_attribute("src") or ""
+    if src.startswith("data:"):
+        data = base64.b64decode(src.split(",", 1)[1])
+    else:
+        data = page.request.get(src if "://" in src else page.url.rstrip("/") + "/" + src.lstrip("/")).body()
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def green_pixels(image, tolerance: int = 40) -> int:
+    import numpy as np
+
+    pixels = np.asarray(image, dtype=np.int16)
+    return int((np.abs(pixels - np.array(VALIDATION_GREEN)).sum(axis=2) <= tolerance).sum())
+
+
+def test_a_run_with_validation_steps_draws_the_validation_loss_in_the_live_plot(page, text_app):
+    from tests.helpers import read_loss_csv
+
+    app = text_app
+    page.goto(app.url)
+    tab(page, "Train")
+    form_for_text_run(page, "val_run", 5000)
+    open_accordion(page, "Advanced")
+    open_accordion(page, "Text data and model")
+    fill(page, "cfg-validation_split", "0.25")  # one of the four answers is held out
+    open_accordion(page, "Output and logging")
+    fill(page, "cfg-validation_steps", "2")
+    page.locator("#train-start").click()
+    wait_for(lambda: "Started" in text_of(page, "train-message"), 30, "the run to start")
+    wait_for(lambda: page.locator("#train-loss-plot img").count() > 0 and step_of(page) >= 1, 300, "the loss plot")
+    # The validation loss (every 2 steps) is drawn in the plot the page shows, in its own colour.
+    wait_for(lambda: green_pixels(plot_image(page)) > 30, 300, "the validation line in the live plot")
+    screenshot(page, "train_validation")
+    page.locator("#train-stop").click()
+    wait_for(lambda: "Stopped" in text_of(page, "train-progress"), 300, "the run to stop")
+    measured = [row.step for row in read_loss_csv(app.work / "output" / "val_run") if row.val_loss is not None]
+    assert measured and all(step % 2 == 0 for step in measured), measured
