@@ -141,12 +141,14 @@ def test_stop_and_resume_gives_the_uninterrupted_runs_losses(tiny_qwen_image, tw
 
 
 def test_the_comfyui_layout_trains_with_fp8_storage(tiny_qwen_image, two_images, tmp_path):
+    text_encoder = tiny_qwen_image.comfy_root / "text_encoders" / "qwen_2.5_vl_7b.safetensors"
     outputs, events = run_collect(_config(tiny_qwen_image.comfy_transformer, two_images, tmp_path / "fp8",
                                           base_model_config=str(tiny_qwen_image.folder), fp8_base=True,
-                                          gradient_checkpointing=True))
+                                          gradient_checkpointing=True, text_encoder_files=str(text_encoder)))
     logs = [e.message for e in events if e.kind == "log"]
     assert any(m.startswith("Model: Qwen-Image (single file)") for m in logs), logs
     assert any(m.startswith("fp8 storage:") for m in logs), logs
+    assert any("Text encoder qwen_2.5_vl_7b.safetensors" in m for m in logs), logs
     losses = [e.loss for e in events if e.kind == "progress"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     keys, _ = _header(Path(outputs["lora"]))
