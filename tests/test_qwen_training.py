@@ -208,10 +208,16 @@ def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders
         seen_images.append(images)
         return real_encode(*args, images=images, **kwargs)
 
+    # The Edit pipeline sizes the control to about 1 megapixel for the VL encoder and the preview's latents;
+    # 64 px keeps this tiny CPU run quick (the wiring is what is checked here).
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_pipeline
+
+    monkeypatch.setattr(edit_pipeline, "calculate_dimensions", lambda area, ratio: (64, 64, None))
     monkeypatch.setattr(qwen_image, "qwen_loss", spy_loss)
     monkeypatch.setattr(qwen_image, "encode_prompt_list", spy_encode)
     out = tmp_path / "edit"
-    outputs, events = run_collect(_config(tiny_qwen_edit.folder, data, out, caption_dropout=0.5))
+    outputs, events = run_collect(_config(tiny_qwen_edit.folder, data, out, caption_dropout=0.5,
+                                          sample_prompts=["make it green"], sample_steps=2))
     logs = [e.message for e in events if e.kind == "log"]
     warnings = [e.message for e in events if e.kind == "warning"]
     assert any(m.startswith("Model: Qwen-Image-Edit (diffusers)") for m in logs), logs
@@ -221,6 +227,8 @@ def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders
     # The transformer got the control latents (same bucket as the target), the VL encoder the control images.
     assert seen_batches and all(b.control is not None and b.control.shape == b.latents.shape for b in seen_batches)
     assert seen_images and all(imgs and all(i is not None for i in imgs) for imgs in seen_images)
+    # The preview edits the first pair's control image with the sample prompt (encoded with it, cached).
+    assert (out / "samples" / "step-000002-0.png").is_file()
     _, meta = _header(Path(outputs["lora"]))
     assert meta["ss_base_model_version"] == "qwen_image_edit" and meta["modelspec.architecture"] == \
         "Qwen-Image-Edit/lora"

@@ -71,6 +71,7 @@ class QwenModel:
     source: str
     is_single_file: bool = False
     notes: list[str] = field(default_factory=list)
+    preview_control: str | None = None  # Edit: the control image the previews edit (the first pair's)
 
     @property
     def needs_control(self) -> bool:

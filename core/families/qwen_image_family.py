@@ -141,9 +141,11 @@ def cache_prompts(model: QwenModel, keys: list[Any], cfg: TrainConfig, device: t
     from core.families.qwen_image import encode_prompt_list, stack_prompts
     from core.train.latent_cache import cache_root_for
 
-    # Sample prompts for Qwen-Image's previews (Edit makes none: it needs an image to edit).
-    samples = [] if model.needs_control or not cfg.sample_prompts else \
-        list(cfg.sample_prompts) + [cfg.sample_negative_prompt or ""]
+    samples: list[Any] = list(cfg.sample_prompts) + [cfg.sample_negative_prompt or ""] if cfg.sample_prompts else []
+    if model.needs_control:
+        # Edit's previews edit the first pair's control image: the sample prompts are encoded with it.
+        model.preview_control = next((k[1] for k in keys if isinstance(k, tuple)), None)
+        samples = [(p, model.preview_control) for p in samples] if model.preview_control else []
     prompts = list(keys) + samples
     folder = None
     if cfg.cache_latents_to_disk:
@@ -297,14 +299,15 @@ def write_loras(folder: Path, cfg: TrainConfig, model: QwenModel, adapted: Adapt
 
 # --- previews and the Test tab ----------------------------------------------------------------------
 
-def build_pipeline(model: QwenModel, transformer: Any | None = None) -> Any:
+def build_pipeline(model: QwenModel, transformer: Any | None = None, *, edit: bool | None = None) -> Any:
+    """QwenImageEditPipeline for an Edit model's previews (`edit`), else QwenImagePipeline."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImagePipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
     parts = dict(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                  transformer=model.transformer if transformer is None else transformer)
-    if model.needs_control:
+    if model.needs_control if edit is None else edit:
         pipe = QwenImageEditPipeline(processor=model.processor, **parts)
     else:
         pipe = QwenImagePipeline(**parts)
@@ -319,7 +322,8 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
              control: Any = None) -> list[Image.Image]:
     """One image per prompt from the same seed. `guidance` is the pipelines' true CFG scale (off at <= 1).
 
-    Edit: `control` (a PIL image) is the image to edit; the prompt encodings then come from the encoder.
+    Edit (QwenImageEditPipeline): `control` (a PIL image) is the image to edit; `embeds` then must be the
+    prompts' encodings with that image (or None: the pipeline's VL encoder encodes them).
     """
     from core.devices import free_memory
     from core.families.flux_train import unpack_latents
@@ -335,7 +339,7 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
                                       generator=torch.Generator(device="cpu").manual_seed(seed))
         if control is not None:
             kwargs["image"] = control
-        if embeds is None or control is not None:
+        if embeds is None:
             kwargs["prompt"] = prompt
             if cfg_on:
                 kwargs["negative_prompt"] = negative_prompt or " "
@@ -347,22 +351,10 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
                 kwargs.update(negative_prompt_embeds=n.embeds, negative_prompt_embeds_mask=n.mask)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
             packed = pipe(**kwargs)[0]
-        h, w = 2 * (height // step), 2 * (width // step)
-        if control is not None:
-            w, h = _edit_size(control, pipe.vae_scale_factor)
-        latents = unpack_latents(packed.float(), h, w)
+        latents = unpack_latents(packed.float(), 2 * (height // step), 2 * (width // step))
         images.extend(decode_latents(pipe.vae, latents))
         free_memory()
     return images
-
-
-def _edit_size(control: Any, vae_scale: int) -> tuple[int, int]:
-    """The Edit pipeline's output size for a control image (about 1 megapixel, its aspect ratio), in latents."""
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
-
-    width, height, _ = calculate_dimensions(1024 * 1024, control.size[0] / control.size[1])
-    step = vae_scale * 2
-    return 2 * (width // step), 2 * (height // step)
 
 
 def preview_size(model: QwenModel, resolution: int) -> tuple[int, int]:
@@ -374,14 +366,21 @@ def preview_size(model: QwenModel, resolution: int) -> tuple[int, int]:
 
 def previews(model: QwenModel, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              cached: Any) -> list[Image.Image]:
-    """Previews with the transformer being trained, from the cached prompt encodings (Qwen-Image only)."""
-    if model.needs_control:
-        return []  # Edit needs an image to edit and the VL encoder, which is freed after caching
+    """Previews with the transformer being trained, from the cached prompt encodings. Edit: each sample
+    prompt applied to the first pair's control image (encoded with it before the VL encoder left)."""
     pipe = build_pipeline(model, transformer)
     width, height = preview_size(model, cfg.resolution)
+    control, embeds = None, cached
+    if model.needs_control:
+        if not model.preview_control or cached is None:
+            return []
+        from core.data.image_io import load_rgb
+
+        control = load_rgb(Path(model.preview_control))
+        embeds = lambda prompts: cached([(p, model.preview_control) for p in prompts])  # noqa: E731
     return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
                     guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
-                    height=height, embeds=cached, dtype=dtype)
+                    height=height, embeds=embeds, dtype=dtype, control=control)
 
 
 def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
@@ -393,7 +392,8 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
     for module in (model.transformer, *_encoders(model)):
         move(module, device, dtype)
     move(model.vae, device, torch.float32)
-    return build_pipeline(model), model
+    # The Test tab has no image to edit: an Edit model makes images from text there (QwenImagePipeline).
+    return build_pipeline(model, edit=False), model
 
 
 def default_size(model: QwenModel) -> int:
