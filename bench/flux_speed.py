@@ -9,7 +9,9 @@ that every step when each image has its own caption), draws timesteps uniformly
 and steps AdamW. Ours is `train.py`'s own path: latents and text encodings cached once, the
 encoders freed before the transformer trains. The LoRA goes on the same modules on both
 sides (our `lora_blocks: all`), at the same rank, resolution, batch and number of steps.
-Each side runs in its own process, so peak memory (RSS; CUDA max allocated on a GPU) is its own.
+Each side runs in its own process, so peak memory (RSS; CUDA max allocated on a GPU) is its own;
+the model is built in a third one, since Linux carries a process's peak RSS across fork + exec
+(a side spawned by a parent that built the model would start at the parent's peak).
 
 The model: a transformer at FLUX.1's real width (3072, 24 heads of 128, joint width 4096,
 pooled 768) with few blocks (`--double`, `--single`), random weights (speed does not depend
@@ -209,6 +211,10 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue: mp.Queue) -
     queue.put({"s_per_step": steady(per_step), "whole_run_s": total, **peak_memory()})
 
 
+def _build(folder: Path, kwargs: dict, queue: mp.Queue) -> None:
+    queue.put(str(build_model(folder, **kwargs)))
+
+
 def measure(target, *call_args) -> dict:
     context = mp.get_context("spawn")
     queue = context.Queue()
@@ -235,8 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=("ours", "peer"), help="run one side")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="flux-bench-"))
-    model = str(build_model(work / "model", double=args.double, single=args.single, t5_layers=args.t5_layers,
-                            toy=args.toy))
+    model = measure(_build, work / "model", dict(double=args.double, single=args.single, t5_layers=args.t5_layers,
+                                                  toy=args.toy))
     data = str(make_images(work / "data", args.images, max(args.resolution, 64)))
     if args.toy:
         args.t5_length = min(args.t5_length, 512)

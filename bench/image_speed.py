@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,14 +179,28 @@ def _child(kind: str, args: dict, queue: mp.Queue) -> None:
     queue.put((run_ours if kind == "ours" else run_naive)(args))
 
 
-def measure(kind: str, args: dict) -> dict:
+def _build_child(folder: str, queue: Any) -> None:
+    build_full_sd15(Path(folder))
+    queue.put(folder)
+
+
+def _in_child(target: Any, *call_args: Any) -> Any:
+    """`target(*call_args, queue)` in a spawned process; what it put in the queue.
+
+    Linux keeps a process's peak RSS across fork + exec, so whatever a side's parent allocated
+    (building the model) would be the floor of that side's peak: heavy work goes to a child.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(kind, args, queue))
+    process = ctx.Process(target=target, args=(*call_args, queue))
     process.start()
     result = queue.get()
     process.join()
     return result
+
+
+def measure(kind: str, args: dict) -> dict:
+    return _in_child(_child, kind, args)
 
 
 def main() -> None:
@@ -205,7 +220,7 @@ def main() -> None:
         model = work / "sd15-random"
         if not (model / "model_index.json").is_file():
             print("building an SD 1.5-shaped pipeline with random weights ...", flush=True)
-            build_full_sd15(model)
+            _in_child(_build_child, str(model))
         res, batch, steps = 128, 4, opts.steps or 8
     else:
         model = build_tiny_sd(work, "sd1").folder

@@ -131,10 +131,12 @@ def drawing(base_model: str, loras: Sequence[LoraSpec] = (), *, fuse: bool | Non
     side = family.default_size(model)
 
     def draw(prompts: Sequence[str], *, seed: int = 1234, steps: int = 20, guidance: float = 7.0,
-             negative_prompt: str = "", width: int | None = None, height: int | None = None) -> list[Image.Image]:
+             negative_prompt: str = "", width: int | None = None, height: int | None = None,
+             interrupted: Callable[[], bool] | None = None) -> list[Image.Image]:
         try:
-            return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
-                                   negative_prompt=negative_prompt, width=width or side, height=height or side)
+            with interruptible(pipe, interrupted):
+                return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
+                                       negative_prompt=negative_prompt, width=width or side, height=height or side)
         finally:
             free_memory()
 
@@ -145,22 +147,53 @@ def drawing(base_model: str, loras: Sequence[LoraSpec] = (), *, fuse: bool | Non
         free_memory()
 
 
+@contextmanager
+def interruptible(pipe: Any, interrupted: Callable[[], bool] | None) -> Iterator[None]:
+    """While the block runs, a Stop (`interrupted()` true) ends the pipeline's denoising loop after the step
+    in progress.
+
+    diffusers' pipelines skip their remaining steps once `pipe._interrupt` is set (their `interrupt`
+    property, reset at the start of each call); every pipeline calls `scheduler.step` once per step,
+    so that is where the stop is looked at. The image that comes out is unfinished: the caller checks
+    the stop and drops it.
+    """
+    scheduler = getattr(pipe, "scheduler", None)
+    if interrupted is None or scheduler is None:
+        yield
+        return
+    original = scheduler.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if interrupted():
+            pipe._interrupt = True  # noqa: SLF001 - what diffusers' `interrupt` property reads
+        return original(*args, **kwargs)
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        del scheduler.step  # the class's own method again
+        pipe._interrupt = False  # noqa: SLF001
+
+
 def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequence[str], *, weight: float = 0.8,
                     loras: Sequence[LoraSpec] | None = None, fuse: bool | None = None, seed: int = 1234,
                     steps: int = 20, guidance: float = 7.0, negative_prompt: str = "", width: int | None = None,
                     height: int | None = None, allow_pickle: bool = False, model_config: str = "",
-                    device: str | torch.device | None = None) -> list[Image.Image]:
+                    device: str | torch.device | None = None,
+                    interrupted: Callable[[], bool] | None = None) -> list[Image.Image]:
     """Images for `prompts` from `base_model` with LoRAs applied together, each at its weight.
 
     `loras=[(file, weight), ...]` (WebUI's `<lora:a:0.8> <lora:b:0.5>`), or the single `lora_path` at
     `weight`; none, or all at weight 0: the base alone. `fuse`: see `drawing`, which draws many images
-    with the LoRAs loaded once.
+    with the LoRAs loaded once. `interrupted`: polled while drawing; true ends the denoising early
+    (`interruptible`), so the caller must drop the unfinished image.
     """
     specs = lora_list(lora_path, weight, loras)
     with drawing(base_model, specs, fuse=fuse, allow_pickle=allow_pickle, model_config=model_config,
                  device=device) as draw:
         return draw(prompts, seed=seed, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
-                    width=width, height=height)
+                    width=width, height=height, interrupted=interrupted)
 
 
 def label_cell(image: Image.Image, text: str) -> Image.Image:

@@ -2,8 +2,9 @@
 
 `Job.run(generate_target(...), kind="generate")` renders the images in the Job's thread, so a
 slow CPU or a big grid never holds a request: after each image a ProgressEvent (and, for
-generating, a SampleEvent with the file) goes out, and a Stop ends the work before the next
-image. The pictures themselves come from `core.sample.generate_images`, the same code the
+generating, a SampleEvent with the file) goes out, and a Stop ends the image being drawn after
+its current denoising step (`core.sample.interruptible`; the unfinished image is not saved). The
+pictures themselves come from `core.sample.generate_images`, the same code the
 training previews use; the target returns a `TryoutResult` the page reads when the job ends.
 """
 from __future__ import annotations
@@ -68,7 +69,9 @@ def generate_target(base_model: str, loras: Sequence[LoraSpec], prompt: str, out
             for index, path in enumerate(out_paths):
                 if ctx.should_stop():
                     break
-                image = draw([prompt], seed=seed + index, **each)[0]
+                image = draw([prompt], seed=seed + index, interrupted=ctx.should_stop, **each)[0]
+                if ctx.should_stop():
+                    break  # stopped mid-image: the picture is unfinished
                 written.append(str(save_image(image, path)))
                 _progress(ctx, index + 1, total, started, f"image {index + 1} of {total}")
                 ctx.emit(SampleEvent(step=index + 1, images=[written[-1]]))
@@ -123,7 +126,11 @@ def compare_target(base_model: str, lora_paths: Sequence[str | Path], prompt: st
                     ctx.emit(DoneEvent(stopped=True, message=message))
                     return TryoutResult([], message, True)
                 image = generate_images(base_model, None, [prompt], loras=[(str(file), weight), *others],
-                                        **options)[0]
+                                        interrupted=ctx.should_stop, **options)[0]
+                if ctx.should_stop():
+                    message = f"Stopped after {done} of {total} images; no grid saved."
+                    ctx.emit(DoneEvent(stopped=True, message=message))
+                    return TryoutResult([], message, True)
                 row.append(label_cell(image, f"{lora_label(file)} w={weight:g}"))
                 done += 1
                 _progress(ctx, done, total, started, f"{lora_label(file)} at weight {weight:g}")

@@ -199,3 +199,45 @@ def test_a_generate_job_of_three_images_loads_each_lora_once_and_draws_what_sing
         with Image.open(out) as written:
             assert written.convert("RGB").tobytes() == want.tobytes()
     assert same_weights(before, pipe)  # and taken off after the job
+
+
+def test_a_stop_during_a_slow_image_ends_it_at_the_next_step_and_saves_nothing(tiny_sd1, two_loras, tmp_path):
+    # On a slow CPU one image can take minutes: Stop must not wait for its last denoising step.
+    from core.events import RunContext
+    from core.sample import load_pipeline
+    from core.tryout import compare_target, generate_target
+
+    folder = str(tiny_sd1.folder)
+    pipe = load_pipeline(folder)[0]
+    calls, stop_at = [], [3]
+
+    def count_and_stop(*_):
+        calls.append(1)
+        if len(calls) == stop_at[0]:
+            ctx.stop_flag.set()  # the user presses Stop during the third step of the first image
+
+    options = {"steps": 40, "guidance": 1.0, "width": 64, "height": 64}
+    hook = pipe.unet.register_forward_hook(count_and_stop)
+    try:
+        ctx = RunContext()
+        out = tmp_path / "slow.png"
+        result = generate_target(folder, [], PROMPT[0], [out, tmp_path / "next.png"], seed=1, **options)(ctx)
+        assert result.stopped and result.paths == [] and not out.exists()
+        assert result.message.startswith("Stopped: Generated 0 of 2")
+        assert len(calls) == 3  # the step in progress finishes, the other 37 are skipped
+        assert not getattr(pipe, "_interrupt", False)  # the next job draws normally
+
+        # The compare grid the same: stopped in its first cell, no grid with holes.
+        calls.clear()
+        ctx = RunContext()
+        grid = tmp_path / "grid.png"
+        result = compare_target(folder, [str(two_loras[0])], PROMPT[0], grid, weights=(0.0, 1.0), **options)(ctx)
+        assert result.stopped and not grid.exists() and len(calls) == 3
+
+        calls.clear()
+        stop_at[0] = 0  # nobody presses Stop
+        ctx = RunContext()
+        done = generate_target(folder, [], PROMPT[0], [out], seed=1, **options)(ctx)
+        assert not done.stopped and out.exists() and len(calls) == 40
+    finally:
+        hook.remove()
