@@ -10,7 +10,7 @@ draws timesteps uniformly (`weighting_scheme none`), packs the latents, runs the
 `img_shapes` and steps AdamW. Ours is `train.py`'s own path: latents and prompt encodings cached
 once, the encoder freed. LoRA on the same modules both sides (attention + MLP Linears of every
 block), same rank, resolution, batch and steps; each side in its own process (peak RSS; CUDA max
-allocated on a GPU).
+allocated on a GPU), the model built in a third (Linux carries a process's peak RSS across fork + exec).
 
 The model: a transformer at Qwen-Image's real width (3072, 24 heads of 128, joint width 3584) with
 `--blocks` of its 60 blocks, random weights; Qwen-Image's VAE config; a Qwen2.5-VL text model at
@@ -182,6 +182,10 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue) -> None:
     queue.put({"s_per_step": steady(per_step), "whole_run_s": total, **peak_memory()})
 
 
+def _build(folder: Path, kwargs: dict, queue) -> None:
+    queue.put(str(build_model(folder, **kwargs)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=2, help="transformer blocks (Qwen-Image has 60)")
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=("ours", "peer"), help="run one side")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="qwen-bench-"))
-    model = str(build_model(work / "model", blocks=args.blocks, te_layers=args.te_layers, toy=args.toy))
+    model = measure(_build, work / "model", dict(blocks=args.blocks, te_layers=args.te_layers, toy=args.toy))
     data = str(make_images(work / "data", args.images, max(args.resolution, 64)))
     results = {}
     for name, target in (("ours", run_ours), ("peer", run_peer)):
