@@ -73,3 +73,10 @@ def test_the_health_check_lists_missing_unreadable_and_mismatched_controls(tmp_p
     assert "differ in shape" in rows[("img_2.png", "warning")]
     assert rows[("img_3.png", "info")].startswith("control 128x128 and target 64x64 differ")
     assert report.image_count == 4  # the control/ folder is not counted as training images
+
+
+def test_the_caption_tab_captions_the_targets_and_leaves_the_control_images_alone(tmp_path):
+    from core.caption.run import find_images
+
+    data = make_pairs(tmp_path / "d")
+    assert [p.relative_to(data).as_posix() for p in find_images(data)] == ["img_0.png", "img_1.png", "img_2.png"]
