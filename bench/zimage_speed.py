@@ -163,6 +163,10 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue) -> None:
                **peak_memory()})
 
 
+def _build(folder: Path, kwargs: dict, queue) -> None:
+    queue.put(str(build_model(folder, **kwargs)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="main transformer layers (Z-Image has 30)")
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=("ours", "peer"), help="run one side")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="zimage-bench-"))
-    model = str(build_model(work / "model", layers=args.layers, qwen_layers=args.qwen_layers, toy=args.toy))
+    # Built in its own process: Linux keeps a peak RSS across fork + exec (see bench/flux_speed.py).
+    model = measure(_build, work / "model", dict(layers=args.layers, qwen_layers=args.qwen_layers, toy=args.toy))
     data = str(make_images(work / "data", args.images, max(args.resolution, 64)))
     results = {}
     for name, target in (("ours", run_ours), ("peer", run_peer)):
