@@ -38,8 +38,9 @@ def tab(page, name: str) -> None:
     time.sleep(0.5)
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    """Poll `predicate()` until it returns something truthy; fail saying `what` did not happen."""
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0, describe=None):
+    """Poll `predicate()` until it returns something truthy; fail saying `what` did not happen
+    (and `describe()`: what the page showed instead)."""
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
@@ -47,7 +48,8 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"{what} did not happen within {timeout:.0f} s (last: {last!r})")
+    seen = f"; the page showed {describe()}" if describe else ""
+    raise AssertionError(f"{what} did not happen within {timeout:.0f} s (last: {last!r}){seen}")
 
 
 def text_of(page, elem_id: str) -> str:

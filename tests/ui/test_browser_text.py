@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from tests.ui.conftest import screenshot, start_app, stop_app
-from tests.ui.gradio_page import choose, fill, open_accordion, tab, text_of, wait_for
+from tests.ui.gradio_page import choose, field, fill, open_accordion, tab, text_of, wait_for
 
 pytestmark = pytest.mark.slow  # the app in its own process and a browser: about a minute
 
@@ -62,7 +62,7 @@ def test_a_file_of_answers_becomes_a_chat_tested_lora(page, text_app):
     choose(page, "cfg-preset", "auto")
     wait_for(lambda: "Preset " in text_of(page, "train-preset-reason"), 120, "the preset's reason")
     fill(page, "cfg-output_name", "faq_lora")
-    for key, value in {"batch_size": 2, "lora_rank": 4, "save_steps": 2, "epochs": 5000,
+    for key, value in {"batch_size": 2, "lora_rank": 4, "save_steps": 2, "epochs": 100000,
                        "learning_rate": "0.001"}.items():
         fill(page, f"cfg-{key}", str(value))
     assert not page.locator("#cfg-resolution").is_visible()  # an image-only key hides for text
@@ -150,16 +150,21 @@ def test_a_second_run_added_to_the_queue_waits_then_trains_after_the_first_is_st
     app = text_app
     page.goto(app.url)
     tab(page, "Train")
-    # The first run is long (many epochs); Add to queue starts it at once, the device being free.
-    form_for_text_run(page, "first", 5000)
+    # The first run is long (the most epochs the config allows: a tiny model on an idle machine ran
+    # 5000 epochs in about a minute); Add to queue starts it at once, the device being free.
+    form_for_text_run(page, "first", 100000)
     page.locator("#train-queue-add").click()
     wait_for(lambda: "Queued first" in text_of(page, "train-message"), 30, "the first run to be queued")
     wait_for(lambda: states(page).get("first") == "running", 60, "the first run to run")
     # While it trains, a second, short run is added: it waits in the table, in its own folder.
     fill(page, "cfg-output_name", "second")
     fill(page, "cfg-epochs", "2")
+    wait_for(lambda: field(page, "cfg-output_name").input_value() == "second", 10, "the new run name in the form")
     page.locator("#train-queue-add").click()
-    wait_for(lambda: states(page) == {"first": "running", "second": "queued"}, 60, "both runs in the queue table")
+    wait_for(lambda: "Queued second" in text_of(page, "train-message"), 60, "the second run to be queued",
+             describe=lambda: f"message {text_of(page, 'train-message')!r}, table {queue_table(page)}")
+    wait_for(lambda: states(page) == {"first": "running", "second": "queued"}, 60, "both runs in the queue table",
+             describe=lambda: f"table {queue_table(page)}")
     table = queue_table(page)
     assert table["first"][3] == "./output/first" and table["second"][3] == "./output/second", table
     wait_for(lambda: step_of(page) >= 1, 300, "the first run's first step")
@@ -209,7 +214,7 @@ def test_a_run_with_validation_steps_draws_the_validation_loss_in_the_live_plot(
     app = text_app
     page.goto(app.url)
     tab(page, "Train")
-    form_for_text_run(page, "val_run", 5000)
+    form_for_text_run(page, "val_run", 100000)  # long: stopped below, never finished
     open_accordion(page, "Advanced")
     open_accordion(page, "Text data and model")
     fill(page, "cfg-validation_split", "0.25")  # one of the four answers is held out
