@@ -46,7 +46,7 @@ def network_args(cfg: TrainConfig, conv_dims: tuple[int, float] | None) -> dict[
     args: dict[str, str] = {}
     if conv_dims:
         args["conv_dim"] = str(int(conv_dims[0]))
-        args["conv_alpha"] = _num(conv_dims[1])
+        args["conv_alpha"] = num_text(conv_dims[1])
     if cfg.lora_variant == "dora":
         # The file's dora_scale is per output channel: LyCORIS' wd_on_output=True layout.
         args.update({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
@@ -55,7 +55,7 @@ def network_args(cfg: TrainConfig, conv_dims: tuple[int, float] | None) -> dict[
     return args
 
 
-def _num(value: float) -> str:
+def num_text(value: float) -> str:
     value = float(value)
     return str(int(value)) if value.is_integer() else repr(value)
 
@@ -105,7 +105,7 @@ def kohya_metadata(cfg: TrainConfig, *, family: str, base_model_name: str, num_i
         "ss_sd_model_name": Path(base_model_name).name if base_model_name else "",
         "ss_network_module": "lycoris.kohya" if cfg.lora_variant == "dora" else "networks.lora",
         "ss_network_dim": rank,
-        "ss_network_alpha": _num(alpha),
+        "ss_network_alpha": num_text(alpha),
         "ss_learning_rate": cfg.learning_rate,
         "ss_unet_lr": cfg.learning_rate,
         "ss_text_encoder_lr": (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else 0.0,

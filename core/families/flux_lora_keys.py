@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime
 import math
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +34,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from core.atomic import atomic_path
-from core.export.kohya import LoraFormatError, group_peft_state_dict, save_kohya_lora
-from core.export.metadata import MODELSPEC_VERSION
+from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.metadata import MODELSPEC_VERSION, num_text
+from core.families.transformer_lora_files import (alpha_of, group_plain_lora, most_common, strip_prefixes,
+                                                  write_diffusers_lora)
 
 Variant = Literal["flux-dev", "flux-schnell", "chroma", "flux-kontext"]
 VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
 UNET_PREFIX = "lora_unet_"
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 # (BFL module, the diffusers modules it is made of in BFL row order), per scope of the model.
 _DOUBLE: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -133,7 +132,7 @@ _TOP_FORWARD, _TOP_REVERSE = _build_tables()
 
 def bfl_module_for(path: str) -> tuple[BflModule, int]:
     """The BFL module a diffusers module path belongs to, and its index among the fused parts."""
-    path = _strip_prefixes(path)
+    path = strip_prefixes(path)
     for d_prefix, b_prefix, table in _SCOPES:
         m = re.match(rf"^{re.escape(d_prefix)}\.(\d+)\.(.+)$", path)
         if not m:
@@ -172,12 +171,6 @@ def bfl_module_from_kohya(name: str) -> BflModule:
     raise LoraFormatError(f"'{name}' is not a FLUX.1 / Chroma BFL module name.{hint}")
 
 
-def _strip_prefixes(key: str) -> str:
-    for prefix in ("base_model.model.", "transformer."):
-        key = key.removeprefix(prefix)
-    return key
-
-
 def swap_halves(weight: Tensor) -> Tensor:
     """(a, b) -> (b, a) along the rows: BFL's (shift, scale) <-> diffusers' (scale, shift). Its own inverse."""
     first, second = weight.chunk(2, dim=0)
@@ -186,24 +179,11 @@ def swap_halves(weight: Tensor) -> Tensor:
 
 def group_flux_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """{module path: {"A", "B"}} of a FLUX PEFT state dict, `transformer.` / `base_model.model.` prefixes removed."""
-    modules = group_peft_state_dict({_strip_prefixes(k): v for k, v in peft_state.items()})
-    for path, parts in modules.items():
-        if "magnitude" in parts:
-            raise LoraFormatError(f"'{path}' is a DoRA module; FLUX DoRA files are not written here (plain LoRA only).")
-    return modules
+    return group_plain_lora(peft_state, "FLUX")
 
 
 def _scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / (math.sqrt(rank) if use_rslora else rank)
-
-
-def _alpha_of(alpha: float | Mapping[str, float], path: str) -> float:
-    if not isinstance(alpha, Mapping):
-        return float(alpha)
-    for key in (path, f"transformer.{path}"):
-        if key in alpha:
-            return float(alpha[key])
-    raise LoraFormatError(f"No alpha given for LoRA module '{path}'.")
 
 
 Member = tuple[Tensor, Tensor, float]  # (A, B, scale)
@@ -256,7 +236,7 @@ def flux_peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mappi
     for path, parts in group_flux_peft(peft_state).items():
         module, index = bfl_module_for(path)
         rank = parts["A"].shape[0]
-        scale = _scale(_alpha_of(alpha, path), rank, use_rslora)
+        scale = _scale(alpha_of(alpha, path), rank, use_rslora)
         groups.setdefault(module.bfl, (module, {}))[1][index] = (parts["A"], parts["B"], scale)
     out: dict[str, Tensor] = {}
     for module, members in groups.values():
@@ -393,15 +373,10 @@ def _foreign_module(path: str, variant: str) -> bool:
 def check_modules_match_variant(paths: list[str], variant: Variant) -> None:
     """Refuse a LoRA whose modules do not exist in `variant`, so no file is labelled for the wrong model."""
     _check_variant(variant)
-    foreign = sorted(p for p in (_strip_prefixes(p) for p in paths) if _foreign_module(p, variant))
+    foreign = sorted(p for p in (strip_prefixes(p) for p in paths) if _foreign_module(p, variant))
     if foreign:
         raise LoraFormatError(f"{', '.join(foreign[:3])} is not part of a {variant} transformer; "
                               "choose the variant the LoRA was trained on.")
-
-
-def _num(value: float) -> str:
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def flux_kohya_metadata(variant: Variant, *, rank: int, alpha: float, title: str | None = None,
@@ -418,7 +393,7 @@ def flux_kohya_metadata(variant: Variant, *, rank: int, alpha: float, title: str
         "ss_v2": "False",
         "ss_network_module": "networks.lora_flux",
         "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": _num(alpha),
+        "ss_network_alpha": num_text(alpha),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": _ARCHITECTURE[variant] + "/lora",
         "modelspec.implementation": _IMPLEMENTATION[variant],
@@ -428,10 +403,6 @@ def flux_kohya_metadata(variant: Variant, *, rank: int, alpha: float, title: str
         "modelspec.implementation_version": "lora-scripts",
     }
     return meta
-
-
-def _most_common(values: list[float]) -> float:
-    return Counter(values).most_common(1)[0][0]
 
 
 def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: Variant,
@@ -446,23 +417,14 @@ def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *,
     check_modules_match_variant(list(modules), variant)
     tensors = flux_peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
     ranks = [parts["A"].shape[0] for parts in modules.values()]
-    rank = int(_most_common(ranks))
-    alphas = [_alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
+    rank = int(most_common(ranks))
+    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
               for p, parts in modules.items()]
-    base = flux_kohya_metadata(variant, rank=rank, alpha=_most_common(alphas))
+    base = flux_kohya_metadata(variant, rank=rank, alpha=most_common(alphas))
     caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
     # A `lora_adapter_metadata` header would make diffusers treat the file as its own format.
     merged: dict[str, Any] = {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}
     return save_kohya_lora(path, tensors, merged, dtype=dtype)
-
-
-def _config_dict(lora_config: Any) -> dict[str, Any]:
-    from core.export.diffusers_format import _config_metadata
-
-    meta = _config_metadata(lora_config)
-    if not meta or "r" not in meta or "lora_alpha" not in meta:
-        raise LoraFormatError("The LoraConfig (or its dict) must give at least r and lora_alpha.")
-    return meta
 
 
 def write_flux_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
@@ -475,24 +437,8 @@ def write_flux_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str 
     """
     from diffusers import FluxPipeline
 
-    modules = group_flux_peft(peft_state)
-    layers: dict[str, Tensor] = {}
-    for module_path, parts in modules.items():
-        for part, name in (("A", "lora_A"), ("B", "lora_B")):
-            value = parts[part].detach().to("cpu")
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-            layers[f"{module_path}.{name}.weight"] = value.contiguous()
-    if not layers:
-        raise LoraFormatError(f"Nothing to save in {output_dir}: the LoRA has no tensors.")
-    target = Path(output_dir) / DIFFUSERS_WEIGHT_NAME
-    with atomic_path(target) as tmp:
-        # diffusers writes <save_directory>/<weight_name>: point it at the temporary name.
-        FluxPipeline.save_lora_weights(save_directory=str(tmp.parent), weight_name=tmp.name,
-                                       transformer_lora_layers=layers,
-                                       transformer_lora_adapter_metadata=_config_dict(lora_config),
-                                       safe_serialization=True)
-    return target
+    return write_diffusers_lora(FluxPipeline, group_flux_peft(peft_state), output_dir, lora_config=lora_config,
+                                dtype=dtype)
 
 
 def read_flux_lora(path: str | Path, *, ignore_text_encoders: bool = False

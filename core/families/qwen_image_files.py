@@ -26,10 +26,10 @@ import torch
 from accelerate import init_empty_weights
 from torch import Tensor
 
+from core.export.metadata import num_text
 from core.families.qwen_image import FP8_DTYPES, HUB_CONFIGS, QwenModel, _offline, strip_prefix
 
 KOHYA_PREFIX = "lora_unet_"
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # musubi-tuner's sai_model_spec: architecture names and implementation URL.
 ARCHITECTURE = {"qwen-image": "Qwen-Image", "qwen-image-edit": "Qwen-Image-Edit"}
 IMPLEMENTATION = "https://github.com/QwenLM/Qwen-Image"
@@ -333,11 +333,6 @@ def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dic
     return peft, alphas
 
 
-def _num(value: float) -> str:
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
 def kohya_metadata(variant: str, *, rank: int, alpha: float, title: str | None = None,
                    started_at: float | None = None, resolution: int = 1328) -> dict[str, str]:
     """`ss_*` / `modelspec.*` keys as musubi-tuner writes them for Qwen-Image (networks.lora_qwen_image)."""
@@ -349,7 +344,7 @@ def kohya_metadata(variant: str, *, rank: int, alpha: float, title: str | None =
         "ss_base_model_version": family_info(variant).ss_base_model_version,
         "ss_network_module": "networks.lora_qwen_image",
         "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": _num(alpha),
+        "ss_network_alpha": num_text(alpha),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": ARCHITECTURE[variant] + "/lora",
         "modelspec.implementation": IMPLEMENTATION,
@@ -387,24 +382,10 @@ def write_diffusers_file(peft_state: Mapping[str, Tensor], folder: str | Path, *
     """`folder/pytorch_lora_weights.safetensors` as QwenImagePipeline.save_lora_weights writes it."""
     from diffusers import QwenImagePipeline
 
-    from core.atomic import atomic_path
-    from core.export.kohya import LoraFormatError
-    from core.families.flux_lora_keys import _config_dict
+    from core.families.transformer_lora_files import write_diffusers_lora
 
-    layers: dict[str, Tensor] = {}
-    for path, parts in group_peft(peft_state).items():
-        for part, name in (("A", "lora_A"), ("B", "lora_B")):
-            value = parts[part].detach().to("cpu")
-            layers[f"{path}.{name}.weight"] = (value.to(dtype) if dtype is not None else value).contiguous()
-    if not layers:
-        raise LoraFormatError(f"Nothing to save in {folder}: the LoRA has no tensors.")
-    target = Path(folder) / DIFFUSERS_WEIGHT_NAME
-    with atomic_path(target) as tmp:
-        QwenImagePipeline.save_lora_weights(save_directory=str(tmp.parent), weight_name=tmp.name,
-                                            transformer_lora_layers=layers,
-                                            transformer_lora_adapter_metadata=_config_dict(lora_config),
-                                            safe_serialization=True)
-    return target
+    return write_diffusers_lora(QwenImagePipeline, group_peft(peft_state), folder, lora_config=lora_config,
+                                dtype=dtype)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:

@@ -25,13 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.atomic import atomic_path
-from core.export.kohya import LoraFormatError, group_peft_state_dict, save_kohya_lora
+from core.export.kohya import LoraFormatError, save_kohya_lora
 from core.export.metadata import MODELSPEC_VERSION
+from core.families.transformer_lora_files import alpha_of, group_plain_lora, write_diffusers_lora
 from core.families.sd3_keys import lora_module_for, lora_module_from_native, native_from_kohya
 
 UNET_PREFIX = "lora_unet_"
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # sd-scripts: ss_base_model_version is the MMDiT's model_type (library/sd3_utils analyze_state_dict_state),
 # modelspec.architecture "stable-diffusion-3-" + model_type; implementation "diffusers" for an SD3 LoRA.
 MODEL_TYPES = ("medium", "5-medium", "5-large")  # SD3 medium, SD3.5 medium, SD3.5 large
@@ -62,27 +61,8 @@ class MmditModule:
         return [in_features] * len(self.parts)  # q, k, v: width -> width
 
 
-def _strip(key: str) -> str:
-    for prefix in ("base_model.model.", "transformer."):
-        key = key.removeprefix(prefix)
-    return key
-
-
 def group_sd3_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    modules = group_peft_state_dict({_strip(k): v for k, v in peft_state.items()})
-    for path, parts in modules.items():
-        if "magnitude" in parts:
-            raise LoraFormatError(f"'{path}' is a DoRA module; SD3 files are written for plain LoRA only.")
-    return modules
-
-
-def _alpha_of(alpha: float | Mapping[str, float], path: str) -> float:
-    if not isinstance(alpha, Mapping):
-        return float(alpha)
-    for key in (path, f"transformer.{path}"):
-        if key in alpha:
-            return float(alpha[key])
-    raise LoraFormatError(f"No alpha given for LoRA module '{path}'.")
+    return group_plain_lora(peft_state, "SD3")
 
 
 def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
@@ -97,7 +77,7 @@ def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[st
         except ValueError as exc:
             raise LoraFormatError(str(exc)) from exc
         rank = parts["A"].shape[0]
-        a = _alpha_of(alpha, path)
+        a = alpha_of(alpha, path)
         scale = a / (math.sqrt(rank) if use_rslora else rank)
         groups.setdefault(native, (MmditModule(native, members), {}))[1][index] = (parts["A"], parts["B"], scale)
     out: dict[str, Tensor] = {}
@@ -187,7 +167,7 @@ def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, mode
     modules = group_sd3_peft(peft_state)
     tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
     rank = Counter(p["A"].shape[0] for p in modules.values()).most_common(1)[0][0]
-    alphas = [_alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
+    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
               for p, parts in modules.items()]
     base = kohya_metadata(model_type, rank=rank, alpha=Counter(alphas).most_common(1)[0][0])
     caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
@@ -200,24 +180,8 @@ def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Pat
     """`output_dir/pytorch_lora_weights.safetensors` as StableDiffusion3Pipeline.save_lora_weights writes it."""
     from diffusers import StableDiffusion3Pipeline
 
-    from core.families.flux_lora_keys import _config_dict
-
-    layers: dict[str, Tensor] = {}
-    for module_path, parts in group_sd3_peft(peft_state).items():
-        for part, name in (("A", "lora_A"), ("B", "lora_B")):
-            value = parts[part].detach().to("cpu")
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-            layers[f"{module_path}.{name}.weight"] = value.contiguous()
-    if not layers:
-        raise LoraFormatError(f"Nothing to save in {output_dir}: the LoRA has no tensors.")
-    target = Path(output_dir) / DIFFUSERS_WEIGHT_NAME
-    with atomic_path(target) as tmp:
-        StableDiffusion3Pipeline.save_lora_weights(save_directory=str(tmp.parent), weight_name=tmp.name,
-                                                   transformer_lora_layers=layers,
-                                                   transformer_lora_adapter_metadata=_config_dict(lora_config),
-                                                   safe_serialization=True)
-    return target
+    return write_diffusers_lora(StableDiffusion3Pipeline, group_sd3_peft(peft_state), output_dir,
+                                lora_config=lora_config, dtype=dtype)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:

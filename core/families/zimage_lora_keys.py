@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.export.kohya import LoraFormatError, group_peft_state_dict, save_kohya_lora
+from core.export.kohya import LoraFormatError, save_kohya_lora
 from core.export.metadata import MODELSPEC_VERSION
+from core.export.metadata import num_text
 from core.families.flux_lora_keys import BflModule, _fuse, _split
+from core.families.transformer_lora_files import alpha_of, group_plain_lora, most_common, write_diffusers_lora
 
 UNET_PREFIX = "lora_unet_"
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SCOPES = ("layers", "noise_refiner", "context_refiner")
 # (native module in a block, the diffusers modules it is made of in row order)
 _BLOCK: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -83,27 +83,8 @@ def native_module_from_kohya(name: str) -> BflModule:
     raise LoraFormatError(f"'{name}' is not a Z-Image kohya module name.")
 
 
-def _strip(key: str) -> str:
-    for prefix in ("transformer.", "base_model.model."):
-        key = key.removeprefix(prefix)
-    return key
-
-
 def group_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    modules = group_peft_state_dict({_strip(k): v for k, v in peft_state.items()})
-    for path, parts in modules.items():
-        if "magnitude" in parts:
-            raise LoraFormatError(f"'{path}' is a DoRA module; Z-Image DoRA files are not written here.")
-    return modules
-
-
-def _alpha_of(alpha: float | Mapping[str, float], path: str) -> float:
-    if not isinstance(alpha, Mapping):
-        return float(alpha)
-    for key in (path, f"transformer.{path}"):
-        if key in alpha:
-            return float(alpha[key])
-    raise LoraFormatError(f"No alpha given for LoRA module '{path}'.")
+    return group_plain_lora(peft_state, "Z-Image")
 
 
 def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
@@ -113,7 +94,7 @@ def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[st
     for path, parts in group_peft(peft_state).items():
         module, index = native_module_for(path)
         rank = parts["A"].shape[0]
-        scale = _alpha_of(alpha, path) / (math.sqrt(rank) if use_rslora else rank)
+        scale = alpha_of(alpha, path) / (math.sqrt(rank) if use_rslora else rank)
         groups.setdefault(module.bfl, (module, {}))[1][index] = (parts["A"], parts["B"], scale)
     out: dict[str, Tensor] = {}
     for module, members in groups.values():
@@ -158,11 +139,6 @@ def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dic
     return peft, alphas
 
 
-def _num(value: float) -> str:
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
 def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
     """The identity keys of a Z-Image kohya LoRA (family, network, rank/alpha, modelspec)."""
     import datetime
@@ -173,7 +149,7 @@ def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
         "ss_v2": "False",
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": _num(alpha),
+        "ss_network_alpha": num_text(alpha),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{ARCHITECTURE}/lora",
         "modelspec.implementation": IMPLEMENTATION,
@@ -183,20 +159,16 @@ def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
     }
 
 
-def _most_common(values: list[float]) -> float:
-    return Counter(values).most_common(1)[0][0]
-
-
 def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str,
                      alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
                      use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
     """The ComfyUI / WebUI file (native kohya names, sshs hashes), written atomically."""
     modules = group_peft(peft_state)
     tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank = int(_most_common([parts["A"].shape[0] for parts in modules.values()]))
-    alphas = [_alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
+    rank = int(most_common([parts["A"].shape[0] for parts in modules.values()]))
+    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
               for p, parts in modules.items()]
-    base = kohya_metadata(variant, rank=rank, alpha=_most_common(alphas))
+    base = kohya_metadata(variant, rank=rank, alpha=most_common(alphas))
     caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
     return save_kohya_lora(path, tensors, {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}, dtype=dtype)
 
@@ -206,25 +178,8 @@ def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Pat
     """`output_dir/pytorch_lora_weights.safetensors` as `ZImagePipeline.save_lora_weights` writes it."""
     from diffusers import ZImagePipeline
 
-    from core.atomic import atomic_path
-    from core.families.flux_lora_keys import _config_dict
-
-    layers: dict[str, Tensor] = {}
-    for module_path, parts in group_peft(peft_state).items():
-        for part, name in (("A", "lora_A"), ("B", "lora_B")):
-            value = parts[part].detach().to("cpu")
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-            layers[f"{module_path}.{name}.weight"] = value.contiguous()
-    if not layers:
-        raise LoraFormatError(f"Nothing to save in {output_dir}: the LoRA has no tensors.")
-    target = Path(output_dir) / DIFFUSERS_WEIGHT_NAME
-    with atomic_path(target) as tmp:
-        ZImagePipeline.save_lora_weights(save_directory=str(tmp.parent), weight_name=tmp.name,
-                                         transformer_lora_layers=layers,
-                                         transformer_lora_adapter_metadata=_config_dict(lora_config),
-                                         safe_serialization=True)
-    return target
+    return write_diffusers_lora(ZImagePipeline, group_peft(peft_state), output_dir, lora_config=lora_config,
+                                dtype=dtype)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:

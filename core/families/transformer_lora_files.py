@@ -1,0 +1,88 @@
+"""The pieces every transformer family's LoRA files share (FLUX.1 / Chroma, SD3, Z-Image, Qwen-Image).
+
+Each family module keeps what is its own (native module names, fused modules, its metadata
+strings); the grouping of a PEFT state by module, the alpha lookup and diffusers'
+`pytorch_lora_weights.safetensors` (keys `transformer.<module>.lora_A/B.weight`, the LoraConfig
+in `lora_adapter_metadata`) are the same for all of them and live here.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.atomic import atomic_path
+from core.export.diffusers_format import DIFFUSERS_WEIGHT_NAME
+from core.export.kohya import LoraFormatError, group_peft_state_dict
+
+
+def strip_prefixes(key: str) -> str:
+    """A PEFT key without diffusers' `transformer.` or PEFT's `base_model.model.` prefix."""
+    for prefix in ("base_model.model.", "transformer."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def group_plain_lora(peft_state: Mapping[str, Tensor], family: str) -> dict[str, dict[str, Tensor]]:
+    """{module path: {"A", "B"}} of a transformer's PEFT state dict, prefixes removed; a DoRA module is
+    refused (`family` names the files in the message: only plain LoRA files are written)."""
+    modules = group_peft_state_dict({strip_prefixes(k): v for k, v in peft_state.items()})
+    for path, parts in modules.items():
+        if "magnitude" in parts:
+            raise LoraFormatError(f"'{path}' is a DoRA module; {family} files are written for plain LoRA only.")
+    return modules
+
+
+def alpha_of(alpha: float | Mapping[str, float], path: str) -> float:
+    """The alpha of module `path`: one value for all, or per module (with or without `transformer.`)."""
+    if not isinstance(alpha, Mapping):
+        return float(alpha)
+    for key in (path, f"transformer.{path}"):
+        if key in alpha:
+            return float(alpha[key])
+    raise LoraFormatError(f"No alpha given for LoRA module '{path}'.")
+
+
+def most_common(values: list[float]) -> float:
+    return Counter(values).most_common(1)[0][0]
+
+
+def config_dict(lora_config: Any) -> dict[str, Any]:
+    """What diffusers stores as `lora_adapter_metadata`: a LoraConfig (or its dict) with r and lora_alpha."""
+    from core.export.diffusers_format import _config_metadata
+
+    meta = _config_metadata(lora_config)
+    if not meta or "r" not in meta or "lora_alpha" not in meta:
+        raise LoraFormatError("The LoraConfig (or its dict) must give at least r and lora_alpha.")
+    return meta
+
+
+def write_diffusers_lora(pipeline_class: Any, modules: Mapping[str, Mapping[str, Tensor]], output_dir: str | Path,
+                         *, lora_config: Any, dtype: torch.dtype | None = None) -> Path:
+    """`output_dir/pytorch_lora_weights.safetensors` the way `pipeline_class.save_lora_weights` writes it.
+
+    `modules`: {module path: {"A", "B"}} (the family's grouping). The LoraConfig goes into
+    `lora_adapter_metadata`, so diffusers loads the LoRA with its real alpha instead of alpha = rank.
+    `dtype` casts the floating tensors; None keeps each one's own.
+    """
+    layers: dict[str, Tensor] = {}
+    for module_path, parts in modules.items():
+        for part, name in (("A", "lora_A"), ("B", "lora_B")):
+            value = parts[part].detach().to("cpu")
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            layers[f"{module_path}.{name}.weight"] = value.contiguous()
+    if not layers:
+        raise LoraFormatError(f"Nothing to save in {output_dir}: the LoRA has no tensors.")
+    target = Path(output_dir) / DIFFUSERS_WEIGHT_NAME
+    with atomic_path(target) as tmp:
+        # diffusers writes <save_directory>/<weight_name>: point it at the temporary name.
+        pipeline_class.save_lora_weights(save_directory=str(tmp.parent), weight_name=tmp.name,
+                                         transformer_lora_layers=layers,
+                                         transformer_lora_adapter_metadata=config_dict(lora_config),
+                                         safe_serialization=True)
+    return target
