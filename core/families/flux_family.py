@@ -10,7 +10,6 @@ offload; the LoRA written in BFL kohya names (WebUI, Forge, ComfyUI) and as diff
 """
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,7 @@ from torch import nn
 from core.config import TrainConfig
 from core.families.base import Adapted, Batch, ImageFamily, Log, RunFacts
 from core.families.registry import family_info
-
-# Settings of the UNet families that mean nothing here, with their defaults.
-_UNET_ONLY = {"conv_rank": 0, "noise_offset": 0.0, "snr_gamma": 0.0, "prediction_type": "auto",
-              "train_text_encoder": False}
-_UNSUPPORTED_VARIANTS = ("dora", "pissa")
+from core.families.transformer_common import check_transformer, config_from_lora_file, load_dtype_and_quantization
 
 
 def vae_scale_factor(model: Any) -> int:
@@ -78,37 +73,16 @@ def _hub_variant(repo: str) -> str | None:
 
 def check(cfg: TrainConfig) -> list[str]:
     """Refuse GPU-only switches on a machine without CUDA and unsupported LoRA kinds; warn on ignored keys."""
-    from core.families.flux_memory import nf4_config
-
-    if cfg.base_quantization == "nf4":
-        nf4_config()  # says in one sentence what is missing (CUDA, bitsandbytes)
-    if cfg.blocks_to_swap > 0 and not torch.cuda.is_available():
-        raise ValueError("blocks_to_swap needs a CUDA GPU (it moves blocks between CPU and GPU memory); "
-                         "set blocks_to_swap: 0 on this machine.")
-    if cfg.lora_variant in _UNSUPPORTED_VARIANTS:
-        raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for FLUX / Chroma; "
-                         "use lora or rslora.")
-    warnings = []
-    ignored = [k for k, default in _UNET_ONLY.items() if getattr(cfg, k) != default]
-    if cfg.target_modules:
-        ignored.append("target_modules (FLUX uses lora_blocks)")
-    if ignored:
-        warnings.append(f"{', '.join(ignored)} only apply to SD models; ignored for FLUX / Chroma.")
-    if not cfg.cache_text_encoder_outputs:
-        warnings.append("FLUX / Chroma always cache the text encoders' outputs (T5-XXL is too large to keep).")
-    return warnings
+    return check_transformer(
+        cfg, "FLUX / Chroma", targets="FLUX uses lora_blocks", ignored_for="only apply to SD models; ignored for "
+        "FLUX / Chroma.", encoders="FLUX / Chroma always cache the text encoders' outputs (T5-XXL is too large to "
+        "keep).")
 
 
 def load(cfg: TrainConfig) -> Any:
-    from core.devices import torch_dtype
     from core.families.flux_load import load_flux_model
-    from core.families.flux_memory import nf4_config
 
-    quant = None
-    dtype = torch.float32
-    if cfg.base_quantization == "nf4":
-        dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.bfloat16
-        quant = nf4_config(dtype)
+    dtype, quant = load_dtype_and_quantization(cfg)
     model = load_flux_model(cfg.base_model, config_source=cfg.base_model_config, clip_l=cfg.clip_l, t5=cfg.t5,
                             vae=cfg.vae, dtype=dtype, quantization_config=quant)
     if cfg.vae and not model.is_single_file:
@@ -176,19 +150,6 @@ def park_text_encoders(model: Any, keep_for_previews: bool) -> None:
 
 # --- LoRA ------------------------------------------------------------------------------------------
 
-def _config_from_file(peft: dict[str, torch.Tensor], alphas: dict[str, float]) -> Any:
-    """A LoraConfig for exactly the modules (ranks, alphas) of a LoRA file we continue from."""
-    from peft import LoraConfig
-
-    ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in peft.items()
-             if k.endswith(".lora_A.weight")}
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas[m] for m in ranks).most_common(1)[0][0]
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(ranks),
-                      rank_pattern={f"^{m}$": r for m, r in ranks.items() if r != rank},
-                      alpha_pattern={f"^{m}$": alphas[m] for m in ranks if alphas[m] != alpha})
-
-
 def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> Adapted:
     """LoRA on the transformer blocks of `lora_blocks`, or on the modules of `init_file`."""
     from core.families.flux_lora_keys import check_modules_match_variant, read_flux_lora
@@ -202,7 +163,7 @@ def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> 
         except Exception as exc:
             raise ValueError(f"'{init_file}' is not a readable FLUX / Chroma LoRA file: {exc}") from exc
         check_modules_match_variant(sorted({k.rsplit(".lora_", 1)[0] for k in peft}), model.variant)
-        config = _config_from_file(peft, alphas)
+        config = config_from_lora_file(peft, alphas)
         transformer.requires_grad_(False)
         transformer.add_adapter(config)
         load_peft_state(transformer, peft, "transformer")

@@ -26,11 +26,10 @@ from core.config import TrainConfig
 from core.families.base import Adapted, Batch, ImageFamily, LoraFileFormat, Log, RunFacts
 from core.families.qwen_image import (QwenBatch, QwenModel, decode_latents, denormalize_latents, detect,
                                       encode_moments, normalize_latents)
+from core.families.transformer_common import (check_transformer, config_from_lora_file, first_text_encoder_file,
+                                                load_dtype_and_quantization)
 from core.families.registry import family_info
 
-_UNET_ONLY = {"conv_rank": 0, "noise_offset": 0.0, "snr_gamma": 0.0, "prediction_type": "auto",
-              "train_text_encoder": False}
-_UNSUPPORTED_VARIANTS = ("dora", "pissa")
 VAE_SCALE = 8
 
 
@@ -42,40 +41,19 @@ def timestep_sampling(cfg: TrainConfig) -> str:
 # --- before loading ------------------------------------------------------------------------------
 
 def check(cfg: TrainConfig) -> list[str]:
-    from core.families.flux_memory import nf4_config
-
-    if cfg.base_quantization == "nf4":
-        nf4_config()
-    if cfg.blocks_to_swap > 0 and not torch.cuda.is_available():
-        raise ValueError("blocks_to_swap needs a CUDA GPU (it moves blocks between CPU and GPU memory); "
-                         "set blocks_to_swap: 0 on this machine.")
-    if cfg.lora_variant in _UNSUPPORTED_VARIANTS:
-        raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for Qwen-Image; use lora or rslora.")
-    warnings = []
-    ignored = [k for k, default in _UNET_ONLY.items() if getattr(cfg, k) != default]
-    if cfg.target_modules:
-        ignored.append("target_modules (Qwen-Image trains the attention and MLP layers of every block)")
-    if ignored:
-        warnings.append(f"{', '.join(ignored)} only apply to SD models; ignored for Qwen-Image.")
-    if not cfg.cache_text_encoder_outputs:
-        warnings.append("Qwen-Image always caches the text encoder's outputs (Qwen2.5-VL-7B is too large to keep).")
-    return warnings
+    return check_transformer(
+        cfg, "Qwen-Image", targets="Qwen-Image trains the attention and MLP layers of every block",
+        ignored_for="only apply to SD models; ignored for Qwen-Image.",
+        encoders="Qwen-Image always caches the text encoder's outputs (Qwen2.5-VL-7B is too large to keep).")
 
 
 def load(cfg: TrainConfig) -> QwenModel:
-    from core.devices import torch_dtype
-    from core.families.flux_memory import nf4_config
     from core.families.qwen_image import load_qwen_model
 
-    quant = None
-    dtype = torch.float32
-    if cfg.base_quantization == "nf4":
-        dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.bfloat16
-        quant = nf4_config(dtype)
+    dtype, quant = load_dtype_and_quantization(cfg)
     # A single transformer file: Qwen2.5-VL's file is the first of `text_encoder_files` (else found in models/).
-    text_encoder = next((f.strip() for f in cfg.text_encoder_files.split(",") if f.strip()), "")
     return load_qwen_model(cfg.base_model, config_source=cfg.base_model_config, vae=cfg.vae,
-                           text_encoder=text_encoder, dtype=dtype, quantization_config=quant)
+                           text_encoder=first_text_encoder_file(cfg), dtype=dtype, quantization_config=quant)
 
 
 def describe(model: QwenModel) -> list[str]:
@@ -192,12 +170,6 @@ def park_text_encoders(model: QwenModel, keep_for_previews: bool) -> None:
 
 # --- LoRA ------------------------------------------------------------------------------------------
 
-def _config_from_file(peft: dict[str, torch.Tensor], alphas: dict[str, float]) -> Any:
-    from core.families.flux_family import _config_from_file as from_file
-
-    return from_file(peft, alphas)
-
-
 def add_lora(model: QwenModel, cfg: TrainConfig, init_file: Path | None, log: Log) -> Adapted:
     from peft import LoraConfig
 
@@ -217,7 +189,7 @@ def add_lora(model: QwenModel, cfg: TrainConfig, init_file: Path | None, log: Lo
         if not peft or foreign:
             raise ValueError(f"'{init_file.name}' does not fit this Qwen-Image transformer "
                              f"({foreign[:3] or 'no LoRA modules'}).")
-        config = _config_from_file(peft, alphas)
+        config = config_from_lora_file(peft, alphas)
         transformer.add_adapter(config)
         load_peft_state(transformer, peft, "transformer")
         log(f"Continuing from the LoRA {init_file.name} (rank {config.r}, alpha {config.lora_alpha:g})")

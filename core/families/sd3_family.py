@@ -25,12 +25,10 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.base import Adapted, Batch, ImageFamily, Log, RunFacts
+from core.families.transformer_common import check_transformer, config_from_lora_file, load_dtype_and_quantization
 from core.families.registry import family_info
 
 SD3_SHIFT = 3.0   # FlowMatchEulerDiscreteScheduler shift of SD3 / SD3.5 (their scheduler_config.json)
-_UNET_ONLY = {"conv_rank": 0, "noise_offset": 0.0, "snr_gamma": 0.0, "prediction_type": "auto",
-              "train_text_encoder": False}
-_UNSUPPORTED_VARIANTS = ("dora", "pissa")
 # Linears inside transformer_blocks.N that get LoRA: attention (both streams, attn2 where present) and MLPs.
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -68,36 +66,16 @@ def lora_targets(transformer: nn.Module) -> list[str]:
 # --- before loading ------------------------------------------------------------------------------
 
 def check(cfg: TrainConfig) -> list[str]:
-    from core.families.flux_memory import nf4_config
-
-    if cfg.base_quantization == "nf4":
-        nf4_config()
-    if cfg.blocks_to_swap > 0 and not torch.cuda.is_available():
-        raise ValueError("blocks_to_swap needs a CUDA GPU (it moves blocks between CPU and GPU memory); "
-                         "set blocks_to_swap: 0 on this machine.")
-    if cfg.lora_variant in _UNSUPPORTED_VARIANTS:
-        raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for SD3; use lora or rslora.")
-    warnings = []
-    ignored = [k for k, default in _UNET_ONLY.items() if getattr(cfg, k) != default]
-    if cfg.target_modules:
-        ignored.append("target_modules (SD3 trains every block's attention and MLP)")
-    if ignored:
-        warnings.append(f"{', '.join(ignored)} only apply to SD 1.x / SDXL; ignored for SD3.")
-    if not cfg.cache_text_encoder_outputs:
-        warnings.append("SD3 always caches the text encoders' outputs (T5-XXL is too large to keep).")
-    return warnings
+    return check_transformer(
+        cfg, "SD3", targets="SD3 trains every block's attention and MLP",
+        ignored_for="only apply to SD 1.x / SDXL; ignored for SD3.",
+        encoders="SD3 always caches the text encoders' outputs (T5-XXL is too large to keep).")
 
 
 def load(cfg: TrainConfig) -> Any:
-    from core.devices import torch_dtype
-    from core.families.flux_memory import nf4_config
     from core.families.sd3_load import load_sd3_model
 
-    quant = None
-    dtype = torch.float32
-    if cfg.base_quantization == "nf4":
-        dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.bfloat16
-        quant = nf4_config(dtype)
+    dtype, quant = load_dtype_and_quantization(cfg)
     return load_sd3_model(cfg.base_model, config_source=cfg.base_model_config, vae=cfg.vae,
                           text_encoder_files=cfg.text_encoder_files, dtype=dtype, quantization_config=quant)
 
@@ -180,7 +158,6 @@ def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> 
     """LoRA on every joint block's attention and MLP Linears, or on the modules of `init_file`."""
     from peft import LoraConfig
 
-    from core.families.flux_family import _config_from_file
     from core.families.sd3_lora_files import read_lora
     from core.train.image_lora import load_peft_state
 
@@ -196,7 +173,7 @@ def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> 
         if foreign:
             raise ValueError(f"{', '.join(foreign[:3])} is not part of this SD3 transformer "
                              "(a LoRA of another SD3 model: medium and large differ).")
-        config = _config_from_file(peft, alphas)
+        config = config_from_lora_file(peft, alphas)
         transformer.add_adapter(config)
         load_peft_state(transformer, peft, "transformer")
         log(f"Continuing from the LoRA {init_file.name} (rank {config.r}, alpha {config.lora_alpha:g})")

@@ -14,7 +14,6 @@ behaviour); previews use the model's own regime: Turbo 8 steps without CFG, base
 """
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,9 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.base import Adapted, Batch, ImageFamily, Log, RunFacts
+from core.families.transformer_common import (check_transformer, config_from_lora_file, first_text_encoder_file,
+                                                load_dtype_and_quantization)
 from core.families.registry import family_info
-
-_UNET_ONLY = {"conv_rank": 0, "noise_offset": 0.0, "snr_gamma": 0.0, "prediction_type": "auto",
-              "train_text_encoder": False}
 
 
 def timestep_sampling(cfg: TrainConfig, variant: str) -> str:
@@ -38,39 +36,19 @@ def timestep_sampling(cfg: TrainConfig, variant: str) -> str:
 
 
 def check(cfg: TrainConfig) -> list[str]:
-    from core.families.flux_memory import nf4_config
-
-    if cfg.base_quantization == "nf4":
-        nf4_config()
-    if cfg.blocks_to_swap > 0 and not torch.cuda.is_available():
-        raise ValueError("blocks_to_swap needs a CUDA GPU (it moves blocks between CPU and GPU memory); "
-                         "set blocks_to_swap: 0 on this machine.")
-    if cfg.lora_variant in ("dora", "pissa"):
-        raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for Z-Image; use lora or rslora.")
-    warnings = []
-    ignored = [k for k, default in _UNET_ONLY.items() if getattr(cfg, k) != default]
-    if cfg.target_modules:
-        ignored.append("target_modules (Z-Image trains the attention and MLP layers of every block)")
-    if ignored:
-        warnings.append(f"{', '.join(ignored)} only apply to SD models; ignored for Z-Image.")
-    if not cfg.cache_text_encoder_outputs:
-        warnings.append("Z-Image always caches Qwen3's outputs (the 4B text encoder is freed before training).")
-    return warnings
+    return check_transformer(
+        cfg, "Z-Image", targets="Z-Image trains the attention and MLP layers of every block",
+        ignored_for="only apply to SD models; ignored for Z-Image.",
+        encoders="Z-Image always caches Qwen3's outputs (the 4B text encoder is freed before training).")
 
 
 def load(cfg: TrainConfig) -> Any:
-    from core.devices import torch_dtype
-    from core.families.flux_memory import nf4_config
     from core.families.zimage import load_model
 
-    quant, dtype = None, torch.float32
-    if cfg.base_quantization == "nf4":
-        dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.bfloat16
-        quant = nf4_config(dtype)
+    dtype, quant = load_dtype_and_quantization(cfg)
     # Z-Image has one text encoder: the first (only) file of `text_encoder_files`.
-    text_encoder = next((f.strip() for f in cfg.text_encoder_files.split(",") if f.strip()), "")
-    return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=text_encoder, vae=cfg.vae,
-                      dtype=dtype, quantization_config=quant)
+    return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=first_text_encoder_file(cfg),
+                      vae=cfg.vae, dtype=dtype, quantization_config=quant)
 
 
 def describe(model: Any) -> list[str]:
@@ -105,18 +83,6 @@ def park_text_encoders(model: Any, keep_for_previews: bool) -> None:
     free_text_encoder(model)
 
 
-def _config_from_file(peft: dict[str, torch.Tensor], alphas: dict[str, float]) -> Any:
-    from peft import LoraConfig
-
-    ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in peft.items()
-             if k.endswith(".lora_A.weight")}
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas[m] for m in ranks).most_common(1)[0][0]
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(ranks),
-                      rank_pattern={f"^{m}$": r for m, r in ranks.items() if r != rank},
-                      alpha_pattern={f"^{m}$": alphas[m] for m in ranks if alphas[m] != alpha})
-
-
 def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> Adapted:
     from peft import LoraConfig
 
@@ -131,7 +97,7 @@ def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> 
             peft, alphas, _ = read_lora(init_file)
         except Exception as exc:
             raise ValueError(f"'{init_file}' is not a readable Z-Image LoRA file: {exc}") from exc
-        config = _config_from_file(peft, alphas)
+        config = config_from_lora_file(peft, alphas)
         transformer.add_adapter(config)
         load_peft_state(transformer, peft, "transformer")
         log(f"Continuing from the LoRA {init_file.name} (rank {config.r}, alpha {config.lora_alpha:g})")
