@@ -28,10 +28,8 @@ both sides, and ours/peer ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.image_speed import peak_memory  # noqa: E402  (the one peak RSS / CUDA peak reading)
+from bench.side_by_side import add_side_args, compare, steady  # noqa: E402
 
 # FLUX.1's published configs (black-forest-labs/FLUX.1-dev: transformer, vae), blocks cut down.
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
@@ -93,16 +92,6 @@ def build_model(folder: Path, *, double: int, single: int, t5_layers: int, toy: 
                         tokenizer_2=tiny_t5_tokenizer(), transformer=transformer)
     pipe.save_pretrained(folder)
     return folder
-
-
-def make_images(folder: Path, count: int, size: int) -> Path:
-    from tests.fixtures.tiny_sd import make_image_folder
-
-    return make_image_folder(folder, count=count, size=(size, size))
-
-
-def steady(times: list[float]) -> float:
-    return statistics.median(times[1:] if len(times) > 2 else times)
 
 
 # --- ours -------------------------------------------------------------------------------------
@@ -211,58 +200,19 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue: mp.Queue) -
     queue.put({"s_per_step": steady(per_step), "whole_run_s": total, **peak_memory()})
 
 
-def _build(folder: Path, kwargs: dict, queue: mp.Queue) -> None:
-    queue.put(str(build_model(folder, **kwargs)))
-
-
-def measure(target, *call_args) -> dict:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=target, args=(*call_args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--double", type=int, default=1, help="double-stream blocks (FLUX.1 has 19)")
     parser.add_argument("--single", type=int, default=2, help="single-stream blocks (FLUX.1 has 38)")
     parser.add_argument("--t5-layers", type=int, default=2, help="T5-XXL encoder layers kept (of 24)")
     parser.add_argument("--t5-length", type=int, default=512, help="T5 tokens per caption (FLUX.1-dev: 512)")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--toy", action="store_true", help="tiny widths: a quick check that both sides run")
-    parser.add_argument("--only", choices=("ours", "peer"), help="run one side")
+    add_side_args(parser)
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="flux-bench-"))
-    model = measure(_build, work / "model", dict(double=args.double, single=args.single, t5_layers=args.t5_layers,
-                                                  toy=args.toy))
-    data = str(make_images(work / "data", args.images, max(args.resolution, 64)))
     if args.toy:
         args.t5_length = min(args.t5_length, 512)
-    results = {}
-    for name, target in (("ours", run_ours), ("peer", run_peer)):
-        if args.only in (None, name):
-            results[name] = measure(target, model, data, args)
-            print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items()})}", flush=True)
-    if len(results) == 2:
-        ours, peer = results["ours"], results["peer"]
-        ratios = {"speed_per_step": peer["s_per_step"] / ours["s_per_step"],
-                  "speed_whole_run": peer["whole_run_s"] / ours["whole_run_s"],
-                  "memory": ours["peak_rss_gib"] / peer["peak_rss_gib"]}
-        results["ratios"] = ratios
-        print(f"ours vs the diffusers example's loop: {ratios['speed_per_step']:.2f}x per step, "
-              f"{ratios['speed_whole_run']:.2f}x whole run, {ratios['memory']:.2f}x peak memory "
-              f"({args.double} double + {args.single} single blocks at width "
-              f"{3072 if not args.toy else 32}, {args.resolution} px, batch {args.batch}, rank {args.rank}, "
-              f"{args.steps} steps, {args.threads} threads)")
-    return results
+    return compare(args, build_model, dict(double=args.double, single=args.single, t5_layers=args.t5_layers,
+                                           toy=args.toy), run_ours, run_peer, prefix="flux-bench-",
+                   shape=f"{args.double} double + {args.single} single blocks at width {3072 if not args.toy else 32}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.side_by_side import measure as in_child  # noqa: E402  (each side, and the build, in a child)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Published configs of SD 1.5 (runwayml/stable-diffusion-v1-5: unet, vae, text_encoder).
@@ -184,23 +185,8 @@ def _build_child(folder: str, queue: Any) -> None:
     queue.put(folder)
 
 
-def _in_child(target: Any, *call_args: Any) -> Any:
-    """`target(*call_args, queue)` in a spawned process; what it put in the queue.
-
-    Linux keeps a process's peak RSS across fork + exec, so whatever a side's parent allocated
-    (building the model) would be the floor of that side's peak: heavy work goes to a child.
-    """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=target, args=(*call_args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def measure(kind: str, args: dict) -> dict:
-    return _in_child(_child, kind, args)
+    return in_child(_child, kind, args)
 
 
 def main() -> None:
@@ -220,7 +206,7 @@ def main() -> None:
         model = work / "sd15-random"
         if not (model / "model_index.json").is_file():
             print("building an SD 1.5-shaped pipeline with random weights ...", flush=True)
-            _in_child(_build_child, str(model))
+            in_child(_build_child, str(model))  # in a child: its peak is not the sides' floor
         res, batch, steps = 128, 4, opts.steps or 8
     else:
         model = build_tiny_sd(work, "sd1").folder

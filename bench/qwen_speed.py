@@ -24,7 +24,6 @@ byte-level test tokenizer, so a small vocabulary; a one-layer vision tower it do
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.flux_speed import make_images, measure, steady  # noqa: E402  (shared helpers)
+from bench.side_by_side import add_side_args, compare, steady  # noqa: E402
 from bench.image_speed import peak_memory  # noqa: E402
 
 QWEN_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, attention_head_dim=128, num_attention_heads=24,
@@ -182,42 +181,14 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue) -> None:
     queue.put({"s_per_step": steady(per_step), "whole_run_s": total, **peak_memory()})
 
 
-def _build(folder: Path, kwargs: dict, queue) -> None:
-    queue.put(str(build_model(folder, **kwargs)))
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=2, help="transformer blocks (Qwen-Image has 60)")
     parser.add_argument("--te-layers", type=int, default=2, help="Qwen2.5-VL text layers kept (of 28)")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--toy", action="store_true", help="tiny widths: a quick check that both sides run")
-    parser.add_argument("--only", choices=("ours", "peer"), help="run one side")
+    add_side_args(parser)
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="qwen-bench-"))
-    model = measure(_build, work / "model", dict(blocks=args.blocks, te_layers=args.te_layers, toy=args.toy))
-    data = str(make_images(work / "data", args.images, max(args.resolution, 64)))
-    results = {}
-    for name, target in (("ours", run_ours), ("peer", run_peer)):
-        if args.only in (None, name):
-            results[name] = measure(target, model, data, args)
-            print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items()})}", flush=True)
-    if len(results) == 2:
-        ours, peer = results["ours"], results["peer"]
-        ratios = {"speed_per_step": peer["s_per_step"] / ours["s_per_step"],
-                  "speed_whole_run": peer["whole_run_s"] / ours["whole_run_s"],
-                  "memory": ours["peak_rss_gib"] / peer["peak_rss_gib"]}
-        results["ratios"] = ratios
-        print(f"ours vs the diffusers example's loop: {ratios['speed_per_step']:.2f}x per step, "
-              f"{ratios['speed_whole_run']:.2f}x whole run, {ratios['memory']:.2f}x peak memory "
-              f"({args.blocks} blocks at width {3072 if not args.toy else 48}, {args.resolution} px, batch "
-              f"{args.batch}, rank {args.rank}, {args.steps} steps, {args.threads} threads)")
-    return results
+    return compare(args, build_model, dict(blocks=args.blocks, te_layers=args.te_layers, toy=args.toy), run_ours,
+                   run_peer, prefix="qwen-bench-", shape=f"{args.blocks} blocks at width {3072 if not args.toy else 48}")
 
 
 if __name__ == "__main__":

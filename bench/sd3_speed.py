@@ -27,7 +27,6 @@ sides, and ours/peer ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.flux_speed import make_images, measure, steady  # noqa: E402
+from bench.side_by_side import add_side_args, compare, steady  # noqa: E402
 from bench.image_speed import peak_memory  # noqa: E402
 
 SD35_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, num_attention_heads=24,
@@ -86,10 +85,6 @@ def build_model(folder: Path, *, blocks: int, clip_g_layers: int, t5_layers: int
                                     text_encoder_3=t5.eval(), tokenizer_3=tiny_t5_tokenizer(), transformer=transformer)
     pipe.save_pretrained(folder)
     return folder
-
-
-def _build(folder: Path, kwargs: dict, queue) -> None:
-    queue.put(str(build_model(folder, **kwargs)))
 
 
 def run_ours(model: str, data: str, args: argparse.Namespace, queue) -> None:
@@ -183,37 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--blocks", type=int, default=2, help="joint blocks (SD3.5 medium has 24)")
     parser.add_argument("--clip-g-layers", type=int, default=4, help="CLIP-G layers kept (of 32)")
     parser.add_argument("--t5-layers", type=int, default=2, help="T5-XXL encoder layers kept (of 24)")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--toy", action="store_true", help="tiny widths: a quick check that both sides run")
-    parser.add_argument("--only", choices=("ours", "peer"), help="run one side")
+    add_side_args(parser)
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="sd3-bench-"))
-    # Built in a process of its own: a child's peak RSS starts at its parent's (Linux copies the
-    # high-water mark on fork), so the parent must never hold the model.
-    model = measure(_build, work / "model", dict(blocks=args.blocks, clip_g_layers=args.clip_g_layers,
-                                                  t5_layers=args.t5_layers, toy=args.toy))
-    data = str(make_images(work / "data", args.images, max(args.resolution, 64)))
-    results = {}
-    for name, target in (("ours", run_ours), ("peer", run_peer)):
-        if args.only in (None, name):
-            results[name] = measure(target, model, data, args)
-            print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items()})}", flush=True)
-    if len(results) == 2:
-        ours, peer = results["ours"], results["peer"]
-        ratios = {"speed_per_step": peer["s_per_step"] / ours["s_per_step"],
-                  "speed_whole_run": peer["whole_run_s"] / ours["whole_run_s"],
-                  "memory": ours["peak_rss_gib"] / peer["peak_rss_gib"]}
-        results["ratios"] = ratios
-        print(f"ours vs the diffusers example's loop: {ratios['speed_per_step']:.2f}x per step, "
-              f"{ratios['speed_whole_run']:.2f}x whole run, {ratios['memory']:.2f}x peak memory "
-              f"({args.blocks} blocks at width {1536 if not args.toy else 32}, {args.resolution} px, batch "
-              f"{args.batch}, rank {args.rank}, {args.steps} steps, {args.threads} threads)")
-    return results
+    return compare(args, build_model, dict(blocks=args.blocks, clip_g_layers=args.clip_g_layers,
+                                           t5_layers=args.t5_layers, toy=args.toy), run_ours, run_peer,
+                   prefix="sd3-bench-", shape=f"{args.blocks} blocks at width {1536 if not args.toy else 32}")
 
 
 if __name__ == "__main__":

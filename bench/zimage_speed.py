@@ -23,7 +23,6 @@ Prints s/step (steady state), the whole run and the peak memory of both sides, a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.flux_speed import FLUX_AE, make_images, measure, steady  # noqa: E402
+from bench.flux_speed import FLUX_AE  # noqa: E402
+from bench.side_by_side import add_side_args, compare, steady  # noqa: E402
 from bench.image_speed import peak_memory  # noqa: E402
 
 ZIMAGE = dict(dim=3840, n_heads=30, n_kv_heads=30, cap_feat_dim=2560, n_refiner_layers=1)
@@ -163,43 +163,15 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue) -> None:
                **peak_memory()})
 
 
-def _build(folder: Path, kwargs: dict, queue) -> None:
-    queue.put(str(build_model(folder, **kwargs)))
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="main transformer layers (Z-Image has 30)")
     parser.add_argument("--qwen-layers", type=int, default=2, help="Qwen3-4B layers kept (of 36)")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--toy", action="store_true", help="tiny widths: a quick check that both sides run")
-    parser.add_argument("--only", choices=("ours", "peer"), help="run one side")
+    add_side_args(parser)
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="zimage-bench-"))
-    # Built in its own process: Linux keeps a peak RSS across fork + exec (see bench/flux_speed.py).
-    model = measure(_build, work / "model", dict(layers=args.layers, qwen_layers=args.qwen_layers, toy=args.toy))
-    data = str(make_images(work / "data", args.images, max(args.resolution, 64)))
-    results = {}
-    for name, target in (("ours", run_ours), ("peer", run_peer)):
-        if args.only in (None, name):
-            results[name] = measure(target, model, data, args)
-            print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items()})}", flush=True)
-    if len(results) == 2:
-        ours, peer = results["ours"], results["peer"]
-        ratios = {"speed_per_step": peer["s_per_step"] / ours["s_per_step"],
-                  "speed_whole_run": peer["whole_run_s"] / ours["whole_run_s"],
-                  "memory": ours["peak_rss_gib"] / peer["peak_rss_gib"]}
-        results["ratios"] = ratios
-        print(f"ours vs the diffusers example's loop: {ratios['speed_per_step']:.2f}x per step, "
-              f"{ratios['speed_whole_run']:.2f}x whole run, {ratios['memory']:.2f}x peak memory "
-              f"({args.layers} main layers + 2 refiners at width {32 if args.toy else 3840}, {args.resolution} px, "
-              f"batch {args.batch}, rank {args.rank}, {args.steps} steps, {args.threads} threads)")
-    return results
+    return compare(args, build_model, dict(layers=args.layers, qwen_layers=args.qwen_layers, toy=args.toy),
+                   run_ours, run_peer, prefix="zimage-bench-",
+                   shape=f"{args.layers} main layers + 2 refiners at width {32 if args.toy else 3840}")
 
 
 if __name__ == "__main__":
