@@ -13,7 +13,6 @@ and its latents are appended to the transformer's image tokens.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -386,11 +385,9 @@ def _to_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 def _modules_to_peft(modules: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The tools' LoraModules (kohya names) -> the diffusers-named PEFT state and alpha per module."""
     from core.families.qwen_image_files import kohya_to_peft
-    from core.tools.modules import LoraToolError, modules_to_kohya
+    from core.tools.transformer_files import modules_to_peft
 
-    if any(getattr(m, "dora_scale", None) is not None for m in modules.values()):
-        raise LoraToolError("A Qwen-Image DoRA LoRA cannot be converted here; only plain LoRA modules are.")
-    return kohya_to_peft(modules_to_kohya(modules))
+    return modules_to_peft(modules, "Qwen-Image", kohya_to_peft)
 
 
 def _write_kohya(modules: dict[str, Any], path: str | Path, *, variant: str = "qwen-image",
@@ -405,18 +402,11 @@ def _write_kohya(modules: dict[str, Any], path: str | Path, *, variant: str = "q
 
 
 def _write_diffusers(modules: dict[str, Any], folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    import re
-
     from core.families.qwen_image_files import write_diffusers_file
+    from core.tools.flux_files import _lora_config
 
     peft, alphas = _modules_to_peft(modules)
-    ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in peft.items() if k.endswith(".lora_A.weight")}
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(ranks),
-              "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
-              "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha}}
-    return write_diffusers_file(peft, folder, lora_config=config, dtype=dtype)
+    return write_diffusers_file(peft, folder, lora_config=_lora_config(peft, alphas), dtype=dtype)
 
 
 def _to_peft(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

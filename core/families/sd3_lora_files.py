@@ -219,61 +219,13 @@ def _model_type_for(variant: str, metadata: Mapping[str, str]) -> str:
     return "5-large" if variant == "sd35-large" else "5-medium"
 
 
-def tools_to_kohya(path: str | Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """kohya (MMDiT-named) tensors of an SD3 LoRA in any form; a kohya file is kept as it is."""
-    from core.tools.modules import LoraToolError
-
-    if tensors and all(k.startswith(UNET_PREFIX) for k in tensors):
-        return tensors
-    try:
-        peft, alphas, _ = read_lora(path)
-        return peft_to_kohya(peft, alpha=alphas)
-    except LoraFormatError as exc:
-        raise LoraToolError(f"'{Path(path).name}': {exc}") from exc
-
-
-def _tools_peft(modules: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, float]]:
-    from core.tools.modules import LoraToolError, modules_to_kohya
-
-    if any(m.dora_scale is not None for m in modules.values()):
-        raise LoraToolError("An SD3 DoRA LoRA cannot be converted here; only plain LoRA modules are.")
-    try:
-        return kohya_to_peft(modules_to_kohya(modules))
-    except LoraFormatError as exc:
-        raise LoraToolError(str(exc)) from exc
-
-
-def tools_write_kohya(modules: dict[str, Any], path: str | Path, *, variant: str, metadata: dict[str, str],
-                      dtype: torch.dtype | None) -> Path:
-    """The WebUI / ComfyUI file of tool-held modules (written as they are: a resized qkv keeps its rank)."""
-    from core.tools.flux_files import _rank_and_alpha
-    from core.tools.modules import modules_to_kohya
-
-    peft, alphas = _tools_peft(modules)
-    rank, alpha = _rank_and_alpha(peft, alphas)
-    base = kohya_metadata(_model_type_for(variant, metadata), rank=rank, alpha=alpha)
-    kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
-    merged = {**base, **kept, **{k: base[k] for k in _IDENTITY_KEYS}}
-    for key in ("ss_network_dim", "ss_network_alpha"):
-        if kept.get(key) == "Dynamic":
-            merged[key] = "Dynamic"
-    return save_kohya_lora(path, modules_to_kohya(modules), merged, dtype=dtype)
-
-
-def tools_write_diffusers(modules: dict[str, Any], folder: str | Path, *, dtype: torch.dtype | None) -> Path:
-    from core.tools.flux_files import _lora_config
-
-    peft, alphas = _tools_peft(modules)
-    return write_diffusers_file(peft, folder, lora_config=_lora_config(peft, alphas), dtype=dtype)
-
-
-def tools_to_peft(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float]]:
-    peft, alphas, _ = read_lora(path)
-    return peft, alphas
-
-
 def lora_file_format() -> Any:
-    from core.families.base import LoraFileFormat
+    """What the LoRA tools need: sd-scripts' MMDiT-named kohya modules (core.tools.transformer_files)."""
+    from core.tools.transformer_files import kohya_tools_format
 
-    return LoraFileFormat(to_kohya=tools_to_kohya, write_kohya=tools_write_kohya,
-                          write_diffusers=tools_write_diffusers, to_peft=tools_to_peft)
+    def identity(variant: str, metadata: Mapping[str, str], rank: int, alpha: float) -> dict[str, str]:
+        return kohya_metadata(_model_type_for(variant, metadata), rank=rank, alpha=alpha)
+
+    return kohya_tools_format(family="SD3", read_lora=read_lora, peft_to_kohya=peft_to_kohya,
+                              kohya_to_peft=kohya_to_peft, identity=identity, identity_keys=_IDENTITY_KEYS,
+                              write_diffusers_file=write_diffusers_file)

@@ -266,11 +266,9 @@ def default_size(model: Any) -> int:
 
 
 def _lora_files() -> Any:
-    from core.families import zimage_lora_keys as keys
-    from core.families.base import LoraFileFormat
+    from core.families.zimage_lora_keys import lora_file_format
 
-    return LoraFileFormat(to_kohya=keys.tools_to_kohya, write_kohya=keys.tools_write_kohya,
-                          write_diffusers=keys.tools_write_diffusers, to_peft=keys.tools_to_peft)
+    return lora_file_format()
 
 
 def _detect(base_model: str) -> str | None:

@@ -210,54 +210,13 @@ def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], di
 # --- the LoRA tools' hook (core.families.base.LoraFileFormat) -------------------------------------------
 
 
-def tools_to_kohya(path: str | Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Native kohya tensors of a Z-Image LoRA file in any form (kohya kept as it is)."""
-    from core.tools.modules import LoraToolError
+def lora_file_format() -> Any:
+    """What the LoRA tools need: kohya names of Z-Image's native modules (core.tools.transformer_files)."""
+    from core.tools.transformer_files import kohya_tools_format
 
-    if tensors and all(k.startswith(UNET_PREFIX) for k in tensors):
-        return tensors
-    try:
-        peft, alphas, _ = read_lora(path)
-        return peft_to_kohya(peft, alpha=alphas)
-    except LoraFormatError as exc:
-        raise LoraToolError(f"'{Path(path).name}': {exc}") from exc
+    def identity(variant: str, metadata: Mapping[str, str], rank: int, alpha: float) -> dict[str, str]:
+        return kohya_metadata(variant if variant in BASE_MODEL_VERSION else "z-image-turbo", rank=rank, alpha=alpha)
 
-
-def _modules_peft(modules: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, float]]:
-    from core.tools.modules import LoraToolError, modules_to_kohya
-
-    if any(m.dora_scale is not None for m in modules.values()):
-        raise LoraToolError("A Z-Image DoRA LoRA cannot be converted here; only plain LoRA modules are.")
-    try:
-        return kohya_to_peft(modules_to_kohya(modules))
-    except LoraFormatError as exc:
-        raise LoraToolError(str(exc)) from exc
-
-
-def tools_write_kohya(modules: dict[str, Any], path: str | Path, *, variant: str, metadata: dict[str, str],
-                      dtype: torch.dtype | None) -> Path:
-    """The ComfyUI file from the tools' modules (a resized fused qkv keeps its one rank)."""
-    from core.tools.flux_files import _rank_and_alpha
-    from core.tools.modules import modules_to_kohya
-
-    peft, alphas = _modules_peft(modules)
-    rank, alpha = _rank_and_alpha(peft, alphas)
-    base = kohya_metadata(variant if variant in BASE_MODEL_VERSION else "z-image-turbo", rank=rank, alpha=alpha)
-    kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
-    merged = {**base, **kept, **{k: base[k] for k in _IDENTITY_KEYS}}
-    for key in ("ss_network_dim", "ss_network_alpha"):
-        if kept.get(key) == "Dynamic":
-            merged[key] = "Dynamic"
-    return save_kohya_lora(path, modules_to_kohya(modules), merged, dtype=dtype)
-
-
-def tools_write_diffusers(modules: dict[str, Any], folder: str | Path, *, dtype: torch.dtype | None) -> Path:
-    from core.tools.flux_files import _lora_config
-
-    peft, alphas = _modules_peft(modules)
-    return write_diffusers_file(peft, folder, lora_config=_lora_config(peft, alphas), dtype=dtype)
-
-
-def tools_to_peft(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float]]:
-    peft, alphas, _ = read_lora(path)
-    return peft, alphas
+    return kohya_tools_format(family="Z-Image", read_lora=read_lora, peft_to_kohya=peft_to_kohya,
+                              kohya_to_peft=kohya_to_peft, identity=identity, identity_keys=_IDENTITY_KEYS,
+                              write_diffusers_file=write_diffusers_file)
