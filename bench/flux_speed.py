@@ -134,7 +134,7 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue: mp.Queue) -
     from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast, T5EncoderModel
 
     from core.data.captions import read_metadata_csv
-    from core.families.flux_memory import flux_lora_targets
+    from core.families.flux.lora import flux_lora_targets
 
     torch.manual_seed(0)
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")

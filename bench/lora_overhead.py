@@ -44,7 +44,7 @@ WEIGHTS = (0.8, 0.5, 0.3)
 
 
 def build_pipeline(full: bool, work: Path) -> Any:
-    """A StableDiffusionPipeline with the Euler scheduler the Test tab uses (core.families.sd)."""
+    """A StableDiffusionPipeline with the Euler scheduler the Test tab uses (core.families.sd.family)."""
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)

@@ -120,11 +120,11 @@ def measure_unet(name: str, config: dict, emb: int) -> None:
 
 def measure_flux(variant: str = "flux-dev", image_tokens: int = 4096, text_tokens: int = 512) -> None:
     """FLUX.1 / Chroma transformer at 1024 px (4096 packed image tokens + 512 T5 tokens), bf16:
-    what core/memory_flux.py's FLUX_ACTIVATION holds (whole model, with and without gradient
+    what core/families/flux/memory.py's FLUX_ACTIVATION holds (whole model, with and without gradient
     checkpointing, and one double block alone for the recompute)."""
     from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 
-    from core.families.flux_memory import flux_lora_targets
+    from core.families.flux.lora import flux_lora_targets
 
     with torch.device("meta"):
         model = ChromaTransformer2DModel() if variant == "chroma" else \

@@ -1,4 +1,4 @@
-"""Where core/families/qwen_memory.py's activation numbers come from (bench/memory_calibration.py's method).
+"""Where core/families/qwen_image/memory.py's activation numbers come from (bench/memory_calibration.py's method).
 
 The real QwenImageTransformer2DModel (60 blocks, width 3072; random weights) on the `meta` device in
 bf16, the LoRA targets trainable, attention replaced by a flash-style function that saves q, k, v,
@@ -24,7 +24,7 @@ from bench.memory_calibration import FlashLikeAttention, SavedTensors
 def measure(image_side: int = 64, text_tokens: int = 256) -> dict[str, float]:
     from diffusers import QwenImageTransformer2DModel
 
-    from core.families.qwen_image import lora_targets
+    from core.families.qwen_image.load import lora_targets
 
     with torch.device("meta"):
         model = QwenImageTransformer2DModel(num_layers=60, attention_head_dim=128, num_attention_heads=24,

@@ -113,7 +113,7 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
     from core.data.captions import read_metadata_csv
-    from core.families.qwen_image import lora_targets
+    from core.families.qwen_image.load import lora_targets
 
     torch.manual_seed(0)
     vae = AutoencoderKLQwenImage.from_pretrained(model, subfolder="vae")

@@ -1,4 +1,4 @@
-"""Where core/families/sd3_memory.py's activation numbers come from (bench/memory_calibration.py's method).
+"""Where core/families/sd3/memory.py's activation numbers come from (bench/memory_calibration.py's method).
 
 The real SD3.5 medium / large SD3Transformer2DModel (published configs, random weights) on the `meta`
 device in bf16, the LoRA targets trainable, attention replaced by a flash-style function that saves
@@ -25,8 +25,8 @@ IMAGE_TOKENS, TEXT_TOKENS = 4096, 333
 
 def measure(model_type: str) -> dict[str, float]:
     """{"kept", "kept_gc", "block"}: bytes per token (image + text) at 1024 px, bf16."""
-    from core.families.sd3_family import lora_targets
-    from core.families.sd3_memory import meta_transformer
+    from core.families.sd3.family import lora_targets
+    from core.families.sd3.memory import meta_transformer
 
     model = meta_transformer(model_type)
     model.requires_grad_(False)
@@ -66,13 +66,13 @@ def measure(model_type: str) -> dict[str, float]:
 
 
 def main() -> None:
-    from core.families.sd3_memory import ACTIVATION
+    from core.families.sd3.memory import ACTIVATION
 
     for model_type in ("5-medium", "5-large"):
         got = measure(model_type)
         print(f"{model_type}: " + ", ".join(f"{k} {v:,.0f} B/token ({v * (IMAGE_TOKENS + TEXT_TOKENS) / 2**30:.3f} "
                                             f"GiB at 1024 px)" for k, v in got.items()))
-        print(f"  core/families/sd3_memory.py holds: {ACTIVATION[model_type]}")
+        print(f"  core/families/sd3/memory.py holds: {ACTIVATION[model_type]}")
 
 
 if __name__ == "__main__":

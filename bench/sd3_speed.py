@@ -122,7 +122,7 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue) -> None:
     from PIL import Image
 
     from core.data.captions import read_metadata_csv
-    from core.families.sd3_family import lora_targets
+    from core.families.sd3.family import lora_targets
 
     torch.manual_seed(0)
     pipe = StableDiffusion3Pipeline.from_pretrained(model)

@@ -1,4 +1,4 @@
-"""Where core/families/zimage_memory.py's activation numbers come from.
+"""Where core/families/zimage/memory.py's activation numbers come from.
 
 bench/memory_calibration.py's method on real CPU tensors (Z-Image's forward builds its token
 lists with data-dependent lengths, which the meta device cannot run): the real width (3840,
@@ -30,7 +30,7 @@ def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
 def measure(n_layers: int, side_px: int, text_tokens: int, checkpointing: bool) -> int:
     from diffusers import ZImageTransformer2DModel
 
-    from core.families.zimage import lora_targets
+    from core.families.zimage.load import lora_targets
 
     torch.manual_seed(0)
     model = ZImageTransformer2DModel(n_layers=n_layers, n_refiner_layers=1).to(torch.bfloat16)

@@ -104,7 +104,7 @@ def run_peer(model: str, data: str, args: argparse.Namespace, queue) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     from core.data.captions import read_metadata_csv
-    from core.families.zimage import lora_targets
+    from core.families.zimage.load import lora_targets
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

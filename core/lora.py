@@ -1,13 +1,17 @@
-"""One place that turns the config's LoRA settings into a PEFT `LoraConfig`.
+"""One place that turns the config's LoRA settings into a PEFT `LoraConfig`, and reads and writes
+the LoRA state of an adapted module.
 
-Image and text training share it, so every variant (LoRA, DoRA, rsLoRA, PiSSA) and the
-conv (LoCon) ranks mean the same thing everywhere.
+Image and text training and every image family share it, so every variant (LoRA, DoRA, rsLoRA,
+PiSSA) and the conv (LoCon) ranks mean the same thing everywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import torch
 from peft import LoraConfig
+from torch import nn
 
 from core.config import TrainConfig
 
@@ -48,3 +52,44 @@ def make_lora_config(cfg: TrainConfig, target_modules: list[str], *,
     if task_type:
         kwargs["task_type"] = task_type
     return LoraConfig(**kwargs)
+
+
+def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_peft_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
+    """Put LoRA weights into an adapted model; returns the adapter keys the file did not have."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"The LoRA weights for the {what} do not fit the model: {unexpected[:3]} ... "
+                         "(another base model family or different target modules).")
+    return missing
+
+
+def pissa_to_lora(state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PiSSA moved the principal part out of the base weights; as a LoRA for the ORIGINAL base the
+    update is s(BA - B0A0), i.e. rank 2r with A' = [A; A0], B' = [B, -B0] (PEFT's own conversion)."""
+    out = {}
+    for key, value in state.items():
+        if ".lora_A." in key:
+            out[key] = torch.cat([value, initial[key]], dim=0)
+        elif ".lora_B." in key:
+            out[key] = torch.cat([value, -initial[key]], dim=1)
+        else:
+            out[key] = value
+    return out
+
+
+def doubled_config(config: Any) -> Any:
+    """The LoraConfig of a PiSSA LoRA converted to rank 2r (same scale: alpha doubles too)."""
+    return dataclasses.replace(config, r=config.r * 2, lora_alpha=config.lora_alpha * 2,
+                               rank_pattern={k: v * 2 for k, v in (config.rank_pattern or {}).items()},
+                               alpha_pattern={k: v * 2 for k, v in (config.alpha_pattern or {}).items()},
+                               init_lora_weights=True)

@@ -13,7 +13,7 @@ is exact for what autograd keeps and linear in the number of latent pixels (or
 tokens); it is what `torch.cuda.max_memory_allocated` sees, minus allocator slack.
 The numbers below are those measurements; CUDA peaks are not measured yet (no GPU was
 available), see the README. The transformer families have their own parts (the `memory_parts` of
-their registry row, e.g. core.memory_flux for FLUX.1 / Chroma); the
+their registry row, e.g. core.families.flux.memory for FLUX.1 / Chroma); the
 per-family numbers here are UNet calibration data, keyed by family name.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from core.config import TrainConfig
 from core import devices
 from core.devices import GIB, DeviceInfo
-from core.families.registry import FAMILIES
+from core.family_api.registry import FAMILIES
 from core.model_info import SD_VAE, ModelInfo, detect_model
 
 KIB = 1024
@@ -44,7 +44,7 @@ UNET_ACTIVATION = {
 # the text encoders): LoRA parameters = rank x this.
 UNET_LORA_FEATURES = {"sd1": 199_296, "sd2": 207_488, "sdxl": 1_451_520}
 # The same for LoCon (conv_rank): sum of (in x k x k + out) over the ResNet and sampler convs
-# (core.train.image_lora.conv_module_names) of the real UNets, counted on the meta device.
+# (core.families.sd.lora.conv_module_names) of the real UNets, counted on the meta device.
 UNET_CONV_LORA_FEATURES = {"sd1": 578_560, "sd2": 578_560, "sdxl": 378_880}
 TE_LORA_FEATURES = {"sd1": 73_728, "sd2": 196_608, "sdxl": 73_728 + 327_680}
 # Activations of a text encoder being trained, per caption (77 tokens), in a 16-bit dtype.

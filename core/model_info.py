@@ -5,7 +5,7 @@ FLUX.1-dev / -schnell, Chroma, or a causal LM) and its size before anything load
 checked. So this module only reads headers: the JSON header of a .safetensors file,
 the key/value header and tensor table of a GGUF file, a folder's config.json /
 model_index.json. A hub id is never downloaded: its name is the only clue. The facts of
-each image family (label, published sizes) come from `core.families.registry`.
+each image family (label, published sizes) come from `core.family_api.registry`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from core.families.registry import (FAMILIES, SD1_UNET, SD2_UNET, SD_VAE, SDXL_UNET, family_info,  # noqa: F401
+from core.family_api.registry import (FAMILIES, SD1_UNET, SD2_UNET, SD_VAE, SDXL_UNET, family_info,  # noqa: F401
                                     family_label)
 
 # Real FLUX.1 / Chroma transformers are 3072 wide; tiny test models are narrower (scales activations).
@@ -140,7 +140,7 @@ def _flux_from_shapes(shapes: dict[str, list[int]], source: str) -> ModelInfo | 
     prefix = _flux_prefix(shapes.keys())
     if prefix is None:
         return None
-    from core.families.flux_load import variant_from_keys  # torch: imported only for FLUX files
+    from core.families.flux.load import variant_from_keys  # torch: imported only for FLUX files
 
     own = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
     variant = variant_from_keys(own)
@@ -167,7 +167,7 @@ def _dit_from_shapes(shapes: dict[str, list[int]], source: str, path: Path | Non
             continue
         name = info.name
         if path is not None:
-            from core.families.base import family_impl  # torch: imported only for these files
+            from core.family_api.lookup import family_impl  # torch: imported only for these files
 
             detect = family_impl(info.name).detect
             name = (detect(str(path)) if detect else None) or info.name
@@ -333,7 +333,7 @@ def _flux_folder(folder: Path, index: dict[str, Any]) -> ModelInfo | None:
     names = " ".join(str(d.get("_class_name", "")) for d in (index, transformer_cfg))
     if "Flux" not in names and "Chroma" not in names:
         return None  # checked first so SD folders never import torch here
-    from core.families.flux_load import variant_from_folder_configs
+    from core.families.flux.load import variant_from_folder_configs
 
     variant = variant_from_folder_configs(index, transformer_cfg)
     if variant is None:
@@ -354,7 +354,7 @@ def _dit_folder(folder: Path, index: dict[str, Any]) -> ModelInfo | None:
     info = next((i for i in FAMILIES.values() if i.kind == "dit" and names & set(i.diffusers_class_names)), None)
     if info is None:
         return None
-    from core.families.base import family_impl  # torch: imported only for these folders
+    from core.family_api.lookup import family_impl  # torch: imported only for these folders
 
     detect = family_impl(info.name).detect
     base = family_defaults((detect(str(folder)) if detect else None) or info.name)

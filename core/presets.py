@@ -3,7 +3,7 @@
 Each preset is written for one (model family, memory tier): `sd15-8gb`, `sdxl-12gb`,
 `flux-16gb`, `llm-24gb`, plus `cpu` and `mps`. Besides config keys a preset file has three
 keys of its own: `description` (shown in the UI), `family` (a preset family of
-core.families.registry: sd1 | sdxl | flux, or llm | any) and `memory_gb` (the GPU size it
+core.family_api.registry: sd1 | sdxl | flux, or llm | any) and `memory_gb` (the GPU size it
 was written for).
 
 `preset: auto` detects the device (`detect_device`, the one call tests mock) and the
@@ -29,7 +29,7 @@ from core import devices
 from core.config import FIELDS, ConfigError, TrainConfig, coerce, config_from_dict
 from core.devices import DeviceInfo
 from core.memory import MemoryEstimate, estimate_memory, fitting_changes, format_changes
-from core.families.registry import FAMILIES, config_groups_of
+from core.family_api.registry import FAMILIES, config_groups_of
 from core.model_info import ModelInfo, detect_model
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"

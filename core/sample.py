@@ -2,7 +2,7 @@
 
 Everything runs under `torch.no_grad()`; the VAE decodes in fp32 whatever the training
 precision (an fp16 SD VAE overflows into NaN and black images). Each model family builds
-its own pipeline and default size (`core.families.sd`, `core.families.flux_family`); the
+its own pipeline and default size (`core.families.sd.family`, `core.families.flux.family`); the
 previews during training are the family's too. Images are saved atomically. One pipeline
 is cached for the Test tab so repeated tries do not reload it; the LoRAs of a try (one or several,
 each at its weight) are put on it and taken off again by `core.lora_stack`.
@@ -43,7 +43,7 @@ def decode_fp32(vae: Any, latents: torch.Tensor,
     `denormalize(vae_config, latents)`: the family's inverse of its latent normalization
     (default: AutoencoderKL's scaling / shift factors); a 5-D (video VAE) output keeps its first frame.
     """
-    from core.families.base import denormalize_latents
+    from core.family_api.contract import denormalize_latents
 
     dtype = vae.dtype
     move(vae, vae.device, torch.float32)
@@ -74,7 +74,7 @@ def load_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "",
 
     The family (SD 1.x/2.x/SDXL, FLUX.1, Chroma) is read from the model's files.
     """
-    from core.families.base import family_for_model
+    from core.family_api.lookup import family_for_model
 
     device = pick_device(device or "auto", mps=False)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)

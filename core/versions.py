@@ -30,7 +30,7 @@ RESTORE_COMMAND = "python launch.py --restore"
 # Where a library whose PEFT integration we call states the lowest PEFT it works with:
 # (library, module, constant). diffusers' `add_adapter` / `load_lora_weights` check it.
 # transformers' floor is not here on purpose: its integration gates `add_adapter` on text
-# encoders, which we do through PEFT's own `inject_adapter_in_model` (core/train/image_lora.py).
+# encoders, which we do through PEFT's own `inject_adapter_in_model` (core/families/sd/lora.py).
 PEFT_FLOORS = (("diffusers", "diffusers.utils.constants", "MIN_PEFT_VERSION"),)
 
 VersionOf = Callable[[str], "str | None"]

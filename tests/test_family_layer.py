@@ -14,15 +14,15 @@ import types
 import pytest
 from safetensors.torch import save_file
 
-from core.families import registry
+from core.family_api import registry as registry
 
 
 @pytest.fixture()
 def toy_family(monkeypatch):
     import torch
 
-    from core.families.base import ImageFamily, LoraFileFormat
-    from core.families.flux_family import FLUX
+    from core.family_api.contract import ImageFamily, LoraFileFormat
+    from core.families.flux.family import FLUX
 
     module = types.ModuleType("toy_dit_family")
     seen: list[str] = []
@@ -54,7 +54,7 @@ def toy_family(monkeypatch):
 def test_a_new_family_is_read_from_its_folder_file_and_name_without_naming_it_anywhere_else(toy_family, tmp_path):
     import torch
 
-    from core.families.base import detect_image_family, family_impl
+    from core.family_api.lookup import detect_image_family, family_impl
     from core.model_info import detect_model
 
     folder = tmp_path / "toy-model"

@@ -1,12 +1,12 @@
 """The family table: every family the trainer knows, with sizes that match the real networks."""
 import pytest
 
-from core.families.registry import FAMILIES, family_info, family_label
+from core.family_api.registry import FAMILIES, family_info, family_label
 
 
 @pytest.mark.parametrize("name", ["flux-dev", "flux-schnell", "chroma"])
 def test_the_flux_sizes_are_the_real_transformers_built_on_the_meta_device(name):
-    from core.families.flux_memory import flux_param_counts
+    from core.families.flux.lora import flux_param_counts
 
     assert family_info(name).trained_params == flux_param_counts(name, 4, "all")["total"]
 
@@ -15,7 +15,7 @@ def test_every_family_has_a_name_for_people_and_for_webui():
     for info in FAMILIES.values():
         assert info.label and info.ss_base_model_version and info.modelspec_architecture
         assert info.kind in ("unet", "flux", "dit") and info.native_resolution in (512, 768, 1024, 1328)
-        assert info.kind == "unet" or (info.impl != "core.families.sd" and "flow" in info.config_groups)
+        assert info.kind == "unet" or (info.impl != "core.families.sd.family" and "flow" in info.config_groups)
     assert family_label("sdxl") == "SDXL" and family_label("llm") == "LLM"
 
 

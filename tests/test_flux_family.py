@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.families import flux
-from core.models.sd_single_file import ModelLoadError
+from core.families.flux import convert as flux_convert
+from core.families.flux import load as flux_load
+from core.families.flux import lora as flux_lora
+from core.families.flux import loss as flux_loss
+from core.families.flux import single_file as flux_single_file
+from core.families.flux import text as flux_text
+from core.family_api.contract import ModelLoadError
 
 
 def _write_keys(path: Path, keys: list[str]) -> Path:
@@ -40,17 +45,17 @@ BFL_COMMON = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.we
 def test_variant_from_a_single_file_header(tmp_path, keys, prefix, expected):
     path = _write_keys(tmp_path / "model.safetensors", [prefix + k if not k.startswith("model.") else k
                                                           for k in keys])
-    assert flux.detect_variant(path) == expected
+    assert flux_load.detect_variant(path) == expected
 
 
 def test_variant_from_diffusers_folders(tiny_flux_dev, tiny_flux_schnell, tiny_chroma, tmp_path):
-    assert flux.detect_variant(tiny_flux_dev.folder) == "flux-dev"
-    assert flux.detect_variant(tiny_flux_schnell.folder) == "flux-schnell"
-    assert flux.detect_variant(tiny_chroma.folder) == "chroma"
+    assert flux_load.detect_variant(tiny_flux_dev.folder) == "flux-dev"
+    assert flux_load.detect_variant(tiny_flux_schnell.folder) == "flux-schnell"
+    assert flux_load.detect_variant(tiny_chroma.folder) == "chroma"
     # A bare transformer folder (config.json only) is recognised too; an SD folder is not FLUX.
-    assert flux.detect_variant(tiny_flux_dev.folder / "transformer") == "flux-dev"
+    assert flux_load.detect_variant(tiny_flux_dev.folder / "transformer") == "flux-dev"
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    assert flux.detect_variant(tmp_path) is None
+    assert flux_load.detect_variant(tmp_path) is None
 
 
 # --- the BFL <-> diffusers mapping --------------------------------------------------------------------
@@ -89,11 +94,11 @@ def test_bfl_conversion_matches_diffusers_converter_on_real_widths():
     state = _real_width_bfl_state()
     prefixed = {f"model.diffusion_model.{k}": v for k, v in state.items()}
     theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(prefixed))
-    ours = flux.bfl_to_diffusers(prefixed)
+    ours = flux_convert.bfl_to_diffusers(prefixed)
     assert set(ours) == set(theirs)
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
-    back = flux.diffusers_to_bfl(ours)
+    back = flux_convert.diffusers_to_bfl(ours)
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
@@ -101,7 +106,7 @@ def test_unknown_tensor_in_a_bfl_file_is_reported():
     state = _real_width_bfl_state()
     state["double_blocks.0.img_attn.lora_extra.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="lora_extra"):
-        flux.bfl_to_diffusers(state)
+        flux_convert.bfl_to_diffusers(state)
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -113,8 +118,8 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module, atol: float = 0.0) -> 
 
 
 def test_comfy_layout_loads_the_same_model_as_the_diffusers_folder(tiny_flux_dev):
-    folder = flux.load_flux_model(str(tiny_flux_dev.folder))
-    single = flux.load_flux_model(str(tiny_flux_dev.comfy_transformer), config_source=str(tiny_flux_dev.folder))
+    folder = flux_load.load_flux_model(str(tiny_flux_dev.folder))
+    single = flux_load.load_flux_model(str(tiny_flux_dev.comfy_transformer), config_source=str(tiny_flux_dev.folder))
     assert folder.variant == single.variant == "flux-dev" and single.is_single_file and folder.has_guidance
     assert _same_weights(folder.transformer, single.transformer)
     assert _same_weights(folder.text_encoder, single.text_encoder)
@@ -127,7 +132,7 @@ def test_comfy_layout_loads_the_same_model_as_the_diffusers_folder(tiny_flux_dev
     batch = _batch(folder, ["a red cat"])
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     with torch.no_grad():
-        assert torch.equal(flux.flux_loss(folder.transformer, batch, g1), flux.flux_loss(single.transformer, batch, g2))
+        assert torch.equal(flux_loss.flux_loss(folder.transformer, batch, g1), flux_loss.flux_loss(single.transformer, batch, g2))
 
 
 def test_a_missing_component_file_is_named_with_where_it_goes(tiny_flux_dev, tmp_path):
@@ -136,22 +141,22 @@ def test_a_missing_component_file_is_named_with_where_it_goes(tiny_flux_dev, tmp
     (root / "models" / "vae" / "ae.safetensors").unlink()
     transformer = root / "models" / "diffusion_models" / tiny_flux_dev.comfy_transformer.name
     with pytest.raises(ModelLoadError, match="ae.safetensors") as info:
-        flux.load_flux_model(str(transformer), config_source=str(tiny_flux_dev.folder))
+        flux_load.load_flux_model(str(transformer), config_source=str(tiny_flux_dev.folder))
     assert str(root / "models" / "vae") in info.value.advice
     # Given explicitly, a part can live anywhere.
-    model = flux.load_flux_model(str(transformer), config_source=str(tiny_flux_dev.folder),
+    model = flux_load.load_flux_model(str(transformer), config_source=str(tiny_flux_dev.folder),
                                  vae=str(tiny_flux_dev.comfy_root / "vae" / "ae.safetensors"))
     assert model.vae is not None
 
 
 def test_single_file_without_a_config_source_says_what_to_give(tiny_flux_dev, monkeypatch):
-    from core.families import flux_load
+    from core.families.flux import load as flux_load
 
     # Offline, the default config source (a hub id) is not in any cache: the error says what to give.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setitem(flux_load.HUB_CONFIGS, "flux-dev", "lora-scripts-tests/no-such-flux")
     with pytest.raises(ModelLoadError, match="no-such-flux") as info:
-        flux.load_flux_model(str(tiny_flux_dev.comfy_transformer))
+        flux_load.load_flux_model(str(tiny_flux_dev.comfy_transformer))
     assert "base_model_config" in info.value.advice
 
 
@@ -162,10 +167,10 @@ def test_fp8_transformer_file_loads_upcast_to_the_compute_dtype(tiny_flux_dev, t
     fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()}
     path = tmp_path / "flux1-dev-fp8.safetensors"
     save_file(fp8, str(path))
-    assert flux.file_has_fp8(path) and not flux.file_has_fp8(tiny_flux_dev.comfy_transformer)
-    model = flux.load_transformer_file(path, config_source=str(tiny_flux_dev.folder), dtype=torch.float32)
+    assert flux_load.file_has_fp8(path) and not flux_load.file_has_fp8(tiny_flux_dev.comfy_transformer)
+    model = flux_single_file.load_transformer_file(path, config_source=str(tiny_flux_dev.folder), dtype=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    expected = flux.bfl_to_diffusers({k: v.float() for k, v in fp8.items()})
+    expected = flux_convert.bfl_to_diffusers({k: v.float() for k, v in fp8.items()})
     assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
 
 
@@ -176,8 +181,9 @@ def test_an_all_in_one_checkpoint_gives_its_diffusion_model(tiny_flux_dev, tmp_p
     state["vae.decoder.conv_in.weight"] = torch.zeros(2, 2)  # what ComfyUI's all-in-one files add
     state["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.zeros(2)
     save_file(state, str(tmp_path / "flux1-dev-aio.safetensors"))
-    model = flux.load_transformer_file(tmp_path / "flux1-dev-aio.safetensors", config_source=str(tiny_flux_dev.folder))
-    reference = flux.load_transformer_file(tiny_flux_dev.comfy_transformer, config_source=str(tiny_flux_dev.folder))
+    model = flux_single_file.load_transformer_file(tmp_path / "flux1-dev-aio.safetensors",
+                                                   config_source=str(tiny_flux_dev.folder))
+    reference = flux_single_file.load_transformer_file(tiny_flux_dev.comfy_transformer, config_source=str(tiny_flux_dev.folder))
     assert _same_weights(model, reference)
 
 
@@ -185,8 +191,8 @@ def test_an_all_in_one_checkpoint_gives_its_diffusion_model(tiny_flux_dev, tmp_p
 def test_comfy_models_root_is_found_from_the_transformer_folder(tmp_path, layout):
     folder = tmp_path / "ComfyUI" / layout
     folder.mkdir(parents=True)
-    assert flux.comfy_models_root(folder / "flux1-dev.safetensors") == (tmp_path / "ComfyUI" / "models").resolve()
-    assert flux.comfy_models_root(tmp_path / "elsewhere" / "flux1-dev.safetensors") is None
+    assert flux_single_file.comfy_models_root(folder / "flux1-dev.safetensors") == (tmp_path / "ComfyUI" / "models").resolve()
+    assert flux_single_file.comfy_models_root(tmp_path / "elsewhere" / "flux1-dev.safetensors") is None
 
 
 def test_scaled_fp8_files_are_rescaled(tmp_path):
@@ -195,16 +201,16 @@ def test_scaled_fp8_files_are_rescaled(tmp_path):
     weight = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
     save_file({"layer.weight": (weight / 2).to(torch.float8_e4m3fn), "layer.scale_weight": torch.tensor(2.0),
                "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, str(tmp_path / "t5.safetensors"))
-    state = flux.read_upcast(tmp_path / "t5.safetensors", torch.float32)
+    state = flux_load.read_upcast(tmp_path / "t5.safetensors", torch.float32)
     assert set(state) == {"layer.weight"} and torch.equal(state["layer.weight"], weight)
 
 
 def test_chroma_loads_without_clip_from_both_layouts(tiny_chroma):
-    model = flux.load_flux_model(str(tiny_chroma.folder))
+    model = flux_load.load_flux_model(str(tiny_chroma.folder))
     assert model.variant == "chroma" and model.text_encoder is None and model.tokenizer is None
     assert not model.has_guidance
     assert not (tiny_chroma.comfy_root / "text_encoders" / "clip_l.safetensors").exists()
-    single = flux.load_flux_model(str(tiny_chroma.comfy_transformer), config_source=str(tiny_chroma.folder))
+    single = flux_load.load_flux_model(str(tiny_chroma.comfy_transformer), config_source=str(tiny_chroma.folder))
     assert single.variant == "chroma" and single.text_encoder is None
     assert _same_weights(model.transformer, single.transformer) and _same_weights(model.vae, single.vae)
     assert _same_weights(model.text_encoder_2, single.text_encoder_2, atol=2e-3)
@@ -232,13 +238,13 @@ def test_chroma_conversion_matches_diffusers_converter_on_real_widths():
     from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
 
     state = _chroma_from_flux_state(_real_width_bfl_state())
-    assert flux.variant_from_keys(state) == "chroma"
+    assert flux_load.variant_from_keys(state) == "chroma"
     theirs = convert_chroma_transformer_checkpoint_to_diffusers({f"model.diffusion_model.{k}": v
                                                                  for k, v in state.items()})
-    ours = flux.bfl_to_diffusers(state)
+    ours = flux_convert.bfl_to_diffusers(state)
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    back = flux.diffusers_to_bfl(ours)
+    back = flux_convert.diffusers_to_bfl(ours)
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
@@ -247,11 +253,11 @@ def test_chroma_conversion_matches_diffusers_converter_on_real_widths():
 
 @pytest.fixture(scope="module")
 def dev_model(tiny_flux_dev):
-    return flux.load_flux_model(str(tiny_flux_dev.folder))
+    return flux_load.load_flux_model(str(tiny_flux_dev.folder))
 
 
 def _encode(model, captions, length=16):
-    return flux.encode_prompts(model.text_encoder, model.tokenizer, model.text_encoder_2, model.tokenizer_2,
+    return flux_text.encode_prompts(model.text_encoder, model.tokenizer, model.text_encoder_2, model.tokenizer_2,
                                captions, max_sequence_length=length, chroma=model.variant == "chroma")
 
 
@@ -272,7 +278,7 @@ def test_prompt_encoding_matches_the_pipeline(dev_model):
 
 
 def test_chroma_encoding_keeps_one_padding_token_visible(tiny_chroma):
-    model = flux.load_flux_model(str(tiny_chroma.folder))
+    model = flux_load.load_flux_model(str(tiny_chroma.folder))
     out = _encode(model, ["a red cat", "a tiny blue dog with a big cat"])
     assert out.pooled is None
     # "a red cat" + </s> = 4 tokens, plus one visible pad -> 5; the longer prompt 9 + 1.
@@ -286,28 +292,28 @@ def test_prompt_cache_is_written_once_and_keyed_by_encoder(dev_model, tmp_path):
         calls.append(list(captions))
         return _encode(dev_model, captions)
 
-    identity = flux.encoder_identity(dev_model.text_encoder, dev_model.text_encoder_2, max_sequence_length=16,
+    identity = flux_text.encoder_identity(dev_model.text_encoder, dev_model.text_encoder_2, max_sequence_length=16,
                                      variant="flux-dev")
     captions = ["a red cat", "a blue dog", "a red cat"]
-    first, hits = flux.cache_prompt_embeds(captions, encode, tmp_path, identity)
+    first, hits = flux_text.cache_prompt_embeds(captions, encode, tmp_path, identity)
     assert hits == 0 and calls == [["a red cat", "a blue dog"]] and set(first) == {"a red cat", "a blue dog"}
     files = sorted((tmp_path / identity).iterdir())
     assert len(files) == 2 and all(f.suffix == ".safetensors" for f in files)  # no temp files left behind
-    again, hits = flux.cache_prompt_embeds(captions, encode, tmp_path, identity)
+    again, hits = flux_text.cache_prompt_embeds(captions, encode, tmp_path, identity)
     assert hits == 2 and len(calls) == 1
     assert torch.equal(again["a blue dog"].prompt_embeds, first["a blue dog"].prompt_embeds)
-    batch = flux.stack_embeds([again[c] for c in captions])
+    batch = flux_text.stack_embeds([again[c] for c in captions])
     assert batch.prompt_embeds.shape == (3, 16, 32) and batch.pooled.shape == (3, 32)
-    other = flux.encoder_identity(dev_model.text_encoder, dev_model.text_encoder_2, max_sequence_length=8,
+    other = flux_text.encoder_identity(dev_model.text_encoder, dev_model.text_encoder_2, max_sequence_length=8,
                                   variant="flux-dev")
     assert other != identity
-    _, hits = flux.cache_prompt_embeds(["a red cat"], encode, tmp_path, other)
+    _, hits = flux_text.cache_prompt_embeds(["a red cat"], encode, tmp_path, other)
     assert hits == 0 and len(calls) == 2
 
 
 def test_free_text_encoders_drops_them(tiny_flux_dev):
-    model = flux.load_flux_model(str(tiny_flux_dev.folder))
-    freed = flux.free_text_encoders(model)
+    model = flux_load.load_flux_model(str(tiny_flux_dev.folder))
+    freed = flux_text.free_text_encoders(model)
     assert freed > 0 and model.text_encoder is None and model.text_encoder_2 is None
 
 
@@ -318,28 +324,28 @@ def test_packing_round_trip_is_exact_and_matches_the_pipeline():
     from diffusers import FluxPipeline
 
     latents = torch.randn(2, 16, 6, 10)
-    packed = flux.pack_latents(latents)
+    packed = flux_loss.pack_latents(latents)
     assert packed.shape == (2, 15, 64)
     assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 16, 6, 10))
-    assert torch.equal(flux.unpack_latents(packed, 6, 10), latents)
+    assert torch.equal(flux_loss.unpack_latents(packed, 6, 10), latents)
     # The pipeline's unpack takes pixel sizes; with an 8x VAE 48x80 px is this 6x10 latent.
     assert torch.equal(FluxPipeline._unpack_latents(packed, 48, 80, 8), latents)
-    assert torch.equal(flux.latent_image_ids(6, 10), FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu",
+    assert torch.equal(flux_loss.latent_image_ids(6, 10), FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu",
                                                                                             torch.float32))
     with pytest.raises(ValueError, match="even"):
-        flux.pack_latents(torch.randn(1, 16, 5, 10))
+        flux_loss.pack_latents(torch.randn(1, 16, 5, 10))
 
 
 def test_vae_latents_use_shift_and_scale(dev_model):
     pixels = torch.rand(1, 3, 16, 16) * 2 - 1
     g = torch.Generator().manual_seed(0)
-    latents = flux.encode_latents(dev_model.vae, pixels, g)
+    latents = flux_loss.encode_latents(dev_model.vae, pixels, g)
     with torch.no_grad():
         raw = dev_model.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
     assert torch.allclose(latents, (raw - 0.0609) * 1.5035)
-    assert torch.allclose(flux.latents_for_decode(latents, dev_model.vae), raw, atol=1e-6)
+    assert torch.allclose(flux_loss.latents_for_decode(latents, dev_model.vae), raw, atol=1e-6)
     moments = dev_model.vae.encode(pixels).latent_dist.parameters.detach()
-    from_cache = flux.latents_from_moments(moments, dev_model.vae.config, torch.Generator().manual_seed(0))
+    from_cache = flux_loss.latents_from_moments(moments, dev_model.vae.config, torch.Generator().manual_seed(0))
     assert torch.allclose(from_cache, latents, atol=1e-6)
 
 
@@ -347,12 +353,12 @@ def test_vae_latents_use_shift_and_scale(dev_model):
 
 
 def test_shift_sampling_is_the_shifted_sigmoid_of_a_normal():
-    s = flux.DEFAULT_SHIFT
-    sigmas = flux.sample_sigmas(1000, "shift", generator=torch.Generator().manual_seed(3))
+    s = flux_loss.DEFAULT_SHIFT
+    sigmas = flux_loss.sample_sigmas(1000, "shift", generator=torch.Generator().manual_seed(3))
     t = torch.sigmoid(torch.randn(1000, generator=torch.Generator().manual_seed(3)))
     assert torch.allclose(sigmas, s * t / (1 + (s - 1) * t))
-    assert s == 3.1582 and float(flux.shift_sigmas(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
-    plain = flux.sample_sigmas(1000, "sigmoid", generator=torch.Generator().manual_seed(3))
+    assert s == 3.1582 and float(flux_loss.shift_sigmas(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
+    plain = flux_loss.sample_sigmas(1000, "sigmoid", generator=torch.Generator().manual_seed(3))
     assert torch.allclose(plain, t)
     # The shift moves training toward the noisy end: every sigma grows.
     assert bool((sigmas >= plain).all()) and sigmas.mean() > plain.mean() + 0.15
@@ -360,7 +366,7 @@ def test_shift_sampling_is_the_shifted_sigmoid_of_a_normal():
 
 @pytest.mark.parametrize("method", ["uniform", "logit_normal", "sigmoid", "shift"])
 def test_every_sampling_gives_sigmas_inside_zero_one(method):
-    sigmas = flux.sample_sigmas(500, method, generator=torch.Generator().manual_seed(1))
+    sigmas = flux_loss.sample_sigmas(500, method, generator=torch.Generator().manual_seed(1))
     assert sigmas.dtype == torch.float32 and sigmas.shape == (500,)
     assert bool(((sigmas > 0) & (sigmas < 1)).all())
     assert 0.3 < float(sigmas.mean()) < 0.9
@@ -368,14 +374,14 @@ def test_every_sampling_gives_sigmas_inside_zero_one(method):
 
 def test_unknown_sampling_is_refused():
     with pytest.raises(ValueError, match="shift, sigmoid"):
-        flux.sample_sigmas(2, "cosine")
+        flux_loss.sample_sigmas(2, "cosine")
 
 
 def test_noisy_input_and_target():
     x0, noise = torch.full((2, 1, 2, 2), 2.0), torch.full((2, 1, 2, 2), -1.0)
-    noisy = flux.noisy_latents(x0, noise, torch.tensor([0.0, 0.25]))
+    noisy = flux_loss.noisy_latents(x0, noise, torch.tensor([0.0, 0.25]))
     assert torch.equal(noisy[0], x0[0]) and torch.allclose(noisy[1], torch.full((1, 2, 2), 1.25))
-    assert torch.equal(flux.flow_target(x0, noise), noise - x0)
+    assert torch.equal(flux_loss.flow_target(x0, noise), noise - x0)
 
 
 # --- the loss -----------------------------------------------------------------------------------------
@@ -384,7 +390,7 @@ def test_noisy_input_and_target():
 def _batch(model, captions, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     pixels = torch.rand(len(captions), 3, size, size, generator=g) * 2 - 1
-    return flux.FluxBatch(flux.encode_latents(model.vae, pixels, g), _encode(model, captions))
+    return flux_loss.FluxBatch(flux_loss.encode_latents(model.vae, pixels, g), _encode(model, captions))
 
 
 class _Spy(torch.nn.Module):
@@ -406,7 +412,7 @@ def test_loss_is_the_mse_of_the_velocity_and_dev_gets_guidance_one(dev_model):
     sigmas = torch.tensor([0.3, 0.8])
     noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        loss = flux.flux_loss(spy, batch, sigmas=sigmas, noise=noise)
+        loss = flux_loss.flux_loss(spy, batch, sigmas=sigmas, noise=noise)
         call = spy.calls[0]
         expected_pred = dev_model.transformer(**call)[0]
     assert loss.dtype == torch.float32
@@ -414,26 +420,26 @@ def test_loss_is_the_mse_of_the_velocity_and_dev_gets_guidance_one(dev_model):
     assert call["hidden_states"].shape == (2, 64, 4) and call["img_ids"].shape == (64, 3)
     assert torch.equal(call["pooled_projections"], batch.prompts.pooled)
     x0 = batch.latents
-    assert torch.equal(call["hidden_states"], flux.pack_latents((1 - sigmas.view(-1, 1, 1, 1)) * x0
+    assert torch.equal(call["hidden_states"], flux_loss.pack_latents((1 - sigmas.view(-1, 1, 1, 1)) * x0
                                                                 + sigmas.view(-1, 1, 1, 1) * noise))
-    target = flux.pack_latents(noise - x0)
+    target = flux_loss.pack_latents(noise - x0)
     assert loss.item() == pytest.approx(((expected_pred - target) ** 2).mean().item(), rel=1e-6)
 
 
 def test_schnell_gets_no_guidance(tiny_flux_schnell):
-    model = flux.load_flux_model(str(tiny_flux_schnell.folder))
+    model = flux_load.load_flux_model(str(tiny_flux_schnell.folder))
     spy = _Spy(model.transformer)
     with torch.no_grad():
-        loss = flux.flux_loss(spy, _batch(model, ["a cat"]), torch.Generator().manual_seed(0))
+        loss = flux_loss.flux_loss(spy, _batch(model, ["a cat"]), torch.Generator().manual_seed(0))
     assert spy.calls[0]["guidance"] is None and torch.isfinite(loss)
 
 
 def test_chroma_gets_the_text_mask_plus_image_tokens(tiny_chroma):
-    model = flux.load_flux_model(str(tiny_chroma.folder))
+    model = flux_load.load_flux_model(str(tiny_chroma.folder))
     batch = _batch(model, ["a red cat", "a tiny blue dog with a big cat"])
     spy = _Spy(model.transformer)
     with torch.no_grad():
-        loss = flux.flux_loss(spy, batch, torch.Generator().manual_seed(0), timestep_sampling="sigmoid")
+        loss = flux_loss.flux_loss(spy, batch, torch.Generator().manual_seed(0), timestep_sampling="sigmoid")
     call = spy.calls[0]
     assert "pooled_projections" not in call and "guidance" not in call
     assert call["attention_mask"].shape == (2, 16 + 64) and call["attention_mask"].dtype == torch.bool
@@ -444,9 +450,9 @@ def test_chroma_gets_the_text_mask_plus_image_tokens(tiny_chroma):
 def test_same_generator_same_loss(dev_model):
     batch = _batch(dev_model, ["a cat"])
     with torch.no_grad():
-        a = flux.flux_loss(dev_model.transformer, batch, torch.Generator().manual_seed(5))
-        b = flux.flux_loss(dev_model.transformer, batch, torch.Generator().manual_seed(5))
-        c = flux.flux_loss(dev_model.transformer, batch, torch.Generator().manual_seed(6))
+        a = flux_loss.flux_loss(dev_model.transformer, batch, torch.Generator().manual_seed(5))
+        b = flux_loss.flux_loss(dev_model.transformer, batch, torch.Generator().manual_seed(5))
+        c = flux_loss.flux_loss(dev_model.transformer, batch, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -457,44 +463,44 @@ def test_lora_presets_pick_the_right_layers():
     from tests.fixtures.tiny_flux import tiny_chroma_transformer, tiny_flux_transformer
 
     model = tiny_flux_transformer()
-    every = flux.flux_lora_targets(model, "all")
+    every = flux_lora.flux_lora_targets(model, "all")
     assert len(every) == 12 + 5
     assert "transformer_blocks.0.attn.to_add_out" in every and "transformer_blocks.0.ff_context.net.2" in every
     assert "single_transformer_blocks.0.proj_out" in every and "proj_out" not in every
-    attention = flux.flux_lora_targets(model, "attention")
+    attention = flux_lora.flux_lora_targets(model, "attention")
     assert not any(".ff" in n or "proj_mlp" in n or n.endswith("blocks.0.proj_out") for n in attention)
     assert len(attention) == 8 + 3
-    singles = flux.flux_lora_targets(model, "single_blocks")
+    singles = flux_lora.flux_lora_targets(model, "single_blocks")
     assert singles and all(n.startswith("single_transformer_blocks.") for n in singles)
-    norms = set(flux.flux_lora_targets(model, "all", include_norms=True)) - set(every)
+    norms = set(flux_lora.flux_lora_targets(model, "all", include_norms=True)) - set(every)
     assert norms == {"transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear",
                      "single_transformer_blocks.0.norm.linear"}
     # Chroma's pruned norms have no Linear: the norm option adds nothing there, the rest is the same.
     chroma = tiny_chroma_transformer()
-    assert flux.flux_lora_targets(chroma, "all", include_norms=True) == flux.flux_lora_targets(chroma, "all")
+    assert flux_lora.flux_lora_targets(chroma, "all", include_norms=True) == flux_lora.flux_lora_targets(chroma, "all")
     with pytest.raises(ValueError, match="single_blocks"):
-        flux.flux_lora_targets(model, "mlp")
+        flux_lora.flux_lora_targets(model, "mlp")
 
 
 def _train(transformer, batch, steps=30, lr=1e-2, dtype=torch.float32):
     """LoRA steps on one batch; returns the fixed-noise validation loss before and after."""
-    params = flux.lora_parameters(transformer)
+    params = flux_lora.lora_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     val_g = torch.Generator().manual_seed(123)
-    val_sigmas = flux.sample_sigmas(4, "shift", generator=val_g)
+    val_sigmas = flux_loss.sample_sigmas(4, "shift", generator=val_g)
     val_noise = torch.randn((4,) + tuple(batch.latents.shape[1:]), generator=val_g)
-    val_batch = flux.FluxBatch(batch.latents.expand(4, -1, -1, -1), flux.stack_embeds(
-        [flux.PromptEmbeds(batch.prompts.prompt_embeds[0], batch.prompts.pooled[0], batch.prompts.text_ids, None)] * 4))
+    val_batch = flux_loss.FluxBatch(batch.latents.expand(4, -1, -1, -1), flux_text.stack_embeds(
+        [flux_text.PromptEmbeds(batch.prompts.prompt_embeds[0], batch.prompts.pooled[0], batch.prompts.text_ids, None)] * 4))
 
     def validation() -> float:
         with torch.no_grad():
-            return flux.flux_loss(transformer, val_batch, sigmas=val_sigmas, noise=val_noise, dtype=dtype).item()
+            return flux_loss.flux_loss(transformer, val_batch, sigmas=val_sigmas, noise=val_noise, dtype=dtype).item()
 
     before = validation()
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
-        loss = flux.flux_loss(transformer, batch, g, dtype=dtype)
+        loss = flux_loss.flux_loss(transformer, batch, g, dtype=dtype)
         assert torch.isfinite(loss)
         optimizer.zero_grad()
         loss.backward()
@@ -505,9 +511,9 @@ def _train(transformer, batch, steps=30, lr=1e-2, dtype=torch.float32):
 
 def test_a_tiny_flux_learns_one_image(tiny_flux_dev):
     """30 LoRA steps with AdamW on one image + caption lower its loss (same noise before/after)."""
-    model = flux.load_flux_model(str(tiny_flux_dev.folder))
+    model = flux_load.load_flux_model(str(tiny_flux_dev.folder))
     base = {k: v.clone() for k, v in model.transformer.state_dict().items()}
-    targets = flux.add_flux_lora(model.transformer, rank=4, preset="all")
+    targets = flux_lora.add_flux_lora(model.transformer, rank=4, preset="all")
     assert len(targets) == 17
     batch = _batch(model, ["sks a tiny flux learns one image"], seed=4)
     before, after, losses = _train(model.transformer, batch)
@@ -521,13 +527,13 @@ def test_a_tiny_flux_learns_one_image(tiny_flux_dev):
 
 
 def test_fp8_storage_trains_on_the_cpu_with_the_lora_in_fp32(tiny_flux_dev):
-    model = flux.load_flux_model(str(tiny_flux_dev.folder))
+    model = flux_load.load_flux_model(str(tiny_flux_dev.folder))
     with pytest.raises(ValueError, match="Add the LoRA"):
-        flux.enable_fp8_storage(model.transformer, torch.float32)
-    flux.add_flux_lora(model.transformer, rank=4)
+        flux_lora.enable_fp8_storage(model.transformer, torch.float32)
+    flux_lora.add_flux_lora(model.transformer, rank=4)
     # The realistic setup: bf16 compute (what stays out of fp8 moves to bf16), the LoRA in fp32.
-    cast = flux.enable_fp8_storage(model.transformer, torch.bfloat16)
-    flux.enable_gradient_checkpointing(model.transformer)
+    cast = flux_lora.enable_fp8_storage(model.transformer, torch.bfloat16)
+    flux_lora.enable_gradient_checkpointing(model.transformer)
     blocks = model.transformer.transformer_blocks[0]
     assert blocks.attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
     assert blocks.ff.net[2].base_layer.weight.dtype == torch.float8_e4m3fn
@@ -535,7 +541,7 @@ def test_fp8_storage_trains_on_the_cpu_with_the_lora_in_fp32(tiny_flux_dev):
     # the 17 LoRA'd base layers + 8 embedder Linears (x, context, time, text, guidance).
     assert cast == 17 + 8
     assert blocks.norm1.linear.weight.dtype == torch.bfloat16
-    assert {p.dtype for p in flux.lora_parameters(model.transformer)} == {torch.float32}
+    assert {p.dtype for p in flux_lora.lora_parameters(model.transformer)} == {torch.float32}
     assert model.transformer.gradient_checkpointing
     batch = _batch(model, ["sks a tiny flux learns one image"], seed=4)
     before, after, losses = _train(model.transformer, batch, steps=10, dtype=torch.bfloat16)
@@ -544,16 +550,16 @@ def test_fp8_storage_trains_on_the_cpu_with_the_lora_in_fp32(tiny_flux_dev):
 
 
 def test_fp8_storage_can_cast_the_modulation_linears_too(tiny_flux_dev):
-    model = flux.load_flux_model(str(tiny_flux_dev.folder))
-    flux.add_flux_lora(model.transformer, rank=4)
-    cast = flux.enable_fp8_storage(model.transformer, torch.float32, cast_modulation=True)
+    model = flux_load.load_flux_model(str(tiny_flux_dev.folder))
+    flux_lora.add_flux_lora(model.transformer, rank=4)
+    cast = flux_lora.enable_fp8_storage(model.transformer, torch.float32, cast_modulation=True)
     block = model.transformer.transformer_blocks[0]
     assert block.norm1.linear.weight.dtype == torch.float8_e4m3fn
     assert model.transformer.x_embedder.weight.dtype == torch.float32
     assert block.attn.norm_q.weight.dtype == torch.float32
     assert cast == 17 + 3
     with torch.no_grad():
-        loss = flux.flux_loss(model.transformer, _batch(model, ["a cat"]), torch.Generator().manual_seed(0))
+        loss = flux_loss.flux_loss(model.transformer, _batch(model, ["a cat"]), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
 
 
@@ -561,17 +567,17 @@ def test_fp8_storage_can_cast_the_modulation_linears_too(tiny_flux_dev):
 def test_gpu_only_switches_explain_themselves_on_the_cpu():
     from tests.fixtures.tiny_flux import tiny_flux_transformer
 
-    applied, message = flux.apply_group_offload(tiny_flux_transformer())
+    applied, message = flux_lora.apply_group_offload(tiny_flux_transformer())
     assert not applied and "needs a CUDA GPU" in message and message.endswith(".")
     with pytest.raises(ValueError, match="NF4 quantization needs a CUDA GPU"):
-        flux.nf4_config()
+        flux_lora.nf4_config()
 
 
 # --- memory shapes ---------------------------------------------------------------------------------------
 
 
 def test_real_flux1_parameter_counts_from_the_meta_device():
-    counts = flux.flux_param_counts("flux-dev", rank=16)
+    counts = flux_lora.flux_param_counts("flux-dev", rank=16)
     assert counts["total"] == pytest.approx(11.9e9, rel=0.01)
     assert (counts["double_blocks"], counts["single_blocks"]) == (19, 38)
     assert counts["total"] == (19 * counts["per_double_block"] + 38 * counts["per_single_block"] + counts["other"])
@@ -580,21 +586,21 @@ def test_real_flux1_parameter_counts_from_the_meta_device():
     double = 16 * (8 * 2 * width + 2 * (width + mlp) + 2 * (mlp + width))
     single = 16 * (3 * 2 * width + (width + mlp) + (width + mlp + width))
     assert counts["lora"] == 19 * double + 38 * single
-    schnell = flux.flux_param_counts("flux-schnell", rank=16)
+    schnell = flux_lora.flux_param_counts("flux-schnell", rank=16)
     assert schnell["total"] < counts["total"] and schnell["lora"] == counts["lora"]
-    assert flux.flux_param_counts("flux-dev", rank=16, preset="single_blocks")["lora"] == 38 * single
+    assert flux_lora.flux_param_counts("flux-dev", rank=16, preset="single_blocks")["lora"] == 38 * single
 
 
 def test_another_models_vae_is_refused_by_name(tiny_flux_dev, tmp_path):
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    from core.models.sd_convert import vae_to_ldm
+    from core.families.sd.convert import vae_to_ldm
 
     # An SD-style VAE (4 latent channels) where the FLUX AE belongs.
     sd_vae = AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=4, norm_num_groups=1)
     path = tmp_path / "sdxl_vae.safetensors"
     save_file({k: v.contiguous() for k, v in vae_to_ldm(sd_vae.state_dict(), dict(sd_vae.config)).items()}, str(path))
     with pytest.raises(ModelLoadError, match="'sdxl_vae.safetensors' is not the FLUX autoencoder") as info:
-        flux.load_vae_file(path, config_source=str(tiny_flux_dev.folder), variant="flux-dev")
+        flux_single_file.load_vae_file(path, config_source=str(tiny_flux_dev.folder), variant="flux-dev")
     assert "ae.safetensors" in info.value.advice

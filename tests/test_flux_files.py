@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from core.export.kohya import LoraFormatError, file_model_hash, kohya_alphas_from_model
-from core.families.flux_lora_keys import (
+from core.families.flux.lora_files import (
     flux_kohya_to_peft,
     flux_peft_to_kohya,
     read_flux_lora,

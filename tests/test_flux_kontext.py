@@ -15,7 +15,7 @@ from tests.test_pairs import make_pairs
 def test_kontext_is_named_from_its_folder_and_its_file_name(tiny_flux_kontext, tiny_flux_dev, tmp_path):
     import shutil
 
-    from core.families.base import detect_image_family
+    from core.family_api.lookup import detect_image_family
     from core.model_info import detect_model
 
     assert detect_image_family(str(tiny_flux_kontext.folder)) == "flux-kontext"
@@ -29,8 +29,8 @@ def test_kontext_is_named_from_its_folder_and_its_file_name(tiny_flux_kontext, t
 def test_the_kontext_loss_appends_the_control_with_position_id_1(tiny_flux_kontext):
     from diffusers import FluxTransformer2DModel
 
-    from core.families.flux_text import PromptEmbeds, text_ids
-    from core.families.flux_train import FluxBatch, flux_loss
+    from core.families.flux.text import PromptEmbeds, text_ids
+    from core.families.flux.loss import FluxBatch, flux_loss
 
     transformer = FluxTransformer2DModel.from_pretrained(tiny_flux_kontext.folder, subfolder="transformer")
     seen = {}

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.export.inspect import inspect_lora, lora_family_mismatch
-from core.families.flux_lora_keys import bfl_module_from_kohya, read_flux_lora, write_flux_kohya_file
+from core.families.flux.lora_files import bfl_module_from_kohya, read_flux_lora, write_flux_kohya_file
 from core.tools.convert import convert_lora, read_lora
 from core.tools.describe import describe_info
 from core.tools.extract import resize_file
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _peft_state(variant: str, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
-    from core.families.flux_memory import add_flux_lora
+    from core.families.flux.lora import add_flux_lora
     from tests.fixtures.tiny_flux import tiny_chroma_transformer, tiny_flux_transformer
 
     model = tiny_chroma_transformer() if variant == "chroma" else tiny_flux_transformer(variant == "flux-dev")

@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 
 import core.devices
-from core import memory_flux, presets
+from core import presets
+from core.families.flux import memory as memory_flux
 from core.devices import GIB, DeviceInfo
-from core.families.flux import flux_param_counts
-from core.families.registry import FLUX_DEV
+from core.families.flux.lora import flux_param_counts
+from core.family_api.registry import FLUX_DEV
 from core.memory import estimate_memory, fitting_changes
 from core.model_info import detect_model
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from core.families.registry import CHROMA, FLUX_DEV, FLUX_SCHNELL, family_info
+from core.family_api.registry import CHROMA, FLUX_DEV, FLUX_SCHNELL, family_info
 from core.model_info import detect_model, safetensors_header
 
 

@@ -39,7 +39,7 @@ def test_a_tiny_flux_dev_trains_from_a_yaml_with_train_py_and_writes_both_files(
                                                                                   tmp_path):
     from diffusers import FluxPipeline
 
-    from core.families.flux_lora_keys import read_flux_lora
+    from core.families.flux.lora_files import read_flux_lora
     from core.sample import clear_pipeline_cache, generate_images
 
     out = tmp_path / "out"
@@ -109,7 +109,7 @@ def test_stop_at_step_2_and_resume_from_latest_gives_the_uninterrupted_runs_loss
 def test_chroma_trains_with_sigmoid_sampling_and_no_guidance(tiny_chroma, two_images, tmp_path, monkeypatch):
     from diffusers import ChromaPipeline
 
-    from core.families import flux_train
+    from core.families.flux import loss as flux_train
 
     seen: list[dict] = []
     real_loss = flux_train.flux_loss
@@ -136,7 +136,7 @@ def test_chroma_trains_with_sigmoid_sampling_and_no_guidance(tiny_chroma, two_im
 
 
 def test_a_flux_lora_file_as_init_lora_starts_from_its_weights(tiny_flux_dev, two_images, tmp_path):
-    from core.families.flux_lora_keys import read_flux_lora
+    from core.families.flux.lora_files import read_flux_lora
 
     first, _ = run_collect(_config(tiny_flux_dev.folder, two_images, tmp_path / "first", lora_blocks="attention"))
     # A learning rate too small to move anything: the continued LoRA equals the file it started from.
@@ -152,7 +152,7 @@ def test_a_flux_lora_file_as_init_lora_starts_from_its_weights(tiny_flux_dev, tw
 
 
 def test_fp8_base_trains_on_the_cpu(tiny_flux_dev, two_images, tmp_path, monkeypatch):
-    from core.families import flux_memory
+    from core.families.flux import lora as flux_memory
 
     trained = []
     real = flux_memory.enable_fp8_storage
@@ -186,7 +186,7 @@ def test_fp8_base_trains_on_the_cpu(tiny_flux_dev, two_images, tmp_path, monkeyp
 def test_gpu_only_settings_on_a_cpu_machine_say_so_before_loading_anything(tiny_flux_dev, two_images, tmp_path,
                                                                             monkeypatch, setting, words):
     from core.events import RunContext
-    from core.families import flux_load
+    from core.families.flux import load as flux_load
     from core.presets import resolve_config
     from core.train import run_training
 
@@ -204,9 +204,9 @@ def test_gpu_only_settings_on_a_cpu_machine_say_so_before_loading_anything(tiny_
 
 
 def test_the_family_is_read_from_the_models_files(tiny_flux_dev, tiny_chroma, tiny_sd1):
-    from core.families.base import detect_image_family, family_for_model
-    from core.families.flux_family import FLUX
-    from core.families.sd import SD
+    from core.family_api.lookup import detect_image_family, family_for_model
+    from core.families.flux.family import FLUX
+    from core.families.sd.family import SD
 
     assert detect_image_family(str(tiny_flux_dev.folder)) == "flux-dev"
     assert detect_image_family(str(tiny_flux_dev.comfy_transformer)) == "flux-dev"

@@ -40,7 +40,7 @@ def test_peft_injects_lora_into_a_clip_text_encoder_and_reads_it_back():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from core.config import TrainConfig
-    from core.train.image_lora import add_text_encoder_lora
+    from core.families.sd.lora import add_text_encoder_lora
 
     encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
                                            num_hidden_layers=2, vocab_size=100, projection_dim=32))
@@ -56,7 +56,8 @@ def test_diffusers_add_adapter_puts_trainable_lora_on_the_unet(tiny_sd1):
     from diffusers import UNet2DConditionModel
 
     from core.config import TrainConfig
-    from core.train.image_lora import add_unet_lora, peft_state
+    from core.families.sd.lora import add_unet_lora
+    from core.lora import peft_state
 
     unet = UNet2DConditionModel.from_pretrained(str(tiny_sd1.folder), subfolder="unet")
     unet.requires_grad_(False)

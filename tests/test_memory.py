@@ -154,7 +154,7 @@ def test_the_sd15_and_sdxl_constants_match_the_real_unets_built_on_the_meta_devi
 
 def _conv_lora_features(unet) -> int:
     """LoCon parameters per unit of conv_rank: down conv (in x k x k) + up conv (out)."""
-    from core.train.image_lora import conv_module_names
+    from core.families.sd.lora import conv_module_names
 
     convs = [unet.get_submodule(name) for name in conv_module_names(unet)]
     return sum(c.in_channels * c.kernel_size[0] * c.kernel_size[1] + c.out_channels for c in convs)

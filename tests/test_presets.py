@@ -17,7 +17,7 @@ from core import presets
 from core.config import FIELDS, config_from_dict
 from core.devices import DeviceInfo
 from core.model_info import SMOLLM2_135M, detect_model
-from core.families.registry import FAMILIES
+from core.family_api.registry import FAMILIES
 
 
 def gpu(name: str, total: float, *, bf16: bool = True, bnb: bool = True, used: float = 0.4) -> DeviceInfo:

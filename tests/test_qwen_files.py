@@ -19,7 +19,7 @@ def _peft_state(rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from core.families.qwen_image import lora_targets
+    from core.families.qwen_image.load import lora_targets
     from tests.fixtures.tiny_qwen import tiny_qwen_transformer
 
     model = tiny_qwen_transformer()
@@ -33,7 +33,7 @@ def _peft_state(rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def qwen_file(tmp_path) -> Path:
-    from core.families.qwen_image_files import write_kohya_file
+    from core.families.qwen_image.lora_files import write_kohya_file
 
     return write_kohya_file(_peft_state(), tmp_path / "qwen_lora.safetensors", variant="qwen-image", alpha=8,
                             dtype=torch.float32)
@@ -49,7 +49,7 @@ def test_inspect_tells_our_file_and_comfyui_forms_without_metadata(qwen_file, tm
     assert "transformer.transformer_blocks.0.attn.to_q" in info.modules
     tensors = load_file(str(qwen_file))
     # ComfyUI's `diffusion_model.<module>` form, no metadata: the keys alone tell the family.
-    from core.families.qwen_image_files import kohya_to_peft
+    from core.families.qwen_image.lora_files import kohya_to_peft
 
     peft, alphas = kohya_to_peft(tensors)
     comfy = {}
@@ -81,7 +81,7 @@ def test_convert_to_diffusers_and_back_keeps_every_delta(qwen_file, tmp_path):
 
 
 def test_resize_and_merge(qwen_file, tmp_path):
-    from core.families.qwen_image_files import write_kohya_file
+    from core.families.qwen_image.lora_files import write_kohya_file
     from core.tools.convert import write_like
 
     lora = read_lora(qwen_file)

@@ -10,8 +10,8 @@ import torch
 import core.devices
 from core import presets
 from core.devices import GIB, DeviceInfo
-from core.families import qwen_memory
-from core.families.registry import QWEN_IMAGE
+from core.families.qwen_image import memory as qwen_memory
+from core.family_api.registry import QWEN_IMAGE
 from core.memory import estimate_memory
 from core.model_info import detect_model
 
@@ -39,7 +39,7 @@ def meta_model():
 
 
 def test_the_closed_forms_are_the_real_model(meta_model):
-    from core.families.qwen_image import lora_targets
+    from core.families.qwen_image.load import lora_targets
 
     modules = dict(meta_model.named_modules())
     lora = sum(4 * (modules[n].in_features + modules[n].out_features) for n in lora_targets(meta_model))

@@ -57,7 +57,7 @@ def comfy_loaded(lora_keys: list[str], key_map: dict[str, str]) -> set[str]:
 def test_a_tiny_qwen_image_trains_and_writes_both_files(tiny_qwen_image, two_images, tmp_path):
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
-    from core.families.qwen_image_files import read_lora
+    from core.families.qwen_image.lora_files import read_lora
 
     out = tmp_path / "out"
     outputs, events = run_collect(_config(tiny_qwen_image.folder, two_images, out, output_name="my_qwen",
@@ -133,7 +133,7 @@ def test_stop_and_resume_gives_the_uninterrupted_runs_losses(tiny_qwen_image, tw
     assert [r.step for r in b] == [1, 2, 3, 4]
     for row_a, row_b in zip(a, b):
         assert row_a.loss == pytest.approx(row_b.loss, rel=1e-5), f"step {row_a.step}"
-    from core.families.qwen_image_files import read_lora
+    from core.families.qwen_image.lora_files import read_lora
 
     x, y = read_lora(first["lora"])[0], read_lora(second["lora"])[0]
     for key in x:
@@ -161,7 +161,7 @@ def test_the_comfyui_layout_trains_with_fp8_storage(tiny_qwen_image, two_images,
 def test_gpu_only_settings_are_refused_before_loading(tiny_qwen_image, two_images, tmp_path, monkeypatch, setting,
                                                       words):
     from core.events import RunContext
-    from core.families import qwen_image
+    from core.families.qwen_image import load as qwen_image
     from core.presets import resolve_config
     from core.train import run_training
 
@@ -175,8 +175,8 @@ def test_gpu_only_settings_are_refused_before_loading(tiny_qwen_image, two_image
 
 
 def test_the_family_is_read_from_the_models_files(tiny_qwen_image, tiny_qwen_edit):
-    from core.families.base import detect_image_family, family_for_model
-    from core.families.qwen_image_family import FAMILY
+    from core.family_api.lookup import detect_image_family, family_for_model
+    from core.families.qwen_image.family import FAMILY
     from core.model_info import detect_model as model_info
 
     assert detect_image_family(str(tiny_qwen_image.folder)) == "qwen-image"
@@ -190,7 +190,7 @@ def test_the_family_is_read_from_the_models_files(tiny_qwen_image, tiny_qwen_edi
 
 def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders(tiny_qwen_edit, tmp_path,
                                                                                  monkeypatch):
-    from core.families import qwen_image
+    from core.families.qwen_image import load as qwen_image
     from tests.test_pairs import make_pairs
 
     data = make_pairs(tmp_path / "pairs", count=2)

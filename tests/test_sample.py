@@ -55,7 +55,8 @@ def test_the_webui_file_through_diffusers_is_the_trained_unet_and_lowers_the_los
     from safetensors.torch import load_file
 
     from core.config import config_from_dict
-    from core.train.image_lora import add_unet_lora, load_peft_state
+    from core.families.sd.lora import add_unet_lora
+    from core.lora import load_peft_state
 
     raw, outputs, data = trained
     kohya = load_file(outputs["lora"])

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.families import sd3_keys, sd3_load
-from core.families.registry import FAMILIES
+from core.families.sd3 import keys as sd3_keys
+from core.families.sd3 import load as sd3_load
+from core.family_api.registry import FAMILIES
 
 
 def _write_keys(path: Path, keys: list[str]) -> Path:
@@ -24,7 +25,7 @@ def _write_keys(path: Path, keys: list[str]) -> Path:
 
 
 def test_published_sizes_are_the_real_configs_counted_on_the_meta_device():
-    from core.families.sd3_memory import shape_counts
+    from core.families.sd3.memory import shape_counts
 
     assert FAMILIES["sd3"].trained_params == shape_counts("5-medium")["total"] == 2_243_171_520
     assert FAMILIES["sd35-large"].trained_params == shape_counts("5-large")["total"] == 8_056_627_520
@@ -33,7 +34,7 @@ def test_published_sizes_are_the_real_configs_counted_on_the_meta_device():
     for name in ("sd3", "sd35-large"):
         info = FAMILIES[name]
         assert info.kind == "dit" and info.is_flow_matching and info.preset_family == "sd3"
-        assert info.impl == "core.families.sd3_family" and info.config_groups == ("flow",)
+        assert info.impl == "core.families.sd3.family" and info.config_groups == ("flow",)
         assert info.pipeline_class == "StableDiffusion3Pipeline"
     # sd-scripts' names: ss_base_model_version is the MMDiT model_type, the architecture "stable-diffusion-3-" + it.
     assert FAMILIES["sd3"].ss_base_model_version == "5-medium"
@@ -60,8 +61,8 @@ def test_model_type_from_a_single_file_header(tmp_path, keys, prefix, expected):
 
 
 def test_folders_and_the_image_family_of_every_layout(tiny_sd3, tiny_sd35_large, tiny_flux_dev):
-    from core.families.base import detect_image_family, family_for_model
-    from core.families.sd3_family import FAMILY
+    from core.family_api.lookup import detect_image_family, family_for_model
+    from core.families.sd3.family import FAMILY
 
     assert detect_image_family(str(tiny_sd3.folder)) == "sd3"
     assert detect_image_family(str(tiny_sd35_large.folder)) == "sd35-large"
@@ -132,7 +133,7 @@ def test_comfyui_layouts_load_the_same_weights_as_the_diffusers_folder(tiny_sd3,
 
 
 def test_a_missing_text_encoder_file_is_named_before_any_weights_are_read(tiny_sd3, tmp_path):
-    from core.models.sd_single_file import ModelLoadError
+    from core.family_api.contract import ModelLoadError
 
     models = tmp_path / "models"
     (models / "diffusion_models").mkdir(parents=True)
@@ -143,7 +144,7 @@ def test_a_missing_text_encoder_file_is_named_before_any_weights_are_read(tiny_s
 
 
 def test_without_t5_the_prompt_encoding_has_zeros_in_its_place(tiny_sd3, tmp_path):
-    from core.families.sd3_family import encode_prompts
+    from core.families.sd3.family import encode_prompts
 
     model = sd3_load.load_sd3_model(str(tiny_sd3.folder))
     full = encode_prompts(model, ["a red thing"], torch.device("cpu"))
@@ -163,7 +164,7 @@ def _trained_lora(folder: Path, rank: int = 4, alpha: float = 2.0, seed: int = 0
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig
 
-    from core.families.sd3_family import lora_targets
+    from core.families.sd3.family import lora_targets
 
     transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_targets(transformer),
@@ -201,8 +202,8 @@ def _comfy_load(lora: dict[str, torch.Tensor], key_map: dict[str, str]) -> tuple
 def test_the_kohya_file_loads_in_comfyui_key_for_key_with_the_trained_delta(tiny_sd3, tmp_path):
     from safetensors.torch import load_file
 
-    from core.families.sd3_lora_files import write_kohya_file
-    from core.train.image_lora import peft_state
+    from core.families.sd3.lora_files import write_kohya_file
+    from core.lora import peft_state
 
     transformer, config = _trained_lora(tiny_sd3.folder)
     state = peft_state(transformer)
@@ -233,8 +234,8 @@ def test_the_kohya_file_loads_in_comfyui_key_for_key_with_the_trained_delta(tiny
 def test_the_diffusers_file_loads_in_diffusers_and_comfyui_and_gives_the_trained_output(tiny_sd3, tmp_path):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from core.families.sd3_lora_files import read_lora, write_diffusers_file, write_kohya_file
-    from core.train.image_lora import peft_state
+    from core.families.sd3.lora_files import read_lora, write_diffusers_file, write_kohya_file
+    from core.lora import peft_state
 
     transformer, config = _trained_lora(tiny_sd3.folder, alpha=2.0)
     state = peft_state(transformer)
@@ -270,9 +271,9 @@ def test_the_diffusers_file_loads_in_diffusers_and_comfyui_and_gives_the_trained
 
 def test_lora_tools_read_convert_and_write_both_ways(tiny_sd3, tmp_path):
     from core.export.inspect import family_from_keys, inspect_lora
-    from core.families.sd3_lora_files import read_lora, write_kohya_file
+    from core.families.sd3.lora_files import read_lora, write_kohya_file
     from core.tools.convert import convert_lora
-    from core.train.image_lora import peft_state
+    from core.lora import peft_state
 
     transformer, _ = _trained_lora(tiny_sd3.folder)
     state = peft_state(transformer)
@@ -293,10 +294,10 @@ def test_lora_tools_read_convert_and_write_both_ways(tiny_sd3, tmp_path):
 
 def test_merging_two_sd3_loras_adds_their_deltas_and_stays_sd3(tiny_sd3, tmp_path):
     from core.export.inspect import inspect_lora
-    from core.families.sd3_lora_files import write_kohya_file
+    from core.families.sd3.lora_files import write_kohya_file
     from core.tools.convert import read_lora as read_tool_lora, write_like
     from core.tools.merge import combine_files
-    from core.train.image_lora import peft_state
+    from core.lora import peft_state
 
     files = []
     for seed in (0, 1):
@@ -313,7 +314,7 @@ def test_merging_two_sd3_loras_adds_their_deltas_and_stays_sd3(tiny_sd3, tmp_pat
 
 
 def test_text_encoder_files_and_vae_name_the_parts_of_a_bare_transformer_file(tiny_sd3, tmp_path):
-    from core.models.sd_single_file import ModelLoadError
+    from core.family_api.contract import ModelLoadError
 
     target = tmp_path / "elsewhere" / "sd3.5_medium.safetensors"
     target.parent.mkdir()

@@ -1,4 +1,4 @@
-"""The SD3 / SD3.5 memory estimate (core.families.sd3_memory, calibrated on the real shapes), the sd3
+"""The SD3 / SD3.5 memory estimate (core.families.sd3.memory, calibrated on the real shapes), the sd3
 presets, `preset: auto` and the out-of-memory ladder down to NF4. Devices are simulated as in test_presets."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import core.devices
 from core import presets
 from core.devices import GIB, DeviceInfo
-from core.families import sd3_memory
-from core.families.registry import SD35_LARGE
+from core.families.sd3 import memory as sd3_memory
+from core.family_api.registry import SD35_LARGE
 from core.memory import estimate_memory
 from core.model_info import detect_model
 

@@ -32,8 +32,8 @@ def test_a_tiny_sd35_medium_trains_writes_both_files_and_the_test_tab_uses_them(
                                                                                 monkeypatch):
     from diffusers import StableDiffusion3Pipeline
 
-    from core.families import sd3_family
-    from core.families.sd3_lora_files import read_lora
+    from core.families.sd3 import family as sd3_family
+    from core.families.sd3.lora_files import read_lora
     from core.sample import clear_pipeline_cache, generate_images
 
     seen: list[dict] = []
@@ -91,7 +91,7 @@ def test_a_tiny_sd35_medium_trains_writes_both_files_and_the_test_tab_uses_them(
 
 
 def test_stop_at_step_2_and_resume_from_latest_gives_the_uninterrupted_runs_losses(tiny_sd3, two_images, tmp_path):
-    from core.families.sd3_lora_files import read_lora
+    from core.families.sd3.lora_files import read_lora
 
     common = dict(max_train_steps=4, save_steps=2, lr_scheduler="cosine", lr_warmup_steps=1)
     straight = tmp_path / "straight"
@@ -122,7 +122,7 @@ def test_sais_all_in_one_file_trains_as_comfyui_has_it(tiny_sd3, two_images, tmp
 
 def test_sd35_large_trains_with_fp8_storage_on_the_cpu_and_continues_from_its_file(tiny_sd35_large, two_images,
                                                                                    tmp_path):
-    from core.families.sd3_lora_files import read_lora
+    from core.families.sd3.lora_files import read_lora
 
     outputs, events = run_collect(_config(tiny_sd35_large.folder, two_images, tmp_path / "fp8", fp8_base=True,
                                           gradient_checkpointing=True))
@@ -150,7 +150,7 @@ def test_sd35_large_trains_with_fp8_storage_on_the_cpu_and_continues_from_its_fi
 def test_gpu_only_settings_on_a_cpu_machine_say_so_before_loading_anything(tiny_sd3, two_images, tmp_path,
                                                                             monkeypatch, setting, words):
     from core.events import RunContext
-    from core.families import sd3_load
+    from core.families.sd3 import load as sd3_load
     from core.presets import resolve_config
     from core.train import run_training
 

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.config import ConfigError, config_from_dict
-from core.models import ModelLoadError, load_sd_model, model_family
+from core.family_api.contract import ModelLoadError
+from core.families.sd.load import load_sd_model, model_family
 from tests.fixtures.tiny_sd import run_collect, tiny_run_config
 
 

@@ -41,7 +41,7 @@ def sd1_lora(tiny_sd1, tmp_path_factory):
 @pytest.mark.parametrize("weight", [1.0, 0.7])
 def test_a_lora_baked_into_an_sd_checkpoint_gives_the_base_plus_lora_output_at_that_weight(
         tiny_sd1, sd1_lora, tmp_path, weight):
-    from core.models.sd import load_sd_model
+    from core.families.sd.load import load_sd_model
 
     out, report = bake_into_sd(str(tiny_sd1.single_file), [(sd1_lora.kohya, weight)], tmp_path / "merged.safetensors",
                                dtype=None, model_config=str(tiny_sd1.folder))
@@ -84,7 +84,7 @@ def test_the_merged_checkpoint_loads_in_diffusers_from_single_file_and_remembers
 
 
 def test_a_dora_lora_bakes_into_the_same_weights_peft_fuses(tiny_sd1, tmp_path):
-    from core.models.sd import load_sd_model
+    from core.families.sd.load import load_sd_model
 
     made = make_sd_lora(tiny_sd1.folder, tmp_path / "dora", variant="dora", conv_rank=0, seed=5)
     out, _ = bake_into_sd(str(tiny_sd1.folder), [(made.kohya, 1.0)], tmp_path / "merged.safetensors", dtype=None)
@@ -95,7 +95,7 @@ def test_a_dora_lora_bakes_into_the_same_weights_peft_fuses(tiny_sd1, tmp_path):
 
 
 def test_an_sdxl_lora_with_sgm_names_bakes_into_an_sdxl_checkpoint(tiny_sdxl, tmp_path):
-    from core.models.sd import load_sd_model
+    from core.families.sd.load import load_sd_model
 
     made = make_sd_lora(tiny_sdxl.folder, tmp_path / "xl", variant="lora", seed=13)
     assert any("input_blocks" in n for n in read_lora(made.kohya).modules)  # WebUI's SDXL names

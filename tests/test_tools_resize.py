@@ -80,7 +80,7 @@ def test_an_energy_resized_lora_with_a_rank_per_module_loads_in_diffusers_as_it_
     # each module's alpha (the factors absorb the new rank) instead of scaling alpha with it.
     from diffusers import StableDiffusionPipeline
 
-    from core.models.sd import load_sd_model
+    from core.families.sd.load import load_sd_model
     from core.tools.merge import bake_into_modules, sd_components
     from tests.test_tools_merge import unet_out
 
@@ -97,7 +97,7 @@ def test_an_energy_resized_lora_with_a_rank_per_module_loads_in_diffusers_as_it_
 
 
 def test_extracting_a_lora_from_a_model_and_its_merged_copy_recovers_the_lora(tiny_sd1, tmp_path):
-    from core.models.sd import load_sd_model
+    from core.families.sd.load import load_sd_model
     from core.tools.merge import bake_into_sd
 
     made = make_sd_lora(tiny_sd1.folder, tmp_path / "lora", conv_rank=0, text_encoder=False, seed=4)

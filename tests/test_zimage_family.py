@@ -27,7 +27,7 @@ def test_registry_sizes_are_the_real_configs_counted_on_the_meta_device():
     from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from core.families.registry import FLUX_AE, QWEN3_4B, Z_IMAGE, family_info
+    from core.family_api.registry import FLUX_AE, QWEN3_4B, Z_IMAGE, family_info
 
     with torch.device("meta"):
         transformer = ZImageTransformer2DModel()  # diffusers' defaults are Z-Image's config (dim 3840, 30 layers)
@@ -45,7 +45,7 @@ def test_registry_sizes_are_the_real_configs_counted_on_the_meta_device():
 
 
 def test_folder_and_comfy_single_files_load_the_same_model_and_are_detected(tiny_zimage):
-    from core.families.zimage import detect, load_model, variant_from_name
+    from core.families.zimage.load import detect, load_model, variant_from_name
 
     assert detect(str(tiny_zimage.folder)) == "z-image-turbo"
     assert detect(str(tiny_zimage.comfy_transformer)) == "z-image-turbo"
@@ -66,7 +66,7 @@ def test_folder_and_comfy_single_files_load_the_same_model_and_are_detected(tiny
 def test_prompts_are_encoded_as_the_pipeline_does(tiny_zimage):
     from diffusers import ZImagePipeline
 
-    from core.families.zimage import encode_prompts, load_model
+    from core.families.zimage.load import encode_prompts, load_model
 
     model = load_model(str(tiny_zimage.folder))
     ours = encode_prompts(model.text_encoder, model.tokenizer, ["a red thing", "a photo of a cat"])
@@ -78,7 +78,7 @@ def test_prompts_are_encoded_as_the_pipeline_does(tiny_zimage):
 
 def test_the_loss_is_the_diffusers_scripts_objective(tiny_zimage):
     """model(x_s, 1 - s) ~ x0 - noise, i.e. -model ~ noise - x0 as train_dreambooth_lora_z_image.py has it."""
-    from core.families.zimage import ZImageBatch, load_model, zimage_loss
+    from core.families.zimage.load import ZImageBatch, load_model, zimage_loss
 
     model = load_model(str(tiny_zimage.folder))
     x0, noise = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
@@ -118,7 +118,7 @@ def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, t
     from diffusers import ZImagePipeline
     from safetensors import safe_open
 
-    from core.families.zimage_lora_keys import read_lora
+    from core.families.zimage.lora_files import read_lora
     from tests.fixtures.tiny_zimage import native_transformer_state
 
     out = tmp_path / "out"
@@ -191,7 +191,7 @@ def test_stop_and_resume_give_the_uninterrupted_runs_losses_from_comfy_files(tin
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
 def test_gpu_only_settings_are_refused_on_the_cpu():
     from core.config import TrainConfig
-    from core.families.zimage_family import check
+    from core.families.zimage.family import check
 
     with pytest.raises(ValueError, match="blocks_to_swap needs a CUDA GPU"):
         check(TrainConfig(base_model="x", train_data_dir="y", blocks_to_swap=4))
@@ -201,8 +201,8 @@ def test_gpu_only_settings_are_refused_on_the_cpu():
 
 def test_the_family_layer_names_z_image_from_its_files_and_headers(tiny_zimage, tmp_path):
     from core.export.inspect import family_from_keys
-    from core.families.base import detect_image_family, family_for_model
-    from core.families.zimage_family import ZIMAGE
+    from core.family_api.lookup import detect_image_family, family_for_model
+    from core.families.zimage.family import ZIMAGE
     from core.model_info import detect_model
 
     assert detect_image_family(str(tiny_zimage.folder)) == "z-image-turbo"
@@ -247,7 +247,7 @@ def test_the_benchmark_runs_both_sides_at_toy_sizes():
 
 def test_turbo_previews_run_without_cfg_unless_asked_and_base_previews_keep_it():
     from core.config import TrainConfig
-    from core.families.zimage_family import preview_guidance
+    from core.families.zimage.family import preview_guidance
 
     cfg = TrainConfig(base_model="x", train_data_dir="y")
     assert preview_guidance(cfg, "z-image-turbo") == 0.0 and preview_guidance(cfg, "z-image") == 7.0
@@ -257,8 +257,8 @@ def test_turbo_previews_run_without_cfg_unless_asked_and_base_previews_keep_it()
 
 def test_fp8_base_with_checkpointing_trains_on_the_cpu_and_a_lora_file_continues(tiny_zimage, two_images, tmp_path,
                                                                                 monkeypatch):
-    from core.families import flux_memory
-    from core.families.zimage_lora_keys import read_lora
+    from core.families.flux import lora as flux_memory
+    from core.families.zimage.lora_files import read_lora
 
     trained = []
     real = flux_memory.enable_fp8_storage

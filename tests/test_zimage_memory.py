@@ -10,8 +10,8 @@ import torch
 import core.devices
 from core import presets
 from core.devices import GIB, DeviceInfo
-from core.families import zimage_memory
-from core.families.registry import Z_IMAGE
+from core.families.zimage import memory as zimage_memory
+from core.family_api.registry import Z_IMAGE
 from core.memory import estimate_memory
 from core.model_info import family_defaults
 
@@ -31,7 +31,7 @@ def _cfg(name: str, **extra):
 def test_lora_and_block_closed_forms_equal_the_real_model_on_the_meta_device():
     from diffusers import ZImageTransformer2DModel
 
-    from core.families.zimage import lora_targets
+    from core.families.zimage.load import lora_targets
 
     with torch.device("meta"):
         model = ZImageTransformer2DModel()
@@ -81,12 +81,12 @@ def test_out_of_memory_ladder_walks_the_tiers_down_to_nf4():
 def test_the_tools_hook_converts_both_ways_with_the_same_dw(tmp_path):
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from core.families.base import family_impl
-    from core.families.zimage_lora_keys import read_lora, write_kohya_file
+    from core.family_api.lookup import family_impl
+    from core.families.zimage.lora_files import read_lora, write_kohya_file
     from core.tools.modules import LoraModule
     from tests.fixtures.tiny_zimage import tiny_zimage_transformer
 
-    from core.families.zimage import lora_targets
+    from core.families.zimage.load import lora_targets
 
     model = tiny_zimage_transformer()
     model.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=lora_targets(model), init_lora_weights=False))

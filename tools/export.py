@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.families.registry import FAMILIES  # noqa: E402 - standard library only, after the path
+from core.family_api.registry import FAMILIES  # noqa: E402 - standard library only, after the path
 
 # Kept here so `--help` answers without importing torch.
 DTYPES = ("fp16", "bf16", "fp32", "keep")

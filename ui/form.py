@@ -15,7 +15,7 @@ from typing import Any, get_origin
 from collections.abc import Callable
 
 from core.config import FIELDS, GROUP_TITLES, TYPES, TrainConfig
-from core.families.registry import FAMILY_CONFIG_GROUPS, config_groups_of
+from core.family_api.registry import FAMILY_CONFIG_GROUPS, config_groups_of
 
 TASK_OF = {"image-generation": "image", "text-generation": "text"}
 # The family-specific config groups ("flow", "flux") show only for base models whose family lists them.

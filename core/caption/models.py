@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
+from core.hub import offline
 from core.caption.filename import FilenameCaptioner
 from core.caption.registry import NEEDED_FILES, ResolvedCaptioner, resolve_captioner
 from core.devices import free_memory, pick_device
@@ -74,10 +75,6 @@ def clean_caption(text: str) -> str:
     return " ".join(text.split()).strip(" ,")
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-
-
 def _from_pretrained(loader: Any, resolved: ResolvedCaptioner, **kwargs: Any) -> Any:
     """Load from the folder, else the cache (no network), else the hub when online."""
     if resolved.local:
@@ -85,7 +82,7 @@ def _from_pretrained(loader: Any, resolved: ResolvedCaptioner, **kwargs: Any) ->
     try:
         return loader(resolved.source, local_files_only=True, **kwargs)
     except OSError:
-        if _hub_offline():
+        if offline():
             raise
     return loader(resolved.source, **kwargs)
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from core.atomic import atomic_path
-from core.families.registry import UNET_FAMILIES, family_info
+from core.family_api.registry import UNET_FAMILIES, family_info
 from core.export.kohya import LoraFormatError, canonical_text_encoder_path, group_peft_state_dict
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"

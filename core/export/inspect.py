@@ -1,7 +1,7 @@
 """What is in a LoRA file: format, model family, modules with rank/alpha, metadata, broken tensors.
 
 Reads only with safetensors (and a PEFT folder's adapter_config.json); pickled files are
-refused. Family names and labels come from the family table (core.families.registry);
+refused. Family names and labels come from the family table (core.family_api.registry);
 FLUX.1 / Chroma files (BFL kohya names, ComfyUI's `diffusion_model.` keys, diffusers'
 `transformer.` keys) are read through core.families.flux_lora_keys. The base of
 `tools/export.py inspect` and of the "this LoRA is for another model" check before a LoRA
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from core.families.registry import FAMILIES, family_label
+from core.family_api.registry import FAMILIES, family_label
 
 FAMILY_NAMES = {**{name: family_label(name) for name in FAMILIES}, "llm": "a language model"}
 # lora_te3_ is FLUX's T5 (lora_te1_ its CLIP-L).
@@ -298,7 +298,7 @@ def lora_files_of(family: str) -> Any:
     info = FAMILIES.get(family)
     if info is None or info.kind == "unet":
         return None
-    from core.families.base import family_impl
+    from core.family_api.lookup import family_impl
 
     return family_impl(family).lora_files
 

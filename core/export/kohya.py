@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from core.atomic import save_file_atomic
-from core.families.registry import UNET_FAMILIES, family_info
+from core.family_api.registry import UNET_FAMILIES, family_info
 from core.export.sgm_names import (
     ModuleNameError,
     diffusers_to_sgm,
@@ -41,7 +41,7 @@ from core.export.sgm_names import (
     underscored_to_path,
 )
 
-# The UNet families this converter serves (FLUX/Chroma files: core.families.flux_lora_keys).
+# The UNet families this converter serves (FLUX/Chroma files: core.families.flux.lora_files).
 FAMILIES: tuple[str, ...] = UNET_FAMILIES
 UNET_PREFIX = "lora_unet"
 KOHYA_KEY_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import TrainConfig
-from core.families.registry import family_info
+from core.family_api.registry import family_info
 
 MODELSPEC_VERSION = "1.0.1"  # what sd-scripts' library/sai_model_spec.py writes today
 

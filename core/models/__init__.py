@@ -1,3 +1,4 @@
-"""Model loading: Stable Diffusion (single file / diffusers folder / hub id)."""
-from core.models.sd import FAMILIES, SDModel, load_sd_model, model_family, module_identity  # noqa: F401
-from core.models.sd_single_file import ModelLoadError, read_checkpoint  # noqa: F401
+"""Model loading for text: causal LMs from an HF folder, a hub id or a GGUF file (`llm`, `llm_quant`).
+
+Image models load through their family (core.family_api.lookup).
+"""

@@ -8,8 +8,8 @@ Formats:
              file `peft_to_single_file` makes (the same keys, the config in the header)
 
 Image LoRAs are always held under their kohya names, so resize/merge see one naming scheme;
-FLUX.1 / Chroma LoRAs under BFL's kohya names (core.tools.flux_files). Families come from
-the family table (core.families.registry).
+FLUX.1 / Chroma LoRAs under BFL's kohya names (core.families.flux.tools_files). Families come from
+the family table (core.family_api.registry).
 Pickled files (.ckpt/.pt/.bin) are refused unless the caller passes `allow_pickle`.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor
 from core.atomic import atomic_dir, save_file_atomic
 from core.devices import torch_dtype
 from core.export.inspect import COMFY_PREFIX, DIFFUSERS_COMPONENTS, KOHYA_PREFIXES, lora_files_of
-from core.families.registry import FAMILIES
+from core.family_api.registry import FAMILIES
 from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
                                 modules_to_kohya, modules_to_peft)
 

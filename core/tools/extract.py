@@ -43,7 +43,7 @@ def extract_sd(base_model: str, tuned_model: str, output: str | Path, *, rank: i
                energy: float | None = None, dtype: torch.dtype | None = torch.float16, model_config: str = "",
                allow_pickle: bool = False) -> tuple[Path, ExtractReport]:
     """A kohya LoRA of `tuned_model - base_model` (both SD of the same family)."""
-    from core.models.sd import load_sd_model
+    from core.families.sd.load import load_sd_model
 
     base = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
     tuned = load_sd_model(tuned_model, allow_pickle=allow_pickle, model_config=model_config)

@@ -212,14 +212,14 @@ def bake_into_sd(base_model: str, loras: Sequence[tuple[str | Path, float]], out
                  model_config: str = "") -> tuple[Path, MergeReport]:
     """Bake LoRAs at their weights into an SD base model; save a single-file checkpoint (original layout)."""
     from core.model_info import detect_model
-    from core.models.sd import load_sd_model
+    from core.families.sd.load import load_sd_model
 
     base_info = detect_model(str(base_model))
     if base_info.kind != "unet":
         raise LoraToolError(f"'{Path(str(base_model)).name}' is {base_info.label}: LoRAs are baked into Stable "
                             "Diffusion checkpoints only. Load a FLUX.1 / Chroma LoRA beside its model "
                             "(ComfyUI, Forge, diffusers) instead.")
-    from core.models.sd_convert import pipeline_to_single_file
+    from core.families.sd.convert import pipeline_to_single_file
 
     model = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
     components = sd_components(model)

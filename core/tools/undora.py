@@ -46,7 +46,7 @@ def dora_to_lora(base_model: str, source: str | Path, output: str | Path, *, ran
                  dtype: torch.dtype | None = torch.float16, model_config: str = "",
                  allow_pickle: bool = False) -> tuple[Path, ResizeReport]:
     """Write `source` (a DoRA LoRA for `base_model`) as a plain kohya LoRA file; returns (path, report)."""
-    from core.models.sd import load_sd_model
+    from core.families.sd.load import load_sd_model
 
     model = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
     lora = read_image_lora_for(source, model.family, allow_pickle=allow_pickle)

@@ -22,11 +22,11 @@ import torch
 from core.config import TrainConfig
 from core.events import RunContext
 from core.devices import free_memory, torch_dtype
-from core.families.base import Adapted, Batch, ImageFamily
-from core.families.registry import family_info
+from core.family_api.contract import Adapted, Batch, ImageFamily
+from core.family_api.registry import family_info
 from core.sample import move
 from core.train import checkpoints, distributed, image_outputs, optim
-from core.train.image_step import sample_latents
+from core.train.latent_cache import sample_latents
 from core.train.latent_cache import CachedImage, cache_dir_for, encode_images
 from core.train.loop import LoopResult, run_task
 
@@ -88,7 +88,7 @@ class ImageRun:
     # --- setup ------------------------------------------------------------------------------
     def choose_family(self) -> None:
         """Name the family from the model's files and let it refuse what cannot run, before any loading."""
-        from core.families.base import family_for_model
+        from core.family_api.lookup import family_for_model
 
         self.family = family_for_model(self.cfg.base_model)
         for warning in self.family.check(self.cfg):
@@ -148,7 +148,7 @@ class ImageRun:
         if cfg.random_flip or not cfg.center_crop:
             self.log("Latent caching is off: random_flip / random crops change the image every epoch.")
             return
-        from core.models.sd import module_identity
+        from core.train.latent_cache import module_identity
 
         move(m.vae, self.device, torch.float32)  # fp32: an fp16 SD VAE can overflow to NaN
         cache_dir = None

@@ -13,10 +13,10 @@ import torch
 from core.atomic import save_file_atomic
 from core.devices import free_memory, torch_dtype
 from core.events import CheckpointEvent, DoneEvent, SampleEvent
-from core.families.base import Adapted, RunFacts
+from core.family_api.contract import Adapted, RunFacts
 from core.sample import move
 from core.train import checkpoints, distributed
-from core.train.image_lora import load_peft_state, peft_state
+from core.lora import load_peft_state, peft_state
 from core.train.loop import LoopResult, keep_rng
 
 if TYPE_CHECKING:

@@ -172,3 +172,27 @@ class TextCache:
         embeds = torch.stack([self.embeds[c] for c in captions])
         pooled = torch.stack([self.pooled[c] for c in captions]) if self.pooled else None
         return embeds, pooled
+
+
+def sample_latents(moments: torch.Tensor, scaling_factor: float, shift_factor: float | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents from cached VAE moments [B, 2C, h, w] (mean, logvar), like `latent_dist.sample()`."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if shift_factor is not None:
+        latents = latents - shift_factor
+    return latents * scaling_factor
+
+
+def module_identity(module: torch.nn.Module) -> str:
+    """A short fingerprint of a module's config and weights (keys the latent cache by VAE)."""
+    digest = hashlib.sha256()
+    config = getattr(module, "config", {})
+    digest.update(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")},
+                             sort_keys=True, default=str).encode())
+    params = list(module.state_dict().items())
+    # First, last and a middle tensor: enough to tell two VAEs apart without hashing all 80 MB.
+    for _, tensor in [params[0], params[len(params) // 2], params[-1]]:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

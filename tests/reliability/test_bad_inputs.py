@@ -161,6 +161,6 @@ def test_a_truncated_safetensors_checkpoint_is_explained(tmp_path, tiny_sd1):
 
 
 def _load_image_model(cfg):
-    from core.models.sd import load_sd_model  # the loader every run takes
+    from core.families.sd.load import load_sd_model  # the loader every run takes
 
     return load_sd_model(cfg.base_model, allow_pickle=cfg.allow_pickle)

@@ -42,7 +42,7 @@ def test_a_malicious_ckpt_never_runs_even_when_named_as_a_checkpoint(tmp_path, m
     with pytest.raises(ConfigError, match="allow_pickle"):
         config_from_dict({"train_data_dir": str(tmp_path), "base_model": str(evil)})
     # Even with the opt-in, loading goes through weights_only and refuses the code.
-    from core.models.sd import ModelLoadError, load_sd_model
+    from core.families.sd.load import ModelLoadError, load_sd_model
 
     with pytest.raises(ModelLoadError, match="holds Python objects besides the weights.*could run code"):
         load_sd_model(str(evil), allow_pickle=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.families.flux_lora_keys import write_flux_kohya_file
+from core.families.flux.lora_files import write_flux_kohya_file
 from ui import form
 
 
@@ -85,7 +85,7 @@ def test_the_train_tab_names_the_family_and_toggles_the_flux_keys(work, tiny_flu
 def test_the_tools_tab_inspects_converts_and_resizes_a_flux_lora(tmp_path):
     from peft.utils import get_peft_model_state_dict
 
-    from core.families.flux_memory import add_flux_lora
+    from core.families.flux.lora import add_flux_lora
     from tests.fixtures.tiny_flux import tiny_flux_transformer
     from ui import tools_tab
 

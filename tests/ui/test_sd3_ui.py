@@ -47,8 +47,8 @@ def test_the_tools_tab_inspects_converts_and_resizes_an_sd3_lora(tmp_path, tiny_
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from core.families.sd3_family import lora_targets
-    from core.families.sd3_lora_files import write_kohya_file
+    from core.families.sd3.family import lora_targets
+    from core.families.sd3.lora_files import write_kohya_file
     from ui import tools_tab
 
     model = SD3Transformer2DModel.from_pretrained(tiny_sd3.folder, subfolder="transformer")

@@ -1,0 +1,74 @@
+"""What the flow-matching transformer families (FLUX.1 / Chroma, SD3, Z-Image, Qwen-Image) check and
+set up the same way: the settings they refuse or ignore, the dtype and NF4 config they load with, the
+LoraConfig of a LoRA file a run continues from, and the one text encoder file a single file needs.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from core.config import TrainConfig
+
+# Settings of the UNet families that mean nothing to a transformer family, with their defaults.
+UNET_ONLY = {"conv_rank": 0, "noise_offset": 0.0, "snr_gamma": 0.0, "prediction_type": "auto",
+             "train_text_encoder": False}
+UNSUPPORTED_VARIANTS = ("dora", "pissa")
+
+
+def check_transformer(cfg: TrainConfig, family: str, *, targets: str, ignored_for: str, encoders: str) -> list[str]:
+    """Refuse GPU-only switches without CUDA and LoRA kinds the family's files cannot hold; warn on ignored keys.
+
+    `family` names the family in the refusals, `targets` says what it trains instead of `target_modules`,
+    `ignored_for` ends the sentence on ignored keys, `encoders` is the note when the config asks not to
+    cache the text encoders' outputs (these families always do).
+    """
+    from core.families.flux.lora import nf4_config
+
+    if cfg.base_quantization == "nf4":
+        nf4_config()  # says in one sentence what is missing (CUDA, bitsandbytes)
+    if cfg.blocks_to_swap > 0 and not torch.cuda.is_available():
+        raise ValueError("blocks_to_swap needs a CUDA GPU (it moves blocks between CPU and GPU memory); "
+                         "set blocks_to_swap: 0 on this machine.")
+    if cfg.lora_variant in UNSUPPORTED_VARIANTS:
+        raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for {family}; use lora or rslora.")
+    warnings = []
+    ignored = [k for k, default in UNET_ONLY.items() if getattr(cfg, k) != default]
+    if cfg.target_modules:
+        ignored.append(f"target_modules ({targets})")
+    if ignored:
+        warnings.append(f"{', '.join(ignored)} {ignored_for}")
+    if not cfg.cache_text_encoder_outputs:
+        warnings.append(encoders)
+    return warnings
+
+
+def load_dtype_and_quantization(cfg: TrainConfig) -> tuple[torch.dtype, Any]:
+    """(dtype, NF4 config or None) to load the transformer with: fp32 unless `base_quantization: nf4`,
+    which loads in the compute dtype (bf16 when mixed precision is off)."""
+    from core.devices import torch_dtype
+    from core.families.flux.lora import nf4_config
+
+    if cfg.base_quantization != "nf4":
+        return torch.float32, None
+    dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.bfloat16
+    return dtype, nf4_config(dtype)
+
+
+def first_text_encoder_file(cfg: TrainConfig) -> str:
+    """The first file of `text_encoder_files` (the families with one text encoder), "" when none is given."""
+    return next((f.strip() for f in cfg.text_encoder_files.split(",") if f.strip()), "")
+
+
+def config_from_lora_file(peft: dict[str, torch.Tensor], alphas: dict[str, float]) -> Any:
+    """A LoraConfig for exactly the modules (ranks, alphas) of a LoRA file a run continues from."""
+    from peft import LoraConfig
+
+    ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in peft.items()
+             if k.endswith(".lora_A.weight")}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas[m] for m in ranks).most_common(1)[0][0]
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(ranks),
+                      rank_pattern={f"^{m}$": r for m, r in ranks.items() if r != rank},
+                      alpha_pattern={f"^{m}$": alphas[m] for m in ranks if alphas[m] != alpha})

@@ -1,0 +1,79 @@
+"""The LoRA tools' file layout (`core.families.base.LoraFileFormat`) of a transformer family whose
+WebUI / ComfyUI file is kohya-named native modules (SD3, Z-Image): built from the family's own
+readers and writers, so each family states only what is its own.
+
+The tools hold a LoRA as kohya-named modules; a fused module (qkv) stays one module, so a resize
+finds the best rank of the fused delta, and the files are written with the modules as they are.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.families.flux.tools_files import _lora_config, _rank_and_alpha
+from core.tools.modules import LoraToolError, modules_to_kohya
+
+UNET_PREFIX = "lora_unet_"
+Peft = tuple[dict[str, Tensor], dict[str, float]]
+
+
+def modules_to_peft(modules: Mapping[str, Any], family: str,
+                    kohya_to_peft: Callable[[dict[str, Tensor]], Peft]) -> Peft:
+    """The tools' modules -> the diffusers-named PEFT state and alpha per module; DoRA is refused."""
+    if any(getattr(m, "dora_scale", None) is not None for m in modules.values()):
+        raise LoraToolError(f"A {family} DoRA LoRA cannot be converted here; only plain LoRA modules are.")
+    try:
+        return kohya_to_peft(modules_to_kohya(modules))
+    except LoraFormatError as exc:
+        raise LoraToolError(str(exc)) from exc
+
+
+def kohya_tools_format(*, family: str, read_lora: Callable[[Path], tuple[dict, dict, dict]],
+                       peft_to_kohya: Callable[..., dict[str, Tensor]],
+                       kohya_to_peft: Callable[[dict[str, Tensor]], Peft],
+                       identity: Callable[[str, Mapping[str, str], int, float], dict[str, str]],
+                       identity_keys: tuple[str, ...], write_diffusers_file: Callable[..., Path]) -> Any:
+    """A LoraFileFormat from the family's pieces.
+
+    `identity(variant, metadata, rank, alpha)`: the family's identity keys (family, network, rank / alpha,
+    modelspec); of these, `identity_keys` always win over what the file said, the descriptive ones stay.
+    """
+    from core.family_api.contract import LoraFileFormat
+
+    def to_kohya(path: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        if tensors and all(k.startswith(UNET_PREFIX) for k in tensors):
+            return tensors  # a kohya file is kept as it is
+        try:
+            peft, alphas, _ = read_lora(path)
+            return peft_to_kohya(peft, alpha=alphas)
+        except LoraFormatError as exc:
+            raise LoraToolError(f"'{Path(path).name}': {exc}") from exc
+
+    def write_kohya(modules: dict[str, Any], path: str | Path, *, variant: str, metadata: dict[str, str],
+                    dtype: torch.dtype | None) -> Path:
+        """The WebUI / ComfyUI file of the modules as they are (a resized fused qkv keeps its one rank)."""
+        peft, alphas = modules_to_peft(modules, family, kohya_to_peft)
+        rank, alpha = _rank_and_alpha(peft, alphas)
+        base = identity(variant, metadata, rank, alpha)
+        kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
+        merged = {**base, **kept, **{k: base[k] for k in identity_keys}}
+        for key in ("ss_network_dim", "ss_network_alpha"):
+            if kept.get(key) == "Dynamic":
+                merged[key] = "Dynamic"
+        return save_kohya_lora(path, modules_to_kohya(modules), merged, dtype=dtype)
+
+    def write_diffusers(modules: dict[str, Any], folder: str | Path, *, dtype: torch.dtype | None) -> Path:
+        peft, alphas = modules_to_peft(modules, family, kohya_to_peft)
+        return write_diffusers_file(peft, folder, lora_config=_lora_config(peft, alphas), dtype=dtype)
+
+    def to_peft(path: Path) -> Peft:
+        peft, alphas, _ = read_lora(path)
+        return peft, alphas
+
+    return LoraFileFormat(to_kohya=to_kohya, write_kohya=write_kohya, write_diffusers=write_diffusers,
+                          to_peft=to_peft)

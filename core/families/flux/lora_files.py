@@ -1,0 +1,477 @@
+"""FLUX.1 (dev / schnell) and Chroma LoRA files: diffusers/PEFT module names <-> BFL (kohya) names.
+
+Who reads what:
+- WebUI / Forge / ComfyUI read kohya files named after BFL's own module paths
+  (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`). A kohya-style rename of the diffusers
+  names (`lora_unet_single_transformer_blocks_0_attn_to_k`) loads nowhere: ComfyUI reports
+  "lora key not loaded" for every key.
+- diffusers reads its own file (`transformer.<module>.lora_A.weight`, the LoraConfig in the
+  `lora_adapter_metadata` header) and converts kohya files with `_convert_kohya_flux_lora_to_diffusers`.
+
+BFL fuses what diffusers keeps apart (rows stacked in this order):
+  double_blocks.N.img_attn.qkv = attn.to_q | attn.to_k | attn.to_v                    (h, h, h rows)
+  double_blocks.N.txt_attn.qkv = attn.add_q_proj | attn.add_k_proj | attn.add_v_proj  (h, h, h)
+  single_blocks.N.linear1      = attn.to_q | attn.to_k | attn.to_v | proj_mlp         (h, h, h, 4h)
+A fused LoRA is exact: down = [A_1; ...; A_k] (rank k*r), up = blockdiag(B_1, ..., B_k) and
+alpha_fused = alpha * k, so alpha / rank (and every row of dW) is unchanged. Parts whose scales
+differ (alpha_pattern, rank_pattern) get the ratio folded into their up block.
+
+One row permutation: BFL's `final_layer.adaLN_modulation.1` gives (shift, scale) where diffusers'
+`norm_out.linear` gives (scale, shift) (diffusers' single-file converter swaps the halves). The
+double blocks' `img_mod.lin` / `txt_mod.lin` and the single blocks' `modulation.lin` have the same
+(shift, scale, gate) order on both sides and are copied as they are.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.metadata import MODELSPEC_VERSION, num_text
+from core.families.dit.lora_files import (alpha_of, group_plain_lora, most_common, strip_prefixes,
+                                                  write_diffusers_lora)
+
+Variant = Literal["flux-dev", "flux-schnell", "chroma", "flux-kontext"]
+VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
+UNET_PREFIX = "lora_unet_"
+
+# (BFL module, the diffusers modules it is made of in BFL row order), per scope of the model.
+_DOUBLE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+    ("img_attn.proj", ("attn.to_out.0",)),
+    ("img_mlp.0", ("ff.net.0.proj",)),
+    ("img_mlp.2", ("ff.net.2",)),
+    ("img_mod.lin", ("norm1.linear",)),
+    ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+    ("txt_attn.proj", ("attn.to_add_out",)),
+    ("txt_mlp.0", ("ff_context.net.0.proj",)),
+    ("txt_mlp.2", ("ff_context.net.2",)),
+    ("txt_mod.lin", ("norm1_context.linear",)),
+)
+_SINGLE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+    ("linear2", ("proj_out",)),
+    ("modulation.lin", ("norm.linear",)),
+)
+# Chroma's "approximator" (it replaces FLUX's per-block modulation layers).
+_GUIDANCE_LAYER: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("in_layer", ("linear_1",)),
+    ("out_layer", ("linear_2",)),
+)
+_TOP: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("img_in", ("x_embedder",)),
+    ("txt_in", ("context_embedder",)),
+    ("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+    ("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+    ("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
+    ("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
+    ("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+    ("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+    ("final_layer.linear", ("proj_out",)),
+    ("final_layer.adaLN_modulation.1", ("norm_out.linear",)),
+    ("distilled_guidance_layer.in_proj", ("distilled_guidance_layer.in_proj",)),
+    ("distilled_guidance_layer.out_proj", ("distilled_guidance_layer.out_proj",)),
+)
+# (diffusers prefix, BFL prefix, table) of the numbered blocks.
+_SCOPES: tuple[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = (
+    ("transformer_blocks", "double_blocks", _DOUBLE),
+    ("single_transformer_blocks", "single_blocks", _SINGLE),
+    ("distilled_guidance_layer.layers", "distilled_guidance_layer.layers", _GUIDANCE_LAYER),
+)
+_SWAPPED = "final_layer.adaLN_modulation.1"
+_TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+_KOHYA_KEY = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_COMFY_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight"
+                        r"|lora_B\.weight|alpha)$")
+
+
+@dataclass(frozen=True)
+class BflModule:
+    """One BFL module and the diffusers modules it is made of, in BFL row order."""
+
+    bfl: str                 # "double_blocks.0.img_attn.qkv"
+    parts: tuple[str, ...]   # ("transformer_blocks.0.attn.to_q", ...)
+
+    @property
+    def kohya_name(self) -> str:
+        return UNET_PREFIX + self.bfl.replace(".", "_")
+
+    @property
+    def is_fused(self) -> bool:
+        return len(self.parts) > 1
+
+    @property
+    def swaps_halves(self) -> bool:
+        return self.bfl == _SWAPPED
+
+    def part_rows(self, in_features: int) -> list[int]:
+        """Output rows of each part: q/k/v project width h to h, proj_mlp to 4h (FLUX's mlp_ratio)."""
+        return [4 * in_features if p.endswith("proj_mlp") else in_features for p in self.parts]
+
+
+def _build_tables() -> tuple[dict[str, tuple[BflModule, int]], dict[str, BflModule]]:
+    top_forward: dict[str, tuple[BflModule, int]] = {}
+    top_reverse: dict[str, BflModule] = {}
+    for bfl, parts in _TOP:
+        module = BflModule(bfl, parts)
+        top_forward[parts[0]] = (module, 0)
+        top_reverse[bfl.replace(".", "_")] = module
+    return top_forward, top_reverse
+
+
+_TOP_FORWARD, _TOP_REVERSE = _build_tables()
+
+
+def bfl_module_for(path: str) -> tuple[BflModule, int]:
+    """The BFL module a diffusers module path belongs to, and its index among the fused parts."""
+    path = strip_prefixes(path)
+    for d_prefix, b_prefix, table in _SCOPES:
+        m = re.match(rf"^{re.escape(d_prefix)}\.(\d+)\.(.+)$", path)
+        if not m:
+            continue
+        block, rest = m.group(1), m.group(2)
+        for bfl, parts in table:
+            if rest in parts:
+                module = BflModule(f"{b_prefix}.{block}.{bfl}", tuple(f"{d_prefix}.{block}.{p}" for p in parts))
+                return module, parts.index(rest)
+        break
+    if path in _TOP_FORWARD:
+        return _TOP_FORWARD[path]
+    raise LoraFormatError(f"'{path}' is not a FLUX.1 / Chroma transformer module with a BFL name "
+                          "(norms, rotary embeddings and biases have none).")
+
+
+def bfl_module_from_kohya(name: str) -> BflModule:
+    """The BFL module of a kohya name (`lora_unet_single_blocks_3_linear1`)."""
+    if not name.startswith(UNET_PREFIX):
+        raise LoraFormatError(f"'{name}' is not a kohya transformer name (lora_unet_...).")
+    rest = name[len(UNET_PREFIX):]
+    for d_prefix, b_prefix, table in _SCOPES:
+        m = re.match(rf"^{re.escape(b_prefix.replace('.', '_'))}_(\d+)_(.+)$", rest)
+        if not m:
+            continue
+        block, tail = m.group(1), m.group(2)
+        for bfl, parts in table:
+            if bfl.replace(".", "_") == tail:
+                return BflModule(f"{b_prefix}.{block}.{bfl}", tuple(f"{d_prefix}.{block}.{p}" for p in parts))
+    if rest in _TOP_REVERSE:
+        return _TOP_REVERSE[rest]
+    hint = ""
+    if rest.startswith(("transformer_blocks_", "single_transformer_blocks_")):
+        hint = (" It is a diffusers name renamed kohya-style, which no FLUX loader reads; "
+                "convert it from the diffusers file instead.")
+    raise LoraFormatError(f"'{name}' is not a FLUX.1 / Chroma BFL module name.{hint}")
+
+
+def swap_halves(weight: Tensor) -> Tensor:
+    """(a, b) -> (b, a) along the rows: BFL's (shift, scale) <-> diffusers' (scale, shift). Its own inverse."""
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def group_flux_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{module path: {"A", "B"}} of a FLUX PEFT state dict, `transformer.` / `base_model.model.` prefixes removed."""
+    return group_plain_lora(peft_state, "FLUX")
+
+
+def _scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+Member = tuple[Tensor, Tensor, float]  # (A, B, scale)
+
+
+def _fuse(module: BflModule, members: dict[int, Member]) -> tuple[Tensor, Tensor, float]:
+    """(down, up, alpha) of one BFL module from its diffusers parts."""
+    if not module.is_fused:
+        down, up, scale = members[0]
+        rank = down.shape[0]
+        if module.swaps_halves:
+            up = swap_halves(up)
+        # The final_layer modules keep their alpha too, although diffusers' kohya converter ignores it
+        # there ("TODO: alphas"): folding it into up would make the file differ from what was trained,
+        # and diffusers 0.42 drops every non-block module of a kohya file anyway (see the tests).
+        return down, up, scale * rank
+    in_features = {a.shape[1] for a, _, _ in members.values()}
+    if len(in_features) != 1:
+        raise LoraFormatError(f"{module.bfl}: its parts read inputs of different widths {sorted(in_features)}.")
+    rows = module.part_rows(in_features.pop())
+    for index, (_, b, _) in members.items():
+        if b.shape[0] != rows[index]:
+            raise LoraFormatError(f"{module.parts[index]}: {b.shape[0]} output rows, but {module.bfl} needs "
+                                  f"{rows[index]} there (a FLUX.1-shaped transformer).")
+    present = sorted(members)
+    ref_scale = members[present[0]][2]
+    total_rank = sum(members[i][0].shape[0] for i in present)
+    dtype = torch.result_type(members[present[0]][1], members[present[-1]][1])
+    up = torch.zeros(sum(rows), total_rank, dtype=dtype, device=members[present[0]][1].device)
+    col = 0
+    for index in present:
+        down_i, up_i, scale_i = members[index]
+        row = sum(rows[:index])
+        rank_i = down_i.shape[0]
+        # A part that was not trained keeps zero rows: its dW is zero, as in the diffusers model.
+        up[row:row + rows[index], col:col + rank_i] = up_i if scale_i == ref_scale else up_i * (scale_i / ref_scale)
+        col += rank_i
+    down = torch.cat([members[i][0] for i in present], dim=0)
+    return down, up, ref_scale * total_rank
+
+
+def flux_peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
+                       use_rslora: bool = False) -> dict[str, Tensor]:
+    """A FLUX/Chroma transformer PEFT state dict -> kohya tensors under BFL names.
+
+    `alpha` is the LoraConfig's lora_alpha, or {module path: alpha} (e.g. `kohya_alphas_from_model`,
+    which already includes rsLoRA and alpha/rank patterns; then leave `use_rslora` False).
+    """
+    groups: dict[str, tuple[BflModule, dict[int, Member]]] = {}
+    for path, parts in group_flux_peft(peft_state).items():
+        module, index = bfl_module_for(path)
+        rank = parts["A"].shape[0]
+        scale = _scale(alpha_of(alpha, path), rank, use_rslora)
+        groups.setdefault(module.bfl, (module, {}))[1][index] = (parts["A"], parts["B"], scale)
+    out: dict[str, Tensor] = {}
+    for module, members in groups.values():
+        down, up, file_alpha = _fuse(module, members)
+        name = module.kohya_name
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = up
+        out[f"{name}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
+    return out
+
+
+def _split(module: BflModule, down: Tensor, up: Tensor, alpha: float) -> list[tuple[str, Tensor, Tensor, float]]:
+    """(diffusers path, A, B, alpha) of each part of one BFL module; the sum of their dW is the module's."""
+    if not module.is_fused:
+        return [(module.parts[0], down.clone(), swap_halves(up) if module.swaps_halves else up.clone(), alpha)]
+    rank = down.shape[0]
+    rows = module.part_rows(down.shape[1])
+    if up.shape[0] != sum(rows):
+        raise LoraFormatError(f"{module.kohya_name}: lora_up has {up.shape[0]} rows, expected {sum(rows)} "
+                              f"({' + '.join(map(str, rows))}) for input width {down.shape[1]}.")
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    blocks = [up[s:s + n] for s, n in zip(starts, rows)]
+    k = len(module.parts)
+    # 1. Equal ranks, block diagonal: what this module and sd-scripts' converter write. Exact.
+    if rank % k == 0:
+        r = rank // k
+        mask = torch.ones(k, rank, dtype=torch.bool)
+        for i in range(k):
+            mask[i, i * r:(i + 1) * r] = False
+        if all(not blocks[i][:, mask[i]].any() for i in range(k)):
+            return [(module.parts[i], down[i * r:(i + 1) * r].clone(), blocks[i][:, i * r:(i + 1) * r].clone(),
+                     alpha / k) for i in range(k)]
+    # 2. Parts use disjoint rank columns (ranks differ, or a part was not trained). Exact;
+    #    a part without any column had dW = 0 and is left out.
+    support = [(b != 0).any(dim=0) for b in blocks]
+    stacked = torch.stack(support)
+    if stacked.any() and bool((stacked.sum(dim=0) <= 1).all()):
+        scale = alpha / rank
+        out = []
+        for i, cols in enumerate(support):
+            idx = cols.nonzero().flatten()
+            if idx.numel():
+                out.append((module.parts[i], down[idx].clone(), blocks[i][:, idx].clone(), scale * idx.numel()))
+        return out
+    # 3. Trained fused (any other trainer): every part keeps the whole down and its own rows of up.
+    return [(module.parts[i], down.clone(), blocks[i].clone(), alpha) for i in range(k)]
+
+
+def _kohya_groups(tensors: Mapping[str, Tensor], ignore_text_encoders: bool) -> dict[str, dict[str, Tensor]]:
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(_TEXT_ENCODER_PREFIXES):
+            if ignore_text_encoders:
+                continue
+            raise LoraFormatError(f"'{key}' is a text encoder LoRA; FLUX text encoder LoRAs are not converted here "
+                                  "(pass ignore_text_encoders=True to keep only the transformer).")
+        comfy = _COMFY_KEY.match(key)
+        if comfy:
+            # ComfyUI's own form: diffusion_model.<BFL path>.lora_A/lora_B (or lora_down/lora_up).
+            part = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}.get(comfy["part"],
+                                                                                               comfy["part"])
+            name = UNET_PREFIX + comfy["module"].replace(".", "_")
+        else:
+            m = _KOHYA_KEY.match(key)
+            if not m:
+                raise LoraFormatError(f"'{key}' is not a kohya LoRA key (lora_down / lora_up / alpha); LoHa, LoKr "
+                                      "and DoRA files are not converted here.")
+            name, part = m["name"], m["part"]
+        grouped.setdefault(name, {})[part] = value
+    return grouped
+
+
+def flux_kohya_to_peft(tensors: Mapping[str, Tensor], *, ignore_text_encoders: bool = False
+                       ) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """kohya / ComfyUI FLUX tensors -> (PEFT state dict without prefix, {module path: alpha}).
+
+    Fused qkv / linear1 modules are split into q, k, v (, proj_mlp): exactly into the original
+    modules for files written by `flux_peft_to_kohya`, and with the same dW for any other file
+    (each part then keeps the whole down matrix). A module without `.alpha` has alpha = rank.
+    """
+    peft: dict[str, Tensor] = {}
+    alphas: dict[str, float] = {}
+    for name, parts in _kohya_groups(tensors, ignore_text_encoders).items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise LoraFormatError(f"'{name}' lacks lora_down or lora_up.")
+        module = bfl_module_from_kohya(name)
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            raise LoraFormatError(f"'{name}': lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
+                                  "are not a linear LoRA pair.")
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        for path, a, b, part_alpha in _split(module, down, up, alpha):
+            if f"{path}.lora_A.weight" in peft:
+                raise LoraFormatError(f"Two kohya modules map to '{path}'.")
+            peft[f"{path}.lora_A.weight"] = a
+            peft[f"{path}.lora_B.weight"] = b
+            alphas[path] = part_alpha
+    return peft, alphas
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata and files
+# ---------------------------------------------------------------------------------------------
+
+_BASE_MODEL_VERSION = {"flux-dev": "flux1", "flux-schnell": "flux1", "chroma": "chroma", "flux-kontext": "flux1"}
+_ARCHITECTURE = {"flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell", "chroma": "chroma",
+                 "flux-kontext": "flux-1-kontext-dev"}
+# sd-scripts' library/sai_model_spec.py IMPL_FLUX / IMPL_CHROMA.
+_IMPLEMENTATION = {"flux-dev": "https://github.com/black-forest-labs/flux",
+                   "flux-schnell": "https://github.com/black-forest-labs/flux",
+                   "chroma": "https://huggingface.co/lodestones/Chroma",
+                   "flux-kontext": "https://github.com/black-forest-labs/flux"}
+# The keys that say what the file is; a caller's metadata cannot override them.
+_IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                  "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise LoraFormatError(f"Unknown FLUX variant '{variant}'; expected one of {', '.join(VARIANTS)}.")
+
+
+def _foreign_module(path: str, variant: str) -> bool:
+    """True for a module the variant's transformer does not have (a LoRA labelled with the wrong variant)."""
+    if variant == "chroma":
+        # Chroma replaced FLUX's modulation layers and time/text/guidance embedders by one approximator.
+        return path.endswith(("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear")) or \
+            path.startswith("time_text_embed.")
+    if path.startswith("distilled_guidance_layer."):
+        return True
+    return variant == "flux-schnell" and path.startswith("time_text_embed.guidance_embedder.")
+
+
+def check_modules_match_variant(paths: list[str], variant: Variant) -> None:
+    """Refuse a LoRA whose modules do not exist in `variant`, so no file is labelled for the wrong model."""
+    _check_variant(variant)
+    foreign = sorted(p for p in (strip_prefixes(p) for p in paths) if _foreign_module(p, variant))
+    if foreign:
+        raise LoraFormatError(f"{', '.join(foreign[:3])} is not part of a {variant} transformer; "
+                              "choose the variant the LoRA was trained on.")
+
+
+def flux_kohya_metadata(variant: Variant, *, rank: int, alpha: float, title: str | None = None,
+                        started_at: float | None = None, resolution: int = 1024) -> dict[str, str]:
+    """`ss_*` and `modelspec.*` keys of a FLUX / Chroma kohya LoRA, as sd-scripts' flux trainer writes them.
+
+    `alpha` is the alpha of an unfused module (fused qkv / linear1 modules store it times the number
+    of parts). No `modelspec.prediction_type`: sd-scripts leaves it out for FLUX.
+    """
+    _check_variant(variant)
+    started = datetime.datetime.now().timestamp() if started_at is None else started_at
+    meta = {
+        "ss_base_model_version": _BASE_MODEL_VERSION[variant],
+        "ss_v2": "False",
+        "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": num_text(alpha),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": _ARCHITECTURE[variant] + "/lora",
+        "modelspec.implementation": _IMPLEMENTATION[variant],
+        "modelspec.title": title or f"LoRA@{int(started)}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(started)).isoformat(),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.implementation_version": "lora-scripts",
+    }
+    return meta
+
+
+def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: Variant,
+                          alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
+                          use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """Write the WebUI / Forge / ComfyUI file of a FLUX or Chroma LoRA atomically, with sshs hashes.
+
+    `metadata` adds or overrides descriptive keys (`ss_output_name`, `modelspec.title`, ...); the keys
+    naming the family, network and rank/alpha always come from here. `dtype=None` keeps each tensor's dtype.
+    """
+    modules = group_flux_peft(peft_state)
+    check_modules_match_variant(list(modules), variant)
+    tensors = flux_peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
+    ranks = [parts["A"].shape[0] for parts in modules.values()]
+    rank = int(most_common(ranks))
+    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
+              for p, parts in modules.items()]
+    base = flux_kohya_metadata(variant, rank=rank, alpha=most_common(alphas))
+    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
+    # A `lora_adapter_metadata` header would make diffusers treat the file as its own format.
+    merged: dict[str, Any] = {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}
+    return save_kohya_lora(path, tensors, merged, dtype=dtype)
+
+
+def write_flux_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
+                              dtype: torch.dtype | None = None) -> Path:
+    """Write `output_dir/pytorch_lora_weights.safetensors` the way `FluxPipeline.save_lora_weights` does.
+
+    Keys are `transformer.<module>.lora_A/B.weight`; the LoraConfig (`transformer.peft_config["default"]`
+    or a dict with r, lora_alpha, ...) goes into `lora_adapter_metadata`, so diffusers loads the LoRA
+    with its real alpha instead of assuming alpha = rank. ChromaPipeline reads the same file.
+    """
+    from diffusers import FluxPipeline
+
+    return write_diffusers_lora(FluxPipeline, group_flux_peft(peft_state), output_dir, lora_config=lora_config,
+                                dtype=dtype)
+
+
+def read_flux_lora(path: str | Path, *, ignore_text_encoders: bool = False
+                   ) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
+    """A FLUX / Chroma LoRA file (kohya, ComfyUI or diffusers) -> (PEFT state dict, {module: alpha}, metadata).
+
+    Alphas are as alpha / rank needs them (rsLoRA included). A diffusers file without adapter
+    metadata gets alpha = rank, as diffusers assumes.
+    """
+    import json
+
+    from core.export.inspect import _config_alpha
+    from core.export.kohya import load_kohya_lora
+
+    tensors, metadata = load_kohya_lora(path)
+    if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):
+        peft, alphas = flux_kohya_to_peft(tensors, ignore_text_encoders=ignore_text_encoders)
+        return peft, alphas, metadata
+    transformer = {k: v for k, v in tensors.items() if k.startswith("transformer.")}
+    if len(transformer) != len(tensors) and not ignore_text_encoders:
+        other = sorted(set(tensors) - set(transformer))[:3]
+        raise LoraFormatError(f"{path}: keys outside the transformer ({', '.join(other)}, ...); "
+                              "pass ignore_text_encoders=True to keep only the transformer.")
+    config: dict[str, Any] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
+                  if k.startswith("transformer.")}
+    modules = group_flux_peft(transformer)
+    peft = {}
+    alphas = {}
+    for module_path, parts in modules.items():
+        peft[f"{module_path}.lora_A.weight"] = parts["A"]
+        peft[f"{module_path}.lora_B.weight"] = parts["B"]
+        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
+    return peft, alphas, metadata

@@ -1,0 +1,231 @@
+"""SD3 / SD3.5 LoRA files: diffusers/PEFT module names <-> sd-scripts' MMDiT kohya names.
+
+Which file goes where (ComfyUI comfy/lora.py `model_lora_keys_unet`, read from its source):
+- For every `diffusion_model.<name>.weight` of the loaded MMDiT, ComfyUI accepts `lora_unet_<name with _>`:
+  that is what sd-scripts' SD3 LoRA writes (`lora_unet_joint_blocks_0_x_block_attn_qkv`), one module per
+  MMDiT Linear, qkv fused. WebUI Forge reads the same names. This is our `<name>.safetensors`.
+- For SD3 models ComfyUI also maps diffusers names (`transformer.transformer_blocks.0.attn.to_q`, sliced into
+  the fused qkv by comfy.utils.mmdit_to_diffusers): so the diffusers file loads there too.
+- diffusers reads its own `pytorch_lora_weights.safetensors` (SD3LoraLoaderMixin has no kohya converter).
+
+Fusing is exact (as for FLUX, core.families.flux.lora_files): down = [A_q; A_k; A_v] (rank 3r),
+up = blockdiag(B_q, B_k, B_v), alpha * 3, so alpha / rank and every row of dW are unchanged.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.metadata import MODELSPEC_VERSION
+from core.families.dit.lora_files import alpha_of, group_plain_lora, write_diffusers_lora
+from core.families.sd3.keys import lora_module_for, lora_module_from_native, native_from_kohya
+
+UNET_PREFIX = "lora_unet_"
+# sd-scripts: ss_base_model_version is the MMDiT's model_type (library/sd3_utils analyze_state_dict_state),
+# modelspec.architecture "stable-diffusion-3-" + model_type; implementation "diffusers" for an SD3 LoRA.
+MODEL_TYPES = ("medium", "5-medium", "5-large")  # SD3 medium, SD3.5 medium, SD3.5 large
+_IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                  "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
+
+
+@dataclass(frozen=True)
+class MmditModule:
+    """One MMDiT Linear and the diffusers Linears it is made of (the interface flux_lora_keys' fuse/split use)."""
+
+    bfl: str                 # the native name, "joint_blocks.0.x_block.attn.qkv"
+    parts: tuple[str, ...]
+
+    @property
+    def kohya_name(self) -> str:
+        return UNET_PREFIX + self.bfl.replace(".", "_")
+
+    @property
+    def is_fused(self) -> bool:
+        return len(self.parts) > 1
+
+    @property
+    def swaps_halves(self) -> bool:
+        return False  # the modulation Linears are not trained or written
+
+    def part_rows(self, in_features: int) -> list[int]:
+        return [in_features] * len(self.parts)  # q, k, v: width -> width
+
+
+def group_sd3_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    return group_plain_lora(peft_state, "SD3")
+
+
+def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
+                  use_rslora: bool = False) -> dict[str, Tensor]:
+    """An SD3 transformer PEFT state -> kohya tensors under MMDiT names, qkv fused."""
+    from core.families.flux.lora_files import _fuse
+
+    groups: dict[str, tuple[MmditModule, dict[int, tuple[Tensor, Tensor, float]]]] = {}
+    for path, parts in group_sd3_peft(peft_state).items():
+        try:
+            native, members, index = lora_module_for(path)
+        except ValueError as exc:
+            raise LoraFormatError(str(exc)) from exc
+        rank = parts["A"].shape[0]
+        a = alpha_of(alpha, path)
+        scale = a / (math.sqrt(rank) if use_rslora else rank)
+        groups.setdefault(native, (MmditModule(native, members), {}))[1][index] = (parts["A"], parts["B"], scale)
+    out: dict[str, Tensor] = {}
+    for module, members in groups.values():
+        down, up, file_alpha = _fuse(module, members)
+        out[f"{module.kohya_name}.lora_down.weight"] = down
+        out[f"{module.kohya_name}.lora_up.weight"] = up
+        out[f"{module.kohya_name}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
+    return out
+
+
+def _native_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{MMDiT module: {lora_down.weight, lora_up.weight, alpha}} of a kohya or ComfyUI-style file."""
+    grouped: dict[str, dict[str, Tensor]] = {}
+    names = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+    for key, value in tensors.items():
+        if key.startswith(("lora_te", "text_encoder")):
+            continue  # text encoder LoRAs: not trained here, left out
+        for part in ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", "alpha"):
+            if key.endswith("." + part):
+                module = key[: -len(part) - 1]
+                break
+        else:
+            raise LoraFormatError(f"'{key}' is not a LoRA key (lora_down / lora_up / alpha); LoHa, LoKr and DoRA "
+                                  "files are not converted here.")
+        try:
+            if module.startswith(UNET_PREFIX):
+                native = native_from_kohya(module)
+            else:
+                native = module.removeprefix("diffusion_model.")
+                lora_module_from_native(native)
+        except ValueError as exc:
+            raise LoraFormatError(str(exc)) from exc
+        grouped.setdefault(native, {})[names.get(part, part)] = value
+    return grouped
+
+
+def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """kohya (`lora_unet_joint_blocks_...`) or `diffusion_model.joint_blocks...` tensors -> (PEFT state, alphas)."""
+    from core.families.flux.lora_files import _split
+
+    peft: dict[str, Tensor] = {}
+    alphas: dict[str, float] = {}
+    for native, parts in _native_groups(tensors).items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise LoraFormatError(f"'{native}' lacks lora_down or lora_up.")
+        module = MmditModule(*lora_module_from_native(native))
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            raise LoraFormatError(f"'{native}': lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
+                                  "are not a linear LoRA pair.")
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        for path, a, b, part_alpha in _split(module, down, up, alpha):
+            peft[f"{path}.lora_A.weight"] = a
+            peft[f"{path}.lora_B.weight"] = b
+            alphas[path] = part_alpha
+    return peft, alphas
+
+
+def kohya_metadata(model_type: str, *, rank: int, alpha: float, started_at: float | None = None,
+                   resolution: int = 1024) -> dict[str, str]:
+    """The keys that say what the file is, as sd-scripts' SD3 LoRA writes them."""
+    if model_type not in MODEL_TYPES:
+        raise LoraFormatError(f"Unknown SD3 model type '{model_type}'; expected one of {', '.join(MODEL_TYPES)}.")
+    started = datetime.datetime.now().timestamp() if started_at is None else started_at
+    alpha = float(alpha)
+    return {
+        "ss_base_model_version": model_type,
+        "ss_v2": "False",
+        "ss_network_module": "networks.lora_sd3",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(int(alpha)) if alpha.is_integer() else repr(alpha),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"stable-diffusion-3-{model_type}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": f"LoRA@{int(started)}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(started)).isoformat(),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.implementation_version": "lora-scripts",
+    }
+
+
+def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, model_type: str,
+                     alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
+                     use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """The WebUI / Forge / ComfyUI file (sd-scripts' SD3 names), written atomically with sshs hashes."""
+    modules = group_sd3_peft(peft_state)
+    tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
+    rank = Counter(p["A"].shape[0] for p in modules.values()).most_common(1)[0][0]
+    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
+              for p, parts in modules.items()]
+    base = kohya_metadata(model_type, rank=rank, alpha=Counter(alphas).most_common(1)[0][0])
+    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
+    merged: dict[str, Any] = {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}
+    return save_kohya_lora(path, tensors, merged, dtype=dtype)
+
+
+def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
+                         dtype: torch.dtype | None = None) -> Path:
+    """`output_dir/pytorch_lora_weights.safetensors` as StableDiffusion3Pipeline.save_lora_weights writes it."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return write_diffusers_lora(StableDiffusion3Pipeline, group_sd3_peft(peft_state), output_dir,
+                                lora_config=lora_config, dtype=dtype)
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
+    """Any SD3 LoRA file (kohya, ComfyUI `diffusion_model.`, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
+    from core.export.inspect import _config_alpha
+    from core.export.kohya import load_kohya_lora
+
+    tensors, metadata = load_kohya_lora(path)
+    if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):
+        peft, alphas = kohya_to_peft(tensors)
+        return peft, alphas, metadata
+    transformer = {k: v for k, v in tensors.items() if k.startswith(("transformer.", "base_model.model."))}
+    if not transformer:
+        raise LoraFormatError(f"{path}: no SD3 transformer LoRA keys (transformer.*, lora_unet_joint_blocks_*).")
+    config: dict[str, Any] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
+                  if k.startswith("transformer.")}
+    peft, alphas = {}, {}
+    for module_path, parts in group_sd3_peft(transformer).items():
+        peft[f"{module_path}.lora_A.weight"] = parts["A"]
+        peft[f"{module_path}.lora_B.weight"] = parts["B"]
+        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
+    return peft, alphas, metadata
+
+
+# --- the LoRA tools' hook (inspect, convert, resize, merge): kohya MMDiT names, qkv kept fused ---------
+
+def _model_type_for(variant: str, metadata: Mapping[str, str]) -> str:
+    """The file's own sd-scripts model type when it names one (SD3 medium), else the registry row's."""
+    named = metadata.get("ss_base_model_version", "")
+    if named in MODEL_TYPES and (variant != "sd35-large") == (named != "5-large"):
+        return named
+    return "5-large" if variant == "sd35-large" else "5-medium"
+
+
+def lora_file_format() -> Any:
+    """What the LoRA tools need: sd-scripts' MMDiT-named kohya modules (core.families.dit.tools_format)."""
+    from core.families.dit.tools_format import kohya_tools_format
+
+    def identity(variant: str, metadata: Mapping[str, str], rank: int, alpha: float) -> dict[str, str]:
+        return kohya_metadata(_model_type_for(variant, metadata), rank=rank, alpha=alpha)
+
+    return kohya_tools_format(family="SD3", read_lora=read_lora, peft_to_kohya=peft_to_kohya,
+                              kohya_to_peft=kohya_to_peft, identity=identity, identity_keys=_IDENTITY_KEYS,
+                              write_diffusers_file=write_diffusers_file)

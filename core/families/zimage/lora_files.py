@@ -1,0 +1,222 @@
+"""Z-Image LoRA files: diffusers/PEFT module names <-> native (ComfyUI / original) kohya names.
+
+Who reads what (read from ComfyUI's comfy/lora.py + comfy/utils.py and diffusers 0.42):
+- ComfyUI runs Z-Image as its Lumina2 / NextDiT model with the original module names
+  (`layers.N.attention.qkv` fused, `attention.out`, `feed_forward.w1/w2/w3`,
+  `adaLN_modulation.0`; same inside `noise_refiner.N` / `context_refiner.N`).
+  `model_lora_keys_unet` maps, for every weight of the model, `lora_unet_<native name with _>`
+  and `diffusion_model.<native name>` onto it; its Lumina2 branch adds the diffusers names
+  (`to_q/to_k/to_v` onto row slices of qkv).
+- diffusers' `ZImagePipeline.lora_state_dict` converts `lora_unet_` keys
+  (`_convert_non_diffusers_z_image_lora_to_diffusers`): it splits a fused `attention.qkv`
+  LoRA into to_q/to_k/to_v (each gets the whole down and its third of up) and maps
+  `attention.out` to `attention.to_out.0`. The `diffusion_model.<native>` form is NOT split
+  there (qkv would stay an unknown module), so:
+
+Our `<name>.safetensors` uses kohya names of the native modules, fused qkv kept fused
+(`lora_unet_layers_0_attention_qkv.lora_down.weight`, `.lora_up.weight`, `.alpha`): ComfyUI
+loads it key for key through its generic `lora_unet_` map, diffusers reads every key, and it
+is the layout of kohya-style trainers for Z-Image (musubi-tuner). The fusion is FLUX's exact
+one (`flux_lora_keys._fuse`): down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha * 3.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.metadata import MODELSPEC_VERSION
+from core.export.metadata import num_text
+from core.families.flux.lora_files import BflModule, _fuse, _split
+from core.families.dit.lora_files import alpha_of, group_plain_lora, most_common, write_diffusers_lora
+
+UNET_PREFIX = "lora_unet_"
+SCOPES = ("layers", "noise_refiner", "context_refiner")
+# (native module in a block, the diffusers modules it is made of in row order)
+_BLOCK: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention.qkv", ("attention.to_q", "attention.to_k", "attention.to_v")),
+    ("attention.out", ("attention.to_out.0",)),
+    ("feed_forward.w1", ("feed_forward.w1",)),
+    ("feed_forward.w2", ("feed_forward.w2",)),
+    ("feed_forward.w3", ("feed_forward.w3",)),
+    ("adaLN_modulation.0", ("adaLN_modulation.0",)),
+)
+_DIFFUSERS_PATH = re.compile(r"^(?P<scope>layers|noise_refiner|context_refiner)\.(?P<n>\d+)\.(?P<rest>.+)$")
+_KOHYA_NAME = re.compile(r"^lora_unet_(?P<scope>layers|noise_refiner|context_refiner)_(?P<n>\d+)_(?P<rest>.+)$")
+_KOHYA_KEY = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_COMFY_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight"
+                        r"|lora_B\.weight|alpha)$")
+# kohya/WebUI labels (kohya-style trainers: musubi-tuner's sai_model_spec "Z-Image").
+BASE_MODEL_VERSION = {"z-image-turbo": "z_image_turbo", "z-image": "z_image"}
+ARCHITECTURE = "Z-Image"
+IMPLEMENTATION = "https://github.com/Tongyi-MAI/Z-Image"
+_IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                  "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
+
+
+def native_module_for(path: str) -> tuple[BflModule, int]:
+    """(native module, index of `path` among its parts) of a diffusers module path."""
+    m = _DIFFUSERS_PATH.match(path)
+    if m:
+        for native, parts in _BLOCK:
+            if m["rest"] in parts:
+                prefix = f"{m['scope']}.{m['n']}."
+                return BflModule(prefix + native, tuple(prefix + p for p in parts)), parts.index(m["rest"])
+    raise LoraFormatError(f"'{path}' is not a Z-Image block module with a native name (attention, feed_forward, "
+                          "adaLN_modulation of layers / noise_refiner / context_refiner).")
+
+
+def native_module_from_kohya(name: str) -> BflModule:
+    m = _KOHYA_NAME.match(name)
+    if m:
+        for native, parts in _BLOCK:
+            if m["rest"] == native.replace(".", "_"):
+                prefix = f"{m['scope']}.{m['n']}."
+                return BflModule(prefix + native, tuple(prefix + p for p in parts))
+    raise LoraFormatError(f"'{name}' is not a Z-Image kohya module name.")
+
+
+def group_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    return group_plain_lora(peft_state, "Z-Image")
+
+
+def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
+                  use_rslora: bool = False) -> dict[str, Tensor]:
+    """A Z-Image transformer PEFT state -> kohya tensors of the native modules (qkv fused)."""
+    groups: dict[str, tuple[BflModule, dict[int, tuple[Tensor, Tensor, float]]]] = {}
+    for path, parts in group_peft(peft_state).items():
+        module, index = native_module_for(path)
+        rank = parts["A"].shape[0]
+        scale = alpha_of(alpha, path) / (math.sqrt(rank) if use_rslora else rank)
+        groups.setdefault(module.bfl, (module, {}))[1][index] = (parts["A"], parts["B"], scale)
+    out: dict[str, Tensor] = {}
+    for module, members in groups.values():
+        down, up, file_alpha = _fuse(module, members)
+        out[f"{module.kohya_name}.lora_down.weight"] = down
+        out[f"{module.kohya_name}.lora_up.weight"] = up
+        out[f"{module.kohya_name}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
+    return out
+
+
+def _kohya_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        comfy = _COMFY_KEY.match(key)
+        if comfy:
+            part = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}.get(comfy["part"],
+                                                                                               comfy["part"])
+            name = UNET_PREFIX + comfy["module"].replace(".", "_")
+        else:
+            m = _KOHYA_KEY.match(key)
+            if not m:
+                raise LoraFormatError(f"'{key}' is not a kohya LoRA key (lora_down / lora_up / alpha).")
+            name, part = m["name"], m["part"]
+        grouped.setdefault(name, {})[part] = value
+    return grouped
+
+
+def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """kohya / ComfyUI Z-Image tensors -> (PEFT state without prefix, {module path: alpha}); qkv split exactly."""
+    peft: dict[str, Tensor] = {}
+    alphas: dict[str, float] = {}
+    for name, parts in _kohya_groups(tensors).items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise LoraFormatError(f"'{name}' lacks lora_down or lora_up.")
+        module = native_module_from_kohya(name)
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        for path, a, b, part_alpha in _split(module, down, up, alpha):
+            peft[f"{path}.lora_A.weight"] = a
+            peft[f"{path}.lora_B.weight"] = b
+            alphas[path] = part_alpha
+    return peft, alphas
+
+
+def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
+    """The identity keys of a Z-Image kohya LoRA (family, network, rank/alpha, modelspec)."""
+    import datetime
+
+    now = datetime.datetime.now().timestamp()
+    return {
+        "ss_base_model_version": BASE_MODEL_VERSION[variant],
+        "ss_v2": "False",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": num_text(alpha),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"{ARCHITECTURE}/lora",
+        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.title": f"LoRA@{int(now)}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),
+        "modelspec.implementation_version": "lora-scripts",
+    }
+
+
+def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str,
+                     alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
+                     use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """The ComfyUI / WebUI file (native kohya names, sshs hashes), written atomically."""
+    modules = group_peft(peft_state)
+    tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
+    rank = int(most_common([parts["A"].shape[0] for parts in modules.values()]))
+    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
+              for p, parts in modules.items()]
+    base = kohya_metadata(variant, rank=rank, alpha=most_common(alphas))
+    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
+    return save_kohya_lora(path, tensors, {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}, dtype=dtype)
+
+
+def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
+                         dtype: torch.dtype | None = None) -> Path:
+    """`output_dir/pytorch_lora_weights.safetensors` as `ZImagePipeline.save_lora_weights` writes it."""
+    from diffusers import ZImagePipeline
+
+    return write_diffusers_lora(ZImagePipeline, group_peft(peft_state), output_dir, lora_config=lora_config,
+                                dtype=dtype)
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
+    """Any Z-Image LoRA file (kohya, ComfyUI, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
+    from core.export.inspect import _config_alpha
+    from core.export.kohya import load_kohya_lora
+
+    tensors, metadata = load_kohya_lora(path)
+    if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):
+        peft, alphas = kohya_to_peft(tensors)
+        return peft, alphas, metadata
+    config: dict[str, Any] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
+                  if k.startswith("transformer.")}
+    peft, alphas = {}, {}
+    for module_path, parts in group_peft({k: v for k, v in tensors.items() if k.startswith("transformer.")}).items():
+        native_module_for(module_path)  # a foreign module fails here, clearly
+        peft[f"{module_path}.lora_A.weight"] = parts["A"]
+        peft[f"{module_path}.lora_B.weight"] = parts["B"]
+        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
+    if not peft:
+        raise LoraFormatError(f"{path}: no Z-Image LoRA tensors found.")
+    return peft, alphas, metadata
+
+
+# --- the LoRA tools' hook (core.families.base.LoraFileFormat) -------------------------------------------
+
+
+def lora_file_format() -> Any:
+    """What the LoRA tools need: kohya names of Z-Image's native modules (core.families.dit.tools_format)."""
+    from core.families.dit.tools_format import kohya_tools_format
+
+    def identity(variant: str, metadata: Mapping[str, str], rank: int, alpha: float) -> dict[str, str]:
+        return kohya_metadata(variant if variant in BASE_MODEL_VERSION else "z-image-turbo", rank=rank, alpha=alpha)
+
+    return kohya_tools_format(family="Z-Image", read_lora=read_lora, peft_to_kohya=peft_to_kohya,
+                              kohya_to_peft=kohya_to_peft, identity=identity, identity_keys=_IDENTITY_KEYS,
+                              write_diffusers_file=write_diffusers_file)

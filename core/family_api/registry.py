@@ -1,0 +1,203 @@
+"""What the code needs to know about each image model family, in one table.
+
+A family is one architecture a LoRA is trained for and loaded into: SD 1.x, SD 2.x, SDXL,
+FLUX.1-dev, FLUX.1-schnell, Chroma, ... This module holds the facts that are plain data (names,
+sizes, file labels, defaults, how its files are recognised); the module named by `impl` holds
+the behaviour (its `FAMILY`, a `core.families.base.ImageFamily`). Code outside
+`core/families/` asks `family_info(name)` instead of testing family names, so a new family is
+one row here plus its own modules.
+
+Standard library only: the config check, the form and the memory estimate read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """The data of one family.
+
+    `kind`: "unet" (SD 1.x/2.x/SDXL), "flux" (FLUX.1 / Chroma) or "dit" (the other flow-matching
+    transformers); the memory estimate and the form read the fields below, not the kind.
+    """
+
+    name: str
+    label: str
+    kind: str
+    native_resolution: int
+    preset_family: str                    # the `family:` of presets/*.yaml that fit it
+    ss_base_model_version: str            # WebUI's family label in the kohya file's metadata
+    modelspec_architecture: str           # SAI modelspec.architecture (without "/lora")
+    kohya_te_prefixes: tuple[str, ...]    # text encoder prefixes in the kohya/WebUI file
+    text_encoders: tuple[str, ...]        # the pipeline's text encoder component names
+    pipeline_class: str                   # the diffusers pipeline that makes previews
+    hub_repo: str                         # where the configs live on the hub (for single files)
+    trained_params: int                   # parameters of the network that gets the LoRA
+    frozen_params: int                    # text encoders + VAE
+    sample_size_floor: int = 0            # previews never smaller than this (SDXL, FLUX)
+    has_guidance_embedding: bool = False  # FLUX.1-dev's distilled guidance input
+    default_timestep_sampling: str = ""   # flow-matching families: how noise levels are drawn
+    sgm_unet_names: bool = False          # kohya/WebUI UNet keys in SAI's sgm names (SDXL), not diffusers'
+    v_prediction_suffix: bool = False     # sd-scripts writes `<version>_v` for a v-prediction model
+    modelspec_architecture_v: str = ""    # the architecture of its v-prediction variant, when it differs
+    modelspec_implementation: str = "diffusers"
+    impl: str = "core.families.sd.family"        # the module whose `FAMILY` is this family's behaviour
+    # How headers name it (core.model_info reads these without torch): `_class_name`s of a diffusers
+    # folder's model_index.json or transformer/config.json; tensor names of a single file (after
+    # `model.diffusion_model.` / `diffusion_model.`); words of a hub id or file name.
+    diffusers_class_names: tuple[str, ...] = ()
+    single_file_markers: tuple[str, ...] = ()
+    name_words: tuple[str, ...] = ()
+    width: int = 320                      # the real network's width: the activation estimate scales by it
+    # The config groups of family-specific keys the form shows for it ("flow": every flow-matching
+    # transformer; "flux": FLUX.1 / Chroma's own). Keys of the other groups are reset by presets.
+    config_groups: tuple[str, ...] = ()
+    resolution_floor: int = 384           # the out-of-memory ladder never goes below this resolution
+    memory_parts: str = ""                # "module:function" of its memory parts (empty: the UNet's)
+    lora_key_markers: tuple[str, ...] = ()  # regexes of LoRA-file keys only this family's files have
+    # Trains on (control, target, caption) triples (edit models): the run feeds each image's control
+    # latents (Batch.control) and prompt keys (caption, control path) to the family.
+    needs_control: bool = False
+
+    @property
+    def is_flow_matching(self) -> bool:
+        return self.kind != "unet"
+
+
+# Published sizes of the real networks (counted from their configs on the meta device; the
+# tests check the UNet and FLUX numbers against diffusers).
+SD1_UNET, SD2_UNET, SDXL_UNET = 859_520_964, 865_910_724, 2_567_463_684
+CLIP_L, OPENCLIP_H, OPENCLIP_G, SD_VAE = 123_060_480, 340_387_840, 694_659_841, 83_653_863
+FLUX_DEV, FLUX_SCHNELL, CHROMA = 11_901_408_320, 11_891_178_560, 8_899_983_424
+T5_XXL_ENCODER, FLUX_AE = 4_762_310_656, 83_819_683
+# Qwen-Image (and Edit, same transformer): the 60-block MMDiT, Qwen2.5-VL-7B (with its vision tower), the video VAE.
+QWEN_IMAGE, QWEN25_VL_7B, QWEN_IMAGE_VAE = 20_430_401_088, 8_292_166_656, 126_892_531
+# Keys only a Qwen-Image LoRA has, in any of the forms ComfyUI loads (`.` or `_` separated).
+_QWEN_LORA_KEYS = (r"transformer_blocks[._]\d+[._](img|txt)_mlp[._]net[._]", r"transformer_blocks[._]\d+[._](img|txt)_mod[._]1")
+# SD3.5 medium / large MMDiT; CLIP-L and CLIP-G with their projections; the 16-channel VAE (FLUX's AE shape).
+SD35_MEDIUM, SD35_LARGE, CLIP_L_PROJ, CLIP_G_PROJ = 2_243_171_520, 8_056_627_520, 123_650_304, 694_659_840
+SD3_ENCODERS = CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL_ENCODER + FLUX_AE
+Z_IMAGE, QWEN3_4B = 6_154_908_736, 4_022_468_096  # ZImageTransformer2DModel; Qwen3Model (no LM head)
+
+FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
+    FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
+               ("text_encoder",), "StableDiffusionPipeline", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+               SD1_UNET, CLIP_L + SD_VAE, v_prediction_suffix=True),
+    FamilyInfo("sd2", "SD 2.x", "unet", 768, "sd1", "sd_v2", "stable-diffusion-v2-512", ("lora_te",),
+               ("text_encoder",), "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1",
+               SD2_UNET, OPENCLIP_H + SD_VAE, v_prediction_suffix=True,
+               modelspec_architecture_v="stable-diffusion-v2-768-v"),
+    FamilyInfo("sdxl", "SDXL", "unet", 1024, "sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
+               ("lora_te1", "lora_te2"), ("text_encoder", "text_encoder_2"), "StableDiffusionXLPipeline",
+               "stabilityai/stable-diffusion-xl-base-1.0", SDXL_UNET, CLIP_L + OPENCLIP_G + SD_VAE,
+               sample_size_floor=1024, sgm_unet_names=True, resolution_floor=768,
+               modelspec_implementation="https://github.com/Stability-AI/generative-models"),
+    FamilyInfo("flux-dev", "FLUX.1-dev", "flux", 1024, "flux", "flux1", "flux-1-dev", ("lora_te1", "lora_te3"),
+               ("text_encoder", "text_encoder_2"), "FluxPipeline", "black-forest-labs/FLUX.1-dev",
+               FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE, sample_size_floor=512,
+               has_guidance_embedding=True, default_timestep_sampling="shift", impl="core.families.flux.family",
+               width=3072, config_groups=("flow", "flux"), resolution_floor=512,
+               memory_parts="core.families.flux.memory:flux_parts",
+               diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("flux",)),
+    FamilyInfo("flux-schnell", "FLUX.1-schnell", "flux", 1024, "flux", "flux1", "flux-1-schnell",
+               ("lora_te1", "lora_te3"), ("text_encoder", "text_encoder_2"), "FluxPipeline",
+               "black-forest-labs/FLUX.1-schnell", FLUX_SCHNELL, CLIP_L + T5_XXL_ENCODER + FLUX_AE,
+               sample_size_floor=512, default_timestep_sampling="shift", impl="core.families.flux.family",
+               width=3072, config_groups=("flow", "flux"), resolution_floor=512,
+               memory_parts="core.families.flux.memory:flux_parts",
+               diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("schnell",)),
+    FamilyInfo("chroma", "Chroma", "flux", 1024, "flux", "chroma", "chroma", ("lora_te3",),
+               ("text_encoder",), "ChromaPipeline", "lodestones/Chroma1-HD", CHROMA, T5_XXL_ENCODER + FLUX_AE,
+               sample_size_floor=512, default_timestep_sampling="sigmoid", impl="core.families.flux.family",
+               width=3072, config_groups=("flow", "flux"), resolution_floor=512,
+               memory_parts="core.families.flux.memory:flux_parts",
+               diffusers_class_names=("ChromaPipeline", "ChromaTransformer2DModel"), name_words=("chroma",)),
+    # FLUX.1 Kontext [dev]: FLUX.1-dev's transformer trained on (control, target, caption) pairs; its
+    # LoRA files are FLUX LoRAs (flux1, BFL names), the control image's tokens carry position id 1.
+    FamilyInfo("flux-kontext", "FLUX.1 Kontext", "flux", 1024, "flux", "flux1", "flux-1-kontext-dev",
+               ("lora_te1", "lora_te3"), ("text_encoder", "text_encoder_2"), "FluxKontextPipeline",
+               "black-forest-labs/FLUX.1-Kontext-dev", FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE,
+               sample_size_floor=512, has_guidance_embedding=True, default_timestep_sampling="shift",
+               impl="core.families.flux.family", width=3072, config_groups=("flow", "flux"), resolution_floor=512,
+               memory_parts="core.families.flux.memory:flux_parts", diffusers_class_names=("FluxKontextPipeline",),
+               name_words=("kontext",), needs_control=True),
+    # musubi-tuner's qwen_image / qwen_image_edit architecture names; ComfyUI's model names are diffusers'.
+    FamilyInfo("qwen-image", "Qwen-Image", "dit", 1328, "qwen-image", "qwen_image", "Qwen-Image", (),
+               ("text_encoder",), "QwenImagePipeline", "Qwen/Qwen-Image", QWEN_IMAGE, QWEN25_VL_7B + QWEN_IMAGE_VAE,
+               sample_size_floor=512, default_timestep_sampling="dynamic",
+               modelspec_implementation="https://github.com/QwenLM/Qwen-Image", impl="core.families.qwen_image.family",
+               diffusers_class_names=("QwenImagePipeline", "QwenImageTransformer2DModel"),
+               single_file_markers=("transformer_blocks.0.img_mod.1.weight", "txt_norm.weight"),
+               name_words=("qwen-image", "qwen_image"), width=3072, config_groups=("flow",), resolution_floor=512,
+               memory_parts="core.families.qwen_image.memory:qwen_parts", lora_key_markers=_QWEN_LORA_KEYS),
+    FamilyInfo("qwen-image-edit", "Qwen-Image-Edit", "dit", 1024, "qwen-image", "qwen_image_edit", "Qwen-Image-Edit",
+               (), ("text_encoder",), "QwenImageEditPipeline", "Qwen/Qwen-Image-Edit", QWEN_IMAGE,
+               QWEN25_VL_7B + QWEN_IMAGE_VAE, sample_size_floor=512, default_timestep_sampling="dynamic",
+               modelspec_implementation="https://github.com/QwenLM/Qwen-Image", impl="core.families.qwen_image.family",
+               diffusers_class_names=("QwenImageEditPipeline",), name_words=("qwen-image-edit", "qwen_image_edit"),
+               width=3072, config_groups=("flow",), resolution_floor=512,
+               memory_parts="core.families.qwen_image.memory:qwen_parts", needs_control=True),
+    # sd-scripts names SD3 models by library/sd3_utils' model_type ("medium", "5-medium", "5-large"):
+    # ss_base_model_version is that, modelspec.architecture "stable-diffusion-3-" + it (sd3_lora_files
+    # writes SD3 medium's own type when an SD3 medium is trained under the "sd3" row). Medium and large
+    # are told apart by their blocks (sd3_load.model_type_from_keys), so only the "sd3" row lists markers.
+    FamilyInfo("sd3", "SD3.5 / SD3 Medium", "dit", 1024, "sd3", "5-medium", "stable-diffusion-3-5-medium",
+               ("lora_te1", "lora_te2", "lora_te3"), ("text_encoder", "text_encoder_2", "text_encoder_3"),
+               "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium", SD35_MEDIUM, SD3_ENCODERS,
+               sample_size_floor=512, default_timestep_sampling="shift", impl="core.families.sd3.family",
+               width=1536, config_groups=("flow",), resolution_floor=512,
+               memory_parts="core.families.sd3.memory:sd3_parts",
+               diffusers_class_names=("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+               single_file_markers=("joint_blocks.0.x_block.attn.proj.weight",),
+               name_words=("sd3", "sd3.5", "sd35", "stable-diffusion-3"),
+               lora_key_markers=(r"^lora_unet_joint_blocks_\d+_", r"^(diffusion_model\.)?joint_blocks\.\d+\.",
+                                 r"^transformer\.transformer_blocks\.\d+\.attn2\.")),
+    FamilyInfo("sd35-large", "SD3.5 Large", "dit", 1024, "sd3", "5-large", "stable-diffusion-3-5-large",
+               ("lora_te1", "lora_te2", "lora_te3"), ("text_encoder", "text_encoder_2", "text_encoder_3"),
+               "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-large", SD35_LARGE, SD3_ENCODERS,
+               sample_size_floor=512, default_timestep_sampling="shift", impl="core.families.sd3.family",
+               width=2432, config_groups=("flow",), resolution_floor=512,
+               memory_parts="core.families.sd3.memory:sd3_parts", name_words=("sd3.5_large", "sd3.5-large",
+                                                                               "stable-diffusion-3.5-large")),
+    # Z-Image: Turbo and base share every shape; the name tells them apart (the longest name word wins).
+    *(FamilyInfo(name, label, "dit", 1024, "z-image", version, "Z-Image", (), ("text_encoder",), "ZImagePipeline",
+                 repo, Z_IMAGE, QWEN3_4B + FLUX_AE, sample_size_floor=512, default_timestep_sampling="shift",
+                 modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image",
+                 impl="core.families.zimage.family", width=3840, config_groups=("flow",), resolution_floor=512,
+                 memory_parts="core.families.zimage.memory:zimage_parts",
+                 diffusers_class_names=("ZImagePipeline", "ZImageTransformer2DModel"),
+                 single_file_markers=("noise_refiner.0.attention.out.weight",
+                                      "noise_refiner.0.attention.to_out.0.weight"),
+                 name_words=words, lora_key_markers=(
+                     r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_(attention_qkv|attention_out|feed_forward_w[123])\.",
+                     r"^(transformer\.|diffusion_model\.)?(noise_refiner|context_refiner)\.\d+\.(attention|feed_forward)\."))
+      for name, label, version, repo, words in (
+          ("z-image-turbo", "Z-Image-Turbo", "z_image_turbo", "Tongyi-MAI/Z-Image-Turbo",
+           ("z-image-turbo", "z_image_turbo", "zimage-turbo", "zimage_turbo")),
+          ("z-image", "Z-Image", "z_image", "Tongyi-MAI/Z-Image", ("z-image", "z_image", "zimage")))),
+)}
+IMAGE_FAMILIES = tuple(FAMILIES)
+UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
+# Every config group a family shows only for itself (the form hides them for the others).
+FAMILY_CONFIG_GROUPS = frozenset(g for info in FAMILIES.values() for g in info.config_groups)
+
+
+def family_info(name: str) -> FamilyInfo:
+    """The facts of family `name`; a clear error for an unknown one."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"Unknown model family '{name}'; known: {', '.join(FAMILIES)}.") from None
+
+
+def config_groups_of(name: str) -> tuple[str, ...]:
+    """The family-specific config groups shown for family `name` (none for an LLM or unknown model)."""
+    info = FAMILIES.get(name)
+    return info.config_groups if info else ()
+
+
+def family_label(name: str) -> str:
+    """A person's name for a family ("SDXL", "FLUX.1-dev"); the raw name for anything else."""
+    info = FAMILIES.get(name)
+    return info.label if info else {"llm": "LLM", "unknown": "unknown model"}.get(name, name)
