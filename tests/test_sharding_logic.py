@@ -103,14 +103,14 @@ def test_the_optimizer_state_moves_between_numbered_and_named_layouts():
     # A DDP / one-process (numbered) state, as a sharded run reads it: by this run's parameter names.
     numbered = optimizer.state_dict()
     target = sharding.FullOptimizerState(fresh, fresh_optimizer)
-    assert set(target._named(numbered)["state"]) == {"1.weight", "1.bias"}  # noqa: SLF001
+    assert set(target._named(numbered)["state"]) == {"1.weight", "1.bias"}
 
 
 def test_a_launched_runs_events_come_back_as_the_events_they_were(tmp_path):
     sent = [ProgressEvent(step=3, total=8, loss=0.5, lr=1e-4), SampleEvent(step=3, images=["a.png"]),
             CheckpointEvent(step=3, path="c"), DoneEvent(outputs={"lora": "x"}, stopped=True, message="m")]
     path = tmp_path / "events.jsonl"
-    reader = launch._EventReader(path)  # noqa: SLF001
+    reader = launch._EventReader(path)
     text = "".join(json.dumps(e.to_dict()) + "\n" for e in sent)
     path.write_text(text[:-20], encoding="utf-8")  # the last line still being written
     first = reader.read()
