@@ -223,9 +223,12 @@ class ImageRun:
     def add_lora(self, init_file: Path | None) -> None:
         cfg, family = self.cfg, self.family
         self.adapted = adapted = family.add_lora(self.model, cfg, init_file, self.log)
+        # A sharded run leaves the network in CPU memory: FSDP moves each process's share of it to its GPU
+        # (the whole model never has to fit one).
+        where = "cpu" if sharding.is_sharded(self.accelerator) else self.device
         for module in adapted.modules:
             if not any(module is p for p in adapted.placed):
-                move(module, self.device, self.weight_dtype)
+                move(module, where, self.weight_dtype)
         from diffusers.training_utils import cast_training_params
 
         # Frozen weights stay in the weight dtype; the trainable LoRA weights are fp32.

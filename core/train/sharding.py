@@ -80,7 +80,9 @@ def prepare(accelerator: Any, model: torch.nn.Module, optimizer: Any) -> tuple[A
     # process drew its own: seed + rank); the frozen base is the same file everywhere.
     with torch.no_grad():
         for _, _, param in _trainable(model):
-            dist.broadcast(param.data, src=0)
+            sent = param.data.to(accelerator.device)  # NCCL sends from the GPU; the model may be in CPU memory
+            dist.broadcast(sent, src=0)
+            param.data.copy_(sent)
     _shard_embeddings(model)
     plugin = accelerator.state.fsdp_plugin
     plugin.transformer_cls_names_to_wrap = _wrap_classes(model) or None

@@ -395,7 +395,8 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accele
     if accelerator.process_index > 0:
         # ...then each other process its own dropout; the main one (and a one-process run) as ever.
         torch.manual_seed(cfg.seed + accelerator.process_index)
-    if not quantized:  # a 4-bit base is already on its GPU (device_map at load)
+    if not quantized and not sharding.is_sharded(accelerator):  # a 4-bit base is already on its GPU
+        # (device_map at load); a sharded one stays in CPU memory until FSDP moves each process's share
         peft_model = peft_model.to(device)
     out = Path(cfg.output_dir)
     pissa_init = None
