@@ -19,7 +19,6 @@ adapter and ends with DoneEvent(stopped=True).
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import time
