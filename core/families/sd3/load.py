@@ -10,7 +10,6 @@ qk norm with dual-attention blocks -> SD3.5 medium ("5-medium"), qk norm without
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from collections.abc import Iterable
 import torch
 
 from core.hub import offline
-from core.families.flux.load import file_has_fp8, read_upcast, safetensors_keys
+from core.families.dit.weights import (comfy_models_root, file_has_fp8, fp8_note, read_json, read_upcast,
+                                       safetensors_keys, strip_encoder_prefix)
 from core.families.sd3.keys import SINGLE_FILE_MARKERS
 from core.family_api.contract import ModelLoadError
 
@@ -83,13 +83,6 @@ def model_type_from_config(config: dict[str, Any]) -> str:
     return "5-medium" if config.get("dual_attention_layers") else "5-large"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def model_type_from_folder(index: dict[str, Any] | None, transformer: dict[str, Any]) -> str | None:
     names = " ".join(str(d.get("_class_name", "")) for d in (index or {}, transformer))
     if not any(c in names for c in CLASS_NAMES):
@@ -103,8 +96,8 @@ def detect_model_type(source: str | Path) -> str | None:
     if path.is_file():
         return model_type_from_keys(safetensors_keys(path)) if path.suffix.lower() == ".safetensors" else None
     if path.is_dir():
-        transformer = _read_json(path / "transformer" / "config.json") or _read_json(path / "config.json") or {}
-        return model_type_from_folder(_read_json(path / "model_index.json"), transformer)
+        transformer = read_json(path / "transformer" / "config.json") or read_json(path / "config.json") or {}
+        return model_type_from_folder(read_json(path / "model_index.json"), transformer)
     if str(source).lower().endswith(".safetensors") or "/" not in str(source):
         return None
     from diffusers import DiffusionPipeline
@@ -200,15 +193,6 @@ def load_sd3_folder(source: str, *, dtype: torch.dtype = torch.float32, quantiza
 # --- ComfyUI single files ------------------------------------------------------------------------
 
 
-def comfy_models_root(path: str | Path) -> Path | None:
-    """ComfyUI's `models/` folder when the file sits in models/diffusion_models, unet or checkpoints."""
-    parent = Path(path).resolve().parent
-    for folder in [parent, *parent.parents][:3]:
-        if folder.name in ("diffusion_models", "unet", "checkpoints"):
-            return folder.parent
-    return None
-
-
 def find_part(models_root: Path | None, part: str, explicit: str = "", *, required: bool = True) -> Path | None:
     """A text encoder / VAE file: `explicit` if given, else found in ComfyUI's folders by its usual name."""
     if explicit:
@@ -244,7 +228,6 @@ def _text_encoder(state: dict[str, torch.Tensor], kind: str, source: str, local_
                   dtype: torch.dtype) -> tuple[Any, list[str]]:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from core.families.flux.single_file import _strip_encoder_prefix
 
     sub = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}[kind]
     config_cls, model_cls, marker = ((T5Config, T5EncoderModel, "encoder.") if kind == "t5"
@@ -264,7 +247,7 @@ def _text_encoder(state: dict[str, torch.Tensor], kind: str, source: str, local_
         state.setdefault("encoder.embed_tokens.weight", shared)
     else:
         projection = state.pop("text_projection.weight", None)
-        state = _strip_encoder_prefix(state, marker)
+        state = strip_encoder_prefix(state, marker)
         if projection is None:
             # ComfyUI runs a CLIP file without a projection with the identity (its pooled output as it is).
             projection = torch.eye(config.projection_dim, config.hidden_size, dtype=dtype)
@@ -309,7 +292,7 @@ def load_sd3_single_file(path: str | Path, *, config_source: str = "", clip_l: s
                              "Use sd3.5_medium.safetensors / sd3.5_large.safetensors or the transformer file "
                              "from ComfyUI's models/diffusion_models.")
     embedded = {part for part, prefix in EMBEDDED.items() if any(k.startswith(prefix) for k in keys)}
-    root = comfy_models_root(path)
+    root = comfy_models_root(path, ("diffusion_models", "unet", "checkpoints"))
     # Find every part before reading weights: a missing file fails in a second, not after minutes.
     files = {part: find_part(root, part, explicit, required=part != "t5")
              for part, explicit in (("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5), ("vae", vae))
@@ -346,7 +329,7 @@ def load_sd3_single_file(path: str | Path, *, config_source: str = "", clip_l: s
         notes.append(f"{ {'clip_l': 'CLIP-L', 'clip_g': 'CLIP-G', 't5': 'T5', 'vae': 'VAE'}[part]}: {where}")
     del state
     if file_has_fp8(path):
-        notes.append(f"{path.name} is fp8: weights upcast to {str(dtype).replace('torch.', '')} for training.")
+        notes.append(fp8_note(path, dtype))
     tok_l, tok_g, tok_t5 = _tokenizers(source, local_only, parts["t5"] is not None)
     return SD3Model(model_type, transformer, parts["vae"], parts["clip_l"], tok_l, parts["clip_g"], tok_g,
                     parts["t5"], tok_t5, _scheduler_config(source, local_only), str(path), is_single_file=True,

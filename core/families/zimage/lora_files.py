@@ -16,8 +16,8 @@ Who reads what (read from ComfyUI's comfy/lora.py + comfy/utils.py and diffusers
 Our `<name>.safetensors` uses kohya names of the native modules, fused qkv kept fused
 (`lora_unet_layers_0_attention_qkv.lora_down.weight`, `.lora_up.weight`, `.alpha`): ComfyUI
 loads it key for key through its generic `lora_unet_` map, diffusers reads every key, and it
-is the layout of kohya-style trainers for Z-Image (musubi-tuner). The fusion is FLUX's exact
-one (`flux_lora_keys._fuse`): down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha * 3.
+is the layout of kohya-style trainers for Z-Image (musubi-tuner). The fusion is the exact
+one of core.families.dit.fused_lora: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha * 3.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from torch import Tensor
 from core.export.kohya import LoraFormatError, save_kohya_lora
 from core.export.metadata import MODELSPEC_VERSION
 from core.export.metadata import num_text
-from core.families.flux.lora_files import BflModule, _fuse, _split
+from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, split_kohya_modules
 from core.families.dit.lora_files import alpha_of, group_plain_lora, most_common, write_diffusers_lora
 
 UNET_PREFIX = "lora_unet_"
@@ -61,25 +61,25 @@ _IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_net
                   "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
 
 
-def native_module_for(path: str) -> tuple[BflModule, int]:
+def native_module_for(path: str) -> tuple[NativeModule, int]:
     """(native module, index of `path` among its parts) of a diffusers module path."""
     m = _DIFFUSERS_PATH.match(path)
     if m:
         for native, parts in _BLOCK:
             if m["rest"] in parts:
                 prefix = f"{m['scope']}.{m['n']}."
-                return BflModule(prefix + native, tuple(prefix + p for p in parts)), parts.index(m["rest"])
+                return NativeModule(prefix + native, tuple(prefix + p for p in parts)), parts.index(m["rest"])
     raise LoraFormatError(f"'{path}' is not a Z-Image block module with a native name (attention, feed_forward, "
                           "adaLN_modulation of layers / noise_refiner / context_refiner).")
 
 
-def native_module_from_kohya(name: str) -> BflModule:
+def native_module_from_kohya(name: str) -> NativeModule:
     m = _KOHYA_NAME.match(name)
     if m:
         for native, parts in _BLOCK:
             if m["rest"] == native.replace(".", "_"):
                 prefix = f"{m['scope']}.{m['n']}."
-                return BflModule(prefix + native, tuple(prefix + p for p in parts))
+                return NativeModule(prefix + native, tuple(prefix + p for p in parts))
     raise LoraFormatError(f"'{name}' is not a Z-Image kohya module name.")
 
 
@@ -90,19 +90,7 @@ def group_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]
 def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
                   use_rslora: bool = False) -> dict[str, Tensor]:
     """A Z-Image transformer PEFT state -> kohya tensors of the native modules (qkv fused)."""
-    groups: dict[str, tuple[BflModule, dict[int, tuple[Tensor, Tensor, float]]]] = {}
-    for path, parts in group_peft(peft_state).items():
-        module, index = native_module_for(path)
-        rank = parts["A"].shape[0]
-        scale = alpha_of(alpha, path) / (math.sqrt(rank) if use_rslora else rank)
-        groups.setdefault(module.bfl, (module, {}))[1][index] = (parts["A"], parts["B"], scale)
-    out: dict[str, Tensor] = {}
-    for module, members in groups.values():
-        down, up, file_alpha = _fuse(module, members)
-        out[f"{module.kohya_name}.lora_down.weight"] = down
-        out[f"{module.kohya_name}.lora_up.weight"] = up
-        out[f"{module.kohya_name}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
-    return out
+    return fused_kohya_tensors(group_peft(peft_state), native_module_for, alpha=alpha, use_rslora=use_rslora)
 
 
 def _kohya_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
@@ -124,19 +112,7 @@ def _kohya_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]
 
 def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
     """kohya / ComfyUI Z-Image tensors -> (PEFT state without prefix, {module path: alpha}); qkv split exactly."""
-    peft: dict[str, Tensor] = {}
-    alphas: dict[str, float] = {}
-    for name, parts in _kohya_groups(tensors).items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise LoraFormatError(f"'{name}' lacks lora_down or lora_up.")
-        module = native_module_from_kohya(name)
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
-        for path, a, b, part_alpha in _split(module, down, up, alpha):
-            peft[f"{path}.lora_A.weight"] = a
-            peft[f"{path}.lora_B.weight"] = b
-            alphas[path] = part_alpha
-    return peft, alphas
+    return split_kohya_modules(_kohya_groups(tensors), native_module_from_kohya)
 
 
 def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
