@@ -193,8 +193,9 @@ def test_stop_and_resume_give_the_uninterrupted_runs_losses_from_comfy_files(tin
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
 def test_gpu_only_settings_are_refused_on_the_cpu():
     from core.config import TrainConfig
-    from core.families.zimage.family import check
+    from core.families.zimage.family import ZIMAGE
 
+    check = ZIMAGE.check
     with pytest.raises(ValueError, match="blocks_to_swap needs a CUDA GPU"):
         check(TrainConfig(base_model="x", train_data_dir="y", blocks_to_swap=4))
     with pytest.raises(ValueError, match="CUDA"):

@@ -1,4 +1,4 @@
-"""What the flow-matching transformer families (FLUX.1 / Chroma, SD3, Z-Image, Qwen-Image) check and
+"""What the flow-matching transformer families check and
 set up the same way: the settings they refuse or ignore, the dtype and NF4 config they load with, the
 LoraConfig of a LoRA file a run continues from, and the one text encoder file a single file needs.
 """

@@ -29,7 +29,7 @@ Peft = dict[str, torch.Tensor]
 
 
 class TransformerModel(Protocol):
-    """What the default asks of a family's loaded model (FluxModel, SD3Model, ZImageModel, QwenModel)."""
+    """What the default asks of a family's loaded model (each family's own dataclass)."""
 
     variant: str                      # the registry family name
     transformer: nn.Module
@@ -43,8 +43,9 @@ class TransformerModel(Protocol):
 class TransformerSpec:
     """What one transformer family states; the default supplies the rest."""
 
-    label: str                                                       # "Z-Image", in messages
-    check: Callable[[TrainConfig], list[str]]
+    label: str                # the family's name in messages
+    trains: str               # what it trains instead of `target_modules`, a phrase for the warning
+    encoders_note: str        # the note when a config asks not to cache the text encoders' outputs
     load: Callable[..., Any]                                         # (model source, cfg-derived kwargs) -> model
     # (transformer, cfg) -> exact module names that get a fresh LoRA.
     lora_targets: Callable[[nn.Module, TrainConfig], list[str]]
@@ -68,7 +69,7 @@ class TransformerSpec:
     extra_metadata: Callable[[TrainConfig], dict[str, str]] | None = None
     # (model, module paths of a LoRA file) -> refuse one that does not fit the loaded variant.
     check_continued: Callable[[Any, list[str]], None] | None = None
-    # What a caption key is in the prompt cache (FLUX.1 Kontext's keys are (caption, control)).
+    # What a caption key is in the prompt cache (an edit model's keys are (caption, control image)).
     prompt_key: Callable[[Any], Hashable] = field(default=lambda key: key)
     key_text: Callable[[Any], str] = str                             # the text a key is stored under
     # (model, caption keys, cfg) -> every prompt to encode (captions, samples, negative).
@@ -76,6 +77,15 @@ class TransformerSpec:
 
 
 # --- loading and prompts -------------------------------------------------------------------------
+
+def check(spec: TransformerSpec, cfg: TrainConfig) -> list[str]:
+    """Refuse GPU-only switches on a machine without CUDA and unsupported LoRA kinds; warn on ignored keys."""
+    from core.families.dit.common import check_transformer
+
+    return check_transformer(cfg, spec.label, targets=spec.trains,
+                             ignored_for=f"only apply to SD models; ignored for {spec.label}.",
+                             encoders=spec.encoders_note)
+
 
 def load(spec: TransformerSpec, cfg: TrainConfig) -> Any:
     dtype, quant = load_dtype_and_quantization(cfg)
@@ -242,6 +252,37 @@ def default_size(model: TransformerModel) -> int:
     return family_info(model.variant).native_resolution * vae_scale_factor(model) // 8
 
 
+def sample_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The previews' settings of the config, as the families' `generate` takes them."""
+    return dict(seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps, guidance=cfg.sample_guidance_scale,
+                negative_prompt=cfg.sample_negative_prompt)
+
+
+def flow_scheduler(model: TransformerModel) -> Any:
+    """The model's FlowMatchEulerDiscreteScheduler, for its pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+
+
+def latent_call(*, steps: int, width: int, height: int, seed: int, **guidance: float) -> dict[str, Any]:
+    """A pipeline call's keyword arguments for one image's latents from `seed` (`guidance`: the pipeline's
+    own name for it, guidance_scale or true_cfg_scale)."""
+    return dict(num_inference_steps=steps, **guidance, width=width, height=height, output_type="latent",
+                return_dict=False, generator=torch.Generator(device="cpu").manual_seed(seed))
+
+
+def place_for_tryout(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """The Test tab's model on `device`: the transformer and text encoders in `dtype`, the AE in fp32."""
+    from core.sample import move
+
+    for module in (model.transformer, *text_encoders(model)):
+        move(module, device, dtype)
+    move(model.vae, device, torch.float32)
+    return model
+
+
 def timestep_sampling(cfg: TrainConfig, variant: str) -> str:
     """The configured sampling, or the family's own (`auto`; shift where the row names none)."""
     if cfg.timestep_sampling != "auto":
@@ -255,7 +296,7 @@ def transformer_family(spec: TransformerSpec, **overrides: Any) -> ImageFamily:
     """The family's `ImageFamily`: the default behaviour from `spec`, `overrides` where the family differs
     (previews, tryout_pipeline, generate, detect and lora_files are always its own)."""
     parts: dict[str, Any] = dict(
-        check=spec.check, load=partial(load, spec), describe=describe, name_of=lambda m: m.variant,
+        check=partial(check, spec), load=partial(load, spec), describe=describe, name_of=lambda m: m.variant,
         network=lambda m: m.transformer, text_encoders=text_encoders, park_text_encoders=park_text_encoders,
         encode_prompts=partial(encode_prompts, spec), cache_prompts=partial(cache_prompts, spec),
         add_lora=partial(add_lora, spec), low_memory=partial(low_memory, spec), make_loss=spec.make_loss,

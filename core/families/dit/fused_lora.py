@@ -10,6 +10,7 @@ diffusers path belongs to (`module_for`) and what a kohya name is (`module_from`
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -187,3 +188,28 @@ def split_kohya_modules(groups: Mapping[str, Mapping[str, Tensor]], module_from:
             peft[f"{path}.lora_B.weight"] = b
             alphas[path] = part_alpha
     return peft, alphas
+
+
+_KOHYA_KEY = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_COMFY_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight"
+                        r"|lora_B\.weight|alpha)$")
+
+
+def kohya_key_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{kohya name: {lora_down.weight, lora_up.weight, alpha}} of a kohya file or ComfyUI's own form
+    (`diffusion_model.<native path>.lora_A/lora_B`, or lora_down/lora_up)."""
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        comfy = _COMFY_KEY.match(key)
+        if comfy:
+            part = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}.get(comfy["part"],
+                                                                                               comfy["part"])
+            name = UNET_PREFIX + comfy["module"].replace(".", "_")
+        else:
+            m = _KOHYA_KEY.match(key)
+            if not m:
+                raise LoraFormatError(f"'{key}' is not a kohya LoRA key (lora_down / lora_up / alpha); LoHa, LoKr "
+                                      "and DoRA files are not converted here.")
+            name, part = m["name"], m["part"]
+        grouped.setdefault(name, {})[part] = value
+    return grouped

@@ -1,6 +1,6 @@
 """The prompt-embedding disk cache of the transformer families, and freeing the text encoders after it.
 
-Their text encoders are frozen and large (T5-XXL, Qwen), so each prompt is encoded once, its
+Their text encoders are frozen and large (billions of parameters), so each prompt is encoded once, its
 tensors cached on disk beside the data (`<cache>/<identity>/<hash>.safetensors`, the prompt in the
 header), and the encoders are freed before the transformer trains. An entry is the prompt's named
 tensors without a batch dimension; the family stacks entries into its own conditioning.

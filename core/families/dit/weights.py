@@ -110,3 +110,15 @@ def strip_encoder_prefix(state: dict[str, torch.Tensor], marker: str) -> dict[st
         return state
     cut = first.index(marker)
     return {k[cut:]: v for k, v in state.items() if len(k) > cut}
+
+
+def tie_t5_embedding(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """A T5 encoder state with both names of its tied input embedding (files keep one of the two);
+    `name` names the file in the message when it has neither."""
+    shared = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
+    if shared is None:
+        raise ModelLoadError(f"'{name}' has no T5 token embedding (shared.weight).",
+                             "Use an HF-format T5-XXL encoder file such as t5xxl_fp16.safetensors.")
+    state.setdefault("shared.weight", shared)
+    state.setdefault("encoder.embed_tokens.weight", shared)
+    return state

@@ -22,8 +22,8 @@ from core.hub import offline
 from core.config import TrainConfig
 from core.family_api.contract import Batch
 from core.family_api.registry import family_info
-from core.families.dit.common import check_transformer
-from core.families.dit.default import TransformerSpec, preview_size, text_encoders, transformer_family
+from core.families.dit.default import (TransformerSpec, flow_scheduler, latent_call, place_for_tryout, preview_size,
+                                       sample_settings, transformer_family)
 
 
 def timestep_sampling(cfg: TrainConfig, variant: str) -> str:
@@ -67,14 +67,6 @@ def _hub_variant(repo: str) -> str | None:
     except (OSError, ValueError):
         transformer = {}
     return variant_from_folder_configs(index, transformer)
-
-
-def check(cfg: TrainConfig) -> list[str]:
-    """Refuse GPU-only switches on a machine without CUDA and unsupported LoRA kinds; warn on ignored keys."""
-    return check_transformer(
-        cfg, "FLUX / Chroma", targets="FLUX uses lora_blocks", ignored_for="only apply to SD models; ignored for "
-        "FLUX / Chroma.", encoders="FLUX / Chroma always cache the text encoders' outputs (T5-XXL is too large to "
-        "keep).")
 
 
 def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Any:
@@ -173,10 +165,9 @@ def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any)
 
 def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     """FluxPipeline / ChromaPipeline over the model's modules (text encoders may be freed: None)."""
-    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+    from diffusers import ChromaPipeline, FluxKontextPipeline, FluxPipeline
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+    scheduler = flow_scheduler(model)
     transformer = model.transformer if transformer is None else transformer
     if model.variant == "chroma":
         pipe = ChromaPipeline(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder_2,
@@ -220,9 +211,7 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     device = pipe.vae.device
     images = []
     for prompt in prompts:
-        kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, width=width,
-                                      height=height, output_type="latent", return_dict=False,
-                                      generator=torch.Generator(device="cpu").manual_seed(seed))
+        kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
         if embeds is None:
             kwargs["prompt"] = prompt
             if chroma:
@@ -253,21 +242,16 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
         return []
     pipe = build_pipeline(model, transformer)
     width, height = preview_size(model, cfg.resolution)
-    return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                    guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
-                    height=height, embeds=cached, dtype=dtype)
+    return generate(pipe, cfg.sample_prompts, **sample_settings(cfg), width=width, height=height, embeds=cached,
+                    dtype=dtype)
 
 
 def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
                     device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     """(FluxPipeline or ChromaPipeline, FluxModel) of `base_model` on `device`, for the Test tab."""
     from core.families.flux.load import load_flux_model
-    from core.sample import move
 
-    model = load_flux_model(base_model, config_source=model_config, vae=vae)
-    for module in (model.transformer, *text_encoders(model)):
-        move(module, device, dtype)
-    move(model.vae, device, torch.float32)
+    model = place_for_tryout(load_flux_model(base_model, config_source=model_config, vae=vae), device, dtype)
     return build_pipeline(model), model
 
 
@@ -286,7 +270,9 @@ def _stack(entries: list[dict[str, torch.Tensor]]) -> Any:
 
 
 SPEC = TransformerSpec(
-    label="FLUX / Chroma", check=check, load=load, lora_targets=lora_targets, make_loss=make_loss,
+    label="FLUX / Chroma", trains="FLUX uses lora_blocks",
+    encoders_note="FLUX / Chroma always cache the text encoders' outputs (T5-XXL is too large to keep).",
+    load=load, lora_targets=lora_targets, make_loss=make_loss,
     read_lora=read_lora, write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries,
     stack=_stack, prompt_identity=prompt_identity, training_note=training_note, lora_init="gaussian",
     # The modulation Linears too (about 3.2B of FLUX.1's 11.9B), as kohya's fp8_base does and as the

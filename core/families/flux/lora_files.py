@@ -24,7 +24,6 @@ double blocks' `img_mod.lin` / `txt_mod.lin` and the single blocks' `modulation.
 from __future__ import annotations
 
 import datetime
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,10 +33,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION, num_text
-from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, split_kohya_modules
-from core.families.dit.lora_files import alpha_of, group_plain_lora, most_common, strip_prefixes, write_diffusers_lora
+from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
+from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
+                                          save_with_identity, strip_prefixes, write_diffusers_lora)
 
 Variant = Literal["flux-dev", "flux-schnell", "chroma", "flux-kontext"]
 VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
@@ -88,9 +88,6 @@ _SCOPES: tuple[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = 
 )
 _SWAPPED = "final_layer.adaLN_modulation.1"
 _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-_KOHYA_KEY = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_COMFY_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight"
-                        r"|lora_B\.weight|alpha)$")
 
 
 @dataclass(frozen=True)
@@ -180,27 +177,12 @@ def flux_peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mappi
 
 
 def _kohya_groups(tensors: Mapping[str, Tensor], ignore_text_encoders: bool) -> dict[str, dict[str, Tensor]]:
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(_TEXT_ENCODER_PREFIXES):
-            if ignore_text_encoders:
-                continue
+    if not ignore_text_encoders:
+        key = next((k for k in tensors if k.startswith(_TEXT_ENCODER_PREFIXES)), None)
+        if key is not None:
             raise LoraFormatError(f"'{key}' is a text encoder LoRA; FLUX text encoder LoRAs are not converted here "
                                   "(pass ignore_text_encoders=True to keep only the transformer).")
-        comfy = _COMFY_KEY.match(key)
-        if comfy:
-            # ComfyUI's own form: diffusion_model.<BFL path>.lora_A/lora_B (or lora_down/lora_up).
-            part = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}.get(comfy["part"],
-                                                                                               comfy["part"])
-            name = UNET_PREFIX + comfy["module"].replace(".", "_")
-        else:
-            m = _KOHYA_KEY.match(key)
-            if not m:
-                raise LoraFormatError(f"'{key}' is not a kohya LoRA key (lora_down / lora_up / alpha); LoHa, LoKr "
-                                      "and DoRA files are not converted here.")
-            name, part = m["name"], m["part"]
-        grouped.setdefault(name, {})[part] = value
-    return grouped
+    return kohya_key_groups({k: v for k, v in tensors.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)})
 
 
 def flux_kohya_to_peft(tensors: Mapping[str, Tensor], *, ignore_text_encoders: bool = False
@@ -293,15 +275,9 @@ def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *,
     modules = group_flux_peft(peft_state)
     check_modules_match_variant(list(modules), variant)
     tensors = flux_peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    ranks = [parts["A"].shape[0] for parts in modules.values()]
-    rank = int(most_common(ranks))
-    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
-              for p, parts in modules.items()]
-    base = flux_kohya_metadata(variant, rank=rank, alpha=most_common(alphas))
-    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
-    # A `lora_adapter_metadata` header would make diffusers treat the file as its own format.
-    merged: dict[str, Any] = {**base, **caller, **{k: base[k] for k in IDENTITY_KEYS}}
-    return save_kohya_lora(path, tensors, merged, dtype=dtype)
+    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
+    base = flux_kohya_metadata(variant, rank=rank, alpha=file_alpha)
+    return save_with_identity(path, tensors, base, metadata, IDENTITY_KEYS, dtype)
 
 
 def write_flux_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
@@ -325,9 +301,6 @@ def read_flux_lora(path: str | Path, *, ignore_text_encoders: bool = False
     Alphas are as alpha / rank needs them (rsLoRA included). A diffusers file without adapter
     metadata gets alpha = rank, as diffusers assumes.
     """
-    import json
-
-    from core.export.inspect import _config_alpha
     from core.export.kohya import load_kohya_lora
 
     tensors, metadata = load_kohya_lora(path)
@@ -339,16 +312,5 @@ def read_flux_lora(path: str | Path, *, ignore_text_encoders: bool = False
         other = sorted(set(tensors) - set(transformer))[:3]
         raise LoraFormatError(f"{path}: keys outside the transformer ({', '.join(other)}, ...); "
                               "pass ignore_text_encoders=True to keep only the transformer.")
-    config: dict[str, Any] = {}
-    raw = metadata.get("lora_adapter_metadata")
-    if raw:
-        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
-                  if k.startswith("transformer.")}
-    modules = group_flux_peft(transformer)
-    peft = {}
-    alphas = {}
-    for module_path, parts in modules.items():
-        peft[f"{module_path}.lora_A.weight"] = parts["A"]
-        peft[f"{module_path}.lora_B.weight"] = parts["B"]
-        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
+    peft, alphas = read_diffusers_modules(transformer, metadata, group_flux_peft)
     return peft, alphas, metadata

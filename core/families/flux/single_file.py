@@ -16,7 +16,7 @@ import torch
 
 from core.families.flux.convert import BFL_PREFIXES, bfl_to_diffusers
 from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, read_upcast,
-                                       safetensors_keys, strip_encoder_prefix)
+                                       safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
 from core.families.flux.load import FluxModel, _config_source, _load_error, _scheduler_config, _tokenizers, variant_from_keys
 from core.family_api.contract import ModelLoadError
 
@@ -112,13 +112,7 @@ def load_text_encoder_file(path: str | Path, kind: str, *, config_source: str, v
         raise _load_error(sub, source, exc) from exc
     state = strip_encoder_prefix(read_upcast(path, dtype), marker)
     if kind == "t5":
-        # T5 ties the input embedding; files keep one of the two names.
-        shared = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
-        if shared is None:
-            raise ModelLoadError(f"'{Path(path).name}' has no T5 token embedding (shared.weight).",
-                                 "Use an HF-format T5-XXL encoder file such as t5xxl_fp16.safetensors.")
-        state.setdefault("shared.weight", shared)
-        state.setdefault("encoder.embed_tokens.weight", shared)
+        tie_t5_embedding(state, Path(path).name)
     model = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     return model.eval()
 

@@ -21,8 +21,9 @@ from PIL import Image
 from torch import nn
 
 from core.config import TrainConfig
-from core.families.dit.common import check_transformer, first_text_encoder_file
-from core.families.dit.default import TransformerSpec, text_encoders, transformer_family
+from core.families.dit.common import first_text_encoder_file
+from core.families.dit.default import (TransformerSpec, flow_scheduler, latent_call, place_for_tryout,
+                                       sample_settings, transformer_family)
 from core.families.qwen_image.load import (QwenModel, decode_latents, denormalize_latents, detect, encode_moments,
                                            normalize_latents)
 from core.families.qwen_image.loss import make_loss, timestep_sampling
@@ -33,13 +34,6 @@ VAE_SCALE = 8
 
 
 # --- before loading ------------------------------------------------------------------------------
-
-def check(cfg: TrainConfig) -> list[str]:
-    return check_transformer(
-        cfg, "Qwen-Image", targets="Qwen-Image trains the attention and MLP layers of every block",
-        ignored_for="only apply to SD models; ignored for Qwen-Image.",
-        encoders="Qwen-Image always caches the text encoder's outputs (Qwen2.5-VL-7B is too large to keep).")
-
 
 def describe(model: QwenModel) -> list[str]:
     layout = "single file" if model.is_single_file else "diffusers"
@@ -148,10 +142,9 @@ def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any)
 
 def build_pipeline(model: QwenModel, transformer: Any | None = None, *, edit: bool | None = None) -> Any:
     """QwenImageEditPipeline for an Edit model's previews (`edit`), else QwenImagePipeline."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImagePipeline
+    from diffusers import QwenImageEditPipeline, QwenImagePipeline
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+    scheduler = flow_scheduler(model)
     parts = dict(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                  transformer=model.transformer if transformer is None else transformer)
     if model.needs_control if edit is None else edit:
@@ -181,9 +174,7 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     width, height = max(step, width // step * step), max(step, height // step * step)
     cfg_on = guidance > 1.0
     for prompt in prompts:
-        kwargs: dict[str, Any] = dict(num_inference_steps=steps, true_cfg_scale=guidance, width=width,
-                                      height=height, output_type="latent", return_dict=False,
-                                      generator=torch.Generator(device="cpu").manual_seed(seed))
+        kwargs = latent_call(steps=steps, true_cfg_scale=guidance, width=width, height=height, seed=seed)
         if control is not None:
             kwargs["image"] = control
         if embeds is None:
@@ -225,20 +216,15 @@ def previews(model: QwenModel, transformer: nn.Module, cfg: TrainConfig, device:
 
         control = load_rgb(Path(model.preview_control))
         embeds = lambda prompts: cached([(p, model.preview_control) for p in prompts])  # noqa: E731
-    return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                    guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
-                    height=height, embeds=embeds, dtype=dtype, control=control)
+    return generate(pipe, cfg.sample_prompts, **sample_settings(cfg), width=width, height=height, embeds=embeds,
+                    dtype=dtype, control=control)
 
 
 def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
                     device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from core.families.qwen_image.load import load_qwen_model
-    from core.sample import move
 
-    model = load_qwen_model(base_model, config_source=model_config, vae=vae)
-    for module in (model.transformer, *text_encoders(model)):
-        move(module, device, dtype)
-    move(model.vae, device, torch.float32)
+    model = place_for_tryout(load_qwen_model(base_model, config_source=model_config, vae=vae), device, dtype)
     # The Test tab has no image to edit: an Edit model makes images from text there (QwenImagePipeline).
     return build_pipeline(model, edit=False), model
 
@@ -297,7 +283,9 @@ LORA_FILES = LoraFileFormat(to_kohya=_to_kohya, write_kohya=_write_kohya, write_
 
 
 SPEC = TransformerSpec(
-    label="Qwen-Image", check=check, load=load, lora_targets=lora_targets, make_loss=make_loss, read_lora=read_lora,
+    label="Qwen-Image", trains="Qwen-Image trains the attention and MLP layers of every block",
+    encoders_note="Qwen-Image always caches the text encoder's outputs (Qwen2.5-VL-7B is too large to keep).",
+    load=load, lora_targets=lora_targets, make_loss=make_loss, read_lora=read_lora,
     write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries, stack=_stack,
     prompt_identity=_identity, key_text=_key_text, prompts=_prompts, lora_init=True,
     training_note=lambda model, cfg: f"{timestep_sampling(cfg)} timestep sampling",

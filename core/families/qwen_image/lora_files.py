@@ -8,7 +8,6 @@ lora_down / lora_up / alpha, and diffusers' `pytorch_lora_weights.safetensors` (
 from __future__ import annotations
 
 import datetime
-import json
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -136,7 +135,8 @@ def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, vari
                      alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
                      use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
     """`<name>.safetensors`: musubi-tuner's `lora_unet_` keys, which ComfyUI and diffusers both load."""
-    from core.export.kohya import LoraFormatError, save_kohya_lora
+    from core.export.kohya import LoraFormatError
+    from core.families.dit.lora_files import save_with_identity
 
     tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
     if not tensors:
@@ -145,9 +145,7 @@ def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, vari
     alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
     base = kohya_metadata(variant, rank=Counter(ranks).most_common(1)[0][0],
                           alpha=Counter(alphas).most_common(1)[0][0])
-    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
-    merged = {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}
-    return save_kohya_lora(path, tensors, merged, dtype=dtype)
+    return save_with_identity(path, tensors, base, metadata, _IDENTITY_KEYS, dtype)
 
 
 def write_diffusers_file(peft_state: Mapping[str, Tensor], folder: str | Path, *, lora_config: Any,
@@ -163,19 +161,12 @@ def write_diffusers_file(peft_state: Mapping[str, Tensor], folder: str | Path, *
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any Qwen-Image LoRA file (ours, musubi-tuner, ComfyUI / diffusers forms) -> (PEFT, alphas, metadata)."""
-    from core.export.inspect import _config_alpha
     from core.export.kohya import load_kohya_lora
+    from core.families.dit.lora_files import read_diffusers_modules
 
     tensors, metadata = load_kohya_lora(path)
-    raw = metadata.get("lora_adapter_metadata")
-    if raw and any(".lora_A." in k for k in tensors):
-        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
-                  if k.startswith("transformer.")}
-        peft, alphas = {}, {}
-        for module_path, parts in group_peft(tensors).items():
-            peft[f"{module_path}.lora_A.weight"] = parts["A"]
-            peft[f"{module_path}.lora_B.weight"] = parts["B"]
-            alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
+    if metadata.get("lora_adapter_metadata") and any(".lora_A." in k for k in tensors):
+        peft, alphas = read_diffusers_modules(tensors, metadata, group_peft)
         return peft, alphas, metadata
     peft, alphas = kohya_to_peft(tensors)
     return peft, alphas, metadata

@@ -23,8 +23,8 @@ from PIL import Image
 from torch import nn
 
 from core.config import TrainConfig
-from core.families.dit.common import check_transformer
-from core.families.dit.default import TransformerSpec, preview_size, text_encoders, timestep_sampling, transformer_family
+from core.families.dit.default import (TransformerSpec, flow_scheduler, latent_call, place_for_tryout, preview_size,
+                                       sample_settings, timestep_sampling, transformer_family)
 from core.families.sd3.loss import flow_shift, make_loss
 from core.families.sd3.text import encode_entries, prompt_identity, stack
 
@@ -51,13 +51,6 @@ def _lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
 
 
 # --- before loading ------------------------------------------------------------------------------
-
-def check(cfg: TrainConfig) -> list[str]:
-    return check_transformer(
-        cfg, "SD3", targets="SD3 trains every block's attention and MLP",
-        ignored_for="only apply to SD 1.x / SDXL; ignored for SD3.",
-        encoders="SD3 always caches the text encoders' outputs (T5-XXL is too large to keep).")
-
 
 def describe(model: Any) -> list[str]:
     layout = "single file" if model.is_single_file else "diffusers"
@@ -104,10 +97,9 @@ def extra_metadata(cfg: TrainConfig) -> dict[str, str]:
 # --- previews and the Test tab ----------------------------------------------------------------------
 
 def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+    scheduler = flow_scheduler(model)
     pipe = StableDiffusion3Pipeline(
         scheduler=scheduler, vae=model.vae, transformer=model.transformer if transformer is None else transformer,
         text_encoder=model.text_encoder, tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
@@ -128,9 +120,7 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     device = pipe.vae.device
     images = []
     for prompt in prompts:
-        kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, width=width,
-                                      height=height, output_type="latent", return_dict=False,
-                                      generator=torch.Generator(device="cpu").manual_seed(seed))
+        kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
         if embeds is None:
             kwargs.update(prompt=prompt, negative_prompt=negative_prompt or "")
         else:
@@ -149,20 +139,15 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
              cached: Any) -> list[Image.Image]:
     pipe = build_pipeline(model, transformer)
     width, height = preview_size(model, cfg.resolution, model.transformer.config.patch_size)
-    return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                    guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
-                    height=height, embeds=cached, dtype=dtype)
+    return generate(pipe, cfg.sample_prompts, **sample_settings(cfg), width=width, height=height, embeds=cached,
+                    dtype=dtype)
 
 
 def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
                     device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from core.families.sd3.load import load_sd3_model
-    from core.sample import move
 
-    model = load_sd3_model(base_model, config_source=model_config, vae=vae)
-    for module in (model.transformer, *text_encoders(model)):
-        move(module, device, dtype)
-    move(model.vae, device, torch.float32)
+    model = place_for_tryout(load_sd3_model(base_model, config_source=model_config, vae=vae), device, dtype)
     pipe = build_pipeline(model)
     pipe.load_lora_weights = _reading_every_form(pipe.load_lora_weights)
     return pipe, model
@@ -208,7 +193,9 @@ def _lora_files() -> Any:
 
 
 SPEC = TransformerSpec(
-    label="SD3", check=check, load=load, lora_targets=_lora_targets, make_loss=make_loss, read_lora=read_lora,
+    label="SD3", trains="SD3 trains every block's attention and MLP",
+    encoders_note="SD3 always caches the text encoders' outputs (T5-XXL is too large to keep).",
+    load=load, lora_targets=_lora_targets, make_loss=make_loss, read_lora=read_lora,
     write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries, stack=stack,
     prompt_identity=prompt_identity, training_note=training_note, lora_init="gaussian", fp8_cast_modulation=True,
     extra_metadata=extra_metadata)

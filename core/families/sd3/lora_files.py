@@ -14,9 +14,6 @@ up = blockdiag(B_q, B_k, B_v), alpha * 3, so alpha / rank and every row of dW ar
 from __future__ import annotations
 
 import datetime
-import json
-import math
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
 from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, split_kohya_modules
-from core.families.dit.lora_files import alpha_of, group_plain_lora, write_diffusers_lora
+from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
+                                          save_with_identity, write_diffusers_lora)
 from core.families.sd3.keys import lora_module_for, lora_module_from_native, native_from_kohya
 
 UNET_PREFIX = "lora_unet_"
@@ -116,13 +114,9 @@ def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, mode
     """The WebUI / Forge / ComfyUI file (sd-scripts' SD3 names), written atomically with sshs hashes."""
     modules = group_sd3_peft(peft_state)
     tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank = Counter(p["A"].shape[0] for p in modules.values()).most_common(1)[0][0]
-    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
-              for p, parts in modules.items()]
-    base = kohya_metadata(model_type, rank=rank, alpha=Counter(alphas).most_common(1)[0][0])
-    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
-    merged: dict[str, Any] = {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}
-    return save_kohya_lora(path, tensors, merged, dtype=dtype)
+    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
+    base = kohya_metadata(model_type, rank=rank, alpha=file_alpha)
+    return save_with_identity(path, tensors, base, metadata, _IDENTITY_KEYS, dtype)
 
 
 def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
@@ -136,7 +130,6 @@ def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Pat
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any SD3 LoRA file (kohya, ComfyUI `diffusion_model.`, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    from core.export.inspect import _config_alpha
     from core.export.kohya import load_kohya_lora
 
     tensors, metadata = load_kohya_lora(path)
@@ -146,16 +139,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], di
     transformer = {k: v for k, v in tensors.items() if k.startswith(("transformer.", "base_model.model."))}
     if not transformer:
         raise LoraFormatError(f"{path}: no SD3 transformer LoRA keys (transformer.*, lora_unet_joint_blocks_*).")
-    config: dict[str, Any] = {}
-    raw = metadata.get("lora_adapter_metadata")
-    if raw:
-        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
-                  if k.startswith("transformer.")}
-    peft, alphas = {}, {}
-    for module_path, parts in group_sd3_peft(transformer).items():
-        peft[f"{module_path}.lora_A.weight"] = parts["A"]
-        peft[f"{module_path}.lora_B.weight"] = parts["B"]
-        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
+    peft, alphas = read_diffusers_modules(transformer, metadata, group_sd3_peft)
     return peft, alphas, metadata
 
 

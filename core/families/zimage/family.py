@@ -24,17 +24,11 @@ from PIL import Image
 from torch import nn
 
 from core.config import TrainConfig
-from core.families.dit.common import check_transformer, first_text_encoder_file
-from core.families.dit.default import TransformerSpec, preview_size, timestep_sampling, transformer_family
+from core.families.dit.common import first_text_encoder_file
+from core.families.dit.default import (TransformerSpec, flow_scheduler, latent_call, place_for_tryout, preview_size,
+                                       timestep_sampling, transformer_family)
 from core.families.zimage.loss import make_loss
 from core.families.zimage.text import encode_entries, prompt_identity, stack
-
-
-def check(cfg: TrainConfig) -> list[str]:
-    return check_transformer(
-        cfg, "Z-Image", targets="Z-Image trains the attention and MLP layers of every block",
-        ignored_for="only apply to SD models; ignored for Z-Image.",
-        encoders="Z-Image always caches Qwen3's outputs (the 4B text encoder is freed before training).")
 
 
 def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Any:
@@ -73,10 +67,9 @@ def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any)
 # --- previews and the Test tab ----------------------------------------------------------------------
 
 def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers import ZImagePipeline
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+    scheduler = flow_scheduler(model)
     pipe = ZImagePipeline(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder,
                           tokenizer=model.tokenizer, transformer=model.transformer if transformer is None else transformer)
     pipe.set_progress_bar_config(disable=True)
@@ -99,9 +92,7 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     device = pipe.vae.device
     images = []
     for prompt in prompts:
-        kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                                      output_type="latent", return_dict=False,
-                                      generator=torch.Generator(device="cpu").manual_seed(seed))
+        kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
         if embeds is None:
             kwargs.update(prompt=prompt, negative_prompt=negative_prompt or None)
         else:
@@ -137,12 +128,8 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
 def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
                     device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from core.families.zimage.load import load_model
-    from core.sample import move
 
-    model = load_model(base_model, config_source=model_config, vae=vae)
-    for module in (model.transformer, model.text_encoder):
-        move(module, device, dtype)
-    move(model.vae, device, torch.float32)
+    model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae), device, dtype)
     return build_pipeline(model), model
 
 
@@ -159,7 +146,9 @@ def _detect(base_model: str) -> str | None:
 
 
 SPEC = TransformerSpec(
-    label="Z-Image", check=check, load=load, lora_targets=lora_targets, make_loss=make_loss, read_lora=read_lora,
+    label="Z-Image", trains="Z-Image trains the attention and MLP layers of every block",
+    encoders_note="Z-Image always caches Qwen3's outputs (the 4B text encoder is freed before training).",
+    load=load, lora_targets=lora_targets, make_loss=make_loss, read_lora=read_lora,
     write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries, stack=stack,
     prompt_identity=prompt_identity, lora_init=True,
     training_note=lambda model, cfg: f"{timestep_sampling(cfg, model.variant)} timestep sampling",

@@ -21,8 +21,6 @@ one of core.families.dit.fused_lora: down = [A_q; A_k; A_v], up = blockdiag(B_q,
 """
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,11 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
 from core.export.metadata import num_text
-from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, split_kohya_modules
-from core.families.dit.lora_files import alpha_of, group_plain_lora, most_common, write_diffusers_lora
+from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
+from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
+                                          save_with_identity, write_diffusers_lora)
 
 UNET_PREFIX = "lora_unet_"
 SCOPES = ("layers", "noise_refiner", "context_refiner")
@@ -50,9 +49,6 @@ _BLOCK: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 _DIFFUSERS_PATH = re.compile(r"^(?P<scope>layers|noise_refiner|context_refiner)\.(?P<n>\d+)\.(?P<rest>.+)$")
 _KOHYA_NAME = re.compile(r"^lora_unet_(?P<scope>layers|noise_refiner|context_refiner)_(?P<n>\d+)_(?P<rest>.+)$")
-_KOHYA_KEY = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_COMFY_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight"
-                        r"|lora_B\.weight|alpha)$")
 # kohya/WebUI labels (kohya-style trainers: musubi-tuner's sai_model_spec "Z-Image").
 BASE_MODEL_VERSION = {"z-image-turbo": "z_image_turbo", "z-image": "z_image"}
 ARCHITECTURE = "Z-Image"
@@ -93,26 +89,9 @@ def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[st
     return fused_kohya_tensors(group_peft(peft_state), native_module_for, alpha=alpha, use_rslora=use_rslora)
 
 
-def _kohya_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        comfy = _COMFY_KEY.match(key)
-        if comfy:
-            part = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}.get(comfy["part"],
-                                                                                               comfy["part"])
-            name = UNET_PREFIX + comfy["module"].replace(".", "_")
-        else:
-            m = _KOHYA_KEY.match(key)
-            if not m:
-                raise LoraFormatError(f"'{key}' is not a kohya LoRA key (lora_down / lora_up / alpha).")
-            name, part = m["name"], m["part"]
-        grouped.setdefault(name, {})[part] = value
-    return grouped
-
-
 def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
     """kohya / ComfyUI Z-Image tensors -> (PEFT state without prefix, {module path: alpha}); qkv split exactly."""
-    return split_kohya_modules(_kohya_groups(tensors), native_module_from_kohya)
+    return split_kohya_modules(kohya_key_groups(tensors), native_module_from_kohya)
 
 
 def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
@@ -141,12 +120,9 @@ def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, vari
     """The ComfyUI / WebUI file (native kohya names, sshs hashes), written atomically."""
     modules = group_peft(peft_state)
     tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank = int(most_common([parts["A"].shape[0] for parts in modules.values()]))
-    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
-              for p, parts in modules.items()]
-    base = kohya_metadata(variant, rank=rank, alpha=most_common(alphas))
-    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
-    return save_kohya_lora(path, tensors, {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}, dtype=dtype)
+    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
+    return save_with_identity(path, tensors, kohya_metadata(variant, rank=rank, alpha=file_alpha), metadata,
+                              _IDENTITY_KEYS, dtype)
 
 
 def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
@@ -160,30 +136,22 @@ def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Pat
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any Z-Image LoRA file (kohya, ComfyUI, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    from core.export.inspect import _config_alpha
     from core.export.kohya import load_kohya_lora
 
     tensors, metadata = load_kohya_lora(path)
     if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):
         peft, alphas = kohya_to_peft(tensors)
         return peft, alphas, metadata
-    config: dict[str, Any] = {}
-    raw = metadata.get("lora_adapter_metadata")
-    if raw:
-        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
-                  if k.startswith("transformer.")}
-    peft, alphas = {}, {}
-    for module_path, parts in group_peft({k: v for k, v in tensors.items() if k.startswith("transformer.")}).items():
+    peft, alphas = read_diffusers_modules({k: v for k, v in tensors.items() if k.startswith("transformer.")},
+                                          metadata, group_peft)
+    for module_path in alphas:
         native_module_for(module_path)  # a foreign module fails here, clearly
-        peft[f"{module_path}.lora_A.weight"] = parts["A"]
-        peft[f"{module_path}.lora_B.weight"] = parts["B"]
-        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
     if not peft:
         raise LoraFormatError(f"{path}: no Z-Image LoRA tensors found.")
     return peft, alphas, metadata
 
 
-# --- the LoRA tools' hook (core.families.base.LoraFileFormat) -------------------------------------------
+# --- the LoRA tools' hook (core.family_api.contract.LoraFileFormat) -------------------------------------------
 
 
 def lora_file_format() -> Any:
