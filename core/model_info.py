@@ -43,6 +43,7 @@ class ModelInfo:
     vocab_size: int = 0
     kv_dim: int = 0
     width: int = 320
+    context_length: int = 0  # LLMs: the longest sequence the model was trained on (0: not known)
 
     @property
     def label(self) -> str:
@@ -65,7 +66,7 @@ def family_defaults(family: str, source: str = "") -> ModelInfo:
 
 # The text task's default model: SmolLM2-135M-Instruct (launch.py puts its GGUF into models/llm/).
 SMOLLM2_135M = ModelInfo("llm", 134_515_008, "the bundled SmolLM2-135M", hidden_size=576, num_layers=30,
-                         intermediate_size=1536, vocab_size=49152, kv_dim=192)
+                         intermediate_size=1536, vocab_size=49152, kv_dim=192, context_length=8192)
 
 
 def llm_params(h: int, layers: int, inter: int, vocab: int, kv_dim: int, tied: bool = True) -> int:
@@ -280,9 +281,10 @@ def gguf_info(path: str | Path) -> ModelInfo:
     heads = int(meta.get(f"{arch}.attention.head_count") or 1)
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv") or heads)
     vocab = int(meta.get(f"{arch}.vocab_size") or meta.get("tokenizer.ggml.tokens") or 32000)
-    return llm_from_shape(params, f"the GGUF header of {Path(path).name}", h,
+    info = llm_from_shape(params, f"the GGUF header of {Path(path).name}", h,
                           int(meta.get(f"{arch}.block_count") or 1),
                           int(meta.get(f"{arch}.feed_forward_length") or 4 * h), vocab, h * kv_heads // heads)
+    return replace(info, context_length=int(meta.get(f"{arch}.context_length") or 0))
 
 
 def is_ggml_v3_file(path: str | Path) -> bool:
@@ -403,7 +405,8 @@ def _hf_llm_folder(folder: Path, config: dict[str, Any]) -> ModelInfo:
     vocab = int(config.get("vocab_size") or 32000)
     params = _folder_params(folder) or llm_params(h, layers, inter, vocab, kv_dim,
                                                   bool(config.get("tie_word_embeddings", True)))
-    return llm_from_shape(params, f"the config.json of {folder.name}", h, layers, inter, vocab, kv_dim)
+    info = llm_from_shape(params, f"the config.json of {folder.name}", h, layers, inter, vocab, kv_dim)
+    return replace(info, context_length=int(config.get("max_position_embeddings") or config.get("n_positions") or 0))
 
 
 def _from_name(name: str, task_type: str) -> ModelInfo:

@@ -40,8 +40,8 @@ MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank
 
 
 # -- what the form's values mean ------------------------------------------------------
-def preset_choices() -> list[str]:
-    return ["", "auto", *presets.preset_names()]
+def preset_choices() -> list[tuple[str, str]]:
+    return catalog.with_empty("(none: the form's values)", ["auto", *presets.preset_names()])
 
 
 def apply_preset_values(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
