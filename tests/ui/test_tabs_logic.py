@@ -392,7 +392,7 @@ def test_a_folder_of_questions_and_answers_opens_as_text_data_and_its_files_are_
     summary, gallery, health, table, *_ = dataset_tab.open_dataset("./data/clinic/faq.csv", 512, "", 512, False)
     assert summary.startswith("**faq.csv** — 2 examples (chat).") and "images" not in summary
     assert "Tokens per example, estimated from words and marks" in summary and "reads up to 8192" in summary
-    assert ["info", "faq.csv:3", "same as faq.csv:2"] == health[0][:3]
+    assert health[0][:3] == ["info", "faq.csv:3", "same as faq.csv:2"]
     assert table["visible"] and table["value"][0][2:4] == ["Open on Sunday?", "No."]
     summary, gallery, health, *_ = dataset_tab.open_dataset("./data/clinic/draft.csv", 512)
     assert summary.startswith("**draft.csv** cannot be used yet") and "draft.csv:3" in health[0][2]
