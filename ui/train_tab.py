@@ -133,6 +133,13 @@ def on_base_model(specs: list[form.FieldSpec], task_type: str, base_model: str) 
     return [line, *(gr.update(visible=s.shown_for(task_type, family)) for s in form.kind_specs(specs))]
 
 
+def on_sections(specs: list[form.FieldSpec], task_type: str, base_model: str = "") -> list[Any]:
+    """One update per Advanced section (in build order): a section shows only while one of its keys
+    does, so an SD 1.x model shows no FLUX or flow-matching section and a text task no image ones."""
+    family = model_family_and_line(task_type, base_model)[0] if task_type != "text-generation" else ""
+    return [gr.update(visible=shown) for shown in form.section_visibility(specs, task_type, family).values()]
+
+
 def on_task(specs: list[form.FieldSpec], task_type: str, base_model: str = "") -> list[Any]:
     """[one update per field, the sample gallery]: the fields of the other task hide."""
     family = model_family_and_line(task_type, base_model)[0] if task_type != "text-generation" else ""
@@ -336,9 +343,10 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
             device_md = gr.Markdown(state.device_line() or "Detecting the device …", elem_id="train-device")
             preset_reason = gr.Markdown("", elem_id="train-preset-reason")
             model_md = gr.Markdown("", elem_id="train-base-model")
+            sections: dict[str, Any] = {}
             widgets = form.build_form(specs, custom={"base_model": bind(base_model_widget, refreshers),
                                                      "train_data_dir": bind(data_widget, refreshers),
-                                                     "preset": preset_widget})
+                                                     "preset": preset_widget}, sections=sections)
             with gr.Accordion("Save / load the config (YAML) and the command line", open=False):
                 with gr.Row():
                     config_path = gr.Textbox(value="./configs/my_lora.yaml", label="Config file", max_lines=1,
@@ -387,6 +395,9 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     kind_widgets = [widgets[s.name] for s in form.kind_specs(specs)]
     widgets["base_model"].change(bind(on_base_model, specs), [widgets["task_type"], widgets["base_model"]],
                                  [model_md, *kind_widgets], show_progress="hidden")
+    for trigger in (widgets["task_type"], widgets["base_model"]):
+        trigger.change(bind(on_sections, specs), [widgets["task_type"], widgets["base_model"]],
+                       list(sections.values()), show_progress="hidden")
     widgets["preset"].input(bind(on_preset, train_form), inputs, [preset_reason, *inputs])
     for key in MEMORY_KEYS:
         widgets[key].change(bind(on_estimate, train_form), inputs, memory_md, show_progress="hidden")
