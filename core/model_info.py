@@ -47,15 +47,22 @@ class ModelInfo:
 
     @property
     def label(self) -> str:
-        size = self.params / 1e9
-        text = f"{size:.1f}B" if size >= 1 else f"{self.params / 1e6:.0f}M"
-        return f"{family_label(self.family)} ({text} parameters)"
+        return f"{family_label(self.family)} ({format_count(self.params)} parameters)"
 
     @property
     def kind(self) -> str:
         """"unet" | "flux" for image families (the registry's), "llm" or "unknown" otherwise."""
         info = FAMILIES.get(self.family)
         return info.kind if info else self.family
+
+
+def format_count(count: int) -> str:
+    """A parameter count in words: '11.9B', '135M', '4.9M', '48K' for a tiny test model (never '0M'), '512'."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.1f}{suffix}" if suffix == "B" or value < 10 else f"{value:.0f}{suffix}"
+    return str(int(count))
 
 
 def family_defaults(family: str, source: str = "") -> ModelInfo:

@@ -26,7 +26,7 @@ from core.config import (RETIRED_KEYS, ConfigError, TrainConfig, config_from_dic
 from core.job import JobBusyError
 from ui import catalog, form, lists, state
 from ui.memory_line import memory_line
-from ui.plots import loss_figure
+from ui.plots import loss_csv_rows, loss_figure, with_history
 from ui.queue_view import HEADERS as QUEUE_HEADERS
 from ui.queue_view import queue_rows
 from ui.status import log_text, progress_html, sample_gallery, sample_texts_markdown
@@ -166,6 +166,7 @@ def start_run(job: Any, cfg: TrainConfig) -> None:
     """Start `cfg` on `job`: its output folder becomes servable and the Test tab's models leave the device."""
     state.allow_folder(cfg.output_dir)
     free_tryout_models()
+    state.remember_run(cfg)
     job.start(cfg)
 
 
@@ -273,6 +274,26 @@ def on_output_name(name: str) -> tuple[Any, Any]:
     return f"./output/{clean}", f"./configs/{clean}.yaml"
 
 
+def run_losses(snap: Any) -> list[tuple]:
+    """The plot's rows: this process's steps, after the earlier steps of a resumed run (from its loss.csv)."""
+    cfg = state.last_run()
+    if cfg is None or not getattr(cfg, "resume_from", ""):
+        return list(snap.losses)
+    return with_history(loss_csv_rows(Path(cfg.output_dir) / "loss.csv"), snap.losses)
+
+
+def on_page_load(specs: list[form.FieldSpec]) -> list[Any]:
+    """[message, progress, one value per field]: a reloaded page shows the running (or last) run's settings
+    and state instead of a blank form and "Idle"."""
+    snap = state.JOB.snapshot()
+    cfg = state.last_run()
+    if cfg is None:
+        return [gr.skip(), progress_html(snap, "train"), *([gr.skip()] * len(specs))]
+    word = "running" if snap.running and snap.kind == "train" else "last"
+    message = f"The form shows the settings of the {word} run **{html.escape(cfg.name)}** (`{cfg.output_dir}`)."
+    return [message, progress_html(snap, "train"), *form.config_values(specs, cfg)]
+
+
 def poll(seen: dict | None) -> tuple[Any, ...]:
     """(progress, plot, gallery, text samples, log, device line, queue, seen): only what changed is redrawn."""
     snap = state.JOB.snapshot()
@@ -294,7 +315,7 @@ def poll(seen: dict | None) -> tuple[Any, ...]:
     gallery_out: Any = gr.skip()
     texts_out: Any = gr.skip()
     if key_losses != seen.get("losses"):
-        plot_out = loss_figure(snap.losses if ours else [])
+        plot_out = loss_figure(run_losses(snap) if ours else [])
         seen["losses"] = key_losses
     if key_samples != seen.get("samples"):
         gallery_out = sample_gallery(snap) if ours else []
@@ -421,4 +442,6 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     for button in refreshers:
         lists.wire(button, live)
     return {"widgets": widgets, "specs": specs, "start": start_btn, "stop": stop_btn, "message": message,
-            "progress": progress, "timer": timer, "lists": live, "queue": queue_table}
+            "progress": progress, "timer": timer, "lists": live, "queue": queue_table,
+            # app.py runs this on every page load (the tab cannot reach its Blocks' load event).
+            "page_load": (bind(on_page_load, specs), [message, progress, *inputs])}

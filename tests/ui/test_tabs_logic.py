@@ -409,3 +409,44 @@ def test_an_empty_choice_reads_what_it_means_instead_of_a_bare_tick(work):
         label, value = choices[0]
         assert value == "" and label.startswith("(") and len(label) > 3
     assert ("auto", "auto") in train_tab.preset_choices()
+
+
+def test_a_reloaded_page_shows_the_running_runs_settings_and_state_instead_of_a_blank_idle_form(work):
+    root, (state, catalog, train_tab, tryout_tab) = work
+    from core.config import config_from_dict
+    from ui import form
+
+    specs = form.field_specs()
+    message, progress, *values = train_tab.on_page_load(specs)
+    assert "Idle" in progress and len(values) == len(specs)  # nothing started yet: the form stays as it is
+    cfg = config_from_dict({"task_type": "text-generation", "train_data_dir": "./data/faq.csv",
+                            "output_dir": str(root / "output" / "faq_lora"), "lora_rank": 4, "epochs": 3},
+                           check_paths=False)
+    state.remember_run(cfg)
+    message, progress, *values = train_tab.on_page_load(specs)
+    by_name = dict(zip([s.name for s in specs], values))
+    assert (by_name["task_type"], by_name["lora_rank"], by_name["epochs"]) == ("text-generation", 4, 3)
+    assert "the last run **faq_lora**" in message
+
+
+def test_after_a_resume_the_plot_draws_the_whole_run_from_loss_csv(work):
+    root, (state, catalog, train_tab, tryout_tab) = work
+    from core.config import config_from_dict
+    from core.job import JobSnapshot
+    from ui.plots import loss_series
+
+    out = root / "output" / "cats"
+    out.mkdir(parents=True)
+    # The first run's 6 steps (and a 7th the checkpoint at step 6 did not keep: the resume drops it).
+    (out / "loss.csv").write_text("step,loss,lr,val_loss\n" + "".join(f"{s},{1.0 / s:.4f},0.001,\n" for s in range(1, 8)),
+                                  encoding="utf-8")
+    resumed = JobSnapshot(state="running", kind="train", name="cats",
+                          losses=[(7, 0.15, 0.15, 0.001, None), (8, 0.12, 0.14, 0.001, None)])
+    state.remember_run(config_from_dict({"train_data_dir": "./data/cats", "output_dir": str(out), "base_model": "x",
+                                         "resume_from": "latest"}, check_paths=False))
+    assert loss_series(train_tab.run_losses(resumed))["step"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert train_tab.run_losses(resumed)[-2:] == resumed.losses  # this process's own rows win
+    # A fresh run in the same folder never shows the old curve.
+    state.remember_run(config_from_dict({"train_data_dir": "./data/cats", "output_dir": str(out), "base_model": "x"},
+                                        check_paths=False))
+    assert train_tab.run_losses(resumed) == resumed.losses
