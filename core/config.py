@@ -34,6 +34,7 @@ TIMESTEP_SAMPLINGS = ("auto", "shift", "sigmoid", "logit_normal", "uniform")
 LORA_BLOCKS = ("all", "attention", "single_blocks")
 BASE_QUANTIZATIONS = ("none", "nf4")
 TEXT_METHODS = ("sft", "dpo", "orpo")
+EMA_DEVICES = ("auto", "cpu", "device")
 # The title of each field group, in the order the form's Advanced section and the README's
 # key table show them (the form's accordions and tools/config_doc.py both read this one).
 GROUP_TITLES = {
@@ -123,6 +124,16 @@ class TrainConfig:
                                 "learning_rate).", "optim", minimum=0.0, maximum=1.0, task="image")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less "
                                       "memory, about 20-30% slower.", "optim")
+    ema: bool = _f(False, "Keep an exponential moving average (EMA) of the LoRA weights; previews and the saved "
+                   "files use it. Smooths the noisy last steps of small data sets.", "optim")
+    ema_decay: float = _f(0.999, "EMA decay per step: 0.999 averages about the last 1000 steps; use 0.99 for "
+                          "runs of a few hundred steps.", "optim", minimum=0.0, maximum=0.99999)
+    ema_warmup: bool = _f(True, "EMA warm-up: the n-th step uses decay min(ema_decay, n/(n+9)), so the start "
+                          "does not linger.", "optim")
+    ema_device: str = _f("auto", "Where the EMA copy lives: auto (the GPU when it has room, else the CPU), cpu, "
+                         "or device.", "optim", choices=EMA_DEVICES)
+    ema_save_raw: bool = _f(False, "With ema: also write the raw (not averaged) weights, in the raw/ folder of "
+                            "the output.", "optim")
 
     # --- LoRA ------------------------------------------------------------------------
     target_modules: list[str] = _f([], "Module names to adapt. Empty: attention projections (image) or "
