@@ -25,7 +25,7 @@ TASK_TYPES = ("image-generation", "text-generation")
 PRECISIONS = ("no", "fp16", "bf16")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
-LORA_VARIANTS = ("lora", "dora", "rslora", "pissa")
+LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "lokr", "loha")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CAPTION_SOURCES = ("auto", "metadata", "txt")
@@ -140,7 +140,16 @@ class TrainConfig:
                                    "attention + MLP projections (text).", "lora")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", "lora", minimum=0.0, maximum=0.9)
     lora_variant: str = _f("lora", "lora, dora (weight-decomposed), rslora (rank-stabilised scale), "
-                           "pissa (principal-singular-vector init).", "lora", choices=LORA_VARIANTS)
+                           "pissa (principal-singular-vector init), lokr (LyCORIS Kronecker product: a small "
+                           "file, strong likeness), loha (LyCORIS Hadamard product: more capacity per "
+                           "parameter).", "lora", choices=LORA_VARIANTS)
+    lokr_factor: int = _f(-1, "LoKr: the factor each layer's size is split by (LyCORIS' factor; -1: near the "
+                          "square root). Smaller files and fewer weights with a small factor such as 4-8.",
+                          "lora", minimum=-1, maximum=4096)
+    lokr_decompose_both: bool = _f(False, "LoKr: also split the first Kronecker factor at lora_rank (smaller).",
+                                   "lora")
+    lokr_full_matrix: bool = _f(False, "LoKr: keep both Kronecker factors whole (no rank; largest LoKr).",
+                                "lora")
     loraplus_lr_ratio: float = _f(0.0, "LoRA+: the B matrices learn this many times faster (e.g. 16). "
                                   "0: off.", "lora", minimum=0.0, maximum=1000.0)
     conv_rank: int = _f(0, "Rank of LoCon-style LoRA on the UNet's 3x3 convolutions (0: off).", "lora",
@@ -397,6 +406,11 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
         # weights into the adapter, so that would no longer be the base model.
         errors["lora_variant"] = ("PiSSA changes the base weights, so DPO's reference (the adapter switched "
                                   "off) would not be the base model: use lora, dora or rslora, or text_method: orpo.")
+    if cfg.lora_variant in ("lokr", "loha") and cfg.loraplus_lr_ratio > 0:
+        errors["loraplus_lr_ratio"] = (f"LoRA+ speeds up a LoRA's B matrices; {cfg.lora_variant} has none: "
+                                       "set loraplus_lr_ratio: 0.")
+    if cfg.lokr_factor == 0 and "lokr_factor" not in errors:
+        errors["lokr_factor"] = "0 splits nothing: use -1 (near the square root) or a factor such as 4, 8 or 16."
     if cfg.min_bucket_reso > cfg.max_bucket_reso:
         errors["min_bucket_reso"] = f"must not be larger than max_bucket_reso ({cfg.max_bucket_reso})."
     if cfg.is_image and not cfg.base_model:

@@ -1,0 +1,124 @@
+"""LoKr and LoHa (LyCORIS) on the SD family and for text: the file's keys are the ones WebUI/Forge and
+ComfyUI load, and the update each key set makes there equals the one we trained.
+
+`comfy_delta` re-implements, in this test only, what ComfyUI's `comfy/weight_adapter/lokr.py` and
+`loha.py` (`calculate_weight`) compute from a file module's tensors and its alpha (read Dec 2026): the
+rank that alpha is divided by is w2_b's, else w1_b's, and alpha is ignored when both LoKr factors are
+whole; LoHa divides by hada_w1_b's rank. WebUI's `network_lokr.py` / `network_hada.py` use the same rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.config import TrainConfig
+from core.export.lycoris import group_file, kohya_name_to_module_path, module_delta, peft_to_lycoris, scales_from_model
+from tests.fixtures.tiny_sd import _text_encoder, _unet, run_collect, tiny_run_config
+
+
+def comfy_delta(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """The weight change ComfyUI applies for one LyCORIS module at strength 1."""
+    alpha = parts.get("alpha")
+    if "hada_w1_a" in parts:
+        scale = float(alpha) / parts["hada_w1_b"].shape[0] if alpha is not None else 1.0
+        m1 = torch.mm(parts["hada_w1_a"].float(), parts["hada_w1_b"].float())
+        m2 = torch.mm(parts["hada_w2_a"].float(), parts["hada_w2_b"].float())
+        return scale * (m1 * m2).reshape(shape)
+    dim = None
+    if "lokr_w1" in parts:
+        w1 = parts["lokr_w1"].float()
+    else:
+        dim = parts["lokr_w1_b"].shape[0]
+        w1 = torch.mm(parts["lokr_w1_a"].float(), parts["lokr_w1_b"].float())
+    if "lokr_w2" in parts:
+        w2 = parts["lokr_w2"].float()
+    else:
+        dim = parts["lokr_w2_b"].shape[0]
+        w2 = torch.mm(parts["lokr_w2_a"].float(), parts["lokr_w2_b"].float())
+    if len(w2.shape) == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
+    return scale * torch.kron(w1, w2).reshape(shape)
+
+
+VARIANTS = {
+    "lokr": dict(lora_variant="lokr", lokr_factor=4),
+    "lokr-decompose-both": dict(lora_variant="lokr", lokr_factor=4, lokr_decompose_both=True, lora_rank=1),
+    "lokr-full-matrix": dict(lora_variant="lokr", lokr_full_matrix=True),
+    "lokr-auto-factor": dict(lora_variant="lokr", lokr_factor=-1, lora_rank=2),
+    "loha": dict(lora_variant="loha"),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_key_of_a_lycoris_file_maps_to_a_layer_and_comfyui_rebuilds_our_exact_update(name):
+    from core.families.sd.lora import add_text_encoder_lora, add_unet_lora
+    from core.lora import peft_state
+
+    cfg = dataclasses.replace(TrainConfig(), **{**dict(lora_rank=4, lora_alpha=3.0, conv_rank=4, conv_alpha=2.0),
+                                                **VARIANTS[name]})
+    unet, encoder = _unet(), _text_encoder(32, seed=3)
+    add_unet_lora(unet, cfg)
+    add_text_encoder_lora(encoder, cfg)
+    torch.manual_seed(0)
+    for module in (unet, encoder):  # trained-looking adapters: no factor left at its zero start
+        for param_name, param in module.named_parameters():
+            if "lokr_" in param_name or "hada_" in param_name:
+                param.data.normal_(0, 0.3)
+    scales = {f"unet.{k}": v for k, v in scales_from_model(unet).items()}
+    scales.update({f"text_encoder.{k}": v for k, v in scales_from_model(encoder).items()})
+    tensors = peft_to_lycoris(peft_state(unet), [peft_state(encoder)], "sd1", scales=scales)
+
+    modules = group_file(tensors)
+    assert sum(len(parts) for parts in modules.values()) == len(tensors)  # every key belongs to a module
+    kinds = set()
+    for file_name, parts in modules.items():
+        component, path = kohya_name_to_module_path(file_name, "sd1")
+        model = unet if component == "unet" else encoder
+        layer = model.get_submodule(path if component == "unet" else path.removeprefix("text_model."))
+        ours = layer.get_delta_weight("default")
+        theirs = comfy_delta(parts, layer.get_base_layer().weight.shape)
+        assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-6), file_name
+        assert torch.allclose(module_delta(parts, ours.shape), ours, rtol=1e-4, atol=1e-6), file_name
+        kinds.add((component, ours.dim()))
+    assert kinds == {("unet", 2), ("unet", 4), ("text_encoder", 2)}  # Linears, LoCon convs, CLIP
+    if name == "lokr-full-matrix":
+        assert all("lokr_w1" in p and "lokr_w2" in p and "alpha" not in p for p in modules.values())
+    if name == "lokr-decompose-both":
+        assert any("lokr_w1_a" in p for p in modules.values())
+    if name.startswith("lokr"):
+        assert all(k.rsplit(".", 1)[1] in {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                                           "lokr_w2_b", "alpha"} for k in tensors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["lokr", "loha"])
+def test_an_sd_run_trains_a_lycoris_file_that_resumes_and_its_update_is_the_trained_one(
+        variant, tiny_sd1, sd_image_folder, tmp_path):
+    common = dict(lora_variant=variant, lokr_factor=4, conv_rank=4, train_text_encoder=True, max_train_steps=4,
+                  save_steps=2, cache_text_encoder_outputs=False, output_name="lyco")
+    straight = tmp_path / "straight"
+    outputs, events = run_collect(tiny_run_config(tiny_sd1.folder, sd_image_folder, straight, **common))
+    assert "diffusers" not in outputs or not outputs["diffusers"]
+    tensors = load_file(outputs["lora"])
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    part = "lokr_w1" if variant == "lokr" else "hada_w1_a"
+    assert any(k.endswith("." + part) for k in tensors)
+    from safetensors import safe_open
+
+    with safe_open(outputs["lora"], "pt") as handle:
+        meta = handle.metadata()
+    assert meta["ss_network_module"] == "lycoris.kohya" and f'"algo": "{variant}"' in meta["ss_network_args"]
+
+    stopped = tmp_path / "stopped"
+    run_collect(tiny_run_config(tiny_sd1.folder, sd_image_folder, stopped, **common), stop_at=2)
+    _, resumed = run_collect(tiny_run_config(tiny_sd1.folder, sd_image_folder, stopped, resume_from="latest",
+                                             **common))
+    assert [e.step for e in resumed if e.kind == "progress"] == [3, 4]
+    again = load_file(str(stopped / "lyco.safetensors"))
+    assert again.keys() == tensors.keys()
+    for key in tensors:
+        assert torch.allclose(again[key], tensors[key], atol=1e-5), key
