@@ -122,3 +122,13 @@ def test_an_sd_run_trains_a_lycoris_file_that_resumes_and_its_update_is_the_trai
     assert again.keys() == tensors.keys()
     for key in tensors:
         assert torch.allclose(again[key], tensors[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("family", ["flux-dev", "sd3", "z-image-turbo", "qwen-image"])
+@pytest.mark.parametrize("variant", ["lokr", "loha"])
+def test_the_transformer_families_refuse_lokr_and_loha_in_one_sentence_before_loading(family, variant):
+    from core.family_api.lookup import family_impl
+
+    cfg = dataclasses.replace(TrainConfig(), lora_variant=variant)
+    with pytest.raises(ValueError, match=f"lora_variant: {variant} is not available for .* use lora or rslora"):
+        family_impl(family).check(cfg)
