@@ -132,3 +132,34 @@ def test_the_transformer_families_refuse_lokr_and_loha_in_one_sentence_before_lo
     cfg = dataclasses.replace(TrainConfig(), lora_variant=variant)
     with pytest.raises(ValueError, match=f"lora_variant: {variant} is not available for .* use lora or rslora"):
         family_impl(family).check(cfg)
+
+
+@pytest.mark.parametrize("variant", ["lokr", "loha"])
+def test_a_lycoris_file_baked_into_an_sd_checkpoint_gives_base_plus_adapter_and_resize_says_why_not(
+        variant, tiny_sd1, tmp_path):
+    from core.families.sd.load import load_sd_model
+    from core.tools.merge import bake_into_sd, scale_peft_adapter
+    from core.tools.modules import LoraToolError
+    from core.tools.extract import resize_file
+    from tests.fixtures.tool_loras import make_sd_lora
+    from tests.test_tools_merge import text_out, unet_out
+
+    made = make_sd_lora(tiny_sd1.folder, tmp_path / "lora", variant=variant, seed=3)
+    assert made.diffusers is None and any(f".{'lokr' if variant == 'lokr' else 'hada'}_" in k
+                                          for k in load_file(str(made.kohya)))
+    out, report = bake_into_sd(str(tiny_sd1.single_file), [(made.kohya, 0.7)], tmp_path / "merged.safetensors",
+                               dtype=None, model_config=str(tiny_sd1.folder))
+    assert report.merged
+    merged = load_sd_model(str(out), model_config=str(tiny_sd1.folder))
+    reference = made.model
+    scale_peft_adapter(reference.unet, 0.7)
+    scale_peft_adapter(reference.text_encoders[0], 0.7)
+    torch.testing.assert_close(unet_out(merged.unet), unet_out(reference.unet), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(text_out(merged.text_encoders[0]), text_out(reference.text_encoders[0]),
+                               rtol=1e-4, atol=1e-5)
+    base = load_sd_model(str(tiny_sd1.single_file), model_config=str(tiny_sd1.folder))
+    assert (unet_out(base.unet) - unet_out(merged.unet)).abs().max() > 1e-4
+
+    kind = "LoKr" if variant == "lokr" else "LoHa"
+    with pytest.raises(LoraToolError, match=f"is a {kind} file: .*no (single )?rank to cut"):
+        resize_file(made.kohya, tmp_path / "small.safetensors", rank=2)
