@@ -163,3 +163,29 @@ def test_a_lycoris_file_baked_into_an_sd_checkpoint_gives_base_plus_adapter_and_
     kind = "LoKr" if variant == "lokr" else "LoHa"
     with pytest.raises(LoraToolError, match=f"is a {kind} file: .*no (single )?rank to cut"):
         resize_file(made.kohya, tmp_path / "small.safetensors", rank=2)
+
+
+@pytest.mark.slow
+def test_the_test_tab_applies_a_lokr_beside_a_lora_like_both_baked_in_and_leaves_the_base_untouched(
+        tiny_sd1, tmp_path):
+    from core.sample import clear_pipeline_cache, generate_images
+    from core.tools.merge import bake_into_sd
+    from tests.fixtures.tool_loras import make_sd_lora
+    from tests.test_multi_lora import PROMPT, SETTINGS, max_diff
+
+    lokr = make_sd_lora(tiny_sd1.folder, tmp_path / "k", variant="lokr", seed=5, name="k").kohya
+    lora = make_sd_lora(tiny_sd1.folder, tmp_path / "l", seed=11, name="l").kohya
+    folder = str(tiny_sd1.folder)
+    both = [(lokr, 0.8), (lora, 0.5)]
+    try:
+        baked, _ = bake_into_sd(folder, both, tmp_path / "baked.safetensors", dtype=None)
+        reference = generate_images(str(baked), None, PROMPT, model_config=folder, **SETTINGS)[0]
+        base = generate_images(folder, None, PROMPT, **SETTINGS)[0]
+        for fuse in (True, False):
+            image = generate_images(folder, None, PROMPT, loras=both, fuse=fuse, **SETTINGS)[0]
+            assert max_diff(image, reference) <= 1, fuse
+        assert max_diff(image, base) >= 4  # the LoKr changes the picture...
+        # ...and is gone after: the cached pipeline draws the base image again, exactly.
+        assert generate_images(folder, None, PROMPT, **SETTINGS)[0].tobytes() == base.tobytes()
+    finally:
+        clear_pipeline_cache()

@@ -227,9 +227,13 @@ def read_lycoris_file(path: str | Path, *, allow_pickle: bool = False) -> dict[s
 
 
 def bake_lycoris_into_modules(components: dict[str, nn.Module], tensors: dict[str, torch.Tensor], family: str,
-                              weight: float, report: MergeReport, source: str) -> MergeReport:
+                              weight: float, report: MergeReport, source: str,
+                              saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> MergeReport:
     """Add a LoKr / LoHa file at `weight` into the diffusers modules in place: W += weight * delta
-    (core.export.lycoris.module_delta, the loaders' own reconstruction)."""
+    (core.export.lycoris.module_delta, the loaders' own reconstruction).
+
+    `saved`: (weight, its CPU copy) is appended for each weight before its first change, to put it back.
+    """
     from core.export.lycoris import group_file, kohya_name_to_module_path, module_delta
 
     modules = group_file(tensors)
@@ -255,8 +259,10 @@ def bake_lycoris_into_modules(components: dict[str, nn.Module], tensors: dict[st
         except RuntimeError as exc:
             raise LoraToolError(f"'{source}': module '{name}' does not fit the base model's layer of shape "
                                 f"{tuple(target.shape)}: it was trained for another base model.") from exc
+        if saved is not None and not any(param is target for param, _ in saved):
+            saved.append((target, target.detach().to("cpu", copy=True)))
         with torch.no_grad():
-            target.copy_((target.float() + weight * delta).to(target.dtype))
+            target.copy_((target.float() + weight * delta.to(target.device)).to(target.dtype))
         report.merged.append(name)
     return report
 
