@@ -98,3 +98,22 @@ def test_ema_settings_are_checked_like_every_other_setting():
         config_from_dict(dict(train_data_dir="x", output_dir="y", task_type="text-generation", ema=True,
                               ema_decay=1.5, ema_device="tpu"), check_paths=False)
     assert "ema_decay" in caught.value.errors and "ema_device" in caught.value.errors
+
+
+@pytest.mark.slow
+def test_an_sd_run_with_ema_resumes_to_the_uninterrupted_runs_files(tiny_sd1, sd_image_folder, tmp_path):
+    from tests.fixtures.tiny_sd import run_collect, tiny_run_config
+
+    common = dict(ema=True, ema_decay=0.9, ema_save_raw=True, max_train_steps=4, save_steps=2, output_name="e")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_collect(tiny_run_config(tiny_sd1.folder, sd_image_folder, straight, **common))
+    run_collect(tiny_run_config(tiny_sd1.folder, sd_image_folder, stopped, **common), stop_at=2)
+    _, events = run_collect(tiny_run_config(tiny_sd1.folder, sd_image_folder, stopped, resume_from="latest", **common))
+    assert [e.step for e in events if e.kind == "progress"] == [3, 4]
+    for name in ("e.safetensors", "raw/e.safetensors", "pytorch_lora_weights.safetensors"):
+        want, got = load_file(str(straight / name)), load_file(str(stopped / name))
+        assert want.keys() == got.keys()
+        for key in want:
+            assert torch.allclose(want[key], got[key], atol=1e-6), (name, key)
+    ema, raw = load_file(str(straight / "e.safetensors")), load_file(str(straight / "raw" / "e.safetensors"))
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.endswith("lora_up.weight"))

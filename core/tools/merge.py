@@ -222,6 +222,12 @@ def read_lycoris_file(path: str | Path, *, allow_pickle: bool = False) -> dict[s
     file = Path(path)
     if not file.is_file():
         return None
+    if file.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:  # the keys only: most files are plain LoRAs
+            if not is_lycoris_state(dict.fromkeys(handle.keys())):
+                return None
     tensors, _ = _load_tensors(file, allow_pickle)
     return tensors if is_lycoris_state(tensors) else None
 
