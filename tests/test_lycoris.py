@@ -189,3 +189,10 @@ def test_the_test_tab_applies_a_lokr_beside_a_lora_like_both_baked_in_and_leaves
         assert generate_images(folder, None, PROMPT, **SETTINGS)[0].tobytes() == base.tobytes()
     finally:
         clear_pipeline_cache()
+
+
+def test_on_a_full_size_sd15_unet_a_lokr_is_a_fraction_of_a_lora_and_a_loha_twice_it():
+    from bench.lycoris_sizes import adapter_megabytes
+
+    lora, lokr, loha = (adapter_megabytes("sd15", v, 16, 0, -1) for v in ("lora", "lokr", "loha"))
+    assert lokr < lora / 10 and loha == pytest.approx(2 * lora)
