@@ -117,3 +117,13 @@ def test_an_sd_run_with_ema_resumes_to_the_uninterrupted_runs_files(tiny_sd1, sd
             assert torch.allclose(want[key], got[key], atol=1e-6), (name, key)
     ema, raw = load_file(str(straight / "e.safetensors")), load_file(str(straight / "raw" / "e.safetensors"))
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.endswith("lora_up.weight"))
+
+
+def test_ema_and_lokr_are_refused_with_fsdp_in_one_sentence():
+    from core.config import ConfigError, config_from_dict
+
+    for extra in (dict(ema=True), dict(lora_variant="lokr")):
+        with pytest.raises(ConfigError) as caught:
+            config_from_dict(dict(train_data_dir="x", output_dir="y", task_type="text-generation", distributed="fsdp",
+                                  **extra), check_paths=False)
+        assert "distributed: ddp" in caught.value.errors["distributed"]
