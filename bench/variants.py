@@ -10,7 +10,7 @@ in its own child process so its peak memory is its own: RSS high-water mark (VmH
 quarter (warm-up excluded). Ratios are against `lora` measured in the same run.
 
 Variants: lora, rslora, dora, pissa (PEFT's SVD init; no conv layers, PEFT has no conv PiSSA),
-locon (lora + conv_rank 4), loraplus (lora + loraplus_lr_ratio 16).
+locon (lora + conv_rank 4), loraplus (lora + loraplus_lr_ratio 16), lokr (lokr_factor 4), loha.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ VARIANTS = {
     "pissa": {"lora_variant": "pissa"},
     "locon": {"conv_rank": 4, "conv_alpha": 4},
     "loraplus": {"loraplus_lr_ratio": 16.0},
+    "lokr": {"lora_variant": "lokr", "lokr_factor": 4},
+    "loha": {"lora_variant": "loha"},
 }
 
 

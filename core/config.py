@@ -25,7 +25,7 @@ TASK_TYPES = ("image-generation", "text-generation")
 PRECISIONS = ("no", "fp16", "bf16")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
-LORA_VARIANTS = ("lora", "dora", "rslora", "pissa")
+LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "lokr", "loha")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CAPTION_SOURCES = ("auto", "metadata", "txt")
@@ -34,6 +34,7 @@ TIMESTEP_SAMPLINGS = ("auto", "shift", "sigmoid", "logit_normal", "uniform")
 LORA_BLOCKS = ("all", "attention", "single_blocks")
 BASE_QUANTIZATIONS = ("none", "nf4")
 TEXT_METHODS = ("sft", "dpo", "orpo")
+EMA_DEVICES = ("auto", "cpu", "device")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 # The title of each field group, in the order the form's Advanced section and the README's
 # key table show them (the form's accordions and tools/config_doc.py both read this one).
@@ -127,13 +128,32 @@ class TrainConfig:
                                 "learning_rate).", "optim", minimum=0.0, maximum=1.0, task="image")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less "
                                       "memory, about 20-30% slower.", "optim")
+    ema: bool = _f(False, "Keep an exponential moving average (EMA) of the LoRA weights; previews and the saved "
+                   "files use it. Smooths the noisy last steps of small data sets.", "optim")
+    ema_decay: float = _f(0.999, "EMA decay per step: 0.999 averages about the last 1000 steps; use 0.99 for "
+                          "runs of a few hundred steps.", "optim", minimum=0.0, maximum=0.99999)
+    ema_warmup: bool = _f(True, "EMA warm-up: the n-th step uses decay min(ema_decay, n/(n+9)), so the start "
+                          "does not linger.", "optim")
+    ema_device: str = _f("auto", "Where the EMA copy lives: auto (the GPU when it has room, else the CPU), cpu, "
+                         "or device.", "optim", choices=EMA_DEVICES)
+    ema_save_raw: bool = _f(False, "With ema: also write the raw (not averaged) weights, in the raw/ folder of "
+                            "the output.", "optim")
 
     # --- LoRA ------------------------------------------------------------------------
     target_modules: list[str] = _f([], "Module names to adapt. Empty: attention projections (image) or "
                                    "attention + MLP projections (text).", "lora")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", "lora", minimum=0.0, maximum=0.9)
     lora_variant: str = _f("lora", "lora, dora (weight-decomposed), rslora (rank-stabilised scale), "
-                           "pissa (principal-singular-vector init).", "lora", choices=LORA_VARIANTS)
+                           "pissa (principal-singular-vector init), lokr (LyCORIS Kronecker product: a small "
+                           "file, strong likeness), loha (LyCORIS Hadamard product: more capacity per "
+                           "parameter).", "lora", choices=LORA_VARIANTS)
+    lokr_factor: int = _f(-1, "LoKr: the factor each layer's size is split by (LyCORIS' factor; -1: near the "
+                          "square root). Smaller files and fewer weights with a small factor such as 4-8.",
+                          "lora", minimum=-1, maximum=4096)
+    lokr_decompose_both: bool = _f(False, "LoKr: also split the first Kronecker factor at lora_rank (smaller).",
+                                   "lora")
+    lokr_full_matrix: bool = _f(False, "LoKr: keep both Kronecker factors whole (no rank; largest LoKr).",
+                                "lora")
     loraplus_lr_ratio: float = _f(0.0, "LoRA+: the B matrices learn this many times faster (e.g. 16). "
                                   "0: off.", "lora", minimum=0.0, maximum=1000.0)
     conv_rank: int = _f(0, "Rank of LoCon-style LoRA on the UNet's 3x3 convolutions (0: off).", "lora",
@@ -390,6 +410,11 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
         # weights into the adapter, so that would no longer be the base model.
         errors["lora_variant"] = ("PiSSA changes the base weights, so DPO's reference (the adapter switched "
                                   "off) would not be the base model: use lora, dora or rslora, or text_method: orpo.")
+    if cfg.lora_variant in ("lokr", "loha") and cfg.loraplus_lr_ratio > 0:
+        errors["loraplus_lr_ratio"] = (f"LoRA+ speeds up a LoRA's B matrices; {cfg.lora_variant} has none: "
+                                       "set loraplus_lr_ratio: 0.")
+    if cfg.lokr_factor == 0 and "lokr_factor" not in errors:
+        errors["lokr_factor"] = "0 splits nothing: use -1 (near the square root) or a factor such as 4, 8 or 16."
     if cfg.min_bucket_reso > cfg.max_bucket_reso:
         errors["min_bucket_reso"] = f"must not be larger than max_bucket_reso ({cfg.max_bucket_reso})."
     if cfg.is_image and not cfg.base_model:
@@ -412,6 +437,10 @@ def fsdp_refusal(cfg: TrainConfig) -> str | None:
     """Why `distributed: fsdp` cannot run with these settings (one sentence), or None."""
     if cfg.distributed != "fsdp":
         return None
+    if cfg.ema:
+        return "ema keeps its average of whole weights, not of shards: set ema: false, or use distributed: ddp."
+    if cfg.lora_variant in ("lokr", "loha"):
+        return f"lora_variant: {cfg.lora_variant} is not sharded yet: use lora, or distributed: ddp."
     if cfg.base_quantization != "none":
         return ("fsdp shards the bf16/fp16 base over the GPUs and does not combine with "
                 "base_quantization: nf4; use one of them (nf4 with distributed: ddp).")

@@ -34,9 +34,20 @@ def variant_kwargs(variant: str) -> dict[str, Any]:
     return {"init_lora_weights": "gaussian"}
 
 
+# LyCORIS adapters, built on PEFT's LoKrConfig / LoHaConfig (core.export.lycoris writes their files).
+LYCORIS_VARIANTS = ("lokr", "loha")
+# lokr_full_matrix: a rank no layer reaches makes PEFT keep both Kronecker factors whole.
+_FULL_RANK = 1 << 20
+
+
+def is_lycoris(cfg: TrainConfig) -> bool:
+    return cfg.lora_variant in LYCORIS_VARIANTS
+
+
 def make_lora_config(cfg: TrainConfig, target_modules: list[str], *,
-                     conv_modules: list[str] | None = None, task_type: str | None = None) -> LoraConfig:
-    """A LoraConfig for `target_modules` (plus LoCon conv modules at their own rank/alpha)."""
+                     conv_modules: list[str] | None = None, task_type: str | None = None) -> Any:
+    """A LoraConfig for `target_modules` (plus LoCon conv modules at their own rank/alpha); a
+    LoKrConfig / LoHaConfig for `lora_variant: lokr / loha`."""
     targets = list(cfg.target_modules or target_modules)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -46,12 +57,40 @@ def make_lora_config(cfg: TrainConfig, target_modules: list[str], *,
             # Anchor the pattern so it only matches that exact module path.
             rank_pattern[f"^{name}$"] = cfg.conv_rank
             alpha_pattern[f"^{name}$"] = cfg.conv_alpha or cfg.conv_rank
+    if is_lycoris(cfg):
+        return _lycoris_config(cfg, targets, rank_pattern, alpha_pattern, task_type)
     kwargs: dict[str, Any] = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                   target_modules=targets, rank_pattern=rank_pattern,
                                   alpha_pattern=alpha_pattern, **variant_kwargs(cfg.lora_variant))
     if task_type:
         kwargs["task_type"] = task_type
     return LoraConfig(**kwargs)
+
+
+def _lycoris_config(cfg: TrainConfig, targets: list[str], rank_pattern: dict[str, int],
+                    alpha_pattern: dict[str, float], task_type: str | None) -> Any:
+    """PEFT's LoKr / LoHa with the settings LyCORIS users know.
+
+    `lora_dropout` is LyCORIS' rank dropout (PEFT's LoKr/LoHa have no input dropout). LoKr:
+    `lokr_factor` is LyCORIS' `factor` (-1: split each dimension near its square root),
+    `lokr_decompose_both` also factors w1 at the rank, `lokr_full_matrix` keeps w1 and w2 whole
+    (no rank; alpha/rank still scales the update and is baked into the file).
+    """
+    from peft import LoHaConfig, LoKrConfig
+
+    r, alpha = cfg.lora_rank, cfg.lora_alpha
+    if cfg.lora_variant == "lokr" and cfg.lokr_full_matrix:
+        # Same scale alpha/r with a rank no layer reaches: PEFT then keeps both factors whole.
+        alpha_pattern = {k: alpha_pattern[k] * _FULL_RANK / v for k, v in rank_pattern.items()}
+        rank_pattern = {k: _FULL_RANK for k in rank_pattern}
+        r, alpha = _FULL_RANK, alpha * _FULL_RANK / r
+    kwargs: dict[str, Any] = dict(r=r, alpha=alpha, rank_dropout=cfg.lora_dropout, target_modules=targets,
+                                  rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if task_type:
+        kwargs["task_type"] = task_type
+    if cfg.lora_variant == "loha":
+        return LoHaConfig(**kwargs)
+    return LoKrConfig(**kwargs, decompose_both=cfg.lokr_decompose_both, decompose_factor=cfg.lokr_factor)
 
 
 def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -65,7 +104,7 @@ def load_peft_state(model: nn.Module, state: dict[str, torch.Tensor], what: str)
     from peft.utils import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(model, state)
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    missing = [k for k in getattr(result, "missing_keys", []) if any(p in k for p in ("lora_", "lokr_", "hada_"))]
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise ValueError(f"The LoRA weights for the {what} do not fit the model: {unexpected[:3]} ... "

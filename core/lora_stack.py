@@ -87,7 +87,47 @@ def restore(saved: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 @contextmanager
 def applied(pipe: Any, loras: Sequence[LoraSpec], *, fuse: bool = True) -> Iterator[bool]:
-    """The LoRAs on `pipe` inside the block, removed after; yields whether they were fused."""
+    """The LoRAs on `pipe` inside the block, removed after; yields whether they were fused.
+
+    LoKr / LoHa files (which diffusers does not load into SD pipelines) are baked into the base
+    weights at their weight and copied back after, like fused LoRAs (`lycoris_baked`).
+    """
+    with lycoris_baked(pipe, loras) as others, _applied(pipe, others, fuse=fuse) as fused:
+        yield fused
+
+
+def _sd_family_of(pipe: Any) -> str:
+    """The kohya naming a pipeline's LyCORIS files use: SDXL's (sgm blocks, two CLIPs) or SD 1.x / 2.x's."""
+    if not hasattr(pipe, "unet"):
+        raise ValueError("LoKr / LoHa files are applied to Stable Diffusion 1.x / 2.x / SDXL models only.")
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
+
+
+@contextmanager
+def lycoris_baked(pipe: Any, loras: Sequence[LoraSpec]) -> Iterator[list[tuple[str, float]]]:
+    """Bake the LoKr / LoHa files of `loras` into `pipe`'s weights; yields the other LoRAs; restores exactly."""
+    from core.tools.merge import MergeReport, bake_lycoris_into_modules, read_lycoris_file
+
+    specs = active(loras)
+    found = [(path, weight, read_lycoris_file(path)) for path, weight in specs]
+    lycoris = [(path, weight, tensors) for path, weight, tensors in found if tensors is not None]
+    if not lycoris:
+        yield specs
+        return
+    family = _sd_family_of(pipe)
+    parts = {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")
+             if getattr(pipe, name, None) is not None}
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # each changed weight's copy, taken before its first change
+    try:
+        for path, weight, tensors in lycoris:
+            bake_lycoris_into_modules(parts, tensors, family, weight, MergeReport(), Path(path).name, saved=saved)
+        yield [(path, weight) for path, weight, tensors in found if tensors is None]
+    finally:
+        restore(saved)
+
+
+@contextmanager
+def _applied(pipe: Any, loras: Sequence[LoraSpec], *, fuse: bool = True) -> Iterator[bool]:
     specs = active(loras)
     names = [f"tryout_{index}" for index in range(len(specs))]
     # On a pipeline holding no adapter of anyone else, leaving unloads the PEFT wrappers too, so the

@@ -100,8 +100,9 @@ def test_a_nan_loss_stops_the_run_with_advice(tiny_llm_dir, qa_file, tmp_path, m
 
 
 @pytest.mark.parametrize("extra", [{"lora_variant": "dora"}, {"lora_variant": "rslora"},
-                                   {"lora_variant": "pissa"}, {"loraplus_lr_ratio": 16.0}],
-                         ids=["dora", "rslora", "pissa", "loraplus"])
+                                   {"lora_variant": "pissa"}, {"loraplus_lr_ratio": 16.0},
+                                   {"lora_variant": "lokr", "lokr_factor": 4}, {"lora_variant": "loha"}],
+                         ids=["dora", "rslora", "pissa", "loraplus", "lokr", "loha"])
 def test_each_lora_variant_trains_and_its_adapter_loads_on_the_original_base(tiny_llm_dir, qa_file, tmp_path, extra):
     ctx, _ = collect()
     outputs = run_training(text_config(tiny_llm_dir, qa_file, tmp_path / "v", max_train_steps=2, **extra), ctx)
@@ -110,6 +111,8 @@ def test_each_lora_variant_trains_and_its_adapter_loads_on_the_original_base(tin
         assert config["use_dora"]
     if extra.get("lora_variant") == "rslora":
         assert config["use_rslora"]
+    if extra.get("lora_variant") in ("lokr", "loha"):
+        assert config["peft_type"] == extra["lora_variant"].upper()
     before, after = logits_with_adapter(tiny_llm_dir, Path(outputs["adapter"]))
     assert not torch.allclose(before, after, atol=1e-5)
     assert torch.isfinite(after).all()

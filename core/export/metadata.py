@@ -50,6 +50,12 @@ def network_args(cfg: TrainConfig, conv_dims: tuple[int, float] | None) -> dict[
     if cfg.lora_variant == "dora":
         # The file's dora_scale is per output channel: LyCORIS' wd_on_output=True layout.
         args.update({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+    elif cfg.lora_variant == "lokr":
+        # LyCORIS' own network args, so kohya tools and civitai read the file as LoKr.
+        args.update({"algo": "lokr", "factor": str(cfg.lokr_factor), "decompose_both": str(cfg.lokr_decompose_both),
+                     "full_matrix": str(cfg.lokr_full_matrix)})
+    elif cfg.lora_variant == "loha":
+        args["algo"] = "loha"
     elif cfg.lora_variant in ("rslora", "pissa"):
         args["peft_variant"] = cfg.lora_variant
     return args
@@ -103,7 +109,8 @@ def kohya_metadata(cfg: TrainConfig, *, family: str, base_model_name: str, num_i
         "ss_base_model_version": base_model_version(family, v_pred),
         "ss_v2": family_info(family).ss_base_model_version == "sd_v2",
         "ss_sd_model_name": Path(base_model_name).name if base_model_name else "",
-        "ss_network_module": "lycoris.kohya" if cfg.lora_variant == "dora" else "networks.lora",
+        "ss_network_module": ("lycoris.kohya" if cfg.lora_variant in ("dora", "lokr", "loha")
+                                else "networks.lora"),
         "ss_network_dim": rank,
         "ss_network_alpha": num_text(alpha),
         "ss_learning_rate": cfg.learning_rate,

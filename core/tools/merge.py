@@ -214,6 +214,65 @@ def read_image_lora_for(path: str | Path, family: str, *, allow_pickle: bool = F
     return lora
 
 
+def read_lycoris_file(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor] | None:
+    """The tensors of a LoKr / LoHa (LyCORIS) file; None for any other LoRA."""
+    from core.export.lycoris import is_lycoris_state
+    from core.tools.convert import _load_tensors
+
+    file = Path(path)
+    if not file.is_file():
+        return None
+    if file.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:  # the keys only: most files are plain LoRAs
+            if not is_lycoris_state(dict.fromkeys(handle.keys())):
+                return None
+    tensors, _ = _load_tensors(file, allow_pickle)
+    return tensors if is_lycoris_state(tensors) else None
+
+
+def bake_lycoris_into_modules(components: dict[str, nn.Module], tensors: dict[str, torch.Tensor], family: str,
+                              weight: float, report: MergeReport, source: str,
+                              saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> MergeReport:
+    """Add a LoKr / LoHa file at `weight` into the diffusers modules in place: W += weight * delta
+    (core.export.lycoris.module_delta, the loaders' own reconstruction).
+
+    `saved`: (weight, its CPU copy) is appended for each weight before its first change, to put it back.
+    """
+    from core.export.lycoris import group_file, kohya_name_to_module_path, module_delta
+
+    modules = group_file(tensors)
+    covered = sum(len(parts) for parts in modules.values())
+    if covered != len(tensors):
+        raise LoraToolError(f"'{source}' mixes LoKr/LoHa modules with other kinds (plain LoRA, Tucker...); "
+                            "only files of LoKr or LoHa modules alone are baked.")
+    for name, parts in modules.items():
+        component, path = kohya_name_to_module_path(name, family)
+        model = components.get(component)
+        if model is None:
+            raise LoraToolError(f"'{source}' has {component} weights but the base model has no {component}.")
+        if component != "unet" and not any(n == "text_model" for n, _ in model.named_children()):
+            path = path.removeprefix("text_model.")
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError as exc:
+            raise LoraToolError(f"'{source}': module '{name}' has no layer '{path}' in the base model's {component}: "
+                                "it was trained for another model family.") from exc
+        target = layer.weight
+        try:
+            delta = module_delta(parts, target.shape)
+        except RuntimeError as exc:
+            raise LoraToolError(f"'{source}': module '{name}' does not fit the base model's layer of shape "
+                                f"{tuple(target.shape)}: it was trained for another base model.") from exc
+        if saved is not None and not any(param is target for param, _ in saved):
+            saved.append((target, target.detach().to("cpu", copy=True)))
+        with torch.no_grad():
+            target.copy_((target.float() + weight * delta.to(target.device)).to(target.dtype))
+        report.merged.append(name)
+    return report
+
+
 def bake_into_sd(base_model: str, loras: Sequence[tuple[str | Path, float]], output: str | Path, *,
                  dtype: torch.dtype | None = torch.float16, allow_pickle: bool = False,
                  model_config: str = "") -> tuple[Path, MergeReport]:
@@ -222,8 +281,12 @@ def bake_into_sd(base_model: str, loras: Sequence[tuple[str | Path, float]], out
     report = MergeReport()
     sources = []
     for path, weight in loras:
-        lora = read_image_lora_for(path, base.family, allow_pickle=allow_pickle)
-        bake_into_modules(base.components, lora, weight, report)
+        lycoris = read_lycoris_file(path, allow_pickle=allow_pickle)
+        if lycoris is not None:
+            bake_lycoris_into_modules(base.components, lycoris, base.family, weight, report, Path(path).name)
+        else:
+            lora = read_image_lora_for(path, base.family, allow_pickle=allow_pickle)
+            bake_into_modules(base.components, lora, weight, report)
         sources.append({"file": Path(path).name, "weight": weight})
     state = base.to_single_file(dtype)
     metadata = {"format": "pt", "merged_loras": json.dumps(sources), "base_model": Path(str(base_model)).name}

@@ -133,6 +133,16 @@ def modules_from_kohya(tensors: dict[str, Tensor], source: str = "the LoRA") -> 
     parts: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         name, _, part = key.partition(".")
+        if part.startswith("lokr_"):
+            raise LoraToolError(
+                f"{source} is a LoKr file: a Kronecker product has no rank to cut, so it cannot be resized "
+                "(its size is set by lokr_factor when training); nor converted or combined with LoRAs. "
+                "merge --base bakes it into a Stable Diffusion checkpoint.")
+        if part.startswith("hada_"):
+            raise LoraToolError(
+                f"{source} is a LoHa file: a Hadamard product of two low-rank pairs has no single rank to "
+                "cut, so it cannot be resized, converted or combined with LoRAs. merge --base bakes it "
+                "into a Stable Diffusion checkpoint.")
         if part not in _KOHYA_PARTS:
             raise LoraToolError(
                 f"{source}: '{key}' is not a plain LoRA key (lora_down / lora_up / alpha / dora_scale). "

@@ -104,6 +104,11 @@ class TrainState:
     step_in_epoch: int = 0  # batches already consumed in `epoch`
     total_steps: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    # The EMA's tensors (core.train.ema) while a checkpoint is written / after one is read; not in the JSON.
+    ema: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def counters(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "ema"}
 
 
 def continue_at_same_example(state: TrainState, batch_size: int) -> None:
@@ -134,7 +139,13 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, *, optimizer: tor
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rng_state(), "extra": extra or {}}, tmp / "training_state.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1, default=str), encoding="utf-8")
+        if state.ema is not None:
+            from safetensors.torch import save_file
+
+            from core.train.ema import EMA_FILE
+
+            save_file(state.ema, str(tmp / EMA_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(state.counters(), indent=1, default=str), encoding="utf-8")
     if keep > 0:
         for _, old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -158,7 +169,13 @@ def load_checkpoint_state(folder: str | Path, *, optimizer: torch.optim.Optimize
         scheduler.load_state_dict(data["scheduler"])
     set_rng_state(data["rng"])
     raw = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    state = TrainState(**{k: v for k, v in raw.items() if k in TrainState.__dataclass_fields__})
+    state = TrainState(**{k: v for k, v in raw.items() if k in TrainState.__dataclass_fields__ and k != "ema"})
+    from core.train.ema import EMA_FILE
+
+    if (folder / EMA_FILE).is_file():
+        from safetensors.torch import load_file
+
+        state.ema = load_file(str(folder / EMA_FILE))
     return state, data.get("extra") or {}
 
 

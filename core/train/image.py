@@ -365,6 +365,13 @@ class ImageRun:
     def finish(self, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
         return image_outputs.finish(self, state, result)
 
+    def write_weights_to(self, folder: Path, state: checkpoints.TrainState) -> None:
+        """The LoRA files as the weights are now (ema_save_raw: the raw ones, beside the EMA files)."""
+        if self.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            image_outputs.write_loras(self, folder, state.global_step, state.epoch + 1)
+        self.accelerator.wait_for_everyone()
+
     vae_config: Any = None
     loss_fn: Any = None  # the family's loss of one Batch
     train_network: Any = None  # the UNet / transformer as accelerate prepared it (DDP-wrapped on several GPUs)

@@ -24,7 +24,7 @@ import torch
 
 from core.config import TrainConfig
 from core.events import RunContext
-from core.train import checkpoints, optim, run_log, runtime
+from core.train import checkpoints, ema as ema_mod, optim, run_log, runtime
 
 
 class TrainTask(Protocol):
@@ -101,9 +101,11 @@ def run_task(task: TrainTask, checkpoint: Path | None, batches_per_epoch: int) -
     total, _ = optim.total_steps_for(cfg, batches_per_epoch)
     scheduler = optim.build_scheduler(optimizer, cfg, total)
     optimizer = task.prepare(optimizer)
+    ema = ema_mod.maybe_ema(cfg, optimizer.param_groups)
     state = checkpoints.TrainState(total_steps=total, config=cfg.to_dict())
     if checkpoint is not None:
         state = task.restore(checkpoint, optimizer, scheduler)
+        _restore_ema(task, ema, state)
         state.total_steps = total
         checkpoints.continue_at_same_example(state, cfg.batch_size)
         if task.main:
@@ -111,11 +113,29 @@ def run_task(task: TrainTask, checkpoint: Path | None, batches_per_epoch: int) -
                     f"lr {scheduler.get_last_lr()[0]:.3g})")
     if task.main:
         ctx.log(task.plan(total))
-    result = _steps(task, state, optimizer, scheduler)
-    return task.finish(state, result)
+    result = _steps(task, state, optimizer, scheduler, ema)
+    if ema is not None and cfg.ema_save_raw and callable(getattr(task, "write_weights_to", None)):
+        with keep_rng():
+            task.write_weights_to(task.out / "raw", state)  # the raw weights, before the EMA ones are put in
+    with ema_mod.applied(ema):
+        return task.finish(state, result)
 
 
-def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> LoopResult:
+def _restore_ema(task: TrainTask, ema: ema_mod.AdapterEMA | None, state: checkpoints.TrainState) -> None:
+    """A checkpoint's files hold the EMA weights: its raw ones and the shadow come from ema.safetensors."""
+    if ema is None:
+        return
+    if state.ema is None:
+        if task.main:
+            task.ctx.log("The checkpoint has no EMA (saved with ema off): the average starts from its weights.")
+        ema.reset()
+    else:
+        ema.restore(state.ema)
+    state.ema = None
+
+
+def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, scheduler: Any,
+           ema: ema_mod.AdapterEMA | None = None) -> LoopResult:
     cfg, ctx = task.cfg, task.ctx
     total = state.total_steps
     accumulation = max(1, cfg.gradient_accumulation_steps)
@@ -137,6 +157,8 @@ def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, sched
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                if ema is not None:
+                    ema.update()
                 state.global_step += 1
                 seconds += time.perf_counter() - started
                 done = state.global_step >= total
@@ -150,9 +172,10 @@ def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, sched
                 # After the step's event: a stop pressed while it was reported ends the run here.
                 stopped = task.any_process(ctx.should_stop())
                 if run_log.checkpoint_due(cfg, state.global_step, done=done, stopped=stopped):
-                    checkpoint = _checkpoint(task, state, optimizer, scheduler)
+                    checkpoint = _checkpoint(task, state, optimizer, scheduler, ema)
                 if run_log.sample_due(cfg, state.global_step, done=done):
-                    _samples(task, state.global_step)
+                    with ema_mod.applied(ema):
+                        _samples(task, state.global_step)
                 if stopped or done:
                     break
             else:
@@ -162,7 +185,7 @@ def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, sched
         if log is not None:
             log.close()
     if stopped or (cfg.save_steps and state.global_step % cfg.save_steps == 0):
-        checkpoint = _checkpoint(task, state, optimizer, scheduler)
+        checkpoint = _checkpoint(task, state, optimizer, scheduler, ema)
     return LoopResult(stopped=stopped, checkpoint=checkpoint, validation_loss=validation, train_seconds=seconds)
 
 
@@ -181,9 +204,18 @@ def _step_scalars(task: TrainTask) -> dict[str, float] | None:
     return scalars() if callable(scalars) else None
 
 
-def _checkpoint(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
+def _checkpoint(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, scheduler: Any,
+                ema: ema_mod.AdapterEMA | None = None) -> Path | None:
     with keep_rng():
-        return task.save_checkpoint(state, optimizer, scheduler)
+        if ema is None:
+            return task.save_checkpoint(state, optimizer, scheduler)
+        # The checkpoint's files hold the EMA weights; the raw ones (to resume from) go in ema.safetensors.
+        state.ema = ema.state()
+        try:
+            with ema.applied():
+                return task.save_checkpoint(state, optimizer, scheduler)
+        finally:
+            state.ema = None
 
 
 def _samples(task: TrainTask, step: int) -> None:

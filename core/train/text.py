@@ -349,6 +349,13 @@ class TextRun:
     def finish(self, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
         return _finish(self, state, result)
 
+    def write_weights_to(self, folder: Path, state: checkpoints.TrainState) -> None:
+        """The adapter as the weights are now (ema_save_raw: the raw one, beside the EMA adapter)."""
+        if self.main:
+            peft_text.save_adapter(self.model, folder / peft_text.ADAPTER_DIR, base_model=self.base_model_display,
+                                   save_precision="fp32", pissa_init=self.pissa_init)
+        self.barrier()
+
     def summary_extra(self) -> dict[str, Any]:
         """What train_summary.json holds beyond the counters every text run has."""
         return {}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from core.config import TrainConfig
+from core.export.lycoris import is_lycoris_state
 from core.lora import (TEXT_ENCODER_MODULES, UNET_ATTENTION_MODULES, doubled_config, make_lora_config, peft_state,
                        pissa_to_lora)
 
@@ -84,6 +85,21 @@ def module_paths(state: dict[str, torch.Tensor]) -> list[str]:
 
 # --- writing results ------------------------------------------------------------------------
 
+def save_lycoris_file(path: Path, family: str, unet: nn.Module, encoders: list[nn.Module],
+                      unet_state: dict[str, torch.Tensor], te_states: list[dict[str, torch.Tensor]],
+                      metadata: dict[str, Any], save_dtype: torch.dtype) -> Path:
+    """A LoKr / LoHa run's file in LyCORIS key names (WebUI/Forge, ComfyUI). No diffusers file: diffusers
+    0.42 loads LoKr only into Z-Image and FLUX.2 pipelines and LoHa nowhere."""
+    from core.export.kohya import save_kohya_lora
+    from core.export.lycoris import peft_to_lycoris, scales_from_model
+
+    scales = {f"unet.{k}": v for k, v in scales_from_model(unet).items()}
+    for te_name, encoder in zip(TE_NAMES, encoders):
+        scales.update({f"{te_name}.{k}": v for k, v in scales_from_model(encoder).items()})
+    tensors = peft_to_lycoris(unet_state, te_states, family, scales=scales)
+    return save_kohya_lora(path, tensors, metadata, dtype=save_dtype)
+
+
 def alphas_for(unet: nn.Module, encoders: list[nn.Module]) -> dict[str, float]:
     from core.export.kohya import kohya_alphas_from_model
 
@@ -106,6 +122,9 @@ def save_lora_outputs(folder: Path, name: str, *, family: str, unet: nn.Module, 
 
     unet_state = peft_state(unet)
     te_states = [peft_state(e) for e in encoders]
+    if is_lycoris_state(unet_state):
+        return {"kohya": str(save_lycoris_file(folder / f"{name}.safetensors", family, unet, encoders, unet_state,
+                                               te_states, metadata, save_dtype))}
     alphas = alphas_for(unet, encoders)
     if pissa_init:
         unet_state = pissa_to_lora(unet_state, pissa_init[0])
