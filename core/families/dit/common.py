@@ -33,7 +33,7 @@ def check_transformer(cfg: TrainConfig, family: str, *, targets: str, ignored_fo
                          "set blocks_to_swap: 0 on this machine.")
     if cfg.lora_variant in ("lokr", "loha"):
         raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for {family} yet (LoKr / LoHa train on "
-                         "Stable Diffusion 1.x / 2.x / SDXL and text models); use lora or rslora.")
+                         "the Stable Diffusion UNets and on text models); use lora or rslora.")
     if cfg.lora_variant in UNSUPPORTED_VARIANTS:
         raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for {family}; use lora or rslora.")
     warnings = []
