@@ -26,7 +26,7 @@ def _peft_state(variant: str, rank: int = 4, seed: int = 0) -> dict[str, torch.T
     from peft.utils import get_peft_model_state_dict
 
     from core.families.flux.lora import add_flux_lora
-    from tests.fixtures.tiny_flux import tiny_chroma_transformer, tiny_flux_transformer
+    from core.families.flux.tiny import tiny_chroma_transformer, tiny_flux_transformer
 
     model = tiny_chroma_transformer() if variant == "chroma" else tiny_flux_transformer(variant == "flux-dev")
     add_flux_lora(model, rank, 2 * rank)

@@ -20,7 +20,7 @@ def _peft_state(rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     from core.families.qwen_image.load import lora_targets
-    from tests.fixtures.tiny_qwen import tiny_qwen_transformer
+    from core.families.qwen_image.tiny import tiny_qwen_transformer
 
     model = tiny_qwen_transformer()
     model.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets(model)))

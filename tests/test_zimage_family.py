@@ -119,7 +119,7 @@ def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, t
     from safetensors import safe_open
 
     from core.families.zimage.lora_files import read_lora
-    from tests.fixtures.tiny_zimage import native_transformer_state
+    from core.families.zimage.tiny import native_transformer_state
 
     out = tmp_path / "out"
     outputs, events = run_collect(_config(tiny_zimage.folder, two_images, out, output_name="zi", lora_alpha=2,

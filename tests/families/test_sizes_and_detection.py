@@ -1,0 +1,50 @@
+"""Every family: the registry's sizes are its real network counted on the meta device; the family is told
+from its diffusers folder, from ComfyUI's single file and from its hub name; GPU-only settings are refused
+on a machine without CUDA in one sentence that says what to change."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.families.table import FAMILIES, TinyFamily
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+def test_the_registry_size_is_the_real_network_built_on_the_meta_device(family: TinyFamily):
+    from core.family_api.registry import family_info
+
+    with torch.device("meta"):
+        network = family.meta_network()
+    assert sum(p.numel() for p in network.parameters()) == family_info(family.name).trained_params
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+def test_the_family_is_told_from_its_folder_its_single_file_and_its_name(family: TinyFamily, built):
+    from core.family_api.lookup import detect_image_family, family_for_model, family_impl
+    from core.model_info import detect_model
+
+    tiny = built(family)
+    assert detect_image_family(str(tiny.folder)) == family.name
+    assert detect_model(str(tiny.folder)).family == family.name
+    assert family_for_model(str(tiny.folder)) is family_impl(family.name)
+    assert detect_model(family.hub_name).family == family.name
+    if tiny.single_file is not None:
+        assert detect_image_family(str(tiny.single_file)) == family.name
+        assert detect_model(str(tiny.single_file)).family == family.name
+        assert family_for_model(str(tiny.single_file)) is family_impl(family.name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.gpu_only], ids=str)
+def test_gpu_only_settings_are_refused_on_the_cpu_in_one_sentence(family: TinyFamily):
+    from core.config import TrainConfig
+    from core.family_api.lookup import family_impl
+
+    impl = family_impl(family.name)
+    for key, value in family.gpu_only.items():
+        with pytest.raises(ValueError) as refused:
+            impl.check(TrainConfig(base_model="x", train_data_dir="y", **{key: value}))
+        message = str(refused.value)
+        # one sentence: it names the GPU it needs and what to set instead
+        assert "CUDA" in message and message.endswith(".") and ". " not in message, message
+        assert any(word in message for word in ("set ", "use ")), message
