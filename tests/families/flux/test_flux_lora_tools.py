@@ -19,7 +19,7 @@ from core.tools.extract import resize_file
 from core.tools.merge import combine_files
 from core.tools.modules import LoraModule
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _peft_state(variant: str, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

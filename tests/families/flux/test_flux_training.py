@@ -1,5 +1,5 @@
 """FLUX.1 and Chroma LoRAs train end to end like SD ones: train.py from a YAML, both files written
-and loadable, stop + resume_from: latest exact, Chroma's own sampling, fp8 storage on the CPU,
+and loadable, Chroma's own sampling, fp8 storage on the CPU,
 and GPU-only settings refused on a machine without CUDA before anything loads."""
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import yaml
 from safetensors import safe_open
 
 from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
-from tests.helpers import read_loss_csv
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -85,25 +84,6 @@ def test_a_tiny_flux_dev_trains_from_a_yaml_with_train_py_and_writes_both_files(
     assert base.size == (32, 32)
     assert np.array_equal(np.asarray(zero), np.asarray(base))
     assert not np.array_equal(np.asarray(full), np.asarray(base))
-
-
-def test_stop_at_step_2_and_resume_from_latest_gives_the_uninterrupted_runs_losses(tiny_flux_dev, two_images,
-                                                                                     tmp_path):
-    common = dict(max_train_steps=4, save_steps=2, lr_scheduler="cosine", lr_warmup_steps=1, caption_dropout=0.3)
-    straight = tmp_path / "straight"
-    run_collect(_config(tiny_flux_dev.folder, two_images, straight, **common))
-
-    stopped = tmp_path / "stopped"
-    outputs, events = run_collect(_config(tiny_flux_dev.folder, two_images, stopped, **common), stop_at=2)
-    assert [e for e in events if e.kind == "done"][0].stopped
-    assert Path(outputs["lora"]).is_file()
-    _, resumed = run_collect(_config(tiny_flux_dev.folder, two_images, stopped, resume_from="latest", **common))
-    assert [e.step for e in resumed if e.kind == "progress"] == [3, 4]
-    a, b = read_loss_csv(straight), read_loss_csv(stopped)
-    assert [r.step for r in b] == [1, 2, 3, 4]
-    for row_a, row_b in zip(a, b):
-        assert row_a.lr == pytest.approx(row_b.lr, rel=1e-6)
-        assert row_a.loss == pytest.approx(row_b.loss, rel=1e-5), f"step {row_a.step}"
 
 
 def test_chroma_trains_with_sigmoid_sampling_and_no_guidance(tiny_chroma, two_images, tmp_path, monkeypatch):
