@@ -136,6 +136,7 @@ def test_every_module_of_the_kohya_file_is_a_key_of_comfyuis_map(trained: Traine
 
 def test_the_lora_tools_round_trip_the_file(trained: Trained, tmp_path):
     from core.export.inspect import inspect_lora
+    from core.family_api.registry import family_info
     from core.tools.convert import convert_lora, read_lora, write_like
     from core.tools.extract import resize_file
     from core.tools.merge import combine_files
@@ -152,6 +153,7 @@ def test_the_lora_tools_round_trip_the_file(trained: Trained, tmp_path):
     written = convert_lora(trained.kohya, tmp_path / "diffusers", "diffusers", family=name)
     back = convert_lora(written, tmp_path / "back.safetensors", "kohya", family=name)
     after = deltas(back)
+    assert read_lora(back, family=name).metadata["ss_base_model_version"] == family_info(name).ss_base_model_version
     assert after.keys() == before.keys()
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=1e-3, atol=1e-5, msg=key)
@@ -160,7 +162,9 @@ def test_the_lora_tools_round_trip_the_file(trained: Trained, tmp_path):
     full, report = resize_file(trained.kohya, tmp_path / "full.safetensors", rank=rank, dtype=None)
     assert report.max_error < 1e-4 and inspect_lora(full).family == name
     small, _ = resize_file(trained.kohya, tmp_path / "r2.safetensors", rank=2, dtype=None)
-    assert {m.rank for m in read_lora(small, family=name).modules.values()} <= {1, 2}
+    resized = read_lora(small, family=name)
+    assert {m.rank for m in resized.modules.values()} <= {1, 2} and inspect_lora(small).family == name
+    assert resized.metadata["ss_resized_from"] == trained.kohya.name
 
     merged, _ = combine_files([trained.kohya, trained.kohya], [1.0, 0.5], family=name)
     for key, module in merged.modules.items():

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.families.comfy_keys import unet_key_map
+
 from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
 
 
@@ -92,17 +94,6 @@ def test_the_loss_is_the_diffusers_scripts_objective(tiny_zimage):
     torch.testing.assert_close(ours.detach(), torch.nn.functional.mse_loss(pred, noise - x0))
 
 
-def _comfy_key_map(native_weights: list[str]) -> dict[str, str]:
-    """ComfyUI's model_lora_keys_unet for a Lumina2 model, generic part (from comfy/lora.py): every weight
-    `diffusion_model.<k>.weight` is reachable as `lora_unet_<k with _>` and as `diffusion_model.<k>`."""
-    key_map = {}
-    for weight in native_weights:
-        k = f"diffusion_model.{weight}"
-        key_map["lora_unet_" + weight[: -len(".weight")].replace(".", "_")] = k
-        key_map[k[: -len(".weight")]] = k
-    return key_map
-
-
 def _dw(peft: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
     out = {}
     for key, a in peft.items():
@@ -140,7 +131,7 @@ def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, t
     # ComfyUI: every module of the file is a key of its map, pointing at a weight of the native model.
     native = list(native_transformer_state(ZImagePipeline.from_pretrained(str(tiny_zimage.folder))
                                            .transformer.state_dict()))
-    comfy = _comfy_key_map([k for k in native if k.endswith(".weight")])
+    comfy = unet_key_map([k for k in native if k.endswith(".weight")])
     modules = {re.sub(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", "", k) for k in keys}
     assert modules <= set(comfy), sorted(modules - set(comfy))[:5]
     assert comfy["lora_unet_layers_0_attention_qkv"] == "diffusion_model.layers.0.attention.qkv.weight"
