@@ -1,6 +1,6 @@
 """Every family: the registry's sizes are its real network counted on the meta device; the family is told
 from its diffusers folder, from ComfyUI's single file and from its hub name; GPU-only settings are refused
-on a machine without CUDA in one sentence that says what to change."""
+on a machine without CUDA in one sentence that says what to change, before a run scans or loads anything."""
 from __future__ import annotations
 
 import pytest
@@ -48,3 +48,25 @@ def test_gpu_only_settings_are_refused_on_the_cpu_in_one_sentence(family: TinyFa
         # one sentence: it names the GPU it needs and what to set instead
         assert "CUDA" in message and message.endswith(".") and ". " not in message, message
         assert any(word in message for word in ("set ", "use ")), message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.gpu_only], ids=str)
+def test_a_run_with_a_gpu_only_setting_stops_before_scanning_or_loading_anything(family: TinyFamily, built,
+                                                                                  tmp_path):
+    from core.events import RunContext
+    from core.families.tiny_parts import make_image_folder
+    from core.presets import resolve_config
+    from core.train import run_training
+    from tests.fixtures.tiny_sd import tiny_run_config
+
+    data = make_image_folder(tmp_path / "data", count=2)
+    for key, value in family.gpu_only.items():
+        events: list = []
+        ctx = RunContext()
+        ctx.listeners.append(events.append)
+        with pytest.raises(ValueError, match="CUDA"):
+            run_training(resolve_config(tiny_run_config(built(family).folder, data, tmp_path / key, **{key: value})),
+                         ctx)
+        logs = [e.message for e in events if e.kind == "log"]
+        assert not any(m.startswith(("Scanning", "Loading model", "Model:")) for m in logs), logs
