@@ -50,7 +50,7 @@ def _sd(variant: str) -> Callable[[Path], Built]:
         from core.families.sd.tiny import build_tiny_sd
 
         tiny = build_tiny_sd(root, variant)
-        return Built(tiny.folder, tiny.single_file, None)
+        return Built(tiny.folder, tiny.single_file, tiny.folder)  # the configs a single file needs offline
     return build
 
 
