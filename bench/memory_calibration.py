@@ -112,7 +112,7 @@ def measure_unet(name: str, config: dict, emb: int) -> None:
             cfg = memory.TrainConfig(resolution=resolution, batch_size=1, mixed_precision="fp16",
                                      gradient_checkpointing=checkpointing)
             family = {"SD 1.5": "sd1", "SD 2.1": "sd2", "SDXL": "sdxl"}[name]
-            parts = memory._image_parts(cfg, ModelInfo(family, params, ""), _gpu())
+            parts = memory._parts(cfg, ModelInfo(family, params, ""), _gpu())
             print(f"  {resolution} px, checkpointing {'on ' if checkpointing else 'off'}: saved "
                   f"{counter.total() / 2**30:.3f} GiB = {counter.total() / side**2 / 1024:.1f} KiB per latent "
                   f"pixel; estimator activations {parts['activations'] / 2**30:.3f} GiB")

@@ -12,9 +12,9 @@ attention, and adds up every tensor autograd saves for the backward pass. That c
 is exact for what autograd keeps and linear in the number of latent pixels (or
 tokens); it is what `torch.cuda.max_memory_allocated` sees, minus allocator slack.
 The numbers below are those measurements; CUDA peaks are not measured yet (no GPU was
-available), see the README. The transformer families have their own parts (the `memory_parts` of
-their registry row, e.g. core.families.flux.memory for FLUX.1 / Chroma); the
-per-family numbers here are UNet calibration data, keyed by family name.
+available), see the README. Each image family has its own parts (the `memory_parts` of its registry
+row: core.families.sd.memory for the UNets, core.families.flux.memory for FLUX.1 / Chroma, ...);
+here are the parts every run shares and the LLM's.
 """
 from __future__ import annotations
 
@@ -28,27 +28,11 @@ from collections.abc import Callable
 from core.config import TrainConfig
 from core import devices
 from core.devices import GIB, DeviceInfo
-from core.family_api.registry import FAMILIES
-from core.model_info import SD_VAE, ModelInfo, detect_model
+from core.family_api.registry import FAMILIES, IMAGE_FAMILIES
+from core.model_info import ModelInfo, detect_model
 
 KIB = 1024
 
-# Bytes autograd saves per latent pixel per image, in a 16-bit dtype (bench/memory_calibration.py):
-# (no checkpointing, with checkpointing, largest checkpointed block recomputed, largest single tensor).
-UNET_ACTIVATION = {
-    "sd1": (190.1 * KIB, 35.6 * KIB, 14.5 * KIB, 5.0 * KIB),
-    "sd2": (179.7 * KIB, 25.2 * KIB, 14.5 * KIB, 5.0 * KIB),  # last two: SD 1.x's (same block layout)
-    "sdxl": (333.0 * KIB, 29.1 * KIB, 7.5 * KIB, 2.5 * KIB),
-}
-# Sum of (in + out) features over the LoRA targets (to_q/k/v/out.0 of the UNet; q/k/v/out_proj of
-# the text encoders): LoRA parameters = rank x this.
-UNET_LORA_FEATURES = {"sd1": 199_296, "sd2": 207_488, "sdxl": 1_451_520}
-# The same for LoCon (conv_rank): sum of (in x k x k + out) over the ResNet and sampler convs
-# (core.families.sd.lora.conv_module_names) of the real UNets, counted on the meta device.
-UNET_CONV_LORA_FEATURES = {"sd1": 578_560, "sd2": 578_560, "sdxl": 378_880}
-TE_LORA_FEATURES = {"sd1": 73_728, "sd2": 196_608, "sdxl": 73_728 + 327_680}
-# Activations of a text encoder being trained, per caption (77 tokens), in a 16-bit dtype.
-TE_ACTIVATION = {"sd1": 0.04 * GIB, "sd2": 0.1 * GIB, "sdxl": 0.2 * GIB}
 # Per LoRA parameter: fp32 weight + fp32 gradient + optimizer state.
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "sgd": 4}
 # Allocator rounding, cuBLAS/cuDNN workspaces and the like, outside the parts above.
@@ -110,45 +94,6 @@ def _count_images(folder: str) -> int:
     return count
 
 
-def _image_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, float]:
-    family = model.family if model.family in UNET_ACTIVATION else "sd1"
-    size = dtype_bytes(cfg, device)
-    scale = size / 2 * model.width / 320  # tiny test UNets are narrower than the real ones
-    pixels = (cfg.resolution // 8) ** 2 * cfg.batch_size
-    kept, kept_gc, block, largest = UNET_ACTIVATION[family]
-    parts: dict[str, float] = {"UNet weights": model.params * size}
-    text_encoders = max(0, model.extra_params - SD_VAE)
-    caching_latents = cfg.cache_latents and cfg.center_crop and not cfg.random_flip
-    if cfg.train_text_encoder or not cfg.cache_text_encoder_outputs:
-        parts["text encoder weights"] = text_encoders * size
-    if not caching_latents:
-        # The VAE runs in fp32 (an fp16 SD VAE can overflow); it encodes before the UNet's pass.
-        parts["VAE weights"] = SD_VAE * 4
-    lora = (UNET_LORA_FEATURES[family] * cfg.lora_rank + UNET_CONV_LORA_FEATURES[family] * cfg.conv_rank) \
-        * model.width / 320
-    if cfg.train_text_encoder:
-        lora += TE_LORA_FEATURES[family] * cfg.lora_rank
-    parts["LoRA + optimizer"] = lora * _lora_state_bytes(cfg, device)
-    if cfg.gradient_checkpointing:
-        # What the checkpoints keep, plus one block recomputed during the backward pass.
-        activations = pixels * (kept_gc + block) * scale
-    else:
-        activations = pixels * kept * scale
-    if cfg.lora_variant == "dora":
-        activations *= 1.15  # DoRA keeps the merged weight norm of every adapted layer
-    if cfg.train_text_encoder:
-        activations += TE_ACTIVATION[family] * cfg.batch_size * size / 2
-    parts["activations"] = activations
-    parts["backward transient"] = 3 * pixels * largest * scale
-    if not caching_latents:
-        vae_encode = 4 * 128 * cfg.resolution**2 * cfg.batch_size * 4
-        parts["backward transient"] = max(parts["backward transient"], vae_encode - activations)
-    if caching_latents and device.kind != "cuda":
-        # Cached latents (VAE mean + logvar, fp32) live in RAM: they count where RAM is the memory.
-        parts["cached latents"] = _count_images(cfg.train_data_dir) * 8 * (cfg.resolution // 8) ** 2 * 4
-    return parts
-
-
 def _text_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, float]:
     size = dtype_bytes(cfg, device)
     h, layers = model.hidden_size or 2048, model.num_layers or 24
@@ -173,11 +118,10 @@ def _text_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[
     return parts
 
 
-def _family_parts(model: ModelInfo) -> Callable[..., dict[str, float]] | None:
-    """The family's own parts function (`memory_parts` of its registry row), None for the UNets / LLMs."""
-    info = FAMILIES.get(model.family)
-    if info is None or not info.memory_parts:
-        return None
+def _family_parts(model: ModelInfo) -> Callable[..., dict[str, float]]:
+    """The image family's own parts function (`memory_parts` of its registry row); an image model of no
+    known family is estimated as the first row's (SD 1.x)."""
+    info = FAMILIES.get(model.family) or FAMILIES[IMAGE_FAMILIES[0]]
     module, function = info.memory_parts.split(":")
     return getattr(importlib.import_module(module), function)
 
@@ -186,13 +130,11 @@ def _parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, 
     """Every part in bytes."""
     if model.family == "llm":
         parts = _text_parts(cfg, model, device)
-    elif _family_parts(model) is not None:
+    else:
         caching = cfg.cache_latents and cfg.center_crop and not cfg.random_flip
         parts = _family_parts(model)(
             cfg, model, device, compute_bytes=dtype_bytes(cfg, device), lora_state_bytes=_lora_state_bytes(cfg, device),
             cached_images=_count_images(cfg.train_data_dir) if caching and device.kind != "cuda" else 0)
-    else:
-        parts = _image_parts(cfg, model, device)
     parts["runtime overhead"] = RUNTIME_OVERHEAD_GB * GIB if device.kind == "cuda" else 0.0
     return parts
 

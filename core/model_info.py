@@ -1,7 +1,7 @@
 """What kind of base model a config points at, and how big it is, without loading it.
 
 `preset: auto` and the memory estimate need the model's family (SD 1.x, SD 2.x, SDXL,
-FLUX.1-dev / -schnell, Chroma, or a causal LM) and its size before anything loads, and they run every time a config is
+a transformer family of the table, or a causal LM) and its size before anything loads, and they run every time a config is
 checked. So this module only reads headers: the JSON header of a .safetensors file,
 the key/value header and tensor table of a GGUF file, a folder's config.json /
 model_index.json. A hub id is never downloaded: its name is the only clue. The facts of
@@ -19,10 +19,6 @@ from typing import Any, BinaryIO
 from core.family_api.registry import (FAMILIES, SD1_UNET, SD2_UNET, SD_VAE, SDXL_UNET, family_info,  # noqa: F401
                                     family_label)
 
-# Real FLUX.1 / Chroma transformers are 3072 wide; tiny test models are narrower (scales activations).
-FLUX_WIDTH = 3072
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """The base model as far as memory is concerned.
@@ -30,7 +26,7 @@ class ModelInfo:
     `params` counts the network that is trained (the UNet, or the LM); the frozen
     helpers (text encoders, VAE) are in `extra_params`. For LLMs the shape fields feed
     the activation estimate; `width` is the UNet's first block width (320 for real SD), or
-    the FLUX transformer's hidden width (3072 for the real ones).
+    a transformer's hidden width (3072 for the real FLUX.1).
     """
 
     family: str
@@ -52,7 +48,7 @@ class ModelInfo:
 
     @property
     def kind(self) -> str:
-        """"unet" | "flux" for image families (the registry's), "llm" or "unknown" otherwise."""
+        """The registry's kind for image families ("unet", "flux", "dit"), "llm" or "unknown" otherwise."""
         info = FAMILIES.get(self.family)
         return info.kind if info else self.family
 
@@ -118,60 +114,27 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
-# Where a FLUX / Chroma transformer's own tensors start in a single file: BFL names, optionally under
-# ComfyUI's prefix; diffusers names in a bare transformer file.
-_FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
-_FLUX_MARKERS = ("double_blocks.", "transformer_blocks.")
-_FLUX_INPUT = ("img_in.weight", "x_embedder.weight")  # the patch embedding: its rows are the width
-
-
-def _flux_prefix(keys: Any) -> str | None:
-    """The prefix of a FLUX-looking transformer's tensors in `keys`, None when there are none."""
-    for prefix in _FLUX_PREFIXES:
-        if any(k.startswith(prefix + "double_blocks.") for k in keys) or (
-                any(k.startswith(prefix + "transformer_blocks.") for k in keys)
-                and any(k.startswith(prefix + "single_transformer_blocks.") for k in keys)):
-            return prefix
-    return None
-
-
-def _flux_from_shapes(shapes: dict[str, list[int]], source: str) -> ModelInfo | None:
-    """FLUX.1-dev / -schnell or Chroma from a single file's tensor names; sizes from its shapes."""
-    prefix = _flux_prefix(shapes.keys())
-    if prefix is None:
-        return None
-    from core.families.flux.load import variant_from_keys  # torch: imported only for FLUX files
-
-    own = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
-    variant = variant_from_keys(own)
-    if variant is None:
-        return None
-    width = next((s[0] for k, s in own.items() if k in _FLUX_INPUT), FLUX_WIDTH)
-    base = family_defaults(variant)
-    rest = sum(_numel(s) for k, s in shapes.items() if not k.startswith(prefix)) if prefix else 0
-    return replace(base, params=sum(_numel(s) for s in own.values()), width=int(width), source=source,
-                   extra_params=rest or base.extra_params)
-
-
+# Where a transformer's own tensors start in a single file: under ComfyUI's prefixes, or bare.
 _DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 
 
 def _dit_from_shapes(shapes: dict[str, list[int]], source: str, path: Path | None) -> ModelInfo | None:
-    """A transformer family of the table (kind "dit") from its `single_file_markers`; the family's
-    own `detect` names the variant. The first marker's first dimension is the hidden width."""
+    """A transformer family of the table from its `single_file_markers` (the first row that matches);
+    the family's own `detect` names the variant. The first marker's first dimension is the hidden width."""
     for info in FAMILIES.values():
-        if info.kind != "dit" or not info.single_file_markers:
+        if not info.is_flow_matching or not info.single_file_markers:
             continue
         prefix = next((p for p in _DIT_PREFIXES if any(p + m in shapes for m in info.single_file_markers)), None)
         if prefix is None:
             continue
-        name = info.name
-        if path is not None:
-            from core.family_api.lookup import family_impl  # torch: imported only for these files
-
-            detect = family_impl(info.name).detect
-            name = (detect(str(path)) if detect else None) or info.name
         own = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+        from core.family_api.lookup import family_impl  # torch: imported only for these files
+
+        family = family_impl(info.name)
+        if family.variant_from_keys is not None:
+            name = family.variant_from_keys(own) or info.name
+        else:
+            name = (family.detect(str(path)) if family.detect and path is not None else None) or info.name
         marker = next((own[m] for m in info.single_file_markers if m in own), None)
         base = family_defaults(name)
         rest = sum(_numel(v) for k, v in shapes.items() if not k.startswith(prefix)) if prefix else 0
@@ -182,9 +145,6 @@ def _dit_from_shapes(shapes: dict[str, list[int]], source: str, path: Path | Non
 
 def _from_tensor_table(shapes: dict[str, list[int]], source: str, path: Path | None = None) -> ModelInfo | None:
     """Family and size from tensor names/shapes (single-file SD / FLUX / DiT checkpoints, LLM files)."""
-    flux = _flux_from_shapes(shapes, source)
-    if flux:
-        return flux
     dit = _dit_from_shapes(shapes, source, path)
     if dit:
         return dit
@@ -327,31 +287,12 @@ def _folder_params(folder: Path) -> int:
     return total
 
 
-def _flux_folder(folder: Path, index: dict[str, Any]) -> ModelInfo | None:
-    """A diffusers FLUX / Chroma folder (model_index.json + transformer/), None for any other."""
-    transformer_cfg = _read_json(folder / "transformer" / "config.json")
-    names = " ".join(str(d.get("_class_name", "")) for d in (index, transformer_cfg))
-    if "Flux" not in names and "Chroma" not in names:
-        return None  # checked first so SD folders never import torch here
-    from core.families.flux.load import variant_from_folder_configs
-
-    variant = variant_from_folder_configs(index, transformer_cfg)
-    if variant is None:
-        return None
-    base = family_defaults(variant)
-    heads, head_dim = transformer_cfg.get("num_attention_heads"), transformer_cfg.get("attention_head_dim")
-    width = int(heads) * int(head_dim) if heads and head_dim else FLUX_WIDTH
-    params = _folder_params(folder / "transformer")
-    extra = sum(_folder_params(folder / part) for part in ("text_encoder", "text_encoder_2", "vae"))
-    return replace(base, params=params or base.params, extra_params=extra or base.extra_params, width=width,
-                   source=f"the diffusers folder {folder.name}")
-
-
 def _dit_folder(folder: Path, index: dict[str, Any]) -> ModelInfo | None:
-    """A diffusers folder of a transformer family of the table (kind "dit"), by its `_class_name`s."""
+    """A diffusers folder of a transformer family of the table, by its `_class_name`s (the first row
+    that names one); the family's own `detect` names the variant."""
     transformer_cfg = _read_json(folder / "transformer" / "config.json")
     names = {str(d.get("_class_name", "")) for d in (index, transformer_cfg)}
-    info = next((i for i in FAMILIES.values() if i.kind == "dit" and names & set(i.diffusers_class_names)), None)
+    info = next((i for i in FAMILIES.values() if i.is_flow_matching and names & set(i.diffusers_class_names)), None)
     if info is None:
         return None
     from core.family_api.lookup import family_impl  # torch: imported only for these folders
@@ -371,9 +312,9 @@ def _dit_folder(folder: Path, index: dict[str, Any]) -> ModelInfo | None:
 
 def _diffusers_folder(folder: Path) -> ModelInfo:
     index = _read_json(folder / "model_index.json")
-    flux = _flux_folder(folder, index) or _dit_folder(folder, index)
-    if flux:
-        return flux
+    dit = _dit_folder(folder, index)
+    if dit:
+        return dit
     unet_cfg = _read_json(folder / "unet" / "config.json")
     if "XL" in str(index.get("_class_name", "")) or unet_cfg.get("addition_embed_type") == "text_time":
         family = "sdxl"

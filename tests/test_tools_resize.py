@@ -80,8 +80,7 @@ def test_an_energy_resized_lora_with_a_rank_per_module_loads_in_diffusers_as_it_
     # each module's alpha (the factors absorb the new rank) instead of scaling alpha with it.
     from diffusers import StableDiffusionPipeline
 
-    from core.families.sd.load import load_sd_model
-    from core.tools.merge import bake_into_modules, sd_components
+    from core.tools.merge import bake_into_modules, open_base_weights
     from tests.test_tools_merge import unet_out
 
     made = make_sd_lora(tiny_sd1.folder, tmp_path / "lora", variant="lora", rank=8, alpha=8, seed=3)
@@ -89,11 +88,11 @@ def test_an_energy_resized_lora_with_a_rank_per_module_loads_in_diffusers_as_it_
     lora.modules, _ = resize_modules(lora.modules, energy=0.8)
     assert len({m.rank for m in lora.modules.values() if not m.is_conv}) > 1
     path = write_kohya(lora, tmp_path / "dynamic.safetensors", dtype=None)
-    baked = load_sd_model(str(tiny_sd1.folder))
-    bake_into_modules(sd_components(baked), read_lora(path), 1.0)
+    baked = open_base_weights(str(tiny_sd1.folder))
+    bake_into_modules(baked.components, read_lora(path), 1.0)
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1.folder), safety_checker=None)
     pipe.load_lora_weights(str(path))
-    torch.testing.assert_close(unet_out(pipe.unet), unet_out(baked.unet), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unet_out(pipe.unet), unet_out(baked.components["unet"]), rtol=1e-4, atol=1e-4)
 
 
 def test_extracting_a_lora_from_a_model_and_its_merged_copy_recovers_the_lora(tiny_sd1, tmp_path):

@@ -2,8 +2,8 @@
 
 Reads only with safetensors (and a PEFT folder's adapter_config.json); pickled files are
 refused. Family names and labels come from the family table (core.family_api.registry);
-FLUX.1 / Chroma files (BFL kohya names, ComfyUI's `diffusion_model.` keys, diffusers'
-`transformer.` keys) are read through core.families.flux_lora_keys. The base of
+a transformer family's own files are recognised by its rows' `lora_key_markers` and read through the
+family's `lora_files` (core.family_api.lookup). The base of
 `tools/export.py inspect` and of the "this LoRA is for another model" check before a LoRA
 is applied.
 """
@@ -25,9 +25,6 @@ FAMILY_NAMES = {**{name: family_label(name) for name in FAMILIES}, "llm": "a lan
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 COMFY_PREFIX = "diffusion_model."
 DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
-# Keys only a FLUX.1 / Chroma LoRA has: BFL block names (kohya, ComfyUI) or diffusers' transformer blocks.
-_FLUX_KEY = re.compile(r"^(lora_unet_(double|single)_blocks_\d|diffusion_model\.(double|single)_blocks\.|"
-                       r"transformer\.single_transformer_blocks\.)")  # SD3 has transformer_blocks only
 ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 # Cross-attention context width of each family's UNet, and hidden width of its (first) text encoder.
 _CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -120,17 +117,23 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
+def _family_from_key_markers(keys: list[str]) -> str | None:
+    """The family whose `lora_key_markers` the keys match most (a variant row lists its family's markers
+    plus its own, so it wins over the family's first row); ties go to the first row of the table."""
+    best, best_score = None, 0
+    for info in FAMILIES.values():
+        score = sum(any(re.search(m, k) for k in keys) for m in info.lora_key_markers)
+        if score > best_score:
+            best, best_score = info.name, score
+    return best
+
+
 def family_from_keys(shapes: dict[str, tuple[int, ...]], fmt: str, adapter_config: dict | None) -> str:
     """sd1 | sd2 | sdxl | llm | unknown from the key names and the widths of the LoRA tensors."""
     keys = list(shapes)
-    for info in FAMILIES.values():  # the families whose LoRA keys are their own (table order)
-        if info.lora_key_markers and any(re.search(m, k) for m in info.lora_key_markers for k in keys):
-            return info.name
-    if any(_FLUX_KEY.match(k) for k in keys):
-        # Chroma has no modulation layers but an approximator; the LoRA keys rarely tell dev from schnell.
-        if any("distilled_guidance_layer" in k for k in keys):
-            return "chroma"
-        return "flux-dev"
+    own = _family_from_key_markers(keys)
+    if own:
+        return own
     if fmt == "peft":
         task = str((adapter_config or {}).get("task_type") or "")
         if task.startswith("CAUSAL_LM") or any(".layers." in k and ("self_attn" in k or "mlp" in k) for k in keys):

@@ -111,6 +111,17 @@ class LoraFileFormat:
 
 
 @dataclass(frozen=True)
+class BaseWeights:
+    """A base model opened for the LoRA tools that read or rewrite its weights (bake a LoRA in, extract
+    a LoRA, DoRA -> LoRA): the modules a LoRA can change, by the component names of its files."""
+
+    family: str                                          # the registry name of the loaded model
+    components: dict[str, nn.Module]                     # "unet", "text_encoder", "text_encoder_2", ...
+    # save dtype (None: as loaded) -> the whole checkpoint in the layout WebUI / ComfyUI load.
+    to_single_file: Callable[[torch.dtype | None], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
 class ImageFamily:
     """What the training path and the previews need from one kind of image model.
 
@@ -156,5 +167,11 @@ class ImageFamily:
     normalize_latents: Callable[[Any, torch.Tensor], torch.Tensor] = normalize_latents
     denormalize_latents: Callable[[Any, torch.Tensor], torch.Tensor] = denormalize_latents
     lora_files: LoraFileFormat | None = None            # None: the tools' SD (kohya UNet) handling
+    # A single file's tensor names (its header alone, the ComfyUI prefix removed) -> the registry family, when
+    # the names tell the family's variants apart; else `detect` reads the file.
+    variant_from_keys: Callable[[Any], str | None] | None = None
     # The fallback family (the first registry row) names any model it serves: (base_model, allow_pickle) -> name.
     identify: Callable[[str, bool], str] | None = None
+    # The LoRA tools' view of a base model: (base_model, *, allow_pickle, model_config) -> BaseWeights;
+    # None: the family's checkpoints are not rewritten by the tools (its LoRAs load beside the model).
+    open_base_weights: Callable[..., BaseWeights] | None = None

@@ -54,8 +54,9 @@ class FamilyInfo:
     # transformer; "flux": FLUX.1 / Chroma's own). Keys of the other groups are reset by presets.
     config_groups: tuple[str, ...] = ()
     resolution_floor: int = 384           # the out-of-memory ladder never goes below this resolution
-    memory_parts: str = ""                # "module:function" of its memory parts (empty: the UNet's)
-    lora_key_markers: tuple[str, ...] = ()  # regexes of LoRA-file keys only this family's files have
+    memory_parts: str = "core.families.sd.memory:unet_parts"  # "module:function" of its memory parts
+    # Regexes of LoRA-file keys only this family's files have; the row matching most of them names a file.
+    lora_key_markers: tuple[str, ...] = ()
     # Trains on (control, target, caption) triples (edit models): the run feeds each image's control
     # latents (Batch.control) and prompt keys (caption, control path) to the family.
     needs_control: bool = False
@@ -73,6 +74,14 @@ FLUX_DEV, FLUX_SCHNELL, CHROMA = 11_901_408_320, 11_891_178_560, 8_899_983_424
 T5_XXL_ENCODER, FLUX_AE = 4_762_310_656, 83_819_683
 # Qwen-Image (and Edit, same transformer): the 60-block MMDiT, Qwen2.5-VL-7B (with its vision tower), the video VAE.
 QWEN_IMAGE, QWEN25_VL_7B, QWEN_IMAGE_VAE = 20_430_401_088, 8_292_166_656, 126_892_531
+# A FLUX.1 / Chroma transformer in a single file: BFL's names (ComfyUI) or diffusers' (a bare transformer file);
+# each one's first dimension is the hidden width. The family's detect names the variant.
+_FLUX_MARKERS = ("double_blocks.0.img_attn.proj.weight", "single_transformer_blocks.0.attn.to_q.weight")
+# Keys only a FLUX.1 / Chroma LoRA has: BFL block names (kohya, ComfyUI) or diffusers' single blocks (SD3 has
+# transformer_blocks only). The LoRA keys rarely tell dev from schnell (flux-dev's row answers); Chroma has no
+# modulation layers but an approximator, which its row adds.
+_FLUX_LORA_KEYS = (r"^(lora_unet_(double|single)_blocks_\d|diffusion_model\.(double|single)_blocks\.|"
+                   r"transformer\.single_transformer_blocks\.)",)
 # Keys only a Qwen-Image LoRA has, in any of the forms ComfyUI loads (`.` or `_` separated).
 _QWEN_LORA_KEYS = (r"transformer_blocks[._]\d+[._](img|txt)_mlp[._]net[._]", r"transformer_blocks[._]\d+[._](img|txt)_mod[._]1")
 # SD3.5 medium / large MMDiT; CLIP-L and CLIP-G with their projections; the 16-channel VAE (FLUX's AE shape).
@@ -98,21 +107,23 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE, sample_size_floor=512,
                has_guidance_embedding=True, default_timestep_sampling="shift", impl="core.families.flux.family",
                width=3072, config_groups=("flow", "flux"), resolution_floor=512,
-               memory_parts="core.families.flux.memory:flux_parts",
-               diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("flux",)),
+               memory_parts="core.families.flux.memory:flux_parts", single_file_markers=_FLUX_MARKERS,
+               diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("flux",),
+               lora_key_markers=_FLUX_LORA_KEYS),
     FamilyInfo("flux-schnell", "FLUX.1-schnell", "flux", 1024, "flux", "flux1", "flux-1-schnell",
                ("lora_te1", "lora_te3"), ("text_encoder", "text_encoder_2"), "FluxPipeline",
                "black-forest-labs/FLUX.1-schnell", FLUX_SCHNELL, CLIP_L + T5_XXL_ENCODER + FLUX_AE,
                sample_size_floor=512, default_timestep_sampling="shift", impl="core.families.flux.family",
                width=3072, config_groups=("flow", "flux"), resolution_floor=512,
-               memory_parts="core.families.flux.memory:flux_parts",
+               memory_parts="core.families.flux.memory:flux_parts", single_file_markers=_FLUX_MARKERS,
                diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("schnell",)),
     FamilyInfo("chroma", "Chroma", "flux", 1024, "flux", "chroma", "chroma", ("lora_te3",),
                ("text_encoder",), "ChromaPipeline", "lodestones/Chroma1-HD", CHROMA, T5_XXL_ENCODER + FLUX_AE,
                sample_size_floor=512, default_timestep_sampling="sigmoid", impl="core.families.flux.family",
                width=3072, config_groups=("flow", "flux"), resolution_floor=512,
-               memory_parts="core.families.flux.memory:flux_parts",
-               diffusers_class_names=("ChromaPipeline", "ChromaTransformer2DModel"), name_words=("chroma",)),
+               memory_parts="core.families.flux.memory:flux_parts", single_file_markers=_FLUX_MARKERS,
+               diffusers_class_names=("ChromaPipeline", "ChromaTransformer2DModel"), name_words=("chroma",),
+               lora_key_markers=(*_FLUX_LORA_KEYS, "distilled_guidance_layer")),
     # FLUX.1 Kontext [dev]: FLUX.1-dev's transformer trained on (control, target, caption) pairs; its
     # LoRA files are FLUX LoRAs (flux1, BFL names), the control image's tokens carry position id 1.
     FamilyInfo("flux-kontext", "FLUX.1 Kontext", "flux", 1024, "flux", "flux1", "flux-1-kontext-dev",
@@ -120,7 +131,8 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                "black-forest-labs/FLUX.1-Kontext-dev", FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE,
                sample_size_floor=512, has_guidance_embedding=True, default_timestep_sampling="shift",
                impl="core.families.flux.family", width=3072, config_groups=("flow", "flux"), resolution_floor=512,
-               memory_parts="core.families.flux.memory:flux_parts", diffusers_class_names=("FluxKontextPipeline",),
+               memory_parts="core.families.flux.memory:flux_parts", single_file_markers=_FLUX_MARKERS,
+               diffusers_class_names=("FluxKontextPipeline",),
                name_words=("kontext",), needs_control=True),
     # musubi-tuner's qwen_image / qwen_image_edit architecture names; ComfyUI's model names are diffusers'.
     FamilyInfo("qwen-image", "Qwen-Image", "dit", 1328, "qwen-image", "qwen_image", "Qwen-Image", (),

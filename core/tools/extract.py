@@ -43,16 +43,15 @@ def extract_sd(base_model: str, tuned_model: str, output: str | Path, *, rank: i
                energy: float | None = None, dtype: torch.dtype | None = torch.float16, model_config: str = "",
                allow_pickle: bool = False) -> tuple[Path, ExtractReport]:
     """A kohya LoRA of `tuned_model - base_model` (both SD of the same family)."""
-    from core.families.sd.load import load_sd_model
+    from core.tools.merge import open_base_weights
 
-    base = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
-    tuned = load_sd_model(tuned_model, allow_pickle=allow_pickle, model_config=model_config)
+    base = open_base_weights(base_model, allow_pickle=allow_pickle, model_config=model_config)
+    tuned = open_base_weights(tuned_model, allow_pickle=allow_pickle, model_config=model_config)
     if base.family != tuned.family:
         raise LoraToolError(f"'{base_model}' is {base.family} but '{tuned_model}' is {tuned.family}: "
                             "a LoRA can only be extracted between two models of one family.")
-    pairs = [("unet", base.unet, tuned.unet)]
-    names = ("text_encoder", "text_encoder_2")
-    pairs += [(names[i], b, t) for i, (b, t) in enumerate(zip(base.text_encoders, tuned.text_encoders))]
+    pairs = [(name, module, tuned.components[name]) for name, module in base.components.items()
+             if name in tuned.components]
     found: dict[str, dict[str, LoraModule]] = {}
     report = ExtractReport()
     for component, before, after in pairs:

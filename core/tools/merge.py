@@ -15,12 +15,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from core.family_api.contract import BaseWeights
 from core.atomic import atomic_dir, save_file_atomic
 from core.tools.convert import LoraFile, check_replaceable_folder, read_lora
 from core.tools.modules import LoraModule, LoraToolError, modules_to_kohya
@@ -186,12 +186,19 @@ def paired_layers(components: dict[str, nn.Module], lora: LoraFile) -> list[tupl
     return pairs
 
 
-def sd_components(model: Any) -> dict[str, nn.Module]:
-    """{"unet", "text_encoder"[, "text_encoder_2"]} of a loaded SD model: what a LoRA can change."""
-    components: dict[str, nn.Module] = {"unet": model.unet}
-    for index, encoder in enumerate(model.text_encoders):
-        components["text_encoder" if index == 0 else "text_encoder_2"] = encoder
-    return components
+def open_base_weights(base_model: str, *, allow_pickle: bool = False, model_config: str = "") -> BaseWeights:
+    """The modules a LoRA can change in `base_model`, through its family; refused for a family whose
+    checkpoints the tools do not rewrite (its LoRAs load beside the model)."""
+    from core.family_api.lookup import family_for_model
+    from core.model_info import detect_model
+
+    family = family_for_model(str(base_model))
+    if family.open_base_weights is None:
+        info = detect_model(str(base_model))
+        raise LoraToolError(f"'{Path(str(base_model)).name}' is {info.label}: LoRAs are baked into and extracted "
+                            "from Stable Diffusion checkpoints only. Load its LoRA beside the model (ComfyUI, Forge, "
+                            "diffusers) instead.")
+    return family.open_base_weights(base_model, allow_pickle=allow_pickle, model_config=model_config)
 
 
 def read_image_lora_for(path: str | Path, family: str, *, allow_pickle: bool = False) -> LoraFile:
@@ -211,28 +218,14 @@ def bake_into_sd(base_model: str, loras: Sequence[tuple[str | Path, float]], out
                  dtype: torch.dtype | None = torch.float16, allow_pickle: bool = False,
                  model_config: str = "") -> tuple[Path, MergeReport]:
     """Bake LoRAs at their weights into an SD base model; save a single-file checkpoint (original layout)."""
-    from core.model_info import detect_model
-    from core.families.sd.load import load_sd_model
-
-    base_info = detect_model(str(base_model))
-    if base_info.kind != "unet":
-        raise LoraToolError(f"'{Path(str(base_model)).name}' is {base_info.label}: LoRAs are baked into Stable "
-                            "Diffusion checkpoints only. Load a FLUX.1 / Chroma LoRA beside its model "
-                            "(ComfyUI, Forge, diffusers) instead.")
-    from core.families.sd.convert import pipeline_to_single_file
-
-    model = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
-    components = sd_components(model)
+    base = open_base_weights(base_model, allow_pickle=allow_pickle, model_config=model_config)
     report = MergeReport()
     sources = []
     for path, weight in loras:
-        lora = read_image_lora_for(path, model.family, allow_pickle=allow_pickle)
-        bake_into_modules(components, lora, weight, report)
+        lora = read_image_lora_for(path, base.family, allow_pickle=allow_pickle)
+        bake_into_modules(base.components, lora, weight, report)
         sources.append({"file": Path(path).name, "weight": weight})
-    state = pipeline_to_single_file(model.family, unet=model.unet, vae=model.vae,
-                                    text_encoders=model.text_encoders, dtype=dtype)
-    if model.prediction_type == "v_prediction":
-        state["v_pred"] = torch.tensor([])  # the marker WebUI / sd-scripts read for v-prediction models
+    state = base.to_single_file(dtype)
     metadata = {"format": "pt", "merged_loras": json.dumps(sources), "base_model": Path(str(base_model)).name}
     return save_file_atomic(state, output, metadata=metadata), report
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from core.tools.convert import write_kohya
-from core.tools.merge import effective_delta, paired_layers, read_image_lora_for, sd_components
+from core.tools.merge import effective_delta, open_base_weights, paired_layers, read_image_lora_for
 from core.tools.modules import LoraModule, LoraToolError, factor_delta
 from core.tools.resize import ModuleResize, ResizeReport
 
@@ -46,14 +46,12 @@ def dora_to_lora(base_model: str, source: str | Path, output: str | Path, *, ran
                  dtype: torch.dtype | None = torch.float16, model_config: str = "",
                  allow_pickle: bool = False) -> tuple[Path, ResizeReport]:
     """Write `source` (a DoRA LoRA for `base_model`) as a plain kohya LoRA file; returns (path, report)."""
-    from core.families.sd.load import load_sd_model
-
-    model = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
-    lora = read_image_lora_for(source, model.family, allow_pickle=allow_pickle)
+    base = open_base_weights(base_model, allow_pickle=allow_pickle, model_config=model_config)
+    lora = read_image_lora_for(source, base.family, allow_pickle=allow_pickle)
     if not lora.has_dora:
         raise LoraToolError(f"'{Path(source).name}' has no DoRA modules (no dora_scale): it already loads the same "
                             "everywhere. Use convert --to kohya to change its format.")
-    lora.modules, report = dora_modules_as_lora(paired_layers(sd_components(model), lora), rank=rank)
+    lora.modules, report = dora_modules_as_lora(paired_layers(base.components, lora), rank=rank)
     extra = {"ss_network_args": "{}", "ss_converted_from": f"{Path(source).name} (DoRA)",
              "ss_base_model_for_conversion": Path(str(base_model)).name}
     return write_kohya(lora, output, dtype=dtype, metadata=extra), report

@@ -10,7 +10,7 @@ offload; the LoRA written in BFL kohya names (WebUI, Forge, ComfyUI) and as diff
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,13 @@ def detect(base_model: str) -> str | None:
     if variant is None and not Path(base_model).exists() and not base_model.lower().endswith(".safetensors"):
         variant = _hub_variant(base_model)
     return variant
+
+
+def variant_from_keys(keys: Iterable[str]) -> str | None:
+    """"flux-dev" / "flux-schnell" / "chroma" from a single file's tensor names (its header alone)."""
+    from core.families.flux.load import variant_from_keys as from_keys
+
+    return from_keys(keys)
 
 
 def _hub_variant(repo: str) -> str | None:
@@ -375,6 +382,7 @@ FLUX = ImageFamily(
     park_text_encoders=park_text_encoders, encode_prompts=encode_prompts, cache_prompts=cache_prompts,
     add_lora=add_lora, low_memory=low_memory, make_loss=make_loss, write_loras=write_loras, previews=previews,
     tryout_pipeline=tryout_pipeline, generate=generate, default_size=default_size,
+    variant_from_keys=variant_from_keys,
 )
 
 FAMILY = FLUX  # what the registry row's `impl` names

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from core.config import TrainConfig
-from core.family_api.contract import Adapted, Batch, ImageFamily, Log, RunFacts
+from core.family_api.contract import Adapted, BaseWeights, Batch, ImageFamily, Log, RunFacts
 from core.family_api.registry import family_info
 from core.families.sd.lora import TE_NAMES
 
@@ -277,6 +277,24 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
     return pipe, model
 
 
+def open_base_weights(base_model: str, *, allow_pickle: bool = False, model_config: str = "") -> BaseWeights:
+    """The UNet and text encoders of an SD checkpoint for the LoRA tools, and its single-file writer."""
+    from core.families.sd.convert import pipeline_to_single_file
+    from core.families.sd.load import load_sd_model
+
+    model = load_sd_model(base_model, allow_pickle=allow_pickle, model_config=model_config)
+
+    def to_single_file(dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        state = pipeline_to_single_file(model.family, unet=model.unet, vae=model.vae,
+                                        text_encoders=model.text_encoders, dtype=dtype)
+        if model.prediction_type == "v_prediction":
+            state["v_pred"] = torch.tensor([])  # the marker WebUI / sd-scripts read for v-prediction models
+        return state
+
+    components = {"unet": model.unet, **dict(zip(TE_NAMES, model.text_encoders))}
+    return BaseWeights(model.family, components, to_single_file)
+
+
 def identify(base_model: str, allow_pickle: bool) -> str:
     """sd1 / sd2 / sdxl of any model this family serves (a pickled checkpoint only when allowed)."""
     from core.families.sd.load import model_family
@@ -290,6 +308,7 @@ SD = ImageFamily(
     encode_prompts=encode_prompts, cache_prompts=cache_prompts, add_lora=add_lora, low_memory=low_memory,
     make_loss=make_loss, write_loras=write_loras, previews=previews, tryout_pipeline=tryout_pipeline,
     generate=generate, default_size=lambda m: family_info(m.family).native_resolution, identify=identify,
+    open_base_weights=open_base_weights,
 )
 
 FAMILY = SD  # what the registry row's `impl` names
