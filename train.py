@@ -35,6 +35,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/).")
     parser.add_argument("--quiet", action="store_true", help="No progress bar, only stage lines.")
+    parser.add_argument("--events_file", default="", help="Append every event as a JSON line here (the app "
+                        "follows a multi-process run it launched through this file).")
+    parser.add_argument("--stop_file", default="", help="Stop cleanly (as Ctrl+C) once this file exists.")
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, Any] = {}
     key = None
@@ -126,6 +129,32 @@ class ConsoleListener:
             self.bar = None
 
 
+class EventFileListener:
+    """Appends each event as one JSON line (flushed at once: the app reads the file while the run goes on)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+
+    def __call__(self, event: Any) -> None:
+        import json
+
+        self.handle.write(json.dumps(event.to_dict(), default=str) + "\n")
+        self.handle.flush()
+
+
+def watch_stop_file(path: Path, flag: threading.Event, every: float = 0.5) -> None:
+    """Set `flag` once `path` exists (the main process's stop reaches the others through the loop)."""
+    def watch() -> None:
+        while not flag.is_set():
+            if path.exists():
+                flag.set()
+                return
+            flag.wait(every)
+
+    threading.Thread(target=watch, name="stop-file", daemon=True).start()
+
+
 def print_settings(cfg: Any) -> None:
     print("Settings:")
     for key in SHOWN_KEYS:
@@ -154,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 
     listener = ConsoleListener(quiet=args.quiet)
     ctx = RunContext(listeners=[listener] if rank0 else [])
+    if rank0 and args.events_file:
+        ctx.listeners.append(EventFileListener(Path(args.events_file)))
+    if rank0 and args.stop_file:
+        watch_stop_file(Path(args.stop_file), ctx.stop_flag)
     presses = {"count": 0}
 
     def on_interrupt(signum: int, frame: Any) -> None:

@@ -19,6 +19,10 @@ What it does, all through the product's own path (`core.train.run_training` on c
    longer fits, with `auto_downshift: true`; the run must downshift and finish. On the
    CPU (where no real out-of-memory is safe to provoke) one step raises torch's own
    OutOfMemoryError instead, through the same hook the tests use.
+4. **Sharded** (with 2 GPUs or more): the FLUX-width model trains on 2 GPUs with
+   `distributed: ddp` and with `distributed: fsdp`, launched as the app launches them
+   (core.launch): the main GPU's peak and seconds per step of each, side by side. Skipped
+   with fewer GPUs (`LORA_CPU_PROCESSES=2 ... --toy` runs it on 2 CPU processes).
 
 Each result is a line; `--json` also writes them to a file. Nothing is timed in tests.
 """
@@ -202,16 +206,43 @@ def out_of_memory(models: dict[str, Path], work: Path, toy: bool, report: list[d
     print(f"oom    recovered={ok}: {downshifts[0] if downshifts else 'no downshift happened'}", flush=True)
 
 
+def sharded(models: dict[str, Path], work: Path, toy: bool, report: list[dict]) -> None:
+    """DDP vs FSDP at 2 processes: the main process's peak (per GPU) and s/step, through core.launch."""
+    from core import launch
+    from core.events import RunContext
+    from core.presets import resolve_config
+
+    found = launch.devices()
+    if len(found) < 2:
+        report.append({"check": "sharded", "skipped": "needs 2 GPUs"})
+        print("sharded skipped: needs 2 GPUs", flush=True)
+        return
+    plan = launch.LaunchPlan(tuple(found[:2]))
+    precision = "no" if plan.on_cpu else precisions()[-1]
+    for mode in ("ddp", "fsdp"):
+        overrides = {"mixed_precision": precision, "max_train_steps": 4, "distributed": mode}
+        if not toy:
+            overrides.update(resolution=256, batch_size=1)
+        cfg = resolve_config(base_config(models["flux"], models["data"], work / f"sharded-{mode}", toy, **overrides))
+        events: list[Any] = []
+        launch.run_launched(cfg, RunContext(listeners=[events.append]), plan)
+        steps = [e for e in events if e.kind == "progress"]
+        peak = steps[-1].vram_gb if steps else None
+        report.append({"check": "sharded", "model": "flux", "distributed": mode, "processes": 2,
+                       "s_per_step": round(seconds_per_step(events), 3), "peak_gb_per_gpu": peak})
+        print(f"sharded flux {mode:4s} x2 {seconds_per_step(events):8.3f} s/step  peak per GPU {peak}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--toy", action="store_true", help="tiny models: any machine, a minute or two")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "presets", "oom"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "presets", "oom", "sharded"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     models = build_models(work, args.toy)
     report: list[dict] = []
-    for name, check in (("speed", speed), ("presets", presets), ("oom", out_of_memory)):
+    for name, check in (("speed", speed), ("presets", presets), ("oom", out_of_memory), ("sharded", sharded)):
         if name not in args.skip:
             check(models, work, args.toy, report)
     if args.json:

@@ -34,6 +34,7 @@ TIMESTEP_SAMPLINGS = ("auto", "shift", "sigmoid", "logit_normal", "uniform")
 LORA_BLOCKS = ("all", "attention", "single_blocks")
 BASE_QUANTIZATIONS = ("none", "nf4")
 TEXT_METHODS = ("sft", "dpo", "orpo")
+DISTRIBUTED_MODES = ("ddp", "fsdp")
 # The title of each field group, in the order the form's Advanced section and the README's
 # key table show them (the form's accordions and tools/config_doc.py both read this one).
 GROUP_TITLES = {
@@ -110,6 +111,9 @@ class TrainConfig:
                               "smaller preset instead of stopping.", "run")
     allow_pickle: bool = _f(False, "Allow reading .ckpt/.bin/.pt files (pickles). Only their tensors are "
                             "read; a file that would run code is still refused.", "run")
+    distributed: str = _f("ddp", "How several GPUs (processes) share the work: ddp (each holds the whole model) "
+                          "or fsdp (the frozen base is split over the GPUs: a model too big for one GPU trains "
+                          "on several). One process: no difference.", "run", choices=DISTRIBUTED_MODES)
 
     # --- optimizer -------------------------------------------------------------------
     optimizer: str = _f("adamw", "Optimizer. adamw8bit saves memory (needs bitsandbytes).", "optim",
@@ -397,9 +401,38 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
         errors["output_dir"] = "required: where to save the LoRA."
     if cfg.name and re.search(r'[<>:"|?*\\/]', cfg.name):
         errors["output_name"] = f"{cfg.name!r} contains characters not allowed in file names."
+    if fsdp_refusal(cfg) and "distributed" not in errors:
+        errors["distributed"] = fsdp_refusal(cfg)
     if check_paths:
         errors.update(_check_paths(cfg, errors))
     return errors
+
+
+def fsdp_refusal(cfg: TrainConfig) -> str | None:
+    """Why `distributed: fsdp` cannot run with these settings (one sentence), or None."""
+    if cfg.distributed != "fsdp":
+        return None
+    if cfg.base_quantization != "none":
+        return ("fsdp shards the bf16/fp16 base over the GPUs and does not combine with "
+                "base_quantization: nf4; use one of them (nf4 with distributed: ddp).")
+    if cfg.is_image and cfg.blocks_to_swap > 0:
+        return ("fsdp and blocks_to_swap both take the base off one GPU; use one of them "
+                "(set blocks_to_swap: 0 to shard).")
+    if cfg.is_image and cfg.fp8_base:
+        return "fsdp does not shard an fp8 base; set fp8_base: false (sharding saves more)."
+    if cfg.is_image and cfg.train_text_encoder:
+        return ("fsdp trains the LoRA of the UNet / transformer only; set train_text_encoder: false "
+                "or use distributed: ddp.")
+    if not cfg.is_image and cfg.save_merged_model:
+        return ("save_merged_model needs the whole base in one process, which a sharded run never holds; "
+                "set it to false and merge the adapter afterwards (Tools tab), or use distributed: ddp.")
+    if not cfg.is_image and cfg.text_method != "sft":
+        return (f"text_method: {cfg.text_method} does not run sharded yet (its validation runs on the main process "
+                "alone); use distributed: ddp, or text_method: sft.")
+    if not cfg.is_image and cfg.lora_variant == "pissa":
+        return ("PiSSA rewrites the base weights, which a sharded run holds in pieces; use lora, dora or "
+                "rslora with distributed: fsdp, or distributed: ddp.")
+    return None
 
 
 def _is_ggml_v3(path: Path) -> bool:

@@ -82,10 +82,19 @@ class Job:
         self.result: Any = None
 
     # -- control -------------------------------------------------------------------------
-    def start(self, config: Any) -> None:
-        """Start training `config` (a TrainConfig) in the background."""
+    def start(self, config: Any, plan: Any = None) -> None:
+        """Start training `config` (a TrainConfig) in the background.
+
+        `plan` (core.launch.LaunchPlan) with several devices (or one other than the first GPU): the
+        run is launched as that many processes through Accelerate and followed from here
+        (core.launch.run_launched)."""
         from core.train import run_training
 
+        if plan is not None and plan.launched:
+            from core.launch import run_launched
+
+            self.run(lambda ctx: run_launched(config, ctx, plan), kind="train", name=getattr(config, "name", ""))
+            return
         self.run(lambda ctx: run_training(config, ctx), kind="train", name=getattr(config, "name", ""))
 
     def run(self, target: Callable[[RunContext], Any], *, kind: str = "task", name: str = "") -> None:

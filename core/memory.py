@@ -39,6 +39,33 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "sgd": 4}
 RUNTIME_OVERHEAD_GB = 0.25
 # Share of the free memory a run may plan to use (fragmentation of the caching allocator).
 USABLE_SHARE = 0.92
+# The trained network's weights, which `distributed: fsdp` splits over the processes (the text
+# encoders and the VAE run before training, whole, as in one process).
+SHARDED_PARTS = ("UNet weights", "transformer weights", "model weights")
+
+
+def launch_processes() -> int:
+    """How many processes this run trains in: WORLD_SIZE inside `accelerate launch` / torchrun, else 1."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def shard_parts(parts: dict[str, float], cfg: TrainConfig, model: ModelInfo, processes: int) -> dict[str, float]:
+    """Per-GPU parts of a sharded run: 1/N of the network's weights, plus the blocks gathered whole
+    while they run (the one computing and the next one arriving); a DDP run keeps them all."""
+    if cfg.distributed != "fsdp" or processes <= 1:
+        return parts
+    for key in SHARDED_PARTS:
+        if key in parts:
+            whole = parts[key]
+            units = max(8, model.num_layers or 16)
+            parts[key] = whole / processes
+            parts["gathered blocks (fsdp)"] = 2 * whole / units
+    return parts
 
 
 @dataclass
@@ -126,8 +153,9 @@ def _family_parts(model: ModelInfo) -> Callable[..., dict[str, float]]:
     return getattr(importlib.import_module(module), function)
 
 
-def _parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, float]:
-    """Every part in bytes."""
+def _parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, processes: int | None = None
+           ) -> dict[str, float]:
+    """Every part in bytes, per process (`processes`: the launch's count, by default this run's)."""
     if model.family == "llm":
         parts = _text_parts(cfg, model, device)
     else:
@@ -136,20 +164,22 @@ def _parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> dict[str, 
             cfg, model, device, compute_bytes=dtype_bytes(cfg, device), lora_state_bytes=_lora_state_bytes(cfg, device),
             cached_images=_count_images(cfg.train_data_dir) if caching and device.kind != "cuda" else 0)
     parts["runtime overhead"] = RUNTIME_OVERHEAD_GB * GIB if device.kind == "cuda" else 0.0
-    return parts
+    return shard_parts(parts, cfg, model, launch_processes() if processes is None else processes)
 
 
 def estimate_memory(cfg: TrainConfig, model: ModelInfo | None = None,
-                    device: DeviceInfo | None = None) -> MemoryEstimate:
+                    device: DeviceInfo | None = None, processes: int | None = None) -> MemoryEstimate:
     """Predicted peak memory of training `cfg` on `device`, by part, with what to change if too big.
 
     Without `model` / `device` they are detected (headers of cfg.base_model; this machine).
+    `processes`: how many GPUs the run is launched on (default: this run's, 1 outside a launch);
+    with `distributed: fsdp` the network's weights are counted per GPU.
     """
     if model is None:
         model = detect_model(cfg.base_model, cfg.task_type, cfg.gguf_file)
     if device is None:
         device = devices.detect_device()
-    gb = {name: value / GIB for name, value in _parts(cfg, model, device).items()}
+    gb = {name: value / GIB for name, value in _parts(cfg, model, device, processes).items()}
     total = sum(gb.values())
     budget = usable_gb(device)
     estimate = MemoryEstimate(total_gb=total, parts=gb, fits=total <= budget, budget_gb=budget)

@@ -26,9 +26,9 @@ from typing import Any
 import yaml
 
 from core import devices
-from core.config import FIELDS, ConfigError, TrainConfig, coerce, config_from_dict
+from core.config import FIELDS, ConfigError, TrainConfig, coerce, config_from_dict, fsdp_refusal
 from core.devices import DeviceInfo
-from core.memory import MemoryEstimate, estimate_memory, fitting_changes, format_changes
+from core.memory import MemoryEstimate, estimate_memory, fitting_changes, format_changes, launch_processes
 from core.family_api.registry import FAMILIES, config_groups_of
 from core.model_info import ModelInfo, detect_model
 
@@ -207,11 +207,20 @@ def _choose_generic(raw: dict[str, Any], device: DeviceInfo, model: ModelInfo, a
     return PresetChoice(device.kind, values, reason, device, model, estimate)
 
 
+# What a sharded tier turns off: the savings that keep a base on one GPU (fsdp refuses them).
+ONE_GPU_SAVINGS = {"fp8_base": False, "base_quantization": "none", "blocks_to_swap": 0}
+
+
 def choose_preset(raw: dict[str, Any], device: DeviceInfo | None = None,
-                  model: ModelInfo | None = None) -> PresetChoice:
-    """The richest preset for this device and base model; user values in `raw` stay on top."""
+                  model: ModelInfo | None = None, processes: int | None = None) -> PresetChoice:
+    """The richest preset for this device and base model; user values in `raw` stay on top.
+
+    On several GPUs (`processes`, default: this run's launch) a tier that does not fit one GPU
+    is tried sharded (distributed: fsdp) before a smaller tier, unless the user chose ddp.
+    """
     device = device or detect_device()
     model = model or _model_for(raw)
+    processes = launch_processes() if processes is None else processes
     user = _user_values(raw)
     about = f"{model.label}, read from {model.source}" if model.source else model.label
     if device.kind in ("cpu", "mps"):
@@ -224,7 +233,15 @@ def choose_preset(raw: dict[str, Any], device: DeviceInfo | None = None,
         if tier.memory_gb > 0 and device.total_gb < tier.memory_gb * TIER_SHARE:
             continue  # meant for a bigger GPU
         values, notes = adapt_to_device(load_preset(tier.name), device)
-        estimate = estimate_memory(loose_config({**values, **user}), model, device)
+        estimate = estimate_memory(loose_config({**values, **user}), model, device, processes)
+        if not estimate.fits and processes > 1 and "distributed" not in user:
+            # Sharding replaces the one-GPU savings it cannot combine with (fp8 / 4-bit base, block swap).
+            shard_values = {**values, **{k: v for k, v in ONE_GPU_SAVINGS.items() if k in values}, "distributed": "fsdp"}
+            as_sharded = loose_config({**shard_values, **user})
+            sharded = estimate_memory(as_sharded, model, device, processes)
+            if sharded.fits and not fsdp_refusal(as_sharded):
+                values, estimate = shard_values, sharded
+                notes.append(f"the base sharded over {processes} GPUs (distributed: fsdp): one GPU cannot hold it")
         if estimate.fits:
             reason = f"Preset {tier.name}: {about} on {device.label}; predicted peak {estimate.summary()}."
             if skipped:
@@ -354,6 +371,10 @@ def next_smaller_preset(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo
     if device.kind in ("cpu", "mps"):
         return None
     before = estimate_memory(cfg, model, device).total_gb
+    if cfg.distributed == "ddp" and launch_processes() > 1 and not fsdp_refusal(replace_config(cfg, "fsdp")):
+        # More GPUs share the base before anything is made smaller (a checkpoint resumes across the two).
+        if estimate_memory(replace_config(cfg, "fsdp"), model, device).total_gb < before:
+            return "sharded", {"distributed": "fsdp"}
     tier = current_tier(cfg, model)
     for info in reversed(family_presets(preset_family(model))):
         if info.memory_gb >= tier:
@@ -380,6 +401,10 @@ def next_smaller_preset(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo
             changes["preset"] = info.name
             return info.name, changes
     return None
+
+
+def replace_config(cfg: TrainConfig, distributed: str) -> TrainConfig:
+    return dataclasses.replace(cfg, distributed=distributed)
 
 
 def _saves_memory(key: str, new: Any, old: Any) -> bool:

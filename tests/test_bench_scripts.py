@@ -5,20 +5,31 @@ import pytest
 pytestmark = pytest.mark.slow  # a dozen short training runs
 
 
-def test_gpu_check_runs_every_check_on_the_cpu_at_toy_sizes(tmp_path):
+def test_gpu_check_runs_every_check_on_the_cpu_at_toy_sizes(tmp_path, monkeypatch):
     import json
 
     from bench import gpu_check
 
+    monkeypatch.delenv("LORA_CPU_PROCESSES", raising=False)
     report = gpu_check.main(["--toy", "--json", str(tmp_path / "report.json")])
     checks = {r["check"] for r in report}
-    assert checks == {"speed", "preset", "out_of_memory"}
+    assert checks == {"speed", "preset", "out_of_memory", "sharded"}
+    assert next(r for r in report if r["check"] == "sharded")["skipped"] == "needs 2 GPUs"
     presets = [r for r in report if r["check"] == "preset"]
     assert {r["preset"] for r in presets} == set(gpu_check.SD_PRESETS + gpu_check.FLUX_PRESETS)
     assert all(r["estimate_gb"] > 0 for r in presets)
     oom = next(r for r in report if r["check"] == "out_of_memory")
     assert oom["recovered"] and "Out of memory at step 2" in oom["downshifts"][0]
     assert json.loads((tmp_path / "report.json").read_text()) == report
+
+
+def test_gpu_check_compares_ddp_and_fsdp_on_two_processes(monkeypatch):
+    from bench import gpu_check
+
+    monkeypatch.setenv("LORA_CPU_PROCESSES", "2")  # two CPU processes over gloo stand in for two GPUs
+    report = gpu_check.main(["--toy", "--skip", "speed", "presets", "oom"])
+    assert [(r["distributed"], r["processes"]) for r in report] == [("ddp", 2), ("fsdp", 2)]
+    assert all(r["s_per_step"] > 0 for r in report)
 
 
 def test_the_flux_benchmark_runs_both_sides_at_toy_sizes():

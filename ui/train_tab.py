@@ -24,7 +24,7 @@ from core import presets
 from core.config import (RETIRED_KEYS, ConfigError, TrainConfig, config_from_dict, config_to_yaml, read_yaml,
                          save_config)
 from core.job import JobBusyError
-from ui import catalog, form, lists, state
+from ui import catalog, form, lists, state, train_gpus
 from ui.memory_line import memory_line
 from ui.plots import loss_figure
 from ui.queue_view import HEADERS as QUEUE_HEADERS
@@ -159,7 +159,11 @@ def start_run(job: Any, cfg: TrainConfig) -> None:
     """Start `cfg` on `job`: its output folder becomes servable and the Test tab's models leave the device."""
     state.allow_folder(cfg.output_dir)
     free_tryout_models()
-    job.start(cfg)
+    cfg, plan = train_gpus.plan_for(cfg)  # several GPUs picked: launched through Accelerate
+    if plan is not None and plan.launched:
+        job.start(cfg, plan)
+    else:
+        job.start(cfg)
 
 
 def on_start(train_form: TrainForm, *args: Any, resume: bool = False, queue: bool = False) -> list[Any]:
@@ -357,6 +361,7 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
             with gr.Row():
                 resume_btn = gr.Button("Resume latest", size="md", elem_id="train-resume")
                 queue_btn = gr.Button("Add to queue", size="md", elem_id="train-queue-add")
+            train_gpus.create_gpu_picker()
             message = gr.Markdown("", elem_id="train-message")
             memory_md = gr.Markdown("", elem_id="train-memory")
             progress = gr.HTML(progress_html(state.JOB.snapshot(), "train"), elem_id="train-progress")

@@ -1,6 +1,9 @@
-"""What every task needs to train in several processes (Accelerate DDP): the Accelerator,
-gradient sync only on a step's last micro-batch, a flag or a sum over every process, and
-every process's RNG in a checkpoint so a resume continues exactly.
+"""What every task needs to train in several processes (Accelerate DDP or FSDP2): the
+Accelerator, gradient sync only on a step's last micro-batch, a flag or a sum over every
+process, and every process's RNG in a checkpoint so a resume continues exactly.
+
+With `distributed: fsdp` the frozen base is sharded over the processes (FSDP2 through
+Accelerate's FSDP plugin); the sharded-run helpers are in core.train.sharding.
 
 In one process each helper is the plain single-process behaviour (no communication).
 """
@@ -15,12 +18,14 @@ import torch
 from core.train import checkpoints
 
 
-def make_accelerator(mixed_precision: str = "no") -> Any:
+def make_accelerator(mixed_precision: str = "no", shard: bool = False) -> Any:
     """The run's Accelerator; a CPU-only multi-process launch joins one gloo group.
 
     Launched as several processes on a machine without CUDA, accelerate only joins them into
     one group when told it is on the CPU; otherwise each would train alone into the same
     output folder. Gradient accumulation is the loop's (groups of micro-batches), not accelerate's.
+    `shard` (distributed: fsdp) in several processes: FSDP2 through Accelerate's FSDP plugin;
+    in one process there is nothing to shard over and the run is the plain one.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -33,7 +38,12 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
         # mixed precision; the app trains run after run in one process (an image run in bf16, then a
         # text run), so a single-process run starts from fresh settings (the device state stays).
         AcceleratorState._reset_state()  # noqa: SLF001
-    return Accelerator(mixed_precision=mixed_precision, cpu=several and not torch.cuda.is_available())
+    cpu = several and not torch.cuda.is_available()
+    if not (shard and several):
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    from core.train import sharding
+
+    return sharding.make_sharded_accelerator(mixed_precision, cpu=cpu)
 
 
 def shard(accelerator: Any, batches: list[Any]) -> list[Any]:

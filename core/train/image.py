@@ -25,7 +25,7 @@ from core.devices import free_memory, torch_dtype
 from core.family_api.contract import Adapted, Batch, ImageFamily
 from core.family_api.registry import family_info
 from core.sample import move
-from core.train import checkpoints, distributed, image_outputs, optim
+from core.train import checkpoints, distributed, image_outputs, optim, sharding
 from core.train.latent_cache import sample_latents
 from core.train.latent_cache import CachedImage, cache_dir_for, encode_images
 from core.train.loop import LoopResult, run_task
@@ -223,9 +223,12 @@ class ImageRun:
     def add_lora(self, init_file: Path | None) -> None:
         cfg, family = self.cfg, self.family
         self.adapted = adapted = family.add_lora(self.model, cfg, init_file, self.log)
+        # A sharded run leaves the network in CPU memory: FSDP moves each process's share of it to its GPU
+        # (the whole model never has to fit one).
+        where = "cpu" if sharding.is_sharded(self.accelerator) else self.device
         for module in adapted.modules:
             if not any(module is p for p in adapted.placed):
-                move(module, self.device, self.weight_dtype)
+                move(module, where, self.weight_dtype)
         from diffusers.training_utils import cast_training_params
 
         # Frozen weights stay in the weight dtype; the trainable LoRA weights are fp32.
@@ -292,6 +295,11 @@ class ImageRun:
 
     def prepare(self, optimizer: Any) -> Any:
         modules, placed = self.adapted.modules, self.adapted.placed
+        if sharding.is_sharded(self.accelerator):  # distributed: fsdp (the network alone: config refuses more)
+            self.train_network, optimizer = sharding.prepare(self.accelerator, modules[0], optimizer)
+            self.train_encoders = []
+            self.params = [p for group in optimizer.param_groups for p in group["params"]]
+            return optimizer
         if placed:  # NF4 / block offload: accelerate must not move them to the device as a whole
             flags = [not any(m is p for p in placed) for m in modules] + [True]
             models = self.accelerator.prepare(*modules, optimizer, device_placement=flags)
@@ -304,7 +312,9 @@ class ImageRun:
     def plan(self, total: int) -> str:
         cfg, world = self.cfg, self.accelerator.num_processes
         return (f"Training {total} steps: {len(self.items)} images x {cfg.repeats} repeats, batch {cfg.batch_size}"
-                f"{f' x {world} processes' if world > 1 else ''}, accumulation {cfg.gradient_accumulation_steps}")
+                f"{f' x {world} processes' if world > 1 else ''}"
+                f"{' (base sharded: fsdp)' if sharding.is_sharded(self.accelerator) else ''}, "
+                f"accumulation {cfg.gradient_accumulation_steps}")
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         # Filled up to a multiple of the processes, so no rank waits at a gradient sync the others skip.
@@ -366,7 +376,7 @@ class ImageRun:
 def train_image(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train an image LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
     precision = _precision(cfg, ctx)
-    accelerator = distributed.make_accelerator(precision)
+    accelerator = distributed.make_accelerator(precision, shard=cfg.distributed == "fsdp")
     run = ImageRun(cfg=cfg, ctx=ctx, accelerator=accelerator, out=Path(cfg.output_dir))
     run.weight_dtype = torch_dtype(precision)
     try:

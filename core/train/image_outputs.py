@@ -1,9 +1,13 @@
 """What an image run writes and reads back: checkpoints (and resume from them), previews,
 and the final LoRA files in the diffusers and kohya/WebUI formats. The run itself is
 `core.train.image.ImageRun`; the loop that calls these is `core.train.loop`.
+
+In a sharded run (distributed: fsdp) the LoRA is gathered whole in every process before the
+main one writes it, and every process runs the previews' forward passes (core.train.sharding).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +19,7 @@ from core.devices import free_memory, torch_dtype
 from core.events import CheckpointEvent, DoneEvent, SampleEvent
 from core.family_api.contract import Adapted, RunFacts
 from core.sample import move
-from core.train import checkpoints, distributed
+from core.train import checkpoints, distributed, sharding
 from core.lora import load_peft_state, peft_state
 from core.train.loop import LoopResult, keep_rng
 
@@ -80,8 +84,17 @@ def restore_weights(run: ImageRun, folder: Path) -> None:
         load_peft_state(module, load_file(str(path)), name)
 
 
-def make_samples(run: ImageRun, step: int) -> list[str]:
-    """Previews with the network being trained; the VAE (and parked encoders) visit the device only meanwhile."""
+def _whole_lora(run: ImageRun) -> Any:
+    """In a sharded run: the LoRA gathered whole in every process (a collective); else nothing to do."""
+    if sharding.is_sharded(run.accelerator):
+        return sharding.whole_lora(run.train_network)
+    return contextlib.nullcontext()
+
+
+def make_samples(run: ImageRun, step: int, save: bool = True) -> list[str]:
+    """Previews with the network being trained; the VAE (and parked encoders) visit the device only meanwhile.
+
+    `save`: write the images (a sharded run's other processes only take part in the forward passes)."""
     from core.sample import save_image
 
     network = run.accelerator.unwrap_model(run.train_network)
@@ -90,7 +103,8 @@ def make_samples(run: ImageRun, step: int) -> list[str]:
     network.eval()
     try:
         images = run.family.previews(run.model, network, run.cfg, run.device, run.weight_dtype, run.text_cache)
-        paths = [str(save_image(img, run.out / "samples" / f"step-{step:06d}-{i}.png")) for i, img in enumerate(images)]
+        paths = [str(save_image(img, run.out / "samples" / f"step-{step:06d}-{i}.png"))
+                 for i, img in enumerate(images)] if save else []
     finally:
         network.train(was_training)
         if run.latents is not None:
@@ -103,18 +117,31 @@ def checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any, sch
     """Every process's RNG goes in; the main process writes the folder and sends its event."""
     folder = None
     ranks = distributed.gather_rng(run.accelerator)
-    if run.main:
-        folder = save_checkpoint(run, state, optimizer, scheduler, ranks)
-        run.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
+    if sharding.is_sharded(run.accelerator):
+        optimizer = sharding.FullOptimizerState.gather(run.train_network, optimizer)
+    with _whole_lora(run):
+        if run.main:
+            folder = save_checkpoint(run, state, optimizer, scheduler, ranks)
+            run.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
     run.accelerator.wait_for_everyone()
     return folder
 
 
 def restore(run: ImageRun, folder: Path, optimizer: Any, scheduler: Any) -> checkpoints.TrainState:
-    """The LoRA weights, optimizer, scheduler and this process's RNG from a checkpoint."""
-    restore_weights(run, folder)
+    """The LoRA weights, optimizer, scheduler and this process's RNG from a checkpoint.
+
+    A sharded run reads the whole LoRA in every process and keeps its own shard; its optimizer
+    state is whole and name-keyed, so it loads on another process count (the epoch position is
+    carried over in global batches)."""
+    acc = run.accelerator
+    sharded = sharding.is_sharded(acc)
+    with sharding.loading_into_shards(run.train_network) if sharded else contextlib.nullcontext():
+        restore_weights(run, folder)
+    optimizer = sharding.FullOptimizerState(acc.unwrap_model(run.train_network), optimizer, sharded=sharded)
     state, extra = checkpoints.load_checkpoint_state(folder, optimizer=optimizer, scheduler=scheduler)
-    distributed.restore_rng(run.accelerator, extra.get("rng_by_rank"))
+    distributed.restore_rng(acc, extra.get("rng_by_rank"))
+    state.step_in_epoch = sharding.continue_on_processes(state.step_in_epoch, sharding.processes_in(extra),
+                                                         acc.num_processes)
     return state
 
 
@@ -122,6 +149,8 @@ def samples(run: ImageRun, step: int) -> None:
     if run.main:
         run.log(f"Making {len(run.cfg.sample_prompts)} preview(s) at step {step}")
         run.ctx.emit(SampleEvent(step=step, images=make_samples(run, step)))
+    elif sharding.is_sharded(run.accelerator):
+        make_samples(run, step, save=False)  # the sharded network runs only with every process
     run.accelerator.wait_for_everyone()
 
 
@@ -130,8 +159,9 @@ def finish(run: ImageRun, state: checkpoints.TrainState, result: LoopResult) -> 
     cfg = run.cfg
     stopped, checkpoint = result.stopped, result.checkpoint
     outputs: dict[str, str] = {}
+    with _whole_lora(run):
+        paths = write_loras(run, run.out, state.global_step, state.epoch + (0 if stopped else 1)) if run.main else {}
     if run.main:
-        paths = write_loras(run, run.out, state.global_step, state.epoch + (0 if stopped else 1))
         outputs = {"output_dir": str(run.out), "lora": paths["kohya"], "diffusers": paths.get("diffusers", ""),
                    "config": str(run.out / "config.yaml"), "loss_csv": str(run.out / "loss.csv")}
         if checkpoint is not None:

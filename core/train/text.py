@@ -18,6 +18,7 @@ adapter and ends with DoneEvent(stopped=True).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
 from core.export import peft_text
 from core.models.llm import load_llm, weight_dtype
 from core.models.llm_quant import prepare_nf4_model
-from core.train import checkpoints, distributed, optim, runtime
+from core.train import checkpoints, distributed, optim, runtime, sharding
 from core.train.loop import LoopResult, keep_rng, run_task
 from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
 from core.train.text_step import AnswerModel, batch_loss_sum, validation_loss
@@ -181,7 +182,10 @@ class TextRun:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.model.train()
         self.trained = AnswerModel(self.model, self.device, self.precision)
-        if self.accelerator is not None:
+        if sharding.is_sharded(self.accelerator):  # distributed: fsdp: the base split over the processes
+            self.trained, optimizer = sharding.prepare(self.accelerator, self.trained, optimizer)
+            self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        elif self.accelerator is not None:
             # Every process loads the same frozen base from the same file: DDP needs to broadcast
             # and sync only the LoRA weights (not gigabytes of base, nor 4-bit ones it cannot copy).
             frozen = [name for name, p in self.trained.named_parameters() if not p.requires_grad]
@@ -235,10 +239,22 @@ class TextRun:
                 (loss / divisor).backward()
             loss_total += float(loss.detach())
             tokens += batch.tokens
-        if self.cfg.max_grad_norm > 0:
+        if self.cfg.max_grad_norm > 0 and self.sharded:
+            self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)  # the norm over every shard
+        elif self.cfg.max_grad_norm > 0:
             # After the sync every process holds the same gradients, so each clips the same way.
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         return self.step_loss(loss_total, tokens, divisor)[0]
+
+    @property
+    def sharded(self) -> bool:
+        return sharding.is_sharded(self.accelerator)
+
+    def whole_lora(self) -> Any:
+        """In a sharded run the adapter gathered whole in every process (a collective); else nothing to do."""
+        if self.sharded:
+            return sharding.whole_lora(self.trained)
+        return contextlib.nullcontext()
 
     def any_process(self, flag: bool) -> bool:
         return flag if self.accelerator is None else distributed.any_process(self.accelerator, flag)
@@ -250,6 +266,16 @@ class TextRun:
     def save_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:
         """The main process writes the folder, with every process's RNG state (each draws its own dropout)."""
         ranks = None if self.accelerator is None else distributed.gather_rng(self.accelerator)
+        folder = None
+        if self.sharded:
+            optimizer = sharding.FullOptimizerState.gather(self.trained, optimizer)
+        with self.whole_lora():
+            folder = self._write_checkpoint(state, optimizer, scheduler, ranks)
+        self.barrier()
+        return folder
+
+    def _write_checkpoint(self, state: checkpoints.TrainState, optimizer: Any, scheduler: Any,
+                          ranks: list[dict] | None) -> Path | None:
         folder = None
         if self.main:
             def write_weights(folder: Path) -> None:
@@ -264,32 +290,44 @@ class TextRun:
                                                  write_weights=write_weights, keep=self.cfg.keep_checkpoints,
                                                  extra=extra)
             self.ctx.emit(CheckpointEvent(step=state.global_step, path=str(folder)))
-        self.barrier()
         return folder
 
     def restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> checkpoints.TrainState:
-        load_adapter_weights(self.model, checkpoint / peft_text.ADAPTER_DIR)
+        with sharding.loading_into_shards(self.model) if self.sharded else contextlib.nullcontext():
+            load_adapter_weights(self.model, checkpoint / peft_text.ADAPTER_DIR)
+        if self.accelerator is not None:  # a sharded run's whole, name-keyed state loads on any process count
+            optimizer = sharding.FullOptimizerState(self.accelerator.unwrap_model(self.trained), optimizer,
+                                                    sharded=self.sharded)
         state, extra = checkpoints.load_checkpoint_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
         if self.accelerator is not None:
             distributed.restore_rng(self.accelerator, extra.get("rng_by_rank"))
+            state.step_in_epoch = sharding.continue_on_processes(state.step_in_epoch, sharding.processes_in(extra),
+                                                                 self.world)
         self.tokens_trained = int(extra.get("tokens_trained", 0))
         return state
 
     def make_samples(self, step: int) -> None:
-        """Previews on the main process only (the others wait: nothing of theirs changes meanwhile)."""
+        """Previews on the main process only (the others wait: nothing of theirs changes meanwhile; in a
+        sharded run they take part in every forward pass)."""
         if self.main:
             self.answer_samples(step)
+        elif self.sharded:
+            self.answers()
         self.barrier()
 
-    def answer_samples(self, step: int) -> None:
+    def answers(self) -> list[dict]:
+        """The LoRA's (and once the base model's) answers to the sample prompts."""
         from core.sample_text import compare_with_model
 
-        prompts = list(self.cfg.sample_prompts)
-        self.ctx.log(f"Answering {len(prompts)} sample prompt(s) at step {step}")
-        results = compare_with_model(self.model, self.tokenizer, prompts, self.cfg.sample_max_new_tokens,
-                                     base_answers=self.base_answers)
+        results = compare_with_model(self.model, self.tokenizer, list(self.cfg.sample_prompts),
+                                     self.cfg.sample_max_new_tokens, base_answers=self.base_answers)
         # The base model does not change: its answers are computed once.
         self.base_answers = [r["base"] for r in results]
+        return results
+
+    def answer_samples(self, step: int) -> None:
+        self.ctx.log(f"Answering {len(self.cfg.sample_prompts)} sample prompt(s) at step {step}")
+        results = self.answers()
         path = self.out / "samples" / f"step-{step:06d}.json"
         atomic_write_text(path, json.dumps(results, indent=1, ensure_ascii=False))
         lines = [f"## {r['prompt']}\nLoRA: {r['lora']}\nBase: {r['base']}\n" for r in results]
@@ -300,9 +338,10 @@ class TextRun:
         """The held-out loss, computed on the main process alone (the others return None at once).
 
         Every process holds the same weights, so the main one's number is the run's; no
-        collective is needed and it equals what one process would compute.
+        collective is needed and it equals what one process would compute. In a sharded run
+        every process runs the forward passes (each holds only part of the base).
         """
-        if not self.data.validation or not self.main:
+        if not self.data.validation or not (self.main or self.sharded):
             return None
         return validation_loss(self.causal_lm, self.validation_batches(), self.device, self.precision)
 
@@ -355,7 +394,8 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accele
     if accelerator.process_index > 0:
         # ...then each other process its own dropout; the main one (and a one-process run) as ever.
         torch.manual_seed(cfg.seed + accelerator.process_index)
-    if not quantized:  # a 4-bit base is already on its GPU (device_map at load)
+    if not quantized and not sharding.is_sharded(accelerator):  # a 4-bit base is already on its GPU
+        # (device_map at load); a sharded one stays in CPU memory until FSDP moves each process's share
         peft_model = peft_model.to(device)
     out = Path(cfg.output_dir)
     pissa_init = None
@@ -374,7 +414,7 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accele
 def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     """Train a text LoRA as `cfg` says; returns the output paths (also sent in DoneEvent)."""
     # Mixed precision stays the text step's own autocast (core.train.text_step), as in one process.
-    accelerator = distributed.make_accelerator("no")
+    accelerator = distributed.make_accelerator("no", shard=cfg.distributed == "fsdp")
     main = accelerator.is_main_process
     if main:
         checkpoints.prepare_output_dir(cfg)
@@ -395,13 +435,21 @@ def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
 def _finish(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
     """The main process writes the adapter, previews, summary and merged model; the others wait."""
     outputs: dict[str, str] = {}
-    if run.main:
+    if run.sharded:
+        # Every process takes part in the last previews' forward passes and in gathering the adapter.
+        if run.cfg.sample_prompts and not result.stopped:
+            with keep_rng():
+                run.make_samples(state.global_step)
+        with run.whole_lora():
+            outputs = _write_outputs(run, state, result, samples=False) if run.main else {}
+    elif run.main:
         outputs = _write_outputs(run, state, result)
     run.barrier()
     return outputs
 
 
-def _write_outputs(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
+def _write_outputs(run: TextRun, state: checkpoints.TrainState, result: LoopResult, samples: bool = True
+                   ) -> dict[str, str]:
     cfg = run.cfg
     adapter = peft_text.save_adapter(run.model, run.out / peft_text.ADAPTER_DIR, base_model=run.base_model_display,
                                      save_precision="fp32", pissa_init=run.pissa_init)
@@ -410,7 +458,7 @@ def _write_outputs(run: TextRun, state: checkpoints.TrainState, result: LoopResu
     stopped, checkpoint, val_loss = result.stopped, result.checkpoint, result.validation_loss
     if checkpoint is not None:
         outputs["checkpoint"] = str(checkpoint)
-    if cfg.sample_prompts and not stopped:
+    if cfg.sample_prompts and not stopped and samples:
         with keep_rng():
             run.answer_samples(state.global_step)
     rate = run.tokens_trained / result.train_seconds if result.train_seconds else 0.0

@@ -1,4 +1,4 @@
-"""What the flow-matching transformer families (FLUX.1 / Chroma, SD3, Z-Image, Qwen-Image) check and
+"""What the flow-matching transformer families check and
 set up the same way: the settings they refuse or ignore, the dtype and NF4 config they load with, the
 LoraConfig of a LoRA file a run continues from, and the one text encoder file a single file needs.
 """
@@ -24,7 +24,7 @@ def check_transformer(cfg: TrainConfig, family: str, *, targets: str, ignored_fo
     `ignored_for` ends the sentence on ignored keys, `encoders` is the note when the config asks not to
     cache the text encoders' outputs (these families always do).
     """
-    from core.families.flux.lora import nf4_config
+    from core.families.dit.low_memory import nf4_config
 
     if cfg.base_quantization == "nf4":
         nf4_config()  # says in one sentence what is missing (CUDA, bitsandbytes)
@@ -48,7 +48,7 @@ def load_dtype_and_quantization(cfg: TrainConfig) -> tuple[torch.dtype, Any]:
     """(dtype, NF4 config or None) to load the transformer with: fp32 unless `base_quantization: nf4`,
     which loads in the compute dtype (bf16 when mixed precision is off)."""
     from core.devices import torch_dtype
-    from core.families.flux.lora import nf4_config
+    from core.families.dit.low_memory import nf4_config
 
     if cfg.base_quantization != "nf4":
         return torch.float32, None

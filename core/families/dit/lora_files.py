@@ -1,4 +1,4 @@
-"""The pieces every transformer family's LoRA files share (FLUX.1 / Chroma, SD3, Z-Image, Qwen-Image).
+"""The pieces every transformer family's LoRA files share.
 
 Each family module keeps what is its own (native module names, fused modules, its metadata
 strings); the grouping of a PEFT state by module, the alpha lookup and diffusers'
@@ -7,8 +7,10 @@ in `lora_adapter_metadata`) are the same for all of them and live here.
 """
 from __future__ import annotations
 
+import json
+import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +88,46 @@ def write_diffusers_lora(pipeline_class: Any, modules: Mapping[str, Mapping[str,
                                          transformer_lora_adapter_metadata=config_dict(lora_config),
                                          safe_serialization=True)
     return target
+
+
+def file_rank_and_alpha(modules: Mapping[str, Mapping[str, Tensor]], alpha: float | Mapping[str, float],
+                        use_rslora: bool = False) -> tuple[int, float]:
+    """The most common rank and alpha of the modules, what a kohya file's ss_network_dim / _alpha say
+    (rsLoRA's alpha / sqrt(r) written as alpha' / r)."""
+    rank = int(most_common([parts["A"].shape[0] for parts in modules.values()]))
+    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
+              for p, parts in modules.items()]
+    return rank, most_common(alphas)
+
+
+def save_with_identity(path: str | Path, tensors: dict[str, Tensor], base: Mapping[str, str],
+                       metadata: Mapping[str, Any] | None, identity_keys: tuple[str, ...],
+                       dtype: torch.dtype | None) -> Path:
+    """The kohya file, atomically with sshs hashes: the caller's metadata over the family's `base` keys, except
+    the `identity_keys` (family, network, rank / alpha), which always come from `base`."""
+    from core.export.kohya import save_kohya_lora
+
+    # A `lora_adapter_metadata` header would make diffusers treat the file as its own format.
+    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
+    return save_kohya_lora(path, tensors, {**base, **caller, **{k: base[k] for k in identity_keys}}, dtype=dtype)
+
+
+def read_diffusers_modules(tensors: Mapping[str, Tensor], metadata: Mapping[str, str],
+                           group: Callable[[Mapping[str, Tensor]], dict[str, dict[str, Tensor]]]
+                           ) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """(PEFT state, {module: alpha}) of diffusers' file: alphas from its `lora_adapter_metadata` LoraConfig,
+    alpha = rank without one (as diffusers assumes)."""
+    from core.export.inspect import _config_alpha
+
+    config: dict[str, Any] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
+                  if k.startswith("transformer.")}
+    peft: dict[str, Tensor] = {}
+    alphas: dict[str, float] = {}
+    for module_path, parts in group(tensors).items():
+        peft[f"{module_path}.lora_A.weight"] = parts["A"]
+        peft[f"{module_path}.lora_B.weight"] = parts["B"]
+        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
+    return peft, alphas

@@ -1,12 +1,14 @@
-"""The LoRA tools' file layout (`core.families.base.LoraFileFormat`) of a transformer family whose
-WebUI / ComfyUI file is kohya-named native modules (SD3, Z-Image): built from the family's own
-readers and writers, so each family states only what is its own.
+"""The LoRA tools' file layout (`core.family_api.contract.LoraFileFormat`) of a transformer family whose
+WebUI / ComfyUI file is kohya-named native modules: built from the family's own readers and writers,
+so each family states only what is its own.
 
 The tools hold a LoRA as kohya-named modules; a fused module (qkv) stays one module, so a resize
 finds the best rank of the fused delta, and the files are written with the modules as they are.
 """
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,37 @@ import torch
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError, save_kohya_lora
-from core.families.flux.tools_files import _lora_config, _rank_and_alpha
 from core.tools.modules import LoraToolError, modules_to_kohya
 
 UNET_PREFIX = "lora_unet_"
 Peft = tuple[dict[str, Tensor], dict[str, float]]
+
+
+def rank_and_alpha(peft: dict[str, Tensor], alphas: dict[str, float]) -> tuple[int, float]:
+    """The most common rank and alpha of the unfused modules (what ss_network_dim / _alpha say)."""
+    ranks = Counter(int(v.shape[0]) for k, v in peft.items() if k.endswith(".lora_A.weight"))
+    return ranks.most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+
+
+def lora_config_of(peft: dict[str, Tensor], alphas: dict[str, float]) -> dict[str, Any]:
+    """The LoraConfig dict diffusers reads from `lora_adapter_metadata` (patterns where modules differ)."""
+    rank, alpha = rank_and_alpha(peft, alphas)
+    ranks = {k[: -len(".lora_A.weight")]: int(v.shape[0]) for k, v in peft.items() if k.endswith(".lora_A.weight")}
+    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(ranks),
+            "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != rank},
+            "alpha_pattern": {re.escape(p): alphas[p] for p in ranks if alphas[p] != alpha}}
+
+
+def tool_metadata(base: Mapping[str, str], metadata: Mapping[str, str], identity_keys: tuple[str, ...]
+                  ) -> dict[str, str]:
+    """A rewritten file's metadata: the file's own descriptive keys (merged from, title) kept, the
+    identity keys from `base`; a resize to an energy ratio keeps kohya's "Dynamic" rank and alpha."""
+    kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
+    merged = {**base, **kept, **{k: base[k] for k in identity_keys}}
+    for key in ("ss_network_dim", "ss_network_alpha"):
+        if kept.get(key) == "Dynamic":
+            merged[key] = "Dynamic"
+    return merged
 
 
 def modules_to_peft(modules: Mapping[str, Any], family: str,
@@ -58,18 +86,13 @@ def kohya_tools_format(*, family: str, read_lora: Callable[[Path], tuple[dict, d
                     dtype: torch.dtype | None) -> Path:
         """The WebUI / ComfyUI file of the modules as they are (a resized fused qkv keeps its one rank)."""
         peft, alphas = modules_to_peft(modules, family, kohya_to_peft)
-        rank, alpha = _rank_and_alpha(peft, alphas)
-        base = identity(variant, metadata, rank, alpha)
-        kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
-        merged = {**base, **kept, **{k: base[k] for k in identity_keys}}
-        for key in ("ss_network_dim", "ss_network_alpha"):
-            if kept.get(key) == "Dynamic":
-                merged[key] = "Dynamic"
+        rank, alpha = rank_and_alpha(peft, alphas)
+        merged = tool_metadata(identity(variant, metadata, rank, alpha), metadata, identity_keys)
         return save_kohya_lora(path, modules_to_kohya(modules), merged, dtype=dtype)
 
     def write_diffusers(modules: dict[str, Any], folder: str | Path, *, dtype: torch.dtype | None) -> Path:
         peft, alphas = modules_to_peft(modules, family, kohya_to_peft)
-        return write_diffusers_file(peft, folder, lora_config=_lora_config(peft, alphas), dtype=dtype)
+        return write_diffusers_file(peft, folder, lora_config=lora_config_of(peft, alphas), dtype=dtype)
 
     def to_peft(path: Path) -> Peft:
         peft, alphas, _ = read_lora(path)

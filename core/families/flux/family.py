@@ -20,13 +20,10 @@ from torch import nn
 
 from core.hub import offline
 from core.config import TrainConfig
-from core.family_api.contract import Adapted, Batch, ImageFamily, Log, RunFacts
+from core.family_api.contract import Batch
 from core.family_api.registry import family_info
-from core.families.dit.common import check_transformer, config_from_lora_file, load_dtype_and_quantization
-
-
-def vae_scale_factor(model: Any) -> int:
-    return 2 ** (len(model.vae.config.block_out_channels) - 1)
+from core.families.dit.default import (TransformerSpec, flow_scheduler, latent_call, place_for_tryout, preview_size,
+                                       sample_settings, transformer_family)
 
 
 def timestep_sampling(cfg: TrainConfig, variant: str) -> str:
@@ -79,20 +76,11 @@ def _hub_variant(repo: str) -> str | None:
     return variant_from_folder_configs(index, transformer)
 
 
-def check(cfg: TrainConfig) -> list[str]:
-    """Refuse GPU-only switches on a machine without CUDA and unsupported LoRA kinds; warn on ignored keys."""
-    return check_transformer(
-        cfg, "FLUX / Chroma", targets="FLUX uses lora_blocks", ignored_for="only apply to SD models; ignored for "
-        "FLUX / Chroma.", encoders="FLUX / Chroma always cache the text encoders' outputs (T5-XXL is too large to "
-        "keep).")
-
-
-def load(cfg: TrainConfig) -> Any:
+def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Any:
     from core.families.flux.load import load_flux_model
 
-    dtype, quant = load_dtype_and_quantization(cfg)
     model = load_flux_model(cfg.base_model, config_source=cfg.base_model_config, clip_l=cfg.clip_l, t5=cfg.t5,
-                            vae=cfg.vae, dtype=dtype, quantization_config=quant)
+                            vae=cfg.vae, dtype=dtype, quantization_config=quantization_config)
     if cfg.vae and not model.is_single_file:
         # A diffusers folder brings its own AE; `vae:` replaces it (the single-file loader took it already).
         from core.families.flux.single_file import load_vae_file
@@ -103,15 +91,6 @@ def load(cfg: TrainConfig) -> Any:
     return model
 
 
-def describe(model: Any) -> list[str]:
-    layout = "single file" if model.is_single_file else "diffusers"
-    return [f"Model: {family_info(model.variant).label} ({layout}), flow matching", *model.notes]
-
-
-def _encoders(model: Any) -> list[Any]:
-    return [e for e in (model.text_encoder, model.text_encoder_2) if e is not None]
-
-
 # --- prompts ---------------------------------------------------------------------------------------
 
 def _caption(key: Any) -> str:
@@ -119,96 +98,47 @@ def _caption(key: Any) -> str:
     return key[0] if isinstance(key, tuple) else key
 
 
-def encode_prompts(model: Any, captions: list[Any], device: torch.device) -> Any:
+def encode_entries(model: Any, captions: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
     from core.families.flux.text import MAX_SEQUENCE_LENGTH, encode_prompts as encode
 
-    captions = [_caption(c) for c in captions]
     return encode(model.text_encoder, model.tokenizer, model.text_encoder_2, model.tokenizer_2, captions,
-                  max_sequence_length=MAX_SEQUENCE_LENGTH[model.variant], chroma=model.variant == "chroma")
+                  max_sequence_length=MAX_SEQUENCE_LENGTH[model.variant], chroma=model.variant == "chroma").entries()
 
 
-def cache_prompts(model: Any, captions: list[str], cfg: TrainConfig, device: torch.device,
-                  log: Log) -> Callable[[list[str]], Any]:
-    """Captions, sample prompts and the negative prompt encoded once (on disk beside the data)."""
-    from core.families.flux.text import MAX_SEQUENCE_LENGTH, cache_prompt_embeds, encoder_identity, stack_embeds
-    from core.train.latent_cache import cache_root_for
+def prompt_identity(model: Any) -> str:
+    """Both encoders' fingerprints, the T5 length, the variant."""
+    from core.families.dit.prompt_cache import encoder_identity
+    from core.families.flux.text import MAX_SEQUENCE_LENGTH
 
-    prompts = list(dict.fromkeys(_caption(c) for c in captions)) + list(cfg.sample_prompts) + (
-        [cfg.sample_negative_prompt or ""] if cfg.sample_prompts else [])
-    folder = cache_root_for(cfg.train_data_dir, cfg.output_dir, "text") if cfg.cache_latents_to_disk else None
-    identity = encoder_identity(model.text_encoder, model.text_encoder_2,
-                                max_sequence_length=MAX_SEQUENCE_LENGTH[model.variant], variant=model.variant)
-    entries, hits = cache_prompt_embeds(prompts, lambda chunk: encode_prompts(model, chunk, device), folder,
-                                        identity)
-    if hits:
-        log(f"{hits} prompt encoding(s) reused from the disk cache {folder}")
-
-    def lookup(batch: list[Any]) -> Any:
-        return stack_embeds([entries[_caption(c)] for c in batch])
-
-    return lookup
-
-
-def park_text_encoders(model: Any, keep_for_previews: bool) -> None:
-    """Free CLIP-L and T5 for good: the previews use the cached sample-prompt encodings."""
-    from core.families.flux.text import free_text_encoders
-
-    free_text_encoders(model)
+    return encoder_identity(model.text_encoder, model.text_encoder_2,
+                            settings=f"{model.variant}|{MAX_SEQUENCE_LENGTH[model.variant]}")
 
 
 # --- LoRA ------------------------------------------------------------------------------------------
 
-def add_lora(model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> Adapted:
-    """LoRA on the transformer blocks of `lora_blocks`, or on the modules of `init_file`."""
-    from core.families.flux.lora_files import check_modules_match_variant, read_flux_lora
-    from core.families.flux.lora import add_flux_lora
-    from core.lora import load_peft_state
+def lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
+    """The transformer blocks' Linears of the `lora_blocks` preset."""
+    from core.families.flux.lora import flux_lora_targets
 
-    transformer = model.transformer
-    if init_file is not None:
-        try:
-            peft, alphas, _ = read_flux_lora(init_file, ignore_text_encoders=True)
-        except Exception as exc:
-            raise ValueError(f"'{init_file}' is not a readable FLUX / Chroma LoRA file: {exc}") from exc
-        check_modules_match_variant(sorted({k.rsplit(".lora_", 1)[0] for k in peft}), model.variant)
-        config = config_from_lora_file(peft, alphas)
-        transformer.requires_grad_(False)
-        transformer.add_adapter(config)
-        load_peft_state(transformer, peft, "transformer")
-        log(f"Continuing from the LoRA {init_file.name} (rank {config.r}, alpha {config.lora_alpha:g})")
-    else:
-        add_flux_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_blocks,
-                      lora_dropout=cfg.lora_dropout, use_rslora=cfg.lora_variant == "rslora")
-    config = transformer.peft_config["default"]
+    return flux_lora_targets(transformer, cfg.lora_blocks)
+
+
+def read_lora(path: Path) -> Any:
+    from core.families.flux.lora_files import read_flux_lora
+
+    return read_flux_lora(path, ignore_text_encoders=True)
+
+
+def check_continued(model: Any, paths: list[str]) -> None:
+    from core.families.flux.lora_files import check_modules_match_variant
+
+    check_modules_match_variant(paths, model.variant)
+
+
+def training_note(model: Any, cfg: TrainConfig) -> str:
     guidance = train_guidance(cfg, model.variant)
-    log(f"LoRA rank {config.r} on {len(config.target_modules)} transformer layers; flow matching with "
-        f"{timestep_sampling(cfg, model.variant)} timestep sampling, "
-        f"{'guidance ' + format(guidance, 'g') if guidance is not None else 'no guidance input'}")
-    # bitsandbytes put an NF4 transformer on the GPU already; block offload keeps it in CPU memory.
-    placed = [transformer] if cfg.base_quantization == "nf4" or cfg.blocks_to_swap > 0 else []
-    return Adapted([transformer], ["transformer"], [config], placed=placed)
-
-
-def low_memory(model: Any, adapted: Adapted, cfg: TrainConfig, dtype: torch.dtype, log: Log) -> None:
-    """Gradient checkpointing, fp8 storage of the frozen weights (after the LoRA), block offload."""
-    from core.families.flux.lora import apply_group_offload, enable_fp8_storage, enable_gradient_checkpointing
-
-    transformer = adapted.modules[0]
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer)
-    if cfg.fp8_base:
-        # The modulation Linears too (about 3.2B of FLUX.1's 11.9B), as kohya's fp8_base does and
-        # as the memory estimate counts; diffusers' default skip pattern would keep them in bf16.
-        cast = enable_fp8_storage(transformer, dtype, cast_modulation=True)
-        log(f"fp8 storage: {cast} frozen layers stored in float8_e4m3fn, the LoRA in fp32.")
-    if cfg.blocks_to_swap > 0:
-        if not cfg.fp8_base:
-            # The run left it in CPU memory (not moved, not cast): the frozen weights take the compute dtype here.
-            for name, param in transformer.named_parameters():
-                if "lora_" not in name:
-                    param.data = param.data.to(dtype)
-        _, message = apply_group_offload(transformer)
-        log(message)
+    return (f"{timestep_sampling(cfg, model.variant)} timestep sampling, "
+            f"{'guidance ' + format(guidance, 'g') if guidance is not None else 'no guidance input'}")
 
 
 def make_loss(model: Any, cfg: TrainConfig, dtype: torch.dtype) -> Callable[[nn.Module, Batch], torch.Tensor]:
@@ -225,42 +155,26 @@ def make_loss(model: Any, cfg: TrainConfig, dtype: torch.dtype) -> Callable[[nn.
     return loss
 
 
-def write_loras(folder: Path, cfg: TrainConfig, model: Any, adapted: Adapted, facts: RunFacts,
-                save_dtype: torch.dtype) -> dict[str, str]:
-    """<name>.safetensors in BFL kohya names (flux1 / chroma metadata) and the diffusers file."""
-    from core.export.metadata import kohya_metadata
-    from core.families.flux.lora_files import write_flux_diffusers_file, write_flux_kohya_file
-    from core.lora import peft_state
+def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> Path:
+    """BFL kohya names, flux1 / chroma metadata."""
+    from core.families.flux.lora_files import write_flux_kohya_file
 
-    config = adapted.configs[0]
-    state = peft_state(adapted.modules[0])
-    alpha: float | dict[str, float] = float(config.lora_alpha)
-    if config.alpha_pattern:
-        import re
+    return write_flux_kohya_file(state, path, variant=model.variant, **kwargs)
 
-        paths = {k.rsplit(".lora_", 1)[0] for k in state}
-        alpha = {p: float(next((v for pat, v in config.alpha_pattern.items() if re.search(pat, p)),
-                               config.lora_alpha)) for p in paths}
-    # The run's ss_* keys; the family, network and rank/alpha keys come from the FLUX writer.
-    meta = kohya_metadata(cfg, family=model.variant, base_model_name=facts.base_model_name,
-                          num_images=facts.num_images, tag_frequency=facts.tag_frequency,
-                          bucket_info=facts.bucket_info, steps=facts.steps, epochs=facts.epochs,
-                          started_at=facts.started_at, dataset_dir=cfg.train_data_dir, session_id=facts.session_id)
-    meta.pop("modelspec.prediction_type", None)  # sd-scripts leaves it out for FLUX
-    kohya = write_flux_kohya_file(state, folder / f"{cfg.name}.safetensors", variant=model.variant, alpha=alpha,
-                                  metadata=meta, use_rslora=bool(config.use_rslora), dtype=save_dtype)
-    diffusers = write_flux_diffusers_file(state, folder, lora_config=config, dtype=save_dtype)
-    return {"kohya": str(kohya), "diffusers": str(diffusers)}
+
+def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any) -> Path:
+    from core.families.flux.lora_files import write_flux_diffusers_file
+
+    return write_flux_diffusers_file(state, folder, **kwargs)
 
 
 # --- previews and the Test tab ----------------------------------------------------------------------
 
 def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     """FluxPipeline / ChromaPipeline over the model's modules (text encoders may be freed: None)."""
-    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+    from diffusers import ChromaPipeline, FluxKontextPipeline, FluxPipeline
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+    scheduler = flow_scheduler(model)
     transformer = model.transformer if transformer is None else transformer
     if model.variant == "chroma":
         pipe = ChromaPipeline(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder_2,
@@ -276,7 +190,7 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
 
 
 def _decode(pipe: Any, packed: torch.Tensor, width: int, height: int) -> list[Image.Image]:
-    from core.families.flux.loss import unpack_latents
+    from core.families.dit.flow import unpack_latents
     from core.sample import decode_fp32
 
     # The pipeline rounds the size down to whole 2x2 latent patches (FluxPipeline._unpack_latents).
@@ -304,9 +218,7 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     device = pipe.vae.device
     images = []
     for prompt in prompts:
-        kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, width=width,
-                                      height=height, output_type="latent", return_dict=False,
-                                      generator=torch.Generator(device="cpu").manual_seed(seed))
+        kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
         if embeds is None:
             kwargs["prompt"] = prompt
             if chroma:
@@ -329,15 +241,6 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     return images
 
 
-def preview_size(model: Any, resolution: int) -> tuple[int, int]:
-    """The training resolution, not below the family's floor in latent terms (512 px for FLUX's 8x AE)."""
-    scale = vae_scale_factor(model)
-    floor = family_info(model.variant).sample_size_floor * scale // 8
-    step = scale * 2  # 2x2 latent patches
-    side = max(step, max(resolution, floor) // step * step)
-    return side, side
-
-
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              cached: Any) -> list[Image.Image]:
     """Previews with the transformer being trained, from the cached prompt encodings (none for Kontext:
@@ -346,26 +249,17 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
         return []
     pipe = build_pipeline(model, transformer)
     width, height = preview_size(model, cfg.resolution)
-    return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                    guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
-                    height=height, embeds=cached, dtype=dtype)
+    return generate(pipe, cfg.sample_prompts, **sample_settings(cfg), width=width, height=height, embeds=cached,
+                    dtype=dtype)
 
 
 def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
                     device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     """(FluxPipeline or ChromaPipeline, FluxModel) of `base_model` on `device`, for the Test tab."""
     from core.families.flux.load import load_flux_model
-    from core.sample import move
 
-    model = load_flux_model(base_model, config_source=model_config, vae=vae)
-    for module in (model.transformer, *_encoders(model)):
-        move(module, device, dtype)
-    move(model.vae, device, torch.float32)
+    model = place_for_tryout(load_flux_model(base_model, config_source=model_config, vae=vae), device, dtype)
     return build_pipeline(model), model
-
-
-def default_size(model: Any) -> int:
-    return family_info(model.variant).native_resolution * vae_scale_factor(model) // 8
 
 
 def _lora_files() -> Any:
@@ -376,13 +270,24 @@ def _lora_files() -> Any:
                           write_diffusers=flux_files.write_flux_diffusers, to_peft=flux_files.read_flux_peft)
 
 
-FLUX = ImageFamily(
-    detect=detect, lora_files=_lora_files(), prompt_cache_optional=False, check=check, load=load, describe=describe,
-    name_of=lambda m: m.variant, network=lambda m: m.transformer, text_encoders=_encoders,
-    park_text_encoders=park_text_encoders, encode_prompts=encode_prompts, cache_prompts=cache_prompts,
-    add_lora=add_lora, low_memory=low_memory, make_loss=make_loss, write_loras=write_loras, previews=previews,
-    tryout_pipeline=tryout_pipeline, generate=generate, default_size=default_size,
-    variant_from_keys=variant_from_keys,
-)
+def _stack(entries: list[dict[str, torch.Tensor]]) -> Any:
+    from core.families.flux.text import stack_embeds
+
+    return stack_embeds(entries)
+
+
+SPEC = TransformerSpec(
+    label="FLUX / Chroma", trains="FLUX uses lora_blocks",
+    encoders_note="FLUX / Chroma always cache the text encoders' outputs (T5-XXL is too large to keep).",
+    load=load, lora_targets=lora_targets, make_loss=make_loss,
+    read_lora=read_lora, write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries,
+    stack=_stack, prompt_identity=prompt_identity, training_note=training_note, lora_init="gaussian",
+    # The modulation Linears too (about 3.2B of FLUX.1's 11.9B), as kohya's fp8_base does and as the
+    # memory estimate counts; diffusers' default skip pattern would keep them in bf16.
+    fp8_cast_modulation=True, check_continued=check_continued, prompt_key=_caption)
+
+FLUX = transformer_family(
+    SPEC, detect=detect, lora_files=_lora_files(), previews=previews, tryout_pipeline=tryout_pipeline,
+    generate=generate, variant_from_keys=variant_from_keys)
 
 FAMILY = FLUX  # what the registry row's `impl` names

@@ -2,12 +2,10 @@
 
 Two layouts: a diffusers folder or hub id (FluxPipeline / ChromaPipeline components),
 loaded here, or ComfyUI's single files (`flux_single_file`). `load_flux_model` takes
-either. Detection reads only safetensors headers and config JSON. fp8 files
-(`float8_e4m3fn`, also ComfyUI's "scaled fp8") are upcast to the compute dtype.
+either. Detection reads only safetensors headers and config JSON (core.families.dit.weights).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from core.hub import offline
+from core.families.dit.weights import read_json, safetensors_keys
 from core.families.flux.convert import strip_prefix
 from core.family_api.contract import ModelLoadError
 
@@ -24,7 +23,6 @@ VARIANTS = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
 HUB_CONFIGS = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell",
                "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",
                "chroma": "lodestones/Chroma1-HD"}
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
@@ -71,18 +69,6 @@ def variant_from_keys(keys: Iterable[str]) -> str | None:
     return "flux-schnell"
 
 
-def safetensors_keys(path: str | Path) -> list[str]:
-    """Tensor names of a .safetensors file (the header only: no tensor is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as handle:
-            return list(handle.keys())
-    except Exception as exc:
-        raise ModelLoadError(f"'{Path(path).name}' is not a readable .safetensors file: {exc}",
-                             "The file is damaged or incomplete: download it again.") from exc
-
-
 def variant_from_folder_configs(index: dict[str, Any] | None, transformer_config: dict[str, Any]) -> str | None:
     """The variant from a diffusers folder's model_index.json and transformer/config.json."""
     names = " ".join(str(d.get("_class_name", "")) for d in (index or {}, transformer_config))
@@ -95,13 +81,6 @@ def variant_from_folder_configs(index: dict[str, Any] | None, transformer_config
     return "flux-dev" if transformer_config.get("guidance_embeds") else "flux-schnell"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def detect_variant(source: str | Path) -> str | None:
     """The FLUX variant of a single file or diffusers folder (None when it is not a FLUX model)."""
     path = Path(source)
@@ -112,46 +91,10 @@ def detect_variant(source: str | Path) -> str | None:
         # Kontext has FLUX.1-dev's tensors: only its file name tells (flux1-kontext-dev.safetensors).
         return "flux-kontext" if variant == "flux-dev" and "kontext" in path.name.lower() else variant
     if path.is_dir():
-        index = _read_json(path / "model_index.json")
-        transformer = _read_json(path / "transformer" / "config.json") or _read_json(path / "config.json") or {}
+        index = read_json(path / "model_index.json")
+        transformer = read_json(path / "transformer" / "config.json") or read_json(path / "config.json") or {}
         return variant_from_folder_configs(index, transformer)
     return None
-
-
-def file_has_fp8(path: str | Path) -> bool:
-    """True when any tensor of the file is stored as float8 (reads the header only)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return any(handle.get_slice(k).get_dtype().startswith("F8") for k in handle.keys())
-
-
-# --- reading weights ---------------------------------------------------------------------------
-
-
-def read_upcast(path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file; fp8 ones upcast to `dtype`, scaled-fp8 ones rescaled.
-
-    ComfyUI's "scaled fp8" files store `<layer>.scale_weight` next to each fp8 weight: the
-    real weight is fp8 * scale. Their bookkeeping tensors (`scaled_fp8`, `scale_input`) go.
-    """
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    scales: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), "pt") as handle:
-        for key in handle.keys():
-            tensor = handle.get_tensor(key)
-            if key.endswith(".scale_weight"):
-                scales[key[: -len(".scale_weight")] + ".weight"] = tensor
-            elif key.endswith(".scale_input") or key.split(".")[-1] == "scaled_fp8":
-                continue
-            else:
-                out[key] = tensor.to(dtype) if tensor.dtype in FP8_DTYPES else tensor
-    for key, scale in scales.items():
-        if key in out:
-            out[key] = (out[key].to(torch.float32) * scale.to(torch.float32)).to(dtype)
-    return out
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -160,14 +103,6 @@ def read_upcast(path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
 def _config_source(variant: str, config_source: str) -> tuple[str, bool]:
     source = config_source or HUB_CONFIGS[variant]
     return source, Path(source).is_dir() or offline()
-
-
-def _sub(source: str, name: str) -> str | None:
-    # A config folder may be a whole pipeline (with transformer/) or the component folder itself.
-    path = Path(source)
-    if path.is_dir() and not (path / name).is_dir() and (path / "config.json").is_file():
-        return None
-    return name
 
 
 def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:

@@ -24,7 +24,6 @@ double blocks' `img_mod.lin` / `txt_mod.lin` and the single blocks' `modulation.
 from __future__ import annotations
 
 import datetime
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,10 +33,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION, num_text
-from core.families.dit.lora_files import (alpha_of, group_plain_lora, most_common, strip_prefixes,
-                                                  write_diffusers_lora)
+from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
+from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
+                                          save_with_identity, strip_prefixes, write_diffusers_lora)
 
 Variant = Literal["flux-dev", "flux-schnell", "chroma", "flux-kontext"]
 VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
@@ -88,29 +88,19 @@ _SCOPES: tuple[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = 
 )
 _SWAPPED = "final_layer.adaLN_modulation.1"
 _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-_KOHYA_KEY = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_COMFY_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight"
-                        r"|lora_B\.weight|alpha)$")
 
 
 @dataclass(frozen=True)
-class BflModule:
+class BflModule(NativeModule):
     """One BFL module and the diffusers modules it is made of, in BFL row order."""
 
-    bfl: str                 # "double_blocks.0.img_attn.qkv"
-    parts: tuple[str, ...]   # ("transformer_blocks.0.attn.to_q", ...)
-
     @property
-    def kohya_name(self) -> str:
-        return UNET_PREFIX + self.bfl.replace(".", "_")
-
-    @property
-    def is_fused(self) -> bool:
-        return len(self.parts) > 1
+    def bfl(self) -> str:
+        return self.native   # "double_blocks.0.img_attn.qkv"
 
     @property
     def swaps_halves(self) -> bool:
-        return self.bfl == _SWAPPED
+        return self.native == _SWAPPED
 
     def part_rows(self, in_features: int) -> list[int]:
         """Output rows of each part: q/k/v project width h to h, proj_mlp to 4h (FLUX's mlp_ratio)."""
@@ -171,58 +161,9 @@ def bfl_module_from_kohya(name: str) -> BflModule:
     raise LoraFormatError(f"'{name}' is not a FLUX.1 / Chroma BFL module name.{hint}")
 
 
-def swap_halves(weight: Tensor) -> Tensor:
-    """(a, b) -> (b, a) along the rows: BFL's (shift, scale) <-> diffusers' (scale, shift). Its own inverse."""
-    first, second = weight.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
 def group_flux_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """{module path: {"A", "B"}} of a FLUX PEFT state dict, `transformer.` / `base_model.model.` prefixes removed."""
     return group_plain_lora(peft_state, "FLUX")
-
-
-def _scale(alpha: float, rank: int, use_rslora: bool) -> float:
-    return alpha / (math.sqrt(rank) if use_rslora else rank)
-
-
-Member = tuple[Tensor, Tensor, float]  # (A, B, scale)
-
-
-def _fuse(module: BflModule, members: dict[int, Member]) -> tuple[Tensor, Tensor, float]:
-    """(down, up, alpha) of one BFL module from its diffusers parts."""
-    if not module.is_fused:
-        down, up, scale = members[0]
-        rank = down.shape[0]
-        if module.swaps_halves:
-            up = swap_halves(up)
-        # The final_layer modules keep their alpha too, although diffusers' kohya converter ignores it
-        # there ("TODO: alphas"): folding it into up would make the file differ from what was trained,
-        # and diffusers 0.42 drops every non-block module of a kohya file anyway (see the tests).
-        return down, up, scale * rank
-    in_features = {a.shape[1] for a, _, _ in members.values()}
-    if len(in_features) != 1:
-        raise LoraFormatError(f"{module.bfl}: its parts read inputs of different widths {sorted(in_features)}.")
-    rows = module.part_rows(in_features.pop())
-    for index, (_, b, _) in members.items():
-        if b.shape[0] != rows[index]:
-            raise LoraFormatError(f"{module.parts[index]}: {b.shape[0]} output rows, but {module.bfl} needs "
-                                  f"{rows[index]} there (a FLUX.1-shaped transformer).")
-    present = sorted(members)
-    ref_scale = members[present[0]][2]
-    total_rank = sum(members[i][0].shape[0] for i in present)
-    dtype = torch.result_type(members[present[0]][1], members[present[-1]][1])
-    up = torch.zeros(sum(rows), total_rank, dtype=dtype, device=members[present[0]][1].device)
-    col = 0
-    for index in present:
-        down_i, up_i, scale_i = members[index]
-        row = sum(rows[:index])
-        rank_i = down_i.shape[0]
-        # A part that was not trained keeps zero rows: its dW is zero, as in the diffusers model.
-        up[row:row + rows[index], col:col + rank_i] = up_i if scale_i == ref_scale else up_i * (scale_i / ref_scale)
-        col += rank_i
-    down = torch.cat([members[i][0] for i in present], dim=0)
-    return down, up, ref_scale * total_rank
 
 
 def flux_peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
@@ -232,81 +173,16 @@ def flux_peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mappi
     `alpha` is the LoraConfig's lora_alpha, or {module path: alpha} (e.g. `kohya_alphas_from_model`,
     which already includes rsLoRA and alpha/rank patterns; then leave `use_rslora` False).
     """
-    groups: dict[str, tuple[BflModule, dict[int, Member]]] = {}
-    for path, parts in group_flux_peft(peft_state).items():
-        module, index = bfl_module_for(path)
-        rank = parts["A"].shape[0]
-        scale = _scale(alpha_of(alpha, path), rank, use_rslora)
-        groups.setdefault(module.bfl, (module, {}))[1][index] = (parts["A"], parts["B"], scale)
-    out: dict[str, Tensor] = {}
-    for module, members in groups.values():
-        down, up, file_alpha = _fuse(module, members)
-        name = module.kohya_name
-        out[f"{name}.lora_down.weight"] = down
-        out[f"{name}.lora_up.weight"] = up
-        out[f"{name}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
-    return out
-
-
-def _split(module: BflModule, down: Tensor, up: Tensor, alpha: float) -> list[tuple[str, Tensor, Tensor, float]]:
-    """(diffusers path, A, B, alpha) of each part of one BFL module; the sum of their dW is the module's."""
-    if not module.is_fused:
-        return [(module.parts[0], down.clone(), swap_halves(up) if module.swaps_halves else up.clone(), alpha)]
-    rank = down.shape[0]
-    rows = module.part_rows(down.shape[1])
-    if up.shape[0] != sum(rows):
-        raise LoraFormatError(f"{module.kohya_name}: lora_up has {up.shape[0]} rows, expected {sum(rows)} "
-                              f"({' + '.join(map(str, rows))}) for input width {down.shape[1]}.")
-    starts = [sum(rows[:i]) for i in range(len(rows))]
-    blocks = [up[s:s + n] for s, n in zip(starts, rows)]
-    k = len(module.parts)
-    # 1. Equal ranks, block diagonal: what this module and sd-scripts' converter write. Exact.
-    if rank % k == 0:
-        r = rank // k
-        mask = torch.ones(k, rank, dtype=torch.bool)
-        for i in range(k):
-            mask[i, i * r:(i + 1) * r] = False
-        if all(not blocks[i][:, mask[i]].any() for i in range(k)):
-            return [(module.parts[i], down[i * r:(i + 1) * r].clone(), blocks[i][:, i * r:(i + 1) * r].clone(),
-                     alpha / k) for i in range(k)]
-    # 2. Parts use disjoint rank columns (ranks differ, or a part was not trained). Exact;
-    #    a part without any column had dW = 0 and is left out.
-    support = [(b != 0).any(dim=0) for b in blocks]
-    stacked = torch.stack(support)
-    if stacked.any() and bool((stacked.sum(dim=0) <= 1).all()):
-        scale = alpha / rank
-        out = []
-        for i, cols in enumerate(support):
-            idx = cols.nonzero().flatten()
-            if idx.numel():
-                out.append((module.parts[i], down[idx].clone(), blocks[i][:, idx].clone(), scale * idx.numel()))
-        return out
-    # 3. Trained fused (any other trainer): every part keeps the whole down and its own rows of up.
-    return [(module.parts[i], down.clone(), blocks[i].clone(), alpha) for i in range(k)]
+    return fused_kohya_tensors(group_flux_peft(peft_state), bfl_module_for, alpha=alpha, use_rslora=use_rslora)
 
 
 def _kohya_groups(tensors: Mapping[str, Tensor], ignore_text_encoders: bool) -> dict[str, dict[str, Tensor]]:
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(_TEXT_ENCODER_PREFIXES):
-            if ignore_text_encoders:
-                continue
+    if not ignore_text_encoders:
+        key = next((k for k in tensors if k.startswith(_TEXT_ENCODER_PREFIXES)), None)
+        if key is not None:
             raise LoraFormatError(f"'{key}' is a text encoder LoRA; FLUX text encoder LoRAs are not converted here "
                                   "(pass ignore_text_encoders=True to keep only the transformer).")
-        comfy = _COMFY_KEY.match(key)
-        if comfy:
-            # ComfyUI's own form: diffusion_model.<BFL path>.lora_A/lora_B (or lora_down/lora_up).
-            part = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}.get(comfy["part"],
-                                                                                               comfy["part"])
-            name = UNET_PREFIX + comfy["module"].replace(".", "_")
-        else:
-            m = _KOHYA_KEY.match(key)
-            if not m:
-                raise LoraFormatError(f"'{key}' is not a kohya LoRA key (lora_down / lora_up / alpha); LoHa, LoKr "
-                                      "and DoRA files are not converted here.")
-            name, part = m["name"], m["part"]
-        grouped.setdefault(name, {})[part] = value
-    return grouped
+    return kohya_key_groups({k: v for k, v in tensors.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)})
 
 
 def flux_kohya_to_peft(tensors: Mapping[str, Tensor], *, ignore_text_encoders: bool = False
@@ -317,24 +193,7 @@ def flux_kohya_to_peft(tensors: Mapping[str, Tensor], *, ignore_text_encoders: b
     modules for files written by `flux_peft_to_kohya`, and with the same dW for any other file
     (each part then keeps the whole down matrix). A module without `.alpha` has alpha = rank.
     """
-    peft: dict[str, Tensor] = {}
-    alphas: dict[str, float] = {}
-    for name, parts in _kohya_groups(tensors, ignore_text_encoders).items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise LoraFormatError(f"'{name}' lacks lora_down or lora_up.")
-        module = bfl_module_from_kohya(name)
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise LoraFormatError(f"'{name}': lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
-                                  "are not a linear LoRA pair.")
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
-        for path, a, b, part_alpha in _split(module, down, up, alpha):
-            if f"{path}.lora_A.weight" in peft:
-                raise LoraFormatError(f"Two kohya modules map to '{path}'.")
-            peft[f"{path}.lora_A.weight"] = a
-            peft[f"{path}.lora_B.weight"] = b
-            alphas[path] = part_alpha
-    return peft, alphas
+    return split_kohya_modules(_kohya_groups(tensors, ignore_text_encoders), bfl_module_from_kohya)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +209,7 @@ _IMPLEMENTATION = {"flux-dev": "https://github.com/black-forest-labs/flux",
                    "chroma": "https://huggingface.co/lodestones/Chroma",
                    "flux-kontext": "https://github.com/black-forest-labs/flux"}
 # The keys that say what the file is; a caller's metadata cannot override them.
-_IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                   "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
 
 
@@ -416,15 +275,9 @@ def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *,
     modules = group_flux_peft(peft_state)
     check_modules_match_variant(list(modules), variant)
     tensors = flux_peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    ranks = [parts["A"].shape[0] for parts in modules.values()]
-    rank = int(most_common(ranks))
-    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
-              for p, parts in modules.items()]
-    base = flux_kohya_metadata(variant, rank=rank, alpha=most_common(alphas))
-    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
-    # A `lora_adapter_metadata` header would make diffusers treat the file as its own format.
-    merged: dict[str, Any] = {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}
-    return save_kohya_lora(path, tensors, merged, dtype=dtype)
+    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
+    base = flux_kohya_metadata(variant, rank=rank, alpha=file_alpha)
+    return save_with_identity(path, tensors, base, metadata, IDENTITY_KEYS, dtype)
 
 
 def write_flux_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
@@ -448,9 +301,6 @@ def read_flux_lora(path: str | Path, *, ignore_text_encoders: bool = False
     Alphas are as alpha / rank needs them (rsLoRA included). A diffusers file without adapter
     metadata gets alpha = rank, as diffusers assumes.
     """
-    import json
-
-    from core.export.inspect import _config_alpha
     from core.export.kohya import load_kohya_lora
 
     tensors, metadata = load_kohya_lora(path)
@@ -462,16 +312,5 @@ def read_flux_lora(path: str | Path, *, ignore_text_encoders: bool = False
         other = sorted(set(tensors) - set(transformer))[:3]
         raise LoraFormatError(f"{path}: keys outside the transformer ({', '.join(other)}, ...); "
                               "pass ignore_text_encoders=True to keep only the transformer.")
-    config: dict[str, Any] = {}
-    raw = metadata.get("lora_adapter_metadata")
-    if raw:
-        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
-                  if k.startswith("transformer.")}
-    modules = group_flux_peft(transformer)
-    peft = {}
-    alphas = {}
-    for module_path, parts in modules.items():
-        peft[f"{module_path}.lora_A.weight"] = parts["A"]
-        peft[f"{module_path}.lora_B.weight"] = parts["B"]
-        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
+    peft, alphas = read_diffusers_modules(transformer, metadata, group_flux_peft)
     return peft, alphas, metadata

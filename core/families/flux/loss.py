@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core.families.dit.flow import flow_target, noise_and_sigmas, noisy_latents, pack_latents, sample_sigmas
 from core.families.flux.text import PromptEmbeds
 
-TIMESTEP_SAMPLING = ("shift", "sigmoid", "logit_normal", "uniform")
 DEFAULT_SHIFT = 3.1582  # sd-scripts' / FluxGym's discrete_flow_shift for FLUX.1
 # Per-variant training defaults (field notes: dev guidance 1.0 + shift; Chroma sigmoid, no guidance).
 VARIANT_DEFAULTS = {
@@ -61,25 +61,6 @@ def latents_for_decode(latents: torch.Tensor, vae: Any) -> torch.Tensor:
     return latents / scale + shift
 
 
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: FluxPipeline._pack_latents (2x2 patches, channel-major)."""
-    b, c, h, w = latents.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"FLUX latents need an even height and width; got {h}x{w} "
-                         "(use image sizes that are multiples of 16 pixels).")
-    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[B, (H/2)(W/2), 4C] -> [B, C, H, W] for latent height/width H, W (inverse of `pack_latents`)."""
-    b, n, d = packed.shape
-    if n != (height // 2) * (width // 2):
-        raise ValueError(f"{n} patches do not make a {height}x{width} latent.")
-    patches = packed.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(b, d // 4, height, width)
-
-
 def latent_image_ids(height: int, width: int, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[(H/2)(W/2), 3] position ids (0, row, col) of the packed patches of an H x W latent."""
@@ -88,48 +69,6 @@ def latent_image_ids(height: int, width: int, device: torch.device | str = "cpu"
     ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
     ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
     return ids.reshape(h * w, 3)
-
-
-# --- sigma sampling -------------------------------------------------------------------------------------
-
-
-def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """The time shift s*t / (1 + (s-1)*t): s > 1 moves training toward the noisier end."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def sample_sigmas(batch_size: int, method: str = "shift", *, shift: float = DEFAULT_SHIFT,
-                  sigmoid_scale: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
-                  generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Sigmas in (0, 1) for one batch (fp32), by sd-scripts' `timestep_sampling` names.
-
-    shift: sigmoid(scale * randn) then the time shift; sigmoid: sigmoid(scale * randn);
-    logit_normal: sigmoid(N(mean, std)) (SD3's); uniform: U(0, 1).
-    """
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    gen_device = generator.device if generator is not None else device
-    if method in ("shift", "sigmoid"):
-        t = torch.sigmoid(sigmoid_scale * torch.randn(batch_size, generator=generator, device=gen_device))
-        sigmas = shift_sigmas(t, shift) if method == "shift" else t
-    elif method in ("logit_normal", "uniform"):
-        sigmas = compute_density_for_timestep_sampling(
-            "logit_normal" if method == "logit_normal" else "none", batch_size, logit_mean=logit_mean,
-            logit_std=logit_std, device=gen_device, generator=generator)
-    else:
-        raise ValueError(f"Unknown timestep_sampling '{method}'; choose one of {', '.join(TIMESTEP_SAMPLING)}.")
-    return sigmas.float().to(device)
-
-
-def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """(1 - sigma) * x0 + sigma * noise, sigma per sample broadcast over the other dims."""
-    s = sigmas.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    return (1 - s) * x0 + s * noise
-
-
-def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The velocity the transformer learns: noise - x0."""
-    return noise - x0
 
 
 # --- the loss -----------------------------------------------------------------------------------------
@@ -193,13 +132,8 @@ def flux_loss(transformer: Any, batch: FluxBatch, generator: torch.Generator | N
     """
     x0 = batch.latents.float()
     b, _, h, w = x0.shape
-    if noise is None:
-        gen_device = generator.device if generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
-    if sigmas is None:
-        sigmas = sample_sigmas(b, timestep_sampling, shift=shift, sigmoid_scale=sigmoid_scale,
-                               generator=generator, device=x0.device)
-    noise = noise.float().to(x0.device)
+    noise, sigmas = noise_and_sigmas(x0, generator, noise, sigmas, lambda: sample_sigmas(
+        b, timestep_sampling, shift=shift, sigmoid_scale=sigmoid_scale, generator=generator, device=x0.device))
     packed = pack_latents(noisy_latents(x0, noise, sigmas))
     tokens = packed.shape[1]
     if batch.control is not None:

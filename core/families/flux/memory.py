@@ -17,6 +17,7 @@ LoRA sizes are closed forms of the architecture (tests/test_flux_memory.py check
 from __future__ import annotations
 
 from core.config import TrainConfig
+from core.families.dit.memory_parts import caching_latents, transient_and_latents
 from core.devices import GIB, DeviceInfo
 from core.family_api.registry import FAMILIES, FLUX_AE
 from core.model_info import ModelInfo
@@ -84,8 +85,7 @@ def flux_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comput
     if not cfg.cache_text_encoder_outputs:
         # T5-XXL (and CLIP-L) stay loaded in the compute dtype to encode each caption.
         parts["text encoder weights"] = max(0, model.extra_params - FLUX_AE) * compute_bytes
-    caching_latents = cfg.cache_latents and cfg.center_crop and not cfg.random_flip
-    if not caching_latents:
+    if not caching_latents(cfg):
         parts["VAE weights"] = FLUX_AE * 4  # the AE encodes in fp32, like the SD VAE
     lora = flux_lora_params(cfg.lora_rank, cfg.lora_blocks, width)
     parts["LoRA + optimizer"] = lora * lora_state_bytes
@@ -103,11 +103,5 @@ def flux_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comput
     transient = 3 * tokens * 7 * width * compute_bytes
     if per_weight < compute_bytes:
         transient += 7 * width * width * compute_bytes
-    if not caching_latents:
-        transient = max(transient, 4 * 128 * cfg.resolution ** 2 * cfg.batch_size * 4 - activations)
-    parts["backward transient"] = transient
-    if caching_latents and device.kind != "cuda":
-        # 16-channel latents (mean + logvar, fp32) in RAM, where RAM is the memory.
-        parts["cached latents"] = cached_images * 32 * (cfg.resolution // 8) ** 2 * 4
-    return parts
+    return transient_and_latents(parts, cfg, device, transient=transient, cached_images=cached_images)
 

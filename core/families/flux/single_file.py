@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from core.families.flux.convert import BFL_PREFIXES, bfl_to_diffusers
-from core.families.flux.load import (FluxModel, _config_source, _load_error, _scheduler_config, _sub, _tokenizers,
-                                     file_has_fp8, read_upcast, safetensors_keys, variant_from_keys)
+from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, read_upcast,
+                                       safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
+from core.families.flux.load import FluxModel, _config_source, _load_error, _scheduler_config, _tokenizers, variant_from_keys
 from core.family_api.contract import ModelLoadError
 
 # --- the ComfyUI layout --------------------------------------------------------------------------
@@ -27,15 +28,6 @@ PART_WORDS = {"clip_l": ("clip_l", "clip-l", "clipl"), "t5": ("t5xxl", "t5-xxl",
               "vae": ("ae.", "flux_vae", "flux-vae", "ae_", "vae")}
 PART_HINTS = {"clip_l": "clip_l.safetensors (CLIP-L)", "t5": "t5xxl_fp16.safetensors (T5-XXL; fp8 works too)",
               "vae": "ae.safetensors (the FLUX autoencoder)"}
-
-
-def comfy_models_root(transformer_file: str | Path) -> Path | None:
-    """ComfyUI's `models/` folder when the file sits in models/diffusion_models or models/unet."""
-    parent = Path(transformer_file).resolve().parent
-    for folder in [parent, *parent.parents][:3]:
-        if folder.name in ("diffusion_models", "unet"):
-            return folder.parent
-    return None
 
 
 def find_part(models_root: Path | None, part: str, explicit: str = "") -> Path:
@@ -66,7 +58,7 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
                           variant: str | None = None, quantization_config: Any = None) -> Any:
     """A FLUX.1 / Chroma transformer from a BFL single file (any prefix, fp8 upcast to `dtype`).
 
-    `quantization_config` (e.g. `flux_memory.nf4_config()`) quantizes it while loading.
+    `quantization_config` (e.g. `core.families.dit.low_memory.nf4_config()`) quantizes it while loading.
     """
     from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 
@@ -90,10 +82,10 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
         # The file decides depth (and the guidance input), so a dev config folder also loads schnell.
         if variant == "chroma":
             return ChromaTransformer2DModel.from_single_file(
-                converted, config=source, subfolder=_sub(source, "transformer"), torch_dtype=dtype,
+                converted, config=source, subfolder=config_subfolder(source, "transformer"), torch_dtype=dtype,
                 local_files_only=local_only, **depth, **quant)
         return FluxTransformer2DModel.from_single_file(
-            converted, config=source, subfolder=_sub(source, "transformer"), torch_dtype=dtype,
+            converted, config=source, subfolder=config_subfolder(source, "transformer"), torch_dtype=dtype,
             local_files_only=local_only, guidance_embeds=variant in ("flux-dev", "flux-kontext"), **depth, **quant)
     except OSError as exc:
         raise _load_error("transformer", source, exc) from exc
@@ -102,15 +94,6 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
         raise ModelLoadError(f"'{Path(path).name}' does not fit the {variant} config from '{source}': {exc}",
                              "Check that base_model_config is a diffusers folder of the same model, and that "
                              "the file is a complete FLUX transformer.") from exc
-
-
-def _strip_encoder_prefix(state: dict[str, torch.Tensor], marker: str) -> dict[str, torch.Tensor]:
-    # Some packs prefix text-encoder keys (e.g. "text_encoders.clip_l.transformer."): cut up to the marker.
-    first = next((k for k in state if marker in k), None)
-    if first is None or first.startswith(marker):
-        return state
-    cut = first.index(marker)
-    return {k[cut:]: v for k, v in state.items() if len(k) > cut}
 
 
 def load_text_encoder_file(path: str | Path, kind: str, *, config_source: str, variant: str,
@@ -124,18 +107,12 @@ def load_text_encoder_file(path: str | Path, kind: str, *, config_source: str, v
     config_cls, model_cls, marker = ((CLIPTextConfig, CLIPTextModel, "text_model.") if kind == "clip_l"
                                      else (T5Config, T5EncoderModel, "encoder."))
     try:
-        config = config_cls.from_pretrained(source, subfolder=_sub(source, sub) or "", local_files_only=local_only)
+        config = config_cls.from_pretrained(source, subfolder=config_subfolder(source, sub) or "", local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise _load_error(sub, source, exc) from exc
-    state = _strip_encoder_prefix(read_upcast(path, dtype), marker)
+    state = strip_encoder_prefix(read_upcast(path, dtype), marker)
     if kind == "t5":
-        # T5 ties the input embedding; files keep one of the two names.
-        shared = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
-        if shared is None:
-            raise ModelLoadError(f"'{Path(path).name}' has no T5 token embedding (shared.weight).",
-                                 "Use an HF-format T5-XXL encoder file such as t5xxl_fp16.safetensors.")
-        state.setdefault("shared.weight", shared)
-        state.setdefault("encoder.embed_tokens.weight", shared)
+        tie_t5_embedding(state, Path(path).name)
     model = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     return model.eval()
 
@@ -147,7 +124,7 @@ def load_vae_file(path: str | Path, *, config_source: str, variant: str, dtype: 
     source, local_only = _config_source(variant, config_source)
     try:
         # Read through read_upcast like the other parts, so an fp8 AE loads too.
-        return AutoencoderKL.from_single_file(read_upcast(path, dtype), config=source, subfolder=_sub(source, "vae"),
+        return AutoencoderKL.from_single_file(read_upcast(path, dtype), config=source, subfolder=config_subfolder(source, "vae"),
                                               torch_dtype=dtype, local_files_only=local_only)
     except OSError as exc:
         raise _load_error("vae", source, exc) from exc
@@ -184,6 +161,6 @@ def load_flux_single_file(transformer_file: str | Path, *, config_source: str = 
     vae_model = load_vae_file(vae_file, config_source=source, variant=variant, dtype=dtype)
     notes = [f"{name}: {p.name}" for name, p in (("CLIP-L", clip_file), ("T5", t5_file), ("AE", vae_file)) if p]
     if file_has_fp8(path):
-        notes.append(f"{path.name} is fp8: weights upcast to {str(dtype).replace('torch.', '')} for training.")
+        notes.append(fp8_note(path, dtype))
     return FluxModel(variant, transformer, vae_model, text_encoder, tokenizer, t5_model, tokenizer_2,
                      _scheduler_config(source, local_only), str(path), is_single_file=True, notes=notes)

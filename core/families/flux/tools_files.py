@@ -8,14 +8,13 @@ delta; the diffusers file splits it back into q, k, v (, proj_mlp) with the same
 """
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError
+from core.families.dit.tools_format import lora_config_of, rank_and_alpha, tool_metadata
 from core.tools.modules import LoraModule, LoraToolError, modules_to_kohya
 
 _TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
@@ -50,12 +49,6 @@ def _transformer_peft(modules: dict[str, LoraModule], *, ignore_text_encoders: b
         raise LoraToolError(str(exc)) from exc
 
 
-def _rank_and_alpha(peft: dict[str, Tensor], alphas: dict[str, float]) -> tuple[int, float]:
-    """The most common rank and alpha of the unfused modules (what ss_network_dim / _alpha say)."""
-    ranks = Counter(int(v.shape[0]) for k, v in peft.items() if k.endswith(".lora_A.weight"))
-    return ranks.most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
-
-
 def write_flux_kohya(modules: dict[str, LoraModule], path: str | Path, *, variant: str,
                      metadata: dict[str, str], dtype: torch.dtype | None) -> Path:
     """The WebUI / Forge / ComfyUI file: BFL kohya names, flux1 / chroma metadata, sshs hashes.
@@ -64,34 +57,16 @@ def write_flux_kohya(modules: dict[str, LoraModule], path: str | Path, *, varian
     the identity keys come from flux_kohya_metadata, descriptive ones (merged from, title) stay.
     """
     from core.export.kohya import save_kohya_lora
-    from core.families.flux.lora_files import check_modules_match_variant, flux_kohya_metadata
+    from core.families.flux.lora_files import IDENTITY_KEYS, check_modules_match_variant, flux_kohya_metadata
 
     peft, alphas = _transformer_peft(modules, ignore_text_encoders=True)
     try:
         check_modules_match_variant(list(alphas), variant)
     except LoraFormatError as exc:
         raise LoraToolError(str(exc)) from exc
-    rank, alpha = _rank_and_alpha(peft, alphas)
-    base = flux_kohya_metadata(variant, rank=rank, alpha=alpha)
-    kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
-    identity = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
-                "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
-    merged = {**base, **kept, **{k: base[k] for k in identity}}
-    for key in ("ss_network_dim", "ss_network_alpha"):
-        if kept.get(key) == "Dynamic":  # a resize to an energy ratio: a rank per module, as kohya marks it
-            merged[key] = "Dynamic"
+    rank, alpha = rank_and_alpha(peft, alphas)
+    merged = tool_metadata(flux_kohya_metadata(variant, rank=rank, alpha=alpha), metadata, IDENTITY_KEYS)
     return save_kohya_lora(path, modules_to_kohya(modules), merged, dtype=dtype)
-
-
-def _lora_config(peft: dict[str, Tensor], alphas: dict[str, float]) -> dict[str, Any]:
-    """The LoraConfig dict diffusers reads from `lora_adapter_metadata` (patterns where modules differ)."""
-    import re
-
-    rank, alpha = _rank_and_alpha(peft, alphas)
-    ranks = {k[: -len(".lora_A.weight")]: int(v.shape[0]) for k, v in peft.items() if k.endswith(".lora_A.weight")}
-    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(ranks),
-            "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != rank},
-            "alpha_pattern": {re.escape(p): alphas[p] for p in ranks if alphas[p] != alpha}}
 
 
 def write_flux_diffusers(modules: dict[str, LoraModule], folder: str | Path, *,
@@ -103,7 +78,7 @@ def write_flux_diffusers(modules: dict[str, LoraModule], folder: str | Path, *,
         raise LoraToolError("This FLUX LoRA also trains a text encoder; diffusers' FLUX file here holds the "
                             "transformer only. Keep it as a kohya file.")
     peft, alphas = _transformer_peft(modules, ignore_text_encoders=False)
-    return write_flux_diffusers_file(peft, folder, lora_config=_lora_config(peft, alphas), dtype=dtype)
+    return write_flux_diffusers_file(peft, folder, lora_config=lora_config_of(peft, alphas), dtype=dtype)
 
 
 def read_flux_peft(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float]]:

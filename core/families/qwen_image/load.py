@@ -1,4 +1,4 @@
-"""Qwen-Image / Qwen-Image-Edit building blocks: loading, prompt encoding, latents, the training loss.
+"""Qwen-Image / Qwen-Image-Edit: detection, loading, latents and the LoRA targets (prompts: `text`, the loss: `loss`).
 
 Facts (diffusers 0.42 `QwenImagePipeline` / `QwenImageEditPipeline`, `QwenImageTransformer2DModel`,
 `AutoencoderKLQwenImage`):
@@ -15,16 +15,14 @@ Facts (diffusers 0.42 `QwenImagePipeline` / `QwenImageEditPipeline`, `QwenImageT
 """
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from core.families.dit.weights import read_json
 from core.hub import offline
-import torch.nn.functional as F
 
 VARIANTS = ("qwen-image", "qwen-image-edit")
 HUB_CONFIGS = {"qwen-image": "Qwen/Qwen-Image", "qwen-image-edit": "Qwen/Qwen-Image-Edit"}
@@ -54,7 +52,6 @@ BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.a
 # Tensor names (prefix stripped) that mark a Qwen-Image transformer file.
 SINGLE_FILE_MARKERS = ("transformer_blocks.0.img_mod.1.weight", "transformer_blocks.0.txt_mlp.net.0.proj.weight",
                        "txt_norm.weight")
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
@@ -109,13 +106,6 @@ def variant_from_folder_configs(index: dict[str, Any] | None, transformer: dict[
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def detect(base_model: str) -> str | None:
     """"qwen-image" / "qwen-image-edit" for a Qwen-Image single file, diffusers folder or hub id; else None."""
     path = Path(base_model)
@@ -131,8 +121,8 @@ def detect(base_model: str) -> str | None:
             return None
         return variant_from_name(path.name) if is_qwen_keys(keys) else None
     if path.is_dir():
-        return variant_from_folder_configs(_read_json(path / "model_index.json"),
-                                           _read_json(path / "transformer" / "config.json"))
+        return variant_from_folder_configs(read_json(path / "model_index.json"),
+                                           read_json(path / "transformer" / "config.json"))
     if base_model.lower().endswith(".safetensors") or base_model.count("/") != 1:
         return None
     if "qwen" not in base_model.lower():
@@ -159,7 +149,7 @@ def load_qwen_model(source: str, *, variant: str | None = None, config_source: s
         raise ValueError(f"'{source}' is not a Qwen-Image model (no QwenImagePipeline folder or transformer file).")
     path = Path(source)
     if path.is_file():
-        from core.families.qwen_image.lora_files import load_single_file
+        from core.families.qwen_image.single_file import load_single_file
 
         return load_single_file(path, variant=variant, config_source=config_source, vae=vae,
                                 text_encoder=text_encoder, dtype=dtype, quantization_config=quantization_config)
@@ -171,7 +161,7 @@ def load_qwen_model(source: str, *, variant: str | None = None, config_source: s
                       *_load_text_side(source, variant, dtype, local), _scheduler_config(source, local),
                       str(source))
     if vae:
-        from core.families.qwen_image.lora_files import load_vae_file
+        from core.families.qwen_image.single_file import load_vae_file
 
         model.vae = load_vae_file(vae, config_source=config_source or source, dtype=dtype)
         model.notes.append(f"VAE from {vae}")
@@ -184,6 +174,8 @@ def _load_text_side(source: str, variant: str, dtype: torch.dtype, local: bool) 
     encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, subfolder="text_encoder", dtype=dtype,
                                                                  local_files_only=local).eval()
     tokenizer = Qwen2Tokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
+    from core.families.qwen_image.text import load_vl_processor
+
     processor = load_vl_processor(source, tokenizer, local) if variant == "qwen-image-edit" else None
     return encoder, tokenizer, processor
 
@@ -195,111 +187,6 @@ def _scheduler_config(source: str, local: bool) -> dict[str, Any]:
         return dict(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", local_files_only=local))
     except (OSError, ValueError):
         return {"use_dynamic_shifting": True, "shift": 1.0, **SHIFT_POINTS}
-
-
-# --- prompts -------------------------------------------------------------------------------------------
-
-@dataclass
-class QwenPrompts:
-    """Encoded prompts: per-caption hidden states, padded to one length, and the mask of real tokens."""
-
-    embeds: torch.Tensor          # [B, S, D]
-    mask: torch.Tensor            # [B, S] 1 = token, 0 = padding
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> QwenPrompts:
-        return QwenPrompts(self.embeds.to(device=device, dtype=dtype or self.embeds.dtype), self.mask.to(device))
-
-
-def stack_prompts(items: Sequence[torch.Tensor]) -> QwenPrompts:
-    """One batch from per-caption hidden states [L_i, D]: zero-padded, mask 1 on the real tokens."""
-    length = max(int(t.shape[0]) for t in items)
-    embeds = torch.stack([torch.cat([t, t.new_zeros(length - t.shape[0], t.shape[1])]) for t in items])
-    mask = torch.stack([torch.cat([torch.ones(t.shape[0], dtype=torch.long),
-                                   torch.zeros(length - t.shape[0], dtype=torch.long)]) for t in items])
-    return QwenPrompts(embeds, mask)
-
-
-@torch.no_grad()
-def encode_prompt_list(text_encoder: Any, tokenizer: Any, captions: Sequence[str], *, variant: str = "qwen-image",
-                       processor: Any = None, images: Sequence[Any] | None = None,
-                       max_tokens: int = TRAIN_PROMPT_TOKENS) -> list[torch.Tensor]:
-    """Each caption's last-layer hidden states without the template tokens: [L_i, D] (pipeline semantics).
-
-    Edit: `images` (PIL, one per caption) go through the VL processor with the text, as
-    QwenImageEditPipeline._get_qwen_prompt_embeds does.
-    """
-    template, drop = PROMPT_TEMPLATE[variant], TEMPLATE_DROP[variant]
-    text = [template.format(c) for c in captions]
-    device = next(text_encoder.parameters()).device
-    if variant == "qwen-image-edit":
-        if processor is None or images is None:
-            raise ValueError("Qwen-Image-Edit encodes each caption with its control image; none was given.")
-        inputs = processor(text=text, images=list(images), padding=True, return_tensors="pt")
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        out = text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
-                           output_hidden_states=True)
-        mask = inputs["attention_mask"]
-    else:
-        tokens = tokenizer(text, max_length=MAX_PROMPT_TOKENS + drop, padding=True, truncation=True,
-                           return_tensors="pt").to(device)
-        out = text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                           output_hidden_states=True)
-        mask = tokens.attention_mask
-    hidden = out.hidden_states[-1]
-    result = []
-    for row, row_mask in zip(hidden, mask.bool()):
-        result.append(row[row_mask][drop:][:max_tokens].detach())
-    return result
-
-
-class VLProcessor:
-    """Qwen2VLProcessor's image-and-text step: the image processor's patches, `<|image_pad|>` repeated
-    once per merged patch (grid t*h*w / merge_size^2), then the tokenizer. transformers' own processor
-    needs torchvision for its video half, which an image trainer has no use for."""
-
-    def __init__(self, image_processor: Any, tokenizer: Any, image_token: str = "<|image_pad|>"):
-        self.image_processor, self.tokenizer, self.image_token = image_processor, tokenizer, image_token
-
-    def __call__(self, *, text: Sequence[str], images: Any, padding: bool = True, return_tensors: str = "pt") -> Any:
-        from transformers import BatchFeature
-
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        pixels = self.image_processor(images=images, return_tensors=return_tensors)
-        merge = int(self.image_processor.merge_size) ** 2
-        counts = iter(int(g.prod()) // merge for g in pixels["image_grid_thw"])
-        expanded = []
-        for line in text:
-            parts = line.split(self.image_token)
-            out = parts[0]
-            for part in parts[1:]:
-                out += self.image_token * next(counts) + part
-            expanded.append(out)
-        tokens = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors)
-        return BatchFeature({"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-                             "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]})
-
-
-def load_vl_processor(source: str, tokenizer: Any, local: bool) -> VLProcessor:
-    from transformers import AutoImageProcessor
-
-    image_processor = AutoImageProcessor.from_pretrained(source, subfolder="processor", local_files_only=local)
-    return VLProcessor(image_processor, tokenizer)
-
-
-def free_text_encoder(model: QwenModel) -> int:
-    """Drop Qwen2.5-VL (after caching); returns the parameters freed."""
-    import gc
-
-    freed = 0
-    if model.text_encoder is not None:
-        freed = sum(p.numel() for p in model.text_encoder.parameters())
-        model.text_encoder.to("meta")
-        model.text_encoder = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return freed
 
 
 # --- latents -------------------------------------------------------------------------------------------
@@ -341,65 +228,6 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
         pixels = vae.decode(raw.to(param.device, param.dtype), return_dict=False)[0][:, :, 0]
     arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
-
-
-# --- the loss -------------------------------------------------------------------------------------------
-
-def dynamic_shift(image_tokens: int, points: dict[str, Any] | None = None) -> float:
-    """exp(mu) of the pipeline's scheduler at `image_tokens` packed tokens (about 2.3 at 1328 px)."""
-    p = {**SHIFT_POINTS, **{k: v for k, v in (points or {}).items() if k in SHIFT_POINTS}}
-    slope = (p["max_shift"] - p["base_shift"]) / (p["max_image_seq_len"] - p["base_image_seq_len"])
-    mu = image_tokens * slope + p["base_shift"] - slope * p["base_image_seq_len"]
-    return math.exp(mu)
-
-
-def sample_sigmas(batch: int, method: str, *, image_tokens: int, shift: float, generator: torch.Generator | None,
-                  device: torch.device, points: dict[str, Any] | None = None) -> torch.Tensor:
-    """Noise levels: "dynamic" (the default: sigmoid(normal) shifted by the pipeline's exp(mu)), or FLUX's methods."""
-    from core.families.flux.loss import sample_sigmas as flux_sigmas
-
-    if method == "dynamic":
-        return flux_sigmas(batch, "shift", shift=dynamic_shift(image_tokens, points), generator=generator,
-                           device=device)
-    return flux_sigmas(batch, method, shift=shift, generator=generator, device=device)
-
-
-@dataclass
-class QwenBatch:
-    latents: torch.Tensor                   # [B, C, h, w] normalized target latents
-    prompts: QwenPrompts
-    control: torch.Tensor | None = None     # [B, C, hc, wc] normalized control latents (Edit)
-
-
-def qwen_loss(transformer: Any, batch: QwenBatch, generator: torch.Generator | None = None, *,
-              timestep_sampling: str = "dynamic", shift: float = 2.2, dtype: torch.dtype = torch.float32,
-              sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-              points: dict[str, Any] | None = None) -> torch.Tensor:
-    """Flow-matching MSE on the packed latents (velocity noise - x0), transformer run in `dtype`."""
-    from core.families.flux.loss import flow_target, noisy_latents, pack_latents
-
-    x0 = batch.latents.float()
-    b, _, h, w = x0.shape
-    if noise is None:
-        gen_device = generator.device if generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
-    noise = noise.float().to(x0.device)
-    if sigmas is None:
-        sigmas = sample_sigmas(b, timestep_sampling, image_tokens=(h // 2) * (w // 2), shift=shift,
-                               generator=generator, device=x0.device, points=points)
-    packed = pack_latents(noisy_latents(x0, noise, sigmas))
-    tokens = packed.shape[1]
-    shapes: list[tuple[int, int, int]] = [(1, h // 2, w // 2)]
-    if batch.control is not None:
-        control = batch.control.float().to(x0.device)
-        shapes.append((1, control.shape[2] // 2, control.shape[3] // 2))
-        packed = torch.cat([packed, pack_latents(control)], dim=1)
-    prompts = batch.prompts.to(x0.device, dtype)
-    with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        pred = transformer(hidden_states=packed.to(dtype), encoder_hidden_states=prompts.embeds,
-                           encoder_hidden_states_mask=prompts.mask, timestep=sigmas.to(x0.device, dtype),
-                           img_shapes=[shapes] * b, return_dict=False)[0]
-    return F.mse_loss(pred[:, :tokens].float(), pack_latents(flow_target(x0, noise)), reduction="mean")
 
 
 def lora_targets(transformer: torch.nn.Module) -> list[str]:

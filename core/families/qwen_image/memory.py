@@ -14,6 +14,7 @@ image tokens (the control image's are appended).
 from __future__ import annotations
 
 from core.config import TrainConfig
+from core.families.dit.memory_parts import caching_latents, transient_and_latents
 from core.devices import GIB, DeviceInfo
 from core.family_api.registry import FAMILIES, QWEN25_VL_7B, QWEN_IMAGE_VAE
 from core.model_info import ModelInfo
@@ -59,8 +60,7 @@ def qwen_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comput
     parts["transformer weights"] = (model.params - swapped_params(cfg, width, model.params)) * per_weight
     if not cfg.cache_text_encoder_outputs:
         parts["text encoder weights"] = QWEN25_VL_7B * compute_bytes
-    caching_latents = cfg.cache_latents and cfg.center_crop and not cfg.random_flip
-    if not caching_latents:
+    if not caching_latents(cfg):
         parts["VAE weights"] = QWEN_IMAGE_VAE * 4
     blocks = BLOCKS if width == REAL_WIDTH else max(1, round(model.params / (BLOCK_WEIGHTS_PER_H2 * width * width)))
     parts["LoRA + optimizer"] = qwen_lora_params(cfg.lora_rank, width, blocks) * lora_state_bytes
@@ -75,9 +75,4 @@ def qwen_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comput
     transient = 3 * tokens * 4 * width * compute_bytes
     if per_weight < compute_bytes:
         transient += 6 * width * width * compute_bytes
-    if not caching_latents:
-        transient = max(transient, 4 * 96 * cfg.resolution ** 2 * cfg.batch_size * 4 - parts["activations"])
-    parts["backward transient"] = transient
-    if caching_latents and device.kind != "cuda":
-        parts["cached latents"] = cached_images * 32 * (cfg.resolution // 8) ** 2 * 4
-    return parts
+    return transient_and_latents(parts, cfg, device, transient=transient, cached_images=cached_images, vae_width=96)

@@ -89,7 +89,7 @@ def edit_pipeline(pipe_or_parts, folder: Path | None = None):
     """A QwenImageEditPipeline over tiny parts, with our VL processor (transformers' needs torchvision)."""
     from diffusers import QwenImageEditPipeline
 
-    from core.families.qwen_image.load import VLProcessor
+    from core.families.qwen_image.text import VLProcessor
 
     parts = dict(pipe_or_parts)
     return QwenImageEditPipeline(processor=VLProcessor(tiny_image_processor(), parts["tokenizer"]), **parts)
@@ -99,7 +99,7 @@ def write_comfy_layout(pipe, root: Path, name: str) -> tuple[Path, Path]:
     """ComfyUI's layout: models/diffusion_models/<name>.safetensors (prefixed), text_encoders, vae."""
     from safetensors.torch import save_file
 
-    from core.families.qwen_image.lora_files import text_encoder_to_comfy, vae_to_comfy
+    from core.families.qwen_image.single_file import text_encoder_to_comfy, vae_to_comfy
 
     models = root / "models"
     files = {

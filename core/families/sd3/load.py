@@ -10,7 +10,6 @@ qk norm with dual-attention blocks -> SD3.5 medium ("5-medium"), qk norm without
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from collections.abc import Iterable
 import torch
 
 from core.hub import offline
-from core.families.flux.load import file_has_fp8, read_upcast, safetensors_keys
+from core.families.dit.weights import read_json, safetensors_keys
 from core.families.sd3.keys import SINGLE_FILE_MARKERS
 from core.family_api.contract import ModelLoadError
 
@@ -83,13 +82,6 @@ def model_type_from_config(config: dict[str, Any]) -> str:
     return "5-medium" if config.get("dual_attention_layers") else "5-large"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def model_type_from_folder(index: dict[str, Any] | None, transformer: dict[str, Any]) -> str | None:
     names = " ".join(str(d.get("_class_name", "")) for d in (index or {}, transformer))
     if not any(c in names for c in CLASS_NAMES):
@@ -103,8 +95,8 @@ def detect_model_type(source: str | Path) -> str | None:
     if path.is_file():
         return model_type_from_keys(safetensors_keys(path)) if path.suffix.lower() == ".safetensors" else None
     if path.is_dir():
-        transformer = _read_json(path / "transformer" / "config.json") or _read_json(path / "config.json") or {}
-        return model_type_from_folder(_read_json(path / "model_index.json"), transformer)
+        transformer = read_json(path / "transformer" / "config.json") or read_json(path / "config.json") or {}
+        return model_type_from_folder(read_json(path / "model_index.json"), transformer)
     if str(source).lower().endswith(".safetensors") or "/" not in str(source):
         return None
     from diffusers import DiffusionPipeline
@@ -197,162 +189,6 @@ def load_sd3_folder(source: str, *, dtype: torch.dtype = torch.float32, quantiza
                     notes=notes)
 
 
-# --- ComfyUI single files ------------------------------------------------------------------------
-
-
-def comfy_models_root(path: str | Path) -> Path | None:
-    """ComfyUI's `models/` folder when the file sits in models/diffusion_models, unet or checkpoints."""
-    parent = Path(path).resolve().parent
-    for folder in [parent, *parent.parents][:3]:
-        if folder.name in ("diffusion_models", "unet", "checkpoints"):
-            return folder.parent
-    return None
-
-
-def find_part(models_root: Path | None, part: str, explicit: str = "", *, required: bool = True) -> Path | None:
-    """A text encoder / VAE file: `explicit` if given, else found in ComfyUI's folders by its usual name."""
-    if explicit:
-        if not Path(explicit).is_file():
-            raise ModelLoadError(f"The {part} file '{explicit}' does not exist.", f"Check the {part} path.")
-        return Path(explicit)
-    candidates: list[Path] = []
-    for sub in PART_FOLDERS[part] if models_root is not None else ():
-        folder = models_root / sub
-        if folder.is_dir():
-            candidates += sorted(p for p in folder.rglob("*.safetensors")
-                                 if any(w in p.name.lower() for w in PART_WORDS[part]))
-    if part == "vae":
-        candidates.sort(key=lambda p: 0 if "sd3" in p.name.lower() else 1)
-    if candidates:
-        return candidates[0]
-    if not required:
-        return None
-    where = " or ".join(str(models_root / s) for s in PART_FOLDERS[part]) if models_root else \
-        f"ComfyUI's models/{PART_FOLDERS[part][0]}/"
-    hint = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors",
-            "vae": "the SD3 VAE (or use the all-in-one sd3.5_*.safetensors, which holds it)"}[part]
-    raise ModelLoadError(f"SD3 needs {hint}, and none was found.",
-                         f"Put the file in {where}" + (", or give its path in the vae setting." if part == "vae"
-                                                       else "."))
-
-
-def _part_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _text_encoder(state: dict[str, torch.Tensor], kind: str, source: str, local_only: bool,
-                  dtype: torch.dtype) -> tuple[Any, list[str]]:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    from core.families.flux.single_file import _strip_encoder_prefix
-
-    sub = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}[kind]
-    config_cls, model_cls, marker = ((T5Config, T5EncoderModel, "encoder.") if kind == "t5"
-                                     else (CLIPTextConfig, CLIPTextModelWithProjection, "text_model."))
-    try:
-        config = config_cls.from_pretrained(source, subfolder=sub if Path(source, sub).is_dir() or
-                                            not Path(source).is_dir() else "", local_files_only=local_only)
-    except (OSError, ValueError) as exc:
-        raise _load_error(sub, source, exc) from exc
-    notes = []
-    if kind == "t5":
-        shared = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
-        if shared is None:
-            raise ModelLoadError("The T5-XXL file has no token embedding (shared.weight).",
-                                 "Use an HF-format T5-XXL encoder file such as t5xxl_fp16.safetensors.")
-        state.setdefault("shared.weight", shared)
-        state.setdefault("encoder.embed_tokens.weight", shared)
-    else:
-        projection = state.pop("text_projection.weight", None)
-        state = _strip_encoder_prefix(state, marker)
-        if projection is None:
-            # ComfyUI runs a CLIP file without a projection with the identity (its pooled output as it is).
-            projection = torch.eye(config.projection_dim, config.hidden_size, dtype=dtype)
-            notes.append(f"{kind}: no text_projection in the file, identity used (as ComfyUI does).")
-        state["text_projection.weight"] = projection
-    return model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype).eval(), notes
-
-
-def load_transformer_state(state: dict[str, torch.Tensor], *, source: str, local_only: bool, dtype: torch.dtype,
-                           name: str, quantization_config: Any = None) -> Any:
-    from diffusers import SD3Transformer2DModel
-
-    from core.families.sd3.keys import strip_prefix
-
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    mmdit = strip_prefix(state)
-    sub = "transformer" if Path(source, "transformer").is_dir() or not Path(source).is_dir() else None
-    try:
-        return SD3Transformer2DModel.from_single_file(mmdit, config=source, subfolder=sub, torch_dtype=dtype,
-                                                      local_files_only=local_only, **quant)
-    except OSError as exc:
-        raise _load_error("transformer", source, exc) from exc
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{name}' does not fit the SD3 config from '{source}': {exc}",
-                             "Check that base_model_config is a diffusers folder of the same SD3 model "
-                             "(SD3 medium, SD3.5 medium and SD3.5 large differ).") from exc
-
-
-def load_sd3_single_file(path: str | Path, *, config_source: str = "", clip_l: str = "", clip_g: str = "",
-                         t5: str = "", vae: str = "", dtype: torch.dtype = torch.float32,
-                         quantization_config: Any = None) -> SD3Model:
-    """SAI's all-in-one file, or the MMDiT alone with its text encoders and VAE found beside it (or given)."""
-    from diffusers import AutoencoderKL
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"The SD3 model file '{path}' does not exist.", "Check base_model.")
-    keys = safetensors_keys(path)
-    model_type = model_type_from_keys(keys)
-    if model_type is None:
-        raise ModelLoadError(f"'{path.name}' is not an SD3 / SD3.5 MMDiT file.",
-                             "Use sd3.5_medium.safetensors / sd3.5_large.safetensors or the transformer file "
-                             "from ComfyUI's models/diffusion_models.")
-    embedded = {part for part, prefix in EMBEDDED.items() if any(k.startswith(prefix) for k in keys)}
-    root = comfy_models_root(path)
-    # Find every part before reading weights: a missing file fails in a second, not after minutes.
-    files = {part: find_part(root, part, explicit, required=part != "t5")
-             for part, explicit in (("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5), ("vae", vae))
-             if explicit or part not in embedded}
-    source = config_source or HUB_CONFIGS[model_type]
-    local_only = Path(source).is_dir() or offline()
-    state = read_upcast(path, dtype)
-    notes = []
-    transformer = load_transformer_state(state, source=source, local_only=local_only, dtype=dtype, name=path.name,
-                                         quantization_config=quantization_config)
-    parts: dict[str, Any] = {}
-    for part in ("clip_l", "clip_g", "t5", "vae"):
-        if files.get(part) is not None:
-            part_state, where = read_upcast(files[part], dtype), files[part].name
-        elif part in embedded:
-            part_state, where = _part_state(state, EMBEDDED[part]), f"{path.name} (inside)"
-        else:
-            parts[part] = None
-            notes.append("No T5-XXL file found: its part of the prompt encoding is zeros (SD3 without T5).")
-            continue
-        if part == "vae":
-            sub = "vae" if Path(source, "vae").is_dir() or not Path(source).is_dir() else None
-            try:
-                parts[part] = AutoencoderKL.from_single_file(part_state, config=source, subfolder=sub,
-                                                             torch_dtype=dtype, local_files_only=local_only)
-            except OSError as exc:
-                raise _load_error("vae", source, exc) from exc
-            except (KeyError, ValueError, RuntimeError) as exc:
-                raise ModelLoadError(f"'{where}' is not the SD3 VAE: {exc}",
-                                     "SD3 uses a 16-channel VAE; give its file in the vae setting.") from exc
-        else:
-            parts[part], extra = _text_encoder(part_state, part, source, local_only, dtype)
-            notes += extra
-        notes.append(f"{ {'clip_l': 'CLIP-L', 'clip_g': 'CLIP-G', 't5': 'T5', 'vae': 'VAE'}[part]}: {where}")
-    del state
-    if file_has_fp8(path):
-        notes.append(f"{path.name} is fp8: weights upcast to {str(dtype).replace('torch.', '')} for training.")
-    tok_l, tok_g, tok_t5 = _tokenizers(source, local_only, parts["t5"] is not None)
-    return SD3Model(model_type, transformer, parts["vae"], parts["clip_l"], tok_l, parts["clip_g"], tok_g,
-                    parts["t5"], tok_t5, _scheduler_config(source, local_only), str(path), is_single_file=True,
-                    notes=notes)
-
-
 def text_encoder_parts(files: str) -> dict[str, str]:
     """`text_encoder_files` ("a/clip_l.safetensors, b/clip_g.safetensors, ...") -> {part: path}, by file name."""
     out: dict[str, str] = {}
@@ -371,6 +207,8 @@ def text_encoder_parts(files: str) -> dict[str, str]:
 def load_sd3_model(base_model: str, *, config_source: str = "", vae: str = "", text_encoder_files: str = "",
                    dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> SD3Model:
     """Any SD3 source: a single .safetensors (ComfyUI layouts), a diffusers folder or a hub id."""
+    from core.families.sd3.single_file import load_sd3_single_file, load_sd3_single_file_vae
+
     if Path(base_model).is_file():
         return load_sd3_single_file(base_model, config_source=config_source, vae=vae, dtype=dtype,
                                     quantization_config=quantization_config, **text_encoder_parts(text_encoder_files))
@@ -381,18 +219,3 @@ def load_sd3_model(base_model: str, *, config_source: str = "", vae: str = "", t
         model.vae = load_sd3_single_file_vae(vae, config_source=base_model, dtype=dtype)
         model.notes.append(f"VAE from {vae}")
     return model
-
-
-def load_sd3_single_file_vae(path: str, *, config_source: str, dtype: torch.dtype = torch.float32) -> Any:
-    from diffusers import AutoencoderKL
-
-    local_only = Path(config_source).is_dir() or offline()
-    state = read_upcast(path, dtype)
-    if any(k.startswith(EMBEDDED["vae"]) for k in state):
-        state = _part_state(state, EMBEDDED["vae"])
-    try:
-        return AutoencoderKL.from_single_file(state, config=config_source, subfolder="vae", torch_dtype=dtype,
-                                              local_files_only=local_only)
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{Path(path).name}' is not the SD3 VAE: {exc}",
-                             "SD3 uses a 16-channel VAE; give its file in the vae setting.") from exc

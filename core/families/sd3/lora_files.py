@@ -8,26 +8,24 @@ Which file goes where (ComfyUI comfy/lora.py `model_lora_keys_unet`, read from i
   the fused qkv by comfy.utils.mmdit_to_diffusers): so the diffusers file loads there too.
 - diffusers reads its own `pytorch_lora_weights.safetensors` (SD3LoraLoaderMixin has no kohya converter).
 
-Fusing is exact (as for FLUX, core.families.flux.lora_files): down = [A_q; A_k; A_v] (rank 3r),
+Fusing is exact (core.families.dit.fused_lora): down = [A_q; A_k; A_v] (rank 3r),
 up = blockdiag(B_q, B_k, B_v), alpha * 3, so alpha / rank and every row of dW are unchanged.
 """
 from __future__ import annotations
 
 import datetime
-import json
-import math
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
-from core.families.dit.lora_files import alpha_of, group_plain_lora, write_diffusers_lora
+from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, split_kohya_modules
+from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
+                                          save_with_identity, write_diffusers_lora)
 from core.families.sd3.keys import lora_module_for, lora_module_from_native, native_from_kohya
 
 UNET_PREFIX = "lora_unet_"
@@ -38,55 +36,22 @@ _IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_net
                   "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
 
 
-@dataclass(frozen=True)
-class MmditModule:
-    """One MMDiT Linear and the diffusers Linears it is made of (the interface flux_lora_keys' fuse/split use)."""
-
-    bfl: str                 # the native name, "joint_blocks.0.x_block.attn.qkv"
-    parts: tuple[str, ...]
-
-    @property
-    def kohya_name(self) -> str:
-        return UNET_PREFIX + self.bfl.replace(".", "_")
-
-    @property
-    def is_fused(self) -> bool:
-        return len(self.parts) > 1
-
-    @property
-    def swaps_halves(self) -> bool:
-        return False  # the modulation Linears are not trained or written
-
-    def part_rows(self, in_features: int) -> list[int]:
-        return [in_features] * len(self.parts)  # q, k, v: width -> width
-
-
 def group_sd3_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     return group_plain_lora(peft_state, "SD3")
+
+
+def _module_for(path: str) -> tuple[NativeModule, int]:
+    try:
+        native, members, index = lora_module_for(path)
+    except ValueError as exc:
+        raise LoraFormatError(str(exc)) from exc
+    return NativeModule(native, members), index
 
 
 def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
                   use_rslora: bool = False) -> dict[str, Tensor]:
     """An SD3 transformer PEFT state -> kohya tensors under MMDiT names, qkv fused."""
-    from core.families.flux.lora_files import _fuse
-
-    groups: dict[str, tuple[MmditModule, dict[int, tuple[Tensor, Tensor, float]]]] = {}
-    for path, parts in group_sd3_peft(peft_state).items():
-        try:
-            native, members, index = lora_module_for(path)
-        except ValueError as exc:
-            raise LoraFormatError(str(exc)) from exc
-        rank = parts["A"].shape[0]
-        a = alpha_of(alpha, path)
-        scale = a / (math.sqrt(rank) if use_rslora else rank)
-        groups.setdefault(native, (MmditModule(native, members), {}))[1][index] = (parts["A"], parts["B"], scale)
-    out: dict[str, Tensor] = {}
-    for module, members in groups.values():
-        down, up, file_alpha = _fuse(module, members)
-        out[f"{module.kohya_name}.lora_down.weight"] = down
-        out[f"{module.kohya_name}.lora_up.weight"] = up
-        out[f"{module.kohya_name}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
-    return out
+    return fused_kohya_tensors(group_sd3_peft(peft_state), _module_for, alpha=alpha, use_rslora=use_rslora)
 
 
 def _native_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
@@ -117,24 +82,7 @@ def _native_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]
 
 def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
     """kohya (`lora_unet_joint_blocks_...`) or `diffusion_model.joint_blocks...` tensors -> (PEFT state, alphas)."""
-    from core.families.flux.lora_files import _split
-
-    peft: dict[str, Tensor] = {}
-    alphas: dict[str, float] = {}
-    for native, parts in _native_groups(tensors).items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise LoraFormatError(f"'{native}' lacks lora_down or lora_up.")
-        module = MmditModule(*lora_module_from_native(native))
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise LoraFormatError(f"'{native}': lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
-                                  "are not a linear LoRA pair.")
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
-        for path, a, b, part_alpha in _split(module, down, up, alpha):
-            peft[f"{path}.lora_A.weight"] = a
-            peft[f"{path}.lora_B.weight"] = b
-            alphas[path] = part_alpha
-    return peft, alphas
+    return split_kohya_modules(_native_groups(tensors), lambda native: NativeModule(*lora_module_from_native(native)))
 
 
 def kohya_metadata(model_type: str, *, rank: int, alpha: float, started_at: float | None = None,
@@ -166,13 +114,9 @@ def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, mode
     """The WebUI / Forge / ComfyUI file (sd-scripts' SD3 names), written atomically with sshs hashes."""
     modules = group_sd3_peft(peft_state)
     tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank = Counter(p["A"].shape[0] for p in modules.values()).most_common(1)[0][0]
-    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
-              for p, parts in modules.items()]
-    base = kohya_metadata(model_type, rank=rank, alpha=Counter(alphas).most_common(1)[0][0])
-    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
-    merged: dict[str, Any] = {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}
-    return save_kohya_lora(path, tensors, merged, dtype=dtype)
+    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
+    base = kohya_metadata(model_type, rank=rank, alpha=file_alpha)
+    return save_with_identity(path, tensors, base, metadata, _IDENTITY_KEYS, dtype)
 
 
 def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
@@ -186,7 +130,6 @@ def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Pat
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any SD3 LoRA file (kohya, ComfyUI `diffusion_model.`, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    from core.export.inspect import _config_alpha
     from core.export.kohya import load_kohya_lora
 
     tensors, metadata = load_kohya_lora(path)
@@ -196,16 +139,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], di
     transformer = {k: v for k, v in tensors.items() if k.startswith(("transformer.", "base_model.model."))}
     if not transformer:
         raise LoraFormatError(f"{path}: no SD3 transformer LoRA keys (transformer.*, lora_unet_joint_blocks_*).")
-    config: dict[str, Any] = {}
-    raw = metadata.get("lora_adapter_metadata")
-    if raw:
-        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
-                  if k.startswith("transformer.")}
-    peft, alphas = {}, {}
-    for module_path, parts in group_sd3_peft(transformer).items():
-        peft[f"{module_path}.lora_A.weight"] = parts["A"]
-        peft[f"{module_path}.lora_B.weight"] = parts["B"]
-        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
+    peft, alphas = read_diffusers_modules(transformer, metadata, group_sd3_peft)
     return peft, alphas, metadata
 
 

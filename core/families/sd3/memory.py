@@ -18,6 +18,7 @@ from functools import cache
 import torch
 
 from core.config import TrainConfig
+from core.families.dit.memory_parts import caching_latents, transient_and_latents
 from core.devices import DeviceInfo
 from core.family_api.registry import FAMILIES, FLUX_AE, SD3_ENCODERS
 from core.model_info import ModelInfo
@@ -91,8 +92,7 @@ def sd3_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute
     parts["transformer weights"] = (model.params - swapped) * per_weight
     if not cfg.cache_text_encoder_outputs:
         parts["text encoder weights"] = max(0, (model.extra_params or SD3_ENCODERS) - FLUX_AE) * compute_bytes
-    caching_latents = cfg.cache_latents and cfg.center_crop and not cfg.random_flip
-    if not caching_latents:
+    if not caching_latents(cfg):
         parts["VAE weights"] = FLUX_AE * 4
     scale = width / real_width  # tiny test models are narrower than the real ones
     parts["LoRA + optimizer"] = lora_params(model.family, cfg.lora_rank) * scale * lora_state_bytes
@@ -105,9 +105,4 @@ def sd3_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute
     transient = 3 * tokens * 4 * width * compute_bytes
     if per_weight < compute_bytes:
         transient += 4 * width * width * compute_bytes
-    if not caching_latents:
-        transient = max(transient, 4 * 128 * cfg.resolution ** 2 * cfg.batch_size * 4 - parts["activations"])
-    parts["backward transient"] = transient
-    if caching_latents and device.kind != "cuda":
-        parts["cached latents"] = cached_images * 32 * (cfg.resolution // 8) ** 2 * 4
-    return parts
+    return transient_and_latents(parts, cfg, device, transient=transient, cached_images=cached_images)

@@ -1,4 +1,4 @@
-"""Z-Image (Turbo and base): detection, loading, prompt encoding and the training math.
+"""Z-Image (Turbo and base): detection, loading and the LoRA targets (prompts: `text`, the loss: `loss`).
 
 Z-Image is a single-stream DiT (`ZImageTransformer2DModel`: 30 main layers plus 2 noise-refiner
 and 2 context-refiner layers, width 3840, 6.15 B parameters) over FLUX's 16-channel AE, conditioned
@@ -14,23 +14,20 @@ on Qwen3-4B's second-to-last hidden states. Facts read from diffusers 0.42 (`ZIm
 - Turbo and base share every shape; the name tells them apart ("turbo" in the hub id, folder or
   file name), as it does for ComfyUI's z_image_turbo_bf16.safetensors.
 
-Two layouts: a diffusers folder / hub id, or ComfyUI's single files (the transformer in native
-names in models/diffusion_models, qwen_3_4b.safetensors in models/text_encoders, FLUX's
-ae.safetensors in models/vae), configs and tokenizer from `base_model_config` or the hub.
+Two layouts: a diffusers folder / hub id (here), or ComfyUI's single files (`single_file`).
 """
 from __future__ import annotations
 
-import gc
-import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from core.hub import offline
+from core.families.dit.weights import (local_only, read_json,
+                                       safetensors_keys)
 from core.family_api.contract import ModelLoadError
 
 VARIANTS = ("z-image-turbo", "z-image")
@@ -77,31 +74,20 @@ def variant_from_name(name: str) -> str:
     return "z-image-turbo" if "turbo" in name.lower() else "z-image"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _is_zimage_config(*configs: dict[str, Any] | None) -> bool:
     return any("ZImage" in str((c or {}).get("_class_name", "")) for c in configs)
 
 
 def detect(base_model: str) -> str | None:
     """"z-image-turbo" / "z-image" for a Z-Image file, diffusers folder or (cached) hub id, else None."""
-    from core.families.flux.load import safetensors_keys
-
     path = Path(base_model)
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             return None
         return variant_from_name(path.name) if is_zimage_keys(safetensors_keys(path)) else None
     if path.is_dir():
-        index = _read_json(path / "model_index.json")
-        transformer = _read_json(path / "transformer" / "config.json") or _read_json(path / "config.json")
+        index = read_json(path / "model_index.json")
+        transformer = read_json(path / "transformer" / "config.json") or read_json(path / "config.json")
         return variant_from_name(path.name) if _is_zimage_config(index, transformer) else None
     if base_model.lower().endswith(".safetensors") or "/" not in base_model:
         return None
@@ -120,18 +106,6 @@ def detect(base_model: str) -> str | None:
 # --- loading ------------------------------------------------------------------------------------------
 
 
-def _local(source: str) -> bool:
-
-    return Path(source).is_dir() or offline()
-
-
-def _sub(source: str, name: str) -> str | None:
-    path = Path(source)
-    if path.is_dir() and not (path / name).is_dir() and (path / "config.json").is_file():
-        return None
-    return name
-
-
 def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"The Z-Image {what} could not be loaded from '{source}': {exc}",
@@ -145,7 +119,7 @@ def _scheduler_config(source: str) -> dict[str, Any]:
 
     try:
         return dict(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler",
-                                                                local_files_only=_local(source)))
+                                                                local_files_only=local_only(source)))
     except (OSError, ValueError):
         return {"shift": 3.0, "use_dynamic_shifting": False}  # Z-Image-Turbo's scheduler
 
@@ -154,7 +128,7 @@ def _tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=_local(source))
+        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only(source))
     except (OSError, ValueError) as exc:
         raise _load_error("tokenizer", source, exc) from exc
 
@@ -164,7 +138,7 @@ def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import AutoModel
 
-    kw = {"local_files_only": _local(source)}
+    kw = {"local_files_only": local_only(source)}
     quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     try:
         transformer = ZImageTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
@@ -179,149 +153,11 @@ def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization
                        vae, text_encoder, _tokenizer(source), _scheduler_config(source), str(source))
 
 
-def native_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Native (ComfyUI) transformer names -> diffusers', any prefix; diffusers-named files pass as they are."""
-    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
-
-    state = {_strip(k): v for k, v in state.items()}
-    if not any(".attention.qkv." in k for k in state):
-        return state
-    return convert_z_image_transformer_checkpoint_to_diffusers(state)
-
-
-def find_part(models_root: Path | None, part: str, explicit: str = "") -> Path:
-    """qwen_3_4b.safetensors (text_encoders) or ae.safetensors (vae): given, or found in ComfyUI's folders."""
-    if explicit:
-        if not Path(explicit).is_file():
-            raise ModelLoadError(f"The {part} file '{explicit}' does not exist.", f"Check the {part} path.")
-        return Path(explicit)
-    folders, words = {"text_encoder": (("text_encoders", "clip"), ("qwen",)),
-                      "vae": (("vae",), ("ae", "flux", "vae"))}[part]
-    found: list[Path] = []
-    for sub in folders if models_root else ():
-        if (models_root / sub).is_dir():
-            found += sorted(p for p in (models_root / sub).rglob("*.safetensors")
-                            if any(w in p.name.lower() for w in words))
-    found.sort(key=lambda p: 0 if p.name.lower().startswith(("ae", "qwen_3_4b", "qwen3")) else 1)
-    if not found:
-        hint = {"text_encoder": "qwen_3_4b.safetensors (Qwen3-4B) in models/text_encoders",
-                "vae": "ae.safetensors (FLUX's autoencoder) in models/vae"}[part]
-        raise ModelLoadError(f"Z-Image needs {hint}, and none was found.",
-                             f"Put the file there, or give its path in the "
-                             f"{'text_encoder_files' if part == 'text_encoder' else part} "
-                             "setting.")
-    return found[0]
-
-
-def load_transformer_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32,
-                          quantization_config: Any = None) -> Any:
-    """The transformer from a native-named (ComfyUI) or diffusers-named single file; fp8 upcast."""
-    from diffusers import ZImageTransformer2DModel
-
-    from core.families.flux.load import read_upcast
-
-    state = native_to_diffusers(read_upcast(path, dtype))
-    state = {k: v for k, v in state.items() if not k.startswith(("vae.", "text_encoders.", "first_stage_model."))}
-    n_layers = len({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    try:
-        config = dict(ZImageTransformer2DModel.load_config(config_source, subfolder=_sub(config_source, "transformer"),
-                                                           local_files_only=_local(config_source)))
-    except (OSError, ValueError) as exc:
-        raise _load_error("transformer config", config_source, exc) from exc
-    config["n_layers"] = n_layers
-    try:
-        with torch.device("meta"):
-            model = ZImageTransformer2DModel.from_config(config)
-        if quant:
-            raise ModelLoadError("base_quantization: nf4 needs a diffusers Z-Image folder or hub id.",
-                                 "Give base_model as a diffusers folder, or use fp8_base with the single file.")
-        model.load_state_dict(state, strict=True, assign=True)
-    except (KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{Path(path).name}' does not fit the Z-Image config from '{config_source}': {exc}",
-                             "Use the transformer file from models/diffusion_models (z_image_turbo_bf16.safetensors) "
-                             "with a Z-Image config folder.") from exc
-    return model.to(dtype).eval()
-
-
-def load_text_encoder_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Qwen3-4B from qwen_3_4b.safetensors (Qwen3ForCausalLM names, `model.` prefix; the LM head is dropped)."""
-    from transformers import AutoConfig, AutoModel
-
-    from core.families.flux.load import read_upcast
-
-    try:
-        config = AutoConfig.from_pretrained(config_source, subfolder="text_encoder", local_files_only=_local(config_source))
-    except (OSError, ValueError) as exc:
-        raise _load_error("text encoder config", config_source, exc) from exc
-    state = read_upcast(path, dtype)
-    marker = "embed_tokens.weight"
-    first = next((k for k in state if k.endswith(marker)), None)
-    if first is None:
-        raise ModelLoadError(f"'{Path(path).name}' is not a Qwen3 text encoder (no {marker}).",
-                             "Use qwen_3_4b.safetensors from ComfyUI's models/text_encoders.")
-    prefix = first[: -len(marker)]
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    with torch.device("meta"):
-        model = AutoModel.from_config(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"'{Path(path).name}' does not fit Z-Image's text encoder config: {exc}",
-                             "Use qwen_3_4b.safetensors (Qwen3-4B), not another Qwen model.") from exc
-    # Non-persistent buffers (the rotary frequencies) are not in the file: build them for real.
-    if hasattr(model, "rotary_emb"):
-        model.rotary_emb = type(model.rotary_emb)(config=config)
-    return model.to(dtype).eval()
-
-
-def load_vae_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32) -> Any:
-    from diffusers import AutoencoderKL
-
-    from core.families.flux.load import read_upcast
-
-    try:
-        return AutoencoderKL.from_single_file(read_upcast(path, dtype), config=config_source,
-                                              subfolder=_sub(config_source, "vae"), torch_dtype=dtype,
-                                              local_files_only=_local(config_source))
-    except OSError as exc:
-        raise _load_error("vae config", config_source, exc) from exc
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{Path(path).name}' is not FLUX's autoencoder: {exc}",
-                             "Z-Image uses FLUX.1's ae.safetensors (16 latent channels).") from exc
-
-
-def load_single_file(transformer_file: str | Path, *, config_source: str = "", text_encoder: str = "",
-                     vae: str = "", dtype: torch.dtype = torch.float32, quantization_config: Any = None
-                     ) -> ZImageModel:
-    """ComfyUI layout: the transformer file plus Qwen3-4B and the AE found next to it (or given)."""
-    from core.families.flux.load import file_has_fp8, safetensors_keys
-    from core.families.flux.single_file import comfy_models_root
-
-    path = Path(transformer_file)
-    if not is_zimage_keys(safetensors_keys(path)):
-        raise ModelLoadError(f"'{path.name}' is not a Z-Image transformer.",
-                             "Use z_image_turbo_bf16.safetensors from ComfyUI's models/diffusion_models.")
-    variant = variant_from_name(path.name)
-    root = comfy_models_root(path)
-    te_file = find_part(root, "text_encoder", text_encoder)
-    vae_file = find_part(root, "vae", vae)
-    source = config_source or HUB_CONFIGS[variant]
-    tokenizer = _tokenizer(source)
-    transformer = load_transformer_file(path, config_source=source, dtype=dtype,
-                                        quantization_config=quantization_config)
-    model = ZImageModel(variant, transformer, load_vae_file(vae_file, config_source=source, dtype=dtype),
-                        load_text_encoder_file(te_file, config_source=source, dtype=dtype), tokenizer,
-                        _scheduler_config(source), str(path), is_single_file=True,
-                        notes=[f"Qwen3: {te_file.name}", f"AE: {vae_file.name}"])
-    if file_has_fp8(path):
-        model.notes.append(f"{path.name} is fp8: weights upcast to {str(dtype).replace('torch.', '')} for training.")
-    return model
-
-
 def load_model(base_model: str, *, config_source: str = "", text_encoder: str = "", vae: str = "",
                dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> ZImageModel:
     """Any Z-Image source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id."""
+    from core.families.zimage.single_file import find_part, load_single_file, load_vae_file
+
     if Path(base_model).is_file():
         return load_single_file(base_model, config_source=config_source, text_encoder=text_encoder, vae=vae,
                                 dtype=dtype, quantization_config=quantization_config)
@@ -332,127 +168,6 @@ def load_model(base_model: str, *, config_source: str = "", text_encoder: str = 
         model.vae = load_vae_file(find_part(None, "vae", vae), config_source=config_source or base_model, dtype=dtype)
         model.notes.append(f"AE from {vae}")
     return model
-
-
-# --- prompts ------------------------------------------------------------------------------------------
-
-
-def chat_prompts(tokenizer: Any, captions: Sequence[str]) -> list[str]:
-    """The pipeline's prompt text: Qwen's chat template with the generation prompt, thinking enabled."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                          add_generation_prompt=True, enable_thinking=True) for c in captions]
-
-
-@torch.no_grad()
-def encode_prompts(text_encoder: Any, tokenizer: Any, captions: Sequence[str], *,
-                   max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> list[torch.Tensor]:
-    """One [L_i, D] tensor per caption: hidden_states[-2] of its real tokens (ZImagePipeline._encode_prompt)."""
-    device = next(text_encoder.parameters()).device
-    inputs = tokenizer(chat_prompts(tokenizer, captions), padding="max_length", max_length=max_sequence_length,
-                       truncation=True, return_tensors="pt")
-    mask = inputs.attention_mask.to(device).bool()
-    hidden = text_encoder(input_ids=inputs.input_ids.to(device), attention_mask=mask,
-                          output_hidden_states=True).hidden_states[-2]
-    return [hidden[i][mask[i]] for i in range(hidden.shape[0])]
-
-
-def encoder_identity(text_encoder: Any, variant: str) -> str:
-    from core.families.flux.text import _fingerprint
-
-    digest = hashlib.sha256(f"zimage|{MAX_SEQUENCE_LENGTH}|{variant}".encode())
-    digest.update(_fingerprint(text_encoder))
-    return digest.hexdigest()[:16]
-
-
-def cache_prompt_embeds(captions: Sequence[str], encode: Callable[[list[str]], list[torch.Tensor]],
-                        cache_dir: str | Path | None, identity: str, *, batch_size: int = 8
-                        ) -> tuple[dict[str, torch.Tensor], int]:
-    """Per-caption [L, D] encodings from `cache_dir/<identity>/` or `encode`; returns (by caption, cache hits)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from core.atomic import atomic_path
-
-    folder = Path(cache_dir) / identity if cache_dir is not None else None
-
-    def file_of(caption: str) -> Path:
-        return folder / f"{hashlib.sha256((identity + chr(10) + caption).encode()).hexdigest()[:32]}.safetensors"
-
-    out: dict[str, torch.Tensor] = {}
-    todo: list[str] = []
-    for caption in dict.fromkeys(captions):
-        entry = None
-        if folder is not None and file_of(caption).is_file():
-            try:
-                with safe_open(str(file_of(caption)), "pt") as handle:
-                    if (handle.metadata() or {}).get("caption") == caption:
-                        entry = handle.get_tensor("prompt_embeds")
-            except Exception:  # noqa: BLE001 - a damaged cache file is encoded again
-                entry = None
-        if entry is None:
-            todo.append(caption)
-        else:
-            out[caption] = entry
-    hits = len(out)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        for caption, embeds in zip(chunk, encode(chunk)):
-            out[caption] = embeds.detach().cpu().contiguous()
-            if folder is not None:
-                with atomic_path(file_of(caption)) as tmp:
-                    save_file({"prompt_embeds": out[caption]}, str(tmp), metadata={"caption": caption})
-    return out, hits
-
-
-def free_text_encoder(model: ZImageModel) -> int:
-    """Drop Qwen3 (after caching): to the meta device, then gc and the CUDA cache."""
-    module = model.text_encoder
-    if module is None:
-        return 0
-    freed = sum(p.numel() for p in module.parameters())
-    module.to("meta")
-    model.text_encoder = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return freed
-
-
-# --- training math ------------------------------------------------------------------------------------
-
-
-@dataclass
-class ZImageBatch:
-    """Scaled latents [B, C, h, w] and one [L_i, D] caption encoding per image."""
-
-    latents: torch.Tensor
-    prompts: list[torch.Tensor]
-
-
-def zimage_loss(transformer: Any, batch: ZImageBatch, generator: torch.Generator | None = None, *,
-                timestep_sampling: str = "shift", shift: float = 3.0, dtype: torch.dtype = torch.float32,
-                sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Flow-matching MSE in fp32: x_s = (1 - s) x0 + s noise; the transformer, given 1 - s, predicts x0 - noise.
-
-    Same objective as diffusers' train_dreambooth_lora_z_image.py (which negates the prediction
-    and compares it with noise - x0); sigmas drawn like FLUX's (`flux_train.sample_sigmas`).
-    """
-    from core.families.flux.loss import noisy_latents, sample_sigmas
-
-    x0 = batch.latents.float()
-    if noise is None:
-        gen_device = generator.device if generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
-    if sigmas is None:
-        sigmas = sample_sigmas(x0.shape[0], timestep_sampling, shift=shift, generator=generator, device=x0.device)
-    noise = noise.float().to(x0.device)
-    noisy = noisy_latents(x0, noise, sigmas).to(dtype)
-    x = [sample.unsqueeze(1) for sample in noisy]  # [C, 1, h, w]: the frame axis
-    caps = [p.to(x0.device, dtype) for p in batch.prompts]
-    with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = transformer(x, (1 - sigmas).to(x0.device, dtype), caps, return_dict=False)[0]
-    pred = torch.stack([o.float() for o in out]).squeeze(2)
-    return F.mse_loss(pred, x0 - noise, reduction="mean")
 
 
 # --- LoRA targets ---------------------------------------------------------------------------------------

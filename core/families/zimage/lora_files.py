@@ -16,13 +16,11 @@ Who reads what (read from ComfyUI's comfy/lora.py + comfy/utils.py and diffusers
 Our `<name>.safetensors` uses kohya names of the native modules, fused qkv kept fused
 (`lora_unet_layers_0_attention_qkv.lora_down.weight`, `.lora_up.weight`, `.alpha`): ComfyUI
 loads it key for key through its generic `lora_unet_` map, diffusers reads every key, and it
-is the layout of kohya-style trainers for Z-Image (musubi-tuner). The fusion is FLUX's exact
-one (`flux_lora_keys._fuse`): down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha * 3.
+is the layout of kohya-style trainers for Z-Image (musubi-tuner). The fusion is the exact
+one of core.families.dit.fused_lora: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha * 3.
 """
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,11 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
 from core.export.metadata import num_text
-from core.families.flux.lora_files import BflModule, _fuse, _split
-from core.families.dit.lora_files import alpha_of, group_plain_lora, most_common, write_diffusers_lora
+from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
+from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
+                                          save_with_identity, write_diffusers_lora)
 
 UNET_PREFIX = "lora_unet_"
 SCOPES = ("layers", "noise_refiner", "context_refiner")
@@ -50,9 +49,6 @@ _BLOCK: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 _DIFFUSERS_PATH = re.compile(r"^(?P<scope>layers|noise_refiner|context_refiner)\.(?P<n>\d+)\.(?P<rest>.+)$")
 _KOHYA_NAME = re.compile(r"^lora_unet_(?P<scope>layers|noise_refiner|context_refiner)_(?P<n>\d+)_(?P<rest>.+)$")
-_KOHYA_KEY = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_COMFY_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight"
-                        r"|lora_B\.weight|alpha)$")
 # kohya/WebUI labels (kohya-style trainers: musubi-tuner's sai_model_spec "Z-Image").
 BASE_MODEL_VERSION = {"z-image-turbo": "z_image_turbo", "z-image": "z_image"}
 ARCHITECTURE = "Z-Image"
@@ -61,25 +57,25 @@ _IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_net
                   "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
 
 
-def native_module_for(path: str) -> tuple[BflModule, int]:
+def native_module_for(path: str) -> tuple[NativeModule, int]:
     """(native module, index of `path` among its parts) of a diffusers module path."""
     m = _DIFFUSERS_PATH.match(path)
     if m:
         for native, parts in _BLOCK:
             if m["rest"] in parts:
                 prefix = f"{m['scope']}.{m['n']}."
-                return BflModule(prefix + native, tuple(prefix + p for p in parts)), parts.index(m["rest"])
+                return NativeModule(prefix + native, tuple(prefix + p for p in parts)), parts.index(m["rest"])
     raise LoraFormatError(f"'{path}' is not a Z-Image block module with a native name (attention, feed_forward, "
                           "adaLN_modulation of layers / noise_refiner / context_refiner).")
 
 
-def native_module_from_kohya(name: str) -> BflModule:
+def native_module_from_kohya(name: str) -> NativeModule:
     m = _KOHYA_NAME.match(name)
     if m:
         for native, parts in _BLOCK:
             if m["rest"] == native.replace(".", "_"):
                 prefix = f"{m['scope']}.{m['n']}."
-                return BflModule(prefix + native, tuple(prefix + p for p in parts))
+                return NativeModule(prefix + native, tuple(prefix + p for p in parts))
     raise LoraFormatError(f"'{name}' is not a Z-Image kohya module name.")
 
 
@@ -90,53 +86,12 @@ def group_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]
 def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
                   use_rslora: bool = False) -> dict[str, Tensor]:
     """A Z-Image transformer PEFT state -> kohya tensors of the native modules (qkv fused)."""
-    groups: dict[str, tuple[BflModule, dict[int, tuple[Tensor, Tensor, float]]]] = {}
-    for path, parts in group_peft(peft_state).items():
-        module, index = native_module_for(path)
-        rank = parts["A"].shape[0]
-        scale = alpha_of(alpha, path) / (math.sqrt(rank) if use_rslora else rank)
-        groups.setdefault(module.bfl, (module, {}))[1][index] = (parts["A"], parts["B"], scale)
-    out: dict[str, Tensor] = {}
-    for module, members in groups.values():
-        down, up, file_alpha = _fuse(module, members)
-        out[f"{module.kohya_name}.lora_down.weight"] = down
-        out[f"{module.kohya_name}.lora_up.weight"] = up
-        out[f"{module.kohya_name}.alpha"] = torch.tensor(file_alpha, dtype=torch.float32)
-    return out
-
-
-def _kohya_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        comfy = _COMFY_KEY.match(key)
-        if comfy:
-            part = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}.get(comfy["part"],
-                                                                                               comfy["part"])
-            name = UNET_PREFIX + comfy["module"].replace(".", "_")
-        else:
-            m = _KOHYA_KEY.match(key)
-            if not m:
-                raise LoraFormatError(f"'{key}' is not a kohya LoRA key (lora_down / lora_up / alpha).")
-            name, part = m["name"], m["part"]
-        grouped.setdefault(name, {})[part] = value
-    return grouped
+    return fused_kohya_tensors(group_peft(peft_state), native_module_for, alpha=alpha, use_rslora=use_rslora)
 
 
 def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
     """kohya / ComfyUI Z-Image tensors -> (PEFT state without prefix, {module path: alpha}); qkv split exactly."""
-    peft: dict[str, Tensor] = {}
-    alphas: dict[str, float] = {}
-    for name, parts in _kohya_groups(tensors).items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise LoraFormatError(f"'{name}' lacks lora_down or lora_up.")
-        module = native_module_from_kohya(name)
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
-        for path, a, b, part_alpha in _split(module, down, up, alpha):
-            peft[f"{path}.lora_A.weight"] = a
-            peft[f"{path}.lora_B.weight"] = b
-            alphas[path] = part_alpha
-    return peft, alphas
+    return split_kohya_modules(kohya_key_groups(tensors), native_module_from_kohya)
 
 
 def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
@@ -165,12 +120,9 @@ def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, vari
     """The ComfyUI / WebUI file (native kohya names, sshs hashes), written atomically."""
     modules = group_peft(peft_state)
     tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank = int(most_common([parts["A"].shape[0] for parts in modules.values()]))
-    alphas = [alpha_of(alpha, p) * (math.sqrt(parts["A"].shape[0]) if use_rslora else 1.0)
-              for p, parts in modules.items()]
-    base = kohya_metadata(variant, rank=rank, alpha=most_common(alphas))
-    caller = {k: v for k, v in (metadata or {}).items() if k != "lora_adapter_metadata"}
-    return save_kohya_lora(path, tensors, {**base, **caller, **{k: base[k] for k in _IDENTITY_KEYS}}, dtype=dtype)
+    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
+    return save_with_identity(path, tensors, kohya_metadata(variant, rank=rank, alpha=file_alpha), metadata,
+                              _IDENTITY_KEYS, dtype)
 
 
 def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
@@ -184,30 +136,22 @@ def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Pat
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any Z-Image LoRA file (kohya, ComfyUI, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    from core.export.inspect import _config_alpha
     from core.export.kohya import load_kohya_lora
 
     tensors, metadata = load_kohya_lora(path)
     if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):
         peft, alphas = kohya_to_peft(tensors)
         return peft, alphas, metadata
-    config: dict[str, Any] = {}
-    raw = metadata.get("lora_adapter_metadata")
-    if raw:
-        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()
-                  if k.startswith("transformer.")}
-    peft, alphas = {}, {}
-    for module_path, parts in group_peft({k: v for k, v in tensors.items() if k.startswith("transformer.")}).items():
+    peft, alphas = read_diffusers_modules({k: v for k, v in tensors.items() if k.startswith("transformer.")},
+                                          metadata, group_peft)
+    for module_path in alphas:
         native_module_for(module_path)  # a foreign module fails here, clearly
-        peft[f"{module_path}.lora_A.weight"] = parts["A"]
-        peft[f"{module_path}.lora_B.weight"] = parts["B"]
-        alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
     if not peft:
         raise LoraFormatError(f"{path}: no Z-Image LoRA tensors found.")
     return peft, alphas, metadata
 
 
-# --- the LoRA tools' hook (core.families.base.LoraFileFormat) -------------------------------------------
+# --- the LoRA tools' hook (core.family_api.contract.LoraFileFormat) -------------------------------------------
 
 
 def lora_file_format() -> Any:

@@ -19,6 +19,7 @@ counted in full so the estimate errs high.
 from __future__ import annotations
 
 from core.config import TrainConfig
+from core.families.dit.memory_parts import caching_latents, transient_and_latents
 from core.devices import DeviceInfo
 from core.family_api.registry import FLUX_AE
 from core.model_info import ModelInfo
@@ -57,8 +58,7 @@ def zimage_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comp
     parts: dict[str, float] = {"transformer weights": (model.params - swapped) * per_weight}
     if not cfg.cache_text_encoder_outputs:
         parts["text encoder weights"] = max(0, model.extra_params - FLUX_AE) * compute_bytes
-    caching_latents = cfg.cache_latents and cfg.center_crop and not cfg.random_flip
-    if not caching_latents:
+    if not caching_latents(cfg):
         parts["VAE weights"] = FLUX_AE * 4
     parts["LoRA + optimizer"] = lora_params(cfg.lora_rank, width) * lora_state_bytes
     scale = compute_bytes / 2 * width / REAL_WIDTH
@@ -75,9 +75,4 @@ def zimage_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comp
     transient = 3 * tokens * 2 * int(width / 3 * 8) * compute_bytes
     if per_weight < compute_bytes:
         transient += width * int(width / 3 * 8) * compute_bytes
-    if not caching_latents:
-        transient = max(transient, 4 * 128 * cfg.resolution ** 2 * cfg.batch_size * 4 - activations)
-    parts["backward transient"] = transient
-    if caching_latents and device.kind != "cuda":
-        parts["cached latents"] = cached_images * 32 * (cfg.resolution // 8) ** 2 * 4
-    return parts
+    return transient_and_latents(parts, cfg, device, transient=transient, cached_images=cached_images)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.families.dit import flow, low_memory, prompt_cache, weights
 from core.families.flux import convert as flux_convert
 from core.families.flux import load as flux_load
 from core.families.flux import lora as flux_lora
@@ -167,7 +168,7 @@ def test_fp8_transformer_file_loads_upcast_to_the_compute_dtype(tiny_flux_dev, t
     fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()}
     path = tmp_path / "flux1-dev-fp8.safetensors"
     save_file(fp8, str(path))
-    assert flux_load.file_has_fp8(path) and not flux_load.file_has_fp8(tiny_flux_dev.comfy_transformer)
+    assert weights.file_has_fp8(path) and not weights.file_has_fp8(tiny_flux_dev.comfy_transformer)
     model = flux_single_file.load_transformer_file(path, config_source=str(tiny_flux_dev.folder), dtype=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     expected = flux_convert.bfl_to_diffusers({k: v.float() for k, v in fp8.items()})
@@ -191,8 +192,8 @@ def test_an_all_in_one_checkpoint_gives_its_diffusion_model(tiny_flux_dev, tmp_p
 def test_comfy_models_root_is_found_from_the_transformer_folder(tmp_path, layout):
     folder = tmp_path / "ComfyUI" / layout
     folder.mkdir(parents=True)
-    assert flux_single_file.comfy_models_root(folder / "flux1-dev.safetensors") == (tmp_path / "ComfyUI" / "models").resolve()
-    assert flux_single_file.comfy_models_root(tmp_path / "elsewhere" / "flux1-dev.safetensors") is None
+    assert weights.comfy_models_root(folder / "flux1-dev.safetensors") == (tmp_path / "ComfyUI" / "models").resolve()
+    assert weights.comfy_models_root(tmp_path / "elsewhere" / "flux1-dev.safetensors") is None
 
 
 def test_scaled_fp8_files_are_rescaled(tmp_path):
@@ -201,7 +202,7 @@ def test_scaled_fp8_files_are_rescaled(tmp_path):
     weight = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
     save_file({"layer.weight": (weight / 2).to(torch.float8_e4m3fn), "layer.scale_weight": torch.tensor(2.0),
                "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, str(tmp_path / "t5.safetensors"))
-    state = flux_load.read_upcast(tmp_path / "t5.safetensors", torch.float32)
+    state = weights.read_upcast(tmp_path / "t5.safetensors", torch.float32)
     assert set(state) == {"layer.weight"} and torch.equal(state["layer.weight"], weight)
 
 
@@ -290,30 +291,28 @@ def test_prompt_cache_is_written_once_and_keyed_by_encoder(dev_model, tmp_path):
 
     def encode(captions):
         calls.append(list(captions))
-        return _encode(dev_model, captions)
+        return _encode(dev_model, captions).entries()
 
-    identity = flux_text.encoder_identity(dev_model.text_encoder, dev_model.text_encoder_2, max_sequence_length=16,
-                                     variant="flux-dev")
+    identity = prompt_cache.encoder_identity(dev_model.text_encoder, dev_model.text_encoder_2, settings="flux-dev|16")
     captions = ["a red cat", "a blue dog", "a red cat"]
-    first, hits = flux_text.cache_prompt_embeds(captions, encode, tmp_path, identity)
+    first, hits = prompt_cache.cache_encodings(captions, encode, tmp_path, identity)
     assert hits == 0 and calls == [["a red cat", "a blue dog"]] and set(first) == {"a red cat", "a blue dog"}
     files = sorted((tmp_path / identity).iterdir())
     assert len(files) == 2 and all(f.suffix == ".safetensors" for f in files)  # no temp files left behind
-    again, hits = flux_text.cache_prompt_embeds(captions, encode, tmp_path, identity)
+    again, hits = prompt_cache.cache_encodings(captions, encode, tmp_path, identity)
     assert hits == 2 and len(calls) == 1
-    assert torch.equal(again["a blue dog"].prompt_embeds, first["a blue dog"].prompt_embeds)
+    assert torch.equal(again["a blue dog"]["prompt_embeds"], first["a blue dog"]["prompt_embeds"])
     batch = flux_text.stack_embeds([again[c] for c in captions])
     assert batch.prompt_embeds.shape == (3, 16, 32) and batch.pooled.shape == (3, 32)
-    other = flux_text.encoder_identity(dev_model.text_encoder, dev_model.text_encoder_2, max_sequence_length=8,
-                                  variant="flux-dev")
+    other = prompt_cache.encoder_identity(dev_model.text_encoder, dev_model.text_encoder_2, settings="flux-dev|8")
     assert other != identity
-    _, hits = flux_text.cache_prompt_embeds(["a red cat"], encode, tmp_path, other)
+    _, hits = prompt_cache.cache_encodings(["a red cat"], encode, tmp_path, other)
     assert hits == 0 and len(calls) == 2
 
 
 def test_free_text_encoders_drops_them(tiny_flux_dev):
     model = flux_load.load_flux_model(str(tiny_flux_dev.folder))
-    freed = flux_text.free_text_encoders(model)
+    freed = prompt_cache.free_text_encoders(model)
     assert freed > 0 and model.text_encoder is None and model.text_encoder_2 is None
 
 
@@ -324,16 +323,16 @@ def test_packing_round_trip_is_exact_and_matches_the_pipeline():
     from diffusers import FluxPipeline
 
     latents = torch.randn(2, 16, 6, 10)
-    packed = flux_loss.pack_latents(latents)
+    packed = flow.pack_latents(latents)
     assert packed.shape == (2, 15, 64)
     assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 16, 6, 10))
-    assert torch.equal(flux_loss.unpack_latents(packed, 6, 10), latents)
+    assert torch.equal(flow.unpack_latents(packed, 6, 10), latents)
     # The pipeline's unpack takes pixel sizes; with an 8x VAE 48x80 px is this 6x10 latent.
     assert torch.equal(FluxPipeline._unpack_latents(packed, 48, 80, 8), latents)
     assert torch.equal(flux_loss.latent_image_ids(6, 10), FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu",
                                                                                             torch.float32))
     with pytest.raises(ValueError, match="even"):
-        flux_loss.pack_latents(torch.randn(1, 16, 5, 10))
+        flow.pack_latents(torch.randn(1, 16, 5, 10))
 
 
 def test_vae_latents_use_shift_and_scale(dev_model):
@@ -354,11 +353,11 @@ def test_vae_latents_use_shift_and_scale(dev_model):
 
 def test_shift_sampling_is_the_shifted_sigmoid_of_a_normal():
     s = flux_loss.DEFAULT_SHIFT
-    sigmas = flux_loss.sample_sigmas(1000, "shift", generator=torch.Generator().manual_seed(3))
+    sigmas = flow.sample_sigmas(1000, "shift", shift=s, generator=torch.Generator().manual_seed(3))
     t = torch.sigmoid(torch.randn(1000, generator=torch.Generator().manual_seed(3)))
     assert torch.allclose(sigmas, s * t / (1 + (s - 1) * t))
-    assert s == 3.1582 and float(flux_loss.shift_sigmas(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
-    plain = flux_loss.sample_sigmas(1000, "sigmoid", generator=torch.Generator().manual_seed(3))
+    assert s == 3.1582 and float(flow.shift_sigmas(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
+    plain = flow.sample_sigmas(1000, "sigmoid", shift=s, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(plain, t)
     # The shift moves training toward the noisy end: every sigma grows.
     assert bool((sigmas >= plain).all()) and sigmas.mean() > plain.mean() + 0.15
@@ -366,7 +365,7 @@ def test_shift_sampling_is_the_shifted_sigmoid_of_a_normal():
 
 @pytest.mark.parametrize("method", ["uniform", "logit_normal", "sigmoid", "shift"])
 def test_every_sampling_gives_sigmas_inside_zero_one(method):
-    sigmas = flux_loss.sample_sigmas(500, method, generator=torch.Generator().manual_seed(1))
+    sigmas = flow.sample_sigmas(500, method, shift=flux_loss.DEFAULT_SHIFT, generator=torch.Generator().manual_seed(1))
     assert sigmas.dtype == torch.float32 and sigmas.shape == (500,)
     assert bool(((sigmas > 0) & (sigmas < 1)).all())
     assert 0.3 < float(sigmas.mean()) < 0.9
@@ -374,14 +373,14 @@ def test_every_sampling_gives_sigmas_inside_zero_one(method):
 
 def test_unknown_sampling_is_refused():
     with pytest.raises(ValueError, match="shift, sigmoid"):
-        flux_loss.sample_sigmas(2, "cosine")
+        flow.sample_sigmas(2, "cosine", shift=3.0)
 
 
 def test_noisy_input_and_target():
     x0, noise = torch.full((2, 1, 2, 2), 2.0), torch.full((2, 1, 2, 2), -1.0)
-    noisy = flux_loss.noisy_latents(x0, noise, torch.tensor([0.0, 0.25]))
+    noisy = flow.noisy_latents(x0, noise, torch.tensor([0.0, 0.25]))
     assert torch.equal(noisy[0], x0[0]) and torch.allclose(noisy[1], torch.full((1, 2, 2), 1.25))
-    assert torch.equal(flux_loss.flow_target(x0, noise), noise - x0)
+    assert torch.equal(flow.flow_target(x0, noise), noise - x0)
 
 
 # --- the loss -----------------------------------------------------------------------------------------
@@ -420,9 +419,9 @@ def test_loss_is_the_mse_of_the_velocity_and_dev_gets_guidance_one(dev_model):
     assert call["hidden_states"].shape == (2, 64, 4) and call["img_ids"].shape == (64, 3)
     assert torch.equal(call["pooled_projections"], batch.prompts.pooled)
     x0 = batch.latents
-    assert torch.equal(call["hidden_states"], flux_loss.pack_latents((1 - sigmas.view(-1, 1, 1, 1)) * x0
+    assert torch.equal(call["hidden_states"], flow.pack_latents((1 - sigmas.view(-1, 1, 1, 1)) * x0
                                                                 + sigmas.view(-1, 1, 1, 1) * noise))
-    target = flux_loss.pack_latents(noise - x0)
+    target = flow.pack_latents(noise - x0)
     assert loss.item() == pytest.approx(((expected_pred - target) ** 2).mean().item(), rel=1e-6)
 
 
@@ -484,13 +483,13 @@ def test_lora_presets_pick_the_right_layers():
 
 def _train(transformer, batch, steps=30, lr=1e-2, dtype=torch.float32):
     """LoRA steps on one batch; returns the fixed-noise validation loss before and after."""
-    params = flux_lora.lora_parameters(transformer)
+    params = low_memory.lora_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     val_g = torch.Generator().manual_seed(123)
-    val_sigmas = flux_loss.sample_sigmas(4, "shift", generator=val_g)
+    val_sigmas = flow.sample_sigmas(4, "shift", shift=flux_loss.DEFAULT_SHIFT, generator=val_g)
     val_noise = torch.randn((4,) + tuple(batch.latents.shape[1:]), generator=val_g)
     val_batch = flux_loss.FluxBatch(batch.latents.expand(4, -1, -1, -1), flux_text.stack_embeds(
-        [flux_text.PromptEmbeds(batch.prompts.prompt_embeds[0], batch.prompts.pooled[0], batch.prompts.text_ids, None)] * 4))
+        batch.prompts.entries()[:1] * 4))
 
     def validation() -> float:
         with torch.no_grad():
@@ -529,11 +528,11 @@ def test_a_tiny_flux_learns_one_image(tiny_flux_dev):
 def test_fp8_storage_trains_on_the_cpu_with_the_lora_in_fp32(tiny_flux_dev):
     model = flux_load.load_flux_model(str(tiny_flux_dev.folder))
     with pytest.raises(ValueError, match="Add the LoRA"):
-        flux_lora.enable_fp8_storage(model.transformer, torch.float32)
+        low_memory.enable_fp8_storage(model.transformer, torch.float32)
     flux_lora.add_flux_lora(model.transformer, rank=4)
     # The realistic setup: bf16 compute (what stays out of fp8 moves to bf16), the LoRA in fp32.
-    cast = flux_lora.enable_fp8_storage(model.transformer, torch.bfloat16)
-    flux_lora.enable_gradient_checkpointing(model.transformer)
+    cast = low_memory.enable_fp8_storage(model.transformer, torch.bfloat16)
+    low_memory.enable_gradient_checkpointing(model.transformer)
     blocks = model.transformer.transformer_blocks[0]
     assert blocks.attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
     assert blocks.ff.net[2].base_layer.weight.dtype == torch.float8_e4m3fn
@@ -541,7 +540,7 @@ def test_fp8_storage_trains_on_the_cpu_with_the_lora_in_fp32(tiny_flux_dev):
     # the 17 LoRA'd base layers + 8 embedder Linears (x, context, time, text, guidance).
     assert cast == 17 + 8
     assert blocks.norm1.linear.weight.dtype == torch.bfloat16
-    assert {p.dtype for p in flux_lora.lora_parameters(model.transformer)} == {torch.float32}
+    assert {p.dtype for p in low_memory.lora_parameters(model.transformer)} == {torch.float32}
     assert model.transformer.gradient_checkpointing
     batch = _batch(model, ["sks a tiny flux learns one image"], seed=4)
     before, after, losses = _train(model.transformer, batch, steps=10, dtype=torch.bfloat16)
@@ -552,7 +551,7 @@ def test_fp8_storage_trains_on_the_cpu_with_the_lora_in_fp32(tiny_flux_dev):
 def test_fp8_storage_can_cast_the_modulation_linears_too(tiny_flux_dev):
     model = flux_load.load_flux_model(str(tiny_flux_dev.folder))
     flux_lora.add_flux_lora(model.transformer, rank=4)
-    cast = flux_lora.enable_fp8_storage(model.transformer, torch.float32, cast_modulation=True)
+    cast = low_memory.enable_fp8_storage(model.transformer, torch.float32, cast_modulation=True)
     block = model.transformer.transformer_blocks[0]
     assert block.norm1.linear.weight.dtype == torch.float8_e4m3fn
     assert model.transformer.x_embedder.weight.dtype == torch.float32
@@ -567,10 +566,10 @@ def test_fp8_storage_can_cast_the_modulation_linears_too(tiny_flux_dev):
 def test_gpu_only_switches_explain_themselves_on_the_cpu():
     from core.families.flux.tiny import tiny_flux_transformer
 
-    applied, message = flux_lora.apply_group_offload(tiny_flux_transformer())
+    applied, message = low_memory.apply_group_offload(tiny_flux_transformer())
     assert not applied and "needs a CUDA GPU" in message and message.endswith(".")
     with pytest.raises(ValueError, match="NF4 quantization needs a CUDA GPU"):
-        flux_lora.nf4_config()
+        low_memory.nf4_config()
 
 
 # --- memory shapes ---------------------------------------------------------------------------------------

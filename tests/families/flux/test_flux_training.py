@@ -131,16 +131,16 @@ def test_a_flux_lora_file_as_init_lora_starts_from_its_weights(tiny_flux_dev, tw
 
 
 def test_fp8_base_trains_on_the_cpu(tiny_flux_dev, two_images, tmp_path, monkeypatch):
-    from core.families.flux import lora as flux_memory
+    from core.families.dit import low_memory
 
     trained = []
-    real = flux_memory.enable_fp8_storage
+    real = low_memory.enable_fp8_storage
 
     def keep(transformer, *args, **kwargs):
         trained.append(transformer)
         return real(transformer, *args, **kwargs)
 
-    monkeypatch.setattr(flux_memory, "enable_fp8_storage", keep)
+    monkeypatch.setattr(low_memory, "enable_fp8_storage", keep)
     ae = tiny_flux_dev.comfy_root / "vae" / "ae.safetensors"  # a separate AE file with a diffusers folder
     outputs, events = run_collect(_config(tiny_flux_dev.folder, two_images, tmp_path / "fp8", fp8_base=True,
                                           gradient_checkpointing=True, vae=str(ae)))

@@ -50,7 +50,7 @@ def test_detect_names_folders_single_files_and_nothing_else(tiny_qwen_image, tin
 def test_prompt_encoding_is_the_pipelines(tiny_qwen_image):
     from diffusers import QwenImagePipeline
 
-    from core.families.qwen_image.load import encode_prompt_list, stack_prompts
+    from core.families.qwen_image.text import encode_prompt_list, stack_prompts
 
     pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image.folder)
     captions = ["a red cat", "a much longer caption of a blue dog on the grass"]
@@ -64,7 +64,7 @@ def test_edit_prompt_encoding_feeds_the_control_image_to_the_vl_encoder(tiny_qwe
     from diffusers import QwenImagePipeline
     from PIL import Image
 
-    from core.families.qwen_image.load import encode_prompt_list, load_vl_processor, stack_prompts
+    from core.families.qwen_image.text import encode_prompt_list, load_vl_processor, stack_prompts
     from core.families.qwen_image.tiny import edit_pipeline
 
     pipe = edit_pipeline(QwenImagePipeline.from_pretrained(tiny_qwen_edit.folder).components)
@@ -102,7 +102,7 @@ def test_latents_are_normalized_by_the_vae_statistics_and_round_trip(tiny_qwen_i
 def test_dynamic_shift_is_the_schedulers_mu():
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-    from core.families.qwen_image.load import dynamic_shift
+    from core.families.qwen_image.loss import dynamic_shift
 
     for tokens in (256, 4096, 6889):
         assert dynamic_shift(tokens) == pytest.approx(torch.tensor(calculate_shift(tokens, 256, 8192, 0.5, 0.9))
@@ -112,7 +112,8 @@ def test_dynamic_shift_is_the_schedulers_mu():
 def test_the_loss_is_the_flow_matching_mse_of_the_unpacked_prediction(tiny_qwen_image):
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
-    from core.families.qwen_image.load import QwenBatch, encode_prompt_list, qwen_loss, stack_prompts
+    from core.families.qwen_image.loss import QwenBatch, qwen_loss
+    from core.families.qwen_image.text import encode_prompt_list, stack_prompts
 
     pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image.folder)
     transformer: QwenImageTransformer2DModel = pipe.transformer
@@ -135,7 +136,8 @@ def test_the_loss_is_the_flow_matching_mse_of_the_unpacked_prediction(tiny_qwen_
 def test_the_edit_loss_appends_the_control_tokens_and_keeps_the_target_part(tiny_qwen_edit):
     from diffusers import QwenImageTransformer2DModel
 
-    from core.families.qwen_image.load import QwenBatch, QwenPrompts, qwen_loss
+    from core.families.qwen_image.loss import QwenBatch, qwen_loss
+    from core.families.qwen_image.text import QwenPrompts
 
     transformer = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_edit.folder, subfolder="transformer")
     prompts = QwenPrompts(torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.long))
@@ -164,7 +166,7 @@ def test_comfyui_single_files_load_to_the_same_modules(tiny_qwen_image):
 
 
 def test_fp8_and_scaled_fp8_files_are_upcast(tmp_path):
-    from core.families.qwen_image.lora_files import dequantize
+    from core.families.qwen_image.single_file import dequantize
 
     weight = torch.randn(4, 4)
     fp8 = weight.to(torch.float8_e4m3fn)
@@ -179,7 +181,7 @@ def test_the_vae_key_map_reaches_the_real_wan_names():
     from diffusers import AutoencoderKLQwenImage
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    from core.families.qwen_image.lora_files import vae_key_to_wan
+    from core.families.qwen_image.single_file import vae_key_to_wan
 
     with torch.device("meta"):
         keys = list(AutoencoderKLQwenImage().state_dict())

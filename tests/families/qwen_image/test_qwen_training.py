@@ -149,7 +149,8 @@ def test_the_family_is_read_from_the_models_files(tiny_qwen_image, tiny_qwen_edi
 
 def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders(tiny_qwen_edit, tmp_path,
                                                                                  monkeypatch):
-    from core.families.qwen_image import load as qwen_image
+    from core.families.qwen_image import loss as qwen_loss_module
+    from core.families.qwen_image import text as qwen_text
     from tests.test_pairs import make_pairs
 
     data = make_pairs(tmp_path / "pairs", count=2)
@@ -157,7 +158,7 @@ def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders
 
     Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "lonely.png")  # a target without a control: skipped
     seen_batches, seen_images = [], []
-    real_loss, real_encode = qwen_image.qwen_loss, qwen_image.encode_prompt_list
+    real_loss, real_encode = qwen_loss_module.qwen_loss, qwen_text.encode_prompt_list
 
     def spy_loss(transformer, batch, generator=None, **kwargs):
         seen_batches.append(batch)
@@ -172,8 +173,8 @@ def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_pipeline
 
     monkeypatch.setattr(edit_pipeline, "calculate_dimensions", lambda area, ratio: (64, 64, None))
-    monkeypatch.setattr(qwen_image, "qwen_loss", spy_loss)
-    monkeypatch.setattr(qwen_image, "encode_prompt_list", spy_encode)
+    monkeypatch.setattr(qwen_loss_module, "qwen_loss", spy_loss)
+    monkeypatch.setattr(qwen_text, "encode_prompt_list", spy_encode)
     out = tmp_path / "edit"
     outputs, events = run_collect(_config(tiny_qwen_edit.folder, data, out, caption_dropout=0.5,
                                           sample_prompts=["make it green"], sample_steps=2))

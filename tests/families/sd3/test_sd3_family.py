@@ -145,7 +145,7 @@ def test_a_missing_text_encoder_file_is_named_before_any_weights_are_read(tiny_s
 
 
 def test_without_t5_the_prompt_encoding_has_zeros_in_its_place(tiny_sd3, tmp_path):
-    from core.families.sd3.family import encode_prompts
+    from core.families.sd3.text import encode_prompts
 
     model = sd3_load.load_sd3_model(str(tiny_sd3.folder))
     full = encode_prompts(model, ["a red thing"], torch.device("cpu"))

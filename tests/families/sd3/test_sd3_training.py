@@ -31,18 +31,18 @@ def test_a_tiny_sd35_medium_trains_writes_both_files_and_the_test_tab_uses_them(
                                                                                 monkeypatch):
     from diffusers import StableDiffusion3Pipeline
 
-    from core.families.sd3 import family as sd3_family
+    from core.families.sd3 import loss as sd3_loss_module
     from core.families.sd3.lora_files import read_lora
     from core.sample import clear_pipeline_cache, generate_images
 
     seen: list[dict] = []
-    real_loss = sd3_family.sd3_loss
+    real_loss = sd3_loss_module.sd3_loss
 
     def spy(transformer, latents, cond, generator=None, **kwargs):
         seen.append(kwargs)
         return real_loss(transformer, latents, cond, generator, **kwargs)
 
-    monkeypatch.setattr(sd3_family, "sd3_loss", spy)
+    monkeypatch.setattr(sd3_loss_module, "sd3_loss", spy)
     out = tmp_path / "out"
     outputs, events = run_collect(_config(tiny_sd3.folder, two_images, out, output_name="my_sd3", lora_alpha=2,
                                           sample_prompts=["a red thing"], sample_steps=2, save_steps=2,

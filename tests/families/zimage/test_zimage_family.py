@@ -67,7 +67,8 @@ def test_folder_and_comfy_single_files_load_the_same_model_and_are_detected(tiny
 def test_prompts_are_encoded_as_the_pipeline_does(tiny_zimage):
     from diffusers import ZImagePipeline
 
-    from core.families.zimage.load import encode_prompts, load_model
+    from core.families.zimage.load import load_model
+    from core.families.zimage.text import encode_prompts
 
     model = load_model(str(tiny_zimage.folder))
     ours = encode_prompts(model.text_encoder, model.tokenizer, ["a red thing", "a photo of a cat"])
@@ -79,7 +80,8 @@ def test_prompts_are_encoded_as_the_pipeline_does(tiny_zimage):
 
 def test_the_loss_is_the_diffusers_scripts_objective(tiny_zimage):
     """model(x_s, 1 - s) ~ x0 - noise, i.e. -model ~ noise - x0 as train_dreambooth_lora_z_image.py has it."""
-    from core.families.zimage.load import ZImageBatch, load_model, zimage_loss
+    from core.families.zimage.load import load_model
+    from core.families.zimage.loss import ZImageBatch, zimage_loss
 
     model = load_model(str(tiny_zimage.folder))
     x0, noise = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
@@ -219,17 +221,17 @@ def test_turbo_previews_run_without_cfg_unless_asked_and_base_previews_keep_it()
 
 def test_fp8_base_with_checkpointing_trains_on_the_cpu_and_a_lora_file_continues(tiny_zimage, two_images, tmp_path,
                                                                                 monkeypatch):
-    from core.families.flux import lora as flux_memory
+    from core.families.dit import low_memory
     from core.families.zimage.lora_files import read_lora
 
     trained = []
-    real = flux_memory.enable_fp8_storage
+    real = low_memory.enable_fp8_storage
 
     def keep(transformer, *args, **kwargs):
         trained.append(transformer)
         return real(transformer, *args, **kwargs)
 
-    monkeypatch.setattr(flux_memory, "enable_fp8_storage", keep)
+    monkeypatch.setattr(low_memory, "enable_fp8_storage", keep)
     first, events = run_collect(_config(tiny_zimage.folder, two_images, tmp_path / "fp8", fp8_base=True,
                                         gradient_checkpointing=True))
     assert any(getattr(e, "message", "").startswith("fp8 storage:") for e in events)

@@ -1,0 +1,305 @@
+"""The default behaviour of a flow-matching transformer family, built from a small spec.
+
+What the transformer families do the same way is written once here: LoRA on the transformer
+(fresh, or continued from a LoRA file), gradient checkpointing / fp8 storage / block offload, the
+two LoRA files with the run's metadata and alphas, prompts encoded once into the disk cache and
+the text encoders freed. A family states what is its own in a `TransformerSpec` (its LoRA targets,
+loss, file reader and writers, prompt encoder, fp8 cast rule) and `transformer_family` makes its
+`ImageFamily`; anything else it passes as an override (as musubi-tuner's trainer_base.py lets a
+model's trainer override only its own methods).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from core.config import TrainConfig
+from core.families.dit.common import config_from_lora_file, load_dtype_and_quantization
+from core.family_api.contract import Adapted, Batch, ImageFamily, Log, RunFacts
+from core.family_api.registry import family_info
+
+Peft = dict[str, torch.Tensor]
+
+
+class TransformerModel(Protocol):
+    """What the default asks of a family's loaded model (each family's own dataclass)."""
+
+    variant: str                      # the registry family name
+    transformer: nn.Module
+    vae: Any
+    scheduler_config: dict[str, Any]
+    is_single_file: bool
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """What one transformer family states; the default supplies the rest."""
+
+    label: str                # the family's name in messages
+    trains: str               # what it trains instead of `target_modules`, a phrase for the warning
+    encoders_note: str        # the note when a config asks not to cache the text encoders' outputs
+    load: Callable[..., Any]                                         # (model source, cfg-derived kwargs) -> model
+    # (transformer, cfg) -> exact module names that get a fresh LoRA.
+    lora_targets: Callable[[nn.Module, TrainConfig], list[str]]
+    # (model, cfg, weight dtype) -> loss(network, batch).
+    make_loss: Callable[[Any, TrainConfig, torch.dtype], Callable[[nn.Module, Batch], torch.Tensor]]
+    # path -> (PEFT state, {module: alpha}, metadata) of any form of the family's LoRA file.
+    read_lora: Callable[[Path], tuple[Peft, dict[str, float], dict[str, str]]]
+    # (model, state, path, *, alpha, metadata, use_rslora, dtype) -> the WebUI / ComfyUI file.
+    write_kohya: Callable[..., Path]
+    # (state, folder, *, lora_config, dtype) -> folder/pytorch_lora_weights.safetensors.
+    write_diffusers: Callable[..., Path]
+    # (model, prompt keys, device) -> one cache entry (named tensors) per key.
+    encode_entries: Callable[[Any, list[Any], torch.device], Sequence[Mapping[str, torch.Tensor]]]
+    stack: Callable[[list[dict[str, torch.Tensor]]], Any]            # cache entries -> batched conditioning
+    prompt_identity: Callable[[Any], str]                            # what the cached encodings depend on
+    # What follows "flow matching with" in the log line after the LoRA is added.
+    training_note: Callable[[Any, TrainConfig], str]
+    lora_init: str | bool = "gaussian"                               # PEFT's init_lora_weights of a fresh LoRA
+    fp8_cast_modulation: bool = True                                 # fp8 also for the modulation Linears
+    # Keys the file's metadata adds for this family (weighting scheme, shift), from the config.
+    extra_metadata: Callable[[TrainConfig], dict[str, str]] | None = None
+    # (model, module paths of a LoRA file) -> refuse one that does not fit the loaded variant.
+    check_continued: Callable[[Any, list[str]], None] | None = None
+    # What a caption key is in the prompt cache (an edit model's keys are (caption, control image)).
+    prompt_key: Callable[[Any], Hashable] = field(default=lambda key: key)
+    key_text: Callable[[Any], str] = str                             # the text a key is stored under
+    # (model, caption keys, cfg) -> every prompt to encode (captions, samples, negative).
+    prompts: Callable[[Any, list[Any], TrainConfig], list[Any]] | None = None
+
+
+# --- loading and prompts -------------------------------------------------------------------------
+
+def check(spec: TransformerSpec, cfg: TrainConfig) -> list[str]:
+    """Refuse GPU-only switches on a machine without CUDA and unsupported LoRA kinds; warn on ignored keys."""
+    from core.families.dit.common import check_transformer
+
+    return check_transformer(cfg, spec.label, targets=spec.trains,
+                             ignored_for=f"only apply to SD models; ignored for {spec.label}.",
+                             encoders=spec.encoders_note)
+
+
+def load(spec: TransformerSpec, cfg: TrainConfig) -> Any:
+    dtype, quant = load_dtype_and_quantization(cfg)
+    return spec.load(cfg, dtype=dtype, quantization_config=quant)
+
+
+def describe(model: TransformerModel) -> list[str]:
+    layout = "single file" if model.is_single_file else "diffusers"
+    return [f"Model: {family_info(model.variant).label} ({layout}), flow matching", *model.notes]
+
+
+def text_encoders(model: Any) -> list[Any]:
+    from core.families.dit.prompt_cache import TEXT_ENCODER_NAMES
+
+    return [e for e in (getattr(model, n, None) for n in TEXT_ENCODER_NAMES) if e is not None]
+
+
+def park_text_encoders(model: Any, keep_for_previews: bool) -> None:
+    """Free the text encoders for good: the previews use the cached sample-prompt encodings."""
+    from core.families.dit.prompt_cache import free_text_encoders
+
+    free_text_encoders(model)
+
+
+def encode_prompts(spec: TransformerSpec, model: Any, keys: list[Any], device: torch.device) -> Any:
+    return spec.stack([dict(e) for e in spec.encode_entries(model, [spec.prompt_key(k) for k in keys], device)])
+
+
+def cache_prompts(spec: TransformerSpec, model: Any, keys: list[Any], cfg: TrainConfig, device: torch.device,
+                  log: Log) -> Callable[[list[Any]], Any]:
+    """Captions, sample prompts and the negative prompt encoded once (on disk beside the data)."""
+    from core.families.dit.prompt_cache import cache_encodings, prompts_to_encode
+    from core.train.latent_cache import cache_root_for
+
+    own = [spec.prompt_key(k) for k in keys]
+    prompts = spec.prompts(model, own, cfg) if spec.prompts is not None else prompts_to_encode(own, cfg)
+    folder = cache_root_for(cfg.train_data_dir, cfg.output_dir, "text") if cfg.cache_latents_to_disk else None
+    entries, hits = cache_encodings(prompts, lambda chunk: spec.encode_entries(model, chunk, device), folder,
+                                    spec.prompt_identity(model), key_text=spec.key_text)
+    if hits:
+        log(f"{hits} prompt encoding(s) reused from the disk cache {folder}")
+
+    def lookup(batch: list[Any]) -> Any:
+        return spec.stack([entries[spec.prompt_key(k)] for k in batch])
+
+    return lookup
+
+
+# --- LoRA ------------------------------------------------------------------------------------------
+
+def continue_from_file(spec: TransformerSpec, model: Any, transformer: nn.Module, init_file: Path, log: Log) -> Any:
+    """The LoRA of `init_file` on the transformer, with exactly its modules, ranks and alphas."""
+    from core.lora import load_peft_state
+
+    try:
+        peft, alphas, _ = spec.read_lora(init_file)
+    except Exception as exc:
+        raise ValueError(f"'{init_file}' is not a readable {spec.label} LoRA file: {exc}") from exc
+    paths = sorted({k.rsplit(".lora_", 1)[0] for k in peft})
+    if spec.check_continued is not None:
+        spec.check_continued(model, paths)
+    foreign = sorted(set(paths) - {n for n, _ in transformer.named_modules()})
+    if not peft or foreign:
+        raise ValueError(f"'{init_file.name}' does not fit this {spec.label} transformer "
+                         f"({', '.join(foreign[:3]) or 'no LoRA modules'}): a LoRA of another model or variant.")
+    config = config_from_lora_file(peft, alphas)
+    transformer.add_adapter(config)
+    load_peft_state(transformer, peft, "transformer")
+    log(f"Continuing from the LoRA {init_file.name} (rank {config.r}, alpha {config.lora_alpha:g})")
+    return config
+
+
+def add_lora(spec: TransformerSpec, model: Any, cfg: TrainConfig, init_file: Path | None, log: Log) -> Adapted:
+    """A fresh LoRA on the family's targets, or the modules of `init_file`; the base weights frozen."""
+    from peft import LoraConfig
+
+    transformer = model.transformer
+    transformer.requires_grad_(False)
+    if init_file is not None:
+        continue_from_file(spec, model, transformer, init_file, log)
+    else:
+        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                           target_modules=spec.lora_targets(transformer, cfg),
+                                           init_lora_weights=spec.lora_init, lora_dropout=cfg.lora_dropout,
+                                           use_rslora=cfg.lora_variant == "rslora"))
+    config = transformer.peft_config["default"]
+    # Counted on the model: PEFT may shorten a long target_modules list to the suffixes it needs.
+    layers = sum(1 for name, _ in transformer.named_modules() if name.endswith(".lora_A"))
+    log(f"LoRA rank {config.r} on {layers} transformer layers; flow matching with "
+        f"{spec.training_note(model, cfg)}")
+    # bitsandbytes put an NF4 transformer on the GPU already; block offload keeps it in CPU memory.
+    placed = [transformer] if cfg.base_quantization == "nf4" or cfg.blocks_to_swap > 0 else []
+    return Adapted([transformer], ["transformer"], [config], placed=placed)
+
+
+def low_memory(spec: TransformerSpec, model: Any, adapted: Adapted, cfg: TrainConfig, dtype: torch.dtype,
+               log: Log) -> None:
+    """Gradient checkpointing, fp8 storage of the frozen weights (after the LoRA), block offload."""
+    from core.families.dit import low_memory as switches
+
+    transformer = adapted.modules[0]
+    if cfg.gradient_checkpointing:
+        switches.enable_gradient_checkpointing(transformer)
+    if cfg.fp8_base:
+        cast = switches.enable_fp8_storage(transformer, dtype, cast_modulation=spec.fp8_cast_modulation)
+        log(f"fp8 storage: {cast} frozen layers stored in float8_e4m3fn, the LoRA in fp32.")
+    if cfg.blocks_to_swap > 0:
+        if not cfg.fp8_base:
+            # The run left it in CPU memory (not moved, not cast): the frozen weights take the compute dtype here.
+            for name, param in transformer.named_parameters():
+                if "lora_" not in name:
+                    param.data = param.data.to(dtype)
+        _, message = switches.apply_group_offload(transformer)
+        log(message)
+
+
+def alpha_per_module(config: Any, state: Mapping[str, torch.Tensor]) -> float | dict[str, float]:
+    """The LoraConfig's alpha, or {module path: alpha} where its alpha_pattern gives some modules their own."""
+    if not config.alpha_pattern:
+        return float(config.lora_alpha)
+    paths = {k.rsplit(".lora_", 1)[0] for k in state}
+    return {p: float(next((v for pat, v in config.alpha_pattern.items() if re.search(pat, p)), config.lora_alpha))
+            for p in paths}
+
+
+def write_loras(spec: TransformerSpec, folder: Path, cfg: TrainConfig, model: Any, adapted: Adapted,
+                facts: RunFacts, save_dtype: torch.dtype) -> dict[str, str]:
+    """<name>.safetensors (the family's WebUI / ComfyUI names and metadata) and diffusers' file."""
+    from core.export.metadata import kohya_metadata
+    from core.lora import peft_state
+
+    config = adapted.configs[0]
+    state = peft_state(adapted.modules[0])
+    # The run's ss_* keys; the family, network and rank/alpha keys come from the family's writer.
+    meta = kohya_metadata(cfg, family=model.variant, base_model_name=facts.base_model_name,
+                          num_images=facts.num_images, tag_frequency=facts.tag_frequency,
+                          bucket_info=facts.bucket_info, steps=facts.steps, epochs=facts.epochs,
+                          started_at=facts.started_at, dataset_dir=cfg.train_data_dir, session_id=facts.session_id)
+    meta.pop("modelspec.prediction_type", None)  # sd-scripts and musubi-tuner leave it out for these models
+    if spec.extra_metadata is not None:
+        meta.update(spec.extra_metadata(cfg))
+    kohya = spec.write_kohya(model, state, folder / f"{cfg.name}.safetensors", alpha=alpha_per_module(config, state),
+                             metadata=meta, use_rslora=bool(config.use_rslora), dtype=save_dtype)
+    diffusers = spec.write_diffusers(state, folder, lora_config=config, dtype=save_dtype)
+    return {"kohya": str(kohya), "diffusers": str(diffusers)}
+
+
+# --- previews ----------------------------------------------------------------------------------------
+
+def vae_scale_factor(model: Any) -> int:
+    return 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+
+def preview_size(model: TransformerModel, resolution: int, patch: int = 2) -> tuple[int, int]:
+    """The training resolution in whole latent patches, not below the family's floor (in 8x-AE pixels)."""
+    scale = vae_scale_factor(model)
+    floor = family_info(model.variant).sample_size_floor * scale // 8
+    step = scale * patch
+    side = max(step, max(resolution, floor) // step * step)
+    return side, side
+
+
+def default_size(model: TransformerModel) -> int:
+    return family_info(model.variant).native_resolution * vae_scale_factor(model) // 8
+
+
+def sample_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The previews' settings of the config, as the families' `generate` takes them."""
+    return dict(seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps, guidance=cfg.sample_guidance_scale,
+                negative_prompt=cfg.sample_negative_prompt)
+
+
+def flow_scheduler(model: TransformerModel) -> Any:
+    """The model's FlowMatchEulerDiscreteScheduler, for its pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+
+
+def latent_call(*, steps: int, width: int, height: int, seed: int, **guidance: float) -> dict[str, Any]:
+    """A pipeline call's keyword arguments for one image's latents from `seed` (`guidance`: the pipeline's
+    own name for it, guidance_scale or true_cfg_scale)."""
+    return dict(num_inference_steps=steps, **guidance, width=width, height=height, output_type="latent",
+                return_dict=False, generator=torch.Generator(device="cpu").manual_seed(seed))
+
+
+def place_for_tryout(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """The Test tab's model on `device`: the transformer and text encoders in `dtype`, the AE in fp32."""
+    from core.sample import move
+
+    for module in (model.transformer, *text_encoders(model)):
+        move(module, device, dtype)
+    move(model.vae, device, torch.float32)
+    return model
+
+
+def timestep_sampling(cfg: TrainConfig, variant: str) -> str:
+    """The configured sampling, or the family's own (`auto`; shift where the row names none)."""
+    if cfg.timestep_sampling != "auto":
+        return cfg.timestep_sampling
+    return family_info(variant).default_timestep_sampling or "shift"
+
+
+# --- the family ----------------------------------------------------------------------------------------
+
+def transformer_family(spec: TransformerSpec, **overrides: Any) -> ImageFamily:
+    """The family's `ImageFamily`: the default behaviour from `spec`, `overrides` where the family differs
+    (previews, tryout_pipeline, generate, detect and lora_files are always its own)."""
+    parts: dict[str, Any] = dict(
+        check=partial(check, spec), load=partial(load, spec), describe=describe, name_of=lambda m: m.variant,
+        network=lambda m: m.transformer, text_encoders=text_encoders, park_text_encoders=park_text_encoders,
+        encode_prompts=partial(encode_prompts, spec), cache_prompts=partial(cache_prompts, spec),
+        add_lora=partial(add_lora, spec), low_memory=partial(low_memory, spec), make_loss=spec.make_loss,
+        write_loras=partial(write_loras, spec), default_size=default_size, prompt_cache_optional=False)
+    parts.update(overrides)
+    return ImageFamily(**parts)
