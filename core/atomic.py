@@ -4,12 +4,17 @@ A crash, a kill -9 or a full disk during a write leaves the previous good file (
 nothing) where the result belongs, never a half-written file. Every writer in the
 project (weights, checkpoints, configs, metadata.csv, captions, images) goes through
 these helpers.
+
+The result gets the permissions a plain `open()` would give it (0o666 less the umask; folders
+0o777 less the umask), or keeps those of the file it replaces: mkstemp and mkdtemp create
+private (0o600 / 0o700) files, which a rename would otherwise carry into place.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +39,30 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and reset."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_usual_mode(tmp: Path, target: Path, directory: bool = False) -> None:
+    """`tmp` gets the mode of the `target` it replaces, or what open()/mkdir() would have given it."""
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else (
+            (0o777 if directory else 0o666) & ~current_umask())
+        os.chmod(tmp, mode)
+    except OSError:
+        pass  # a file system without Unix modes (FAT, some network shares): nothing to keep
 
 
 def _fsync_file(path: Path) -> None:
@@ -62,6 +91,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             # Writers that failed silently must not replace a good file with nothing.
             raise OSError(f"Nothing was written for {target}")
         _fsync_file(tmp)
+        _give_usual_mode(tmp, target)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
@@ -115,6 +145,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         for child in tmp.rglob("*"):
             if child.is_file():
                 _fsync_file(child)
+        _give_usual_mode(tmp, target, directory=True)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
@@ -148,4 +179,5 @@ def backup_file(path: str | os.PathLike[str]) -> Path | None:
         backup = source.with_name(f"{source.name}.bak-{stamp}-{counter}")
         counter += 1
     atomic_write_bytes(backup, source.read_bytes())
+    _give_usual_mode(backup, source)  # the backup is as private (or as shared) as the file it saves
     return backup

@@ -80,12 +80,27 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         """'about 6.9 GB (...) of 11.0 GB usable' plus the advice when it does not fit."""
-        text = f"{self.summary()} of {self.budget_gb:.1f} GB usable"
+        text = f"{self.summary()} of {format_gb(self.budget_gb)} usable"
         return text if self.fits else f"{text}: likely NOT to fit. {self.advice}"
 
+    def parts_text(self) -> str:
+        """'weights 2.1, activations 3.0' in GB; a tiny model's parts in MB ('weights 12 MB'); '' when none."""
+        if self.total_gb >= 0.1:
+            return ", ".join(f"{name} {gb:.1f}" for name, gb in self.parts.items() if gb >= 0.05)
+        return ", ".join(f"{name} {format_gb(gb)}" for name, gb in self.parts.items() if gb * 1024 >= 0.5)
+
     def summary(self) -> str:
-        parts = ", ".join(f"{name} {gb:.1f}" for name, gb in self.parts.items() if gb >= 0.05)
-        return f"about {self.total_gb:.1f} GB ({parts})"
+        parts = self.parts_text()
+        total = format_gb(self.total_gb)
+        return (total if total.startswith("under") else f"about {total}") + (f" ({parts})" if parts else "")
+
+
+def format_gb(gb: float) -> str:
+    """GiB in words a person reads: '6.9 GB', but '35 MB' for a tiny model (never '0.0 GB')."""
+    if gb >= 0.1:
+        return f"{gb:.1f} GB"
+    mb = gb * 1024
+    return f"{mb:.0f} MB" if mb >= 1 else "under 1 MB"
 
 
 def dtype_bytes(cfg: TrainConfig, device: DeviceInfo | None = None) -> int:
@@ -271,9 +286,9 @@ def format_changes(changes: list[Change]) -> str:
 def fitting_changes_advice(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo) -> str:
     changes, fits = fitting_changes(cfg, model, device)
     if changes and fits:
-        return f"Change {format_changes(changes)} to fit in {usable_gb(device):.1f} GB."
+        return f"Change {format_changes(changes)} to fit in {format_gb(usable_gb(device))}."
     if changes:
-        return (f"Even with {format_changes(changes)} it is predicted not to fit in {usable_gb(device):.1f} GB: "
+        return (f"Even with {format_changes(changes)} it is predicted not to fit in {format_gb(usable_gb(device))}: "
                 f"use a smaller base model than {model.label}, or a device with more memory.")
     return (f"{model.label} alone needs more than the {usable_gb(device):.1f} GB available: use a smaller "
             "base model, or a device with more memory.")

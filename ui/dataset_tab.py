@@ -3,8 +3,9 @@
 Images: a thumbnail gallery, counts of formats / modes / sizes / buckets, the health
 check table from `core.data.health` (unreadable files, too small, extreme shapes,
 near-duplicates, missing/empty/too long captions, conversions) and, for the picked
-image, the crop its bucket keeps. Text data (a CSV/JSONL/TXT file): the parsed rows and
-the same kind of checks from `core.data.text`.
+image, the crop its bucket keeps. Text data (a CSV/JSONL/TXT file, or a folder of them):
+`core.data.text_report` describes it (kind, count, rows, token lengths against max_seq_length
+and the chosen text model's context, empty answers, duplicates, over-long rows).
 
 The handlers are module functions of the widgets' values; `create_dataset_tab` only lays
 the widgets out and wires them. The health check loads torch and PIL, so it is imported
@@ -20,7 +21,6 @@ from typing import Any
 import gradio as gr
 
 from ui import catalog, lists, state
-from ui.catalog import TEXT_DATA_SUFFIXES
 from ui.thumbs import thumbnail
 from ui.uploads import import_files
 
@@ -48,21 +48,37 @@ def summary_markdown(report: Any, folder: Path) -> str:
     return "  \n".join(lines)
 
 
-def is_text_data(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in TEXT_DATA_SUFFIXES
+def text_model_choices() -> list[tuple[str, str]]:
+    return catalog.with_empty("(the default SmolLM2-135M)", catalog.text_models())
 
 
-def text_preview(path: Path, max_seq_length: int = 512) -> tuple[list[list[str]], list[str], list[list[str]], str]:
-    """(rows, headers, issue rows, summary) for a text data file or folder."""
-    from ui.text_preview import preview_text_data
+def text_preview(path: Path, max_seq_length: int = 512, text_model: str = "",
+                 exact: bool = False) -> tuple[list[list[str]], list[str], list[list[str]], str]:
+    """(rows, headers, issue rows, summary) of a text data file or folder, from core.data.text_report."""
+    from core.data.text_report import counting_tokenizer, describe_text_data, model_context_length
+    from core.models.llm import ModelLoadError
 
-    result = preview_text_data(path, max_seq_length=max_seq_length)
-    issues = [[i.severity, i.file, i.problem, i.advice] for i in result.issues]
-    return result.rows, result.headers, issues, result.summary
+    model = text_model or ""
+    tokenizer, note = None, ""
+    if exact:
+        try:
+            tokenizer = counting_tokenizer(str(state.resolve_user_path(model)) if model else "")
+        except (ModelLoadError, OSError, ValueError) as exc:
+            note = f"  \nThe tokenizer could not be loaded ({html.escape(str(exc))}); the counts are estimates."
+    context = model_context_length(str(state.resolve_user_path(model)) if model else "")
+    report = describe_text_data(path, max_seq_length=int(max_seq_length or 512), tokenizer=tokenizer,
+                                context_length=context)
+    lines = [html.escape(line) for line in report.summary_lines()]
+    name = html.escape(report.name)
+    lines[0] = f"**{name}**{lines[0][len(name):]}"  # every summary starts with the data set's name
+    return report.rows, report.headers, report.issue_rows(), "  \n".join(lines) + note
 
 
-def open_dataset(path_text: str, resolution: float | None) -> tuple[Any, ...]:
+def open_dataset(path_text: str, resolution: float | None, text_model: str = "",
+                 max_seq_length: float | None = 512, exact_tokens: bool = False) -> tuple[Any, ...]:
     """(summary, gallery, health rows, text rows table, image paths, crop, crop text) of a data set."""
+    from core.data.text_report import is_text_dataset
+
     resolution = int(resolution or 512)
     if not path_text:
         return ("Choose or type a data set first.", [], [], gr.update(visible=False), [], None, "")
@@ -71,8 +87,8 @@ def open_dataset(path_text: str, resolution: float | None) -> tuple[Any, ...]:
         return (f"`{html.escape(str(path))}` does not exist. Check the path.", [], [],
                 gr.update(visible=False), [], None, "")
     state.allow_folder(path if path.is_dir() else path.parent)
-    if is_text_data(path):
-        rows, headers, issues, text = text_preview(path)
+    if is_text_dataset(path):
+        rows, headers, issues, text = text_preview(path, int(max_seq_length or 512), text_model, bool(exact_tokens))
         return (text, [], issues, gr.update(visible=True, value=rows, headers=headers), [], None, "")
     from core.data.health import health_check
     from core.data.images import DatasetError
@@ -131,6 +147,16 @@ def create_dataset_tab() -> dict[str, Any]:
         resolution = gr.Number(value=512, precision=0, minimum=64, maximum=4096, label="Training resolution",
                                scale=1, elem_id="data-resolution")
         open_btn = gr.Button("Open and check", variant="primary", scale=1, elem_id="data-open")
+    with gr.Accordion("For text data: the model whose context the rows are measured against", open=False):
+        with gr.Row():
+            text_model = gr.Dropdown(choices=text_model_choices(), value="", allow_custom_value=True,
+                                     label="Text model", scale=4,
+                                     elem_id="data-text-model")
+            max_seq = gr.Number(value=512, precision=0, minimum=16, label="max_seq_length", scale=1,
+                                elem_id="data-max-seq")
+            exact = gr.Checkbox(value=False, label="Count with the model's tokenizer (a GGUF's takes a minute "
+                                "or two to load the first time; otherwise estimated from words)", scale=3,
+                                elem_id="data-exact-tokens")
     with gr.Accordion("Upload images, captions or a zip into a new data set", open=False):
         with gr.Row():
             new_name = gr.Textbox(label="New data set name", value="my_dataset", max_lines=1, elem_id="data-new-name")
@@ -150,11 +176,12 @@ def create_dataset_tab() -> dict[str, Any]:
     image_paths = gr.State([])
 
     outputs = [summary, gallery, health, rows_table, image_paths, crop, crop_text]
-    open_btn.click(open_dataset, [folder, resolution], outputs)
-    folder.select(open_dataset, [folder, resolution], outputs)
+    inputs = [folder, resolution, text_model, max_seq, exact]
+    open_btn.click(open_dataset, inputs, outputs)
+    folder.select(open_dataset, inputs, outputs)
     gallery.select(crop_preview, [image_paths, resolution], [crop, crop_text])
     create_btn.click(create_from_uploads, [new_name, uploads], [folder, summary]).then(
-        open_dataset, [folder, resolution], outputs)
-    live = [lists.LiveList(folder, catalog.datasets)]
+        open_dataset, inputs, outputs)
+    live = [lists.LiveList(folder, catalog.datasets), lists.LiveList(text_model, text_model_choices)]
     lists.wire(refresh, live)
     return {"folder": folder, "resolution": resolution, "open": open_btn, "lists": live}

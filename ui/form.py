@@ -162,12 +162,22 @@ def command_line(config_path: str, *, python: str = "python") -> str:
     return f"{python} train.py --config {shlex.quote(str(config_path))}"
 
 
+def section_visibility(specs: list[FieldSpec], task_type: str, family: str = "") -> dict[str, bool]:
+    """Per group of the Advanced part: shown when any of its keys is (the "FLUX.1 and Chroma" and
+    "Flow-matching transformers" sections only for the families the registry gives them, text
+    settings only for text), so no empty section stays on the page."""
+    return {group: any(s.shown_for(task_type, family) for s in members)
+            for group, members in groups(specs).items() if group != "basic"}
+
+
 def build_form(specs: list[FieldSpec], task_type: str = "image-generation",
-               custom: dict[str, Callable[[FieldSpec, str], Any]] | None = None) -> dict[str, Any]:
+               custom: dict[str, Callable[[FieldSpec, str], Any]] | None = None,
+               sections: dict[str, Any] | None = None) -> dict[str, Any]:
     """Make one Gradio widget per spec: the basic group up front, the others in an "Advanced" accordion.
 
     `custom` maps a key to a factory `(spec, label) -> component` for keys that need a
     richer widget (the base model dropdown); everything else follows the metadata.
+    `sections`, when given, receives each group's accordion (to show or hide it with its keys).
     Must be called inside a Blocks context.
     """
     import gradio as gr
@@ -201,11 +211,15 @@ def build_form(specs: list[FieldSpec], task_type: str = "image-generation",
             with gr.Column():
                 for spec in column:
                     widgets[spec.name] = make(spec)
+    shown = section_visibility(specs, task_type)
     with gr.Accordion("Advanced (every other setting; the defaults are sound)", open=False):
         for group, members in grouped.items():
             if group == "basic":
                 continue
-            with gr.Accordion(GROUP_TITLES.get(group, group.title()), open=False):
+            with gr.Accordion(GROUP_TITLES.get(group, group.title()), open=False, visible=shown[group],
+                              elem_id=f"cfg-section-{group}") as accordion:
+                if sections is not None:
+                    sections[group] = accordion
                 with gr.Row(equal_height=False):
                     for column in (members[0::2], members[1::2]):
                         with gr.Column():

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.memory import MemoryEstimate
+from core.memory import MemoryEstimate, format_gb
 
 
 def memory_words(estimate: MemoryEstimate, model_label: str, device_label: str) -> str:
     """The sentence for an estimate; when it will not fit, what to change follows."""
     verdict = "fits" if estimate.fits else "will likely NOT fit"
-    parts = ", ".join(f"{name} {gb:.1f}" for name, gb in estimate.parts.items() if gb >= 0.05)
-    text = (f"**Memory:** Estimated peak memory: {estimate.total_gb:.1f} GB of your {estimate.budget_gb:.1f} GB "
-            f"usable ({verdict}) — {model_label} on {device_label}.")
+    parts = estimate.parts_text()
+    text = (f"**Memory:** Estimated peak memory: {format_gb(estimate.total_gb)} of your "
+            f"{format_gb(estimate.budget_gb)} usable ({verdict}) — {model_label} on {device_label}.")
     if not estimate.fits and estimate.advice:
         text += f" {estimate.advice}"
-    return text + (f"  \n<small>GB by part: {parts}</small>" if parts else "")
+    unit = "GB by part" if estimate.total_gb >= 0.1 else "By part"
+    return text + (f"  \n<small>{unit}: {parts}</small>" if parts else "")
 
 
 def memory_line(raw: dict[str, Any]) -> str:

@@ -6,8 +6,10 @@ and draws with the Agg backend (no display needed).
 """
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 LossRow = tuple  # (step, loss, smoothed | None, lr | None[, validation loss | None])
 
@@ -19,6 +21,33 @@ def ema(values: Sequence[float], beta: float = 0.9) -> list[float]:
         avg = beta * avg + (1 - beta) * value
         out.append(avg / (1 - beta ** i))
     return out
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def loss_csv_rows(path: str | Path) -> list[LossRow]:
+    """A run's loss.csv (step,loss,lr,val_loss) as plot rows; [] when it is missing or unreadable."""
+    rows: list[LossRow] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for record in csv.DictReader(handle):
+                step, loss = _number(record.get("step")), _number(record.get("loss"))
+                if step is not None and loss is not None:
+                    rows.append((int(step), loss, None, _number(record.get("lr")), _number(record.get("val_loss"))))
+    except OSError:
+        return []
+    return rows
+
+
+def with_history(earlier: Sequence[LossRow], losses: Sequence[LossRow]) -> list[LossRow]:
+    """A resumed run's curve: the rows loss.csv holds from before this process's first step, then its own."""
+    first = losses[0][0] if losses else float("inf")
+    return [row for row in earlier if row[0] < first] + list(losses)
 
 
 def loss_series(losses: Sequence[LossRow]) -> dict[str, list[float]]:

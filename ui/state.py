@@ -35,6 +35,18 @@ def _start_queued(job: Job, config: object) -> None:
     start_run(job, config)
 
 
+_LAST_RUN: list[object] = []  # the TrainConfig of the run started last (a reloaded page shows it again)
+
+
+def remember_run(config: object) -> None:
+    _LAST_RUN[:] = [config]
+
+
+def last_run() -> object | None:
+    """The config of the running (or last) training run this app started; None before the first."""
+    return _LAST_RUN[0] if _LAST_RUN else None
+
+
 QUEUE = RunQueue(JOB, _start_queued)  # runs added while another trains; they start one after another
 
 _allowed_lock = threading.Lock()

@@ -31,7 +31,7 @@ def progress_fraction(snap: JobSnapshot) -> float:
 
 
 def progress_line(snap: JobSnapshot) -> str:
-    """'step 12/100 · epoch 2 · 1.30 s/it · ETA 1:54 · loss 0.1234'."""
+    """'step 12/100 · epoch 2 · 1.30 s/it · ETA 1:54 · smoothed loss 0.1234'."""
     p = snap.progress
     if p is None:
         return "waiting for the first step…" if snap.running else ""
@@ -44,7 +44,8 @@ def progress_line(snap: JobSnapshot) -> str:
     if snap.running:
         parts.append(f"ETA {format_duration(p.eta_seconds)}")
     if p.smoothed_loss is not None:
-        parts.append(f"loss {p.smoothed_loss:.4f}")
+        # The moving average (what the plot's bold line shows), not the step's own loss in loss.csv.
+        parts.append(f"smoothed loss {p.smoothed_loss:.4f}")
     elif p.loss is not None:
         parts.append(f"loss {p.loss:.4f}")
     if p.vram_gb:

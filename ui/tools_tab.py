@@ -144,17 +144,17 @@ def lora_choices() -> list[str]:
     return catalog.lora_files() + catalog.text_adapters()
 
 
-def image_model_choices() -> list[str]:
+def image_model_choices() -> list[tuple[str, str]]:
     """Image base models, after an empty choice (no base model)."""
-    return ["", *catalog.image_models()]
+    return catalog.with_empty("(none)", catalog.image_models())
 
 
-def text_model_choices() -> list[str]:
-    return ["", *catalog.text_models()]
+def text_model_choices() -> list[tuple[str, str]]:
+    return catalog.with_empty("(the one the adapter was trained on)", catalog.text_models())
 
 
-def any_model_choices() -> list[str]:
-    return ["", *catalog.image_models(), *catalog.text_models()]
+def any_model_choices() -> list[tuple[str, str]]:
+    return catalog.with_empty("(none: combine the LoRAs into one LoRA)", [*catalog.image_models(), *catalog.text_models()])
 
 
 GGUF_MODES = {"LoRA adapter (.gguf, used with the base model)": "adapter",

@@ -26,7 +26,7 @@ from core.config import (RETIRED_KEYS, ConfigError, TrainConfig, config_from_dic
 from core.job import JobBusyError
 from ui import catalog, form, lists, state, train_gpus
 from ui.memory_line import memory_line
-from ui.plots import loss_figure
+from ui.plots import loss_csv_rows, loss_figure, with_history
 from ui.queue_view import HEADERS as QUEUE_HEADERS
 from ui.queue_view import queue_rows
 from ui.status import log_text, progress_html, sample_gallery, sample_texts_markdown
@@ -40,8 +40,8 @@ MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank
 
 
 # -- what the form's values mean ------------------------------------------------------
-def preset_choices() -> list[str]:
-    return ["", "auto", *presets.preset_names()]
+def preset_choices() -> list[tuple[str, str]]:
+    return catalog.with_empty("(none: the form's values)", ["auto", *presets.preset_names()])
 
 
 def apply_preset_values(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -133,6 +133,13 @@ def on_base_model(specs: list[form.FieldSpec], task_type: str, base_model: str) 
     return [line, *(gr.update(visible=s.shown_for(task_type, family)) for s in form.kind_specs(specs))]
 
 
+def on_sections(specs: list[form.FieldSpec], task_type: str, base_model: str = "") -> list[Any]:
+    """One update per Advanced section (in build order): a section shows only while one of its keys
+    does, so an SD 1.x model shows no FLUX or flow-matching section and a text task no image ones."""
+    family = model_family_and_line(task_type, base_model)[0] if task_type != "text-generation" else ""
+    return [gr.update(visible=shown) for shown in form.section_visibility(specs, task_type, family).values()]
+
+
 def on_task(specs: list[form.FieldSpec], task_type: str, base_model: str = "") -> list[Any]:
     """[one update per field, the sample gallery]: the fields of the other task hide."""
     family = model_family_and_line(task_type, base_model)[0] if task_type != "text-generation" else ""
@@ -160,6 +167,7 @@ def start_run(job: Any, cfg: TrainConfig) -> None:
     state.allow_folder(cfg.output_dir)
     free_tryout_models()
     cfg, plan = train_gpus.plan_for(cfg)  # several GPUs picked: launched through Accelerate
+    state.remember_run(cfg)
     if plan is not None and plan.launched:
         job.start(cfg, plan)
     else:
@@ -270,6 +278,26 @@ def on_output_name(name: str) -> tuple[Any, Any]:
     return f"./output/{clean}", f"./configs/{clean}.yaml"
 
 
+def run_losses(snap: Any) -> list[tuple]:
+    """The plot's rows: this process's steps, after the earlier steps of a resumed run (from its loss.csv)."""
+    cfg = state.last_run()
+    if cfg is None or not getattr(cfg, "resume_from", ""):
+        return list(snap.losses)
+    return with_history(loss_csv_rows(Path(cfg.output_dir) / "loss.csv"), snap.losses)
+
+
+def on_page_load(specs: list[form.FieldSpec]) -> list[Any]:
+    """[message, progress, one value per field]: a reloaded page shows the running (or last) run's settings
+    and state instead of a blank form and "Idle"."""
+    snap = state.JOB.snapshot()
+    cfg = state.last_run()
+    if cfg is None:
+        return [gr.skip(), progress_html(snap, "train"), *([gr.skip()] * len(specs))]
+    word = "running" if snap.running and snap.kind == "train" else "last"
+    message = f"The form shows the settings of the {word} run **{html.escape(cfg.name)}** (`{cfg.output_dir}`)."
+    return [message, progress_html(snap, "train"), *form.config_values(specs, cfg)]
+
+
 def poll(seen: dict | None) -> tuple[Any, ...]:
     """(progress, plot, gallery, text samples, log, device line, queue, seen): only what changed is redrawn."""
     snap = state.JOB.snapshot()
@@ -291,7 +319,7 @@ def poll(seen: dict | None) -> tuple[Any, ...]:
     gallery_out: Any = gr.skip()
     texts_out: Any = gr.skip()
     if key_losses != seen.get("losses"):
-        plot_out = loss_figure(snap.losses if ours else [])
+        plot_out = loss_figure(run_losses(snap) if ours else [])
         seen["losses"] = key_losses
     if key_samples != seen.get("samples"):
         gallery_out = sample_gallery(snap) if ours else []
@@ -340,9 +368,10 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
             device_md = gr.Markdown(state.device_line() or "Detecting the device …", elem_id="train-device")
             preset_reason = gr.Markdown("", elem_id="train-preset-reason")
             model_md = gr.Markdown("", elem_id="train-base-model")
+            sections: dict[str, Any] = {}
             widgets = form.build_form(specs, custom={"base_model": bind(base_model_widget, refreshers),
                                                      "train_data_dir": bind(data_widget, refreshers),
-                                                     "preset": preset_widget})
+                                                     "preset": preset_widget}, sections=sections)
             with gr.Accordion("Save / load the config (YAML) and the command line", open=False):
                 with gr.Row():
                     config_path = gr.Textbox(value="./configs/my_lora.yaml", label="Config file", max_lines=1,
@@ -392,6 +421,9 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     kind_widgets = [widgets[s.name] for s in form.kind_specs(specs)]
     widgets["base_model"].change(bind(on_base_model, specs), [widgets["task_type"], widgets["base_model"]],
                                  [model_md, *kind_widgets], show_progress="hidden")
+    for trigger in (widgets["task_type"], widgets["base_model"]):
+        trigger.change(bind(on_sections, specs), [widgets["task_type"], widgets["base_model"]],
+                       list(sections.values()), show_progress="hidden")
     widgets["preset"].input(bind(on_preset, train_form), inputs, [preset_reason, *inputs])
     for key in MEMORY_KEYS:
         widgets[key].change(bind(on_estimate, train_form), inputs, memory_md, show_progress="hidden")
@@ -415,4 +447,6 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     for button in refreshers:
         lists.wire(button, live)
     return {"widgets": widgets, "specs": specs, "start": start_btn, "stop": stop_btn, "message": message,
-            "progress": progress, "timer": timer, "lists": live, "queue": queue_table}
+            "progress": progress, "timer": timer, "lists": live, "queue": queue_table,
+            # app.py runs this on every page load (the tab cannot reach its Blocks' load event).
+            "page_load": (bind(on_page_load, specs), [message, progress, *inputs])}

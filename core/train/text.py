@@ -35,6 +35,7 @@ from core.config import TrainConfig
 from core.data import text as text_data
 from core.data.chat_templates import apply_template
 from core.devices import pick_device
+from core.model_info import format_count
 from core.events import CheckpointEvent, DoneEvent, RunContext, SampleEvent
 from core.export import peft_text
 from core.models.llm import load_llm, weight_dtype
@@ -405,7 +406,7 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accele
         load_adapter_weights(peft_model, init_file)
         ctx.log(f"Starting from the LoRA weights in {init_file}")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    ctx.log(f"LoRA ({cfg.lora_variant}) rank {cfg.lora_rank}: {trainable / 1e6:.2f} M trainable parameters")
+    ctx.log(f"LoRA ({cfg.lora_variant}) rank {cfg.lora_rank}: {format_count(trainable)} trainable parameters")
     run_class = preference.PreferenceRun if preference is not None else TextRun
     return run_class(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init,
                      accelerator)

@@ -90,3 +90,32 @@ def test_a_wrong_key_says_so_under_its_field_and_gets_its_help_back_once_fixed()
     second = form.error_marks(specs, {"batch_size": err.value.errors["batch_size"]}, infos, sorted(err.value.errors))
     assert second[names.index("lora_rank")] == {"info": infos["lora_rank"], "elem_classes": []}
     assert second[names.index("batch_size")]["elem_classes"] == ["ls-invalid"]
+
+
+def test_the_flux_and_flow_sections_show_only_for_their_families_and_text_settings_only_for_text():
+    """The README promises the FLUX settings appear only for FLUX models: their whole sections, not just the keys."""
+    from ui import train_tab
+
+    specs = form.field_specs()
+    sections = list(form.section_visibility(specs, "image-generation"))
+
+    def shown(task_type: str, base_model: str) -> set[str]:
+        updates = train_tab.on_sections(specs, task_type, base_model)
+        return {group for group, update in zip(sections, updates) if update["visible"]}
+
+    sd15 = shown("image-generation", "runwayml/stable-diffusion-v1-5")
+    assert not sd15 & {"flux", "flow"} and {"data", "model", "lora", "optim"} <= sd15
+    assert {"flux", "flow"} <= shown("image-generation", "black-forest-labs/FLUX.1-dev")
+    assert not shown("image-generation", "") & {"flux", "flow"}  # no model chosen yet: nothing family-specific
+    text = shown("text-generation", "black-forest-labs/FLUX.1-dev")
+    assert "text" in text and not text & {"flux", "flow"}
+
+
+def test_the_form_is_built_with_the_family_sections_hidden_until_a_model_asks_for_them():
+    import gradio as gr
+
+    sections: dict[str, object] = {}
+    with gr.Blocks():
+        form.build_form(form.field_specs(), sections=sections)
+    assert not sections["flux"].visible and not sections["flow"].visible
+    assert sections["lora"].visible and sections["sample"].visible

@@ -147,14 +147,14 @@ def test_auto_picks_a_preset_for_this_machine_and_says_why(work):
 
 
 def test_a_long_chinese_answer_is_flagged_as_longer_than_max_seq_length(tmp_path):
-    from ui.text_preview import preview_text_data
+    from core.data.text_report import describe_text_data
 
     long_answer = "空腹抽血前八小时不要进食，可以喝少量清水。" * 20  # 400 characters
     data = tmp_path / "clinic.csv"
     data.write_text("prompt,response\n"
                     f"抽血前可以吃东西吗？,{long_answer}\n"
                     "Can I drink water before the test?,Yes: plain water is fine.\n", encoding="utf-8")
-    result = preview_text_data(data, max_seq_length=512)
+    result = describe_text_data(data, max_seq_length=512)
     flagged = [issue for issue in result.issues if "max_seq_length" in issue.problem]
     assert len(flagged) == 1 and "clinic.csv:2" in flagged[0].file
     assert int(result.rows[1][-1]) < 30  # the short English pair is nowhere near
@@ -369,3 +369,84 @@ def test_the_train_form_reads_in_words_with_the_yaml_key_beside_them():
     assert form.human_label("sample_max_new_tokens") == "Preview answer length (tokens)"
     assert form.human_label("some_new_lr_key") == "Some new learning rate key"  # a new key labels itself
     assert all(form.field_label(s.name).endswith(f" · {s.name}") for s in form.field_specs())
+
+
+def test_a_folder_of_questions_and_answers_opens_as_text_data_and_its_files_are_offered_for_training(work):
+    """The Dataset tab used to call such a folder "0 images, 0 usable ... no problems found"."""
+    root, (state, catalog, train_tab, tryout_tab) = work
+    from ui import dataset_tab
+
+    clinic = root / "data" / "clinic"
+    clinic.mkdir(parents=True)
+    (clinic / "faq.csv").write_text("prompt,response\nOpen on Sunday?,No.\nOpen on Sunday?,No.\n", encoding="utf-8")
+    (clinic / "draft.csv").write_text("prompt,response\nOpen on Sunday?,No.\nParking?,\n", encoding="utf-8")
+    (clinic / "prefs.csv").write_text("prompt,chosen,rejected\nHi?,Hello!,Go away.\n", encoding="utf-8")
+    cats = root / "data" / "cats"
+    cats.mkdir()
+    touch(cats / "cat.png")
+    (cats / "cat.txt").write_text("a cat", encoding="utf-8")
+    # The Train tab's data list: the text folder and each of its files; an image folder's captions are not data.
+    assert catalog.datasets() == ["./data/cats", "./data/clinic", "./data/clinic/draft.csv", "./data/clinic/faq.csv",
+                                  "./data/clinic/prefs.csv"]
+
+    summary, gallery, health, table, *_ = dataset_tab.open_dataset("./data/clinic/faq.csv", 512, "", 512, False)
+    assert summary.startswith("**faq.csv** — 2 examples (chat).") and "images" not in summary
+    assert "Tokens per example, estimated from words and marks" in summary and "reads up to 8192" in summary
+    assert health[0][:3] == ["info", "faq.csv:3", "same as faq.csv:2"]
+    assert table["visible"] and table["value"][0][2:4] == ["Open on Sunday?", "No."]
+    summary, gallery, health, *_ = dataset_tab.open_dataset("./data/clinic/draft.csv", 512)
+    assert summary.startswith("**draft.csv** cannot be used yet") and "draft.csv:3" in health[0][2]
+    summary, *_ = dataset_tab.open_dataset("./data/clinic/prefs.csv", 512)
+    assert "1 preference comparisons" in summary
+
+
+def test_an_empty_choice_reads_what_it_means_instead_of_a_bare_tick(work):
+    root, (state, catalog, train_tab, tryout_tab) = work
+    from ui import dataset_tab, tools_tab
+
+    for choices in (train_tab.preset_choices(), tools_tab.image_model_choices(), tools_tab.text_model_choices(),
+                    tools_tab.any_model_choices(), dataset_tab.text_model_choices()):
+        label, value = choices[0]
+        assert value == "" and label.startswith("(") and len(label) > 3
+    assert ("auto", "auto") in train_tab.preset_choices()
+
+
+def test_a_reloaded_page_shows_the_running_runs_settings_and_state_instead_of_a_blank_idle_form(work):
+    root, (state, catalog, train_tab, tryout_tab) = work
+    from core.config import config_from_dict
+    from ui import form
+
+    specs = form.field_specs()
+    message, progress, *values = train_tab.on_page_load(specs)
+    assert "Idle" in progress and len(values) == len(specs)  # nothing started yet: the form stays as it is
+    cfg = config_from_dict({"task_type": "text-generation", "train_data_dir": "./data/faq.csv",
+                            "output_dir": str(root / "output" / "faq_lora"), "lora_rank": 4, "epochs": 3},
+                           check_paths=False)
+    state.remember_run(cfg)
+    message, progress, *values = train_tab.on_page_load(specs)
+    by_name = dict(zip([s.name for s in specs], values))
+    assert (by_name["task_type"], by_name["lora_rank"], by_name["epochs"]) == ("text-generation", 4, 3)
+    assert "the last run **faq_lora**" in message
+
+
+def test_after_a_resume_the_plot_draws_the_whole_run_from_loss_csv(work):
+    root, (state, catalog, train_tab, tryout_tab) = work
+    from core.config import config_from_dict
+    from core.job import JobSnapshot
+    from ui.plots import loss_series
+
+    out = root / "output" / "cats"
+    out.mkdir(parents=True)
+    # The first run's 6 steps (and a 7th the checkpoint at step 6 did not keep: the resume drops it).
+    (out / "loss.csv").write_text("step,loss,lr,val_loss\n" + "".join(f"{s},{1.0 / s:.4f},0.001,\n" for s in range(1, 8)),
+                                  encoding="utf-8")
+    resumed = JobSnapshot(state="running", kind="train", name="cats",
+                          losses=[(7, 0.15, 0.15, 0.001, None), (8, 0.12, 0.14, 0.001, None)])
+    state.remember_run(config_from_dict({"train_data_dir": "./data/cats", "output_dir": str(out), "base_model": "x",
+                                         "resume_from": "latest"}, check_paths=False))
+    assert loss_series(train_tab.run_losses(resumed))["step"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert train_tab.run_losses(resumed)[-2:] == resumed.losses  # this process's own rows win
+    # A fresh run in the same folder never shows the old curve.
+    state.remember_run(config_from_dict({"train_data_dir": "./data/cats", "output_dir": str(out), "base_model": "x"},
+                                        check_paths=False))
+    assert train_tab.run_losses(resumed) == resumed.losses

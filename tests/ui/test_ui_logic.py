@@ -50,7 +50,7 @@ def running(**progress) -> JobSnapshot:
 
 def test_the_progress_line_shows_step_epoch_speed_eta_and_loss():
     line = status.progress_line(running())
-    assert line == "step 25/100 · epoch 2 · 1.50 s/it · ETA 1:52 · loss 0.1234"
+    assert line == "step 25/100 · epoch 2 · 1.50 s/it · ETA 1:52 · smoothed loss 0.1234"
     assert "25%" not in line and status.progress_fraction(running()) == 0.25
 
 
