@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.caption import CaptionOptions, caption_folder, load_captioner  # noqa: E402
-from tests.fixtures.tiny_blip import build_mixed_photo_folder, build_tiny_blip  # noqa: E402
+from core.caption.tiny import build_mixed_photo_folder, build_tiny_blip  # noqa: E402
 
 
 def make_folder(folder: Path, count: int) -> None:

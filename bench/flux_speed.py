@@ -70,8 +70,8 @@ def build_model(folder: Path, *, double: int, single: int, t5_layers: int, toy: 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from tests.fixtures.tiny_flux import tiny_t5_tokenizer
-    from tests.fixtures.tiny_sd import tiny_tokenizer
+    from core.families.tiny_parts import tiny_t5_tokenizer
+    from core.families.tiny_parts import tiny_tokenizer
 
     torch.manual_seed(0)
     if toy:

@@ -63,7 +63,8 @@ def precisions() -> list[str]:
 
 def build_models(work: Path, toy: bool) -> dict[str, Path]:
     """The SD 1.5-shaped and the FLUX-width models as diffusers folders, and a folder of images."""
-    from tests.fixtures.tiny_sd import build_tiny_sd, make_image_folder
+    from core.families.sd.tiny import build_tiny_sd
+    from core.families.tiny_parts import make_image_folder
 
     sd = build_tiny_sd(work / "sd", "sd1").folder if toy else build_full_sd15(work / "sd15")
     flux = build_flux(work / "flux", double=1, single=2, t5_layers=1, toy=toy)

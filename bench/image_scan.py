@@ -25,7 +25,7 @@ from core.config import TrainConfig  # noqa: E402
 from core.data.health import health_check  # noqa: E402
 from core.data.image_io import load_rgb  # noqa: E402
 from core.data.images import find_image_files, scan_image_dataset  # noqa: E402
-from tests.fixtures.image_folders import skimage_data_dir  # noqa: E402
+from core.caption.tiny import skimage_data_dir  # noqa: E402
 
 SOURCES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "retina.jpg")
 

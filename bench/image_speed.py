@@ -61,7 +61,7 @@ def build_full_sd15(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.fixtures.tiny_sd import tiny_tokenizer
+    from core.families.tiny_parts import tiny_tokenizer
 
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
@@ -198,7 +198,8 @@ def main() -> None:
                         help="torch threads per side (1 is fastest on shared, busy cores).")
     parser.add_argument("--keep", default="", help="Folder to keep the built model in (reused when present).")
     opts = parser.parse_args()
-    from tests.fixtures.tiny_sd import build_tiny_sd, make_image_folder
+    from core.families.sd.tiny import build_tiny_sd
+    from core.families.tiny_parts import make_image_folder
 
     work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="image_speed_"))
     work.mkdir(parents=True, exist_ok=True)

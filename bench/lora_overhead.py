@@ -50,7 +50,8 @@ def build_pipeline(full: bool, work: Path) -> Any:
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.fixtures.tiny_sd import build_tiny_sd, tiny_tokenizer
+    from core.families.sd.tiny import build_tiny_sd
+    from core.families.tiny_parts import tiny_tokenizer
 
     torch.manual_seed(0)
     if full:

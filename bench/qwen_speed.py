@@ -53,7 +53,7 @@ def build_model(folder: Path, *, blocks: int, te_layers: int, toy: bool) -> Path
     from diffusers import QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from tests.fixtures.tiny_qwen import tiny_qwen_text_encoder, tiny_qwen_tokenizer, tiny_qwen_vae
+    from core.families.qwen_image.tiny import tiny_qwen_text_encoder, tiny_qwen_tokenizer, tiny_qwen_vae
 
     torch.manual_seed(0)
     tokenizer = tiny_qwen_tokenizer()

@@ -62,9 +62,9 @@ def build_model(folder: Path, *, blocks: int, clip_g_layers: int, t5_layers: int
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from tests.fixtures.tiny_flux import tiny_t5_tokenizer
-    from tests.fixtures.tiny_sd import tiny_tokenizer
-    from tests.fixtures.tiny_sd3 import tiny_sd3_t5, tiny_sd3_transformer, tiny_sd3_vae
+    from core.families.tiny_parts import tiny_t5_tokenizer
+    from core.families.tiny_parts import tiny_tokenizer
+    from core.families.sd3.tiny import tiny_sd3_t5, tiny_sd3_transformer, tiny_sd3_vae
 
     torch.manual_seed(0)
     if toy:

@@ -17,7 +17,7 @@ from typing import Any
 
 
 def make_images(folder: Path, count: int, size: int) -> Path:
-    from tests.fixtures.tiny_sd import make_image_folder
+    from core.families.tiny_parts import make_image_folder
 
     return make_image_folder(folder, count=count, size=(size, size))
 

@@ -99,7 +99,8 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from tests.fixtures.tiny_sd import build_tiny_sd, make_image_folder
+    from core.families.sd.tiny import build_tiny_sd
+    from core.families.tiny_parts import make_image_folder
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(names) - set(VARIANTS)

@@ -51,8 +51,8 @@ def build_model(folder: Path, *, layers: int, qwen_layers: int, toy: bool) -> Pa
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from tests.fixtures.tiny_llm import build_tokenizer
-    from tests.fixtures.tiny_zimage import tiny_zimage_vae
+    from core.families.tiny_parts import chat_bpe_tokenizer as build_tokenizer
+    from core.families.zimage.tiny import tiny_zimage_vae
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()

@@ -239,7 +239,7 @@ def test_the_preview_of_an_unreadable_file_raises_a_friendly_error(mixed_image_f
 
 
 def test_a_real_clip_tokenizer_counts_the_tokens_the_text_encoder_sees(photo_image_folder):
-    from tests.fixtures.tiny_sd import tiny_tokenizer
+    from core.families.tiny_parts import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()  # a real CLIPTokenizer, one token per character
     caption = "a cat sitting on a red sofa in the evening light, film grain, soft focus"

@@ -94,6 +94,10 @@ def test_the_engine_and_the_app_reach_families_only_through_the_contract():
 def test_no_family_package_imports_another():
     bad = []
     for path in _modules("core/families"):
+        if path.name == "tiny.py":
+            # The tiny-model builders (tests and bench/ only, never imported by the app) share the stand-ins
+            # of core/families/tiny_parts.py and may use another family's converter to write ComfyUI's files.
+            continue
         own = _family_of(_module_name(path))
         for line, module, _ in imports_of(path):
             other = _family_of(module)

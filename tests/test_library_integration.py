@@ -4,7 +4,7 @@ When a bump of the lock (tools/update_lock.py) breaks one of these, the test nam
 library and the call, instead of a user meeting the library's own error deep in a run.
 The other meeting points are guarded where they are exercised end to end:
 - diffusers `load_lora_weights` reading our kohya and diffusers files: tests/test_export_kohya.py,
-  tests/test_sd_loading.py;
+  tests/families/sd/test_sd_loading.py;
 - transformers' GGUF dequantization: tests/test_text_models.py, tests/test_text_smollm2.py;
 - accelerate's multi-process group: tests/test_multi_process.py.
 """

@@ -59,7 +59,7 @@ class GoldenFamily:
 
 def _sd(variant: str) -> Callable[[Path], Path]:
     def build(root: Path) -> Path:
-        from tests.fixtures.tiny_sd import build_tiny_sd
+        from core.families.sd.tiny import build_tiny_sd
 
         return build_tiny_sd(root, variant).folder
     return build
@@ -67,26 +67,26 @@ def _sd(variant: str) -> Callable[[Path], Path]:
 
 def _flux(variant: str) -> Callable[[Path], Path]:
     def build(root: Path) -> Path:
-        from tests.fixtures.tiny_flux import build_tiny_flux
+        from core.families.flux.tiny import build_tiny_flux
 
         return build_tiny_flux(root, variant, comfy=False).folder
     return build
 
 
 def _sd3(root: Path) -> Path:
-    from tests.fixtures.tiny_sd3 import build_tiny_sd3
+    from core.families.sd3.tiny import build_tiny_sd3
 
     return build_tiny_sd3(root, "sd3", comfy=False).folder
 
 
 def _zimage(root: Path) -> Path:
-    from tests.fixtures.tiny_zimage import build_tiny_zimage
+    from core.families.zimage.tiny import build_tiny_zimage
 
     return build_tiny_zimage(root).folder
 
 
 def _qwen(root: Path) -> Path:
-    from tests.fixtures.tiny_qwen import build_tiny_qwen
+    from core.families.qwen_image.tiny import build_tiny_qwen
 
     return build_tiny_qwen(root, "qwen-image", comfy=False).folder
 

@@ -86,7 +86,7 @@ def test_the_tools_tab_inspects_converts_and_resizes_a_flux_lora(tmp_path):
     from peft.utils import get_peft_model_state_dict
 
     from core.families.flux.lora import add_flux_lora
-    from tests.fixtures.tiny_flux import tiny_flux_transformer
+    from core.families.flux.tiny import tiny_flux_transformer
     from ui import tools_tab
 
     model = tiny_flux_transformer()

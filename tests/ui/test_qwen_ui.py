@@ -39,7 +39,7 @@ def test_the_train_tab_names_qwen_image_and_shows_the_flow_keys_only(train_tab, 
 
 def test_the_tools_tab_inspects_and_converts_a_qwen_lora(tmp_path):
     from core.families.qwen_image.lora_files import write_kohya_file
-    from tests.test_qwen_files import _peft_state
+    from tests.families.qwen_image.test_qwen_files import _peft_state
     from ui import tools_tab
 
     file = write_kohya_file(_peft_state(), tmp_path / "qwen.safetensors", variant="qwen-image", alpha=4,

@@ -12,6 +12,7 @@ import torch
 from core.families.sd3 import keys as sd3_keys
 from core.families.sd3 import load as sd3_load
 from core.family_api.registry import FAMILIES
+from tests.families.comfy_keys import comfy_load, unet_key_map
 
 
 def _write_keys(path: Path, keys: list[str]) -> Path:
@@ -177,28 +178,6 @@ def _trained_lora(folder: Path, rank: int = 4, alpha: float = 2.0, seed: int = 0
     return transformer, config
 
 
-def _comfy_key_map(mmdit_weight_keys: set[str]) -> dict[str, str]:
-    """comfy/lora.py model_lora_keys_unet, first loop: every `diffusion_model.<k>.weight` of the model is
-    reachable as `lora_unet_<k with . -> _>` and as `diffusion_model.<k>` itself."""
-    key_map = {}
-    for key in mmdit_weight_keys:
-        module = key[len("diffusion_model."):-len(".weight")]
-        key_map["lora_unet_" + module.replace(".", "_")] = key
-        key_map[key[:-len(".weight")]] = key
-    return key_map
-
-
-def _comfy_load(lora: dict[str, torch.Tensor], key_map: dict[str, str]) -> tuple[dict[str, tuple], set[str]]:
-    """comfy/lora.py load_lora for plain LoRA modules: (patches by model key, keys it did not load)."""
-    patches, loaded = {}, set()
-    for name, target in key_map.items():
-        up, down, alpha = f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"
-        if up in lora:
-            patches[target] = (lora[up], lora[down], lora[alpha].item() if alpha in lora else None)
-            loaded |= {up, down} | ({alpha} if alpha in lora else set())
-    return patches, set(lora) - loaded
-
-
 def test_the_kohya_file_loads_in_comfyui_key_for_key_with_the_trained_delta(tiny_sd3, tmp_path):
     from safetensors.torch import load_file
 
@@ -212,7 +191,7 @@ def test_the_kohya_file_loads_in_comfyui_key_for_key_with_the_trained_delta(tiny
     # The MMDiT's own weights: the model ComfyUI builds from sd3.5_medium.safetensors.
     plain = {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if "lora_" not in k}
     mmdit = {"diffusion_model." + k: v for k, v in sd3_keys.diffusers_to_mmdit(plain).items()}
-    patches, not_loaded = _comfy_load(lora, _comfy_key_map({k for k in mmdit if k.endswith(".weight")}))
+    patches, not_loaded = comfy_load(lora, unet_key_map({k for k in mmdit if k.endswith(".weight")}))
     assert not not_loaded, sorted(not_loaded)[:5]
     assert "diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in patches
     assert "diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight" in patches

@@ -65,7 +65,7 @@ def test_edit_prompt_encoding_feeds_the_control_image_to_the_vl_encoder(tiny_qwe
     from PIL import Image
 
     from core.families.qwen_image.text import encode_prompt_list, load_vl_processor, stack_prompts
-    from tests.fixtures.tiny_qwen import edit_pipeline
+    from core.families.qwen_image.tiny import edit_pipeline
 
     pipe = edit_pipeline(QwenImagePipeline.from_pretrained(tiny_qwen_edit.folder).components)
     ours_processor = load_vl_processor(str(tiny_qwen_edit.folder), pipe.tokenizer, True)

@@ -1,6 +1,6 @@
 """FLUX.1 / Chroma LoRA files through the LoRA tools: inspect, convert (kohya BFL <-> diffusers),
-resize and merge, and the `--family` choices of tools/export.py, from a tiny transformer's LoRA
-written by write_flux_kohya_file."""
+and the `--family` choices of tools/export.py, from a tiny transformer's LoRA
+written by write_flux_kohya_file (resize and merge: the conformance suite)."""
 from __future__ import annotations
 
 import subprocess
@@ -15,18 +15,15 @@ from core.export.inspect import inspect_lora, lora_family_mismatch
 from core.families.flux.lora_files import bfl_module_from_kohya, read_flux_lora, write_flux_kohya_file
 from core.tools.convert import convert_lora, read_lora
 from core.tools.describe import describe_info
-from core.tools.extract import resize_file
-from core.tools.merge import combine_files
-from core.tools.modules import LoraModule
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _peft_state(variant: str, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     from core.families.flux.lora import add_flux_lora
-    from tests.fixtures.tiny_flux import tiny_chroma_transformer, tiny_flux_transformer
+    from core.families.flux.tiny import tiny_chroma_transformer, tiny_flux_transformer
 
     model = tiny_chroma_transformer() if variant == "chroma" else tiny_flux_transformer(variant == "flux-dev")
     add_flux_lora(model, rank, 2 * rank)
@@ -97,35 +94,6 @@ def test_convert_kohya_to_diffusers_and_back_keeps_every_delta(flux_file, tmp_pa
         torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-6)
     meta = read_lora(back).metadata
     assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
-
-
-def test_resize_to_the_full_rank_keeps_the_deltas_and_to_a_lower_rank_shrinks_them(flux_file, tmp_path):
-    lora = read_lora(flux_file)
-    # Fused modules hold every part: qkv rank 3 x 4, linear1 (q, k, v, proj_mlp) 4 x 4.
-    full, report = resize_file(flux_file, tmp_path / "full.safetensors", rank=16, dtype=None)
-    assert report.max_error < 1e-5
-    for name, delta in _deltas(read_lora(full)).items():
-        torch.testing.assert_close(delta, lora.modules[name].delta(), rtol=1e-4, atol=1e-5)
-    small, report = resize_file(flux_file, tmp_path / "r2.safetensors", rank=2, dtype=None)
-    resized = read_lora(small)
-    assert {m.rank for m in resized.modules.values()} == {2} and report.max_error > 0
-    assert inspect_lora(small).family == "flux-dev"
-    assert resized.metadata["ss_resized_from"] == flux_file.name
-
-
-def test_merging_two_flux_loras_adds_their_deltas(flux_file, tmp_path):
-    other = write_flux_kohya_file(_peft_state("flux-dev", seed=1), tmp_path / "other.safetensors",
-                                  variant="flux-dev", alpha=8, dtype=torch.float32)
-    merged, _ = combine_files([flux_file, other], [1.0, 0.5])
-    a, b = read_lora(flux_file), read_lora(other)
-    for name, module in merged.modules.items():
-        assert isinstance(module, LoraModule)
-        torch.testing.assert_close(module.delta(), a.modules[name].delta() + 0.5 * b.modules[name].delta(),
-                                   rtol=1e-4, atol=1e-5)
-    from core.tools.convert import write_like
-
-    out = write_like(merged, tmp_path / "merged.safetensors", dtype=None)
-    assert inspect_lora(out).family == "flux-dev"
 
 
 def test_the_cli_family_choices_come_from_the_family_table(flux_file, tmp_path):

@@ -1,5 +1,5 @@
 """Z-Image (Turbo and base): registry sizes from the real configs, loading a diffusers folder and ComfyUI's
-single files, Qwen3 prompts as ZImagePipeline encodes them, training through ImageRun (stop + resume exact),
+single files, Qwen3 prompts as ZImagePipeline encodes them, training through ImageRun,
 and both LoRA files: ComfyUI's key map (reimplemented from comfy/lora.py) and diffusers' loader read every
 key, and both give the trained model's dW."""
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.families.comfy_keys import unet_key_map
+
 from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
-from tests.helpers import read_loss_csv
 
 
 @pytest.fixture
@@ -95,17 +96,6 @@ def test_the_loss_is_the_diffusers_scripts_objective(tiny_zimage):
     torch.testing.assert_close(ours.detach(), torch.nn.functional.mse_loss(pred, noise - x0))
 
 
-def _comfy_key_map(native_weights: list[str]) -> dict[str, str]:
-    """ComfyUI's model_lora_keys_unet for a Lumina2 model, generic part (from comfy/lora.py): every weight
-    `diffusion_model.<k>.weight` is reachable as `lora_unet_<k with _>` and as `diffusion_model.<k>`."""
-    key_map = {}
-    for weight in native_weights:
-        k = f"diffusion_model.{weight}"
-        key_map["lora_unet_" + weight[: -len(".weight")].replace(".", "_")] = k
-        key_map[k[: -len(".weight")]] = k
-    return key_map
-
-
 def _dw(peft: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
     out = {}
     for key, a in peft.items():
@@ -121,7 +111,7 @@ def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, t
     from safetensors import safe_open
 
     from core.families.zimage.lora_files import read_lora
-    from tests.fixtures.tiny_zimage import native_transformer_state
+    from core.families.zimage.tiny import native_transformer_state
 
     out = tmp_path / "out"
     outputs, events = run_collect(_config(tiny_zimage.folder, two_images, out, output_name="zi", lora_alpha=2,
@@ -143,7 +133,7 @@ def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, t
     # ComfyUI: every module of the file is a key of its map, pointing at a weight of the native model.
     native = list(native_transformer_state(ZImagePipeline.from_pretrained(str(tiny_zimage.folder))
                                            .transformer.state_dict()))
-    comfy = _comfy_key_map([k for k in native if k.endswith(".weight")])
+    comfy = unet_key_map([k for k in native if k.endswith(".weight")])
     modules = {re.sub(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", "", k) for k in keys}
     assert modules <= set(comfy), sorted(modules - set(comfy))[:5]
     assert comfy["lora_unet_layers_0_attention_qkv"] == "diffusion_model.layers.0.attention.qkv.weight"
@@ -171,35 +161,6 @@ def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, t
             torch.testing.assert_close(got[path_].float(), expect[path_], atol=1e-5, rtol=1e-4)
     for path_ in expect:
         torch.testing.assert_close(_dw(from_kohya, kohya_alphas)[path_], expect[path_], atol=1e-6, rtol=1e-5)
-
-
-def test_stop_and_resume_give_the_uninterrupted_runs_losses_from_comfy_files(tiny_zimage, two_images, tmp_path):
-    common = dict(max_train_steps=4, save_steps=2, lr_scheduler="cosine", lr_warmup_steps=1,
-                  base_model_config=str(tiny_zimage.folder))
-    model = tiny_zimage.comfy_transformer
-    straight = tmp_path / "straight"
-    _, events = run_collect(_config(model, two_images, straight, **common))
-    assert any(getattr(e, "message", "").startswith("Model: Z-Image-Turbo (single file)") for e in events)
-    stopped = tmp_path / "stopped"
-    run_collect(_config(model, two_images, stopped, **common), stop_at=2)
-    _, resumed = run_collect(_config(model, two_images, stopped, resume_from="latest", **common))
-    assert [e.step for e in resumed if e.kind == "progress"] == [3, 4]
-    a, b = read_loss_csv(straight), read_loss_csv(stopped)
-    assert [r.step for r in b] == [1, 2, 3, 4]
-    for row_a, row_b in zip(a, b):
-        assert row_a.loss == pytest.approx(row_b.loss, rel=1e-5), f"step {row_a.step}"
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
-def test_gpu_only_settings_are_refused_on_the_cpu():
-    from core.config import TrainConfig
-    from core.families.zimage.family import ZIMAGE
-
-    check = ZIMAGE.check
-    with pytest.raises(ValueError, match="blocks_to_swap needs a CUDA GPU"):
-        check(TrainConfig(base_model="x", train_data_dir="y", blocks_to_swap=4))
-    with pytest.raises(ValueError, match="CUDA"):
-        check(TrainConfig(base_model="x", train_data_dir="y", base_quantization="nf4"))
 
 
 def test_the_family_layer_names_z_image_from_its_files_and_headers(tiny_zimage, tmp_path):

@@ -459,7 +459,7 @@ def test_same_generator_same_loss(dev_model):
 
 
 def test_lora_presets_pick_the_right_layers():
-    from tests.fixtures.tiny_flux import tiny_chroma_transformer, tiny_flux_transformer
+    from core.families.flux.tiny import tiny_chroma_transformer, tiny_flux_transformer
 
     model = tiny_flux_transformer()
     every = flux_lora.flux_lora_targets(model, "all")
@@ -564,7 +564,7 @@ def test_fp8_storage_can_cast_the_modulation_linears_too(tiny_flux_dev):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
 def test_gpu_only_switches_explain_themselves_on_the_cpu():
-    from tests.fixtures.tiny_flux import tiny_flux_transformer
+    from core.families.flux.tiny import tiny_flux_transformer
 
     applied, message = low_memory.apply_group_offload(tiny_flux_transformer())
     assert not applied and "needs a CUDA GPU" in message and message.endswith(".")

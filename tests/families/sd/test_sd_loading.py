@@ -110,6 +110,6 @@ def test_the_example_configs_are_valid():
     import yaml
 
     for name in ("image_example.yaml", "sdxl_example.yaml"):
-        path = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / name
+        path = __import__("pathlib").Path(__file__).resolve().parents[3] / "configs" / name
         cfg = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), check_paths=False)
         assert cfg.is_image and cfg.sample_prompts

@@ -1,6 +1,5 @@
 """FLUX.1 and Chroma LoRAs train end to end like SD ones: train.py from a YAML, both files written
-and loadable, stop + resume_from: latest exact, Chroma's own sampling, fp8 storage on the CPU,
-and GPU-only settings refused on a machine without CUDA before anything loads."""
+and loadable, Chroma's own sampling, fp8 storage on the CPU."""
 from __future__ import annotations
 
 import os
@@ -15,9 +14,8 @@ import yaml
 from safetensors import safe_open
 
 from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
-from tests.helpers import read_loss_csv
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -85,25 +83,6 @@ def test_a_tiny_flux_dev_trains_from_a_yaml_with_train_py_and_writes_both_files(
     assert base.size == (32, 32)
     assert np.array_equal(np.asarray(zero), np.asarray(base))
     assert not np.array_equal(np.asarray(full), np.asarray(base))
-
-
-def test_stop_at_step_2_and_resume_from_latest_gives_the_uninterrupted_runs_losses(tiny_flux_dev, two_images,
-                                                                                     tmp_path):
-    common = dict(max_train_steps=4, save_steps=2, lr_scheduler="cosine", lr_warmup_steps=1, caption_dropout=0.3)
-    straight = tmp_path / "straight"
-    run_collect(_config(tiny_flux_dev.folder, two_images, straight, **common))
-
-    stopped = tmp_path / "stopped"
-    outputs, events = run_collect(_config(tiny_flux_dev.folder, two_images, stopped, **common), stop_at=2)
-    assert [e for e in events if e.kind == "done"][0].stopped
-    assert Path(outputs["lora"]).is_file()
-    _, resumed = run_collect(_config(tiny_flux_dev.folder, two_images, stopped, resume_from="latest", **common))
-    assert [e.step for e in resumed if e.kind == "progress"] == [3, 4]
-    a, b = read_loss_csv(straight), read_loss_csv(stopped)
-    assert [r.step for r in b] == [1, 2, 3, 4]
-    for row_a, row_b in zip(a, b):
-        assert row_a.lr == pytest.approx(row_b.lr, rel=1e-6)
-        assert row_a.loss == pytest.approx(row_b.loss, rel=1e-5), f"step {row_a.step}"
 
 
 def test_chroma_trains_with_sigmoid_sampling_and_no_guidance(tiny_chroma, two_images, tmp_path, monkeypatch):
@@ -178,29 +157,6 @@ def test_fp8_base_trains_on_the_cpu(tiny_flux_dev, two_images, tmp_path, monkeyp
     assert any(p.abs().sum() > 0 for n, p in trained[0].named_parameters() if "lora_B" in n)
     _, meta = _header(Path(outputs["lora"]))
     assert meta["ss_base_model_version"] == "flux1"
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
-@pytest.mark.parametrize("setting, words", [({"base_quantization": "nf4"}, "NF4 quantization needs a CUDA GPU"),
-                                            ({"blocks_to_swap": 4}, "blocks_to_swap needs a CUDA GPU")])
-def test_gpu_only_settings_on_a_cpu_machine_say_so_before_loading_anything(tiny_flux_dev, two_images, tmp_path,
-                                                                            monkeypatch, setting, words):
-    from core.events import RunContext
-    from core.families.flux import load as flux_load
-    from core.presets import resolve_config
-    from core.train import run_training
-
-    def never(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(flux_load, "load_flux_model", never)
-    events: list = []
-    ctx = RunContext()
-    ctx.listeners.append(events.append)
-    with pytest.raises(ValueError, match=words):
-        run_training(resolve_config(_config(tiny_flux_dev.folder, two_images, tmp_path / "out", **setting)), ctx)
-    logs = [e.message for e in events if e.kind == "log"]
-    assert not any(m.startswith(("Scanning", "Loading model")) for m in logs), logs
 
 
 def test_the_family_is_read_from_the_models_files(tiny_flux_dev, tiny_chroma, tiny_sd1):

@@ -84,7 +84,7 @@ def test_the_tools_hook_converts_both_ways_with_the_same_dw(tmp_path):
     from core.family_api.lookup import family_impl
     from core.families.zimage.lora_files import read_lora, write_kohya_file
     from core.tools.modules import LoraModule
-    from tests.fixtures.tiny_zimage import tiny_zimage_transformer
+    from core.families.zimage.tiny import tiny_zimage_transformer
 
     from core.families.zimage.load import lora_targets
 

@@ -1,0 +1,1 @@
+"""Tests only the sd family has (the shared stories are the conformance suite in tests/families/)."""
