@@ -273,6 +273,24 @@ def latent_call(*, steps: int, width: int, height: int, seed: int, **guidance: f
                 return_dict=False, generator=torch.Generator(device="cpu").manual_seed(seed))
 
 
+def draw_each(pipe: Any, prompts: Sequence[str], call_for: Callable[[str], dict[str, Any]],
+              decode: Callable[[torch.Tensor], list[Any]], *, dtype: torch.dtype) -> list[Any]:
+    """One image per prompt: the pipeline's call for it (`call_for`, the family's arguments) gives latents,
+    the transformer under autocast in `dtype` (an fp32 LoRA on bf16 / fp8 base layers), which the family
+    decodes (its AE in fp32); memory is freed between images."""
+    from core.devices import free_memory
+
+    device = pipe.vae.device
+    images = []
+    for prompt in prompts:
+        kwargs = call_for(prompt)
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+            latents = pipe(**kwargs)[0]
+        images.extend(decode(latents))
+        free_memory()
+    return images
+
+
 def place_for_tryout(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """The Test tab's model on `device`: the transformer and text encoders in `dtype`, the AE in fp32."""
     from core.sample import move

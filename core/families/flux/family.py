@@ -22,7 +22,7 @@ from core.hub import offline
 from core.config import TrainConfig
 from core.family_api.contract import Batch
 from core.family_api.registry import family_info
-from core.families.dit.default import (TransformerSpec, flow_scheduler, latent_call, place_for_tryout, preview_size,
+from core.families.dit.default import (TransformerSpec, draw_each, flow_scheduler, latent_call, place_for_tryout, preview_size,
                                        sample_settings, transformer_family)
 
 
@@ -212,12 +212,10 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     The transformer runs under autocast in `dtype` (an fp32 LoRA on bf16 / fp8 base layers), the
     AE decodes in fp32. FLUX.1's `guidance` is its distilled guidance input; Chroma's is real CFG.
     """
-    from core.devices import free_memory
-
     chroma = _is_chroma_pipe(pipe)
     device = pipe.vae.device
-    images = []
-    for prompt in prompts:
+
+    def call_for(prompt: str) -> dict[str, Any]:
         kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
         if embeds is None:
             kwargs["prompt"] = prompt
@@ -234,11 +232,9 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
                               negative_prompt_attention_mask=neg.attention_mask.to(dtype))
             else:
                 kwargs["pooled_prompt_embeds"] = e.pooled
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
-            packed = pipe(**kwargs)[0]
-        images.extend(_decode(pipe, packed, width, height))
-        free_memory()
-    return images
+        return kwargs
+
+    return draw_each(pipe, prompts, call_for, lambda packed: _decode(pipe, packed, width, height), dtype=dtype)
 
 
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,

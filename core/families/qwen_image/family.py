@@ -22,7 +22,7 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.dit.common import first_text_encoder_file
-from core.families.dit.default import (TransformerSpec, flow_scheduler, latent_call, place_for_tryout,
+from core.families.dit.default import (TransformerSpec, draw_each, flow_scheduler, latent_call, place_for_tryout,
                                        sample_settings, transformer_family)
 from core.families.qwen_image.load import (QwenModel, decode_latents, denormalize_latents, detect, encode_moments,
                                            normalize_latents)
@@ -165,15 +165,14 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     Edit (QwenImageEditPipeline): `control` (a PIL image) is the image to edit; `embeds` then must be the
     prompts' encodings with that image (or None: the pipeline's VL encoder encodes them).
     """
-    from core.devices import free_memory
     from core.families.dit.flow import unpack_latents
 
     device = pipe.vae.device
-    images = []
     step = pipe.vae_scale_factor * 2
     width, height = max(step, width // step * step), max(step, height // step * step)
     cfg_on = guidance > 1.0
-    for prompt in prompts:
+
+    def call_for(prompt: str) -> dict[str, Any]:
         kwargs = latent_call(steps=steps, true_cfg_scale=guidance, width=width, height=height, seed=seed)
         if control is not None:
             kwargs["image"] = control
@@ -187,12 +186,12 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
             if cfg_on:
                 n = embeds([negative_prompt or ""]).to(device, dtype)
                 kwargs.update(negative_prompt_embeds=n.embeds, negative_prompt_embeds_mask=n.mask)
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
-            packed = pipe(**kwargs)[0]
-        latents = unpack_latents(packed.float(), 2 * (height // step), 2 * (width // step))
-        images.extend(decode_latents(pipe.vae, latents))
-        free_memory()
-    return images
+        return kwargs
+
+    def decode(packed: torch.Tensor) -> list[Image.Image]:
+        return decode_latents(pipe.vae, unpack_latents(packed.float(), 2 * (height // step), 2 * (width // step)))
+
+    return draw_each(pipe, prompts, call_for, decode, dtype=dtype)
 
 
 def preview_size(model: QwenModel, resolution: int) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from core.config import TrainConfig
-from core.families.dit.default import (TransformerSpec, flow_scheduler, latent_call, place_for_tryout, preview_size,
+from core.families.dit.default import (TransformerSpec, draw_each, flow_scheduler, latent_call, place_for_tryout, preview_size,
                                        sample_settings, timestep_sampling, transformer_family)
 from core.families.sd3.loss import flow_shift, make_loss
 from core.families.sd3.text import encode_entries, prompt_identity, stack
@@ -114,12 +114,11 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
              embeds: Callable[[list[str]], Any] | None = None, dtype: torch.dtype = torch.float32
              ) -> list[Image.Image]:
     """One image per prompt from the same seed (real CFG); `embeds`: cached encodings instead of the encoders."""
-    from core.devices import free_memory
     from core.sample import decode_fp32
 
     device = pipe.vae.device
-    images = []
-    for prompt in prompts:
+
+    def call_for(prompt: str) -> dict[str, Any]:
         kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
         if embeds is None:
             kwargs.update(prompt=prompt, negative_prompt=negative_prompt or "")
@@ -128,11 +127,9 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
             n = embeds([negative_prompt or ""]).to(device, dtype)
             kwargs.update(prompt_embeds=e.prompt_embeds, pooled_prompt_embeds=e.pooled,
                           negative_prompt_embeds=n.prompt_embeds, negative_pooled_prompt_embeds=n.pooled)
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
-            latents = pipe(**kwargs)[0]
-        images.extend(decode_fp32(pipe.vae, latents))
-        free_memory()
-    return images
+        return kwargs
+
+    return draw_each(pipe, prompts, call_for, lambda latents: decode_fp32(pipe.vae, latents), dtype=dtype)
 
 
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,

@@ -25,7 +25,7 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.dit.common import first_text_encoder_file
-from core.families.dit.default import (TransformerSpec, flow_scheduler, latent_call, place_for_tryout, preview_size,
+from core.families.dit.default import (TransformerSpec, draw_each, flow_scheduler, latent_call, place_for_tryout, preview_size,
                                        timestep_sampling, transformer_family)
 from core.families.zimage.loss import make_loss
 from core.families.zimage.text import encode_entries, prompt_identity, stack
@@ -86,12 +86,11 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     ZImagePipeline's guidance is real CFG (guidance_scale > 0 runs the negative prompt too; Turbo
     is used with 0). The AE decodes in fp32.
     """
-    from core.devices import free_memory
     from core.sample import decode_fp32
 
     device = pipe.vae.device
-    images = []
-    for prompt in prompts:
+
+    def call_for(prompt: str) -> dict[str, Any]:
         kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
         if embeds is None:
             kwargs.update(prompt=prompt, negative_prompt=negative_prompt or None)
@@ -99,11 +98,9 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
             kwargs["prompt_embeds"] = [e.to(device, dtype) for e in embeds([prompt])]
             if guidance > 0:
                 kwargs["negative_prompt_embeds"] = [e.to(device, dtype) for e in embeds([negative_prompt or ""])]
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
-            latents = pipe(**kwargs)[0]
-        images.extend(decode_fp32(pipe.vae, latents))
-        free_memory()
-    return images
+        return kwargs
+
+    return draw_each(pipe, prompts, call_for, lambda latents: decode_fp32(pipe.vae, latents), dtype=dtype)
 
 
 def preview_guidance(cfg: TrainConfig, variant: str) -> float:
