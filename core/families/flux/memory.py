@@ -11,7 +11,7 @@ attention, every tensor autograd saves counted once) at 1024 x 1024 px: 4096 ima
 512 T5 tokens. Whole model without checkpointing 29.14 GiB; with checkpointing 1.53 GiB kept
 plus 0.53 GiB for the largest block recomputed (a double block).
 
-LoRA sizes are closed forms of the architecture (tests/test_flux_memory.py checks them against
+LoRA sizes are closed forms of the architecture (tests/families/flux/test_flux_memory.py checks them against
 `core.families.flux.flux_param_counts`, which builds the real model on the meta device).
 """
 from __future__ import annotations
