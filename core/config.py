@@ -34,6 +34,7 @@ TIMESTEP_SAMPLINGS = ("auto", "shift", "sigmoid", "logit_normal", "uniform")
 LORA_BLOCKS = ("all", "attention", "single_blocks")
 BASE_QUANTIZATIONS = ("none", "nf4")
 TEXT_METHODS = ("sft", "dpo", "orpo")
+EVAL_MATCHES = ("contains", "exact")
 # The title of each field group, in the order the form's Advanced section and the README's
 # key table show them (the form's accordions and tools/config_doc.py both read this one).
 GROUP_TITLES = {
@@ -47,6 +48,7 @@ GROUP_TITLES = {
     "flux": "FLUX.1 and Chroma",
     "sample": "Sample previews",
     "text": "Text data and model",
+    "eval": "Text evaluation: before and after",
     "output": "Output and logging",
     "advanced": "Other",
 }
@@ -241,6 +243,21 @@ class TrainConfig:
     gguf_file: str = _f("", "Name of the .gguf file inside base_model when it is a folder or hub id.",
                         "text", task="text")
 
+    # --- text evaluation (core.text_eval): the base before training, the LoRA after -------
+    eval_file: str = _f("", "Your held-out questions with their answers (CSV prompt,response or JSONL, like the "
+                        "training data): the base model answers them before training and the LoRA after; the "
+                        "share right is in eval/ of the run folder and the Train tab.", "eval", task="text")
+    eval_match: str = _f("contains", "When an answer to eval_file counts as right: contains (the expected answer "
+                         "appears in it, whole words) or exact (nothing else); case and punctuation are ignored.",
+                         "eval", choices=EVAL_MATCHES, task="text")
+    eval_tasks: list[str] = _f([], "lm-eval-harness tasks (arc_easy, hellaswag, gsm8k ...) or task YAML files, "
+                               "scored before and after to show what the LoRA forgot. Their data must be on this "
+                               "machine (nothing is downloaded).", "eval", task="text")
+    eval_limit: int = _f(50, "Examples per eval task (a slice keeps it to minutes on a CPU).", "eval", minimum=1,
+                         maximum=100000, task="text")
+    eval_steps: int = _f(0, "Also evaluate the LoRA every N steps (0: only before and after training).", "eval",
+                         minimum=0, task="text")
+
     # --- output --------------------------------------------------------------------------
     save_precision: str = _f("fp16", "Precision of the saved LoRA files.", "output", choices=SAVE_PRECISIONS)
     logging_steps: int = _f(1, "Write loss to loss.csv / TensorBoard every N steps.", "output", minimum=1)
@@ -413,7 +430,7 @@ def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
     errors: dict[str, str] = {}
     if cfg.train_data_dir and "train_data_dir" not in known and not Path(cfg.train_data_dir).exists():
         errors["train_data_dir"] = f"'{cfg.train_data_dir}' does not exist. Check the path."
-    for name in ("metadata_path", "init_lora", "validation_file", "vae"):
+    for name in ("metadata_path", "init_lora", "validation_file", "vae", "eval_file"):
         value = getattr(cfg, name)
         if value and not Path(value).exists() and not (name == "vae" and _looks_like_hub_id(value)):
             errors[name] = f"'{value}' does not exist. Check the path, or leave it empty."

@@ -57,6 +57,19 @@ class SampleEvent(Event):
 
 
 @dataclass
+class EvalEvent(Event):
+    """A text LoRA's evaluation at `step` (0: the base before training): one row per thing measured,
+    {"name", "metric", "before", "after", "history"} (core.text_eval.report), and the chart's file."""
+
+    step: int
+    rows: list[dict] = field(default_factory=list)
+    chart: str = ""
+
+    def __post_init__(self) -> None:
+        self.kind = "eval"
+
+
+@dataclass
 class CheckpointEvent(Event):
     step: int
     path: str
