@@ -33,7 +33,7 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 TIMESTEP_SAMPLINGS = ("auto", "shift", "sigmoid", "logit_normal", "uniform")
 LORA_BLOCKS = ("all", "attention", "single_blocks")
 BASE_QUANTIZATIONS = ("none", "nf4")
-TEXT_METHODS = ("sft", "dpo", "orpo")
+TEXT_METHODS = ("sft", "dpo", "orpo", "kto", "grpo")
 EVAL_MATCHES = ("contains", "exact")
 # The title of each field group, in the order the form's Advanced section and the README's
 # key table show them (the form's accordions and tools/config_doc.py both read this one).
@@ -229,9 +229,11 @@ class TrainConfig:
     chat_template: str = _f("", "Chat template: empty for the tokenizer's own, or chatml / llama2 / "
                             "alpaca / plain.", "text", task="text")
     text_method: str = _f("sft", "How a text LoRA learns: sft from prompt/response answers; dpo or orpo "
-                          "(preference tuning) from prompt,chosen,rejected data, preferring the chosen answer.",
+                          "(preference tuning) from prompt,chosen,rejected data, preferring the chosen answer; kto "
+                          "from prompt,completion,label data (answers marked good or bad); grpo from prompts alone, "
+                          "sampling answers and scoring them with grpo_rewards.",
                           "text", choices=TEXT_METHODS, task="text")
-    preference_beta: float = _f(0.1, "Preference strength. DPO: beta, how far the LoRA may move from the base "
+    preference_beta: float = _f(0.1, "Preference strength. DPO and KTO: beta, how far the LoRA may move from the base "
                                 "model (0.1 usual; higher stays closer). ORPO: lambda, the weight of the "
                                 "odds-ratio term beside the chosen answers' loss (0.1 usual).", "text",
                                 minimum=0.001, maximum=10.0, task="text")
@@ -398,11 +400,12 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
     if cfg.lora_variant == "pissa" and cfg.conv_rank > 0:
         # PEFT has no PiSSA initialisation for convolutions.
         errors["conv_rank"] = "PiSSA works on linear layers only: set conv_rank: 0, or use lora_variant: lora."
-    if not cfg.is_image and cfg.text_method == "dpo" and cfg.lora_variant == "pissa":
+    if not cfg.is_image and cfg.text_method in ("dpo", "kto", "grpo") and cfg.lora_variant == "pissa":
         # DPO's reference is the model with the adapter switched off; PiSSA moves part of the base
         # weights into the adapter, so that would no longer be the base model.
-        errors["lora_variant"] = ("PiSSA changes the base weights, so DPO's reference (the adapter switched "
-                                  "off) would not be the base model: use lora, dora or rslora, or text_method: orpo.")
+        errors["lora_variant"] = (f"PiSSA changes the base weights, so {cfg.text_method.upper()}'s reference (the "
+                                  "adapter switched off) would not be the base model: use lora, dora or rslora, or "
+                                  "text_method: orpo.")
     if cfg.min_bucket_reso > cfg.max_bucket_reso:
         errors["min_bucket_reso"] = f"must not be larger than max_bucket_reso ({cfg.max_bucket_reso})."
     if cfg.is_image and not cfg.base_model:

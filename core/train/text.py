@@ -322,12 +322,15 @@ class TextRun:
 
 
 def _preference_module(cfg: TrainConfig) -> Any:
-    """core.train.preference for dpo / orpo runs (imported here: it builds on this module), else None."""
+    """The module of a text_method other than sft (imported here: each builds on this module), else None:
+    core.train.preference (dpo, orpo), core.train.kto or core.train.grpo. Each has read_data,
+    prepare_data and RUN_CLASS."""
     if cfg.text_method == "sft":
         return None
-    from core.train import preference
+    import importlib
 
-    return preference
+    name = {"kto": "kto", "grpo": "grpo"}.get(cfg.text_method, "preference")
+    return importlib.import_module(f"core.train.{name}")
 
 
 def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accelerator: Any) -> TextRun:
@@ -373,7 +376,7 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accele
         ctx.log(f"Starting from the LoRA weights in {init_file}")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     ctx.log(f"LoRA ({cfg.lora_variant}) rank {cfg.lora_rank}: {trainable / 1e6:.2f} M trainable parameters")
-    run_class = preference.PreferenceRun if preference is not None else TextRun
+    run_class = preference.RUN_CLASS if preference is not None else TextRun
     return run_class(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init,
                      accelerator)
 
