@@ -237,6 +237,18 @@ class TrainConfig:
                                 "model (0.1 usual; higher stays closer). ORPO: lambda, the weight of the "
                                 "odds-ratio term beside the chosen answers' loss (0.1 usual).", "text",
                                 minimum=0.001, maximum=10.0, task="text")
+    grpo_rewards: list[str] = _f([], "GRPO's reward functions, summed: regex:<pattern> (1 when the answer matches), "
+                                 "json (1 when it parses as JSON), numeric (1 when its last number equals the row's "
+                                 "answer column), length:<n> (minus the share beyond n characters), or a .py file "
+                                 "defining reward(prompt, completion, row) -> float.", "text", task="text")
+    grpo_generations: int = _f(4, "GRPO: answers sampled per prompt; each is judged against its group's mean.",
+                               "text", minimum=2, maximum=64, task="text")
+    grpo_max_new_tokens: int = _f(64, "GRPO: longest sampled answer in tokens.", "text", minimum=1, maximum=4096,
+                                  task="text")
+    grpo_temperature: float = _f(1.0, "GRPO: sampling temperature (lower: answers vary less).", "text",
+                                 minimum=0.05, maximum=2.0, task="text")
+    grpo_kl: float = _f(0.04, "GRPO: weight of the KL penalty to the base model (the adapter switched off); 0: none.",
+                        "text", minimum=0.0, maximum=10.0, task="text")
     validation_split: float = _f(0.0, "Share of the data held out for validation loss (0: none).", "text",
                                  minimum=0.0, maximum=0.5)
     validation_file: str = _f("", "A separate validation data file (overrides validation_split).", "text")
@@ -406,6 +418,9 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
         errors["lora_variant"] = (f"PiSSA changes the base weights, so {cfg.text_method.upper()}'s reference (the "
                                   "adapter switched off) would not be the base model: use lora, dora or rslora, or "
                                   "text_method: orpo.")
+    if not cfg.is_image and cfg.text_method == "grpo" and not cfg.grpo_rewards:
+        errors["grpo_rewards"] = ("text_method grpo needs at least one reward: regex:<pattern>, json, numeric, "
+                                  "length:<n> or a .py file.")
     if cfg.min_bucket_reso > cfg.max_bucket_reso:
         errors["min_bucket_reso"] = f"must not be larger than max_bucket_reso ({cfg.max_bucket_reso})."
     if cfg.is_image and not cfg.base_model:

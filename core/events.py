@@ -39,6 +39,7 @@ class ProgressEvent(Event):
     vram_gb: float | None = None
     message: str = ""  # e.g. the current file while captioning
     validation_loss: float | None = None  # on the steps that measured one
+    scalars: dict[str, float] = field(default_factory=dict)  # a task's own numbers (GRPO's "reward/mean")
 
     def __post_init__(self) -> None:
         self.kind = "progress"

@@ -47,6 +47,7 @@ class JobSnapshot:
     warnings: list[WarningEvent] = field(default_factory=list)
     error: ErrorEvent | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    rewards: list[tuple[int, float]] = field(default_factory=list)  # GRPO: (step, mean reward of its samples)
     evaluation: EvalEvent | None = None  # a text run's latest scores before/after (core.text_eval)
 
     @property
@@ -137,7 +138,7 @@ class Job:
                                losses=list(snap.losses), samples=list(snap.samples),
                                checkpoints=list(snap.checkpoints), log=list(self._log),
                                warnings=list(snap.warnings), error=snap.error, outputs=dict(snap.outputs),
-                               evaluation=snap.evaluation)
+                               evaluation=snap.evaluation, rewards=list(snap.rewards))
 
     @property
     def running(self) -> bool:
@@ -153,6 +154,8 @@ class Job:
                 if event.loss is not None:
                     snap.losses.append((event.step, event.loss, event.smoothed_loss, event.lr,
                                         event.validation_loss))
+                if "reward/mean" in event.scalars:
+                    snap.rewards.append((event.step, event.scalars["reward/mean"]))
             elif isinstance(event, SampleEvent):
                 snap.samples.append(event)
                 self._log.append(f"{stamp} samples at step {event.step}")

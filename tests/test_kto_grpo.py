@@ -124,3 +124,89 @@ def test_stop_then_resume_gives_the_uninterrupted_runs_losses(tiny_llm_dir, tmp_
     assert [e.step for e in resumed if isinstance(e, ProgressEvent)] == [3, 4]
     for a, b in zip(read_loss_csv(tmp_path / "straight"), read_loss_csv(tmp_path / "broken"), strict=True):
         assert b.loss == pytest.approx(a.loss, rel=1e-4, abs=1e-6), (a, b)
+
+
+# -- GRPO -------------------------------------------------------------------------------------
+PROMPTS = ["What about the battery?", "How long does it fly?", "Hello!", "What is the warranty?"]
+# The tiny Llama's random head gives near-uniform answers; LoRA on lm_head lets a few steps sharpen them.
+GRPO_EXTRA = dict(grpo_rewards=["regex:^[A-Za-z]"], grpo_generations=8, grpo_max_new_tokens=2, grpo_kl=0.0,
+                  batch_size=2, learning_rate=5e-2, lora_rank=8, lora_alpha=16,
+                  target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"])
+
+
+def step_rewards(out: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    return [e.value for e in events.Scalars("reward/mean")]
+
+
+def test_grpo_raises_the_mean_reward_of_sampled_answers_on_a_regex_task(tiny_llm_dir, tmp_path):
+    data = write_csv(tmp_path / "prompts.csv", [{"prompt": p} for p in PROMPTS])
+    ctx, events = collect()
+    outputs = run_training(method_config(tiny_llm_dir, data, tmp_path / "grpo", "grpo", **GRPO_EXTRA), ctx)
+    rewards = step_rewards(tmp_path / "grpo")
+    print(f"\nGRPO mean reward per step (answers starting with a letter): {[round(r, 2) for r in rewards]}")
+    assert len(rewards) == 8
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15
+    live = [e.scalars.get("reward/mean") for e in events if isinstance(e, ProgressEvent)]
+    assert live == pytest.approx(rewards)  # the Train tab's reward plot gets the same numbers
+    summary = json.loads(Path(outputs["summary"]).read_text())
+    assert summary["text_method"] == "grpo" and summary["grpo_generations"] == 8
+    adapter = json.loads((Path(outputs["adapter"]) / "adapter_config.json").read_text())
+    assert "lm_head" in adapter["target_modules"]
+
+
+@pytest.mark.slow  # three short GRPO runs
+def test_grpo_stop_then_resume_samples_and_learns_as_the_uninterrupted_run(tiny_llm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_csv(tmp_path / "prompts.csv", [{"prompt": p} for p in PROMPTS])
+    extra = {**GRPO_EXTRA, "max_train_steps": 4}
+    run_training(method_config(tiny_llm_dir, data, tmp_path / "straight", "grpo", **extra), collect()[0])
+    ctx, _ = collect()
+    ctx.listeners.append(lambda e: ctx.stop_flag.set() if isinstance(e, ProgressEvent) and e.step == 2 else None)
+    run_training(method_config(tiny_llm_dir, data, tmp_path / "broken", "grpo", **extra), ctx)
+    run_training(method_config(tiny_llm_dir, data, tmp_path / "broken", "grpo", resume_from="latest", **extra),
+                 collect()[0])
+    assert step_rewards(tmp_path / "broken")[-2:] == pytest.approx(step_rewards(tmp_path / "straight")[-2:])
+    straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "broken" / "adapter" / "adapter_model.safetensors"))
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+
+
+def test_reward_functions_score_answers_as_documented(tmp_path):
+    from core.train.rewards import RewardError, RewardSet
+
+    row = {"prompt": "2+2?", "answer": "4"}
+    assert RewardSet.parse(["regex:^\\d+$"]).score("", "42", row) == 1.0
+    assert RewardSet.parse(["json"]).score("", '```json\n{"a": 1}\n```', row) == 1.0
+    assert RewardSet.parse(["json"]).score("", "{a: 1}", row) == 0.0
+    assert RewardSet.parse(["numeric"]).score("", "2 and 2 make 4.", row) == 1.0
+    assert RewardSet.parse(["numeric"]).score("", "It is 5", row) == 0.0
+    assert RewardSet.parse(["length:10"]).score("", "x" * 15, row) == pytest.approx(-0.5)
+    mine = tmp_path / "mine.py"
+    mine.write_text("def reward(prompt, completion, row):\n    return len(completion) / 10\n")
+    assert RewardSet.parse([str(mine), "regex:x"]).score("", "xx", row) == pytest.approx(1.2)  # summed
+    with pytest.raises(RewardError, match="not a valid regular expression"):
+        RewardSet.parse(["regex:("])
+    with pytest.raises(RewardError, match="is not a reward; use regex"):
+        RewardSet.parse(["shiny"])
+
+
+def test_grpo_without_rewards_is_refused_by_the_config():
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(dict(task_type="text-generation", train_data_dir=".", text_method="grpo"), check_paths=False)
+    assert "at least one reward" in error.value.errors["grpo_rewards"]
+
+
+def test_the_live_plot_draws_grpos_mean_reward_beside_the_loss():
+    from ui.plots import loss_figure
+
+    rows = [(1, 0.5, 0.5, 1e-3, None), (2, 0.4, 0.45, 1e-3, None)]
+    assert len(loss_figure(rows).axes) == 2  # loss and its learning-rate axis
+    fig = loss_figure(rows, rewards=[(1, 0.25), (2, 0.75)])
+    reward_axes = [ax for ax in fig.axes if ax.get_title() == "Mean reward"]
+    assert len(reward_axes) == 1 and list(reward_axes[0].lines[0].get_ydata()) == [0.25, 0.75]

@@ -288,7 +288,7 @@ def poll(seen: dict | None) -> tuple[Any, ...]:
     gallery_out: Any = gr.skip()
     texts_out: Any = gr.skip()
     if key_losses != seen.get("losses"):
-        plot_out = loss_figure(snap.losses if ours else [])
+        plot_out = loss_figure(snap.losses if ours else [], rewards=snap.rewards if ours else ())
         seen["losses"] = key_losses
     if key_samples != seen.get("samples"):
         gallery_out = sample_gallery(snap) if ours else []
