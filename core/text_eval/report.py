@@ -29,7 +29,7 @@ def table_markdown(rows: list[dict[str, Any]], step: int | None = None) -> str:
     """| what | metric | base | LoRA | change |: gains on one's own questions, losses elsewhere."""
     if not rows:
         return ""
-    lora = "LoRA" if step is None else f"LoRA (step {step})"
+    lora = "LoRA" if not step else f"LoRA (step {step})"  # step 0: only the base is measured yet
     lines = [f"| what | metric | base (before) | {lora} | change |", "|---|---|---|---|---|"]
     for row in rows:
         delta = change(row)
