@@ -50,7 +50,7 @@ def before_after_figure(rows: list[dict[str, Any]], title: str = "Before and aft
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 120)  # room for the legend above a 100% bar
     ax.grid(axis="y", alpha=0.3)
     if not rows:
         ax.text(0.5, 0.5, "The evaluation appears here once the base is scored.", ha="center", va="center",
@@ -70,7 +70,7 @@ def before_after_figure(rows: list[dict[str, Any]], title: str = "Before and aft
                 ax.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value), ha="center",
                             va="bottom", fontsize=8)
     ax.set_xticks(places, names, fontsize=8)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8, ncol=2)
     return fig
 
 
