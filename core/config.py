@@ -33,7 +33,8 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 TIMESTEP_SAMPLINGS = ("auto", "shift", "sigmoid", "logit_normal", "uniform")
 LORA_BLOCKS = ("all", "attention", "single_blocks")
 BASE_QUANTIZATIONS = ("none", "nf4")
-TEXT_METHODS = ("sft", "dpo", "orpo")
+TEXT_METHODS = ("sft", "dpo", "orpo", "kto", "grpo")
+EVAL_MATCHES = ("contains", "exact")
 EMA_DEVICES = ("auto", "cpu", "device")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 # The title of each field group, in the order the form's Advanced section and the README's
@@ -49,6 +50,7 @@ GROUP_TITLES = {
     "flux": "FLUX.1 and Chroma",
     "sample": "Sample previews",
     "text": "Text data and model",
+    "eval": "Text evaluation: before and after",
     "output": "Output and logging",
     "advanced": "Other",
 }
@@ -251,12 +253,26 @@ class TrainConfig:
     chat_template: str = _f("", "Chat template: empty for the tokenizer's own, or chatml / llama2 / "
                             "alpaca / plain.", "text", task="text")
     text_method: str = _f("sft", "How a text LoRA learns: sft from prompt/response answers; dpo or orpo "
-                          "(preference tuning) from prompt,chosen,rejected data, preferring the chosen answer.",
+                          "(preference tuning) from prompt,chosen,rejected data, preferring the chosen answer; kto "
+                          "from prompt,completion,label data (answers marked good or bad); grpo from prompts alone, "
+                          "sampling answers and scoring them with grpo_rewards.",
                           "text", choices=TEXT_METHODS, task="text")
-    preference_beta: float = _f(0.1, "Preference strength. DPO: beta, how far the LoRA may move from the base "
+    preference_beta: float = _f(0.1, "Preference strength. DPO and KTO: beta, how far the LoRA may move from the base "
                                 "model (0.1 usual; higher stays closer). ORPO: lambda, the weight of the "
                                 "odds-ratio term beside the chosen answers' loss (0.1 usual).", "text",
                                 minimum=0.001, maximum=10.0, task="text")
+    grpo_rewards: list[str] = _f([], "GRPO's reward functions, summed: regex:<pattern> (1 when the answer matches), "
+                                 "json (1 when it parses as JSON), numeric (1 when its last number equals the row's "
+                                 "answer column), length:<n> (minus the share beyond n characters), or a .py file "
+                                 "defining reward(prompt, completion, row) -> float.", "text", task="text")
+    grpo_generations: int = _f(4, "GRPO: answers sampled per prompt; each is judged against its group's mean.",
+                               "text", minimum=2, maximum=64, task="text")
+    grpo_max_new_tokens: int = _f(64, "GRPO: longest sampled answer in tokens.", "text", minimum=1, maximum=4096,
+                                  task="text")
+    grpo_temperature: float = _f(1.0, "GRPO: sampling temperature (lower: answers vary less).", "text",
+                                 minimum=0.05, maximum=2.0, task="text")
+    grpo_kl: float = _f(0.04, "GRPO: weight of the KL penalty to the base model (the adapter switched off); 0: none.",
+                        "text", minimum=0.0, maximum=10.0, task="text")
     validation_split: float = _f(0.0, "Share of the data held out for validation loss (0: none).", "text",
                                  minimum=0.0, maximum=0.5)
     validation_file: str = _f("", "A separate validation data file (overrides validation_split).", "text")
@@ -264,6 +280,21 @@ class TrainConfig:
                                  "text", task="text")
     gguf_file: str = _f("", "Name of the .gguf file inside base_model when it is a folder or hub id.",
                         "text", task="text")
+
+    # --- text evaluation (core.text_eval): the base before training, the LoRA after -------
+    eval_file: str = _f("", "Your held-out questions with their answers (CSV prompt,response or JSONL, like the "
+                        "training data): the base model answers them before training and the LoRA after; the "
+                        "share right is in eval/ of the run folder and the Train tab.", "eval", task="text")
+    eval_match: str = _f("contains", "When an answer to eval_file counts as right: contains (the expected answer "
+                         "appears in it, whole words) or exact (nothing else); case and punctuation are ignored.",
+                         "eval", choices=EVAL_MATCHES, task="text")
+    eval_tasks: list[str] = _f([], "lm-eval-harness tasks (arc_easy, hellaswag, gsm8k ...) or task YAML files, "
+                               "scored before and after to show what the LoRA forgot. Their data must be on this "
+                               "machine (nothing is downloaded).", "eval", task="text")
+    eval_limit: int = _f(50, "Examples per eval task (a slice keeps it to minutes on a CPU).", "eval", minimum=1,
+                         maximum=100000, task="text")
+    eval_steps: int = _f(0, "Also evaluate the LoRA every N steps (0: only before and after training).", "eval",
+                         minimum=0, task="text")
 
     # --- output --------------------------------------------------------------------------
     save_precision: str = _f("fp16", "Precision of the saved LoRA files.", "output", choices=SAVE_PRECISIONS)
@@ -405,11 +436,15 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
     if cfg.lora_variant == "pissa" and cfg.conv_rank > 0:
         # PEFT has no PiSSA initialisation for convolutions.
         errors["conv_rank"] = "PiSSA works on linear layers only: set conv_rank: 0, or use lora_variant: lora."
-    if not cfg.is_image and cfg.text_method == "dpo" and cfg.lora_variant == "pissa":
+    if not cfg.is_image and cfg.text_method in ("dpo", "kto", "grpo") and cfg.lora_variant == "pissa":
         # DPO's reference is the model with the adapter switched off; PiSSA moves part of the base
         # weights into the adapter, so that would no longer be the base model.
-        errors["lora_variant"] = ("PiSSA changes the base weights, so DPO's reference (the adapter switched "
-                                  "off) would not be the base model: use lora, dora or rslora, or text_method: orpo.")
+        errors["lora_variant"] = (f"PiSSA changes the base weights, so {cfg.text_method.upper()}'s reference (the "
+                                  "adapter switched off) would not be the base model: use lora, dora or rslora, or "
+                                  "text_method: orpo.")
+    if not cfg.is_image and cfg.text_method == "grpo" and not cfg.grpo_rewards:
+        errors["grpo_rewards"] = ("text_method grpo needs at least one reward: regex:<pattern>, json, numeric, "
+                                  "length:<n> or a .py file.")
     if cfg.lora_variant in ("lokr", "loha") and cfg.loraplus_lr_ratio > 0:
         errors["loraplus_lr_ratio"] = (f"LoRA+ speeds up a LoRA's B matrices; {cfg.lora_variant} has none: "
                                        "set loraplus_lr_ratio: 0.")
@@ -475,7 +510,7 @@ def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
     errors: dict[str, str] = {}
     if cfg.train_data_dir and "train_data_dir" not in known and not Path(cfg.train_data_dir).exists():
         errors["train_data_dir"] = f"'{cfg.train_data_dir}' does not exist. Check the path."
-    for name in ("metadata_path", "init_lora", "validation_file", "vae"):
+    for name in ("metadata_path", "init_lora", "validation_file", "vae", "eval_file"):
         value = getattr(cfg, name)
         if value and not Path(value).exists() and not (name == "vae" and _looks_like_hub_id(value)):
             errors[name] = f"'{value}' does not exist. Check the path, or leave it empty."

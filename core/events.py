@@ -39,6 +39,7 @@ class ProgressEvent(Event):
     vram_gb: float | None = None
     message: str = ""  # e.g. the current file while captioning
     validation_loss: float | None = None  # on the steps that measured one
+    scalars: dict[str, float] = field(default_factory=dict)  # a task's own numbers (GRPO's "reward/mean")
 
     def __post_init__(self) -> None:
         self.kind = "progress"
@@ -54,6 +55,19 @@ class SampleEvent(Event):
 
     def __post_init__(self) -> None:
         self.kind = "sample"
+
+
+@dataclass
+class EvalEvent(Event):
+    """A text LoRA's evaluation at `step` (0: the base before training): one row per thing measured,
+    {"name", "metric", "before", "after", "history"} (core.text_eval.report), and the chart's file."""
+
+    step: int
+    rows: list[dict] = field(default_factory=list)
+    chart: str = ""
+
+    def __post_init__(self) -> None:
+        self.kind = "eval"
 
 
 @dataclass

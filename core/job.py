@@ -17,7 +17,7 @@ from typing import Any
 from collections.abc import Callable
 
 from core.devices import is_out_of_memory
-from core.events import (CheckpointEvent, DoneEvent, ErrorEvent, Event, Listener, LogEvent,
+from core.events import (CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, Event, Listener, LogEvent,
                          ProgressEvent, RunContext, SampleEvent, StopRequested, WarningEvent)
 
 # Shared by every Job in the process: the GPU (or the CPU) runs one job at a time.
@@ -47,6 +47,8 @@ class JobSnapshot:
     warnings: list[WarningEvent] = field(default_factory=list)
     error: ErrorEvent | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    rewards: list[tuple[int, float]] = field(default_factory=list)  # GRPO: (step, mean reward of its samples)
+    evaluation: EvalEvent | None = None  # a text run's latest scores before/after (core.text_eval)
 
     @property
     def running(self) -> bool:
@@ -144,7 +146,8 @@ class Job:
                                finished_at=snap.finished_at, progress=snap.progress,
                                losses=list(snap.losses), samples=list(snap.samples),
                                checkpoints=list(snap.checkpoints), log=list(self._log),
-                               warnings=list(snap.warnings), error=snap.error, outputs=dict(snap.outputs))
+                               warnings=list(snap.warnings), error=snap.error, outputs=dict(snap.outputs),
+                               evaluation=snap.evaluation, rewards=list(snap.rewards))
 
     @property
     def running(self) -> bool:
@@ -160,9 +163,14 @@ class Job:
                 if event.loss is not None:
                     snap.losses.append((event.step, event.loss, event.smoothed_loss, event.lr,
                                         event.validation_loss))
+                if "reward/mean" in event.scalars:
+                    snap.rewards.append((event.step, event.scalars["reward/mean"]))
             elif isinstance(event, SampleEvent):
                 snap.samples.append(event)
                 self._log.append(f"{stamp} samples at step {event.step}")
+            elif isinstance(event, EvalEvent):
+                snap.evaluation = event
+                self._log.append(f"{stamp} evaluation at step {event.step}")
             elif isinstance(event, CheckpointEvent):
                 snap.checkpoints.append(event)
                 self._log.append(f"{stamp} checkpoint at step {event.step}: {event.path}")

@@ -49,7 +49,8 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str | list[dict[s
             texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
                      for p in chunk]
             encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+            # use_cache: a training run switches the config's cache off (for the backward pass); answers need it.
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer))
             for row in output[:, encoded["input_ids"].shape[1]:]:
                 answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())

@@ -109,3 +109,33 @@ def test_dpo_in_two_processes_trains_like_one_process_on_the_whole_batch(tiny_ll
     summaries = [json.loads((out / "train_summary.json").read_text(encoding="utf-8")) for out in (one, two)]
     assert summaries[1]["validation_loss"] == pytest.approx(summaries[0]["validation_loss"], rel=1e-4)
     assert summaries[1]["validation_accuracy"] == summaries[0]["validation_accuracy"]
+
+
+def test_kto_in_two_processes_trains_like_one_process_and_grpo_runs_in_two(tiny_llm_dir, tmp_path):
+    from tests.test_kto_grpo import GRPO_EXTRA, PROMPTS, TRAIN_THINGS, kto_rows, write_csv
+
+    train = write_csv(tmp_path / "labelled.csv", kto_rows(TRAIN_THINGS[:4]))
+    raw = dict(task_type="text-generation", base_model=str(tiny_llm_dir), train_data_dir=str(train), text_method="kto",
+               preference_beta=0.1, batch_size=2, gradient_accumulation_steps=1, max_train_steps=2,
+               learning_rate=5e-3, lora_rank=4, lora_alpha=8, save_steps=0, seed=7, max_seq_length=64,
+               mixed_precision="no", optimizer="adamw", gradient_checkpointing=False)
+    # The same micro-batches in both (so the same batch KL estimates): the losses agree step by step.
+    one = tmp_path / "one"
+    run_training(resolve_config(dict(raw, output_dir=str(one), gradient_accumulation_steps=2)), RunContext())
+    config = tmp_path / "kto.yaml"
+    config.write_text(yaml.safe_dump(dict(raw, output_dir=str(tmp_path / "two"))), encoding="utf-8")
+    done = launch_two(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(read_loss_csv(one), read_loss_csv(tmp_path / "two"), strict=True):
+        assert a.step == b.step and a.loss == pytest.approx(b.loss, rel=1e-4), f"step {a.step}"
+
+    prompts = write_csv(tmp_path / "prompts.csv", [{"prompt": p} for p in PROMPTS])
+    grpo = dict(raw, text_method="grpo", train_data_dir=str(prompts), output_dir=str(tmp_path / "grpo"),
+                **{**GRPO_EXTRA, "batch_size": 1, "max_train_steps": 2})
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump(grpo), encoding="utf-8")
+    done = launch_two(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x 2 processes" in done.stdout + done.stderr
+    assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert [r.step for r in read_loss_csv(tmp_path / "grpo")] == [1, 2]

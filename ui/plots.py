@@ -68,9 +68,10 @@ def loss_series(losses: Sequence[LossRow]) -> dict[str, list[float]]:
             "val_step": [s for s, _ in val_rows], "val": [v for _, v in val_rows]}
 
 
-def loss_figure(losses: Sequence[LossRow], title: str = "Training loss"):
+def loss_figure(losses: Sequence[LossRow], title: str = "Training loss",
+                rewards: Sequence[tuple[int, float]] = ()):
     """A matplotlib Figure: raw loss (thin), smoothed loss (bold), validation loss (dots), learning rate
-    (right axis)."""
+    (right axis); with `rewards` (GRPO: (step, mean reward)) a second panel beside the loss draws them."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -78,7 +79,9 @@ def loss_figure(losses: Sequence[LossRow], title: str = "Training loss"):
 
     data = loss_series(losses)
     fig = Figure(figsize=(7, 2.8), dpi=100, layout="constrained")  # fits beside the form
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(1, 2 if rewards else 1, 1)
+    if rewards:
+        _reward_panel(fig.add_subplot(1, 2, 2), rewards)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -104,3 +107,15 @@ def loss_figure(losses: Sequence[LossRow], title: str = "Training loss"):
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="upper right", fontsize=8)
     return fig
+
+
+def _reward_panel(ax, rewards: Sequence[tuple[int, float]]) -> None:
+    """GRPO's mean reward of each step's sampled answers (thin) and its moving average (bold)."""
+    steps = [float(step) for step, _ in rewards]
+    values = [float(value) for _, value in rewards]
+    ax.set_title("Mean reward", fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.plot(steps, values, color="#86efac", linewidth=0.8, label="reward")
+    ax.plot(steps, ema(values), color="#15803d", linewidth=2.0, label="smoothed")
+    ax.legend(loc="lower right", fontsize=8)

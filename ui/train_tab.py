@@ -299,7 +299,8 @@ def on_page_load(specs: list[form.FieldSpec]) -> list[Any]:
 
 
 def poll(seen: dict | None) -> tuple[Any, ...]:
-    """(progress, plot, gallery, text samples, log, device line, queue, seen): only what changed is redrawn."""
+    """(progress, plot, gallery, text samples, eval table, eval chart, log, device line, queue, seen): only what
+    changed is redrawn."""
     snap = state.JOB.snapshot()
     seen = dict(seen or {})
     rows = queue_rows(state.QUEUE.entries())
@@ -319,14 +320,32 @@ def poll(seen: dict | None) -> tuple[Any, ...]:
     gallery_out: Any = gr.skip()
     texts_out: Any = gr.skip()
     if key_losses != seen.get("losses"):
-        plot_out = loss_figure(run_losses(snap) if ours else [])
+        plot_out = loss_figure(run_losses(snap) if ours else [], rewards=snap.rewards if ours else ())
         seen["losses"] = key_losses
     if key_samples != seen.get("samples"):
         gallery_out = sample_gallery(snap) if ours else []
         texts_out = sample_texts_markdown(snap) if ours else ""
         seen["samples"] = key_samples
+    table_out, chart_out = evaluation_outputs(snap if ours else None, seen)
     log_out = log_text(snap, LOG_LINES) if ours else gr.skip()
-    return progress_html(snap, "train"), plot_out, gallery_out, texts_out, log_out, device_out, queue_out, seen
+    return (progress_html(snap, "train"), plot_out, gallery_out, texts_out, table_out, chart_out, log_out, device_out,
+            queue_out, seen)
+
+
+def evaluation_outputs(snap: Any, seen: dict) -> tuple[Any, Any]:
+    """(table, chart) of a text run's evaluation before/after (core.text_eval); hidden when it has none."""
+    event = snap.evaluation if snap is not None else None
+    key = (snap.started_at, event.time) if event is not None else None
+    if key == seen.get("evaluation"):
+        return gr.skip(), gr.skip()
+    seen["evaluation"] = key
+    if event is None:
+        return gr.update(value="", visible=False), gr.update(value=None, visible=False)
+    from core.text_eval.report import before_after_figure, table_markdown
+
+    title = "Before training: the base model" if event.step == 0 else f"Base vs LoRA at step {event.step}"
+    return (gr.update(value=table_markdown(event.rows, event.step or None), visible=True),
+            gr.update(value=before_after_figure(event.rows, title), visible=True))
 
 
 def on_dataset(folder: str) -> Any:
@@ -400,6 +419,8 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
             samples = gr.Gallery(label="Sample previews by step (newest first)", columns=4, height=160,
                                  object_fit="contain", elem_id="train-samples", allow_preview=True)
             text_samples = gr.Markdown("", elem_id="train-text-samples")
+            eval_table = gr.Markdown("", visible=False, elem_id="train-eval-table")
+            eval_chart = gr.Plot(show_label=False, visible=False, elem_id="train-eval-chart")
             log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=6, autoscroll=True, interactive=False,
                              elem_id="train-log")
             queue_table = gr.Dataframe(headers=QUEUE_HEADERS, value=[], label="Queue: runs start one after another",
@@ -438,7 +459,8 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     load_btn.click(bind(on_load, specs), config_path, [message, *inputs])
     upload.upload(bind(on_upload, specs), upload, [message, *inputs])
     widgets["output_name"].change(on_output_name, widgets["output_name"], [widgets["output_dir"], config_path])
-    timer.tick(poll, memo, [progress, plot, samples, text_samples, log, device_md, queue_table, memo],
+    timer.tick(poll, memo, [progress, plot, samples, text_samples, eval_table, eval_chart, log, device_md, queue_table,
+                            memo],
                show_progress="hidden")
     if data and "folder" in data:
         data["folder"].change(on_dataset, data["folder"], widgets["train_data_dir"])

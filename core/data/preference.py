@@ -269,3 +269,9 @@ def tokenize_pairs(tokenizer: Any, examples: list[PreferenceExample], max_seq_le
             continue
         result.pairs.append(TokenizedPair(chosen, rejected, example.source))
     return result
+
+
+# Shared with KTO's and GRPO's rows (core.data.rl_data), which read the same prompt forms.
+lower_keys = _lower_keys
+json_records = _json_records
+prompt_messages = _prompt

@@ -176,6 +176,10 @@ def _steps(task: TrainTask, state: checkpoints.TrainState, optimizer: Any, sched
                 if run_log.sample_due(cfg, state.global_step, done=done):
                     with ema_mod.applied(ema):
                         _samples(task, state.global_step)
+                if _evaluation_due(task, state.global_step, done=done or stopped):
+                    # Measured on what the files hold: the EMA weights when the run keeps an average.
+                    with keep_rng(), torch.no_grad(), ema_mod.applied(ema):
+                        task.evaluate(state.global_step)  # type: ignore[attr-defined]
                 if stopped or done:
                     break
             else:
@@ -195,6 +199,13 @@ def _validation_due(cfg: TrainConfig, step: int, *, epoch_done: bool, last: bool
     if last:
         return True
     return step % cfg.validation_steps == 0 if cfg.validation_steps > 0 else epoch_done
+
+
+def _evaluation_due(task: TrainTask, step: int, *, done: bool) -> bool:
+    # Optional: a text task scores its LoRA every `eval_steps` (core.text_eval); the last step's
+    # score is the task's own, written with its final files.
+    every = getattr(task.cfg, "eval_steps", 0)
+    return bool(every) and not done and step % every == 0 and callable(getattr(task, "evaluate", None))
 
 
 def _step_scalars(task: TrainTask) -> dict[str, float] | None:

@@ -158,3 +158,6 @@ class PreferenceRun(TextRun):
     def summary_extra(self) -> dict[str, Any]:
         return {"text_method": self.method, "preference_beta": self.cfg.preference_beta,
                 "comparisons": len(self.data.train), **self.validation_stats}
+
+
+RUN_CLASS = PreferenceRun

@@ -59,23 +59,47 @@ class PreferenceLoss:
 def make_pair_batch(pairs: list[TokenizedPair], pad_id: int, max_packed: int = MAX_PACKED_TOKENS) -> PairBatch:
     sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     batch = make_batch(sequences, pad_id, max_packed)
+    return PairBatch(batch, sequence_segments(batch, [len(seq) for seq in sequences]), len(pairs))
+
+
+@dataclass
+class SegmentLogps:
+    """Per-token log-probs of a batch's labelled tokens, whose sequence each is, and per-sequence sums."""
+
+    token_logps: torch.Tensor  # (labelled tokens,)
+    owner: torch.Tensor  # (labelled tokens,): the sequence index of each
+    sums: torch.Tensor  # (sequences,)
+    tokens: torch.Tensor  # (sequences,): labelled tokens of each
+
+
+def segment_logps(causal_lm: Any, batch: TextBatch, segments: torch.Tensor, count: int, device: torch.device,
+                  precision: str = "no") -> SegmentLogps:
+    """Token log-probs of `batch`'s labelled positions under `causal_lm` (or an `AnswerModel`), by sequence.
+
+    `segments` is like batch.labels: the sequence (0..count-1) each position belongs to. Shared by DPO,
+    ORPO, KTO (summed answer log-probs) and GRPO (per-token log-probs).
+    """
+    logits, targets, selected = labelled_logits(causal_lm, batch, device, precision)
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")
+    owner = segments.to(device)[selected]
+    sums = torch.zeros(count, device=device, dtype=token_logps.dtype).index_add(0, owner, token_logps)
+    tokens = torch.zeros(count, device=device, dtype=token_logps.dtype).index_add(0, owner, torch.ones_like(token_logps))
+    return SegmentLogps(token_logps, owner, sums, tokens)
+
+
+def sequence_segments(batch: TextBatch, lengths: list[int]) -> torch.Tensor:
+    """The segment index of each position of a batch made by `make_batch` from sequences of `lengths`."""
     if batch.attention_mask is None:  # packed into one row, back to back
-        segments = torch.tensor([[i for i, seq in enumerate(sequences) for _ in range(len(seq))]])
-    else:  # one sequence per row
-        segments = torch.arange(len(sequences)).unsqueeze(1).expand_as(batch.labels).contiguous()
-    return PairBatch(batch, segments, len(pairs))
+        return torch.tensor([[i for i, n in enumerate(lengths) for _ in range(n)]])
+    return torch.arange(len(lengths)).unsqueeze(1).expand_as(batch.labels).contiguous()  # one sequence per row
 
 
 def answer_logps(causal_lm: Any, pair_batch: PairBatch, device: torch.device, precision: str = "no"
                  ) -> AnswerLogps:
     """Each answer's summed token log-probability under `causal_lm` (or an `AnswerModel`) as it is now."""
-    logits, targets, selected = labelled_logits(causal_lm, pair_batch.batch, device, precision)
-    token_logps = -F.cross_entropy(logits, targets, reduction="none")
-    owner = pair_batch.segments.to(device)[selected]
-    count = 2 * pair_batch.pairs
-    sums = torch.zeros(count, device=device, dtype=token_logps.dtype).index_add(0, owner, token_logps)
-    tokens = torch.zeros(count, device=device, dtype=token_logps.dtype).index_add(0, owner, torch.ones_like(token_logps))
     n = pair_batch.pairs
+    logps = segment_logps(causal_lm, pair_batch.batch, pair_batch.segments, 2 * n, device, precision)
+    sums, tokens = logps.sums, logps.tokens
     return AnswerLogps(sums[:n], sums[n:], tokens[:n], tokens[n:])
 
 

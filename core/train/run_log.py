@@ -101,7 +101,10 @@ def record_step(cfg: TrainConfig, ctx: RunContext, log: RunLog, meter: ProgressM
     validation loss; the task's `extra` TensorBoard scalars too), and a ProgressEvent."""
     if state.global_step % cfg.logging_steps == 0 or validation is not None:
         log.log(state.global_step, loss, lr, extra, validation)
-    ctx.emit(meter.update(state.global_step, state.epoch + 1, loss, lr, validation))
+    event = meter.update(state.global_step, state.epoch + 1, loss, lr, validation)
+    if extra:
+        event.scalars = dict(extra)  # the live plot draws GRPO's mean reward beside the loss
+    ctx.emit(event)
 
 
 def checkpoint_due(cfg: TrainConfig, step: int, *, done: bool, stopped: bool) -> bool:

@@ -142,6 +142,7 @@ class TextRun:
     tokens_trained: int = 0  # over every process
     params: list[torch.nn.Parameter] = field(default_factory=list)
     trained: Any = None  # the AnswerModel as accelerate prepared it (DDP-wrapped in several processes)
+    evaluation: Any = None  # core.text_eval.suite.EvalSuite when eval_file / eval_tasks are set
 
     @property
     def main(self) -> bool:
@@ -335,6 +336,12 @@ class TextRun:
         atomic_write_text(path.with_suffix(".txt"), "\n".join(lines))
         self.ctx.emit(SampleEvent(step=step, texts=results))
 
+    def evaluate(self, step: int) -> None:
+        """The LoRA scored on eval_file / eval_tasks (core.text_eval), on the main process; the others wait."""
+        if self.evaluation is not None and self.main:
+            self.evaluation.measure_lora(self.model, self.tokenizer, step)
+        self.barrier()
+
     def validate(self, step: int) -> float | None:
         """The held-out loss, computed on the main process alone (the others return None at once).
 
@@ -362,12 +369,15 @@ class TextRun:
 
 
 def _preference_module(cfg: TrainConfig) -> Any:
-    """core.train.preference for dpo / orpo runs (imported here: it builds on this module), else None."""
+    """The module of a text_method other than sft (imported here: each builds on this module), else None:
+    core.train.preference (dpo, orpo), core.train.kto or core.train.grpo. Each has read_data,
+    prepare_data and RUN_CLASS."""
     if cfg.text_method == "sft":
         return None
-    from core.train import preference
+    import importlib
 
-    return preference
+    name = {"kto": "kto", "grpo": "grpo"}.get(cfg.text_method, "preference")
+    return importlib.import_module(f"core.train.{name}")
 
 
 def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accelerator: Any) -> TextRun:
@@ -414,7 +424,7 @@ def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accele
         ctx.log(f"Starting from the LoRA weights in {init_file}")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     ctx.log(f"LoRA ({cfg.lora_variant}) rank {cfg.lora_rank}: {format_count(trainable)} trainable parameters")
-    run_class = preference.PreferenceRun if preference is not None else TextRun
+    run_class = preference.RUN_CLASS if preference is not None else TextRun
     return run_class(cfg, ctx, out, device, precision, peft_model, tokenizer, data, source.display, pissa_init,
                      accelerator)
 
@@ -433,11 +443,27 @@ def train_text(cfg: TrainConfig, ctx: RunContext) -> dict[str, str]:
     if cfg.resume_from == "latest" and checkpoint is None and main:
         ctx.log("No checkpoint in the output folder yet: starting from the beginning.")
     try:
+        evaluation = _evaluation(cfg, ctx)  # before the model loads: a missing file or task data fails at once
         run = _build_run(cfg, ctx, init_file, accelerator)
+        if evaluation is not None:
+            run.evaluation = evaluation
+            if run.main:
+                with keep_rng():
+                    evaluation.before(run.model, run.tokenizer)
+            run.barrier()
         batches = math.ceil(len(run.data.train) / cfg.batch_size)
         return run_task(run, checkpoint, math.ceil(batches / accelerator.num_processes))
     finally:
         accelerator.free_memory()
+
+
+def _evaluation(cfg: TrainConfig, ctx: RunContext) -> Any:
+    """The run's EvalSuite (core.text_eval), or None when it asks for no evaluation."""
+    if not cfg.eval_file and not cfg.eval_tasks:
+        return None
+    from core.text_eval.suite import EvalSuite
+
+    return EvalSuite.from_config(cfg, ctx)
 
 
 def _finish(run: TextRun, state: checkpoints.TrainState, result: LoopResult) -> dict[str, str]:
@@ -469,10 +495,15 @@ def _write_outputs(run: TextRun, state: checkpoints.TrainState, result: LoopResu
     if cfg.sample_prompts and not stopped and samples:
         with keep_rng():
             run.answer_samples(state.global_step)
+    if run.evaluation is not None and not stopped:
+        with keep_rng():
+            run.evaluation.measure_lora(run.model, run.tokenizer, state.global_step)
+        outputs["eval"] = str(run.out / "eval" / "results.json")
     rate = run.tokens_trained / result.train_seconds if result.train_seconds else 0.0
     summary = {"steps": state.global_step, "tokens_trained": run.tokens_trained,
                "train_seconds": round(result.train_seconds, 2), "tokens_per_second": round(rate, 1),
-               "validation_loss": val_loss, **run.summary_extra()}
+               "validation_loss": val_loss, **run.summary_extra(),
+               **(run.evaluation.summary() if run.evaluation is not None else {})}
     atomic_write_text(run.out / "train_summary.json", json.dumps(summary, indent=1))
     outputs["summary"] = str(run.out / "train_summary.json")
     if cfg.save_merged_model and not stopped and cfg.base_quantization == "nf4":
