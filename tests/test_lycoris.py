@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from core.config import TrainConfig
 from core.export.lycoris import group_file, kohya_name_to_module_path, module_delta, peft_to_lycoris, scales_from_model
-from tests.fixtures.tiny_sd import _text_encoder, _unet, run_collect, tiny_run_config
+from core.families.sd.tiny import tiny_unet
+from core.families.tiny_parts import clip_text_encoder
+from tests.fixtures.tiny_sd import run_collect, tiny_run_config
 
 
 def comfy_delta(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -60,7 +62,7 @@ def test_every_key_of_a_lycoris_file_maps_to_a_layer_and_comfyui_rebuilds_our_ex
 
     cfg = dataclasses.replace(TrainConfig(), **{**dict(lora_rank=4, lora_alpha=3.0, conv_rank=4, conv_alpha=2.0),
                                                 **VARIANTS[name]})
-    unet, encoder = _unet(), _text_encoder(32, seed=3)
+    unet, encoder = tiny_unet(), clip_text_encoder(32, seed=3)
     add_unet_lora(unet, cfg)
     add_text_encoder_lora(encoder, cfg)
     torch.manual_seed(0)

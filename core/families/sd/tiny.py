@@ -40,7 +40,7 @@ def _vae():
                          latent_channels=4, norm_num_groups=32, sample_size=64)
 
 
-def _unet(*, xl: bool = False, linear_proj: bool = False):
+def tiny_unet(*, xl: bool = False, linear_proj: bool = False):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(2)
@@ -82,13 +82,13 @@ def build_tiny_sd(root: Path, family: str = "sd1") -> TinyModel:
         te2 = _text_encoder(TE2_HIDDEN, projection=TE2_PROJ, seed=4)
         pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=te1, text_encoder_2=te2,
                                          tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer("!"),
-                                         unet=_unet(xl=True), scheduler=_scheduler(euler=True))
+                                         unet=tiny_unet(xl=True), scheduler=_scheduler(euler=True))
         encoders = [te1, te2]
     else:
         te = _text_encoder(TE_HIDDEN, seed=3)
         pred = "v_prediction" if family == "sd2" else "epsilon"
         pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=te, tokenizer=tiny_tokenizer(),
-                                       unet=_unet(linear_proj=family == "sd2"), scheduler=_scheduler(pred),
+                                       unet=tiny_unet(linear_proj=family == "sd2"), scheduler=_scheduler(pred),
                                        safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         encoders = [te]
