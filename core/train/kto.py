@@ -23,9 +23,10 @@ from core.data import rl_data
 from core.data import text as text_data
 from core.events import RunContext
 from core.train import distributed
-from core.train.preference_step import segment_logps, sequence_segments
+from core.train.preference_step import (epoch_item_batches, mean_or_zero, read_split, segment_logps,
+                                       sequence_segments)
 from core.train.text import TextRun, warn_cut
-from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
+from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, make_batch
 
 
 @dataclass
@@ -46,11 +47,7 @@ class KtoData:
 
 
 def read_data(cfg: TrainConfig) -> Rows:
-    rows = rl_data.load_labelled(cfg.train_data_dir)
-    if cfg.validation_file:
-        return Rows(rows, rl_data.load_labelled(cfg.validation_file))
-    train, held = text_data.split_validation(rows, cfg.validation_split, cfg.seed)
-    return Rows(train, held)
+    return Rows(*read_split(cfg, rl_data.load_labelled))
 
 
 def prepare_data(cfg: TrainConfig, rows: Rows, tokenizer: Any, ctx: RunContext) -> KtoData:
@@ -104,10 +101,6 @@ def labelled_loss(peft_model: Any, batch: LabelledBatch, device: torch.device, p
     return kto_loss(policy, reference, batch.desirable, beta)
 
 
-def _mean(values: torch.Tensor) -> float:
-    return float(values.float().mean()) if values.numel() else 0.0
-
-
 @dataclass
 class KtoRun(TextRun):
     """A text run that raises desirable answers and lowers undesirable ones, each against the base."""
@@ -116,11 +109,8 @@ class KtoRun(TextRun):
     validation_stats: dict[str, float] = field(default_factory=dict)
 
     def batches(self, epoch: int) -> list[LabelledBatch]:  # type: ignore[override]
-        lengths = [len(item) for item in self.data.train]
-        grouped = lengths if max(lengths) * self.cfg.batch_size > MAX_PACKED_TOKENS else None
-        order = self.shard(epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped))
-        pad_id = self.tokenizer.pad_token_id or 0
-        return [make_labelled_batch([self.data.train[i] for i in indices], pad_id) for indices in order]
+        return epoch_item_batches(self.data.train, self.cfg, epoch, self.shard, self.tokenizer.pad_token_id or 0,
+                                  make_labelled_batch)
 
     epoch_batches = batches  # type: ignore[assignment]
 
@@ -144,8 +134,8 @@ class KtoRun(TextRun):
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         reward, desirable = torch.cat(rewards).cpu(), torch.cat(labels)
         loss, _ = self.step_loss(loss_total, tokens, divisor)
-        self.last_scalars = {"kto/reward_desirable": _mean(reward[desirable]),
-                             "kto/reward_undesirable": _mean(reward[~desirable])}
+        self.last_scalars = {"kto/reward_desirable": mean_or_zero(reward[desirable]),
+                             "kto/reward_undesirable": mean_or_zero(reward[~desirable])}
         return loss
 
     def step_scalars(self) -> dict[str, float]:
@@ -173,12 +163,12 @@ class KtoRun(TextRun):
             if was_training:
                 causal_lm.train()
         reward, desirable = torch.cat(rewards), torch.cat(labels)
-        self.validation_stats = {"validation_reward_desirable": round(_mean(reward[desirable]), 4),
-                                 "validation_reward_undesirable": round(_mean(reward[~desirable]), 4)}
+        self.validation_stats = {"validation_reward_desirable": round(mean_or_zero(reward[desirable]), 4),
+                                 "validation_reward_undesirable": round(mean_or_zero(reward[~desirable]), 4)}
         self.ctx.log(f"Validation at step {step}: reward of desirable answers "
                      f"{self.validation_stats['validation_reward_desirable']:.3f}, of undesirable ones "
                      f"{self.validation_stats['validation_reward_undesirable']:.3f}")
-        return _mean(torch.cat(losses))
+        return mean_or_zero(torch.cat(losses))
 
     def summary_extra(self) -> dict[str, Any]:
         return {"text_method": "kto", "preference_beta": self.cfg.preference_beta,

@@ -20,9 +20,9 @@ from core.data import preference as pref_data
 from core.data import text as text_data
 from core.events import RunContext
 from core.train import distributed
-from core.train.preference_step import PairBatch, make_pair_batch, pair_loss
+from core.train.preference_step import (PairBatch, epoch_item_batches, make_pair_batch, mean_or_zero, pair_loss,
+                                       read_split)
 from core.train.text import TextRun, warn_cut
-from core.train.text_batches import MAX_PACKED_TOKENS, epoch_batches
 
 
 @dataclass
@@ -46,11 +46,7 @@ class PreferenceData:
 
 def read_data(cfg: TrainConfig) -> Comparisons:
     """Read and split the comparisons; TextDataError names the file when the columns are missing."""
-    examples = pref_data.load_preference_examples(cfg.train_data_dir)
-    if cfg.validation_file:
-        return Comparisons(examples, pref_data.load_preference_examples(cfg.validation_file))
-    train, held = text_data.split_validation(examples, cfg.validation_split, cfg.seed)
-    return Comparisons(train, held)
+    return Comparisons(*read_split(cfg, pref_data.load_preference_examples))
 
 
 def prepare_data(cfg: TrainConfig, comparisons: Comparisons, tokenizer: Any, ctx: RunContext) -> PreferenceData:
@@ -61,10 +57,6 @@ def prepare_data(cfg: TrainConfig, comparisons: Comparisons, tokenizer: Any, ctx
     if not train.pairs:
         raise text_data.TextDataError(f"{cfg.train_data_dir}: no usable comparisons remain.")
     return PreferenceData(train.pairs, held.pairs)
-
-
-def _mean(values: torch.Tensor) -> float:
-    return float(values.float().mean()) if values.numel() else 0.0
 
 
 @dataclass
@@ -79,11 +71,8 @@ class PreferenceRun(TextRun):
         return self.cfg.text_method
 
     def batches(self, epoch: int) -> list[PairBatch]:  # type: ignore[override]
-        lengths = [len(p) for p in self.data.train]
-        grouped = lengths if max(lengths) * self.cfg.batch_size > MAX_PACKED_TOKENS else None
-        order = self.shard(epoch_batches(len(lengths), self.cfg.batch_size, self.cfg.seed, epoch, grouped))
-        pad_id = self.tokenizer.pad_token_id or 0
-        return [make_pair_batch([self.data.train[i] for i in indices], pad_id) for indices in order]
+        return epoch_item_batches(self.data.train, self.cfg, epoch, self.shard, self.tokenizer.pad_token_id or 0,
+                                  make_pair_batch)
 
     epoch_batches = batches  # type: ignore[assignment]
 
@@ -116,7 +105,7 @@ class PreferenceRun(TextRun):
         margin = torch.cat(margins)
         if self.world == 1:
             loss, _ = self.step_loss(loss_total, tokens, divisor)
-            self.last_scalars = {"preference/margin": _mean(margin), "preference/accuracy": _mean(margin > 0)}
+            self.last_scalars = {"preference/margin": mean_or_zero(margin), "preference/accuracy": mean_or_zero(margin > 0)}
             return loss
         # The margins of every process's comparisons: their sum, wins and count.
         loss, (margin_sum, wins, count) = self.step_loss(loss_total, tokens, divisor, float(margin.sum()),
@@ -148,12 +137,12 @@ class PreferenceRun(TextRun):
             if was_training:
                 causal_lm.train()
         margin = torch.cat(margins)
-        self.validation_stats = {"validation_accuracy": round(_mean(margin > 0), 4),
-                                 "validation_margin": round(_mean(margin), 4)}
+        self.validation_stats = {"validation_accuracy": round(mean_or_zero(margin > 0), 4),
+                                 "validation_margin": round(mean_or_zero(margin), 4)}
         self.ctx.log(f"Validation at step {step}: chosen preferred in "
                      f"{self.validation_stats['validation_accuracy']:.0%} of {margin.numel()} comparisons, "
                      f"mean margin {self.validation_stats['validation_margin']:.3f}")
-        return _mean(torch.cat(losses))
+        return mean_or_zero(torch.cat(losses))
 
     def summary_extra(self) -> dict[str, Any]:
         return {"text_method": self.method, "preference_beta": self.cfg.preference_beta,

@@ -15,13 +15,14 @@ and frozen base weights make it the same at every step and across resume.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from core.data.preference import TokenizedPair
-from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, make_batch
+from core.train.text_batches import MAX_PACKED_TOKENS, TextBatch, epoch_batches, make_batch
 from core.train.text_step import labelled_logits
 
 
@@ -160,3 +161,30 @@ def answer_margins(peft_model: Any, batches: list[PairBatch], device: torch.devi
         if was_training:
             causal_lm.train()
     return torch.cat(margins) if margins else torch.zeros(0)
+
+
+# --- what the DPO / ORPO and KTO runs share ----------------------------------------------------------
+
+def read_split(cfg: Any, load: Callable[[str], list]) -> tuple[list, list]:
+    """The rows of train_data_dir read by `load`, and the held-out ones: validation_file's, else a
+    validation_split share of them (the same seeded split as SFT)."""
+    from core.data import text as text_data
+
+    rows = load(cfg.train_data_dir)
+    if cfg.validation_file:
+        return rows, load(cfg.validation_file)
+    return text_data.split_validation(rows, cfg.validation_split, cfg.seed)
+
+
+def epoch_item_batches(items: Sequence[Any], cfg: Any, epoch: int, shard: Callable[[list], list], pad_id: int,
+                       make: Callable[[list, int], Any]) -> list[Any]:
+    """One epoch's batches of `items` (each built by `make`), grouped by length when padding would be large."""
+    lengths = [len(item) for item in items]
+    grouped = lengths if max(lengths) * cfg.batch_size > MAX_PACKED_TOKENS else None
+    order = shard(epoch_batches(len(lengths), cfg.batch_size, cfg.seed, epoch, grouped))
+    return [make([items[i] for i in indices], pad_id) for indices in order]
+
+
+def mean_or_zero(values: torch.Tensor) -> float:
+    """The mean of `values` as a float; 0 for none (a batch without desirable answers, say)."""
+    return float(values.float().mean()) if values.numel() else 0.0
