@@ -143,7 +143,8 @@ def build_tiny_llava(folder: Path, *, image_size: int = 32, seed: int = 0) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     words = ["USER:", "ASSISTANT:", "Describe", "this", "image", "in", "detail."] + list(dict.fromkeys(WORDS))
-    vocab = {token: index for index, token in enumerate(special + words)}
+    # ("image" and "in" are in WORDS too: ids are counted without repeats, so every id is < vocab_size)
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(special + words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
