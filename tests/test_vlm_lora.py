@@ -28,6 +28,12 @@ def tiny_vlm_dir(tiny_llava_dir) -> Path:
     return tiny_llava_dir  # tests.fixtures.tiny_blip: a LLaVA-style chat VLM (CLIP vision + Llama text)
 
 
+@pytest.fixture(params=["tiny_llava_dir", "tiny_idefics3_dir"])
+def each_tiny_vlm(request) -> Path:
+    """The LLaVA-style VLM and the SmolVLM-style one (Idefics3: tiled images, <end_of_utterance> turns)."""
+    return request.getfixturevalue(request.param)
+
+
 def toy_folder(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, (colour, _) in TOY.items():
@@ -61,7 +67,8 @@ def caption_with(model_name: str, images: Path) -> dict[str, str]:
     return dict(zip(names, captioner.caption_batch([images / n for n in names], pictures, max_new_tokens=8)))
 
 
-def test_caption_loss_falls_and_the_captions_change_toward_the_training_captions(tiny_vlm_dir, tmp_path):
+def test_caption_loss_falls_and_the_captions_change_toward_the_training_captions(each_tiny_vlm, tmp_path):
+    tiny_vlm_dir = each_tiny_vlm
     data = toy_folder(tmp_path / "toy")
     ctx, events = collect()
     outputs = run_training(vlm_config(tiny_vlm_dir, data, tmp_path / "run", sample_prompts=["red.png"],
@@ -106,7 +113,8 @@ def test_only_the_language_models_projections_get_a_lora_and_the_export_loads_wi
         (Path(outputs["merged"]) / "preprocessor_config.json").is_file()
 
 
-def test_stop_then_resume_gives_the_uninterrupted_runs_losses(tiny_vlm_dir, tmp_path):
+def test_stop_then_resume_gives_the_uninterrupted_runs_losses(each_tiny_vlm, tmp_path):
+    tiny_vlm_dir = each_tiny_vlm
     data = toy_folder(tmp_path / "toy")
     run_training(vlm_config(tiny_vlm_dir, data, tmp_path / "straight", max_train_steps=4), collect()[0])
     ctx, _ = collect()
