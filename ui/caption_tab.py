@@ -34,7 +34,10 @@ def captioner_choices(output_dir: Path | None = None) -> list[tuple[str, str]]:
     mine = []
     for adapter in captioner_adapters(output_dir or state.OUTPUT_DIR):
         run = adapter.parent if adapter.name == "adapter" else adapter
-        base = adapter_captioner(adapter)[0]
+        try:
+            base = adapter_captioner(adapter)[0]
+        except (OSError, ValueError):  # a half-copied or foreign adapter folder is left out, not the list
+            continue
         mine.append((f"my captioner: {run.name} — your VLM LoRA on {Path(base).name or base}", catalog.rel(adapter)))
     return built_in + mine
 

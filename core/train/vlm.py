@@ -154,7 +154,8 @@ def render(processor: Any, example: VlmExample) -> tuple[str, str]:
     """(prompt text, prompt + answer + end-of-turn text) as the captioner renders its question."""
     prompt = chat_prompt(processor, example.messages)
     joint = "" if not prompt or prompt[-1].isspace() else " "
-    eos = processor.tokenizer.eos_token or ""
+    # Idefics3 / SmolVLM end a turn with <end_of_utterance>, which their processor names; others with EOS.
+    eos = getattr(processor, "end_of_utterance_token", None) or processor.tokenizer.eos_token or ""
     return prompt, f"{prompt}{joint}{example.answer}{eos}"
 
 
