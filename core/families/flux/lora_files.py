@@ -30,14 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION, num_text
 from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
-from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
-                                          save_with_identity, strip_prefixes, write_diffusers_lora)
+from core.families.dit.lora_files import (KohyaLayout, diffusers_writer, group_plain_lora, read_diffusers_modules,
+                                          strip_prefixes, write_kohya_lora)
 
 Variant = Literal["flux-dev", "flux-schnell", "chroma", "flux-kontext"]
 VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
@@ -265,33 +264,16 @@ def flux_kohya_metadata(variant: Variant, *, rank: int, alpha: float, title: str
 
 
 def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: Variant,
-                          alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
-                          use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
-    """Write the WebUI / Forge / ComfyUI file of a FLUX or Chroma LoRA atomically, with sshs hashes.
-
-    `metadata` adds or overrides descriptive keys (`ss_output_name`, `modelspec.title`, ...); the keys
-    naming the family, network and rank/alpha always come from here. `dtype=None` keeps each tensor's dtype.
-    """
-    modules = group_flux_peft(peft_state)
-    check_modules_match_variant(list(modules), variant)
-    tensors = flux_peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
-    base = flux_kohya_metadata(variant, rank=rank, alpha=file_alpha)
-    return save_with_identity(path, tensors, base, metadata, IDENTITY_KEYS, dtype)
+                          **kwargs: Any) -> Path:
+    """Write the WebUI / Forge / ComfyUI file of a FLUX or Chroma LoRA atomically, with sshs hashes."""
+    layout = KohyaLayout(group_flux_peft, flux_peft_to_kohya, flux_kohya_metadata, IDENTITY_KEYS,
+                         check=check_modules_match_variant)
+    return write_kohya_lora(layout, peft_state, path, variant, **kwargs)
 
 
-def write_flux_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
-                              dtype: torch.dtype | None = None) -> Path:
-    """Write `output_dir/pytorch_lora_weights.safetensors` the way `FluxPipeline.save_lora_weights` does.
-
-    Keys are `transformer.<module>.lora_A/B.weight`; the LoraConfig (`transformer.peft_config["default"]`
-    or a dict with r, lora_alpha, ...) goes into `lora_adapter_metadata`, so diffusers loads the LoRA
-    with its real alpha instead of assuming alpha = rank. ChromaPipeline reads the same file.
-    """
-    from diffusers import FluxPipeline
-
-    return write_diffusers_lora(FluxPipeline, group_flux_peft(peft_state), output_dir, lora_config=lora_config,
-                                dtype=dtype)
+# Keys are `transformer.<module>.lora_A/B.weight`, the LoraConfig in `lora_adapter_metadata` (diffusers then
+# loads the real alpha instead of assuming alpha = rank); ChromaPipeline reads the same file.
+write_flux_diffusers_file = diffusers_writer("FluxPipeline", group_flux_peft)
 
 
 def read_flux_lora(path: str | Path, *, ignore_text_encoders: bool = False

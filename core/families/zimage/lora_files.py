@@ -26,15 +26,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
 from core.export.metadata import num_text
 from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
-from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
-                                          save_with_identity, write_diffusers_lora)
+from core.families.dit.lora_files import (KohyaLayout, diffusers_writer, group_plain_lora, read_diffusers_modules,
+                                          write_kohya_lora)
 
 UNET_PREFIX = "lora_unet_"
 SCOPES = ("layers", "noise_refiner", "context_refiner")
@@ -114,24 +113,15 @@ def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
     }
 
 
-def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str,
-                     alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
-                     use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+_KOHYA = KohyaLayout(group_peft, peft_to_kohya, kohya_metadata, _IDENTITY_KEYS)
+
+
+def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str, **kwargs: Any) -> Path:
     """The ComfyUI / WebUI file (native kohya names, sshs hashes), written atomically."""
-    modules = group_peft(peft_state)
-    tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
-    return save_with_identity(path, tensors, kohya_metadata(variant, rank=rank, alpha=file_alpha), metadata,
-                              _IDENTITY_KEYS, dtype)
+    return write_kohya_lora(_KOHYA, peft_state, path, variant, **kwargs)
 
 
-def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
-                         dtype: torch.dtype | None = None) -> Path:
-    """`output_dir/pytorch_lora_weights.safetensors` as `ZImagePipeline.save_lora_weights` writes it."""
-    from diffusers import ZImagePipeline
-
-    return write_diffusers_lora(ZImagePipeline, group_peft(peft_state), output_dir, lora_config=lora_config,
-                                dtype=dtype)
+write_diffusers_file = diffusers_writer("ZImagePipeline", group_peft)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
