@@ -146,6 +146,16 @@ class KohyaLayout:
     check: Callable[[list[str], str], None] | None = None   # (module paths, model name) -> refuse a misfit
 
 
+def kohya_file_writer(layout: KohyaLayout, model_arg: str = "variant") -> Callable[..., Path]:
+    """A family's `write_kohya_file(peft_state, path, *, <model_arg>, alpha, metadata, use_rslora, dtype)`."""
+
+    def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, **kwargs: Any) -> Path:
+        return write_kohya_lora(layout, peft_state, path, kwargs.pop(model_arg), **kwargs)
+
+    write_kohya_file.__doc__ = write_kohya_lora.__doc__
+    return write_kohya_file
+
+
 def write_kohya_lora(layout: KohyaLayout, peft_state: Mapping[str, Tensor], path: str | Path, model: str, *,
                      alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
                      use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
@@ -180,3 +190,29 @@ def diffusers_writer(pipeline: str, group: Callable[[Mapping[str, Tensor]], dict
 
     write_diffusers_file.__doc__ = f"`output_dir/pytorch_lora_weights.safetensors` as {pipeline}.save_lora_weights writes it."
     return write_diffusers_file
+
+
+def has_native_keys(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bool:
+    """A kohya / ComfyUI file (`lora_unet_...`, `diffusion_model....`), not diffusers' own."""
+    return any(k.startswith(("lora_unet_", "diffusion_model.")) for k in tensors)
+
+
+def read_family_lora(path: str | Path, *, label: str,
+                     from_native: Callable[[Mapping[str, Tensor]], tuple[dict[str, Tensor], dict[str, float]]],
+                     group: Callable[[Mapping[str, Tensor]], dict[str, dict[str, Tensor]]],
+                     is_native: Callable[[Mapping[str, Tensor], Mapping[str, str]], bool] = has_native_keys,
+                     diffusers_prefixes: tuple[str, ...] = ("transformer.",)
+                     ) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
+    """Any form of a family's LoRA file -> (PEFT state, {module: alpha}, metadata): its native names through
+    `from_native`, diffusers' file (the keys under `diffusers_prefixes`) through `group`."""
+    from core.export.kohya import load_kohya_lora
+
+    tensors, metadata = load_kohya_lora(path)
+    if is_native(tensors, metadata):
+        peft, alphas = from_native(tensors)
+    else:
+        peft, alphas = read_diffusers_modules({k: v for k, v in tensors.items() if k.startswith(diffusers_prefixes)},
+                                              metadata, group)
+    if not peft:
+        raise LoraFormatError(f"{path}: no {label} LoRA tensors found.")
+    return peft, alphas, metadata

@@ -28,15 +28,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION, num_text
 from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
-from core.families.dit.lora_files import (KohyaLayout, diffusers_writer, group_plain_lora, read_diffusers_modules,
-                                          strip_prefixes, write_kohya_lora)
+from core.families.dit.lora_files import (diffusers_writer, group_plain_lora, kohya_file_writer, KohyaLayout,
+                                          read_diffusers_modules, strip_prefixes)
 
 Variant = Literal["flux-dev", "flux-schnell", "chroma", "flux-kontext"]
 VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
@@ -263,12 +263,9 @@ def flux_kohya_metadata(variant: Variant, *, rank: int, alpha: float, title: str
     return meta
 
 
-def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: Variant,
-                          **kwargs: Any) -> Path:
-    """Write the WebUI / Forge / ComfyUI file of a FLUX or Chroma LoRA atomically, with sshs hashes."""
-    layout = KohyaLayout(group_flux_peft, flux_peft_to_kohya, flux_kohya_metadata, IDENTITY_KEYS,
-                         check=check_modules_match_variant)
-    return write_kohya_lora(layout, peft_state, path, variant, **kwargs)
+# The WebUI / Forge / ComfyUI file of a FLUX or Chroma LoRA (BFL names), refused for modules the variant lacks.
+write_flux_kohya_file = kohya_file_writer(KohyaLayout(group_flux_peft, flux_peft_to_kohya, flux_kohya_metadata,
+                                                      IDENTITY_KEYS, check=check_modules_match_variant))
 
 
 # Keys are `transformer.<module>.lora_A/B.weight`, the LoraConfig in `lora_adapter_metadata` (diffusers then

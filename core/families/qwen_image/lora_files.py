@@ -11,13 +11,12 @@ import datetime
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from core.export.metadata import num_text
-from core.families.dit.lora_files import KohyaLayout, diffusers_writer, write_kohya_lora
+from core.families.dit.lora_files import KohyaLayout, diffusers_writer, kohya_file_writer, read_family_lora
 
 KOHYA_PREFIX = "lora_unet_"
 # musubi-tuner's sai_model_spec: architecture names and implementation URL.
@@ -134,22 +133,13 @@ _IDENTITY_KEYS = ("ss_base_model_version", "ss_network_module", "ss_network_dim"
 _KOHYA = KohyaLayout(group_peft, peft_to_kohya, kohya_metadata, _IDENTITY_KEYS)
 
 
-def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str, **kwargs: Any) -> Path:
-    """`<name>.safetensors`: musubi-tuner's `lora_unet_` keys, which ComfyUI and diffusers both load."""
-    return write_kohya_lora(_KOHYA, peft_state, path, variant, **kwargs)
-
-
+write_kohya_file = kohya_file_writer(_KOHYA)  # musubi-tuner's `lora_unet_` keys: ComfyUI and diffusers load them
 write_diffusers_file = diffusers_writer("QwenImagePipeline", group_peft)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
-    """Any Qwen-Image LoRA file (ours, musubi-tuner, ComfyUI / diffusers forms) -> (PEFT, alphas, metadata)."""
-    from core.export.kohya import load_kohya_lora
-    from core.families.dit.lora_files import read_diffusers_modules
-
-    tensors, metadata = load_kohya_lora(path)
-    if metadata.get("lora_adapter_metadata") and any(".lora_A." in k for k in tensors):
-        peft, alphas = read_diffusers_modules(tensors, metadata, group_peft)
-        return peft, alphas, metadata
-    peft, alphas = kohya_to_peft(tensors)
-    return peft, alphas, metadata
+    """Any Qwen-Image LoRA file (ours, musubi-tuner, ComfyUI / diffusers forms) -> (PEFT, alphas, metadata):
+    diffusers' own form is the one with its adapter metadata, the rest `kohya_to_peft` reads."""
+    return read_family_lora(path, label="Qwen-Image", from_native=kohya_to_peft, group=group_peft,
+                            is_native=lambda tensors, metadata: not (metadata.get("lora_adapter_metadata") and any(
+                                ".lora_A." in k for k in tensors)))

@@ -23,8 +23,8 @@ from torch import Tensor
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
 from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, split_kohya_modules
-from core.families.dit.lora_files import (KohyaLayout, diffusers_writer, group_plain_lora, read_diffusers_modules,
-                                          write_kohya_lora)
+from core.families.dit.lora_files import (diffusers_writer, group_plain_lora, kohya_file_writer, KohyaLayout,
+                                          read_family_lora)
 from core.families.sd3.keys import lora_module_for, lora_module_from_native, native_from_kohya
 
 UNET_PREFIX = "lora_unet_"
@@ -110,27 +110,14 @@ def kohya_metadata(model_type: str, *, rank: int, alpha: float, started_at: floa
 _KOHYA = KohyaLayout(group_sd3_peft, peft_to_kohya, kohya_metadata, _IDENTITY_KEYS)
 
 
-def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, model_type: str, **kwargs: Any) -> Path:
-    """The WebUI / Forge / ComfyUI file (sd-scripts' SD3 names), written atomically with sshs hashes."""
-    return write_kohya_lora(_KOHYA, peft_state, path, model_type, **kwargs)
-
-
+write_kohya_file = kohya_file_writer(_KOHYA, "model_type")  # sd-scripts' SD3 names
 write_diffusers_file = diffusers_writer("StableDiffusion3Pipeline", group_sd3_peft)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any SD3 LoRA file (kohya, ComfyUI `diffusion_model.`, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    from core.export.kohya import load_kohya_lora
-
-    tensors, metadata = load_kohya_lora(path)
-    if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):
-        peft, alphas = kohya_to_peft(tensors)
-        return peft, alphas, metadata
-    transformer = {k: v for k, v in tensors.items() if k.startswith(("transformer.", "base_model.model."))}
-    if not transformer:
-        raise LoraFormatError(f"{path}: no SD3 transformer LoRA keys (transformer.*, lora_unet_joint_blocks_*).")
-    peft, alphas = read_diffusers_modules(transformer, metadata, group_sd3_peft)
-    return peft, alphas, metadata
+    return read_family_lora(path, label="SD3 transformer", from_native=kohya_to_peft, group=group_sd3_peft,
+                            diffusers_prefixes=("transformer.", "base_model.model."))
 
 
 # --- the LoRA tools' hook (inspect, convert, resize, merge): kohya MMDiT names, qkv kept fused ---------

@@ -32,8 +32,8 @@ from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
 from core.export.metadata import num_text
 from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
-from core.families.dit.lora_files import (KohyaLayout, diffusers_writer, group_plain_lora, read_diffusers_modules,
-                                          write_kohya_lora)
+from core.families.dit.lora_files import (diffusers_writer, group_plain_lora, kohya_file_writer, KohyaLayout,
+                                          read_family_lora)
 
 UNET_PREFIX = "lora_unet_"
 SCOPES = ("layers", "noise_refiner", "context_refiner")
@@ -116,28 +116,15 @@ def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
 _KOHYA = KohyaLayout(group_peft, peft_to_kohya, kohya_metadata, _IDENTITY_KEYS)
 
 
-def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str, **kwargs: Any) -> Path:
-    """The ComfyUI / WebUI file (native kohya names, sshs hashes), written atomically."""
-    return write_kohya_lora(_KOHYA, peft_state, path, variant, **kwargs)
-
-
+write_kohya_file = kohya_file_writer(_KOHYA)  # native kohya names (ComfyUI / WebUI)
 write_diffusers_file = diffusers_writer("ZImagePipeline", group_peft)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any Z-Image LoRA file (kohya, ComfyUI, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    from core.export.kohya import load_kohya_lora
-
-    tensors, metadata = load_kohya_lora(path)
-    if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):
-        peft, alphas = kohya_to_peft(tensors)
-        return peft, alphas, metadata
-    peft, alphas = read_diffusers_modules({k: v for k, v in tensors.items() if k.startswith("transformer.")},
-                                          metadata, group_peft)
+    peft, alphas, metadata = read_family_lora(path, label="Z-Image", from_native=kohya_to_peft, group=group_peft)
     for module_path in alphas:
         native_module_for(module_path)  # a foreign module fails here, clearly
-    if not peft:
-        raise LoraFormatError(f"{path}: no Z-Image LoRA tensors found.")
     return peft, alphas, metadata
 
 
