@@ -40,6 +40,17 @@ class TransformerModel(Protocol):
     notes: list[str]
 
 
+@dataclass(kw_only=True)
+class LoadedModel:
+    """What every family's loaded model carries beside its modules (its own dataclass adds those, positional
+    first): the scheduler settings for previews, where it came from, the notes shown after loading."""
+
+    scheduler_config: dict[str, Any]
+    source: str
+    is_single_file: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class TransformerSpec:
     """What one transformer family states; the default supplies the rest."""
