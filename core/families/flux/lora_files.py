@@ -34,7 +34,8 @@ from torch import Tensor
 
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION, num_text
-from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
+from core.families.dit.fused_lora import (NativeModule, fused_kohya_tensors, kohya_key_groups, module_table,
+                                          split_kohya_modules)
 from core.families.dit.lora_files import (diffusers_writer, group_plain_lora, kohya_file_writer, KohyaLayout,
                                           read_diffusers_modules, strip_prefixes)
 
@@ -43,42 +44,42 @@ VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "flux-kontext
 UNET_PREFIX = "lora_unet_"
 
 # (BFL module, the diffusers modules it is made of in BFL row order), per scope of the model.
-_DOUBLE: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-    ("img_attn.proj", ("attn.to_out.0",)),
-    ("img_mlp.0", ("ff.net.0.proj",)),
-    ("img_mlp.2", ("ff.net.2",)),
-    ("img_mod.lin", ("norm1.linear",)),
-    ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    ("txt_attn.proj", ("attn.to_add_out",)),
-    ("txt_mlp.0", ("ff_context.net.0.proj",)),
-    ("txt_mlp.2", ("ff_context.net.2",)),
-    ("txt_mod.lin", ("norm1_context.linear",)),
-)
-_SINGLE: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-    ("linear2", ("proj_out",)),
-    ("modulation.lin", ("norm.linear",)),
-)
+_DOUBLE = module_table("""
+    img_attn.qkv  = attn.to_q attn.to_k attn.to_v
+    img_attn.proj = attn.to_out.0
+    img_mlp.0     = ff.net.0.proj
+    img_mlp.2     = ff.net.2
+    img_mod.lin   = norm1.linear
+    txt_attn.qkv  = attn.add_q_proj attn.add_k_proj attn.add_v_proj
+    txt_attn.proj = attn.to_add_out
+    txt_mlp.0     = ff_context.net.0.proj
+    txt_mlp.2     = ff_context.net.2
+    txt_mod.lin   = norm1_context.linear
+""")
+_SINGLE = module_table("""
+    linear1        = attn.to_q attn.to_k attn.to_v proj_mlp
+    linear2        = proj_out
+    modulation.lin = norm.linear
+""")
 # Chroma's "approximator" (it replaces FLUX's per-block modulation layers).
-_GUIDANCE_LAYER: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("in_layer", ("linear_1",)),
-    ("out_layer", ("linear_2",)),
-)
-_TOP: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("img_in", ("x_embedder",)),
-    ("txt_in", ("context_embedder",)),
-    ("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
-    ("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
-    ("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
-    ("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
-    ("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
-    ("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
-    ("final_layer.linear", ("proj_out",)),
-    ("final_layer.adaLN_modulation.1", ("norm_out.linear",)),
-    ("distilled_guidance_layer.in_proj", ("distilled_guidance_layer.in_proj",)),
-    ("distilled_guidance_layer.out_proj", ("distilled_guidance_layer.out_proj",)),
-)
+_GUIDANCE_LAYER = module_table("""
+    in_layer  = linear_1
+    out_layer = linear_2
+""")
+_TOP = module_table("""
+    img_in                            = x_embedder
+    txt_in                            = context_embedder
+    time_in.in_layer                  = time_text_embed.timestep_embedder.linear_1
+    time_in.out_layer                 = time_text_embed.timestep_embedder.linear_2
+    vector_in.in_layer                = time_text_embed.text_embedder.linear_1
+    vector_in.out_layer               = time_text_embed.text_embedder.linear_2
+    guidance_in.in_layer              = time_text_embed.guidance_embedder.linear_1
+    guidance_in.out_layer             = time_text_embed.guidance_embedder.linear_2
+    final_layer.linear                = proj_out
+    final_layer.adaLN_modulation.1    = norm_out.linear
+    distilled_guidance_layer.in_proj  = distilled_guidance_layer.in_proj
+    distilled_guidance_layer.out_proj = distilled_guidance_layer.out_proj
+""")
 # (diffusers prefix, BFL prefix, table) of the numbered blocks.
 _SCOPES: tuple[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = (
     ("transformer_blocks", "double_blocks", _DOUBLE),

@@ -31,21 +31,22 @@ from torch import Tensor
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
 from core.export.metadata import num_text
-from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
+from core.families.dit.fused_lora import (NativeModule, fused_kohya_tensors, kohya_key_groups, module_table,
+                                          split_kohya_modules)
 from core.families.dit.lora_files import (diffusers_writer, group_plain_lora, kohya_file_writer, KohyaLayout,
                                           read_family_lora)
 
 UNET_PREFIX = "lora_unet_"
 SCOPES = ("layers", "noise_refiner", "context_refiner")
 # (native module in a block, the diffusers modules it is made of in row order)
-_BLOCK: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention.qkv", ("attention.to_q", "attention.to_k", "attention.to_v")),
-    ("attention.out", ("attention.to_out.0",)),
-    ("feed_forward.w1", ("feed_forward.w1",)),
-    ("feed_forward.w2", ("feed_forward.w2",)),
-    ("feed_forward.w3", ("feed_forward.w3",)),
-    ("adaLN_modulation.0", ("adaLN_modulation.0",)),
-)
+_BLOCK = module_table("""
+    attention.qkv      = attention.to_q attention.to_k attention.to_v
+    attention.out      = attention.to_out.0
+    feed_forward.w1    = feed_forward.w1
+    feed_forward.w2    = feed_forward.w2
+    feed_forward.w3    = feed_forward.w3
+    adaLN_modulation.0 = adaLN_modulation.0
+""")
 _DIFFUSERS_PATH = re.compile(r"^(?P<scope>layers|noise_refiner|context_refiner)\.(?P<n>\d+)\.(?P<rest>.+)$")
 _KOHYA_NAME = re.compile(r"^lora_unet_(?P<scope>layers|noise_refiner|context_refiner)_(?P<n>\d+)_(?P<rest>.+)$")
 # kohya/WebUI labels (kohya-style trainers: musubi-tuner's sai_model_spec "Z-Image").
