@@ -60,6 +60,16 @@ class FamilyInfo:
     # Trains on (control, target, caption) triples (edit models): the run feeds each image's control
     # latents (Batch.control) and prompt keys (caption, control path) to the family.
     needs_control: bool = False
+    # How a UNet family is told apart where no marker names it. `context_dims`: the text-context widths its
+    # cross-attention reads (a LoRA's attn2.to_k input, a UNet's cross_attention_dim); `text_encoder_width`:
+    # the hidden width of its one text encoder (a text-encoder-only LoRA); `checkpoint_prefixes`: tensor-name
+    # prefixes of its full single-file checkpoints (the longest match wins); `metadata_markers`: (key, value
+    # prefix) of a kohya file's metadata that name it (sd-scripts' and SAI's spellings).
+    context_dims: tuple[int, ...] = ()
+    text_encoder_width: int = 0
+    checkpoint_prefixes: tuple[str, ...] = ()
+    metadata_markers: tuple[tuple[str, str], ...] = ()
+    unet_config_markers: tuple[tuple[str, str], ...] = ()   # (key, value) of a diffusers UNet config.json
 
     @property
     def is_flow_matching(self) -> bool:
@@ -92,16 +102,28 @@ Z_IMAGE, QWEN3_4B = 6_154_908_736, 4_022_468_096  # ZImageTransformer2DModel; Qw
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
                ("text_encoder",), "StableDiffusionPipeline", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-               SD1_UNET, CLIP_L + SD_VAE, v_prediction_suffix=True),
+               SD1_UNET, CLIP_L + SD_VAE, v_prediction_suffix=True, context_dims=(768,), text_encoder_width=768,
+               checkpoint_prefixes=("cond_stage_model.transformer", "model.diffusion_model."),
+               metadata_markers=(("ss_base_model_version", "sd_v1"), ("modelspec.architecture", "stable-diffusion-v1"))),
     FamilyInfo("sd2", "SD 2.x", "unet", 768, "sd1", "sd_v2", "stable-diffusion-v2-512", ("lora_te",),
                ("text_encoder",), "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1",
                SD2_UNET, OPENCLIP_H + SD_VAE, v_prediction_suffix=True,
-               modelspec_architecture_v="stable-diffusion-v2-768-v"),
+               modelspec_architecture_v="stable-diffusion-v2-768-v", context_dims=(1024,), text_encoder_width=1024,
+               checkpoint_prefixes=("cond_stage_model.model.",), name_words=("stable-diffusion-2", "sd2", "sd-2", "v2-"),
+               metadata_markers=(("ss_base_model_version", "sd_v2"), ("ss_v2", "True"),
+                                 ("modelspec.architecture", "stable-diffusion-v2"))),
     FamilyInfo("sdxl", "SDXL", "unet", 1024, "sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
                ("lora_te1", "lora_te2"), ("text_encoder", "text_encoder_2"), "StableDiffusionXLPipeline",
                "stabilityai/stable-diffusion-xl-base-1.0", SDXL_UNET, CLIP_L + OPENCLIP_G + SD_VAE,
                sample_size_floor=1024, sgm_unet_names=True, resolution_floor=768,
-               modelspec_implementation="https://github.com/Stability-AI/generative-models"),
+               modelspec_implementation="https://github.com/Stability-AI/generative-models",
+               # 2048: the base; 1280: the refiner. Text encoder 2 and SAI's sgm UNet names are SDXL's alone.
+               context_dims=(2048, 1280), checkpoint_prefixes=("conditioner.embedders.1",),
+               unet_config_markers=(("addition_embed_type", "text_time"),),
+               diffusers_class_names=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+               name_words=("xl", "pony", "illustrious"),
+               lora_key_markers=(r"^(lora_te[12]_|text_encoder_2\.)", r"^lora_unet_(input_blocks|middle_block|output_blocks)_"),
+               metadata_markers=(("ss_base_model_version", "sdxl_"), ("modelspec.architecture", "stable-diffusion-xl"))),
     FamilyInfo("flux-dev", "FLUX.1-dev", "flux", 1024, "flux", "flux1", "flux-1-dev", ("lora_te1", "lora_te3"),
                ("text_encoder", "text_encoder_2"), "FluxPipeline", "black-forest-labs/FLUX.1-dev",
                FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE, sample_size_floor=512,
@@ -213,3 +235,36 @@ def family_label(name: str) -> str:
     """A person's name for a family ("SDXL", "FLUX.1-dev"); the raw name for anything else."""
     info = FAMILIES.get(name)
     return info.label if info else {"llm": "LLM", "unknown": "unknown model"}.get(name, name)
+
+
+# --- naming a model or a file from the rows' markers (the first row, SD 1.x, is the fallback) -------------
+
+FALLBACK_FAMILY = IMAGE_FAMILIES[0]
+
+
+def family_of_context_dim(width: int) -> str | None:
+    """The UNet family whose cross-attention reads a text context `width` wide."""
+    return next((info.name for info in FAMILIES.values() if width in info.context_dims), None)
+
+
+def family_of_text_encoder_width(width: int) -> str | None:
+    """The family whose one text encoder is `width` wide (a LoRA of only its text encoder)."""
+    return next((info.name for info in FAMILIES.values() if info.text_encoder_width == width), None)
+
+
+def family_of_checkpoint(keys: list[str] | set[str]) -> str | None:
+    """The family of a full single-file checkpoint: the row with the longest tensor-name prefix it has."""
+    hits = [(len(prefix), info.name) for info in FAMILIES.values() for prefix in info.checkpoint_prefixes
+            if any(k.startswith(prefix) for k in keys)]
+    return max(hits)[1] if hits else None
+
+
+def family_of_metadata(metadata: dict[str, str]) -> str | None:
+    """The family a kohya file's metadata names through a row's `metadata_markers` (each key in turn, in
+    the order sd-scripts' own keys come first)."""
+    for key in ("ss_base_model_version", "ss_v2", "modelspec.architecture"):
+        value = metadata.get(key, "")
+        for info in FAMILIES.values():
+            if value and any(k == key and value.startswith(prefix) for k, prefix in info.metadata_markers):
+                return info.name
+    return None

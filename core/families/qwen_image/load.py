@@ -16,11 +16,12 @@ Facts (diffusers 0.42 `QwenImagePipeline` / `QwenImageEditPipeline`, `QwenImageT
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from core.families.dit.default import LoadedModel
 from core.families.dit.weights import read_json
 from core.hub import offline
 
@@ -55,7 +56,7 @@ SINGLE_FILE_MARKERS = ("transformer_blocks.0.img_mod.1.weight", "transformer_blo
 
 
 @dataclass
-class QwenModel:
+class QwenModel(LoadedModel):
     """The modules of a Qwen-Image (Edit) pipeline plus what training needs to know about them."""
 
     variant: str
@@ -64,10 +65,6 @@ class QwenModel:
     text_encoder: Any | None
     tokenizer: Any | None
     processor: Any | None            # Edit: the Qwen2-VL processor (image + text); None for Qwen-Image
-    scheduler_config: dict[str, Any]
-    source: str
-    is_single_file: bool = False
-    notes: list[str] = field(default_factory=list)
     preview_control: str | None = None  # Edit: the control image the previews edit (the first pair's)
 
     @property
@@ -158,8 +155,8 @@ def load_qwen_model(source: str, *, variant: str | None = None, config_source: s
     transformer = QwenImageTransformer2DModel.from_pretrained(source, subfolder="transformer",
                                                               quantization_config=quantization_config, **kwargs)
     model = QwenModel(variant, transformer, AutoencoderKLQwenImage.from_pretrained(source, subfolder="vae", **kwargs),
-                      *_load_text_side(source, variant, dtype, local), _scheduler_config(source, local),
-                      str(source))
+                      *_load_text_side(source, variant, dtype, local),
+                      scheduler_config=_scheduler_config(source, local), source=str(source))
     if vae:
         from core.families.qwen_image.single_file import load_vae_file
 

@@ -234,7 +234,7 @@ def load_single_file(path: Path, *, variant: str, config_source: str = "", vae: 
         load_vae_file(vae_file, config_source=config_source, variant=variant, dtype=dtype),
         load_text_encoder_file(te_file, variant=variant, config_source=config_source, dtype=dtype),
         tokenizer, processor,
-        _scheduler_config(source, local), str(path), is_single_file=True)
+        scheduler_config=_scheduler_config(source, local), source=str(path), is_single_file=True)
     model.notes.append(f"Text encoder {te_file.name}, VAE {vae_file.name}; configs from {source}")
     return model
 
