@@ -60,6 +60,11 @@ class FamilyInfo:
     # Trains on (control, target, caption) triples (edit models): the run feeds each image's control
     # latents (Batch.control) and prompt keys (caption, control path) to the family.
     needs_control: bool = False
+    # (regex of a LoRA-file key, its first dimension): a row listing these names a file only when one of its
+    # keys has that shape (FLUX.2 klein 4B, 9B and dev share FLUX.1's block names; the widths tell them apart).
+    lora_shape_markers: tuple[tuple[str, int], ...] = ()
+    # The first single-file marker's first dimension is this many times the width (FLUX.2's modulation: 3).
+    marker_width_ratio: int = 1
 
     @property
     def is_flow_matching(self) -> bool:
@@ -88,6 +93,27 @@ _QWEN_LORA_KEYS = (r"transformer_blocks[._]\d+[._](img|txt)_mlp[._]net[._]", r"t
 SD35_MEDIUM, SD35_LARGE, CLIP_L_PROJ, CLIP_G_PROJ = 2_243_171_520, 8_056_627_520, 123_650_304, 694_659_840
 SD3_ENCODERS = CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL_ENCODER + FLUX_AE
 Z_IMAGE, QWEN3_4B = 6_154_908_736, 4_022_468_096  # ZImageTransformer2DModel; Qwen3Model (no LM head)
+# FLUX.2 (Flux2Transformer2DModel on the meta device): klein 4B / 9B and dev; Qwen3-8B (Qwen3Model), Mistral-Small
+# 3.1's language model (MistralModel), the 32-channel AutoencoderKLFlux2.
+FLUX2_KLEIN_4B, FLUX2_KLEIN_9B, FLUX2_DEV = 3_875_544_576, 9_078_581_248, 32_223_281_152
+QWEN3_8B, MISTRAL_SMALL_31, FLUX2_VAE = 7_568_405_504, 22_901_314_560, 84_046_115
+# A FLUX.2 LoRA has FLUX.1's BFL block names (or diffusers' single blocks) and the FLUX.2 MLP's up width, 6 x the
+# model width (SwiGLU of ratio 3: FLUX.1's is 4 x): img_mlp.0 / ff.linear_in up, in BFL, kohya or diffusers names.
+_FLUX2_MLP_UP = r"(img_mlp[._]0|\.ff\.linear_in)[._](lora_up|lora_B)"
+
+
+def _flux2(name: str, label: str, version: str, architecture: str, repo: str, params: int, encoder: int,
+           width: int, words: tuple[str, ...], pipeline: str = "Flux2KleinPipeline") -> FamilyInfo:
+    return FamilyInfo(name, label, "dit", 1024, name, version, architecture, (), ("text_encoder",), pipeline, repo,
+                      params, encoder + FLUX2_VAE, sample_size_floor=512, default_timestep_sampling="logit_normal",
+                      modelspec_implementation="https://github.com/black-forest-labs/flux2",
+                      impl="core.families.flux2.family", width=width, config_groups=("flow",), resolution_floor=512,
+                      memory_parts="core.families.flux2.memory:flux2_parts",
+                      diffusers_class_names=(pipeline,),
+                      single_file_markers=("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"),
+                      marker_width_ratio=3,
+                      name_words=words, lora_key_markers=_FLUX_LORA_KEYS,
+                      lora_shape_markers=((_FLUX2_MLP_UP, 6 * width),), has_guidance_embedding=name == "flux2-dev")
 
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
@@ -102,6 +128,16 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                "stabilityai/stable-diffusion-xl-base-1.0", SDXL_UNET, CLIP_L + OPENCLIP_G + SD_VAE,
                sample_size_floor=1024, sgm_unet_names=True, resolution_floor=768,
                modelspec_implementation="https://github.com/Stability-AI/generative-models"),
+    # FLUX.2 before FLUX.1: their single files share FLUX.1's block names (the first matching row names a file).
+    _flux2("flux2-klein-4b", "FLUX.2 klein 4B", "flux2_klein_4b", "flux-2-klein-4b",
+           "black-forest-labs/FLUX.2-klein-base-4B", FLUX2_KLEIN_4B, QWEN3_4B, 3072,
+           ("flux.2-klein", "flux-2-klein", "flux2-klein", "flux2_klein", "flux_2_klein")),
+    _flux2("flux2-klein-9b", "FLUX.2 klein 9B", "flux2_klein_9b", "flux-2-klein-9b",
+           "black-forest-labs/FLUX.2-klein-base-9B", FLUX2_KLEIN_9B, QWEN3_8B, 4096,
+           ("flux.2-klein-9b", "flux-2-klein-9b", "flux2-klein-9b", "flux2_klein_9b", "flux.2-klein-base-9b",
+            "flux-2-klein-base-9b", "flux2-klein-base-9b", "flux2_klein_base_9b")),
+    _flux2("flux2-dev", "FLUX.2-dev", "flux2_dev", "flux-2-dev", "black-forest-labs/FLUX.2-dev", FLUX2_DEV,
+           MISTRAL_SMALL_31, 6144, ("flux.2", "flux-2", "flux2", "flux_2"), pipeline="Flux2Pipeline"),
     FamilyInfo("flux-dev", "FLUX.1-dev", "flux", 1024, "flux", "flux1", "flux-1-dev", ("lora_te1", "lora_te3"),
                ("text_encoder", "text_encoder_2"), "FluxPipeline", "black-forest-labs/FLUX.1-dev",
                FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE, sample_size_floor=512,

@@ -77,6 +77,13 @@ def _zimage(root: Path) -> Built:
     return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
 
 
+def _flux2(root: Path) -> Built:
+    from core.families.flux2.tiny import build_tiny_flux2
+
+    tiny = build_tiny_flux2(root)
+    return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
+
+
 def _qwen(root: Path) -> Built:
     from core.families.qwen_image.tiny import build_tiny_qwen
 
@@ -132,6 +139,13 @@ def _zimage_net():
     return ZImageTransformer2DModel()  # diffusers' defaults are Z-Image's config
 
 
+def _flux2_klein_4b():
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(num_layers=5, num_single_layers=20, num_attention_heads=24,
+                                   joint_attention_dim=7680, guidance_embeds=False)
+
+
 def _qwen_net():
     from diffusers import QwenImageTransformer2DModel
 
@@ -155,6 +169,8 @@ FAMILIES: list[TinyFamily] = [
                _sd35_medium, _TRANSFORMER_GPU_ONLY, kohya_in_pipeline=False),
     TinyFamily("z-image-turbo", _zimage, "Tongyi-MAI/Z-Image-Turbo", "ZImagePipeline", "transformer", _zimage_net,
                _TRANSFORMER_GPU_ONLY),
+    TinyFamily("flux2-klein-4b", _flux2, "black-forest-labs/FLUX.2-klein-base-4B", "Flux2KleinPipeline", "transformer",
+               _flux2_klein_4b, _TRANSFORMER_GPU_ONLY),
     TinyFamily("qwen-image", _qwen, "Qwen/Qwen-Image", "QwenImagePipeline", "transformer", _qwen_net,
                _TRANSFORMER_GPU_ONLY),
 ]
