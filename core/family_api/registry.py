@@ -99,6 +99,13 @@ FLUX2_KLEIN_4B, FLUX2_KLEIN_9B, FLUX2_DEV = 3_875_544_576, 9_078_581_248, 32_223
 QWEN3_8B, MISTRAL_SMALL_31, FLUX2_VAE = 7_568_405_504, 22_901_314_560, 84_046_115
 # A FLUX.2 LoRA has FLUX.1's BFL block names (or diffusers' single blocks) and the FLUX.2 MLP's up width, 6 x the
 # model width (SwiGLU of ratio 3: FLUX.1's is 4 x): img_mlp.0 / ff.linear_in up, in BFL, kohya or diffusers names.
+# Krea 2: Krea2Transformer2DModel (28 blocks, width 6144); Qwen3-VL-4B with its vision tower (Qwen3VLModel).
+KREA2, QWEN3_VL_4B = 12_820_073_036, 4_437_815_808
+# Keys only a Krea 2 LoRA has: native (krea-ai / ComfyUI), kohya or diffusers names of its gated attention and
+# text fusion.
+_KREA2_LORA_KEYS = (r"^(diffusion_model\.)?(blocks\.\d+\.attn\.(wq|gate)|txtfusion\.)",
+                    r"^lora_unet_(blocks_\d+_attn_(wq|gate)|txtfusion_)",
+                    r"^transformer\.(text_fusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
 _FLUX2_MLP_UP = r"(img_mlp[._]0|\.ff\.linear_in)[._](lora_up|lora_B)"
 
 
@@ -224,6 +231,21 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
           ("z-image-turbo", "Z-Image-Turbo", "z_image_turbo", "Tongyi-MAI/Z-Image-Turbo",
            ("z-image-turbo", "z_image_turbo", "zimage-turbo", "zimage_turbo")),
           ("z-image", "Z-Image", "z_image", "Tongyi-MAI/Z-Image", ("z-image", "z_image", "zimage")))),
+    # Krea 2: Raw (the base, to train on) and Turbo share every shape; the name or is_distilled tells them apart.
+    # Their LoRAs are one kind (ss_base_model_version "krea2", as FLUX.1-dev / schnell share "flux1"): trained on
+    # Raw, used on Turbo.
+    *(FamilyInfo(name, label, "dit", 1024, "krea2", version, "Krea-2", (), ("text_encoder",), "Krea2Pipeline", repo,
+                 KREA2, QWEN3_VL_4B + QWEN_IMAGE_VAE, sample_size_floor=512, default_timestep_sampling="logit_normal",
+                 modelspec_implementation="https://github.com/krea-ai/krea-2", impl="core.families.krea2.family",
+                 width=6144, config_groups=("flow",), resolution_floor=512,
+                 memory_parts="core.families.krea2.memory:krea2_parts",
+                 diffusers_class_names=("Krea2Pipeline", "Krea2Transformer2DModel"),
+                 single_file_markers=("txtmlp.1.weight", "txt_in.linear_1.weight"), name_words=words,
+                 lora_key_markers=_KREA2_LORA_KEYS)
+      for name, label, version, repo, words in (
+          ("krea2", "Krea 2 (Raw)", "krea2", "krea/Krea-2-Raw", ("krea-2", "krea2", "krea_2")),
+          ("krea2-turbo", "Krea 2 Turbo", "krea2", "krea/Krea-2-Turbo",
+           ("krea-2-turbo", "krea2-turbo", "krea_2_turbo", "krea2_turbo")))),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
