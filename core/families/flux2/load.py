@@ -103,11 +103,6 @@ def is_distilled_name(name: str) -> bool:
     return "klein" in low and "base" not in low
 
 
-def variant_from_keys(keys: Any) -> str | None:
-    """The variant of a single file from its header's names alone: not possible (widths tell); None."""
-    return None
-
-
 def _width_of_file(path: Path) -> tuple[int, bool]:
     from safetensors import safe_open
 
