@@ -207,7 +207,8 @@ class TrainConfig:
     t5: str = _f("", "FLUX / Chroma with a single-file transformer: the T5-XXL text encoder file (fp16 or fp8; "
                  "found in models/clip or models/text_encoders when empty).", "flux", task="image")
     text_encoder_files: str = _f("", "A flow-matching transformer from a single file without its text encoders "
-                                 "(SD3: clip_l, clip_g, t5xxl; Z-Image: qwen_3_4b; Qwen-Image: qwen_2.5_vl_7b): their files, "
+                                 "(SD3: clip_l, clip_g, t5xxl; Z-Image: qwen_3_4b; FLUX.2 klein: qwen_3_4b or "
+                                 "qwen_3_8b; Krea 2: qwen3_vl_4b; Qwen-Image: qwen_2.5_vl_7b): their files, "
                                  "comma-separated, each "
                                  "told by its name; any not given is found in ComfyUI's models/text_encoders or "
                                  "models/clip.",

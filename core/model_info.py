@@ -147,7 +147,8 @@ def _dit_from_shapes(shapes: dict[str, list[int]], source: str, path: Path | Non
         base = family_defaults(name)
         rest = sum(_numel(v) for k, v in shapes.items() if not k.startswith(prefix)) if prefix else 0
         return replace(base, params=sum(_numel(v) for v in own.values()), source=source,
-                       width=int(marker[0]) if marker else base.width, extra_params=rest or base.extra_params)
+                       width=int(marker[0]) // info.marker_width_ratio if marker else base.width,
+                       extra_params=rest or base.extra_params)
     return None
 
 

@@ -105,13 +105,13 @@ def join_caption(prefix: str, caption: str, suffix: str) -> str:
 def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     """Image files in `folder`, sorted; by default the same set training reads (sub-folders too).
 
-    A paired data set's `control/` folder is left out: its images are the edit models' inputs, and
-    captions describe the targets.
+    A paired data set's `control/` (and `control_2/` ...) folders are left out: their images are the edit
+    models' inputs, and captions describe the targets.
     """
-    from core.data.pairs import control_dir
+    from core.data.pairs import control_dirs
 
     if recursive:
-        return find_image_files(folder, exclude=(control_dir(folder),))[0]
+        return find_image_files(folder, exclude=control_dirs(folder))[0]
     found = [path for path in folder.iterdir()
              if path.is_file() and not path.name.startswith(".") and is_image_file(path)]
     return sorted(found, key=lambda p: p.name.lower())

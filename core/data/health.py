@@ -188,9 +188,9 @@ def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: st
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"'{root}' does not exist or is not a folder. Choose the folder with your images.")
-    from core.data.pairs import control_dir, pair_issues
+    from core.data.pairs import control_dirs, pair_issues
 
-    images, _ = find_image_files(root, exclude=(control_dir(root),))
+    images, _ = find_image_files(root, exclude=control_dirs(root))
     out = _Collector()
     report = HealthReport(image_count=len(images))
     bucket_list = make_buckets(resolution, min_reso, max_reso)

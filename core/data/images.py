@@ -39,6 +39,7 @@ class ImageItem:
     format: str = ""
     mode: str = ""
     control: Path | None = None  # a paired data set's control image (core.data.pairs)
+    references: list[Path] = field(default_factory=list)  # its further references (control_2, control_3 ...)
 
 
 @dataclass
@@ -250,10 +251,10 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
     if not folder.is_dir():
         raise DatasetError(f"The training folder '{folder}' does not exist or is not a folder. "
                            "Set train_data_dir to the folder with your images.")
-    from core.data.pairs import control_dir, find_controls
+    from core.data.pairs import control_dirs, find_controls
 
-    # A paired data set's control/ folder holds the controls, not training targets.
-    exclude = (control_dir(folder),) + ((cfg.output_dir,) if cfg.output_dir else ())
+    # A paired data set's control folders hold the controls, not training targets.
+    exclude = control_dirs(folder) + ((cfg.output_dir,) if cfg.output_dir else ())
     images, others = find_image_files(folder, exclude=exclude)
     items: list[ImageItem] = []
     skipped: list[tuple[str, str]] = []
@@ -297,9 +298,11 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
                                format=info.format, mode=info.mode))
     pairs = find_controls(folder, [i.path for i in items], resolve_metadata_path(folder, cfg.metadata_path))
     used_as_control = {p.resolve() for p in pairs.controls.values()}
+    used_as_control |= {p.resolve() for refs in pairs.references.values() for p in refs}
     items = [i for i in items if i.path.resolve() not in used_as_control]  # a control is not a target too
     for item in items:
         item.control = pairs.controls.get(item.path)
+        item.references = list(pairs.references.get(item.path, []))
     where = metadata_file.name if source == "metadata" and metadata_file else f"a {cfg.caption_extension} file"
     if no_caption:
         warnings.append(f"{len(no_caption)} image(s) have no caption in {where}: {_listing(no_caption)}. "

@@ -102,13 +102,19 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
-def _family_from_key_markers(keys: list[str]) -> str | None:
+def _family_from_key_markers(shapes: dict[str, tuple[int, ...]]) -> str | None:
     """The family whose `lora_key_markers` the keys match most (a variant row lists its family's markers
-    plus its own, so it wins over the family's first row); ties go to the first row of the table."""
+    plus its own, so it wins over the family's first row); ties go to the first row of the table. A row with
+    `lora_shape_markers` counts only when a key has its shape, and then wins over the rows without."""
+    keys = list(shapes)
     best, best_score = None, 0
     # The transformer rows first: a tie (FLUX's CLIP-L is lora_te1_, as SDXL's) goes to the transformer.
     for info in sorted(FAMILIES.values(), key=lambda i: i.kind == "unet"):
         score = sum(any(re.search(m, k) for k in keys) for m in info.lora_key_markers)
+        if info.lora_shape_markers:
+            shaped = sum(any(re.search(m, k) and tuple(shapes[k])[:1] == (dim,) for k in keys)
+                         for m, dim in info.lora_shape_markers)
+            score = score + shaped if shaped and score else 0
         if score > best_score:
             best, best_score = info.name, score
     return best
@@ -117,7 +123,7 @@ def _family_from_key_markers(keys: list[str]) -> str | None:
 def family_from_keys(shapes: dict[str, tuple[int, ...]], fmt: str, adapter_config: dict | None) -> str:
     """A registry family, "llm" or "unknown" from the key names and the widths of the LoRA tensors."""
     keys = list(shapes)
-    own = _family_from_key_markers(keys)
+    own = _family_from_key_markers(shapes)
     if own:
         return own
     if fmt == "peft":
@@ -344,7 +350,7 @@ def lora_family_mismatch(info: LoraFileInfo, model_family: str) -> str | None:
     if lora_info and model_info and lora_info.ss_base_model_version == model_info.ss_base_model_version:
         return None  # FLUX.1-dev and -schnell LoRAs are one kind (flux1), used on either
     if lora_info and model_info and lora_info.kind != "unet" and lora_info.impl == model_info.impl \
-            and info.format == "diffusers":
+            and info.format == "diffusers" and not lora_info.lora_shape_markers:
         return None  # a diffusers file does not name the variant (FLUX.1 or Chroma): only its keys could
     lora_name = FAMILY_NAMES.get(info.family, info.family)
     model_name = FAMILY_NAMES[model_family]

@@ -67,7 +67,8 @@ def _hub_variant(repo: str) -> str | None:
         index = dict(DiffusionPipeline.load_config(repo, local_files_only=offline()))
     except Exception:  # noqa: BLE001 - not a reachable pipeline: the SD loader reports what is wrong with it
         return None
-    if not any(word in str(index.get("_class_name", "")) for word in ("Flux", "Chroma")):
+    if not any(word in str(index.get("_class_name", "")) for word in ("Flux", "Chroma")) or \
+            "Flux2" in str(index.get("_class_name", "")):
         return None
     try:
         transformer = dict(DiffusionPipeline.load_config(repo, subfolder="transformer", local_files_only=offline()))

@@ -59,6 +59,8 @@ def variant_from_keys(keys: Iterable[str]) -> str | None:
         k.startswith("single_transformer_blocks.") for k in names)
     if not (bfl or diff):
         return None
+    if any(k.startswith("single_stream_modulation.") for k in names):
+        return None  # FLUX.2: the same block names, its own family (core.families.flux2)
     if any(k.startswith("distilled_guidance_layer.") for k in names):
         # Chroma replaced FLUX's modulation MLPs by one "approximator" and dropped the guidance input.
         return "chroma"
@@ -70,6 +72,8 @@ def variant_from_keys(keys: Iterable[str]) -> str | None:
 def variant_from_folder_configs(index: dict[str, Any] | None, transformer_config: dict[str, Any]) -> str | None:
     """The variant from a diffusers folder's model_index.json and transformer/config.json."""
     names = " ".join(str(d.get("_class_name", "")) for d in (index or {}, transformer_config))
+    if "Flux2" in names:
+        return None  # FLUX.2: its own family (core.families.flux2)
     if "Chroma" in names:
         return "chroma"
     if "FluxKontext" in names:

@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from core.families.dit.default import LoadedModel
+
+# The Qwen-Image VAE's latents live in the toolbox (Krea 2 has the same VAE); re-exported for this family.
+from core.families.dit.video_vae import decode_latents, denormalize_latents, encode_moments, normalize_latents  # noqa: F401
 from core.families.dit.weights import read_json
 from core.hub import offline
 
@@ -187,45 +191,6 @@ def _scheduler_config(source: str, local: bool) -> dict[str, Any]:
 
 
 # --- latents -------------------------------------------------------------------------------------------
-
-def _channel_stats(vae_config: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    c = len(vae_config.latents_mean)
-    shape = (1, c) + (1,) * (like.ndim - 2)
-    mean = torch.tensor(vae_config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
-    std = torch.tensor(vae_config.latents_std, device=like.device, dtype=like.dtype).view(shape)
-    return mean, std
-
-
-def encode_moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels [B, 3, H, W] in [-1, 1] -> moments [B, 2C, h, w] (the video VAE's frame axis added and dropped)."""
-    param = next(vae.parameters())
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(param.device, param.dtype).unsqueeze(2)).latent_dist
-    return dist.parameters.squeeze(2).float()
-
-
-def normalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Raw sampled latents [B, C, h, w] -> what the transformer trains on: (x - mean) / std per channel."""
-    mean, std = _channel_stats(vae_config, latents)
-    return (latents - mean) / std
-
-
-def denormalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
-    mean, std = _channel_stats(vae_config, latents)
-    return latents * std + mean
-
-
-def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
-    """Normalized latents [B, C, h, w] -> PIL images (fp32 decode)."""
-    from PIL import Image
-
-    raw = denormalize_latents(vae.config, latents.float()).unsqueeze(2)
-    param = next(vae.parameters())
-    with torch.no_grad():
-        pixels = vae.decode(raw.to(param.device, param.dtype), return_dict=False)[0][:, :, 0]
-    arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]
-
 
 def lora_targets(transformer: torch.nn.Module) -> list[str]:
     """Full names of the Linears that get LoRA (12 per block)."""
