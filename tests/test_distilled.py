@@ -180,3 +180,17 @@ def test_the_train_tab_warns_in_one_sentence_when_a_distilled_model_trains_witho
     assert "Z-Image-Turbo is a distilled model" in distilled_line(raw)
     assert distilled_line({**raw, "training_adapter": "adapter.safetensors"}) == ""
     assert distilled_line({**raw, "task_type": "text-generation"}) == ""
+
+
+def test_a_lora_trained_on_the_base_is_tested_on_its_turbo_without_a_family_warning(tmp_path):
+    from core.export.inspect import inspect_lora, lora_family_mismatch
+    from core.families.zimage.lora_files import write_kohya_file
+
+    state = {"layers.0.attention.to_out.0.lora_A.weight": torch.randn(2, 32),
+             "layers.0.attention.to_out.0.lora_B.weight": torch.randn(32, 2)}
+    base_lora = write_kohya_file(state, tmp_path / "base.safetensors", variant="z-image", alpha=2.0,
+                                 dtype=torch.float32)
+    info = inspect_lora(base_lora)
+    assert info.family in ("z-image", "z-image-turbo")  # the keys are the same; either is the pair
+    assert lora_family_mismatch(info, "z-image-turbo") is None and lora_family_mismatch(info, "z-image") is None
+    assert lora_family_mismatch(info, "flux-dev") is not None
