@@ -486,6 +486,9 @@ def fsdp_refusal(cfg: TrainConfig) -> str | None:
         return "ema keeps its average of whole weights, not of shards: set ema: false, or use distributed: ddp."
     if cfg.lora_variant in ("lokr", "loha"):
         return f"lora_variant: {cfg.lora_variant} is not sharded yet: use lora, or distributed: ddp."
+    if cfg.is_image and cfg.sample_base:
+        return ("sample_base draws previews with the LoRA as saved, which a sharded run holds in pieces between "
+                "saves; leave sample_base empty, or use distributed: ddp.")
     if cfg.base_quantization != "none":
         return ("fsdp shards the bf16/fp16 base over the GPUs and does not combine with "
                 "base_quantization: nf4; use one of them (nf4 with distributed: ddp).")

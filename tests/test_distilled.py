@@ -194,3 +194,13 @@ def test_a_lora_trained_on_the_base_is_tested_on_its_turbo_without_a_family_warn
     assert info.family in ("z-image", "z-image-turbo")  # the keys are the same; either is the pair
     assert lora_family_mismatch(info, "z-image-turbo") is None and lora_family_mismatch(info, "z-image") is None
     assert lora_family_mismatch(info, "flux-dev") is not None
+
+
+def test_a_sharded_run_refuses_sample_base_in_one_sentence():
+    import dataclasses
+
+    from core.config import TrainConfig, fsdp_refusal
+
+    cfg = dataclasses.replace(TrainConfig(), distributed="fsdp", sample_base="Tongyi-MAI/Z-Image-Turbo")
+    assert fsdp_refusal(cfg).startswith("sample_base draws previews with the LoRA as saved")
+    assert fsdp_refusal(dataclasses.replace(cfg, sample_base="")) is None
