@@ -1,4 +1,4 @@
-"""LoKr and LoHa on the transformer families (Z-Image, FLUX.1; SD3 and Qwen-Image by the shared default):
+"""LoKr and LoHa on the transformer families (Z-Image, FLUX.1, SD3, Qwen-Image: the shared default):
 the file's keys are diffusers' module names, which ComfyUI maps onto the native (fused) weights, and the
 update ComfyUI rebuilds there equals the one we trained; a run trains, resumes, previews and the Test
 tab applies the file.
@@ -6,7 +6,8 @@ tab applies the file.
 ComfyUI's map is read from its comfy/lora.py (Dec 2026): for FLUX (`flux_to_diffusers`) and Z-Image
 (Lumina2's `z_image_to_diffusers`) `transformer.<diffusers module>` points at the native weight, with
 (dim 0, row offset, rows) for a module fused there (qkv, the single blocks' linear1), and
-`calculate_weight` narrows the weight to that offset before the adapter adds its update. The test
+`calculate_weight` narrows the weight to that offset before the adapter adds its update; SD3's
+`mmdit_to_diffusers` the same, and Qwen-Image's native names are diffusers' own. The test
 builds that map from the tiny model itself: each diffusers weight is found, by value, as the native
 weight or a row slice of it (the tiny weights are random, so each matches once), as
 tests/families/comfy_keys.py does for the UNet's diffusers names. The adapter math is
@@ -42,7 +43,21 @@ def _flux() -> tuple[torch.nn.Module, object]:
     return tiny_flux_transformer(), diffusers_to_bfl
 
 
-BUILDERS = {"z-image-turbo": _zimage, "flux-dev": _flux}
+def _sd3() -> tuple[torch.nn.Module, object]:
+    from core.families.sd3.keys import diffusers_to_mmdit
+    from core.families.sd3.tiny import tiny_sd3_transformer
+
+    return tiny_sd3_transformer(), diffusers_to_mmdit
+
+
+def _qwen() -> tuple[torch.nn.Module, object]:
+    from core.families.qwen_image.tiny import tiny_qwen_transformer
+
+    return tiny_qwen_transformer(), dict  # ComfyUI's Qwen-Image has diffusers' names
+
+
+BUILDERS = {"z-image-turbo": _zimage, "flux-dev": _flux, "sd3": _sd3, "qwen-image": _qwen}
+FUSED = {"z-image-turbo": 3, "flux-dev": 3, "sd3": 3, "qwen-image": 0}  # modules that land on a row slice
 
 
 def comfy_targets(diffusers: dict[str, torch.Tensor], native: dict[str, torch.Tensor]
@@ -112,7 +127,7 @@ def test_every_key_maps_through_comfyui_onto_the_native_weights_and_rebuilds_our
         view = weight.narrow(*offset) if offset else weight
         view += comfy_delta(parts, view.shape)
         fused += offset is not None
-    assert fused >= 3  # q, k, v into the fused qkv (FLUX: also the single blocks' linear1)
+    assert fused >= FUSED[family]  # q, k, v into the fused qkv (FLUX: also the single blocks' linear1)
     for key, value in expected_native.items():
         torch.testing.assert_close(native[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
