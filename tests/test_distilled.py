@@ -168,6 +168,12 @@ def test_the_registry_marks_distilled_models_and_presets_take_their_preview_step
         "sample_num_inference_steps": 8, "sample_guidance_scale": 0.0}
     assert preview_values({"base_model": "black-forest-labs/FLUX.1-schnell"})["sample_num_inference_steps"] == 4
     assert preview_values({"base_model": "black-forest-labs/FLUX.1-dev"})["sample_num_inference_steps"] == 28
+    from core.presets import apply_preset
+
+    chosen = apply_preset({"preset": "cpu", "base_model": "Tongyi-MAI/Z-Image-Turbo"})
+    assert (chosen["sample_num_inference_steps"], chosen["sample_guidance_scale"]) == (8, 0.0)
+    mine = apply_preset({"preset": "cpu", "base_model": "Tongyi-MAI/Z-Image", "sample_num_inference_steps": 30})
+    assert (mine["sample_num_inference_steps"], mine["sample_guidance_scale"]) == (30, 4.0)  # the user's value stays
     sentence = distilled_warning("z-image-turbo", "")
     assert not re.search(r"\.\s+[A-Z]", sentence) and sentence.endswith(".") and "training_adapter" in sentence
     assert distilled_warning("z-image-turbo", "adapter.safetensors") == "" and distilled_warning("sd1", "") == ""
