@@ -233,6 +233,9 @@ class TrainConfig:
                              "VRAM). The estimate counts this many blocks off the GPU, so it errs high. Needs CUDA.",
                              "flow",
                              minimum=0, maximum=57, task="image")
+    training_adapter: str = _f("", "A LoRA file merged into the base while training and left out of the saved "
+                               "files and the previews: the de-distilling training adapter of a distilled model "
+                               "(Z-Image Turbo, FLUX.1 schnell), as ai-toolkit trains them.", "flow", task="image")
 
     # --- samples ---------------------------------------------------------------------
     sample_steps: int = _f(0, "Make previews every N steps (0: only at the end if prompts are set).",
@@ -243,6 +246,9 @@ class TrainConfig:
                                          maximum=200, task="image")
     sample_guidance_scale: float = _f(7.0, "Guidance scale of image previews.", "sample", minimum=0.0,
                                       maximum=50.0, task="image")
+    sample_base: str = _f("", "Draw previews (and the Test tab) with this model instead of base_model: the distilled "
+                          "Turbo / schnell model of the family when you train on its base (Raw) model. Empty: "
+                          "base_model.", "sample", task="image")
     sample_seed: int = _f(1234, "Seed of previews (the same every time so they compare).", "sample",
                           minimum=0)
     sample_max_new_tokens: int = _f(96, "Length of text previews in tokens.", "sample", minimum=1,
@@ -458,6 +464,10 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
                                        "set loraplus_lr_ratio: 0.")
     if cfg.lokr_factor == 0 and "lokr_factor" not in errors:
         errors["lokr_factor"] = "0 splits nothing: use -1 (near the square root) or a factor such as 4, 8 or 16."
+    if cfg.training_adapter and cfg.base_quantization != "none":
+        # An adapter is merged into the base weights, which NF4 holds in 4 bits (adding to them is not exact).
+        errors["training_adapter"] = ("a training adapter is merged into the base weights, which NF4 cannot take "
+                                      "exactly: set base_quantization: none (fp8_base: true saves memory too).")
     if cfg.min_bucket_reso > cfg.max_bucket_reso:
         errors["min_bucket_reso"] = f"must not be larger than max_bucket_reso ({cfg.max_bucket_reso})."
     if cfg.is_image and not cfg.base_model:
@@ -501,6 +511,9 @@ def fsdp_refusal(cfg: TrainConfig) -> str | None:
         return "ema keeps its average of whole weights, not of shards: set ema: false, or use distributed: ddp."
     if cfg.lora_variant in ("lokr", "loha"):
         return f"lora_variant: {cfg.lora_variant} is not sharded yet: use lora, or distributed: ddp."
+    if cfg.is_image and cfg.sample_base:
+        return ("sample_base draws previews with the LoRA as saved, which a sharded run holds in pieces between "
+                "saves; leave sample_base empty, or use distributed: ddp.")
     if cfg.base_quantization != "none":
         return ("fsdp shards the bf16/fp16 base over the GPUs and does not combine with "
                 "base_quantization: nf4; use one of them (nf4 with distributed: ddp).")
@@ -542,9 +555,10 @@ def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
     errors: dict[str, str] = {}
     if cfg.train_data_dir and "train_data_dir" not in known and not Path(cfg.train_data_dir).exists():
         errors["train_data_dir"] = f"'{cfg.train_data_dir}' does not exist. Check the path."
-    for name in ("metadata_path", "init_lora", "validation_file", "vae", "eval_file"):
+    for name in ("metadata_path", "init_lora", "validation_file", "vae", "eval_file", "training_adapter",
+                 "sample_base"):
         value = getattr(cfg, name)
-        if value and not Path(value).exists() and not (name == "vae" and _looks_like_hub_id(value)):
+        if value and not Path(value).exists() and not (name in ("vae", "sample_base") and _looks_like_hub_id(value)):
             errors[name] = f"'{value}' does not exist. Check the path, or leave it empty."
     model = cfg.base_model
     if model:

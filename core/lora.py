@@ -67,6 +67,11 @@ def make_lora_config(cfg: TrainConfig, target_modules: list[str], *,
     return LoraConfig(**kwargs)
 
 
+def lycoris_config(cfg: TrainConfig, targets: list[str]) -> Any:
+    """The LoKrConfig / LoHaConfig of `lora_variant: lokr / loha` on exactly `targets` (one rank and alpha)."""
+    return _lycoris_config(cfg, list(targets), {}, {}, None)
+
+
 def _lycoris_config(cfg: TrainConfig, targets: list[str], rank_pattern: dict[str, int],
                     alpha_pattern: dict[str, float], task_type: str | None) -> Any:
     """PEFT's LoKr / LoHa with the settings LyCORIS users know.

@@ -105,7 +105,8 @@ def _sd_family_of(pipe: Any) -> str:
 
 @contextmanager
 def lycoris_baked(pipe: Any, loras: Sequence[LoraSpec]) -> Iterator[list[tuple[str, float]]]:
-    """Bake the LoKr / LoHa files of `loras` into `pipe`'s weights; yields the other LoRAs; restores exactly."""
+    """Bake the LoKr / LoHa files of `loras` into `pipe`'s weights (SD's UNet / text encoders or a transformer
+    family's transformer); yields the other LoRAs; restores exactly."""
     from core.tools.merge import MergeReport, bake_lycoris_into_modules, read_lycoris_file
 
     specs = active(loras)
@@ -113,6 +114,14 @@ def lycoris_baked(pipe: Any, loras: Sequence[LoraSpec]) -> Iterator[list[tuple[s
     lycoris = [(path, weight, tensors) for path, weight, tensors in found if tensors is not None]
     if not lycoris:
         yield specs
+        return
+    others = [(path, weight) for path, weight, tensors in found if tensors is None]
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        # A transformer family's file (LyCORIS keys under diffusers' names: core.export.lycoris_transformer).
+        from core.export.lycoris_transformer import baked
+
+        with baked(pipe.transformer, [(tensors, weight, Path(path).name) for path, weight, tensors in lycoris]):
+            yield others
         return
     family = _sd_family_of(pipe)
     parts = {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")

@@ -56,3 +56,21 @@ def test_the_qwen_image_benchmark_runs_both_sides_at_toy_sizes():
     results = qwen_speed.main(["--toy", "--steps", "3", "--resolution", "64", "--threads", "1"])
     assert set(results) == {"ours", "peer", "ratios"}
     assert all(results[side]["s_per_step"] > 0 for side in ("ours", "peer"))
+
+
+def test_the_lycoris_speed_benchmark_times_lora_lokr_and_loha_on_copies_of_one_model(tmp_path):
+    import copy
+    import dataclasses
+
+    from bench import lycoris_speed
+    from core.config import TrainConfig
+
+    base, add, batch = lycoris_speed.flux_case(width=128)
+    models = {}
+    for variant in lycoris_speed.VARIANTS:
+        models[variant] = copy.deepcopy(base)
+        add(models[variant], dataclasses.replace(TrainConfig(), lora_variant=variant, lora_rank=4, lokr_factor=4))
+    seconds = lycoris_speed.measure(models, batch, steps=1)
+    assert set(seconds) == set(lycoris_speed.VARIANTS) and all(s > 0 for s in seconds.values())
+    sizes = {v: lycoris_speed.file_megabytes(m, tmp_path, v) for v, m in models.items()}
+    assert sizes["lokr"] < sizes["lora"] < sizes["loha"]

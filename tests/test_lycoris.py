@@ -127,12 +127,14 @@ def test_an_sd_run_trains_a_lycoris_file_that_resumes_and_its_update_is_the_trai
 
 
 @pytest.mark.parametrize("family", ["flux-dev", "sd3", "z-image-turbo", "qwen-image"])
-@pytest.mark.parametrize("variant", ["lokr", "loha"])
-def test_the_transformer_families_refuse_lokr_and_loha_in_one_sentence_before_loading(family, variant):
+@pytest.mark.parametrize("variant", ["dora", "pissa"])
+def test_the_transformer_families_take_lokr_and_loha_and_refuse_dora_and_pissa_in_one_sentence(family, variant):
     from core.family_api.lookup import family_impl
 
+    for lycoris in ("lokr", "loha"):  # trained there too (tests/test_lycoris_transformers.py)
+        family_impl(family).check(dataclasses.replace(TrainConfig(), lora_variant=lycoris))
     cfg = dataclasses.replace(TrainConfig(), lora_variant=variant)
-    with pytest.raises(ValueError, match=f"lora_variant: {variant} is not available for .* use lora or rslora"):
+    with pytest.raises(ValueError, match=f"lora_variant: {variant} is not available for .* use lora, rslora, lokr"):
         family_impl(family).check(cfg)
 
 

@@ -36,7 +36,8 @@ POLL_SECONDS = 2.0
 LOG_LINES = 40  # the last lines of the log beside the form; the full log is in the run folder
 MEMORY_KEYS = ("task_type", "base_model", "resolution", "batch_size", "lora_rank", "conv_rank", "lora_variant", "mixed_precision",
                "gradient_checkpointing", "train_text_encoder", "optimizer", "cache_latents", "max_seq_length",
-               "cache_text_encoder_outputs", "fp8_base", "blocks_to_swap", "base_quantization", "lora_blocks")
+               "cache_text_encoder_outputs", "fp8_base", "blocks_to_swap", "base_quantization", "lora_blocks",
+               "training_adapter")
 
 
 # -- what the form's values mean ------------------------------------------------------
@@ -49,7 +50,7 @@ def apply_preset_values(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
     name = raw.get("preset") or ""
     if not name:
         return {}, "No preset: every value is yours."
-    keep = {k: raw[k] for k in ("preset", "task_type", "base_model", "train_data_dir") if raw.get(k)}
+    keep = {k: raw[k] for k in ("preset", "task_type", "base_model", "sample_base", "train_data_dir") if raw.get(k)}
     try:
         merged = presets.apply_preset(keep)
     except (ValueError, OSError) as exc:
@@ -158,8 +159,20 @@ def on_preset(train_form: TrainForm, *values: Any) -> list[Any]:
     return [reason, *out]
 
 
+def distilled_line(raw: dict[str, Any]) -> str:
+    """The warning sentence when the form trains a distilled model (Turbo, schnell) without a training adapter."""
+    from core.family_api.registry import distilled_warning
+
+    if raw.get("task_type", "image-generation") != "image-generation":
+        return ""
+    family, _ = model_family_and_line("image-generation", str(raw.get("base_model") or ""))
+    warning = distilled_warning(family, str(raw.get("training_adapter") or ""))
+    return f"  \n**Distilled model:** {warning}" if warning else ""
+
+
 def on_estimate(train_form: TrainForm, *values: Any) -> str:
-    return memory_line(train_form.raw(values))
+    raw = train_form.raw(values)
+    return memory_line(raw) + distilled_line(raw)
 
 
 def start_run(job: Any, cfg: TrainConfig) -> None:

@@ -284,10 +284,11 @@ def on_task(task: str) -> tuple[Any, Any]:
     return gr.update(visible=task == "image"), gr.update(visible=task == "text")
 
 
-def follow_trained_model(model: str, task_type: str) -> tuple[Any, Any]:
-    """(image base, text base): the Train tab's base model goes to the box of its task."""
+def follow_trained_model(model: str, task_type: str, sample_base: str = "") -> tuple[Any, Any]:
+    """(image base, text base): the Train tab's base model goes to the box of its task; an image run's
+    sample_base (the distilled model it is used on) wins over the model it trains on."""
     if task_type == "image-generation":
-        return gr.update(value=model), gr.skip()
+        return gr.update(value=sample_base or model), gr.skip()
     return gr.skip(), gr.update(value=model)
 
 
@@ -434,6 +435,7 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     if train and "widgets" in train:
         # After a run, the Test tab offers its base model and its files without a refresh.
         widgets = train["widgets"]
-        widgets["base_model"].change(follow_trained_model, [widgets["base_model"], widgets["task_type"]],
-                                     [base, text_base])
+        for key in ("base_model", "sample_base"):  # a sample_base (the Turbo model) is what the LoRA is used on
+            widgets[key].change(follow_trained_model, [widgets["base_model"], widgets["task_type"],
+                                                       widgets["sample_base"]], [base, text_base])
     return {"task": task, "base": base, "lora": lora, "refresh": refresh, "lists": live}

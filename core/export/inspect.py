@@ -342,6 +342,13 @@ def _adapter_modules(info: LoraFileInfo, tensors: dict[str, torch.Tensor], fmt: 
                           "trained with another alpha loads at the wrong strength.")
 
 
+def distillation_pair(a: Any, b: Any) -> bool:
+    """Two registry rows of one base model and its distilled model (the registry's training_base /
+    sample_base): a LoRA trained on one is meant for the other."""
+    return a.impl == b.impl and any(x in (y.training_base, y.sample_base) for x, y in
+                                    ((a.hub_repo, b), (b.hub_repo, a)))
+
+
 def lora_family_mismatch(info: LoraFileInfo, model_family: str) -> str | None:
     """A sentence when the LoRA was made for another model family than `model_family`, else None."""
     if info.family == "unknown" or model_family not in FAMILY_NAMES or info.family == model_family:
@@ -349,6 +356,8 @@ def lora_family_mismatch(info: LoraFileInfo, model_family: str) -> str | None:
     lora_info, model_info = FAMILIES.get(info.family), FAMILIES.get(model_family)
     if lora_info and model_info and lora_info.ss_base_model_version == model_info.ss_base_model_version:
         return None  # FLUX.1-dev and -schnell LoRAs are one kind (flux1), used on either
+    if lora_info and model_info and distillation_pair(lora_info, model_info):
+        return None  # trained on the base (Z-Image), used on its distilled model (Turbo), or the other way
     if lora_info and model_info and lora_info.kind != "unet" and lora_info.impl == model_info.impl \
             and info.format == "diffusers" and not lora_info.lora_shape_markers:
         return None  # a diffusers file does not name the variant (FLUX.1 or Chroma): only its keys could

@@ -75,6 +75,17 @@ class FamilyInfo:
     lora_shape_markers: tuple[tuple[str, int], ...] = ()
     # The first single-file marker's first dimension is this many times the width (FLUX.2's modulation: 3).
     marker_width_ratio: int = 1
+    # Distilled models (Z-Image Turbo, FLUX.1 schnell): step-distilled to a few steps without CFG; a LoRA
+    # trained on one directly drifts it off its distillation (ai-toolkit, Krea). `training_base`: the hub id
+    # of the base / Raw model to train on instead; `training_adapter_repo`: the known de-distilling training
+    # adapter; a base row's `sample_base`: its distilled model, to preview with.
+    distilled: bool = False
+    training_base: str = ""
+    training_adapter_repo: str = ""
+    sample_base: str = ""
+    # The model's own sampling for previews (model cards): steps and guidance; 0 / -1: the config's own.
+    preview_steps: int = 0
+    preview_guidance: float = -1.0
 
     @property
     def is_flow_matching(self) -> bool:
@@ -174,14 +185,16 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                width=3072, config_groups=("flow", "flux"), resolution_floor=512,
                memory_parts="core.families.flux.memory:flux_parts", single_file_markers=_FLUX_MARKERS,
                diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("flux",),
-               lora_key_markers=_FLUX_LORA_KEYS),
+               lora_key_markers=_FLUX_LORA_KEYS, preview_steps=28, preview_guidance=3.5),
     FamilyInfo("flux-schnell", "FLUX.1-schnell", "flux", 1024, "flux", "flux1", "flux-1-schnell",
                ("lora_te1", "lora_te3"), ("text_encoder", "text_encoder_2"), "FluxPipeline",
                "black-forest-labs/FLUX.1-schnell", FLUX_SCHNELL, CLIP_L + T5_XXL_ENCODER + FLUX_AE,
                sample_size_floor=512, default_timestep_sampling="shift", impl="core.families.flux.family",
                width=3072, config_groups=("flow", "flux"), resolution_floor=512,
                memory_parts="core.families.flux.memory:flux_parts", single_file_markers=_FLUX_MARKERS,
-               diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("schnell",)),
+               diffusers_class_names=("FluxPipeline", "FluxTransformer2DModel"), name_words=("schnell",),
+               distilled=True, training_adapter_repo="ostris/FLUX.1-schnell-training-adapter", preview_steps=4,
+               preview_guidance=0.0),
     FamilyInfo("chroma", "Chroma", "flux", 1024, "flux", "chroma", "chroma", ("lora_te3",),
                ("text_encoder",), "ChromaPipeline", "lodestones/Chroma1-HD", CHROMA, T5_XXL_ENCODER + FLUX_AE,
                sample_size_floor=512, default_timestep_sampling="sigmoid", impl="core.families.flux.family",
@@ -248,11 +261,15 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                                       "noise_refiner.0.attention.to_out.0.weight"),
                  name_words=words, lora_key_markers=(
                      r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_(attention_qkv|attention_out|feed_forward_w[123])\.",
-                     r"^(transformer\.|diffusion_model\.)?(noise_refiner|context_refiner)\.\d+\.(attention|feed_forward)\."))
-      for name, label, version, repo, words in (
+                     r"^(transformer\.|diffusion_model\.)?(noise_refiner|context_refiner)\.\d+\.(attention|feed_forward)\."),
+                 **distillation)
+      for name, label, version, repo, words, distillation in (
           ("z-image-turbo", "Z-Image-Turbo", "z_image_turbo", "Tongyi-MAI/Z-Image-Turbo",
-           ("z-image-turbo", "z_image_turbo", "zimage-turbo", "zimage_turbo")),
-          ("z-image", "Z-Image", "z_image", "Tongyi-MAI/Z-Image", ("z-image", "z_image", "zimage")))),
+           ("z-image-turbo", "z_image_turbo", "zimage-turbo", "zimage_turbo"),
+           dict(distilled=True, training_base="Tongyi-MAI/Z-Image",
+                training_adapter_repo="ostris/zimage_turbo_training_adapter", preview_steps=8, preview_guidance=0.0)),
+          ("z-image", "Z-Image", "z_image", "Tongyi-MAI/Z-Image", ("z-image", "z_image", "zimage"),
+           dict(sample_base="Tongyi-MAI/Z-Image-Turbo", preview_steps=50, preview_guidance=4.0)))),
     # Krea 2: Raw (the base, to train on) and Turbo share every shape; the name or is_distilled tells them apart.
     # Their LoRAs are one kind (ss_base_model_version "krea2", as FLUX.1-dev / schnell share "flux1"): trained on
     # Raw, used on Turbo.
@@ -326,3 +343,15 @@ def family_of_metadata(metadata: dict[str, str]) -> str | None:
             if value and any(k == key and value.startswith(prefix) for k, prefix in info.metadata_markers):
                 return info.name
     return None
+
+
+def distilled_warning(family: str, training_adapter: str, sample_base: str = "") -> str:
+    """One sentence when a distilled model is trained directly without a training adapter, else ""."""
+    info = FAMILIES.get(family)
+    if info is None or not info.distilled or training_adapter:
+        return ""
+    instead = f" (e.g. {info.training_adapter_repo})" if info.training_adapter_repo else ""
+    base = (f", or train on its base model {info.training_base} with sample_base set to this one"
+            if info.training_base else "")
+    return (f"{info.label} is a distilled model: a LoRA trained on it directly drifts it off its "
+            f"{info.preview_steps}-step distillation, so set training_adapter to its training adapter{instead}{base}.")

@@ -94,6 +94,26 @@ class ImageRun:
         for warning in self.family.check(self.cfg):
             if self.main:
                 self.ctx.warn(warning)
+        if self.cfg.sample_base and family_for_model(self.cfg.sample_base) is not self.family:
+            raise ValueError(f"sample_base '{self.cfg.sample_base}' is a model of another family than base_model; "
+                             "use the distilled model of the same family (e.g. Z-Image-Turbo for Z-Image).")
+        if self.cfg.training_adapter and self.family.lora_files is None:
+            raise ValueError("training_adapter is for the transformer families' distilled models (Z-Image Turbo, "
+                             "FLUX.1 schnell); leave it empty for a Stable Diffusion model.")
+        self._warn_distilled()
+
+    def _warn_distilled(self) -> None:
+        """A distilled model trained directly without a training adapter: say so, once (it still runs)."""
+        from core.family_api.lookup import transformer_family_of
+        from core.family_api.registry import distilled_warning
+
+        try:
+            name = transformer_family_of(self.cfg.base_model)  # only transformer families are distilled
+        except Exception:  # noqa: BLE001 - the load below names any unreadable model clearly
+            return
+        warning = distilled_warning(name or "", self.cfg.training_adapter)
+        if warning and self.main:
+            self.ctx.warn(warning)
 
     def load_data(self) -> None:
         from core.data.buckets import bucket_for
@@ -220,8 +240,21 @@ class ImageRun:
             self.family.park_text_encoders(m, keep)
         free_memory()
 
+    def merge_training_adapter(self) -> None:
+        """The training adapter (cfg.training_adapter) merged into the frozen network, before the LoRA goes on."""
+        from core.train.training_adapter import merge_training_adapter
+
+        network = self.family.network(self.model)
+        self.training_adapter = merge_training_adapter(network, Path(self.cfg.training_adapter),
+                                                       self.family.lora_files.to_peft,
+                                                       family_info(self.family_name).label)
+        self.log(f"Training adapter {self.training_adapter.name} merged into {len(self.training_adapter.layers)} "
+                 "layers for training; it is left out of the saved LoRA and the previews.")
+
     def add_lora(self, init_file: Path | None) -> None:
         cfg, family = self.cfg, self.family
+        if cfg.training_adapter:
+            self.merge_training_adapter()
         self.adapted = adapted = family.add_lora(self.model, cfg, init_file, self.log)
         # A sharded run leaves the network in CPU memory: FSDP moves each process's share of it to its GPU
         # (the whole model never has to fit one).
@@ -373,6 +406,7 @@ class ImageRun:
         self.accelerator.wait_for_everyone()
 
     vae_config: Any = None
+    training_adapter: Any = None  # core.train.training_adapter.MergedAdapter, when cfg.training_adapter is set
     loss_fn: Any = None  # the family's loss of one Batch
     train_network: Any = None  # the UNet / transformer as accelerate prepared it (DDP-wrapped on several GPUs)
     train_encoders: list = dataclasses.field(default_factory=list)  # trained text encoders, prepared

@@ -98,11 +98,15 @@ def make_samples(run: ImageRun, step: int, save: bool = True) -> list[str]:
     from core.sample import save_image
 
     network = run.accelerator.unwrap_model(run.train_network)
+    if run.cfg.sample_base:
+        return _sample_base_previews(run, step, save)
     move(run.model.vae, run.device, torch.float32)
     was_training = network.training
     network.eval()
+    without_adapter = run.training_adapter.left_out() if run.training_adapter else contextlib.nullcontext()
     try:
-        images = run.family.previews(run.model, network, run.cfg, run.device, run.weight_dtype, run.text_cache)
+        with without_adapter:  # previews show the distilled use: the training adapter is not part of it
+            images = run.family.previews(run.model, network, run.cfg, run.device, run.weight_dtype, run.text_cache)
         paths = [str(save_image(img, run.out / "samples" / f"step-{step:06d}-{i}.png"))
                  for i, img in enumerate(images)] if save else []
     finally:
@@ -111,6 +115,25 @@ def make_samples(run: ImageRun, step: int, save: bool = True) -> list[str]:
             move(run.model.vae, "cpu")
         free_memory()
     return paths
+
+
+def _sample_base_previews(run: ImageRun, step: int, save: bool) -> list[str]:
+    """Previews on `sample_base` (e.g. the Turbo model while the base trains): the LoRA as it is now,
+    written to a scratch folder and applied by the Test tab's code (core.sample), at the sample model's
+    own steps and guidance; the training adapter is never part of it."""
+    import tempfile
+
+    from core.sample import generate_images, save_image
+
+    cfg = run.cfg
+    with tempfile.TemporaryDirectory(prefix="sample_base_") as scratch:
+        files = write_loras(run, Path(scratch), step, 0)
+        images = generate_images(cfg.sample_base, files["kohya"], cfg.sample_prompts, weight=1.0,
+                                 seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
+                                 guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt,
+                                 width=cfg.resolution, height=cfg.resolution, device=run.device)
+    return [str(save_image(img, run.out / "samples" / f"step-{step:06d}-{i}.png"))
+            for i, img in enumerate(images)] if save else []
 
 
 def checkpoint(run: ImageRun, state: checkpoints.TrainState, optimizer: Any, scheduler: Any) -> Path | None:

@@ -14,7 +14,7 @@ from core.config import TrainConfig
 # Settings of the UNet families that mean nothing to a transformer family, with their defaults.
 UNET_ONLY = {"conv_rank": 0, "noise_offset": 0.0, "snr_gamma": 0.0, "prediction_type": "auto",
              "train_text_encoder": False}
-UNSUPPORTED_VARIANTS = ("dora", "pissa")
+UNSUPPORTED_VARIANTS = ("dora", "pissa")  # LoKr / LoHa: core.export.lycoris_transformer
 
 
 def check_transformer(cfg: TrainConfig, family: str, *, targets: str, ignored_for: str, encoders: str) -> list[str]:
@@ -31,11 +31,9 @@ def check_transformer(cfg: TrainConfig, family: str, *, targets: str, ignored_fo
     if cfg.blocks_to_swap > 0 and not torch.cuda.is_available():
         raise ValueError("blocks_to_swap needs a CUDA GPU (it moves blocks between CPU and GPU memory); "
                          "set blocks_to_swap: 0 on this machine.")
-    if cfg.lora_variant in ("lokr", "loha"):
-        raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for {family} yet (LoKr / LoHa train on "
-                         "the Stable Diffusion UNets and on text models); use lora or rslora.")
     if cfg.lora_variant in UNSUPPORTED_VARIANTS:
-        raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for {family}; use lora or rslora.")
+        raise ValueError(f"lora_variant: {cfg.lora_variant} is not available for {family}; use lora, rslora, lokr "
+                         "or loha.")
     warnings = []
     ignored = [k for k, default in UNET_ONLY.items() if getattr(cfg, k) != default]
     if cfg.target_modules:

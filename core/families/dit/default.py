@@ -201,8 +201,15 @@ def add_lora(spec: TransformerSpec, model: Any, cfg: TrainConfig, init_file: Pat
     """A fresh LoRA on the family's targets, or the modules of `init_file`; the base weights frozen."""
     from peft import LoraConfig
 
+    from core.lora import is_lycoris
+
     transformer = model.transformer
     transformer.requires_grad_(False)
+    if is_lycoris(cfg):
+        if init_file is not None:
+            raise ValueError(f"lora_variant: {cfg.lora_variant} starts fresh on {spec.label}: continuing from a LoRA "
+                             "file needs lora_variant: lora (resume_from: latest continues a LoKr / LoHa run).")
+        return add_lycoris(spec, model, cfg, log)
     if init_file is not None:
         continue_from_file(spec, model, transformer, init_file, log)
     else:
@@ -216,6 +223,24 @@ def add_lora(spec: TransformerSpec, model: Any, cfg: TrainConfig, init_file: Pat
     log(f"LoRA rank {config.r} on {layers} transformer layers; flow matching with "
         f"{spec.training_note(model, cfg)}")
     # bitsandbytes put an NF4 transformer on the GPU already; block offload keeps it in CPU memory.
+    placed = [transformer] if cfg.base_quantization == "nf4" or cfg.blocks_to_swap > 0 else []
+    return Adapted([transformer], ["transformer"], [config], placed=placed)
+
+
+def add_lycoris(spec: TransformerSpec, model: Any, cfg: TrainConfig, log: Log) -> Adapted:
+    """PEFT's LoKr / LoHa (core.lora.lycoris_config: LyCORIS' factor, decompose both, full matrix) on the
+    family's LoRA targets."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from core.lora import lycoris_config
+
+    transformer = model.transformer
+    transformer.add_adapter(lycoris_config(cfg, spec.lora_targets(transformer, cfg)))
+    config = transformer.peft_config["default"]
+    layers = sum(1 for _, m in transformer.named_modules() if isinstance(m, BaseTunerLayer))
+    kind = "LoKr" if cfg.lora_variant == "lokr" else "LoHa"
+    log(f"{kind} (rank {cfg.lora_rank}{f', factor {cfg.lokr_factor}' if kind == 'LoKr' else ''}) on {layers} "
+        f"transformer layers; flow matching with {spec.training_note(model, cfg)}")
     placed = [transformer] if cfg.base_quantization == "nf4" or cfg.blocks_to_swap > 0 else []
     return Adapted([transformer], ["transformer"], [config], placed=placed)
 
@@ -253,6 +278,7 @@ def alpha_per_module(config: Any, state: Mapping[str, torch.Tensor]) -> float | 
 def write_loras(spec: TransformerSpec, folder: Path, cfg: TrainConfig, model: Any, adapted: Adapted,
                 facts: RunFacts, save_dtype: torch.dtype) -> dict[str, str]:
     """<name>.safetensors (the family's WebUI / ComfyUI names and metadata) and diffusers' file."""
+    from core.export.lycoris import is_lycoris_state
     from core.export.metadata import kohya_metadata
     from core.lora import peft_state
 
@@ -266,6 +292,15 @@ def write_loras(spec: TransformerSpec, folder: Path, cfg: TrainConfig, model: An
     meta.pop("modelspec.prediction_type", None)  # sd-scripts and musubi-tuner leave it out for these models
     if spec.extra_metadata is not None:
         meta.update(spec.extra_metadata(cfg))
+    if is_lycoris_state(state):
+        # One file: LyCORIS keys under diffusers' names (core.export.lycoris_transformer says why); diffusers'
+        # own loader reads no transformer LoHa and no LoKr of most of these families, so no second file.
+        from core.export.lycoris import scales_from_model
+        from core.export.lycoris_transformer import write_file
+
+        path = write_file(folder / f"{cfg.name}.safetensors", state, scales_from_model(adapted.modules[0]), meta,
+                          save_dtype)
+        return {"kohya": str(path)}
     kohya = spec.write_kohya(model, state, folder / f"{cfg.name}.safetensors", alpha=alpha_per_module(config, state),
                              metadata=meta, use_rslora=bool(config.use_rslora), dtype=save_dtype)
     diffusers = spec.write_diffusers(state, folder, lora_config=config, dtype=save_dtype)

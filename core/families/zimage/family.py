@@ -9,9 +9,10 @@ configured sampling (default: shift); fp8 storage, gradient checkpointing and bl
 are the transformer families' shared ones (core.families.dit).
 
 Turbo is step-distilled (8 steps, no CFG). ai-toolkit trains it with a de-distilling "training
-adapter" LoRA merged in while training and left out at inference; musubi-tuner and OneTrainer
-train plain LoRA. We train plain LoRA on either (short runs on Turbo keep its few-step
-behaviour); previews use the model's own regime: Turbo 8 steps without CFG, base with CFG.
+adapter" LoRA merged in while training and left out at inference (`training_adapter`, merged by
+core.train.training_adapter for any transformer family); or the base trains and Turbo previews
+(`sample_base`). Without either the run warns; previews use the model's own regime: Turbo 8 steps
+without CFG, base with CFG.
 """
 from __future__ import annotations
 
