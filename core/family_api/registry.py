@@ -60,6 +60,9 @@ class FamilyInfo:
     # Trains on (control, target, caption) triples (edit models): the run feeds each image's control
     # latents (Batch.control) and prompt keys (caption, control path) to the family.
     needs_control: bool = False
+    # Trains on video: clips of the data set train as [C, F, h, w] latents (images as one frame), the buckets
+    # add the frame count, the previews are short clips. False: clips are left out (animated GIFs: first frame).
+    video: bool = False
 
     @property
     def is_flow_matching(self) -> bool:
