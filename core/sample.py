@@ -59,9 +59,32 @@ def decode_fp32(vae: Any, latents: torch.Tensor,
     return [Image.fromarray(p) for p in pixels]
 
 
+CLIP_FRAMES, CLIP_FPS = "clip_frames", "clip_fps"  # keys of Image.info that make a picture a clip's first frame
+
+
+def clip_image(frames: Sequence[Image.Image], fps: float) -> Image.Image:
+    """A video family's clip as one picture: its first frame, carrying every frame and the fps in `info`
+    (what the previews row shows as the thumbnail; `save_image` writes the clip beside it)."""
+    first = frames[0].copy()
+    first.info[CLIP_FRAMES] = list(frames)
+    first.info[CLIP_FPS] = float(fps)
+    return first
+
+
+def clip_path(path: str | Path) -> Path:
+    """Where `save_image` writes the clip of a picture saved at `path` (same name, .mp4)."""
+    return Path(path).with_suffix(".mp4")
+
+
 def save_image(image: Image.Image, path: str | Path) -> Path:
+    """The picture as PNG; a clip's first frame (`clip_image`) also writes its mp4 beside it (PyAV)."""
+    frames = image.info.get(CLIP_FRAMES)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+    if frames:
+        from core.data.video_io import write_clip
+
+        write_clip(frames, clip_path(path), image.info.get(CLIP_FPS, 16.0))
     return Path(path)
 
 

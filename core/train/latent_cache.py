@@ -84,8 +84,9 @@ def prepare_pixels(path: Path, bucket: Bucket, *, frames: tuple[int, ...] | None
     from core.data.video_io import read_frames
 
     pictures = read_frames(path, frames) if frames else [load_rgb(path)]
-    # One random crop for the whole clip: every frame takes the same corner.
-    seed = (rng or random).random()
+    # One random crop for the whole clip: every frame takes the same corner (a center crop draws nothing: the
+    # training RNG must not depend on whether latents came from the cache).
+    seed = None if center_crop else (rng or random).random()
     prepared_all = [prepare_image(p, bucket, center_crop=center_crop, flip=flip, rng=random.Random(seed))
                     for p in pictures]
     return torch.stack([p.pixels for p in prepared_all], dim=1), prepared_all[0]

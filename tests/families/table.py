@@ -40,6 +40,9 @@ class TinyFamily:
     # diffusers' own loader reads its kohya file (FLUX's converter assumes the real 3072 width, so not at tiny
     # sizes; SD3's reads no kohya file): when not, the suite loads it through core.tools.convert
     kohya_in_pipeline: bool = True
+    # what `inspect` calls its WebUI / ComfyUI file: "kohya" (lora_unet_ names) or "comfyui" (diffusion_model. names,
+    # Wan's: ComfyUI has no other map for it)
+    kohya_format: str = "kohya"
 
     def __str__(self) -> str:  # the test ids
         return self.name
@@ -81,6 +84,13 @@ def _qwen(root: Path) -> Built:
     from core.families.qwen_image.tiny import build_tiny_qwen
 
     tiny = build_tiny_qwen(root, "qwen-image")
+    return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
+
+
+def _wan(root: Path) -> Built:
+    from core.families.wan.tiny import build_tiny_wan
+
+    tiny = build_tiny_wan(root)
     return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
 
 
@@ -139,6 +149,12 @@ def _qwen_net():
                                        joint_attention_dim=3584, in_channels=64, out_channels=16)
 
 
+def _wan_13b():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(num_attention_heads=12, ffn_dim=8960, num_layers=30)  # Wan2.1-T2V-1.3B's config
+
+
 _TRANSFORMER_GPU_ONLY = {"blocks_to_swap": 4, "base_quantization": "nf4"}
 _BFL = dict(gpu_only=_TRANSFORMER_GPU_ONLY, kohya_in_pipeline=False)
 
@@ -155,6 +171,8 @@ FAMILIES: list[TinyFamily] = [
                _sd35_medium, _TRANSFORMER_GPU_ONLY, kohya_in_pipeline=False),
     TinyFamily("z-image-turbo", _zimage, "Tongyi-MAI/Z-Image-Turbo", "ZImagePipeline", "transformer", _zimage_net,
                _TRANSFORMER_GPU_ONLY),
+    TinyFamily("wan2.1-t2v-1.3b", _wan, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "WanPipeline", "transformer", _wan_13b,
+               _TRANSFORMER_GPU_ONLY, kohya_format="comfyui"),
     TinyFamily("qwen-image", _qwen, "Qwen/Qwen-Image", "QwenImagePipeline", "transformer", _qwen_net,
                _TRANSFORMER_GPU_ONLY),
 ]
