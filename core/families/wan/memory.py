@@ -6,12 +6,12 @@ here: the family frees it), the VAE unless latents are cached, the LoRA with its
 the activations and the backward transient.
 
 Tokens: a clip of F frames (4k+1) is (F - 1) / 4 + 1 latent frames of (side / 16)^2 patches each; the 512
-text tokens are attended to in every block's cross-attention. Activations per token and block, counted
-from the tensors one `WanTransformerBlock` keeps for the backward pass (bf16): the three norms' outputs
-and the modulated inputs (6 x width), self-attention q, k, v, its output and o (5 x width), cross-attention
-q, its output and o (3 x width), the FFN input, its two hidden tensors (before and after GELU: 2 x ffn) and
-its output: 16 x width + 2 x ffn elements. `tests/families/wan/test_wan_memory.py` checks this count
-against the real block's saved tensors at a small width. With checkpointing a block keeps its input.
+text tokens are attended to in every block's cross-attention. Activations per image token and block: what a
+real `WanTransformerBlock` keeps for the backward pass, measured with autograd's saved-tensor hooks in bf16 on
+the CPU at two widths (256 / FFN 691 and 512 / FFN 896: 14,456 and 26,420 bytes per token) and fitted as
+21.3 x width + 2.56 x ffn elements (its norms run in fp32, so they count double);
+`tests/families/wan/test_wan_memory.py` measures the block again and checks the fit. With checkpointing a
+block keeps its input.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ SHAPES = {1536: (1536, 30, 8960), 5120: (5120, 40, 13824)}
 TEXT_TOKENS = 512
 WAN_VAE, UMT5_XXL = 126_892_531, 5_680_910_336
 WEIGHT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}
-ELEMENTS_PER_WIDTH, ELEMENTS_PER_FFN = 16, 2
+ELEMENTS_PER_WIDTH, ELEMENTS_PER_FFN = 21.3, 2.56  # fitted on the real block (see above)
 
 
 def shape_of(width: int) -> tuple[int, int, int]:
