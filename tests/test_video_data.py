@@ -69,3 +69,25 @@ def test_the_health_check_names_unreadable_clips_short_clips_and_mixed_aspect_ra
 def test_video_frames_that_are_not_4k_plus_1_are_refused_with_the_nearest_counts() -> None:
     with pytest.raises(ConfigError, match="Use 13 or 17"):
         config_from_dict({"train_data_dir": "x", "video_frames": 16}, check_paths=False)
+
+
+def test_captioners_see_a_clips_middle_frame(clip_folder: Path) -> None:
+    from core.caption.run import _load_batch, find_images
+
+    found = [p.name for p in find_images(clip_folder)]
+    assert "walk.mp4" in found and "still.png" in found
+    (path, frame), = _load_batch([clip_folder / "walk.mp4"], True)
+    assert frame.size == (96, 64) and frame.getpixel((0, 0))[0] == 20 * 10 % 255  # frame 10 of 20
+
+
+def test_the_dataset_tab_shows_a_clips_first_frame_duration_fps_and_frame_count(clip_folder: Path, monkeypatch,
+                                                                                 tmp_path: Path) -> None:
+    from ui import dataset_tab, state, thumbs
+
+    monkeypatch.setattr(thumbs, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(state, "resolve_user_path", lambda text: Path(text))
+    monkeypatch.setattr(state, "allow_folder", lambda folder: None)
+    summary, items, *_ = dataset_tab.open_dataset(str(clip_folder), 64)
+    captions = {caption.split(" · ")[0]: caption for _, caption in items}
+    assert captions["walk.mp4"] == "walk.mp4 · 96×64 · 2.5 s, 8 fps, 20 frames"
+    assert "Video clips: 2" in summary
