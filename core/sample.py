@@ -219,9 +219,27 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
                     width=width, height=height, interrupted=interrupted)
 
 
+def clip_strip(image: Image.Image) -> Image.Image:
+    """A clip's first, middle and last frames side by side (what a compare grid shows of a clip); a picture
+    that is no clip comes back as it is."""
+    frames = image.info.get(CLIP_FRAMES) or []
+    if len(frames) < 2:
+        return image
+    chosen = [frames[0], frames[len(frames) // 2], frames[-1]]
+    gap = 2
+    strip = Image.new("RGB", (sum(f.width for f in chosen) + gap * 2, max(f.height for f in chosen)), "white")
+    x = 0
+    for frame in chosen:
+        strip.paste(frame.convert("RGB"), (x, 0))
+        x += frame.width + gap
+    return strip
+
+
 def label_cell(image: Image.Image, text: str) -> Image.Image:
     """The image under a caption band. A cell is at least as wide as its caption (the image centred),
-    so the captions of neighbouring columns never run into each other, whatever the image size."""
+    so the captions of neighbouring columns never run into each other, whatever the image size.
+    A clip (a video model's result) shows its first, middle and last frames (`clip_strip`)."""
+    image = clip_strip(image)
     band = 18
     width = max(image.width, int(ImageDraw.Draw(image).textlength(text)) + 8)
     canvas = Image.new("RGB", (width, image.height + band), "white")

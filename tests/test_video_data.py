@@ -91,3 +91,14 @@ def test_the_dataset_tab_shows_a_clips_first_frame_duration_fps_and_frame_count(
     captions = {caption.split(" · ")[0]: caption for _, caption in items}
     assert captions["walk.mp4"] == "walk.mp4 · 96×64 · 2.5 s, 8 fps, 20 frames"
     assert "Video clips: 2" in summary
+
+
+def test_a_clip_is_saved_as_its_first_frame_and_an_mp4_and_a_grid_cell_shows_first_middle_last(tmp_path: Path):
+    from core.sample import clip_image, label_cell, save_image
+
+    frames = [Image.new("RGB", (32, 32), (i * 20, 0, 0)) for i in range(9)]
+    picture = clip_image(frames, 16)
+    path = save_image(picture, tmp_path / "step-000001-0.png")
+    assert path.is_file() and probe_video(path.with_suffix(".mp4")).frames == 9
+    cell = label_cell(picture, "w=1")
+    assert cell.width == 3 * 32 + 4 and cell.getpixel((32 + 2 + 16, 30))[0] == 80  # the middle frame (4 of 9)
