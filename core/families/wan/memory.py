@@ -32,14 +32,23 @@ def shape_of(width: int) -> tuple[int, int, int]:
     return SHAPES.get(width) or (width, 30 if width < 5120 else 40, int(width * 2.7))
 
 
+def blocks_of(params: int, width: int) -> int:
+    """The model's blocks: the real network's count, or fewer for a cut-down model of the same width (bench/),
+    read from its parameters (one block holds most of 1/blocks of them)."""
+    _, blocks, ffn = shape_of(width)
+    per_block = 4 * 2 * width * width + 2 * width * ffn + 6 * width  # attention q/k/v/o twice, the FFN
+    return max(1, min(blocks, round(params / per_block))) if params else blocks
+
+
 def video_tokens(resolution: int, frames: int) -> int:
     """Patches of one clip at `resolution` (square) and `frames` frames."""
     return ((max(frames, 1) - 1) // 4 + 1) * (resolution // 16) ** 2
 
 
-def lora_params(rank: int, width: int) -> int:
+def lora_params(rank: int, width: int, blocks: int | None = None) -> int:
     """8 attention Linears (w -> w) and the FFN (w -> ffn -> w) of every block: rank x (in + out)."""
-    _, blocks, ffn = shape_of(width)
+    _, real_blocks, ffn = shape_of(width)
+    blocks = blocks or real_blocks
     return rank * blocks * (8 * 2 * width + 2 * (width + ffn))
 
 
@@ -52,7 +61,8 @@ def block_activation_bytes(width: int, compute_bytes: int) -> float:
 def wan_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute_bytes: int,
               lora_state_bytes: int, cached_images: int) -> dict[str, float]:
     """Every part in bytes (the caller adds the runtime overhead)."""
-    width, blocks, ffn = shape_of(model.width or 1536)
+    width, _, ffn = shape_of(model.width or 1536)
+    blocks = blocks_of(model.params, width)
     per_weight = (WEIGHT_BYTES["nf4"] if cfg.base_quantization == "nf4"
                   else WEIGHT_BYTES["fp8"] if cfg.fp8_base else float(compute_bytes))
     block_weights = model.params / blocks
@@ -62,7 +72,7 @@ def wan_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute
         parts["text encoder weights"] = UMT5_XXL * compute_bytes
     if not caching_latents(cfg):
         parts["VAE weights"] = WAN_VAE * 4
-    parts["LoRA + optimizer"] = lora_params(cfg.lora_rank, width) * lora_state_bytes
+    parts["LoRA + optimizer"] = lora_params(cfg.lora_rank, width, blocks) * lora_state_bytes
     tokens = video_tokens(cfg.resolution, cfg.video_frames) * cfg.batch_size
     per_block = block_activation_bytes(width, compute_bytes) * tokens
     if cfg.gradient_checkpointing:
