@@ -68,3 +68,13 @@ def test_a_clip_run_stopped_and_resumed_equals_the_uninterrupted_run(built, clip
     x, y = read_lora(first["lora"], family=WAN.name), read_lora(second["lora"], family=WAN.name)
     for key, module in x.modules.items():
         torch.testing.assert_close(y.modules[key].delta(), module.delta(), atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_fp8_base_with_bf16_and_checkpointing_trains_the_lora_and_previews(built, clips_and_images, tmp_path):
+    tiny = built(WAN)
+    _, events = run_collect(tiny_run_config(tiny.folder, clips_and_images, tmp_path / "fp8", batch_size=1,
+                                            max_train_steps=2, video_frames=5, fp8_base=True, mixed_precision="bf16",
+                                            gradient_checkpointing=True, sample_prompts=["a red thing"]))
+    logs = [e.message for e in _events(events, "log")]
+    assert any(m.startswith("fp8 storage: 20 frozen layers") for m in logs), logs
+    assert len(_events(events, "progress")) == 2 and _events(events, "sample")
