@@ -207,6 +207,10 @@ class TrainConfig:
                              minimum=0.0, maximum=1.0, task="image")
     snr_gamma: float = _f(0.0, "Min-SNR weighting gamma (5 is usual; 0: off).", "model", minimum=0.0,
                           task="image")
+    wan_expert: str = _f("high", "Wan 2.2 A14B: which of its two experts trains: high (`transformer`, the noisy "
+                         "steps above boundary_ratio) or low (`transformer_2`). ComfyUI's files name their expert "
+                         "(high_noise / low_noise) and win over this.", "model", choices=("high", "low"),
+                         task="image")
     base_model_config: str = _f("", "For a single-file checkpoint: a diffusers folder (or hub id) of the same "
                                 "family whose configs and tokenizer build it, to load offline. Empty: the "
                                 "family's standard hub repo (cached after the first online run).", "model",

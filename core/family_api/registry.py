@@ -180,7 +180,7 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     # Wan 2.1 text-to-video: the 1.3B (width 1536) and the 14B (5120) share every name; the width tells them apart
     # (core.families.wan.load.variant_from_shapes). Video: clips train as [16, F, h, w] latents, previews are clips.
     # native_resolution: the square of the same area as 832x480 (1.3B) and 1280x720 (14B), in 64s.
-    *(FamilyInfo(name, label, "dit", native, "wan", version, "wan2.1-t2v", (), ("text_encoder",), "WanPipeline",
+    *(FamilyInfo(name, label, "dit", native, "wan", version, name, (), ("text_encoder",), "WanPipeline",
                  repo, params, UMT5_XXL + WAN_VAE, sample_size_floor=0, default_timestep_sampling="shift",
                  modelspec_implementation="https://github.com/Wan-Video/Wan2.1", impl="core.families.wan.family",
                  width=width, config_groups=("flow",), resolution_floor=256, video=True,
@@ -195,7 +195,10 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
           ("wan2.1-t2v-1.3b", "Wan 2.1 T2V 1.3B", "wan2.1_t2v_1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", WAN21_13B,
            1536, 640, ("wan2.1", "wan2_1", "wan-2.1", "wan21", "wan-ai/")),
           ("wan2.1-t2v-14b", "Wan 2.1 T2V 14B", "wan2.1_t2v_14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", WAN21_14B,
-           5120, 960, ("wan2.1-t2v-14b", "wan2.1_t2v_14b", "wan2_1_t2v_14b", "t2v-14b", "t2v_14b")))),
+           5120, 960, ("wan2.1-t2v-14b", "wan2.1_t2v_14b", "wan2_1_t2v_14b", "t2v-14b", "t2v_14b")),
+          # Wan 2.2 A14B: two 14B experts (one trains at a time, `wan_expert`); trained_params is one of them.
+          ("wan2.2-t2v-a14b", "Wan 2.2 T2V A14B", "wan2.2_t2v_a14b", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", WAN21_14B,
+           5120, 960, ("wan2.2-t2v-a14b", "wan2.2_t2v_a14b", "wan2.2", "wan2_2", "high_noise", "low_noise")))),
     # Z-Image: Turbo and base share every shape; the name tells them apart (the longest name word wins).
     *(FamilyInfo(name, label, "dit", 1024, "z-image", version, "Z-Image", (), ("text_encoder",), "ZImagePipeline",
                  repo, Z_IMAGE, QWEN3_4B + FLUX_AE, sample_size_floor=512, default_timestep_sampling="shift",

@@ -39,7 +39,7 @@ def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> A
     from core.families.wan.load import load_model
 
     return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=first_text_encoder_file(cfg),
-                      vae=cfg.vae, dtype=dtype, quantization_config=quantization_config)
+                      vae=cfg.vae, dtype=dtype, quantization_config=quantization_config, expert=cfg.wan_expert)
 
 
 def lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
@@ -55,9 +55,14 @@ def read_lora(path: Path) -> Any:
 
 
 def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> Path:
-    """Wan's native names with the `diffusion_model.` prefix (ComfyUI)."""
+    """Wan's native names with the `diffusion_model.` prefix (ComfyUI); a Wan 2.2 A14B expert's file says which
+    model node it goes on: `<name>_high_noise.safetensors` / `<name>_low_noise.safetensors`."""
     from core.families.wan.lora_files import write_kohya_file
 
+    if model.expert:
+        path = path.with_name(f"{path.stem}_{model.expert}_noise{path.suffix}")
+        kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "ss_wan_expert": f"{model.expert}_noise",
+                              "ss_wan_boundary_ratio": f"{model.boundary_ratio:g}"}
     return write_kohya_file(state, path, variant=model.variant, **kwargs)
 
 
@@ -89,11 +94,17 @@ def denormalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
 # --- previews and the Test tab ----------------------------------------------------------------------
 
 def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
+    """WanPipeline with `transformer` (default: the model's) as the trained network; a Wan 2.2 A14B model's other
+    expert takes its side of boundary_ratio (without it, the trained expert runs every step)."""
     from diffusers import WanPipeline
 
+    network = model.transformer if transformer is None else transformer
+    experts: dict[str, Any] = {"transformer": network}
+    if model.expert and model.other_expert is not None:
+        high, low = (network, model.other_expert) if model.expert == "high" else (model.other_expert, network)
+        experts = {"transformer": high, "transformer_2": low, "boundary_ratio": model.boundary_ratio}
     pipe = WanPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
-                       scheduler=flow_scheduler(model),
-                       transformer=model.transformer if transformer is None else transformer)
+                       scheduler=flow_scheduler(model), **experts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -147,12 +158,38 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
 
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              cached: Any) -> list[Image.Image]:
-    pipe = build_pipeline(model, transformer)
+    from core.sample import move
+
     width, height = clip_size(cfg.resolution, model.variant)
     frames = min(cfg.video_frames, PREVIEW_MAX_FRAMES)
-    return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                    guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
-                    height=height, embeds=cached, dtype=dtype, frames=frames)
+    other = model.other_expert if _room_for(model.other_expert, device, dtype) else None
+    pipe = build_pipeline(model, transformer) if other is not None or model.other_expert is None else \
+        build_pipeline(_alone(model), transformer)
+    if other is not None:
+        move(other, device, dtype)  # the frozen expert visits the device for the previews only
+    try:
+        return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
+                        guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
+                        height=height, embeds=cached, dtype=dtype, frames=frames)
+    finally:
+        if other is not None:
+            move(other, "cpu")
+
+
+def _room_for(module: Any, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a Wan 2.2 A14B's frozen other expert fits on the device beside the run for the previews (a second
+    14B in bf16 does not fit a 24 GB card: the previews then run the trained expert alone)."""
+    if module is None or device.type != "cuda":
+        return module is not None
+    need = sum(p.numel() for p in module.parameters()) * torch.tensor([], dtype=dtype).element_size() * 1.1
+    return torch.cuda.mem_get_info(device)[0] > need
+
+
+def _alone(model: Any) -> Any:
+    """The model as if it had no other expert (its trained one runs every preview step)."""
+    import dataclasses
+
+    return dataclasses.replace(model, other_expert=None)
 
 
 def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
@@ -160,6 +197,10 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
     from core.families.wan.load import load_model
 
     model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae), device, dtype)
+    if model.other_expert is not None:
+        from core.sample import move
+
+        move(model.other_expert, device, dtype)
     return build_pipeline(model), model
 
 
@@ -179,12 +220,6 @@ def _detect(base_model: str) -> str | None:
     return detect(base_model)
 
 
-def _variant_from_keys(shapes: Any) -> str | None:
-    from core.families.wan.load import variant_from_shapes
-
-    return variant_from_shapes(dict(shapes))
-
-
 SPEC = TransformerSpec(
     label="Wan", trains="Wan trains the self- and cross-attention and feed-forward layers of every block",
     encoders_note="Wan always caches UMT5's outputs (the 5.7B text encoder is freed before training).",
@@ -196,8 +231,9 @@ SPEC = TransformerSpec(
                                 "ss_target_frames": str(cfg.video_frames)},
     fp8_cast_modulation=False)
 
+# No `variant_from_keys`: a Wan 2.2 A14B expert's file is told by its name (high_noise / low_noise), which
+# `detect` reads beside the header.
 WAN = transformer_family(SPEC, detect=_detect, lora_files=_lora_files(), previews=previews,
                          tryout_pipeline=tryout_pipeline, generate=generate, default_size=default_size,
-                         normalize_latents=normalize_latents, denormalize_latents=denormalize_latents,
-                         variant_from_keys=_variant_from_keys)
+                         normalize_latents=normalize_latents, denormalize_latents=denormalize_latents)
 FAMILY = WAN

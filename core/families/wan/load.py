@@ -27,9 +27,11 @@ from core.family_api.contract import ModelLoadError
 from core.hub import offline
 
 # Registry names by (transformer width, whether it takes an image): 1536 is the 1.3B, 5120 the 14B.
-T2V_13B, T2V_14B = "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"
-VARIANTS = (T2V_13B, T2V_14B)
-HUB_CONFIGS = {T2V_13B: "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", T2V_14B: "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
+T2V_13B, T2V_14B, A14B = "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b"
+VARIANTS = (T2V_13B, T2V_14B, A14B)
+HUB_CONFIGS = {T2V_13B: "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", T2V_14B: "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+               A14B: "Wan-AI/Wan2.2-T2V-A14B-Diffusers"}
+BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B's model_index.json: the high-noise expert takes t >= 875
 MAX_SEQUENCE_LENGTH = 512
 SHIFT = 3.0  # musubi-tuner's discrete_flow_shift for Wan (its docs; the 480p pipelines' flow_shift too)
 # Tensor names only a Wan transformer has: native (ComfyUI / original) and diffusers'.
@@ -51,6 +53,11 @@ class WanModel:
     source: str
     is_single_file: bool = False
     notes: list[str] = field(default_factory=list)
+    # Wan 2.2 A14B: the expert in `transformer` ("high" / "low"), the other one (frozen, for previews; None when
+    # a single file's sibling is not there) and the split of the noise levels between them.
+    expert: str = ""
+    other_expert: Any | None = None
+    boundary_ratio: float | None = None
 
 
 # --- detection ---------------------------------------------------------------------------------------
@@ -80,6 +87,17 @@ def variant_from_shapes(shapes: dict[str, Any]) -> str | None:
     return None
 
 
+def expert_of_name(name: str) -> str:
+    """"high" / "low" from a Wan 2.2 A14B file name (ComfyUI's wan2.2_t2v_high_noise_14B_...), "" if it says none."""
+    lower = name.lower()
+    return "high" if "high_noise" in lower else "low" if "low_noise" in lower else ""
+
+
+def _has_two_experts(index: dict[str, Any] | None) -> bool:
+    entry = (index or {}).get("transformer_2")
+    return bool(entry) and entry[0] is not None
+
+
 def _is_wan_config(*configs: dict[str, Any] | None) -> bool:
     return any(str((c or {}).get("_class_name", "")) in ("WanPipeline", "WanTransformer3DModel") for c in configs)
 
@@ -99,16 +117,19 @@ def detect(base_model: str) -> str | None:
         from core.model_info import safetensors_header
 
         header = safetensors_header(path)
-        return variant_from_shapes({strip_prefix(k): v["shape"] for k, v in header.items()})
+        variant = variant_from_shapes({strip_prefix(k): v["shape"] for k, v in header.items()})
+        return A14B if variant and expert_of_name(path.name) else variant
     if path.is_dir():
         index = read_json(path / "model_index.json")
         transformer = read_json(path / "transformer" / "config.json") or read_json(path / "config.json")
-        return _folder_variant(path) if _is_wan_config(index, transformer) else None
+        if not _is_wan_config(index, transformer):
+            return None
+        return A14B if _has_two_experts(index) else _folder_variant(path)
     if base_model.lower().endswith(".safetensors") or "/" not in base_model:
         return None
     lower = base_model.lower()
     if "wan" in lower:
-        return T2V_14B if "14b" in lower else T2V_13B
+        return A14B if "a14b" in lower else T2V_14B if "14b" in lower else T2V_13B
     from diffusers import DiffusionPipeline
 
     try:
@@ -150,8 +171,10 @@ def tokenizer_from(source: str) -> Any:
         raise load_error("tokenizer", source, exc) from exc
 
 
-def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> WanModel:
-    """A diffusers Wan folder or hub id, component by component, on the CPU (the VAE in fp32)."""
+def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None,
+                expert: str = "high") -> WanModel:
+    """A diffusers Wan folder or hub id, component by component, on the CPU (the VAE in fp32); a Wan 2.2 A14B
+    folder's `expert` ("high": transformer, "low": transformer_2) becomes the model's transformer."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
@@ -167,12 +190,38 @@ def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization
                              "A diffusers Wan folder has model_index.json and transformer/, text_encoder/, "
                              "tokenizer/, vae/ and scheduler/.") from exc
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    return WanModel(variant_from_width(width), transformer, vae, text_encoder, tokenizer_from(source),
-                    scheduler_config(source), str(source))
+    model = WanModel(variant_from_width(width), transformer, vae, text_encoder, tokenizer_from(source),
+                     scheduler_config(source), str(source))
+    index = _pipeline_index(source)
+    if _has_two_experts(index):
+        from diffusers import WanTransformer3DModel
+
+        second = WanTransformer3DModel.from_pretrained(source, subfolder="transformer_2", torch_dtype=dtype, **kw,
+                                                       **quant)
+        model.variant, model.boundary_ratio = A14B, float(index.get("boundary_ratio") or BOUNDARY_RATIO)
+        model.expert = "low" if expert == "low" else "high"
+        if model.expert == "low":
+            model.transformer, second = second, model.transformer
+        model.other_expert = second
+        model.notes.append(f"Wan 2.2 A14B: training the {model.expert}-noise expert "
+                           f"({'transformer' if model.expert == 'high' else 'transformer_2'}), "
+                           f"boundary {model.boundary_ratio:g}")
+    return model
+
+
+def _pipeline_index(source: str) -> dict[str, Any] | None:
+    from diffusers import DiffusionPipeline
+
+    if Path(source).is_dir():
+        return read_json(Path(source) / "model_index.json")
+    try:
+        return dict(DiffusionPipeline.load_config(source, local_files_only=local_only(source)))
+    except Exception:  # noqa: BLE001 - no index: a one-transformer folder
+        return None
 
 
 def load_model(base_model: str, *, config_source: str = "", text_encoder: str = "", vae: str = "",
-               dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> WanModel:
+               dtype: torch.dtype = torch.float32, quantization_config: Any = None, expert: str = "high") -> WanModel:
     """Any Wan source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id."""
     from core.families.wan.single_file import find_part, load_single_file, load_vae_file
 
@@ -181,7 +230,7 @@ def load_model(base_model: str, *, config_source: str = "", text_encoder: str = 
                                 dtype=dtype, quantization_config=quantization_config)
     if base_model.lower().endswith(".safetensors"):
         raise ModelLoadError(f"The Wan model file '{base_model}' does not exist.", "Check base_model.")
-    model = load_folder(base_model, dtype=dtype, quantization_config=quantization_config)
+    model = load_folder(base_model, dtype=dtype, quantization_config=quantization_config, expert=expert)
     if vae:
         model.vae = load_vae_file(find_part(None, "vae", vae), config_source=config_source or base_model)
         model.notes.append(f"VAE from {vae}")

@@ -45,8 +45,8 @@ _FROM_KOHYA = {n.replace(".", "_"): (n, d) for n, d in BLOCK}
 _DIFFUSERS_PATH = re.compile(r"^blocks\.(?P<n>\d+)\.(?P<rest>.+)$")
 _KOHYA_NAME = re.compile(r"^lora_unet_blocks_(?P<n>\d+)_(?P<rest>.+)$")
 _KOHYA_TENSOR = re.compile(r"^(lora_unet_\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-BASE_MODEL_VERSION = {"wan2.1-t2v-1.3b": "wan2.1_t2v_1.3b", "wan2.1-t2v-14b": "wan2.1_t2v_14b"}
-ARCHITECTURE = "wan2.1-t2v"  # musubi-tuner's sai_model_spec architecture for Wan 2.1 T2V
+BASE_MODEL_VERSION = {"wan2.1-t2v-1.3b": "wan2.1_t2v_1.3b", "wan2.1-t2v-14b": "wan2.1_t2v_14b",
+                      "wan2.2-t2v-a14b": "wan2.2_t2v_a14b"}
 IMPLEMENTATION = "https://github.com/Wan-Video/Wan2.1"
 _IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                   "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
@@ -99,6 +99,9 @@ def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
     """The identity keys of a Wan LoRA (family, network, rank/alpha, modelspec)."""
     import datetime
 
+    from core.family_api.registry import family_info
+
+    variant = variant if variant in BASE_MODEL_VERSION else "wan2.1-t2v-1.3b"
     now = datetime.datetime.now().timestamp()
     return {
         "ss_base_model_version": BASE_MODEL_VERSION.get(variant, BASE_MODEL_VERSION["wan2.1-t2v-1.3b"]),
@@ -107,7 +110,7 @@ def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": num_text(alpha),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": f"{ARCHITECTURE}/lora",
+        "modelspec.architecture": f"{family_info(variant).modelspec_architecture}/lora",
         "modelspec.implementation": IMPLEMENTATION,
         "modelspec.title": f"LoRA@{int(now)}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),

@@ -4,6 +4,7 @@ Wan VAE (models/vae, wan_2.1_vae.safetensors); configs and the tokenizer from `b
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import torch
 
 from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, local_only,
                                        read_upcast, safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
-from core.families.wan.load import (HUB_CONFIGS, WanModel, is_wan_keys, load_error, scheduler_config, strip_prefix,
-                                    tokenizer_from, variant_from_width)
+from core.families.wan.load import (A14B, BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, expert_of_name,
+                                    is_wan_keys, load_error, scheduler_config, strip_prefix, tokenizer_from,
+                                    variant_from_width)
 from core.family_api.contract import ModelLoadError
 
 _NOT_TRANSFORMER = ("vae.", "text_encoders.", "first_stage_model.", "conditioner.")
@@ -145,14 +147,27 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
     root = comfy_models_root(path)
     te_file = find_part(root, "text_encoder", text_encoder)
     vae_file = find_part(root, "vae", vae)
+    expert = expert_of_name(path.name)  # Wan 2.2 A14B: ComfyUI's high_noise / low_noise files
     transformer = load_transformer_file(path, config_source=config_source or HUB_CONFIGS["wan2.1-t2v-1.3b"],
                                         dtype=dtype)
-    variant = variant_from_width(transformer.config.num_attention_heads * transformer.config.attention_head_dim)
+    variant = A14B if expert else variant_from_width(transformer.config.num_attention_heads
+                                                     * transformer.config.attention_head_dim)
     source = config_source or HUB_CONFIGS[variant]
     model = WanModel(variant, transformer, load_vae_file(vae_file, config_source=source),
                      load_text_encoder_file(te_file, config_source=source, dtype=dtype), tokenizer_from(source),
                      scheduler_config(source), str(path), is_single_file=True,
                      notes=[f"UMT5: {te_file.name}", f"VAE: {vae_file.name}"])
+    if expert:
+        model.expert = expert
+        model.boundary_ratio = float((_pipeline_index(source) or {}).get("boundary_ratio") or BOUNDARY_RATIO)
+        sibling = path.with_name(re.sub("high_noise|low_noise", lambda m: {"high_noise": "low_noise",
+                                                                          "low_noise": "high_noise"}[m[0]], path.name))
+        if sibling.is_file():  # the other expert, frozen, for the previews
+            model.other_expert = load_transformer_file(sibling, config_source=source, dtype=dtype)
+        model.notes.append(f"Wan 2.2 A14B: training the {expert}-noise expert ({path.name}), boundary "
+                           f"{model.boundary_ratio:g}" + ("" if sibling.is_file() else
+                                                          f"; {sibling.name} is not beside it, so the previews "
+                                                          "run this expert alone"))
     if file_has_fp8(path):
         model.notes.append(fp8_note(path, dtype))
     return model

@@ -81,17 +81,22 @@ def native_transformer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def build_tiny_wan(root: Path) -> TinyWan:
+def build_tiny_wan(root: Path, a14b: bool = False) -> TinyWan:
+    """The tiny Wan 2.1 T2V; `a14b`: a tiny Wan 2.2 A14B (two experts split at boundary_ratio 0.875), whose ComfyUI
+    files are wan2.2_t2v_high_noise_14B_fp16 / _low_noise_ (`comfy_transformer`: the high-noise one)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
     from safetensors.torch import save_file
 
     root = Path(root)
+    experts = dict(transformer_2=tiny_wan_transformer(seed=1), boundary_ratio=0.875) if a14b else {}
     pipe = WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=tiny_umt5(), vae=tiny_wan_vae(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=tiny_wan_transformer())
-    folder = root / "tiny-wan2.1-t2v"
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=tiny_wan_transformer(),
+                       **experts)
+    folder = root / ("tiny-wan2.2-t2v-a14b" if a14b else "tiny-wan2.1-t2v")
     pipe.save_pretrained(folder)
     models = root / "ComfyUI" / "models"
-    transformer_file = models / "diffusion_models" / "wan2.1_t2v_1.3B_bf16.safetensors"
+    name = "wan2.2_t2v_high_noise_14B_fp16.safetensors" if a14b else "wan2.1_t2v_1.3B_bf16.safetensors"
+    transformer_file = models / "diffusion_models" / name
     files = {
         transformer_file: {f"model.diffusion_model.{k}": v
                            for k, v in native_transformer_state(pipe.transformer.state_dict()).items()},
@@ -99,6 +104,9 @@ def build_tiny_wan(root: Path) -> TinyWan:
             {k: v.half() for k, v in pipe.text_encoder.state_dict().items()},
         models / "vae" / "wan_2.1_vae.safetensors": dict(pipe.vae.state_dict()),
     }
+    if a14b:
+        files[transformer_file.with_name(name.replace("high_noise", "low_noise"))] = {
+            f"model.diffusion_model.{k}": v for k, v in native_transformer_state(pipe.transformer_2.state_dict()).items()}
     for path, state in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
