@@ -232,8 +232,24 @@ def run_tests(extra: list[str]) -> int:
         return lint.returncode
     import pytest
 
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests"), *extra])
+    code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests"), *parallel_args(extra), *extra])
     return 0 if code == pytest.ExitCode.OK else int(code) or 1
+
+
+def parallel_args(extra: list[str]) -> list[str]:
+    """A worker per core (pytest-xdist), unless the command line chose (`-n 0` runs in one process).
+
+    Each test computes on one torch thread (tests/conftest.py), so one process uses one core: on the
+    two cores of a CI machine two workers halve the wall time. A file's tests stay on one worker, in
+    order, so its module fixtures are built once.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("xdist") is None or any(a == "-n" or a.startswith(("-n", "--numprocesses"))
+                                                         or a in ("-p", "no:xdist") for a in extra):
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ["-n", str(cores), "--dist", "loadfile"] if cores > 1 else []
 
 
 def main() -> None:

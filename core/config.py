@@ -33,7 +33,7 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 TIMESTEP_SAMPLINGS = ("auto", "shift", "sigmoid", "logit_normal", "uniform")
 LORA_BLOCKS = ("all", "attention", "single_blocks")
 BASE_QUANTIZATIONS = ("none", "nf4")
-TEXT_METHODS = ("sft", "dpo", "orpo", "kto", "grpo")
+TEXT_METHODS = ("sft", "dpo", "orpo", "kto", "grpo", "vlm")
 EVAL_MATCHES = ("contains", "exact")
 EMA_DEVICES = ("auto", "cpu", "device")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
@@ -223,7 +223,8 @@ class TrainConfig:
     t5: str = _f("", "FLUX / Chroma with a single-file transformer: the T5-XXL text encoder file (fp16 or fp8; "
                  "found in models/clip or models/text_encoders when empty).", "flux", task="image")
     text_encoder_files: str = _f("", "A flow-matching transformer from a single file without its text encoders "
-                                 "(SD3: clip_l, clip_g, t5xxl; Z-Image: qwen_3_4b; Qwen-Image: qwen_2.5_vl_7b): their files, "
+                                 "(SD3: clip_l, clip_g, t5xxl; Z-Image: qwen_3_4b; FLUX.2 klein: qwen_3_4b or "
+                                 "qwen_3_8b; Krea 2: qwen3_vl_4b; Qwen-Image: qwen_2.5_vl_7b): their files, "
                                  "comma-separated, each "
                                  "told by its name; any not given is found in ComfyUI's models/text_encoders or "
                                  "models/clip.",
@@ -271,7 +272,9 @@ class TrainConfig:
     text_method: str = _f("sft", "How a text LoRA learns: sft from prompt/response answers; dpo or orpo "
                           "(preference tuning) from prompt,chosen,rejected data, preferring the chosen answer; kto "
                           "from prompt,completion,label data (answers marked good or bad); grpo from prompts alone, "
-                          "sampling answers and scoring them with grpo_rewards.",
+                          "sampling answers and scoring them with grpo_rewards; vlm tunes a vision-language model "
+                          "(SmolVLM, Qwen2-VL) on images with captions or image chat rows, a captioner for the "
+                          "Caption tab.",
                           "text", choices=TEXT_METHODS, task="text")
     preference_beta: float = _f(0.1, "Preference strength. DPO and KTO: beta, how far the LoRA may move from the base "
                                 "model (0.1 usual; higher stays closer). ORPO: lambda, the weight of the "
@@ -289,6 +292,9 @@ class TrainConfig:
                                  minimum=0.05, maximum=2.0, task="text")
     grpo_kl: float = _f(0.04, "GRPO: weight of the KL penalty to the base model (the adapter switched off); 0: none.",
                         "text", minimum=0.0, maximum=10.0, task="text")
+    vlm_prompt: str = _f("", "vlm: what the model is asked about each captioned image (empty: \"Describe this "
+                         "image in detail.\", the Caption tab's own question); the trained captioner asks it too.",
+                         "text", task="text")
     validation_split: float = _f(0.0, "Share of the data held out for validation loss (0: none).", "text",
                                  minimum=0.0, maximum=0.5)
     validation_file: str = _f("", "A separate validation data file (overrides validation_split).", "text")
@@ -465,6 +471,8 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
     if not cfg.is_image and cfg.text_method == "grpo" and not cfg.grpo_rewards:
         errors["grpo_rewards"] = ("text_method grpo needs at least one reward: regex:<pattern>, json, numeric, "
                                   "length:<n> or a .py file.")
+    if not cfg.is_image and cfg.text_method == "vlm":
+        errors.update(_vlm_refusals(cfg))
     if cfg.lora_variant in ("lokr", "loha") and cfg.loraplus_lr_ratio > 0:
         errors["loraplus_lr_ratio"] = (f"LoRA+ speeds up a LoRA's B matrices; {cfg.lora_variant} has none: "
                                        "set loraplus_lr_ratio: 0.")
@@ -485,6 +493,23 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
         errors["distributed"] = fsdp_refusal(cfg)
     if check_paths:
         errors.update(_check_paths(cfg, errors))
+    return errors
+
+
+def _vlm_refusals(cfg: TrainConfig) -> dict[str, str]:
+    """What text_method vlm does not combine with (one sentence each)."""
+    errors: dict[str, str] = {}
+    if cfg.base_quantization != "none":
+        errors["base_quantization"] = "text_method vlm loads the vision-language model unquantized: set none."
+    if cfg.eval_file or cfg.eval_tasks:
+        errors["eval_file" if cfg.eval_file else "eval_tasks"] = (
+            "evaluation asks text questions; a vlm run shows its captions of sample_prompts (image files) "
+            "instead: leave eval_file and eval_tasks empty.")
+    if cfg.lora_variant == "pissa":
+        errors["lora_variant"] = "PiSSA is not converted back for a vlm run yet: use lora, dora or rslora."
+    if cfg.gguf_file or cfg.base_model.lower().endswith(".gguf"):
+        errors["base_model"] = ("text_method vlm needs a transformers vision-language model (a folder, hub id or "
+                                "smolvlm-256m), not GGUF.")
     return errors
 
 
@@ -526,6 +551,13 @@ def _is_ggml_v3(path: Path) -> bool:
     return is_ggml_v3(path)
 
 
+def _is_captioner_name(name: str) -> bool:
+    """A short name of the Caption tab's captioners (smolvlm-256m ...), which a vlm run also takes as its base."""
+    from core.caption.registry import CAPTIONERS  # plain data, no model code
+
+    return name.strip().lower() in CAPTIONERS
+
+
 def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
     errors: dict[str, str] = {}
     if cfg.train_data_dir and "train_data_dir" not in known and not Path(cfg.train_data_dir).exists():
@@ -548,7 +580,7 @@ def _check_paths(cfg: TrainConfig, known: dict[str, str]) -> dict[str, str]:
                     errors["base_model"] = (f"'{path.name}' is a pickle file ({path.suffix}), which can run "
                                             "code when loaded. Use a .safetensors version, or set "
                                             "allow_pickle: true if you trust this file.")
-        elif not _looks_like_hub_id(model):
+        elif not _looks_like_hub_id(model) and not (cfg.text_method == "vlm" and _is_captioner_name(model)):
             errors["base_model"] = (f"'{model}' is neither an existing file or folder nor a hub id "
                                     "(owner/name). Check the path.")
     if cfg.resume_from and cfg.resume_from != "latest" and not Path(cfg.resume_from).exists():

@@ -14,6 +14,9 @@ import gc
 import importlib.util
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -120,6 +123,33 @@ def torch_dtype(precision: str) -> torch.dtype:
     import torch
 
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+_FROZEN_LOCK = threading.Lock()
+_frozen_depth = 0
+
+
+@contextmanager
+def collecting_new_objects_only() -> Iterator[None]:
+    """While a run or a drawing lasts, `free_memory`'s collections walk only the objects made since it began.
+
+    A full collection walks every object of the process (in the app, or a test process, millions: near a
+    second each time, several times a run), yet what a run frees (models, encoders, activations) it made
+    itself. The older objects are set aside (`gc.freeze`) for the block and put back after it, so older
+    garbage is collected as before, once the block ends. Nested and concurrent blocks share one freeze.
+    """
+    global _frozen_depth
+    with _FROZEN_LOCK:
+        if _frozen_depth == 0:
+            gc.freeze()
+        _frozen_depth += 1
+    try:
+        yield
+    finally:
+        with _FROZEN_LOCK:
+            _frozen_depth -= 1
+            if _frozen_depth == 0:
+                gc.unfreeze()
 
 
 def free_memory(*, reset_peak: bool = False) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from core.family_api.registry import (FAMILIES, SD1_UNET, SD2_UNET, SD_VAE, SDXL_UNET, family_info,  # noqa: F401
-                                    family_label)
+from core.family_api.registry import (FALLBACK_FAMILY, FAMILIES, family_info, family_label, family_of_checkpoint,
+                                    family_of_context_dim)
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -147,7 +147,8 @@ def _dit_from_shapes(shapes: dict[str, list[int]], source: str, path: Path | Non
         base = family_defaults(name)
         rest = sum(_numel(v) for k, v in shapes.items() if not k.startswith(prefix)) if prefix else 0
         return replace(base, params=sum(_numel(v) for v in own.values()), source=source,
-                       width=int(marker[0]) if marker else base.width, extra_params=rest or base.extra_params)
+                       width=int(marker[0]) // info.marker_width_ratio if marker else base.width,
+                       extra_params=rest or base.extra_params)
     return None
 
 
@@ -157,15 +158,7 @@ def _from_tensor_table(shapes: dict[str, list[int]], source: str, path: Path | N
     if dit:
         return dit
     keys = shapes.keys()
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        family = "sdxl"
-    elif any(k.startswith("cond_stage_model.model.") for k in keys):
-        family = "sd2"
-    elif any(k.startswith("cond_stage_model.transformer") for k in keys) or \
-            any(k.startswith("model.diffusion_model.") for k in keys):
-        family = "sd1"
-    else:
-        family = ""
+    family = family_of_checkpoint(keys)
     if family:
         unet = sum(_numel(s) for k, s in shapes.items() if k.startswith("model.diffusion_model."))
         rest = sum(_numel(s) for k, s in shapes.items() if not k.startswith("model.diffusion_model."))
@@ -173,8 +166,7 @@ def _from_tensor_table(shapes: dict[str, list[int]], source: str, path: Path | N
         return replace(base, params=unet or base.params, extra_params=rest or base.extra_params, source=source)
     if any(k.startswith("down_blocks.") for k in keys):  # a diffusers UNet on its own
         cross = [s[-1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")]
-        family = "sdxl" if any(k.startswith("add_embedding") for k in keys) else \
-            "sd2" if cross and cross[0] == 1024 else "sd1"
+        family = (family_of_context_dim(cross[0]) if cross else None) or FALLBACK_FAMILY
         width = [s[0] for k, s in shapes.items() if k == "conv_in.weight"]
         return replace(family_defaults(family), params=sum(_numel(s) for s in shapes.values()), source=source,
                        width=width[0] if width else 320)
@@ -325,12 +317,9 @@ def _diffusers_folder(folder: Path) -> ModelInfo:
     if dit:
         return dit
     unet_cfg = _read_json(folder / "unet" / "config.json")
-    if "XL" in str(index.get("_class_name", "")) or unet_cfg.get("addition_embed_type") == "text_time":
-        family = "sdxl"
-    elif unet_cfg.get("cross_attention_dim") == 1024:
-        family = "sd2"
-    else:
-        family = "sd1"
+    named = next((i.name for i in FAMILIES.values() if index.get("_class_name") in i.diffusers_class_names
+                  or any(unet_cfg.get(k) == v for k, v in i.unet_config_markers)), None)
+    family = named or family_of_context_dim(int(unet_cfg.get("cross_attention_dim") or 0)) or FALLBACK_FAMILY
     base = family_defaults(family)
     unet = _folder_params(folder / "unet")
     extra = sum(_folder_params(folder / part) for part in ("text_encoder", "text_encoder_2", "vae"))
@@ -361,13 +350,10 @@ def _from_name(name: str, task_type: str) -> ModelInfo:
     """Hub ids are never downloaded here: guess from the name, and say so."""
     lower = name.lower()
     if task_type != "text-generation":
-        # The transformer family whose longest name word is in the name ("flux" -> FLUX.1-dev, "schnell" -> -schnell).
+        # The family whose longest name word is in the name ("flux" -> FLUX.1-dev, "schnell" -> -schnell,
+        # "xl" -> SDXL); SD 1.x, the first row, when none is.
         words = [(len(w), i.name) for i in FAMILIES.values() for w in i.name_words if w in lower]
-        if words:
-            return family_defaults(max(words)[1], f"the name '{name}'")
-        family = "sdxl" if re.search(r"xl|pony|illustrious", lower) else \
-            "sd2" if re.search(r"stable-diffusion-2|sd-?2|v2-", lower) else "sd1"
-        return replace(family_defaults(family), source=f"the name '{name}'")
+        return family_defaults(max(words)[1] if words else FALLBACK_FAMILY, f"the name '{name}'")
     match = re.search(r"(\d+(?:\.\d+)?)\s*([bm])\b", lower.replace("_", "-"))
     if match:
         params = int(float(match.group(1)) * (1e9 if match.group(2) == "b" else 1e6))
@@ -378,8 +364,8 @@ def _from_name(name: str, task_type: str) -> ModelInfo:
 def detect_model(base_model: str, task_type: str = "image-generation", gguf_file: str = "") -> ModelInfo:
     """Family and size of `base_model` from headers only; never loads weights, never downloads."""
     if not base_model:
-        return SMOLLM2_135M if task_type == "text-generation" else replace(family_defaults("sd1"),
-                                                                            source="no base_model (assumed SD 1.x)")
+        return SMOLLM2_135M if task_type == "text-generation" else replace(
+            family_defaults(FALLBACK_FAMILY), source=f"no base_model (assumed {family_label(FALLBACK_FAMILY)})")
     path = Path(base_model)
     try:
         if path.is_file():
@@ -396,7 +382,9 @@ def detect_model(base_model: str, task_type: str = "image-generation", gguf_file
             size = path.stat().st_size
             if task_type == "text-generation":
                 return guess_llm_shape(size // 2, f"the file size of {path.name}")
-            family = "sdxl" if size > 5e9 else "sd1"
+            # Unreadable headers (a pickled checkpoint): a full SDXL file is over 5 GB even in fp16, SD 1.x/2.x under.
+            largest = max((i for i in FAMILIES.values() if i.checkpoint_prefixes), key=lambda i: i.trained_params)
+            family = largest.name if size > 5e9 else FALLBACK_FAMILY
             return replace(family_defaults(family), source=f"the file size of {path.name}")
         if path.is_dir():
             if gguf_file and (path / gguf_file).is_file():

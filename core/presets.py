@@ -29,7 +29,7 @@ from core import devices
 from core.config import FIELDS, ConfigError, TrainConfig, coerce, config_from_dict, fsdp_refusal
 from core.devices import DeviceInfo
 from core.memory import MemoryEstimate, estimate_memory, fitting_changes, format_changes, launch_processes
-from core.family_api.registry import FAMILIES, config_groups_of
+from core.family_api.registry import FALLBACK_FAMILY, FAMILIES, config_groups_of
 from core.model_info import ModelInfo, detect_model
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -122,8 +122,8 @@ def preset_family(model: ModelInfo | str) -> str:
     family = model.family if isinstance(model, ModelInfo) else model
     if family == "llm":
         return "llm"
-    info = FAMILIES.get(family)
-    return info.preset_family if info else "sd1"
+    info = FAMILIES.get(family, FAMILIES[FALLBACK_FAMILY])
+    return info.preset_family
 
 
 def family_presets(family: str) -> list[PresetInfo]:

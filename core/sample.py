@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from core.atomic import atomic_path
-from core.devices import free_memory, pick_device
+from core.devices import collecting_new_objects_only, free_memory, pick_device
 
 COMPARE_WEIGHTS = (0.0, 0.4, 0.6, 0.8, 1.0)
 LoraSpec = tuple[str | Path, float]  # (LoRA file, weight), as core.lora_stack takes them
@@ -152,6 +152,7 @@ def drawing(base_model: str, loras: Sequence[LoraSpec] = (), *, fuse: bool | Non
     pipe, model, family = load_pipeline(base_model, allow_pickle=allow_pickle, model_config=model_config,
                                         device=device)
     side = family.default_size(model)
+    # After loading: a new pipeline's load collects the old one in full (it was made before this block).
 
     def draw(prompts: Sequence[str], *, seed: int = 1234, steps: int = 20, guidance: float = 7.0,
              negative_prompt: str = "", width: int | None = None, height: int | None = None,
@@ -163,11 +164,12 @@ def drawing(base_model: str, loras: Sequence[LoraSpec] = (), *, fuse: bool | Non
         finally:
             free_memory()
 
-    try:
-        with applied(pipe, loras, fuse=fuse_pays(pipe.device) if fuse is None else fuse):
-            yield draw
-    finally:
-        free_memory()
+    with collecting_new_objects_only():
+        try:
+            with applied(pipe, loras, fuse=fuse_pays(pipe.device) if fuse is None else fuse):
+                yield draw
+        finally:
+            free_memory()
 
 
 @contextmanager

@@ -164,3 +164,25 @@ def test_the_shared_transformer_toolbox_names_no_family():
     bad = [f"{p.relative_to(ROOT)}:{line} '{word}'" for p in _modules(f"core/families/{SHARED_FAMILY_TOOLBOX}")
            for line, word in _code_words(p) if word in words]
     assert words and not bad, "\n".join(bad)
+
+
+# The engine's modules that read families only through the registry's rows (issue 21: detection, key rules,
+# memory, presets, the tools and the training loop name no family; the app neither).
+FAMILY_BLIND = ("core/train", "core/tools", "core/export", "core/data", "ui", "core/model_info.py", "core/memory.py",
+                "core/presets.py", "core/sample.py")
+
+
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+def test_the_engine_and_the_app_name_no_family_in_their_code():
+    """A family's name as a string (`"sdxl"`, `"flux-dev"`) in the engine or the app would be a rule the
+    registry row does not carry; docstrings and comments may name families, code may not."""
+    from core.family_api.registry import FAMILIES
+
+    paths = [p for entry in FAMILY_BLIND for p in ([ROOT / entry] if entry.endswith(".py") else _modules(entry))]
+    bad = [f"{p.relative_to(ROOT)}:{line} {value!r}" for p in paths for line, value in _string_constants(p)
+           if value in FAMILIES]
+    assert paths and not bad, "\n".join(bad)

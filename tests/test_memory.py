@@ -13,7 +13,8 @@ from core.config import TrainConfig
 from core.devices import DeviceInfo
 from core.families.sd.memory import UNET_CONV_LORA_FEATURES, UNET_LORA_FEATURES
 from core.memory import estimate_memory, fitting_changes, format_changes
-from core.model_info import SD1_UNET, SDXL_UNET, detect_model, llm_from_shape
+from core.family_api.registry import SD1_UNET, SDXL_UNET
+from core.model_info import detect_model, llm_from_shape
 
 SD15 = detect_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
 SDXL = detect_model("stabilityai/stable-diffusion-xl-base-1.0")

@@ -80,3 +80,38 @@ def test_the_caption_tab_captions_the_targets_and_leaves_the_control_images_alon
 
     data = make_pairs(tmp_path / "d")
     assert [p.relative_to(data).as_posix() for p in find_images(data)] == ["img_0.png", "img_1.png", "img_2.png"]
+
+
+def test_a_target_may_have_several_references_in_control_n_folders_or_columns(tmp_path):
+    """control/, control_2/, control_3/ folders (or control, control_2 ... columns): a target's references in order;
+    none of them is a training target; a missing or unreadable further reference is named by the health check."""
+    data = make_pairs(tmp_path / "d")
+    for n in (2, 3):
+        (data / f"control_{n}").mkdir()
+        for i in range(3 if n == 2 else 2):  # img_2 lacks its third reference
+            Image.new("RGB", (64, 64), (n * 30, i, 0)).save(data / f"control_{n}" / f"img_{i}.png")
+    dataset = scan_image_dataset(_cfg(data))
+    assert [i.path.name for i in dataset.items] == ["img_0.png", "img_1.png", "img_2.png"]
+    assert [[r.relative_to(data).as_posix() for r in i.references] for i in dataset.items] == [
+        ["control_2/img_0.png", "control_3/img_0.png"], ["control_2/img_1.png", "control_3/img_1.png"],
+        ["control_2/img_2.png"]]
+    assert dataset.items[0].control.relative_to(data).as_posix() == "control/img_0.jpg"
+    (data / "control_2" / "img_1.png").write_bytes(b"not an image")
+    issues = pair_issues(data, sorted(data.glob("img_*.png")))
+    assert any(f == "img_2.png" and "control_3/img_2.*" in problem for f, _, problem, _ in issues), issues
+    assert any(f == "control_2/img_1.png" and sev == "error" for f, sev, _, _ in issues), issues
+    report = health_check(str(data))
+    assert "control_3/img_2.*" in str(report)
+
+
+def test_control_n_columns_name_further_references(tmp_path):
+    data = make_pairs(tmp_path / "d", column=True)
+    (data / "more").mkdir()
+    Image.new("RGB", (64, 64)).save(data / "more" / "a.png")
+    rows = (data / "metadata.csv").read_text().splitlines()
+    rows = [rows[0] + ",control_2"] + [r + (",more/a.png" if i == 0 else ",more/missing.png" if i == 1 else ",")
+                                       for i, r in enumerate(rows[1:])]
+    (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    scan = find_controls(data, sorted(data.glob("img_*.png")), data / "metadata.csv")
+    assert {p.name: [r.name for r in refs] for p, refs in scan.references.items()} == {"img_0.png": ["a.png"]}
+    assert [(p.name, named) for p, named in scan.missing_references] == [("img_1.png", "more/missing.png")]

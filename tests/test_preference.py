@@ -228,7 +228,7 @@ def test_the_train_form_shows_the_preference_keys_for_text_tasks_only():
     specs = {s.name: s for s in form.field_specs()}
     for name in ("text_method", "preference_beta"):
         assert specs[name].shown_for("text-generation") and not specs[name].shown_for("image-generation")
-    assert specs["text_method"].kind == "choice" and specs["text_method"].choices == ("sft", "dpo", "orpo", "kto", "grpo")
+    assert specs["text_method"].kind == "choice" and specs["text_method"].choices == ("sft", "dpo", "orpo", "kto", "grpo", "vlm")
 
 
 def test_the_dataset_preview_shows_prompt_chosen_rejected_and_lists_bad_rows(tmp_path):

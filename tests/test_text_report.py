@@ -86,3 +86,35 @@ def test_a_broken_file_is_one_error_that_names_the_line(tmp_path):
     report = describe_text_data(data)
     assert report.error and report.issues[0].severity == "error"
     assert report.summary_lines()[0].startswith("faq.csv cannot be used yet:")
+
+
+def test_kto_and_grpo_files_are_described_as_their_methods_read_them():
+    kto = describe_text_data(ROOT / "data" / "clinic_kto.csv")  # auto: the label column says kto
+    assert (kto.kind, kto.count, kto.labels, kto.issues) == ("labelled", 60, {True: 30, False: 30}, [])
+    assert kto.headers == ["where", "prompt", "completion", "label", "tokens"] and kto.rows[1][3] == "bad"
+    assert "60 labelled answers (prompt, completion, label: for text_method kto), 30 good and 30 bad" in \
+        kto.summary_lines()[0]
+    grpo = describe_text_data(ROOT / "data" / "math_grpo.csv", method="grpo")
+    assert (grpo.kind, grpo.count, grpo.issues) == ("prompts", 40, [])
+    assert grpo.rows[0][1].startswith("What is ") and grpo.rows[0][2] == "48"
+    assert "for text_method grpo" in grpo.summary_lines()[0]
+
+
+def test_a_file_without_the_methods_columns_is_named_in_one_sentence(tmp_path):
+    sft_file = ROOT / "data" / "clinic_qa.csv"
+    report = describe_text_data(sft_file, method="kto")
+    assert len(report.issues) == 1
+    issue = report.issues[0]
+    assert issue.severity == "error" and issue.problem == (
+        "clinic_qa.csv: text_method kto needs the columns prompt,completion,label (label true or false); "
+        "found prompt, response.")
+    data = tmp_path / "ask.csv"
+    data.write_text("question_text,answer\nWhat is 2 times 3?,6\n", encoding="utf-8")
+    issue = describe_text_data(data, method="grpo").issues[0]
+    assert issue.problem.startswith("ask.csv: text_method grpo needs the columns prompt") and \
+        issue.problem.endswith("found question_text, answer.")
+    one_bad = tmp_path / "labels.csv"
+    one_bad.write_text("prompt,completion,label\nHi?,Hello.,true\nHi?,Go away.,maybe\n", encoding="utf-8")
+    report = describe_text_data(one_bad, method="kto")
+    assert [i.file for i in report.issues] == ["labels.csv:3", "labels.csv"]  # the bad row, then: one label only
+    assert "neither true nor false" in report.issues[0].problem

@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", help="metadata.csv to write (default: <input>/metadata.csv); "
                                                "a folder means <folder>/metadata.csv")
     parser.add_argument("--model", "-m", default="blip-base",
-                        help="short name (see --list-models), a local model folder, or a hub id "
-                             "(default: blip-base)")
+                        help="short name (see --list-models), a local model folder, a hub id, or the run "
+                             "folder of a VLM LoRA trained with text_method: vlm (default: blip-base)")
     parser.add_argument("--list-models", action="store_true", help="print the captioners and exit")
     parser.add_argument("--prefix", "--trigger-word", dest="prefix", default="",
                         help="text put before every caption, e.g. a trigger word")

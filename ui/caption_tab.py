@@ -24,10 +24,22 @@ from ui.thumbs import thumbnail
 POLL_SECONDS = 2.0
 
 
-def captioner_choices() -> list[tuple[str, str]]:
+def captioner_choices(output_dir: Path | None = None) -> list[tuple[str, str]]:
+    """The built-in captioners, then "my captioner" entries: the VLM LoRAs trained here (text_method: vlm),
+    newest first, each applied to its base when chosen."""
     from core.caption import CAPTIONERS
+    from core.caption.adapter import adapter_captioner, captioner_adapters
 
-    return [(f"{spec.name} — {spec.description}", spec.name) for spec in CAPTIONERS.values()]
+    built_in = [(f"{spec.name} — {spec.description}", spec.name) for spec in CAPTIONERS.values()]
+    mine = []
+    for adapter in captioner_adapters(output_dir or state.OUTPUT_DIR):
+        run = adapter.parent if adapter.name == "adapter" else adapter
+        try:
+            base = adapter_captioner(adapter)[0]
+        except (OSError, ValueError):  # a half-copied or foreign adapter folder is left out, not the list
+            continue
+        mine.append((f"my captioner: {run.name} — your VLM LoRA on {Path(base).name or base}", catalog.rel(adapter)))
+    return built_in + mine
 
 
 def gallery_items(folder: Path, rows: list[list[str]]) -> list[tuple[str, str]]:
@@ -153,7 +165,8 @@ def create_caption_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
                              label="Image folder", elem_id="cap-folder")
         refresh = lists.refresh_button("cap-refresh")
         model = gr.Dropdown(choices=captioner_choices(), value="blip-base", allow_custom_value=True, scale=3,
-                            label="Captioner (or a path to a captioning model folder)", elem_id="cap-model")
+                            label="Captioner (or a path to a captioning model folder, or to a VLM LoRA run: "
+                            "my captioner)", elem_id="cap-model")
     with gr.Row():
         trigger = gr.Textbox(label="Trigger word (put first in every caption)", max_lines=1, elem_id="cap-trigger")
         prefix = gr.Textbox(label="Prefix", max_lines=1, elem_id="cap-prefix")
@@ -194,6 +207,6 @@ def create_caption_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     if data and "folder" in data:
         data["folder"].change(follow_dataset, data["folder"], folder).then(
             load_folder, folder, [table, gallery, message])
-    live = [lists.LiveList(folder, catalog.datasets)]
+    live = [lists.LiveList(folder, catalog.datasets), lists.LiveList(model, captioner_choices)]
     lists.wire(refresh, live)
     return {"folder": folder, "run": run_btn, "table": table, "lists": live}

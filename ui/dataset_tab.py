@@ -5,7 +5,8 @@ check table from `core.data.health` (unreadable files, too small, extreme shapes
 near-duplicates, missing/empty/too long captions, conversions) and, for the picked
 image, the crop its bucket keeps. Text data (a CSV/JSONL/TXT file, or a folder of them):
 `core.data.text_report` describes it (kind, count, rows, token lengths against max_seq_length
-and the chosen text model's context, empty answers, duplicates, over-long rows).
+and the chosen text model's context, empty answers, duplicates, over-long rows), read as the data of the
+picked text_method (sft, dpo / orpo, kto, grpo; auto: as its columns say), whose format it names.
 
 The handlers are module functions of the widgets' values; `create_dataset_tab` only lays
 the widgets out and wires them. The health check loads torch and PIL, so it is imported
@@ -57,10 +58,17 @@ def text_model_choices() -> list[tuple[str, str]]:
     return catalog.with_empty("(the default SmolLM2-135M)", catalog.text_models())
 
 
-def text_preview(path: Path, max_seq_length: int = 512, text_model: str = "",
-                 exact: bool = False) -> tuple[list[list[str]], list[str], list[list[str]], str]:
-    """(rows, headers, issue rows, summary) of a text data file or folder, from core.data.text_report."""
-    from core.data.text_report import counting_tokenizer, describe_text_data, model_context_length
+TEXT_METHOD_CHOICES = [("auto (told by the columns)", "auto"), ("sft: prompt, response", "sft"),
+                       ("dpo: prompt, chosen, rejected", "dpo"), ("orpo: prompt, chosen, rejected", "orpo"),
+                       ("kto: prompt, completion, label", "kto"), ("grpo: prompt (+ answer)", "grpo")]
+
+
+def text_preview(path: Path, max_seq_length: int = 512, text_model: str = "", exact: bool = False,
+                 method: str = "auto") -> tuple[list[list[str]], list[str], list[list[str]], str]:
+    """(rows, headers, issue rows, summary) of a text data file or folder, from core.data.text_report,
+    read as `method`'s data (auto: as its columns say), with that method's format in one line."""
+    from core.data.text_report import (METHOD_FORMATS, counting_tokenizer, describe_text_data, guess_method,
+                                       model_context_length)
     from core.models.llm import ModelLoadError
 
     model = text_model or ""
@@ -71,16 +79,19 @@ def text_preview(path: Path, max_seq_length: int = 512, text_model: str = "",
         except (ModelLoadError, OSError, ValueError) as exc:
             note = f"  \nThe tokenizer could not be loaded ({html.escape(str(exc))}); the counts are estimates."
     context = model_context_length(str(state.resolve_user_path(model)) if model else "")
+    method = method if method and method != "auto" else guess_method(path)
     report = describe_text_data(path, max_seq_length=int(max_seq_length or 512), tokenizer=tokenizer,
-                                context_length=context)
+                                context_length=context, method=method)
     lines = [html.escape(line) for line in report.summary_lines()]
     name = html.escape(report.name)
     lines[0] = f"**{name}**{lines[0][len(name):]}"  # every summary starts with the data set's name
+    lines.insert(1, f"Format for text_method {html.escape(METHOD_FORMATS[method])}")
     return report.rows, report.headers, report.issue_rows(), "  \n".join(lines) + note
 
 
 def open_dataset(path_text: str, resolution: float | None, text_model: str = "",
-                 max_seq_length: float | None = 512, exact_tokens: bool = False) -> tuple[Any, ...]:
+                 max_seq_length: float | None = 512, exact_tokens: bool = False,
+                 text_method: str = "auto") -> tuple[Any, ...]:
     """(summary, gallery, health rows, text rows table, image paths, crop, crop text) of a data set."""
     from core.data.text_report import is_text_dataset
 
@@ -93,7 +104,8 @@ def open_dataset(path_text: str, resolution: float | None, text_model: str = "",
                 gr.update(visible=False), [], None, "")
     state.allow_folder(path if path.is_dir() else path.parent)
     if is_text_dataset(path):
-        rows, headers, issues, text = text_preview(path, int(max_seq_length or 512), text_model, bool(exact_tokens))
+        rows, headers, issues, text = text_preview(path, int(max_seq_length or 512), text_model, bool(exact_tokens),
+                                                   text_method or "auto")
         return (text, [], issues, gr.update(visible=True, value=rows, headers=headers), [], None, "")
     from core.data.health import health_check
     from core.data.images import DatasetError
@@ -163,6 +175,8 @@ def create_dataset_tab() -> dict[str, Any]:
                                      elem_id="data-text-model")
             max_seq = gr.Number(value=512, precision=0, minimum=16, label="max_seq_length", scale=1,
                                 elem_id="data-max-seq")
+            method = gr.Dropdown(choices=TEXT_METHOD_CHOICES, value="auto", label="Read it as data for text_method",
+                                 scale=2, elem_id="data-text-method")
             exact = gr.Checkbox(value=False, label="Count with the model's tokenizer (a GGUF's takes a minute "
                                 "or two to load the first time; otherwise estimated from words)", scale=3,
                                 elem_id="data-exact-tokens")
@@ -185,10 +199,11 @@ def create_dataset_tab() -> dict[str, Any]:
     image_paths = gr.State([])
 
     outputs = [summary, gallery, health, rows_table, image_paths, crop, crop_text]
-    inputs = [folder, resolution, text_model, max_seq, exact]
+    inputs = [folder, resolution, text_model, max_seq, exact, method]
     open_btn.click(open_dataset, inputs, outputs)
     folder.select(open_dataset, inputs, outputs)
     gallery.select(crop_preview, [image_paths, resolution], [crop, crop_text])
+    method.change(open_dataset, inputs, outputs)
     create_btn.click(create_from_uploads, [new_name, uploads], [folder, summary]).then(
         open_dataset, inputs, outputs)
     live = [lists.LiveList(folder, catalog.datasets), lists.LiveList(text_model, text_model_choices)]

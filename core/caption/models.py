@@ -97,7 +97,7 @@ def _where_to_put(resolved: ResolvedCaptioner) -> str:
             "folder with --model <folder>.")
 
 
-def _load_parts(resolved: ResolvedCaptioner, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any]:
+def load_parts(resolved: ResolvedCaptioner, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any]:
     import transformers
 
     if resolved.remote_code:
@@ -127,7 +127,19 @@ def _load_parts(resolved: ResolvedCaptioner, dtype: Any, trust_remote_code: bool
 
 def load_captioner(name: str, *, device: str = "auto", trust_remote_code: bool = False,
                    prompt: str | None = None, root: Path | None = None) -> Captioner:
-    """Load a captioner by short name, folder or hub id, ready on `device` (fp16 on CUDA)."""
+    """Load a captioner by short name, folder or hub id, ready on `device` (fp16 on CUDA).
+
+    A run folder or adapter folder of a VLM LoRA ("my captioner") loads its base captioner with the
+    adapter merged in, asking the question it was trained on.
+    """
+    from core.caption.adapter import adapter_captioner, find_adapter
+
+    adapter = find_adapter(name)
+    if adapter is not None:
+        base, trained_prompt = adapter_captioner(adapter)
+        captioner = load_captioner(base, device=device, trust_remote_code=trust_remote_code,
+                                   prompt=prompt or trained_prompt or None, root=root)
+        return _with_adapter(captioner, adapter, name)
     resolved = resolve_captioner(name, root)
     if resolved.family == "filename":
         return FilenameCaptioner()
@@ -137,7 +149,7 @@ def load_captioner(name: str, *, device: str = "auto", trust_remote_code: bool =
         raise CaptionerLoadError(str(exc)) from exc
     dtype = pick_dtype(torch_device, resolved.family)
     try:
-        model, processor = _load_parts(resolved, dtype, trust_remote_code)
+        model, processor = load_parts(resolved, dtype, trust_remote_code)
     except CaptionerLoadError:
         raise
     except (OSError, ValueError, KeyError, ImportError) as exc:
@@ -147,6 +159,24 @@ def load_captioner(name: str, *, device: str = "auto", trust_remote_code: bool =
     model = model.to(torch_device).eval()
     return ModelCaptioner(name=resolved.name, family=resolved.family, model=model, processor=processor,
                           device=torch_device, dtype=dtype, prompt=prompt or resolved.prompt)
+
+
+def _with_adapter(captioner: Captioner, adapter: Path, name: str) -> Captioner:
+    """`captioner` with the LoRA of `adapter` merged into its weights (generation then runs at full speed)."""
+    if not isinstance(captioner, ModelCaptioner) or captioner.family != "vlm":
+        raise CaptionerLoadError(f"{adapter}: its base is a {captioner.family} captioner; only chat "
+                                 "vision-language LoRAs (text_method: vlm) caption here.")
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(captioner.model, str(adapter))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CaptionerLoadError(f"{adapter}: the adapter does not fit its base model ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}). Was it trained on another "
+                                 "base?") from exc
+    captioner.model = model.merge_and_unload(progressbar=False).eval()
+    captioner.name = str(name)
+    return captioner
 
 
 def _stopping_criteria(should_stop: Callable[[], bool]) -> Any:
@@ -160,6 +190,21 @@ def _stopping_criteria(should_stop: Callable[[], bool]) -> Any:
                               device=input_ids.device)
 
     return StoppingCriteriaList([_Stop()])
+
+
+def chat_prompt(processor: Any, messages: list[dict[str, str]]) -> str:
+    """A chat VLM's prompt text for `messages` (role + text), the image first in the first user turn, ending
+    where the answer starts. VLM training (core.train.vlm) renders its examples with this too, so a tuned
+    captioner is asked exactly what it learned to answer."""
+    rendered: list[dict[str, Any]] = []
+    image_placed = False
+    for message in messages:
+        content: list[dict[str, str]] = [{"type": "text", "text": message["content"]}]
+        if message["role"] == "user" and not image_placed:
+            content.insert(0, {"type": "image"})
+            image_placed = True
+        rendered.append({"role": message["role"], "content": content})
+    return processor.apply_chat_template(rendered, add_generation_prompt=True)
 
 
 @dataclass
@@ -216,8 +261,7 @@ class ModelCaptioner:
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # so every prompt ends where generation starts
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        text = chat_prompt(self.processor, [{"role": "user", "content": self.prompt}])
         inputs = self.processor(text=[text] * len(images), images=[[image] for image in images],
                                 padding=True, return_tensors="pt")
         inputs = inputs.to(self.device, dtype=self.dtype)

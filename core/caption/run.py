@@ -107,13 +107,13 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     """Image files and video clips in `folder`, sorted; by default the same set training reads (sub-folders too).
     A clip is captioned from its middle frame (core.data.video_io.middle_frame).
 
-    A paired data set's `control/` folder is left out: its images are the edit models' inputs, and
-    captions describe the targets.
+    A paired data set's `control/` (and `control_2/` ...) folders are left out: their images are the edit
+    models' inputs, and captions describe the targets.
     """
-    from core.data.pairs import control_dir
+    from core.data.pairs import control_dirs
 
     if recursive:
-        return find_image_files(folder, exclude=(control_dir(folder),), extensions=TRAINING_EXTENSIONS)[0]
+        return find_image_files(folder, exclude=control_dirs(folder), extensions=TRAINING_EXTENSIONS)[0]
     found = [path for path in folder.iterdir()
              if path.is_file() and not path.name.startswith(".")
              and (is_image_file(path) or path.suffix.lower() in VIDEO_EXTENSIONS)]

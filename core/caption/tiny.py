@@ -2,8 +2,9 @@
 
 `build_tiny_blip` saves a real `BlipForConditionalGeneration` + `BlipProcessor` (a BERT
 tokenizer over a ~100-token vocabulary) saved with `save_pretrained`, so tests load it
-through the same `load_captioner(<folder>)` path users take. `tiny_git_dir`,
-`tiny_florence2_dir` and `tiny_llava_dir` do the same for the other families. Random
+through the same `load_captioner(<folder>)` path users take. `build_tiny_git`,
+`build_tiny_florence2`, `build_tiny_llava` and `build_tiny_idefics3` (SmolVLM's architecture) do the same
+for the other families. Random
 weights give random words: tests check structure, never content.
 
 `caption_photo_folder` holds real photographs from scikit-image shrunk to <= 128 px in the
@@ -143,7 +144,8 @@ def build_tiny_llava(folder: Path, *, image_size: int = 32, seed: int = 0) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     words = ["USER:", "ASSISTANT:", "Describe", "this", "image", "in", "detail."] + list(dict.fromkeys(WORDS))
-    vocab = {token: index for index, token in enumerate(special + words)}
+    # ("image" and "in" are in WORDS too: ids are counted without repeats, so every id is < vocab_size)
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(special + words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
@@ -204,4 +206,51 @@ def build_tiny_florence2(folder: Path, *, image_size: int = 64, seed: int = 0) -
         image_token_id=vocab["<image>"])
     torch.manual_seed(seed)
     Florence2ForConditionalGeneration(config).eval().save_pretrained(folder)
+    return folder
+
+
+IDEFICS3_TEMPLATE = ("{% for message in messages %}{{ message['role'] | capitalize }}:{% for part in message['content'] %}"
+                     "{% if part['type'] == 'image' %}<image>{% else %} {{ part['text'] }}{% endif %}{% endfor %}"
+                     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def build_tiny_idefics3(folder: Path, *, image_size: int = 32, seed: int = 0) -> Path:
+    """Save a tiny SmolVLM-style chat VLM (Idefics3: SigLIP vision, pixel-shuffle connector, Llama text).
+
+    Its processor splits larger images into tiles plus a global view, as SmolVLM's does, with the
+    row/column and <fake_token_around_image> markers and <end_of_utterance> ending each turn.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
+                              PreTrainedTokenizerFast)
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    markers = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + \
+        [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    special = ["<unk>", "<s>", "</s>", "<pad>", *markers]
+    words = ["User:", "Assistant:", "Describe", "this", "image", "in", "detail."] + list(WORDS)
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(special + words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="<end_of_utterance>", pad_token="<pad>",
+                                        additional_special_tokens=markers, model_max_length=1024)
+    patch, scale = 8, 2
+    image_seq_len = (image_size // patch) ** 2 // scale ** 2
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * image_size},
+                                                max_image_size={"longest_edge": image_size}, do_image_splitting=True)
+    Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
+                      chat_template=IDEFICS3_TEMPLATE).save_pretrained(folder)
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch, initializer_range=0.5),
+        text_config=dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=vocab["<s>"],
+                         eos_token_id=vocab["<end_of_utterance>"], pad_token_id=vocab["<pad>"], initializer_range=0.5),
+        scale_factor=scale, image_token_id=vocab["<image>"], pad_token_id=vocab["<pad>"])
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).eval().save_pretrained(folder)
     return folder

@@ -194,9 +194,9 @@ def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: st
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"'{root}' does not exist or is not a folder. Choose the folder with your images.")
-    from core.data.pairs import control_dir, pair_issues
+    from core.data.pairs import control_dirs, pair_issues
 
-    files, _ = find_image_files(root, exclude=(control_dir(root),), extensions=TRAINING_EXTENSIONS)
+    files, _ = find_image_files(root, exclude=control_dirs(root), extensions=TRAINING_EXTENSIONS)
     images = [p for p in files if p.suffix.lower() not in VIDEO_EXTENSIONS]
     out = _Collector()
     report = HealthReport(image_count=len(files))

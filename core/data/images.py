@@ -9,6 +9,7 @@ with the reason, never a crash; a folder with nothing usable raises `DatasetErro
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import Counter
@@ -42,6 +43,7 @@ class ImageItem:
     format: str = ""
     mode: str = ""
     control: Path | None = None  # a paired data set's control image (core.data.pairs)
+    references: list[Path] = field(default_factory=list)  # its further references (control_2, control_3 ...)
     # A video clip's window: the frame indices it trains on (core.data.video_io); () for a still image.
     frames: tuple[int, ...] = ()
     fps: float = 0.0  # the clip's frame rate
@@ -164,8 +166,7 @@ def still_images_only(items: list[ImageItem]) -> tuple[list[ImageItem], list[str
         elif item.path.suffix.lower() == ".gif":
             if item.path not in seen:
                 seen.add(item.path)
-                kept.append(ImageItem(item.path, item.caption, item.width, item.height, item.relpath, "GIF", "RGB",
-                                      item.control))
+                kept.append(dataclasses.replace(item, format="GIF", mode="RGB", frames=(), fps=0.0, clip_frames=0))
         elif item.relpath not in dropped:
             dropped.append(item.relpath or item.path.name)
     return kept, dropped
@@ -297,10 +298,10 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
     if not folder.is_dir():
         raise DatasetError(f"The training folder '{folder}' does not exist or is not a folder. "
                            "Set train_data_dir to the folder with your images.")
-    from core.data.pairs import control_dir, find_controls
+    from core.data.pairs import control_dirs, find_controls
 
-    # A paired data set's control/ folder holds the controls, not training targets.
-    exclude = (control_dir(folder),) + ((cfg.output_dir,) if cfg.output_dir else ())
+    # A paired data set's control folders hold the controls, not training targets.
+    exclude = control_dirs(folder) + ((cfg.output_dir,) if cfg.output_dir else ())
     images, others = find_image_files(folder, exclude=exclude, extensions=TRAINING_EXTENSIONS)
     items: list[ImageItem] = []
     skipped: list[tuple[str, str]] = []
@@ -353,9 +354,11 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
                                format=info.format, mode=info.mode))
     pairs = find_controls(folder, [i.path for i in items], resolve_metadata_path(folder, cfg.metadata_path))
     used_as_control = {p.resolve() for p in pairs.controls.values()}
+    used_as_control |= {p.resolve() for refs in pairs.references.values() for p in refs}
     items = [i for i in items if i.path.resolve() not in used_as_control]  # a control is not a target too
     for item in items:
         item.control = pairs.controls.get(item.path)
+        item.references = list(pairs.references.get(item.path, []))
     where = metadata_file.name if source == "metadata" and metadata_file else f"a {cfg.caption_extension} file"
     if no_caption:
         warnings.append(f"{len(no_caption)} image(s) have no caption in {where}: {_listing(no_caption)}. "

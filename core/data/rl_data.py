@@ -100,19 +100,24 @@ def load_labelled(path: str | Path) -> list[LabelledCompletion]:
     examples, problems = [], []
     for where, record in read_records(path, "kto"):
         try:
-            prompt = _prompt(record, where, "kto", KTO_EXPECTED)
-            key = next((k for k in COMPLETION_KEYS if k in record), None)
-            if key is None or "label" not in record:
-                raise TextDataError(f"{where}: text_method kto needs the columns {KTO_EXPECTED}; found "
-                                    f"{', '.join(record)}.")
-            completion = text_data.as_text(record[key], where, key)
-            if not completion.strip():
-                raise TextDataError(f"{where}: the '{key}' value is empty.")
-            examples.append(LabelledCompletion(where, prompt, completion, _label(record["label"], where)))
+            examples.append(labelled_row(record, where))
         except TextDataError as exc:
             problems.append((where, str(exc).removeprefix(f"{where}: ")))
     _refuse(problems)
     return examples
+
+
+def labelled_row(record: dict[str, Any], where: str) -> LabelledCompletion:
+    """One KTO row (keys lower-case); TextDataError naming the row and what is wrong with it."""
+    prompt = _prompt(record, where, "kto", KTO_EXPECTED)
+    key = next((k for k in COMPLETION_KEYS if k in record), None)
+    if key is None or "label" not in record:
+        raise TextDataError(f"{where}: text_method kto needs the columns {KTO_EXPECTED}; found "
+                            f"{', '.join(record)}.")
+    completion = text_data.as_text(record[key], where, key)
+    if not completion.strip():
+        raise TextDataError(f"{where}: the '{key}' value is empty.")
+    return LabelledCompletion(where, prompt, completion, _label(record["label"], where))
 
 
 @dataclass
@@ -166,8 +171,13 @@ def load_prompts(path: str | Path) -> list[RewardPrompt]:
     prompts, problems = [], []
     for where, record in read_records(path, "grpo"):
         try:
-            prompts.append(RewardPrompt(where, _prompt(record, where, "grpo", GRPO_EXPECTED), record))
+            prompts.append(prompt_row(record, where))
         except TextDataError as exc:
             problems.append((where, str(exc).removeprefix(f"{where}: ")))
     _refuse(problems)
     return prompts
+
+
+def prompt_row(record: dict[str, Any], where: str) -> RewardPrompt:
+    """One GRPO row (keys lower-case); TextDataError naming the row and what is wrong with it."""
+    return RewardPrompt(where, _prompt(record, where, "grpo", GRPO_EXPECTED), record)

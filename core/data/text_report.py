@@ -46,6 +46,7 @@ class TextDataReport:
     max_seq_length: int = 512
     context_length: int = 0  # the model's own limit; 0 when unknown
     error: str = ""
+    labels: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})  # KTO: good / bad answers
 
     def severity_count(self, severity: str) -> int:
         return sum(1 for issue in self.issues if issue.severity == severity)
@@ -57,8 +58,11 @@ class TextDataReport:
         """Plain sentences: what it is, how long its rows are against the limits, and its health."""
         if self.error:
             return [f"{self.name} cannot be used yet: {self.error}"]
-        noun = "preference comparisons (prompt, chosen, rejected: for text_method dpo or orpo)" \
-            if self.kind == "preference" else f"examples ({self.kind})"
+        noun = {"preference": "preference comparisons (prompt, chosen, rejected: for text_method dpo or orpo)",
+                "labelled": f"labelled answers (prompt, completion, label: for text_method kto), "
+                            f"{self.labels[True]} good and {self.labels[False]} bad",
+                "prompts": "prompts (prompt, optional answer: for text_method grpo)"}.get(
+                    self.kind, f"examples ({self.kind})")
         lines = [f"{self.name} — {self.count} {noun}."]
         if self.lengths:
             over = sum(1 for n in self.lengths if n > self.max_seq_length)
@@ -132,23 +136,154 @@ def _check_length(report: TextDataReport, where: str, tokens: int, what: str) ->
                                        f"The model never saw sequences this long: shorten the {what}."))
 
 
+# What each text_method reads, as the Dataset tab says it when that method is picked.
+METHOD_FORMATS = {
+    "sft": "sft: prompt,response rows (or instruction,output / question,answer), chat 'messages', or plain text.",
+    "dpo": "dpo: prompt,chosen,rejected rows: the answer to prefer and the one to avoid for each prompt.",
+    "orpo": "orpo: prompt,chosen,rejected rows, as dpo.",
+    "kto": "kto: prompt,completion,label rows: one answer each, label true (good) or false (bad); no pairs needed.",
+    "grpo": "grpo: prompt rows, plus any columns your rewards read (answer for the numeric check); the model "
+            "writes the answers itself.",
+}
+
+
 def describe_text_data(path: str | Path, *, max_seq_length: int = 512, tokenizer: Any | None = None,
-                       context_length: int = 0, limit: int = PREVIEW_ROWS) -> TextDataReport:
+                       context_length: int = 0, limit: int = PREVIEW_ROWS, method: str = "auto") -> TextDataReport:
     """Parse the data file/folder and check every example; a broken file becomes one error row.
 
     `tokenizer`: the model's (with its chat template set, as training sets it), for exact counts;
     None estimates. `context_length`: the model's maximum sequence length, 0 when unknown.
+    `method`: the text_method the data is for (its parser reads it); auto: told by the columns.
     """
-    from core.data.preference import looks_like_preference
-
     name = Path(path).name
     report = TextDataReport(name=name, max_seq_length=int(max_seq_length), context_length=int(context_length or 0),
                             counted_by=ESTIMATED if tokenizer is None else "counted with the model's tokenizer")
-    if looks_like_preference(path):
+    method = guess_method(path) if method in ("", "auto") else method
+    if method in ("dpo", "orpo"):
         _describe_preferences(report, path, _Counter(tokenizer), limit)
+    elif method == "kto":
+        _describe_labelled(report, path, _Counter(tokenizer), limit)
+    elif method == "grpo":
+        _describe_prompts(report, path, _Counter(tokenizer), limit)
     else:
         _describe_examples(report, path, _Counter(tokenizer), limit)
     return report
+
+
+def guess_method(path: str | Path) -> str:
+    """dpo for chosen/rejected columns, kto for a label column, else sft (prompts alone look like sft too)."""
+    from core.data.preference import looks_like_preference
+    from core.data.rl_data import COMPLETION_KEYS, read_records
+    from core.data.text import TextDataError
+
+    if looks_like_preference(path):
+        return "dpo"
+    try:
+        first = read_records(path, "auto")[0][1]
+    except (TextDataError, OSError, IndexError):
+        return "sft"
+    return "kto" if "label" in first and any(k in first for k in COMPLETION_KEYS) else "sft"
+
+
+def _row_problems(report: TextDataReport, problems: list[tuple[str, str]], method: str) -> None:
+    """Each bad row as an error; a column missing from every row is said once, in one sentence."""
+    columns = [p for p in problems if "needs the columns" in p[1]]
+    if columns and len(columns) == report.count:
+        where, problem = columns[0]
+        report.issues.append(TextIssue(report.name, "error", f"{where.split(':')[0].split('[')[0]}: {problem}",
+                                       f"Rename the columns, or pick the text method this file is for "
+                                       f"(not {method})."))
+        return
+    for where, problem in problems:
+        report.issues.append(TextIssue(where, "error", problem,
+                                       "Fix or remove the row: training refuses the file until then."))
+
+
+def _read_rows(report: TextDataReport, path: str | Path, method: str) -> list[tuple[str, dict[str, Any]]] | None:
+    from core.data.rl_data import read_records
+    from core.data.text import TextDataError
+
+    try:
+        return read_records(path, method)
+    except TextDataError as exc:
+        report.error = str(exc)
+        report.issues.append(TextIssue(report.name, "error", str(exc), "Fix the file and open it again."))
+        return None
+
+
+def _describe_labelled(report: TextDataReport, path: str | Path, counter: _Counter, limit: int) -> None:
+    """KTO's rows: prompt, completion, label (core.data.rl_data, as training reads them)."""
+    from core.data.rl_data import labelled_row
+    from core.data.text import TextDataError
+
+    report.headers = ["where", "prompt", "completion", "label", "tokens"]
+    report.kind = "labelled"
+    records = _read_rows(report, path, "kto")
+    if records is None:
+        return
+    report.count = len(records)
+    problems, seen = [], {}
+    for where, record in records:
+        try:
+            row = labelled_row(record, where)
+        except TextDataError as exc:
+            problems.append((where, str(exc).removeprefix(f"{where}: ")))
+            continue
+        report.labels[row.desirable] += 1
+        prompt = _role_text(row.prompt, "user")
+        tokens = counter.chat(row.chat(), _role_text(row.prompt, "system") + prompt + row.completion)
+        report.lengths.append(tokens)
+        _check_length(report, where, tokens, "answer")
+        key = "\x00".join((prompt, row.completion))
+        if key in seen:
+            report.issues.append(TextIssue(where, "info", f"same as {seen[key]}",
+                                           "Duplicates weigh that answer double; remove one unless meant."))
+        seen.setdefault(key, where)
+        if len(report.rows) < limit:
+            report.rows.append([where, prompt, row.completion, "good" if row.desirable else "bad", str(tokens)])
+    _row_problems(report, problems, "kto")
+    if report.labels[True] and not report.labels[False] or report.labels[False] and not report.labels[True]:
+        report.issues.append(TextIssue(report.name, "warning", "every label is the same",
+                                       "KTO learns from both: add answers labelled "
+                                       f"{'false (bad)' if report.labels[True] else 'true (good)'}."))
+
+
+def _describe_prompts(report: TextDataReport, path: str | Path, counter: _Counter, limit: int) -> None:
+    """GRPO's rows: a prompt and whatever columns the rewards read (answer shown when there)."""
+    from core.data.rl_data import prompt_row
+    from core.data.text import TextDataError, TextExample
+
+    report.headers = ["where", "prompt", "answer", "tokens"]
+    report.kind = "prompts"
+    records = _read_rows(report, path, "grpo")
+    if records is None:
+        return
+    report.count = len(records)
+    problems, seen = [], {}
+    for where, record in records:
+        try:
+            row = prompt_row(record, where)
+        except TextDataError as exc:
+            problems.append((where, str(exc).removeprefix(f"{where}: ")))
+            continue
+        prompt = _role_text(row.prompt, "user")
+        tokens = counter.chat(TextExample(where, messages=row.prompt), prompt) if counter.tokenizer is None \
+            else _prompt_tokens(counter.tokenizer, row.prompt)
+        report.lengths.append(tokens)
+        _check_length(report, where, tokens, "prompt")
+        if prompt in seen:
+            report.issues.append(TextIssue(where, "info", f"same prompt as {seen[prompt]}",
+                                           "Duplicates weigh that prompt double; remove one unless meant."))
+        seen.setdefault(prompt, where)
+        if len(report.rows) < limit:
+            report.rows.append([where, prompt, str(record.get("answer", "")), str(tokens)])
+    _row_problems(report, problems, "grpo")
+
+
+def _prompt_tokens(tokenizer: Any, prompt: list[dict[str, str]]) -> int:
+    """A GRPO prompt's tokens as generation sees it: the chat template up to the answer."""
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _describe_examples(report: TextDataReport, path: str | Path, counter: _Counter, limit: int) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from core.family_api.registry import FAMILIES, family_label
+from core.family_api.registry import (FALLBACK_FAMILY, FAMILIES, family_label, family_of_context_dim, family_of_metadata,
+                                     family_of_text_encoder_width)
 
 FAMILY_NAMES = {**{name: family_label(name) for name in FAMILIES}, "llm": "a language model"}
 # lora_te3_ is FLUX's T5 (lora_te1_ its CLIP-L).
@@ -26,9 +27,6 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_
 COMFY_PREFIX = "diffusion_model."
 DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
-# Cross-attention context width of each family's UNet, and hidden width of its (first) text encoder.
-_CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_TE_HIDDEN = {768: "sd1", 1024: "sd2"}
 
 _KOHYA_PART = re.compile(r"^(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight"
                          r"|hada_\w+|lokr_\w+)$")
@@ -93,65 +91,54 @@ def _transformer_family_from_metadata(metadata: dict[str, str]) -> str | None:
 
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
     """The family WebUI would see (ss_base_model_version / ss_v2), else from modelspec.architecture."""
-    family = _transformer_family_from_metadata(metadata)
+    family = _transformer_family_from_metadata(metadata) or family_of_metadata(metadata)
     if family:
         return family
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl_"):
-        return "sdxl"
-    if metadata.get("ss_v2") == "True" or version.startswith("sd_v2"):
-        return "sd2"
-    if version.startswith("sd_v1"):
-        return "sd1"
-    arch = metadata.get("modelspec.architecture", "")
-    if arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if arch.startswith("stable-diffusion-v2"):
-        return "sd2"
-    if arch.startswith("stable-diffusion-v1"):
-        return "sd1"
-    if metadata.get("ss_v2") == "False" and metadata.get("ss_network_module") and not arch:
+    if metadata.get("ss_v2") == "False" and metadata.get("ss_network_module") \
+            and not metadata.get("modelspec.architecture"):
         # Older sd-scripts files without ss_base_model_version (and without modelspec); a file naming an
         # architecture the table does not list (SD3 medium's "stable-diffusion-3-medium") goes on to its keys.
-        return "sd1"
+        return FALLBACK_FAMILY
     return None
 
 
-def _family_from_key_markers(keys: list[str]) -> str | None:
+def _family_from_key_markers(shapes: dict[str, tuple[int, ...]]) -> str | None:
     """The family whose `lora_key_markers` the keys match most (a variant row lists its family's markers
-    plus its own, so it wins over the family's first row); ties go to the first row of the table."""
+    plus its own, so it wins over the family's first row); ties go to the first row of the table. A row with
+    `lora_shape_markers` counts only when a key has its shape, and then wins over the rows without."""
+    keys = list(shapes)
     best, best_score = None, 0
-    for info in FAMILIES.values():
+    # The transformer rows first: a tie (FLUX's CLIP-L is lora_te1_, as SDXL's) goes to the transformer.
+    for info in sorted(FAMILIES.values(), key=lambda i: i.kind == "unet"):
         score = sum(any(re.search(m, k) for k in keys) for m in info.lora_key_markers)
+        if info.lora_shape_markers:
+            shaped = sum(any(re.search(m, k) and tuple(shapes[k])[:1] == (dim,) for k in keys)
+                         for m, dim in info.lora_shape_markers)
+            score = score + shaped if shaped and score else 0
         if score > best_score:
             best, best_score = info.name, score
     return best
 
 
 def family_from_keys(shapes: dict[str, tuple[int, ...]], fmt: str, adapter_config: dict | None) -> str:
-    """sd1 | sd2 | sdxl | llm | unknown from the key names and the widths of the LoRA tensors."""
+    """A registry family, "llm" or "unknown" from the key names and the widths of the LoRA tensors."""
     keys = list(shapes)
-    own = _family_from_key_markers(keys)
+    own = _family_from_key_markers(shapes)
     if own:
         return own
     if fmt == "peft":
         task = str((adapter_config or {}).get("task_type") or "")
         if task.startswith("CAUSAL_LM") or any(".layers." in k and ("self_attn" in k or "mlp" in k) for k in keys):
             return "llm"
-    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
-        return "sdxl"
-    if any(k.startswith("lora_unet_") and re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k)
-           for k in keys):
-        return "sdxl"
     for key, shape in shapes.items():
         # attn2.to_k reads the text context: its input width tells the family.
         if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key or "lora.down" in key):
-            if len(shape) >= 2 and shape[1] in _CONTEXT_DIM:
-                return _CONTEXT_DIM[shape[1]]
+            if len(shape) >= 2 and family_of_context_dim(shape[1]):
+                return family_of_context_dim(shape[1])
     for key, shape in shapes.items():
         if key.startswith(("lora_te_", "text_encoder.")) and ("down" in key or "lora_A" in key) and len(shape) == 2:
-            if shape[1] in _TE_HIDDEN and "fc2" not in key:
-                return _TE_HIDDEN[shape[1]]
+            if family_of_text_encoder_width(shape[1]) and "fc2" not in key:
+                return family_of_text_encoder_width(shape[1])
     return "unknown"
 
 
@@ -363,7 +350,7 @@ def lora_family_mismatch(info: LoraFileInfo, model_family: str) -> str | None:
     if lora_info and model_info and lora_info.ss_base_model_version == model_info.ss_base_model_version:
         return None  # FLUX.1-dev and -schnell LoRAs are one kind (flux1), used on either
     if lora_info and model_info and lora_info.kind != "unet" and lora_info.impl == model_info.impl \
-            and info.format == "diffusers":
+            and info.format == "diffusers" and not lora_info.lora_shape_markers:
         return None  # a diffusers file does not name the variant (FLUX.1 or Chroma): only its keys could
     lora_name = FAMILY_NAMES.get(info.family, info.family)
     model_name = FAMILY_NAMES[model_family]

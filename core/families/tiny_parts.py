@@ -136,3 +136,27 @@ def make_image_folder(folder: Path, count: int = 6, *, size: tuple[int, int] = (
     if captions:
         (folder / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
+
+
+def save_state_files(files: dict[Path, dict[str, torch.Tensor]]) -> Path:
+    """Each state dict as a .safetensors file (folders made, tensors contiguous, written atomically): how the
+    tiny builders lay out ComfyUI's models/ folder. Returns the first file's path (the diffusion model's)."""
+    from safetensors.torch import save_file
+
+    from core.atomic import atomic_path
+
+    for path, state in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    return next(iter(files))
+
+
+def tiny_flow_vae(latent_channels: int, scaling_factor: float):
+    """diffusers' tiny AE of the flow families' tests: one block (no downscale), `latent_channels` out."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(6)
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=scaling_factor)

@@ -60,6 +60,21 @@ class FamilyInfo:
     # Trains on (control, target, caption) triples (edit models): the run feeds each image's control
     # latents (Batch.control) and prompt keys (caption, control path) to the family.
     needs_control: bool = False
+    # How a UNet family is told apart where no marker names it. `context_dims`: the text-context widths its
+    # cross-attention reads (a LoRA's attn2.to_k input, a UNet's cross_attention_dim); `text_encoder_width`:
+    # the hidden width of its one text encoder (a text-encoder-only LoRA); `checkpoint_prefixes`: tensor-name
+    # prefixes of its full single-file checkpoints (the longest match wins); `metadata_markers`: (key, value
+    # prefix) of a kohya file's metadata that name it (sd-scripts' and SAI's spellings).
+    context_dims: tuple[int, ...] = ()
+    text_encoder_width: int = 0
+    checkpoint_prefixes: tuple[str, ...] = ()
+    metadata_markers: tuple[tuple[str, str], ...] = ()
+    unet_config_markers: tuple[tuple[str, str], ...] = ()   # (key, value) of a diffusers UNet config.json
+    # (regex of a LoRA-file key, its first dimension): a row listing these names a file only when one of its
+    # keys has that shape (FLUX.2 klein 4B, 9B and dev share FLUX.1's block names; the widths tell them apart).
+    lora_shape_markers: tuple[tuple[str, int], ...] = ()
+    # The first single-file marker's first dimension is this many times the width (FLUX.2's modulation: 3).
+    marker_width_ratio: int = 1
     # Trains on video: clips of the data set train as [C, F, h, w] latents (images as one frame), the buckets
     # add the frame count, the previews are short clips. False: clips are left out (animated GIFs: first frame).
     video: bool = False
@@ -93,20 +108,70 @@ SD3_ENCODERS = CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL_ENCODER + FLUX_AE
 # Wan 2.1 T2V 1.3B and 14B (WanTransformer3DModel), UMT5-XXL's encoder, the Wan VAE (the one Qwen-Image uses).
 WAN21_13B, WAN21_14B, UMT5_XXL, WAN_VAE = 1_418_996_800, 14_288_491_584, 5_680_910_336, QWEN_IMAGE_VAE
 Z_IMAGE, QWEN3_4B = 6_154_908_736, 4_022_468_096  # ZImageTransformer2DModel; Qwen3Model (no LM head)
+# FLUX.2 (Flux2Transformer2DModel on the meta device): klein 4B / 9B and dev; Qwen3-8B (Qwen3Model), Mistral-Small
+# 3.1's language model (MistralModel), the 32-channel AutoencoderKLFlux2.
+FLUX2_KLEIN_4B, FLUX2_KLEIN_9B, FLUX2_DEV = 3_875_544_576, 9_078_581_248, 32_223_281_152
+QWEN3_8B, MISTRAL_SMALL_31, FLUX2_VAE = 7_568_405_504, 22_901_314_560, 84_046_115
+# A FLUX.2 LoRA has FLUX.1's BFL block names (or diffusers' single blocks) and the FLUX.2 MLP's up width, 6 x the
+# model width (SwiGLU of ratio 3: FLUX.1's is 4 x): img_mlp.0 / ff.linear_in up, in BFL, kohya or diffusers names.
+# Krea 2: Krea2Transformer2DModel (28 blocks, width 6144); Qwen3-VL-4B with its vision tower (Qwen3VLModel).
+KREA2, QWEN3_VL_4B = 12_820_073_036, 4_437_815_808
+# Keys only a Krea 2 LoRA has: native (krea-ai / ComfyUI), kohya or diffusers names of its gated attention and
+# text fusion.
+_KREA2_LORA_KEYS = (r"^(diffusion_model\.)?(blocks\.\d+\.attn\.(wq|gate)|txtfusion\.)",
+                    r"^lora_unet_(blocks_\d+_attn_(wq|gate)|txtfusion_)",
+                    r"^transformer\.(text_fusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
+_FLUX2_MLP_UP = r"(img_mlp[._]0|\.ff\.linear_in)[._](lora_up|lora_B)"
+
+
+def _flux2(name: str, label: str, version: str, architecture: str, repo: str, params: int, encoder: int,
+           width: int, words: tuple[str, ...], pipeline: str = "Flux2KleinPipeline") -> FamilyInfo:
+    return FamilyInfo(name, label, "dit", 1024, name, version, architecture, (), ("text_encoder",), pipeline, repo,
+                      params, encoder + FLUX2_VAE, sample_size_floor=512, default_timestep_sampling="logit_normal",
+                      modelspec_implementation="https://github.com/black-forest-labs/flux2",
+                      impl="core.families.flux2.family", width=width, config_groups=("flow",), resolution_floor=512,
+                      memory_parts="core.families.flux2.memory:flux2_parts",
+                      diffusers_class_names=(pipeline,),
+                      single_file_markers=("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"),
+                      marker_width_ratio=3,
+                      name_words=words, lora_key_markers=_FLUX_LORA_KEYS,
+                      lora_shape_markers=((_FLUX2_MLP_UP, 6 * width),), has_guidance_embedding=name == "flux2-dev")
 
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
                ("text_encoder",), "StableDiffusionPipeline", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-               SD1_UNET, CLIP_L + SD_VAE, v_prediction_suffix=True),
+               SD1_UNET, CLIP_L + SD_VAE, v_prediction_suffix=True, context_dims=(768,), text_encoder_width=768,
+               checkpoint_prefixes=("cond_stage_model.transformer", "model.diffusion_model."),
+               metadata_markers=(("ss_base_model_version", "sd_v1"), ("modelspec.architecture", "stable-diffusion-v1"))),
     FamilyInfo("sd2", "SD 2.x", "unet", 768, "sd1", "sd_v2", "stable-diffusion-v2-512", ("lora_te",),
                ("text_encoder",), "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1",
                SD2_UNET, OPENCLIP_H + SD_VAE, v_prediction_suffix=True,
-               modelspec_architecture_v="stable-diffusion-v2-768-v"),
+               modelspec_architecture_v="stable-diffusion-v2-768-v", context_dims=(1024,), text_encoder_width=1024,
+               checkpoint_prefixes=("cond_stage_model.model.",), name_words=("stable-diffusion-2", "sd2", "sd-2", "v2-"),
+               metadata_markers=(("ss_base_model_version", "sd_v2"), ("ss_v2", "True"),
+                                 ("modelspec.architecture", "stable-diffusion-v2"))),
     FamilyInfo("sdxl", "SDXL", "unet", 1024, "sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
                ("lora_te1", "lora_te2"), ("text_encoder", "text_encoder_2"), "StableDiffusionXLPipeline",
                "stabilityai/stable-diffusion-xl-base-1.0", SDXL_UNET, CLIP_L + OPENCLIP_G + SD_VAE,
                sample_size_floor=1024, sgm_unet_names=True, resolution_floor=768,
-               modelspec_implementation="https://github.com/Stability-AI/generative-models"),
+               modelspec_implementation="https://github.com/Stability-AI/generative-models",
+               # 2048: the base; 1280: the refiner. Text encoder 2 and SAI's sgm UNet names are SDXL's alone.
+               context_dims=(2048, 1280), checkpoint_prefixes=("conditioner.embedders.1",),
+               unet_config_markers=(("addition_embed_type", "text_time"),),
+               diffusers_class_names=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+               name_words=("xl", "pony", "illustrious"),
+               lora_key_markers=(r"^(lora_te[12]_|text_encoder_2\.)", r"^lora_unet_(input_blocks|middle_block|output_blocks)_"),
+               metadata_markers=(("ss_base_model_version", "sdxl_"), ("modelspec.architecture", "stable-diffusion-xl"))),
+    # FLUX.2 before FLUX.1: their single files share FLUX.1's block names (the first matching row names a file).
+    _flux2("flux2-klein-4b", "FLUX.2 klein 4B", "flux2_klein_4b", "flux-2-klein-4b",
+           "black-forest-labs/FLUX.2-klein-base-4B", FLUX2_KLEIN_4B, QWEN3_4B, 3072,
+           ("flux.2-klein", "flux-2-klein", "flux2-klein", "flux2_klein", "flux_2_klein")),
+    _flux2("flux2-klein-9b", "FLUX.2 klein 9B", "flux2_klein_9b", "flux-2-klein-9b",
+           "black-forest-labs/FLUX.2-klein-base-9B", FLUX2_KLEIN_9B, QWEN3_8B, 4096,
+           ("flux.2-klein-9b", "flux-2-klein-9b", "flux2-klein-9b", "flux2_klein_9b", "flux.2-klein-base-9b",
+            "flux-2-klein-base-9b", "flux2-klein-base-9b", "flux2_klein_base_9b")),
+    _flux2("flux2-dev", "FLUX.2-dev", "flux2_dev", "flux-2-dev", "black-forest-labs/FLUX.2-dev", FLUX2_DEV,
+           MISTRAL_SMALL_31, 6144, ("flux.2", "flux-2", "flux2", "flux_2"), pipeline="Flux2Pipeline"),
     FamilyInfo("flux-dev", "FLUX.1-dev", "flux", 1024, "flux", "flux1", "flux-1-dev", ("lora_te1", "lora_te3"),
                ("text_encoder", "text_encoder_2"), "FluxPipeline", "black-forest-labs/FLUX.1-dev",
                FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE, sample_size_floor=512,
@@ -215,6 +280,21 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
           ("z-image-turbo", "Z-Image-Turbo", "z_image_turbo", "Tongyi-MAI/Z-Image-Turbo",
            ("z-image-turbo", "z_image_turbo", "zimage-turbo", "zimage_turbo")),
           ("z-image", "Z-Image", "z_image", "Tongyi-MAI/Z-Image", ("z-image", "z_image", "zimage")))),
+    # Krea 2: Raw (the base, to train on) and Turbo share every shape; the name or is_distilled tells them apart.
+    # Their LoRAs are one kind (ss_base_model_version "krea2", as FLUX.1-dev / schnell share "flux1"): trained on
+    # Raw, used on Turbo.
+    *(FamilyInfo(name, label, "dit", 1024, "krea2", version, "Krea-2", (), ("text_encoder",), "Krea2Pipeline", repo,
+                 KREA2, QWEN3_VL_4B + QWEN_IMAGE_VAE, sample_size_floor=512, default_timestep_sampling="logit_normal",
+                 modelspec_implementation="https://github.com/krea-ai/krea-2", impl="core.families.krea2.family",
+                 width=6144, config_groups=("flow",), resolution_floor=512,
+                 memory_parts="core.families.krea2.memory:krea2_parts",
+                 diffusers_class_names=("Krea2Pipeline", "Krea2Transformer2DModel"),
+                 single_file_markers=("txtmlp.1.weight", "txt_in.linear_1.weight"), name_words=words,
+                 lora_key_markers=_KREA2_LORA_KEYS)
+      for name, label, version, repo, words in (
+          ("krea2", "Krea 2 (Raw)", "krea2", "krea/Krea-2-Raw", ("krea-2", "krea2", "krea_2")),
+          ("krea2-turbo", "Krea 2 Turbo", "krea2", "krea/Krea-2-Turbo",
+           ("krea-2-turbo", "krea2-turbo", "krea_2_turbo", "krea2_turbo")))),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
@@ -240,3 +320,36 @@ def family_label(name: str) -> str:
     """A person's name for a family ("SDXL", "FLUX.1-dev"); the raw name for anything else."""
     info = FAMILIES.get(name)
     return info.label if info else {"llm": "LLM", "unknown": "unknown model"}.get(name, name)
+
+
+# --- naming a model or a file from the rows' markers (the first row, SD 1.x, is the fallback) -------------
+
+FALLBACK_FAMILY = IMAGE_FAMILIES[0]
+
+
+def family_of_context_dim(width: int) -> str | None:
+    """The UNet family whose cross-attention reads a text context `width` wide."""
+    return next((info.name for info in FAMILIES.values() if width in info.context_dims), None)
+
+
+def family_of_text_encoder_width(width: int) -> str | None:
+    """The family whose one text encoder is `width` wide (a LoRA of only its text encoder)."""
+    return next((info.name for info in FAMILIES.values() if info.text_encoder_width == width), None)
+
+
+def family_of_checkpoint(keys: list[str] | set[str]) -> str | None:
+    """The family of a full single-file checkpoint: the row with the longest tensor-name prefix it has."""
+    hits = [(len(prefix), info.name) for info in FAMILIES.values() for prefix in info.checkpoint_prefixes
+            if any(k.startswith(prefix) for k in keys)]
+    return max(hits)[1] if hits else None
+
+
+def family_of_metadata(metadata: dict[str, str]) -> str | None:
+    """The family a kohya file's metadata names through a row's `metadata_markers` (each key in turn, in
+    the order sd-scripts' own keys come first)."""
+    for key in ("ss_base_model_version", "ss_v2", "modelspec.architecture"):
+        value = metadata.get(key, "")
+        for info in FAMILIES.values():
+            if value and any(k == key and value.startswith(prefix) for k, prefix in info.metadata_markers):
+                return info.name
+    return None

@@ -27,7 +27,7 @@ from torch import Tensor
 from core.atomic import atomic_dir, save_file_atomic
 from core.devices import torch_dtype
 from core.export.inspect import COMFY_PREFIX, DIFFUSERS_COMPONENTS, KOHYA_PREFIXES, lora_files_of
-from core.family_api.registry import FAMILIES
+from core.family_api.registry import FALLBACK_FAMILY, FAMILIES
 from core.tools.modules import (LoraModule, LoraToolError, cast_modules, modules_from_kohya, modules_from_peft,
                                 modules_to_kohya, modules_to_peft)
 
@@ -111,7 +111,7 @@ def detect_image_family(tensors: dict[str, Tensor], metadata: dict[str, str]) ->
 
     family = family_from_metadata(metadata) or family_from_keys(
         {k: tuple(v.shape) for k, v in tensors.items()}, "kohya", None)
-    return family if family in FAMILIES else "sd1"
+    return family if family in FAMILIES else FALLBACK_FAMILY
 
 
 def diffusers_to_kohya_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], family: str
@@ -121,8 +121,10 @@ def diffusers_to_kohya_tensors(tensors: dict[str, Tensor], metadata: dict[str, s
     from core.export.kohya import peft_to_kohya
 
     unet, tes, alphas = diffusers_lora_to_peft(tensors, metadata)
-    if tes[1] and family != "sdxl":
-        raise LoraToolError("The file has text_encoder_2 weights, so it is an SDXL LoRA; use family sdxl.")
+    if tes[1] and "text_encoder_2" not in FAMILIES[family].text_encoders:
+        two = [i.name for i in FAMILIES.values() if i.kind == "unet" and "text_encoder_2" in i.text_encoders]
+        raise LoraToolError(f"The file has text_encoder_2 weights, so it is a LoRA of a model with two text "
+                            f"encoders; use family {' or '.join(two)}.")
     return peft_to_kohya(unet, tes if tes[1] else tes[:1], family, alphas=alphas)
 
 
@@ -179,7 +181,7 @@ def _image_metadata(lora: LoraFile, extra: dict[str, str] | None) -> dict[str, s
     ranks = Counter(m.rank for m in lora.modules.values() if not m.is_conv)
     alphas = Counter(m.alpha for m in lora.modules.values() if not m.is_conv)
     meta.setdefault("ss_base_model_version", base_model_version(lora.family))
-    meta.setdefault("ss_v2", str(lora.family == "sd2"))
+    meta.setdefault("ss_v2", str(("ss_v2", "True") in getattr(FAMILIES.get(lora.family), "metadata_markers", ())))
     meta.setdefault("modelspec.architecture", modelspec_architecture(lora.family))
     meta.setdefault("modelspec.sai_model_spec", "1.0.1")
     meta["ss_network_module"] = "networks.lora"

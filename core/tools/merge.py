@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from core.family_api.contract import BaseWeights
+from core.family_api.registry import FAMILIES
 from core.atomic import atomic_dir, save_file_atomic
 from core.tools.convert import LoraFile, check_replaceable_folder, read_lora
 from core.tools.modules import LoraModule, LoraToolError, modules_to_kohya
@@ -209,7 +210,7 @@ def read_image_lora_for(path: str | Path, family: str, *, allow_pickle: bool = F
     if lora.format == "diffusers" and lora.family != family:
         # diffusers names do not depend on the family; the guess from shapes may be off for small models.
         lora = read_lora(path, family=family, allow_pickle=allow_pickle)
-    if lora.family != family and {lora.family, family} != {"sd1", "sd2"}:
+    if lora.family != family and not _same_layout(lora.family, family):
         raise LoraToolError(f"'{Path(path).name}' is an {lora.family} LoRA but the base model is {family}.")
     return lora
 
@@ -331,3 +332,12 @@ def bake_into_llm(base_model: str, adapter: str | Path, output: str | Path, *, w
             tokenizer.save_pretrained(str(tmp))
     return Path(output)
 
+
+def _same_layout(a: str, b: str) -> bool:
+    """UNet families whose LoRA files have the same names (SD 1.x and 2.x): a file guessed as one from its
+    shapes merges into the other."""
+    if a not in FAMILIES or b not in FAMILIES:
+        return False
+    x, y = FAMILIES[a], FAMILIES[b]
+    return x.kind == y.kind == "unet" and x.kohya_te_prefixes == y.kohya_te_prefixes \
+        and x.sgm_unet_names == y.sgm_unet_names

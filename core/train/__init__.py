@@ -26,10 +26,12 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
     out-of-memory error ends with the settings to change or, with auto_downshift,
     resumes from the last checkpoint with the next smaller preset.
     """
+    from core.devices import collecting_new_objects_only
     from core.train.recovery import train_with_recovery
 
     check_libraries(ctx)
-    return train_with_recovery(train_task, cfg, ctx)
+    with collecting_new_objects_only():
+        return train_with_recovery(train_task, cfg, ctx)
 
 
 def check_libraries(ctx: RunContext) -> None:

@@ -183,7 +183,7 @@ class TextRun:
     def prepare(self, optimizer: Any) -> Any:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.model.train()
-        self.trained = AnswerModel(self.model, self.device, self.precision)
+        self.trained = self.loss_module()
         if sharding.is_sharded(self.accelerator):  # distributed: fsdp: the base split over the processes
             self.trained, optimizer = sharding.prepare(self.accelerator, self.trained, optimizer)
             self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -237,7 +237,7 @@ class TextRun:
         tokens = 0
         for index, batch in enumerate(group):
             with distributed.sync_on_last(self.accelerator, [self.trained], index, len(group)):
-                loss = batch_loss_sum(self.trained, batch, self.device, self.precision)
+                loss = self.batch_loss(batch)
                 (loss / divisor).backward()
             loss_total += float(loss.detach())
             tokens += batch.tokens
@@ -247,6 +247,18 @@ class TextRun:
             # After the sync every process holds the same gradients, so each clips the same way.
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         return self.step_loss(loss_total, tokens, divisor)[0]
+
+    def loss_module(self) -> torch.nn.Module:
+        """The module that accelerate / DDP wraps: its forward gives what `batch_loss` reduces."""
+        return AnswerModel(self.model, self.device, self.precision)
+
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        """The summed token loss of one micro-batch through `self.trained`."""
+        return batch_loss_sum(self.trained, batch, self.device, self.precision)
+
+    def adapter_files(self) -> dict[str, str]:
+        """Files written beside the final adapter (name -> text); a VLM run adds its captioner.json."""
+        return {}
 
     @property
     def sharded(self) -> bool:
@@ -360,7 +372,8 @@ class TextRun:
         """The adapter as the weights are now (ema_save_raw: the raw one, beside the EMA adapter)."""
         if self.main:
             peft_text.save_adapter(self.model, folder / peft_text.ADAPTER_DIR, base_model=self.base_model_display,
-                                   save_precision="fp32", pissa_init=self.pissa_init)
+                                   save_precision="fp32", pissa_init=self.pissa_init,
+                                   extra_files=self.adapter_files())
         self.barrier()
 
     def summary_extra(self) -> dict[str, Any]:
@@ -372,7 +385,7 @@ def _preference_module(cfg: TrainConfig) -> Any:
     """The module of a text_method other than sft (imported here: each builds on this module), else None:
     core.train.preference (dpo, orpo), core.train.kto or core.train.grpo. Each has read_data,
     prepare_data and RUN_CLASS."""
-    if cfg.text_method == "sft":
+    if cfg.text_method in ("sft", "vlm"):
         return None
     import importlib
 
@@ -381,6 +394,10 @@ def _preference_module(cfg: TrainConfig) -> Any:
 
 
 def _build_run(cfg: TrainConfig, ctx: RunContext, init_file: Path | None, accelerator: Any) -> TextRun:
+    if cfg.text_method == "vlm":  # its own model, processor and data (imported here: it builds on this module)
+        from core.train.vlm import build_vlm_run
+
+        return build_vlm_run(cfg, ctx, init_file, accelerator)
     preference = _preference_module(cfg)
     if preference is not None:
         # Read before the model loads, so data without chosen/rejected columns fails at once.
@@ -486,7 +503,8 @@ def _write_outputs(run: TextRun, state: checkpoints.TrainState, result: LoopResu
                    ) -> dict[str, str]:
     cfg = run.cfg
     adapter = peft_text.save_adapter(run.model, run.out / peft_text.ADAPTER_DIR, base_model=run.base_model_display,
-                                     save_precision="fp32", pissa_init=run.pissa_init)
+                                     save_precision="fp32", pissa_init=run.pissa_init,
+                                     extra_files=run.adapter_files())
     outputs = {"output_dir": str(run.out), "adapter": str(adapter), "config": str(run.out / "config.yaml"),
                "loss_csv": str(run.out / "loss.csv")}
     stopped, checkpoint, val_loss = result.stopped, result.checkpoint, result.validation_loss

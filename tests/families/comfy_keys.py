@@ -59,10 +59,13 @@ def comfy_lora_key_map(single_file: Path, network_state: dict[str, torch.Tensor]
 
 
 def comfy_load(lora: dict[str, torch.Tensor], key_map: dict[str, str]) -> tuple[dict[str, tuple], set[str]]:
-    """comfy/lora.py load_lora for plain LoRA modules: (patches by model key, keys it did not load)."""
+    """comfy/lora.py load_lora for plain LoRA modules, in kohya's (lora_up / lora_down) or diffusers'
+    (lora_B / lora_A) names: (patches by model key, keys it did not load)."""
     patches, loaded = {}, set()
     for name, target in key_map.items():
         up, down, alpha = f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"
+        if up not in lora and f"{name}.lora_B.weight" in lora:
+            up, down = f"{name}.lora_B.weight", f"{name}.lora_A.weight"
         if up in lora:
             patches[target] = (lora[up], lora[down], lora[alpha].item() if alpha in lora else None)
             loaded |= {up, down} | ({alpha} if alpha in lora else set())

@@ -91,6 +91,18 @@ def _qwen(root: Path) -> Path:
     return build_tiny_qwen(root, "qwen-image", comfy=False).folder
 
 
+def _flux2(root: Path) -> Path:
+    from core.families.flux2.tiny import build_tiny_flux2
+
+    return build_tiny_flux2(root).folder
+
+
+def _krea2(root: Path) -> Path:
+    from core.families.krea2.tiny import build_tiny_krea2
+
+    return build_tiny_krea2(root).folder
+
+
 FAMILIES: dict[str, GoldenFamily] = {f.name: f for f in (
     GoldenFamily("sd1", "SD 1.5", _sd("sd1")),
     GoldenFamily("sdxl", "SDXL", _sd("sdxl")),
@@ -99,6 +111,8 @@ FAMILIES: dict[str, GoldenFamily] = {f.name: f for f in (
     GoldenFamily("sd3", "SD 3.5 medium", _sd3),
     GoldenFamily("z-image", "Z-Image-Turbo", _zimage),
     GoldenFamily("qwen-image", "Qwen-Image", _qwen),
+    GoldenFamily("flux2-klein-4b", "FLUX.2 klein 4B", _flux2),
+    GoldenFamily("krea2", "Krea 2", _krea2),
 )}
 
 

@@ -40,9 +40,9 @@ class TinyFamily:
     # diffusers' own loader reads its kohya file (FLUX's converter assumes the real 3072 width, so not at tiny
     # sizes; SD3's reads no kohya file): when not, the suite loads it through core.tools.convert
     kohya_in_pipeline: bool = True
-    # what `inspect` calls its WebUI / ComfyUI file: "kohya" (lora_unet_ names) or "comfyui" (diffusion_model. names,
-    # Wan's: ComfyUI has no other map for it)
-    kohya_format: str = "kohya"
+    # the form of its WebUI / ComfyUI file: kohya names, or ComfyUI's `diffusion_model.` names (Krea 2, whose
+    # diffusers loader reads only that form)
+    main_format: str = "kohya"
 
     def __str__(self) -> str:  # the test ids
         return self.name
@@ -77,6 +77,20 @@ def _zimage(root: Path) -> Built:
     from core.families.zimage.tiny import build_tiny_zimage
 
     tiny = build_tiny_zimage(root)
+    return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
+
+
+def _flux2(root: Path) -> Built:
+    from core.families.flux2.tiny import build_tiny_flux2
+
+    tiny = build_tiny_flux2(root)
+    return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
+
+
+def _krea2(root: Path) -> Built:
+    from core.families.krea2.tiny import build_tiny_krea2
+
+    tiny = build_tiny_krea2(root)
     return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
 
 
@@ -142,6 +156,19 @@ def _zimage_net():
     return ZImageTransformer2DModel()  # diffusers' defaults are Z-Image's config
 
 
+def _flux2_klein_4b():
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(num_layers=5, num_single_layers=20, num_attention_heads=24,
+                                   joint_attention_dim=7680, guidance_embeds=False)
+
+
+def _krea2_net():
+    from diffusers import Krea2Transformer2DModel
+
+    return Krea2Transformer2DModel()  # diffusers' defaults are Krea 2's config
+
+
 def _qwen_net():
     from diffusers import QwenImageTransformer2DModel
 
@@ -171,8 +198,13 @@ FAMILIES: list[TinyFamily] = [
                _sd35_medium, _TRANSFORMER_GPU_ONLY, kohya_in_pipeline=False),
     TinyFamily("z-image-turbo", _zimage, "Tongyi-MAI/Z-Image-Turbo", "ZImagePipeline", "transformer", _zimage_net,
                _TRANSFORMER_GPU_ONLY),
+    TinyFamily("flux2-klein-4b", _flux2, "black-forest-labs/FLUX.2-klein-base-4B", "Flux2KleinPipeline", "transformer",
+               _flux2_klein_4b, _TRANSFORMER_GPU_ONLY),
+    # diffusers' Krea 2 loader reads no kohya names: its WebUI / ComfyUI file is the native `diffusion_model.` form.
+    TinyFamily("krea2", _krea2, "krea/Krea-2-Raw", "Krea2Pipeline", "transformer", _krea2_net, _TRANSFORMER_GPU_ONLY,
+               main_format="comfyui"),
     TinyFamily("wan2.1-t2v-1.3b", _wan, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "WanPipeline", "transformer", _wan_13b,
-               _TRANSFORMER_GPU_ONLY, kohya_format="comfyui"),
+               _TRANSFORMER_GPU_ONLY, main_format="comfyui"),
     TinyFamily("qwen-image", _qwen, "Qwen/Qwen-Image", "QwenImagePipeline", "transformer", _qwen_net,
                _TRANSFORMER_GPU_ONLY),
 ]

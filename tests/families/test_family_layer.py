@@ -21,8 +21,9 @@ from core.family_api import registry as registry
 def toy_family(monkeypatch):
     import torch
 
-    from core.family_api.contract import ImageFamily, LoraFileFormat
-    from core.families.flux.family import FLUX
+    from core.families.dit.default import transformer_family
+    from core.families.zimage.family import SPEC as ZIMAGE_SPEC
+    from core.family_api.contract import ImageFamily, LoraFileFormat, ModelLoadError
 
     module = types.ModuleType("toy_dit_family")
     seen: list[str] = []
@@ -37,7 +38,14 @@ def toy_family(monkeypatch):
     lora_files = LoraFileFormat(to_kohya=lambda path, tensors: {"lora_unet_toy": torch.zeros(1)},
                                 write_kohya=lambda *a, **k: None, write_diffusers=lambda *a, **k: None,
                                 to_peft=lambda path: ({}, {}))
-    module.FAMILY = dataclasses.replace(FLUX, detect=detect, lora_files=lora_files)
+    # A transformer family is a spec and the default (docs/adding-a-family.md): Toy-DiT's borrows Z-Image's
+    # loss and prompt encoding (it has no weights to train here) and states its own name and detection.
+    spec = dataclasses.replace(ZIMAGE_SPEC, label="Toy-DiT", trains="Toy-DiT trains every block")
+    def no_weights(*args, **kwargs):
+        raise ModelLoadError("Toy-DiT has no weights to draw with in this story.")
+
+    module.FAMILY = transformer_family(spec, detect=detect, lora_files=lora_files, previews=lambda *a: [],
+                                       tryout_pipeline=no_weights, generate=no_weights)
     module.memory_parts = parts
     monkeypatch.setitem(sys.modules, "toy_dit_family", module)
     info = registry.FamilyInfo(

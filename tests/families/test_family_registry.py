@@ -20,5 +20,5 @@ def test_every_family_has_a_name_for_people_and_for_webui():
 
 
 def test_an_unknown_family_is_named_with_the_known_ones():
-    with pytest.raises(ValueError, match="Unknown model family 'sd4'.*sd1, sd2, sdxl, flux-dev"):
+    with pytest.raises(ValueError, match="Unknown model family 'sd4'.*sd1, sd2, sdxl, flux2-klein-4b"):
         family_info("sd4")

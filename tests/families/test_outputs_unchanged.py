@@ -69,6 +69,14 @@ def test_a_qwen_image_lora_is_byte_for_byte_what_it_was_before_the_family_move(t
     assert_outputs_unchanged("qwen-image", tmp_path)
 
 
+def test_a_flux2_klein_lora_is_byte_for_byte_what_it_was_when_the_family_was_added(tmp_path):
+    assert_outputs_unchanged("flux2-klein-4b", tmp_path)
+
+
+def test_a_krea2_lora_is_byte_for_byte_what_it_was_when_the_family_was_added(tmp_path):
+    assert_outputs_unchanged("krea2", tmp_path)
+
+
 # --- the comparison itself can fail ------------------------------------------------------------
 
 def _rewrite(source: Path, target: Path, *, metadata: dict[str, str] | None = None, flip: tuple[int, int] | None = None):

@@ -143,7 +143,7 @@ def test_the_lora_tools_round_trip_the_file(trained: Trained, tmp_path):
 
     name = trained.family.name
     info = inspect_lora(trained.kohya)
-    assert (info.format, info.family) == (trained.family.kohya_format, name) and info.ranks == [4]
+    assert (info.format, info.family) == (trained.family.main_format, name) and info.ranks == [4]
 
     def deltas(path) -> dict[str, torch.Tensor]:
         return {k: m.delta().float() for k, m in read_lora(path, family=name).modules.items()}

@@ -450,3 +450,17 @@ def test_after_a_resume_the_plot_draws_the_whole_run_from_loss_csv(work):
     state.remember_run(config_from_dict({"train_data_dir": "./data/cats", "output_dir": str(out), "base_model": "x"},
                                         check_paths=False))
     assert train_tab.run_losses(resumed) == resumed.losses
+
+
+def test_the_dataset_tab_reads_a_file_as_the_picked_methods_data_and_names_its_format():
+    from ui import dataset_tab
+
+    data = Path(__file__).resolve().parents[2] / "data"
+    summary, _, health, table, *_ = dataset_tab.open_dataset(str(data / "clinic_kto.csv"), 512, "", 512, False, "kto")
+    assert "Format for text_method kto: prompt,completion,label rows" in summary and health == []
+    assert table["headers"] == ["where", "prompt", "completion", "label", "tokens"]
+    summary, _, health, *_ = dataset_tab.open_dataset(str(data / "math_grpo.csv"), 512, "", 512, False, "grpo")
+    assert "40 prompts (prompt, optional answer: for text_method grpo)" in summary and "Format for text_method grpo" \
+        in summary
+    summary, _, health, *_ = dataset_tab.open_dataset(str(data / "clinic_qa.csv"), 512, "", 512, False, "kto")
+    assert len(health) == 1 and "needs the columns prompt,completion,label" in health[0][2]

@@ -10,6 +10,7 @@ model's trainer override only its own methods).
 """
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,17 @@ class TransformerModel(Protocol):
     scheduler_config: dict[str, Any]
     is_single_file: bool
     notes: list[str]
+
+
+@dataclass(kw_only=True)
+class LoadedModel:
+    """What every family's loaded model carries beside its modules (its own dataclass adds those, positional
+    first): the scheduler settings for previews, where it came from, the notes shown after loading."""
+
+    scheduler_config: dict[str, Any]
+    source: str
+    is_single_file: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,33 @@ class TransformerSpec:
     key_text: Callable[[Any], str] = str                             # the text a key is stored under
     # (model, caption keys, cfg) -> every prompt to encode (captions, samples, negative).
     prompts: Callable[[Any, list[Any], TrainConfig], list[Any]] | None = None
+
+
+def lazy(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, imported at its first call: a family's spec names its file and loading functions
+    without importing diffusers when the registry is read."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def kohya_writer(module: str, name: str, model_arg: str = "variant") -> Callable[..., Path]:
+    """The spec's `write_kohya` from a file writer `name(state, path, *, <model_arg>=..., **kwargs)`: the
+    loaded model's attribute of that name says which variant the file is for."""
+    write = lazy(module, name)
+
+    def write_kohya(model: Any, state: Peft, path: Path, **kwargs: Any) -> Path:
+        return write(state, path, **{model_arg: getattr(model, model_arg)}, **kwargs)
+
+    return write_kohya
+
+
+def fixed_targets(module: str, name: str) -> Callable[[nn.Module, TrainConfig], list[str]]:
+    """The spec's `lora_targets` from `name(transformer)`, for a family whose targets no setting changes."""
+    targets = lazy(module, name)
+    return lambda transformer, cfg: targets(transformer)
 
 
 # --- loading and prompts -------------------------------------------------------------------------
@@ -289,6 +328,59 @@ def draw_each(pipe: Any, prompts: Sequence[str], call_for: Callable[[str], dict[
         images.extend(decode(latents))
         free_memory()
     return images
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What the contract's `generate` was asked for, as a family's pipeline call reads it."""
+
+    seed: int
+    steps: int
+    guidance: float
+    negative_prompt: str
+    width: int
+    height: int
+    embeds: Callable[[list[Any]], Any] | None   # cached encodings instead of the text encoders
+    dtype: torch.dtype
+    device: torch.device
+
+    def latents(self, **guidance: float) -> dict[str, Any]:
+        """The call's arguments for one image's latents (`guidance` under the pipeline's own name)."""
+        return latent_call(steps=self.steps, width=self.width, height=self.height, seed=self.seed, **guidance)
+
+    def encoded(self, prompt: Any) -> Any:
+        """The cached encoding of one prompt on the pipeline's device, in the compute dtype."""
+        assert self.embeds is not None
+        return self.embeds([prompt]).to(self.device, self.dtype)
+
+
+def decode_with_vae(pipe: Any, latents: torch.Tensor, draw: Draw) -> list[Any]:
+    """The pipeline's latents as images, its AE in fp32."""
+    from core.sample import decode_fp32
+
+    return decode_fp32(pipe.vae, latents)
+
+
+def pipeline_generate(call_for: Callable[..., dict[str, Any]],
+                      decode: Callable[[Any, torch.Tensor, Draw], list[Any]] = decode_with_vae,
+                      fit_size: Callable[[Any, int, int], tuple[int, int]] | None = None) -> Callable[..., list[Any]]:
+    """A family's `generate` (one image per prompt from the same seed) from what is its own: the pipeline's
+    arguments for a prompt, `call_for(pipe, draw, prompt, **extra)`; how latents become images; the sizes
+    its pipeline accepts. Extra keyword arguments of a call (an edit's `control`) go to `call_for`."""
+
+    @torch.no_grad()
+    def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
+                 negative_prompt: str = "", width: int, height: int,
+                 embeds: Callable[[list[Any]], Any] | None = None, dtype: torch.dtype = torch.float32,
+                 **extra: Any) -> list[Any]:
+        if fit_size is not None:
+            width, height = fit_size(pipe, width, height)
+        draw = Draw(seed=seed, steps=steps, guidance=guidance, negative_prompt=negative_prompt, width=width,
+                    height=height, embeds=embeds, dtype=dtype, device=pipe.vae.device)
+        return draw_each(pipe, prompts, lambda prompt: call_for(pipe, draw, prompt, **extra),
+                         lambda latents: decode(pipe, latents, draw), dtype=dtype)
+
+    return generate
 
 
 def place_for_tryout(model: Any, device: torch.device, dtype: torch.dtype) -> Any:

@@ -213,3 +213,17 @@ def kohya_key_groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tenso
             name, part = m["name"], m["part"]
         grouped.setdefault(name, {})[part] = value
     return grouped
+
+
+ModuleTable = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def module_table(text: str) -> ModuleTable:
+    """A family's native-to-diffusers module table from its text form, one module a line:
+    `native_module = diffusers_module [diffusers_module ...]` (several: fused in that row order)."""
+    rows = []
+    for line in text.strip().splitlines():
+        native, _, parts = line.partition("=")
+        rows.append((native.strip(), tuple(parts.split())))
+    return tuple(rows)
+

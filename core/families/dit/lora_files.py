@@ -11,6 +11,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,87 @@ def read_diffusers_modules(tensors: Mapping[str, Tensor], metadata: Mapping[str,
         peft[f"{module_path}.lora_B.weight"] = parts["B"]
         alphas[module_path] = _config_alpha(config or None, module_path, int(parts["A"].shape[0]))[0]
     return peft, alphas
+
+
+@dataclass(frozen=True)
+class KohyaLayout:
+    """How a family writes its WebUI / ComfyUI file: its grouping of a PEFT state by module, its native
+    names, its metadata keys, and which of them name the model (they are never the caller's)."""
+
+    group: Callable[[Mapping[str, Tensor]], dict[str, dict[str, Tensor]]]
+    to_kohya: Callable[..., dict[str, Tensor]]        # (PEFT state, *, alpha, use_rslora) -> kohya tensors
+    metadata: Callable[..., dict[str, str]]            # (model name, *, rank, alpha) -> the family's keys
+    identity_keys: tuple[str, ...]
+    check: Callable[[list[str], str], None] | None = None   # (module paths, model name) -> refuse a misfit
+
+
+def kohya_file_writer(layout: KohyaLayout, model_arg: str = "variant") -> Callable[..., Path]:
+    """A family's `write_kohya_file(peft_state, path, *, <model_arg>, alpha, metadata, use_rslora, dtype)`."""
+
+    def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, **kwargs: Any) -> Path:
+        return write_kohya_lora(layout, peft_state, path, kwargs.pop(model_arg), **kwargs)
+
+    write_kohya_file.__doc__ = write_kohya_lora.__doc__
+    return write_kohya_file
+
+
+def write_kohya_lora(layout: KohyaLayout, peft_state: Mapping[str, Tensor], path: str | Path, model: str, *,
+                     alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
+                     use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """The family's kohya file for `model` (its variant or type), atomically with sshs hashes.
+
+    `metadata` adds or overrides descriptive keys (`ss_output_name`, `modelspec.title`, ...); the keys
+    naming the family, network and rank/alpha always come from the layout. `dtype=None` keeps each
+    tensor's dtype.
+    """
+    modules = layout.group(peft_state)
+    if not modules:
+        raise LoraFormatError(f"Nothing to save in {path}: the LoRA has no tensors.")
+    if layout.check is not None:
+        layout.check(list(modules), model)
+    tensors = layout.to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
+    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
+    return save_with_identity(path, tensors, layout.metadata(model, rank=rank, alpha=file_alpha), metadata,
+                              layout.identity_keys, dtype)
+
+
+def diffusers_writer(pipeline: str, group: Callable[[Mapping[str, Tensor]], dict[str, dict[str, Tensor]]]
+                     ) -> Callable[..., Path]:
+    """A family's diffusers-file writer: `(PEFT state, folder, *, lora_config, dtype=None)` ->
+    `folder/pytorch_lora_weights.safetensors` as diffusers' `pipeline.save_lora_weights` writes it."""
+
+    def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
+                             dtype: torch.dtype | None = None) -> Path:
+        import diffusers
+
+        return write_diffusers_lora(getattr(diffusers, pipeline), group(peft_state), output_dir,
+                                    lora_config=lora_config, dtype=dtype)
+
+    write_diffusers_file.__doc__ = f"`output_dir/pytorch_lora_weights.safetensors` as {pipeline}.save_lora_weights writes it."
+    return write_diffusers_file
+
+
+def has_native_keys(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bool:
+    """A kohya / ComfyUI file (`lora_unet_...`, `diffusion_model....`), not diffusers' own."""
+    return any(k.startswith(("lora_unet_", "diffusion_model.")) for k in tensors)
+
+
+def read_family_lora(path: str | Path, *, label: str,
+                     from_native: Callable[[Mapping[str, Tensor]], tuple[dict[str, Tensor], dict[str, float]]],
+                     group: Callable[[Mapping[str, Tensor]], dict[str, dict[str, Tensor]]],
+                     is_native: Callable[[Mapping[str, Tensor], Mapping[str, str]], bool] = has_native_keys,
+                     diffusers_prefixes: tuple[str, ...] = ("transformer.",)
+                     ) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
+    """Any form of a family's LoRA file -> (PEFT state, {module: alpha}, metadata): its native names through
+    `from_native`, diffusers' file (the keys under `diffusers_prefixes`) through `group`."""
+    from core.export.kohya import load_kohya_lora
+
+    tensors, metadata = load_kohya_lora(path)
+    if is_native(tensors, metadata):
+        peft, alphas = from_native(tensors)
+    else:
+        peft, alphas = read_diffusers_modules({k: v for k, v in tensors.items() if k.startswith(diffusers_prefixes)},
+                                              metadata, group)
+    if not peft:
+        raise LoraFormatError(f"{path}: no {label} LoRA tensors found.")
+    return peft, alphas, metadata

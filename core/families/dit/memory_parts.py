@@ -6,6 +6,29 @@ from typing import Any
 from core.config import TrainConfig
 
 
+# Bytes per frozen weight stored in fp8, or in NF4 (4 bits plus one fp32 scale per 64 weights).
+WEIGHT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}
+
+
+def weight_bytes(cfg: TrainConfig, compute_bytes: int) -> float:
+    """Bytes per frozen transformer weight: NF4 wins over fp8, fp8 over the compute dtype."""
+    if cfg.base_quantization == "nf4":
+        return WEIGHT_BYTES["nf4"]
+    return WEIGHT_BYTES["fp8"] if cfg.fp8_base else float(compute_bytes)
+
+
+def swapped_weights(cfg: TrainConfig, blocks: int, block_weights: float, params: int,
+                    in_flight: float | None = None) -> float:
+    """Transformer weights `blocks_to_swap` keeps off the GPU: that share of the `blocks` blocks' weights
+    (`block_weights`, all of them, at most the model's `params`), less the two blocks in flight (the one
+    running and the one being copied in; `in_flight`: the largest block, where they differ)."""
+    swapped = min(max(cfg.blocks_to_swap, 0), blocks)
+    if not swapped:
+        return 0.0
+    share = min(params, block_weights) * swapped / blocks
+    return max(0.0, share - 2 * (block_weights / blocks if in_flight is None else in_flight))
+
+
 def caching_latents(cfg: TrainConfig) -> bool:
     """Whether the run caches latents (then the VAE is not in memory while training)."""
     return bool(cfg.cache_latents and cfg.center_crop and not cfg.random_flip)

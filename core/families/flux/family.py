@@ -10,7 +10,7 @@ offload; the LoRA written in BFL kohya names (WebUI, Forge, ComfyUI) and as diff
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Callable, Sequence
+from collections.abc import Iterable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from core.hub import offline
 from core.config import TrainConfig
 from core.family_api.contract import Batch
 from core.family_api.registry import family_info
-from core.families.dit.default import (TransformerSpec, draw_each, flow_scheduler, latent_call, place_for_tryout, preview_size,
-                                       sample_settings, transformer_family)
+from core.families.dit.default import (Draw, TransformerSpec, flow_scheduler, kohya_writer, lazy, pipeline_generate,
+                                       place_for_tryout, preview_size, sample_settings, transformer_family)
 
 
 def timestep_sampling(cfg: TrainConfig, variant: str) -> str:
@@ -67,7 +67,8 @@ def _hub_variant(repo: str) -> str | None:
         index = dict(DiffusionPipeline.load_config(repo, local_files_only=offline()))
     except Exception:  # noqa: BLE001 - not a reachable pipeline: the SD loader reports what is wrong with it
         return None
-    if not any(word in str(index.get("_class_name", "")) for word in ("Flux", "Chroma")):
+    if not any(word in str(index.get("_class_name", "")) for word in ("Flux", "Chroma")) or \
+            "Flux2" in str(index.get("_class_name", "")):
         return None
     try:
         transformer = dict(DiffusionPipeline.load_config(repo, subfolder="transformer", local_files_only=offline()))
@@ -123,12 +124,6 @@ def lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
     return flux_lora_targets(transformer, cfg.lora_blocks)
 
 
-def read_lora(path: Path) -> Any:
-    from core.families.flux.lora_files import read_flux_lora
-
-    return read_flux_lora(path, ignore_text_encoders=True)
-
-
 def check_continued(model: Any, paths: list[str]) -> None:
     from core.families.flux.lora_files import check_modules_match_variant
 
@@ -155,19 +150,6 @@ def make_loss(model: Any, cfg: TrainConfig, dtype: torch.dtype) -> Callable[[nn.
     return loss
 
 
-def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> Path:
-    """BFL kohya names, flux1 / chroma metadata."""
-    from core.families.flux.lora_files import write_flux_kohya_file
-
-    return write_flux_kohya_file(state, path, variant=model.variant, **kwargs)
-
-
-def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any) -> Path:
-    from core.families.flux.lora_files import write_flux_diffusers_file
-
-    return write_flux_diffusers_file(state, folder, **kwargs)
-
-
 # --- previews and the Test tab ----------------------------------------------------------------------
 
 def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
@@ -189,52 +171,37 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     return pipe
 
 
-def _decode(pipe: Any, packed: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+def _decode(pipe: Any, packed: torch.Tensor, draw: Draw) -> list[Image.Image]:
     from core.families.dit.flow import unpack_latents
     from core.sample import decode_fp32
 
     # The pipeline rounds the size down to whole 2x2 latent patches (FluxPipeline._unpack_latents).
     step = pipe.vae_scale_factor * 2
-    return decode_fp32(pipe.vae, unpack_latents(packed, 2 * (height // step), 2 * (width // step)))
+    return decode_fp32(pipe.vae, unpack_latents(packed, 2 * (draw.height // step), 2 * (draw.width // step)))
 
 
-def _is_chroma_pipe(pipe: Any) -> bool:
-    return type(pipe).__name__.startswith("Chroma")
-
-
-@torch.no_grad()
-def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
-             negative_prompt: str = "", width: int, height: int,
-             embeds: Callable[[list[str]], Any] | None = None, dtype: torch.dtype = torch.float32
-             ) -> list[Image.Image]:
-    """One image per prompt from the same seed; `embeds`: cached encodings instead of the text encoders.
-
-    The transformer runs under autocast in `dtype` (an fp32 LoRA on bf16 / fp8 base layers), the
-    AE decodes in fp32. FLUX.1's `guidance` is its distilled guidance input; Chroma's is real CFG.
-    """
-    chroma = _is_chroma_pipe(pipe)
-    device = pipe.vae.device
-
-    def call_for(prompt: str) -> dict[str, Any]:
-        kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
-        if embeds is None:
-            kwargs["prompt"] = prompt
-            if chroma:
-                kwargs["negative_prompt"] = negative_prompt or ""
-        else:
-            e = embeds([prompt]).to(device, dtype)
-            kwargs["prompt_embeds"] = e.prompt_embeds
-            if chroma:
-                neg = embeds([negative_prompt or ""]).to(device, dtype)
-                # ChromaPipeline's own masks are in the embeddings' dtype (it builds them so).
-                kwargs.update(prompt_attention_mask=e.attention_mask.to(dtype),
-                              negative_prompt_embeds=neg.prompt_embeds,
-                              negative_prompt_attention_mask=neg.attention_mask.to(dtype))
-            else:
-                kwargs["pooled_prompt_embeds"] = e.pooled
+def _call_for(pipe: Any, draw: Draw, prompt: str) -> dict[str, Any]:
+    """FLUX.1's `guidance` is its distilled guidance input; Chroma's is real CFG (with its T5 masks)."""
+    chroma = type(pipe).__name__.startswith("Chroma")
+    kwargs = draw.latents(guidance_scale=draw.guidance)
+    if draw.embeds is None:
+        kwargs["prompt"] = prompt
+        if chroma:
+            kwargs["negative_prompt"] = draw.negative_prompt or ""
         return kwargs
+    e = draw.encoded(prompt)
+    kwargs["prompt_embeds"] = e.prompt_embeds
+    if chroma:
+        neg = draw.encoded(draw.negative_prompt or "")
+        # ChromaPipeline's own masks are in the embeddings' dtype (it builds them so).
+        kwargs.update(prompt_attention_mask=e.attention_mask.to(draw.dtype), negative_prompt_embeds=neg.prompt_embeds,
+                      negative_prompt_attention_mask=neg.attention_mask.to(draw.dtype))
+    else:
+        kwargs["pooled_prompt_embeds"] = e.pooled
+    return kwargs
 
-    return draw_each(pipe, prompts, call_for, lambda packed: _decode(pipe, packed, width, height), dtype=dtype)
+
+generate = pipeline_generate(_call_for, _decode)
 
 
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
@@ -272,11 +239,15 @@ def _stack(entries: list[dict[str, torch.Tensor]]) -> Any:
     return stack_embeds(entries)
 
 
+_FILES = "core.families.flux.lora_files"
+
 SPEC = TransformerSpec(
     label="FLUX / Chroma", trains="FLUX uses lora_blocks",
     encoders_note="FLUX / Chroma always cache the text encoders' outputs (T5-XXL is too large to keep).",
     load=load, lora_targets=lora_targets, make_loss=make_loss,
-    read_lora=read_lora, write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries,
+    read_lora=lambda path: lazy(_FILES, "read_flux_lora")(path, ignore_text_encoders=True),
+    write_kohya=kohya_writer(_FILES, "write_flux_kohya_file"), write_diffusers=lazy(_FILES, "write_flux_diffusers_file"),
+    encode_entries=encode_entries,
     stack=_stack, prompt_identity=prompt_identity, training_note=training_note, lora_init="gaussian",
     # The modulation Linears too (about 3.2B of FLUX.1's 11.9B), as kohya's fp8_base does and as the
     # memory estimate counts; diffusers' default skip pattern would keep them in bf16.

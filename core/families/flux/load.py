@@ -6,14 +6,16 @@ either. Detection reads only safetensors headers and config JSON (core.families.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
 
 import torch
 
+from core.families.dit.folders import config_error, loading_parts, not_this_family, quantized, read_pipeline_configs
 from core.hub import offline
+from core.families.dit.default import LoadedModel
 from core.families.dit.weights import read_json, safetensors_keys
 from core.families.flux.convert import strip_prefix
 from core.family_api.contract import ModelLoadError
@@ -26,7 +28,7 @@ HUB_CONFIGS = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "blac
 
 
 @dataclass
-class FluxModel:
+class FluxModel(LoadedModel):
     """The modules of a FLUX-family pipeline plus what training needs to know about them.
 
     For Chroma `text_encoder`/`tokenizer` are None (it has no CLIP): the T5 is always
@@ -40,10 +42,6 @@ class FluxModel:
     tokenizer: Any | None
     text_encoder_2: Any
     tokenizer_2: Any
-    scheduler_config: dict[str, Any]
-    source: str
-    is_single_file: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def has_guidance(self) -> bool:
@@ -61,6 +59,8 @@ def variant_from_keys(keys: Iterable[str]) -> str | None:
         k.startswith("single_transformer_blocks.") for k in names)
     if not (bfl or diff):
         return None
+    if any(k.startswith("single_stream_modulation.") for k in names):
+        return None  # FLUX.2: the same block names, its own family (core.families.flux2)
     if any(k.startswith("distilled_guidance_layer.") for k in names):
         # Chroma replaced FLUX's modulation MLPs by one "approximator" and dropped the guidance input.
         return "chroma"
@@ -72,6 +72,8 @@ def variant_from_keys(keys: Iterable[str]) -> str | None:
 def variant_from_folder_configs(index: dict[str, Any] | None, transformer_config: dict[str, Any]) -> str | None:
     """The variant from a diffusers folder's model_index.json and transformer/config.json."""
     names = " ".join(str(d.get("_class_name", "")) for d in (index or {}, transformer_config))
+    if "Flux2" in names:
+        return None  # FLUX.2: its own family (core.families.flux2)
     if "Chroma" in names:
         return "chroma"
     if "FluxKontext" in names:
@@ -106,8 +108,7 @@ def _config_source(variant: str, config_source: str) -> tuple[str, bool]:
 
 
 def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"The {what} config could not be loaded from '{source}'{' (offline)' if offline() else ''}: {exc}",
+    return config_error("FLUX", what, source, exc,
         "A single-file FLUX needs base_model_config: a diffusers FLUX folder (model_index.json, transformer/, "
         "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, vae/ configs; the weights are not needed), "
         "or a hub id downloaded once with internet access.")
@@ -140,41 +141,30 @@ def _scheduler_config(source: str, local_only: bool) -> dict[str, Any]:
 def load_flux_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None
                      ) -> FluxModel:
     """A FLUX.1 / Chroma diffusers folder or hub id, component by component, eval mode, on the CPU."""
-    from diffusers import (AutoencoderKL, ChromaTransformer2DModel, DiffusionPipeline,
-                           FluxTransformer2DModel)
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    local_only = Path(source).is_dir() or offline()
-    kw = {"local_files_only": local_only}
-    try:
-        index = dict(DiffusionPipeline.load_config(source, **kw))
-        t_config = dict(FluxTransformer2DModel.load_config(source, subfolder="transformer", **kw))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"'{source}' is not a loadable FLUX diffusers folder or hub id: {exc}",
-                             "A diffusers FLUX folder has model_index.json and transformer/, vae/, text_encoder/, "
-                             "tokenizer/, text_encoder_2/, tokenizer_2/ and scheduler/.") from exc
+    index, t_config, kw = read_pipeline_configs(
+        source, FluxTransformer2DModel, "FLUX", "A diffusers FLUX folder has model_index.json and transformer/, vae/, "
+        "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ and scheduler/.")
+    local_only = kw["local_files_only"]
     variant = variant_from_folder_configs(index, t_config)
     if variant is None:
-        raise ModelLoadError(f"'{source}' is a {index.get('_class_name', 'diffusers')} folder, not FLUX or Chroma.",
-                             "Choose the family that matches the model.")
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    try:
+        raise not_this_family(source, index, "FLUX or Chroma")
+    with loading_parts(source):
         if variant == "chroma":
             transformer = ChromaTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
-                                                                   **kw, **quant)
+                                                                   **kw, **quantized(quantization_config))
             text_encoder, t5 = None, T5EncoderModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
         else:
             transformer = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
-                                                                 **kw, **quant)
+                                                                 **kw, **quantized(quantization_config))
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw).eval()
             t5 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"A part of '{source}' could not be loaded: {exc}",
-                             "The folder is incomplete: download the model again.") from exc
     tokenizer, tokenizer_2 = _tokenizers(variant, source, local_only)
     return FluxModel(variant, transformer, vae, text_encoder, tokenizer, t5.eval(), tokenizer_2,
-                     _scheduler_config(source, local_only), str(source))
+                     scheduler_config=_scheduler_config(source, local_only), source=str(source))
 
 
 def load_flux_model(base_model: str, *, config_source: str = "", clip_l: str = "", t5: str = "", vae: str = "",

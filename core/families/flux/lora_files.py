@@ -28,58 +28,58 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION, num_text
-from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
-from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
-                                          save_with_identity, strip_prefixes, write_diffusers_lora)
+from core.families.dit.fused_lora import (NativeModule, fused_kohya_tensors, kohya_key_groups, module_table,
+                                          split_kohya_modules)
+from core.families.dit.lora_files import (diffusers_writer, group_plain_lora, kohya_file_writer, KohyaLayout,
+                                          read_diffusers_modules, strip_prefixes)
 
 Variant = Literal["flux-dev", "flux-schnell", "chroma", "flux-kontext"]
 VARIANTS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "flux-kontext")
 UNET_PREFIX = "lora_unet_"
 
 # (BFL module, the diffusers modules it is made of in BFL row order), per scope of the model.
-_DOUBLE: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-    ("img_attn.proj", ("attn.to_out.0",)),
-    ("img_mlp.0", ("ff.net.0.proj",)),
-    ("img_mlp.2", ("ff.net.2",)),
-    ("img_mod.lin", ("norm1.linear",)),
-    ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    ("txt_attn.proj", ("attn.to_add_out",)),
-    ("txt_mlp.0", ("ff_context.net.0.proj",)),
-    ("txt_mlp.2", ("ff_context.net.2",)),
-    ("txt_mod.lin", ("norm1_context.linear",)),
-)
-_SINGLE: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-    ("linear2", ("proj_out",)),
-    ("modulation.lin", ("norm.linear",)),
-)
+_DOUBLE = module_table("""
+    img_attn.qkv  = attn.to_q attn.to_k attn.to_v
+    img_attn.proj = attn.to_out.0
+    img_mlp.0     = ff.net.0.proj
+    img_mlp.2     = ff.net.2
+    img_mod.lin   = norm1.linear
+    txt_attn.qkv  = attn.add_q_proj attn.add_k_proj attn.add_v_proj
+    txt_attn.proj = attn.to_add_out
+    txt_mlp.0     = ff_context.net.0.proj
+    txt_mlp.2     = ff_context.net.2
+    txt_mod.lin   = norm1_context.linear
+""")
+_SINGLE = module_table("""
+    linear1        = attn.to_q attn.to_k attn.to_v proj_mlp
+    linear2        = proj_out
+    modulation.lin = norm.linear
+""")
 # Chroma's "approximator" (it replaces FLUX's per-block modulation layers).
-_GUIDANCE_LAYER: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("in_layer", ("linear_1",)),
-    ("out_layer", ("linear_2",)),
-)
-_TOP: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("img_in", ("x_embedder",)),
-    ("txt_in", ("context_embedder",)),
-    ("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
-    ("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
-    ("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
-    ("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
-    ("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
-    ("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
-    ("final_layer.linear", ("proj_out",)),
-    ("final_layer.adaLN_modulation.1", ("norm_out.linear",)),
-    ("distilled_guidance_layer.in_proj", ("distilled_guidance_layer.in_proj",)),
-    ("distilled_guidance_layer.out_proj", ("distilled_guidance_layer.out_proj",)),
-)
+_GUIDANCE_LAYER = module_table("""
+    in_layer  = linear_1
+    out_layer = linear_2
+""")
+_TOP = module_table("""
+    img_in                            = x_embedder
+    txt_in                            = context_embedder
+    time_in.in_layer                  = time_text_embed.timestep_embedder.linear_1
+    time_in.out_layer                 = time_text_embed.timestep_embedder.linear_2
+    vector_in.in_layer                = time_text_embed.text_embedder.linear_1
+    vector_in.out_layer               = time_text_embed.text_embedder.linear_2
+    guidance_in.in_layer              = time_text_embed.guidance_embedder.linear_1
+    guidance_in.out_layer             = time_text_embed.guidance_embedder.linear_2
+    final_layer.linear                = proj_out
+    final_layer.adaLN_modulation.1    = norm_out.linear
+    distilled_guidance_layer.in_proj  = distilled_guidance_layer.in_proj
+    distilled_guidance_layer.out_proj = distilled_guidance_layer.out_proj
+""")
 # (diffusers prefix, BFL prefix, table) of the numbered blocks.
 _SCOPES: tuple[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = (
     ("transformer_blocks", "double_blocks", _DOUBLE),
@@ -264,34 +264,14 @@ def flux_kohya_metadata(variant: Variant, *, rank: int, alpha: float, title: str
     return meta
 
 
-def write_flux_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: Variant,
-                          alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
-                          use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
-    """Write the WebUI / Forge / ComfyUI file of a FLUX or Chroma LoRA atomically, with sshs hashes.
-
-    `metadata` adds or overrides descriptive keys (`ss_output_name`, `modelspec.title`, ...); the keys
-    naming the family, network and rank/alpha always come from here. `dtype=None` keeps each tensor's dtype.
-    """
-    modules = group_flux_peft(peft_state)
-    check_modules_match_variant(list(modules), variant)
-    tensors = flux_peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
-    base = flux_kohya_metadata(variant, rank=rank, alpha=file_alpha)
-    return save_with_identity(path, tensors, base, metadata, IDENTITY_KEYS, dtype)
+# The WebUI / Forge / ComfyUI file of a FLUX or Chroma LoRA (BFL names), refused for modules the variant lacks.
+write_flux_kohya_file = kohya_file_writer(KohyaLayout(group_flux_peft, flux_peft_to_kohya, flux_kohya_metadata,
+                                                      IDENTITY_KEYS, check=check_modules_match_variant))
 
 
-def write_flux_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
-                              dtype: torch.dtype | None = None) -> Path:
-    """Write `output_dir/pytorch_lora_weights.safetensors` the way `FluxPipeline.save_lora_weights` does.
-
-    Keys are `transformer.<module>.lora_A/B.weight`; the LoraConfig (`transformer.peft_config["default"]`
-    or a dict with r, lora_alpha, ...) goes into `lora_adapter_metadata`, so diffusers loads the LoRA
-    with its real alpha instead of assuming alpha = rank. ChromaPipeline reads the same file.
-    """
-    from diffusers import FluxPipeline
-
-    return write_diffusers_lora(FluxPipeline, group_flux_peft(peft_state), output_dir, lora_config=lora_config,
-                                dtype=dtype)
+# Keys are `transformer.<module>.lora_A/B.weight`, the LoraConfig in `lora_adapter_metadata` (diffusers then
+# loads the real alpha instead of assuming alpha = rank); ChromaPipeline reads the same file.
+write_flux_diffusers_file = diffusers_writer("FluxPipeline", group_flux_peft)
 
 
 def read_flux_lora(path: str | Path, *, ignore_text_encoders: bool = False

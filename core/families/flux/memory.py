@@ -17,7 +17,7 @@ LoRA sizes are closed forms of the architecture (tests/families/flux/test_flux_m
 from __future__ import annotations
 
 from core.config import TrainConfig
-from core.families.dit.memory_parts import caching_latents, transient_and_latents
+from core.families.dit.memory_parts import swapped_weights, weight_bytes, caching_latents, transient_and_latents
 from core.devices import GIB, DeviceInfo
 from core.family_api.registry import FAMILIES, FLUX_AE
 from core.model_info import ModelInfo
@@ -31,7 +31,6 @@ TEXT_TOKENS = 512            # T5 sequence length while training (FLUX.1-dev and
 REAL_WIDTH = 3072
 DOUBLE_BLOCKS, SINGLE_BLOCKS = 19, 38
 # Storage bytes per frozen weight. NF4: 4 bits plus one fp32 absmax per block of 64 (no double quantization).
-WEIGHT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}
 # LoRA (in + out) features per block, in units of the width h, for each `lora_blocks` choice:
 # double block: 8 attention projections (h -> h) and two MLPs (h -> 4h -> h); single block:
 # q/k/v (h -> h), proj_mlp (h -> 4h) and proj_out (5h -> h).
@@ -55,23 +54,12 @@ def block_params(family: str, width: int = REAL_WIDTH) -> tuple[int, int]:
     return double * width * width, single * width * width
 
 
-def weight_bytes(cfg: TrainConfig, compute_bytes: int) -> float:
-    """Bytes per frozen transformer weight: NF4 wins over fp8, fp8 over the compute dtype."""
-    if cfg.base_quantization == "nf4":
-        return WEIGHT_BYTES["nf4"]
-    return WEIGHT_BYTES["fp8"] if cfg.fp8_base else float(compute_bytes)
-
 
 def swapped_params(cfg: TrainConfig, family: str, width: int, params: int) -> float:
-    """Transformer weights `blocks_to_swap` keeps off the GPU: that share of the 57 blocks' weights,
-    less the two blocks in flight (the one running and the one being copied in)."""
-    blocks = min(max(cfg.blocks_to_swap, 0), DOUBLE_BLOCKS + SINGLE_BLOCKS)
-    if not blocks:
-        return 0.0
+    """Weights `blocks_to_swap` keeps off the GPU, of the 57 blocks (a double block is the larger in flight)."""
     double, single = block_params(family, width)
-    all_blocks = min(params, DOUBLE_BLOCKS * double + SINGLE_BLOCKS * single)
-    share = all_blocks * blocks / (DOUBLE_BLOCKS + SINGLE_BLOCKS)
-    return max(0.0, share - 2 * double)
+    return swapped_weights(cfg, DOUBLE_BLOCKS + SINGLE_BLOCKS, DOUBLE_BLOCKS * double + SINGLE_BLOCKS * single, params,
+                           in_flight=double)
 
 
 def flux_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute_bytes: int,

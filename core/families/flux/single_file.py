@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from core.families.dit.folders import fitting, quantized
 from core.families.flux.convert import BFL_PREFIXES, bfl_to_diffusers
 from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, read_upcast,
                                        safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
@@ -62,7 +63,6 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
     """
     from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     variant = variant or variant_from_keys(safetensors_keys(path))
     if variant is None:
         raise ModelLoadError(f"'{Path(path).name}' is not a FLUX.1 or Chroma transformer.",
@@ -72,7 +72,10 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
     if any(k.startswith(BFL_PREFIXES) for k in state):
         # An all-in-one checkpoint also holds the VAE and text encoders: keep the diffusion model only.
         state = {k: v for k, v in state.items() if k.startswith(BFL_PREFIXES)}
-    try:
+    misfit = f"does not fit the {variant} config from '{source}'"
+    with fitting(Path(path).name, lambda exc: _load_error("transformer", source, exc), misfit,
+                 "Check that base_model_config is a diffusers folder of the same model, and that the file is a "
+                 "complete FLUX transformer."):
         # Diffusers-named single files load as they are; BFL names are converted first.
         converted = bfl_to_diffusers(state) if any("double_blocks." in k for k in state) else state
         del state
@@ -83,17 +86,11 @@ def load_transformer_file(path: str | Path, *, config_source: str = "", dtype: t
         if variant == "chroma":
             return ChromaTransformer2DModel.from_single_file(
                 converted, config=source, subfolder=config_subfolder(source, "transformer"), torch_dtype=dtype,
-                local_files_only=local_only, **depth, **quant)
+                local_files_only=local_only, **depth, **quantized(quantization_config))
         return FluxTransformer2DModel.from_single_file(
             converted, config=source, subfolder=config_subfolder(source, "transformer"), torch_dtype=dtype,
-            local_files_only=local_only, guidance_embeds=variant in ("flux-dev", "flux-kontext"), **depth, **quant)
-    except OSError as exc:
-        raise _load_error("transformer", source, exc) from exc
-    except (KeyError, ValueError, RuntimeError) as exc:
-        # Unknown tensors or shapes that do not fit the config: a damaged file or another model's config.
-        raise ModelLoadError(f"'{Path(path).name}' does not fit the {variant} config from '{source}': {exc}",
-                             "Check that base_model_config is a diffusers folder of the same model, and that "
-                             "the file is a complete FLUX transformer.") from exc
+            local_files_only=local_only, guidance_embeds=variant in ("flux-dev", "flux-kontext"), **depth,
+            **quantized(quantization_config))
 
 
 def load_text_encoder_file(path: str | Path, kind: str, *, config_source: str, variant: str,
@@ -122,17 +119,13 @@ def load_vae_file(path: str | Path, *, config_source: str, variant: str, dtype: 
     from diffusers import AutoencoderKL
 
     source, local_only = _config_source(variant, config_source)
-    try:
+    # A misfit is typically an SD/SDXL VAE (4 latent channels) where FLUX's 16-channel AE belongs.
+    with fitting(Path(path).name, lambda exc: _load_error("vae", source, exc), "is not the FLUX autoencoder",
+                 "Use ae.safetensors from the FLUX.1 release (models/vae/ae.safetensors), or give its path in the "
+                 "vae setting."):
         # Read through read_upcast like the other parts, so an fp8 AE loads too.
         return AutoencoderKL.from_single_file(read_upcast(path, dtype), config=source, subfolder=config_subfolder(source, "vae"),
                                               torch_dtype=dtype, local_files_only=local_only)
-    except OSError as exc:
-        raise _load_error("vae", source, exc) from exc
-    except (KeyError, ValueError, RuntimeError) as exc:
-        # Typically an SD/SDXL VAE (4 latent channels) where FLUX's 16-channel AE belongs.
-        raise ModelLoadError(f"'{Path(path).name}' is not the FLUX autoencoder: {exc}",
-                             "Use ae.safetensors from the FLUX.1 release (models/vae/ae.safetensors), or give "
-                             "its path in the vae setting.") from exc
 
 
 def load_flux_single_file(transformer_file: str | Path, *, config_source: str = "", clip_l: str = "",
@@ -163,4 +156,4 @@ def load_flux_single_file(transformer_file: str | Path, *, config_source: str = 
     if file_has_fp8(path):
         notes.append(fp8_note(path, dtype))
     return FluxModel(variant, transformer, vae_model, text_encoder, tokenizer, t5_model, tokenizer_2,
-                     _scheduler_config(source, local_only), str(path), is_single_file=True, notes=notes)
+                     scheduler_config=_scheduler_config(source, local_only), source=str(path), is_single_file=True, notes=notes)

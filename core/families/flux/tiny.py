@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from core.families.tiny_parts import clip_text_encoder, tiny_t5, tiny_t5_tokenizer, tiny_tokenizer
+from core.families.tiny_parts import (clip_text_encoder, save_state_files, tiny_flow_vae, tiny_t5, tiny_t5_tokenizer,
+                                      tiny_tokenizer)
 
 WIDTH = 32   # T5 d_model = CLIP hidden = transformer joint_attention_dim = pooled_projection_dim
 
@@ -32,13 +33,8 @@ def tiny_flux_t5(seed: int = 5):
 
 
 def tiny_flux_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(6)
-    # diffusers' tiny FLUX AE: one block (no downscale), one latent channel -> 4 channels once packed.
-    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                         latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                         shift_factor=0.0609, scaling_factor=1.5035)
+    """One latent channel: 4 channels once packed."""
+    return tiny_flow_vae(latent_channels=1, scaling_factor=1.5035)
 
 
 def tiny_flux_transformer(guidance: bool = True, seed: int = 7):
@@ -62,10 +58,8 @@ def tiny_chroma_transformer(seed: int = 8):
 
 def write_comfy_layout(pipe, root: Path, name: str) -> tuple[Path, Path]:
     """Write ComfyUI's layout of a FLUX pipeline: BFL transformer, clip_l, t5xxl (fp16) and ae files."""
-    from core.atomic import atomic_path
     from core.families.flux.convert import diffusers_to_bfl
     from core.families.sd.convert import vae_to_ldm
-    from safetensors.torch import save_file
 
     models = root / "models"
     # FLUX: CLIP-L is text_encoder, T5 text_encoder_2; Chroma has only the T5, as text_encoder.
@@ -79,11 +73,7 @@ def write_comfy_layout(pipe, root: Path, name: str) -> tuple[Path, Path]:
     }
     if t5 is not pipe.text_encoder:
         files[models / "text_encoders" / "clip_l.safetensors"] = pipe.text_encoder.state_dict()
-    for path, state in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    return models / "diffusion_models" / f"{name}.safetensors", models
+    return save_state_files(files), models
 
 
 def build_tiny_flux(root: Path, variant: str = "flux-dev", *, comfy: bool = True) -> TinyFlux:

@@ -12,7 +12,7 @@ and its latents are appended to the transformer's image tokens.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.dit.common import first_text_encoder_file
-from core.families.dit.default import (TransformerSpec, draw_each, flow_scheduler, latent_call, place_for_tryout,
-                                       sample_settings, transformer_family)
+from core.families.dit.default import (Draw, TransformerSpec, fixed_targets, flow_scheduler, kohya_writer, lazy,
+                                       pipeline_generate, place_for_tryout, sample_settings, transformer_family)
 from core.families.qwen_image.load import (QwenModel, decode_latents, denormalize_latents, detect, encode_moments,
                                            normalize_latents)
 from core.families.qwen_image.loss import make_loss, timestep_sampling
@@ -113,31 +113,6 @@ def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Q
                            quantization_config=quantization_config)
 
 
-def lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
-    from core.families.qwen_image.load import lora_targets as targets
-
-    return targets(transformer)
-
-
-def read_lora(path: Path) -> Any:
-    from core.families.qwen_image.lora_files import read_lora as read
-
-    return read(path)
-
-
-def write_kohya(model: QwenModel, state: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> Path:
-    """musubi-tuner's `lora_unet_` keys (ComfyUI, diffusers)."""
-    from core.families.qwen_image.lora_files import write_kohya_file
-
-    return write_kohya_file(state, path, variant=model.variant, **kwargs)
-
-
-def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any) -> Path:
-    from core.families.qwen_image.lora_files import write_diffusers_file
-
-    return write_diffusers_file(state, folder, **kwargs)
-
-
 # --- previews and the Test tab ----------------------------------------------------------------------
 
 def build_pipeline(model: QwenModel, transformer: Any | None = None, *, edit: bool | None = None) -> Any:
@@ -155,43 +130,40 @@ def build_pipeline(model: QwenModel, transformer: Any | None = None, *, edit: bo
     return pipe
 
 
-@torch.no_grad()
-def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
-             negative_prompt: str = "", width: int, height: int,
-             embeds: Callable[[list[Any]], Any] | None = None, dtype: torch.dtype = torch.float32,
-             control: Any = None) -> list[Image.Image]:
-    """One image per prompt from the same seed. `guidance` is the pipelines' true CFG scale (off at <= 1).
+def _whole_patches(pipe: Any, width: int, height: int) -> tuple[int, int]:
+    step = pipe.vae_scale_factor * 2
+    return max(step, width // step * step), max(step, height // step * step)
 
-    Edit (QwenImageEditPipeline): `control` (a PIL image) is the image to edit; `embeds` then must be the
-    prompts' encodings with that image (or None: the pipeline's VL encoder encodes them).
-    """
+
+def _call_for(pipe: Any, draw: Draw, prompt: str, control: Any = None) -> dict[str, Any]:
+    """`guidance` is the pipelines' true CFG scale (off at <= 1). Edit (QwenImageEditPipeline): `control`
+    (a PIL image) is the image to edit; `embeds` then must be the prompts' encodings with that image (or
+    None: the pipeline's VL encoder encodes them)."""
+    cfg_on = draw.guidance > 1.0
+    kwargs = draw.latents(true_cfg_scale=draw.guidance)
+    if control is not None:
+        kwargs["image"] = control
+    if draw.embeds is None:
+        kwargs["prompt"] = prompt
+        if cfg_on:
+            kwargs["negative_prompt"] = draw.negative_prompt or " "
+    else:
+        e = draw.encoded(prompt)
+        kwargs.update(prompt_embeds=e.embeds, prompt_embeds_mask=e.mask)
+        if cfg_on:
+            n = draw.encoded(draw.negative_prompt or "")
+            kwargs.update(negative_prompt_embeds=n.embeds, negative_prompt_embeds_mask=n.mask)
+    return kwargs
+
+
+def _decode(pipe: Any, packed: torch.Tensor, draw: Draw) -> list[Image.Image]:
     from core.families.dit.flow import unpack_latents
 
-    device = pipe.vae.device
     step = pipe.vae_scale_factor * 2
-    width, height = max(step, width // step * step), max(step, height // step * step)
-    cfg_on = guidance > 1.0
+    return decode_latents(pipe.vae, unpack_latents(packed.float(), 2 * (draw.height // step), 2 * (draw.width // step)))
 
-    def call_for(prompt: str) -> dict[str, Any]:
-        kwargs = latent_call(steps=steps, true_cfg_scale=guidance, width=width, height=height, seed=seed)
-        if control is not None:
-            kwargs["image"] = control
-        if embeds is None:
-            kwargs["prompt"] = prompt
-            if cfg_on:
-                kwargs["negative_prompt"] = negative_prompt or " "
-        else:
-            e = embeds([prompt]).to(device, dtype)
-            kwargs.update(prompt_embeds=e.embeds, prompt_embeds_mask=e.mask)
-            if cfg_on:
-                n = embeds([negative_prompt or ""]).to(device, dtype)
-                kwargs.update(negative_prompt_embeds=n.embeds, negative_prompt_embeds_mask=n.mask)
-        return kwargs
 
-    def decode(packed: torch.Tensor) -> list[Image.Image]:
-        return decode_latents(pipe.vae, unpack_latents(packed.float(), 2 * (height // step), 2 * (width // step)))
-
-    return draw_each(pipe, prompts, call_for, decode, dtype=dtype)
+generate = pipeline_generate(_call_for, _decode, fit_size=_whole_patches)
 
 
 def preview_size(model: QwenModel, resolution: int) -> tuple[int, int]:
@@ -281,11 +253,14 @@ LORA_FILES = LoraFileFormat(to_kohya=_to_kohya, write_kohya=_write_kohya, write_
                             to_peft=_to_peft)
 
 
+_FILES = "core.families.qwen_image.lora_files"
+
 SPEC = TransformerSpec(
     label="Qwen-Image", trains="Qwen-Image trains the attention and MLP layers of every block",
     encoders_note="Qwen-Image always caches the text encoder's outputs (Qwen2.5-VL-7B is too large to keep).",
-    load=load, lora_targets=lora_targets, make_loss=make_loss, read_lora=read_lora,
-    write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries, stack=_stack,
+    load=load, lora_targets=fixed_targets("core.families.qwen_image.load", "lora_targets"), make_loss=make_loss,
+    read_lora=lazy(_FILES, "read_lora"), write_kohya=kohya_writer(_FILES, "write_kohya_file"),
+    write_diffusers=lazy(_FILES, "write_diffusers_file"), encode_entries=encode_entries, stack=_stack,
     prompt_identity=_identity, key_text=_key_text, prompts=_prompts, lora_init=True,
     training_note=lambda model, cfg: f"{timestep_sampling(cfg)} timestep sampling",
     # The modulation Linears too (img_mod / txt_mod: 6.8 B of the 20.4 B), as musubi-tuner's fp8_base.

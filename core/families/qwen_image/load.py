@@ -16,11 +16,16 @@ Facts (diffusers 0.42 `QwenImagePipeline` / `QwenImageEditPipeline`, `QwenImageT
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from core.families.dit.default import LoadedModel
+
+# The Qwen-Image VAE's latents live in the toolbox (Krea 2 has the same VAE); re-exported for this family.
+from core.families.dit.video_vae import decode_latents, denormalize_latents, encode_moments, normalize_latents  # noqa: F401
 from core.families.dit.weights import read_json
 from core.hub import offline
 
@@ -55,7 +60,7 @@ SINGLE_FILE_MARKERS = ("transformer_blocks.0.img_mod.1.weight", "transformer_blo
 
 
 @dataclass
-class QwenModel:
+class QwenModel(LoadedModel):
     """The modules of a Qwen-Image (Edit) pipeline plus what training needs to know about them."""
 
     variant: str
@@ -64,10 +69,6 @@ class QwenModel:
     text_encoder: Any | None
     tokenizer: Any | None
     processor: Any | None            # Edit: the Qwen2-VL processor (image + text); None for Qwen-Image
-    scheduler_config: dict[str, Any]
-    source: str
-    is_single_file: bool = False
-    notes: list[str] = field(default_factory=list)
     preview_control: str | None = None  # Edit: the control image the previews edit (the first pair's)
 
     @property
@@ -158,8 +159,8 @@ def load_qwen_model(source: str, *, variant: str | None = None, config_source: s
     transformer = QwenImageTransformer2DModel.from_pretrained(source, subfolder="transformer",
                                                               quantization_config=quantization_config, **kwargs)
     model = QwenModel(variant, transformer, AutoencoderKLQwenImage.from_pretrained(source, subfolder="vae", **kwargs),
-                      *_load_text_side(source, variant, dtype, local), _scheduler_config(source, local),
-                      str(source))
+                      *_load_text_side(source, variant, dtype, local),
+                      scheduler_config=_scheduler_config(source, local), source=str(source))
     if vae:
         from core.families.qwen_image.single_file import load_vae_file
 
@@ -190,45 +191,6 @@ def _scheduler_config(source: str, local: bool) -> dict[str, Any]:
 
 
 # --- latents -------------------------------------------------------------------------------------------
-
-def _channel_stats(vae_config: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    c = len(vae_config.latents_mean)
-    shape = (1, c) + (1,) * (like.ndim - 2)
-    mean = torch.tensor(vae_config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
-    std = torch.tensor(vae_config.latents_std, device=like.device, dtype=like.dtype).view(shape)
-    return mean, std
-
-
-def encode_moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels [B, 3, H, W] in [-1, 1] -> moments [B, 2C, h, w] (the video VAE's frame axis added and dropped)."""
-    param = next(vae.parameters())
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(param.device, param.dtype).unsqueeze(2)).latent_dist
-    return dist.parameters.squeeze(2).float()
-
-
-def normalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Raw sampled latents [B, C, h, w] -> what the transformer trains on: (x - mean) / std per channel."""
-    mean, std = _channel_stats(vae_config, latents)
-    return (latents - mean) / std
-
-
-def denormalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
-    mean, std = _channel_stats(vae_config, latents)
-    return latents * std + mean
-
-
-def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
-    """Normalized latents [B, C, h, w] -> PIL images (fp32 decode)."""
-    from PIL import Image
-
-    raw = denormalize_latents(vae.config, latents.float()).unsqueeze(2)
-    param = next(vae.parameters())
-    with torch.no_grad():
-        pixels = vae.decode(raw.to(param.device, param.dtype), return_dict=False)[0][:, :, 0]
-    arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]
-
 
 def lora_targets(transformer: torch.nn.Module) -> list[str]:
     """Full names of the Linears that get LoRA (12 per block)."""

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from core.export.metadata import num_text
+from core.families.dit.lora_files import KohyaLayout, diffusers_writer, kohya_file_writer, read_family_lora
 
 KOHYA_PREFIX = "lora_unet_"
 # musubi-tuner's sai_model_spec: architecture names and implementation URL.
@@ -131,42 +130,16 @@ _IDENTITY_KEYS = ("ss_base_model_version", "ss_network_module", "ss_network_dim"
                   "modelspec.architecture", "modelspec.implementation")
 
 
-def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str,
-                     alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
-                     use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
-    """`<name>.safetensors`: musubi-tuner's `lora_unet_` keys, which ComfyUI and diffusers both load."""
-    from core.export.kohya import LoraFormatError
-    from core.families.dit.lora_files import save_with_identity
-
-    tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    if not tensors:
-        raise LoraFormatError(f"Nothing to save in {path}: the LoRA has no tensors.")
-    ranks = [int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_down.weight")]
-    alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
-    base = kohya_metadata(variant, rank=Counter(ranks).most_common(1)[0][0],
-                          alpha=Counter(alphas).most_common(1)[0][0])
-    return save_with_identity(path, tensors, base, metadata, _IDENTITY_KEYS, dtype)
+_KOHYA = KohyaLayout(group_peft, peft_to_kohya, kohya_metadata, _IDENTITY_KEYS)
 
 
-def write_diffusers_file(peft_state: Mapping[str, Tensor], folder: str | Path, *, lora_config: Any,
-                         dtype: torch.dtype | None = None) -> Path:
-    """`folder/pytorch_lora_weights.safetensors` as QwenImagePipeline.save_lora_weights writes it."""
-    from diffusers import QwenImagePipeline
-
-    from core.families.dit.lora_files import write_diffusers_lora
-
-    return write_diffusers_lora(QwenImagePipeline, group_peft(peft_state), folder, lora_config=lora_config,
-                                dtype=dtype)
+write_kohya_file = kohya_file_writer(_KOHYA)  # musubi-tuner's `lora_unet_` keys: ComfyUI and diffusers load them
+write_diffusers_file = diffusers_writer("QwenImagePipeline", group_peft)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
-    """Any Qwen-Image LoRA file (ours, musubi-tuner, ComfyUI / diffusers forms) -> (PEFT, alphas, metadata)."""
-    from core.export.kohya import load_kohya_lora
-    from core.families.dit.lora_files import read_diffusers_modules
-
-    tensors, metadata = load_kohya_lora(path)
-    if metadata.get("lora_adapter_metadata") and any(".lora_A." in k for k in tensors):
-        peft, alphas = read_diffusers_modules(tensors, metadata, group_peft)
-        return peft, alphas, metadata
-    peft, alphas = kohya_to_peft(tensors)
-    return peft, alphas, metadata
+    """Any Qwen-Image LoRA file (ours, musubi-tuner, ComfyUI / diffusers forms) -> (PEFT, alphas, metadata):
+    diffusers' own form is the one with its adapter metadata, the rest `kohya_to_peft` reads."""
+    return read_family_lora(path, label="Qwen-Image", from_native=kohya_to_peft, group=group_peft,
+                            is_native=lambda tensors, metadata: not (metadata.get("lora_adapter_metadata") and any(
+                                ".lora_A." in k for k in tensors)))

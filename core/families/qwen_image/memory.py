@@ -14,7 +14,7 @@ image tokens (the control image's are appended).
 from __future__ import annotations
 
 from core.config import TrainConfig
-from core.families.dit.memory_parts import caching_latents, transient_and_latents
+from core.families.dit.memory_parts import swapped_weights, weight_bytes, caching_latents, transient_and_latents
 from core.devices import GIB, DeviceInfo
 from core.family_api.registry import FAMILIES, QWEN25_VL_7B, QWEN_IMAGE_VAE
 from core.model_info import ModelInfo
@@ -24,7 +24,6 @@ QWEN_ACTIVATION = (32.953 * GIB / MEASURED_TOKENS, 1.518 * GIB / MEASURED_TOKENS
 TEXT_TOKENS = 256           # a long caption after the template (the pipelines allow 512)
 REAL_WIDTH = 3072
 BLOCKS = 60
-WEIGHT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}
 # LoRA (in + out) features per block in units of h: 8 attention projections (h -> h) and two MLPs
 # per stream (h -> 4h -> h), image and text.
 LORA_FEATURES_PER_H = 8 * 2 + 2 * 2 * 5
@@ -35,20 +34,10 @@ def qwen_lora_params(rank: int, width: int = REAL_WIDTH, blocks: int = BLOCKS) -
     return rank * width * LORA_FEATURES_PER_H * blocks
 
 
-def weight_bytes(cfg: TrainConfig, compute_bytes: int) -> float:
-    if cfg.base_quantization == "nf4":
-        return WEIGHT_BYTES["nf4"]
-    return WEIGHT_BYTES["fp8"] if cfg.fp8_base else float(compute_bytes)
-
 
 def swapped_params(cfg: TrainConfig, width: int, params: int) -> float:
     """Weights `blocks_to_swap` keeps off the GPU, less the two blocks in flight."""
-    blocks = min(max(cfg.blocks_to_swap, 0), BLOCKS)
-    if not blocks:
-        return 0.0
-    block = BLOCK_WEIGHTS_PER_H2 * width * width
-    share = min(params, BLOCKS * block) * blocks / BLOCKS
-    return max(0.0, share - 2 * block)
+    return swapped_weights(cfg, BLOCKS, BLOCKS * BLOCK_WEIGHTS_PER_H2 * width * width, params)
 
 
 def qwen_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute_bytes: int,

@@ -9,7 +9,6 @@ repo otherwise.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from accelerate import init_empty_weights
 from torch import Tensor
 
 from core.hub import offline
+from core.families.dit.video_vae import vae_key_to_wan, vae_to_comfy  # noqa: F401 (re-exported: tiny.py, tests)
 from core.families.dit.weights import FP8_DTYPES
 from core.families.qwen_image.load import HUB_CONFIGS, QwenModel, strip_prefix
 
@@ -122,49 +122,6 @@ def load_text_encoder_file(path: str | Path, *, variant: str, config_source: str
     return model.to(dtype).eval()
 
 
-_RESNET = (("norm1.gamma", "residual.0.gamma"), ("conv1.", "residual.2."), ("norm2.gamma", "residual.3.gamma"),
-           ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut."))
-
-
-def _resnet_to_wan(sub: str) -> str:
-    for ours, theirs in _RESNET:
-        if sub.startswith(ours):
-            return theirs + sub[len(ours):]
-    return sub
-
-
-def vae_key_to_wan(key: str, num_res_blocks: int) -> str:
-    """One AutoencoderKLQwenImage key -> the Wan 2.1 VAE's (ComfyUI's qwen_image_vae.safetensors)."""
-    fixed = {"encoder.conv_in.": "encoder.conv1.", "decoder.conv_in.": "decoder.conv1.",
-             "quant_conv.": "conv1.", "post_quant_conv.": "conv2.",
-             "encoder.norm_out.": "encoder.head.0.", "encoder.conv_out.": "encoder.head.2.",
-             "decoder.norm_out.": "decoder.head.0.", "decoder.conv_out.": "decoder.head.2."}
-    for ours, theirs in fixed.items():
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    m = re.match(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
-    if m:
-        side, kind, index, sub = m.groups()
-        if kind == "attentions":
-            return f"{side}.middle.1.{sub}"
-        return f"{side}.middle.{2 * int(index)}.{_resnet_to_wan(sub)}"
-    m = re.match(r"encoder\.down_blocks\.(\d+)\.(.*)", key)
-    if m:
-        return f"encoder.downsamples.{m.group(1)}.{_resnet_to_wan(m.group(2))}"
-    m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)", key)
-    if m:
-        stage, _, resnet, sub = m.groups()
-        per = num_res_blocks + 2
-        if resnet is not None:
-            return f"decoder.upsamples.{int(stage) * per + int(resnet)}.{_resnet_to_wan(sub)}"
-        return f"decoder.upsamples.{int(stage) * per + num_res_blocks + 1}.{sub}"
-    return key
-
-
-def vae_to_comfy(state: Mapping[str, Tensor], num_res_blocks: int = 1) -> dict[str, Tensor]:
-    return {vae_key_to_wan(k, num_res_blocks): v for k, v in state.items()}
-
-
 def load_vae_file(path: str | Path, *, config_source: str = "", variant: str = "qwen-image",
                   dtype: torch.dtype = torch.float32) -> Any:
     """A Qwen-Image VAE file: Wan 2.1 names (ComfyUI) or diffusers' names, or a diffusers VAE folder."""
@@ -234,7 +191,7 @@ def load_single_file(path: Path, *, variant: str, config_source: str = "", vae: 
         load_vae_file(vae_file, config_source=config_source, variant=variant, dtype=dtype),
         load_text_encoder_file(te_file, variant=variant, config_source=config_source, dtype=dtype),
         tokenizer, processor,
-        _scheduler_config(source, local), str(path), is_single_file=True)
+        scheduler_config=_scheduler_config(source, local), source=str(path), is_single_file=True)
     model.notes.append(f"Text encoder {te_file.name}, VAE {vae_file.name}; configs from {source}")
     return model
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from core.families.tiny_parts import save_state_files
+
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
 
@@ -97,7 +99,6 @@ def edit_pipeline(pipe_or_parts, folder: Path | None = None):
 
 def write_comfy_layout(pipe, root: Path, name: str) -> tuple[Path, Path]:
     """ComfyUI's layout: models/diffusion_models/<name>.safetensors (prefixed), text_encoders, vae."""
-    from safetensors.torch import save_file
 
     from core.families.qwen_image.single_file import text_encoder_to_comfy, vae_to_comfy
 
@@ -108,10 +109,7 @@ def write_comfy_layout(pipe, root: Path, name: str) -> tuple[Path, Path]:
         models / "text_encoders" / "qwen_2.5_vl_7b.safetensors": text_encoder_to_comfy(pipe.text_encoder.state_dict()),
         models / "vae" / "qwen_image_vae.safetensors": vae_to_comfy(pipe.vae.state_dict()),
     }
-    for path, state in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return models / "diffusion_models" / f"{name}.safetensors", models
+    return save_state_files(files), models
 
 
 def build_tiny_qwen(root: Path, variant: str = "qwen-image", *, comfy: bool = True) -> TinyQwen:

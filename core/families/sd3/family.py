@@ -14,7 +14,7 @@ MMDiT kohya names (`sd3_lora_files`) and diffusers' `pytorch_lora_weights.safete
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,9 @@ from PIL import Image
 from torch import nn
 
 from core.config import TrainConfig
-from core.families.dit.default import (TransformerSpec, draw_each, flow_scheduler, latent_call, place_for_tryout, preview_size,
-                                       sample_settings, timestep_sampling, transformer_family)
+from core.families.dit.default import (Draw, TransformerSpec, flow_scheduler, kohya_writer, lazy, pipeline_generate,
+                                       place_for_tryout, preview_size, sample_settings, timestep_sampling,
+                                       transformer_family)
 from core.families.sd3.loss import flow_shift, make_loss
 from core.families.sd3.text import encode_entries, prompt_identity, stack
 
@@ -46,10 +47,6 @@ def lora_targets(transformer: nn.Module) -> list[str]:
     return names
 
 
-def _lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
-    return lora_targets(transformer)
-
-
 # --- before loading ------------------------------------------------------------------------------
 
 def describe(model: Any) -> list[str]:
@@ -65,28 +62,9 @@ def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> A
                           text_encoder_files=cfg.text_encoder_files, dtype=dtype, quantization_config=quantization_config)
 
 
-def read_lora(path: Path) -> Any:
-    from core.families.sd3.lora_files import read_lora as read
-
-    return read(path)
-
-
 def training_note(model: Any, cfg: TrainConfig) -> str:
     return (f"{timestep_sampling(cfg, model.variant)} timestep sampling (shift {flow_shift(cfg):g}), x0-preconditioned "
             "loss as diffusers' and sd-scripts' SD3 trainers")
-
-
-def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> Path:
-    """sd-scripts' SD3 names and metadata."""
-    from core.families.sd3.lora_files import write_kohya_file
-
-    return write_kohya_file(state, path, model_type=model.model_type, **kwargs)
-
-
-def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any) -> Path:
-    from core.families.sd3.lora_files import write_diffusers_file
-
-    return write_diffusers_file(state, folder, **kwargs)
 
 
 def extra_metadata(cfg: TrainConfig) -> dict[str, str]:
@@ -108,28 +86,19 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     return pipe
 
 
-@torch.no_grad()
-def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
-             negative_prompt: str = "", width: int, height: int,
-             embeds: Callable[[list[str]], Any] | None = None, dtype: torch.dtype = torch.float32
-             ) -> list[Image.Image]:
-    """One image per prompt from the same seed (real CFG); `embeds`: cached encodings instead of the encoders."""
-    from core.sample import decode_fp32
+def _call_for(pipe: Any, draw: Draw, prompt: str) -> dict[str, Any]:
+    """Real CFG; the cached encodings carry the pooled projections too."""
+    kwargs = draw.latents(guidance_scale=draw.guidance)
+    if draw.embeds is None:
+        kwargs.update(prompt=prompt, negative_prompt=draw.negative_prompt or "")
+    else:
+        e, n = draw.encoded(prompt), draw.encoded(draw.negative_prompt or "")
+        kwargs.update(prompt_embeds=e.prompt_embeds, pooled_prompt_embeds=e.pooled,
+                      negative_prompt_embeds=n.prompt_embeds, negative_pooled_prompt_embeds=n.pooled)
+    return kwargs
 
-    device = pipe.vae.device
 
-    def call_for(prompt: str) -> dict[str, Any]:
-        kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
-        if embeds is None:
-            kwargs.update(prompt=prompt, negative_prompt=negative_prompt or "")
-        else:
-            e = embeds([prompt]).to(device, dtype)
-            n = embeds([negative_prompt or ""]).to(device, dtype)
-            kwargs.update(prompt_embeds=e.prompt_embeds, pooled_prompt_embeds=e.pooled,
-                          negative_prompt_embeds=n.prompt_embeds, negative_pooled_prompt_embeds=n.pooled)
-        return kwargs
-
-    return draw_each(pipe, prompts, call_for, lambda latents: decode_fp32(pipe.vae, latents), dtype=dtype)
+generate = pipeline_generate(_call_for)
 
 
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
@@ -177,25 +146,18 @@ def _reading_every_form(load: Callable[..., Any]) -> Callable[..., Any]:
     return load_any
 
 
-def detect(base_model: str) -> str | None:
-    from core.families.sd3.load import detect as detect_sd3
-
-    return detect_sd3(base_model)
-
-
-def _lora_files() -> Any:
-    from core.families.sd3.lora_files import lora_file_format
-
-    return lora_file_format()
+_FILES = "core.families.sd3.lora_files"
 
 
 SPEC = TransformerSpec(
     label="SD3", trains="SD3 trains every block's attention and MLP",
     encoders_note="SD3 always caches the text encoders' outputs (T5-XXL is too large to keep).",
-    load=load, lora_targets=_lora_targets, make_loss=make_loss, read_lora=read_lora,
-    write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries, stack=stack,
+    load=load, lora_targets=lambda transformer, cfg: lora_targets(transformer), make_loss=make_loss,
+    read_lora=lazy(_FILES, "read_lora"), write_kohya=kohya_writer(_FILES, "write_kohya_file", "model_type"),
+    write_diffusers=lazy(_FILES, "write_diffusers_file"), encode_entries=encode_entries, stack=stack,
     prompt_identity=prompt_identity, training_note=training_note, lora_init="gaussian", fp8_cast_modulation=True,
     extra_metadata=extra_metadata)
 
-FAMILY = transformer_family(SPEC, detect=detect, lora_files=_lora_files(), describe=describe, previews=previews,
+FAMILY = transformer_family(SPEC, detect=lazy("core.families.sd3.load", "detect"),
+                            lora_files=lazy(_FILES, "lora_file_format")(), describe=describe, previews=previews,
                             tryout_pipeline=tryout_pipeline, generate=generate)

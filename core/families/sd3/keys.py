@@ -19,19 +19,21 @@ from collections.abc import Mapping
 
 import torch
 
+from core.families.dit.fused_lora import module_table
+
 # (MMDiT module inside joint_blocks.N, the diffusers modules inside transformer_blocks.N, in row order).
-BLOCK_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("x_block.attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-    ("x_block.attn.proj", ("attn.to_out.0",)),
-    ("x_block.attn2.qkv", ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
-    ("x_block.attn2.proj", ("attn2.to_out.0",)),
-    ("x_block.mlp.fc1", ("ff.net.0.proj",)),
-    ("x_block.mlp.fc2", ("ff.net.2",)),
-    ("context_block.attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    ("context_block.attn.proj", ("attn.to_add_out",)),
-    ("context_block.mlp.fc1", ("ff_context.net.0.proj",)),
-    ("context_block.mlp.fc2", ("ff_context.net.2",)),
-)
+BLOCK_MODULES = module_table("""
+    x_block.attn.qkv        = attn.to_q attn.to_k attn.to_v
+    x_block.attn.proj       = attn.to_out.0
+    x_block.attn2.qkv       = attn2.to_q attn2.to_k attn2.to_v
+    x_block.attn2.proj      = attn2.to_out.0
+    x_block.mlp.fc1         = ff.net.0.proj
+    x_block.mlp.fc2         = ff.net.2
+    context_block.attn.qkv  = attn.add_q_proj attn.add_k_proj attn.add_v_proj
+    context_block.attn.proj = attn.to_add_out
+    context_block.mlp.fc1   = ff_context.net.0.proj
+    context_block.mlp.fc2   = ff_context.net.2
+""")
 # Parameters that are renamed one to one (weights and biases alike), inside a block.
 _BLOCK_PARAMS = {
     "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",

@@ -10,14 +10,16 @@ qk norm with dual-attention blocks -> SD3.5 medium ("5-medium"), qk norm without
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
 
 import torch
 
+from core.families.dit.folders import config_error, loading_parts, not_this_family, quantized, read_pipeline_configs
 from core.hub import offline
+from core.families.dit.default import LoadedModel
 from core.families.dit.weights import read_json, safetensors_keys
 from core.families.sd3.keys import SINGLE_FILE_MARKERS
 from core.family_api.contract import ModelLoadError
@@ -41,7 +43,7 @@ def variant_of(model_type: str) -> str:
 
 
 @dataclass
-class SD3Model:
+class SD3Model(LoadedModel):
     """The modules of an SD3 pipeline and what training needs to know about them. T5 may be None."""
 
     model_type: str               # "medium" (SD3), "5-medium", "5-large" (sd-scripts' names)
@@ -53,10 +55,6 @@ class SD3Model:
     tokenizer_2: Any
     text_encoder_3: Any | None    # T5-XXL, optional
     tokenizer_3: Any | None
-    scheduler_config: dict[str, Any]
-    source: str
-    is_single_file: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def variant(self) -> str:
@@ -144,8 +142,7 @@ def _tokenizers(source: str, local_only: bool, with_t5: bool = True) -> tuple[An
 
 
 def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"The SD3 {what} config could not be loaded from '{source}'{' (offline)' if offline() else ''}: {exc}",
+    return config_error("SD3", what, source, exc,
         "A single-file SD3 needs base_model_config: a diffusers SD3 / SD3.5 folder of the same model (its "
         "configs and tokenizers; the weights are not needed), or a hub id downloaded once with internet access.")
 
@@ -153,39 +150,30 @@ def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
 def load_sd3_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None
                     ) -> SD3Model:
     """An SD3 / SD3.5 diffusers folder or hub id, component by component, eval mode, on the CPU."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-    local_only = Path(source).is_dir() or offline()
-    kw = {"local_files_only": local_only}
-    try:
-        index = dict(DiffusionPipeline.load_config(source, **kw))
-        t_config = dict(SD3Transformer2DModel.load_config(source, subfolder="transformer", **kw))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"'{source}' is not a loadable SD3 diffusers folder or hub id: {exc}",
-                             "A diffusers SD3 folder has model_index.json and transformer/, vae/, text_encoder/, "
-                             "text_encoder_2/, tokenizer/, tokenizer_2/ (text_encoder_3/ and tokenizer_3/ for T5) "
-                             "and scheduler/.") from exc
+    index, t_config, kw = read_pipeline_configs(
+        source, SD3Transformer2DModel, "SD3", "A diffusers SD3 folder has model_index.json and transformer/, vae/, "
+        "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ (text_encoder_3/ and tokenizer_3/ for T5) and "
+        "scheduler/.")
+    local_only = kw["local_files_only"]
     model_type = model_type_from_folder(index, t_config)
     if model_type is None:
-        raise ModelLoadError(f"'{source}' is a {index.get('_class_name', 'diffusers')} folder, not SD3.",
-                             "Choose the family that matches the model.")
+        raise not_this_family(source, index, "SD3")
     with_t5 = bool((index.get("text_encoder_3") or [None])[0])
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    try:
+    with loading_parts(source):
         transformer = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
-                                                            **kw, **quant)
+                                                            **kw, **quantized(quantization_config))
         clip_l = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
         clip_g = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", dtype=dtype, **kw)
         t5 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", dtype=dtype, **kw) if with_t5 else None
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"A part of '{source}' could not be loaded: {exc}",
-                             "The folder is incomplete: download the model again.") from exc
     tok_l, tok_g, tok_t5 = _tokenizers(source, local_only, with_t5)
     notes = [] if with_t5 else ["No T5 in this pipeline: its part of the prompt encoding is zeros (as diffusers)."]
     return SD3Model(model_type, transformer, vae, clip_l.eval(), tok_l, clip_g.eval(), tok_g,
-                    None if t5 is None else t5.eval(), tok_t5, _scheduler_config(source, local_only), str(source),
+                    None if t5 is None else t5.eval(), tok_t5,
+                    scheduler_config=_scheduler_config(source, local_only), source=str(source),
                     notes=notes)
 
 

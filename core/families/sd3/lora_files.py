@@ -18,14 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
 from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, split_kohya_modules
-from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
-                                          save_with_identity, write_diffusers_lora)
+from core.families.dit.lora_files import (diffusers_writer, group_plain_lora, kohya_file_writer, KohyaLayout,
+                                          read_family_lora)
 from core.families.sd3.keys import lora_module_for, lora_module_from_native, native_from_kohya
 
 UNET_PREFIX = "lora_unet_"
@@ -108,39 +107,17 @@ def kohya_metadata(model_type: str, *, rank: int, alpha: float, started_at: floa
     }
 
 
-def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, model_type: str,
-                     alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
-                     use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
-    """The WebUI / Forge / ComfyUI file (sd-scripts' SD3 names), written atomically with sshs hashes."""
-    modules = group_sd3_peft(peft_state)
-    tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
-    base = kohya_metadata(model_type, rank=rank, alpha=file_alpha)
-    return save_with_identity(path, tensors, base, metadata, _IDENTITY_KEYS, dtype)
+_KOHYA = KohyaLayout(group_sd3_peft, peft_to_kohya, kohya_metadata, _IDENTITY_KEYS)
 
 
-def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
-                         dtype: torch.dtype | None = None) -> Path:
-    """`output_dir/pytorch_lora_weights.safetensors` as StableDiffusion3Pipeline.save_lora_weights writes it."""
-    from diffusers import StableDiffusion3Pipeline
-
-    return write_diffusers_lora(StableDiffusion3Pipeline, group_sd3_peft(peft_state), output_dir,
-                                lora_config=lora_config, dtype=dtype)
+write_kohya_file = kohya_file_writer(_KOHYA, "model_type")  # sd-scripts' SD3 names
+write_diffusers_file = diffusers_writer("StableDiffusion3Pipeline", group_sd3_peft)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any SD3 LoRA file (kohya, ComfyUI `diffusion_model.`, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    from core.export.kohya import load_kohya_lora
-
-    tensors, metadata = load_kohya_lora(path)
-    if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):
-        peft, alphas = kohya_to_peft(tensors)
-        return peft, alphas, metadata
-    transformer = {k: v for k, v in tensors.items() if k.startswith(("transformer.", "base_model.model."))}
-    if not transformer:
-        raise LoraFormatError(f"{path}: no SD3 transformer LoRA keys (transformer.*, lora_unet_joint_blocks_*).")
-    peft, alphas = read_diffusers_modules(transformer, metadata, group_sd3_peft)
-    return peft, alphas, metadata
+    return read_family_lora(path, label="SD3 transformer", from_native=kohya_to_peft, group=group_sd3_peft,
+                            diffusers_prefixes=("transformer.", "base_model.model."))
 
 
 # --- the LoRA tools' hook (inspect, convert, resize, merge): kohya MMDiT names, qkv kept fused ---------

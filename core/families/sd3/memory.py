@@ -18,7 +18,7 @@ from functools import cache
 import torch
 
 from core.config import TrainConfig
-from core.families.dit.memory_parts import caching_latents, transient_and_latents
+from core.families.dit.memory_parts import swapped_weights, weight_bytes, caching_latents, transient_and_latents
 from core.devices import DeviceInfo
 from core.family_api.registry import FAMILIES, FLUX_AE, SD3_ENCODERS
 from core.model_info import ModelInfo
@@ -30,7 +30,6 @@ TEXT_TOKENS = 77 + 256       # CLIP-L/G (77) + T5 (256), concatenated along the 
 ACTIVATION = {"5-medium": (2_110_524, 76_578, 102_492), "5-large": (4_265_707, 189_340, 112_362)}
 ACTIVATION["medium"] = ACTIVATION["5-medium"]
 _MODEL_TYPE = {"sd3": "5-medium", "sd35-large": "5-large"}
-WEIGHT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}
 
 # The real transformers (their diffusers configs): SD3.5 medium (dual attention in blocks 0-12) and large.
 _BASE = dict(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, joint_attention_dim=4096,
@@ -69,11 +68,6 @@ def lora_params(family: str, rank: int) -> int:
     return rank * shape_counts(_MODEL_TYPE.get(family, "5-medium"))["lora_per_rank"]
 
 
-def weight_bytes(cfg: TrainConfig, compute_bytes: int) -> float:
-    if cfg.base_quantization == "nf4":
-        return WEIGHT_BYTES["nf4"]
-    return WEIGHT_BYTES["fp8"] if cfg.fp8_base else float(compute_bytes)
-
 
 def sd3_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute_bytes: int,
               lora_state_bytes: int, cached_images: int) -> dict[str, float]:
@@ -84,11 +78,7 @@ def sd3_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute
     width = model.width or real_width
     per_weight = weight_bytes(cfg, compute_bytes)
     parts: dict[str, float] = {}
-    swapped = 0.0
-    if cfg.blocks_to_swap > 0:
-        blocks = min(cfg.blocks_to_swap, counts["blocks"])
-        share = min(model.params, counts["all_blocks"]) * blocks / counts["blocks"]
-        swapped = max(0.0, share - 2 * counts["per_block"])  # two blocks in flight
+    swapped = swapped_weights(cfg, counts["blocks"], counts["all_blocks"], model.params, in_flight=counts["per_block"])
     parts["transformer weights"] = (model.params - swapped) * per_weight
     if not cfg.cache_text_encoder_outputs:
         parts["text encoder weights"] = max(0, (model.extra_params or SD3_ENCODERS) - FLUX_AE) * compute_bytes

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from core.families.dit.folders import fitting, quantized
 from core.families.dit.weights import (comfy_models_root, file_has_fp8, fp8_note, read_upcast, safetensors_keys,
                                        strip_encoder_prefix, tie_t5_embedding)
 from core.families.sd3.load import (EMBEDDED, HUB_CONFIGS, PART_FOLDERS, PART_WORDS, SD3Model, _load_error,
@@ -82,18 +83,13 @@ def load_transformer_state(state: dict[str, torch.Tensor], *, source: str, local
 
     from core.families.sd3.keys import strip_prefix
 
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     mmdit = strip_prefix(state)
     sub = "transformer" if Path(source, "transformer").is_dir() or not Path(source).is_dir() else None
-    try:
+    with fitting(name, lambda exc: _load_error("transformer", source, exc), f"does not fit the SD3 config from '{source}'",
+                 "Check that base_model_config is a diffusers folder of the same SD3 model (SD3 medium, SD3.5 medium "
+                 "and SD3.5 large differ)."):
         return SD3Transformer2DModel.from_single_file(mmdit, config=source, subfolder=sub, torch_dtype=dtype,
-                                                      local_files_only=local_only, **quant)
-    except OSError as exc:
-        raise _load_error("transformer", source, exc) from exc
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{name}' does not fit the SD3 config from '{source}': {exc}",
-                             "Check that base_model_config is a diffusers folder of the same SD3 model "
-                             "(SD3 medium, SD3.5 medium and SD3.5 large differ).") from exc
+                                                      local_files_only=local_only, **quantized(quantization_config))
 
 
 def load_sd3_single_file(path: str | Path, *, config_source: str = "", clip_l: str = "", clip_g: str = "",
@@ -152,7 +148,8 @@ def load_sd3_single_file(path: str | Path, *, config_source: str = "", clip_l: s
         notes.append(fp8_note(path, dtype))
     tok_l, tok_g, tok_t5 = _tokenizers(source, local_only, parts["t5"] is not None)
     return SD3Model(model_type, transformer, parts["vae"], parts["clip_l"], tok_l, parts["clip_g"], tok_g,
-                    parts["t5"], tok_t5, _scheduler_config(source, local_only), str(path), is_single_file=True,
+                    parts["t5"], tok_t5, scheduler_config=_scheduler_config(source, local_only), source=str(path),
+                    is_single_file=True,
                     notes=notes)
 
 

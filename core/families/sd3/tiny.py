@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from core.families.tiny_parts import clip_text_encoder, tiny_t5, tiny_t5_tokenizer, tiny_tokenizer
+from core.families.tiny_parts import (clip_text_encoder, save_state_files, tiny_flow_vae, tiny_t5, tiny_t5_tokenizer,
+                                      tiny_tokenizer)
 
 CLIP_WIDTH = 32   # CLIP-L and CLIP-G hidden size (pooled: 32 + 32 = pooled_projection_dim)
 T5_WIDTH = 64     # = joint_attention_dim (CLIP's 32 + 32 are padded to it)
@@ -36,12 +37,7 @@ def tiny_sd3_t5(seed: int = 5):
 
 
 def tiny_sd3_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(6)
-    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                         shift_factor=0.0609, scaling_factor=1.5305)
+    return tiny_flow_vae(latent_channels=4, scaling_factor=1.5305)
 
 
 def tiny_sd3_transformer(variant: str = "sd3", seed: int = 7):
@@ -61,9 +57,7 @@ def _clip_to_file(model) -> dict[str, torch.Tensor]:
 
 def write_comfy_layout(pipe, root: Path, name: str) -> tuple[Path, Path, Path]:
     """ComfyUI's two layouts of an SD3 pipeline: split files, and SAI's all-in-one checkpoint."""
-    from safetensors.torch import save_file
 
-    from core.atomic import atomic_path
     from core.families.sd3.keys import diffusers_to_mmdit
     from core.families.sd.convert import vae_to_ldm
 
@@ -84,10 +78,7 @@ def write_comfy_layout(pipe, root: Path, name: str) -> tuple[Path, Path, Path]:
         models / "vae" / "sd35_vae.safetensors": vae,
         models / "checkpoints" / f"{name}_incl_clips_t5xxlfp16.safetensors": everything,
     }
-    for path, state in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    save_state_files(files)
     return (models / "diffusion_models" / f"{name}.safetensors",
             models / "checkpoints" / f"{name}_incl_clips_t5xxlfp16.safetensors", models)
 

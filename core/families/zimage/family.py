@@ -15,8 +15,6 @@ behaviour); previews use the model's own regime: Turbo 8 steps without CFG, base
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +23,8 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.dit.common import first_text_encoder_file
-from core.families.dit.default import (TransformerSpec, draw_each, flow_scheduler, latent_call, place_for_tryout, preview_size,
-                                       timestep_sampling, transformer_family)
+from core.families.dit.default import (Draw, TransformerSpec, fixed_targets, flow_scheduler, kohya_writer, lazy,
+                                       pipeline_generate, place_for_tryout, preview_size, timestep_sampling, transformer_family)
 from core.families.zimage.loss import make_loss
 from core.families.zimage.text import encode_entries, prompt_identity, stack
 
@@ -37,31 +35,6 @@ def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> A
     # Z-Image has one text encoder: the first (only) file of `text_encoder_files`.
     return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=first_text_encoder_file(cfg),
                       vae=cfg.vae, dtype=dtype, quantization_config=quantization_config)
-
-
-def lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
-    from core.families.zimage.load import lora_targets as targets
-
-    return targets(transformer)
-
-
-def read_lora(path: Path) -> Any:
-    from core.families.zimage.lora_files import read_lora as read
-
-    return read(path)
-
-
-def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> Path:
-    """Native kohya names (ComfyUI)."""
-    from core.families.zimage.lora_files import write_kohya_file
-
-    return write_kohya_file(state, path, variant=model.variant, **kwargs)
-
-
-def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any) -> Path:
-    from core.families.zimage.lora_files import write_diffusers_file
-
-    return write_diffusers_file(state, folder, **kwargs)
 
 
 # --- previews and the Test tab ----------------------------------------------------------------------
@@ -76,31 +49,21 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     return pipe
 
 
-@torch.no_grad()
-def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
-             negative_prompt: str = "", width: int, height: int,
-             embeds: Callable[[list[str]], Any] | None = None, dtype: torch.dtype = torch.float32
-             ) -> list[Image.Image]:
-    """One image per prompt from the same seed; `embeds`: cached encodings instead of Qwen3.
+def _call_for(pipe: Any, draw: Draw, prompt: str) -> dict[str, Any]:
+    """ZImagePipeline's guidance is real CFG (guidance_scale > 0 runs the negative prompt too; Turbo is used
+    with 0); its prompt encodings are a list, one tensor per prompt."""
+    kwargs = draw.latents(guidance_scale=draw.guidance)
+    if draw.embeds is None:
+        kwargs.update(prompt=prompt, negative_prompt=draw.negative_prompt or None)
+    else:
+        kwargs["prompt_embeds"] = [e.to(draw.device, draw.dtype) for e in draw.embeds([prompt])]
+        if draw.guidance > 0:
+            kwargs["negative_prompt_embeds"] = [e.to(draw.device, draw.dtype)
+                                                for e in draw.embeds([draw.negative_prompt or ""])]
+    return kwargs
 
-    ZImagePipeline's guidance is real CFG (guidance_scale > 0 runs the negative prompt too; Turbo
-    is used with 0). The AE decodes in fp32.
-    """
-    from core.sample import decode_fp32
 
-    device = pipe.vae.device
-
-    def call_for(prompt: str) -> dict[str, Any]:
-        kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
-        if embeds is None:
-            kwargs.update(prompt=prompt, negative_prompt=negative_prompt or None)
-        else:
-            kwargs["prompt_embeds"] = [e.to(device, dtype) for e in embeds([prompt])]
-            if guidance > 0:
-                kwargs["negative_prompt_embeds"] = [e.to(device, dtype) for e in embeds([negative_prompt or ""])]
-        return kwargs
-
-    return draw_each(pipe, prompts, call_for, lambda latents: decode_fp32(pipe.vae, latents), dtype=dtype)
+generate = pipeline_generate(_call_for)
 
 
 def preview_guidance(cfg: TrainConfig, variant: str) -> float:
@@ -130,29 +93,22 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
     return build_pipeline(model), model
 
 
-def _lora_files() -> Any:
-    from core.families.zimage.lora_files import lora_file_format
-
-    return lora_file_format()
-
-
-def _detect(base_model: str) -> str | None:
-    from core.families.zimage.load import detect
-
-    return detect(base_model)
+_FILES = "core.families.zimage.lora_files"
+_LOAD = "core.families.zimage.load"
 
 
 SPEC = TransformerSpec(
     label="Z-Image", trains="Z-Image trains the attention and MLP layers of every block",
     encoders_note="Z-Image always caches Qwen3's outputs (the 4B text encoder is freed before training).",
-    load=load, lora_targets=lora_targets, make_loss=make_loss, read_lora=read_lora,
-    write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries, stack=stack,
+    load=load, lora_targets=fixed_targets(_LOAD, "lora_targets"), make_loss=make_loss, read_lora=lazy(_FILES, "read_lora"),
+    write_kohya=kohya_writer(_FILES, "write_kohya_file"), write_diffusers=lazy(_FILES, "write_diffusers_file"),
+    encode_entries=encode_entries, stack=stack,
     prompt_identity=prompt_identity, lora_init=True,
     training_note=lambda model, cfg: f"{timestep_sampling(cfg, model.variant)} timestep sampling",
     # diffusers' default skips (norms, and Z-Image's own t_embedder / cap_embedder) already cast the
     # adaLN modulation Linears: its names hold no "norm".
     fp8_cast_modulation=False)
 
-ZIMAGE = transformer_family(SPEC, detect=_detect, lora_files=_lora_files(), previews=previews,
+ZIMAGE = transformer_family(SPEC, detect=lazy(_LOAD, "detect"), lora_files=lazy(_FILES, "lora_file_format")(), previews=previews,
                             tryout_pipeline=tryout_pipeline, generate=generate)
 FAMILY = ZIMAGE

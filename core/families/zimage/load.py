@@ -19,13 +19,15 @@ Two layouts: a diffusers folder / hub id (here), or ComfyUI's single files (`sin
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from core.families.dit.folders import config_error, quantized
 from core.hub import offline
+from core.families.dit.default import LoadedModel
 from core.families.dit.weights import (local_only, read_json,
                                        safetensors_keys)
 from core.family_api.contract import ModelLoadError
@@ -40,7 +42,7 @@ _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 @dataclass
-class ZImageModel:
+class ZImageModel(LoadedModel):
     """The modules of a Z-Image pipeline and what training needs to know about them."""
 
     variant: str
@@ -48,10 +50,6 @@ class ZImageModel:
     vae: Any
     text_encoder: Any | None
     tokenizer: Any
-    scheduler_config: dict[str, Any]
-    source: str
-    is_single_file: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 # --- detection ---------------------------------------------------------------------------------------
@@ -107,8 +105,7 @@ def detect(base_model: str) -> str | None:
 
 
 def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"The Z-Image {what} could not be loaded from '{source}': {exc}",
+    return config_error("Z-Image", what, source, exc,
         "A single-file Z-Image needs base_model_config: a diffusers Z-Image folder (model_index.json, "
         "transformer/, text_encoder/, tokenizer/, vae/, scheduler/ configs; the weights are not needed), "
         "or the hub id Tongyi-MAI/Z-Image-Turbo downloaded once with internet access.")
@@ -139,10 +136,9 @@ def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization
     from transformers import AutoModel
 
     kw = {"local_files_only": local_only(source)}
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     try:
         transformer = ZImageTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
-                                                               **kw, **quant)
+                                                               **kw, **quantized(quantization_config))
         text_encoder = AutoModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw).eval()
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
     except (OSError, ValueError) as exc:
@@ -150,7 +146,8 @@ def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization
                              "A diffusers Z-Image folder has model_index.json and transformer/, text_encoder/, "
                              "tokenizer/, vae/ and scheduler/.") from exc
     return ZImageModel(variant_from_name(Path(source).name if Path(source).is_dir() else source), transformer,
-                       vae, text_encoder, _tokenizer(source), _scheduler_config(source), str(source))
+                       vae, text_encoder, _tokenizer(source), scheduler_config=_scheduler_config(source),
+                       source=str(source))
 
 
 def load_model(base_model: str, *, config_source: str = "", text_encoder: str = "", vae: str = "",

@@ -26,27 +26,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION
 from core.export.metadata import num_text
-from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
-from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
-                                          save_with_identity, write_diffusers_lora)
+from core.families.dit.fused_lora import (NativeModule, fused_kohya_tensors, kohya_key_groups, module_table,
+                                          split_kohya_modules)
+from core.families.dit.lora_files import (diffusers_writer, group_plain_lora, kohya_file_writer, KohyaLayout,
+                                          read_family_lora)
 
 UNET_PREFIX = "lora_unet_"
 SCOPES = ("layers", "noise_refiner", "context_refiner")
 # (native module in a block, the diffusers modules it is made of in row order)
-_BLOCK: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention.qkv", ("attention.to_q", "attention.to_k", "attention.to_v")),
-    ("attention.out", ("attention.to_out.0",)),
-    ("feed_forward.w1", ("feed_forward.w1",)),
-    ("feed_forward.w2", ("feed_forward.w2",)),
-    ("feed_forward.w3", ("feed_forward.w3",)),
-    ("adaLN_modulation.0", ("adaLN_modulation.0",)),
-)
+_BLOCK = module_table("""
+    attention.qkv      = attention.to_q attention.to_k attention.to_v
+    attention.out      = attention.to_out.0
+    feed_forward.w1    = feed_forward.w1
+    feed_forward.w2    = feed_forward.w2
+    feed_forward.w3    = feed_forward.w3
+    adaLN_modulation.0 = adaLN_modulation.0
+""")
 _DIFFUSERS_PATH = re.compile(r"^(?P<scope>layers|noise_refiner|context_refiner)\.(?P<n>\d+)\.(?P<rest>.+)$")
 _KOHYA_NAME = re.compile(r"^lora_unet_(?P<scope>layers|noise_refiner|context_refiner)_(?P<n>\d+)_(?P<rest>.+)$")
 # kohya/WebUI labels (kohya-style trainers: musubi-tuner's sai_model_spec "Z-Image").
@@ -114,40 +114,18 @@ def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
     }
 
 
-def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str,
-                     alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
-                     use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
-    """The ComfyUI / WebUI file (native kohya names, sshs hashes), written atomically."""
-    modules = group_peft(peft_state)
-    tensors = peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
-    return save_with_identity(path, tensors, kohya_metadata(variant, rank=rank, alpha=file_alpha), metadata,
-                              _IDENTITY_KEYS, dtype)
+_KOHYA = KohyaLayout(group_peft, peft_to_kohya, kohya_metadata, _IDENTITY_KEYS)
 
 
-def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
-                         dtype: torch.dtype | None = None) -> Path:
-    """`output_dir/pytorch_lora_weights.safetensors` as `ZImagePipeline.save_lora_weights` writes it."""
-    from diffusers import ZImagePipeline
-
-    return write_diffusers_lora(ZImagePipeline, group_peft(peft_state), output_dir, lora_config=lora_config,
-                                dtype=dtype)
+write_kohya_file = kohya_file_writer(_KOHYA)  # native kohya names (ComfyUI / WebUI)
+write_diffusers_file = diffusers_writer("ZImagePipeline", group_peft)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any Z-Image LoRA file (kohya, ComfyUI, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    from core.export.kohya import load_kohya_lora
-
-    tensors, metadata = load_kohya_lora(path)
-    if any(k.startswith((UNET_PREFIX, "diffusion_model.")) for k in tensors):
-        peft, alphas = kohya_to_peft(tensors)
-        return peft, alphas, metadata
-    peft, alphas = read_diffusers_modules({k: v for k, v in tensors.items() if k.startswith("transformer.")},
-                                          metadata, group_peft)
+    peft, alphas, metadata = read_family_lora(path, label="Z-Image", from_native=kohya_to_peft, group=group_peft)
     for module_path in alphas:
         native_module_for(module_path)  # a foreign module fails here, clearly
-    if not peft:
-        raise LoraFormatError(f"{path}: no Z-Image LoRA tensors found.")
     return peft, alphas, metadata
 
 

@@ -19,7 +19,7 @@ counted in full so the estimate errs high.
 from __future__ import annotations
 
 from core.config import TrainConfig
-from core.families.dit.memory_parts import caching_latents, transient_and_latents
+from core.families.dit.memory_parts import swapped_weights, weight_bytes, caching_latents, transient_and_latents
 from core.devices import DeviceInfo
 from core.family_api.registry import FLUX_AE
 from core.model_info import ModelInfo
@@ -30,7 +30,6 @@ MAIN_LAYERS, REFINERS = 30, 2       # + 2 noise refiners and 2 context refiners
 BLOCKS = MAIN_LAYERS + 2 * REFINERS
 TEXT_TOKENS = 512
 BLOCK_BYTES_PER_TOKEN = 266_643 / REAL_WIDTH  # per unit of width, bf16, no checkpointing
-WEIGHT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}
 
 
 def lora_params(rank: int, width: int = REAL_WIDTH) -> int:
@@ -48,13 +47,8 @@ def zimage_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comp
                  lora_state_bytes: int, cached_images: int) -> dict[str, float]:
     """Every part in bytes (the caller adds the runtime overhead)."""
     width = model.width or REAL_WIDTH
-    per_weight = (WEIGHT_BYTES["nf4"] if cfg.base_quantization == "nf4"
-                  else WEIGHT_BYTES["fp8"] if cfg.fp8_base else float(compute_bytes))
-    swapped = 0.0
-    if cfg.blocks_to_swap > 0:
-        blocks = min(cfg.blocks_to_swap, BLOCKS)
-        swapped = max(0.0, min(model.params, BLOCKS * block_params(width)) * blocks / BLOCKS
-                      - 2 * block_params(width))
+    per_weight = weight_bytes(cfg, compute_bytes)
+    swapped = swapped_weights(cfg, BLOCKS, BLOCKS * block_params(width), model.params)
     parts: dict[str, float] = {"transformer weights": (model.params - swapped) * per_weight}
     if not cfg.cache_text_encoder_outputs:
         parts["text encoder weights"] = max(0, model.extra_params - FLUX_AE) * compute_bytes

@@ -141,7 +141,7 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
                                         quantization_config=quantization_config)
     model = ZImageModel(variant, transformer, load_vae_file(vae_file, config_source=source, dtype=dtype),
                         load_text_encoder_file(te_file, config_source=source, dtype=dtype), tokenizer,
-                        _scheduler_config(source), str(path), is_single_file=True,
+                        scheduler_config=_scheduler_config(source), source=str(path), is_single_file=True,
                         notes=[f"Qwen3: {te_file.name}", f"AE: {vae_file.name}"])
     if file_has_fp8(path):
         model.notes.append(fp8_note(path, dtype))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from core.families.tiny_parts import chat_bpe_tokenizer
+from core.families.tiny_parts import (chat_bpe_tokenizer, save_state_files)
 
 
 @dataclass
@@ -76,7 +76,6 @@ def native_transformer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def build_tiny_zimage(root: Path) -> TinyZImage:
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
-    from safetensors.torch import save_file
 
     from core.families.sd.convert import vae_to_ldm
     root = Path(root)
@@ -95,7 +94,5 @@ def build_tiny_zimage(root: Path) -> TinyZImage:
             {f"model.{k}": v.half() for k, v in pipe.text_encoder.state_dict().items()},
         models / "vae" / "ae.safetensors": vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)),
     }
-    for path, state in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    save_state_files(files)
     return TinyZImage(folder, models / "diffusion_models" / "z_image_turbo_bf16.safetensors", models)
