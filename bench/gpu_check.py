@@ -11,7 +11,8 @@ What it does, all through the product's own path (`core.train.run_training` on c
 1. **Speed**: an SD 1.5-shaped model (published configs, random weights) and a FLUX-width
    transformer with few blocks train a few steps in each precision the device has
    (fp16 and bf16 on CUDA; fp32 on the CPU): seconds per step, steady state.
-2. **Presets**: every SD 1.x preset, and the FLUX presets, run 3 steps on those models;
+2. **Presets**: every SD 1.x preset, the FLUX presets and the Wan presets run 3 steps on those models
+   (Wan: a 1.3B-width video transformer with 2 blocks and the real Wan VAE, on 3 clips and an image);
    the real peak (CUDA max allocated) is printed beside `core.memory`'s estimate for the
    same config and model. The FLUX model here has few blocks: its estimate is computed
    for the same cut-down model, read from its own files.
@@ -45,6 +46,7 @@ from bench.image_speed import build_full_sd15  # noqa: E402
 
 SD_PRESETS = ("sd15-4gb", "sd15-6gb", "sd15-8gb", "sd15-12gb", "sd15-24gb")
 FLUX_PRESETS = ("flux-8gb", "flux-12gb", "flux-16gb", "flux-24gb")
+WAN_PRESETS = ("wan-8gb", "wan-12gb", "wan-16gb", "wan-24gb")
 
 
 def cuda() -> bool:
@@ -65,11 +67,52 @@ def build_models(work: Path, toy: bool) -> dict[str, Path]:
     """The SD 1.5-shaped and the FLUX-width models as diffusers folders, and a folder of images."""
     from core.families.sd.tiny import build_tiny_sd
     from core.families.tiny_parts import make_image_folder
+    from core.families.wan.tiny import build_tiny_wan
 
     sd = build_tiny_sd(work / "sd", "sd1").folder if toy else build_full_sd15(work / "sd15")
     flux = build_flux(work / "flux", double=1, single=2, t5_layers=1, toy=toy)
     data = make_image_folder(work / "data", count=4, size=(64, 64) if toy else (512, 512))
-    return {"sd": Path(sd), "flux": Path(flux), "data": Path(data)}
+    wan = build_tiny_wan(work / "wan").folder if toy else build_wan(work / "wan")
+    return {"sd": Path(sd), "flux": Path(flux), "data": Path(data), "wan": Path(wan),
+            "wan_data": make_clip_folder(work / "wan_data", 64 if toy else 512, 12 if toy else 40)}
+
+
+def build_wan(folder: Path) -> Path:
+    """Wan 2.1 1.3B's width (12 heads of 128, FFN 8960, UMT5's 4096-wide outputs) with 2 blocks, the real Wan VAE
+    config, a 1-layer UMT5 at width 4096 over the tiny vocabulary; random weights, a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from core.families.tiny_parts import T5_WORDS, tiny_t5_tokenizer
+
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(T5_WORDS) + 3, d_model=4096, d_kv=64, d_ff=10240,
+                                          num_layers=1, num_heads=64, feed_forward_proj="gated-gelu",
+                                          pad_token_id=0, eos_token_id=1)).eval()
+    pipe = WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=encoder, vae=AutoencoderKLWan(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=WanTransformer3DModel(num_attention_heads=12, ffn_dim=8960, num_layers=2))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def make_clip_folder(folder: Path, side: int, frames: int) -> Path:
+    """3 clips (PyAV) and an image, with captions."""
+    from PIL import Image
+
+    from core.data.video_io import write_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["filename,prompt"]
+    for n in range(3):
+        pictures = [Image.new("RGB", (side, side), (40 * n + 8 * i % 255, 90, 160)) for i in range(frames)]
+        write_clip(pictures, folder / f"clip_{n}.mp4", 16)
+        rows.append(f"clip_{n}.mp4,a moving thing number {n}")
+    Image.new("RGB", (side, side), (200, 40, 40)).save(folder / "still.png")
+    rows.append("still.png,a still thing")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
 
 
 def run(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
@@ -127,7 +170,8 @@ def presets(models: dict[str, Path], work: Path, toy: bool, report: list[dict]) 
     from core.memory import estimate_memory
     from core.presets import load_preset
 
-    for name, names in (("sd", SD_PRESETS), ("flux", FLUX_PRESETS)):
+    for name, names in (("sd", SD_PRESETS), ("flux", FLUX_PRESETS), ("wan", WAN_PRESETS)):
+        data = models["wan_data"] if name == "wan" else models["data"]
         for preset in names:
             values = load_preset(preset)
             if not cuda():
@@ -136,11 +180,13 @@ def presets(models: dict[str, Path], work: Path, toy: bool, report: list[dict]) 
                               optimizer="adamw")
             if toy:
                 values.update(resolution=64, batch_size=1, gradient_accumulation_steps=1)
-            raw = base_config(models[name], models["data"], work / f"preset-{preset}", toy, **values)
+                if name == "wan":
+                    values.update(video_frames=9)
+            raw = base_config(models[name], data, work / f"preset-{preset}", toy, **values)
             estimate = estimate_memory(config_from_dict(raw, check_paths=False))
             run(raw)
             real = peak_gb()
-            report.append({"check": "preset", "preset": preset, "estimate_gb": round(estimate.total_gb, 2),
+            report.append({"check": "preset", "preset": preset, "estimate_gb": round(estimate.total_gb, 6),
                            "peak_gb": None if real is None else round(real, 2)})
             print(f"preset {preset:10s} estimate {estimate.total_gb:6.2f} GB   real peak "
                   f"{'-' if real is None else f'{real:6.2f} GB'}", flush=True)

@@ -181,6 +181,18 @@ class TrainConfig:
     center_crop: bool = _f(True, "Crop at the center (otherwise a random crop each epoch; disables "
                            "latent caching).", "data", task="image")
     random_flip: bool = _f(False, "Mirror images at random (disables latent caching).", "data", task="image")
+    video_frames: int = _f(17, "Video families (Wan): frames per training clip, 4k+1 (17, 33, 49, 81). A clip "
+                           "shorter than this trains at the largest 4k+1 count it holds; images train as one "
+                           "frame.", "data", minimum=1, maximum=257, task="image")
+    video_frame_stride: int = _f(1, "Video: take every n-th frame of a clip (1: every frame).", "data", minimum=1,
+                                 maximum=64, task="image")
+    video_fps: float = _f(0.0, "Video: sample clips at this frame rate instead of a stride (Wan: 16; 0: use "
+                          "video_frame_stride).", "data", minimum=0.0, maximum=240.0, task="image")
+    video_windows: str = _f("head", "Video: which windows of a long clip train: head (its start), uniform "
+                            "(video_window_count spread evenly) or slide (back to back, up to video_window_count; "
+                            "0: all).", "data", choices=("head", "uniform", "slide"), task="image")
+    video_window_count: int = _f(1, "Video: windows per clip for uniform / slide.", "data", minimum=0, maximum=64,
+                                 task="image")
     cache_latents: bool = _f(True, "Encode each image once with the VAE and keep the latents.", "data",
                              task="image")
     cache_latents_to_disk: bool = _f(True, "Keep cached latents on disk, reused by later runs.", "data",
@@ -195,6 +207,10 @@ class TrainConfig:
                              minimum=0.0, maximum=1.0, task="image")
     snr_gamma: float = _f(0.0, "Min-SNR weighting gamma (5 is usual; 0: off).", "model", minimum=0.0,
                           task="image")
+    wan_expert: str = _f("high", "Wan 2.2 A14B: which of its two experts trains: high (`transformer`, the noisy "
+                         "steps above boundary_ratio) or low (`transformer_2`). ComfyUI's files name their expert "
+                         "(high_noise / low_noise) and win over this.", "model", choices=("high", "low"),
+                         task="image")
     base_model_config: str = _f("", "For a single-file checkpoint: a diffusers folder (or hub id) of the same "
                                 "family whose configs and tokenizer build it, to load offline. Empty: the "
                                 "family's standard hub repo (cached after the first online run).", "model",
@@ -443,6 +459,10 @@ def _check_values(cfg: TrainConfig, check_paths: bool) -> dict[str, str]:
         lower = max(64, cfg.resolution // 64 * 64)
         errors["resolution"] = (f"{cfg.resolution} is not a multiple of 64 (the UNet halves the latent "
                                 f"three times). Use {lower} or {lower + 64}.")
+    if cfg.is_image and (cfg.video_frames - 1) % 4 != 0 and "video_frames" not in errors:
+        lower = max(1, (cfg.video_frames - 1) // 4 * 4 + 1)
+        errors["video_frames"] = (f"{cfg.video_frames} is not 4k+1 (a video VAE keeps the first frame and folds "
+                                  f"every 4 after it into one latent frame). Use {lower} or {lower + 4}.")
     if cfg.learning_rate == 0 and "learning_rate" not in errors:
         errors["learning_rate"] = "0 would train nothing; use e.g. 1e-4."
     if cfg.lora_variant == "pissa" and cfg.conv_rank > 0:

@@ -59,9 +59,32 @@ def decode_fp32(vae: Any, latents: torch.Tensor,
     return [Image.fromarray(p) for p in pixels]
 
 
+CLIP_FRAMES, CLIP_FPS = "clip_frames", "clip_fps"  # keys of Image.info that make a picture a clip's first frame
+
+
+def clip_image(frames: Sequence[Image.Image], fps: float) -> Image.Image:
+    """A video family's clip as one picture: its first frame, carrying every frame and the fps in `info`
+    (what the previews row shows as the thumbnail; `save_image` writes the clip beside it)."""
+    first = frames[0].copy()
+    first.info[CLIP_FRAMES] = list(frames)
+    first.info[CLIP_FPS] = float(fps)
+    return first
+
+
+def clip_path(path: str | Path) -> Path:
+    """Where `save_image` writes the clip of a picture saved at `path` (same name, .mp4)."""
+    return Path(path).with_suffix(".mp4")
+
+
 def save_image(image: Image.Image, path: str | Path) -> Path:
+    """The picture as PNG; a clip's first frame (`clip_image`) also writes its mp4 beside it (PyAV)."""
+    frames = image.info.get(CLIP_FRAMES)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+    if frames:
+        from core.data.video_io import write_clip
+
+        write_clip(frames, clip_path(path), image.info.get(CLIP_FPS, 16.0))
     return Path(path)
 
 
@@ -198,9 +221,27 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
                     width=width, height=height, interrupted=interrupted)
 
 
+def clip_strip(image: Image.Image) -> Image.Image:
+    """A clip's first, middle and last frames side by side (what a compare grid shows of a clip); a picture
+    that is no clip comes back as it is."""
+    frames = image.info.get(CLIP_FRAMES) or []
+    if len(frames) < 2:
+        return image
+    chosen = [frames[0], frames[len(frames) // 2], frames[-1]]
+    gap = 2
+    strip = Image.new("RGB", (sum(f.width for f in chosen) + gap * 2, max(f.height for f in chosen)), "white")
+    x = 0
+    for frame in chosen:
+        strip.paste(frame.convert("RGB"), (x, 0))
+        x += frame.width + gap
+    return strip
+
+
 def label_cell(image: Image.Image, text: str) -> Image.Image:
     """The image under a caption band. A cell is at least as wide as its caption (the image centred),
-    so the captions of neighbouring columns never run into each other, whatever the image size."""
+    so the captions of neighbouring columns never run into each other, whatever the image size.
+    A clip (a video model's result) shows its first, middle and last frames (`clip_strip`)."""
+    image = clip_strip(image)
     band = 18
     width = max(image.width, int(ImageDraw.Draw(image).textlength(text)) + 8)
     canvas = Image.new("RGB", (width, image.height + band), "white")

@@ -16,7 +16,7 @@ def test_gpu_check_runs_every_check_on_the_cpu_at_toy_sizes(tmp_path, monkeypatc
     assert checks == {"speed", "preset", "out_of_memory", "sharded"}
     assert next(r for r in report if r["check"] == "sharded")["skipped"] == "needs 2 GPUs"
     presets = [r for r in report if r["check"] == "preset"]
-    assert {r["preset"] for r in presets} == set(gpu_check.SD_PRESETS + gpu_check.FLUX_PRESETS)
+    assert {r["preset"] for r in presets} == set(gpu_check.SD_PRESETS + gpu_check.FLUX_PRESETS + gpu_check.WAN_PRESETS)
     assert all(r["estimate_gb"] > 0 for r in presets)
     oom = next(r for r in report if r["check"] == "out_of_memory")
     assert oom["recovered"] and "Out of memory at step 2" in oom["downshifts"][0]

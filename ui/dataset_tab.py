@@ -41,6 +41,11 @@ def summary_markdown(report: Any, folder: Path) -> str:
     if sizes:
         areas = sorted(sizes, key=lambda s: s[0] * s[1])
         lines.append(f"Sizes: smallest {areas[0][0]}×{areas[0][1]}, largest {areas[-1][0]}×{areas[-1][1]}")
+    if getattr(report, "clips", None):
+        seconds = sum(c.duration for c in report.clips)
+        lines.append(f"Video clips: {len(report.clips)} ({seconds:.1f} s in all, "
+                     f"{min(c.frames for c in report.clips)}-{max(c.frames for c in report.clips)} frames each); "
+                     "video models (Wan) train on them, image models skip them.")
     if report.buckets:
         lines.append("Buckets: " + ", ".join(f"{k}: {v}" for k, v in sorted(report.buckets.items())))
     counts = Counter(i.severity for i in report.issues)
@@ -110,11 +115,15 @@ def open_dataset(path_text: str, resolution: float | None, text_model: str = "",
     except DatasetError as exc:
         return (str(exc), [], [], gr.update(visible=False), [], None, "")
     items, paths = [], []
+    clips = {c.path.resolve(): c for c in report.clips}
     for name, width, height in report.sizes[:GALLERY_LIMIT]:
         source = path / name
         thumb = thumbnail(source)
         if thumb is not None:
-            items.append((str(thumb), f"{name} · {width}×{height}"))
+            clip = clips.get(source.resolve())
+            # A clip shows its first frame, with its duration, fps and frame count.
+            more = f" · {clip.duration:.1f} s, {clip.fps:g} fps, {clip.frames} frames" if clip else ""
+            items.append((str(thumb), f"{name} · {width}×{height}{more}"))
             paths.append(str(source))
     more = f"  \nShowing the first {GALLERY_LIMIT}." if len(report.sizes) > GALLERY_LIMIT else ""
     return (summary_markdown(report, path) + more, items, report.rows(), gr.update(visible=False), paths,

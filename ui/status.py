@@ -96,6 +96,16 @@ def sample_gallery(snap: JobSnapshot) -> list[tuple[str, str]]:
     return items
 
 
+def newest_clip(snap: JobSnapshot) -> str | None:
+    """The newest preview's clip (a video family's mp4 beside its first frame, core.sample.save_image), if any."""
+    for event in reversed(snap.samples):
+        for path in reversed(event.images):
+            clip = Path(path).with_suffix(".mp4")
+            if clip.is_file():
+                return str(clip)
+    return None
+
+
 def sample_texts_markdown(snap: JobSnapshot, limit: int = 6) -> str:
     """Text previews as a table: the question, the base model's answer and the LoRA's answer, by step."""
     rows = []

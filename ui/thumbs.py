@@ -14,8 +14,9 @@ THUMB_SIDE = 256
 
 
 def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Path | None:
-    """A cached WebP thumbnail of `path`, or None when the image cannot be read."""
+    """A cached WebP thumbnail of `path` (a video clip: its first frame), or None when it cannot be read."""
     from core.data.image_io import load_rgb
+    from core.data.video_io import VIDEO_EXTENSIONS, read_frames
 
     source = Path(path)
     try:
@@ -27,7 +28,10 @@ def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Path | None:
     if target.is_file():
         return target
     try:
-        image = load_rgb(source, draft_size=side)
+        if source.suffix.lower() in VIDEO_EXTENSIONS:
+            image = read_frames(source, (0,))[0]
+        else:
+            image = load_rgb(source, draft_size=side)
     except Exception:  # noqa: BLE001 - an unreadable image has no thumbnail; the health check says why
         return None
     image.thumbnail((side, side))

@@ -29,7 +29,7 @@ from ui.memory_line import memory_line
 from ui.plots import loss_csv_rows, loss_figure, with_history
 from ui.queue_view import HEADERS as QUEUE_HEADERS
 from ui.queue_view import queue_rows
-from ui.status import log_text, progress_html, sample_gallery, sample_texts_markdown
+from ui.status import log_text, newest_clip, progress_html, sample_gallery, sample_texts_markdown
 from ui.wiring import bind
 
 POLL_SECONDS = 2.0
@@ -345,6 +345,15 @@ def poll(seen: dict | None) -> tuple[Any, ...]:
             queue_out, seen)
 
 
+def poll_clip(shown: str | None) -> tuple[Any, str | None]:
+    """(the clip player, what it shows): the newest preview clip of a video run; hidden for image and text runs."""
+    snap = state.JOB.snapshot()
+    clip = newest_clip(snap) if snap.kind == "train" else None
+    if clip == shown:
+        return gr.skip(), shown
+    return gr.update(value=clip, visible=clip is not None), clip
+
+
 def evaluation_outputs(snap: Any, seen: dict) -> tuple[Any, Any]:
     """(table, chart) of a text run's evaluation before/after (core.text_eval); hidden when it has none."""
     event = snap.evaluation if snap is not None else None
@@ -431,6 +440,9 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
                            elem_id="train-loss-plot")
             samples = gr.Gallery(label="Sample previews by step (newest first)", columns=4, height=160,
                                  object_fit="contain", elem_id="train-samples", allow_preview=True)
+            # A video family's previews are clips: the row shows their first frames, this plays the newest.
+            sample_clip = gr.Video(label="Newest preview clip", visible=False, interactive=False, autoplay=True,
+                                   loop=True, height=240, elem_id="train-sample-clip")
             text_samples = gr.Markdown("", elem_id="train-text-samples")
             eval_table = gr.Markdown("", visible=False, elem_id="train-eval-table")
             eval_chart = gr.Plot(show_label=False, visible=False, elem_id="train-eval-chart")
@@ -475,6 +487,8 @@ def create_train_tab(data: dict[str, Any] | None = None) -> dict[str, Any]:
     timer.tick(poll, memo, [progress, plot, samples, text_samples, eval_table, eval_chart, log, device_md, queue_table,
                             memo],
                show_progress="hidden")
+    clip_memo = gr.State(None)
+    timer.tick(poll_clip, clip_memo, [sample_clip, clip_memo], show_progress="hidden")
     if data and "folder" in data:
         data["folder"].change(on_dataset, data["folder"], widgets["train_data_dir"])
     live = [lists.LiveList(widgets["base_model"], catalog.base_models, (widgets["task_type"],)),

@@ -269,6 +269,17 @@ def poll(seen: dict | None) -> tuple[Any, ...]:
     return progress_html(snap), image_out, grid_out, message_out, seen
 
 
+def poll_clip(shown: str | None) -> tuple[Any, str | None]:
+    """(the clip player, what it shows): the newest clip a generate job drew with a video model, else hidden."""
+    from ui.status import newest_clip
+
+    snap = state.JOB.snapshot()
+    clip = newest_clip(snap) if snap.kind == "generate" else None
+    if clip == shown:
+        return gr.skip(), shown
+    return gr.update(value=clip, visible=clip is not None), clip
+
+
 def on_loras(base_text: str, *pairs: Any) -> tuple[str, str]:
     """(WebUI prompt line, family warnings) for the chosen LoRAs; `pairs`: lora1, weight1, lora2, ..."""
     return webui_prompt(chosen_loras(*pairs)), family_notes(base_text, *pairs[0::2])
@@ -384,6 +395,9 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
                                  elem_id="test-image")
             grid_out = gr.Image(label="Compare grid (saved as one PNG)", type="filepath", interactive=False,
                                 height=400, elem_id="test-grid")
+        # A video model (Wan) draws clips: the image above is the first frame, this plays the clip.
+        clip_out = gr.Video(label="Result clip", visible=False, interactive=False, autoplay=True, loop=True,
+                            height=400, elem_id="test-clip")
     with gr.Group(visible=False) as text_box:
         with gr.Row():
             text_base = gr.Dropdown(choices=catalog.text_models(), value="", allow_custom_value=True, scale=3,
@@ -415,6 +429,8 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
                       [grid_out, image_message])
     stop_btn.click(stop_tryout, None, image_message)
     timer.tick(poll, memo, [progress, image_out, grid_out, image_message, memo], show_progress="hidden")
+    clip_memo = gr.State(None)
+    timer.tick(poll_clip, clip_memo, [clip_out, clip_memo], show_progress="hidden")
     pairs = [lora, weight, *extra]  # lora1, weight1, lora2, weight2, ...
     # One queue for both, in the order they were triggered: the first on_loras imports torch to read the
     # files (seconds), and a weight moved meanwhile must not be overwritten by its older line.

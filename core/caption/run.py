@@ -23,7 +23,8 @@ from core.caption.models import Captioner, load_captioner
 from core.data.captions import (CaptionFileError, format_metadata_csv, read_caption_txt,
                                 read_metadata_csv, write_caption_txt)
 from core.data.image_io import ImageReadError, is_image_file, load_rgb
-from core.data.images import find_image_files, match_metadata_rows
+from core.data.images import TRAINING_EXTENSIONS, find_image_files, match_metadata_rows
+from core.data.video_io import VIDEO_EXTENSIONS, middle_frame
 from core.devices import free_memory, is_out_of_memory
 from core.events import DoneEvent, LogEvent, ProgressEvent, RunContext, StopRequested
 
@@ -103,7 +104,8 @@ def join_caption(prefix: str, caption: str, suffix: str) -> str:
 
 
 def find_images(folder: Path, recursive: bool = True) -> list[Path]:
-    """Image files in `folder`, sorted; by default the same set training reads (sub-folders too).
+    """Image files and video clips in `folder`, sorted; by default the same set training reads (sub-folders too).
+    A clip is captioned from its middle frame (core.data.video_io.middle_frame).
 
     A paired data set's `control/` (and `control_2/` ...) folders are left out: their images are the edit
     models' inputs, and captions describe the targets.
@@ -111,9 +113,10 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     from core.data.pairs import control_dirs
 
     if recursive:
-        return find_image_files(folder, exclude=control_dirs(folder))[0]
+        return find_image_files(folder, exclude=control_dirs(folder), extensions=TRAINING_EXTENSIONS)[0]
     found = [path for path in folder.iterdir()
-             if path.is_file() and not path.name.startswith(".") and is_image_file(path)]
+             if path.is_file() and not path.name.startswith(".")
+             and (is_image_file(path) or path.suffix.lower() in VIDEO_EXTENSIONS)]
     return sorted(found, key=lambda p: p.name.lower())
 
 
@@ -190,8 +193,11 @@ def _load_batch(paths: list[Path], needs_images: bool) -> list[tuple[Path, objec
     loaded: list[tuple[Path, object]] = []
     for path in paths:
         try:
-            # Big JPEGs decode at a reduced scale: every captioner resizes far below 1024 px.
-            loaded.append((path, load_rgb(path, draft_size=DRAFT_SIZE)))
+            if path.suffix.lower() in VIDEO_EXTENSIONS:
+                loaded.append((path, middle_frame(path)))  # a clip: its middle frame describes it best
+            else:
+                # Big JPEGs decode at a reduced scale: every captioner resizes far below 1024 px.
+                loaded.append((path, load_rgb(path, draft_size=DRAFT_SIZE)))
         except ImageReadError as exc:
             loaded.append((path, exc))
     return loaded

@@ -23,8 +23,9 @@ from core.data.buckets import bucket_label, choose_bucket, cover_size, make_buck
 from core.data.captions import (CaptionFileError, caption_txt_path, read_caption_txt_checked,
                                 read_metadata_csv)
 from core.data.image_io import ImageInfo, ImageReadError, load_rgb
-from core.data.images import (DatasetError, find_image_files, inspect_image, match_metadata_rows,
-                              relative_name, resolve_metadata_path, short_reason)
+from core.data.images import (TRAINING_EXTENSIONS, DatasetError, find_image_files, inspect_image,
+                              match_metadata_rows, relative_name, resolve_metadata_path, short_reason)
+from core.data.video_io import VIDEO_EXTENSIONS, VideoInfo, VideoReadError, frame_windows, probe_video
 
 SEVERITIES = ("error", "warning", "info")
 EXTREME_ASPECT = 2.5
@@ -59,6 +60,7 @@ class HealthReport:
     sizes: list[tuple[str, int, int]] = field(default_factory=list)  # (file, w, h)
     buckets: dict[str, int] = field(default_factory=dict)  # "768x512" -> count
     caption_source: str = "none"
+    clips: list[VideoInfo] = field(default_factory=list)  # the readable video clips
 
     def count(self, severity: str) -> int:
         return sum(1 for issue in self.issues if issue.severity == severity)
@@ -183,16 +185,21 @@ def _examine(path: Path) -> tuple[ImageInfo | None, int, str]:
 
 def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: str = "",
                  caption_extension: str = ".txt", bucketing: bool = True, tokenizer: Any = None,
-                 max_tokens: int = 77, min_reso: int = 256, max_reso: int = 2048) -> HealthReport:
-    """Check every image and caption of `folder`; raises DatasetError when it is not a folder."""
+                 max_tokens: int = 77, min_reso: int = 256, max_reso: int = 2048, video_frames: int = 17,
+                 video_frame_stride: int = 1, video_fps: float = 0.0) -> HealthReport:
+    """Check every image, clip and caption of `folder`; raises DatasetError when it is not a folder.
+
+    Clips (.mp4 .webm .mov ...) are probed with PyAV: unreadable ones are errors, ones too short for
+    `video_frames` at the stride / fps warnings, clips of several aspect ratios a warning."""
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"'{root}' does not exist or is not a folder. Choose the folder with your images.")
     from core.data.pairs import control_dirs, pair_issues
 
-    images, _ = find_image_files(root, exclude=control_dirs(root))
+    files, _ = find_image_files(root, exclude=control_dirs(root), extensions=TRAINING_EXTENSIONS)
+    images = [p for p in files if p.suffix.lower() not in VIDEO_EXTENSIONS]
     out = _Collector()
-    report = HealthReport(image_count=len(images))
+    report = HealthReport(image_count=len(files))
     bucket_list = make_buckets(resolution, min_reso, max_reso)
     formats: Counter[str] = Counter()
     modes: Counter[str] = Counter()
@@ -217,12 +224,18 @@ def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: st
         for problem, advice in _conversion_notes(info):
             out.add(name, "info", problem, advice)
 
+    clip_paths = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
+    usable += _check_clips(out, report, root, clip_paths, video_frames, video_frame_stride, video_fps)
+    for clip in report.clips:
+        bucket = choose_bucket(clip.width, clip.height, bucket_list) if bucketing else (resolution, resolution)
+        buckets[bucket_label(bucket)] += 1
+
     for first, second, distance in near_duplicates(hashes):
         out.add(second, "warning", f"near-duplicate of {first} (hash distance {distance} of 64)",
                 f"Keep one of {first} and {second} unless the repetition is on purpose: "
                 "a duplicate doubles that image's weight.")
 
-    report.caption_source = _check_captions(out, root, images, usable, metadata_path, caption_extension,
+    report.caption_source = _check_captions(out, root, files, usable, metadata_path, caption_extension,
                                             tokenizer, max_tokens)
     for file, severity, problem, advice in pair_issues(root, usable, resolve_metadata_path(root, metadata_path)):
         out.add(file, severity, problem, advice)
@@ -233,6 +246,35 @@ def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: st
     report.modes = dict(modes.most_common())
     report.buckets = dict(sorted(buckets.items(), key=lambda kv: -kv[1]))
     return report
+
+
+def _check_clips(out: _Collector, report: HealthReport, root: Path, clips: list[Path], frames: int, stride: int,
+                 fps: float) -> list[Path]:
+    """Probe each clip: unreadable ones, ones too short for `frames`, several aspect ratios; returns the usable."""
+    usable: list[Path] = []
+    for path in clips:
+        name = relative_name(path, root)
+        try:
+            info = probe_video(path)
+        except VideoReadError as exc:
+            problem = str(exc).split(": ", 1)[-1]
+            out.add(name, "error", f"will be skipped: {problem.split('. ')[0]}",
+                    "Re-export it as MP4 (H.264), or remove it from the folder.")
+            continue
+        usable.append(path)
+        report.clips.append(info)
+        report.sizes.append((name, info.width, info.height))
+        taken = len(frame_windows(info.frames, info.fps, frames=frames, stride=stride, target_fps=fps)[0])
+        if taken < frames:
+            out.add(name, "warning", f"too short for video_frames {frames}: {info.frames} frames "
+                    f"({info.duration:.1f} s at {info.fps:g} fps) give {taken} at this stride / fps",
+                    "It trains at the shorter count; lower video_frames or the stride, or use a longer clip.")
+    shapes = Counter(f"{round(c.width / c.height, 2):g}:1" for c in report.clips)
+    if len(shapes) > 1:
+        out.add("(clips)", "warning", f"clips in {len(shapes)} aspect ratios: "
+                + ", ".join(f"{shape} x{n}" for shape, n in shapes.most_common()),
+                "Each shape trains in its own bucket; crop them to one aspect ratio to batch them together.")
+    return usable
 
 
 def _check_captions(out: _Collector, root: Path, images: list[Path], usable: list[Path], metadata_path: str,

@@ -9,6 +9,7 @@ with the reason, never a crash; a folder with nothing usable raises `DatasetErro
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import Counter
@@ -19,6 +20,9 @@ from core.config import TrainConfig
 from core.data.captions import (CaptionFileError, caption_txt_path, read_caption_txt_checked,
                                 read_metadata_csv)
 from core.data.image_io import IMAGE_EXTENSIONS, ImageInfo, ImageReadError, check_complete, probe_image
+from core.data.video_io import VIDEO_EXTENSIONS, VideoInfo, frame_windows, is_clip, probe_video
+
+TRAINING_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS  # images and video clips
 
 MIN_SIDE = 64  # below this an image has less than one latent block per 8 px: useless, skipped
 METADATA_NAME = "metadata.csv"
@@ -40,6 +44,14 @@ class ImageItem:
     mode: str = ""
     control: Path | None = None  # a paired data set's control image (core.data.pairs)
     references: list[Path] = field(default_factory=list)  # its further references (control_2, control_3 ...)
+    # A video clip's window: the frame indices it trains on (core.data.video_io); () for a still image.
+    frames: tuple[int, ...] = ()
+    fps: float = 0.0  # the clip's frame rate
+    clip_frames: int = 0  # the clip's whole length in frames
+
+    @property
+    def is_clip(self) -> bool:
+        return bool(self.frames)
 
 
 @dataclass
@@ -68,8 +80,11 @@ def _skip_dir(name: str) -> bool:
     return name.startswith((".", "__")) or "backup" in lowered or lowered in {"_cache", "cache"}
 
 
-def find_image_files(folder: str | Path, exclude: tuple[str | Path, ...] = ()) -> tuple[list[Path], list[Path]]:
+def find_image_files(folder: str | Path, exclude: tuple[str | Path, ...] = (),
+                     extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> tuple[list[Path], list[Path]]:
     """Image files under `folder` (recursive, sorted by relative path) and the other files.
+
+    `extensions`: what counts as a training file (IMAGE_EXTENSIONS + VIDEO_EXTENSIONS: clips too).
 
     Hidden files and folders, backups (`x.png.bak-...`, `backup/`), caches and the folders
     in `exclude` (a run's output folder inside the data: its samples are not training data)
@@ -86,7 +101,7 @@ def find_image_files(folder: str | Path, exclude: tuple[str | Path, ...] = ()) -
             if name.startswith("."):
                 continue  # macOS "._x.jpg" resource forks, editors' temp files
             path = Path(current) / name
-            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+            (images if path.suffix.lower() in extensions else others).append(path)
     images.sort(key=lambda p: p.relative_to(root).as_posix().lower())
     return images, others
 
@@ -123,6 +138,38 @@ def _reason(message: str, name: str) -> str:
     # ImageReadError messages start with the bare file name; the list names the file already.
     prefix = f"{Path(name).name}: "
     return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def inspect_training_file(path: Path) -> ImageInfo | VideoInfo:
+    """An image's header checks, or a clip's probe (video files and animated GIFs)."""
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
+        return probe_video(path)
+    info = inspect_image(path)
+    return probe_video(path) if is_clip(path, info.frames) else info
+
+
+def clip_windows(info: VideoInfo, cfg: TrainConfig) -> list[tuple[int, ...]]:
+    """The frame windows a clip trains on under `cfg` (core.data.video_io.frame_windows)."""
+    return frame_windows(info.frames, info.fps, frames=cfg.video_frames, stride=cfg.video_frame_stride,
+                         target_fps=cfg.video_fps, mode=cfg.video_windows, count=cfg.video_window_count)
+
+
+def still_images_only(items: list[ImageItem]) -> tuple[list[ImageItem], list[str]]:
+    """For a family that trains no video: animated GIFs back to their first frame (as before clips), video
+    files left out; returns (items, the left-out clips' names)."""
+    kept: list[ImageItem] = []
+    dropped: list[str] = []
+    seen: set[Path] = set()
+    for item in items:
+        if not item.is_clip:
+            kept.append(item)
+        elif item.path.suffix.lower() == ".gif":
+            if item.path not in seen:
+                seen.add(item.path)
+                kept.append(dataclasses.replace(item, format="GIF", mode="RGB", frames=(), fps=0.0, clip_frames=0))
+        elif item.relpath not in dropped:
+            dropped.append(item.relpath or item.path.name)
+    return kept, dropped
 
 
 # --- captions ----------------------------------------------------------------------------
@@ -255,13 +302,13 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
 
     # A paired data set's control folders hold the controls, not training targets.
     exclude = control_dirs(folder) + ((cfg.output_dir,) if cfg.output_dir else ())
-    images, others = find_image_files(folder, exclude=exclude)
+    images, others = find_image_files(folder, exclude=exclude, extensions=TRAINING_EXTENSIONS)
     items: list[ImageItem] = []
     skipped: list[tuple[str, str]] = []
-    infos: dict[Path, ImageInfo] = {}
+    infos: dict[Path, ImageInfo | VideoInfo] = {}
     for path in images:
         try:
-            infos[path] = inspect_image(path)
+            infos[path] = inspect_training_file(path)
         except ImageReadError as exc:
             skipped.append((relative_name(path, folder), _reason(str(exc), path.name)))
     if not infos:
@@ -284,6 +331,7 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
 
     no_caption: list[str] = []
     empty_caption: list[str] = []
+    short: list[str] = []
     for path in usable:
         info = infos[path]
         name = relative_name(path, folder)
@@ -293,8 +341,16 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
                 no_caption.append(name)
             elif not raw.strip():
                 empty_caption.append(name)
-        items.append(ImageItem(path=path, caption=apply_trigger(raw or "", cfg.trigger_word),
-                               width=info.width, height=info.height, relpath=name,
+        caption = apply_trigger(raw or "", cfg.trigger_word)
+        if isinstance(info, VideoInfo):
+            windows = clip_windows(info, cfg)
+            if len(windows[0]) < cfg.video_frames:
+                short.append(f"{name} ({len(windows[0])} frames)")
+            items.extend(ImageItem(path=path, caption=caption, width=info.width, height=info.height, relpath=name,
+                                   format=path.suffix.lstrip(".").upper(), mode="RGB", frames=window, fps=info.fps,
+                                   clip_frames=info.frames) for window in windows)
+            continue
+        items.append(ImageItem(path=path, caption=caption, width=info.width, height=info.height, relpath=name,
                                format=info.format, mode=info.mode))
     pairs = find_controls(folder, [i.path for i in items], resolve_metadata_path(folder, cfg.metadata_path))
     used_as_control = {p.resolve() for p in pairs.controls.values()}
@@ -309,6 +365,10 @@ def scan_image_dataset(cfg: TrainConfig) -> ImageDataset:
                         "They train with " + ("only the trigger word." if cfg.trigger_word else "an empty caption."))
     if empty_caption:
         warnings.append(f"{len(empty_caption)} image(s) have an empty caption: {_listing(empty_caption)}.")
+    if short:
+        warnings.append(f"{len(short)} clip(s) are shorter than video_frames {cfg.video_frames} after sampling and "
+                        f"train at fewer frames (4k+1): {_listing(short)}. Lower video_frames or the stride to "
+                        "train them whole.")
     return ImageDataset(folder=folder, items=items, skipped=skipped, warnings=warnings, caption_source=source)
 
 

@@ -86,6 +86,9 @@ class FamilyInfo:
     # The model's own sampling for previews (model cards): steps and guidance; 0 / -1: the config's own.
     preview_steps: int = 0
     preview_guidance: float = -1.0
+    # Trains on video: clips of the data set train as [C, F, h, w] latents (images as one frame), the buckets
+    # add the frame count, the previews are short clips. False: clips are left out (animated GIFs: first frame).
+    video: bool = False
 
     @property
     def is_flow_matching(self) -> bool:
@@ -113,6 +116,8 @@ _QWEN_LORA_KEYS = (r"transformer_blocks[._]\d+[._](img|txt)_mlp[._]net[._]", r"t
 # SD3.5 medium / large MMDiT; CLIP-L and CLIP-G with their projections; the 16-channel VAE (FLUX's AE shape).
 SD35_MEDIUM, SD35_LARGE, CLIP_L_PROJ, CLIP_G_PROJ = 2_243_171_520, 8_056_627_520, 123_650_304, 694_659_840
 SD3_ENCODERS = CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL_ENCODER + FLUX_AE
+# Wan 2.1 T2V 1.3B and 14B (WanTransformer3DModel), UMT5-XXL's encoder, the Wan VAE (the one Qwen-Image uses).
+WAN21_13B, WAN21_14B, UMT5_XXL, WAN_VAE = 1_418_996_800, 14_288_491_584, 5_680_910_336, QWEN_IMAGE_VAE
 Z_IMAGE, QWEN3_4B = 6_154_908_736, 4_022_468_096  # ZImageTransformer2DModel; Qwen3Model (no LM head)
 # FLUX.2 (Flux2Transformer2DModel on the meta device): klein 4B / 9B and dev; Qwen3-8B (Qwen3Model), Mistral-Small
 # 3.1's language model (MistralModel), the 32-channel AutoencoderKLFlux2.
@@ -250,6 +255,28 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                width=2432, config_groups=("flow",), resolution_floor=512,
                memory_parts="core.families.sd3.memory:sd3_parts", name_words=("sd3.5_large", "sd3.5-large",
                                                                                "stable-diffusion-3.5-large")),
+    # Wan 2.1 text-to-video: the 1.3B (width 1536) and the 14B (5120) share every name; the width tells them apart
+    # (core.families.wan.load.variant_from_shapes). Video: clips train as [16, F, h, w] latents, previews are clips.
+    # native_resolution: the square of the same area as 832x480 (1.3B) and 1280x720 (14B), in 64s.
+    *(FamilyInfo(name, label, "dit", native, "wan", version, name, (), ("text_encoder",), "WanPipeline",
+                 repo, params, UMT5_XXL + WAN_VAE, sample_size_floor=0, default_timestep_sampling="shift",
+                 modelspec_implementation="https://github.com/Wan-Video/Wan2.1", impl="core.families.wan.family",
+                 width=width, config_groups=("flow",), resolution_floor=256, video=True,
+                 memory_parts="core.families.wan.memory:wan_parts",
+                 diffusers_class_names=("WanPipeline", "WanTransformer3DModel"),
+                 single_file_markers=("blocks.0.cross_attn.q.weight", "blocks.0.attn2.to_q.weight"),
+                 name_words=words, lora_key_markers=(
+                     r"^(lora_unet_|diffusion_model\.)?blocks[._]\d+[._](self_attn|cross_attn)[._][qkvo]\b",
+                     r"^(lora_unet_|diffusion_model\.)?blocks[._]\d+[._]ffn[._][02]\b",
+                     r"^transformer\.blocks\.\d+\.(attn1|attn2)\.to_"))
+      for name, label, version, repo, params, width, native, words in (
+          ("wan2.1-t2v-1.3b", "Wan 2.1 T2V 1.3B", "wan2.1_t2v_1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", WAN21_13B,
+           1536, 640, ("wan2.1", "wan2_1", "wan-2.1", "wan21", "wan-ai/")),
+          ("wan2.1-t2v-14b", "Wan 2.1 T2V 14B", "wan2.1_t2v_14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", WAN21_14B,
+           5120, 960, ("wan2.1-t2v-14b", "wan2.1_t2v_14b", "wan2_1_t2v_14b", "t2v-14b", "t2v_14b")),
+          # Wan 2.2 A14B: two 14B experts (one trains at a time, `wan_expert`); trained_params is one of them.
+          ("wan2.2-t2v-a14b", "Wan 2.2 T2V A14B", "wan2.2_t2v_a14b", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", WAN21_14B,
+           5120, 960, ("wan2.2-t2v-a14b", "wan2.2_t2v_a14b", "wan2.2", "wan2_2", "high_noise", "low_noise")))),
     # Z-Image: Turbo and base share every shape; the name tells them apart (the longest name word wins).
     *(FamilyInfo(name, label, "dit", 1024, "z-image", version, "Z-Image", (), ("text_encoder",), "ZImagePipeline",
                  repo, Z_IMAGE, QWEN3_4B + FLUX_AE, sample_size_floor=512, default_timestep_sampling="shift",

@@ -65,6 +65,7 @@ class ImageRun:
     latents: dict[int, CachedImage] | None = None
     control_latents: dict[int, CachedImage] | None = None  # paired data: each target's control, cached alike
     needs_control: bool = False  # the family trains on (control, target, caption) triples
+    video: bool = False  # the family trains on video: latents [C, F, h, w], buckets (width, height, frames)
     text_cache: Any = None  # captions -> their batched conditioning, when the prompts were encoded once
     weight_dtype: torch.dtype = torch.float32
     adapted: Adapted | None = None
@@ -147,6 +148,35 @@ class ImageRun:
         self.needs_control = info.needs_control
         if self.needs_control:
             self._keep_pairs(info.label)
+        self.video = info.video
+        self._fit_clips(info.label)
+
+    def _fit_clips(self, label: str) -> None:
+        """A video family's buckets add the frame count (an image is one frame); another family trains no clips."""
+        from core.data.images import still_images_only
+
+        if self.video:
+            self.buckets = [(*b[:2], len(i.frames) or 1) for b, i in zip(self.buckets, self.items)]
+            clips = sum(1 for i in self.items if i.is_clip)
+            if clips:
+                self.log(f"{clips} clip window(s) and {len(self.items) - clips} image(s); frame buckets: "
+                         + ", ".join(str(f) for f in sorted({b[2] for b in self.buckets})))
+            return
+        if not any(i.is_clip for i in self.items):
+            return
+        from core.data.buckets import bucket_for
+
+        self.items, dropped = still_images_only(self.items)
+        self.buckets = [tuple(bucket_for(i.width, i.height, self.cfg)) for i in self.items]
+        if dropped and self.main:
+            _skipped_warning(self.ctx, [(name, f"a video clip; {label} trains on images") for name in dropped])
+        if not self.items:
+            raise ValueError(f"{label} trains on images and the folder holds only video clips: add images, or "
+                             "pick a video model (Wan).")
+
+    def frames_of(self, index: int) -> tuple[int, ...] | None:
+        """A video run's frame window of item `index` (() for an image), None in an image run."""
+        return self.items[index].frames if self.video else None
 
     def _keep_pairs(self, label: str) -> None:
         """A paired family trains only the images that have a control image (core.data.pairs)."""
@@ -183,7 +213,9 @@ class ImageRun:
             latents, failed, hits = encode_images(m.vae, [i.path for i in self.items], self.buckets,
                                                   center_crop=cfg.center_crop, cache_dir=cache_dir,
                                                   progress=progress if self.main else None,
-                                                  moments_of=self.family.encode_moments)
+                                                  moments_of=self.family.encode_moments,
+                                                  frames=[self.frames_of(n) for n in range(len(self.items))]
+                                                  if self.video else None)
             controls: dict[int, CachedImage] = {}
             if self.needs_control:
                 # The control images, at their target's bucket, in the same cache.
@@ -296,15 +328,17 @@ class ImageRun:
     def _encode_batch(self, indices: list[int]) -> tuple[torch.Tensor, list, torch.Tensor | None]:
         from core.data.buckets import prepare_image
         from core.data.image_io import load_rgb
+        from core.train.latent_cache import prepare_pixels
 
         flips = [self.cfg.random_flip and random.random() < 0.5 for _ in indices]
-        prepared = [prepare_image(load_rgb(self.items[i].path), self.buckets[i], center_crop=self.cfg.center_crop,
-                                  flip=flip, rng=random)
-                    for i, flip in zip(indices, flips)]
+        drawn = [prepare_pixels(self.items[i].path, self.buckets[i], frames=self.frames_of(i),
+                                center_crop=self.cfg.center_crop, flip=flip, rng=random)
+                 for i, flip in zip(indices, flips)]
+        prepared = [p for _, p in drawn]
         vae = self.model.vae
         control = None
         with torch.no_grad():
-            pixels = torch.stack([p.pixels for p in prepared]).to(self.device, torch.float32)
+            pixels = torch.stack([px for px, _ in drawn]).to(self.device, torch.float32)
             latents = sample_latents(self.family.encode_moments(vae, pixels), 1.0)
             if self.needs_control:
                 # The control flipped with its target, center-cropped to the same bucket.

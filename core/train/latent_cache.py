@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from core.atomic import atomic_path
-from core.data.buckets import Bucket, prepare_image
+from core.data.buckets import Bucket, PreparedImage, prepare_image
 from core.data.image_io import ImageReadError, load_rgb
 
 CACHE_DIRNAME = ".lora_cache"
@@ -61,8 +61,35 @@ def cache_root_for(train_data_dir: str | Path, output_dir: str | Path, kind: str
     return _writable_folder(train_data_dir, output_dir, Path(kind), kind)
 
 
-def _cache_name(content: str, bucket: Bucket, center_crop: bool) -> str:
-    return f"{content}_{bucket[0]}x{bucket[1]}{'' if center_crop else '_rc'}.safetensors"
+def _cache_name(content: str, bucket: Bucket, center_crop: bool, frames: tuple[int, ...] | None = None) -> str:
+    # A video run's entries name their frames (a clip's window; "f1" an image as one frame).
+    if frames is None:
+        window = ""
+    elif not frames:
+        window = "_f1"
+    else:
+        window = f"_f{len(frames)}_" + hashlib.sha256(repr(frames).encode()).hexdigest()[:8]
+    return f"{content}_{bucket[0]}x{bucket[1]}{window}{'' if center_crop else '_rc'}.safetensors"
+
+
+def prepare_pixels(path: Path, bucket: Bucket, *, frames: tuple[int, ...] | None = None, center_crop: bool = True,
+                   flip: bool = False, rng: Any = None) -> tuple[torch.Tensor, PreparedImage]:
+    """An image's pixels [3, H, W] in [-1, 1]; in a video run (`frames` not None) [3, F, H, W]: a clip's
+    frames (each resized and cropped alike), or an image as one frame."""
+    import random
+
+    if frames is None:
+        prepared = prepare_image(load_rgb(path), bucket, center_crop=center_crop, flip=flip, rng=rng)
+        return prepared.pixels, prepared
+    from core.data.video_io import read_frames
+
+    pictures = read_frames(path, frames) if frames else [load_rgb(path)]
+    # One random crop for the whole clip: every frame takes the same corner (a center crop draws nothing: the
+    # training RNG must not depend on whether latents came from the cache).
+    seed = None if center_crop else (rng or random).random()
+    prepared_all = [prepare_image(p, bucket, center_crop=center_crop, flip=flip, rng=random.Random(seed))
+                    for p in pictures]
+    return torch.stack([p.pixels for p in prepared_all], dim=1), prepared_all[0]
 
 
 def _read_cached(path: Path) -> CachedImage | None:
@@ -104,8 +131,12 @@ def encode_images(vae: Any, paths: Sequence[Path], buckets: Sequence[Bucket], *,
                   cache_dir: Path | None, batch_size: int = 4,
                   progress: Callable[[int, int], None] | None = None,
                   moments_of: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+                  frames: Sequence[tuple[int, ...]] | None = None,
                   ) -> tuple[dict[int, CachedImage], list[tuple[str, str]], int]:
-    """Latents for every image: {index: CachedImage}, images that failed to decode, cache hits."""
+    """Latents for every image: {index: CachedImage}, images that failed to decode, cache hits.
+
+    `frames`: a video run's frame windows per item (() for an image: one frame); the moments are then
+    [2C, f, h, w] and the buckets (width, height, frame count)."""
     results: dict[int, CachedImage] = {}
     failed: list[tuple[str, str]] = []
     todo: dict[Bucket, list[tuple[int, Path, str]]] = {}
@@ -117,7 +148,7 @@ def encode_images(vae: Any, paths: Sequence[Path], buckets: Sequence[Bucket], *,
             failed.append((path.name, f"cannot be read: {exc}"))
             continue
         if cache_dir is not None:
-            cached = _read_cached(cache_dir / _cache_name(content, bucket, center_crop))
+            cached = _read_cached(cache_dir / _cache_name(content, bucket, center_crop, _window(frames, index)))
             if cached is not None:
                 results[index] = cached
                 hits += 1
@@ -131,22 +162,29 @@ def encode_images(vae: Any, paths: Sequence[Path], buckets: Sequence[Bucket], *,
             chunk, prepared = [], []
             for index, path, content in entries[start:start + batch_size]:
                 try:
-                    prepared.append(prepare_image(load_rgb(path), bucket, center_crop=center_crop))
+                    prepared.append(prepare_pixels(path, bucket, frames=_window(frames, index),
+                                                   center_crop=center_crop))
                     chunk.append((index, path, content))
                 except (ImageReadError, OSError, ValueError) as exc:
                     failed.append((path.name, str(exc)))
             if prepared:
-                moments = encode_moments(vae, torch.stack([p.pixels for p in prepared]), moments_of)
+                moments = encode_moments(vae, torch.stack([pixels for pixels, _ in prepared]), moments_of)
+                prepared = [p for _, p in prepared]
                 for (index, _path, content), prep, moment in zip(chunk, prepared, moments):
                     item = CachedImage(moment.clone(), tuple(prep.original_size), tuple(prep.crop_top_left),
                                        tuple(prep.target_size))
                     results[index] = item
                     if cache_dir is not None:
-                        _write_cached(cache_dir / _cache_name(content, bucket, center_crop), item)
+                        _write_cached(cache_dir / _cache_name(content, bucket, center_crop, _window(frames, index)),
+                                      item)
             done += len(entries[start:start + batch_size])
             if progress:
                 progress(done, total)
     return results, failed, hits
+
+
+def _window(frames: Sequence[tuple[int, ...]] | None, index: int) -> tuple[int, ...] | None:
+    return None if frames is None else tuple(frames[index])
 
 
 class TextCache:

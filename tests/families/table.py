@@ -101,6 +101,13 @@ def _qwen(root: Path) -> Built:
     return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
 
 
+def _wan(root: Path) -> Built:
+    from core.families.wan.tiny import build_tiny_wan
+
+    tiny = build_tiny_wan(root)
+    return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
+
+
 # --- the real networks (configs from the model cards' config.json files) -----------------------------
 
 def _unet(**config):
@@ -169,6 +176,12 @@ def _qwen_net():
                                        joint_attention_dim=3584, in_channels=64, out_channels=16)
 
 
+def _wan_13b():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(num_attention_heads=12, ffn_dim=8960, num_layers=30)  # Wan2.1-T2V-1.3B's config
+
+
 _TRANSFORMER_GPU_ONLY = {"blocks_to_swap": 4, "base_quantization": "nf4"}
 _BFL = dict(gpu_only=_TRANSFORMER_GPU_ONLY, kohya_in_pipeline=False)
 
@@ -190,6 +203,8 @@ FAMILIES: list[TinyFamily] = [
     # diffusers' Krea 2 loader reads no kohya names: its WebUI / ComfyUI file is the native `diffusion_model.` form.
     TinyFamily("krea2", _krea2, "krea/Krea-2-Raw", "Krea2Pipeline", "transformer", _krea2_net, _TRANSFORMER_GPU_ONLY,
                main_format="comfyui"),
+    TinyFamily("wan2.1-t2v-1.3b", _wan, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "WanPipeline", "transformer", _wan_13b,
+               _TRANSFORMER_GPU_ONLY, main_format="comfyui"),
     TinyFamily("qwen-image", _qwen, "Qwen/Qwen-Image", "QwenImagePipeline", "transformer", _qwen_net,
                _TRANSFORMER_GPU_ONLY),
 ]

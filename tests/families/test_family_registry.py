@@ -14,7 +14,7 @@ def test_the_flux_sizes_are_the_real_transformers_built_on_the_meta_device(name)
 def test_every_family_has_a_name_for_people_and_for_webui():
     for info in FAMILIES.values():
         assert info.label and info.ss_base_model_version and info.modelspec_architecture
-        assert info.kind in ("unet", "flux", "dit") and info.native_resolution in (512, 768, 1024, 1328)
+        assert info.kind in ("unet", "flux", "dit") and info.native_resolution in (512, 640, 768, 960, 1024, 1328)
         assert info.kind == "unet" or (info.impl != "core.families.sd.family" and "flow" in info.config_groups)
     assert family_label("sdxl") == "SDXL" and family_label("llm") == "LLM"
 

@@ -1,0 +1,239 @@
+"""Wan 2.1 text-to-video (1.3B, 14B) behind the `ImageFamily` interface.
+
+Built from `core.families.wan.load` (loading), `.single_file` (ComfyUI's files), `.text` (UMT5 prompts),
+`.loss` and `.lora_files` on the transformer families' default (core.families.dit.default). UMT5-XXL
+encodes every caption once into the disk cache and is freed before the transformer trains; clips and
+images are encoded once by the Wan VAE into [16, F, h, w] latents (an image is one frame); the LoRA goes
+on the self- and cross-attention q/k/v/o and the FFN Linears of every block (musubi-tuner's lora_wan);
+flow matching with Wan's shift (3.0). fp8 storage, gradient checkpointing and block offload are the
+transformer families' shared ones (core.families.dit).
+
+Previews and the Test tab make short clips: the pipeline's latents [1, 16, F', h, w] decoded by the VAE in
+fp32 into frames; each clip is returned as its first frame carrying the frames (core.sample.clip_image),
+which the previews row shows as the thumbnail and core.sample.save_image writes as an mp4 beside it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from core.config import TrainConfig
+from core.families.dit.common import first_text_encoder_file
+from core.families.dit.default import TransformerSpec, flow_scheduler, place_for_tryout, transformer_family
+from core.families.wan.loss import make_loss, wan_shift
+from core.families.wan.text import encode_entries, prompt_identity, stack
+from core.family_api.registry import family_info
+
+PREVIEW_FPS = 16          # Wan's frame rate
+PREVIEW_MAX_FRAMES = 33   # previews: at most ~2 s, whatever video_frames is
+TEST_FRAMES = 17          # the Test tab's clips (1 s at 16 fps)
+SPATIAL, TEMPORAL, PATCH = 8, 4, 2
+
+
+def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Any:
+    from core.families.wan.load import load_model
+
+    return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=first_text_encoder_file(cfg),
+                      vae=cfg.vae, dtype=dtype, quantization_config=quantization_config, expert=cfg.wan_expert)
+
+
+def lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
+    from core.families.wan.load import lora_targets as targets
+
+    return targets(transformer)
+
+
+def read_lora(path: Path) -> Any:
+    from core.families.wan.lora_files import read_lora as read
+
+    return read(path)
+
+
+def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> Path:
+    """Wan's native names with the `diffusion_model.` prefix (ComfyUI); a Wan 2.2 A14B expert's file says which
+    model node it goes on: `<name>_high_noise.safetensors` / `<name>_low_noise.safetensors`."""
+    from core.families.wan.lora_files import write_kohya_file
+
+    if model.expert:
+        path = path.with_name(f"{path.stem}_{model.expert}_noise{path.suffix}")
+        kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "ss_wan_expert": f"{model.expert}_noise",
+                              "ss_wan_boundary_ratio": f"{model.boundary_ratio:g}"}
+    return write_kohya_file(state, path, variant=model.variant, **kwargs)
+
+
+def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any) -> Path:
+    from core.families.wan.lora_files import write_diffusers_file
+
+    return write_diffusers_file(state, folder, **kwargs)
+
+
+# --- latents: Wan's per-channel mean and std --------------------------------------------------------
+
+def _stats(vae_config: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, -1) + (1,) * (latents.ndim - 2)
+    mean = torch.tensor(vae_config.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
+    std = torch.tensor(vae_config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
+    return mean, std
+
+
+def normalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
+    mean, std = _stats(vae_config, latents)
+    return (latents - mean) / std
+
+
+def denormalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
+    mean, std = _stats(vae_config, latents)
+    return latents * std + mean
+
+
+# --- previews and the Test tab ----------------------------------------------------------------------
+
+def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
+    """WanPipeline with `transformer` (default: the model's) as the trained network; a Wan 2.2 A14B model's other
+    expert takes its side of boundary_ratio (without it, the trained expert runs every step)."""
+    from diffusers import WanPipeline
+
+    network = model.transformer if transformer is None else transformer
+    experts: dict[str, Any] = {"transformer": network}
+    if model.expert and model.other_expert is not None:
+        high, low = (network, model.other_expert) if model.expert == "high" else (model.other_expert, network)
+        experts = {"transformer": high, "transformer_2": low, "boundary_ratio": model.boundary_ratio}
+    pipe = WanPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
+                       scheduler=flow_scheduler(model), **experts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def clip_size(resolution: int, variant: str) -> tuple[int, int]:
+    """A square side in whole latent patches (16 px), not below the family's floor."""
+    step = SPATIAL * PATCH
+    side = max(step, max(resolution, family_info(variant).sample_size_floor) // step * step)
+    return side, side
+
+
+@torch.no_grad()
+def decode_clip(vae: Any, latents: torch.Tensor) -> list[list[Image.Image]]:
+    """Latents [B, 16, F', h, w] -> the frames of each clip, the VAE in fp32."""
+    device = next(vae.parameters()).device
+    latents = denormalize_latents(vae.config, latents.to(device, torch.float32))
+    video = vae.to(torch.float32).decode(latents, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
+    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+    return [[Image.fromarray(f) for f in clip] for clip in frames]
+
+
+@torch.no_grad()
+def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
+             negative_prompt: str = "", width: int, height: int,
+             embeds: Callable[[list[str]], Any] | None = None, dtype: torch.dtype = torch.float32,
+             frames: int = TEST_FRAMES) -> list[Image.Image]:
+    """One clip per prompt from the same seed, each as its first frame carrying all frames (core.sample.clip_image).
+
+    `embeds`: cached UMT5 encodings instead of the encoder; guidance > 1 runs the negative prompt too (CFG).
+    """
+    from core.devices import free_memory
+    from core.sample import clip_image
+
+    device = pipe.vae.device
+    clips = []
+    for prompt in prompts:
+        kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                                      num_frames=frames, output_type="latent", return_dict=False,
+                                      generator=torch.Generator(device="cpu").manual_seed(seed))
+        if embeds is None:
+            kwargs.update(prompt=prompt, negative_prompt=negative_prompt or "")
+        else:
+            kwargs["prompt_embeds"] = embeds([prompt]).to(device, dtype)
+            kwargs["negative_prompt_embeds"] = embeds([negative_prompt or ""]).to(device, dtype)
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+            latents = pipe(**kwargs)[0]
+        clips.extend(clip_image(clip, PREVIEW_FPS) for clip in decode_clip(pipe.vae, latents))
+        free_memory()
+    return clips
+
+
+def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+             cached: Any) -> list[Image.Image]:
+    from core.sample import move
+
+    width, height = clip_size(cfg.resolution, model.variant)
+    frames = min(cfg.video_frames, PREVIEW_MAX_FRAMES)
+    other = model.other_expert if _room_for(model.other_expert, device, dtype) else None
+    pipe = build_pipeline(model, transformer) if other is not None or model.other_expert is None else \
+        build_pipeline(_alone(model), transformer)
+    if other is not None:
+        move(other, device, dtype)  # the frozen expert visits the device for the previews only
+    try:
+        return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
+                        guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
+                        height=height, embeds=cached, dtype=dtype, frames=frames)
+    finally:
+        if other is not None:
+            move(other, "cpu")
+
+
+def _room_for(module: Any, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a Wan 2.2 A14B's frozen other expert fits on the device beside the run for the previews (a second
+    14B in bf16 does not fit a 24 GB card: the previews then run the trained expert alone)."""
+    if module is None or device.type != "cuda":
+        return module is not None
+    need = sum(p.numel() for p in module.parameters()) * torch.tensor([], dtype=dtype).element_size() * 1.1
+    return torch.cuda.mem_get_info(device)[0] > need
+
+
+def _alone(model: Any) -> Any:
+    """The model as if it had no other expert (its trained one runs every preview step)."""
+    import dataclasses
+
+    return dataclasses.replace(model, other_expert=None)
+
+
+def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
+                    device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from core.families.wan.load import load_model
+
+    model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae), device, dtype)
+    if model.other_expert is not None:
+        from core.sample import move
+
+        move(model.other_expert, device, dtype)
+    return build_pipeline(model), model
+
+
+def default_size(model: Any) -> int:
+    return family_info(model.variant).native_resolution
+
+
+def _lora_files() -> Any:
+    from core.families.wan.lora_files import lora_file_format
+
+    return lora_file_format()
+
+
+def _detect(base_model: str) -> str | None:
+    from core.families.wan.load import detect
+
+    return detect(base_model)
+
+
+SPEC = TransformerSpec(
+    label="Wan", trains="Wan trains the self- and cross-attention and feed-forward layers of every block",
+    encoders_note="Wan always caches UMT5's outputs (the 5.7B text encoder is freed before training).",
+    load=load, lora_targets=lora_targets, make_loss=make_loss, read_lora=read_lora,
+    write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries, stack=stack,
+    prompt_identity=prompt_identity, lora_init=True,
+    training_note=lambda model, cfg: f"shift {wan_shift(cfg):g} timestep sampling",
+    extra_metadata=lambda cfg: {"ss_discrete_flow_shift": f"{wan_shift(cfg):g}",
+                                "ss_target_frames": str(cfg.video_frames)},
+    fp8_cast_modulation=False)
+
+# No `variant_from_keys`: a Wan 2.2 A14B expert's file is told by its name (high_noise / low_noise), which
+# `detect` reads beside the header.
+WAN = transformer_family(SPEC, detect=_detect, lora_files=_lora_files(), previews=previews,
+                         tryout_pipeline=tryout_pipeline, generate=generate, default_size=default_size,
+                         normalize_latents=normalize_latents, denormalize_latents=denormalize_latents)
+FAMILY = WAN

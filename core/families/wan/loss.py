@@ -1,0 +1,66 @@
+"""The Wan training objective (musubi-tuner's wan_train_network.py, diffusion-pipe's wan): flow matching where the
+transformer, given the timestep sigma * 1000, predicts the velocity noise - x0; sigmas drawn with Wan's shift.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import TrainConfig
+from core.families.dit.default import timestep_sampling
+from core.families.wan.load import SHIFT
+from core.family_api.contract import Batch
+
+
+def wan_shift(cfg: TrainConfig) -> float:
+    """The configured discrete_flow_shift, or Wan's 3.0 where the config keeps the FLUX default."""
+    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "discrete_flow_shift")
+    return SHIFT if cfg.discrete_flow_shift == default else cfg.discrete_flow_shift
+
+
+def wan_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+             generator: torch.Generator | None = None, *, timestep_sampling: str = "shift", shift: float = SHIFT,
+             dtype: torch.dtype = torch.float32, sigmas: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None, sigma_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Flow-matching MSE in fp32 on latents [B, C, F, h, w] (an image: F = 1): x_s = (1 - s) x0 + s noise.
+
+    `sigma_range`: a Wan 2.2 A14B expert's share of the noise levels; the drawn sigmas are mapped into it
+    linearly (musubi-tuner's min_timestep / max_timestep per expert)."""
+    from core.families.dit.flow import flow_target, noise_and_sigmas, noisy_latents, sample_sigmas
+
+    x0 = latents.float()
+    if x0.ndim == 4:
+        x0 = x0.unsqueeze(2)  # an image batch: one frame
+    low, high = sigma_range
+    noise, sigmas = noise_and_sigmas(x0, generator, noise, sigmas, lambda: low + (high - low) * sample_sigmas(
+        x0.shape[0], timestep_sampling, shift=shift, generator=generator, device=x0.device))
+    noisy = noisy_latents(x0, noise, sigmas).to(dtype)
+    with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        pred = transformer(hidden_states=noisy, timestep=(sigmas * 1000).to(x0.device, dtype),
+                           encoder_hidden_states=prompt_embeds.to(x0.device, dtype), return_dict=False)[0]
+    return F.mse_loss(pred.float(), flow_target(x0, noise), reduction="mean")
+
+
+def expert_sigma_range(model: Any) -> tuple[float, float]:
+    """The noise levels the trained network sees: all, or a Wan 2.2 A14B expert's side of boundary_ratio (the
+    pipeline runs `transformer` for t >= boundary * 1000, `transformer_2` below)."""
+    if not getattr(model, "expert", ""):
+        return 0.0, 1.0
+    return (model.boundary_ratio, 1.0) if model.expert == "high" else (0.0, model.boundary_ratio)
+
+
+def make_loss(model: Any, cfg: TrainConfig, dtype: torch.dtype) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    sampling = timestep_sampling(cfg, model.variant)
+    shift = wan_shift(cfg)
+    sigma_range = expert_sigma_range(model)
+
+    def loss(transformer: nn.Module, batch: Batch) -> torch.Tensor:
+        return wan_loss(transformer, batch.latents, batch.cond, timestep_sampling=sampling, shift=shift, dtype=dtype,
+                        sigma_range=sigma_range)
+
+    return loss

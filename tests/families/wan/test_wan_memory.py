@@ -1,0 +1,56 @@
+"""Wan's memory estimate: the activations it counts per token are what a real WanTransformerBlock keeps for the
+backward pass (autograd's saved tensors, bf16, on the CPU), and the presets fit their tiers with the 14B."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def saved_bytes_per_token(width: int, ffn: int, tokens: int = 256, text: int = 32) -> float:
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
+
+    torch.manual_seed(0)
+    heads = width // 64
+    block = WanTransformerBlock(width, ffn, heads, "rms_norm_across_heads", 1e-6, True).to(torch.bfloat16)
+    block.requires_grad_(False)
+    for module in block.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.requires_grad_(True)  # as the LoRA makes them need gradients
+    rope = WanRotaryPosEmbed(64, (1, 2, 2), 32)(torch.zeros(1, 16, 1, 32, 32))
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() >= tokens and t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, tokens, width, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, torch.randn(1, text, width, dtype=torch.bfloat16), torch.randn(1, 6, width, dtype=torch.bfloat16),
+              rope)
+    return sum(seen.values()) / tokens
+
+
+@pytest.mark.parametrize("width,ffn", [(256, 691), (512, 896)])
+def test_the_activation_count_per_token_is_what_the_real_block_keeps(width, ffn):
+    from core.families.wan.memory import ELEMENTS_PER_FFN, ELEMENTS_PER_WIDTH
+
+    counted = (ELEMENTS_PER_WIDTH * width + ELEMENTS_PER_FFN * ffn) * 2
+    assert counted == pytest.approx(saved_bytes_per_token(width, ffn), rel=0.05)
+
+
+def test_the_14b_fits_each_wan_preset_tier_and_a_clip_costs_more_than_an_image():
+    from core.memory import estimate_memory
+    from core.model_info import detect_model
+    from core.presets import adapt_to_device, load_preset, loose_config, preset_info
+    from tests.test_presets import gpu
+
+    model = detect_model("Wan-AI/Wan2.1-T2V-14B-Diffusers")
+    for name in ("wan-24gb", "wan-16gb", "wan-12gb", "wan-8gb"):
+        card = gpu(f"{preset_info(name).memory_gb:g} GB", preset_info(name).memory_gb * 0.96)
+        values, _ = adapt_to_device(load_preset(name), card)
+        assert estimate_memory(loose_config(values), model, card).fits, name
+        clip = estimate_memory(loose_config(values), model, card).parts["activations"]
+        still = estimate_memory(loose_config({**values, "video_frames": 1}), model, card).parts["activations"]
+        assert clip > 2 * still, name
