@@ -175,6 +175,29 @@ def build_app():
     return app
 
 
+def patient_localhost_check(seconds: float = 60.0) -> None:
+    """Gradio checks that the page it serves answers on localhost with one 3-second request, and on a timeout
+    refuses to start ("When localhost is not accessible, a shareable link must be created"). A machine busy
+    with a training run, a caption job or a slow disk answers later than that: ask again until `seconds`."""
+    import time
+
+    import httpx
+    from gradio import networking
+
+    def url_ok(url: str) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if httpx.head(url, timeout=5, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
+                    return True
+            except (httpx.TimeoutException, httpx.TransportError):
+                pass
+            time.sleep(0.5)
+        return False
+
+    networking.url_ok = url_ok
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
@@ -194,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app()
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     app.queue(default_concurrency_limit=4)
+    patient_localhost_check()
     app.launch(server_name=host, server_port=port, share=args.share, auth=auth, inbrowser=False,
                prevent_thread_lock=True, allowed_paths=state.allowed_folders(), quiet=True,
                show_error=True, css=CSS)
