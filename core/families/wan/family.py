@@ -24,7 +24,9 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.dit.common import first_text_encoder_file
-from core.families.dit.default import TransformerSpec, flow_scheduler, place_for_tryout, transformer_family
+from core.families.dit.default import (TransformerSpec, fixed_targets, flow_scheduler, lazy, place_for_tryout,
+                                       transformer_family)
+from core.families.dit.video_vae import denormalize_latents, normalize_latents
 from core.families.wan.loss import make_loss, wan_shift
 from core.families.wan.text import encode_entries, prompt_identity, stack
 from core.family_api.registry import family_info
@@ -42,18 +44,6 @@ def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> A
                       vae=cfg.vae, dtype=dtype, quantization_config=quantization_config, expert=cfg.wan_expert)
 
 
-def lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
-    from core.families.wan.load import lora_targets as targets
-
-    return targets(transformer)
-
-
-def read_lora(path: Path) -> Any:
-    from core.families.wan.lora_files import read_lora as read
-
-    return read(path)
-
-
 def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> Path:
     """Wan's native names with the `diffusion_model.` prefix (ComfyUI); a Wan 2.2 A14B expert's file says which
     model node it goes on: `<name>_high_noise.safetensors` / `<name>_low_noise.safetensors`."""
@@ -64,31 +54,6 @@ def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs
         kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "ss_wan_expert": f"{model.expert}_noise",
                               "ss_wan_boundary_ratio": f"{model.boundary_ratio:g}"}
     return write_kohya_file(state, path, variant=model.variant, **kwargs)
-
-
-def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any) -> Path:
-    from core.families.wan.lora_files import write_diffusers_file
-
-    return write_diffusers_file(state, folder, **kwargs)
-
-
-# --- latents: Wan's per-channel mean and std --------------------------------------------------------
-
-def _stats(vae_config: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (1, -1) + (1,) * (latents.ndim - 2)
-    mean = torch.tensor(vae_config.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
-    std = torch.tensor(vae_config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
-    return mean, std
-
-
-def normalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
-    mean, std = _stats(vae_config, latents)
-    return (latents - mean) / std
-
-
-def denormalize_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
-    mean, std = _stats(vae_config, latents)
-    return latents * std + mean
 
 
 # --- previews and the Test tab ----------------------------------------------------------------------
@@ -208,23 +173,15 @@ def default_size(model: Any) -> int:
     return family_info(model.variant).native_resolution
 
 
-def _lora_files() -> Any:
-    from core.families.wan.lora_files import lora_file_format
-
-    return lora_file_format()
-
-
-def _detect(base_model: str) -> str | None:
-    from core.families.wan.load import detect
-
-    return detect(base_model)
-
+_FILES = "core.families.wan.lora_files"
+_LOAD = "core.families.wan.load"
 
 SPEC = TransformerSpec(
     label="Wan", trains="Wan trains the self- and cross-attention and feed-forward layers of every block",
     encoders_note="Wan always caches UMT5's outputs (the 5.7B text encoder is freed before training).",
-    load=load, lora_targets=lora_targets, make_loss=make_loss, read_lora=read_lora,
-    write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries, stack=stack,
+    load=load, lora_targets=fixed_targets(_LOAD, "lora_targets"), make_loss=make_loss,
+    read_lora=lazy(_FILES, "read_lora"), write_kohya=write_kohya, write_diffusers=lazy(_FILES, "write_diffusers_file"),
+    encode_entries=encode_entries, stack=stack,
     prompt_identity=prompt_identity, lora_init=True,
     training_note=lambda model, cfg: f"shift {wan_shift(cfg):g} timestep sampling",
     extra_metadata=lambda cfg: {"ss_discrete_flow_shift": f"{wan_shift(cfg):g}",
@@ -233,7 +190,7 @@ SPEC = TransformerSpec(
 
 # No `variant_from_keys`: a Wan 2.2 A14B expert's file is told by its name (high_noise / low_noise), which
 # `detect` reads beside the header.
-WAN = transformer_family(SPEC, detect=_detect, lora_files=_lora_files(), previews=previews,
+WAN = transformer_family(SPEC, detect=lazy(_LOAD, "detect"), lora_files=lazy(_FILES, "lora_file_format")(), previews=previews,
                          tryout_pipeline=tryout_pipeline, generate=generate, default_size=default_size,
                          normalize_latents=normalize_latents, denormalize_latents=denormalize_latents)
 FAMILY = WAN

@@ -28,8 +28,8 @@ from torch import Tensor
 from core.export.kohya import LoraFormatError
 from core.export.metadata import MODELSPEC_VERSION, num_text
 from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
-from core.families.dit.lora_files import (file_rank_and_alpha, group_plain_lora, read_diffusers_modules,
-                                          save_with_identity, write_diffusers_lora)
+from core.families.dit.lora_files import (KohyaLayout, diffusers_writer, group_plain_lora, kohya_file_writer,
+                                          read_family_lora)
 
 UNET_PREFIX = "lora_unet_"
 COMFY_PREFIX = "diffusion_model."
@@ -118,42 +118,26 @@ def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
     }
 
 
-def write_kohya_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str,
-                     alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
-                     use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
-    """The ComfyUI file (`diffusion_model.<native>` names with alpha, sshs hashes), written atomically."""
-    modules = group_peft(peft_state)
-    tensors = kohya_to_comfy(peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora))
-    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
-    return save_with_identity(path, tensors, kohya_metadata(variant, rank=rank, alpha=file_alpha), metadata,
-                              _IDENTITY_KEYS, dtype)
+def _comfy_tensors(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
+                   use_rslora: bool = False) -> dict[str, Tensor]:
+    return kohya_to_comfy(peft_to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora))
 
 
-def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
-                         dtype: torch.dtype | None = None) -> Path:
-    """`output_dir/pytorch_lora_weights.safetensors` as `WanPipeline.save_lora_weights` writes it."""
-    from diffusers import WanPipeline
+def _without_diffs(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    # A Wan file may carry norm / bias diffs (diff, diff_b) beside the LoRA: the LoRA modules are what train.
+    return kohya_to_peft({k: v for k, v in tensors.items() if not k.endswith((".diff", ".diff_b"))})
 
-    return write_diffusers_lora(WanPipeline, group_peft(peft_state), output_dir, lora_config=lora_config, dtype=dtype)
+
+# The ComfyUI file (`diffusion_model.<native>` names with alpha, sshs hashes) and diffusers' file.
+write_kohya_file = kohya_file_writer(KohyaLayout(group_peft, _comfy_tensors, kohya_metadata, _IDENTITY_KEYS))
+write_diffusers_file = diffusers_writer("WanPipeline", group_peft)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any Wan LoRA file (ours / ComfyUI, diffusion-pipe, musubi-tuner, diffusers) -> (PEFT, alphas, metadata)."""
-    from core.export.kohya import load_kohya_lora
-
-    tensors, metadata = load_kohya_lora(path)
-    if any(k.startswith((UNET_PREFIX, COMFY_PREFIX)) for k in tensors):
-        # A Wan file may carry norm / bias diffs (diff, diff_b) beside the LoRA: the LoRA modules are what train.
-        own = {k: v for k, v in tensors.items() if k.startswith((UNET_PREFIX, COMFY_PREFIX))
-               and not k.endswith((".diff", ".diff_b"))}
-        peft, alphas = kohya_to_peft(own)
-        return peft, alphas, metadata
-    peft, alphas = read_diffusers_modules({k: v for k, v in tensors.items() if k.startswith("transformer.")},
-                                          metadata, group_peft)
+    peft, alphas, metadata = read_family_lora(path, label="Wan", from_native=_without_diffs, group=group_peft)
     for module_path in alphas:
         native_module_for(module_path)  # a foreign module fails here, clearly
-    if not peft:
-        raise LoraFormatError(f"{path}: no Wan LoRA tensors found.")
     return peft, alphas, metadata
 
 
