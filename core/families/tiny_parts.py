@@ -8,6 +8,7 @@ folder to train on. Shared here, like `dit/`, so no family package imports anoth
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,6 +151,22 @@ def save_state_files(files: dict[Path, dict[str, torch.Tensor]]) -> Path:
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     return next(iter(files))
+
+
+def save_tiny_layouts(pipe: Any, root: Path, folder_name: str, files: dict[str, dict[str, torch.Tensor]]
+                      ) -> tuple[Path, Path, Path]:
+    """A tiny pipeline as a diffusers folder (`root/folder_name`) and in ComfyUI's layout: `files` maps paths under
+    root/ComfyUI/models (the diffusion model's first) to their state dicts. Returns (the folder, the diffusion
+    model's file, the models/ folder)."""
+    folder = Path(root) / folder_name
+    pipe.save_pretrained(folder)
+    models = Path(root) / "ComfyUI" / "models"
+    return folder, save_state_files({models / name: state for name, state in files.items()}), models
+
+
+def diffusion_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformer state under the `model.diffusion_model.` prefix of ComfyUI's checkpoints."""
+    return {f"model.diffusion_model.{k}": v for k, v in state.items()}
 
 
 def tiny_flow_vae(latent_channels: int, scaling_factor: float):

@@ -73,9 +73,10 @@ class TransformerSpec:
     encode_entries: Callable[[Any, list[Any], torch.device], Sequence[Mapping[str, torch.Tensor]]]
     stack: Callable[[list[dict[str, torch.Tensor]]], Any]            # cache entries -> batched conditioning
     prompt_identity: Callable[[Any], str]                            # what the cached encodings depend on
-    # What follows "flow matching with" in the log line after the LoRA is added.
-    training_note: Callable[[Any, TrainConfig], str]
     lora_init: str | bool = "gaussian"                               # PEFT's init_lora_weights of a fresh LoRA
+    # What follows "flow matching with" in the log line after the LoRA is added (default: the sampling).
+    training_note: Callable[[Any, TrainConfig], str] = field(
+        default=lambda model, cfg: f"{timestep_sampling(cfg, model.variant)} timestep sampling")
     fp8_cast_modulation: bool = True                                 # fp8 also for the modulation Linears
     # Keys the file's metadata adds for this family (weighting scheme, shift), from the config.
     extra_metadata: Callable[[TrainConfig], dict[str, str]] | None = None
@@ -113,6 +114,34 @@ def fixed_targets(module: str, name: str) -> Callable[[nn.Module, TrainConfig], 
     """The spec's `lora_targets` from `name(transformer)`, for a family whose targets no setting changes."""
     targets = lazy(module, name)
     return lambda transformer, cfg: targets(transformer)
+
+
+def package_parts(package: str, kohya_file: str = "write_kohya_file") -> dict[str, Any]:
+    """The spec's pieces a family package keeps in the usual modules (docs/adding-a-family.md): `load` and
+    `lora_targets` from its `load` (load_model, lora_targets), the LoRA files' reader and writers from its
+    `lora_files` (read_lora, `kohya_file`, write_diffusers_file; imported at their first call), the loss from
+    its `loss` (make_loss) and the prompts from its `text` (encode_entries, stack, prompt_identity)."""
+    files, text = f"{package}.lora_files", importlib.import_module(f"{package}.text")
+    return dict(load=model_loader(f"{package}.load"), lora_targets=fixed_targets(f"{package}.load", "lora_targets"),
+                read_lora=lazy(files, "read_lora"), write_kohya=kohya_writer(files, kohya_file),
+                write_diffusers=lazy(files, "write_diffusers_file"),
+                make_loss=importlib.import_module(f"{package}.loss").make_loss, encode_entries=text.encode_entries,
+                stack=text.stack, prompt_identity=text.prompt_identity)
+
+
+def model_loader(module: str, name: str = "load_model") -> Callable[..., Any]:
+    """The spec's `load` from `name(base_model, *, config_source, text_encoder, vae, dtype, quantization_config)`
+    of a family with one text encoder: the first (only) file of `text_encoder_files`."""
+    from core.families.dit.common import first_text_encoder_file
+
+    load_model = lazy(module, name)
+
+    def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Any:
+        return load_model(cfg.base_model, config_source=cfg.base_model_config,
+                          text_encoder=first_text_encoder_file(cfg), vae=cfg.vae, dtype=dtype,
+                          quantization_config=quantization_config)
+
+    return load
 
 
 # --- loading and prompts -------------------------------------------------------------------------
@@ -310,7 +339,12 @@ def write_loras(spec: TransformerSpec, folder: Path, cfg: TrainConfig, model: An
 # --- previews ----------------------------------------------------------------------------------------
 
 def vae_scale_factor(model: Any) -> int:
-    return 2 ** (len(model.vae.config.block_out_channels) - 1)
+    """The AE's downscale: one 2x per block after the first, or per stage of a video VAE (8 for the real ones;
+    the tiny ones' are smaller)."""
+    config = model.vae.config
+    if "temperal_downsample" in config:
+        return 2 ** len(config.temperal_downsample)
+    return 2 ** (len(config.block_out_channels) - 1)
 
 
 def preview_size(model: TransformerModel, resolution: int, patch: int = 2) -> tuple[int, int]:
@@ -428,6 +462,45 @@ def place_for_tryout(model: Any, device: torch.device, dtype: torch.dtype) -> An
     return model
 
 
+def unless_set(cfg: TrainConfig, name: str, value: Any) -> Any:
+    """`value` where the config leaves the setting `name` at its default (a distilled model's own regime);
+    the config's value where the user changed it."""
+    import dataclasses
+
+    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return value if getattr(cfg, name) == default else getattr(cfg, name)
+
+
+def tryout_loader(module: str, build_pipeline: Callable[[Any], Any], name: str = "load_model"
+                  ) -> Callable[..., tuple[Any, Any]]:
+    """The family's `tryout_pipeline`: its model from `module.name(base_model, *, config_source, vae)` placed for
+    the Test tab, and `build_pipeline(model)`."""
+    load_model = lazy(module, name)
+
+    def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
+                        device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+        model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae), device, dtype)
+        return build_pipeline(model), model
+
+    return tryout_pipeline
+
+
+def pipeline_previews(build_pipeline: Callable[[Any, Any], Any], generate: Callable[..., list[Any]],
+                      settings: Callable[[Any, TrainConfig], dict[str, Any]] = lambda model, cfg: {},
+                      size: Callable[[Any, int], tuple[int, int]] = preview_size) -> Callable[..., list[Any]]:
+    """The family's `previews`: the sample prompts drawn with its pipeline on the training transformer at the
+    preview size, the config's sample settings (`settings(model, cfg)`: the model's own regime over them)."""
+
+    def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                 cached: Any) -> list[Any]:
+        pipe = build_pipeline(model, transformer)
+        width, height = size(model, cfg.resolution)
+        return generate(pipe, cfg.sample_prompts, **{**sample_settings(cfg), **settings(model, cfg)}, width=width,
+                        height=height, embeds=cached, dtype=dtype)
+
+    return previews
+
+
 def timestep_sampling(cfg: TrainConfig, variant: str) -> str:
     """The configured sampling, or the family's own (`auto`; shift where the row names none)."""
     if cfg.timestep_sampling != "auto":
@@ -448,3 +521,17 @@ def transformer_family(spec: TransformerSpec, **overrides: Any) -> ImageFamily:
         write_loras=partial(write_loras, spec), default_size=default_size, prompt_cache_optional=False)
     parts.update(overrides)
     return ImageFamily(**parts)
+
+
+def package_family(spec: TransformerSpec, package: str, *, build_pipeline: Callable[..., Any],
+                   generate: Callable[..., list[Any]],
+                   settings: Callable[[Any, TrainConfig], dict[str, Any]] = lambda model, cfg: {},
+                   **overrides: Any) -> ImageFamily:
+    """`transformer_family` of a package in the usual layout: `detect` from its `load`, the LoRA tools' format
+    from its `lora_files` (`lora_file_format()`), previews (`settings`: the model's own regime over the config's
+    sample settings) and the Test tab drawn with `build_pipeline` and `generate`; `overrides` as there."""
+    return transformer_family(spec, detect=lazy(f"{package}.load", "detect"),
+                              lora_files=lazy(f"{package}.lora_files", "lora_file_format")(),
+                              previews=pipeline_previews(build_pipeline, generate, settings),
+                              tryout_pipeline=tryout_loader(f"{package}.load", build_pipeline), generate=generate,
+                              **overrides)

@@ -227,3 +227,29 @@ def module_table(text: str) -> ModuleTable:
         rows.append((native.strip(), tuple(parts.split())))
     return tuple(rows)
 
+
+
+@dataclass(frozen=True)
+class NativeNames:
+    """A family's LoRA between diffusers' module names and its native (kohya) ones: `module_for` gives a
+    diffusers path's native module and its index among the parts, `from_kohya` a kohya name's native module;
+    `family` names the files in messages."""
+
+    family: str
+    module_for: Callable[[str], tuple[NativeModule, int]]
+    from_kohya: Callable[[str], FusedModule]
+
+    def group(self, peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """{module path: {"A", "B"}} of the PEFT state (plain LoRA only)."""
+        from core.families.dit.lora_files import group_plain_lora
+
+        return group_plain_lora(peft_state, self.family)
+
+    def to_kohya(self, peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
+                 use_rslora: bool = False) -> dict[str, Tensor]:
+        """A PEFT state -> kohya tensors of the native modules (fused ones fused exactly)."""
+        return fused_kohya_tensors(self.group(peft_state), self.module_for, alpha=alpha, use_rslora=use_rslora)
+
+    def to_peft(self, tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """kohya / ComfyUI tensors -> (PEFT state without prefix, {module path: alpha}); fused ones split exactly."""
+        return split_kohya_modules(kohya_key_groups(tensors), self.from_kohya)

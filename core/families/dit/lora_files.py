@@ -22,6 +22,10 @@ from core.atomic import atomic_path
 from core.export.diffusers_format import DIFFUSERS_WEIGHT_NAME
 from core.export.kohya import LoraFormatError, group_peft_state_dict
 
+# The keys of a kohya file that name the model, the network and its rank / alpha (never the caller's).
+IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                 "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
+
 
 def strip_prefixes(key: str) -> str:
     """A PEFT key without diffusers' `transformer.` or PEFT's `base_model.model.` prefix."""
@@ -134,6 +138,37 @@ def read_diffusers_modules(tensors: Mapping[str, Tensor], metadata: Mapping[str,
     return peft, alphas
 
 
+def kohya_identity(*, base_model_version: str, network_module: str, architecture: str, implementation: str,
+                   rank: int, alpha: float) -> dict[str, str]:
+    """A kohya file's identity keys (`IDENTITY_KEYS`: family, network, rank / alpha, modelspec) with a title
+    and date of now (the caller's metadata may override those two)."""
+    import datetime
+
+    from core.export.metadata import MODELSPEC_VERSION, num_text
+
+    now = datetime.datetime.now().timestamp()
+    return {
+        "ss_base_model_version": base_model_version,
+        "ss_v2": "False",
+        "ss_network_module": network_module,
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": num_text(alpha),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": implementation,
+        "modelspec.title": f"LoRA@{int(now)}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),
+        "modelspec.implementation_version": "lora-scripts",
+    }
+
+
+def folded_rank_and_alpha(modules: Mapping[str, Mapping[str, Tensor]], alpha: float | Mapping[str, float],
+                          use_rslora: bool = False) -> tuple[int, float]:
+    """A file whose scale is folded into lora_B: its largest rank, and alpha = rank (scale 1 for a loader)."""
+    rank = int(max(parts["A"].shape[0] for parts in modules.values()))
+    return rank, rank
+
+
 @dataclass(frozen=True)
 class KohyaLayout:
     """How a family writes its WebUI / ComfyUI file: its grouping of a PEFT state by module, its native
@@ -144,6 +179,8 @@ class KohyaLayout:
     metadata: Callable[..., dict[str, str]]            # (model name, *, rank, alpha) -> the family's keys
     identity_keys: tuple[str, ...]
     check: Callable[[list[str], str], None] | None = None   # (module paths, model name) -> refuse a misfit
+    # (modules, alpha, use_rslora) -> the rank and alpha the metadata states.
+    rank_and_alpha: Callable[..., tuple[int, float]] = file_rank_and_alpha
 
 
 def kohya_file_writer(layout: KohyaLayout, model_arg: str = "variant") -> Callable[..., Path]:
@@ -171,7 +208,7 @@ def write_kohya_lora(layout: KohyaLayout, peft_state: Mapping[str, Tensor], path
     if layout.check is not None:
         layout.check(list(modules), model)
     tensors = layout.to_kohya(peft_state, alpha=alpha, use_rslora=use_rslora)
-    rank, file_alpha = file_rank_and_alpha(modules, alpha, use_rslora)
+    rank, file_alpha = layout.rank_and_alpha(modules, alpha, use_rslora)
     return save_with_identity(path, tensors, layout.metadata(model, rank=rank, alpha=file_alpha), metadata,
                               layout.identity_keys, dtype)
 
@@ -201,10 +238,12 @@ def read_family_lora(path: str | Path, *, label: str,
                      from_native: Callable[[Mapping[str, Tensor]], tuple[dict[str, Tensor], dict[str, float]]],
                      group: Callable[[Mapping[str, Tensor]], dict[str, dict[str, Tensor]]],
                      is_native: Callable[[Mapping[str, Tensor], Mapping[str, str]], bool] = has_native_keys,
-                     diffusers_prefixes: tuple[str, ...] = ("transformer.",)
+                     diffusers_prefixes: tuple[str, ...] = ("transformer.",),
+                     check_module: Callable[[str], Any] | None = None
                      ) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
     """Any form of a family's LoRA file -> (PEFT state, {module: alpha}, metadata): its native names through
-    `from_native`, diffusers' file (the keys under `diffusers_prefixes`) through `group`."""
+    `from_native`, diffusers' file (the keys under `diffusers_prefixes`) through `group`; `check_module`
+    raises for a module path the family has no native name for (a foreign module fails clearly)."""
     from core.export.kohya import load_kohya_lora
 
     tensors, metadata = load_kohya_lora(path)
@@ -215,4 +254,32 @@ def read_family_lora(path: str | Path, *, label: str,
                                               metadata, group)
     if not peft:
         raise LoraFormatError(f"{path}: no {label} LoRA tensors found.")
+    for module_path in alphas if check_module is not None else ():
+        check_module(module_path)
     return peft, alphas, metadata
+
+
+def kohya_lora_files(names: Any, kohya_metadata: Callable[..., dict[str, str]], *, pipeline: str,
+                     variants: Mapping[str, Any], default_variant: str, layout: KohyaLayout | None = None
+                     ) -> tuple[Callable[..., Path], Callable[..., Path], Callable[..., Any], Callable[[], Any]]:
+    """(write_kohya_file, write_diffusers_file, read_lora, lora_file_format) of a family whose WebUI / ComfyUI
+    file holds kohya names of its native modules: `names` (a fused_lora.NativeNames) maps them, diffusers'
+    file is `pipeline`'s, the LoRA tools write a variant they do not know (`variants`) as `default_variant`.
+    `layout`: another WebUI / ComfyUI file than the kohya-named one."""
+    layout = layout or KohyaLayout(names.group, names.to_kohya, kohya_metadata, IDENTITY_KEYS)
+    write_diffusers_file = diffusers_writer(pipeline, names.group)
+
+    def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
+        """Any form of the family's LoRA file (kohya, ComfyUI, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
+        return read_family_lora(path, label=names.family, from_native=names.to_peft, group=names.group,
+                                check_module=names.module_for)
+
+    def lora_file_format() -> Any:
+        """What the LoRA tools need: kohya names of the family's native modules (core.families.dit.tools_format)."""
+        from core.families.dit.tools_format import kohya_tools_format, variant_identity
+
+        return kohya_tools_format(family=names.family, read_lora=read_lora, peft_to_kohya=names.to_kohya,
+                                  kohya_to_peft=names.to_peft, write_diffusers_file=write_diffusers_file,
+                                  identity=variant_identity(kohya_metadata, variants, default_variant))
+
+    return kohya_file_writer(layout), write_diffusers_file, read_lora, lora_file_format

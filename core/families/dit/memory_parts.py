@@ -29,6 +29,15 @@ def swapped_weights(cfg: TrainConfig, blocks: int, block_weights: float, params:
     return max(0.0, share - 2 * (block_weights / blocks if in_flight is None else in_flight))
 
 
+def block_activations(cfg: TrainConfig, *, passes: int, width: int, tokens: int, block: float, scale: float) -> float:
+    """Activations of `passes` block passes over `tokens` tokens, times `scale` (the compute dtype's share): each
+    pass keeps `block` bytes (one block's saved tensors for all the tokens) without gradient checkpointing; with
+    it, each keeps its input (2 x `width` bytes a token) and one block is recomputed."""
+    if cfg.gradient_checkpointing:
+        return (passes * 2 * width * tokens + block) * scale
+    return passes * block * scale
+
+
 def caching_latents(cfg: TrainConfig) -> bool:
     """Whether the run caches latents (then the VAE is not in memory while training)."""
     return bool(cfg.cache_latents and cfg.center_crop and not cfg.random_flip)

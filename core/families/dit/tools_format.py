@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError, save_kohya_lora
+from core.families.dit.lora_files import IDENTITY_KEYS
 from core.tools.modules import LoraToolError, modules_to_kohya
 
 UNET_PREFIX = "lora_unet_"
@@ -61,11 +62,23 @@ def modules_to_peft(modules: Mapping[str, Any], family: str,
         raise LoraToolError(str(exc)) from exc
 
 
+def variant_identity(kohya_metadata: Callable[..., dict[str, str]], variants: Mapping[str, Any], default: str
+                     ) -> Callable[[str, Mapping[str, str], int, float], dict[str, str]]:
+    """`identity` of `kohya_tools_format` from the family's `kohya_metadata(variant, *, rank, alpha)`: a variant
+    it does not know (`variants`) is written as `default`."""
+
+    def identity(variant: str, metadata: Mapping[str, str], rank: int, alpha: float) -> dict[str, str]:
+        return kohya_metadata(variant if variant in variants else default, rank=rank, alpha=alpha)
+
+    return identity
+
+
 def kohya_tools_format(*, family: str, read_lora: Callable[[Path], tuple[dict, dict, dict]],
                        peft_to_kohya: Callable[..., dict[str, Tensor]],
                        kohya_to_peft: Callable[[dict[str, Tensor]], Peft],
                        identity: Callable[[str, Mapping[str, str], int, float], dict[str, str]],
-                       identity_keys: tuple[str, ...], write_diffusers_file: Callable[..., Path]) -> Any:
+                       write_diffusers_file: Callable[..., Path],
+                       identity_keys: tuple[str, ...] = IDENTITY_KEYS) -> Any:
     """A LoraFileFormat from the family's pieces.
 
     `identity(variant, metadata, rank, alpha)`: the family's identity keys (family, network, rank / alpha,

@@ -7,7 +7,7 @@ diffusers folder or hub id (`config_subfolder`, `local_only`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +122,23 @@ def tie_t5_embedding(state: dict[str, torch.Tensor], name: str) -> dict[str, tor
     state.setdefault("shared.weight", shared)
     state.setdefault("encoder.embed_tokens.weight", shared)
     return state
+
+
+def detect_source(base_model: str, *, fits: Callable[[list[str]], bool], file_variant: Callable[[Path], str | None],
+                  folder_variant: Callable[[Path, dict[str, Any], dict[str, Any]], str | None],
+                  hub_variant: Callable[[str], str | None]) -> str | None:
+    """A family's variant of a model source, or None where it is not the family's: a transformer file (a
+    .safetensors whose tensor names `fits`), a diffusers folder (`folder_variant(path, model_index.json,
+    the transformer's config)`, {} for one it lacks) or a hub id (`hub_variant`; a file name is none)."""
+    path = Path(base_model)
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors" or not fits(safetensors_keys(path)):
+            return None
+        return file_variant(path)
+    if path.is_dir():
+        index = read_json(path / "model_index.json") or {}
+        transformer = read_json(path / "transformer" / "config.json") or read_json(path / "config.json") or {}
+        return folder_variant(path, index, transformer)
+    if base_model.lower().endswith(".safetensors") or "/" not in base_model:
+        return None
+    return hub_variant(base_model)

@@ -16,13 +16,17 @@ blocks. Facts read from diffusers 0.42 (`Flux2KleinPipeline`, `Flux2Pipeline`):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from core.families.dit.weights import local_only, read_json, safetensors_keys
+from core.families.dit import folders
+from core.families.dit.default import LoadedModel
+from core.families.dit.folders import config_source_hint, part_error
+from core.families.dit.single_files import has_marker, strip_model_prefix
+from core.families.dit.weights import detect_source, read_json
 from core.family_api.contract import ModelLoadError
 from core.hub import offline
 
@@ -38,7 +42,6 @@ TEXT_LAYERS = (9, 18, 27)
 # BFL (ComfyUI) tensor names only a FLUX.2 transformer has (FLUX.1 has per-block modulation instead).
 NATIVE_MARKERS = ("single_stream_modulation.lin.weight",)
 DIFFUSERS_MARKERS = ("single_stream_modulation.linear.weight",)
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # LoRA targets in a block: the double blocks' attention and MLPs, the single blocks' fused linears.
 DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
           "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
@@ -47,7 +50,7 @@ SINGLE = ("attn.to_qkv_mlp_proj", "attn.to_out")
 
 
 @dataclass
-class Flux2Model:
+class Flux2Model(LoadedModel):
     """The modules of a FLUX.2 pipeline and what training needs to know about them."""
 
     variant: str
@@ -55,25 +58,16 @@ class Flux2Model:
     vae: Any
     text_encoder: Any | None
     tokenizer: Any
-    scheduler_config: dict[str, Any]
-    source: str
     distilled: bool = False
-    is_single_file: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 # --- detection ---------------------------------------------------------------------------------------
 
-def strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
+strip = strip_model_prefix
 
 
 def is_flux2_keys(keys: Any) -> bool:
-    names = {strip(k) for k in keys}
-    return any(m in names for m in NATIVE_MARKERS + DIFFUSERS_MARKERS)
+    return has_marker(keys, NATIVE_MARKERS + DIFFUSERS_MARKERS)
 
 
 def variant_from_width(width: int, guidance: bool = False) -> str:
@@ -115,22 +109,24 @@ def _width_of_file(path: Path) -> tuple[int, bool]:
     return 0, False
 
 
+def _file_variant(path: Path) -> str:
+    width, guidance = _width_of_file(path)
+    return variant_from_width(width, guidance)
+
+
+def _folder_variant(path: Path, index: dict[str, Any], transformer: dict[str, Any]) -> str | None:
+    if "Flux2" not in str(index.get("_class_name", "")) + str(transformer.get("_class_name", "")):
+        return None
+    return variant_from_config(transformer) if transformer else (variant_from_name(path.name) or "flux2-klein-4b")
+
+
 def detect(base_model: str) -> str | None:
     """The FLUX.2 variant of a transformer file, diffusers folder or hub id, else None."""
-    path = Path(base_model)
-    if path.is_file():
-        if path.suffix.lower() != ".safetensors" or not is_flux2_keys(safetensors_keys(path)):
-            return None
-        width, guidance = _width_of_file(path)
-        return variant_from_width(width, guidance)
-    if path.is_dir():
-        index = read_json(path / "model_index.json") or {}
-        transformer = read_json(path / "transformer" / "config.json") or read_json(path / "config.json") or {}
-        if "Flux2" not in str(index.get("_class_name", "")) + str(transformer.get("_class_name", "")):
-            return None
-        return variant_from_config(transformer) if transformer else (variant_from_name(path.name) or "flux2-klein-4b")
-    if base_model.lower().endswith(".safetensors") or "/" not in base_model:
-        return None
+    return detect_source(base_model, fits=is_flux2_keys, file_variant=_file_variant, folder_variant=_folder_variant,
+                         hub_variant=_hub_variant)
+
+
+def _hub_variant(base_model: str) -> str | None:
     named = variant_from_name(base_model)
     if named:
         return named
@@ -219,30 +215,15 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
 # --- loading ------------------------------------------------------------------------------------------
 
 def load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"The FLUX.2 {what} could not be loaded from '{source}': {exc}",
-        "A single-file FLUX.2 needs base_model_config: a diffusers FLUX.2 folder (model_index.json and the "
-        "transformer/, text_encoder/, tokenizer/, vae/, scheduler/ configs; the weights are not needed), or the "
-        "hub id (black-forest-labs/FLUX.2-klein-base-4B) downloaded once with internet access.")
+    return part_error("FLUX.2", what, source, exc, config_source_hint("FLUX.2", HUB_CONFIGS["flux2-klein-4b"]))
 
 
 def scheduler_config(source: str) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    try:
-        return dict(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler",
-                                                                local_files_only=local_only(source)))
-    except (OSError, ValueError):
-        return {"shift": 3.0, "use_dynamic_shifting": True}
+    return folders.scheduler_config(source, {"shift": 3.0, "use_dynamic_shifting": True})
 
 
 def tokenizer_of(source: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only(source))
-    except (OSError, ValueError) as exc:
-        raise load_error("tokenizer", source, exc) from exc
+    return folders.tokenizer_of(source, load_error)
 
 
 def distilled_of(source: str) -> bool:
@@ -253,46 +234,28 @@ def distilled_of(source: str) -> bool:
     return is_distilled_name(Path(source).name if Path(source).is_dir() else source)
 
 
+def refuse_dev(transformer: Any) -> None:
+    if variant_from_config(dict(transformer.config)) == "flux2-dev":
+        raise ModelLoadError("FLUX.2 dev (Mistral-Small text encoder) is not trainable here yet.",
+                             "Train FLUX.2 klein 4B or 9B (base), or FLUX.1-dev.")
+
+
 def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Flux2Model:
     """A diffusers FLUX.2 klein folder or hub id, component by component, on the CPU."""
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import AutoModel
 
-    kw = {"local_files_only": local_only(source)}
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    try:
-        transformer = Flux2Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
-                                                              **kw, **quant)
-        variant = variant_from_config(dict(transformer.config))
-        if variant == "flux2-dev":
-            raise ModelLoadError("FLUX.2 dev (Mistral-Small text encoder) is not trainable here yet.",
-                                 "Train FLUX.2 klein 4B or 9B (base), or FLUX.1-dev.")
-        # The hidden states are the base model's: Qwen3Model (the pipeline's Qwen3ForCausalLM less its LM head).
-        text_encoder = AutoModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw).eval()
-        vae = AutoencoderKLFlux2.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, ModelLoadError):
-            raise
-        raise ModelLoadError(f"'{source}' is not a loadable FLUX.2 diffusers folder or hub id: {exc}",
-                             "A diffusers FLUX.2 folder has model_index.json and transformer/, text_encoder/, "
-                             "tokenizer/, vae/ and scheduler/.") from exc
-    return Flux2Model(variant, transformer, vae, text_encoder, tokenizer_of(source), scheduler_config(source),
-                      str(source), distilled=distilled_of(source))
+    # The hidden states are the base model's: Qwen3Model (the pipeline's Qwen3ForCausalLM less its LM head).
+    transformer, text_encoder, vae = folders.load_parts(
+        source, "FLUX.2", dtype=dtype, quantization_config=quantization_config, transformer=Flux2Transformer2DModel,
+        text_encoder=AutoModel, vae=AutoencoderKLFlux2, check=refuse_dev)
+    return Flux2Model(variant_from_config(dict(transformer.config)), transformer, vae, text_encoder,
+                      tokenizer_of(source), distilled=distilled_of(source), scheduler_config=scheduler_config(source),
+                      source=str(source))
 
 
-def load_model(base_model: str, *, config_source: str = "", text_encoder: str = "", vae: str = "",
-               dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Flux2Model:
-    """Any FLUX.2 klein source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id."""
-    from core.families.flux2.single_file import load_single_file, load_vae_file
-
-    if Path(base_model).is_file():
-        return load_single_file(base_model, config_source=config_source, text_encoder=text_encoder, vae=vae,
-                                dtype=dtype, quantization_config=quantization_config)
-    model = load_folder(base_model, dtype=dtype, quantization_config=quantization_config)
-    if vae:
-        model.vae = load_vae_file(vae, config_source=base_model, dtype=dtype)
-        model.notes.append(f"VAE: {Path(vae).name}")
-    return model
+# Any FLUX.2 klein source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id.
+load_model = folders.source_loader(load_folder, "core.families.flux2.single_file")
 
 
 def lora_targets(transformer: torch.nn.Module) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from core.families.tiny_parts import chat_bpe_tokenizer
+from core.families.tiny_parts import chat_bpe_tokenizer, diffusion_model_names, save_tiny_layouts
 
 
 @dataclass
@@ -107,28 +107,18 @@ def bfl_transformer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def build_tiny_flux2(root: Path) -> TinyFlux2:
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-    from safetensors.torch import save_file
 
     from core.families.sd.convert import vae_to_ldm
 
-    root = Path(root)
     tokenizer = chat_bpe_tokenizer()
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
                               vae=tiny_flux2_vae(), text_encoder=tiny_qwen3_causal(len(tokenizer)),
                               tokenizer=tokenizer, transformer=tiny_flux2_transformer(), is_distilled=False)
-    folder = root / "tiny-flux2-klein-base-4b"
-    pipe.save_pretrained(folder)
-    models = root / "ComfyUI" / "models"
-    transformer_file = models / "diffusion_models" / "flux-2-klein-base-4b.safetensors"
-    files = {
-        transformer_file: {f"model.diffusion_model.{k}": v
-                           for k, v in bfl_transformer_state(pipe.transformer.state_dict()).items()},
+    folder, transformer_file, models = save_tiny_layouts(pipe, root, "tiny-flux2-klein-base-4b", {
+        "diffusion_models/flux-2-klein-base-4b.safetensors":
+            diffusion_model_names(bfl_transformer_state(pipe.transformer.state_dict())),
         # ComfyUI's qwen_3_4b file holds Qwen3ForCausalLM names (`model.` prefix).
-        models / "text_encoders" / "qwen_3_4b.safetensors":
-            {k: v.half() for k, v in pipe.text_encoder.state_dict().items()},
-        models / "vae" / "flux2-vae.safetensors": vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)),
-    }
-    for path, state in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        "text_encoders/qwen_3_4b.safetensors": {k: v.half() for k, v in pipe.text_encoder.state_dict().items()},
+        "vae/flux2-vae.safetensors": vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)),
+    })
     return TinyFlux2(folder, transformer_file, models)

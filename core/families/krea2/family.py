@@ -12,54 +12,14 @@ with it on Turbo. Previews during the run use the loaded model's regime (Raw: th
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from torch import nn
 
 from core.config import TrainConfig
-from core.families.dit.common import first_text_encoder_file
-from core.families.dit.default import (TransformerSpec, draw_each, flow_scheduler, latent_call, place_for_tryout,
-                                       timestep_sampling, transformer_family)
-from core.family_api.registry import family_info
+from core.families.dit.default import (Draw, TransformerSpec, flow_scheduler, package_family, package_parts,
+                                       pipeline_generate, unless_set)
 from core.families.dit.video_vae import decode_latents, denormalize_latents, encode_moments, normalize_latents
-from core.families.krea2.loss import make_loss
-from core.families.krea2.text import encode_entries, prompt_identity, stack
-
-
-def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Any:
-    from core.families.krea2.load import load_model
-
-    return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=first_text_encoder_file(cfg),
-                      vae=cfg.vae, dtype=dtype, quantization_config=quantization_config)
-
-
-def lora_targets(transformer: nn.Module, cfg: TrainConfig) -> list[str]:
-    from core.families.krea2.load import lora_targets as targets
-
-    return targets(transformer)
-
-
-def read_lora(path: Path) -> Any:
-    from core.families.krea2.lora_files import read_lora as read
-
-    return read(path)
-
-
-def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> Path:
-    """The native file (ComfyUI and Krea2Pipeline both read it)."""
-    from core.families.krea2.lora_files import write_native_file
-
-    return write_native_file(state, path, variant=model.variant, **kwargs)
-
-
-def write_diffusers(state: dict[str, torch.Tensor], folder: Path, **kwargs: Any) -> Path:
-    from core.families.krea2.lora_files import write_diffusers_file
-
-    return write_diffusers_file(state, folder, **kwargs)
 
 
 # --- previews and the Test tab ----------------------------------------------------------------------
@@ -74,105 +34,47 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     return pipe
 
 
-@torch.no_grad()
-def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
-             negative_prompt: str = "", width: int, height: int,
-             embeds: Callable[[list[str]], Any] | None = None, dtype: torch.dtype = torch.float32
-             ) -> list[Image.Image]:
-    """One image per prompt from the same seed; `embeds`: cached encodings instead of Qwen3-VL.
+def _call_for(pipe: Any, draw: Draw, prompt: str) -> dict[str, Any]:
+    """Krea2Pipeline's guidance is CFG for guidance > 0 (Turbo is used with 0)."""
+    kwargs = draw.latents(guidance_scale=draw.guidance)
+    if draw.embeds is None:
+        kwargs.update(prompt=prompt, negative_prompt=draw.negative_prompt or None)
+    else:
+        # Prompt and negative padded to one length: the pipeline builds one set of position ids for both.
+        cfg_on = draw.guidance > 0
+        e, mask = draw.embeds([prompt, draw.negative_prompt or ""] if cfg_on else [prompt])
+        e, mask = e.to(draw.device, draw.dtype), mask.to(draw.device)
+        kwargs.update(prompt_embeds=e[:1], prompt_embeds_mask=mask[:1])
+        if cfg_on:
+            kwargs.update(negative_prompt_embeds=e[1:], negative_prompt_embeds_mask=mask[1:])
+    return kwargs
 
-    Krea2Pipeline's guidance is CFG for guidance > 0 (Turbo is used with 0). The VAE decodes in fp32.
-    """
+
+def _decode(pipe: Any, packed: torch.Tensor, draw: Draw) -> list[Any]:
+    """The pipeline's packed latents as images (the VAE in fp32)."""
     from core.families.dit.flow import unpack_latents
 
-    device = pipe.vae.device
     step = pipe.vae_scale_factor * pipe.patch_size
+    return decode_latents(pipe.vae, unpack_latents(packed.float(), 2 * (draw.height // step), 2 * (draw.width // step)))
 
-    def call_for(prompt: str) -> dict[str, Any]:
-        kwargs = latent_call(steps=steps, guidance_scale=guidance, width=width, height=height, seed=seed)
-        if embeds is None:
-            kwargs.update(prompt=prompt, negative_prompt=negative_prompt or None)
-        else:
-            # Prompt and negative padded to one length: the pipeline builds one set of position ids for both.
-            e, mask = embeds([prompt, negative_prompt or ""] if guidance > 0 else [prompt])
-            e, mask = e.to(device, dtype), mask.to(device)
-            kwargs.update(prompt_embeds=e[:1], prompt_embeds_mask=mask[:1])
-            if guidance > 0:
-                kwargs.update(negative_prompt_embeds=e[1:], negative_prompt_embeds_mask=mask[1:])
-        return kwargs
 
-    def decode(packed: torch.Tensor) -> list[Any]:
-        return decode_latents(pipe.vae, unpack_latents(packed.float(), 2 * (height // step), 2 * (width // step)))
-
-    return draw_each(pipe, prompts, call_for, decode, dtype=dtype)
+generate = pipeline_generate(_call_for, _decode)
 
 
 def preview_guidance(cfg: TrainConfig, distilled: bool) -> float:
     """The configured guidance; for Turbo left at the config's default, 0 (no CFG: how Turbo is used)."""
-    import dataclasses
-
-    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "sample_guidance_scale")
-    return 0.0 if distilled and cfg.sample_guidance_scale == default else cfg.sample_guidance_scale
-
-
-def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-             cached: Any) -> list[Image.Image]:
-    pipe = build_pipeline(model, transformer)
-    width, height = preview_size(model, cfg.resolution)
-    return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                    guidance=preview_guidance(cfg, model.distilled), negative_prompt=cfg.sample_negative_prompt,
-                    width=width, height=height, embeds=cached, dtype=dtype)
-
-
-def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
-                    device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from core.families.krea2.load import load_model
-
-    model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae), device, dtype)
-    return build_pipeline(model), model
-
-
-def _lora_files() -> Any:
-    from core.families.krea2.lora_files import lora_file_format
-
-    return lora_file_format()
-
-
-def _detect(base_model: str) -> str | None:
-    from core.families.krea2.load import detect
-
-    return detect(base_model)
-
-
-def vae_scale(model: Any) -> int:
-    """The VAE's downscale (8 for the real Qwen-Image VAE; the tiny one's is smaller)."""
-    return 2 ** len(model.vae.config.temperal_downsample)
-
-
-def preview_size(model: Any, resolution: int) -> tuple[int, int]:
-    """The training resolution in whole 2x2 latent patches, not below the family's floor (in 8x-VAE pixels)."""
-    scale = vae_scale(model)
-    floor = family_info(model.variant).sample_size_floor * scale // 8
-    step = scale * 2
-    side = max(step, max(resolution, floor) // step * step)
-    return side, side
-
-
-def _default_size(model: Any) -> int:
-    return family_info(model.variant).native_resolution * vae_scale(model) // 8
+    return unless_set(cfg, "sample_guidance_scale", 0.0) if distilled else cfg.sample_guidance_scale
 
 
 SPEC = TransformerSpec(
     label="Krea 2", trains="Krea 2 trains the attention and MLP layers of every block and of the text fusion",
     encoders_note="Krea 2 always caches Qwen3-VL's outputs (the text encoder is freed before training).",
-    load=load, lora_targets=lora_targets, make_loss=make_loss, read_lora=read_lora,
-    write_kohya=write_kohya, write_diffusers=write_diffusers, encode_entries=encode_entries, stack=stack,
-    prompt_identity=prompt_identity, lora_init=True,
-    training_note=lambda model, cfg: f"{timestep_sampling(cfg, model.variant)} timestep sampling",
+    # Its WebUI / ComfyUI file is the native one (ComfyUI and Krea2Pipeline both read it).
+    **package_parts("core.families.krea2", kohya_file="write_native_file"), lora_init=True,
     fp8_cast_modulation=True)
 
-KREA2 = transformer_family(SPEC, detect=_detect, lora_files=_lora_files(), previews=previews,
-                           tryout_pipeline=tryout_pipeline, generate=generate, default_size=_default_size,
-                           encode_moments=encode_moments, normalize_latents=normalize_latents,
-                           denormalize_latents=denormalize_latents)
+KREA2 = package_family(SPEC, "core.families.krea2", build_pipeline=build_pipeline, generate=generate,
+                       settings=lambda model, cfg: {"guidance": preview_guidance(cfg, model.distilled)},
+                       encode_moments=encode_moments, normalize_latents=normalize_latents,
+                       denormalize_latents=denormalize_latents)
 FAMILY = KREA2

@@ -14,13 +14,17 @@ own small text-fusion stack (`txtfusion`). Facts read from diffusers 0.42 (`Krea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from core.families.dit.weights import local_only, read_json, safetensors_keys
+from core.families.dit import folders
+from core.families.dit.default import LoadedModel
+from core.families.dit.folders import config_source_hint, part_error
+from core.families.dit.single_files import has_marker, strip_model_prefix
+from core.families.dit.weights import detect_source, read_json
 from core.family_api.contract import ModelLoadError
 
 VARIANTS = ("krea2", "krea2-turbo")
@@ -30,12 +34,11 @@ DEFAULT_TEXT_LAYERS = (2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35)
 # Native (ComfyUI / krea-ai) and diffusers tensor names only a Krea 2 transformer has.
 NATIVE_MARKERS = ("txtfusion.projector.weight",)
 DIFFUSERS_MARKERS = ("text_fusion.projector.weight",)
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_gate", "attn.to_out.0", "ff.gate", "ff.up", "ff.down")
 
 
 @dataclass
-class Krea2Model:
+class Krea2Model(LoadedModel):
     """The modules of a Krea 2 pipeline and what training needs to know about them."""
 
     variant: str
@@ -43,27 +46,18 @@ class Krea2Model:
     vae: Any
     text_encoder: Any | None
     tokenizer: Any
-    scheduler_config: dict[str, Any]
-    source: str
     text_layers: tuple[int, ...] = DEFAULT_TEXT_LAYERS
-    is_single_file: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def distilled(self) -> bool:
         return self.variant == "krea2-turbo"
 
 
-def strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
+strip = strip_model_prefix
 
 
 def is_krea2_keys(keys: Any) -> bool:
-    names = {strip(k) for k in keys}
-    return any(m in names for m in NATIVE_MARKERS + DIFFUSERS_MARKERS)
+    return has_marker(keys, NATIVE_MARKERS + DIFFUSERS_MARKERS)
 
 
 def variant_from_name(name: str) -> str:
@@ -76,54 +70,33 @@ def _variant_of_folder(path: Path, index: dict[str, Any]) -> str:
     return variant_from_name(path.name)
 
 
+def _folder_variant(path: Path, index: dict[str, Any], transformer: dict[str, Any]) -> str | None:
+    if "Krea2" not in str(index.get("_class_name", "")) + str(transformer.get("_class_name", "")):
+        return None
+    return _variant_of_folder(path, index)
+
+
 def detect(base_model: str) -> str | None:
     """"krea2" / "krea2-turbo" for a Krea 2 file, diffusers folder or hub id, else None."""
-    path = Path(base_model)
-    if path.is_file():
-        if path.suffix.lower() != ".safetensors":
-            return None
-        return variant_from_name(path.name) if is_krea2_keys(safetensors_keys(path)) else None
-    if path.is_dir():
-        index = read_json(path / "model_index.json") or {}
-        transformer = read_json(path / "transformer" / "config.json") or read_json(path / "config.json") or {}
-        if "Krea2" not in str(index.get("_class_name", "")) + str(transformer.get("_class_name", "")):
-            return None
-        return _variant_of_folder(path, index)
-    if base_model.lower().endswith(".safetensors") or "/" not in base_model:
-        return None
-    if any(w in base_model.lower() for w in ("krea-2", "krea2", "krea_2")):
-        return variant_from_name(base_model)
-    return None
+    return detect_source(base_model, fits=is_krea2_keys, file_variant=lambda path: variant_from_name(path.name),
+                         folder_variant=_folder_variant,
+                         hub_variant=lambda name: (variant_from_name(name) if any(
+                             w in name.lower() for w in ("krea-2", "krea2", "krea_2")) else None))
 
 
 # --- loading ------------------------------------------------------------------------------------------
 
 def load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"The Krea 2 {what} could not be loaded from '{source}': {exc}",
-        "A single-file Krea 2 needs base_model_config: a diffusers Krea 2 folder (model_index.json and the "
-        "transformer/, text_encoder/, tokenizer/, vae/, scheduler/ configs; the weights are not needed), or the "
-        "hub id downloaded once with internet access.")
+    return part_error("Krea 2", what, source, exc, config_source_hint("Krea 2"))
 
 
 def scheduler_config(source: str) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    try:
-        return dict(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler",
-                                                                local_files_only=local_only(source)))
-    except (OSError, ValueError):
-        return {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                "max_image_seq_len": 6400}
+    return folders.scheduler_config(source, {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                                             "base_image_seq_len": 256, "max_image_seq_len": 6400})
 
 
 def tokenizer_of(source: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only(source))
-    except (OSError, ValueError) as exc:
-        raise load_error("tokenizer", source, exc) from exc
+    return folders.tokenizer_of(source, load_error)
 
 
 def text_layers_of(source: str) -> tuple[int, ...]:
@@ -137,37 +110,18 @@ def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization
     from diffusers import AutoencoderKLQwenImage, Krea2Transformer2DModel
     from transformers import Qwen3VLModel
 
-    kw = {"local_files_only": local_only(source)}
-    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    try:
-        transformer = Krea2Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
-                                                              **kw, **quant)
-        text_encoder = Qwen3VLModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw).eval()
-        vae = AutoencoderKLQwenImage.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"'{source}' is not a loadable Krea 2 diffusers folder or hub id: {exc}",
-                             "A diffusers Krea 2 folder has model_index.json and transformer/, text_encoder/, "
-                             "tokenizer/, vae/ and scheduler/.") from exc
+    transformer, text_encoder, vae = folders.load_parts(
+        source, "Krea 2", dtype=dtype, quantization_config=quantization_config, transformer=Krea2Transformer2DModel,
+        text_encoder=Qwen3VLModel, vae=AutoencoderKLQwenImage)
     path = Path(source)
     variant = (_variant_of_folder(path, read_json(path / "model_index.json") or {}) if path.is_dir()
                else variant_from_name(source))
-    return Krea2Model(variant, transformer, vae, text_encoder, tokenizer_of(source), scheduler_config(source),
-                      str(source), text_layers=text_layers_of(source))
+    return Krea2Model(variant, transformer, vae, text_encoder, tokenizer_of(source), text_layers=text_layers_of(source),
+                      scheduler_config=scheduler_config(source), source=str(source))
 
 
-def load_model(base_model: str, *, config_source: str = "", text_encoder: str = "", vae: str = "",
-               dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Krea2Model:
-    """Any Krea 2 source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id."""
-    from core.families.krea2.single_file import load_single_file, load_vae_file
-
-    if Path(base_model).is_file():
-        return load_single_file(base_model, config_source=config_source, text_encoder=text_encoder, vae=vae,
-                                dtype=dtype, quantization_config=quantization_config)
-    model = load_folder(base_model, dtype=dtype, quantization_config=quantization_config)
-    if vae:
-        model.vae = load_vae_file(vae, config_source=base_model, dtype=dtype)
-        model.notes.append(f"VAE: {Path(vae).name}")
-    return model
+# Any Krea 2 source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id.
+load_model = folders.source_loader(load_folder, "core.families.krea2.single_file")
 
 
 def lora_targets(transformer: torch.nn.Module) -> list[str]:

@@ -25,10 +25,9 @@ import torch
 from torch import Tensor
 
 from core.export.kohya import LoraFormatError
-from core.export.metadata import MODELSPEC_VERSION, num_text
-from core.families.dit.fused_lora import NativeModule, fused_kohya_tensors, kohya_key_groups, split_kohya_modules
-from core.families.dit.lora_files import (alpha_of, group_plain_lora, read_diffusers_modules, save_with_identity,
-                                          write_diffusers_lora)
+from core.families.dit.fused_lora import NativeModule, NativeNames
+from core.families.dit.lora_files import (IDENTITY_KEYS, KohyaLayout, alpha_of, folded_rank_and_alpha, kohya_identity,
+                                          kohya_lora_files)
 
 COMFY_PREFIX = "diffusion_model."
 # diffusers sub-module of a block -> its native name
@@ -44,8 +43,6 @@ _KOHYA_NAME = re.compile(r"^lora_unet_(?:blocks_(?P<n>\d+)|txtfusion_(?P<stack>l
 BASE_MODEL_VERSION = {"krea2": "krea2", "krea2-turbo": "krea2"}  # one kind of LoRA: trained on Raw, used on Turbo
 ARCHITECTURE = "Krea-2"
 IMPLEMENTATION = "https://github.com/krea-ai/krea-2"
-_IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
-                  "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
 
 
 def native_name(path: str) -> str:
@@ -80,18 +77,8 @@ def native_module_from_kohya(name: str) -> NativeModule:
     return NativeModule(native, (diffusers_path(native),))
 
 
-def group_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    return group_plain_lora(peft_state, "Krea 2")
-
-
-def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
-                  use_rslora: bool = False) -> dict[str, Tensor]:
-    """A Krea 2 PEFT state -> kohya tensors of the native modules (the LoRA tools' form)."""
-    return fused_kohya_tensors(group_peft(peft_state), native_module_for, alpha=alpha, use_rslora=use_rslora)
-
-
-def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
-    return split_kohya_modules(kohya_key_groups(tensors), native_module_from_kohya)
+_NAMES = NativeNames("Krea 2", native_module_for, native_module_from_kohya)
+group_peft, peft_to_kohya, kohya_to_peft = _NAMES.group, _NAMES.to_kohya, _NAMES.to_peft
 
 
 def native_tensors(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
@@ -108,71 +95,25 @@ def native_tensors(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[s
 
 
 def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
-    import datetime
-
-    now = datetime.datetime.now().timestamp()
-    return {
-        "ss_base_model_version": BASE_MODEL_VERSION[variant],
-        "ss_v2": "False",
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": num_text(alpha),
-        "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": f"{ARCHITECTURE}/lora",
-        "modelspec.implementation": IMPLEMENTATION,
-        "modelspec.title": f"LoRA@{int(now)}",
-        "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),
-        "modelspec.implementation_version": "lora-scripts",
-    }
+    return kohya_identity(base_model_version=BASE_MODEL_VERSION[variant], network_module="networks.lora",
+                          architecture=ARCHITECTURE, implementation=IMPLEMENTATION, rank=rank, alpha=alpha)
 
 
-def write_native_file(peft_state: Mapping[str, Tensor], path: str | Path, *, variant: str,
-                      alpha: float | Mapping[str, float], metadata: Mapping[str, Any] | None = None,
-                      use_rslora: bool = False, dtype: torch.dtype | None = torch.bfloat16) -> Path:
-    """The ComfyUI / diffusers-readable native file (scale folded, so its alpha is its rank), written atomically."""
-    modules = group_peft(peft_state)
-    rank = int(max(p["A"].shape[0] for p in modules.values()))
-    tensors = native_tensors(peft_state, alpha=alpha, use_rslora=use_rslora)
-    return save_with_identity(path, tensors, kohya_metadata(variant, rank=rank, alpha=rank), metadata,
-                              _IDENTITY_KEYS, dtype)
-
-
-def write_diffusers_file(peft_state: Mapping[str, Tensor], output_dir: str | Path, *, lora_config: Any,
-                         dtype: torch.dtype | None = None) -> Path:
-    from diffusers import Krea2Pipeline
-
-    return write_diffusers_lora(Krea2Pipeline, group_peft(peft_state), output_dir, lora_config=lora_config, dtype=dtype)
-
-
-def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
-    """Any Krea 2 LoRA file (native, kohya, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    from core.export.kohya import load_kohya_lora
-
-    tensors, metadata = load_kohya_lora(path)
-    if any(k.startswith(("lora_unet_", COMFY_PREFIX)) for k in tensors):
-        peft, alphas = kohya_to_peft(tensors)
-        return peft, alphas, metadata
-    peft, alphas = read_diffusers_modules({k: v for k, v in tensors.items() if k.startswith("transformer.")},
-                                          metadata, group_peft)
-    for module_path in alphas:
-        native_name(module_path)
-    if not peft:
-        raise LoraFormatError(f"{path}: no Krea 2 LoRA tensors found.")
-    return peft, alphas, metadata
+# The ComfyUI / diffusers-readable native file (scale folded, so its alpha is its largest rank), diffusers' file,
+# any form read back, and the LoRA tools' hook (kohya names of the native modules; see `lora_file_format`).
+write_native_file, write_diffusers_file, read_lora, kohya_file_format = kohya_lora_files(
+    _NAMES, kohya_metadata, pipeline="Krea2Pipeline", variants=BASE_MODEL_VERSION, default_variant="krea2",
+    layout=KohyaLayout(group_peft, native_tensors, kohya_metadata, IDENTITY_KEYS, rank_and_alpha=folded_rank_and_alpha))
 
 
 def lora_file_format() -> Any:
     """The LoRA tools' hook; their WebUI / ComfyUI output is the native file both loaders read."""
     import dataclasses
 
-    from core.families.dit.tools_format import kohya_tools_format, modules_to_peft, tool_metadata
+    from core.families.dit.tools_format import modules_to_peft, tool_metadata, variant_identity
 
-    def identity(variant: str, metadata: Mapping[str, str], rank: int, alpha: float) -> dict[str, str]:
-        return kohya_metadata(variant if variant in BASE_MODEL_VERSION else "krea2", rank=rank, alpha=alpha)
-
-    base = kohya_tools_format(family="Krea 2", read_lora=read_lora, peft_to_kohya=peft_to_kohya,
-                              kohya_to_peft=kohya_to_peft, identity=identity, identity_keys=_IDENTITY_KEYS,
-                              write_diffusers_file=write_diffusers_file)
+    identity = variant_identity(kohya_metadata, BASE_MODEL_VERSION, "krea2")
+    base = kohya_file_format()
 
     def write_kohya(modules: dict[str, Any], path: str | Path, *, variant: str, metadata: dict[str, str],
                     dtype: torch.dtype | None) -> Path:
@@ -180,7 +121,7 @@ def lora_file_format() -> Any:
 
         peft, alphas = modules_to_peft(modules, "Krea 2", kohya_to_peft)
         rank = int(max(v.shape[0] for k, v in peft.items() if k.endswith("lora_A.weight")))
-        merged = tool_metadata(identity(variant, metadata, rank, rank), metadata, _IDENTITY_KEYS)
+        merged = tool_metadata(identity(variant, metadata, rank, rank), metadata, IDENTITY_KEYS)
         return save_kohya_lora(path, native_tensors(peft, alpha=alphas), merged, dtype=dtype)
 
     return dataclasses.replace(base, write_kohya=write_kohya)

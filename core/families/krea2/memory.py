@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from core.config import TrainConfig
 from core.devices import GIB, DeviceInfo
-from core.families.dit.memory_parts import caching_latents, transient_and_latents
+from core.families.dit.memory_parts import block_activations, caching_latents, transient_and_latents
 from core.family_api.registry import QWEN_IMAGE_VAE
 from core.model_info import ModelInfo
 
@@ -58,11 +58,7 @@ def krea2_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compu
     scale = compute_bytes / 2
     tokens = ((cfg.resolution // 16) ** 2 + TEXT_TOKENS) * cfg.batch_size
     block = BLOCK_BYTES_PER_TOKEN * width * tokens
-    if cfg.gradient_checkpointing:
-        activations = (BLOCKS * 2 * width * tokens + block) * scale
-    else:
-        activations = BLOCKS * block * scale
-    parts["activations"] = activations
+    parts["activations"] = block_activations(cfg, passes=BLOCKS, width=width, tokens=tokens, block=block, scale=scale)
     transient = 3 * tokens * int(MLP * ratio) * compute_bytes
     if per_weight < compute_bytes:
         transient += width * int(MLP * ratio) * compute_bytes

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from core.families.dit.single_files import (diffusers_named, find_comfy_part, part_config, refuse_file, transformer_from_state,
+                                            with_fp8_note)
 from core.families.dit.video_vae import vae_key_to_wan
-from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, local_only,
-                                       read_upcast, safetensors_keys)
-from core.families.krea2.load import (HUB_CONFIGS, Krea2Model, is_krea2_keys, load_error, scheduler_config, strip,
+from core.families.dit.weights import comfy_models_root, local_only, read_upcast, safetensors_keys
+from core.families.krea2.load import (HUB_CONFIGS, Krea2Model, is_krea2_keys, load_error, scheduler_config,
                                       text_layers_of, tokenizer_of, variant_from_name)
 from core.family_api.contract import ModelLoadError
 
@@ -21,53 +22,30 @@ def native_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """Native (ComfyUI / krea-ai) transformer names -> diffusers', any prefix; diffusers names pass as they are."""
     from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
 
-    state = {strip(k): v for k, v in state.items()}
-    if "txtfusion.projector.weight" not in state:
-        return state
-    return convert_krea2_transformer_checkpoint_to_diffusers(state)
+    return diffusers_named(state, lambda named: "txtfusion.projector.weight" in named,
+                           convert_krea2_transformer_checkpoint_to_diffusers)
+
+
+_PARTS = {"text_encoder": (("text_encoders", "clip"), ("qwen3_vl", "qwen3-vl", "qwen_3_vl"),
+                           "qwen3_vl_4b.safetensors (Qwen3-VL-4B) in models/text_encoders"),
+          "vae": (("vae",), ("qwen_image_vae", "qwen-image-vae", "qwen_image"), "qwen_image_vae.safetensors in models/vae")}
 
 
 def find_part(models_root: Path | None, part: str, explicit: str = "") -> Path:
-    if explicit:
-        if not Path(explicit).is_file():
-            raise ModelLoadError(f"The {part} file '{explicit}' does not exist.", f"Check the {part} path.")
-        return Path(explicit)
-    folders, words = {"text_encoder": (("text_encoders", "clip"), ("qwen3_vl", "qwen3-vl", "qwen_3_vl")),
-                      "vae": (("vae",), ("qwen_image_vae", "qwen-image-vae", "qwen_image"))}[part]
-    found: list[Path] = []
-    for sub in folders if models_root else ():
-        if (models_root / sub).is_dir():
-            found += sorted(p for p in (models_root / sub).rglob("*.safetensors")
-                            if any(w in p.name.lower() for w in words))
-    if not found:
-        hint = {"text_encoder": "qwen3_vl_4b.safetensors (Qwen3-VL-4B) in models/text_encoders",
-                "vae": "qwen_image_vae.safetensors in models/vae"}[part]
-        raise ModelLoadError(f"Krea 2 needs {hint}, and none was found.",
-                             "Put the file there, or give its path in the "
-                             f"{'text_encoder_files' if part == 'text_encoder' else part} setting.")
-    return found[0]
+    folders, words, hint = _PARTS[part]
+    return find_comfy_part(models_root, part, explicit, folders=folders, words=words, needs=f"Krea 2 needs {hint}")
 
 
 def load_transformer_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32) -> Any:
     from diffusers import Krea2Transformer2DModel
 
-    state = native_to_diffusers(read_upcast(path, dtype))
-    try:
-        config = dict(Krea2Transformer2DModel.load_config(
-            config_source, subfolder=config_subfolder(config_source, "transformer"),
-            local_files_only=local_only(config_source)))
-    except (OSError, ValueError) as exc:
-        raise load_error("transformer config", config_source, exc) from exc
-    config["num_layers"] = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
-    try:
-        with torch.device("meta"):
-            model = Krea2Transformer2DModel.from_config(config)
-        model.load_state_dict(state, strict=True, assign=True)
-    except (KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{Path(path).name}' does not fit the Krea 2 config from '{config_source}': {exc}",
-                             "Use the Krea 2 transformer file from models/diffusion_models with a Krea 2 config "
-                             "folder.") from exc
-    return model.to(dtype).eval()
+    return transformer_from_state(
+        Krea2Transformer2DModel, native_to_diffusers(read_upcast(path, dtype)), Path(path).name,
+        config_source=config_source, dtype=dtype,
+        label="Krea 2", load_error=load_error,
+        hint="Use the Krea 2 transformer file from models/diffusion_models with a Krea 2 config folder.",
+        shapes=lambda state, config: {"num_layers": len({k.split(".")[1] for k in state
+                                                         if k.startswith("transformer_blocks.")})})
 
 
 def text_encoder_from_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,11 +86,7 @@ def load_vae_file(path: str | Path, *, config_source: str, dtype: torch.dtype = 
     """qwen_image_vae.safetensors (Wan 2.1 names) or a diffusers-named AutoencoderKLQwenImage file."""
     from diffusers import AutoencoderKLQwenImage
 
-    try:
-        config = dict(AutoencoderKLQwenImage.load_config(config_source, subfolder=config_subfolder(config_source, "vae"),
-                                                         local_files_only=local_only(config_source)))
-    except (OSError, ValueError) as exc:
-        raise load_error("vae config", config_source, exc) from exc
+    config = part_config(AutoencoderKLQwenImage, config_source, "vae", load_error)
     model = AutoencoderKLQwenImage.from_config(config)
     names = {vae_key_to_wan(k, model.config.num_res_blocks): k for k in model.state_dict()}
     state = {k.removeprefix("first_stage_model.").removeprefix("vae."): v for k, v in read_upcast(path, dtype).items()}
@@ -128,12 +102,8 @@ def load_vae_file(path: str | Path, *, config_source: str, dtype: torch.dtype = 
 def load_single_file(transformer_file: str | Path, *, config_source: str = "", text_encoder: str = "",
                      vae: str = "", dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Krea2Model:
     path = Path(transformer_file)
-    if not is_krea2_keys(safetensors_keys(path)):
-        raise ModelLoadError(f"'{path.name}' is not a Krea 2 transformer.",
-                             "Use the Krea 2 file from ComfyUI's models/diffusion_models.")
-    if quantization_config is not None:
-        raise ModelLoadError("base_quantization: nf4 needs a diffusers Krea 2 folder or hub id.",
-                             "Give base_model as a diffusers folder, or use fp8_base with the single file.")
+    refuse_file(path, fits=is_krea2_keys(safetensors_keys(path)), label="Krea 2", quantization_config=quantization_config,
+                use="Use the Krea 2 file from ComfyUI's models/diffusion_models.")
     variant = variant_from_name(path.name)
     source = config_source or HUB_CONFIGS[variant]
     root = comfy_models_root(path)
@@ -142,8 +112,6 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
     model = Krea2Model(variant, load_transformer_file(path, config_source=source, dtype=dtype),
                        load_vae_file(vae_file, config_source=source, dtype=dtype),
                        load_text_encoder_file(te_file, config_source=source, dtype=dtype), tokenizer_of(source),
-                       scheduler_config(source), str(path), text_layers=text_layers_of(source), is_single_file=True,
-                       notes=[f"Qwen3-VL: {te_file.name}", f"VAE: {vae_file.name}"])
-    if file_has_fp8(path):
-        model.notes.append(fp8_note(path, dtype))
-    return model
+                       text_layers=text_layers_of(source), scheduler_config=scheduler_config(source), source=str(path),
+                       is_single_file=True, notes=[f"Qwen3-VL: {te_file.name}", f"VAE: {vae_file.name}"])
+    return with_fp8_note(model, path, dtype)

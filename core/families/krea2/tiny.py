@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from core.families.tiny_parts import chat_bpe_tokenizer
+from core.families.tiny_parts import chat_bpe_tokenizer, diffusion_model_names, save_tiny_layouts
 
 TEXT_LAYERS = (1, 2)
 
@@ -95,29 +95,19 @@ def native_transformer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def build_tiny_krea2(root: Path) -> TinyKrea2:
     from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
-    from safetensors.torch import save_file
 
     from core.families.dit.video_vae import vae_to_comfy
 
-    root = Path(root)
     tokenizer = chat_bpe_tokenizer()
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=6400)
     pipe = Krea2Pipeline(scheduler=scheduler, vae=tiny_krea2_vae(), text_encoder=tiny_qwen3_vl(len(tokenizer)),
                          tokenizer=tokenizer, transformer=tiny_krea2_transformer(),
                          text_encoder_select_layers=TEXT_LAYERS, is_distilled=False)
-    folder = root / "tiny-krea-2-raw"
-    pipe.save_pretrained(folder)
-    models = root / "ComfyUI" / "models"
-    transformer_file = models / "diffusion_models" / "krea2_raw_bf16.safetensors"
-    files = {
-        transformer_file: {f"model.diffusion_model.{k}": v
-                           for k, v in native_transformer_state(pipe.transformer.state_dict()).items()},
-        models / "text_encoders" / "qwen3_vl_4b.safetensors":
-            {f"model.{k}": v.half() for k, v in pipe.text_encoder.state_dict().items()},
-        models / "vae" / "qwen_image_vae.safetensors": vae_to_comfy(pipe.vae.state_dict()),
-    }
-    for path, state in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    folder, transformer_file, models = save_tiny_layouts(pipe, root, "tiny-krea-2-raw", {
+        "diffusion_models/krea2_raw_bf16.safetensors":
+            diffusion_model_names(native_transformer_state(pipe.transformer.state_dict())),
+        "text_encoders/qwen3_vl_4b.safetensors": {f"model.{k}": v.half() for k, v in pipe.text_encoder.state_dict().items()},
+        "vae/qwen_image_vae.safetensors": vae_to_comfy(pipe.vae.state_dict()),
+    })
     return TinyKrea2(folder, transformer_file, models)

@@ -18,24 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from PIL import Image
-from torch import nn
-
 from core.config import TrainConfig
-from core.families.dit.common import first_text_encoder_file
-from core.families.dit.default import (Draw, TransformerSpec, fixed_targets, flow_scheduler, kohya_writer, lazy,
-                                       pipeline_generate, place_for_tryout, preview_size, timestep_sampling, transformer_family)
-from core.families.zimage.loss import make_loss
-from core.families.zimage.text import encode_entries, prompt_identity, stack
-
-
-def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Any:
-    from core.families.zimage.load import load_model
-
-    # Z-Image has one text encoder: the first (only) file of `text_encoder_files`.
-    return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=first_text_encoder_file(cfg),
-                      vae=cfg.vae, dtype=dtype, quantization_config=quantization_config)
+from core.families.dit.default import (Draw, TransformerSpec, flow_scheduler, package_family, package_parts,
+                                       pipeline_generate, unless_set)
 
 
 # --- previews and the Test tab ----------------------------------------------------------------------
@@ -69,47 +54,17 @@ generate = pipeline_generate(_call_for)
 
 def preview_guidance(cfg: TrainConfig, variant: str) -> float:
     """The configured guidance; for Turbo left at the config's default, 0 (no CFG: how Turbo is used)."""
-    import dataclasses
-
-    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "sample_guidance_scale")
-    if variant == "z-image-turbo" and cfg.sample_guidance_scale == default:
-        return 0.0
-    return cfg.sample_guidance_scale
-
-
-def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-             cached: Any) -> list[Image.Image]:
-    pipe = build_pipeline(model, transformer)
-    width, height = preview_size(model, cfg.resolution)
-    return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                    guidance=preview_guidance(cfg, model.variant), negative_prompt=cfg.sample_negative_prompt,
-                    width=width, height=height, embeds=cached, dtype=dtype)
-
-
-def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
-                    device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from core.families.zimage.load import load_model
-
-    model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae), device, dtype)
-    return build_pipeline(model), model
-
-
-_FILES = "core.families.zimage.lora_files"
-_LOAD = "core.families.zimage.load"
+    return unless_set(cfg, "sample_guidance_scale", 0.0) if variant == "z-image-turbo" else cfg.sample_guidance_scale
 
 
 SPEC = TransformerSpec(
     label="Z-Image", trains="Z-Image trains the attention and MLP layers of every block",
     encoders_note="Z-Image always caches Qwen3's outputs (the 4B text encoder is freed before training).",
-    load=load, lora_targets=fixed_targets(_LOAD, "lora_targets"), make_loss=make_loss, read_lora=lazy(_FILES, "read_lora"),
-    write_kohya=kohya_writer(_FILES, "write_kohya_file"), write_diffusers=lazy(_FILES, "write_diffusers_file"),
-    encode_entries=encode_entries, stack=stack,
-    prompt_identity=prompt_identity, lora_init=True,
-    training_note=lambda model, cfg: f"{timestep_sampling(cfg, model.variant)} timestep sampling",
+    **package_parts("core.families.zimage"), lora_init=True,
     # diffusers' default skips (norms, and Z-Image's own t_embedder / cap_embedder) already cast the
     # adaLN modulation Linears: its names hold no "norm".
     fp8_cast_modulation=False)
 
-ZIMAGE = transformer_family(SPEC, detect=lazy(_LOAD, "detect"), lora_files=lazy(_FILES, "lora_file_format")(), previews=previews,
-                            tryout_pipeline=tryout_pipeline, generate=generate)
+ZIMAGE = package_family(SPEC, "core.families.zimage", build_pipeline=build_pipeline, generate=generate,
+                        settings=lambda model, cfg: {"guidance": preview_guidance(cfg, model.variant)})
 FAMILY = ZIMAGE

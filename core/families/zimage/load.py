@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
+from core.families.dit import folders
 from core.families.dit.folders import config_error, quantized
+from core.families.dit.single_files import has_marker, strip_model_prefix
 from core.hub import offline
 from core.families.dit.default import LoadedModel
-from core.families.dit.weights import (local_only, read_json,
-                                       safetensors_keys)
+from core.families.dit.weights import detect_source, local_only
 from core.family_api.contract import ModelLoadError
 
 VARIANTS = ("z-image-turbo", "z-image")
@@ -38,7 +39,6 @@ MAX_SEQUENCE_LENGTH = 512
 # Native (ComfyUI / original) tensor names that only a Z-Image transformer has.
 NATIVE_MARKERS = ("context_refiner.0.attention.qkv.weight", "noise_refiner.0.attention.qkv.weight")
 DIFFUSERS_MARKERS = ("context_refiner.0.attention.to_q.weight", "noise_refiner.0.attention.to_q.weight")
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 @dataclass
@@ -55,16 +55,11 @@ class ZImageModel(LoadedModel):
 # --- detection ---------------------------------------------------------------------------------------
 
 
-def _strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
+_strip = strip_model_prefix
 
 
 def is_zimage_keys(keys: Iterable[str]) -> bool:
-    names = {_strip(k) for k in keys}
-    return any(m in names for m in NATIVE_MARKERS + DIFFUSERS_MARKERS)
+    return has_marker(keys, NATIVE_MARKERS + DIFFUSERS_MARKERS)
 
 
 def variant_from_name(name: str) -> str:
@@ -76,29 +71,24 @@ def _is_zimage_config(*configs: dict[str, Any] | None) -> bool:
     return any("ZImage" in str((c or {}).get("_class_name", "")) for c in configs)
 
 
-def detect(base_model: str) -> str | None:
-    """"z-image-turbo" / "z-image" for a Z-Image file, diffusers folder or (cached) hub id, else None."""
-    path = Path(base_model)
-    if path.is_file():
-        if path.suffix.lower() != ".safetensors":
-            return None
-        return variant_from_name(path.name) if is_zimage_keys(safetensors_keys(path)) else None
-    if path.is_dir():
-        index = read_json(path / "model_index.json")
-        transformer = read_json(path / "transformer" / "config.json") or read_json(path / "config.json")
-        return variant_from_name(path.name) if _is_zimage_config(index, transformer) else None
-    if base_model.lower().endswith(".safetensors") or "/" not in base_model:
-        return None
+def _hub_variant(base_model: str) -> str | None:
     if any(w in base_model.lower() for w in ("z-image", "z_image", "zimage")):
         return variant_from_name(base_model)
     from diffusers import DiffusionPipeline
-
 
     try:
         index = dict(DiffusionPipeline.load_config(base_model, local_files_only=offline()))
     except Exception:  # noqa: BLE001 - not a reachable pipeline: another family's loader reports it
         return None
     return variant_from_name(base_model) if _is_zimage_config(index) else None
+
+
+def detect(base_model: str) -> str | None:
+    """"z-image-turbo" / "z-image" for a Z-Image file, diffusers folder or (cached) hub id, else None."""
+    return detect_source(
+        base_model, fits=is_zimage_keys, file_variant=lambda path: variant_from_name(path.name), hub_variant=_hub_variant,
+        folder_variant=lambda path, index, transformer: (variant_from_name(path.name)
+                                                         if _is_zimage_config(index, transformer) else None))
 
 
 # --- loading ------------------------------------------------------------------------------------------
@@ -112,22 +102,11 @@ def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
 
 
 def _scheduler_config(source: str) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    try:
-        return dict(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler",
-                                                                local_files_only=local_only(source)))
-    except (OSError, ValueError):
-        return {"shift": 3.0, "use_dynamic_shifting": False}  # Z-Image-Turbo's scheduler
+    return folders.scheduler_config(source, {"shift": 3.0, "use_dynamic_shifting": False})  # Z-Image-Turbo's
 
 
 def _tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only(source))
-    except (OSError, ValueError) as exc:
-        raise _load_error("tokenizer", source, exc) from exc
+    return folders.tokenizer_of(source, _load_error)
 
 
 def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> ZImageModel:

@@ -22,19 +22,11 @@ one of core.families.dit.fused_lora: down = [A_q; A_k; A_v], up = blockdiag(B_q,
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
-from torch import Tensor
 
 from core.export.kohya import LoraFormatError
-from core.export.metadata import MODELSPEC_VERSION
-from core.export.metadata import num_text
-from core.families.dit.fused_lora import (NativeModule, fused_kohya_tensors, kohya_key_groups, module_table,
-                                          split_kohya_modules)
-from core.families.dit.lora_files import (diffusers_writer, group_plain_lora, kohya_file_writer, KohyaLayout,
-                                          read_family_lora)
+from core.families.dit.fused_lora import NativeModule, NativeNames, module_table
+from core.families.dit.lora_files import kohya_identity, kohya_lora_files
 
 UNET_PREFIX = "lora_unet_"
 SCOPES = ("layers", "noise_refiner", "context_refiner")
@@ -53,8 +45,6 @@ _KOHYA_NAME = re.compile(r"^lora_unet_(?P<scope>layers|noise_refiner|context_ref
 BASE_MODEL_VERSION = {"z-image-turbo": "z_image_turbo", "z-image": "z_image"}
 ARCHITECTURE = "Z-Image"
 IMPLEMENTATION = "https://github.com/Tongyi-MAI/Z-Image"
-_IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
-                  "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")
 
 
 def native_module_for(path: str) -> tuple[NativeModule, int]:
@@ -79,66 +69,16 @@ def native_module_from_kohya(name: str) -> NativeModule:
     raise LoraFormatError(f"'{name}' is not a Z-Image kohya module name.")
 
 
-def group_peft(peft_state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    return group_plain_lora(peft_state, "Z-Image")
-
-
-def peft_to_kohya(peft_state: Mapping[str, Tensor], *, alpha: float | Mapping[str, float],
-                  use_rslora: bool = False) -> dict[str, Tensor]:
-    """A Z-Image transformer PEFT state -> kohya tensors of the native modules (qkv fused)."""
-    return fused_kohya_tensors(group_peft(peft_state), native_module_for, alpha=alpha, use_rslora=use_rslora)
-
-
-def kohya_to_peft(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """kohya / ComfyUI Z-Image tensors -> (PEFT state without prefix, {module path: alpha}); qkv split exactly."""
-    return split_kohya_modules(kohya_key_groups(tensors), native_module_from_kohya)
+_NAMES = NativeNames("Z-Image", native_module_for, native_module_from_kohya)
+group_peft, peft_to_kohya, kohya_to_peft = _NAMES.group, _NAMES.to_kohya, _NAMES.to_peft
 
 
 def kohya_metadata(variant: str, *, rank: int, alpha: float) -> dict[str, str]:
     """The identity keys of a Z-Image kohya LoRA (family, network, rank/alpha, modelspec)."""
-    import datetime
-
-    now = datetime.datetime.now().timestamp()
-    return {
-        "ss_base_model_version": BASE_MODEL_VERSION[variant],
-        "ss_v2": "False",
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": num_text(alpha),
-        "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": f"{ARCHITECTURE}/lora",
-        "modelspec.implementation": IMPLEMENTATION,
-        "modelspec.title": f"LoRA@{int(now)}",
-        "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),
-        "modelspec.implementation_version": "lora-scripts",
-    }
+    return kohya_identity(base_model_version=BASE_MODEL_VERSION[variant], network_module="networks.lora",
+                          architecture=ARCHITECTURE, implementation=IMPLEMENTATION, rank=rank, alpha=alpha)
 
 
-_KOHYA = KohyaLayout(group_peft, peft_to_kohya, kohya_metadata, _IDENTITY_KEYS)
-
-
-write_kohya_file = kohya_file_writer(_KOHYA)  # native kohya names (ComfyUI / WebUI)
-write_diffusers_file = diffusers_writer("ZImagePipeline", group_peft)
-
-
-def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
-    """Any Z-Image LoRA file (kohya, ComfyUI, diffusers) -> (PEFT state, {module: alpha}, metadata)."""
-    peft, alphas, metadata = read_family_lora(path, label="Z-Image", from_native=kohya_to_peft, group=group_peft)
-    for module_path in alphas:
-        native_module_for(module_path)  # a foreign module fails here, clearly
-    return peft, alphas, metadata
-
-
-# --- the LoRA tools' hook (core.family_api.contract.LoraFileFormat) -------------------------------------------
-
-
-def lora_file_format() -> Any:
-    """What the LoRA tools need: kohya names of Z-Image's native modules (core.families.dit.tools_format)."""
-    from core.families.dit.tools_format import kohya_tools_format
-
-    def identity(variant: str, metadata: Mapping[str, str], rank: int, alpha: float) -> dict[str, str]:
-        return kohya_metadata(variant if variant in BASE_MODEL_VERSION else "z-image-turbo", rank=rank, alpha=alpha)
-
-    return kohya_tools_format(family="Z-Image", read_lora=read_lora, peft_to_kohya=peft_to_kohya,
-                              kohya_to_peft=kohya_to_peft, identity=identity, identity_keys=_IDENTITY_KEYS,
-                              write_diffusers_file=write_diffusers_file)
+# native kohya names (ComfyUI / WebUI), diffusers' file, any form read back, the LoRA tools' hook
+write_kohya_file, write_diffusers_file, read_lora, lora_file_format = kohya_lora_files(
+    _NAMES, kohya_metadata, pipeline="ZImagePipeline", variants=BASE_MODEL_VERSION, default_variant="z-image-turbo")

@@ -19,7 +19,8 @@ counted in full so the estimate errs high.
 from __future__ import annotations
 
 from core.config import TrainConfig
-from core.families.dit.memory_parts import swapped_weights, weight_bytes, caching_latents, transient_and_latents
+from core.families.dit.memory_parts import (block_activations, caching_latents, swapped_weights, transient_and_latents,
+                                            weight_bytes)
 from core.devices import DeviceInfo
 from core.family_api.registry import FLUX_AE
 from core.model_info import ModelInfo
@@ -59,11 +60,8 @@ def zimage_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comp
     tokens = ((cfg.resolution // 16) ** 2 + TEXT_TOKENS) * cfg.batch_size
     passes = MAIN_LAYERS + REFINERS  # main layers on all tokens; each refiner kind on its own tokens
     block = BLOCK_BYTES_PER_TOKEN * REAL_WIDTH * tokens
-    if cfg.gradient_checkpointing:
-        activations = (passes * 2 * REAL_WIDTH * tokens + block) * scale
-    else:
-        activations = passes * block * scale
-    parts["activations"] = activations
+    parts["activations"] = block_activations(cfg, passes=passes, width=REAL_WIDTH, tokens=tokens, block=block,
+                                             scale=scale)
     # Backward: a few tensors of the widest Linear output (the MLP's 8h/3, twice: w1 and w3), and
     # the dequantized copy of the largest frozen weight when it is stored in fp8 / NF4.
     transient = 3 * tokens * 2 * int(width / 3 * 8) * compute_bytes
