@@ -57,10 +57,11 @@ def with_fp8_note(model: Any, path: Path, dtype: torch.dtype) -> Any:
 
 
 def find_comfy_part(models_root: Path | None, part: str, explicit: str = "", *, folders: Sequence[str],
-                    words: Sequence[str], needs: str, first: tuple[str, ...] = ()) -> Path:
+                    words: Sequence[str], needs: str, first: tuple[str, ...] = (),
+                    rank: Callable[[Path], int] | None = None) -> Path:
     """The `part` file ("text_encoder", "vae"): `explicit` (it must exist), or the first .safetensors under
-    `models_root`'s `folders` whose name holds one of `words` (names starting with `first` before the others);
-    none found: `needs` (who needs which file where) in the message."""
+    `models_root`'s `folders` whose name holds one of `words` (names starting with `first` before the others,
+    or in the order of `rank`); none found: `needs` (who needs which file where) in the message."""
     if explicit:
         if not Path(explicit).is_file():
             raise ModelLoadError(f"The {part} file '{explicit}' does not exist.", f"Check the {part} path.")
@@ -70,7 +71,7 @@ def find_comfy_part(models_root: Path | None, part: str, explicit: str = "", *, 
         if (models_root / sub).is_dir():
             found += sorted(p for p in (models_root / sub).rglob("*.safetensors")
                             if any(w in p.name.lower() for w in words))
-    found.sort(key=lambda p: 0 if p.name.lower().startswith(first) else 1)
+    found.sort(key=rank or (lambda p: 0 if p.name.lower().startswith(first) else 1))
     if not found:
         raise ModelLoadError(f"{needs}, and none was found.",
                              f"Put the file there, or give its path in the "
@@ -109,19 +110,37 @@ def transformer_from_state(model_class: Any, state: dict[str, torch.Tensor], nam
     return model.to(dtype).eval()
 
 
+def text_encoder_config(config_source: str, load_error: Callable[[str, str, Exception], ModelLoadError]) -> Any:
+    """The pipeline's text_encoder/ config (transformers' AutoConfig) from `config_source`."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(config_source, subfolder="text_encoder",
+                                          local_files_only=local_only(config_source))
+    except (OSError, ValueError) as exc:
+        raise load_error("text encoder config", config_source, exc) from exc
+
+
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, misfit: str, hint: str
+                 ) -> torch.nn.Module:
+    """`model` (built on the meta device) holding the file `name`'s tensors as its own (no second copy); tensors
+    that do not fit it are refused: `misfit` (what it does not fit), `hint` (which file does)."""
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except (KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"'{name}' {misfit}: {exc}", hint) from exc
+    return model
+
+
 def text_model_from_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32, label: str,
                          load_error: Callable[[str, str, Exception], ModelLoadError], kind: str, use: str,
                          hint: str) -> Any:
     """A text encoder's base model (`AutoModel` of the config's text_encoder/) from a file in causal-LM names
     (a prefix such as `model.` before them; the LM head dropped). Not one (`kind`: the model it should be,
     `use`: which file) or one that does not fit the `label` config (`hint`: which one does) is refused."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    try:
-        config = AutoConfig.from_pretrained(config_source, subfolder="text_encoder",
-                                            local_files_only=local_only(config_source))
-    except (OSError, ValueError) as exc:
-        raise load_error("text encoder config", config_source, exc) from exc
+    config = text_encoder_config(config_source, load_error)
     state = read_upcast(path, dtype)
     marker = "embed_tokens.weight"
     first = next((k for k in state if k.endswith(marker)), None)
@@ -131,10 +150,7 @@ def text_model_from_file(path: str | Path, *, config_source: str, dtype: torch.d
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     with torch.device("meta"):
         model = AutoModel.from_config(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"'{Path(path).name}' does not fit {label}'s text encoder config: {exc}", hint) from exc
+    assign_state(model, state, Path(path).name, f"does not fit {label}'s text encoder config", hint)
     # Non-persistent buffers (the rotary frequencies) are not in the file: build them for real.
     if hasattr(model, "rotary_emb"):
         model.rotary_emb = type(model.rotary_emb)(config=config)

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from core.families.dit.folders import fitting
+from core.families.dit.single_files import assign_state, find_comfy_part, text_encoder_config, transformer_from_state
 from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, local_only,
                                        read_upcast, safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
 from core.families.wan.load import (A14B, BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, expert_of_name,
@@ -30,27 +32,28 @@ def native_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return convert_wan_transformer_to_diffusers(state)
 
 
+_PARTS = {"text_encoder": (("text_encoders", "clip"), ("umt5",),
+                            "umt5_xxl_fp8_e4m3fn_scaled.safetensors (UMT5-XXL) in models/text_encoders"),
+          "vae": (("vae",), ("wan",), "wan_2.1_vae.safetensors in models/vae")}
+
+
 def find_part(models_root: Path | None, part: str, explicit: str = "") -> Path:
-    """UMT5 (text_encoders) or the Wan VAE (vae): given, or found in ComfyUI's folders."""
-    if explicit:
-        if not Path(explicit).is_file():
-            raise ModelLoadError(f"The {part} file '{explicit}' does not exist.", f"Check the {part} path.")
-        return Path(explicit)
-    folders, words = {"text_encoder": (("text_encoders", "clip"), ("umt5",)), "vae": (("vae",), ("wan",))}[part]
-    found: list[Path] = []
-    for sub in folders if models_root else ():
-        if (models_root / sub).is_dir():
-            found += sorted(p for p in (models_root / sub).rglob("*.safetensors")
-                            if any(w in p.name.lower() for w in words))
-    # Wan 2.1's VAE before Wan 2.2's (the 5B's 48-channel VAE fits only the 5B).
-    found.sort(key=lambda p: 0 if "2.2" not in p.name and "2_2" not in p.name else 1)
-    if not found:
-        hint = {"text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors (UMT5-XXL) in models/text_encoders",
-                "vae": "wan_2.1_vae.safetensors in models/vae"}[part]
-        setting = "text_encoder_files" if part == "text_encoder" else "vae"
-        raise ModelLoadError(f"Wan needs {hint}, and none was found.",
-                             f"Put the file there, or give its path in the {setting} setting.")
-    return found[0]
+    """UMT5 (text_encoders) or the Wan VAE (vae): given, or found in ComfyUI's folders (Wan 2.1's VAE before
+    Wan 2.2's: the 5B's 48-channel VAE fits only the 5B)."""
+    folders, words, hint = _PARTS[part]
+    return find_comfy_part(models_root, part, explicit, folders=folders, words=words, needs=f"Wan needs {hint}",
+                           rank=lambda p: 0 if "2.2" not in p.name and "2_2" not in p.name else 1)
+
+
+def _shapes(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:
+    """The file says its shape: width, depth, FFN width, input channels (the config the rest)."""
+    q = state.get("blocks.0.attn1.to_q.weight")
+    if q is None:
+        return {}
+    return {"num_attention_heads": int(q.shape[0]) // int(config.get("attention_head_dim", 128)),
+            "num_layers": len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")}),
+            "ffn_dim": int(state["blocks.0.ffn.net.0.proj.weight"].shape[0]),
+            "in_channels": int(state["patch_embedding.weight"].shape[1])}
 
 
 def load_transformer_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32) -> Any:
@@ -58,27 +61,11 @@ def load_transformer_file(path: str | Path, *, config_source: str, dtype: torch.
     from diffusers import WanTransformer3DModel
 
     state = native_to_diffusers(read_upcast(path, dtype))
-    try:
-        config = dict(WanTransformer3DModel.load_config(config_source, subfolder=config_subfolder(config_source,
-                                                                                                    "transformer"),
-                                                        local_files_only=local_only(config_source)))
-    except (OSError, ValueError) as exc:
-        raise load_error("transformer config", config_source, exc) from exc
-    # The file says its shape: width, depth, FFN width, input channels (the config the rest).
-    q = state.get("blocks.0.attn1.to_q.weight")
-    if q is not None:
-        config["num_attention_heads"] = int(q.shape[0]) // int(config.get("attention_head_dim", 128))
-        config["num_layers"] = len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
-        config["ffn_dim"] = int(state["blocks.0.ffn.net.0.proj.weight"].shape[0])
-        config["in_channels"] = int(state["patch_embedding.weight"].shape[1])
-    try:
-        with torch.device("meta"):
-            model = WanTransformer3DModel.from_config(config)
-        model.load_state_dict(state, strict=True, assign=True)
-    except (KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{Path(path).name}' does not fit the Wan config from '{config_source}': {exc}",
-                             "Use a Wan 2.1 transformer file from models/diffusion_models "
-                             "(wan2.1_t2v_1.3B_bf16.safetensors) with a Wan config folder.") from exc
+    model = transformer_from_state(
+        WanTransformer3DModel, state, Path(path).name, config_source=config_source, dtype=dtype, label="Wan",
+        load_error=load_error, shapes=_shapes,
+        hint="Use a Wan 2.1 transformer file from models/diffusion_models (wan2.1_t2v_1.3B_bf16.safetensors) with a "
+             "Wan config folder.")
     # Non-persistent buffers (the rotary tables) are not in the file: build them for real.
     model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size,
                                   model.config.rope_max_seq_len)
@@ -87,24 +74,17 @@ def load_transformer_file(path: str | Path, *, config_source: str, dtype: torch.
 
 def load_text_encoder_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32) -> Any:
     """UMT5-XXL's encoder from ComfyUI's umt5 file (HF names; fp8 / fp8_scaled upcast)."""
-    from transformers import AutoConfig, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
-    try:
-        config = AutoConfig.from_pretrained(config_source, subfolder="text_encoder",
-                                            local_files_only=local_only(config_source))
-    except (OSError, ValueError) as exc:
-        raise load_error("text encoder config", config_source, exc) from exc
+    config = text_encoder_config(config_source, load_error)
     state = strip_encoder_prefix(read_upcast(path, dtype), "encoder.")
     state = tie_t5_embedding({k: v for k, v in state.items() if k.startswith(("encoder.", "shared."))},
                              Path(path).name)
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"'{Path(path).name}' does not fit Wan's UMT5 config: {exc}",
-                             "Use umt5_xxl_fp8_e4m3fn_scaled.safetensors or umt5_xxl_fp16.safetensors "
-                             "from ComfyUI's models/text_encoders.") from exc
+    assign_state(model, state, Path(path).name, "does not fit Wan's UMT5 config",
+                 "Use umt5_xxl_fp8_e4m3fn_scaled.safetensors or umt5_xxl_fp16.safetensors from ComfyUI's "
+                 "models/text_encoders.")
     return model.to(dtype).eval()
 
 
@@ -123,15 +103,11 @@ def load_vae_file(path: str | Path, *, config_source: str) -> Any:
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"'{Path(path).name}' does not fit the Wan VAE config from '{config_source}': {exc}",
                                  "Use wan_2.1_vae.safetensors from ComfyUI's models/vae.") from exc
-    try:
+    with fitting(Path(path).name, lambda exc: load_error("vae config", config_source, exc), "is not Wan 2.1's VAE",
+                 "Use wan_2.1_vae.safetensors from ComfyUI's models/vae."):
         return AutoencoderKLWan.from_single_file(str(path), config=config_source,
                                                  subfolder=config_subfolder(config_source, "vae"),
                                                  torch_dtype=torch.float32, local_files_only=local_only(config_source))
-    except OSError as exc:
-        raise load_error("vae config", config_source, exc) from exc
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{Path(path).name}' is not Wan 2.1's VAE: {exc}",
-                             "Use wan_2.1_vae.safetensors from ComfyUI's models/vae.") from exc
 
 
 def load_single_file(transformer_file: str | Path, *, config_source: str = "", text_encoder: str = "",

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from core.families.dit.folders import fitting
 from core.families.dit.single_files import (diffusers_named, find_comfy_part, text_model_from_file, transformer_from_state,
                                             with_fp8_note)
 from core.families.dit.weights import comfy_models_root, config_subfolder, local_only, read_upcast, safetensors_keys
@@ -64,15 +65,11 @@ load_text_encoder_file = partial(text_model_from_file, label="Z-Image", load_err
 def load_vae_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32) -> Any:
     from diffusers import AutoencoderKL
 
-    try:
+    with fitting(Path(path).name, lambda exc: _load_error("vae config", config_source, exc),
+                 "is not FLUX's autoencoder", "Z-Image uses FLUX.1's ae.safetensors (16 latent channels)."):
         return AutoencoderKL.from_single_file(read_upcast(path, dtype), config=config_source,
                                               subfolder=config_subfolder(config_source, "vae"), torch_dtype=dtype,
                                               local_files_only=local_only(config_source))
-    except OSError as exc:
-        raise _load_error("vae config", config_source, exc) from exc
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"'{Path(path).name}' is not FLUX's autoencoder: {exc}",
-                             "Z-Image uses FLUX.1's ae.safetensors (16 latent channels).") from exc
 
 
 def load_single_file(transformer_file: str | Path, *, config_source: str = "", text_encoder: str = "",
