@@ -97,6 +97,12 @@ def _flux2(root: Path) -> Path:
     return build_tiny_flux2(root).folder
 
 
+def _wan(root: Path) -> Path:
+    from core.families.wan.tiny import build_tiny_wan
+
+    return build_tiny_wan(root).folder
+
+
 def _krea2(root: Path) -> Path:
     from core.families.krea2.tiny import build_tiny_krea2
 
@@ -113,6 +119,7 @@ FAMILIES: dict[str, GoldenFamily] = {f.name: f for f in (
     GoldenFamily("qwen-image", "Qwen-Image", _qwen),
     GoldenFamily("flux2-klein-4b", "FLUX.2 klein 4B", _flux2),
     GoldenFamily("krea2", "Krea 2", _krea2),
+    GoldenFamily("wan2.1-t2v-1.3b", "Wan 2.1 T2V 1.3B", _wan),
 )}
 
 

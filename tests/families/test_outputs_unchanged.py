@@ -77,6 +77,10 @@ def test_a_krea2_lora_is_byte_for_byte_what_it_was_when_the_family_was_added(tmp
     assert_outputs_unchanged("krea2", tmp_path)
 
 
+def test_a_wan_lora_is_byte_for_byte_what_it_was_when_the_family_was_added(tmp_path):
+    assert_outputs_unchanged("wan2.1-t2v-1.3b", tmp_path)
+
+
 # --- the comparison itself can fail ------------------------------------------------------------
 
 def _rewrite(source: Path, target: Path, *, metadata: dict[str, str] | None = None, flip: tuple[int, int] | None = None):
