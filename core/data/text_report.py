@@ -211,24 +211,33 @@ def _read_rows(report: TextDataReport, path: str | Path, method: str) -> list[tu
         return None
 
 
+def _parsed_rows(report: TextDataReport, path: str | Path, method: str, parse: Any) -> list[tuple[str, Any, Any]]:
+    """(where, record, parsed row) of every row `parse(record, where)` reads; the rows it refuses become the
+    report's errors (a column missing from all of them said once)."""
+    from core.data.text import TextDataError
+
+    records = _read_rows(report, path, method)
+    if records is None:
+        return []
+    report.count = len(records)
+    parsed, problems = [], []
+    for where, record in records:
+        try:
+            parsed.append((where, record, parse(record, where)))
+        except TextDataError as exc:
+            problems.append((where, str(exc).removeprefix(f"{where}: ")))
+    _row_problems(report, problems, method)
+    return parsed
+
+
 def _describe_labelled(report: TextDataReport, path: str | Path, counter: _Counter, limit: int) -> None:
     """KTO's rows: prompt, completion, label (core.data.rl_data, as training reads them)."""
     from core.data.rl_data import labelled_row
-    from core.data.text import TextDataError
 
     report.headers = ["where", "prompt", "completion", "label", "tokens"]
     report.kind = "labelled"
-    records = _read_rows(report, path, "kto")
-    if records is None:
-        return
-    report.count = len(records)
-    problems, seen = [], {}
-    for where, record in records:
-        try:
-            row = labelled_row(record, where)
-        except TextDataError as exc:
-            problems.append((where, str(exc).removeprefix(f"{where}: ")))
-            continue
+    seen: dict[str, str] = {}
+    for where, _record, row in _parsed_rows(report, path, "kto", labelled_row):
         report.labels[row.desirable] += 1
         prompt = _role_text(row.prompt, "user")
         tokens = counter.chat(row.chat(), _role_text(row.prompt, "system") + prompt + row.completion)
@@ -241,7 +250,6 @@ def _describe_labelled(report: TextDataReport, path: str | Path, counter: _Count
         seen.setdefault(key, where)
         if len(report.rows) < limit:
             report.rows.append([where, prompt, row.completion, "good" if row.desirable else "bad", str(tokens)])
-    _row_problems(report, problems, "kto")
     if report.labels[True] and not report.labels[False] or report.labels[False] and not report.labels[True]:
         report.issues.append(TextIssue(report.name, "warning", "every label is the same",
                                        "KTO learns from both: add answers labelled "
@@ -251,21 +259,12 @@ def _describe_labelled(report: TextDataReport, path: str | Path, counter: _Count
 def _describe_prompts(report: TextDataReport, path: str | Path, counter: _Counter, limit: int) -> None:
     """GRPO's rows: a prompt and whatever columns the rewards read (answer shown when there)."""
     from core.data.rl_data import prompt_row
-    from core.data.text import TextDataError, TextExample
+    from core.data.text import TextExample
 
     report.headers = ["where", "prompt", "answer", "tokens"]
     report.kind = "prompts"
-    records = _read_rows(report, path, "grpo")
-    if records is None:
-        return
-    report.count = len(records)
-    problems, seen = [], {}
-    for where, record in records:
-        try:
-            row = prompt_row(record, where)
-        except TextDataError as exc:
-            problems.append((where, str(exc).removeprefix(f"{where}: ")))
-            continue
+    seen: dict[str, str] = {}
+    for where, record, row in _parsed_rows(report, path, "grpo", prompt_row):
         prompt = _role_text(row.prompt, "user")
         tokens = counter.chat(TextExample(where, messages=row.prompt), prompt) if counter.tokenizer is None \
             else _prompt_tokens(counter.tokenizer, row.prompt)
@@ -277,7 +276,6 @@ def _describe_prompts(report: TextDataReport, path: str | Path, counter: _Counte
         seen.setdefault(prompt, where)
         if len(report.rows) < limit:
             report.rows.append([where, prompt, str(record.get("answer", "")), str(tokens)])
-    _row_problems(report, problems, "grpo")
 
 
 def _prompt_tokens(tokenizer: Any, prompt: list[dict[str, str]]) -> int:

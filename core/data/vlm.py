@@ -11,13 +11,13 @@ Two shapes, both read into `VlmExample`s (an image, the user's question, the ans
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.config import TrainConfig
-from core.data.text import TextDataError, as_text, chat_messages, read_text_file
+from core.data.preference import json_records
+from core.data.text import TextDataError, as_text, chat_messages
 
 DEFAULT_PROMPT = "Describe this image in detail."  # the Caption tab's chat-captioner prompt (core.caption)
 ROW_FILE_SUFFIXES = (".jsonl", ".json")
@@ -64,26 +64,8 @@ def _from_image_folder(cfg: TrainConfig, folder: Path) -> list[VlmExample]:
     return examples
 
 
-def _records(path: Path) -> list[tuple[str, Any]]:
-    text = read_text_file(path)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            return [(f"{path.name}[{i}]", r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as exc:
-            raise TextDataError(f"{path.name}:{exc.lineno}: broken JSON ({exc.msg}).") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append((f"{path.name}:{number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise TextDataError(f"{path.name}:{number}: broken JSON line ({exc.msg}). Each line must be one "
-                                    "complete JSON object.") from None
-    return records
-
-
 def _from_rows(path: Path, prompt: str) -> list[VlmExample]:
-    examples = [_row_to_example(record, where, path.parent, prompt) for where, record in _records(path)]
+    examples = [_row_to_example(record, where, path.parent, prompt) for where, record in json_records(path)]
     if not examples:
         raise TextDataError(f"{path}: no rows. Each line needs an 'image' and a 'caption' (or 'messages').")
     return examples
