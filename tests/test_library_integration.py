@@ -3,10 +3,10 @@
 When a bump of the lock (tools/update_lock.py) breaks one of these, the test names the
 library and the call, instead of a user meeting the library's own error deep in a run.
 The other meeting points are guarded where they are exercised end to end:
-- diffusers `load_lora_weights` reading our kohya and diffusers files: tests/test_export_kohya.py,
+- diffusers `load_lora_weights` reading our kohya and diffusers files: tests/export/test_export_kohya.py,
   tests/families/sd/test_sd_loading.py;
-- transformers' GGUF dequantization: tests/test_text_models.py, tests/test_text_smollm2.py;
-- accelerate's multi-process group: tests/test_multi_process.py.
+- transformers' GGUF dequantization: tests/text/test_text_models.py, tests/text/test_text_smollm2.py;
+- accelerate's multi-process group: tests/train/test_multi_process.py.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A PEFT text LoRA as a GGUF LoRA adapter (llama.cpp `--lora`, Ollama `ADAPTER`, LM Studio).
 
 The file matches what llama.cpp's own `convert_lora_to_gguf.py` writes for the same adapter
-(tests/test_gguf_export.py compares them tensor for tensor): `general.type = adapter`,
+(tests/text/test_gguf_export.py compares them tensor for tensor): `general.type = adapter`,
 `adapter.type = lora`, `adapter.lora.alpha`, the base's `general.architecture`, and per
 module `blk.N.<name>.weight.lora_a` (rank x in) and `.lora_b` (out x rank), in llama.cpp's
 tensor names and layout (see core/export/gguf_arch.py for the q/k permutation).

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from tests.fixtures.tiny_sd import run_collect, tiny_run_config
-from tests.test_pairs import make_pairs
+from tests.data.test_pairs import make_pairs
 
 
 def test_kontext_is_named_from_its_folder_and_its_file_name(tiny_flux_kontext, tiny_flux_dev, tmp_path):

@@ -151,7 +151,7 @@ def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders
                                                                                  monkeypatch):
     from core.families.qwen_image import loss as qwen_loss_module
     from core.families.qwen_image import text as qwen_text
-    from tests.test_pairs import make_pairs
+    from tests.data.test_pairs import make_pairs
 
     data = make_pairs(tmp_path / "pairs", count=2)
     from PIL import Image
@@ -200,7 +200,7 @@ def test_an_edit_model_without_pairs_says_how_to_give_them(tiny_qwen_edit, two_i
 
 
 def test_edit_pairs_train_without_the_latent_cache_too(tiny_qwen_edit, tmp_path):
-    from tests.test_pairs import make_pairs
+    from tests.data.test_pairs import make_pairs
 
     data = make_pairs(tmp_path / "pairs", count=2)
     _, events = run_collect(_config(tiny_qwen_edit.folder, data, tmp_path / "out", cache_latents=False,

@@ -11,7 +11,7 @@ import torch
 from tests.families.table import FAMILIES
 from tests.fixtures.tiny_sd import run_collect, tiny_run_config
 from tests.helpers import read_loss_csv
-from tests.test_video_data import write_test_clip
+from tests.data.test_video_data import write_test_clip
 
 WAN = next(f for f in FAMILIES if f.name == "wan2.1-t2v-1.3b")
 

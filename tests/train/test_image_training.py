@@ -13,7 +13,7 @@ import yaml
 from tests.fixtures.tiny_sd import run_collect, tiny_run_config
 from tests.helpers import read_loss_csv
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_short_run_writes_every_output_and_lists_a_corrupt_image(tiny_sd1, sd_image_folder, tmp_path):

@@ -74,7 +74,7 @@ def test_a_peft_adapter_becomes_one_safetensors_that_loads_with_the_same_output(
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tests.test_tools_merge import _logits, _trained_adapter
+    from tests.tools.test_tools_merge import _logits, _trained_adapter
 
     adapter = _trained_adapter(tiny_llm_dir, tmp_path / "adapter", use_rslora=True)
     single = tmp_path / "chat_lora.safetensors"
@@ -138,7 +138,7 @@ def test_extract_from_an_llm_and_its_merged_copy_gives_the_adapter_back(tiny_llm
     from transformers import AutoModelForCausalLM
 
     from core.tools.merge import bake_into_llm
-    from tests.test_tools_merge import _logits, _trained_adapter
+    from tests.tools.test_tools_merge import _logits, _trained_adapter
 
     adapter = _trained_adapter(tiny_llm_dir, tmp_path / "adapter")
     merged = bake_into_llm(str(tiny_llm_dir), adapter, tmp_path / "merged")

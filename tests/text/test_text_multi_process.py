@@ -17,7 +17,7 @@ from core.presets import resolve_config
 from core.train import run_training
 from tests.fixtures.tiny_llm import KESTREL_QA, write_qa_jsonl
 from tests.helpers import read_loss_csv
-from tests.test_multi_process import launch_two
+from tests.train.test_multi_process import launch_two
 
 pytestmark = pytest.mark.slow  # four train.py processes, two runs, and one run in this process
 
@@ -86,7 +86,7 @@ def test_two_processes_train_one_text_lora_and_resume_exactly(tiny_llm_dir, qa_d
 
 
 def test_dpo_in_two_processes_trains_like_one_process_on_the_whole_batch(tiny_llm_dir, tmp_path):
-    from tests.test_preference import HELD_THINGS, TRAIN_THINGS, comparison, write_csv
+    from tests.text.test_preference import HELD_THINGS, TRAIN_THINGS, comparison, write_csv
 
     train = write_csv(tmp_path / "prefs.csv", [comparison(t) for t in TRAIN_THINGS[:8]])
     held = write_csv(tmp_path / "held.csv", [comparison(t) for t in HELD_THINGS[:2]])
@@ -112,7 +112,7 @@ def test_dpo_in_two_processes_trains_like_one_process_on_the_whole_batch(tiny_ll
 
 
 def test_kto_in_two_processes_trains_like_one_process_and_grpo_runs_in_two(tiny_llm_dir, tmp_path):
-    from tests.test_kto_grpo import GRPO_EXTRA, PROMPTS, TRAIN_THINGS, kto_rows, write_csv
+    from tests.text.test_kto_grpo import GRPO_EXTRA, PROMPTS, TRAIN_THINGS, kto_rows, write_csv
 
     train = write_csv(tmp_path / "labelled.csv", kto_rows(TRAIN_THINGS[:4]))
     raw = dict(task_type="text-generation", base_model=str(tiny_llm_dir), train_data_dir=str(train), text_method="kto",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from core.data.text_report import describe_text_data, is_text_dataset, model_context_length
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _chat(question: str, answer: str) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_gguf_export import make_adapter
+from tests.text.test_gguf_export import make_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import torch
 from core.tools.convert import read_lora, write_kohya
 from core.tools.pissa import pissa_to_lora
 from tests.fixtures.tool_loras import make_sd_lora
-from tests.test_tools_merge import text_out, unet_out
+from tests.tools.test_tools_merge import text_out, unet_out
 
 
 def _fresh_pipe(folder):

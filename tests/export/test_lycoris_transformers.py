@@ -11,7 +11,7 @@ ComfyUI's map is read from its comfy/lora.py (Dec 2026): for FLUX (`flux_to_diff
 builds that map from the tiny model itself: each diffusers weight is found, by value, as the native
 weight or a row slice of it (the tiny weights are random, so each matches once), as
 tests/families/comfy_keys.py does for the UNet's diffusers names. The adapter math is
-tests/test_lycoris.py's `comfy_delta`.
+tests/export/test_lycoris.py's `comfy_delta`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from core.config import TrainConfig
 from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
-from tests.test_lycoris import VARIANTS, comfy_delta
+from tests.export.test_lycoris import VARIANTS, comfy_delta
 
 
 def _zimage() -> tuple[torch.nn.Module, object]:

@@ -22,7 +22,7 @@ from core.presets import resolve_config
 from core.train import run_training
 from tests.fixtures.tiny_sd import make_image_folder, tiny_run_config
 from tests.helpers import read_loss_csv
-from tests.test_multi_process import launch_two
+from tests.train.test_multi_process import launch_two
 
 pytestmark = pytest.mark.slow  # several train.py launches of two processes each
 
@@ -109,7 +109,7 @@ def test_a_sharded_flux_run_trains_like_ddp(tiny_flux_dev, tmp_path):
 
 def test_a_sharded_text_run_equals_one_process_on_the_whole_batch_and_resumes_exactly(tiny_llm_dir, tmp_path):
     from tests.fixtures.tiny_llm import KESTREL_QA, write_qa_jsonl
-    from tests.test_text_multi_process import text_config
+    from tests.text.test_text_multi_process import text_config
 
     train = write_qa_jsonl(tmp_path / "train.jsonl", KESTREL_QA[:4])
     validation = write_qa_jsonl(tmp_path / "val.jsonl", KESTREL_QA[4:])

@@ -16,7 +16,7 @@ from core.events import ProgressEvent, RunContext, WarningEvent
 from core.job import Job
 from tools import auto_label
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OLD_CSV = ('filename,prompt\n'
            'gone_from_folder.png,"an old row, with a comma and ""quotes"""\n'
            'astronaut.png,hand written caption\n')

@@ -16,7 +16,7 @@ import yaml
 from tests.fixtures.tiny_sd import tiny_run_config
 from tests.helpers import read_loss_csv
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # four train.py processes, two runs
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from core.events import ProgressEvent
 from core.train import run_training
 from core.train.ema import EMA_FILE, AdapterEMA, warmup_decay
-from tests.test_text_training import collect, text_config
+from tests.text.test_text_training import collect, text_config
 
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 

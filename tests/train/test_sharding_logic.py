@@ -1,7 +1,7 @@
 """`distributed: fsdp` without launching processes: what the config refuses, what the memory
 estimate and `preset: auto` make of several GPUs, how a checkpoint's optimizer state and epoch
 position move between process counts, and how the app plans, launches and follows a run on several
-devices (the runs themselves: tests/test_sharded_training.py, tests/test_app_launch.py)."""
+devices (the runs themselves: tests/train/test_sharded_training.py, tests/test_app_launch.py)."""
 from __future__ import annotations
 
 import dataclasses

@@ -61,7 +61,7 @@ def test_an_energy_ratio_keeps_just_enough_singular_values():
 def test_a_resized_trained_lora_loads_in_diffusers_and_matches_at_full_rank(tiny_sd1, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from tests.test_tools_merge import unet_out
+    from tests.tools.test_tools_merge import unet_out
 
     made = make_sd_lora(tiny_sd1.folder, tmp_path / "lora", variant="lora", seed=2)
     lora = read_lora(made.kohya)
@@ -81,7 +81,7 @@ def test_an_energy_resized_lora_with_a_rank_per_module_loads_in_diffusers_as_it_
     from diffusers import StableDiffusionPipeline
 
     from core.tools.merge import bake_into_modules, open_base_weights
-    from tests.test_tools_merge import unet_out
+    from tests.tools.test_tools_merge import unet_out
 
     made = make_sd_lora(tiny_sd1.folder, tmp_path / "lora", variant="lora", rank=8, alpha=8, seed=3)
     lora = read_lora(made.kohya)

@@ -21,9 +21,9 @@ from core.presets import resolve_config
 from core.train import run_training
 from tests.fixtures.tiny_llm import KESTREL_QA, write_qa_jsonl
 from tests.helpers import read_loss_csv
-from tests.test_text_multi_process import text_config
+from tests.text.test_text_multi_process import text_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # two train.py processes and one run in this process
 
 

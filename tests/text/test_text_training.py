@@ -16,7 +16,7 @@ from core.events import DoneEvent, ProgressEvent, RunContext, SampleEvent
 from core.train import run_training, runtime
 from tests.helpers import read_loss_csv
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 def text_config(base: Path, data: Path, out: Path, **extra):
     raw = dict(task_type="text-generation", base_model=str(base), train_data_dir=str(data), output_dir=str(out),
                batch_size=2, max_train_steps=4, learning_rate=5e-3, lora_rank=4, lora_alpha=8, save_steps=0,

@@ -131,7 +131,7 @@ def test_an_sd_run_trains_a_lycoris_file_that_resumes_and_its_update_is_the_trai
 def test_the_transformer_families_take_lokr_and_loha_and_refuse_dora_and_pissa_in_one_sentence(family, variant):
     from core.family_api.lookup import family_impl
 
-    for lycoris in ("lokr", "loha"):  # trained there too (tests/test_lycoris_transformers.py)
+    for lycoris in ("lokr", "loha"):  # trained there too (tests/export/test_lycoris_transformers.py)
         family_impl(family).check(dataclasses.replace(TrainConfig(), lora_variant=lycoris))
     cfg = dataclasses.replace(TrainConfig(), lora_variant=variant)
     with pytest.raises(ValueError, match=f"lora_variant: {variant} is not available for .* use lora, rslora, lokr"):
@@ -146,7 +146,7 @@ def test_a_lycoris_file_baked_into_an_sd_checkpoint_gives_base_plus_adapter_and_
     from core.tools.modules import LoraToolError
     from core.tools.extract import resize_file
     from tests.fixtures.tool_loras import make_sd_lora
-    from tests.test_tools_merge import text_out, unet_out
+    from tests.tools.test_tools_merge import text_out, unet_out
 
     made = make_sd_lora(tiny_sd1.folder, tmp_path / "lora", variant=variant, seed=3)
     assert made.diffusers is None and any(f".{'lokr' if variant == 'lokr' else 'hada'}_" in k
@@ -175,7 +175,7 @@ def test_the_test_tab_applies_a_lokr_beside_a_lora_like_both_baked_in_and_leaves
     from core.sample import clear_pipeline_cache, generate_images
     from core.tools.merge import bake_into_sd
     from tests.fixtures.tool_loras import make_sd_lora
-    from tests.test_multi_lora import PROMPT, SETTINGS, max_diff
+    from tests.export.test_multi_lora import PROMPT, SETTINGS, max_diff
 
     lokr = make_sd_lora(tiny_sd1.folder, tmp_path / "k", variant="lokr", seed=5, name="k").kohya
     lora = make_sd_lora(tiny_sd1.folder, tmp_path / "l", seed=11, name="l").kohya

@@ -1,0 +1,1 @@
+"""Tests of captioning: the captioners and batch captioning."""

@@ -1,0 +1,1 @@
+"""Tests of data sets: images, clips, pairs, buckets, the health check."""

@@ -1,0 +1,1 @@
+"""Tests of the LoRA files: inspection, kohya/WebUI names, LoKr/LoHa, several LoRAs together."""

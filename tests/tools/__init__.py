@@ -1,0 +1,1 @@
+"""Tests of the LoRA tools: CLI, merge, resize, convert, the Tools tab."""
