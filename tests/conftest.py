@@ -33,3 +33,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files that hold slow stories (browser, several processes, kill -9) run first: with a worker per core
+    (launch.py --test) they then start early instead of ending the run on one worker while the other idles.
+    A stable sort by file: every file's tests stay together and in their order."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
