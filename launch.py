@@ -245,8 +245,9 @@ def parallel_args(extra: list[str]) -> list[str]:
     """
     import importlib.util
 
-    if importlib.util.find_spec("xdist") is None or any(a == "-n" or a.startswith(("-n", "--numprocesses"))
-                                                         or a in ("-p", "no:xdist") for a in extra):
+    # -n / --numprocesses chose a count; -p no:xdist switched the plugin off (another -p keeps it).
+    if importlib.util.find_spec("xdist") is None or any(a.startswith(("-n", "--numprocesses")) or a == "no:xdist"
+                                                         for a in extra):
         return []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return ["-n", str(cores), "--dist", "loadfile"] if cores > 1 else []

@@ -133,12 +133,12 @@ def family_from_keys(shapes: dict[str, tuple[int, ...]], fmt: str, adapter_confi
     for key, shape in shapes.items():
         # attn2.to_k reads the text context: its input width tells the family.
         if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key or "lora.down" in key):
-            if len(shape) >= 2 and family_of_context_dim(shape[1]):
-                return family_of_context_dim(shape[1])
+            if len(shape) >= 2 and (family := family_of_context_dim(shape[1])):
+                return family
     for key, shape in shapes.items():
         if key.startswith(("lora_te_", "text_encoder.")) and ("down" in key or "lora_A" in key) and len(shape) == 2:
-            if family_of_text_encoder_width(shape[1]) and "fc2" not in key:
-                return family_of_text_encoder_width(shape[1])
+            if "fc2" not in key and (family := family_of_text_encoder_width(shape[1])):
+                return family
     return "unknown"
 
 
