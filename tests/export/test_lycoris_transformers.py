@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from core.config import TrainConfig
-from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
+from tests.fixtures.tiny_sd import run_collect, tiny_run_config
 from tests.export.test_lycoris import VARIANTS, comfy_delta
 
 
@@ -139,10 +139,6 @@ def test_a_native_fused_lokr_file_is_refused_in_one_sentence():
     with pytest.raises(LoraFormatError, match=r"^A LoKr / LoHa of FLUX.1 cannot be written in the native fused layout"):
         refuse_fused("FLUX.1")
 
-
-@pytest.fixture
-def two_images(tmp_path) -> Path:
-    return make_image_folder(tmp_path / "data", count=2)
 
 
 def _run(model: Path, data: Path, out: Path, variant: str, **overrides):

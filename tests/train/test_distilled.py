@@ -14,20 +14,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
+from tests.fixtures.tiny_sd import run_collect, two_step_config
 
 ADAPTED = ("layers.0.attention.to_q", "layers.0.attention.to_k", "layers.0.attention.to_v",
            "layers.1.feed_forward.w1", "noise_refiner.0.attention.to_out.0")
 
 
-@pytest.fixture
-def two_images(tmp_path) -> Path:
-    return make_image_folder(tmp_path / "data", count=2)
-
 
 def _config(model, data, out, **overrides) -> dict:
-    return tiny_run_config(model, data, out, **{"batch_size": 1, "max_train_steps": 2, "save_steps": 2,
-                                                "sample_guidance_scale": 0.0, **overrides})
+    return two_step_config(model, data, out, **{"save_steps": 2, "sample_guidance_scale": 0.0, **overrides})
 
 
 def make_training_adapter(model_folder: Path, path: Path) -> tuple[Path, dict[str, torch.Tensor]]:

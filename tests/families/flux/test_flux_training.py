@@ -8,29 +8,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
-from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
+from tests.fixtures.tiny_sd import lora_header, run_collect, two_step_config
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture
-def two_images(tmp_path) -> Path:
-    return make_image_folder(tmp_path / "data", count=2)
 
-
-def _config(model: Path, data: Path, out: Path, **overrides) -> dict:
-    """Two 64 px images, batch 1, fp32, no previews unless asked."""
-    return tiny_run_config(model, data, out, **{"batch_size": 1, "max_train_steps": 2, **overrides})
-
-
-def _header(path: Path) -> tuple[list[str], dict[str, str]]:
-    with safe_open(str(path), "pt") as handle:
-        return list(handle.keys()), handle.metadata()
 
 
 def test_a_tiny_flux_dev_trains_from_a_yaml_with_train_py_and_writes_both_files(tiny_flux_dev, two_images,
@@ -42,7 +28,7 @@ def test_a_tiny_flux_dev_trains_from_a_yaml_with_train_py_and_writes_both_files(
 
     out = tmp_path / "out"
     config = tmp_path / "flux.yaml"
-    config.write_text(yaml.safe_dump(_config(tiny_flux_dev.folder, two_images, out, output_name="my_flux",
+    config.write_text(yaml.safe_dump(two_step_config(tiny_flux_dev.folder, two_images, out, output_name="my_flux",
                                              lora_alpha=2, sample_prompts=["a red thing"], sample_steps=2,
                                              save_steps=2)))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -52,7 +38,7 @@ def test_a_tiny_flux_dev_trains_from_a_yaml_with_train_py_and_writes_both_files(
     assert "FLUX.1-dev" in done.stdout and "Done: 2 steps" in done.stdout
 
     kohya, diffusers_file = out / "my_flux.safetensors", out / "pytorch_lora_weights.safetensors"
-    keys, meta = _header(kohya)
+    keys, meta = lora_header(kohya)
     assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
     assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_steps"] == "2"
     assert "modelspec.prediction_type" not in meta
@@ -100,14 +86,14 @@ def test_chroma_trains_with_sigmoid_sampling_and_no_guidance(tiny_chroma, two_im
     monkeypatch.setattr(flux_train, "flux_loss", spy)
     out = tmp_path / "chroma"
     # ComfyUI's layout: the BFL transformer file; T5 and AE found in models/, configs from the folder.
-    outputs, events = run_collect(_config(tiny_chroma.comfy_transformer, two_images, out,
+    outputs, events = run_collect(two_step_config(tiny_chroma.comfy_transformer, two_images, out,
                                           base_model_config=str(tiny_chroma.folder), sample_prompts=["a red thing"],
                                           sample_guidance_scale=2.0, sample_negative_prompt="blue"))
     assert [e.step for e in events if e.kind == "progress"] == [1, 2]
     logs = [e.message for e in events if e.kind == "log"]
     assert any(m.startswith("Model: Chroma (single file)") for m in logs), logs
     assert seen and all(k["timestep_sampling"] == "sigmoid" and k["guidance"] is None for k in seen)
-    keys, meta = _header(Path(outputs["lora"]))
+    keys, meta = lora_header(Path(outputs["lora"]))
     assert meta["ss_base_model_version"] == "chroma" and meta["modelspec.architecture"] == "chroma/lora"
     assert all(k.startswith("lora_unet_") for k in keys) and not any("guidance_in" in k for k in keys)
     assert ChromaPipeline.lora_state_dict(outputs["diffusers"])
@@ -117,9 +103,9 @@ def test_chroma_trains_with_sigmoid_sampling_and_no_guidance(tiny_chroma, two_im
 def test_a_flux_lora_file_as_init_lora_starts_from_its_weights(tiny_flux_dev, two_images, tmp_path):
     from core.families.flux.lora_files import read_flux_lora
 
-    first, _ = run_collect(_config(tiny_flux_dev.folder, two_images, tmp_path / "first", lora_blocks="attention"))
+    first, _ = run_collect(two_step_config(tiny_flux_dev.folder, two_images, tmp_path / "first", lora_blocks="attention"))
     # A learning rate too small to move anything: the continued LoRA equals the file it started from.
-    second, events = run_collect(_config(tiny_flux_dev.folder, two_images, tmp_path / "second", max_train_steps=1,
+    second, events = run_collect(two_step_config(tiny_flux_dev.folder, two_images, tmp_path / "second", max_train_steps=1,
                                          learning_rate=1e-12, weight_decay=0.0, init_lora=first["lora"]))
     assert any("Continuing from the LoRA" in getattr(e, "message", "") for e in events)
     before, alphas_before, _ = read_flux_lora(first["lora"])
@@ -142,7 +128,7 @@ def test_fp8_base_trains_on_the_cpu(tiny_flux_dev, two_images, tmp_path, monkeyp
 
     monkeypatch.setattr(low_memory, "enable_fp8_storage", keep)
     ae = tiny_flux_dev.comfy_root / "vae" / "ae.safetensors"  # a separate AE file with a diffusers folder
-    outputs, events = run_collect(_config(tiny_flux_dev.folder, two_images, tmp_path / "fp8", fp8_base=True,
+    outputs, events = run_collect(two_step_config(tiny_flux_dev.folder, two_images, tmp_path / "fp8", fp8_base=True,
                                           gradient_checkpointing=True, vae=str(ae)))
     logs = [e.message for e in events if e.kind == "log"]
     assert any(m.startswith("fp8 storage:") for m in logs), logs
@@ -155,7 +141,7 @@ def test_fp8_base_trains_on_the_cpu(tiny_flux_dev, two_images, tmp_path, monkeyp
     lora = [p for n, p in trained[0].named_parameters() if "lora_" in n]
     assert lora and {p.dtype for p in lora} == {torch.float32}
     assert any(p.abs().sum() > 0 for n, p in trained[0].named_parameters() if "lora_B" in n)
-    _, meta = _header(Path(outputs["lora"]))
+    _, meta = lora_header(Path(outputs["lora"]))
     assert meta["ss_base_model_version"] == "flux1"
 
 

@@ -8,23 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
-
-
-@pytest.fixture
-def two_images(tmp_path) -> Path:
-    return make_image_folder(tmp_path / "data", count=2)
+from tests.fixtures.tiny_sd import lora_header, run_collect, two_step_config
 
 
-def _config(model: Path, data: Path, out: Path, **overrides) -> dict:
-    return tiny_run_config(model, data, out, **{"batch_size": 1, "max_train_steps": 2, **overrides})
 
-
-def _header(path: Path) -> tuple[list[str], dict[str, str]]:
-    with safe_open(str(path), "pt") as handle:
-        return list(handle.keys()), handle.metadata()
 
 
 def comfy_key_map(model_keys: list[str]) -> dict[str, str]:
@@ -59,7 +47,7 @@ def test_a_tiny_qwen_image_trains_and_writes_both_files(tiny_qwen_image, two_ima
     from core.families.qwen_image.lora_files import read_lora
 
     out = tmp_path / "out"
-    outputs, events = run_collect(_config(tiny_qwen_image.folder, two_images, out, output_name="my_qwen",
+    outputs, events = run_collect(two_step_config(tiny_qwen_image.folder, two_images, out, output_name="my_qwen",
                                           lora_alpha=2, sample_prompts=["a red thing"], sample_steps=2,
                                           save_steps=2))
     logs = [e.message for e in events if e.kind == "log"]
@@ -68,7 +56,7 @@ def test_a_tiny_qwen_image_trains_and_writes_both_files(tiny_qwen_image, two_ima
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     kohya, diffusers_file = out / "my_qwen.safetensors", out / "pytorch_lora_weights.safetensors"
     assert outputs["lora"] == str(kohya)
-    keys, meta = _header(kohya)
+    keys, meta = lora_header(kohya)
     assert meta["ss_base_model_version"] == "qwen_image" and meta["modelspec.architecture"] == "Qwen-Image/lora"
     assert meta["ss_network_module"] == "networks.lora_qwen_image" and meta["ss_network_alpha"] == "2"
     assert "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight" in keys
@@ -120,7 +108,7 @@ def test_a_tiny_qwen_image_trains_and_writes_both_files(tiny_qwen_image, two_ima
 
 def test_the_comfyui_layout_trains_with_fp8_storage(tiny_qwen_image, two_images, tmp_path):
     text_encoder = tiny_qwen_image.comfy_root / "text_encoders" / "qwen_2.5_vl_7b.safetensors"
-    outputs, events = run_collect(_config(tiny_qwen_image.comfy_transformer, two_images, tmp_path / "fp8",
+    outputs, events = run_collect(two_step_config(tiny_qwen_image.comfy_transformer, two_images, tmp_path / "fp8",
                                           base_model_config=str(tiny_qwen_image.folder), fp8_base=True,
                                           gradient_checkpointing=True, text_encoder_files=str(text_encoder)))
     logs = [e.message for e in events if e.kind == "log"]
@@ -129,7 +117,7 @@ def test_the_comfyui_layout_trains_with_fp8_storage(tiny_qwen_image, two_images,
     assert any("Text encoder qwen_2.5_vl_7b.safetensors" in m for m in logs), logs
     losses = [e.loss for e in events if e.kind == "progress"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    keys, _ = _header(Path(outputs["lora"]))
+    keys, _ = lora_header(Path(outputs["lora"]))
     assert keys and all(re.match(r"lora_unet_transformer_blocks_\d+_", k) for k in keys)
 
 
@@ -176,7 +164,7 @@ def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders
     monkeypatch.setattr(qwen_loss_module, "qwen_loss", spy_loss)
     monkeypatch.setattr(qwen_text, "encode_prompt_list", spy_encode)
     out = tmp_path / "edit"
-    outputs, events = run_collect(_config(tiny_qwen_edit.folder, data, out, caption_dropout=0.5,
+    outputs, events = run_collect(two_step_config(tiny_qwen_edit.folder, data, out, caption_dropout=0.5,
                                           sample_prompts=["make it green"], sample_steps=2))
     logs = [e.message for e in events if e.kind == "log"]
     warnings = [e.message for e in events if e.kind == "warning"]
@@ -189,21 +177,21 @@ def test_qwen_image_edit_trains_on_pairs_with_the_control_given_to_both_encoders
     assert seen_images and all(imgs and all(i is not None for i in imgs) for imgs in seen_images)
     # The preview edits the first pair's control image with the sample prompt (encoded with it, cached).
     assert (out / "samples" / "step-000002-0.png").is_file()
-    _, meta = _header(Path(outputs["lora"]))
+    _, meta = lora_header(Path(outputs["lora"]))
     assert meta["ss_base_model_version"] == "qwen_image_edit" and meta["modelspec.architecture"] == \
         "Qwen-Image-Edit/lora"
 
 
 def test_an_edit_model_without_pairs_says_how_to_give_them(tiny_qwen_edit, two_images, tmp_path):
     with pytest.raises(ValueError, match="control/ folder"):
-        run_collect(_config(tiny_qwen_edit.folder, two_images, tmp_path / "out"))
+        run_collect(two_step_config(tiny_qwen_edit.folder, two_images, tmp_path / "out"))
 
 
 def test_edit_pairs_train_without_the_latent_cache_too(tiny_qwen_edit, tmp_path):
     from tests.data.test_pairs import make_pairs
 
     data = make_pairs(tmp_path / "pairs", count=2)
-    _, events = run_collect(_config(tiny_qwen_edit.folder, data, tmp_path / "out", cache_latents=False,
+    _, events = run_collect(two_step_config(tiny_qwen_edit.folder, data, tmp_path / "out", cache_latents=False,
                                     random_flip=True))
     losses = [e.loss for e in events if e.kind == "progress"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

@@ -6,25 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from safetensors import safe_open
 
-from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
-
-
-@pytest.fixture
-def two_images(tmp_path) -> Path:
-    return make_image_folder(tmp_path / "data", count=2)
+from tests.fixtures.tiny_sd import lora_header, run_collect, two_step_config
 
 
-def _config(model: Path, data: Path, out: Path, **overrides) -> dict:
-    return tiny_run_config(model, data, out, **{"batch_size": 1, "max_train_steps": 2, **overrides})
 
-
-def _header(path: Path) -> tuple[list[str], dict[str, str]]:
-    with safe_open(str(path), "pt") as handle:
-        return list(handle.keys()), handle.metadata()
 
 
 def test_a_tiny_sd35_medium_trains_writes_both_files_and_the_test_tab_uses_them(tiny_sd3, two_images, tmp_path,
@@ -44,7 +31,7 @@ def test_a_tiny_sd35_medium_trains_writes_both_files_and_the_test_tab_uses_them(
 
     monkeypatch.setattr(sd3_loss_module, "sd3_loss", spy)
     out = tmp_path / "out"
-    outputs, events = run_collect(_config(tiny_sd3.folder, two_images, out, output_name="my_sd3", lora_alpha=2,
+    outputs, events = run_collect(two_step_config(tiny_sd3.folder, two_images, out, output_name="my_sd3", lora_alpha=2,
                                           sample_prompts=["a red thing"], sample_steps=2, save_steps=2,
                                           sample_negative_prompt="blue"))
     logs = [e.message for e in events if e.kind == "log"]
@@ -56,7 +43,7 @@ def test_a_tiny_sd35_medium_trains_writes_both_files_and_the_test_tab_uses_them(
 
     kohya, diffusers_file = Path(outputs["lora"]), Path(outputs["diffusers"])
     assert kohya.name == "my_sd3.safetensors"
-    keys, meta = _header(kohya)
+    keys, meta = lora_header(kohya)
     assert meta["ss_base_model_version"] == "5-medium"
     assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
     assert meta["ss_network_module"] == "networks.lora_sd3" and meta["ss_steps"] == "2"
@@ -90,12 +77,12 @@ def test_a_tiny_sd35_medium_trains_writes_both_files_and_the_test_tab_uses_them(
 
 
 def test_sais_all_in_one_file_trains_as_comfyui_has_it(tiny_sd3, two_images, tmp_path):
-    outputs, events = run_collect(_config(tiny_sd3.comfy_checkpoint, two_images, tmp_path / "aio",
+    outputs, events = run_collect(two_step_config(tiny_sd3.comfy_checkpoint, two_images, tmp_path / "aio",
                                           base_model_config=str(tiny_sd3.folder), max_train_steps=1))
     logs = [e.message for e in events if e.kind == "log"]
     assert any(m.startswith("Model: SD3.5 Medium (single file)") for m in logs), logs
     assert any("T5: sd3.5_medium_incl_clips" in m for m in logs), logs
-    _, meta = _header(Path(outputs["lora"]))
+    _, meta = lora_header(Path(outputs["lora"]))
     assert meta["ss_base_model_version"] == "5-medium"
 
 
@@ -103,18 +90,18 @@ def test_sd35_large_trains_with_fp8_storage_on_the_cpu_and_continues_from_its_fi
                                                                                    tmp_path):
     from core.families.sd3.lora_files import read_lora
 
-    outputs, events = run_collect(_config(tiny_sd35_large.folder, two_images, tmp_path / "fp8", fp8_base=True,
+    outputs, events = run_collect(two_step_config(tiny_sd35_large.folder, two_images, tmp_path / "fp8", fp8_base=True,
                                           gradient_checkpointing=True))
     logs = [e.message for e in events if e.kind == "log"]
     assert any(m.startswith("fp8 storage:") for m in logs), logs
     assert any(m.startswith("Model: SD3.5 Large") for m in logs), logs
     assert all(np.isfinite([e.loss for e in events if e.kind == "progress"]))
-    keys, meta = _header(Path(outputs["lora"]))
+    keys, meta = lora_header(Path(outputs["lora"]))
     assert meta["ss_base_model_version"] == "5-large"
     assert meta["modelspec.architecture"] == "stable-diffusion-3-5-large/lora"
     assert not any("attn2" in k for k in keys)
     # Continued with a learning rate too small to move anything: the new file equals the old one.
-    second, events = run_collect(_config(tiny_sd35_large.folder, two_images, tmp_path / "again", max_train_steps=1,
+    second, events = run_collect(two_step_config(tiny_sd35_large.folder, two_images, tmp_path / "again", max_train_steps=1,
                                          learning_rate=1e-12, weight_decay=0.0, init_lora=outputs["lora"]))
     assert any("Continuing from the LoRA" in getattr(e, "message", "") for e in events)
     before, after = read_lora(outputs["lora"])[0], read_lora(second["lora"])[0]

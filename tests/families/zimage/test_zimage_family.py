@@ -7,21 +7,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.families.comfy_keys import unet_key_map
 
-from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
+from tests.fixtures.tiny_sd import run_collect, two_step_config
 
 
-@pytest.fixture
-def two_images(tmp_path) -> Path:
-    return make_image_folder(tmp_path / "data", count=2)
-
-
-def _config(model, data, out, **overrides) -> dict:
-    return tiny_run_config(model, data, out, **{"batch_size": 1, "max_train_steps": 2, **overrides})
 
 
 def test_registry_sizes_are_the_real_configs_counted_on_the_meta_device():
@@ -114,7 +106,7 @@ def test_a_run_trains_writes_both_files_and_both_load_key_for_key(tiny_zimage, t
     from core.families.zimage.tiny import native_transformer_state
 
     out = tmp_path / "out"
-    outputs, events = run_collect(_config(tiny_zimage.folder, two_images, out, output_name="zi", lora_alpha=2,
+    outputs, events = run_collect(two_step_config(tiny_zimage.folder, two_images, out, output_name="zi", lora_alpha=2,
                                           sample_prompts=["a red thing"], sample_steps=2, save_steps=2))
     losses = [e.loss for e in events if e.kind == "progress"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
@@ -184,7 +176,7 @@ def test_the_test_tab_makes_images_with_both_files_and_weight_0_is_the_base(tiny
 
     from core.sample import clear_pipeline_cache, generate_images
 
-    outputs, _ = run_collect(_config(tiny_zimage.folder, two_images, tmp_path / "out", learning_rate=5e-2))
+    outputs, _ = run_collect(two_step_config(tiny_zimage.folder, two_images, tmp_path / "out", learning_rate=5e-2))
     kwargs = dict(seed=3, steps=2, guidance=0.0, width=32, height=32)
     model = str(tiny_zimage.folder)
     try:
@@ -232,7 +224,7 @@ def test_fp8_base_with_checkpointing_trains_on_the_cpu_and_a_lora_file_continues
         return real(transformer, *args, **kwargs)
 
     monkeypatch.setattr(low_memory, "enable_fp8_storage", keep)
-    first, events = run_collect(_config(tiny_zimage.folder, two_images, tmp_path / "fp8", fp8_base=True,
+    first, events = run_collect(two_step_config(tiny_zimage.folder, two_images, tmp_path / "fp8", fp8_base=True,
                                         gradient_checkpointing=True))
     assert any(getattr(e, "message", "").startswith("fp8 storage:") for e in events)
     losses = [e.loss for e in events if e.kind == "progress"]
@@ -244,7 +236,7 @@ def test_fp8_base_with_checkpointing_trains_on_the_cpu_and_a_lora_file_continues
     assert {p.dtype for n, p in trained[0].named_parameters() if "lora_" in n} == {torch.float32}
 
     # init_lora: the ComfyUI file as the starting point; a learning rate too small to move anything.
-    second, events = run_collect(_config(tiny_zimage.folder, two_images, tmp_path / "second", max_train_steps=1,
+    second, events = run_collect(two_step_config(tiny_zimage.folder, two_images, tmp_path / "second", max_train_steps=1,
                                          learning_rate=1e-12, weight_decay=0.0, init_lora=first["lora"]))
     assert any("Continuing from the LoRA" in getattr(e, "message", "") for e in events)
     before, alphas_before, _ = read_lora(first["lora"])
