@@ -156,11 +156,14 @@ def drawing(base_model: str, loras: Sequence[LoraSpec] = (), *, fuse: bool | Non
 
     def draw(prompts: Sequence[str], *, seed: int = 1234, steps: int = 20, guidance: float = 7.0,
              negative_prompt: str = "", width: int | None = None, height: int | None = None,
-             interrupted: Callable[[], bool] | None = None) -> list[Image.Image]:
+             interrupted: Callable[[], bool] | None = None,
+             references: Sequence[str | Path] = ()) -> list[Image.Image]:
+        extra = {"control": reference_images(family, model, references)} if references else {}
         try:
             with interruptible(pipe, interrupted):
                 return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
-                                       negative_prompt=negative_prompt, width=width or side, height=height or side)
+                                       negative_prompt=negative_prompt, width=width or side, height=height or side,
+                                       **extra)
         finally:
             free_memory()
 
@@ -170,6 +173,20 @@ def drawing(base_model: str, loras: Sequence[LoraSpec] = (), *, fuse: bool | Non
                 yield draw
         finally:
             free_memory()
+
+
+def reference_images(family: Any, model: Any, references: Sequence[str | Path]) -> list[Image.Image]:
+    """The Test tab's uploaded reference images for an edit model (at most as many as it reads); one sentence
+    for a model that edits nothing."""
+    from core.data.image_io import load_rgb
+    from core.family_api.registry import family_info
+
+    info = family_info(family.name_of(model))
+    most = info.max_references or (1 if info.needs_control else 0)
+    if not most:
+        raise ValueError(f"{info.label} makes images from text alone; remove the reference images, or pick an edit "
+                         "model (Qwen-Image-Edit-2509 / 2511, FLUX.2 klein, FLUX.1 Kontext).")
+    return [load_rgb(Path(p)) for p in list(references)[:most]]
 
 
 @contextmanager
@@ -205,8 +222,8 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
                     loras: Sequence[LoraSpec] | None = None, fuse: bool | None = None, seed: int = 1234,
                     steps: int = 20, guidance: float = 7.0, negative_prompt: str = "", width: int | None = None,
                     height: int | None = None, allow_pickle: bool = False, model_config: str = "",
-                    device: str | torch.device | None = None,
-                    interrupted: Callable[[], bool] | None = None) -> list[Image.Image]:
+                    device: str | torch.device | None = None, interrupted: Callable[[], bool] | None = None,
+                    references: Sequence[str | Path] = ()) -> list[Image.Image]:
     """Images for `prompts` from `base_model` with LoRAs applied together, each at its weight.
 
     `loras=[(file, weight), ...]` (WebUI's `<lora:a:0.8> <lora:b:0.5>`), or the single `lora_path` at
@@ -218,7 +235,7 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
     with drawing(base_model, specs, fuse=fuse, allow_pickle=allow_pickle, model_config=model_config,
                  device=device) as draw:
         return draw(prompts, seed=seed, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
-                    width=width, height=height, interrupted=interrupted)
+                    width=width, height=height, interrupted=interrupted, references=references)
 
 
 def clip_strip(image: Image.Image) -> Image.Image:

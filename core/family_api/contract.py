@@ -73,6 +73,9 @@ class Batch:
     sizes: list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] = field(default_factory=list)
     # (original size, crop top-left, target size) per image, for SDXL's micro-conditioning
     control: torch.Tensor | None = None                      # [B, C, h, w] control latents (needs_control families)
+    # Every reference's latents in order, [B, C, h, w] each (control first; `max_references` families); the
+    # batch's items all have as many (the sampler batches by their count); [] for text-to-image items.
+    references: list[torch.Tensor] = field(default_factory=list)
 
 
 def vae_moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:

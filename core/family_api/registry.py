@@ -60,6 +60,11 @@ class FamilyInfo:
     # Trains on (control, target, caption) triples (edit models): the run feeds each image's control
     # latents (Batch.control) and prompt keys (caption, control path) to the family.
     needs_control: bool = False
+    # Takes up to this many reference images per target (edit models that read several: Qwen-Image-Edit-2509 /
+    # 2511, FLUX.2 klein): an item's control, then its control_2, control_3 ... train with it (Batch.references,
+    # prompt keys (caption, path, path ...)); an item without a control trains as text-to-image in the same run.
+    # 0: none (a `needs_control` family takes exactly one control per target and skips plain images).
+    max_references: int = 0
     # How a UNet family is told apart where no marker names it. `context_dims`: the text-context widths its
     # cross-attention reads (a LoRA's attn2.to_k input, a UNet's cross_attention_dim); `text_encoder_width`:
     # the hidden width of its one text encoder (a text-encoder-only LoRA); `checkpoint_prefixes`: tensor-name
@@ -135,8 +140,11 @@ _KREA2_LORA_KEYS = (r"^(diffusion_model\.)?(blocks\.\d+\.attn\.(wq|gate)|txtfusi
 _FLUX2_MLP_UP = r"(img_mlp[._]0|\.ff\.linear_in)[._](lora_up|lora_B)"
 
 
+# klein is one checkpoint for text-to-image and editing with up to 4 references (Flux2KleinPipeline's `image=`):
+# nothing in its files says "edit", so the data decides: targets with references train as edits, the others
+# as text-to-image, in one run. dev's several references are left to its own row (references=0 for now).
 def _flux2(name: str, label: str, version: str, architecture: str, repo: str, params: int, encoder: int,
-           width: int, words: tuple[str, ...], pipeline: str = "Flux2KleinPipeline") -> FamilyInfo:
+           width: int, words: tuple[str, ...], pipeline: str = "Flux2KleinPipeline", references: int = 4) -> FamilyInfo:
     return FamilyInfo(name, label, "dit", 1024, name, version, architecture, (), ("text_encoder",), pipeline, repo,
                       params, encoder + FLUX2_VAE, sample_size_floor=512, default_timestep_sampling="logit_normal",
                       modelspec_implementation="https://github.com/black-forest-labs/flux2",
@@ -146,7 +154,8 @@ def _flux2(name: str, label: str, version: str, architecture: str, repo: str, pa
                       single_file_markers=("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"),
                       marker_width_ratio=3,
                       name_words=words, lora_key_markers=_FLUX_LORA_KEYS,
-                      lora_shape_markers=((_FLUX2_MLP_UP, 6 * width),), has_guidance_embedding=name == "flux2-dev")
+                      lora_shape_markers=((_FLUX2_MLP_UP, 6 * width),), has_guidance_embedding=name == "flux2-dev",
+                      max_references=references)
 
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
@@ -182,7 +191,7 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
            ("flux.2-klein-9b", "flux-2-klein-9b", "flux2-klein-9b", "flux2_klein_9b", "flux.2-klein-base-9b",
             "flux-2-klein-base-9b", "flux2-klein-base-9b", "flux2_klein_base_9b")),
     _flux2("flux2-dev", "FLUX.2-dev", "flux2_dev", "flux-2-dev", "black-forest-labs/FLUX.2-dev", FLUX2_DEV,
-           MISTRAL_SMALL_31, 6144, ("flux.2", "flux-2", "flux2", "flux_2"), pipeline="Flux2Pipeline"),
+           MISTRAL_SMALL_31, 6144, ("flux.2", "flux-2", "flux2", "flux_2"), pipeline="Flux2Pipeline", references=0),
     FamilyInfo("flux-dev", "FLUX.1-dev", "flux", 1024, "flux", "flux1", "flux-1-dev", ("lora_te1", "lora_te3"),
                ("text_encoder", "text_encoder_2"), "FluxPipeline", "black-forest-labs/FLUX.1-dev",
                FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE, sample_size_floor=512,
@@ -233,6 +242,21 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                diffusers_class_names=("QwenImageEditPipeline",), name_words=("qwen-image-edit", "qwen_image_edit"),
                width=3072, config_groups=("flow",), resolution_floor=512,
                memory_parts="core.families.qwen_image.memory:qwen_parts", needs_control=True),
+    # Qwen-Image-Edit-2509 / 2511 (QwenImageEditPlusPipeline): the same transformer, 1..N reference images per
+    # target (the pipeline's card: 1 to 3 work best), plain images trained as text-to-image beside them. Their
+    # folders differ by the transformer config's zero_cond_t (2511), their single files by the file name only.
+    *(FamilyInfo(name, label, "dit", 1024, "qwen-image", version, label, (), ("text_encoder",),
+                 "QwenImageEditPlusPipeline", f"Qwen/{label}", QWEN_IMAGE, QWEN25_VL_7B + QWEN_IMAGE_VAE,
+                 sample_size_floor=512, default_timestep_sampling="dynamic",
+                 modelspec_implementation="https://github.com/QwenLM/Qwen-Image",
+                 impl="core.families.qwen_image.family", diffusers_class_names=("QwenImageEditPlusPipeline",),
+                 name_words=words, width=3072, config_groups=("flow",), resolution_floor=512,
+                 memory_parts="core.families.qwen_image.memory:qwen_parts", max_references=3)
+      for name, label, version, words in (
+          ("qwen-image-edit-2509", "Qwen-Image-Edit-2509", "qwen_image_edit_2509",
+           ("qwen-image-edit-2509", "qwen_image_edit_2509")),
+          ("qwen-image-edit-2511", "Qwen-Image-Edit-2511", "qwen_image_edit_2511",
+           ("qwen-image-edit-2511", "qwen_image_edit_2511")))),
     # sd-scripts names SD3 models by library/sd3_utils' model_type ("medium", "5-medium", "5-large"):
     # ss_base_model_version is that, modelspec.architecture "stable-diffusion-3-" + it (sd3_lora_files
     # writes SD3 medium's own type when an SD3 medium is trained under the "sd3" row). Medium and large

@@ -63,8 +63,10 @@ class ImageRun:
     items: list = dataclasses.field(default_factory=list)
     buckets: list = dataclasses.field(default_factory=list)
     latents: dict[int, CachedImage] | None = None
-    control_latents: dict[int, CachedImage] | None = None  # paired data: each target's control, cached alike
+    # Paired data: each target's reference images (its control, then control_2 ...), cached alike.
+    reference_latents: dict[int, list[CachedImage]] | None = None
     needs_control: bool = False  # the family trains on (control, target, caption) triples
+    max_references: int = 0  # the family takes up to this many references per target, plain images too
     video: bool = False  # the family trains on video: latents [C, F, h, w], buckets (width, height, frames)
     text_cache: Any = None  # captions -> their batched conditioning, when the prompts were encoded once
     weight_dtype: torch.dtype = torch.float32
@@ -146,8 +148,11 @@ class ImageRun:
         for module in [family.network(self.model), self.model.vae, *family.text_encoders(self.model)]:
             module.requires_grad_(False)
         self.needs_control = info.needs_control
+        self.max_references = info.max_references
         if self.needs_control:
             self._keep_pairs(info.label)
+        elif self.max_references:
+            self._count_references(info.label)
         self.video = info.video
         self._fit_clips(info.label)
 
@@ -191,6 +196,43 @@ class ImageRun:
         self.items = [self.items[n] for n in keep]
         self.buckets = [self.buckets[n] for n in keep]
 
+    @property
+    def takes_references(self) -> bool:
+        return self.needs_control or self.max_references > 0
+
+    def references_of(self, index: int) -> list[Path]:
+        """Item `index`'s reference images as its family reads them: the control alone (`needs_control`), or
+        the control and its control_2 ... up to `max_references`; [] for a plain image."""
+        item = self.items[index]
+        if item.control is None or not self.takes_references:
+            return []
+        if self.needs_control:
+            return [item.control]
+        return [item.control, *item.references][:self.max_references]
+
+    def batch_keys(self) -> list[tuple]:
+        """What the sampler batches by: the bucket, and the number of references where a family takes several
+        (a batch never mixes plain images with pairs, nor pairs of other reference counts)."""
+        if not self.max_references:
+            return list(self.buckets)
+        return [(*bucket, len(self.references_of(n))) for n, bucket in enumerate(self.buckets)]
+
+    def _count_references(self, label: str) -> None:
+        """A family of several references: say how many items train with references and how many as plain
+        text-to-image images, and which references beyond the family's limit are left out."""
+        from collections import Counter
+
+        counts = Counter(len(self.references_of(n)) for n in range(len(self.items)))
+        over = [i for i in self.items if i.control is not None and 1 + len(i.references) > self.max_references]
+        if over and self.main:
+            self.ctx.warn(f"{len(over)} target(s) have more than {self.max_references} reference images, which "
+                          f"{label} reads at most; the first {self.max_references} train.",
+                          "Remove the extra control_N images, or merge references into one image.")
+        plain = counts.pop(0, 0)
+        shown = ", ".join(f"{c} with {n}" for n, c in sorted(counts.items()))
+        self.log(f"Edit data: {sum(counts.values())} target(s) with reference images ({shown or 'none'}); "
+                 f"{plain} plain image(s) train as text-to-image")
+
     def cache_latents(self) -> None:
         cfg, m = self.cfg, self.model
         if not cfg.cache_latents:
@@ -216,30 +258,40 @@ class ImageRun:
                                                   moments_of=self.family.encode_moments,
                                                   frames=[self.frames_of(n) for n in range(len(self.items))]
                                                   if self.video else None)
-            controls: dict[int, CachedImage] = {}
-            if self.needs_control:
-                # The control images, at their target's bucket, in the same cache.
-                controls, failed_controls, control_hits = encode_images(
-                    m.vae, [i.control for i in self.items], self.buckets, center_crop=cfg.center_crop,
-                    cache_dir=cache_dir, progress=None, moments_of=self.family.encode_moments)
-                failed += [(f"control image {name}", reason) for name, reason in failed_controls]
-                hits += control_hits
+            references: dict[int, list[CachedImage]] = {}
+            broken: set[int] = set()
+            if self.takes_references:
+                # The reference images, each at its target's bucket, in the same cache.
+                flat = [(n, path) for n in range(len(self.items)) for path in self.references_of(n)]
+                cached, failed_refs, ref_hits = encode_images(
+                    m.vae, [path for _, path in flat], [self.buckets[n] for n, _ in flat],
+                    center_crop=cfg.center_crop, cache_dir=cache_dir, progress=None,
+                    moments_of=self.family.encode_moments)
+                failed += [(f"control image {name}", reason) for name, reason in failed_refs]
+                hits += ref_hits
+                for k, (n, _) in enumerate(flat):
+                    if k in cached:
+                        references.setdefault(n, []).append(cached[k])
+                    else:
+                        broken.add(n)  # a target trains with all its references or not at all
         if hits:
             self.log(f"{hits} latent(s) reused from the disk cache {cache_dir}")
         if failed and self.main:
             _skipped_warning(self.ctx, failed)
-        keep = [i for i in range(len(self.items)) if i in latents and (not self.needs_control or i in controls)]
+        keep = [i for i in range(len(self.items)) if i in latents and i not in broken]
         self.latents = {new: latents[old] for new, old in enumerate(keep)}
-        if self.needs_control:
-            self.control_latents = {new: controls[old] for new, old in enumerate(keep)}
+        if self.takes_references:
+            self.reference_latents = {new: references.get(old, []) for new, old in enumerate(keep)}
         self.items = [self.items[i] for i in keep]
         self.buckets = [self.buckets[i] for i in keep]
         if not self.items:
             raise ValueError("No image could be decoded for training; see the warnings above.")
 
     def prompt_key(self, caption: str, index: int) -> Any:
-        """What the family's prompt encoding is keyed by: the caption, or (caption, control path) for pairs."""
-        return (caption, str(self.items[index].control)) if self.needs_control else caption
+        """What the family's prompt encoding is keyed by: the caption, or (caption, reference paths ...) for a
+        target with references ((caption, control path) for a one-control family)."""
+        refs = self.references_of(index)
+        return (caption, *(str(p) for p in refs)) if refs else caption
 
     def encode_prompts(self, captions: list[Any]) -> Any:
         return self.family.encode_prompts(self.model, captions, self.device)
@@ -252,7 +304,7 @@ class ImageRun:
             return
         captions = [self.prompt_key(i.caption, n) for n, i in enumerate(self.items)]
         if cfg.caption_dropout > 0:
-            captions += [self.prompt_key("", n) for n in range(len(self.items))] if self.needs_control else [""]
+            captions += [self.prompt_key("", n) for n in range(len(self.items))] if self.takes_references else [""]
         self.log(f"Encoding {len(set(captions))} caption(s) once")
         # Rank 0 writes any disk cache first; the others then read it.
         with self.accelerator.main_process_first():
@@ -310,22 +362,24 @@ class ImageRun:
         captions = [self.prompt_key("" if drop > 0 and random.random() < drop else self.items[i].caption, i)
                     for i in indices]
         vae_config = self.vae_config
-        control = None
+        references: list[torch.Tensor] = []
         if self.latents is not None:
             infos = [self.latents[i] for i in indices]
             moments = torch.stack([info.moments for info in infos]).to(self.device)
             latents = self.family.normalize_latents(vae_config, sample_latents(moments, 1.0))
             sizes = [(i.original_size, i.crop_top_left, i.target_size) for i in infos]
-            if self.control_latents is not None:
-                # The control image's latent mean, as edit pipelines encode it (argmax, no noise).
-                means = torch.stack([self.control_latents[i].moments for i in indices]).to(self.device)
-                control = self.family.normalize_latents(vae_config, means.chunk(2, dim=1)[0])
+            if self.reference_latents is not None:
+                # Each reference's latent mean, as edit pipelines encode them (argmax, no noise).
+                for j in range(len(self.reference_latents[indices[0]])):
+                    means = torch.stack([self.reference_latents[i][j].moments for i in indices]).to(self.device)
+                    references.append(self.family.normalize_latents(vae_config, means.chunk(2, dim=1)[0]))
         else:
-            latents, sizes, control = self._encode_batch(indices)
+            latents, sizes, references = self._encode_batch(indices)
         cond = self.text_cache(captions) if self.text_cache is not None else self.encode_prompts(captions)
-        return self.loss_fn(self.train_network, Batch(latents, cond, sizes, control))
+        control = references[0] if references else None
+        return self.loss_fn(self.train_network, Batch(latents, cond, sizes, control, references))
 
-    def _encode_batch(self, indices: list[int]) -> tuple[torch.Tensor, list, torch.Tensor | None]:
+    def _encode_batch(self, indices: list[int]) -> tuple[torch.Tensor, list, list[torch.Tensor]]:
         from core.data.buckets import prepare_image
         from core.data.image_io import load_rgb
         from core.train.latent_cache import prepare_pixels
@@ -336,19 +390,19 @@ class ImageRun:
                  for i, flip in zip(indices, flips)]
         prepared = [p for _, p in drawn]
         vae = self.model.vae
-        control = None
+        references = []
         with torch.no_grad():
             pixels = torch.stack([px for px, _ in drawn]).to(self.device, torch.float32)
             latents = sample_latents(self.family.encode_moments(vae, pixels), 1.0)
-            if self.needs_control:
-                # The control flipped with its target, center-cropped to the same bucket.
-                controls = [prepare_image(load_rgb(self.items[i].control), self.buckets[i], center_crop=True,
-                                          flip=flip, rng=random).pixels for i, flip in zip(indices, flips)]
-                moments = self.family.encode_moments(vae, torch.stack(controls).to(self.device, torch.float32))
-                control = self.family.normalize_latents(vae.config, moments.chunk(2, dim=1)[0])
+            for j in range(len(self.references_of(indices[0]))):
+                # Each reference flipped with its target, center-cropped to the same bucket.
+                refs = [prepare_image(load_rgb(self.references_of(i)[j]), self.buckets[i], center_crop=True,
+                                      flip=flip, rng=random).pixels for i, flip in zip(indices, flips)]
+                moments = self.family.encode_moments(vae, torch.stack(refs).to(self.device, torch.float32))
+                references.append(self.family.normalize_latents(vae.config, moments.chunk(2, dim=1)[0]))
         latents = self.family.normalize_latents(vae.config, latents)
         sizes = [(tuple(p.original_size), tuple(p.crop_top_left), tuple(p.target_size)) for p in prepared]
-        return latents, sizes, control
+        return latents, sizes, references
 
     # --- the training loop's task (core.train.loop.TrainTask) ---------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -483,6 +537,6 @@ def _train(run: ImageRun) -> dict[str, str]:
     run.cache_text()
     run.free_encoders()
     run.add_lora(Path(init_file) if init_file else None)
-    run.sampler = BucketBatchSampler(run.buckets, cfg.batch_size, cfg.seed, cfg.repeats)
+    run.sampler = BucketBatchSampler(run.batch_keys(), cfg.batch_size, cfg.seed, cfg.repeats)
     batches_per_epoch = math.ceil(len(run.sampler.batches_for_epoch(0)) / acc.num_processes)
     return run_task(run, checkpoint, batches_per_epoch)

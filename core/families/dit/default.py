@@ -49,6 +49,9 @@ class LoadedModel:
     source: str
     is_single_file: bool = False
     notes: list[str] = field(default_factory=list)
+    # An edit family's previews edit the first target's reference images (the engine's prompt keys
+    # (caption, path, path ...) name them; `cache_prompts` keeps them here).
+    preview_references: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ def cache_prompts(spec: TransformerSpec, model: Any, keys: list[Any], cfg: Train
     from core.families.dit.prompt_cache import cache_encodings, prompts_to_encode
     from core.train.latent_cache import cache_root_for
 
+    model.preview_references = next((list(k[1:]) for k in keys if isinstance(k, tuple)), [])
     own = [spec.prompt_key(k) for k in keys]
     prompts = spec.prompts(model, own, cfg) if spec.prompts is not None else prompts_to_encode(own, cfg)
     folder = cache_root_for(cfg.train_data_dir, cfg.output_dir, "text") if cfg.cache_latents_to_disk else None
@@ -489,14 +493,20 @@ def pipeline_previews(build_pipeline: Callable[[Any, Any], Any], generate: Calla
                       settings: Callable[[Any, TrainConfig], dict[str, Any]] = lambda model, cfg: {},
                       size: Callable[[Any, int], tuple[int, int]] = preview_size) -> Callable[..., list[Any]]:
     """The family's `previews`: the sample prompts drawn with its pipeline on the training transformer at the
-    preview size, the config's sample settings (`settings(model, cfg)`: the model's own regime over them)."""
+    preview size, the config's sample settings (`settings(model, cfg)`: the model's own regime over them); an
+    edit family's with the first target's reference images (`control`, a list of PIL images)."""
 
     def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                  cached: Any) -> list[Any]:
         pipe = build_pipeline(model, transformer)
         width, height = size(model, cfg.resolution)
+        extra = {}
+        if getattr(model, "preview_references", None):
+            from core.data.image_io import load_rgb
+
+            extra["control"] = [load_rgb(Path(p)) for p in model.preview_references]
         return generate(pipe, cfg.sample_prompts, **{**sample_settings(cfg), **settings(model, cfg)}, width=width,
-                        height=height, embeds=cached, dtype=dtype)
+                        height=height, embeds=cached, dtype=dtype, **extra)
 
     return previews
 

@@ -180,10 +180,13 @@ def _decode(pipe: Any, packed: torch.Tensor, draw: Draw) -> list[Image.Image]:
     return decode_fp32(pipe.vae, unpack_latents(packed, 2 * (draw.height // step), 2 * (draw.width // step)))
 
 
-def _call_for(pipe: Any, draw: Draw, prompt: str) -> dict[str, Any]:
-    """FLUX.1's `guidance` is its distilled guidance input; Chroma's is real CFG (with its T5 masks)."""
+def _call_for(pipe: Any, draw: Draw, prompt: str, control: Any = None) -> dict[str, Any]:
+    """FLUX.1's `guidance` is its distilled guidance input; Chroma's is real CFG (with its T5 masks). Kontext
+    (the Test tab): `control`, the image to edit (the first of a list)."""
     chroma = type(pipe).__name__.startswith("Chroma")
     kwargs = draw.latents(guidance_scale=draw.guidance)
+    if control:
+        kwargs["image"] = control[0] if isinstance(control, (list, tuple)) else control
     if draw.embeds is None:
         kwargs["prompt"] = prompt
         if chroma:

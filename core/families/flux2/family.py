@@ -52,10 +52,13 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     return pipe
 
 
-def _call_for(pipe: Any, draw: Draw, prompt: str) -> dict[str, Any]:
+def _call_for(pipe: Any, draw: Draw, prompt: str, control: Any = None) -> dict[str, Any]:
     """Flux2KleinPipeline's guidance is real CFG for the base model (guidance > 1 runs the negative prompt;
-    the pipeline's own negative is ""), ignored for the distilled one."""
+    the pipeline's own negative is ""), ignored for the distilled one. `control`: the reference images of an
+    edit (PIL images), each one's tokens beside the target's."""
     kwargs = draw.latents(guidance_scale=draw.guidance)
+    if control:
+        kwargs["image"] = list(control) if isinstance(control, (list, tuple)) else [control]
     if draw.embeds is None:
         kwargs["prompt"] = prompt
     else:
@@ -95,7 +98,9 @@ SPEC = TransformerSpec(
     training_note=lambda model, cfg: f"{timestep_sampling(cfg, model.variant)} timestep sampling, "
                                      f"{'distilled' if model.distilled else 'base'} model",
     # FLUX.2's modulation Linears are global (not in the blocks) and small: fp8 for all frozen Linears.
-    fp8_cast_modulation=True)
+    fp8_cast_modulation=True,
+    # klein edits take the references as latent tokens, not in the prompt: a caption's encoding is the caption's.
+    prompt_key=lambda key: key[0] if isinstance(key, tuple) else key)
 
 FLUX2 = package_family(SPEC, "core.families.flux2", build_pipeline=build_pipeline, generate=generate,
                        settings=_settings, add_lora=add_lora_checked, encode_moments=encode_moments,

@@ -38,18 +38,35 @@ VAE_SCALE = 8
 def describe(model: QwenModel) -> list[str]:
     layout = "single file" if model.is_single_file else "diffusers"
     pairs = "; trains on (control, target, caption) pairs" if model.needs_control else ""
+    if model.edit_plus:
+        pairs = (f"; trains on targets with 1..{family_info(model.variant).max_references} reference images "
+                 "and on plain images (text-to-image)")
     return [f"Model: {family_info(model.variant).label} ({layout}), flow matching{pairs}", *model.notes]
 
 
 # --- prompts ---------------------------------------------------------------------------------------
 
+def _vl_view(image: Image.Image, area: int) -> Image.Image:
+    """A reference as the VL encoder sees it: resized to about `area` pixels, its aspect kept (the pipelines')."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    width, height, _ = calculate_dimensions(area, image.size[0] / image.size[1])
+    return image.resize((width, height), Image.LANCZOS)
+
+
 def _controls(model: QwenModel, keys: Sequence[Any]) -> tuple[list[str], list[Any] | None]:
-    """Captions and, for Edit, the control images of prompt keys (a caption, or (caption, control path))."""
+    """Captions and, for Edit, the control images of prompt keys (a caption, or (caption, control path));
+    Edit Plus: each key's reference images (caption, path, path ...), [] for a plain caption."""
     captions = [k[0] if isinstance(k, tuple) else k for k in keys]
-    if not model.needs_control:
+    if not model.edits:
         return captions, None
     from core.data.image_io import load_rgb
 
+    if model.edit_plus:
+        from core.families.qwen_image.load import PLUS_CONDITION_AREA
+
+        return captions, [[_vl_view(load_rgb(Path(p)), PLUS_CONDITION_AREA) for p in k[1:]]
+                          if isinstance(k, tuple) else [] for k in keys]
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
     images = []
@@ -84,21 +101,29 @@ def _identity(model: QwenModel) -> str:
 
 
 def _key_text(key: Any) -> str:
-    """A prompt key's text in the cache: Edit's (caption, control path) keys with the image's path and time."""
+    """A prompt key's text in the cache: Edit's (caption, control path ...) keys with each image's path and time."""
     if isinstance(key, tuple):
-        path = Path(key[1])
-        stamp = path.stat().st_mtime_ns if path.exists() else 0
-        return f"{key[0]}\n{path.resolve()}|{stamp}"
+        stamps = []
+        for name in key[1:]:
+            path = Path(name)
+            stamps.append(f"{path.resolve()}|{path.stat().st_mtime_ns if path.exists() else 0}")
+        return "\n".join([str(key[0]), *stamps])
     return str(key)
 
 
 def _prompts(model: QwenModel, keys: list[Any], cfg: TrainConfig) -> list[Any]:
     """Captions (Edit: caption + control image), sample prompts and the negative prompt."""
     samples: list[Any] = list(cfg.sample_prompts) + [cfg.sample_negative_prompt or ""] if cfg.sample_prompts else []
-    if model.needs_control:
-        # Edit's previews edit the first pair's control image: the sample prompts are encoded with it.
-        model.preview_control = next((k[1] for k in keys if isinstance(k, tuple)), None)
-        samples = [(p, model.preview_control) for p in samples] if model.preview_control else []
+    if model.edits:
+        # Edit's previews edit the first pair's reference images: the sample prompts are encoded with them
+        # (Edit Plus without any pair in the data: plain text-to-image previews).
+        first = next((k[1:] for k in keys if isinstance(k, tuple)), ())
+        model.preview_control = first[0] if first else None
+        model.preview_references = list(first)
+        if first:
+            samples = [(p, *first) for p in samples]
+        elif model.needs_control:
+            samples = []
     return list(keys) + samples
 
 
@@ -116,14 +141,16 @@ def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Q
 # --- previews and the Test tab ----------------------------------------------------------------------
 
 def build_pipeline(model: QwenModel, transformer: Any | None = None, *, edit: bool | None = None) -> Any:
-    """QwenImageEditPipeline for an Edit model's previews (`edit`), else QwenImagePipeline."""
-    from diffusers import QwenImageEditPipeline, QwenImagePipeline
+    """QwenImageEditPipeline for an Edit model's previews (`edit`), QwenImageEditPlusPipeline for Edit Plus
+    (2509 / 2511), else QwenImagePipeline."""
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 
     scheduler = flow_scheduler(model)
     parts = dict(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                  transformer=model.transformer if transformer is None else transformer)
-    if model.needs_control if edit is None else edit:
-        pipe = QwenImageEditPipeline(processor=model.processor, **parts)
+    if model.edits if edit is None else edit:
+        edit_class = QwenImageEditPlusPipeline if model.edit_plus else QwenImageEditPipeline
+        pipe = edit_class(processor=model.processor, **parts)
     else:
         pipe = QwenImagePipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
@@ -137,8 +164,8 @@ def _whole_patches(pipe: Any, width: int, height: int) -> tuple[int, int]:
 
 def _call_for(pipe: Any, draw: Draw, prompt: str, control: Any = None) -> dict[str, Any]:
     """`guidance` is the pipelines' true CFG scale (off at <= 1). Edit (QwenImageEditPipeline): `control`
-    (a PIL image) is the image to edit; `embeds` then must be the prompts' encodings with that image (or
-    None: the pipeline's VL encoder encodes them)."""
+    (a PIL image; Edit Plus: a list of them) is the image to edit; `embeds` then must be the prompts' encodings
+    with that image (or None: the pipeline's VL encoder encodes them)."""
     cfg_on = draw.guidance > 1.0
     kwargs = draw.latents(true_cfg_scale=draw.guidance)
     if control is not None:
@@ -163,7 +190,21 @@ def _decode(pipe: Any, packed: torch.Tensor, draw: Draw) -> list[Image.Image]:
     return decode_latents(pipe.vae, unpack_latents(packed.float(), 2 * (draw.height // step), 2 * (draw.width // step)))
 
 
-generate = pipeline_generate(_call_for, _decode, fit_size=_whole_patches)
+_draw = pipeline_generate(_call_for, _decode, fit_size=_whole_patches)
+
+
+def generate(pipe: Any, prompts: Sequence[str], *, control: Any = None, **settings: Any) -> list[Image.Image]:
+    """The pipeline's images; `control`: the reference images (a list; one-image Edit takes the first). An Edit
+    pipeline given none draws from text alone (QwenImagePipeline over the same modules: the Test tab)."""
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
+
+    if isinstance(pipe, QwenImageEditPipeline) and isinstance(control, (list, tuple)):
+        control = control[0] if control else None
+    if isinstance(pipe, (QwenImageEditPipeline, QwenImageEditPlusPipeline)) and not control:
+        pipe = QwenImagePipeline(**{k: v for k, v in pipe.components.items() if k != "processor"})
+        pipe.set_progress_bar_config(disable=True)
+        control = None
+    return _draw(pipe, prompts, control=control, **settings)
 
 
 def preview_size(model: QwenModel, resolution: int) -> tuple[int, int]:
@@ -180,6 +221,7 @@ def previews(model: QwenModel, transformer: nn.Module, cfg: TrainConfig, device:
     pipe = build_pipeline(model, transformer)
     width, height = preview_size(model, cfg.resolution)
     control, embeds = None, cached
+    references = model.preview_references
     if model.needs_control:
         if not model.preview_control or cached is None:
             return []
@@ -187,6 +229,16 @@ def previews(model: QwenModel, transformer: nn.Module, cfg: TrainConfig, device:
 
         control = load_rgb(Path(model.preview_control))
         embeds = lambda prompts: cached([(p, model.preview_control) for p in prompts])  # noqa: E731
+    elif model.edit_plus:
+        if cached is None:
+            return []
+        if references:
+            from core.data.image_io import load_rgb
+
+            control = [load_rgb(Path(p)) for p in references]
+            embeds = lambda prompts: cached([(p, *references) for p in prompts])  # noqa: E731
+        else:
+            pipe = build_pipeline(model, transformer, edit=False)  # no pair in the data: text-to-image previews
     return generate(pipe, cfg.sample_prompts, **sample_settings(cfg), width=width, height=height, embeds=embeds,
                     dtype=dtype, control=control)
 
@@ -196,8 +248,8 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
     from core.families.qwen_image.load import load_qwen_model
 
     model = place_for_tryout(load_qwen_model(base_model, config_source=model_config, vae=vae), device, dtype)
-    # The Test tab has no image to edit: an Edit model makes images from text there (QwenImagePipeline).
-    return build_pipeline(model, edit=False), model
+    # An Edit model edits the Test tab's uploaded reference images; without any it draws from text (`generate`).
+    return build_pipeline(model), model
 
 
 def default_size(model: QwenModel) -> int:

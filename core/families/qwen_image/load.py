@@ -29,22 +29,35 @@ from core.families.dit.video_vae import decode_latents, denormalize_latents, enc
 from core.families.dit.weights import read_json
 from core.hub import offline
 
-VARIANTS = ("qwen-image", "qwen-image-edit")
-HUB_CONFIGS = {"qwen-image": "Qwen/Qwen-Image", "qwen-image-edit": "Qwen/Qwen-Image-Edit"}
-PIPELINE_CLASSES = {"qwen-image": "QwenImagePipeline", "qwen-image-edit": "QwenImageEditPipeline"}
+# Qwen-Image-Edit-2509 / 2511 (QwenImageEditPlusPipeline) read 1..N images: each through the VL encoder as
+# "Picture k: <vision tokens>" before the instruction, each one's latents appended with its own img_shapes entry.
+# 2511's transformer config sets zero_cond_t (the reference tokens modulated at t = 0); the weights' names are
+# 2509's, so a single file is told apart by its name only (else `base_model_config` names the variant).
+EDIT_PLUS = ("qwen-image-edit-2509", "qwen-image-edit-2511")
+VARIANTS = ("qwen-image", "qwen-image-edit", *EDIT_PLUS)
+HUB_CONFIGS = {"qwen-image": "Qwen/Qwen-Image", "qwen-image-edit": "Qwen/Qwen-Image-Edit",
+               "qwen-image-edit-2509": "Qwen/Qwen-Image-Edit-2509", "qwen-image-edit-2511": "Qwen/Qwen-Image-Edit-2511"}
+PIPELINE_CLASSES = {"qwen-image": "QwenImagePipeline", "qwen-image-edit": "QwenImageEditPipeline",
+                    "qwen-image-edit-2509": "QwenImageEditPlusPipeline",
+                    "qwen-image-edit-2511": "QwenImageEditPlusPipeline"}
+_EDIT_SYSTEM = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
+                "objects, background), then explain how the user's text instruction should alter or modify the "
+                "image. Generate a new image that meets the user's requirements while maintaining consistency with "
+                "the original input where appropriate.<|im_end|>\n")
 # The pipelines' prompt templates and how many template tokens they drop (checked against diffusers in tests).
 PROMPT_TEMPLATE = {
     "qwen-image": "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
                   "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
                   "<|im_end|>\n<|im_start|>assistant\n",
-    "qwen-image-edit": "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, "
-                       "texture, objects, background), then explain how the user's text instruction should alter "
-                       "or modify the image. Generate a new image that meets the user's requirements while "
-                       "maintaining consistency with the original input where appropriate.<|im_end|>\n"
-                       "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
-                       "<|im_start|>assistant\n",
+    "qwen-image-edit": _EDIT_SYSTEM + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+                                      "<|im_start|>assistant\n",
+    # Edit Plus: "{}" takes "Picture 1: <|vision_start|><|image_pad|><|vision_end|>Picture 2: ..." + the prompt.
+    **{v: _EDIT_SYSTEM + "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n" for v in EDIT_PLUS},
 }
-TEMPLATE_DROP = {"qwen-image": 34, "qwen-image-edit": 64}
+PICTURE_TEMPLATE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # one per reference image (Edit Plus)
+TEMPLATE_DROP = {"qwen-image": 34, "qwen-image-edit": 64, **{v: 64 for v in EDIT_PLUS}}
+# The VL encoder's view of each reference (Edit Plus): about 384 x 384 px, its aspect kept (CONDITION_IMAGE_SIZE).
+PLUS_CONDITION_AREA = 384 * 384
 MAX_PROMPT_TOKENS = 1024   # the pipelines' tokenizer_max_length (after the dropped template tokens)
 TRAIN_PROMPT_TOKENS = 512  # max_sequence_length of the pipelines' __call__, what training keeps too
 # FlowMatchEulerDiscreteScheduler of Qwen/Qwen-Image: dynamic shifting between these points.
@@ -75,6 +88,15 @@ class QwenModel(LoadedModel):
     def needs_control(self) -> bool:
         return self.variant == "qwen-image-edit"
 
+    @property
+    def edit_plus(self) -> bool:
+        """Qwen-Image-Edit-2509 / 2511: 1..N reference images per prompt (plain images too)."""
+        return self.variant in EDIT_PLUS
+
+    @property
+    def edits(self) -> bool:
+        return self.needs_control or self.edit_plus
+
 
 # --- detection ----------------------------------------------------------------------------------------
 
@@ -95,11 +117,19 @@ def is_qwen_keys(keys: Sequence[str]) -> bool:
 
 
 def variant_from_name(name: str) -> str:
-    return "qwen-image-edit" if "edit" in name.lower() else "qwen-image"
+    lowered = name.lower()
+    plus = next((v for v in EDIT_PLUS if "edit" in lowered and v.rsplit("-", 1)[1] in lowered), None)
+    return plus or ("qwen-image-edit" if "edit" in lowered else "qwen-image")
 
 
-def variant_from_folder_configs(index: dict[str, Any] | None, transformer: dict[str, Any] | None) -> str | None:
+def variant_from_folder_configs(index: dict[str, Any] | None, transformer: dict[str, Any] | None,
+                                name: str = "") -> str | None:
     names = [str(d.get("_class_name", "")) for d in (index or {}, transformer or {})]
+    if names[0] == "QwenImageEditPlusPipeline":
+        # 2511's transformer config sets zero_cond_t; a hub id without its transformer config: the id's name.
+        if transformer and "zero_cond_t" in transformer:
+            return "qwen-image-edit-2511" if transformer["zero_cond_t"] else "qwen-image-edit-2509"
+        return "qwen-image-edit-2511" if "2511" in name else "qwen-image-edit-2509"
     if names[0] == "QwenImageEditPipeline":
         return "qwen-image-edit"
     if names[0] == "QwenImagePipeline" or (not names[0] and names[1] == "QwenImageTransformer2DModel"):
@@ -134,7 +164,7 @@ def detect(base_model: str) -> str | None:
         index = dict(DiffusionPipeline.load_config(base_model, local_files_only=offline()))
     except Exception:  # noqa: BLE001 - an unreachable hub id is reported by the loader
         return variant_from_name(base_model) if "qwen-image" in base_model.lower() else None
-    return variant_from_folder_configs(index, None)
+    return variant_from_folder_configs(index, None, base_model)
 
 
 # --- loading ------------------------------------------------------------------------------------------
@@ -177,7 +207,7 @@ def _load_text_side(source: str, variant: str, dtype: torch.dtype, local: bool) 
     tokenizer = Qwen2Tokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
     from core.families.qwen_image.text import load_vl_processor
 
-    processor = load_vl_processor(source, tokenizer, local) if variant == "qwen-image-edit" else None
+    processor = load_vl_processor(source, tokenizer, local) if variant != "qwen-image" else None
     return encoder, tokenizer, processor
 
 

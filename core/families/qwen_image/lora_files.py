@@ -20,7 +20,8 @@ from core.families.dit.lora_files import KohyaLayout, diffusers_writer, kohya_fi
 
 KOHYA_PREFIX = "lora_unet_"
 # musubi-tuner's sai_model_spec: architecture names and implementation URL.
-ARCHITECTURE = {"qwen-image": "Qwen-Image", "qwen-image-edit": "Qwen-Image-Edit"}
+ARCHITECTURE = {"qwen-image": "Qwen-Image", "qwen-image-edit": "Qwen-Image-Edit",
+                "qwen-image-edit-2509": "Qwen-Image-Edit-2509", "qwen-image-edit-2511": "Qwen-Image-Edit-2511"}
 IMPLEMENTATION = "https://github.com/QwenLM/Qwen-Image"
 
 

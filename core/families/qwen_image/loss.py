@@ -1,11 +1,12 @@
 """The Qwen-Image training objective: flow matching on the packed latents (velocity noise - x0), sigmas shifted
 by the pipeline's dynamic shift at each batch's size (or the configured sampling); Edit appends the control
-image's packed latents and keeps the prediction of the target's tokens.
+image's packed latents (Edit Plus: each reference's, one img_shapes entry each, as QwenImageEditPlusPipeline)
+and keeps the prediction of the target's tokens.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ class QwenBatch:
     latents: torch.Tensor                   # [B, C, h, w] normalized target latents
     prompts: QwenPrompts
     control: torch.Tensor | None = None     # [B, C, hc, wc] normalized control latents (Edit)
+    references: Sequence[torch.Tensor] = ()  # every reference's latents in order (Edit Plus; control first)
 
 
 def qwen_loss(transformer: Any, batch: QwenBatch, generator: torch.Generator | None = None, *,
@@ -65,10 +67,11 @@ def qwen_loss(transformer: Any, batch: QwenBatch, generator: torch.Generator | N
     packed = pack_latents(noisy_latents(x0, noise, sigmas))
     tokens = packed.shape[1]
     shapes: list[tuple[int, int, int]] = [(1, h // 2, w // 2)]
-    if batch.control is not None:
-        control = batch.control.float().to(x0.device)
-        shapes.append((1, control.shape[2] // 2, control.shape[3] // 2))
-        packed = torch.cat([packed, pack_latents(control)], dim=1)
+    references = list(batch.references) or ([batch.control] if batch.control is not None else [])
+    for reference in references:
+        reference = reference.float().to(x0.device)
+        shapes.append((1, reference.shape[2] // 2, reference.shape[3] // 2))
+        packed = torch.cat([packed, pack_latents(reference)], dim=1)
     prompts = batch.prompts.to(x0.device, dtype)
     with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
         pred = transformer(hidden_states=packed.to(dtype), encoder_hidden_states=prompts.embeds,
@@ -82,8 +85,8 @@ def make_loss(model: Any, cfg: TrainConfig, dtype: torch.dtype) -> Callable[[nn.
     points = dict(model.scheduler_config)
 
     def loss(transformer: nn.Module, batch: Batch) -> torch.Tensor:
-        control = getattr(batch, "control", None)
-        return qwen_loss(transformer, QwenBatch(batch.latents, batch.cond, control), timestep_sampling=sampling,
+        return qwen_loss(transformer, QwenBatch(batch.latents, batch.cond, batch.control, batch.references),
+                         timestep_sampling=sampling,
                          shift=cfg.discrete_flow_shift, dtype=dtype, points=points)
 
     return loss

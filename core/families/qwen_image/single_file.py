@@ -181,7 +181,7 @@ def load_single_file(path: Path, *, variant: str, config_source: str = "", vae: 
     local = offline() or Path(source).is_dir()
     tokenizer = Qwen2Tokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
     processor = None
-    if variant == "qwen-image-edit":
+    if variant != "qwen-image":
         from core.families.qwen_image.text import load_vl_processor
 
         processor = load_vl_processor(source, tokenizer, local)

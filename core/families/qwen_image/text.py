@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from core.families.qwen_image.load import PROMPT_TEMPLATE, TEMPLATE_DROP, MAX_PROMPT_TOKENS, TRAIN_PROMPT_TOKENS
+from core.families.qwen_image.load import (EDIT_PLUS, MAX_PROMPT_TOKENS, PICTURE_TEMPLATE, PROMPT_TEMPLATE,
+                                           TEMPLATE_DROP, TRAIN_PROMPT_TOKENS)
 
 
 @dataclass
@@ -40,8 +41,13 @@ def encode_prompt_list(text_encoder: Any, tokenizer: Any, captions: Sequence[str
     """Each caption's last-layer hidden states without the template tokens: [L_i, D] (pipeline semantics).
 
     Edit: `images` (PIL, one per caption) go through the VL processor with the text, as
-    QwenImageEditPipeline._get_qwen_prompt_embeds does.
+    QwenImageEditPipeline._get_qwen_prompt_embeds does; Edit Plus (2509 / 2511): a list of 0..N images per caption.
     """
+    if variant in EDIT_PLUS:
+        # QwenImageEditPlusPipeline encodes one prompt at a time with its own 1..N pictures (or none).
+        return [_encode_plus(text_encoder, tokenizer, caption, list(refs or []), variant=variant,
+                             processor=processor, max_tokens=max_tokens)
+                for caption, refs in zip(captions, images or [None] * len(captions))]
     template, drop = PROMPT_TEMPLATE[variant], TEMPLATE_DROP[variant]
     text = [template.format(c) for c in captions]
     device = next(text_encoder.parameters()).device
@@ -65,6 +71,26 @@ def encode_prompt_list(text_encoder: Any, tokenizer: Any, captions: Sequence[str
     for row, row_mask in zip(hidden, mask.bool()):
         result.append(row[row_mask][drop:][:max_tokens].detach())
     return result
+
+
+def _encode_plus(text_encoder: Any, tokenizer: Any, caption: str, images: list[Any], *, variant: str,
+                 processor: Any, max_tokens: int) -> torch.Tensor:
+    """One Edit Plus prompt: "Picture k: <vision tokens>" per image, then the caption, in the template
+    (QwenImageEditPlusPipeline._get_qwen_prompt_embeds); a plain image's prompt has no pictures."""
+    pictures = "".join(PICTURE_TEMPLATE.format(k + 1) for k in range(len(images)))
+    text = [PROMPT_TEMPLATE[variant].format(pictures + caption)]
+    device = next(text_encoder.parameters()).device
+    if images:
+        if processor is None:
+            raise ValueError(f"{variant} encodes each caption with its reference images; no VL processor was loaded.")
+        inputs = {k: v.to(device) for k, v in processor(text=text, images=images, return_tensors="pt").items()}
+    else:
+        inputs = {k: v.to(device) for k, v in tokenizer(text, return_tensors="pt").items()}
+    out = text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                       output_hidden_states=True)
+    row = out.hidden_states[-1][0][inputs["attention_mask"][0].bool()]
+    return row[TEMPLATE_DROP[variant]:][:max_tokens].detach()
 
 
 class VLProcessor:
