@@ -175,7 +175,9 @@ def load_qwen_model(source: str, *, variant: str | None = None, config_source: s
     """A diffusers folder / hub id, or ComfyUI's single transformer file (configs from `config_source`)."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
-    variant = variant or detect(source)
+    # ComfyUI's Edit, 2509 and 2511 files share every tensor name: a file named neither way takes the variant
+    # its configs' folder or hub id names (base_model_config), else its own name's.
+    variant = variant or (detect(config_source) if config_source and Path(source).is_file() else None) or detect(source)
     if variant is None:
         raise ValueError(f"'{source}' is not a Qwen-Image model (no QwenImagePipeline folder or transformer file).")
     path = Path(source)

@@ -54,8 +54,9 @@ def qwen_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, comput
     blocks = BLOCKS if width == REAL_WIDTH else max(1, round(model.params / (BLOCK_WEIGHTS_PER_H2 * width * width)))
     parts["LoRA + optimizer"] = qwen_lora_params(cfg.lora_rank, width, blocks) * lora_state_bytes
     scale = compute_bytes / 2 * width / REAL_WIDTH
-    image_tokens = (cfg.resolution // 16) ** 2 * (2 if getattr(FAMILIES.get(model.family), "needs_control", False)
-                                                  else 1)
+    # An edit's reference tokens beside the target's (Edit Plus: counted for one reference, the common case).
+    info = FAMILIES.get(model.family)
+    image_tokens = (cfg.resolution // 16) ** 2 * (2 if info and (info.needs_control or info.max_references) else 1)
     tokens = (image_tokens + TEXT_TOKENS) * cfg.batch_size
     kept, kept_gc, block = QWEN_ACTIVATION
     parts["activations"] = tokens * ((kept_gc + block) if cfg.gradient_checkpointing else kept) * scale

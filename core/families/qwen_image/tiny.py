@@ -70,13 +70,13 @@ def tiny_qwen_vae(seed: int = 6):
                                   latents_std=[1.5, 0.8, 1.2, 2.0])
 
 
-def tiny_qwen_transformer(seed: int = 7):
+def tiny_qwen_transformer(seed: int = 7, *, zero_cond_t: bool = False):
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
     return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                        attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
-                                       guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+                                       guidance_embeds=False, axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t)
 
 
 def tiny_image_processor():
@@ -87,14 +87,16 @@ def tiny_image_processor():
                                     temporal_patch_size=2)
 
 
-def edit_pipeline(pipe_or_parts, folder: Path | None = None):
-    """A QwenImageEditPipeline over tiny parts, with our VL processor (transformers' needs torchvision)."""
-    from diffusers import QwenImageEditPipeline
+def edit_pipeline(pipe_or_parts, folder: Path | None = None, *, plus: bool = False):
+    """A QwenImageEditPipeline (`plus`: QwenImageEditPlusPipeline, 2509 / 2511) over tiny parts, with our VL
+    processor (transformers' needs torchvision)."""
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 
     from core.families.qwen_image.text import VLProcessor
 
-    parts = dict(pipe_or_parts)
-    return QwenImageEditPipeline(processor=VLProcessor(tiny_image_processor(), parts["tokenizer"]), **parts)
+    parts = {k: v for k, v in dict(pipe_or_parts).items() if k != "processor"}
+    kind = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return kind(processor=VLProcessor(tiny_image_processor(), parts["tokenizer"]), **parts)
 
 
 def write_comfy_layout(pipe, root: Path, name: str) -> tuple[Path, Path]:
@@ -120,16 +122,18 @@ def build_tiny_qwen(root: Path, variant: str = "qwen-image", *, comfy: bool = Tr
     tokenizer = tiny_qwen_tokenizer()
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                                                 base_image_seq_len=256, max_image_seq_len=8192, shift=1.0)
+    # Edit 2511's transformer modulates the reference tokens at t = 0 (zero_cond_t), 2509's does not.
     parts = dict(scheduler=scheduler, vae=tiny_qwen_vae(), text_encoder=tiny_qwen_text_encoder(tokenizer),
-                 tokenizer=tokenizer, transformer=tiny_qwen_transformer())
+                 tokenizer=tokenizer, transformer=tiny_qwen_transformer(zero_cond_t=variant == "qwen-image-edit-2511"))
     pipe = QwenImagePipeline(**parts)
     pipe.save_pretrained(folder)
-    if variant == "qwen-image-edit":
+    if variant != "qwen-image":
         # The Edit folder: the same parts plus processor/ (image processor + tokenizer), as Qwen/Qwen-Image-Edit.
         tiny_image_processor().save_pretrained(folder / "processor")
         tokenizer.save_pretrained(folder / "processor")
         index = json.loads((folder / "model_index.json").read_text())
-        index.update(_class_name="QwenImageEditPipeline", processor=["transformers", "Qwen2VLProcessor"])
+        pipeline = "QwenImageEditPipeline" if variant == "qwen-image-edit" else "QwenImageEditPlusPipeline"
+        index.update(_class_name=pipeline, processor=["transformers", "Qwen2VLProcessor"])
         (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     if not comfy:
         return TinyQwen(variant, folder)
