@@ -229,7 +229,8 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
     `loras=[(file, weight), ...]` (WebUI's `<lora:a:0.8> <lora:b:0.5>`), or the single `lora_path` at
     `weight`; none, or all at weight 0: the base alone. `fuse`: see `drawing`, which draws many images
     with the LoRAs loaded once. `interrupted`: polled while drawing; true ends the denoising early
-    (`interruptible`), so the caller must drop the unfinished image.
+    (`interruptible`), so the caller must drop the unfinished image. `references`: image files an edit model
+    edits (several for Qwen-Image-Edit-2509 / 2511 and FLUX.2 klein; `reference_images`).
     """
     specs = lora_list(lora_path, weight, loras)
     with drawing(base_model, specs, fuse=fuse, allow_pickle=allow_pickle, model_config=model_config,

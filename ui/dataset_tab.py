@@ -22,7 +22,7 @@ from typing import Any
 import gradio as gr
 
 from ui import catalog, lists, state
-from ui.thumbs import thumbnail
+from ui.thumbs import strip_thumbnail, thumbnail
 from ui.uploads import import_files
 
 GALLERY_LIMIT = 300
@@ -46,6 +46,15 @@ def summary_markdown(report: Any, folder: Path) -> str:
         lines.append(f"Video clips: {len(report.clips)} ({seconds:.1f} s in all, "
                      f"{min(c.frames for c in report.clips)}-{max(c.frames for c in report.clips)} frames each); "
                      "video models (Wan) train on them, image models skip them.")
+    references = getattr(report, "references", None) or {}
+    if references:
+        counts = Counter(len(r) for r in references.values())
+        plain = max(0, report.usable_count - len(references))
+        lines.append(f"Edit pairs: {len(references)} target(s) with reference images ("
+                     + ", ".join(f"{c} with {n}" for n, c in sorted(counts.items()))
+                     + f"), {plain} plain image(s); the gallery shows each target after its references. "
+                     "Edit models of several references (Qwen-Image-Edit-2509 / 2511, FLUX.2 klein) train the "
+                     "plain images as text-to-image; one-control models (Kontext, Qwen-Image-Edit) skip them.")
     if report.buckets:
         lines.append("Buckets: " + ", ".join(f"{k}: {v}" for k, v in sorted(report.buckets.items())))
     counts = Counter(i.severity for i in report.issues)
@@ -118,11 +127,15 @@ def open_dataset(path_text: str, resolution: float | None, text_model: str = "",
     clips = {c.path.resolve(): c for c in report.clips}
     for name, width, height in report.sizes[:GALLERY_LIMIT]:
         source = path / name
-        thumb = thumbnail(source)
+        refs = report.references.get(name, [])
+        # An edit target: its references and then itself, side by side in one picture.
+        thumb = (strip_thumbnail([*(path / r for r in refs), source]) if refs else None) or thumbnail(source)
         if thumb is not None:
             clip = clips.get(source.resolve())
             # A clip shows its first frame, with its duration, fps and frame count.
             more = f" · {clip.duration:.1f} s, {clip.fps:g} fps, {clip.frames} frames" if clip else ""
+            if refs:
+                more += f" · after its {len(refs)} reference(s): {', '.join(refs)}"
             items.append((str(thumb), f"{name} · {width}×{height}{more}"))
             paths.append(str(source))
     more = f"  \nShowing the first {GALLERY_LIMIT}." if len(report.sizes) > GALLERY_LIMIT else ""

@@ -41,3 +41,32 @@ def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Path | None:
     with atomic_path(target) as tmp:
         image.save(tmp, format="WEBP", quality=80)
     return target
+
+
+STRIP_GAP = 8
+
+
+def strip_thumbnail(paths: list[str | Path], side: int = THUMB_SIDE) -> Path | None:
+    """One cached WebP of several images' thumbnails side by side, in order (an edit target's references, then
+    the target), each fitted into `side` x `side`; None when any cannot be read."""
+    from PIL import Image
+
+    thumbs = [thumbnail(p, side) for p in paths]
+    if not thumbs or any(t is None for t in thumbs):
+        return None
+    key = hashlib.sha1("|".join(str(t) for t in thumbs).encode()).hexdigest()
+    target = CACHE_DIR / "thumbs" / f"{key[:2]}" / f"strip-{key}.webp"
+    if target.is_file():
+        return target
+    images = [Image.open(t).convert("RGB") for t in thumbs]
+    strip = Image.new("RGB", (sum(i.width for i in images) + STRIP_GAP * (len(images) - 1),
+                              max(i.height for i in images)), "white")
+    x = 0
+    for image in images:
+        strip.paste(image, (x, (strip.height - image.height) // 2))
+        x += image.width + STRIP_GAP
+    from core.atomic import atomic_path
+
+    with atomic_path(target) as tmp:
+        strip.save(tmp, format="WEBP", quality=80)
+    return target

@@ -167,10 +167,28 @@ def start_job(target: Any, kind: str, name: str) -> str:
     return ""
 
 
+def reference_paths(files: Any) -> list[str]:
+    """The uploaded reference images' paths, in the order given (gradio gives paths or file objects)."""
+    if not files:
+        return []
+    files = files if isinstance(files, (list, tuple)) else [files]
+    return [str(getattr(f, "name", f)) for f in files if f]
+
+
+def generate_with_references(base_text: str, lora_text: str, prompt_text: str, negative_text: str, weight: float,
+                             seed: float, steps: float, guidance: float, size: float, count: float, references: Any,
+                             *more: Any) -> tuple[Any, str]:
+    """The Generate button: `generate` with the uploaded reference images (an edit model edits them)."""
+    return generate(base_text, lora_text, prompt_text, negative_text, weight, seed, steps, guidance, size, count,
+                    *more, references=reference_paths(references))
+
+
 def generate(base_text: str, lora_text: str, prompt_text: str, negative_text: str, weight: float, seed: float,
-             steps: float, guidance: float, size: float, count: float = 1, *more: Any) -> tuple[Any, str]:
+             steps: float, guidance: float, size: float, count: float = 1, *more: Any,
+             references: list[str] | None = None) -> tuple[Any, str]:
     """(cleared image, message): `count` images with the chosen LoRAs at their weights (or from the base
-    model alone), as a job. `more`: the extra rows' LoRA and weight, lora2, weight2, ..."""
+    model alone), as a job. `more`: the extra rows' LoRA and weight, lora2, weight2, ... `references`: the
+    images an edit model edits (Qwen-Image-Edit-2509 / 2511 and FLUX.2 klein read several, in order)."""
     loras = chosen_loras(lora_text, weight, *more)
     try:
         ensure_device_free()
@@ -185,7 +203,8 @@ def generate(base_text: str, lora_text: str, prompt_text: str, negative_text: st
     target = generate_target(base_arg, lora_list, prompt_text or "",
                              generated_paths(loras[0][0] if loras else "", number), seed=int(seed or 0),
                              steps=int(steps or 20), guidance=float(guidance or 0),
-                             negative_prompt=negative_text or "", width=side, height=side)
+                             negative_prompt=negative_text or "", width=side, height=side,
+                             **({"references": list(references)} if references else {}))
     refused = start_job(target, "generate", webui_prompt(loras) if loras else "base model")
     return None, refused or f"Generating {number} image(s) …"
 
@@ -372,6 +391,10 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
         family = gr.Markdown("", elem_id="test-family")
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="test-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="test-negative")
+        references = gr.File(label="Reference images to edit, in order (edit models: Qwen-Image-Edit-2509 / 2511 "
+                                   "and FLUX.2 klein read several, Qwen-Image-Edit and Kontext the first)",
+                             file_count="multiple", file_types=["image"], type="filepath",
+                             elem_id="test-references")
         with gr.Row():
             weight = gr.Slider(0.0, 1.5, value=DEFAULT_WEIGHT, step=0.05, label="LoRA weight", elem_id="test-weight")
             seed = gr.Number(value=1234, precision=0, minimum=0, label="Seed", elem_id="test-seed")
@@ -423,7 +446,8 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     memo = gr.State({})
     timer = gr.Timer(POLL_SECONDS)
     # Generate and Compare only start a job (the page polls it), so a long grid never holds a request.
-    generate_btn.click(generate, [base, lora, prompt, negative, weight, seed, steps, guidance, size, count, *extra],
+    generate_btn.click(generate_with_references,
+                       [base, lora, prompt, negative, weight, seed, steps, guidance, size, count, references, *extra],
                        [image_out, image_message])
     compare_btn.click(compare, [base, lora, prompt, negative, seed, steps, guidance, size, with_ckpts, *extra],
                       [grid_out, image_message])

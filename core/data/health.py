@@ -61,6 +61,8 @@ class HealthReport:
     buckets: dict[str, int] = field(default_factory=dict)  # "768x512" -> count
     caption_source: str = "none"
     clips: list[VideoInfo] = field(default_factory=list)  # the readable video clips
+    # An edit data set: each target (relative name) -> its references in order (control/, control_2/ ...).
+    references: dict[str, list[str]] = field(default_factory=dict)
 
     def count(self, severity: str) -> int:
         return sum(1 for issue in self.issues if issue.severity == severity)
@@ -194,7 +196,7 @@ def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: st
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"'{root}' does not exist or is not a folder. Choose the folder with your images.")
-    from core.data.pairs import control_dirs, pair_issues
+    from core.data.pairs import control_dirs, find_controls, pair_issues
 
     files, _ = find_image_files(root, exclude=control_dirs(root), extensions=TRAINING_EXTENSIONS)
     images = [p for p in files if p.suffix.lower() not in VIDEO_EXTENSIONS]
@@ -237,8 +239,13 @@ def health_check(folder: str | Path, *, resolution: int = 512, metadata_path: st
 
     report.caption_source = _check_captions(out, root, files, usable, metadata_path, caption_extension,
                                             tokenizer, max_tokens)
-    for file, severity, problem, advice in pair_issues(root, usable, resolve_metadata_path(root, metadata_path)):
+    metadata = resolve_metadata_path(root, metadata_path)
+    for file, severity, problem, advice in pair_issues(root, usable, metadata):
         out.add(file, severity, problem, advice)
+    scan = find_controls(root, usable, metadata)
+    report.references = {relative_name(target, root): [relative_name(p, root)
+                                                       for p in (control, *scan.references.get(target, []))]
+                         for target, control in scan.controls.items()}
     order = {severity: i for i, severity in enumerate(SEVERITIES)}
     report.issues = sorted(out.issues, key=lambda issue: order.get(issue.severity, 9))
     report.usable_count = len(usable)

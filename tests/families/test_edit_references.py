@@ -186,3 +186,23 @@ def test_edit_plus_is_named_from_its_folder_its_file_name_or_its_hub_id(tiny_qwe
     assert variant_from_name("qwen_image_edit_2509_fp8_e4m3fn.safetensors") == "qwen-image-edit-2509"
     assert variant_from_name("qwen_image_edit_2511_bf16.safetensors") == "qwen-image-edit-2511"
     assert variant_from_name("qwen_image_edit_fp8_e4m3fn.safetensors") == "qwen-image-edit"
+
+
+def test_the_test_tab_edits_the_uploaded_references_and_refuses_them_for_a_text_model(
+        klein_folder, tiny_qwen_edit_2511, tiny_sd1, small_edit_pipelines, tmp_path):
+    import numpy as np
+
+    from core.sample import clear_pipeline_cache, generate_images
+
+    data = make_edit_folder(tmp_path / "data", pairs=1, references=2, plain=0)
+    refs = [data / "control" / "pair_0.png", data / "control_2" / "pair_0.png"]
+    settings = dict(steps=2, guidance=1.0, width=64, height=64, device="cpu")
+    try:
+        for folder in (klein_folder, tiny_qwen_edit_2511.folder):
+            plain = np.asarray(generate_images(str(folder), None, ["a cat"], **settings)[0])
+            edited = np.asarray(generate_images(str(folder), None, ["a cat"], references=refs, **settings)[0])
+            assert plain.shape == edited.shape == (64, 64, 3) and not np.array_equal(plain, edited), folder
+        with pytest.raises(ValueError, match="makes images from text alone; remove the reference images"):
+            generate_images(str(tiny_sd1.folder), None, ["a cat"], references=refs, **settings)
+    finally:
+        clear_pipeline_cache()
