@@ -4,7 +4,8 @@ Every test under tests/families/ is parametrized over FAMILIES. A new family add
 registry row and its package with a `tiny.py`): how to build its tiny model, the hub name that names it,
 its diffusers pipeline, and its real network built on the meta device (the registry's size must be it).
 Kontext and Qwen-Image-Edit (paired data), SD3 without T5, Chroma's mask and SDXL's sgm names keep their
-own tests in tests/families/<name>/.
+own tests in tests/families/<name>/; the edits of several references (Qwen-Image-Edit-2509 / 2511, FLUX.2 klein)
+theirs in tests/families/test_edit_references.py.
 """
 from __future__ import annotations
 

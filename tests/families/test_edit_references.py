@@ -128,6 +128,16 @@ def test_pairs_with_two_references_and_a_plain_image_train_resume_and_load(famil
         return real_batch_loss(run, indices, **kwargs)
 
     monkeypatch.setattr(ImageRun, "batch_loss", record)
+    import diffusers
+
+    pipeline_class = getattr(diffusers, "QwenImageEditPlusPipeline" if family is QWEN else "Flux2KleinPipeline")
+    real_call, drawn = pipeline_class.__call__, []
+
+    def draw(pipe, *args, **kwargs):
+        drawn.append(len(kwargs.get("image") or []))
+        return real_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_class, "__call__", draw)
 
     def config(out: Path, **more) -> dict:
         return tiny_run_config(model, data, out, batch_size=2, max_train_steps=4, save_steps=2, seed=3,
@@ -142,7 +152,11 @@ def test_pairs_with_two_references_and_a_plain_image_train_resume_and_load(famil
     # Pairs batch together (each with its 2 references), the plain image alone: never mixed.
     assert batches and all(b in ([2, 2], [0]) for b in batches), batches
     assert sorted(set(seen)) == [0, 2], seen
-    assert (straight / "samples" / "step-000004-0.png").is_file()  # drawn with the first target's references
+    assert (straight / "samples" / "step-000004-0.png").is_file()
+    assert drawn == [2]  # the preview edits the first target's 2 references
+    from core.family_api.registry import family_info
+
+    assert lora_header(first["lora"])[1]["ss_base_model_version"] == family_info(family.name).ss_base_model_version
     _, events = run_collect(config(stopped), stop_at=2)
     assert [e for e in events if e.kind == "done"][0].stopped
     second, resumed = run_collect(config(stopped, resume_from="latest"))

@@ -9,6 +9,10 @@ reference trainer's), no guidance input (klein has no guidance embedding).
 Train on the base model ("klein-base"): the distilled one is a 4-step model whose LoRAs trained directly
 lose its few-step behaviour (BFL and the reference trainers train base). Previews use the loaded model's
 own regime: base 50-step-style with CFG (the configured steps and guidance), distilled without CFG.
+
+Edit (the same checkpoint): a target with reference images (control/, control_2/ ...) trains with their latents
+as extra tokens after its own, as `Flux2KleinPipeline(image=[...])` draws; the previews and the Test tab pass the
+references as `image`; plain images train as text-to-image in the same run.
 """
 from __future__ import annotations
 

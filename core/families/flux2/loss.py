@@ -1,6 +1,7 @@
 """The FLUX.2 training objective (diffusers' train_dreambooth_lora_flux2_klein.py): flow matching on the
 patchified, batch-norm normalized latents packed into tokens; the transformer, given sigma (the time
-t / 1000) and no guidance for klein, predicts the velocity noise - x0.
+t / 1000) and no guidance for klein, predicts the velocity noise - x0. An edit's reference latents follow the
+target's tokens with the pipeline's position ids; only the target's tokens are in the loss.
 """
 from __future__ import annotations
 
