@@ -220,3 +220,22 @@ def test_the_test_tab_edits_the_uploaded_references_and_refuses_them_for_a_text_
             generate_images(str(tiny_sd1.folder), None, ["a cat"], references=refs, **settings)
     finally:
         clear_pipeline_cache()
+
+
+def test_references_train_without_the_latent_cache_flipped_with_their_target(klein_folder, tmp_path, monkeypatch):
+    from core.families.flux2 import loss as klein_loss
+
+    data = make_edit_folder(tmp_path / "data", pairs=2, references=2, plain=1)
+    real, seen = klein_loss.flux2_loss, []
+
+    def spy(transformer, latents, embeds, *args, references=(), **kwargs):
+        seen.append([tuple(r.shape) for r in references] + [tuple(latents.shape)])
+        return real(transformer, latents, embeds, *args, references=references, **kwargs)
+
+    monkeypatch.setattr(klein_loss, "flux2_loss", spy)
+    _, events = run_collect(tiny_run_config(klein_folder, data, tmp_path / "out", batch_size=2, max_train_steps=2,
+                                            cache_latents=False, random_flip=True))
+    losses = [e.loss for e in events if e.kind == "progress"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    # Each reference encoded at its target's bucket, beside it; the plain image alone.
+    assert sorted(seen) == sorted([[(2, 16, 16, 16)] * 3, [(1, 16, 16, 16)]]), seen

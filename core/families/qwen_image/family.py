@@ -282,7 +282,9 @@ def _write_kohya(modules: dict[str, Any], path: str | Path, *, variant: str = "q
     peft, alphas = _modules_to_peft(modules)
     kept = {k: v for k, v in (metadata or {}).items()
             if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
-    variant = variant if variant in ("qwen-image", "qwen-image-edit") else "qwen-image"
+    from core.families.qwen_image.load import VARIANTS
+
+    variant = variant if variant in VARIANTS else "qwen-image"
     return write_kohya_file(peft, path, variant=variant, alpha=alphas, metadata=kept, dtype=dtype)
 
 
