@@ -7,8 +7,10 @@ Two ways to give the pairs, the first that names a control wins:
 A target may have more references (edit models that take several images, Qwen-Image-Edit-2509 / FLUX.2 klein
 edit): `control_2/`, `control_3/` ... folders or `control_2`, `control_3` ... columns, found the same way, in
 that order after the first. The control folders themselves are never scanned for training images. Families that train on pairs
-(registry `needs_control`, e.g. Qwen-Image-Edit) get each item's control; the Dataset tab's health
-check lists missing and unreadable control images and pairs whose sizes differ.
+(registry `needs_control`, e.g. Qwen-Image-Edit) get each item's control; families of several references
+(registry `max_references`: Qwen-Image-Edit-2509 / 2511, FLUX.2 klein) the control and its further references,
+and train items without any as plain images; the Dataset tab's health check lists missing and unreadable
+control images and references and pairs whose sizes differ.
 """
 from __future__ import annotations
 
