@@ -88,6 +88,13 @@ def _flux2(root: Path) -> Built:
     return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
 
 
+def _flux2_dev(root: Path) -> Built:
+    from core.families.flux2.tiny import build_tiny_flux2_dev
+
+    tiny = build_tiny_flux2_dev(root)
+    return Built(tiny.folder, tiny.comfy_transformer, tiny.folder)
+
+
 def _krea2(root: Path) -> Built:
     from core.families.krea2.tiny import build_tiny_krea2
 
@@ -164,6 +171,12 @@ def _flux2_klein_4b():
                                    joint_attention_dim=7680, guidance_embeds=False)
 
 
+def _flux2_dev_net():
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel()  # diffusers' defaults are FLUX.2-dev's config
+
+
 def _krea2_net():
     from diffusers import Krea2Transformer2DModel
 
@@ -201,6 +214,8 @@ FAMILIES: list[TinyFamily] = [
                _TRANSFORMER_GPU_ONLY),
     TinyFamily("flux2-klein-4b", _flux2, "black-forest-labs/FLUX.2-klein-base-4B", "Flux2KleinPipeline", "transformer",
                _flux2_klein_4b, _TRANSFORMER_GPU_ONLY),
+    TinyFamily("flux2-dev", _flux2_dev, "black-forest-labs/FLUX.2-dev", "Flux2Pipeline", "transformer", _flux2_dev_net,
+               _TRANSFORMER_GPU_ONLY),
     # diffusers' Krea 2 loader reads no kohya names: its WebUI / ComfyUI file is the native `diffusion_model.` form.
     TinyFamily("krea2", _krea2, "krea/Krea-2-Raw", "Krea2Pipeline", "transformer", _krea2_net, _TRANSFORMER_GPU_ONLY,
                main_format="comfyui"),

@@ -134,13 +134,16 @@ def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], name: s
 
 def text_model_from_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32, label: str,
                          load_error: Callable[[str, str, Exception], ModelLoadError], kind: str, use: str,
-                         hint: str) -> Any:
+                         hint: str, language_model: bool = False) -> Any:
     """A text encoder's base model (`AutoModel` of the config's text_encoder/) from a file in causal-LM names
     (a prefix such as `model.` before them; the LM head dropped). Not one (`kind`: the model it should be,
-    `use`: which file) or one that does not fit the `label` config (`hint`: which one does) is refused."""
+    `use`: which file) or one that does not fit the `label` config (`hint`: which one does) is refused.
+    `language_model`: the config is a multimodal one (Mistral3) and only its text model is built."""
     from transformers import AutoModel
 
     config = text_encoder_config(config_source, load_error)
+    if language_model:
+        config = config.get_text_config()
     state = read_upcast(path, dtype)
     marker = "embed_tokens.weight"
     first = next((k for k in state if k.endswith(marker)), None)

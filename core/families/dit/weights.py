@@ -51,17 +51,23 @@ def read_upcast(path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
 
     ComfyUI's "scaled fp8" files store `<layer>.scale_weight` next to each fp8 weight: the
     real weight is fp8 * scale. Their bookkeeping tensors (`scaled_fp8`, `scale_input`) go.
+    Its newer "fp8mixed" files (FLUX.2 dev, Mistral-Small) store `<layer>.weight_scale` next to an fp8
+    weight, with `comfy_quant` and `input_scale` bookkeeping.
     """
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     with safe_open(str(path), "pt") as handle:
-        for key in handle.keys():
+        names = list(handle.keys())
+        keys = set(names)
+        for key in names:
             tensor = handle.get_tensor(key)
             if key.endswith(".scale_weight"):
                 scales[key[: -len(".scale_weight")] + ".weight"] = tensor
-            elif key.endswith(".scale_input") or key.split(".")[-1] == "scaled_fp8":
+            elif key.endswith(".weight_scale") and key[: -len("_scale")] in keys:
+                scales[key[: -len("_scale")]] = tensor
+            elif key.endswith((".scale_input", ".input_scale", ".comfy_quant")) or key.split(".")[-1] == "scaled_fp8":
                 continue
             else:
                 out[key] = tensor.to(dtype) if tensor.dtype in FP8_DTYPES else tensor

@@ -10,7 +10,10 @@ blocks. Facts read from diffusers 0.42 (`Flux2KleinPipeline`, `Flux2Pipeline`):
   (undistilled, used with CFG and ~50 steps: the one to train on) and distilled (4 steps, no CFG); the
   shapes are the same and the name (or model_index.json's `is_distilled`) tells them apart.
 - Prompt (klein): Qwen's chat template without thinking, padded to 512 tokens, hidden states of
-  layers 9, 18 and 27 concatenated per token ([512, 3 x hidden]).
+  layers 9, 18 and 27 concatenated per token ([512, 3 x hidden]). dev: Mistral-Small 3.1's chat template with
+  BFL's system message, padded to 512, layers 10, 20 and 30 (core.families.flux2.text); its encoder is
+  Mistral3's language model alone (the vision tower and LM head are dropped on load), the tokenizer is
+  the folder's processor (PixtralProcessor), as the pipeline's.
 - Latents: `AutoencoderKLFlux2`'s mode, 2x2-patchified to 4C channels, normalized by the VAE's batch
   norm statistics (`vae.bn.running_mean / running_var`), packed to [B, h*w, 4C] with 4-D position ids.
 """
@@ -39,6 +42,7 @@ SHAPES = {"flux2-klein-4b": (3072, 5, 20, 7680), "flux2-klein-9b": (4096, 8, 24,
           "flux2-dev": (6144, 8, 48, 15360)}
 MAX_SEQUENCE_LENGTH = 512
 TEXT_LAYERS = (9, 18, 27)
+DEV_TEXT_LAYERS = (10, 20, 30)
 # BFL (ComfyUI) tensor names only a FLUX.2 transformer has (FLUX.1 has per-block modulation instead).
 NATIVE_MARKERS = ("single_stream_modulation.lin.weight",)
 DIFFUSERS_MARKERS = ("single_stream_modulation.linear.weight",)
@@ -222,8 +226,22 @@ def scheduler_config(source: str) -> dict[str, Any]:
     return folders.scheduler_config(source, {"shift": 3.0, "use_dynamic_shifting": True})
 
 
-def tokenizer_of(source: str) -> Any:
-    return folders.tokenizer_of(source, load_error)
+def tokenizer_of(source: str, variant: str = "flux2-klein-4b") -> Any:
+    """klein: the folder's tokenizer; dev: its processor (Flux2Pipeline calls the processor's chat template), or
+    where the processor cannot be built (PixtralProcessor needs torchvision, which this app does not install) its
+    tokenizer, whose chat template renders a text prompt to the same tokens."""
+    if variant != "flux2-dev":
+        return folders.tokenizer_of(source, load_error)
+    from transformers import AutoProcessor
+
+    from core.families.dit.weights import local_only
+
+    try:
+        return AutoProcessor.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only(source))
+    except ImportError:
+        return folders.tokenizer_of(source, load_error)
+    except (OSError, ValueError) as exc:
+        raise load_error("tokenizer", source, exc) from exc
 
 
 def distilled_of(source: str) -> bool:
@@ -234,27 +252,40 @@ def distilled_of(source: str) -> bool:
     return is_distilled_name(Path(source).name if Path(source).is_dir() else source)
 
 
-def refuse_dev(transformer: Any) -> None:
-    if variant_from_config(dict(transformer.config)) == "flux2-dev":
-        raise ModelLoadError("FLUX.2 dev (Mistral-Small text encoder) is not trainable here yet.",
-                             "Train FLUX.2 klein 4B or 9B (base), or FLUX.1-dev.")
+def mistral_language_model(model: Any) -> Any:
+    """Mistral3's language model (MistralModel) out of the multimodal one: what encodes a prompt; the vision tower,
+    projector and LM head (about a billion weights) are dropped."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "language_model", inner)
+
+
+class TextEncoder:
+    """`from_pretrained` of a FLUX.2 folder's text_encoder/: klein's Qwen3 base model (Qwen3Model, the pipeline's
+    Qwen3ForCausalLM less its LM head), dev's Mistral3 as its language model alone."""
+
+    @staticmethod
+    def from_pretrained(source: str, *, subfolder: str, **kw: Any) -> Any:
+        from transformers import AutoConfig, AutoModel, Mistral3ForConditionalGeneration
+
+        config = AutoConfig.from_pretrained(source, subfolder=subfolder, local_files_only=kw.get("local_files_only", False))
+        if config.model_type == "mistral3":
+            return mistral_language_model(Mistral3ForConditionalGeneration.from_pretrained(source, subfolder=subfolder, **kw))
+        return AutoModel.from_pretrained(source, subfolder=subfolder, **kw)
 
 
 def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Flux2Model:
-    """A diffusers FLUX.2 klein folder or hub id, component by component, on the CPU."""
+    """A diffusers FLUX.2 folder or hub id (klein or dev), component by component, on the CPU."""
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-    from transformers import AutoModel
 
-    # The hidden states are the base model's: Qwen3Model (the pipeline's Qwen3ForCausalLM less its LM head).
     transformer, text_encoder, vae = folders.load_parts(
         source, "FLUX.2", dtype=dtype, quantization_config=quantization_config, transformer=Flux2Transformer2DModel,
-        text_encoder=AutoModel, vae=AutoencoderKLFlux2, check=refuse_dev)
-    return Flux2Model(variant_from_config(dict(transformer.config)), transformer, vae, text_encoder,
-                      tokenizer_of(source), distilled=distilled_of(source), scheduler_config=scheduler_config(source),
-                      source=str(source))
+        text_encoder=TextEncoder, vae=AutoencoderKLFlux2)
+    variant = variant_from_config(dict(transformer.config))
+    return Flux2Model(variant, transformer, vae, text_encoder, tokenizer_of(source, variant),
+                      distilled=distilled_of(source), scheduler_config=scheduler_config(source), source=str(source))
 
 
-# Any FLUX.2 klein source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id.
+# Any FLUX.2 source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id.
 load_model = folders.source_loader(load_folder, "core.families.flux2.single_file")
 
 

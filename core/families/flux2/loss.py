@@ -1,7 +1,8 @@
-"""The FLUX.2 training objective (diffusers' train_dreambooth_lora_flux2_klein.py): flow matching on the
-patchified, batch-norm normalized latents packed into tokens; the transformer, given sigma (the time
-t / 1000) and no guidance for klein, predicts the velocity noise - x0. An edit's reference latents follow the
-target's tokens with the pipeline's position ids; only the target's tokens are in the loss.
+"""The FLUX.2 training objective (diffusers' train_dreambooth_lora_flux2_klein.py and _flux2.py): flow matching
+on the patchified, batch-norm normalized latents packed into tokens; the transformer, given sigma (the time
+t / 1000), no guidance for klein and the training guidance for dev, predicts the velocity noise - x0. An edit's
+reference latents follow the target's tokens with the pipeline's position ids; only the target's tokens are in
+the loss.
 """
 from __future__ import annotations
 
@@ -62,7 +63,9 @@ def flux2_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Ten
 
 def make_loss(model: Any, cfg: TrainConfig, dtype: torch.dtype) -> Callable[[nn.Module, Batch], torch.Tensor]:
     sampling = timestep_sampling(cfg, model.variant)
-    guidance = cfg.train_guidance if model.transformer.config.guidance_embeds else None
+    from core.families.flux2.family import train_guidance
+
+    guidance = train_guidance(model, cfg)
 
     def loss(transformer: nn.Module, batch: Batch) -> torch.Tensor:
         return flux2_loss(transformer, batch.latents, batch.cond, timestep_sampling=sampling,

@@ -1,7 +1,7 @@
-"""FLUX.2 klein in ComfyUI's layout: the transformer in BFL names (models/diffusion_models, e.g.
-flux-2-klein-base-4b.safetensors), Qwen3's qwen_3_4b.safetensors / qwen_3_8b.safetensors
-(models/text_encoders) and flux2-vae.safetensors (models/vae); configs and the tokenizer from
-`base_model_config` or the hub.
+"""FLUX.2 in ComfyUI's layout: the transformer in BFL names (models/diffusion_models, e.g.
+flux-2-klein-base-4b.safetensors, flux2_dev_fp8mixed.safetensors), the text encoder (models/text_encoders:
+Qwen3's qwen_3_4b / qwen_3_8b for klein, Mistral-Small's mistral_3_small_flux2_bf16 / _fp8 for dev) and
+flux2-vae.safetensors (models/vae); configs and the tokenizer from `base_model_config` or the hub.
 """
 from __future__ import annotations
 
@@ -28,13 +28,16 @@ def native_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def find_part(models_root: Path | None, part: str, variant: str, explicit: str = "") -> Path:
-    """Qwen3 (text_encoders) or the FLUX.2 VAE (vae): given, or found in ComfyUI's folders."""
+    """The text encoder (text_encoders) or the FLUX.2 VAE (vae): given, or found in ComfyUI's folders."""
     qwen = "qwen_3_8b" if variant == "flux2-klein-9b" else "qwen_3_4b"
+    text = (("mistral",), "mistral_3_small_flux2", "mistral_3_small_flux2_bf16.safetensors (Mistral-Small 3.1)"
+            ) if variant == "flux2-dev" else ((qwen,), qwen, f"{qwen}.safetensors (Qwen3)")
+    label = "FLUX.2 dev" if variant == "flux2-dev" else "FLUX.2 klein"
     folders, words, first, hint = {
-        "text_encoder": (("text_encoders", "clip"), (qwen,), qwen, f"{qwen}.safetensors (Qwen3) in models/text_encoders"),
+        "text_encoder": (("text_encoders", "clip"), text[0], text[1], f"{text[2]} in models/text_encoders"),
         "vae": (("vae",), ("flux2", "flux-2"), "flux2", "flux2-vae.safetensors (FLUX.2's autoencoder) in models/vae")}[part]
     return find_comfy_part(models_root, part, explicit, folders=folders, words=words, first=(first,),
-                           needs=f"FLUX.2 klein needs {hint}")
+                           needs=f"{label} needs {hint}")
 
 
 def file_shapes(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:
@@ -55,14 +58,20 @@ def load_transformer_file(path: str | Path, *, config_source: str, dtype: torch.
     return transformer_from_state(
         Flux2Transformer2DModel, state, Path(path).name, config_source=config_source, dtype=dtype,
         label="FLUX.2", load_error=load_error,
-        hint="Use the transformer file from models/diffusion_models with a FLUX.2 klein config folder.",
+        hint="Use the transformer file from models/diffusion_models with a config folder of the same FLUX.2 variant.",
         shapes=file_shapes)
 
 
 # Qwen3 from ComfyUI's file (Qwen3ForCausalLM names, `model.` prefix; the LM head is dropped).
+_TEXT_FILES = "klein 4B uses qwen_3_4b, klein 9B qwen_3_8b, dev mistral_3_small_flux2_bf16 (or _fp8)."
 load_text_encoder_file = partial(text_model_from_file, label="FLUX.2", load_error=load_error, kind="Qwen3",
                                  use="Use qwen_3_4b.safetensors (klein 4B) or qwen_3_8b.safetensors (klein 9B).",
-                                 hint="klein 4B uses Qwen3-4B (qwen_3_4b), klein 9B Qwen3-8B (qwen_3_8b).")
+                                 hint=_TEXT_FILES)
+# Mistral-Small from ComfyUI's file: the language model's weights (`model.` prefix); vision tower and LM head,
+# when the file has them, are left out.
+load_mistral_file = partial(text_model_from_file, label="FLUX.2 dev", load_error=load_error, kind="Mistral-Small",
+                            use="Use mistral_3_small_flux2_bf16.safetensors (or _fp8) from models/text_encoders.",
+                            hint=_TEXT_FILES, language_model=True)
 
 
 def vae_state(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -94,24 +103,23 @@ def load_vae_file(path: str | Path, *, config_source: str, dtype: torch.dtype = 
 def load_single_file(transformer_file: str | Path, *, config_source: str = "", text_encoder: str = "",
                      vae: str = "", dtype: torch.dtype = torch.float32, quantization_config: Any = None
                      ) -> Flux2Model:
-    """ComfyUI layout: the transformer file plus Qwen3 and the VAE found next to it (or given)."""
+    """ComfyUI layout: the transformer file plus its text encoder and the VAE found next to it (or given)."""
     path = Path(transformer_file)
     refuse_file(path, fits=is_flux2_keys(safetensors_keys(path)), label="FLUX.2", quantization_config=quantization_config,
-                use="Use flux-2-klein-base-4b.safetensors from ComfyUI's models/diffusion_models.")
+                use="Use a FLUX.2 transformer file (flux-2-klein-base-4b, flux2-dev) from ComfyUI's models/diffusion_models.")
     from core.families.flux2.load import detect
 
     variant = detect(str(path)) or "flux2-klein-4b"
-    if variant == "flux2-dev":
-        raise ModelLoadError("FLUX.2 dev (Mistral-Small text encoder) is not trainable here yet.",
-                             "Train FLUX.2 klein 4B or 9B (base), or FLUX.1-dev.")
     source = config_source or HUB_CONFIGS[variant]
     root = comfy_models_root(path)
     te_file = find_part(root, "text_encoder", variant, text_encoder)
     vae_file = find_part(root, "vae", variant, vae)
     transformer = load_transformer_file(path, config_source=source, dtype=dtype)
-    model = Flux2Model(variant_from_config(dict(transformer.config)), transformer,
-                       load_vae_file(vae_file, config_source=source, dtype=dtype),
-                       load_text_encoder_file(te_file, config_source=source, dtype=dtype), tokenizer_of(source),
+    variant = variant_from_config(dict(transformer.config))
+    read_text = load_mistral_file if variant == "flux2-dev" else load_text_encoder_file
+    encoder = "Mistral-Small" if variant == "flux2-dev" else "Qwen3"
+    model = Flux2Model(variant, transformer, load_vae_file(vae_file, config_source=source, dtype=dtype),
+                       read_text(te_file, config_source=source, dtype=dtype), tokenizer_of(source, variant),
                        distilled=is_distilled_name(path.name), scheduler_config=scheduler_config(source),
-                       source=str(path), is_single_file=True, notes=[f"Qwen3: {te_file.name}", f"VAE: {vae_file.name}"])
+                       source=str(path), is_single_file=True, notes=[f"{encoder}: {te_file.name}", f"VAE: {vae_file.name}"])
     return with_fp8_note(model, path, dtype)

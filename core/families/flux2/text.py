@@ -1,6 +1,12 @@
-"""FLUX.2 klein prompts: Qwen3's hidden states of layers 9, 18, 27 concatenated per token, over the chat
-template padded to 512 tokens (`Flux2KleinPipeline._get_qwen3_prompt_embeds`, padding kept: the
-transformer sees all 512); one [512, 3 x hidden] tensor per caption, cached once (core.families.dit.prompt_cache).
+"""FLUX.2 prompts, exactly as the pipelines encode them; one [512, 3 x hidden] tensor per caption, cached once
+(core.families.dit.prompt_cache) and the encoder freed before the transformer trains.
+
+- klein: Qwen3's hidden states of layers 9, 18, 27 concatenated per token, over the chat template padded to
+  512 tokens (`Flux2KleinPipeline._get_qwen3_prompt_embeds`, padding kept: the transformer sees all 512).
+- dev: Mistral-Small 3.1's hidden states of layers 10, 20, 30 (3 x 5120 = 15360 wide), over its chat template
+  with BFL's system message (diffusers' flux2/system_messages.py) padded to 512 tokens
+  (`Flux2Pipeline._get_mistral_3_small_prompt_embeds`). The encoder is Mistral3's language model alone
+  (MistralModel): for text the multimodal model returns its hidden states unchanged.
 """
 from __future__ import annotations
 
@@ -9,22 +15,30 @@ from typing import Any
 
 import torch
 
-from core.families.flux2.load import MAX_SEQUENCE_LENGTH, TEXT_LAYERS
+from core.families.flux2.load import DEV_TEXT_LAYERS, MAX_SEQUENCE_LENGTH, TEXT_LAYERS
 
 
 @torch.no_grad()
-def encode_prompts(text_encoder: Any, tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
-    """[B, 512, 3 x hidden]: exactly the pipeline's prompt embeddings."""
+def encode_prompts(text_encoder: Any, tokenizer: Any, captions: Sequence[str], variant: str = "flux2-klein-4b"
+                   ) -> torch.Tensor:
+    """[B, 512, 3 x hidden]: exactly the pipeline's prompt embeddings (dev's or klein's by `variant`)."""
+    device = next(text_encoder.parameters()).device
+    if variant == "flux2-dev":
+        from diffusers import Flux2Pipeline
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+        return Flux2Pipeline._get_mistral_3_small_prompt_embeds(  # noqa: SLF001 - the pipeline's exact encoding
+            text_encoder, tokenizer, list(captions), device=device, max_sequence_length=MAX_SEQUENCE_LENGTH,
+            system_message=SYSTEM_MESSAGE, hidden_states_layers=DEV_TEXT_LAYERS)
     from diffusers import Flux2KleinPipeline
 
-    device = next(text_encoder.parameters()).device
     return Flux2KleinPipeline._get_qwen3_prompt_embeds(  # noqa: SLF001 - the pipeline's exact encoding
         text_encoder, tokenizer, list(captions), device=device, max_sequence_length=MAX_SEQUENCE_LENGTH,
         hidden_states_layers=TEXT_LAYERS)
 
 
 def encode_entries(model: Any, captions: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    return [{"prompt_embeds": e} for e in encode_prompts(model.text_encoder, model.tokenizer, captions)]
+    return [{"prompt_embeds": e} for e in encode_prompts(model.text_encoder, model.tokenizer, captions, model.variant)]
 
 
 def stack(entries: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
@@ -34,4 +48,6 @@ def stack(entries: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
 def prompt_identity(model: Any) -> str:
     from core.families.dit.prompt_cache import encoder_identity
 
-    return encoder_identity(model.text_encoder, settings=f"flux2|{MAX_SEQUENCE_LENGTH}|{TEXT_LAYERS}")
+    layers = DEV_TEXT_LAYERS if model.variant == "flux2-dev" else TEXT_LAYERS
+    # klein's settings string is kept as it was, so the caches written before dev existed stay valid.
+    return encoder_identity(model.text_encoder, settings=f"flux2|{MAX_SEQUENCE_LENGTH}|{layers}")

@@ -5,7 +5,13 @@ Qwen3 text encoder of width 16 with 27 layers (the pipeline reads hidden states 
 text width is 48), a 4-channel AutoencoderKLFlux2 with one 2x downscale and batch-norm statistics set
 to plain values, a BPE tokenizer with a ChatML template. Saved as a diffusers folder named
 `tiny-flux2-klein-base-4b` and in ComfyUI's layout (BFL transformer names with the `model.diffusion_model.`
-prefix, qwen_3_4b and flux2-vae files). For tests and `bench/` only.
+prefix, qwen_3_4b and flux2-vae files).
+
+FLUX.2 dev (`build_tiny_flux2_dev`): the same transformer with a guidance embedding, a Mistral3 of text width 16
+with 30 layers (the pipeline reads hidden states 10, 20 and 30) and a one-layer Pixtral vision tower, and a BPE
+tokenizer with a Mistral-style chat template (system prompt, [INST]); saved as `tiny-flux2-dev` and in ComfyUI's
+layout (flux2-dev.safetensors, mistral_3_small_flux2_bf16.safetensors with the language model's `model.` names).
+For tests and `bench/` only.
 """
 from __future__ import annotations
 
@@ -15,6 +21,14 @@ from pathlib import Path
 import torch
 
 from core.families.tiny_parts import chat_bpe_tokenizer, diffusion_model_names, save_tiny_layouts
+
+
+# Mistral-Small's chat template in short: system prompt and instruction markers around the text parts of each message.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['content'] is string %}{% set text = m['content'] %}{% else %}"
+    "{% set text = m['content'] | map(attribute='text') | join('') %}{% endif %}"
+    "{% if m['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{% elif m['role'] == 'user' %}{{ '[INST]' + text + '[/INST]' }}{% else %}{{ text }}{% endif %}{% endfor %}")
 
 
 @dataclass
@@ -103,6 +117,43 @@ def bfl_transformer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
                 key = new + key[len(old):]
         out[key] = value
     return out
+
+
+def tiny_mistral3(vocab_size: int, seed: int = 0):
+    """Mistral3ForConditionalGeneration: a 30-layer Mistral of width 16 and a one-layer Pixtral vision tower."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": vocab_size, "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                     "max_position_embeddings": 1024, "sliding_window": None},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 32, "image_size": 30, "patch_size": 6, "num_channels": 3},
+        image_token_index=1, vision_feature_layer=-1, spatial_merge_size=1)
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def build_tiny_flux2_dev(root: Path) -> TinyFlux2:
+    """A tiny FLUX.2 dev: guidance embedding, Mistral3 text encoder (text width 3 x 16 = 48)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    from core.families.sd.convert import vae_to_ldm
+
+    tokenizer = chat_bpe_tokenizer()
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                         vae=tiny_flux2_vae(), text_encoder=tiny_mistral3(len(tokenizer)), tokenizer=tokenizer,
+                         transformer=tiny_flux2_transformer(guidance_embeds=True))
+    language = pipe.text_encoder.model.language_model.state_dict()
+    folder, transformer_file, models = save_tiny_layouts(pipe, root, "tiny-flux2-dev", {
+        "diffusion_models/flux2-dev.safetensors":
+            diffusion_model_names(bfl_transformer_state(pipe.transformer.state_dict())),
+        # ComfyUI's Mistral-Small file: the language model in causal-LM names (`model.` prefix).
+        "text_encoders/mistral_3_small_flux2_bf16.safetensors": {f"model.{k}": v.half() for k, v in language.items()},
+        "vae/flux2-vae.safetensors": vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)),
+    })
+    return TinyFlux2(folder, transformer_file, models)
 
 
 def build_tiny_flux2(root: Path) -> TinyFlux2:
