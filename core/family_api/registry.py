@@ -12,6 +12,7 @@ Standard library only: the config check, the form and the memory estimate read i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ _FLUX2_MLP_UP = r"(img_mlp[._]0|\.ff\.linear_in)[._](lora_up|lora_B)"
 # nothing in its files says "edit", so the data decides: targets with references train as edits, the others
 # as text-to-image, in one run. dev's several references are left to its own row (references=0 for now).
 def _flux2(name: str, label: str, version: str, architecture: str, repo: str, params: int, encoder: int,
-           width: int, words: tuple[str, ...], pipeline: str = "Flux2KleinPipeline", references: int = 4) -> FamilyInfo:
+           width: int, words: tuple[str, ...], pipeline: str = "Flux2KleinPipeline", references: int = 4,
+           **preview: Any) -> FamilyInfo:
     return FamilyInfo(name, label, "dit", 1024, name, version, architecture, (), ("text_encoder",), pipeline, repo,
                       params, encoder + FLUX2_VAE, sample_size_floor=512, default_timestep_sampling="logit_normal",
                       modelspec_implementation="https://github.com/black-forest-labs/flux2",
@@ -155,7 +157,7 @@ def _flux2(name: str, label: str, version: str, architecture: str, repo: str, pa
                       marker_width_ratio=3,
                       name_words=words, lora_key_markers=_FLUX_LORA_KEYS,
                       lora_shape_markers=((_FLUX2_MLP_UP, 6 * width),), has_guidance_embedding=name == "flux2-dev",
-                      max_references=references)
+                      max_references=references, **preview)
 
 FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("sd1", "SD 1.x", "unet", 512, "sd1", "sd_v1", "stable-diffusion-v1", ("lora_te",),
@@ -191,7 +193,9 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
            ("flux.2-klein-9b", "flux-2-klein-9b", "flux2-klein-9b", "flux2_klein_9b", "flux.2-klein-base-9b",
             "flux-2-klein-base-9b", "flux2-klein-base-9b", "flux2_klein_base_9b")),
     _flux2("flux2-dev", "FLUX.2-dev", "flux2_dev", "flux-2-dev", "black-forest-labs/FLUX.2-dev", FLUX2_DEV,
-           MISTRAL_SMALL_31, 6144, ("flux.2", "flux-2", "flux2", "flux_2"), pipeline="Flux2Pipeline", references=0),
+           MISTRAL_SMALL_31, 6144, ("flux.2", "flux-2", "flux2", "flux_2"), pipeline="Flux2Pipeline", references=0,
+           # guidance-distilled: embedded guidance, no CFG (diffusers suggests 28 steps at 4; BFL 50)
+           preview_steps=28, preview_guidance=4.0),
     FamilyInfo("flux-dev", "FLUX.1-dev", "flux", 1024, "flux", "flux1", "flux-1-dev", ("lora_te1", "lora_te3"),
                ("text_encoder", "text_encoder_2"), "FluxPipeline", "black-forest-labs/FLUX.1-dev",
                FLUX_DEV, CLIP_L + T5_XXL_ENCODER + FLUX_AE, sample_size_floor=512,

@@ -169,9 +169,12 @@ def describe(model: TransformerModel) -> list[str]:
 
 
 def text_encoders(model: Any) -> list[Any]:
+    """The text encoders the trainer and the Test tab place on the device (one that streams its layers places
+    itself: core.families.dit.streamed_encoder)."""
     from core.families.dit.prompt_cache import TEXT_ENCODER_NAMES
+    from core.families.dit.streamed_encoder import streams_layers
 
-    return [e for e in (getattr(model, n, None) for n in TEXT_ENCODER_NAMES) if e is not None]
+    return [e for e in (getattr(model, n, None) for n in TEXT_ENCODER_NAMES) if e is not None and not streams_layers(e)]
 
 
 def park_text_encoders(model: Any, keep_for_previews: bool) -> None:

@@ -97,18 +97,19 @@ def _decode(pipe: Any, latents: torch.Tensor, draw: Draw) -> list[Any]:
 generate = pipeline_generate(_call_for, _decode)
 
 
-# dev's previews unless set: diffusers' suggested 28 steps (50 in BFL's reference) at guidance 4 (the pipeline's).
-DEV_PREVIEW = (28, 4.0)
 # dev's guidance embedding while training unless set: diffusers' train_dreambooth_lora_flux2.py's --guidance_scale.
 DEV_TRAIN_GUIDANCE = 3.5
 
 
 def preview_settings(cfg: TrainConfig, distilled: bool, variant: str = "flux2-klein-4b") -> tuple[int, float]:
     """(steps, guidance): the configured ones; a distilled klein at its 4 steps without CFG unless changed,
-    dev at its `DEV_PREVIEW` unless changed."""
+    dev at its registry row's (28 steps, embedded guidance 4: diffusers' suggestion; BFL's reference is 50)."""
     if variant == "flux2-dev":
-        return (unless_set(cfg, "sample_num_inference_steps", DEV_PREVIEW[0]),
-                unless_set(cfg, "sample_guidance_scale", DEV_PREVIEW[1]))
+        from core.family_api.registry import family_info
+
+        info = family_info(variant)
+        return (unless_set(cfg, "sample_num_inference_steps", info.preview_steps),
+                unless_set(cfg, "sample_guidance_scale", info.preview_guidance))
     if not distilled:
         return cfg.sample_num_inference_steps, cfg.sample_guidance_scale
     return unless_set(cfg, "sample_num_inference_steps", 4), unless_set(cfg, "sample_guidance_scale", 1.0)

@@ -259,6 +259,13 @@ def mistral_language_model(model: Any) -> Any:
     return getattr(inner, "language_model", inner)
 
 
+def streamed(language_model: Any) -> Any:
+    """dev's MistralModel running a layer at a time on the device (46 GB in bf16: more than a 24 GB card)."""
+    from core.families.dit.streamed_encoder import stream_layers
+
+    return stream_layers(language_model, language_model.layers)
+
+
 class TextEncoder:
     """`from_pretrained` of a FLUX.2 folder's text_encoder/: klein's Qwen3 base model (Qwen3Model, the pipeline's
     Qwen3ForCausalLM less its LM head), dev's Mistral3 as its language model alone."""
@@ -269,7 +276,8 @@ class TextEncoder:
 
         config = AutoConfig.from_pretrained(source, subfolder=subfolder, local_files_only=kw.get("local_files_only", False))
         if config.model_type == "mistral3":
-            return mistral_language_model(Mistral3ForConditionalGeneration.from_pretrained(source, subfolder=subfolder, **kw))
+            return streamed(mistral_language_model(Mistral3ForConditionalGeneration.from_pretrained(
+                source, subfolder=subfolder, **kw)))
         return AutoModel.from_pretrained(source, subfolder=subfolder, **kw)
 
 

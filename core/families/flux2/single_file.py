@@ -15,7 +15,7 @@ from core.families.dit.single_files import (diffusers_named, find_comfy_part, pa
                                             transformer_from_state, with_fp8_note)
 from core.families.dit.weights import comfy_models_root, read_upcast, safetensors_keys
 from core.families.flux2.load import (HUB_CONFIGS, Flux2Model, is_distilled_name, is_flux2_keys, load_error,
-                                      scheduler_config, tokenizer_of, variant_from_config)
+                                      scheduler_config, streamed, tokenizer_of, variant_from_config)
 from core.family_api.contract import ModelLoadError
 
 
@@ -74,6 +74,10 @@ load_mistral_file = partial(text_model_from_file, label="FLUX.2 dev", load_error
                             hint=_TEXT_FILES, language_model=True)
 
 
+def load_streamed_mistral_file(path: str | Path, **kw: Any) -> Any:
+    return streamed(load_mistral_file(path, **kw))
+
+
 def vae_state(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """An LDM-named (BFL / ComfyUI) FLUX.2 VAE state -> diffusers names; the batch-norm statistics kept."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
@@ -116,7 +120,7 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
     vae_file = find_part(root, "vae", variant, vae)
     transformer = load_transformer_file(path, config_source=source, dtype=dtype)
     variant = variant_from_config(dict(transformer.config))
-    read_text = load_mistral_file if variant == "flux2-dev" else load_text_encoder_file
+    read_text = load_streamed_mistral_file if variant == "flux2-dev" else load_text_encoder_file
     encoder = "Mistral-Small" if variant == "flux2-dev" else "Qwen3"
     model = Flux2Model(variant, transformer, load_vae_file(vae_file, config_source=source, dtype=dtype),
                        read_text(te_file, config_source=source, dtype=dtype), tokenizer_of(source, variant),

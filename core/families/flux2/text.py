@@ -6,7 +6,8 @@
 - dev: Mistral-Small 3.1's hidden states of layers 10, 20, 30 (3 x 5120 = 15360 wide), over its chat template
   with BFL's system message (diffusers' flux2/system_messages.py) padded to 512 tokens
   (`Flux2Pipeline._get_mistral_3_small_prompt_embeds`). The encoder is Mistral3's language model alone
-  (MistralModel): for text the multimodal model returns its hidden states unchanged.
+  (MistralModel): for text the multimodal model returns its hidden states unchanged. It runs a layer at a time
+  on the device (core.families.dit.streamed_encoder): 46 GB of bf16 weights do not fit a 24 GB card whole.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from core.families.flux2.load import DEV_TEXT_LAYERS, MAX_SEQUENCE_LENGTH, TEXT_
 
 
 @torch.no_grad()
-def encode_prompts(text_encoder: Any, tokenizer: Any, captions: Sequence[str], variant: str = "flux2-klein-4b"
-                   ) -> torch.Tensor:
-    """[B, 512, 3 x hidden]: exactly the pipeline's prompt embeddings (dev's or klein's by `variant`)."""
-    device = next(text_encoder.parameters()).device
+def encode_prompts(text_encoder: Any, tokenizer: Any, captions: Sequence[str], variant: str = "flux2-klein-4b",
+                   device: torch.device | None = None) -> torch.Tensor:
+    """[B, 512, 3 x hidden]: exactly the pipeline's prompt embeddings (dev's or klein's by `variant`), computed on
+    `device` (default: the encoder's; dev's streams its layers there)."""
+    device = next(text_encoder.parameters()).device if device is None else torch.device(device)
     if variant == "flux2-dev":
         from diffusers import Flux2Pipeline
         from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
@@ -38,7 +40,10 @@ def encode_prompts(text_encoder: Any, tokenizer: Any, captions: Sequence[str], v
 
 
 def encode_entries(model: Any, captions: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    return [{"prompt_embeds": e} for e in encode_prompts(model.text_encoder, model.tokenizer, captions, model.variant)]
+    # dev's encoder streams its layers to `device` (core.families.dit.streamed_encoder); klein's is already there.
+    at = device if model.variant == "flux2-dev" else None
+    encoded = encode_prompts(model.text_encoder, model.tokenizer, captions, model.variant, at)
+    return [{"prompt_embeds": e} for e in encoded]
 
 
 def stack(entries: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:

@@ -121,3 +121,34 @@ def test_a_dev_run_on_comfys_files_trains_draws_a_preview_and_writes_bfl_names(t
     assert meta["ss_base_model_version"] == "flux2_dev" and meta["modelspec.architecture"] == "flux-2-dev/lora"
     assert {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_unet_double_blocks_0_img_mlp_0.alpha",
             "lora_unet_single_blocks_1_linear1.lora_up.weight", "lora_unet_single_blocks_0_linear2.alpha"} <= keys
+
+
+def test_mistral_streams_its_layers_so_the_trainer_never_moves_it_whole(tiny):
+    from core.families.dit.default import text_encoders
+    from core.families.flux2.load import load_model
+
+    model = load_model(str(tiny.folder))
+    assert model.text_encoder.streams_layers and text_encoders(model) == []
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming to a GPU needs one")
+def test_on_a_gpu_the_streamed_mistral_encodes_as_the_whole_one_and_leaves_its_layers_in_cpu_memory(tiny,
+                                                                                                    monkeypatch):
+    from core.families.dit import streamed_encoder
+    from core.families.flux2.load import load_model
+    from core.families.flux2.text import encode_prompts
+
+    monkeypatch.setattr(streamed_encoder, "RESERVE", float("inf"))  # keep no layer on the card
+    model = load_model(str(tiny.folder))
+    prompts = ["a photo of a red thing", "a blue cat"]
+    streamed = encode_prompts(model.text_encoder, model.tokenizer, prompts, "flux2-dev", "cuda")
+    assert streamed.device.type == "cuda"
+    assert all(p.device.type == "cpu" for p in model.text_encoder.layers.parameters())
+    assert model.text_encoder.embed_tokens.weight.device.type == "cuda"
+    whole = load_model(str(tiny.folder)).text_encoder
+    for hook in (whole._forward_pre_hooks, *(m._forward_pre_hooks for m in whole.layers),
+                 *(m._forward_hooks for m in whole.layers)):
+        hook.clear()
+    whole.to("cuda")
+    torch.testing.assert_close(streamed, encode_prompts(whole, model.tokenizer, prompts, "flux2-dev"))
