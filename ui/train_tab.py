@@ -170,9 +170,24 @@ def distilled_line(raw: dict[str, Any]) -> str:
     return f"  \n**Distilled model:** {warning}" if warning else ""
 
 
+def sample_base_line(raw: dict[str, Any]) -> str:
+    """Where previews are drawn when the base model's distilled model (Krea 2 Turbo for Raw) is the one its LoRA
+    is used on: on it when it is on this machine, else on the base model (one sentence each)."""
+    from core.family_api.sample_base import default_sample_base
+
+    if raw.get("task_type", "image-generation") != "image-generation":
+        return ""
+    base = str(raw.get("base_model") or "")
+    family, _ = model_family_and_line("image-generation", base)
+    local = state.resolve_user_path(base) if base else None
+    path = str(local) if local is not None and local.exists() else base
+    choice = default_sample_base(path, family or "", str(raw.get("sample_base") or ""))
+    return f"  \n**Previews:** {choice.sentence}" if choice.sentence else ""
+
+
 def on_estimate(train_form: TrainForm, *values: Any) -> str:
     raw = train_form.raw(values)
-    return memory_line(raw) + distilled_line(raw)
+    return memory_line(raw) + distilled_line(raw) + sample_base_line(raw)
 
 
 def start_run(job: Any, cfg: TrainConfig) -> None:

@@ -314,11 +314,27 @@ def on_task(task: str) -> tuple[Any, Any]:
     return gr.update(visible=task == "image"), gr.update(visible=task == "text")
 
 
+def local_sample_base(model: str) -> str:
+    """The distilled model `model`'s LoRAs are used on, where its registry row names one and it is on this
+    machine (core.family_api.sample_base), else ""."""
+    from core.family_api.sample_base import find_local
+
+    if not model:
+        return ""
+    local = state.resolve_user_path(model)
+    path = str(local) if local.exists() else model
+    try:
+        return find_local(path, detect_model(path, "image-generation").family)
+    except Exception:  # noqa: BLE001 - the Test tab keeps the base model when it cannot tell
+        return ""
+
+
 def follow_trained_model(model: str, task_type: str, sample_base: str = "") -> tuple[Any, Any]:
     """(image base, text base): the Train tab's base model goes to the box of its task; an image run's
-    sample_base (the distilled model it is used on) wins over the model it trains on."""
+    sample_base (the distilled model it is used on, or the base row's one found on this machine) wins over the
+    model it trains on."""
     if task_type == "image-generation":
-        return gr.update(value=sample_base or model), gr.skip()
+        return gr.update(value=sample_base or local_sample_base(model) or model), gr.skip()
     return gr.skip(), gr.update(value=model)
 
 

@@ -335,11 +335,15 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                  memory_parts="core.families.krea2.memory:krea2_parts",
                  diffusers_class_names=("Krea2Pipeline", "Krea2Transformer2DModel"),
                  single_file_markers=("txtmlp.1.weight", "txt_in.linear_1.weight"), name_words=words,
-                 lora_key_markers=_KREA2_LORA_KEYS)
-      for name, label, version, repo, words in (
-          ("krea2", "Krea 2 (Raw)", "krea2", "krea/Krea-2-Raw", ("krea-2", "krea2", "krea_2")),
+                 lora_key_markers=_KREA2_LORA_KEYS, **distillation)
+      for name, label, version, repo, words, distillation in (
+          # Raw: 28 steps at CFG 4.5, previewed on Turbo where it is on the machine (core.family_api.sample_base);
+          # Turbo: 8 steps without CFG (Krea2Pipeline's model cards).
+          ("krea2", "Krea 2 (Raw)", "krea2", "krea/Krea-2-Raw", ("krea-2", "krea2", "krea_2"),
+           dict(sample_base="krea/Krea-2-Turbo", preview_steps=28, preview_guidance=4.5)),
           ("krea2-turbo", "Krea 2 Turbo", "krea2", "krea/Krea-2-Turbo",
-           ("krea-2-turbo", "krea2-turbo", "krea_2_turbo", "krea2_turbo")))),
+           ("krea-2-turbo", "krea2-turbo", "krea_2_turbo", "krea2_turbo"),
+           dict(distilled=True, training_base="krea/Krea-2-Raw", preview_steps=8, preview_guidance=0.0)))),
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
@@ -405,6 +409,10 @@ def distilled_warning(family: str, training_adapter: str, sample_base: str = "")
     info = FAMILIES.get(family)
     if info is None or not info.distilled or training_adapter:
         return ""
+    if not info.training_adapter_repo and info.training_base:  # no known adapter (Krea 2 Turbo): train the base
+        return (f"{info.label} is a distilled model: a LoRA trained on it directly drifts it off its "
+                f"{info.preview_steps}-step distillation, so train on its base model {info.training_base} instead "
+                "(its previews are drawn on this one when it is on the machine).")
     instead = f" (e.g. {info.training_adapter_repo})" if info.training_adapter_repo else ""
     base = (f", or train on its base model {info.training_base} with sample_base set to this one"
             if info.training_base else "")

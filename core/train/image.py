@@ -104,6 +104,7 @@ class ImageRun:
             raise ValueError("training_adapter is for the transformer families' distilled models (Z-Image Turbo, "
                              "FLUX.1 schnell); leave it empty for a Stable Diffusion model.")
         self._warn_distilled()
+        self._choose_sample_base()
 
     def _warn_distilled(self) -> None:
         """A distilled model trained directly without a training adapter: say so, once (it still runs)."""
@@ -117,6 +118,24 @@ class ImageRun:
         warning = distilled_warning(name or "", self.cfg.training_adapter)
         if warning and self.main:
             self.ctx.warn(warning)
+
+    def _choose_sample_base(self) -> None:
+        """No sample_base given: the base row's distilled model when it is on this machine (the model its LoRAs
+        are used on), else the base model itself, said in one sentence (core.family_api.sample_base)."""
+        from core.family_api.lookup import transformer_family_of
+        from core.family_api.sample_base import default_sample_base
+
+        cfg = self.cfg
+        if cfg.sample_base or not cfg.sample_prompts or cfg.distributed == "fsdp":
+            return
+        try:
+            name = transformer_family_of(cfg.base_model)
+        except Exception:  # noqa: BLE001 - the load below names any unreadable model clearly
+            return
+        choice = default_sample_base(cfg.base_model, name or "")
+        cfg.sample_base = choice.model
+        if choice.sentence:
+            self.log(choice.sentence)
 
     def load_data(self) -> None:
         from core.data.buckets import bucket_for

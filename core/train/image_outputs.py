@@ -117,6 +117,26 @@ def make_samples(run: ImageRun, step: int, save: bool = True) -> list[str]:
     return paths
 
 
+def sample_model_regime(cfg: Any) -> tuple[int, float]:
+    """(steps, guidance) of previews on `sample_base`: the sample model's own (its registry row: Turbo's few steps
+    without CFG) where the config leaves them at their defaults, the config's where it sets them."""
+    from core.config import TrainConfig
+    from core.family_api.lookup import transformer_family_of
+    from core.family_api.registry import FAMILIES
+
+    try:
+        info = FAMILIES.get(transformer_family_of(cfg.sample_base) or "")
+    except Exception:  # noqa: BLE001 - a model it cannot name keeps the config's settings
+        info = None
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    steps, guidance = cfg.sample_num_inference_steps, cfg.sample_guidance_scale
+    if info is not None and info.preview_steps and steps == defaults["sample_num_inference_steps"]:
+        steps = info.preview_steps
+    if info is not None and info.preview_guidance >= 0 and guidance == defaults["sample_guidance_scale"]:
+        guidance = info.preview_guidance
+    return steps, guidance
+
+
 def _sample_base_previews(run: ImageRun, step: int, save: bool) -> list[str]:
     """Previews on `sample_base` (e.g. the Turbo model while the base trains): the LoRA as it is now,
     written to a scratch folder and applied by the Test tab's code (core.sample), at the sample model's
@@ -128,9 +148,12 @@ def _sample_base_previews(run: ImageRun, step: int, save: bool) -> list[str]:
     cfg = run.cfg
     with tempfile.TemporaryDirectory(prefix="sample_base_") as scratch:
         files = write_loras(run, Path(scratch), step, 0)
+        steps, guidance = sample_model_regime(cfg)
         images = generate_images(cfg.sample_base, files["kohya"], cfg.sample_prompts, weight=1.0,
-                                 seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                                 guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt,
+                                 seed=cfg.sample_seed, steps=steps,
+                                 guidance=guidance, negative_prompt=cfg.sample_negative_prompt,
+                                 # a single-file sample model (ComfyUI's Turbo beside Raw) reads the run's configs
+                                 model_config=cfg.base_model_config,
                                  width=cfg.resolution, height=cfg.resolution, device=run.device)
     return [str(save_image(img, run.out / "samples" / f"step-{step:06d}-{i}.png"))
             for i, img in enumerate(images)] if save else []
