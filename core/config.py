@@ -224,7 +224,8 @@ class TrainConfig:
                  "found in models/clip or models/text_encoders when empty).", "flux", task="image")
     text_encoder_files: str = _f("", "A flow-matching transformer from a single file without its text encoders "
                                  "(SD3: clip_l, clip_g, t5xxl; Z-Image: qwen_3_4b; FLUX.2 klein: qwen_3_4b or "
-                                 "qwen_3_8b; Krea 2: qwen3_vl_4b; Qwen-Image: qwen_2.5_vl_7b): their files, "
+                                 "qwen_3_8b; FLUX.2 dev: mistral_3_small_flux2_bf16; Krea 2: qwen3_vl_4b; "
+                                 "Qwen-Image: qwen_2.5_vl_7b): their files, "
                                  "comma-separated, each "
                                  "told by its name; any not given is found in ComfyUI's models/text_encoders or "
                                  "models/clip.",
@@ -235,7 +236,8 @@ class TrainConfig:
     discrete_flow_shift: float = _f(3.1582, "The shift of `timestep_sampling: shift` (kohya's and FluxGym's "
                                     "3.1582 for FLUX.1).", "flow", minimum=0.1, maximum=20.0, task="image")
     train_guidance: float = _f(1.0, "The guidance value fed to FLUX.1-dev's guidance embedding while training "
-                               "(1.0 as kohya and FluxGym; ignored by schnell and Chroma).", "flux",
+                               "(1.0 as kohya and FluxGym; ignored by schnell and Chroma). FLUX.2 dev takes 3.5 "
+                               "(diffusers' trainer) while this is left at 1.0.", "flux",
                                minimum=0.0, maximum=10.0, task="image")
     lora_blocks: str = _f("all", "Which FLUX blocks get LoRA: all, attention (attention projections only), or "
                           "single_blocks (FluxGym's 12 GB mode).", "flux", choices=LORA_BLOCKS, task="image")

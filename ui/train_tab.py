@@ -173,7 +173,7 @@ def distilled_line(raw: dict[str, Any]) -> str:
 def sample_base_line(raw: dict[str, Any]) -> str:
     """Where previews are drawn when the base model's distilled model (Krea 2 Turbo for Raw) is the one its LoRA
     is used on: on it when it is on this machine, else on the base model (one sentence each)."""
-    from core.family_api.sample_base import default_sample_base
+    from core.sample_base import default_sample_base
 
     if raw.get("task_type", "image-generation") != "image-generation":
         return ""

@@ -316,8 +316,8 @@ def on_task(task: str) -> tuple[Any, Any]:
 
 def local_sample_base(model: str) -> str:
     """The distilled model `model`'s LoRAs are used on, where its registry row names one and it is on this
-    machine (core.family_api.sample_base), else ""."""
-    from core.family_api.sample_base import find_local
+    machine (core.sample_base), else ""."""
+    from core.sample_base import find_local
 
     if not model:
         return ""

@@ -337,7 +337,7 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                  single_file_markers=("txtmlp.1.weight", "txt_in.linear_1.weight"), name_words=words,
                  lora_key_markers=_KREA2_LORA_KEYS, **distillation)
       for name, label, version, repo, words, distillation in (
-          # Raw: 28 steps at CFG 4.5, previewed on Turbo where it is on the machine (core.family_api.sample_base);
+          # Raw: 28 steps at CFG 4.5, previewed on Turbo where it is on the machine (core.sample_base);
           # Turbo: 8 steps without CFG (Krea2Pipeline's model cards).
           ("krea2", "Krea 2 (Raw)", "krea2", "krea/Krea-2-Raw", ("krea-2", "krea2", "krea_2"),
            dict(sample_base="krea/Krea-2-Turbo", preview_steps=28, preview_guidance=4.5)),

@@ -121,9 +121,9 @@ class ImageRun:
 
     def _choose_sample_base(self) -> None:
         """No sample_base given: the base row's distilled model when it is on this machine (the model its LoRAs
-        are used on), else the base model itself, said in one sentence (core.family_api.sample_base)."""
+        are used on), else the base model itself, said in one sentence (core.sample_base)."""
         from core.family_api.lookup import transformer_family_of
-        from core.family_api.sample_base import default_sample_base
+        from core.sample_base import default_sample_base
 
         cfg = self.cfg
         if cfg.sample_base or not cfg.sample_prompts or cfg.distributed == "fsdp":

@@ -152,3 +152,20 @@ def test_on_a_gpu_the_streamed_mistral_encodes_as_the_whole_one_and_leaves_its_l
         hook.clear()
     whole.to("cuda")
     torch.testing.assert_close(streamed, encode_prompts(whole, model.tokenizer, prompts, "flux2-dev"))
+
+
+def test_comfys_fp8mixed_weights_are_read_as_the_weight_times_its_scale(tmp_path):
+    """flux2_dev_fp8mixed / mistral_3_small_flux2_fp8: an fp8 weight with `weight_scale`, `comfy_quant` and
+    `input_scale` bookkeeping; bf16 layers as they are."""
+    from safetensors.torch import save_file
+
+    from core.families.dit.weights import read_upcast
+
+    weight = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    save_file({"a.weight": weight.to(torch.float8_e4m3fn), "a.weight_scale": torch.tensor(3.0),
+               "a.comfy_quant": torch.tensor([1, 2], dtype=torch.uint8), "a.input_scale": torch.tensor(1.0),
+               "b.weight": torch.ones(2, 2, dtype=torch.bfloat16)}, str(tmp_path / "m.safetensors"))
+    state = read_upcast(tmp_path / "m.safetensors", torch.float32)
+    assert set(state) == {"a.weight", "b.weight"}
+    torch.testing.assert_close(state["a.weight"], weight * 3.0)
+    assert state["b.weight"].dtype == torch.bfloat16

@@ -36,7 +36,7 @@ def test_raws_row_names_turbo_to_preview_on_and_turbos_row_names_raw_to_train_on
 
 
 def test_turbo_beside_raw_is_found_and_a_missing_turbo_falls_back_to_raw_in_one_sentence(tiny, with_turbo):
-    from core.family_api.sample_base import default_sample_base
+    from core.sample_base import default_sample_base
 
     found = default_sample_base(str(with_turbo), "krea2")
     assert found.model == str(with_turbo.parent / "krea2_turbo_bf16.safetensors")
