@@ -168,13 +168,14 @@ def describe(model: TransformerModel) -> list[str]:
     return [f"Model: {family_info(model.variant).label} ({layout}), flow matching", *model.notes]
 
 
-def text_encoders(model: Any) -> list[Any]:
-    """The text encoders the trainer and the Test tab place on the device (one that streams its layers places
-    itself: core.families.dit.streamed_encoder)."""
+def text_encoders(model: Any, *, streamed: bool = False) -> list[Any]:
+    """The text encoders the trainer and the Test tab place on the device; `streamed`: instead the ones that run a
+    layer at a time and place themselves (core.families.dit.streamed_encoder)."""
     from core.families.dit.prompt_cache import TEXT_ENCODER_NAMES
     from core.families.dit.streamed_encoder import streams_layers
 
-    return [e for e in (getattr(model, n, None) for n in TEXT_ENCODER_NAMES) if e is not None and not streams_layers(e)]
+    return [e for e in (getattr(model, n, None) for n in TEXT_ENCODER_NAMES)
+            if e is not None and streams_layers(e) == streamed]
 
 
 def park_text_encoders(model: Any, keep_for_previews: bool) -> None:
@@ -465,6 +466,8 @@ def place_for_tryout(model: Any, device: torch.device, dtype: torch.dtype) -> An
 
     for module in (model.transformer, *text_encoders(model)):
         move(module, device, dtype)
+    for encoder in text_encoders(model, streamed=True):  # stays in CPU memory, streams to `device`
+        move(encoder, "cpu", dtype)
     move(model.vae, device, torch.float32)
     return model
 

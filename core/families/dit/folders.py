@@ -110,17 +110,19 @@ def source_loader(load_folder: Callable[..., Any], single_file: str) -> Callable
     (`vae`) in place of its own."""
 
     def load_model(base_model: str, *, config_source: str = "", text_encoder: str = "", vae: str = "",
-                   dtype: Any = None, quantization_config: Any = None) -> Any:
+                   dtype: Any = None, quantization_config: Any = None, text_dtype: Any = None) -> Any:
         import importlib
 
         import torch
 
         dtype = torch.float32 if dtype is None else dtype
+        # `text_dtype`: the text encoder's own (a family whose encoder is too large to load in fp32 first)
+        extra = {} if text_dtype is None else {"text_dtype": text_dtype}
         files = importlib.import_module(single_file)
         if Path(base_model).is_file():
             return files.load_single_file(base_model, config_source=config_source, text_encoder=text_encoder, vae=vae,
-                                          dtype=dtype, quantization_config=quantization_config)
-        model = load_folder(base_model, dtype=dtype, quantization_config=quantization_config)
+                                          dtype=dtype, quantization_config=quantization_config, **extra)
+        model = load_folder(base_model, dtype=dtype, quantization_config=quantization_config, **extra)
         if vae:
             model.vae = files.load_vae_file(vae, config_source=base_model, dtype=dtype)
             model.notes.append(f"VAE: {Path(vae).name}")

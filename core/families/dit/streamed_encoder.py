@@ -31,7 +31,9 @@ def stream_layers(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
     """`model` with `layers` run from CPU memory one at a time on the device of their input (a no-op on the CPU);
     frozen (it only encodes)."""
     model.requires_grad_(False)
-    home = {layer: [(p, p.data) for p in layer.parameters()] for layer in layers}
+    # A layer's own (CPU) tensors while a device copy stands in for them; read at each call, so a cast of the
+    # module between calls (the Test tab's dtype) is what streams.
+    parked: dict[nn.Module, list[tuple[nn.Parameter, torch.Tensor]]] = {}
     resident: set[nn.Module] = set()
 
     def to_input_device(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -46,15 +48,15 @@ def stream_layers(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
         device = _device_of(args, kwargs)
         if device is None or device.type == "cpu" or layer in resident:
             return
-        for param, data in home[layer]:
+        parked[layer] = [(p, p.data) for p in layer.parameters()]
+        for param, data in parked[layer]:
             param.data = data.to(device, non_blocking=True)
         if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > RESERVE:
             resident.add(layer)
+            del parked[layer]
 
     def drop_layer(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if layer in resident:
-            return
-        for param, data in home[layer]:
+        for param, data in parked.pop(layer, ()):
             param.data = data
 
     model.register_forward_pre_hook(to_input_device, with_kwargs=True)

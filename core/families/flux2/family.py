@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from core.config import TrainConfig
-from core.families.dit.default import (Draw, TransformerSpec, add_lora, flow_scheduler, package_family, package_parts,
+from core.families.dit.default import (Draw, TransformerSpec, add_lora, flow_scheduler, lazy, package_family, package_parts,
                                        pipeline_generate, timestep_sampling, unless_set)
 from core.families.flux2.load import decode_latents, encode_moments, latent_ids, normalize_latents, unpack
 from core.family_api.contract import Adapted, Log
@@ -138,7 +138,8 @@ SPEC = TransformerSpec(
     label="FLUX.2", trains="FLUX.2 trains the attention and MLP layers of every block",
     encoders_note="FLUX.2 always caches its text encoder's outputs (Qwen3 or Mistral-Small, freed before training).",
     # BFL kohya names (ComfyUI).
-    **package_parts("core.families.flux2"), lora_init=True,
+    **{**package_parts("core.families.flux2"), "load": lazy("core.families.flux2.load", "load_for_training")},
+    lora_init=True,
     training_note=lambda model, cfg: f"{timestep_sampling(cfg, model.variant)} timestep sampling, "
                                      f"{training_regime(model, cfg)}",
     # FLUX.2's modulation Linears are global (not in the blocks) and small: fp8 for all frozen Linears.

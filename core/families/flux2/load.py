@@ -266,28 +266,35 @@ def streamed(language_model: Any) -> Any:
     return stream_layers(language_model, language_model.layers)
 
 
+@dataclass
 class TextEncoder:
     """`from_pretrained` of a FLUX.2 folder's text_encoder/: klein's Qwen3 base model (Qwen3Model, the pipeline's
-    Qwen3ForCausalLM less its LM head), dev's Mistral3 as its language model alone."""
+    Qwen3ForCausalLM less its LM head), dev's Mistral3 as its language model alone, in `dev_dtype` when given
+    (46 GB in bf16: loading it in fp32 first would need twice that in CPU memory)."""
 
-    @staticmethod
-    def from_pretrained(source: str, *, subfolder: str, **kw: Any) -> Any:
+    dev_dtype: torch.dtype | None = None
+
+    def from_pretrained(self, source: str, *, subfolder: str, **kw: Any) -> Any:
         from transformers import AutoConfig, AutoModel, Mistral3ForConditionalGeneration
 
         config = AutoConfig.from_pretrained(source, subfolder=subfolder, local_files_only=kw.get("local_files_only", False))
         if config.model_type == "mistral3":
+            if self.dev_dtype is not None:
+                kw["dtype"] = self.dev_dtype
             return streamed(mistral_language_model(Mistral3ForConditionalGeneration.from_pretrained(
                 source, subfolder=subfolder, **kw)))
         return AutoModel.from_pretrained(source, subfolder=subfolder, **kw)
 
 
-def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Flux2Model:
-    """A diffusers FLUX.2 folder or hub id (klein or dev), component by component, on the CPU."""
+def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None,
+                text_dtype: torch.dtype | None = None) -> Flux2Model:
+    """A diffusers FLUX.2 folder or hub id (klein or dev), component by component, on the CPU; dev's Mistral in
+    `text_dtype` when given."""
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
     transformer, text_encoder, vae = folders.load_parts(
         source, "FLUX.2", dtype=dtype, quantization_config=quantization_config, transformer=Flux2Transformer2DModel,
-        text_encoder=TextEncoder, vae=AutoencoderKLFlux2)
+        text_encoder=TextEncoder(text_dtype), vae=AutoencoderKLFlux2)
     variant = variant_from_config(dict(transformer.config))
     return Flux2Model(variant, transformer, vae, text_encoder, tokenizer_of(source, variant),
                       distilled=distilled_of(source), scheduler_config=scheduler_config(source), source=str(source))
@@ -295,6 +302,17 @@ def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization
 
 # Any FLUX.2 source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id.
 load_model = folders.source_loader(load_folder, "core.families.flux2.single_file")
+
+
+def load_for_training(cfg: Any, *, dtype: torch.dtype, quantization_config: Any) -> Flux2Model:
+    """The family's `load`: as every family's (core.families.dit.default.model_loader), with dev's Mistral loaded
+    straight in the run's compute dtype (the trainer would cast it to that before encoding anyway)."""
+    from core.devices import torch_dtype
+    from core.families.dit.common import first_text_encoder_file
+
+    text_dtype = torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else None
+    return load_model(cfg.base_model, config_source=cfg.base_model_config, text_encoder=first_text_encoder_file(cfg),
+                      vae=cfg.vae, dtype=dtype, quantization_config=quantization_config, text_dtype=text_dtype)
 
 
 def lora_targets(transformer: torch.nn.Module) -> list[str]:

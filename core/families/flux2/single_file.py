@@ -105,9 +105,10 @@ def load_vae_file(path: str | Path, *, config_source: str, dtype: torch.dtype = 
 
 
 def load_single_file(transformer_file: str | Path, *, config_source: str = "", text_encoder: str = "",
-                     vae: str = "", dtype: torch.dtype = torch.float32, quantization_config: Any = None
-                     ) -> Flux2Model:
-    """ComfyUI layout: the transformer file plus its text encoder and the VAE found next to it (or given)."""
+                     vae: str = "", dtype: torch.dtype = torch.float32, quantization_config: Any = None,
+                     text_dtype: torch.dtype | None = None) -> Flux2Model:
+    """ComfyUI layout: the transformer file plus its text encoder and the VAE found next to it (or given); dev's
+    Mistral in `text_dtype` when given."""
     path = Path(transformer_file)
     refuse_file(path, fits=is_flux2_keys(safetensors_keys(path)), label="FLUX.2", quantization_config=quantization_config,
                 use="Use a FLUX.2 transformer file (flux-2-klein-base-4b, flux2-dev) from ComfyUI's models/diffusion_models.")
@@ -121,9 +122,10 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
     transformer = load_transformer_file(path, config_source=source, dtype=dtype)
     variant = variant_from_config(dict(transformer.config))
     read_text = load_streamed_mistral_file if variant == "flux2-dev" else load_text_encoder_file
+    text_dtype = text_dtype if variant == "flux2-dev" and text_dtype is not None else dtype
     encoder = "Mistral-Small" if variant == "flux2-dev" else "Qwen3"
     model = Flux2Model(variant, transformer, load_vae_file(vae_file, config_source=source, dtype=dtype),
-                       read_text(te_file, config_source=source, dtype=dtype), tokenizer_of(source, variant),
+                       read_text(te_file, config_source=source, dtype=text_dtype), tokenizer_of(source, variant),
                        distilled=is_distilled_name(path.name), scheduler_config=scheduler_config(source),
                        source=str(path), is_single_file=True, notes=[f"{encoder}: {te_file.name}", f"VAE: {vae_file.name}"])
     return with_fp8_note(model, path, dtype)

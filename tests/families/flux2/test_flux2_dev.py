@@ -169,3 +169,14 @@ def test_comfys_fp8mixed_weights_are_read_as_the_weight_times_its_scale(tmp_path
     assert set(state) == {"a.weight", "b.weight"}
     torch.testing.assert_close(state["a.weight"], weight * 3.0)
     assert state["b.weight"].dtype == torch.bfloat16
+
+
+def test_a_bf16_run_loads_mistral_straight_in_bf16_from_the_folder_and_comfys_file(tiny):
+    """46 GB in bf16: loading it in fp32 first (as the transformer is) would need twice that in CPU memory."""
+    from core.config import TrainConfig
+    from core.families.flux2.load import load_for_training
+
+    for base, config in ((tiny.folder, ""), (tiny.comfy_transformer, str(tiny.folder))):
+        cfg = TrainConfig(base_model=str(base), base_model_config=config, mixed_precision="bf16")
+        model = load_for_training(cfg, dtype=torch.float32, quantization_config=None)
+        assert model.text_encoder.dtype == torch.bfloat16 and model.transformer.dtype == torch.float32
