@@ -219,7 +219,8 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
 # --- loading ------------------------------------------------------------------------------------------
 
 def load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
-    return part_error("FLUX.2", what, source, exc, config_source_hint("FLUX.2", HUB_CONFIGS["flux2-klein-4b"]))
+    hub = HUB_CONFIGS["flux2-dev" if "dev" in Path(source).name.lower() else "flux2-klein-4b"]
+    return part_error("FLUX.2", what, source, exc, config_source_hint("FLUX.2", hub))
 
 
 def scheduler_config(source: str) -> dict[str, Any]:
