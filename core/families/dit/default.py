@@ -214,6 +214,8 @@ def cache_prompts(spec: TransformerSpec, model: Any, keys: list[Any], cfg: Train
 
 def continue_from_file(spec: TransformerSpec, model: Any, transformer: nn.Module, init_file: Path, log: Log) -> Any:
     """The LoRA of `init_file` on the transformer, with exactly its modules, ranks and alphas."""
+    from diffusers.training_utils import cast_training_params
+
     from core.lora import load_peft_state
 
     try:
@@ -229,6 +231,9 @@ def continue_from_file(spec: TransformerSpec, model: Any, transformer: nn.Module
                          f"({', '.join(foreign[:3]) or 'no LoRA modules'}): a LoRA of another model or variant.")
     config = config_from_lora_file(peft, alphas)
     transformer.add_adapter(config)
+    # PEFT makes the adapter in the base's dtype: on a bf16 base the file's values would be rounded to bf16
+    # on the way in. The run trains the LoRA in fp32, so it is made fp32 before it takes the file's values.
+    cast_training_params([transformer], dtype=torch.float32)
     load_peft_state(transformer, peft, "transformer")
     log(f"Continuing from the LoRA {init_file.name} (rank {config.r}, alpha {config.lora_alpha:g})")
     return config
@@ -489,7 +494,9 @@ def tryout_loader(module: str, build_pipeline: Callable[[Any], Any], name: str =
 
     def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
                         device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-        model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae), device, dtype)
+        # Loaded straight in the Test tab's dtype: fp32 first would need twice the model's size in CPU memory.
+        model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae, dtype=dtype), device,
+                                 dtype)
         return build_pipeline(model), model
 
     return tryout_pipeline

@@ -224,7 +224,8 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
     """(FluxPipeline or ChromaPipeline, FluxModel) of `base_model` on `device`, for the Test tab."""
     from core.families.flux.load import load_flux_model
 
-    model = place_for_tryout(load_flux_model(base_model, config_source=model_config, vae=vae), device, dtype)
+    model = place_for_tryout(load_flux_model(base_model, config_source=model_config, vae=vae, dtype=dtype), device,
+                             dtype)
     return build_pipeline(model), model
 
 

@@ -247,7 +247,8 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
                     device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from core.families.qwen_image.load import load_qwen_model
 
-    model = place_for_tryout(load_qwen_model(base_model, config_source=model_config, vae=vae), device, dtype)
+    model = place_for_tryout(load_qwen_model(base_model, config_source=model_config, vae=vae, dtype=dtype), device,
+                             dtype)
     # An Edit model edits the Test tab's uploaded reference images; without any it draws from text (`generate`).
     return build_pipeline(model), model
 

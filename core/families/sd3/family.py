@@ -113,7 +113,8 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
                     device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from core.families.sd3.load import load_sd3_model
 
-    model = place_for_tryout(load_sd3_model(base_model, config_source=model_config, vae=vae), device, dtype)
+    model = place_for_tryout(load_sd3_model(base_model, config_source=model_config, vae=vae, dtype=dtype), device,
+                            dtype)
     pipe = build_pipeline(model)
     pipe.load_lora_weights = _reading_every_form(pipe.load_lora_weights)
     return pipe, model
