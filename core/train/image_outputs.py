@@ -210,6 +210,8 @@ def finish(run: ImageRun, state: checkpoints.TrainState, result: LoopResult) -> 
     if run.main:
         outputs = {"output_dir": str(run.out), "lora": paths["kohya"], "diffusers": paths.get("diffusers", ""),
                    "config": str(run.out / "config.yaml"), "loss_csv": str(run.out / "loss.csv")}
+        # A family's further files (a Wan 2.2 A14B run of both experts: the low-noise pair), under their own keys.
+        outputs.update({k: v for k, v in paths.items() if k not in ("kohya", "diffusers")})
         if checkpoint is not None:
             outputs["checkpoint"] = str(checkpoint)
     if cfg.sample_prompts and not stopped:

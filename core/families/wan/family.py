@@ -15,6 +15,7 @@ which the previews row shows as the thumbnail and core.sample.save_image writes 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,11 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.dit.common import first_text_encoder_file
+from core.families.dit import default
 from core.families.dit.default import (TransformerSpec, fixed_targets, flow_scheduler, lazy, place_for_tryout,
-                                       transformer_family)
+                                       sample_settings, transformer_family)
+from core.families.wan import experts
+from core.families.wan.experts import trains_both
 from core.families.dit.video_vae import denormalize_latents, normalize_latents
 from core.families.wan.loss import make_loss, wan_shift
 from core.families.wan.text import encode_entries, prompt_identity, stack
@@ -66,7 +70,7 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     network = model.transformer if transformer is None else transformer
     experts: dict[str, Any] = {"transformer": network}
     if model.expert and model.other_expert is not None:
-        high, low = (network, model.other_expert) if model.expert == "high" else (model.other_expert, network)
+        high, low = (model.other_expert, network) if model.expert == "low" else (network, model.other_expert)
         experts = {"transformer": high, "transformer_2": low, "boundary_ratio": model.boundary_ratio}
     pipe = WanPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
                        scheduler=flow_scheduler(model), **experts)
@@ -127,15 +131,22 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
 
     width, height = clip_size(cfg.resolution, model.variant)
     frames = min(cfg.video_frames, PREVIEW_MAX_FRAMES)
+    if trains_both(model):  # both experts train: they are where the run keeps them (core.families.wan.experts)
+        low, was_training = model.other_expert, model.other_expert.training
+        low.eval()  # the run puts only `transformer` in eval mode for its previews
+        try:
+            return generate(build_pipeline(model, transformer), cfg.sample_prompts, **sample_settings(cfg),
+                            width=width, height=height, embeds=cached, dtype=dtype, frames=frames)
+        finally:
+            low.train(was_training)
     other = model.other_expert if _room_for(model.other_expert, device, dtype) else None
     pipe = build_pipeline(model, transformer) if other is not None or model.other_expert is None else \
         build_pipeline(_alone(model), transformer)
     if other is not None:
         move(other, device, dtype)  # the frozen expert visits the device for the previews only
     try:
-        return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                        guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
-                        height=height, embeds=cached, dtype=dtype, frames=frames)
+        return generate(pipe, cfg.sample_prompts, **sample_settings(cfg), width=width, height=height, embeds=cached,
+                        dtype=dtype, frames=frames)
     finally:
         if other is not None:
             move(other, "cpu")
@@ -190,7 +201,16 @@ SPEC = TransformerSpec(
 
 # No `variant_from_keys`: a Wan 2.2 A14B expert's file is told by its name (high_noise / low_noise), which
 # `detect` reads beside the header.
+def check(cfg: TrainConfig) -> list[str]:
+    experts.check_both(cfg)
+    return default.check(SPEC, cfg)
+
+
+# Wan 2.2 A14B's `wan_expert: both` adapts, stores and writes the two experts (core.families.wan.experts).
 WAN = transformer_family(SPEC, detect=lazy(_LOAD, "detect"), lora_files=lazy(_FILES, "lora_file_format")(), previews=previews,
                          tryout_pipeline=tryout_pipeline, generate=generate, default_size=default_size,
-                         normalize_latents=normalize_latents, denormalize_latents=denormalize_latents)
+                         normalize_latents=normalize_latents, denormalize_latents=denormalize_latents, check=check,
+                         add_lora=partial(experts.add_lora, partial(default.add_lora, SPEC)),
+                         low_memory=partial(experts.low_memory, partial(default.low_memory, SPEC)),
+                         write_loras=partial(experts.write_loras, partial(default.write_loras, SPEC)))
 FAMILY = WAN

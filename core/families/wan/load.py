@@ -53,8 +53,9 @@ class WanModel:
     source: str
     is_single_file: bool = False
     notes: list[str] = field(default_factory=list)
-    # Wan 2.2 A14B: the expert in `transformer` ("high" / "low"), the other one (frozen, for previews; None when
-    # a single file's sibling is not there) and the split of the noise levels between them.
+    # Wan 2.2 A14B: the expert in `transformer` ("high" / "low"; "both": the high one, the low one in
+    # `other_expert`, both trained), the other one (frozen, for previews; None when a single file's sibling is not
+    # there) and the split of the noise levels between them.
     expert: str = ""
     other_expert: Any | None = None
     boundary_ratio: float | None = None
@@ -199,14 +200,20 @@ def load_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization
         second = WanTransformer3DModel.from_pretrained(source, subfolder="transformer_2", torch_dtype=dtype, **kw,
                                                        **quant)
         model.variant, model.boundary_ratio = A14B, float(index.get("boundary_ratio") or BOUNDARY_RATIO)
-        model.expert = "low" if expert == "low" else "high"
+        model.expert = expert if expert in ("low", "both") else "high"
         if model.expert == "low":
             model.transformer, second = second, model.transformer
         model.other_expert = second
-        model.notes.append(f"Wan 2.2 A14B: training the {model.expert}-noise expert "
-                           f"({'transformer' if model.expert == 'high' else 'transformer_2'}), "
-                           f"boundary {model.boundary_ratio:g}")
+        model.notes.append(expert_note(model, "transformer" if model.expert == "high" else "transformer_2"))
     return model
+
+
+def expert_note(model: WanModel, which: str) -> str:
+    """The log line that says which Wan 2.2 A14B expert(s) train."""
+    if model.expert == "both":
+        return (f"Wan 2.2 A14B: training both experts (the high-noise one for t >= {model.boundary_ratio:g} x 1000, "
+                f"the low-noise one below), a LoRA each")
+    return f"Wan 2.2 A14B: training the {model.expert}-noise expert ({which}), boundary {model.boundary_ratio:g}"
 
 
 def _pipeline_index(source: str) -> dict[str, Any] | None:
@@ -227,7 +234,7 @@ def load_model(base_model: str, *, config_source: str = "", text_encoder: str = 
 
     if Path(base_model).is_file():
         return load_single_file(base_model, config_source=config_source, text_encoder=text_encoder, vae=vae,
-                                dtype=dtype, quantization_config=quantization_config)
+                                dtype=dtype, quantization_config=quantization_config, expert=expert)
     if base_model.lower().endswith(".safetensors"):
         raise ModelLoadError(f"The Wan model file '{base_model}' does not exist.", "Check base_model.")
     model = load_folder(base_model, dtype=dtype, quantization_config=quantization_config, expert=expert)

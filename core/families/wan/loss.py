@@ -46,21 +46,34 @@ def wan_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Tenso
     return F.mse_loss(pred.float(), flow_target(x0, noise), reduction="mean")
 
 
-def expert_sigma_range(model: Any) -> tuple[float, float]:
+def expert_sigma_range(model: Any, expert: str | None = None) -> tuple[float, float]:
     """The noise levels the trained network sees: all, or a Wan 2.2 A14B expert's side of boundary_ratio (the
-    pipeline runs `transformer` for t >= boundary * 1000, `transformer_2` below)."""
-    if not getattr(model, "expert", ""):
+    pipeline runs `transformer` for t >= boundary * 1000, `transformer_2` below); `expert` over the model's."""
+    expert = expert or getattr(model, "expert", "")
+    if not expert or expert == "both":
         return 0.0, 1.0
-    return (model.boundary_ratio, 1.0) if model.expert == "high" else (0.0, model.boundary_ratio)
+    return (model.boundary_ratio, 1.0) if expert == "high" else (0.0, model.boundary_ratio)
 
 
 def make_loss(model: Any, cfg: TrainConfig, dtype: torch.dtype) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """The loss of one batch; with both Wan 2.2 A14B experts in training, each step first draws one noise level
+    from the run's sampling, and the expert whose side of boundary_ratio it falls on trains on the batch (the
+    batch's own levels mapped into that side): each expert trains on the share of steps the sampling gives
+    its noise levels, as musubi-tuner picks the DiT by the sampled timestep."""
+    from core.families.dit.flow import sample_sigmas
+
     sampling = timestep_sampling(cfg, model.variant)
     shift = wan_shift(cfg)
     sigma_range = expert_sigma_range(model)
 
     def loss(transformer: nn.Module, batch: Batch) -> torch.Tensor:
-        return wan_loss(transformer, batch.latents, batch.cond, timestep_sampling=sampling, shift=shift, dtype=dtype,
-                        sigma_range=sigma_range)
+        network, side = transformer, sigma_range
+        if model.expert == "both":
+            drawn = float(sample_sigmas(1, sampling, shift=shift, device=batch.latents.device)[0])
+            expert = "high" if drawn >= model.boundary_ratio else "low"
+            network = transformer if expert == "high" else model.other_expert
+            side = expert_sigma_range(model, expert)
+        return wan_loss(network, batch.latents, batch.cond, timestep_sampling=sampling, shift=shift, dtype=dtype,
+                        sigma_range=side)
 
     return loss

@@ -11,7 +11,8 @@ real `WanTransformerBlock` keeps for the backward pass, measured with autograd's
 the CPU at two widths (256 / FFN 691 and 512 / FFN 896: 14,456 and 26,420 bytes per token) and fitted as
 21.3 x width + 2.56 x ffn elements (its norms run in fp32, so they count double);
 `tests/families/wan/test_wan_memory.py` measures the block again and checks the fit. With checkpointing a
-block keeps its input.
+block keeps its input. Wan 2.2 A14B with `wan_expert: both` holds a second expert's weights (unless
+`wan_offload_inactive_expert`) and a second LoRA with its optimizer state.
 """
 from __future__ import annotations
 
@@ -68,11 +69,15 @@ def wan_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute
     block_weights = model.params / blocks
     swapped = max(0.0, (min(cfg.blocks_to_swap, blocks) - 2) * block_weights) if cfg.blocks_to_swap > 0 else 0.0
     parts: dict[str, float] = {"transformer weights": (model.params - swapped) * per_weight}
+    both = model.family == "wan2.2-t2v-a14b" and cfg.wan_expert == "both"
+    if both and not (cfg.wan_offload_inactive_expert and cfg.blocks_to_swap == 0):
+        # Wan 2.2 A14B, both experts in one run: the other expert's frozen weights stay on the GPU too.
+        parts["second expert weights"] = parts["transformer weights"]
     if not cfg.cache_text_encoder_outputs:
         parts["text encoder weights"] = UMT5_XXL * compute_bytes
     if not caching_latents(cfg):
         parts["VAE weights"] = WAN_VAE * 4
-    parts["LoRA + optimizer"] = lora_params(cfg.lora_rank, width, blocks) * lora_state_bytes
+    parts["LoRA + optimizer"] = lora_params(cfg.lora_rank, width, blocks) * lora_state_bytes * (2 if both else 1)
     tokens = video_tokens(cfg.resolution, cfg.video_frames) * cfg.batch_size
     per_block = block_activation_bytes(width, compute_bytes) * tokens
     if cfg.gradient_checkpointing:

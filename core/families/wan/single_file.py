@@ -14,9 +14,9 @@ from core.families.dit.folders import fitting
 from core.families.dit.single_files import assign_state, find_comfy_part, text_encoder_config, transformer_from_state
 from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, local_only,
                                        read_upcast, safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
-from core.families.wan.load import (A14B, BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, expert_of_name,
-                                    is_wan_keys, load_error, scheduler_config, strip_prefix, tokenizer_from,
-                                    variant_from_width)
+from core.families.wan.load import (A14B, BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, expert_note,
+                                    expert_of_name, is_wan_keys, load_error, scheduler_config, strip_prefix,
+                                    tokenizer_from, variant_from_width)
 from core.family_api.contract import ModelLoadError
 
 _NOT_TRANSFORMER = ("vae.", "text_encoders.", "first_stage_model.", "conditioner.")
@@ -111,8 +111,10 @@ def load_vae_file(path: str | Path, *, config_source: str) -> Any:
 
 
 def load_single_file(transformer_file: str | Path, *, config_source: str = "", text_encoder: str = "",
-                     vae: str = "", dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> WanModel:
-    """ComfyUI layout: the transformer file plus UMT5 and the Wan VAE found next to it (or given)."""
+                     vae: str = "", dtype: torch.dtype = torch.float32, quantization_config: Any = None,
+                     expert: str = "high") -> WanModel:
+    """ComfyUI layout: the transformer file plus UMT5 and the Wan VAE found next to it (or given); a Wan 2.2 A14B
+    file names its expert, or with `expert: both` the pair (the file and its high_noise / low_noise sibling)."""
     path = Path(transformer_file)
     if not is_wan_keys(safetensors_keys(path)):
         raise ModelLoadError(f"'{path.name}' is not a Wan transformer.",
@@ -123,7 +125,17 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
     root = comfy_models_root(path)
     te_file = find_part(root, "text_encoder", text_encoder)
     vae_file = find_part(root, "vae", vae)
-    expert = expert_of_name(path.name)  # Wan 2.2 A14B: ComfyUI's high_noise / low_noise files
+    named = expert_of_name(path.name)  # Wan 2.2 A14B: ComfyUI's high_noise / low_noise files
+    sibling = path.with_name(re.sub("high_noise|low_noise", lambda m: {"high_noise": "low_noise",
+                                                                      "low_noise": "high_noise"}[m[0]], path.name))
+    if named and expert == "both":
+        if not sibling.is_file():
+            raise ModelLoadError(f"wan_expert: both trains the pair, and {sibling.name} is not beside {path.name}.",
+                                 "Put both of ComfyUI's files (high_noise and low_noise) in models/diffusion_models, "
+                                 "or train one expert (wan_expert: high or low).")
+        if named == "low":  # the high-noise file goes in `transformer`
+            path, sibling = sibling, path
+    expert = "both" if named and expert == "both" else named
     transformer = load_transformer_file(path, config_source=config_source or HUB_CONFIGS["wan2.1-t2v-1.3b"],
                                         dtype=dtype)
     variant = A14B if expert else variant_from_width(transformer.config.num_attention_heads
@@ -136,12 +148,9 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
     if expert:
         model.expert = expert
         model.boundary_ratio = float((_pipeline_index(source) or {}).get("boundary_ratio") or BOUNDARY_RATIO)
-        sibling = path.with_name(re.sub("high_noise|low_noise", lambda m: {"high_noise": "low_noise",
-                                                                          "low_noise": "high_noise"}[m[0]], path.name))
-        if sibling.is_file():  # the other expert, frozen, for the previews
+        if sibling.is_file():  # the other expert: frozen, for the previews (or trained too: both)
             model.other_expert = load_transformer_file(sibling, config_source=source, dtype=dtype)
-        model.notes.append(f"Wan 2.2 A14B: training the {expert}-noise expert ({path.name}), boundary "
-                           f"{model.boundary_ratio:g}" + ("" if sibling.is_file() else
+        model.notes.append(expert_note(model, path.name) + ("" if sibling.is_file() else
                                                           f"; {sibling.name} is not beside it, so the previews "
                                                           "run this expert alone"))
     if file_has_fp8(path):

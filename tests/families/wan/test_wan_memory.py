@@ -54,3 +54,22 @@ def test_the_14b_fits_each_wan_preset_tier_and_a_clip_costs_more_than_an_image()
         clip = estimate_memory(loose_config(values), model, card).parts["activations"]
         still = estimate_memory(loose_config({**values, "video_frames": 1}), model, card).parts["activations"]
         assert clip > 2 * still, name
+
+
+def test_both_a14b_experts_count_a_second_expert_unless_the_inactive_one_waits_in_cpu_memory():
+    from core.memory import estimate_memory
+    from core.model_info import detect_model
+    from core.presets import loose_config
+    from tests.test_presets import gpu
+
+    model = detect_model("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+    card = gpu("80 GB", 80)
+    base = {"base_model": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "resolution": 512, "video_frames": 17,
+            "fp8_base": True, "gradient_checkpointing": True, "mixed_precision": "bf16", "batch_size": 1}
+    one = estimate_memory(loose_config(base), model, card).parts
+    both = estimate_memory(loose_config({**base, "wan_expert": "both"}), model, card).parts
+    swapped = estimate_memory(loose_config({**base, "wan_expert": "both", "wan_offload_inactive_expert": True}),
+                              model, card).parts
+    assert both["second expert weights"] == one["transformer weights"]
+    assert both["LoRA + optimizer"] == 2 * one["LoRA + optimizer"]
+    assert "second expert weights" not in swapped and "second expert weights" not in one
