@@ -30,7 +30,9 @@ from core.families.dit.default import (TransformerSpec, fixed_targets, flow_sche
                                        sample_settings, transformer_family)
 from core.families.wan import experts
 from core.families.wan.experts import trains_both
-from core.families.dit.video_vae import denormalize_latents, normalize_latents
+from core.families.wan.i2v import condition_moments, normalize_condition_latents
+from core.families.wan.load import is_i2v
+from core.families.dit.video_vae import denormalize_latents
 from core.families.wan.loss import make_loss, wan_shift
 from core.families.wan.text import encode_entries, prompt_identity, stack
 from core.family_api.registry import family_info
@@ -63,17 +65,21 @@ def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs
 # --- previews and the Test tab ----------------------------------------------------------------------
 
 def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
-    """WanPipeline with `transformer` (default: the model's) as the trained network; a Wan 2.2 A14B model's other
-    expert takes its side of boundary_ratio (without it, the trained expert runs every step)."""
-    from diffusers import WanPipeline
+    """WanPipeline (an I2V model: WanImageToVideoPipeline, with its image encoder) with `transformer` (default: the
+    model's) as the trained network; a Wan 2.2 A14B model's other expert takes its side of boundary_ratio
+    (without it, the trained expert runs every step)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
     network = model.transformer if transformer is None else transformer
     experts: dict[str, Any] = {"transformer": network}
     if model.expert and model.other_expert is not None:
         high, low = (model.other_expert, network) if model.expert == "low" else (network, model.other_expert)
         experts = {"transformer": high, "transformer_2": low, "boundary_ratio": model.boundary_ratio}
-    pipe = WanPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
-                       scheduler=flow_scheduler(model), **experts)
+    if is_i2v(model.variant):
+        experts.update(image_encoder=model.image_encoder, image_processor=model.image_processor)
+    pipeline = WanImageToVideoPipeline if is_i2v(model.variant) else WanPipeline
+    pipe = pipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
+                    scheduler=flow_scheduler(model), **experts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -99,10 +105,11 @@ def decode_clip(vae: Any, latents: torch.Tensor) -> list[list[Image.Image]]:
 def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
              negative_prompt: str = "", width: int, height: int,
              embeds: Callable[[list[str]], Any] | None = None, dtype: torch.dtype = torch.float32,
-             frames: int = TEST_FRAMES) -> list[Image.Image]:
+             frames: int = TEST_FRAMES, start_image: Image.Image | None = None) -> list[Image.Image]:
     """One clip per prompt from the same seed, each as its first frame carrying all frames (core.sample.clip_image).
 
-    `embeds`: cached UMT5 encodings instead of the encoder; guidance > 1 runs the negative prompt too (CFG).
+    `embeds`: cached UMT5 encodings instead of the encoder; guidance > 1 runs the negative prompt too (CFG);
+    `start_image`: an I2V pipeline's first frame (resized to the clip's size by the pipeline).
     """
     from core.devices import free_memory
     from core.sample import clip_image
@@ -113,6 +120,10 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
         kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                                       num_frames=frames, output_type="latent", return_dict=False,
                                       generator=torch.Generator(device="cpu").manual_seed(seed))
+        if type(pipe).__name__ == "WanImageToVideoPipeline":
+            if start_image is None:
+                raise ValueError("An image-to-video Wan starts from an image: give a start image.")
+            kwargs["image"] = start_image.convert("RGB")
         if embeds is None:
             kwargs.update(prompt=prompt, negative_prompt=negative_prompt or "")
         else:
@@ -131,12 +142,16 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
 
     width, height = clip_size(cfg.resolution, model.variant)
     frames = min(cfg.video_frames, PREVIEW_MAX_FRAMES)
+    if is_i2v(model.variant):
+        settings = dict(sample_settings(cfg), start_image=preview_start_image(model, cfg))
+    else:
+        settings = sample_settings(cfg)
     if trains_both(model):  # both experts train: they are where the run keeps them (core.families.wan.experts)
         low, was_training = model.other_expert, model.other_expert.training
         low.eval()  # the run puts only `transformer` in eval mode for its previews
         try:
-            return generate(build_pipeline(model, transformer), cfg.sample_prompts, **sample_settings(cfg),
-                            width=width, height=height, embeds=cached, dtype=dtype, frames=frames)
+            return generate(build_pipeline(model, transformer), cfg.sample_prompts, **settings, width=width,
+                            height=height, embeds=cached, dtype=dtype, frames=frames)
         finally:
             low.train(was_training)
     other = model.other_expert if _room_for(model.other_expert, device, dtype) else None
@@ -145,11 +160,22 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
     if other is not None:
         move(other, device, dtype)  # the frozen expert visits the device for the previews only
     try:
-        return generate(pipe, cfg.sample_prompts, **sample_settings(cfg), width=width, height=height, embeds=cached,
+        return generate(pipe, cfg.sample_prompts, **settings, width=width, height=height, embeds=cached,
                         dtype=dtype, frames=frames)
     finally:
         if other is not None:
             move(other, "cpu")
+
+
+def preview_start_image(model: Any, cfg: TrainConfig) -> Image.Image:
+    """An I2V run's previews start from the first frame of the data set's first clip or image (found once)."""
+    if getattr(model, "start_image", None) is None:
+        from core.data.images import scan_image_dataset
+        from core.families.wan.text import start_picture
+
+        item = scan_image_dataset(cfg).items[0]
+        model.start_image = start_picture(str(item.path), item.frames[0] if item.frames else -1)
+    return model.start_image
 
 
 def _room_for(module: Any, device: torch.device, dtype: torch.dtype) -> bool:
@@ -209,7 +235,8 @@ def check(cfg: TrainConfig) -> list[str]:
 # Wan 2.2 A14B's `wan_expert: both` adapts, stores and writes the two experts (core.families.wan.experts).
 WAN = transformer_family(SPEC, detect=lazy(_LOAD, "detect"), lora_files=lazy(_FILES, "lora_file_format")(), previews=previews,
                          tryout_pipeline=tryout_pipeline, generate=generate, default_size=default_size,
-                         normalize_latents=normalize_latents, denormalize_latents=denormalize_latents, check=check,
+                         normalize_latents=normalize_condition_latents, denormalize_latents=denormalize_latents,
+                         encode_moments=condition_moments, check=check,
                          add_lora=partial(experts.add_lora, partial(default.add_lora, SPEC)),
                          low_memory=partial(experts.low_memory, partial(default.low_memory, SPEC)),
                          write_loras=partial(experts.write_loras, partial(default.write_loras, SPEC)))

@@ -26,12 +26,16 @@ def wan_shift(cfg: TrainConfig) -> float:
 def wan_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Tensor,
              generator: torch.Generator | None = None, *, timestep_sampling: str = "shift", shift: float = SHIFT,
              dtype: torch.dtype = torch.float32, sigmas: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, sigma_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+             noise: torch.Tensor | None = None, sigma_range: tuple[float, float] = (0.0, 1.0),
+             condition: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Flow-matching MSE in fp32 on latents [B, C, F, h, w] (an image: F = 1): x_s = (1 - s) x0 + s noise.
 
     `sigma_range`: a Wan 2.2 A14B expert's share of the noise levels; the drawn sigmas are mapped into it
-    linearly (musubi-tuner's min_timestep / max_timestep per expert)."""
+    linearly (musubi-tuner's min_timestep / max_timestep per expert). I2V: `condition` (the first frame's
+    condition latents, core.families.wan.i2v) goes in beside the noisy latents with its mask, `image_embeds`
+    (Wan 2.1 I2V's CLIP features) to the image cross-attention."""
     from core.families.dit.flow import flow_target, noise_and_sigmas, noisy_latents, sample_sigmas
+    from core.families.wan.i2v import transformer_input
 
     x0 = latents.float()
     if x0.ndim == 4:
@@ -39,10 +43,12 @@ def wan_loss(transformer: Any, latents: torch.Tensor, prompt_embeds: torch.Tenso
     low, high = sigma_range
     noise, sigmas = noise_and_sigmas(x0, generator, noise, sigmas, lambda: low + (high - low) * sample_sigmas(
         x0.shape[0], timestep_sampling, shift=shift, generator=generator, device=x0.device))
-    noisy = noisy_latents(x0, noise, sigmas).to(dtype)
+    noisy = transformer_input(noisy_latents(x0, noise, sigmas), condition).to(dtype)
+    image = {} if image_embeds is None else {"encoder_hidden_states_image": image_embeds.to(x0.device, dtype)}
     with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
         pred = transformer(hidden_states=noisy, timestep=(sigmas * 1000).to(x0.device, dtype),
-                           encoder_hidden_states=prompt_embeds.to(x0.device, dtype), return_dict=False)[0]
+                           encoder_hidden_states=prompt_embeds.to(x0.device, dtype), return_dict=False,
+                           **image)[0]
     return F.mse_loss(pred.float(), flow_target(x0, noise), reduction="mean")
 
 
@@ -66,14 +72,22 @@ def make_loss(model: Any, cfg: TrainConfig, dtype: torch.dtype) -> Callable[[nn.
     shift = wan_shift(cfg)
     sigma_range = expert_sigma_range(model)
 
+    channels = model.transformer.config.out_channels
+
     def loss(transformer: nn.Module, batch: Batch) -> torch.Tensor:
+        from core.families.wan.i2v import split
+        from core.families.wan.text import WanCondition
+
         network, side = transformer, sigma_range
         if model.expert == "both":
             drawn = float(sample_sigmas(1, sampling, shift=shift, device=batch.latents.device)[0])
             expert = "high" if drawn >= model.boundary_ratio else "low"
             network = transformer if expert == "high" else model.other_expert
             side = expert_sigma_range(model, expert)
-        return wan_loss(network, batch.latents, batch.cond, timestep_sampling=sampling, shift=shift, dtype=dtype,
-                        sigma_range=side)
+        latents, condition = split(batch.latents, channels)
+        prompts, image = ((batch.cond.prompt_embeds, batch.cond.image_embeds) if isinstance(batch.cond, WanCondition)
+                          else (batch.cond, None))
+        return wan_loss(network, latents, prompts, timestep_sampling=sampling, shift=shift, dtype=dtype,
+                        sigma_range=side, condition=condition, image_embeds=image)
 
     return loss

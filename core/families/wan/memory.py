@@ -6,10 +6,11 @@ here: the family frees it), the VAE unless latents are cached, the LoRA with its
 the activations and the backward transient.
 
 Tokens: a clip of F frames (4k+1) is (F - 1) / 4 + 1 latent frames of (side / 16)^2 patches each; the 512
-text tokens are attended to in every block's cross-attention. Activations per image token and block: what a
-real `WanTransformerBlock` keeps for the backward pass, measured with autograd's saved-tensor hooks in bf16 on
-the CPU at two widths (256 / FFN 691 and 512 / FFN 896: 14,456 and 26,420 bytes per token) and fitted as
-21.3 x width + 2.56 x ffn elements (its norms run in fp32, so they count double);
+text tokens (Wan 2.1 I2V: and 257 image tokens) are attended to in every block's cross-attention. The I2V
+models' 36 input channels change only the patch embedding; Wan 2.1 I2V's k_img / v_img are in its parameters.
+Activations per image token and block: what a real `WanTransformerBlock` keeps for the backward pass, measured
+with autograd's saved-tensor hooks in bf16 on the CPU at two widths (256 / FFN 691 and 512 / FFN 896: 14,456
+and 26,420 bytes per token) and fitted as 21.3 x width + 2.56 x ffn elements (its norms run in fp32, so they count double);
 `tests/families/wan/test_wan_memory.py` measures the block again and checks the fit. With checkpointing a
 block keeps its input. Wan 2.2 A14B with `wan_expert: both` holds a second expert's weights (unless
 `wan_offload_inactive_expert`) and a second LoRA with its optimizer state.
@@ -24,7 +25,9 @@ from core.model_info import ModelInfo
 # (width, blocks, FFN width) of the real networks, by width.
 SHAPES = {1536: (1536, 30, 8960), 5120: (5120, 40, 13824)}
 TEXT_TOKENS = 512
+IMAGE_TOKENS = 257  # Wan 2.1 I2V: the start image's CLIP ViT-H/14 tokens (224 px: 16 x 16 patches + class)
 WAN_VAE, UMT5_XXL = 126_892_531, 5_680_910_336
+TWO_EXPERTS = ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b")  # core.families.wan.load's (not imported: no torch here)
 WEIGHT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}
 ELEMENTS_PER_WIDTH, ELEMENTS_PER_FFN = 21.3, 2.56  # fitted on the real block (see above)
 
@@ -69,7 +72,7 @@ def wan_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute
     block_weights = model.params / blocks
     swapped = max(0.0, (min(cfg.blocks_to_swap, blocks) - 2) * block_weights) if cfg.blocks_to_swap > 0 else 0.0
     parts: dict[str, float] = {"transformer weights": (model.params - swapped) * per_weight}
-    both = model.family == "wan2.2-t2v-a14b" and cfg.wan_expert == "both"
+    both = model.family in TWO_EXPERTS and cfg.wan_expert == "both"
     if both and not (cfg.wan_offload_inactive_expert and cfg.blocks_to_swap == 0):
         # Wan 2.2 A14B, both experts in one run: the other expert's frozen weights stay on the GPU too.
         parts["second expert weights"] = parts["transformer weights"]
@@ -84,8 +87,9 @@ def wan_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute
         activations = blocks * width * tokens * compute_bytes + per_block
     else:
         activations = blocks * per_block
-    # cross-attention keys / values of the text, per block
-    activations += blocks * 2 * TEXT_TOKENS * width * compute_bytes * cfg.batch_size
+    # cross-attention keys / values of the text (and Wan 2.1 I2V's 257 CLIP image tokens), per block
+    context = TEXT_TOKENS + (IMAGE_TOKENS if model.family == "wan2.1-i2v-14b" else 0)
+    activations += blocks * 2 * context * width * compute_bytes * cfg.batch_size
     parts["activations"] = activations
     transient = 3 * tokens * ffn * compute_bytes
     if per_weight < compute_bytes:

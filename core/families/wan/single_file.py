@@ -14,9 +14,9 @@ from core.families.dit.folders import fitting
 from core.families.dit.single_files import assign_state, find_comfy_part, text_encoder_config, transformer_from_state
 from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, local_only,
                                        read_upcast, safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
-from core.families.wan.load import (A14B, BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, expert_note,
+from core.families.wan.load import (BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, expert_note,
                                     expert_of_name, is_wan_keys, load_error, scheduler_config, strip_prefix,
-                                    tokenizer_from, variant_from_width)
+                                    tokenizer_from, variant_of_config)
 from core.family_api.contract import ModelLoadError
 
 _NOT_TRANSFORMER = ("vae.", "text_encoders.", "first_stage_model.", "conditioner.")
@@ -138,13 +138,17 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
     expert = "both" if named and expert == "both" else named
     transformer = load_transformer_file(path, config_source=config_source or HUB_CONFIGS["wan2.1-t2v-1.3b"],
                                         dtype=dtype)
-    variant = A14B if expert else variant_from_width(transformer.config.num_attention_heads
-                                                     * transformer.config.attention_head_dim)
+    variant = variant_of_config(transformer.config, bool(expert))
     source = config_source or HUB_CONFIGS[variant]
     model = WanModel(variant, transformer, load_vae_file(vae_file, config_source=source),
                      load_text_encoder_file(te_file, config_source=source, dtype=dtype), tokenizer_from(source),
                      scheduler_config(source), str(path), is_single_file=True,
                      notes=[f"UMT5: {te_file.name}", f"VAE: {vae_file.name}"])
+    if transformer.config.image_dim is not None:  # Wan 2.1 I2V: CLIP vision from the config folder / hub repo
+        from core.families.wan.load import image_encoder_from
+
+        model.image_encoder, model.image_processor = image_encoder_from(source)
+        model.notes.append(f"image encoder (CLIP vision) from {source}")
     if expert:
         model.expert = expert
         model.boundary_ratio = float((_pipeline_index(source) or {}).get("boundary_ratio") or BOUNDARY_RATIO)

@@ -28,13 +28,26 @@ class TinyWan:
     comfy_root: Path          # the ComfyUI models/ folder
 
 
-def tiny_wan_transformer(seed: int = 0):
+def tiny_wan_transformer(seed: int = 0, *, in_channels: int = 16, image_dim: int | None = None):
+    """`in_channels` 36: image to video; `image_dim`: Wan 2.1 I2V's CLIP features (with k_img / v_img)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                                 out_channels=16, text_dim=TEXT_WIDTH, freq_dim=256, ffn_dim=32, num_layers=2,
-                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    image = dict(image_dim=image_dim, added_kv_proj_dim=24) if image_dim else {}
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                 in_channels=in_channels, out_channels=16, text_dim=TEXT_WIDTH, freq_dim=256, ffn_dim=32,
+                                 num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+                                 **image)
+
+
+def tiny_clip_vision(seed: int = 3):
+    """diffusers' test image encoder for Wan 2.1 I2V (CLIP vision, width 4, 32 px) and its processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, intermediate_size=16, patch_size=1)
+    return CLIPVisionModel(config).eval(), CLIPImageProcessor(crop_size=32, size=32)
 
 
 def tiny_wan_vae(seed: int = 0):
@@ -81,21 +94,31 @@ def native_transformer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def build_tiny_wan(root: Path, a14b: bool = False) -> TinyWan:
+def build_tiny_wan(root: Path, a14b: bool = False, i2v: bool = False) -> TinyWan:
     """The tiny Wan 2.1 T2V; `a14b`: a tiny Wan 2.2 A14B (two experts split at boundary_ratio 0.875), whose ComfyUI
-    files are wan2.2_t2v_high_noise_14B_fp16 / _low_noise_ (`comfy_transformer`: the high-noise one)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    files are wan2.2_t2v_high_noise_14B_fp16 / _low_noise_ (`comfy_transformer`: the high-noise one); `i2v`: the
+    image-to-video one (36 input channels; without `a14b` Wan 2.1 I2V's CLIP image encoder too), saved as a
+    WanImageToVideoPipeline (ComfyUI: wan2.1_i2v_480p_14B_fp16 / wan2.2_i2v_high_noise_14B_fp16)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
     from safetensors.torch import save_file
 
     root = Path(root)
-    experts = dict(transformer_2=tiny_wan_transformer(seed=1), boundary_ratio=0.875) if a14b else {}
-    pipe = WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=tiny_umt5(), vae=tiny_wan_vae(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=tiny_wan_transformer(),
-                       **experts)
-    folder = root / ("tiny-wan2.2-t2v-a14b" if a14b else "tiny-wan2.1-t2v")
+    channels = dict(in_channels=36) if i2v else {}
+    image = i2v and not a14b
+    experts = dict(transformer_2=tiny_wan_transformer(seed=1, **channels), boundary_ratio=0.875) if a14b else {}
+    if image:
+        encoder, processor = tiny_clip_vision()
+        experts.update(image_encoder=encoder, image_processor=processor)
+    pipeline = WanImageToVideoPipeline if i2v else WanPipeline
+    pipe = pipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=tiny_umt5(), vae=tiny_wan_vae(),
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                    transformer=tiny_wan_transformer(**channels, image_dim=4 if image else None), **experts)
+    kind = "i2v" if i2v else "t2v"
+    folder = root / (f"tiny-wan2.2-{kind}-a14b" if a14b else f"tiny-wan2.1-{kind}")
     pipe.save_pretrained(folder)
     models = root / "ComfyUI" / "models"
-    name = "wan2.2_t2v_high_noise_14B_fp16.safetensors" if a14b else "wan2.1_t2v_1.3B_bf16.safetensors"
+    name = (f"wan2.2_{kind}_high_noise_14B_fp16.safetensors" if a14b else
+            "wan2.1_i2v_480p_14B_fp16.safetensors" if i2v else "wan2.1_t2v_1.3B_bf16.safetensors")
     transformer_file = models / "diffusion_models" / name
     files = {
         transformer_file: {f"model.diffusion_model.{k}": v

@@ -73,3 +73,28 @@ def test_both_a14b_experts_count_a_second_expert_unless_the_inactive_one_waits_i
     assert both["second expert weights"] == one["transformer weights"]
     assert both["LoRA + optimizer"] == 2 * one["LoRA + optimizer"]
     assert "second expert weights" not in swapped and "second expert weights" not in one
+
+
+@pytest.mark.parametrize("hub", ["Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.2-I2V-A14B-Diffusers"])
+def test_the_i2v_14bs_fit_each_wan_preset_tier_at_the_t2v_14bs_width(hub):
+    """The extra 2.1B parameters of Wan 2.1 I2V (k_img / v_img, the image projection) cost 4 more blocks swapped
+    at 24 and 16 GB than the T2V 14B needed."""
+    from core.memory import estimate_memory
+    from core.model_info import detect_model
+    from core.presets import adapt_to_device, load_preset, loose_config, preset_info
+    from core.families.wan.memory import IMAGE_TOKENS
+    from tests.test_presets import gpu
+
+    model, t2v = detect_model(hub), detect_model("Wan-AI/Wan2.1-T2V-14B-Diffusers")
+    assert model.width == t2v.width == 5120
+    for name in ("wan-24gb", "wan-16gb", "wan-12gb", "wan-8gb"):
+        card = gpu(f"{preset_info(name).memory_gb:g} GB", preset_info(name).memory_gb * 0.96)
+        values, _ = adapt_to_device(load_preset(name), card)
+        parts = estimate_memory(loose_config(values), model, card).parts
+        assert estimate_memory(loose_config(values), model, card).fits, (hub, name)
+        t2v_parts = estimate_memory(loose_config(values), t2v, card).parts
+        extra = parts["activations"] - t2v_parts["activations"]
+        # Wan 2.1 I2V attends to 257 CLIP tokens beside the text in every one of its 40 blocks (bf16 keys and
+        # values); Wan 2.2 I2V to the text alone
+        assert extra * 2**30 == pytest.approx(40 * 2 * IMAGE_TOKENS * 5120 * 2 if "2.1" in hub else 0), (hub, name)
+        assert parts["transformer weights"] >= t2v_parts["transformer weights"]
