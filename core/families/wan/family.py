@@ -124,6 +124,8 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
             if start_image is None:
                 raise ValueError("An image-to-video Wan starts from an image: give a start image.")
             kwargs["image"] = start_image.convert("RGB")
+            # diffusers 0.42's I2V prompt cleaning needs ftfy (T2V's does not): the same encoding, ours
+            embeds = embeds or partial(own_encoding, pipe)
         if embeds is None:
             kwargs.update(prompt=prompt, negative_prompt=negative_prompt or "")
         else:
@@ -134,6 +136,13 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
         clips.extend(clip_image(clip, PREVIEW_FPS) for clip in decode_clip(pipe.vae, latents))
         free_memory()
     return clips
+
+
+def own_encoding(pipe: Any, prompts: list[str]) -> torch.Tensor:
+    """The pipeline's prompt encoding (UMT5, 512 tokens, zeros after the real ones) by core.families.wan.text."""
+    from core.families.wan.text import encode_prompts, pad
+
+    return pad(encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts))
 
 
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
