@@ -192,12 +192,13 @@ def reference_images(family: Any, model: Any, references: Sequence[str | Path]) 
 
 
 def start_image_argument(family_name: str, start_image: str | Path | Image.Image | None) -> dict[str, Any]:
-    """An image-to-video model's `start_image` for its `generate` (a picture); a model of another kind takes none."""
+    """An image-to-video model's `start_image` for its `generate` (a picture): needed by an I2V model, optional
+    for a text-or-image one (TI2V), refused by the others."""
     from core.family_api.registry import family_info
 
     takes = family_info(family_name).start_image
     if start_image is None or start_image == "":
-        if takes:
+        if takes == "needed":
             raise ValueError(f"{family_info(family_name).label} makes a clip from a start image: choose one "
                              "(Start image).")
         return {}

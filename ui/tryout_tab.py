@@ -123,11 +123,13 @@ def with_expert_pairs(loras: list[tuple[str, float]], base_text: str) -> list[tu
 
 def two_experts(base_text: str) -> bool:
     """A Wan 2.2 A14B base model (high- and low-noise experts)."""
+    from core.family_api.registry import family_info
+
     try:
         family = detect_model(str(state.resolve_user_path(base_text)), "image-generation").family
+        return family_info(family).two_experts
     except Exception:  # noqa: BLE001 - an unknown model has one network
         return False
-    return family in ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b")
 
 
 def pair_of(path: str, base_text: str, others: list[tuple[str, float]]) -> list[tuple[str, float]]:

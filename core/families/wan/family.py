@@ -31,7 +31,7 @@ from core.families.dit.default import (TransformerSpec, fixed_targets, flow_sche
 from core.families.wan import experts
 from core.families.wan.experts import trains_both
 from core.families.wan.i2v import condition_moments, normalize_condition_latents
-from core.families.wan.load import is_i2v
+from core.families.wan.load import expands_timesteps, is_i2v
 from core.families.dit.video_vae import denormalize_latents
 from core.families.wan.loss import make_loss, wan_shift
 from core.families.wan.text import encode_entries, prompt_identity, stack
@@ -77,6 +77,8 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
         experts = {"transformer": high, "transformer_2": low, "boundary_ratio": model.boundary_ratio}
     if is_i2v(model.variant):
         experts.update(image_encoder=model.image_encoder, image_processor=model.image_processor)
+    if expands_timesteps(model.variant):
+        experts["expand_timesteps"] = True
     pipeline = WanImageToVideoPipeline if is_i2v(model.variant) else WanPipeline
     pipe = pipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
                     scheduler=flow_scheduler(model), **experts)
@@ -84,9 +86,9 @@ def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
     return pipe
 
 
-def clip_size(resolution: int, variant: str) -> tuple[int, int]:
-    """A square side in whole latent patches (16 px), not below the family's floor."""
-    step = SPATIAL * PATCH
+def clip_size(resolution: int, variant: str, spatial: int = SPATIAL) -> tuple[int, int]:
+    """A square side in whole latent patches (16 px; 32 px with TI2V-5B's 16x VAE), not below the family's floor."""
+    step = spatial * PATCH
     side = max(step, max(resolution, family_info(variant).sample_size_floor) // step * step)
     return side, side
 
@@ -120,6 +122,9 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
         kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                                       num_frames=frames, output_type="latent", return_dict=False,
                                       generator=torch.Generator(device="cpu").manual_seed(seed))
+        if start_image is not None and getattr(pipe.config, "expand_timesteps", False) and \
+                type(pipe).__name__ == "WanPipeline":
+            pipe = image_to_video(pipe)  # TI2V-5B from a start image: the I2V pipeline over the same modules
         if type(pipe).__name__ == "WanImageToVideoPipeline":
             if start_image is None:
                 raise ValueError("An image-to-video Wan starts from an image: give a start image.")
@@ -138,6 +143,16 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     return clips
 
 
+def image_to_video(pipe: Any) -> Any:
+    """A TI2V-5B WanPipeline's modules as WanImageToVideoPipeline (expand_timesteps: the start frame kept clean)."""
+    from diffusers import WanImageToVideoPipeline
+
+    i2v = WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                  scheduler=pipe.scheduler, transformer=pipe.transformer, expand_timesteps=True)
+    i2v.set_progress_bar_config(disable=True)
+    return i2v
+
+
 def own_encoding(pipe: Any, prompts: list[str]) -> torch.Tensor:
     """The pipeline's prompt encoding (UMT5, 512 tokens, zeros after the real ones) by core.families.wan.text."""
     from core.families.wan.text import encode_prompts, pad
@@ -149,9 +164,10 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
              cached: Any) -> list[Image.Image]:
     from core.sample import move
 
-    width, height = clip_size(cfg.resolution, model.variant)
+    spatial = getattr(model.vae.config, "scale_factor_spatial", SPATIAL)
+    width, height = clip_size(cfg.resolution, model.variant, spatial)
     frames = min(cfg.video_frames, PREVIEW_MAX_FRAMES)
-    if is_i2v(model.variant):
+    if is_i2v(model.variant) or expands_timesteps(model.variant):
         settings = dict(sample_settings(cfg), start_image=preview_start_image(model, cfg))
     else:
         settings = sample_settings(cfg)

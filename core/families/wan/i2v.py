@@ -89,3 +89,17 @@ def normalize_condition_latents(vae_config: Any, latents: torch.Tensor) -> torch
     if latents.shape[1] == 2 * len(vae_config.latents_mean):
         return torch.cat([normalize_latents(vae_config, half) for half in latents.chunk(2, dim=1)], dim=1)
     return normalize_latents(vae_config, latents)
+
+
+def expanded(noisy: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor, patch: tuple[int, int, int]
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Wan 2.2 TI2V-5B (the pipelines' `expand_timesteps`): (the transformer's input, a timestep per token
+    [B, tokens], the first latent frame the loss counts). A clip's first latent frame stays clean, its start
+    image (timestep 0 on its tokens, left out of the loss: the pipeline puts the condition back over it); an
+    image (one latent frame) is noised whole (text to video: every token at the drawn timestep)."""
+    first = 1 if x0.shape[2] > 1 else 0
+    mask = torch.ones_like(x0[:, :1])
+    mask[:, :, :first] = 0
+    hidden = mask * noisy + (1 - mask) * x0
+    tokens = mask[:, 0, :, ::patch[1], ::patch[2]].flatten(1)
+    return hidden, tokens * (sigmas.reshape(-1, 1) * 1000).to(tokens), first

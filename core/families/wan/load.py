@@ -28,13 +28,13 @@ from core.hub import offline
 
 # Registry names by (transformer width, whether it takes an image): 1536 is the 1.3B, 5120 the 14B.
 T2V_13B, T2V_14B, A14B = "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b"
-I2V_14B, I2V_A14B = "wan2.1-i2v-14b", "wan2.2-i2v-a14b"
-VARIANTS = (T2V_13B, T2V_14B, A14B, I2V_14B, I2V_A14B)
-TWO_EXPERTS = (A14B, I2V_A14B)
+I2V_14B, I2V_A14B, TI2V_5B = "wan2.1-i2v-14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"
+VARIANTS = (T2V_13B, T2V_14B, A14B, I2V_14B, I2V_A14B, TI2V_5B)
 HUB_CONFIGS = {T2V_13B: "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", T2V_14B: "Wan-AI/Wan2.1-T2V-14B-Diffusers",
                A14B: "Wan-AI/Wan2.2-T2V-A14B-Diffusers", I2V_14B: "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
-               I2V_A14B: "Wan-AI/Wan2.2-I2V-A14B-Diffusers"}
+               I2V_A14B: "Wan-AI/Wan2.2-I2V-A14B-Diffusers", TI2V_5B: "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
 I2V_CHANNELS = 36  # an image-to-video transformer's input: 16 noisy + 4 mask + 16 condition latent channels
+TI2V_CHANNELS = 48  # Wan 2.2 TI2V-5B: its VAE's 48 latent channels (no extra condition channels)
 BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B's model_index.json: the high-noise expert takes t >= 875
 MAX_SEQUENCE_LENGTH = 512
 SHIFT = 3.0  # musubi-tuner's discrete_flow_shift for Wan (its docs; the 480p pipelines' flow_shift too)
@@ -88,6 +88,8 @@ def variant_from_width(width: int, in_channels: int = 16, two_experts: bool = Fa
     image to video (Wan 2.1 I2V 14B, or Wan 2.2 I2V A14B with two experts)."""
     if in_channels == I2V_CHANNELS:
         return I2V_A14B if two_experts else I2V_14B
+    if in_channels == TI2V_CHANNELS:
+        return TI2V_5B
     if two_experts:
         return A14B
     return T2V_14B if width >= 5120 else T2V_13B
@@ -109,7 +111,13 @@ def variant_from_shapes(shapes: dict[str, Any], two_experts: bool = False) -> st
 
 
 def is_i2v(variant: str) -> bool:
+    """Conditioned on a start image through extra input channels (not TI2V-5B: see `expands_timesteps`)."""
     return variant in (I2V_14B, I2V_A14B)
+
+
+def expands_timesteps(variant: str) -> bool:
+    """Wan 2.2 TI2V-5B: a timestep per token, the start frame's latent kept clean (timestep 0)."""
+    return variant == TI2V_5B
 
 
 def expert_of_name(name: str) -> str:
@@ -154,6 +162,8 @@ def detect(base_model: str) -> str | None:
         return None
     lower = base_model.lower()
     if "wan" in lower:
+        if "ti2v" in lower:
+            return TI2V_5B
         if "i2v" in lower:
             return I2V_A14B if "a14b" in lower else I2V_14B
         return A14B if "a14b" in lower else T2V_14B if "14b" in lower else T2V_13B

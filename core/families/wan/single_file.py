@@ -11,12 +11,13 @@ from typing import Any
 import torch
 
 from core.families.dit.folders import fitting
+from core.model_info import safetensors_header
 from core.families.dit.single_files import assign_state, find_comfy_part, text_encoder_config, transformer_from_state
 from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, local_only,
                                        read_upcast, safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
 from core.families.wan.load import (BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, expert_note,
                                     expert_of_name, is_wan_keys, load_error, scheduler_config, strip_prefix,
-                                    tokenizer_from, variant_of_config)
+                                    tokenizer_from, variant_of_config, TI2V_CHANNELS)
 from core.family_api.contract import ModelLoadError
 
 _NOT_TRANSFORMER = ("vae.", "text_encoders.", "first_stage_model.", "conditioner.")
@@ -37,12 +38,19 @@ _PARTS = {"text_encoder": (("text_encoders", "clip"), ("umt5",),
           "vae": (("vae",), ("wan",), "wan_2.1_vae.safetensors in models/vae")}
 
 
-def find_part(models_root: Path | None, part: str, explicit: str = "") -> Path:
+def find_part(models_root: Path | None, part: str, explicit: str = "", *, wan22_vae: bool = False) -> Path:
     """UMT5 (text_encoders) or the Wan VAE (vae): given, or found in ComfyUI's folders (Wan 2.1's VAE before
-    Wan 2.2's: the 5B's 48-channel VAE fits only the 5B)."""
+    Wan 2.2's: the 5B's 48-channel VAE fits only the 5B, which, `wan22_vae`, takes it first)."""
     folders, words, hint = _PARTS[part]
+    if wan22_vae:
+        hint = "wan2.2_vae.safetensors (the TI2V-5B's VAE) in models/vae"
+
+    def rank(path: Path) -> int:
+        is_22 = "2.2" in path.name or "2_2" in path.name
+        return 0 if is_22 == wan22_vae else 1
+
     return find_comfy_part(models_root, part, explicit, folders=folders, words=words, needs=f"Wan needs {hint}",
-                           rank=lambda p: 0 if "2.2" not in p.name and "2_2" not in p.name else 1)
+                           rank=rank)
 
 
 def _shapes(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +132,11 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
                              "Give base_model as a diffusers folder, or use fp8_base with the single file.")
     root = comfy_models_root(path)
     te_file = find_part(root, "text_encoder", text_encoder)
-    vae_file = find_part(root, "vae", vae)
+    # The transformer's input channels say whether it is the TI2V-5B (48: its own VAE).
+    header = safetensors_header(path)
+    embedding = next((k for k in header if k.endswith("patch_embedding.weight")), None)
+    channels = int(header[embedding]["shape"][1]) if embedding else 16
+    vae_file = find_part(root, "vae", vae, wan22_vae=channels == TI2V_CHANNELS)
     named = expert_of_name(path.name)  # Wan 2.2 A14B: ComfyUI's high_noise / low_noise files
     sibling = path.with_name(re.sub("high_noise|low_noise", lambda m: {"high_noise": "low_noise",
                                                                       "low_noise": "high_noise"}[m[0]], path.name))

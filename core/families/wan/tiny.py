@@ -58,6 +58,18 @@ def tiny_wan_vae(seed: int = 0):
                             temperal_downsample=[False, True, True])
 
 
+def tiny_wan22_vae(seed: int = 0):
+    """Wan 2.2's VAE in small (diffusers' TI2V-5B test): 48 latent channels, residual, pixels patchified 2x2 (16x
+    spatial in all); its per-channel statistics not the identity, so normalising them is tested."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                            latents_mean=[0.01 * (i % 7) for i in range(48)],
+                            latents_std=[1.0 + 0.05 * (i % 5) for i in range(48)], dim_mult=[1, 1, 1, 1],
+                            num_res_blocks=1, scale_factor_spatial=16, temperal_downsample=[False, True, True])
+
+
 def tiny_umt5(seed: int = 5):
     """A 2-layer UMT5 encoder (per-layer relative attention, as UMT5-XXL) over the tiny T5 tokenizer's words."""
     from transformers import UMT5Config, UMT5EncoderModel
@@ -94,15 +106,19 @@ def native_transformer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def build_tiny_wan(root: Path, a14b: bool = False, i2v: bool = False) -> TinyWan:
+def build_tiny_wan(root: Path, a14b: bool = False, i2v: bool = False, ti2v: bool = False) -> TinyWan:
     """The tiny Wan 2.1 T2V; `a14b`: a tiny Wan 2.2 A14B (two experts split at boundary_ratio 0.875), whose ComfyUI
     files are wan2.2_t2v_high_noise_14B_fp16 / _low_noise_ (`comfy_transformer`: the high-noise one); `i2v`: the
     image-to-video one (36 input channels; without `a14b` Wan 2.1 I2V's CLIP image encoder too), saved as a
-    WanImageToVideoPipeline (ComfyUI: wan2.1_i2v_480p_14B_fp16 / wan2.2_i2v_high_noise_14B_fp16)."""
+    WanImageToVideoPipeline (ComfyUI: wan2.1_i2v_480p_14B_fp16 / wan2.2_i2v_high_noise_14B_fp16); `ti2v`: a tiny
+    Wan 2.2 TI2V-5B (48-channel VAE, expand_timesteps; ComfyUI: wan2.2_ti2v_5B_fp16 with wan2.2_vae beside the
+    Wan 2.1 VAE, which it must not take)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
     from safetensors.torch import save_file
 
     root = Path(root)
+    if ti2v:
+        return _build_tiny_ti2v(root)
     channels = dict(in_channels=36) if i2v else {}
     image = i2v and not a14b
     experts = dict(transformer_2=tiny_wan_transformer(seed=1, **channels), boundary_ratio=0.875) if a14b else {}
@@ -130,6 +146,36 @@ def build_tiny_wan(root: Path, a14b: bool = False, i2v: bool = False) -> TinyWan
     if a14b:
         files[transformer_file.with_name(name.replace("high_noise", "low_noise"))] = {
             f"model.diffusion_model.{k}": v for k, v in native_transformer_state(pipe.transformer_2.state_dict()).items()}
+    for path, state in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return TinyWan(folder, transformer_file, models)
+
+
+def _build_tiny_ti2v(root: Path) -> TinyWan:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=48, out_channels=48, text_dim=TEXT_WIDTH, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    pipe = WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=tiny_umt5(), vae=tiny_wan22_vae(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer,
+                       expand_timesteps=True)
+    folder = root / "tiny-wan2.2-ti2v-5b"
+    pipe.save_pretrained(folder)
+    models = root / "ComfyUI" / "models"
+    transformer_file = models / "diffusion_models" / "wan2.2_ti2v_5B_fp16.safetensors"
+    files = {
+        transformer_file: {f"model.diffusion_model.{k}": v
+                           for k, v in native_transformer_state(transformer.state_dict()).items()},
+        models / "text_encoders" / "umt5_xxl_fp16.safetensors":
+            {k: v.half() for k, v in pipe.text_encoder.state_dict().items()},
+        models / "vae" / "wan_2.1_vae.safetensors": dict(tiny_wan_vae().state_dict()),
+        models / "vae" / "wan2.2_vae.safetensors": dict(pipe.vae.state_dict()),
+    }
     for path, state in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))

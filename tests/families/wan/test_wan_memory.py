@@ -98,3 +98,31 @@ def test_the_i2v_14bs_fit_each_wan_preset_tier_at_the_t2v_14bs_width(hub):
         # values); Wan 2.2 I2V to the text alone
         assert extra * 2**30 == pytest.approx(40 * 2 * IMAGE_TOKENS * 5120 * 2 if "2.1" in hub else 0), (hub, name)
         assert parts["transformer weights"] >= t2v_parts["transformer weights"]
+
+
+def test_the_ti2v_5b_counts_its_real_shape_and_a_quarter_of_the_tokens_per_frame():
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from core.families.wan.memory import SHAPES, lora_params, video_tokens
+    from core.memory import estimate_memory
+    from core.model_info import detect_model
+    from core.presets import adapt_to_device, load_preset, loose_config, preset_info
+    from tests.test_presets import gpu
+
+    with torch.device("meta"):  # the real TI2V-5B transformer's config
+        real = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128,
+                                     in_channels=48, out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336,
+                                     num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+    model = detect_model("Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+    assert model.family == "wan2.2-ti2v-5b" and model.params == sum(p.numel() for p in real.parameters())
+    assert SHAPES[3072] == (3072, len(real.blocks), real.blocks[0].ffn.net[0].proj.out_features)
+    assert video_tokens(512, 17, 16) * 4 == video_tokens(512, 17, 8)
+    targets = [m for n, m in real.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")
+               and n.split(".", 2)[-1] in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
+                                           "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")]
+    assert lora_params(8, 3072) == sum(8 * (m.in_features + m.out_features) for m in targets)
+    for name in ("wan-24gb", "wan-16gb", "wan-12gb", "wan-8gb"):
+        card = gpu(f"{preset_info(name).memory_gb:g} GB", preset_info(name).memory_gb * 0.96)
+        values, _ = adapt_to_device(load_preset(name), card)
+        assert estimate_memory(loose_config(values), model, card).fits, name
