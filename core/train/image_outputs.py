@@ -77,8 +77,9 @@ def restore_weights(run: ImageRun, folder: Path) -> None:
     for index, (module, name) in enumerate(zip(adapted.modules, adapted.names)):
         path = folder / peft_file(name)
         if index > 0 and not path.is_file():
-            raise ValueError(f"{folder} has no text-encoder LoRA ({path.name}); it was saved by a run with "
-                             "train_text_encoder off. Resume with the same settings.")
+            raise ValueError(f"{folder} has no {name} LoRA ({path.name}); it was saved by a run that trained fewer "
+                             "modules (train_text_encoder off, or one expert of a two-expert model). Resume with the "
+                             "same settings.")
         if not path.is_file():
             raise ValueError(f"{folder} has no {name} LoRA ({path.name}); it was saved for another model family.")
         load_peft_state(module, load_file(str(path)), name)

@@ -171,3 +171,20 @@ def test_the_swap_keeps_only_the_called_experts_frozen_weights_on_the_gpu(monkey
     low(torch.zeros(2))
     high(torch.zeros(2))
     assert moves[1:] == [("high", "cpu"), ("low", "cuda"), ("low", "cpu"), ("high", "cuda")]
+
+
+def test_both_experts_train_with_the_inactive_one_waiting_in_cpu_memory(tiny_a14b, data, tmp_path, monkeypatch):
+    """The offload path end to end on the CPU (where "the GPU" is the CPU too): the low expert is left where it
+    was loaded, its frozen weights take the compute dtype there, the swap hooks run on every call."""
+    import core.families.wan.experts as experts
+
+    monkeypatch.setattr(experts, "offloading", lambda cfg: cfg.wan_offload_inactive_expert)
+    moves: list[str] = []
+    real_move = experts.move_frozen
+    monkeypatch.setattr(experts, "move_frozen", lambda m, device: (moves.append(str(device)), real_move(m, device)))
+    outputs, events = run_collect(tiny_run_config(tiny_a14b.folder, data, tmp_path / "swap", batch_size=1,
+                                                  max_train_steps=6, wan_expert="both",
+                                                  wan_offload_inactive_expert=True, sample_prompts=["a red thing"]))
+    logs = [e.message for e in events if e.kind == "log"]
+    assert any("inactive expert's frozen weights wait in CPU memory" in m for m in logs), logs
+    assert moves and Path(outputs["lora_low_noise"]).is_file() and any(e.kind == "sample" for e in events)
