@@ -15,7 +15,7 @@ from core.model_info import safetensors_header
 from core.families.dit.single_files import assign_state, find_comfy_part, text_encoder_config, transformer_from_state
 from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, local_only,
                                        read_upcast, safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
-from core.families.wan.load import (BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, expert_note,
+from core.families.wan.load import (BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, detect, expert_note,
                                     expert_of_name, is_wan_keys, load_error, scheduler_config, strip_prefix,
                                     tokenizer_from, variant_of_config, TI2V_CHANNELS)
 from core.family_api.contract import ModelLoadError
@@ -58,10 +58,16 @@ def _shapes(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str,
     q = state.get("blocks.0.attn1.to_q.weight")
     if q is None:
         return {}
-    return {"num_attention_heads": int(q.shape[0]) // int(config.get("attention_head_dim", 128)),
-            "num_layers": len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")}),
-            "ffn_dim": int(state["blocks.0.ffn.net.0.proj.weight"].shape[0]),
-            "in_channels": int(state["patch_embedding.weight"].shape[1])}
+    shapes = {"num_attention_heads": int(q.shape[0]) // int(config.get("attention_head_dim", 128)),
+              "num_layers": len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")}),
+              "ffn_dim": int(state["blocks.0.ffn.net.0.proj.weight"].shape[0]),
+              "in_channels": int(state["patch_embedding.weight"].shape[1]),
+              "out_channels": int(state["proj_out.weight"].shape[0]) // 4}  # (1, 2, 2) patches
+    image = state.get("condition_embedder.image_embedder.norm1.weight")  # Wan 2.1 I2V: CLIP features in
+    shapes.update(image_dim=int(image.shape[0]) if image is not None else None,
+                  added_kv_proj_dim=int(state["blocks.0.attn2.add_k_proj.weight"].shape[1])
+                  if "blocks.0.attn2.add_k_proj.weight" in state else None)
+    return shapes
 
 
 def load_transformer_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32) -> Any:
@@ -148,7 +154,10 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
         if named == "low":  # the high-noise file goes in `transformer`
             path, sibling = sibling, path
     expert = "both" if named and expert == "both" else named
-    transformer = load_transformer_file(path, config_source=config_source or HUB_CONFIGS["wan2.1-t2v-1.3b"],
+    # Without base_model_config: the hub repo of the variant the file's shapes and name say (an I2V file needs
+    # its own config: the image attention's sizes are not all in the file).
+    guessed = detect(str(path)) or "wan2.1-t2v-1.3b"
+    transformer = load_transformer_file(path, config_source=config_source or HUB_CONFIGS[guessed],
                                         dtype=dtype)
     variant = variant_of_config(transformer.config, bool(expert))
     source = config_source or HUB_CONFIGS[variant]

@@ -82,7 +82,11 @@ def tiny_umt5(seed: int = 5):
 
 
 # diffusers -> native (the inverse of diffusers' convert_wan_transformer_to_diffusers)
-_NATIVE = (("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+_NATIVE = (("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),  # Wan 2.1 I2V's CLIP projection
+           ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+           ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+           ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+           ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
            ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
            ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
            ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),

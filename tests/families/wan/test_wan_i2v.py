@@ -120,3 +120,19 @@ def test_wan22_i2v_a14b_trains_both_experts_from_comfyuis_file_and_writes_the_pa
     _loaded_deltas_match(WanImageToVideoPipeline, tiny_i2v_a14b.folder, outputs)
     _loaded_deltas_match(WanImageToVideoPipeline, tiny_i2v_a14b.folder,
                          {"lora": outputs["lora_low_noise"], "diffusers": outputs["diffusers_low_noise"]}, into_2=True)
+
+
+def test_an_i2v_file_builds_its_image_attention_from_its_own_shapes_even_with_a_t2v_config(tiny_i2v, tmp_path):
+    from diffusers import WanImageToVideoPipeline
+
+    from core.families.wan.single_file import load_transformer_file
+    from core.families.wan.tiny import build_tiny_wan
+
+    t2v = build_tiny_wan(tmp_path / "t2v")
+    loaded = load_transformer_file(tiny_i2v.comfy_transformer, config_source=str(t2v.folder))
+    assert (loaded.config.in_channels, loaded.config.image_dim, loaded.config.added_kv_proj_dim) == (36, 4, 24)
+    reference = WanImageToVideoPipeline.from_pretrained(str(tiny_i2v.folder)).transformer.state_dict()
+    state = loaded.state_dict()
+    assert set(state) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, msg=key)
