@@ -49,6 +49,10 @@ def test_i2v_models_are_recognised_from_their_folder_file_and_hub_name(tiny_i2v,
     assert detect(str(tiny_i2v_a14b.comfy_transformer)) == "wan2.2-i2v-a14b"
     assert detect("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers") == "wan2.1-i2v-14b"
     assert detect("Wan-AI/Wan2.2-I2V-A14B-Diffusers") == "wan2.2-i2v-a14b"
+    from core.model_info import detect_model  # what the app's lists and the memory line read
+
+    for tiny, name in ((tiny_i2v, "wan2.1-i2v-14b"), (tiny_i2v_a14b, "wan2.2-i2v-a14b")):
+        assert detect_model(str(tiny.folder)).family == detect_model(str(tiny.comfy_transformer)).family == name
 
 
 def test_the_condition_a_clip_trains_with_is_the_pipelines_for_its_first_frame(tiny_i2v):

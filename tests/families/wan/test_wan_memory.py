@@ -126,3 +126,18 @@ def test_the_ti2v_5b_counts_its_real_shape_and_a_quarter_of_the_tokens_per_frame
         card = gpu(f"{preset_info(name).memory_gb:g} GB", preset_info(name).memory_gb * 0.96)
         values, _ = adapt_to_device(load_preset(name), card)
         assert estimate_memory(loose_config(values), model, card).fits, name
+
+
+@pytest.mark.parametrize("hub, image", [("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", True),
+                                        ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", False)])
+def test_the_registry_counts_the_real_i2v_transformers(hub, image):
+    from diffusers import WanTransformer3DModel
+
+    from core.model_info import detect_model
+
+    extra = dict(image_dim=1280, added_kv_proj_dim=5120) if image else {}
+    with torch.device("meta"):  # the real I2V 14B transformers' configs (diffusers' folders)
+        real = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
+                                     in_channels=36, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824,
+                                     num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", **extra)
+    assert detect_model(hub).params == sum(p.numel() for p in real.parameters())
