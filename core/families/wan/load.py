@@ -291,6 +291,9 @@ def load_model(base_model: str, *, config_source: str = "", text_encoder: str = 
         if vae:
             model.vae = load_vae_file(find_part(None, "vae", vae), config_source=config_source or base_model)
             model.notes.append(f"VAE from {vae}")
+    if expert == "both" and model.expert != "both":
+        model.notes.append("wan_expert: both is for a Wan 2.2 A14B model (two experts); this one has one transformer, "
+                           "which trains as usual")
     if is_i2v(model.variant):
         from core.families.wan.i2v import mark_vae
 
