@@ -123,7 +123,6 @@ def test_both_experts_train_in_one_run_each_on_its_own_steps_and_write_a_pair_th
                                    atol=1e-5)
 
 
-@pytest.mark.slow
 def test_a_both_experts_run_stopped_and_resumed_equals_the_uninterrupted_run(tiny_a14b, data, tmp_path):
     from core.tools.convert import read_lora
     from tests.helpers import read_loss_csv
