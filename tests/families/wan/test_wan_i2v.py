@@ -110,6 +110,16 @@ def test_wan21_i2v_trains_on_clips_and_images_previews_from_the_first_frame_and_
     names = {n for n, m in WanImageToVideoPipeline.from_pretrained(str(tiny_i2v.folder)).transformer.named_modules()}
     assert any(n.endswith("attn2.add_k_proj") for n in names)
     assert any(float(layer.get_delta_weight("k").abs().max()) > 0 for layer in layers)
+    # ComfyUI applies every module of ours to a weight of its Wan I2V model, the image keys / values too
+    from safetensors import safe_open
+
+    from tests.families.comfy_keys import comfy_lora_key_map
+
+    with safe_open(outputs["lora"], "pt") as handle:
+        modules = {k.rsplit(".", 2)[0] for k in handle.keys() if k.endswith(".lora_down.weight")}
+    key_map = comfy_lora_key_map(tiny_i2v.comfy_transformer)
+    assert modules and all(m in key_map for m in modules), sorted(modules - set(key_map))[:3]
+    assert "diffusion_model.blocks.0.cross_attn.k_img" in modules
 
 
 def test_wan22_i2v_a14b_trains_both_experts_from_comfyuis_file_and_writes_the_pair(tiny_i2v_a14b, clips_and_images,
