@@ -38,6 +38,7 @@ from core.families.wan.text import encode_entries, prompt_identity, stack
 from core.family_api.registry import family_info
 
 PREVIEW_FPS = 16          # Wan's frame rate
+TI2V_FPS = 24             # Wan 2.2 TI2V-5B's (its model card: 720p at 24 fps)
 PREVIEW_MAX_FRAMES = 33   # previews: at most ~2 s, whatever video_frames is
 TEST_FRAMES = 17          # the Test tab's clips (1 s at 16 fps)
 SPATIAL, TEMPORAL, PATCH = 8, 4, 2
@@ -138,7 +139,8 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
             kwargs["negative_prompt_embeds"] = embeds([negative_prompt or ""]).to(device, dtype)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
             latents = pipe(**kwargs)[0]
-        clips.extend(clip_image(clip, PREVIEW_FPS) for clip in decode_clip(pipe.vae, latents))
+        fps = TI2V_FPS if getattr(pipe.config, "expand_timesteps", False) else PREVIEW_FPS
+        clips.extend(clip_image(clip, fps) for clip in decode_clip(pipe.vae, latents))
         free_memory()
     return clips
 

@@ -88,7 +88,7 @@ def test_the_ti2v_trains_from_comfyuis_file_with_its_own_vae_previews_from_a_sta
 
 
 def test_the_test_tab_draws_a_ti2v_clip_from_text_alone_or_from_a_start_image(tiny, tmp_path):
-    from core.sample import CLIP_FRAMES, clear_pipeline_cache, generate_images
+    from core.sample import CLIP_FPS, CLIP_FRAMES, clear_pipeline_cache, generate_images
 
     start = tmp_path / "start.png"
     Image.new("RGB", (40, 40), (20, 200, 30)).save(start)
@@ -96,6 +96,6 @@ def test_the_test_tab_draws_a_ti2v_clip_from_text_alone_or_from_a_start_image(ti
         for image in (None, str(start)):
             clip = generate_images(str(tiny.folder), None, ["a red thing"], steps=2, guidance=1.0, width=32,
                                    height=32, start_image=image)[0]
-            assert len(clip.info[CLIP_FRAMES]) == 17 and clip.size == (32, 32)
+            assert len(clip.info[CLIP_FRAMES]) == 17 and clip.size == (32, 32) and clip.info[CLIP_FPS] == 24
     finally:
         clear_pipeline_cache()
