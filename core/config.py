@@ -208,9 +208,14 @@ class TrainConfig:
     snr_gamma: float = _f(0.0, "Min-SNR weighting gamma (5 is usual; 0: off).", "model", minimum=0.0,
                           task="image")
     wan_expert: str = _f("high", "Wan 2.2 A14B: which of its two experts trains: high (`transformer`, the noisy "
-                         "steps above boundary_ratio) or low (`transformer_2`). ComfyUI's files name their expert "
-                         "(high_noise / low_noise) and win over this.", "model", choices=("high", "low"),
-                         task="image")
+                         "steps above boundary_ratio), low (`transformer_2`), or both in one run (each step runs the "
+                         "expert whose side of the boundary its drawn noise level is on; a LoRA file each). "
+                         "ComfyUI's files name their expert (high_noise / low_noise) and win over high / low.",
+                         "model", choices=("high", "low", "both"), task="image")
+    wan_offload_inactive_expert: bool = _f(False, "Wan 2.2 A14B with wan_expert: both: keep only the expert that "
+                                           "runs in GPU memory and the other's frozen weights in CPU memory "
+                                           "(musubi-tuner's offload_inactive_dit; slower: a swap when the expert "
+                                           "changes).", "model", task="image")
     base_model_config: str = _f("", "For a single-file checkpoint: a diffusers folder (or hub id) of the same "
                                 "family whose configs and tokenizer build it, to load offline. Empty: the "
                                 "family's standard hub repo (cached after the first online run).", "model",

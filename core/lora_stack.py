@@ -46,6 +46,21 @@ def active(loras: Sequence[LoraSpec]) -> list[tuple[str, float]]:
     return [(str(path), float(weight)) for path, weight in loras if path and float(weight) != 0.0]
 
 
+def expert_target(pipe: Any, path: str) -> dict[str, bool]:
+    """Where a file goes on a pipeline of two experts (Wan 2.2 A14B: `transformer` high noise, `transformer_2`
+    low noise): a low-noise expert's file, by its name (`_low_noise`) or metadata (`ss_wan_expert`), onto
+    `transformer_2` (diffusers' `load_into_transformer_2`); any other file onto `transformer`."""
+    if getattr(pipe, "transformer_2", None) is None:
+        return {}
+    low = "low_noise" in Path(path).name.lower()
+    if not low and str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            low = (handle.metadata() or {}).get("ss_wan_expert") == "low_noise"
+    return {"load_into_transformer_2": True} if low else {}
+
+
 def components(pipe: Any) -> list[str]:
     """The pipeline's parts a LoRA can change that are loaded ("unet", "text_encoder", ...)."""
     return [name for name in getattr(pipe, "_lora_loadable_modules", []) if getattr(pipe, name, None) is not None]
@@ -146,7 +161,7 @@ def _applied(pipe: Any, loras: Sequence[LoraSpec], *, fuse: bool = True) -> Iter
     saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     try:
         for name, (path, _) in zip(names, specs):
-            pipe.load_lora_weights(path, adapter_name=name)
+            pipe.load_lora_weights(path, adapter_name=name, **expert_target(pipe, path))
             loaded.append(name)
         if loaded:
             pipe.set_adapters(names, adapter_weights=[weight for _, weight in specs])

@@ -157,8 +157,10 @@ def drawing(base_model: str, loras: Sequence[LoraSpec] = (), *, fuse: bool | Non
     def draw(prompts: Sequence[str], *, seed: int = 1234, steps: int = 20, guidance: float = 7.0,
              negative_prompt: str = "", width: int | None = None, height: int | None = None,
              interrupted: Callable[[], bool] | None = None,
-             references: Sequence[str | Path] = ()) -> list[Image.Image]:
+             references: Sequence[str | Path] = (),
+             start_image: str | Path | Image.Image | None = None) -> list[Image.Image]:
         extra = {"control": reference_images(family, model, references)} if references else {}
+        extra.update(start_image_argument(family.name_of(model), start_image))
         try:
             with interruptible(pipe, interrupted):
                 return family.generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
@@ -187,6 +189,27 @@ def reference_images(family: Any, model: Any, references: Sequence[str | Path]) 
         raise ValueError(f"{info.label} makes images from text alone; remove the reference images, or pick an edit "
                          "model (Qwen-Image-Edit-2509 / 2511, FLUX.2 klein, FLUX.1 Kontext).")
     return [load_rgb(Path(p)) for p in list(references)[:most]]
+
+
+def start_image_argument(family_name: str, start_image: str | Path | Image.Image | None) -> dict[str, Any]:
+    """An image-to-video model's `start_image` for its `generate` (a picture): needed by an I2V model, optional
+    for a text-or-image one (TI2V), refused by the others."""
+    from core.family_api.registry import family_info
+
+    takes = family_info(family_name).start_image
+    if start_image is None or start_image == "":
+        if takes == "needed":
+            raise ValueError(f"{family_info(family_name).label} makes a clip from a start image: choose one "
+                             "(Start image).")
+        return {}
+    if not takes:
+        raise ValueError(f"{family_info(family_name).label} takes no start image (only image-to-video models "
+                         "do): clear the Start image.")
+    if isinstance(start_image, Image.Image):
+        return {"start_image": start_image}
+    from core.data.image_io import load_rgb
+
+    return {"start_image": load_rgb(Path(start_image))}
 
 
 @contextmanager
@@ -223,11 +246,13 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
                     steps: int = 20, guidance: float = 7.0, negative_prompt: str = "", width: int | None = None,
                     height: int | None = None, allow_pickle: bool = False, model_config: str = "",
                     device: str | torch.device | None = None, interrupted: Callable[[], bool] | None = None,
-                    references: Sequence[str | Path] = ()) -> list[Image.Image]:
+                    references: Sequence[str | Path] = (),
+                    start_image: str | Path | Image.Image | None = None) -> list[Image.Image]:
     """Images for `prompts` from `base_model` with LoRAs applied together, each at its weight.
 
     `loras=[(file, weight), ...]` (WebUI's `<lora:a:0.8> <lora:b:0.5>`), or the single `lora_path` at
-    `weight`; none, or all at weight 0: the base alone. `fuse`: see `drawing`, which draws many images
+    `weight`; none, or all at weight 0: the base alone. `start_image`: an image-to-video model's first frame
+    (a file or picture; needed there, refused elsewhere). `fuse`: see `drawing`, which draws many images
     with the LoRAs loaded once. `interrupted`: polled while drawing; true ends the denoising early
     (`interruptible`), so the caller must drop the unfinished image. `references`: image files an edit model
     edits (several for Qwen-Image-Edit-2509 / 2511 and FLUX.2 klein; `reference_images`).
@@ -236,7 +261,8 @@ def generate_images(base_model: str, lora_path: str | Path | None, prompts: Sequ
     with drawing(base_model, specs, fuse=fuse, allow_pickle=allow_pickle, model_config=model_config,
                  device=device) as draw:
         return draw(prompts, seed=seed, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
-                    width=width, height=height, interrupted=interrupted, references=references)
+                    width=width, height=height, interrupted=interrupted, references=references,
+                    start_image=start_image)
 
 
 def clip_strip(image: Image.Image) -> Image.Image:

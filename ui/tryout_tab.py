@@ -95,13 +95,53 @@ def family_notes(base_model: str, *lora_texts: str) -> str:
 
 
 def lora_args(loras: list[tuple[str, float]], base_text: str) -> list[tuple[str, float]]:
-    """(file, weight) for each chosen LoRA, each checked: it exists and fits the base model's family."""
+    """(file, weight) for each chosen LoRA, each checked: it exists and fits the base model's family; on a model
+    of two experts (Wan 2.2 A14B) a run's high-noise file brings its low-noise pair at the same weight."""
     checked = []
     for text, weight in loras:
         path = existing_arg(text, file_only=True)
         check_family(text, base_text)
         checked.append((str(path), weight))
-    return checked
+    return with_expert_pairs(checked, base_text)
+
+
+def with_expert_pairs(loras: list[tuple[str, float]], base_text: str) -> list[tuple[str, float]]:
+    """The chosen files, and for each `<name>_high_noise.safetensors` on a two-expert model its
+    `<name>_low_noise.safetensors` beside it (the run's pair), unless that is chosen too. Core puts each
+    file on its expert (core.lora_stack.expert_target)."""
+    highs = [(path, weight) for path, weight in loras if Path(path).stem.endswith("_high_noise")]
+    if not highs or not base_text or not two_experts(base_text):
+        return loras
+    chosen = {Path(path).resolve() for path, _ in loras}
+    pairs = []
+    for path, weight in highs:
+        low = Path(path).with_name(Path(path).name.replace("_high_noise", "_low_noise"))
+        if low.is_file() and low.resolve() not in chosen:
+            pairs.append((str(low), weight))
+    return loras + pairs
+
+
+def two_experts(base_text: str) -> bool:
+    """A Wan 2.2 A14B base model (high- and low-noise experts)."""
+    from core.family_api.registry import family_info
+
+    try:
+        family = detect_model(str(state.resolve_user_path(base_text)), "image-generation").family
+        return family_info(family).two_experts
+    except Exception:  # noqa: BLE001 - an unknown model has one network
+        return False
+
+
+def pair_of(path: str, base_text: str, others: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """A compared high-noise file's low-noise pair, at weight 1 in every cell (the high one is swept)."""
+    return with_expert_pairs([(path, 1.0), *others], base_text)[1 + len(others):]
+
+
+def split_more(more: tuple[Any, ...]) -> tuple[tuple[Any, ...], str | None]:
+    """(the extra LoRA rows' lora2, weight2, ..., the start image or None) of a handler's trailing inputs."""
+    rows = more[:2 * EXTRA_LORAS]
+    start = more[2 * EXTRA_LORAS] if len(more) > 2 * EXTRA_LORAS else None
+    return rows, (str(start) if start else None)
 
 
 def compare_files(lora_path: str, with_checkpoints: bool) -> list[Path]:
@@ -187,8 +227,10 @@ def generate(base_text: str, lora_text: str, prompt_text: str, negative_text: st
              steps: float, guidance: float, size: float, count: float = 1, *more: Any,
              references: list[str] | None = None) -> tuple[Any, str]:
     """(cleared image, message): `count` images with the chosen LoRAs at their weights (or from the base
-    model alone), as a job. `more`: the extra rows' LoRA and weight, lora2, weight2, ... `references`: the
-    images an edit model edits (Qwen-Image-Edit-2509 / 2511 and FLUX.2 klein read several, in order)."""
+    model alone), as a job. `more`: the extra rows' LoRA and weight, lora2, weight2, ..., then the start image
+    of an image-to-video model. `references`: the images an edit model edits (Qwen-Image-Edit-2509 / 2511 and
+    FLUX.2 klein read several, in order)."""
+    more, start = split_more(more)
     loras = chosen_loras(lora_text, weight, *more)
     try:
         ensure_device_free()
@@ -203,7 +245,7 @@ def generate(base_text: str, lora_text: str, prompt_text: str, negative_text: st
     target = generate_target(base_arg, lora_list, prompt_text or "",
                              generated_paths(loras[0][0] if loras else "", number), seed=int(seed or 0),
                              steps=int(steps or 20), guidance=float(guidance or 0),
-                             negative_prompt=negative_text or "", width=side, height=side,
+                             negative_prompt=negative_text or "", width=side, height=side, start_image=start,
                              **({"references": list(references)} if references else {}))
     refused = start_job(target, "generate", webui_prompt(loras) if loras else "base model")
     return None, refused or f"Generating {number} image(s) …"
@@ -212,7 +254,9 @@ def generate(base_text: str, lora_text: str, prompt_text: str, negative_text: st
 def compare(base_text: str, lora_text: str, prompt_text: str, negative_text: str, seed: float, steps: float,
             guidance: float, size: float, with_checkpoints: bool, *more: Any) -> tuple[Any, str]:
     """(cleared grid, message): the first LoRA (and its checkpoints) at each compare weight, as a job;
-    the LoRAs of the extra rows (`more`: lora2, weight2, ...) stay at their weights in every cell."""
+    the LoRAs of the extra rows (`more`: lora2, weight2, ..., then the start image) stay at their weights in
+    every cell; a high-noise file of a Wan 2.2 A14B run brings its low-noise pair into each cell."""
+    more, start = split_more(more)
     others = chosen_loras(*more)
     try:
         ensure_device_free()
@@ -231,7 +275,8 @@ def compare(base_text: str, lora_text: str, prompt_text: str, negative_text: str
     out = grid_path(lora_text)
     target = compare_target(base_arg, [str(f) for f in files], prompt_text or "", out, weights=COMPARE_WEIGHTS,
                             seed=int(seed or 0), steps=int(steps or 20), guidance=float(guidance or 0),
-                            negative_prompt=negative_text or "", width=side, height=side, others=fixed)
+                            negative_prompt=negative_text or "", width=side, height=side,
+                            others=fixed + pair_of(str(lora_arg), base_text, fixed), start_image=start)
     refused = start_job(target, "compare", Path(lora_text).name)
     if refused:
         return None, refused
@@ -405,6 +450,9 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
                     extra.append(gr.Slider(0.0, 1.5, value=DEFAULT_WEIGHT, step=0.05, scale=2,
                                            label=f"LoRA {row} weight", elem_id=f"test-weight-{row}"))
         family = gr.Markdown("", elem_id="test-family")
+        with gr.Accordion("Start image (image-to-video models: Wan I2V)", open=False, elem_id="test-start"):
+            start = gr.Image(label="Start image: the clip's first frame", type="filepath", height=200,
+                             elem_id="test-start-image")
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="test-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="test-negative")
         references = gr.File(label="Reference images to edit, in order (edit models: Qwen-Image-Edit-2509 / 2511 "
@@ -462,10 +510,11 @@ def create_tryout_tab(train: dict[str, Any] | None = None) -> dict[str, Any]:
     memo = gr.State({})
     timer = gr.Timer(POLL_SECONDS)
     # Generate and Compare only start a job (the page polls it), so a long grid never holds a request.
+    # The start image goes last, after the extra LoRA rows (`split_more`).
     generate_btn.click(generate_with_references,
-                       [base, lora, prompt, negative, weight, seed, steps, guidance, size, count, references, *extra],
-                       [image_out, image_message])
-    compare_btn.click(compare, [base, lora, prompt, negative, seed, steps, guidance, size, with_ckpts, *extra],
+                       [base, lora, prompt, negative, weight, seed, steps, guidance, size, count, references, *extra,
+                        start], [image_out, image_message])
+    compare_btn.click(compare, [base, lora, prompt, negative, seed, steps, guidance, size, with_ckpts, *extra, start],
                       [grid_out, image_message])
     stop_btn.click(stop_tryout, None, image_message)
     timer.tick(poll, memo, [progress, image_out, grid_out, image_message, memo], show_progress="hidden")

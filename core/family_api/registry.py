@@ -95,6 +95,15 @@ class FamilyInfo:
     # Trains on video: clips of the data set train as [C, F, h, w] latents (images as one frame), the buckets
     # add the frame count, the previews are short clips. False: clips are left out (animated GIFs: first frame).
     video: bool = False
+    # Image-to-video: the model starts from an image (the Test tab takes one; a run conditions each clip on its
+    # first frame and previews start from the first item's); "optional": it makes clips from text alone too.
+    # `image_prompt`: the prompt's encoding includes the item's own first frame too (Wan 2.1 I2V's CLIP vision),
+    # so the run keys the prompt cache per item.
+    start_image: str = ""  # "needed" (I2V), "optional" (TI2V: text or image to video) or "" (none taken)
+    image_prompt: bool = False
+    # Two experts split by noise level (Wan 2.2 A14B: `transformer` high noise, `transformer_2` low): a LoRA file
+    # is one expert's, and the Test tab puts each on its own.
+    two_experts: bool = False
 
     @property
     def is_flow_matching(self) -> bool:
@@ -124,6 +133,9 @@ SD35_MEDIUM, SD35_LARGE, CLIP_L_PROJ, CLIP_G_PROJ = 2_243_171_520, 8_056_627_520
 SD3_ENCODERS = CLIP_L_PROJ + CLIP_G_PROJ + T5_XXL_ENCODER + FLUX_AE
 # Wan 2.1 T2V 1.3B and 14B (WanTransformer3DModel), UMT5-XXL's encoder, the Wan VAE (the one Qwen-Image uses).
 WAN21_13B, WAN21_14B, UMT5_XXL, WAN_VAE = 1_418_996_800, 14_288_491_584, 5_680_910_336, QWEN_IMAGE_VAE
+# The I2V transformers (counted on the meta device): Wan 2.1's adds the CLIP image projection and k_img / v_img.
+WAN21_I2V, WAN22_I2V, CLIP_H_VISION = 16_394_878_784, 14_288_901_184, 630_766_080
+WAN22_5B, WAN22_VAE = 4_999_787_712, 704_688_668  # Wan 2.2 TI2V-5B and its 48-channel VAE (meta device)
 Z_IMAGE, QWEN3_4B = 6_154_908_736, 4_022_468_096  # ZImageTransformer2DModel; Qwen3Model (no LM head)
 # FLUX.2 (Flux2Transformer2DModel on the meta device): klein 4B / 9B and dev; Qwen3-8B (Qwen3Model), Mistral-Small
 # 3.1's language model (MistralModel), the 32-channel AutoencoderKLFlux2.
@@ -283,28 +295,50 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
                width=2432, config_groups=("flow",), resolution_floor=512,
                memory_parts="core.families.sd3.memory:sd3_parts", name_words=("sd3.5_large", "sd3.5-large",
                                                                                "stable-diffusion-3.5-large")),
-    # Wan 2.1 text-to-video: the 1.3B (width 1536) and the 14B (5120) share every name; the width tells them apart
-    # (core.families.wan.load.variant_from_shapes). Video: clips train as [16, F, h, w] latents, previews are clips.
+    # Wan 2.1 / 2.2: the 1.3B (width 1536) and the 14B (5120) share every name; the width tells them apart, the
+    # input channels (36) an image-to-video one (core.families.wan.load.variant_from_shapes). Video: clips train as
+    # [16, F, h, w] latents, previews are clips.
     # native_resolution: the square of the same area as 832x480 (1.3B) and 1280x720 (14B), in 64s.
-    *(FamilyInfo(name, label, "dit", native, "wan", version, name, (), ("text_encoder",), "WanPipeline",
-                 repo, params, UMT5_XXL + WAN_VAE, sample_size_floor=0, default_timestep_sampling="shift",
+    *(FamilyInfo(name, label, "dit", native, "wan", version, name, (), ("text_encoder",), pipeline,
+                 repo, params, UMT5_XXL + (WAN22_VAE if name == "wan2.2-ti2v-5b" else WAN_VAE)
+                 + (CLIP_H_VISION if image_prompt else 0), sample_size_floor=0,
+                 default_timestep_sampling="shift",
                  modelspec_implementation="https://github.com/Wan-Video/Wan2.1", impl="core.families.wan.family",
                  width=width, config_groups=("flow",), resolution_floor=256, video=True,
+                 start_image="needed" if pipeline == "WanImageToVideoPipeline" else
+                 "optional" if name == "wan2.2-ti2v-5b" else "", image_prompt=image_prompt,
+                 two_experts="a14b" in name,
                  memory_parts="core.families.wan.memory:wan_parts",
-                 diffusers_class_names=("WanPipeline", "WanTransformer3DModel"),
+                 diffusers_class_names=(pipeline, "WanTransformer3DModel"),
                  single_file_markers=("blocks.0.cross_attn.q.weight", "blocks.0.attn2.to_q.weight"),
                  name_words=words, lora_key_markers=(
                      r"^(lora_unet_|diffusion_model\.)?blocks[._]\d+[._](self_attn|cross_attn)[._][qkvo]\b",
                      r"^(lora_unet_|diffusion_model\.)?blocks[._]\d+[._]ffn[._][02]\b",
                      r"^transformer\.blocks\.\d+\.(attn1|attn2)\.to_"))
-      for name, label, version, repo, params, width, native, words in (
+      for name, label, version, repo, params, width, native, words, pipeline, image_prompt in (
           ("wan2.1-t2v-1.3b", "Wan 2.1 T2V 1.3B", "wan2.1_t2v_1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", WAN21_13B,
-           1536, 640, ("wan2.1", "wan2_1", "wan-2.1", "wan21", "wan-ai/")),
+           1536, 640, ("wan2.1", "wan2_1", "wan-2.1", "wan21", "wan-ai/"), "WanPipeline", False),
           ("wan2.1-t2v-14b", "Wan 2.1 T2V 14B", "wan2.1_t2v_14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", WAN21_14B,
-           5120, 960, ("wan2.1-t2v-14b", "wan2.1_t2v_14b", "wan2_1_t2v_14b", "t2v-14b", "t2v_14b")),
-          # Wan 2.2 A14B: two 14B experts (one trains at a time, `wan_expert`); trained_params is one of them.
+           5120, 960, ("wan2.1-t2v-14b", "wan2.1_t2v_14b", "wan2_1_t2v_14b", "t2v-14b", "t2v_14b"), "WanPipeline",
+           False),
+          # Wan 2.2 A14B: two 14B experts (one or both train, `wan_expert`); trained_params is one of them.
           ("wan2.2-t2v-a14b", "Wan 2.2 T2V A14B", "wan2.2_t2v_a14b", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", WAN21_14B,
-           5120, 960, ("wan2.2-t2v-a14b", "wan2.2_t2v_a14b", "wan2.2", "wan2_2", "high_noise", "low_noise")))),
+           5120, 960, ("wan2.2-t2v-a14b", "wan2.2_t2v_a14b", "wan2.2", "wan2_2", "high_noise", "low_noise"),
+           "WanPipeline", False),
+          # Image-to-video (36 input channels: the noisy latents, the first-frame mask and condition latents);
+          # Wan 2.1's also attends to the start image's CLIP ViT-H features (`image_dim`).
+          ("wan2.1-i2v-14b", "Wan 2.1 I2V 14B", "wan2.1_i2v_14b", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", WAN21_I2V,
+           5120, 640, ("wan2.1-i2v-14b", "wan2.1_i2v_14b", "wan2_1_i2v_14b", "i2v-14b", "i2v_14b", "wan2.1_i2v",
+                       "wan2.1-i2v", "wan2_1_i2v"),
+           "WanImageToVideoPipeline", True),
+          ("wan2.2-i2v-a14b", "Wan 2.2 I2V A14B", "wan2.2_i2v_a14b", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", WAN22_I2V,
+           5120, 960, ("wan2.2-i2v-a14b", "wan2.2_i2v_a14b", "i2v-a14b", "i2v_a14b", "i2v_high_noise",
+                       "i2v_low_noise", "wan2.2_i2v", "wan2.2-i2v", "wan2_2_i2v"), "WanImageToVideoPipeline", False),
+          # Wan 2.2 TI2V-5B: text or image to video with its own VAE (48 channels, 16x spatial); a clip's first
+          # latent frame stays clean, timesteps per token (the pipelines' expand_timesteps).
+          ("wan2.2-ti2v-5b", "Wan 2.2 TI2V 5B", "wan2.2_ti2v_5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", WAN22_5B,
+           3072, 960, ("wan2.2-ti2v-5b", "wan2.2_ti2v_5b", "ti2v-5b", "ti2v_5b", "wan2_2_ti2v"), "WanPipeline",
+           False))),
     # Z-Image: Turbo and base share every shape; the name tells them apart (the longest name word wins).
     *(FamilyInfo(name, label, "dit", 1024, "z-image", version, "Z-Image", (), ("text_encoder",), "ZImagePipeline",
                  repo, Z_IMAGE, QWEN3_4B + FLUX_AE, sample_size_floor=512, default_timestep_sampling="shift",

@@ -67,6 +67,7 @@ class ImageRun:
     reference_latents: dict[int, list[CachedImage]] | None = None
     needs_control: bool = False  # the family trains on (control, target, caption) triples
     max_references: int = 0  # the family takes up to this many references per target, plain images too
+    image_prompt: bool = False  # the prompt encoding includes the item's start image (Wan 2.1 I2V: CLIP vision)
     video: bool = False  # the family trains on video: latents [C, F, h, w], buckets (width, height, frames)
     text_cache: Any = None  # captions -> their batched conditioning, when the prompts were encoded once
     weight_dtype: torch.dtype = torch.float32
@@ -168,6 +169,7 @@ class ImageRun:
             module.requires_grad_(False)
         self.needs_control = info.needs_control
         self.max_references = info.max_references
+        self.image_prompt = info.image_prompt
         if self.needs_control:
             self._keep_pairs(info.label)
         elif self.max_references:
@@ -308,7 +310,11 @@ class ImageRun:
 
     def prompt_key(self, caption: str, index: int) -> Any:
         """What the family's prompt encoding is keyed by: the caption, or (caption, reference paths ...) for a
-        target with references ((caption, control path) for a one-control family)."""
+        target with references ((caption, control path) for a one-control family), or (caption, path, first frame:
+        -1 for an image) where the encoding includes the item's own start image (`image_prompt`)."""
+        if self.image_prompt:
+            item = self.items[index]
+            return caption, str(item.path), item.frames[0] if item.frames else -1
         refs = self.references_of(index)
         return (caption, *(str(p) for p in refs)) if refs else caption
 
@@ -323,7 +329,8 @@ class ImageRun:
             return
         captions = [self.prompt_key(i.caption, n) for n, i in enumerate(self.items)]
         if cfg.caption_dropout > 0:
-            captions += [self.prompt_key("", n) for n in range(len(self.items))] if self.takes_references else [""]
+            per_item = self.takes_references or self.image_prompt
+            captions += [self.prompt_key("", n) for n in range(len(self.items))] if per_item else [""]
         self.log(f"Encoding {len(set(captions))} caption(s) once")
         # Rank 0 writes any disk cache first; the others then read it.
         with self.accelerator.main_process_first():

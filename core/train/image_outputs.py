@@ -77,8 +77,9 @@ def restore_weights(run: ImageRun, folder: Path) -> None:
     for index, (module, name) in enumerate(zip(adapted.modules, adapted.names)):
         path = folder / peft_file(name)
         if index > 0 and not path.is_file():
-            raise ValueError(f"{folder} has no text-encoder LoRA ({path.name}); it was saved by a run with "
-                             "train_text_encoder off. Resume with the same settings.")
+            raise ValueError(f"{folder} has no {name} LoRA ({path.name}); it was saved by a run that trained fewer "
+                             "modules (train_text_encoder off, or one expert of a two-expert model). Resume with the "
+                             "same settings.")
         if not path.is_file():
             raise ValueError(f"{folder} has no {name} LoRA ({path.name}); it was saved for another model family.")
         load_peft_state(module, load_file(str(path)), name)
@@ -210,6 +211,8 @@ def finish(run: ImageRun, state: checkpoints.TrainState, result: LoopResult) -> 
     if run.main:
         outputs = {"output_dir": str(run.out), "lora": paths["kohya"], "diffusers": paths.get("diffusers", ""),
                    "config": str(run.out / "config.yaml"), "loss_csv": str(run.out / "loss.csv")}
+        # A family's further files (a Wan 2.2 A14B run of both experts: the low-noise pair), under their own keys.
+        outputs.update({k: v for k, v in paths.items() if k not in ("kohya", "diffusers")})
         if checkpoint is not None:
             outputs["checkpoint"] = str(checkpoint)
     if cfg.sample_prompts and not stopped:

@@ -15,6 +15,7 @@ which the previews row shows as the thumbnail and core.sample.save_image writes 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,20 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.dit.common import first_text_encoder_file
+from core.families.dit import default
 from core.families.dit.default import (TransformerSpec, fixed_targets, flow_scheduler, lazy, place_for_tryout,
-                                       transformer_family)
-from core.families.dit.video_vae import denormalize_latents, normalize_latents
+                                       sample_settings, transformer_family)
+from core.families.wan import experts
+from core.families.wan.experts import trains_both
+from core.families.wan.i2v import condition_moments, normalize_condition_latents
+from core.families.wan.load import expands_timesteps, is_i2v
+from core.families.dit.video_vae import denormalize_latents
 from core.families.wan.loss import make_loss, wan_shift
 from core.families.wan.text import encode_entries, prompt_identity, stack
 from core.family_api.registry import family_info
 
 PREVIEW_FPS = 16          # Wan's frame rate
+TI2V_FPS = 24             # Wan 2.2 TI2V-5B's (its model card: 720p at 24 fps)
 PREVIEW_MAX_FRAMES = 33   # previews: at most ~2 s, whatever video_frames is
 TEST_FRAMES = 17          # the Test tab's clips (1 s at 16 fps)
 SPATIAL, TEMPORAL, PATCH = 8, 4, 2
@@ -59,24 +66,30 @@ def write_kohya(model: Any, state: dict[str, torch.Tensor], path: Path, **kwargs
 # --- previews and the Test tab ----------------------------------------------------------------------
 
 def build_pipeline(model: Any, transformer: Any | None = None) -> Any:
-    """WanPipeline with `transformer` (default: the model's) as the trained network; a Wan 2.2 A14B model's other
-    expert takes its side of boundary_ratio (without it, the trained expert runs every step)."""
-    from diffusers import WanPipeline
+    """WanPipeline (an I2V model: WanImageToVideoPipeline, with its image encoder) with `transformer` (default: the
+    model's) as the trained network; a Wan 2.2 A14B model's other expert takes its side of boundary_ratio
+    (without it, the trained expert runs every step)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
     network = model.transformer if transformer is None else transformer
     experts: dict[str, Any] = {"transformer": network}
     if model.expert and model.other_expert is not None:
-        high, low = (network, model.other_expert) if model.expert == "high" else (model.other_expert, network)
+        high, low = (model.other_expert, network) if model.expert == "low" else (network, model.other_expert)
         experts = {"transformer": high, "transformer_2": low, "boundary_ratio": model.boundary_ratio}
-    pipe = WanPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
-                       scheduler=flow_scheduler(model), **experts)
+    if is_i2v(model.variant):
+        experts.update(image_encoder=model.image_encoder, image_processor=model.image_processor)
+    if expands_timesteps(model.variant):
+        experts["expand_timesteps"] = True
+    pipeline = WanImageToVideoPipeline if is_i2v(model.variant) else WanPipeline
+    pipe = pipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
+                    scheduler=flow_scheduler(model), **experts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def clip_size(resolution: int, variant: str) -> tuple[int, int]:
-    """A square side in whole latent patches (16 px), not below the family's floor."""
-    step = SPATIAL * PATCH
+def clip_size(resolution: int, variant: str, spatial: int = SPATIAL) -> tuple[int, int]:
+    """A square side in whole latent patches (16 px; 32 px with TI2V-5B's 16x VAE), not below the family's floor."""
+    step = spatial * PATCH
     side = max(step, max(resolution, family_info(variant).sample_size_floor) // step * step)
     return side, side
 
@@ -95,10 +108,11 @@ def decode_clip(vae: Any, latents: torch.Tensor) -> list[list[Image.Image]]:
 def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
              negative_prompt: str = "", width: int, height: int,
              embeds: Callable[[list[str]], Any] | None = None, dtype: torch.dtype = torch.float32,
-             frames: int = TEST_FRAMES) -> list[Image.Image]:
+             frames: int = TEST_FRAMES, start_image: Image.Image | None = None) -> list[Image.Image]:
     """One clip per prompt from the same seed, each as its first frame carrying all frames (core.sample.clip_image).
 
-    `embeds`: cached UMT5 encodings instead of the encoder; guidance > 1 runs the negative prompt too (CFG).
+    `embeds`: cached UMT5 encodings instead of the encoder; guidance > 1 runs the negative prompt too (CFG);
+    `start_image`: an I2V pipeline's first frame (resized to the clip's size by the pipeline).
     """
     from core.devices import free_memory
     from core.sample import clip_image
@@ -109,6 +123,15 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
         kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                                       num_frames=frames, output_type="latent", return_dict=False,
                                       generator=torch.Generator(device="cpu").manual_seed(seed))
+        if start_image is not None and getattr(pipe.config, "expand_timesteps", False) and \
+                type(pipe).__name__ == "WanPipeline":
+            pipe = image_to_video(pipe)  # TI2V-5B from a start image: the I2V pipeline over the same modules
+        if type(pipe).__name__ == "WanImageToVideoPipeline":
+            if start_image is None:
+                raise ValueError("An image-to-video Wan starts from an image: give a start image.")
+            kwargs["image"] = start_image.convert("RGB")
+            # diffusers 0.42's I2V prompt cleaning needs ftfy (T2V's does not): the same encoding, ours
+            embeds = embeds or partial(own_encoding, pipe)
         if embeds is None:
             kwargs.update(prompt=prompt, negative_prompt=negative_prompt or "")
         else:
@@ -116,29 +139,70 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
             kwargs["negative_prompt_embeds"] = embeds([negative_prompt or ""]).to(device, dtype)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
             latents = pipe(**kwargs)[0]
-        clips.extend(clip_image(clip, PREVIEW_FPS) for clip in decode_clip(pipe.vae, latents))
+        fps = TI2V_FPS if getattr(pipe.config, "expand_timesteps", False) else PREVIEW_FPS
+        clips.extend(clip_image(clip, fps) for clip in decode_clip(pipe.vae, latents))
         free_memory()
     return clips
+
+
+def image_to_video(pipe: Any) -> Any:
+    """A TI2V-5B WanPipeline's modules as WanImageToVideoPipeline (expand_timesteps: the start frame kept clean)."""
+    from diffusers import WanImageToVideoPipeline
+
+    i2v = WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                  scheduler=pipe.scheduler, transformer=pipe.transformer, expand_timesteps=True)
+    i2v.set_progress_bar_config(disable=True)
+    return i2v
+
+
+def own_encoding(pipe: Any, prompts: list[str]) -> torch.Tensor:
+    """The pipeline's prompt encoding (UMT5, 512 tokens, zeros after the real ones) by core.families.wan.text."""
+    from core.families.wan.text import encode_prompts, pad
+
+    return pad(encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts))
 
 
 def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              cached: Any) -> list[Image.Image]:
     from core.sample import move
 
-    width, height = clip_size(cfg.resolution, model.variant)
+    spatial = getattr(model.vae.config, "scale_factor_spatial", SPATIAL)
+    width, height = clip_size(cfg.resolution, model.variant, spatial)
     frames = min(cfg.video_frames, PREVIEW_MAX_FRAMES)
+    if is_i2v(model.variant) or expands_timesteps(model.variant):
+        settings = dict(sample_settings(cfg), start_image=preview_start_image(model, cfg))
+    else:
+        settings = sample_settings(cfg)
+    if trains_both(model):  # both experts train: they are where the run keeps them (core.families.wan.experts)
+        low, was_training = model.other_expert, model.other_expert.training
+        low.eval()  # the run puts only `transformer` in eval mode for its previews
+        try:
+            return generate(build_pipeline(model, transformer), cfg.sample_prompts, **settings, width=width,
+                            height=height, embeds=cached, dtype=dtype, frames=frames)
+        finally:
+            low.train(was_training)
     other = model.other_expert if _room_for(model.other_expert, device, dtype) else None
     pipe = build_pipeline(model, transformer) if other is not None or model.other_expert is None else \
         build_pipeline(_alone(model), transformer)
     if other is not None:
         move(other, device, dtype)  # the frozen expert visits the device for the previews only
     try:
-        return generate(pipe, cfg.sample_prompts, seed=cfg.sample_seed, steps=cfg.sample_num_inference_steps,
-                        guidance=cfg.sample_guidance_scale, negative_prompt=cfg.sample_negative_prompt, width=width,
-                        height=height, embeds=cached, dtype=dtype, frames=frames)
+        return generate(pipe, cfg.sample_prompts, **settings, width=width, height=height, embeds=cached,
+                        dtype=dtype, frames=frames)
     finally:
         if other is not None:
             move(other, "cpu")
+
+
+def preview_start_image(model: Any, cfg: TrainConfig) -> Image.Image:
+    """An I2V run's previews start from the first frame of the data set's first clip or image (found once)."""
+    if getattr(model, "start_image", None) is None:
+        from core.data.images import scan_image_dataset
+        from core.families.wan.text import start_picture
+
+        item = scan_image_dataset(cfg).items[0]
+        model.start_image = start_picture(str(item.path), item.frames[0] if item.frames else -1)
+    return model.start_image
 
 
 def _room_for(module: Any, device: torch.device, dtype: torch.dtype) -> bool:
@@ -190,7 +254,17 @@ SPEC = TransformerSpec(
 
 # No `variant_from_keys`: a Wan 2.2 A14B expert's file is told by its name (high_noise / low_noise), which
 # `detect` reads beside the header.
+def check(cfg: TrainConfig) -> list[str]:
+    experts.check_both(cfg)
+    return default.check(SPEC, cfg)
+
+
+# Wan 2.2 A14B's `wan_expert: both` adapts, stores and writes the two experts (core.families.wan.experts).
 WAN = transformer_family(SPEC, detect=lazy(_LOAD, "detect"), lora_files=lazy(_FILES, "lora_file_format")(), previews=previews,
                          tryout_pipeline=tryout_pipeline, generate=generate, default_size=default_size,
-                         normalize_latents=normalize_latents, denormalize_latents=denormalize_latents)
+                         normalize_latents=normalize_condition_latents, denormalize_latents=denormalize_latents,
+                         encode_moments=condition_moments, check=check,
+                         add_lora=partial(experts.add_lora, partial(default.add_lora, SPEC)),
+                         low_memory=partial(experts.low_memory, partial(default.low_memory, SPEC)),
+                         write_loras=partial(experts.write_loras, partial(default.write_loras, SPEC)))
 FAMILY = WAN

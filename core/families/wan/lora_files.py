@@ -46,7 +46,8 @@ _DIFFUSERS_PATH = re.compile(r"^blocks\.(?P<n>\d+)\.(?P<rest>.+)$")
 _KOHYA_NAME = re.compile(r"^lora_unet_blocks_(?P<n>\d+)_(?P<rest>.+)$")
 _KOHYA_TENSOR = re.compile(r"^(lora_unet_\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 BASE_MODEL_VERSION = {"wan2.1-t2v-1.3b": "wan2.1_t2v_1.3b", "wan2.1-t2v-14b": "wan2.1_t2v_14b",
-                      "wan2.2-t2v-a14b": "wan2.2_t2v_a14b"}
+                      "wan2.2-t2v-a14b": "wan2.2_t2v_a14b", "wan2.1-i2v-14b": "wan2.1_i2v_14b",
+                      "wan2.2-i2v-a14b": "wan2.2_i2v_a14b"}
 IMPLEMENTATION = "https://github.com/Wan-Video/Wan2.1"
 _IDENTITY_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                   "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation")

@@ -6,24 +6,30 @@ here: the family frees it), the VAE unless latents are cached, the LoRA with its
 the activations and the backward transient.
 
 Tokens: a clip of F frames (4k+1) is (F - 1) / 4 + 1 latent frames of (side / 16)^2 patches each; the 512
-text tokens are attended to in every block's cross-attention. Activations per image token and block: what a
-real `WanTransformerBlock` keeps for the backward pass, measured with autograd's saved-tensor hooks in bf16 on
-the CPU at two widths (256 / FFN 691 and 512 / FFN 896: 14,456 and 26,420 bytes per token) and fitted as
-21.3 x width + 2.56 x ffn elements (its norms run in fp32, so they count double);
+text tokens (Wan 2.1 I2V: and 257 image tokens) are attended to in every block's cross-attention. The I2V
+models' 36 input channels change only the patch embedding; Wan 2.1 I2V's k_img / v_img are in its parameters.
+Wan 2.2 TI2V-5B (width 3072, 30 blocks, FFN 14336) has a 16x VAE: 32 px per patch.
+Activations per image token and block: what a real `WanTransformerBlock` keeps for the backward pass, measured
+with autograd's saved-tensor hooks in bf16 on the CPU at two widths (256 / FFN 691 and 512 / FFN 896: 14,456
+and 26,420 bytes per token) and fitted as 21.3 x width + 2.56 x ffn elements (its norms run in fp32, so they count double);
 `tests/families/wan/test_wan_memory.py` measures the block again and checks the fit. With checkpointing a
-block keeps its input.
+block keeps its input. Wan 2.2 A14B with `wan_expert: both` holds a second expert's weights (unless
+`wan_offload_inactive_expert`) and a second LoRA with its optimizer state.
 """
 from __future__ import annotations
 
 from core.config import TrainConfig
 from core.devices import DeviceInfo
 from core.families.dit.memory_parts import caching_latents, transient_and_latents
+from core.family_api.registry import family_info
 from core.model_info import ModelInfo
 
 # (width, blocks, FFN width) of the real networks, by width.
-SHAPES = {1536: (1536, 30, 8960), 5120: (5120, 40, 13824)}
+SHAPES = {1536: (1536, 30, 8960), 3072: (3072, 30, 14336), 5120: (5120, 40, 13824)}  # 1.3B, TI2V-5B, 14B
+TI2V_5B = "wan2.2-ti2v-5b"  # its VAE is 16x spatial (and 4x temporal): a quarter of the tokens per frame
 TEXT_TOKENS = 512
-WAN_VAE, UMT5_XXL = 126_892_531, 5_680_910_336
+IMAGE_TOKENS = 257  # Wan 2.1 I2V: the start image's CLIP ViT-H/14 tokens (224 px: 16 x 16 patches + class)
+WAN_VAE, UMT5_XXL, WAN22_VAE = 126_892_531, 5_680_910_336, 704_688_668
 WEIGHT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}
 ELEMENTS_PER_WIDTH, ELEMENTS_PER_FFN = 21.3, 2.56  # fitted on the real block (see above)
 
@@ -40,9 +46,9 @@ def blocks_of(params: int, width: int) -> int:
     return max(1, min(blocks, round(params / per_block))) if params else blocks
 
 
-def video_tokens(resolution: int, frames: int) -> int:
-    """Patches of one clip at `resolution` (square) and `frames` frames."""
-    return ((max(frames, 1) - 1) // 4 + 1) * (resolution // 16) ** 2
+def video_tokens(resolution: int, frames: int, spatial: int = 8) -> int:
+    """Patches (2x2 latents) of one clip at `resolution` (square) and `frames` frames; `spatial`: the VAE's."""
+    return ((max(frames, 1) - 1) // 4 + 1) * (resolution // (2 * spatial)) ** 2
 
 
 def lora_params(rank: int, width: int, blocks: int | None = None) -> int:
@@ -68,19 +74,25 @@ def wan_parts(cfg: TrainConfig, model: ModelInfo, device: DeviceInfo, *, compute
     block_weights = model.params / blocks
     swapped = max(0.0, (min(cfg.blocks_to_swap, blocks) - 2) * block_weights) if cfg.blocks_to_swap > 0 else 0.0
     parts: dict[str, float] = {"transformer weights": (model.params - swapped) * per_weight}
+    both = family_info(model.family).two_experts and cfg.wan_expert == "both"
+    if both and not (cfg.wan_offload_inactive_expert and cfg.blocks_to_swap == 0):
+        # Wan 2.2 A14B, both experts in one run: the other expert's frozen weights stay on the GPU too.
+        parts["second expert weights"] = parts["transformer weights"]
     if not cfg.cache_text_encoder_outputs:
         parts["text encoder weights"] = UMT5_XXL * compute_bytes
+    ti2v = model.family == TI2V_5B
     if not caching_latents(cfg):
-        parts["VAE weights"] = WAN_VAE * 4
-    parts["LoRA + optimizer"] = lora_params(cfg.lora_rank, width, blocks) * lora_state_bytes
-    tokens = video_tokens(cfg.resolution, cfg.video_frames) * cfg.batch_size
+        parts["VAE weights"] = (WAN22_VAE if ti2v else WAN_VAE) * 4
+    parts["LoRA + optimizer"] = lora_params(cfg.lora_rank, width, blocks) * lora_state_bytes * (2 if both else 1)
+    tokens = video_tokens(cfg.resolution, cfg.video_frames, 16 if ti2v else 8) * cfg.batch_size
     per_block = block_activation_bytes(width, compute_bytes) * tokens
     if cfg.gradient_checkpointing:
         activations = blocks * width * tokens * compute_bytes + per_block
     else:
         activations = blocks * per_block
-    # cross-attention keys / values of the text, per block
-    activations += blocks * 2 * TEXT_TOKENS * width * compute_bytes * cfg.batch_size
+    # cross-attention keys / values of the text (and Wan 2.1 I2V's 257 CLIP image tokens), per block
+    context = TEXT_TOKENS + (IMAGE_TOKENS if model.family == "wan2.1-i2v-14b" else 0)
+    activations += blocks * 2 * context * width * compute_bytes * cfg.batch_size
     parts["activations"] = activations
     transient = 3 * tokens * ffn * compute_bytes
     if per_weight < compute_bytes:

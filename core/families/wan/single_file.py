@@ -11,12 +11,13 @@ from typing import Any
 import torch
 
 from core.families.dit.folders import fitting
+from core.model_info import safetensors_header
 from core.families.dit.single_files import assign_state, find_comfy_part, text_encoder_config, transformer_from_state
 from core.families.dit.weights import (comfy_models_root, config_subfolder, file_has_fp8, fp8_note, local_only,
                                        read_upcast, safetensors_keys, strip_encoder_prefix, tie_t5_embedding)
-from core.families.wan.load import (A14B, BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, expert_of_name,
-                                    is_wan_keys, load_error, scheduler_config, strip_prefix, tokenizer_from,
-                                    variant_from_width)
+from core.families.wan.load import (BOUNDARY_RATIO, HUB_CONFIGS, WanModel, _pipeline_index, detect, expert_note,
+                                    expert_of_name, is_wan_keys, load_error, scheduler_config, strip_prefix,
+                                    tokenizer_from, variant_of_config, TI2V_CHANNELS)
 from core.family_api.contract import ModelLoadError
 
 _NOT_TRANSFORMER = ("vae.", "text_encoders.", "first_stage_model.", "conditioner.")
@@ -37,12 +38,19 @@ _PARTS = {"text_encoder": (("text_encoders", "clip"), ("umt5",),
           "vae": (("vae",), ("wan",), "wan_2.1_vae.safetensors in models/vae")}
 
 
-def find_part(models_root: Path | None, part: str, explicit: str = "") -> Path:
+def find_part(models_root: Path | None, part: str, explicit: str = "", *, wan22_vae: bool = False) -> Path:
     """UMT5 (text_encoders) or the Wan VAE (vae): given, or found in ComfyUI's folders (Wan 2.1's VAE before
-    Wan 2.2's: the 5B's 48-channel VAE fits only the 5B)."""
+    Wan 2.2's: the 5B's 48-channel VAE fits only the 5B, which, `wan22_vae`, takes it first)."""
     folders, words, hint = _PARTS[part]
+    if wan22_vae:
+        hint = "wan2.2_vae.safetensors (the TI2V-5B's VAE) in models/vae"
+
+    def rank(path: Path) -> int:
+        is_22 = "2.2" in path.name or "2_2" in path.name
+        return 0 if is_22 == wan22_vae else 1
+
     return find_comfy_part(models_root, part, explicit, folders=folders, words=words, needs=f"Wan needs {hint}",
-                           rank=lambda p: 0 if "2.2" not in p.name and "2_2" not in p.name else 1)
+                           rank=rank)
 
 
 def _shapes(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:
@@ -50,10 +58,16 @@ def _shapes(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str,
     q = state.get("blocks.0.attn1.to_q.weight")
     if q is None:
         return {}
-    return {"num_attention_heads": int(q.shape[0]) // int(config.get("attention_head_dim", 128)),
-            "num_layers": len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")}),
-            "ffn_dim": int(state["blocks.0.ffn.net.0.proj.weight"].shape[0]),
-            "in_channels": int(state["patch_embedding.weight"].shape[1])}
+    shapes = {"num_attention_heads": int(q.shape[0]) // int(config.get("attention_head_dim", 128)),
+              "num_layers": len({int(k.split(".")[1]) for k in state if k.startswith("blocks.")}),
+              "ffn_dim": int(state["blocks.0.ffn.net.0.proj.weight"].shape[0]),
+              "in_channels": int(state["patch_embedding.weight"].shape[1]),
+              "out_channels": int(state["proj_out.weight"].shape[0]) // 4}  # (1, 2, 2) patches
+    image = state.get("condition_embedder.image_embedder.norm1.weight")  # Wan 2.1 I2V: CLIP features in
+    shapes.update(image_dim=int(image.shape[0]) if image is not None else None,
+                  added_kv_proj_dim=int(state["blocks.0.attn2.add_k_proj.weight"].shape[1])
+                  if "blocks.0.attn2.add_k_proj.weight" in state else None)
+    return shapes
 
 
 def load_transformer_file(path: str | Path, *, config_source: str, dtype: torch.dtype = torch.float32) -> Any:
@@ -111,8 +125,10 @@ def load_vae_file(path: str | Path, *, config_source: str) -> Any:
 
 
 def load_single_file(transformer_file: str | Path, *, config_source: str = "", text_encoder: str = "",
-                     vae: str = "", dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> WanModel:
-    """ComfyUI layout: the transformer file plus UMT5 and the Wan VAE found next to it (or given)."""
+                     vae: str = "", dtype: torch.dtype = torch.float32, quantization_config: Any = None,
+                     expert: str = "high") -> WanModel:
+    """ComfyUI layout: the transformer file plus UMT5 and the Wan VAE found next to it (or given); a Wan 2.2 A14B
+    file names its expert, or with `expert: both` the pair (the file and its high_noise / low_noise sibling)."""
     path = Path(transformer_file)
     if not is_wan_keys(safetensors_keys(path)):
         raise ModelLoadError(f"'{path.name}' is not a Wan transformer.",
@@ -122,26 +138,44 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
                              "Give base_model as a diffusers folder, or use fp8_base with the single file.")
     root = comfy_models_root(path)
     te_file = find_part(root, "text_encoder", text_encoder)
-    vae_file = find_part(root, "vae", vae)
-    expert = expert_of_name(path.name)  # Wan 2.2 A14B: ComfyUI's high_noise / low_noise files
-    transformer = load_transformer_file(path, config_source=config_source or HUB_CONFIGS["wan2.1-t2v-1.3b"],
+    # The transformer's input channels say whether it is the TI2V-5B (48: its own VAE).
+    header = safetensors_header(path)
+    embedding = next((k for k in header if k.endswith("patch_embedding.weight")), None)
+    channels = int(header[embedding]["shape"][1]) if embedding else 16
+    vae_file = find_part(root, "vae", vae, wan22_vae=channels == TI2V_CHANNELS)
+    named = expert_of_name(path.name)  # Wan 2.2 A14B: ComfyUI's high_noise / low_noise files
+    sibling = path.with_name(re.sub("high_noise|low_noise", lambda m: {"high_noise": "low_noise",
+                                                                      "low_noise": "high_noise"}[m[0]], path.name))
+    if named and expert == "both":
+        if not sibling.is_file():
+            raise ModelLoadError(f"wan_expert: both trains the pair, and {sibling.name} is not beside {path.name}.",
+                                 "Put both of ComfyUI's files (high_noise and low_noise) in models/diffusion_models, "
+                                 "or train one expert (wan_expert: high or low).")
+        if named == "low":  # the high-noise file goes in `transformer`
+            path, sibling = sibling, path
+    expert = "both" if named and expert == "both" else named
+    # Without base_model_config: the hub repo of the variant the file's shapes and name say (an I2V file needs
+    # its own config: the image attention's sizes are not all in the file).
+    guessed = detect(str(path)) or "wan2.1-t2v-1.3b"
+    transformer = load_transformer_file(path, config_source=config_source or HUB_CONFIGS[guessed],
                                         dtype=dtype)
-    variant = A14B if expert else variant_from_width(transformer.config.num_attention_heads
-                                                     * transformer.config.attention_head_dim)
+    variant = variant_of_config(transformer.config, bool(expert))
     source = config_source or HUB_CONFIGS[variant]
     model = WanModel(variant, transformer, load_vae_file(vae_file, config_source=source),
                      load_text_encoder_file(te_file, config_source=source, dtype=dtype), tokenizer_from(source),
                      scheduler_config(source), str(path), is_single_file=True,
                      notes=[f"UMT5: {te_file.name}", f"VAE: {vae_file.name}"])
+    if transformer.config.image_dim is not None:  # Wan 2.1 I2V: CLIP vision from the config folder / hub repo
+        from core.families.wan.load import image_encoder_from
+
+        model.image_encoder, model.image_processor = image_encoder_from(source)
+        model.notes.append(f"image encoder (CLIP vision) from {source}")
     if expert:
         model.expert = expert
         model.boundary_ratio = float((_pipeline_index(source) or {}).get("boundary_ratio") or BOUNDARY_RATIO)
-        sibling = path.with_name(re.sub("high_noise|low_noise", lambda m: {"high_noise": "low_noise",
-                                                                          "low_noise": "high_noise"}[m[0]], path.name))
-        if sibling.is_file():  # the other expert, frozen, for the previews
+        if sibling.is_file():  # the other expert: frozen, for the previews (or trained too: both)
             model.other_expert = load_transformer_file(sibling, config_source=source, dtype=dtype)
-        model.notes.append(f"Wan 2.2 A14B: training the {expert}-noise expert ({path.name}), boundary "
-                           f"{model.boundary_ratio:g}" + ("" if sibling.is_file() else
+        model.notes.append(expert_note(model, path.name) + ("" if sibling.is_file() else
                                                           f"; {sibling.name} is not beside it, so the previews "
                                                           "run this expert alone"))
     if file_has_fp8(path):
