@@ -225,7 +225,7 @@ def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "
                     device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from core.families.wan.load import load_model
 
-    model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae), device, dtype)
+    model = place_for_tryout(load_model(base_model, config_source=model_config, vae=vae, dtype=dtype), device, dtype)
     if model.other_expert is not None:
         from core.sample import move
 
