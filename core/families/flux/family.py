@@ -23,7 +23,7 @@ from core.config import TrainConfig
 from core.family_api.contract import Batch
 from core.family_api.registry import family_info
 from core.families.dit.default import (Draw, TransformerSpec, flow_scheduler, kohya_writer, lazy, pipeline_generate,
-                                       place_for_tryout, preview_size, sample_settings, transformer_family)
+                                       tryout_loader, preview_size, sample_settings, transformer_family)
 
 
 def timestep_sampling(cfg: TrainConfig, variant: str) -> str:
@@ -219,14 +219,8 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
                     dtype=dtype)
 
 
-def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
-                    device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(FluxPipeline or ChromaPipeline, FluxModel) of `base_model` on `device`, for the Test tab."""
-    from core.families.flux.load import load_flux_model
-
-    model = place_for_tryout(load_flux_model(base_model, config_source=model_config, vae=vae, dtype=dtype), device,
-                             dtype)
-    return build_pipeline(model), model
+# (FluxPipeline or ChromaPipeline, FluxModel) of a model on the Test tab's device.
+tryout_pipeline = tryout_loader("core.families.flux.load", build_pipeline, "load_flux_model")
 
 
 def _lora_files() -> Any:

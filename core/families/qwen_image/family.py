@@ -23,7 +23,7 @@ from torch import nn
 from core.config import TrainConfig
 from core.families.dit.common import first_text_encoder_file
 from core.families.dit.default import (Draw, TransformerSpec, fixed_targets, flow_scheduler, kohya_writer, lazy,
-                                       pipeline_generate, place_for_tryout, sample_settings, transformer_family)
+                                       pipeline_generate, tryout_loader, sample_settings, transformer_family)
 from core.families.qwen_image.load import (QwenModel, decode_latents, denormalize_latents, detect, encode_moments,
                                            normalize_latents)
 from core.families.qwen_image.loss import make_loss, timestep_sampling
@@ -243,14 +243,8 @@ def previews(model: QwenModel, transformer: nn.Module, cfg: TrainConfig, device:
                     dtype=dtype, control=control)
 
 
-def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
-                    device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from core.families.qwen_image.load import load_qwen_model
-
-    model = place_for_tryout(load_qwen_model(base_model, config_source=model_config, vae=vae, dtype=dtype), device,
-                             dtype)
-    # An Edit model edits the Test tab's uploaded reference images; without any it draws from text (`generate`).
-    return build_pipeline(model), model
+# An Edit model edits the Test tab's uploaded reference images; without any it draws from text (`generate`).
+tryout_pipeline = tryout_loader("core.families.qwen_image.load", build_pipeline, "load_qwen_model")
 
 
 def default_size(model: QwenModel) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.families.dit.default import (Draw, TransformerSpec, flow_scheduler, kohya_writer, lazy, pipeline_generate,
-                                       place_for_tryout, preview_size, sample_settings, timestep_sampling,
+                                       tryout_loader, preview_size, sample_settings, timestep_sampling,
                                        transformer_family)
 from core.families.sd3.loss import flow_shift, make_loss
 from core.families.sd3.text import encode_entries, prompt_identity, stack
@@ -109,13 +109,11 @@ def previews(model: Any, transformer: nn.Module, cfg: TrainConfig, device: torch
                     dtype=dtype)
 
 
-def tryout_pipeline(base_model: str, *, allow_pickle: bool = False, vae: str = "", model_config: str = "",
-                    device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from core.families.sd3.load import load_sd3_model
+_tryout_pipeline = tryout_loader("core.families.sd3.load", build_pipeline, "load_sd3_model")
 
-    model = place_for_tryout(load_sd3_model(base_model, config_source=model_config, vae=vae, dtype=dtype), device,
-                            dtype)
-    pipe = build_pipeline(model)
+
+def tryout_pipeline(base_model: str, **where: Any) -> tuple[Any, Any]:
+    pipe, model = _tryout_pipeline(base_model, **where)
     pipe.load_lora_weights = _reading_every_form(pipe.load_lora_weights)
     return pipe, model
 
