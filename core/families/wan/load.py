@@ -253,16 +253,25 @@ def expert_note(model: WanModel, which: str) -> str:
 
 def image_encoder_from(source: str) -> tuple[Any, Any]:
     """Wan 2.1 I2V's image encoder (CLIP ViT-H vision) and its processor, from a diffusers folder or hub id."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     try:
         encoder = CLIPVisionModel.from_pretrained(source, subfolder="image_encoder", dtype=torch.float32,
                                                   local_files_only=local_only(source)).eval()
-        processor = CLIPImageProcessor.from_pretrained(source, subfolder="image_processor",
-                                                       local_files_only=local_only(source))
     except (OSError, ValueError) as exc:
         raise load_error("image encoder (CLIP vision, image_encoder/ and image_processor/)", source, exc) from exc
-    return encoder, processor
+    return encoder, image_processor_from(source)
+
+
+def image_processor_from(source: str) -> Any:
+    """Wan 2.1 I2V's CLIP image processor (its image_processor/ config) from a diffusers folder or hub id."""
+    from transformers import CLIPImageProcessor
+
+    try:
+        return CLIPImageProcessor.from_pretrained(source, subfolder="image_processor",
+                                                  local_files_only=local_only(source))
+    except (OSError, ValueError) as exc:
+        raise load_error("image processor (image_processor/)", source, exc) from exc
 
 
 def _pipeline_index(source: str) -> dict[str, Any] | None:

@@ -165,11 +165,9 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
                      load_text_encoder_file(te_file, config_source=source, dtype=dtype), tokenizer_from(source),
                      scheduler_config(source), str(path), is_single_file=True,
                      notes=[f"UMT5: {te_file.name}", f"VAE: {vae_file.name}"])
-    if transformer.config.image_dim is not None:  # Wan 2.1 I2V: CLIP vision from the config folder / hub repo
-        from core.families.wan.load import image_encoder_from
-
-        model.image_encoder, model.image_processor = image_encoder_from(source)
-        model.notes.append(f"image encoder (CLIP vision) from {source}")
+    if transformer.config.image_dim is not None:  # Wan 2.1 I2V: ComfyUI's clip_vision_h, else the config's
+        model.image_encoder, model.image_processor, where = image_encoder_for(root, source, dtype)
+        model.notes.append(f"image encoder (CLIP vision): {where}")
     if expert:
         model.expert = expert
         model.boundary_ratio = float((_pipeline_index(source) or {}).get("boundary_ratio") or BOUNDARY_RATIO)
@@ -181,3 +179,49 @@ def load_single_file(transformer_file: str | Path, *, config_source: str = "", t
     if file_has_fp8(path):
         model.notes.append(fp8_note(path, dtype))
     return model
+
+
+def image_encoder_for(models_root: Path | None, source: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """Wan 2.1 I2V's image encoder, its processor and where it came from: ComfyUI's CLIP ViT-H file
+    (models/clip_vision, clip_vision_h.safetensors) with the config's image_encoder/ config, or else the whole
+    image_encoder/ of the config folder / hub repo (a download of 1.3 GB the user may already have)."""
+    from core.families.wan.load import image_encoder_from, image_processor_from
+
+    folder = models_root / "clip_vision" if models_root else None
+    files = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+    named = [f for f in files if "clip_vision_h" in f.name.lower()] or [f for f in files if "vit-h" in f.name.lower()]
+    if not named:
+        encoder, processor = image_encoder_from(source)
+        return encoder, processor, f"from {source}"
+    return clip_vision_from_file(named[0], source, dtype), image_processor_from(source), named[0].name
+
+
+def clip_vision_from_file(path: Path, config_source: str, dtype: torch.dtype) -> Any:
+    """A CLIPVisionModel holding ComfyUI's CLIP vision file (transformers' names under `vision_model.`, as ComfyUI's
+    own loader reads them; the projection, unused by Wan, is left out), built on the meta device with the config's
+    image_encoder/ config."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    state = read_upcast(path, dtype)
+    prefix = "vision_model."
+    if f"{prefix}embeddings.patch_embedding.weight" not in state:
+        raise ModelLoadError(f"'{path.name}' is not a CLIP vision file in transformers' names (open_clip's "
+                             "'visual.' layout is not read here).",
+                             "Use ComfyUI's clip_vision_h.safetensors, or remove it from models/clip_vision to take "
+                             "the image encoder from the base_model_config folder.")
+    try:
+        config = CLIPVisionConfig.from_pretrained(config_source, subfolder="image_encoder",
+                                                  local_files_only=local_only(config_source))
+    except (OSError, ValueError) as exc:
+        raise load_error("image encoder config (image_encoder/config.json)", config_source, exc) from exc
+    with torch.device("meta"):
+        model = CLIPVisionModel(config)
+    # transformers 5's CLIPVisionModel holds the vision tower's modules itself (no `vision_model.` level).
+    state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    assign_state(model, state, path.name, "does not fit Wan 2.1 I2V's CLIP ViT-H image encoder",
+                 "Use ComfyUI's clip_vision_h.safetensors.")
+    # Non-persistent buffers (the position ids) are not in the file: build them for real.
+    embeddings = model.embeddings
+    embeddings.position_ids = torch.nn.Buffer(torch.arange(embeddings.num_positions).expand((1, -1)),
+                                              persistent=False)
+    return model.to(dtype).eval()

@@ -150,3 +150,34 @@ def test_an_i2v_file_builds_its_image_attention_from_its_own_shapes_even_with_a_
     assert set(state) == set(reference)
     for key, value in reference.items():
         torch.testing.assert_close(state[key], value, msg=key)
+
+
+def test_wan21_i2v_from_comfyuis_files_takes_clip_vision_h_from_models_clip_vision(tmp_path):
+    """A ComfyUI user has clip_vision_h.safetensors in models/clip_vision (with its projection, which Wan does not
+    use): the image encoder is that file, not a second download from the hub; a file in another layout is named."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel
+
+    from core.families.wan.load import load_model
+    from core.families.wan.tiny import build_tiny_wan
+    from core.family_api.contract import ModelLoadError
+
+    tiny = build_tiny_wan(tmp_path / "i2v", i2v=True)
+    reference = CLIPVisionModel.from_pretrained(str(tiny.folder), subfolder="image_encoder").eval()
+    clip = tiny.comfy_root / "clip_vision" / "clip_vision_h.safetensors"
+    clip.parent.mkdir()
+    # ComfyUI's file: transformers' names under vision_model. (as CLIPVisionModelWithProjection saved them)
+    state = {f"vision_model.{k}": v.half().contiguous() for k, v in reference.state_dict().items()}
+    save_file({**state, "visual_projection.weight": torch.zeros(4, 4, dtype=torch.float16)}, str(clip))
+
+    model = load_model(str(tiny.comfy_transformer), config_source=str(tiny.folder))
+    assert "image encoder (CLIP vision): clip_vision_h.safetensors" in model.notes
+    pixels = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        theirs = reference(pixels, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-3)  # the file is fp16
+
+    save_file({"visual.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(12, 4)}, str(clip))
+    with pytest.raises(ModelLoadError, match="not a CLIP vision file in transformers' names"):
+        load_model(str(tiny.comfy_transformer), config_source=str(tiny.folder))
