@@ -48,6 +48,7 @@ GROUP_TITLES = {
     "model": "Image model and noise",
     "flow": "Flow-matching transformers (FLUX.1, Chroma, ...)",
     "flux": "FLUX.1 and Chroma",
+    "guidance": "Guidance-distilled models (FLUX.1-dev, Kontext, FLUX.2 dev)",
     "sample": "Sample previews",
     "text": "Text data and model",
     "eval": "Text evaluation: before and after",
@@ -242,7 +243,7 @@ class TrainConfig:
                                     "3.1582 for FLUX.1).", "flow", minimum=0.1, maximum=20.0, task="image")
     train_guidance: float = _f(1.0, "The guidance value fed to FLUX.1-dev's guidance embedding while training "
                                "(1.0 as kohya and FluxGym; ignored by schnell and Chroma). FLUX.2 dev takes 3.5 "
-                               "(diffusers' trainer) while this is left at 1.0.", "flux",
+                               "(diffusers' trainer) while this is left at 1.0.", "guidance",
                                minimum=0.0, maximum=10.0, task="image")
     lora_blocks: str = _f("all", "Which FLUX blocks get LoRA: all, attention (attention projections only), or "
                           "single_blocks (FluxGym's 12 GB mode).", "flux", choices=LORA_BLOCKS, task="image")

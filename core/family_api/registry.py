@@ -381,8 +381,6 @@ FAMILIES: dict[str, FamilyInfo] = {f.name: f for f in (
 )}
 IMAGE_FAMILIES = tuple(FAMILIES)
 UNET_FAMILIES = tuple(name for name, info in FAMILIES.items() if info.kind == "unet")
-# Every config group a family shows only for itself (the form hides them for the others).
-FAMILY_CONFIG_GROUPS = frozenset(g for info in FAMILIES.values() for g in info.config_groups)
 
 
 def family_info(name: str) -> FamilyInfo:
@@ -396,7 +394,14 @@ def family_info(name: str) -> FamilyInfo:
 def config_groups_of(name: str) -> tuple[str, ...]:
     """The family-specific config groups shown for family `name` (none for an LLM or unknown model)."""
     info = FAMILIES.get(name)
-    return info.config_groups if info else ()
+    if info is None:
+        return ()
+    # "guidance": the guidance value a guidance-distilled model (FLUX.1-dev, Kontext, FLUX.2 dev) trains with.
+    return info.config_groups + (("guidance",) if info.has_guidance_embedding else ())
+
+
+# Every config group a family shows only for itself (the form hides them for the others).
+FAMILY_CONFIG_GROUPS = frozenset(g for name in FAMILIES for g in config_groups_of(name))
 
 
 def family_label(name: str) -> str:

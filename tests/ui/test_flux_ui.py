@@ -119,3 +119,13 @@ def test_the_memory_line_follows_the_flux_switches(work, monkeypatch):
     assert {"fp8_base", "blocks_to_swap", "base_quantization", "lora_blocks"} <= set(train_tab.MEMORY_KEYS)
     plain, fp8 = train_tab.memory_line(raw), train_tab.memory_line({**raw, "fp8_base": True})
     assert "transformer weights 22.2" in plain and "transformer weights 11.1" in fp8
+
+
+def test_the_training_guidance_shows_for_every_guidance_distilled_model_and_no_other():
+    """FLUX.2 dev trains with a guidance value as FLUX.1-dev does: the form shows the key for both (and Kontext),
+    not for schnell, Chroma, klein or the other flow families, which have no guidance input."""
+    guidance = {s.name: s for s in form.field_specs()}["train_guidance"]
+    for family in ("flux-dev", "flux-kontext", "flux2-dev"):
+        assert guidance.shown_for("image-generation", family), family
+    for family in ("flux-schnell", "chroma", "flux2-klein-4b", "qwen-image", "sd1"):
+        assert not guidance.shown_for("image-generation", family), family
