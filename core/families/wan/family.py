@@ -118,6 +118,9 @@ def generate(pipe: Any, prompts: Sequence[str], *, seed: int, steps: int, guidan
     from core.sample import clip_image
 
     device = pipe.vae.device
+    # Whole latent patches (16 px; 32 px with TI2V-5B's 16x VAE): the Test tab's sizes come in steps of 8.
+    step = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+    width, height = max(step, width // step * step), max(step, height // step * step)
     clips = []
     for prompt in prompts:
         kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,

@@ -97,5 +97,8 @@ def test_the_test_tab_draws_a_ti2v_clip_from_text_alone_or_from_a_start_image(ti
             clip = generate_images(str(tiny.folder), None, ["a red thing"], steps=2, guidance=1.0, width=32,
                                    height=32, start_image=image)[0]
             assert len(clip.info[CLIP_FRAMES]) == 17 and clip.size == (32, 32) and clip.info[CLIP_FPS] == 24
+        # The Test tab's sizes come in steps of 8: the 5B draws in whole 32 px latent patches.
+        clip = generate_images(str(tiny.folder), None, ["a red thing"], steps=1, guidance=1.0, width=56, height=40)[0]
+        assert clip.size == (32, 32)
     finally:
         clear_pipeline_cache()
