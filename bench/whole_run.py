@@ -63,9 +63,10 @@ class _LoadSampler(threading.Thread):
 
 
 def run_timed(command: list[str], *, output: Path, log: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None, nice: int = 10) -> RunFigures:
+              cwd: Path | None = None, nice: int = 0) -> RunFigures:
     """Run `command` to its end (stdout and stderr into `log`) and measure it; `output` is the file
-    it must write. Raises with the log's tail when it fails or writes nothing."""
+    it must write; `nice` adds to the caller's own niceness. Raises with the log's tail when it fails or
+    writes nothing."""
     sampler = _LoadSampler()
     sampler.start()
     busy0 = _busy_seconds()
