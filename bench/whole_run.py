@@ -95,8 +95,9 @@ def ratio_line(ours: RunFigures, peer: RunFigures, what: str) -> str:
     worst = max(ours.load_from_others, peer.load_from_others)
     if worst > LOAD_LIMIT:
         return (f"load too high, not a ratio: other processes kept {worst:.2f} cores busy during a side "
-                f"(limit {LOAD_LIMIT}); ours {ours.whole_run_s:.1f} s {ours.peak_rss_gib:.2f} GiB, "
-                f"{what} {peer.whole_run_s:.1f} s {peer.peak_rss_gib:.2f} GiB")
+                f"(limit {LOAD_LIMIT}); ours {ours.whole_run_s:.1f} s ({ours.cpu_s:.0f} s of CPU) "
+                f"{ours.peak_rss_gib:.2f} GiB, {what} {peer.whole_run_s:.1f} s ({peer.cpu_s:.0f} s of CPU) "
+                f"{peer.peak_rss_gib:.2f} GiB")
     return (f"ours vs {what}: {peer.whole_run_s / ours.whole_run_s:.2f}x faster whole run "
             f"({ours.whole_run_s:.1f} vs {peer.whole_run_s:.1f} s), {ours.peak_rss_gib / peer.peak_rss_gib:.2f}x "
             f"the peak memory ({ours.peak_rss_gib:.2f} vs {peer.peak_rss_gib:.2f} GiB); load from others "
