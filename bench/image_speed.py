@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.side_by_side import measure as in_child  # noqa: E402  (each side, and the build, in a child)
+from bench.side_by_side import whole_run  # noqa: E402  (whole_run_s from process start, both sides)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Published configs of SD 1.5 (runwayml/stable-diffusion-v1-5: unet, vae, text_encoder).
@@ -186,7 +187,7 @@ def _build_child(folder: str, queue: Any) -> None:
 
 
 def measure(kind: str, args: dict) -> dict:
-    return in_child(_child, kind, args)
+    return whole_run(_child, kind, args)
 
 
 def main() -> None:

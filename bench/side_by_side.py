@@ -3,6 +3,10 @@ command-line options, each side in a process of its own, and the ratios printed 
 
 Linux keeps a process's peak RSS across fork + exec, so a side spawned by the process that built
 the model would start at the builder's peak: the model is built in a child too.
+
+`whole_run_s` is the same thing for both sides: from the moment the side's process is started to the
+moment its result comes back (interpreter start, imports, loading, caching, the steps, saving), timed
+by the parent. A side's own clock would start wherever its code put it (after some imports or before).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import multiprocessing as mp
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,13 +34,27 @@ def steady(times: list[float]) -> float:
 
 def measure(target: Callable[..., None], *call_args: Any) -> Any:
     """`target(*call_args, queue)` in a spawned process; what it put in the queue."""
+    return timed(target, *call_args)[0]
+
+
+def timed(target: Callable[..., None], *call_args: Any) -> tuple[Any, float]:
+    """`measure`, and the seconds from the process's start to its result: a whole run as a user sees it."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=target, args=(*call_args, queue))
+    started = time.perf_counter()
     process.start()
     result = queue.get()
+    elapsed = time.perf_counter() - started
     process.join()
-    return result
+    return result, elapsed
+
+
+def whole_run(target: Callable[..., None], *call_args: Any) -> dict:
+    """A side's figures with `whole_run_s` from its process's start (the side's own clock kept as
+    `in_process_s`)."""
+    result, elapsed = timed(target, *call_args)
+    return {**result, "in_process_s": result.get("whole_run_s", float("nan")), "whole_run_s": elapsed}
 
 
 def _build(build_model: Callable[..., Path], folder: Path, kwargs: dict, queue: Any) -> None:
@@ -65,7 +84,7 @@ def compare(args: argparse.Namespace, build_model: Callable[..., Path], build_kw
     results: dict = {}
     for name, target in (("ours", run_ours), ("peer", run_peer)):
         if args.only in (None, name):
-            results[name] = measure(target, model, data, args)
+            results[name] = whole_run(target, model, data, args)
             print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items()})}", flush=True)
     if len(results) == 2:
         ours, peer = results["ours"], results["peer"]

@@ -138,7 +138,7 @@ class ImageFamily:
     # Lines for the log on what was loaded (name, layout, prediction type, notes).
     describe: Callable[[Any], list[str]]
     name_of: Callable[[Any], str]                      # the registry family name of a loaded model
-    network: Callable[[Any], nn.Module]                # the network that gets the LoRA
+    network: Callable[[Any], nn.Module]                # the network that gets the LoRA (None while deferred)
     text_encoders: Callable[[Any], list[Any]]          # the frozen text encoders (None once freed)
     # Drop the text encoders after their outputs are cached; `keep_for_previews`: only off the device.
     park_text_encoders: Callable[[Any, bool], None]
@@ -165,6 +165,9 @@ class ImageFamily:
     prompt_cache_optional: bool = True
     # base_model -> the registry family when this module serves it, else None (from files / configs only).
     detect: Callable[[str], str | None] | None = None
+    # Loads the network when `load` put it off (training calls it once the latents and captions are cached
+    # and the encoders freed, so the peak is not all parts at once); None: `load` loads it.
+    load_network: Callable[[Any], None] | None = None
     # (vae, pixels [B, 3, H, W] in [-1, 1]) -> latent moments [B, 2C, h, w]: what the latent cache stores.
     encode_moments: Callable[[Any, torch.Tensor], torch.Tensor] = vae_moments
     normalize_latents: Callable[[Any, torch.Tensor], torch.Tensor] = normalize_latents

@@ -166,7 +166,8 @@ class ImageRun:
                           f"(made for {info.native_resolution} px); results may be blurry.",
                           f"Use resolution: {info.native_resolution} if memory allows.")
         for module in [family.network(self.model), self.model.vae, *family.text_encoders(self.model)]:
-            module.requires_grad_(False)
+            if module is not None:  # None: the network's load is deferred (load_network)
+                module.requires_grad_(False)
         self.needs_control = info.needs_control
         self.max_references = info.max_references
         self.image_prompt = info.image_prompt
@@ -349,6 +350,14 @@ class ImageRun:
         if self.text_cache is not None:
             self.family.park_text_encoders(m, keep)
         free_memory()
+
+    def load_network(self) -> None:
+        """The network, when the family put its load off until the encoders' outputs were cached."""
+        if self.family.load_network is None or self.family.network(self.model) is not None:
+            return
+        self.log("Loading the denoising network now that the encoders' outputs are cached")
+        self.family.load_network(self.model)
+        self.family.network(self.model).requires_grad_(False)
 
     def merge_training_adapter(self) -> None:
         """The training adapter (cfg.training_adapter) merged into the frozen network, before the LoRA goes on."""
@@ -562,6 +571,7 @@ def _train(run: ImageRun) -> dict[str, str]:
     run.cache_latents()
     run.cache_text()
     run.free_encoders()
+    run.load_network()
     run.add_lora(Path(init_file) if init_file else None)
     run.sampler = BucketBatchSampler(run.batch_keys(), cfg.batch_size, cfg.seed, cfg.repeats)
     batches_per_epoch = math.ceil(len(run.sampler.batches_for_epoch(0)) / acc.num_processes)

@@ -52,6 +52,14 @@ class LoadedModel:
     # An edit family's previews edit the first target's reference images (the engine's prompt keys
     # (caption, path, path ...) name them; `cache_prompts` keeps them here).
     preview_references: list[str] = field(default_factory=list)
+    # Set when the transformer's load was put off (`transformer` None until `load_network`): training loads
+    # it once the latents and captions are cached and the encoders freed, so they are never in memory at once.
+    network_loader: Callable[[], Any] | None = None
+
+    def load_network(self) -> None:
+        if self.network_loader is not None:
+            self.transformer = self.network_loader()
+            self.network_loader = None
 
 
 @dataclass(frozen=True)
@@ -538,7 +546,8 @@ def transformer_family(spec: TransformerSpec, **overrides: Any) -> ImageFamily:
     (previews, tryout_pipeline, generate, detect and lora_files are always its own)."""
     parts: dict[str, Any] = dict(
         check=partial(check, spec), load=partial(load, spec), describe=describe, name_of=lambda m: m.variant,
-        network=lambda m: m.transformer, text_encoders=text_encoders, park_text_encoders=park_text_encoders,
+        network=lambda m: m.transformer, load_network=lambda m: m.load_network(), text_encoders=text_encoders,
+        park_text_encoders=park_text_encoders,
         encode_prompts=partial(encode_prompts, spec), cache_prompts=partial(cache_prompts, spec),
         add_lora=partial(add_lora, spec), low_memory=partial(low_memory, spec), make_loss=spec.make_loss,
         write_loras=partial(write_loras, spec), default_size=default_size, prompt_cache_optional=False)

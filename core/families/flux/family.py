@@ -81,7 +81,8 @@ def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> A
     from core.families.flux.load import load_flux_model
 
     model = load_flux_model(cfg.base_model, config_source=cfg.base_model_config, clip_l=cfg.clip_l, t5=cfg.t5,
-                            vae=cfg.vae, dtype=dtype, quantization_config=quantization_config)
+                            vae=cfg.vae, dtype=dtype, quantization_config=quantization_config,
+                            defer_transformer=True)
     if cfg.vae and not model.is_single_file:
         # A diffusers folder brings its own AE; `vae:` replaces it (the single-file loader took it already).
         from core.families.flux.single_file import load_vae_file

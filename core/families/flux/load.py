@@ -138,9 +138,10 @@ def _scheduler_config(source: str, local_only: bool) -> dict[str, Any]:
                 "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
 
-def load_flux_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None
-                     ) -> FluxModel:
-    """A FLUX.1 / Chroma diffusers folder or hub id, component by component, eval mode, on the CPU."""
+def load_flux_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None,
+                     defer_transformer: bool = False) -> FluxModel:
+    """A FLUX.1 / Chroma diffusers folder or hub id, component by component, eval mode, on the CPU.
+    `defer_transformer`: the transformer is left for `FluxModel.load_network` (training loads it last)."""
     from diffusers import AutoencoderKL, ChromaTransformer2DModel, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
@@ -151,24 +152,30 @@ def load_flux_folder(source: str, *, dtype: torch.dtype = torch.float32, quantiz
     variant = variant_from_folder_configs(index, t_config)
     if variant is None:
         raise not_this_family(source, index, "FLUX or Chroma")
+    transformer_class = ChromaTransformer2DModel if variant == "chroma" else FluxTransformer2DModel
+
+    def load_transformer() -> Any:
+        with loading_parts(source):
+            return transformer_class.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **kw,
+                                                     **quantized(quantization_config))
+
+    transformer = None if defer_transformer else load_transformer()
     with loading_parts(source):
         if variant == "chroma":
-            transformer = ChromaTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
-                                                                   **kw, **quantized(quantization_config))
             text_encoder, t5 = None, T5EncoderModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
         else:
-            transformer = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
-                                                                 **kw, **quantized(quantization_config))
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw).eval()
             t5 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
     tokenizer, tokenizer_2 = _tokenizers(variant, source, local_only)
     return FluxModel(variant, transformer, vae, text_encoder, tokenizer, t5.eval(), tokenizer_2,
-                     scheduler_config=_scheduler_config(source, local_only), source=str(source))
+                     scheduler_config=_scheduler_config(source, local_only), source=str(source),
+                     network_loader=load_transformer if defer_transformer else None)
 
 
 def load_flux_model(base_model: str, *, config_source: str = "", clip_l: str = "", t5: str = "", vae: str = "",
-                    dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> FluxModel:
+                    dtype: torch.dtype = torch.float32, quantization_config: Any = None,
+                    defer_transformer: bool = False) -> FluxModel:
     """Any FLUX / Chroma source: a single .safetensors (ComfyUI layout), a diffusers folder or a hub id."""
     if Path(base_model).is_file():
         from core.families.flux.single_file import load_flux_single_file
@@ -177,4 +184,5 @@ def load_flux_model(base_model: str, *, config_source: str = "", clip_l: str = "
                                      dtype=dtype, quantization_config=quantization_config)
     if base_model.lower().endswith(".safetensors"):
         raise ModelLoadError(f"The FLUX model file '{base_model}' does not exist.", "Check base_model.")
-    return load_flux_folder(base_model, dtype=dtype, quantization_config=quantization_config)
+    return load_flux_folder(base_model, dtype=dtype, quantization_config=quantization_config,
+                            defer_transformer=defer_transformer)

@@ -89,7 +89,7 @@ def load(cfg: TrainConfig) -> Any:
     from core.families.sd.load import load_sd_model
 
     return load_sd_model(cfg.base_model, allow_pickle=cfg.allow_pickle, vae=cfg.vae,
-                         prediction_type=cfg.prediction_type, model_config=cfg.base_model_config)
+                         prediction_type=cfg.prediction_type, model_config=cfg.base_model_config, defer_unet=True)
 
 
 def describe(model: Any) -> list[str]:
@@ -304,7 +304,8 @@ def identify(base_model: str, allow_pickle: bool) -> str:
 
 SD = ImageFamily(
     check=check, load=load, describe=describe, name_of=lambda m: m.family,
-    network=lambda m: m.unet, text_encoders=lambda m: list(m.text_encoders), park_text_encoders=park_text_encoders,
+    network=lambda m: m.unet, load_network=lambda m: m.load_unet(), text_encoders=lambda m: list(m.text_encoders),
+    park_text_encoders=park_text_encoders,
     encode_prompts=encode_prompts, cache_prompts=cache_prompts, add_lora=add_lora, low_memory=low_memory,
     make_loss=make_loss, write_loras=write_loras, previews=previews, tryout_pipeline=tryout_pipeline,
     generate=generate, default_size=lambda m: family_info(m.family).native_resolution, identify=identify,

@@ -7,6 +7,7 @@ prediction type the model was trained with.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,14 @@ class SDModel:
     source: str
     is_single_file: bool = False
     notes: list[str] = field(default_factory=list)
+    # Set when the UNet's load was put off (`unet` None until `load_unet`): training loads it once the
+    # VAE and text encoders are cached and gone, so the three are never in memory at once.
+    unet_loader: Callable[[], Any] | None = None
+
+    def load_unet(self) -> None:
+        if self.unet is None and self.unet_loader is not None:
+            self.unet = self.unet_loader()
+            self.unet_loader = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -99,16 +108,22 @@ def _folder_error(base_model: str, exc: Exception) -> ModelLoadError:
                           "local file or folder.")
 
 
-def _load_diffusers(base_model: str) -> dict[str, Any]:
+def _load_diffusers(base_model: str, defer_unet: bool = False) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     local = Path(base_model).is_dir()
     kw = {"local_files_only": local or offline()}
+    unet, loader = None, None
     try:
         index = dict(DiffusionPipeline.load_config(base_model, **kw))
-        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw)
-        family = family_from_diffusers_config(index, dict(unet.config))
+        if defer_unet:
+            family = family_from_diffusers_config(index, dict(UNet2DConditionModel.load_config(
+                base_model, subfolder="unet", **kw)))
+            loader = lambda: UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw)  # noqa: E731
+        else:
+            unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw)
+            family = family_from_diffusers_config(index, dict(unet.config))
         vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae", **kw)
         encoders = [CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", **kw)]
         tokenizers = [CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", **kw)]
@@ -121,7 +136,7 @@ def _load_diffusers(base_model: str) -> dict[str, Any]:
     for encoder in encoders:
         encoder.eval()
     return {"family": family, "unet": unet, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers,
-            "scheduler_config": scheduler_config}
+            "scheduler_config": scheduler_config, "unet_loader": loader}
 
 
 def load_vae(vae: str, *, config_source: str | None = None) -> Any:
@@ -141,8 +156,9 @@ def load_vae(vae: str, *, config_source: str | None = None) -> Any:
 
 
 def load_sd_model(base_model: str, *, allow_pickle: bool = False, vae: str = "", prediction_type: str = "auto",
-                  model_config: str = "") -> SDModel:
-    """Load `base_model` (single file, diffusers folder or hub id) in fp32 on the CPU."""
+                  model_config: str = "", defer_unet: bool = False) -> SDModel:
+    """Load `base_model` (single file, diffusers folder or hub id) in fp32 on the CPU. `defer_unet`: a
+    diffusers folder's UNet is left for `SDModel.load_unet` (a single file is read whole at once)."""
     path = Path(base_model)
     notes: list[str] = []
     single = path.is_file()
@@ -166,7 +182,7 @@ def load_sd_model(base_model: str, *, allow_pickle: bool = False, vae: str = "",
     else:
         if path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",) and not path.exists():
             raise ModelLoadError(f"The base model file '{base_model}' does not exist.", "Check base_model.")
-        parts = _load_diffusers(base_model)
+        parts = _load_diffusers(base_model, defer_unet)
         auto_pred = parts["scheduler_config"].get("prediction_type", "epsilon")
     pred = auto_pred if prediction_type == "auto" else prediction_type
     if prediction_type == "auto" and pred == "v_prediction":
@@ -177,6 +193,7 @@ def load_sd_model(base_model: str, *, allow_pickle: bool = False, vae: str = "",
     return SDModel(family=parts["family"], unet=parts["unet"], vae=parts["vae"],
                    text_encoders=parts["text_encoders"], tokenizers=parts["tokenizers"],
                    scheduler_config=parts["scheduler_config"], prediction_type=pred or "epsilon",
-                   source=str(base_model), is_single_file=single, notes=notes)
+                   source=str(base_model), is_single_file=single, notes=notes,
+                   unet_loader=parts.get("unet_loader"))
 
 

@@ -136,6 +136,13 @@ def test_comfy_layout_loads_the_same_model_as_the_diffusers_folder(tiny_flux_dev
         assert torch.equal(flux_loss.flux_loss(folder.transformer, batch, g1), flux_loss.flux_loss(single.transformer, batch, g2))
 
 
+def test_training_loads_the_transformer_last_with_the_same_weights(tiny_flux_dev):
+    deferred = flux_load.load_flux_model(str(tiny_flux_dev.folder), defer_transformer=True)
+    assert deferred.transformer is None and deferred.text_encoder_2 is not None  # encoders first, for caching
+    deferred.load_network()
+    assert _same_weights(deferred.transformer, flux_load.load_flux_model(str(tiny_flux_dev.folder)).transformer)
+
+
 def test_a_missing_component_file_is_named_with_where_it_goes(tiny_flux_dev, tmp_path):
     root = tmp_path / "ComfyUI"
     shutil.copytree(tiny_flux_dev.comfy_root, root / "models")

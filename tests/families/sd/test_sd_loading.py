@@ -113,3 +113,10 @@ def test_the_example_configs_are_valid():
         path = __import__("pathlib").Path(__file__).resolve().parents[3] / "configs" / name
         cfg = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), check_paths=False)
         assert cfg.is_image and cfg.sample_prompts
+
+
+def test_training_puts_the_unet_off_until_the_encoders_are_done_and_loads_the_same_weights(tiny_sd1):
+    deferred = load_sd_model(str(tiny_sd1.folder), defer_unet=True)
+    assert deferred.unet is None and deferred.family == "sd1"  # the family read from the UNet's config alone
+    deferred.load_unet()
+    assert _same_weights(deferred.unet, load_sd_model(str(tiny_sd1.folder)).unet)

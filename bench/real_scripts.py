@@ -1,0 +1,154 @@
+"""Whole runs against the REAL reference scripts: `python train.py` vs diffusers' own example, each
+a process of its own started from the command line, on the same model and the same images.
+
+    nice -n 10 python bench/real_scripts.py sd15      # SD 1.5-shaped, 128 px, batch 4, rank 4, 20 steps
+    nice -n 10 python bench/real_scripts.py flux      # FLUX-width, 256 px, batch 1, rank 16, 15 steps
+    python bench/real_scripts.py sd15 --only ours     # one side (e.g. while profiling)
+
+A whole run is what a user waits for: process start to exit, imports, loading, caching, the steps
+and saving all in (the file each writes is checked; the time it was written is printed too). Peak
+memory is each process's own peak RSS. The load other processes put on the machine is measured
+during each side, and no ratio is printed when it was high (bench/whole_run.py: LOAD_LIMIT).
+
+The peer's venv and source come from bench/reference_scripts.py (built once under
+~/.cache/lora-scripts-bench; LORA_BENCH_DIFFUSERS_GIT=<git dir> reads the examples from a local
+mirror). The model (random weights, published configs) and the images are built once there too.
+This process imports no torch: it only starts the others, so its own small peak is all it hands on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.reference_scripts import WORK, reference_python, reference_script  # noqa: E402
+from bench.whole_run import ratio_line, run_timed  # noqa: E402
+
+FAMILIES = {
+    "sd15": dict(resolution=128, batch=4, rank=4, steps=20, images=16,
+                 build="from bench.image_speed import build_full_sd15 as b; b(Path(sys.argv[1]))",
+                 script="examples/text_to_image/train_text_to_image_lora.py"),
+    "flux": dict(resolution=256, batch=1, rank=16, steps=15, images=4,
+                 build=("from bench.flux_speed import build_model as b; "
+                        "b(Path(sys.argv[1]), double=1, single=2, t5_layers=2, toy=False)"),
+                 script="examples/dreambooth/train_dreambooth_lora_flux.py"),
+}
+
+
+def prepare(family: str, spec: dict) -> tuple[Path, Path, Path]:
+    """The model folder, our image folder (metadata.csv) and the peer's (metadata.jsonl, same images)."""
+    model = WORK / "models" / family
+    if not (model / "model_index.json").is_file():
+        print(f"building the {family} model with random weights in {model} (once) ...", flush=True)
+        code = f"import sys; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r}); {spec['build']}"
+        subprocess.run([sys.executable, "-c", code, str(model)], check=True, cwd=ROOT)
+    data = WORK / "data" / f"{family}-{spec['images']}"
+    if not (data / "metadata.csv").is_file():
+        code = (f"import sys; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r}); "
+                "from core.families.tiny_parts import make_image_folder as m; "
+                f"m(Path(sys.argv[1]), count={spec['images']}, size=(256, 256))")
+        subprocess.run([sys.executable, "-c", code, str(data)], check=True, cwd=ROOT)
+    peer_data = data.with_name(data.name + "-imagefolder")
+    if not (peer_data / "metadata.jsonl").is_file():
+        peer_data.mkdir(parents=True, exist_ok=True)
+        rows = [line.split(",", 1) for line in (data / "metadata.csv").read_text().splitlines()[1:]]
+        for name, _ in rows:
+            shutil.copyfile(data / name, peer_data / name)
+        (peer_data / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": name, "text": text}) + "\n" for name, text in rows))
+    return model, data, peer_data
+
+
+def ours_command(family: str, spec: dict, model: Path, data: Path, out: Path) -> tuple[list[str], Path]:
+    config = dict(base_model=str(model), train_data_dir=str(data), output_dir=str(out), output_name="lora",
+                  resolution=spec["resolution"], batch_size=spec["batch"], max_train_steps=spec["steps"],
+                  learning_rate=1e-4, lora_rank=spec["rank"], lora_alpha=spec["rank"], mixed_precision="no",
+                  save_steps=0, seed=1, cache_latents_to_disk=False, gradient_checkpointing=False,
+                  bucketing=False)
+    if family == "flux":
+        config.update(lora_blocks="all", save_precision="fp32")
+    path = out.parent / "ours.json"  # JSON is YAML
+    path.write_text(json.dumps(config, indent=1))
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(path), "--quiet",
+            "--events_file", str(out.parent / "ours-events.jsonl")], out / "lora.safetensors"
+
+
+def peer_command(family: str, spec: dict, model: Path, data: Path, out: Path,
+                 script: Path) -> tuple[list[str], Path]:
+    common = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(out), "--seed", "1",
+              "--resolution", str(spec["resolution"]), "--train_batch_size", str(spec["batch"]),
+              "--max_train_steps", str(spec["steps"]), "--learning_rate", "1e-4", "--rank", str(spec["rank"]),
+              "--mixed_precision", "no", "--checkpointing_steps", "1000000", "--dataloader_num_workers", "0"]
+    if family == "sd15":
+        extra = ["--train_data_dir", str(data), "--center_crop", "--caption_column", "text"]
+    else:
+        extra = ["--instance_data_dir", str(data), "--instance_prompt", "a photo of a red thing",
+                 "--cache_latents", "--guidance_scale", "1", "--max_sequence_length", "512"]
+    return ([str(reference_python()), str(script), *common, *extra],
+            out / "pytorch_lora_weights.safetensors")
+
+
+def our_stages(events: Path, started: float) -> dict:
+    """Seconds from process start to each stage of ours (the events file's log lines), for the profile."""
+    stages, steps = {}, []
+    for line in events.read_text().splitlines():
+        event = json.loads(line)
+        if event.get("kind") == "progress":
+            steps.append(event["time"])
+        elif event.get("kind") == "log":
+            stages.setdefault(event.get("message", "")[:60], round(event["time"] - started, 1))
+    if steps:
+        stages["first step done"] = round(steps[0] - started, 1)
+        stages["last step done"] = round(steps[-1] - started, 1)
+    return stages
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("--only", choices=("ours", "peer"))
+    parser.add_argument("--steps", type=int, help="training steps (default: the family's)")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both sides")
+    args = parser.parse_args(argv)
+    spec = dict(FAMILIES[args.family])
+    spec["steps"] = args.steps or spec["steps"]
+    model, data, peer_data = prepare(args.family, spec)
+    run_dir = WORK / "runs" / f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(run_dir / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false"}
+    results: dict = {"family": args.family, **{k: spec[k] for k in ("resolution", "batch", "rank", "steps")},
+                     "threads": args.threads}
+    figures = {}
+    if args.only in (None, "ours"):
+        command, output = ours_command(args.family, spec, model, data, run_dir / "ours")
+        started = time.time()
+        figures["ours"] = run_timed(command, output=output, log=run_dir / "ours.log", env=env, cwd=ROOT)
+        results["ours"] = figures["ours"].as_dict()
+        results["ours_stages"] = our_stages(run_dir / "ours-events.jsonl", started)
+        print("ours", json.dumps(results["ours"]), "\n  stages", json.dumps(results["ours_stages"]), flush=True)
+    if args.only in (None, "peer"):
+        script = reference_script("diffusers", FAMILIES[args.family]["script"], run_dir / "scripts")
+        command, output = peer_command(args.family, spec, model, peer_data, run_dir / "peer", script)
+        figures["peer"] = run_timed(command, output=output, log=run_dir / "peer.log", env=env, cwd=run_dir)
+        results["peer"] = figures["peer"].as_dict()
+        print(f"diffusers {Path(script).name}", json.dumps(results["peer"]), flush=True)
+    if len(figures) == 2:
+        results["verdict"] = ratio_line(figures["ours"], figures["peer"], "the diffusers example")
+        print(results["verdict"], f"({args.family}: {spec['resolution']} px, batch {spec['batch']}, rank "
+              f"{spec['rank']}, {spec['steps']} steps, {args.threads} threads)")
+    with open(WORK / "results.jsonl", "a") as log:
+        log.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **results}) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
