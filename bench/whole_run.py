@@ -66,7 +66,11 @@ def run_timed(command: list[str], *, output: Path, log: Path, env: dict[str, str
               cwd: Path | None = None, nice: int = 0) -> RunFigures:
     """Run `command` to its end (stdout and stderr into `log`) and measure it; `output` is the file
     it must write; `nice` adds to the caller's own niceness. Raises with the log's tail when it fails or
-    writes nothing."""
+    writes nothing.
+
+    Call it from a small process (the bench's parent never imports torch): Linux gives a child that the
+    caller vforks and execs the caller's peak RSS as its own starting peak (seen: a 1.5 GiB caller made a
+    300 MiB child read 1.48 GiB)."""
     sampler = _LoadSampler()
     sampler.start()
     busy0 = _busy_seconds()
