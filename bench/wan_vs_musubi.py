@@ -108,6 +108,8 @@ for key, value in encoder.state_dict().items():  # Hugging Face UMT5 -> Wan's ow
         raise KeyError(key)
 save_file(c(t5), native / "t5.safetensors")
 tokenizer.save_pretrained(native / "tokenizer")
+config = native / "tokenizer" / "tokenizer_config.json"  # musubi's transformers 4.x reads no "TokenizersBackend"
+config.write_text(config.read_text().replace('"TokenizersBackend"', '"T5TokenizerFast"'))
 (native / "vocab").write_text(str(encoder.config.vocab_size))
 '''
 
@@ -175,7 +177,7 @@ def musubi_commands(spec: dict, model: Path, data: Path, run: Path) -> list[tupl
           str(native / "t5.safetensors"), "--device", "cpu", "--batch_size", "4"],
          cache / "clip_0_wan_te.safetensors"),
         ([*head, script("wan_train_network.py"), "--task", "t2v-14B", "--dit", str(native / "dit.safetensors"),
-          "--dataset_config", str(toml), "--sdpa", "--mixed_precision", "no", "--dit_dtype", "float32",
+          "--dataset_config", str(toml), "--sdpa", "--mixed_precision", "no",
           "--network_module", "networks.lora_wan", "--network_dim", str(spec["rank"]), "--network_alpha",
           str(spec["rank"]), "--optimizer_type", "adamw", "--learning_rate", "1e-4", "--max_train_steps",
           str(spec["steps"]), "--seed", "1", "--timestep_sampling", "shift", "--discrete_flow_shift", "3.0",
@@ -190,7 +192,8 @@ def step_seconds_from_tqdm(log: Path) -> float | None:
     for n, minutes, seconds in re.findall(r"steps:\s+\d+%\|[^|]*\|\s*(\d+)/\d+ \[(\d+):(\d+)<",
                                           log.read_text(errors="replace")):
         seen.setdefault(int(n), int(minutes) * 60 + int(seconds))
-    steps = sorted(k for k in seen if k >= 1)
+    # musubi's bar shows step 1 at 00:00 (it counts the step before timing it), so start from step 2 where it can
+    steps = sorted(k for k in seen if k >= (2 if len(seen) > 2 else 1))
     return round((seen[steps[-1]] - seen[steps[0]]) / (steps[-1] - steps[0]), 2) if len(steps) > 1 else None
 
 
@@ -199,11 +202,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=("ours", "musubi"))
     parser.add_argument("--steps", type=int)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", type=Path, help="an earlier run's folder: musubi's steps whose file is there are "
+                        "not run again (their figures are in that run's output)")
     args = parser.parse_args(argv)
     spec = dict(SPEC, steps=args.steps or SPEC["steps"])
     model, data = prepare(spec)
-    run = WORK / "runs" / f"wan14-{time.strftime('%Y%m%d-%H%M%S')}"
-    run.mkdir(parents=True)
+    run = args.resume or WORK / "runs" / f"wan14-{time.strftime('%Y%m%d-%H%M%S')}"
+    run.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results: dict = {"family": "wan2.1-14b-width", **spec, "threads": args.threads}
     figures: dict[str, RunFigures] = {}
@@ -216,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only in (None, "musubi"):
         parts = []
         for n, (command, output) in enumerate(musubi_commands(spec, model, data, run)):
+            if args.resume and output.is_file():
+                print(f"musubi step {n}: {output.name} is there from the earlier run, not run again", flush=True)
+                continue
             parts.append(run_timed(command, output=output, log=run / f"musubi-{n}.log", env=env, cwd=run))
             print(f"musubi step {n}", json.dumps(parts[-1].as_dict()), flush=True)
         before_last = sum(p.whole_run_s for p in parts[:-1])

@@ -16,8 +16,9 @@ def test_the_examples_step_time_comes_from_the_steps_bar_not_the_caching_bar(tmp
 
 def test_musubis_step_time_comes_from_its_steps_bar(tmp_path):
     log = tmp_path / "musubi.log"
-    log.write_text("steps:  50%|#  | 1/2 [01:00<01:00, 60s/it, avr_loss=1]\rsteps: 100%|##| 2/2 [02:30<00:00, 75s/it]")
-    assert step_seconds_from_tqdm(log) == 90.0
+    log.write_text("steps:  25%|#  | 1/4 [00:00<00:00, 2508it/s, avr_loss=1]\rsteps:  50%|#  | 2/4 [00:31<00:31, 15.9s/it]"
+                   "\rsteps: 100%|##| 4/4 [01:31<00:00, 30s/it]")
+    assert step_seconds_from_tqdm(log) == 30.0  # (91 - 31) / 2: its step 1 shows at 00:00
 
 
 def test_the_examples_get_the_same_lora_targets_as_ours():
