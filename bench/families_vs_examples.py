@@ -1,0 +1,132 @@
+"""Whole runs of FLUX.2 klein and Krea 2 against diffusers' own training examples, each run for real in its own
+process (ours: `python train.py`; theirs: the example in the reference venv, bench/reference_scripts.py).
+
+    nice -n 10 python bench/families_vs_examples.py flux2-klein   # klein 4B width, 1 double + 2 single blocks
+    nice -n 10 python bench/families_vs_examples.py krea2         # Krea 2 width, 2 blocks
+    python bench/families_vs_examples.py krea2 --only peer --steps 2
+
+Same model (bench/family_models.py: real transformer widths, few blocks, random weights, narrow text encoders of
+the real hidden width), same 4 images at 256 px, batch 1, rank 16, the same steps, fp32, the same LoRA targets
+(the example gets ours through --lora_layers), latents cached on both sides. The example trains DreamBooth-style
+(one instance prompt for every image); ours reads the captions of metadata.csv (4 prompts encoded instead of 1).
+
+Figures per side (bench/whole_run.py): whole run (process start to exit), peak RSS, CPU seconds, the load other
+processes put on the machine; plus s/step: ours from the events file's step times, theirs from the elapsed time
+the example's `Steps` bar (tqdm) prints at the first and last step (whole seconds). No ratio is printed when the load was high.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.real_scripts import ours_command, prepare  # noqa: E402
+from bench.reference_scripts import WORK, reference_python, reference_script  # noqa: E402
+from bench.whole_run import ratio_line, run_timed  # noqa: E402
+
+_FLUX2_TARGETS = ("attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,"
+                  "attn.to_add_out,ff.linear_in,ff.linear_out,ff_context.linear_in,ff_context.linear_out,"
+                  "attn.to_qkv_mlp_proj,single_transformer_blocks.0.attn.to_out,"
+                  "single_transformer_blocks.1.attn.to_out")  # core/families/flux2/load.py DOUBLE + SINGLE
+_KREA2_TARGETS = "attn.to_q,attn.to_k,attn.to_v,attn.to_gate,attn.to_out.0,ff.gate,ff.up,ff.down"  # BLOCK_TARGETS
+
+FAMILIES = {
+    "flux2-klein": dict(resolution=256, batch=1, rank=16, steps=4, images=4,
+                        build="from bench.family_models import build_flux2_klein as b; b(Path(sys.argv[1]))",
+                        script="examples/dreambooth/train_dreambooth_lora_flux2_klein.py",
+                        extra=["--text_encoder_out_layers", "9", "18", "27", "--lora_layers", _FLUX2_TARGETS]),
+    "krea2": dict(resolution=256, batch=1, rank=16, steps=4, images=4,
+                  build="from bench.family_models import build_krea2 as b; b(Path(sys.argv[1]))",
+                  script="examples/dreambooth/train_dreambooth_lora_krea2.py",
+                  extra=["--lora_layers", _KREA2_TARGETS]),
+}
+
+
+def images_only(data: Path) -> Path:
+    """The DreamBooth examples open every file of --instance_data_dir as an image: a folder of the images alone."""
+    folder = data.with_name(data.name + "-images")
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for image in data.iterdir():
+            if image.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+                shutil.copyfile(image, folder / image.name)
+    return folder
+
+
+def peer_command(spec: dict, model: Path, data: Path, out: Path, script: Path) -> tuple[list[str], Path]:
+    return ([str(reference_python()), str(script), "--pretrained_model_name_or_path", str(model),
+             "--output_dir", str(out), "--seed", "1", "--resolution", str(spec["resolution"]),
+             "--train_batch_size", str(spec["batch"]), "--max_train_steps", str(spec["steps"]),
+             "--learning_rate", "1e-4", "--rank", str(spec["rank"]), "--lora_alpha", str(spec["rank"]),
+             "--mixed_precision", "no", "--checkpointing_steps", "1000000", "--dataloader_num_workers", "0",
+             "--instance_data_dir", str(data), "--instance_prompt", "a photo of a red thing", "--cache_latents",
+             "--max_sequence_length", "512", *spec["extra"]], out / "pytorch_lora_weights.safetensors")
+
+
+def our_step_seconds(events: Path) -> float | None:
+    """Median seconds between step-progress events (the first step, which warms up, left out)."""
+    times = [e["time"] for e in map(json.loads, events.read_text().splitlines()) if e.get("kind") == "progress"]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return round(statistics.median(gaps), 2) if gaps else None
+
+
+def peer_step_seconds(log: Path) -> float | None:
+    """(elapsed at the last step - elapsed at the first) / (steps between), from tqdm's `n/N [mm:ss<` fields."""
+    seen: dict[int, int] = {}
+    text = log.read_text(errors="replace")
+    for n, minutes, seconds in re.findall(r"Steps:\s+\d+%\|[^|]*\|\s*(\d+)/\d+ \[(\d+):(\d+)<", text):
+        seen.setdefault(int(n), int(minutes) * 60 + int(seconds))
+    steps = sorted(k for k in seen if k >= 1)
+    if len(steps) < 2:
+        return None
+    return round((seen[steps[-1]] - seen[steps[0]]) / (steps[-1] - steps[0]), 2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("--only", choices=("ours", "peer"))
+    parser.add_argument("--steps", type=int, help="training steps (default: the family's)")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both sides")
+    args = parser.parse_args(argv)
+    spec = dict(FAMILIES[args.family])
+    spec["steps"] = args.steps or spec["steps"]
+    model, data, peer_data = prepare(args.family, spec)
+    run_dir = WORK / "runs" / f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(run_dir / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false"}
+    results: dict = {"family": args.family, **{k: spec[k] for k in ("resolution", "batch", "rank", "steps")},
+                     "threads": args.threads}
+    figures = {}
+    if args.only in (None, "ours"):
+        command, output = ours_command(args.family, spec, model, data, run_dir / "ours")
+        figures["ours"] = run_timed(command, output=output, log=run_dir / "ours.log", env=env, cwd=ROOT)
+        results["ours"] = {**figures["ours"].as_dict(), "s_per_step": our_step_seconds(run_dir / "ours-events.jsonl")}
+        print("ours", json.dumps(results["ours"]), flush=True)
+    if args.only in (None, "peer"):
+        script = reference_script("diffusers", spec["script"], run_dir / "scripts")
+        command, output = peer_command(spec, model, images_only(peer_data), run_dir / "peer", script)
+        figures["peer"] = run_timed(command, output=output, log=run_dir / "peer.log", env=env, cwd=run_dir)
+        results["peer"] = {**figures["peer"].as_dict(), "s_per_step": peer_step_seconds(run_dir / "peer.log")}
+        print(f"diffusers {script.name}", json.dumps(results["peer"]), flush=True)
+    if len(figures) == 2:
+        results["verdict"] = ratio_line(figures["ours"], figures["peer"], "the diffusers example")
+        print(results["verdict"], f"({args.family}: {spec['resolution']} px, batch {spec['batch']}, rank "
+              f"{spec['rank']}, {spec['steps']} steps, {args.threads} threads)")
+    with open(WORK / "results.jsonl", "a") as log:
+        log.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **results}) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
