@@ -16,22 +16,19 @@ the example's `Steps` bar (tqdm) prints at the first and last step (whole second
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.real_scripts import ours_command, prepare  # noqa: E402
-from bench.reference_scripts import WORK, reference_python, reference_script  # noqa: E402
-from bench.whole_run import ratio_line, run_timed  # noqa: E402
+from bench.real_scripts import bench_run, ours_command  # noqa: E402
+from bench.reference_scripts import reference_python, reference_script  # noqa: E402
+from bench.whole_run import run_timed  # noqa: E402
 
 _FLUX2_TARGETS = ("attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,"
                   "attn.to_add_out,ff.linear_in,ff.linear_out,ff_context.linear_in,ff_context.linear_out,"
@@ -92,41 +89,21 @@ def peer_step_seconds(log: Path) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("family", choices=sorted(FAMILIES))
-    parser.add_argument("--only", choices=("ours", "peer"))
-    parser.add_argument("--steps", type=int, help="training steps (default: the family's)")
-    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both sides")
-    args = parser.parse_args(argv)
-    spec = dict(FAMILIES[args.family])
-    spec["steps"] = args.steps or spec["steps"]
-    model, data, peer_data = prepare(args.family, spec)
-    run_dir = WORK / "runs" / f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(run_dir / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false"}
-    results: dict = {"family": args.family, **{k: spec[k] for k in ("resolution", "batch", "rank", "steps")},
-                     "threads": args.threads}
-    figures = {}
-    if args.only in (None, "ours"):
-        command, output = ours_command(args.family, spec, model, data, run_dir / "ours")
-        figures["ours"] = run_timed(command, output=output, log=run_dir / "ours.log", env=env, cwd=ROOT)
-        results["ours"] = {**figures["ours"].as_dict(), "s_per_step": our_step_seconds(run_dir / "ours-events.jsonl")}
-        print("ours", json.dumps(results["ours"]), flush=True)
-    if args.only in (None, "peer"):
-        script = reference_script("diffusers", spec["script"], run_dir / "scripts")
-        command, output = peer_command(spec, model, images_only(peer_data), run_dir / "peer", script)
-        figures["peer"] = run_timed(command, output=output, log=run_dir / "peer.log", env=env, cwd=run_dir)
-        results["peer"] = {**figures["peer"].as_dict(), "s_per_step": peer_step_seconds(run_dir / "peer.log")}
-        print(f"diffusers {script.name}", json.dumps(results["peer"]), flush=True)
-    if len(figures) == 2:
-        results["verdict"] = ratio_line(figures["ours"], figures["peer"], "the diffusers example")
-        print(results["verdict"], f"({args.family}: {spec['resolution']} px, batch {spec['batch']}, rank "
-              f"{spec['rank']}, {spec['steps']} steps, {args.threads} threads)")
-    with open(WORK / "results.jsonl", "a") as log:
-        log.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **results}) + "\n")
-    return results
-
+    run = bench_run(FAMILIES, argv, __doc__.split("\n\n")[0])
+    family, run_dir = run.args.family, run.run_dir
+    if run.wants("ours"):
+        command, output = ours_command(family, run.spec, run.model, run.data, run_dir / "ours")
+        run.figures["ours"] = run_timed(command, output=output, log=run_dir / "ours.log", env=run.env, cwd=ROOT)
+        run.results["ours"] = {**run.figures["ours"].as_dict(),
+                               "s_per_step": our_step_seconds(run_dir / "ours-events.jsonl")}
+        print("ours", json.dumps(run.results["ours"]), flush=True)
+    if run.wants("peer"):
+        script = reference_script("diffusers", run.spec["script"], run_dir / "scripts")
+        command, output = peer_command(run.spec, run.model, images_only(run.peer_data), run_dir / "peer", script)
+        run.figures["peer"] = run_timed(command, output=output, log=run_dir / "peer.log", env=run.env, cwd=run_dir)
+        run.results["peer"] = {**run.figures["peer"].as_dict(), "s_per_step": peer_step_seconds(run_dir / "peer.log")}
+        print(f"diffusers {script.name}", json.dumps(run.results["peer"]), flush=True)
+    return run.finish("the diffusers example")
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ This process imports no torch: it only starts the others, so its own small peak 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -111,14 +112,46 @@ def our_stages(events: Path, started: float) -> dict:
     return stages
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("family", choices=sorted(FAMILIES))
+@dataclasses.dataclass
+class BenchRun:
+    """One whole-run comparison: the command line's choices, the family's spec, the shared model and images, the
+    run's folder and environment, and the results gathered so far."""
+
+    args: argparse.Namespace
+    spec: dict
+    model: Path
+    data: Path
+    peer_data: Path
+    run_dir: Path
+    env: dict
+    results: dict
+    figures: dict = dataclasses.field(default_factory=dict)
+
+    def wants(self, side: str) -> bool:
+        return self.args.only in (None, side)
+
+    def finish(self, what: str) -> dict:
+        """The ratio line against `what` when both sides ran (or the refusal), the results appended to the log."""
+        args, spec = self.args, self.spec
+        if len(self.figures) == 2:
+            self.results["verdict"] = ratio_line(self.figures["ours"], self.figures["peer"], what)
+            print(self.results["verdict"], f"({args.family}: {spec['resolution']} px, batch {spec['batch']}, rank "
+                  f"{spec['rank']}, {spec['steps']} steps, {args.threads} threads)")
+        with open(WORK / "results.jsonl", "a") as log:
+            log.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **self.results}) + "\n")
+        return self.results
+
+
+def bench_run(families: dict, argv: list[str] | None, description: str) -> BenchRun:
+    """Parse the command line shared by the whole-run benches, build (or reuse) the family's model and images,
+    and make the run's folder and the environment both sides run in."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("family", choices=sorted(families))
     parser.add_argument("--only", choices=("ours", "peer"))
     parser.add_argument("--steps", type=int, help="training steps (default: the family's)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both sides")
     args = parser.parse_args(argv)
-    spec = dict(FAMILIES[args.family])
+    spec = dict(families[args.family])
     spec["steps"] = args.steps or spec["steps"]
     model, data, peer_data = prepare(args.family, spec)
     run_dir = WORK / "runs" / f"{args.family}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -127,28 +160,27 @@ def main(argv: list[str] | None = None) -> dict:
            "HF_DATASETS_CACHE": str(run_dir / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false"}
     results: dict = {"family": args.family, **{k: spec[k] for k in ("resolution", "batch", "rank", "steps")},
                      "threads": args.threads}
-    figures = {}
-    if args.only in (None, "ours"):
-        command, output = ours_command(args.family, spec, model, data, run_dir / "ours")
-        started = time.time()
-        figures["ours"] = run_timed(command, output=output, log=run_dir / "ours.log", env=env, cwd=ROOT)
-        results["ours"] = figures["ours"].as_dict()
-        results["ours_stages"] = our_stages(run_dir / "ours-events.jsonl", started)
-        print("ours", json.dumps(results["ours"]), "\n  stages", json.dumps(results["ours_stages"]), flush=True)
-    if args.only in (None, "peer"):
-        script = reference_script("diffusers", FAMILIES[args.family]["script"], run_dir / "scripts")
-        command, output = peer_command(args.family, spec, model, peer_data, run_dir / "peer", script)
-        figures["peer"] = run_timed(command, output=output, log=run_dir / "peer.log", env=env, cwd=run_dir)
-        results["peer"] = figures["peer"].as_dict()
-        print(f"diffusers {Path(script).name}", json.dumps(results["peer"]), flush=True)
-    if len(figures) == 2:
-        results["verdict"] = ratio_line(figures["ours"], figures["peer"], "the diffusers example")
-        print(results["verdict"], f"({args.family}: {spec['resolution']} px, batch {spec['batch']}, rank "
-              f"{spec['rank']}, {spec['steps']} steps, {args.threads} threads)")
-    with open(WORK / "results.jsonl", "a") as log:
-        log.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **results}) + "\n")
-    return results
+    return BenchRun(args, spec, model, data, peer_data, run_dir, env, results)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    run = bench_run(FAMILIES, argv, __doc__.split("\n\n")[0])
+    family, run_dir = run.args.family, run.run_dir
+    if run.wants("ours"):
+        command, output = ours_command(family, run.spec, run.model, run.data, run_dir / "ours")
+        started = time.time()
+        run.figures["ours"] = run_timed(command, output=output, log=run_dir / "ours.log", env=run.env, cwd=ROOT)
+        run.results["ours"] = run.figures["ours"].as_dict()
+        run.results["ours_stages"] = our_stages(run_dir / "ours-events.jsonl", started)
+        print("ours", json.dumps(run.results["ours"]), "\n  stages", json.dumps(run.results["ours_stages"]),
+              flush=True)
+    if run.wants("peer"):
+        script = reference_script("diffusers", FAMILIES[family]["script"], run_dir / "scripts")
+        command, output = peer_command(family, run.spec, run.model, run.peer_data, run_dir / "peer", script)
+        run.figures["peer"] = run_timed(command, output=output, log=run_dir / "peer.log", env=run.env, cwd=run_dir)
+        run.results["peer"] = run.figures["peer"].as_dict()
+        print(f"diffusers {Path(script).name}", json.dumps(run.results["peer"]), flush=True)
+    return run.finish("the diffusers example")
 
 if __name__ == "__main__":
     main()
