@@ -24,6 +24,8 @@ def test_the_loss_is_the_diffusers_training_examples_objective(family: TinyFamil
     impl = family_impl(family.name)
     cfg = resolve_config(tiny_run_config(tiny.folder, tmp_path, tmp_path / "out"))
     model = impl.load(cfg)
+    if impl.load_network is not None:  # training loads the network after caching; here at once
+        impl.load_network(model)
     prompts = ["a photo of a red thing", "a blue cat"]
     with torch.no_grad():
         cond = impl.encode_prompts(model, prompts, torch.device("cpu"))

@@ -18,12 +18,25 @@ def fill(page, elem_id: str, value: str) -> None:
     page.locator("body").click(position={"x": 2, "y": 2})
 
 
-def choose(page, elem_id: str, option: str) -> None:
-    """Pick an option of a dropdown by its visible text."""
+def choose(page, elem_id: str, option: str, timeout_s: float = 90) -> None:
+    """Pick an option of a dropdown by its visible text. A dropdown whose choices another field's event is
+    still updating (the base models after the task changed) opened with the old ones: close it and open it
+    again until the option is there, as a user would."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = field(page, elem_id)
-    box.scroll_into_view_if_needed()
-    box.click()
-    page.get_by_role("option", name=option).first.click()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        box.scroll_into_view_if_needed()
+        box.click()
+        try:
+            page.get_by_role("option", name=option).first.click(timeout=5000)
+            return
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
+            page.keyboard.press("Escape")
+            page.locator("body").click(position={"x": 2, "y": 2})
 
 
 def open_accordion(page, title: str) -> None:
