@@ -150,23 +150,11 @@ def test_preset_auto_picks_krea2s_tier(gb, expected):
 
 
 def test_a_run_on_the_comfy_single_file_trains_draws_a_preview_and_writes_the_native_file(tiny, tmp_path):
-    from safetensors import safe_open
+    from tests.fixtures.tiny_sd import single_file_run
 
-    from tests.fixtures.tiny_sd import make_image_folder, run_collect, tiny_run_config
-
-    data = make_image_folder(tmp_path / "data", count=2)
-    out = tmp_path / "out"
-    outputs, events = run_collect(tiny_run_config(
-        tiny.comfy_transformer, data, out, batch_size=1, max_train_steps=2, output_name="k", lora_alpha=2,
-        base_model_config=str(tiny.folder), sample_prompts=["a red thing"], sample_steps=2, save_steps=2))
-    losses = [e.loss for e in events if e.kind == "progress"]
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    logs = [e.message for e in events if e.kind == "log"]
+    logs, keys, meta = single_file_run(tiny, tmp_path, "k")
     assert "Model: Krea 2 (Raw) (single file), flow matching" in logs, logs
     assert any(m.startswith("LoRA rank 4 on 48 transformer layers") and "logit_normal" in m for m in logs), logs
-    assert (out / "samples" / "step-000002-0.png").is_file()
-    with safe_open(outputs["lora"], "pt") as handle:
-        keys, meta = set(handle.keys()), handle.metadata()
     assert meta["ss_base_model_version"] == "krea2" and meta["modelspec.architecture"] == "Krea-2/lora"
     assert "diffusion_model.blocks.0.attn.gate.lora_B.weight" in keys and not any(k.endswith("alpha") for k in keys)
 
