@@ -118,6 +118,13 @@ def pick_device(name: str | torch.device = "auto", *, mps: bool = True) -> torch
                          "cuda:1, mps).") from exc
 
 
+def run_precision(mixed_precision: str) -> str:
+    """The precision a run trains in for the config's `mixed_precision`: fp16 needs CUDA (fp32, "no", without it)."""
+    import torch
+
+    return "no" if mixed_precision == "fp16" and not torch.cuda.is_available() else mixed_precision
+
+
 def torch_dtype(precision: str) -> torch.dtype:
     """The dtype of a precision name: 'fp16' and 'bf16' as named; 'fp32', 'no' and the rest float32."""
     import torch

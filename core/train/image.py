@@ -21,7 +21,7 @@ import torch
 
 from core.config import TrainConfig
 from core.events import RunContext
-from core.devices import free_memory, torch_dtype
+from core.devices import free_memory, run_precision, torch_dtype
 from core.family_api.contract import Adapted, Batch, ImageFamily
 from core.family_api.registry import family_info
 from core.sample import move
@@ -31,11 +31,11 @@ from core.train.latent_cache import CachedImage, cache_dir_for, encode_images
 from core.train.loop import LoopResult, run_task
 
 def _precision(cfg: TrainConfig, ctx: RunContext) -> str:
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+    precision = run_precision(cfg.mixed_precision)
+    if precision != cfg.mixed_precision:
         ctx.warn("fp16 mixed precision needs a CUDA GPU; training in fp32 on this machine.",
                  "Use mixed_precision: no (or bf16) on the CPU.")
-        return "no"
-    return cfg.mixed_precision
+    return precision
 
 
 def _skipped_warning(ctx: RunContext, skipped: list[tuple[str, str]]) -> None:

@@ -66,11 +66,9 @@ def weight_dtype_to_load(cfg: TrainConfig) -> torch.dtype:
     transformer took 48 GB of RAM in fp32 against 24 GB in bf16, more than most 32 GB machines have. The
     released files hold bf16 weights, so nothing is lost. fp16 without CUDA trains in fp32 (the run says so).
     """
-    from core.devices import torch_dtype
+    from core.devices import run_precision, torch_dtype
 
-    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "fp16" and torch.cuda.is_available()):
-        return torch_dtype(cfg.mixed_precision)
-    return torch.float32
+    return torch_dtype(run_precision(cfg.mixed_precision))
 
 
 def first_text_encoder_file(cfg: TrainConfig) -> str:
