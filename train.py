@@ -166,6 +166,9 @@ def print_settings(cfg: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.cpu_memory import one_arena
+
+    one_arena()  # before the stop-file thread: every thread shares the heap a CPU run keeps (core.cpu_memory)
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from core.config import ConfigError, read_yaml
     from core.presets import resolve_config

@@ -160,11 +160,15 @@ def collecting_new_objects_only() -> Iterator[None]:
 
 
 def free_memory(*, reset_peak: bool = False) -> None:
-    """Give the device back what dropped objects held: collect, then empty the CUDA / MPS caches.
+    """Give the device back what dropped objects held: collect, return the C heap's free pages, then empty
+    the CUDA / MPS caches.
 
     `reset_peak` also restarts CUDA's peak-memory counter (a new attempt measures its own peak).
     """
     gc.collect()
+    from core.cpu_memory import give_back_freed_memory
+
+    give_back_freed_memory()  # a CPU run keeps freed blocks for its steps (core.cpu_memory): not these
     torch_module = sys.modules.get("torch")
     if torch_module is None:  # nothing was ever put on a device
         return

@@ -199,6 +199,9 @@ def patient_localhost_check(seconds: float = 60.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from core.cpu_memory import one_arena
+
+    one_arena()  # before Gradio's threads: a run thread on the CPU reuses its freed memory (core.cpu_memory)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     auth = parse_auth(args.auth)

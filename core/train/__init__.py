@@ -26,11 +26,14 @@ def run_training(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
     out-of-memory error ends with the settings to change or, with auto_downshift,
     resumes from the last checkpoint with the next smaller preset.
     """
-    from core.devices import collecting_new_objects_only
+    from core.cpu_memory import keeping_freed_memory
+    from core.devices import collecting_new_objects_only, pick_device
     from core.train.recovery import train_with_recovery
 
     check_libraries(ctx)
-    with collecting_new_objects_only():
+    # On the CPU each step's activations are reused by the next instead of page-faulted in again.
+    on_cpu = pick_device("auto", mps=cfg.task_type != "text-generation").type == "cpu"
+    with collecting_new_objects_only(), keeping_freed_memory(on_cpu):
         return train_with_recovery(train_task, cfg, ctx)
 
 
