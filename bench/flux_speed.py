@@ -91,7 +91,29 @@ def build_model(folder: Path, *, double: int, single: int, t5_layers: int, toy: 
                         vae=vae, text_encoder=clip.eval(), tokenizer=tiny_tokenizer(), text_encoder_2=t5.eval(),
                         tokenizer_2=tiny_t5_tokenizer(), transformer=transformer)
     pipe.save_pretrained(folder)
+    write_unigram_t5_tokenizer(folder / "tokenizer_2")
     return folder
+
+
+def write_unigram_t5_tokenizer(folder: Path) -> None:
+    """The test T5 tokenizer's words, ids and </s> as a Unigram (SentencePiece-style) tokenizer: diffusers' FLUX
+    example loads tokenizer_2 as T5TokenizerFast, which (transformers 5) reads a Unigram vocabulary and refuses
+    the word-level one; ours reads either. A word is one piece ("\u2581word"), so both give the same ids."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from core.families.tiny_parts import T5_WORDS
+
+    pieces = ["<pad>", "</s>", "<unk>"] + [f"\u2581{w}" for w in dict.fromkeys(T5_WORDS) if w not in ("<pad>", "</s>", "<unk>")]
+    tokenizer = Tokenizer(models.Unigram([(p, 0.0 if n < 3 else -1.0) for n, p in enumerate(pieces)], unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+         "model_max_length": 512, "extra_ids": 0}, indent=1))
 
 
 # --- ours -------------------------------------------------------------------------------------

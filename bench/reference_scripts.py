@@ -68,3 +68,42 @@ def reference_script(name: str, path: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     target.write_bytes(text)
     return target
+
+
+def pinned_venv(name: str, lock: Path) -> Path:
+    """A peer's own venv (`<WORK>/<name>-venv`, built once per version of `lock`): its pins on top of the
+    reference venv's torch and torchvision, which a .pth file puts after the venv's own site-packages (so the
+    peer's pins win and only what it does not pin comes from there). Returns its python."""
+    venv = WORK / f"{name}-venv"
+    python = venv / "bin" / "python"
+    stamp = venv / ".lock-hash"
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
+    if stamp.is_file() and stamp.read_text() == digest:
+        return python
+    ref = reference_python()
+    subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
+    site = subprocess.run([str(ref), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    Path(own, "_ref_venv.pth").write_text(site + "\n")
+    print(f"building {name}'s venv in {venv} from {lock.name} (once) ...", flush=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(lock)], check=True)
+    stamp.write_text(digest)
+    return python
+
+
+def source_tree(name: str, lock: Path, git: str, paths: list[str]) -> Path:
+    """`paths` of a peer's repository at the commit `lock` names ('# source <owner>/<repo> <commit>'),
+    unpacked once under `<WORK>/src/<name>-<commit>`; `git` is its git directory (LORA_BENCH_<NAME>_GIT
+    overrides it)."""
+    commit = next(line.split()[-1] for line in lock.read_text().splitlines() if line.startswith("# source "))
+    dest = WORK / "src" / f"{name}-{commit[:12]}"
+    if not (dest / ".unpacked").is_file():
+        git = os.environ.get(f"LORA_BENCH_{name.upper().replace('-', '_')}_GIT", git)
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", f"--git-dir={git}", "archive", commit, *paths], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        (dest / ".unpacked").write_text(commit)
+    return dest

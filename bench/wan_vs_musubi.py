@@ -16,7 +16,6 @@ here; LORA_BENCH_MUSUBI_GIT=<git dir>), its venv built from that lock file.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.reference_scripts import WORK, reference_python  # noqa: E402
+from bench.reference_scripts import WORK, pinned_venv, source_tree  # noqa: E402
 from bench.whole_run import RunFigures, ratio_line, run_timed  # noqa: E402
 
 LOCK = ROOT / "bench" / "musubi-lock.txt"
@@ -36,36 +35,13 @@ PROMPT_WORDS = "a red thing moves slowly"
 
 
 def musubi_python() -> Path:
-    """musubi's venv: its pins on top of the reference venv's torch (a .pth file; see bench/musubi-lock.txt)."""
-    venv = WORK / "musubi-venv"
-    python = venv / "bin" / "python"
-    stamp = venv / ".lock-hash"
-    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16]
-    if stamp.is_file() and stamp.read_text() == digest:
-        return python
-    ref = reference_python()
-    subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
-    site = subprocess.run([str(ref), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-    own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    Path(own, "_ref_venv.pth").write_text(site + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(LOCK)], check=True)
-    stamp.write_text(digest)
-    return python
+    """musubi's venv: its pins on top of the reference venv's torch (see bench/musubi-lock.txt)."""
+    return pinned_venv("musubi", LOCK)
 
 
 def musubi_source() -> Path:
     """musubi-tuner's tree at the lock file's commit, unpacked once."""
-    commit = next(line.split()[-1] for line in LOCK.read_text().splitlines() if line.startswith("# source "))
-    dest = WORK / "src" / f"musubi-tuner-{commit[:12]}"
-    if not (dest / "src" / "musubi_tuner").is_dir():
-        git = os.environ.get("LORA_BENCH_MUSUBI_GIT", "/work/.mirror/kohya-ss+musubi-tuner/repo")
-        dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", f"--git-dir={git}", "archive", commit, "src"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
+    return source_tree("musubi", LOCK, "/work/.mirror/kohya-ss+musubi-tuner/repo", ["src"])
 
 
 BUILD = r'''

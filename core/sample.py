@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from core.atomic import atomic_path
+from core.cpu_memory import keeping_freed_memory
 from core.devices import collecting_new_objects_only, free_memory, pick_device
 
 COMPARE_WEIGHTS = (0.0, 0.4, 0.6, 0.8, 1.0)
@@ -169,7 +170,8 @@ def drawing(base_model: str, loras: Sequence[LoraSpec] = (), *, fuse: bool | Non
         finally:
             free_memory()
 
-    with collecting_new_objects_only():
+    # On the CPU each denoising step reuses the memory the last one freed (core.cpu_memory).
+    with collecting_new_objects_only(), keeping_freed_memory(torch.device(pipe.device).type == "cpu"):
         try:
             with applied(pipe, loras, fuse=fuse_pays(pipe.device) if fuse is None else fuse):
                 yield draw
