@@ -1,10 +1,15 @@
 """The latents of the Qwen-Image video VAE (AutoencoderKLQwenImage), used on still images by Qwen-Image and
 Krea 2: a frame axis added for the encoder and dropped again, per-channel normalization by the VAE config's
 `latents_mean` / `latents_std` (as their pipelines and diffusers' training examples do).
+
+`one_frame_convs` makes these video VAEs (and Wan's) as cheap on a still image as an image VAE: their causal
+3D convolutions pad time with zeros in front of a lone frame, so only the kernel's last temporal slice ever
+meets data, yet the 3D convolution does the work of all three slices.
 """
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +25,39 @@ def _channel_stats(vae_config: Any, like: torch.Tensor) -> tuple[torch.Tensor, t
     return mean, std
 
 
+def _one_frame_forward(conv: torch.nn.Conv3d, forward: Any) -> Any:
+    def one_frame(x: Tensor, cache_x: Tensor | None = None) -> Tensor:
+        # (w, w, h, h, frames in front, 0): the zeros diffusers' causal conv pads with, kept in its `_padding`
+        pad = conv._padding  # noqa: SLF001
+        if (cache_x is None and x.shape[2] == 1 and pad[4] == conv.kernel_size[0] - 1 and conv.stride[0] == 1
+                and conv.dilation[0] == 1):
+            x2d = torch.nn.functional.pad(x[:, :, 0], pad[:4])
+            return torch.nn.functional.conv2d(x2d, conv.weight[:, :, -1], conv.bias, conv.stride[1:], 0,
+                                              conv.dilation[1:], conv.groups).unsqueeze(2)
+        return forward(x, cache_x)
+    return one_frame
+
+
+def one_frame_convs(vae: Any) -> Any:
+    """`vae` (AutoencoderKLQwenImage / AutoencoderKLWan) with each causal 3D convolution run as a 2D one of its
+    last temporal slice on a lone frame with no cached frames before it (a still image, a clip's first frame):
+    the same result (the other slices only ever meet the zero padding), a third of the work for a 3-frame kernel.
+    Every other call goes to the module's own forward. Done once per VAE; returns it."""
+    if vae in _ONE_FRAME_VAES:
+        return vae
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Conv3d) and len(getattr(module, "_padding", ())) == 6:
+            module.forward = _one_frame_forward(module, module.forward)
+    _ONE_FRAME_VAES.add(vae)
+    return vae
+
+
+_ONE_FRAME_VAES: weakref.WeakSet = weakref.WeakSet()
+
+
 def encode_moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels [B, 3, H, W] in [-1, 1] -> moments [B, 2C, h, w] (the video VAE's frame axis added and dropped)."""
+    one_frame_convs(vae)
     param = next(vae.parameters())
     with torch.no_grad():
         dist = vae.encode(pixels.to(param.device, param.dtype).unsqueeze(2)).latent_dist
@@ -44,6 +80,7 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
     from PIL import Image
 
     raw = denormalize_latents(vae.config, latents.float()).unsqueeze(2)
+    one_frame_convs(vae)
     param = next(vae.parameters())
     with torch.no_grad():
         pixels = vae.decode(raw.to(param.device, param.dtype), return_dict=False)[0][:, :, 0]

@@ -58,8 +58,10 @@ def describe(model: Any) -> list[str]:
 def load(cfg: TrainConfig, *, dtype: torch.dtype, quantization_config: Any) -> Any:
     from core.families.sd3.load import load_sd3_model
 
+    # A diffusers folder's transformer loads after the prompts and latents are cached and the encoders freed.
     return load_sd3_model(cfg.base_model, config_source=cfg.base_model_config, vae=cfg.vae,
-                          text_encoder_files=cfg.text_encoder_files, dtype=dtype, quantization_config=quantization_config)
+                          text_encoder_files=cfg.text_encoder_files, dtype=dtype, quantization_config=quantization_config,
+                          defer_transformer=True)
 
 
 def training_note(model: Any, cfg: TrainConfig) -> str:

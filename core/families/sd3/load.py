@@ -147,9 +147,10 @@ def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
         "configs and tokenizers; the weights are not needed), or a hub id downloaded once with internet access.")
 
 
-def load_sd3_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None
-                    ) -> SD3Model:
-    """An SD3 / SD3.5 diffusers folder or hub id, component by component, eval mode, on the CPU."""
+def load_sd3_folder(source: str, *, dtype: torch.dtype = torch.float32, quantization_config: Any = None,
+                    defer_transformer: bool = False) -> SD3Model:
+    """An SD3 / SD3.5 diffusers folder or hub id, component by component, eval mode, on the CPU.
+    `defer_transformer`: the transformer is left for `SD3Model.load_network` (training loads it last)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
@@ -162,9 +163,14 @@ def load_sd3_folder(source: str, *, dtype: torch.dtype = torch.float32, quantiza
     if model_type is None:
         raise not_this_family(source, index, "SD3")
     with_t5 = bool((index.get("text_encoder_3") or [None])[0])
+
+    def load_transformer() -> Any:
+        with loading_parts(source):
+            return SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **kw,
+                                                         **quantized(quantization_config))
+
+    transformer = None if defer_transformer else load_transformer()
     with loading_parts(source):
-        transformer = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,
-                                                            **kw, **quantized(quantization_config))
         clip_l = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
         clip_g = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", dtype=dtype, **kw)
         t5 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", dtype=dtype, **kw) if with_t5 else None
@@ -174,7 +180,7 @@ def load_sd3_folder(source: str, *, dtype: torch.dtype = torch.float32, quantiza
     return SD3Model(model_type, transformer, vae, clip_l.eval(), tok_l, clip_g.eval(), tok_g,
                     None if t5 is None else t5.eval(), tok_t5,
                     scheduler_config=_scheduler_config(source, local_only), source=str(source),
-                    notes=notes)
+                    notes=notes, network_loader=load_transformer if defer_transformer else None)
 
 
 def text_encoder_parts(files: str) -> dict[str, str]:
@@ -193,7 +199,8 @@ def text_encoder_parts(files: str) -> dict[str, str]:
 
 
 def load_sd3_model(base_model: str, *, config_source: str = "", vae: str = "", text_encoder_files: str = "",
-                   dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> SD3Model:
+                   dtype: torch.dtype = torch.float32, quantization_config: Any = None,
+                   defer_transformer: bool = False) -> SD3Model:
     """Any SD3 source: a single .safetensors (ComfyUI layouts), a diffusers folder or a hub id."""
     from core.families.sd3.single_file import load_sd3_single_file, load_sd3_single_file_vae
 
@@ -202,7 +209,8 @@ def load_sd3_model(base_model: str, *, config_source: str = "", vae: str = "", t
                                     quantization_config=quantization_config, **text_encoder_parts(text_encoder_files))
     if base_model.lower().endswith(".safetensors"):
         raise ModelLoadError(f"The SD3 model file '{base_model}' does not exist.", "Check base_model.")
-    model = load_sd3_folder(base_model, dtype=dtype, quantization_config=quantization_config)
+    model = load_sd3_folder(base_model, dtype=dtype, quantization_config=quantization_config,
+                            defer_transformer=defer_transformer)
     if vae:
         model.vae = load_sd3_single_file_vae(vae, config_source=base_model, dtype=dtype)
         model.notes.append(f"VAE from {vae}")

@@ -37,6 +37,9 @@ def conditions(vae_config: Any) -> bool:
 def condition_moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE moments of pixels [B, 3, F, H, W] in [-1, 1]; for an I2V model with the pipeline's condition latents
     packed in: [mean, condition, logvar, -30] on the channels."""
+    from core.families.dit.video_vae import one_frame_convs
+
+    one_frame_convs(vae)  # an image, and each clip's first frame, through 2D convolutions
     param = next(vae.parameters())
     pixels = pixels.to(param.device, param.dtype)
     moments = vae.encode(pixels).latent_dist.parameters
