@@ -20,7 +20,7 @@ import torch
 from core.families.dit.folders import config_error, loading_parts, not_this_family, quantized, read_pipeline_configs
 from core.hub import offline
 from core.families.dit.default import LoadedModel
-from core.families.dit.weights import read_json, safetensors_keys
+from core.families.dit.weights import model_folder_on_meta, read_json, safetensors_keys
 from core.families.sd3.keys import SINGLE_FILE_MARKERS
 from core.family_api.contract import ModelLoadError
 
@@ -166,6 +166,10 @@ def load_sd3_folder(source: str, *, dtype: torch.dtype = torch.float32, quantiza
 
     def load_transformer() -> Any:
         with loading_parts(source):
+            if quantization_config is None and Path(source, "transformer").is_dir():
+                model = model_folder_on_meta(SD3Transformer2DModel, Path(source, "transformer"), dtype)
+                if model is not None:  # without computing SD3.5's 0.9 GB position table first
+                    return model
             return SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **kw,
                                                          **quantized(quantization_config))
 
