@@ -77,6 +77,7 @@ def test_the_loss_is_the_klein_training_examples_objective_on_the_same_draws(tin
     from core.families.flux2.load import encode_moments, load_model
     from core.families.flux2.loss import flux2_loss
     from core.families.flux2.text import encode_prompts
+    from tests.families.flux2.examples_objective import examples_loss
 
     pipe = Flux2KleinPipeline.from_pretrained(str(tiny.folder))
     model = load_model(str(tiny.folder))
@@ -95,14 +96,8 @@ def test_the_loss_is_the_klein_training_examples_objective_on_the_same_draws(tin
     torch.testing.assert_close(encode_prompts(model.text_encoder, model.tokenizer, prompts), embeds)
     noise = torch.randn(model_input.shape, generator=torch.Generator().manual_seed(1))
     sigmas = torch.tensor([0.3, 0.8])
+    theirs = examples_loss(pipe, model_input, embeds, text_ids, noise, sigmas)
     with torch.no_grad():
-        ids = Flux2KleinPipeline._prepare_latent_ids(model_input)
-        s = sigmas.view(-1, 1, 1, 1)
-        packed = Flux2KleinPipeline._pack_latents((1 - s) * model_input + s * noise)
-        pred = pipe.transformer(hidden_states=packed, timestep=sigmas, guidance=None, encoder_hidden_states=embeds,
-                                txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
-        pred = Flux2KleinPipeline._unpack_latents_with_ids(pred[:, : packed.size(1)], ids)
-        theirs = torch.mean(((pred.float() - (noise - model_input).float()) ** 2).reshape(2, -1), 1).mean()
         ours = flux2_loss(model.transformer, ours_latents, embeds, sigmas=sigmas, noise=noise)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
